@@ -1,0 +1,241 @@
+"""Problem + weight -> plan -> source -> cubin, through the cache, many kernels in parallel."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, replace
+from typing import Callable, Iterable
+
+import numpy as np
+
+from . import __version__
+from .cache import KernelCache, cache_key
+from .compile import DEFAULT_ARCH, Compiled, Resources, cpp_to_cubin, ptx_to_cubin
+from .config import EpilogueSpec
+from .emit_cuda import EMITTER_VERSION as CUDA_VERSION, emit_cuda
+from .emit_ptx import EMITTER_VERSION as PTX_VERSION, emit_ptx
+from .errors import CompileError
+from .patterns import case_seed, to_csr
+from .plan import Epilogue, Geometry, Plan, PlanParams, build_plan, fit_vector_width
+from .problems import Problem
+
+EMITTERS = ("ptx", "cuda")
+SOURCE_SUFFIX = {"ptx": ".ptx", "cuda": ".cu"}
+# Code size is nnz x vector width FMAs; ptxas time grows with it (~0.17 s per 1k on one core).
+# Past this budget the planner narrows the vector so the biggest layers compile in ~20 s.
+CODE_BUDGET = 500_000
+LARGE_CODE = 40_000
+H100_SMS = 132
+
+
+def geometry_for(problem: Problem) -> Geometry:
+    return Geometry(batch=problem.batch, in_channels=problem.in_channels, height=problem.height,
+                    width=problem.width, out_channels=problem.out_channels,
+                    kernel=problem.kernel_size, stride=problem.stride, padding=problem.padding)
+
+
+def default_params(geometry: Geometry, nnz: int, sm_count: int = H100_SMS) -> PlanParams:
+    """A reasonable untuned plan; the tuner (tune.py) replaces it with measured winners.
+
+    Small layers are latency-bound: wide vectors, enough blocks to fill the GPU. Large layers are
+    bound by instruction fetch (the weights are the instruction stream, 16 bytes per FMA, first
+    H100 run in docs/perf-notes.md): scalar columns (code size = nnz, not nnz x width), more warps
+    running the same code, and more rows per group so each load feeds more FMAs.
+    """
+    big = nnz > LARGE_CODE
+    width = 1 if big else fit_vector_width(geometry, 4)
+    while width > 1 and nnz * width > CODE_BUDGET:
+        width //= 2
+    per_thread = -(-geometry.columns // width)
+    if big:   # one tile where possible: every warp of the block shares the fetched code
+        threads = min(256, -(-per_thread // 32) * 32)
+    else:
+        threads = 32 if per_thread <= 32 else 64 if per_thread <= 2048 else 128
+    tiles = -(-per_thread // threads)
+    rows = 32 if big else 8
+    while rows > 2 and tiles * -(-geometry.out_channels // rows) < (1 if big else 2) * sm_count:
+        rows //= 2
+    taps_per_group = nnz / max(1, geometry.out_channels) * rows
+    k_split = 1
+    while (not big and k_split < 4 and taps_per_group / k_split > 256
+           and tiles * -(-geometry.out_channels // rows) * k_split < 4 * sm_count):
+        k_split *= 2
+    return PlanParams(rows_per_group=rows, vector_width=width, col_threads=threads,
+                      k_split=k_split)
+
+
+def epilogue_for(problem: Problem, spec: EpilogueSpec, seed: int, sparsity: float) -> Epilogue:
+    bias = None
+    if spec.bias:
+        rng = np.random.default_rng(case_seed(seed, problem.id, sparsity, "bias"))
+        bias = tuple(float(v) for v in rng.standard_normal(problem.out_channels).astype(np.float32))
+    return Epilogue(bias=bias, activation=spec.activation, residual=spec.residual)
+
+
+def make_plan(problem: Problem, weight: np.ndarray, params: PlanParams | None = None,
+              epilogue: Epilogue = Epilogue(), overrides: dict | None = None) -> Plan:
+    geometry = geometry_for(problem)
+    csr = to_csr(weight)
+    if params is None:
+        params = default_params(geometry, csr.nnz)
+    if overrides:
+        params = replace(params, **overrides)
+    return build_plan(csr, geometry, params, epilogue)
+
+
+def emit(plan: Plan, emitter: str, arch: str = DEFAULT_ARCH) -> str:
+    return emit_ptx(plan, arch) if emitter == "ptx" else emit_cuda(plan)
+
+
+@dataclass(frozen=True)
+class KernelBuild:
+    """A compiled kernel and what the launcher needs to know about it (no plan inside: the plan
+    can be large and stays with the caller)."""
+
+    entry: str
+    emitter: str
+    arch: str
+    cubin: bytes
+    resources: Resources
+    compile_seconds: float
+    cached: bool
+    key: str
+    source_bytes: int = 0
+
+
+def _key(plan: Plan, emitter: str, arch: str) -> str:
+    version = PTX_VERSION if emitter == "ptx" else CUDA_VERSION
+    return cache_key(plan.digest(), emitter, version, arch)
+
+
+def _compile(plan: Plan, emitter: str, arch: str, threads: int) -> tuple[Compiled, str]:
+    source = emit(plan, emitter, arch)
+    try:
+        if emitter == "ptx":
+            opts = (f"-Xptxas=--split-compile={threads}",) if threads > 1 else ()
+            return ptx_to_cubin(source, arch, opts), source
+        return cpp_to_cubin(source, arch), source
+    except CompileError as exc:  # keep the failing source for the bug report
+        fd, path = tempfile.mkstemp(prefix=f"{plan.entry}-", suffix=SOURCE_SUFFIX[emitter])
+        with os.fdopen(fd, "w") as fh:
+            fh.write(source)
+        raise CompileError(str(exc).splitlines()[0], exc.log, path) from None
+
+
+def build_kernel(plan: Plan, emitter: str = "ptx", arch: str = DEFAULT_ARCH,
+                 cache: KernelCache | None = None, threads: int = 1,
+                 keep_source: bool = False) -> tuple[KernelBuild, str | None]:
+    """Compile one plan (or fetch it from the cache). Returns the build and, with keep_source,
+    the generated source (emitted again on a cache hit: it is cheap next to compiling)."""
+    key = _key(plan, emitter, arch)
+    hit = cache.get(key) if cache else None
+    source = None
+    if hit:
+        compiled, extra = hit
+        cached = True
+        size = int(extra.get("source_bytes", 0))
+    else:
+        compiled, source = _compile(plan, emitter, arch, threads)
+        size = len(source)
+        cached = False
+        if cache:
+            cache.put(key, compiled, {"entry": plan.entry, "source_bytes": size,
+                                      "sparsert": __version__})
+    if keep_source and source is None:
+        source = emit(plan, emitter, arch)
+    build = KernelBuild(plan.entry, emitter, arch, compiled.cubin,
+                        compiled.entry_resources(plan.entry), compiled.seconds, cached, key, size)
+    return build, source if keep_source else None
+
+
+def _worker(plan: Plan, emitter: str, arch: str, cache_root: str | None, threads: int):
+    cache = KernelCache(cache_root) if cache_root is not None else None
+    start = time.perf_counter()
+    build, _ = build_kernel(plan, emitter, arch, cache, threads)
+    return build, time.perf_counter() - start
+
+
+def build_all(plans: Iterable[Plan], emitter: str = "ptx", arch: str = DEFAULT_ARCH,
+              cache: KernelCache | None = None, jobs: int | None = None,
+              on_done: Callable[[int, KernelBuild | Exception, float], None] | None = None
+              ) -> list[KernelBuild | Exception]:
+    """Compile many plans across processes. Cache hits are served in this process; a failure is
+    returned in place of its build (and reported through on_done), never raised."""
+    plans = list(plans)
+    results: list[KernelBuild | Exception | None] = [None] * len(plans)
+    todo = []
+    for i, plan in enumerate(plans):
+        hit = cache.get(_key(plan, emitter, arch)) if cache else None
+        if hit:
+            compiled, extra = hit
+            results[i] = KernelBuild(plan.entry, emitter, arch, compiled.cubin,
+                                     compiled.entry_resources(plan.entry), compiled.seconds, True,
+                                     _key(plan, emitter, arch), int(extra.get("source_bytes", 0)))
+            if on_done:
+                on_done(i, results[i], 0.0)
+        else:
+            todo.append(i)
+    cores = os.cpu_count() or 1
+    jobs = max(1, min(jobs or cores, len(todo) or 1))
+    threads = max(1, cores // jobs)
+    root = str(cache.root) if cache else None
+    if jobs == 1:
+        for i in todo:
+            try:
+                build, seconds = _worker(plans[i], emitter, arch, root, threads)
+                results[i] = build
+            except Exception as exc:  # noqa: BLE001 - reported per kernel, not fatal to the run
+                results[i], seconds = exc, 0.0
+            if on_done:
+                on_done(i, results[i], seconds)
+        return results
+    context = multiprocessing.get_context("fork" if os.name == "posix" else "spawn")
+    # Biggest kernels first so the long poles start early.
+    todo.sort(key=lambda i: -plans[i].nnz * plans[i].vector_width)
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+        futures = {pool.submit(_worker, plans[i], emitter, arch, root, threads): i for i in todo}
+        for future in as_completed(futures):
+            i = futures[future]
+            try:
+                results[i], seconds = future.result()
+            except Exception as exc:  # noqa: BLE001
+                results[i], seconds = exc, 0.0
+            if on_done:
+                on_done(i, results[i], seconds)
+    return results
+
+
+def detect_arch() -> str:
+    """The local GPU's sm_XX, or the default target when there is no usable driver."""
+    from .gpu.runtime import have_gpu
+
+    if not have_gpu():
+        return DEFAULT_ARCH
+    from cuda.bindings import driver
+
+    attr = driver.CUdevice_attribute
+    err, dev = driver.cuDeviceGet(0)
+    err1, major = driver.cuDeviceGetAttribute(attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, dev)
+    err2, minor = driver.cuDeviceGetAttribute(attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, dev)
+    if int(err) or int(err1) or int(err2):
+        return DEFAULT_ARCH
+    return f"sm_{major}{minor}"
+
+
+def detect_gpu_name(default: str = "NVIDIA H100 80GB HBM3") -> str:
+    """The local GPU's name (the tuned-plan key), or the default target without a driver."""
+    from .gpu.runtime import have_gpu
+
+    if not have_gpu():
+        return default
+    from cuda.bindings import driver
+
+    err, dev = driver.cuDeviceGet(0)
+    err2, name = driver.cuDeviceGetName(256, dev)
+    if int(err) or int(err2):
+        return default
+    return bytes(name).split(b"\0", 1)[0].decode(errors="replace").strip() or default

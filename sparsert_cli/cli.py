@@ -1,0 +1,68 @@
+"""`sparsert` command line: a thin click group; each command lives in sparsert_cli/commands/."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from . import __version__
+from .console import abort_line, console, err_console
+from .errors import UserError
+
+
+class _Group(click.Group):
+    def list_commands(self, ctx):
+        return ["bench", "gen", "tune", "compare", "problems", "inspect", "cache"]
+
+    def get_command(self, ctx, name):
+        from importlib import import_module
+
+        modules = {"bench": "bench", "gen": "gen", "tune": "tune", "compare": "compare",
+                   "problems": "problems", "inspect": "inspect_cmd", "cache": "cache_cmd"}
+        if name not in modules:
+            return None
+        return import_module(f".commands.{modules[name]}", __package__).command
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="sparsert")
+@click.option("--debug", is_flag=True, help="Show full tracebacks for errors.")
+@click.pass_context
+def group(ctx, debug):
+    """Pattern-specialised GPU kernels for unstructured sparse weights (SparseRT, PACT 2020).
+
+    \b
+    sparsert bench configs/ci.yaml        compile, verify and (on a GPU) time a config
+    sparsert gen --pattern w.npz --n 196  one kernel: source, cubin and manifest.json
+    """
+    ctx.ensure_object(dict)
+    ctx.obj["debug"] = debug
+
+
+def main(argv=None) -> None:
+    debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    try:
+        group.main(args=argv, prog_name="sparsert", standalone_mode=False)
+    except click.exceptions.Abort:
+        err_console.print("aborted")
+        sys.exit(130)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.UsageError as exc:
+        # One line, like every other bad input: what is wrong and where.
+        where = exc.ctx.command_path if exc.ctx else "sparsert"
+        abort_line(f"{where}: {exc.format_message()}", 2)
+    except click.ClickException as exc:
+        abort_line(exc.format_message(), exc.exit_code)
+    except UserError as exc:
+        if debug:
+            console.print_exception()
+        abort_line(exc.message, exc.code)
+    except KeyboardInterrupt:
+        err_console.print("interrupted")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,193 @@
+"""`sparsert bench CONFIG`: generate, compile, verify and time every case of a config."""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import click
+
+from ..console import console, err_console
+from ..errors import NoGpuError, UserError
+from ..options import arch_option
+
+RESULTS_DIR = Path("results") / "local"
+
+
+def split_values(values) -> list[str]:
+    return [v for item in values for v in str(item).split(",") if v.strip()]
+
+
+def select(config, problem_ids, sparsities, dtype):
+    """Apply --problems / --sparsity / --dtype to a config (errors name the bad value)."""
+    from ..config import check_sparsity
+
+    if problem_ids:
+        known = {p.id: p for p in config.problems}
+        missing = [p for p in problem_ids if p not in known]
+        if missing:
+            raise UserError(f"{config.path}: --problems {missing[0]!r} is not in this config "
+                            f"(it has {', '.join(known)})")
+        config = replace(config, problems=tuple(known[p] for p in problem_ids))
+    if sparsities:
+        values = []
+        for s in sparsities:
+            try:
+                values.append(check_sparsity(float(s), "--sparsity"))
+            except ValueError:
+                raise UserError(f"--sparsity: not a number: {s!r}") from None
+        config = replace(config, sparsities=tuple(values))
+    if dtype:
+        config = replace(config, dtype=dtype)
+    if config.dtype != "fp32":
+        raise UserError(f"{config.path}: dtype {config.dtype} kernels are not implemented yet "
+                        "(fp32 only)")
+    return config
+
+
+def progress_bar():
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                               TimeElapsedColumn)
+
+    return Progress(TextColumn("{task.description:<10}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[item]}"), TimeElapsedColumn(),
+                    console=err_console, transient=False)
+
+
+@click.command("bench")
+@click.argument("config_path", metavar="CONFIG")
+@click.option("--problems", "problem_ids", multiple=True, metavar="ID[,ID...]",
+              help="Only these problems (repeat or comma-separate).")
+@click.option("--sparsity", "sparsities", multiple=True, metavar="S[,S...]",
+              help="Override the config's sparsity levels.")
+@click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default=None,
+              help="Override the config's dtype.")
+@click.option("--out", "out_path", default=None, type=click.Path(dir_okay=False),
+              help="Results JSON (default: results/local/<config name>.json).")
+@click.option("--csv", "csv_path", default=None, type=click.Path(dir_okay=False),
+              help="Results CSV (default: next to the JSON).")
+@click.option("--cold-l2", is_flag=True, help="Flush L2 before every timed launch.")
+@click.option("--require-gpu", is_flag=True, help="Exit 3 when there is no GPU.")
+@click.option("--compile-only", is_flag=True, help="Compile and verify on the CPU; no GPU work.")
+@click.option("--no-baselines", is_flag=True, help="Time only the generated kernels.")
+@click.option("--emit", "emitter", type=click.Choice(["ptx", "cuda"]), default=None,
+              help="Override the config's emitter.")
+@arch_option
+@click.option("--jobs", type=click.IntRange(1, 256), default=None,
+              help="Parallel compile processes (default: all cores).")
+@click.option("--no-cache", is_flag=True, help="Ignore the kernel cache.")
+@click.option("--no-tuned", is_flag=True, help="Ignore the tuned-plan database (untuned plans).")
+@click.option("--tuned", "tuned_path", default=None, type=click.Path(dir_okay=False),
+              help="Tuned-plan database (default: configs/tuned.json).")
+@click.option("--tune", "tune_first", is_flag=True,
+              help="Run the tuner on this config first (GPU), then benchmark its winners.")
+def command(config_path, problem_ids, sparsities, dtype, out_path, csv_path, cold_l2,
+            require_gpu, compile_only, no_baselines, emitter, arch, jobs, no_cache, no_tuned,
+            tuned_path, tune_first):
+    """Benchmark a config: compile, verify, time vs cuBLAS/cuSPARSE/cuDNN, write JSON/CSV."""
+    from .. import bench as B
+    from ..build import detect_arch
+    from ..cache import KernelCache
+    from ..config import load_config
+    from ..gpu.runtime import have_gpu
+    from ..report import compile_table, csv_text, results_table
+    from ..tune import TunedDB
+
+    config = select(load_config(config_path), split_values(problem_ids),
+                    split_values(sparsities), dtype)
+    if emitter:
+        config = replace(config, emit=emitter)
+    gpu_ok = have_gpu()
+    if require_gpu and not gpu_ok:
+        raise NoGpuError("no CUDA driver or GPU found and --require-gpu was given")
+    if not gpu_ok and not compile_only:
+        err_console.print("[yellow]no GPU found:[/] compiling and verifying on the CPU only "
+                          "(no timings)")
+    use_gpu = gpu_ok and not compile_only
+    if tune_first:
+        if not use_gpu:
+            raise NoGpuError("--tune needs a GPU")
+        from .tune import run_tuner
+        run_tuner(config, arch, jobs, no_cache, db_path=tuned_path)
+    gpu_name = B.DEFAULT_TARGET_GPU
+    gpu = None
+    if use_gpu:
+        from ..gpu.runtime import Gpu
+        gpu = Gpu()
+        gpu_name = gpu.name
+    try:
+        arch = arch or (gpu.arch if gpu else detect_arch())
+        tuned = None if no_tuned else (TunedDB(tuned_path) if tuned_path else TunedDB())
+        cache = None if no_cache else KernelCache()
+        doc = _run(config, gpu, gpu_name, arch, tuned, cache, jobs, cold_l2, not no_baselines)
+    finally:
+        if gpu is not None:
+            gpu.close()
+    out = Path(out_path) if out_path else RESULTS_DIR / f"{config.name}.json"
+    csv_out = Path(csv_path) if csv_path else out.with_suffix(".csv")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(doc, indent=1) + "\n")
+    csv_out.parent.mkdir(parents=True, exist_ok=True)
+    csv_out.write_text(csv_text(doc))
+    console.print(results_table(doc) if use_gpu else compile_table(doc))
+    failures = doc["failures"]
+    console.print(f"wrote {out} and {csv_out}" + (f"; [red]{len(failures)} failure(s)[/]: "
+                                                  + ", ".join(failures) if failures else ""))
+    if failures:
+        sys.exit(1)
+
+
+def _run(config, gpu, gpu_name, arch, tuned, cache, jobs, cold_l2, baselines) -> dict:
+    from .. import bench as B
+
+    with progress_bar() as progress:
+        task = progress.add_task("plan", total=len(config.cases()), item="")
+        cases = B.prepare(config, gpu_name, tuned)
+        progress.update(task, completed=len(cases))
+        task = progress.add_task("compile", total=len(cases), item="")
+
+        def compiled(case, build, seconds):
+            progress.update(task, advance=1, item=f"{case.key} "
+                            + ("cached" if getattr(build, "cached", False) else f"{seconds:.1f}s"))
+
+        B.compile_cases(cases, config.emit, arch, cache, jobs, compiled)
+        task = progress.add_task("verify", total=len(cases), item="")
+        for case in cases:
+            case.result = B.case_record(case)
+            if case.result["compile"]["ok"]:
+                case.result["verify_cpu"] = B.verify_cpu(case, config.seed)
+            progress.update(task, advance=1, item=case.key)
+        extra = {"arch": arch, "cold_l2": cold_l2, "target_gpu": gpu_name}
+        if gpu is not None:
+            task = progress.add_task("floors", total=1, item="peak FLOP/s, bandwidth, launch")
+            floors = gpu.measure_floors()
+            progress.update(task, advance=1)
+            extra.update(gpu=gpu.info(), floors=floors,
+                         timing={"per_graph": 20, "replays": 10, "warmup": 3,
+                                 "method": "CUDA graph replay, median per launch"})
+            task = progress.add_task("time", total=len(cases), item="")
+            for case in cases:
+                progress.update(task, item=case.key)
+                if case.result.get("verify_cpu", {}).get("ok"):
+                    try:
+                        case.result.update(B.run_gpu_case(gpu, case, floors, config.seed,
+                                                          cold_l2, baselines))
+                    except Exception as exc:  # noqa: BLE001 - recorded per case
+                        case.result["verify_gpu"] = {"ok": False, "message":
+                                                     f"{type(exc).__name__}: {exc}"}
+                progress.update(task, advance=1)
+    records = [c.result for c in cases]
+    mode = "gpu" if gpu is not None else "compile-only"
+    doc = {**B.metadata(config, mode, extra), "cases": records}
+    doc["failures"] = [f"{r['problem']}@{r['sparsity']:g}" for r in records if not _ok(r, gpu)]
+    if gpu is not None:
+        doc["geomean"] = B.summarize(records)
+    return doc
+
+
+def _ok(record: dict, gpu) -> bool:
+    if not record.get("compile", {}).get("ok") or not record.get("verify_cpu", {}).get("ok"):
+        return False
+    return gpu is None or record.get("verify_gpu", {}).get("ok", False)

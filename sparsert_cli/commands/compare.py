@@ -1,0 +1,94 @@
+"""`sparsert compare BASE.json NEW.json`: per-case time ratios; non-zero exit on regression."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from ..console import console, print_json, table
+from ..errors import UserError
+
+
+def load_results(path: str) -> dict:
+    try:
+        doc = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such results file") from None
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{path}: not a results JSON file ({exc})") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("cases"), list):
+        raise UserError(f"{path}: not a sparsert results file (no 'cases' list)")
+    return doc
+
+
+def _key(case: dict) -> str:
+    return f"{case['problem']} {case.get('shape', '')} @{case['sparsity']:g}"
+
+
+def _time(case: dict):
+    if not case.get("verify_gpu", {}).get("ok"):
+        return None
+    return case.get("sparsert", {}).get("median_us")
+
+
+def compare(base: dict, new: dict, max_regression: float) -> tuple[list[dict], list[str]]:
+    """Rows for every case of `base`, and the list of problems (regressed, missing, failing)."""
+    new_cases = {_key(c): c for c in new["cases"]}
+    rows, problems = [], []
+    for case in base["cases"]:
+        key = _key(case)
+        old_us = _time(case)
+        other = new_cases.get(key)
+        row = {"case": key, "base_us": old_us, "new_us": None, "ratio": None, "status": "ok"}
+        if other is None:
+            row["status"] = "MISSING"
+        else:
+            row["new_us"] = _time(other)
+            if row["new_us"] is None:
+                row["status"] = "FAILED"
+            elif old_us:
+                row["ratio"] = row["new_us"] / old_us
+                if row["ratio"] > 1.0 + max_regression:
+                    row["status"] = "REGRESSED"
+                elif row["ratio"] < 1.0 - max_regression:
+                    row["status"] = "faster"
+        if row["status"] in ("MISSING", "FAILED", "REGRESSED"):
+            problems.append(f"{key}: {row['status'].lower()}")
+        rows.append(row)
+    return rows, problems
+
+
+@click.command("compare")
+@click.argument("base_path", metavar="BASE.json")
+@click.argument("new_path", metavar="NEW.json")
+@click.option("--max-regression", type=click.FloatRange(0.0, 10.0), default=0.05,
+              show_default=True, help="Allowed slowdown per case (0.05 = 5%).")
+@click.option("--json", "as_json", is_flag=True, help="Print rows as JSON.")
+def command(base_path, new_path, max_regression, as_json):
+    """Compare two results files case by case; exit 1 on any regression, missing or failing case."""
+    base, new = load_results(base_path), load_results(new_path)
+    rows, problems = compare(base, new, max_regression)
+    if as_json:
+        print_json({"rows": rows, "problems": problems})
+    else:
+        fmt = lambda v: f"{v:.2f}" if isinstance(v, float) else "-"  # noqa: E731
+        style = {"ok": "", "faster": "green", "REGRESSED": "red", "MISSING": "red", "FAILED": "red"}
+        out = table(f"{new_path} vs {base_path} (median us per launch; ratio = new / base)",
+                    ["Case", "base us", "new us", "ratio", "Status"],
+                    [[r["case"], fmt(r["base_us"]), fmt(r["new_us"]),
+                      f"{r['ratio']:.3f}" if r["ratio"] else "-",
+                      f"[{style[r['status']]}]{r['status']}[/]" if style[r["status"]]
+                      else r["status"]] for r in rows])
+        console.print(out)
+        gm = [r["ratio"] for r in rows if r["ratio"]]
+        if gm:
+            import math
+            console.print(f"geomean ratio new/base: {math.exp(sum(map(math.log, gm)) / len(gm)):.3f}"
+                          f" over {len(gm)} cases")
+    if problems:
+        console.print(f"[red]{len(problems)} problem(s)[/] beyond {max_regression:.0%}: "
+                      + "; ".join(problems[:5]) + (" ..." if len(problems) > 5 else ""))
+        sys.exit(1)

@@ -1,0 +1,178 @@
+"""Benchmark configs (configs/*.yaml): which problems, at which sparsities, with which options.
+
+Every error names the file, the key and what is wrong, on one line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import UserError
+from .problems import Problem, builtin_problems, load_yaml, problem_from_dict
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+DTYPES = ("fp32", "fp16")
+PATTERNS = ("uniform", "pruned")
+EMITTERS = ("ptx", "cuda")
+ACTIVATIONS = ("none", "relu", "relu6")
+
+_TOP_KEYS = {"name", "description", "problems", "sparsity", "dtype", "batch", "pattern", "seed",
+             "emit", "epilogue", "plan"}
+_EPILOGUE_KEYS = {"bias", "activation", "residual"}
+PLAN_KEYS = {"rows_per_group", "vector_width", "col_threads", "k_split", "load_batch", "balance",
+             "max_registers"}
+
+
+@dataclass(frozen=True)
+class EpilogueSpec:
+    bias: bool = False
+    activation: str = "none"
+    residual: bool = False
+
+    def is_identity(self) -> bool:
+        return not self.bias and self.activation == "none" and not self.residual
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str
+    path: str
+    problems: tuple[Problem, ...]
+    sparsities: tuple[float, ...]
+    dtype: str = "fp32"
+    pattern: str = "uniform"
+    seed: int = 0
+    emit: str = "ptx"
+    epilogue: EpilogueSpec = EpilogueSpec()
+    plan: dict = field(default_factory=dict)
+    description: str = ""
+
+    def cases(self) -> list[tuple[Problem, float]]:
+        return [(p, s) for p in self.problems for s in self.sparsities]
+
+    def digest(self) -> str:
+        """A short hash of everything that decides the results (for result metadata)."""
+        doc = {"problems": [p.__dict__ for p in self.problems], "sparsities": self.sparsities,
+               "dtype": self.dtype, "pattern": self.pattern, "seed": self.seed, "emit": self.emit,
+               "epilogue": self.epilogue.__dict__, "plan": self.plan}
+        return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def check_sparsity(value: object, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise UserError(f"{where}: sparsity must be a number in [0, 1), got {value!r}")
+    if not 0.0 <= float(value) < 1.0:
+        raise UserError(f"{where}: sparsity must be in [0, 1), got {value}")
+    return float(value)
+
+
+def _choice(doc: dict, key: str, choices: tuple[str, ...], default: str, where: str) -> str:
+    value = doc.get(key, default)
+    if value not in choices:
+        raise UserError(f"{where}: '{key}' must be one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
+def _epilogue(doc: object, where: str) -> EpilogueSpec:
+    if doc is None:
+        return EpilogueSpec()
+    if not isinstance(doc, dict):
+        raise UserError(f"{where}: 'epilogue' must be a mapping")
+    unknown = sorted(set(doc) - _EPILOGUE_KEYS)
+    if unknown:
+        raise UserError(f"{where}: unknown key 'epilogue.{unknown[0]}' "
+                        f"(allowed: {', '.join(sorted(_EPILOGUE_KEYS))})")
+    for key in ("bias", "residual"):
+        if not isinstance(doc.get(key, False), bool):
+            raise UserError(f"{where}: 'epilogue.{key}' must be true or false")
+    return EpilogueSpec(bias=doc.get("bias", False),
+                        activation=_choice(doc, "activation", ACTIVATIONS, "none",
+                                           f"{where} (epilogue)"),
+                        residual=doc.get("residual", False))
+
+
+def _problems(doc: object, where: str) -> tuple[Problem, ...]:
+    known = builtin_problems()
+    if doc == "all":
+        return tuple(known.values())
+    if not isinstance(doc, list) or not doc:
+        raise UserError(f"{where}: 'problems' must be a non-empty list (ids or inline specs) "
+                        f"or 'all'")
+    problems: list[Problem] = []
+    for i, item in enumerate(doc):
+        if isinstance(item, str):
+            if item not in known:
+                raise UserError(f"{where}: problems[{i}]: unknown problem id {item!r}")
+            problems.append(known[item])
+        else:
+            problems.append(problem_from_dict(item, f"{where}: problems[{i}]"))
+    ids = [p.id for p in problems]
+    dupes = sorted({i for i in ids if ids.count(i) > 1})
+    if dupes:
+        raise UserError(f"{where}: problem {dupes[0]!r} is listed twice")
+    return tuple(problems)
+
+
+def _plan_overrides(doc: object, where: str) -> dict:
+    if doc is None:
+        return {}
+    if not isinstance(doc, dict):
+        raise UserError(f"{where}: 'plan' must be a mapping of plan parameters")
+    unknown = sorted(set(doc) - PLAN_KEYS)
+    if unknown:
+        raise UserError(f"{where}: unknown key 'plan.{unknown[0]}' "
+                        f"(allowed: {', '.join(sorted(PLAN_KEYS))})")
+    from .plan import PlanParams
+
+    try:
+        PlanParams.from_dict({**PlanParams().__dict__, **doc})
+    except UserError as exc:
+        raise UserError(f"{where}: 'plan': {exc.message}") from None
+    return dict(doc)
+
+
+def config_from_dict(doc: object, where: str) -> Config:
+    if not isinstance(doc, dict):
+        raise UserError(f"{where}: a config must be a YAML mapping")
+    unknown = sorted(set(doc) - _TOP_KEYS)
+    if unknown:
+        raise UserError(f"{where}: unknown key '{unknown[0]}' (allowed: {', '.join(sorted(_TOP_KEYS))})")
+    for key in ("problems", "sparsity"):
+        if key not in doc:
+            raise UserError(f"{where}: missing field '{key}'")
+    problems = _problems(doc["problems"], where)
+    raw = doc["sparsity"] if isinstance(doc["sparsity"], list) else [doc["sparsity"]]
+    if not raw:
+        raise UserError(f"{where}: 'sparsity' must list at least one value")
+    sparsities = tuple(check_sparsity(s, f"{where}: sparsity") for s in raw)
+    batch = doc.get("batch")
+    if batch is not None:
+        if isinstance(batch, bool) or not isinstance(batch, int) or batch <= 0:
+            raise UserError(f"{where}: 'batch' must be a positive integer, got {batch!r}")
+        problems = tuple(p.with_batch(batch) for p in problems)
+    seed = doc.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise UserError(f"{where}: 'seed' must be a non-negative integer, got {seed!r}")
+    name = doc.get("name", Path(where).stem)
+    if not isinstance(name, str):
+        raise UserError(f"{where}: 'name' must be a string")
+    return Config(name=name, path=where, problems=problems, sparsities=sparsities,
+                  dtype=_choice(doc, "dtype", DTYPES, "fp32", where),
+                  pattern=_choice(doc, "pattern", PATTERNS, "uniform", where), seed=seed,
+                  emit=_choice(doc, "emit", EMITTERS, "ptx", where),
+                  epilogue=_epilogue(doc.get("epilogue"), where),
+                  plan=_plan_overrides(doc.get("plan"), where),
+                  description=str(doc.get("description", "")))
+
+
+def load_config(path: str | Path) -> Config:
+    path = Path(path)
+    if not path.exists() and not path.suffix and (CONFIG_DIR / f"{path}.yaml").exists():
+        path = CONFIG_DIR / f"{path}.yaml"     # `sparsert bench ci` means configs/ci.yaml
+    if not path.is_file():
+        raise UserError(f"{path}: no such config file")
+    return config_from_dict(load_yaml(path), str(path))

@@ -1,0 +1,35 @@
+"""One console for output, one for errors, one way to fail, one way to make a table."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from rich.console import Console
+from rich.table import Table
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def abort_line(message: str, code: int = 2) -> None:
+    """A user error: one red line on stderr (`sparsert: ...`), then exit with `code`."""
+    first = message.strip().splitlines()[0] if message.strip() else "error"
+    err_console.print(f"[bold red]sparsert:[/] {first}", markup=True, highlight=False,
+                      soft_wrap=True)
+    sys.exit(code)
+
+
+def table(title: str, columns: list[str], rows: list[list], justify: dict | None = None) -> Table:
+    out = Table(title=title, title_justify="left", header_style="bold")
+    for col in columns:
+        out.add_column(col, justify=(justify or {}).get(col, "right" if col[:1].islower()
+                                                         else "left"))
+    for row in rows:
+        out.add_row(*[str(cell) for cell in row])
+    return out
+
+
+def print_json(doc) -> None:
+    """Machine-readable output: plain JSON on stdout, no Rich markup."""
+    sys.stdout.write(json.dumps(doc, indent=2, default=str) + "\n")

@@ -1,0 +1,46 @@
+"""Options shared by several commands, validated into one-line errors."""
+
+from __future__ import annotations
+
+import click
+
+from .errors import UserError
+
+
+def _arch(ctx, param, value):
+    if value is None:
+        return None
+    from .compile import check_arch
+
+    try:
+        return check_arch(value)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+
+
+arch_option = click.option("--arch", default=None, callback=_arch,
+                           help="Target, e.g. sm_90 (default: the GPU's, else sm_90).")
+plan_option = click.option("--plan", "plan_items", multiple=True, metavar="KEY=VALUE",
+                           help="Override a plan parameter, e.g. --plan rows_per_group=4.")
+
+
+def parse_plan_options(items) -> dict:
+    """`--plan rows_per_group=4 --plan balance=contiguous` -> validated overrides."""
+    from .plan import PlanParams
+
+    doc = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise UserError(f"--plan takes KEY=VALUE, got {item!r}")
+        key = key.strip()
+        try:
+            doc[key] = value.strip() if key == "balance" else int(value)
+        except ValueError:
+            raise UserError(f"--plan {key}: expected an integer, got {value!r}") from None
+    if doc:
+        try:
+            PlanParams.from_dict({**PlanParams().__dict__, **doc})  # names, types and ranges
+        except UserError as exc:
+            raise UserError(f"--plan: {exc.message}") from None
+    return doc

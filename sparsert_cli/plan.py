@@ -1,0 +1,356 @@
+"""The kernel plan: plain numbers that say exactly what a generated kernel computes.
+
+One plan feeds the CPU interpreter (interp.py) and every emitter (emit_ptx.py, emit_cuda.py); if two
+emitters disagree on the GPU, the bug is in an emitter, never here.
+
+Kernel shape (SparseRT's, generalised to strided/padded/batched convolutions):
+  * Columns j in [0, N), N = batch*Ho*Wo, are output pixels. A thread owns `vector_width` consecutive
+    columns; `col_threads` threads side by side cover one column tile; blockIdx.x picks the tile.
+  * Output rows (channels) are packed into row groups, balanced by nonzero count; blockIdx.y picks
+    the group. Each group's code is straight-line: for each input tap t it loads the activation at
+    the immediate offset tap_offset(t) once and multiplies it into every row of the group that has a
+    nonzero at t (the value is an immediate).
+  * With k_split > 1, a group's taps are split over threadIdx.y; partial sums meet in shared memory
+    and thread row ty finishes rows r with r % k_split == ty (epilogue and store).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+import json
+from dataclasses import asdict, dataclass, fields, replace
+from functools import cached_property
+
+import numpy as np
+import scipy.sparse as sp
+
+from .errors import UserError
+
+MAX_THREADS = 1024
+MAX_STATIC_SHARED = 48 * 1024
+BALANCE_MODES = ("nnz", "contiguous")
+ACTIVATIONS = ("none", "relu", "relu6")
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """NCHW convolution shape; a GEMM is kernel 1, height 1, width N."""
+
+    batch: int
+    in_channels: int
+    height: int
+    width: int
+    out_channels: int
+    kernel: int = 1
+    stride: int = 1
+    padding: int = 0
+
+    @property
+    def out_height(self) -> int:
+        return (self.height + 2 * self.padding - self.kernel) // self.stride + 1
+
+    @property
+    def out_width(self) -> int:
+        return (self.width + 2 * self.padding - self.kernel) // self.stride + 1
+
+    @property
+    def out_pixels(self) -> int:
+        return self.out_height * self.out_width
+
+    @property
+    def columns(self) -> int:
+        return self.batch * self.out_pixels
+
+    @property
+    def taps(self) -> int:
+        return self.in_channels * self.kernel * self.kernel
+
+    @property
+    def image_elems(self) -> int:
+        return self.in_channels * self.height * self.width
+
+    @property
+    def linear(self) -> bool:
+        """Columns map to consecutive input addresses (1x1, stride 1, no padding)."""
+        return self.kernel == 1 and self.stride == 1 and self.padding == 0
+
+    @property
+    def masked(self) -> bool:
+        return self.padding > 0
+
+    def tap_rs(self, tap: int) -> tuple[int, int, int]:
+        k = self.kernel
+        return tap // (k * k), (tap // k) % k, tap % k
+
+    def tap_offset(self, tap: int) -> int:
+        """Element offset of tap (c, r, s) from the column's input base."""
+        c, r, s = self.tap_rs(tap)
+        return c * self.height * self.width + r * self.width + s
+
+    @property
+    def input_elems(self) -> int:
+        return self.batch * self.image_elems
+
+    @property
+    def output_elems(self) -> int:
+        return self.batch * self.out_channels * self.out_pixels
+
+    def validate(self) -> Geometry:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value < (0 if f.name == "padding" else 1):
+                raise UserError(f"impossible shape: {f.name} = {value}")
+        if self.out_height <= 0 or self.out_width <= 0:
+            raise UserError(f"impossible shape: output {self.out_height}x{self.out_width}")
+        if max(self.input_elems, self.output_elems) >= 2**31:
+            raise UserError("shape too large: tensors must hold fewer than 2^31 elements")
+        return self
+
+
+@dataclass(frozen=True)
+class Epilogue:
+    """Fused after the sum: y = act(acc + bias[m] + residual)."""
+
+    bias: tuple[float, ...] | None = None
+    activation: str = "none"
+    residual: bool = False
+
+
+@dataclass(frozen=True)
+class PlanParams:
+    """Every tunable of the kernel family; `name()` is part of the symbol and the cache key."""
+
+    rows_per_group: int = 8
+    vector_width: int = 4
+    col_threads: int = 64
+    k_split: int = 1
+    load_batch: int = 8
+    balance: str = "nnz"
+    max_registers: int = 0          # 0: the compiler's choice (up to 255)
+
+    def name(self) -> str:
+        regs = f"m{self.max_registers}" if self.max_registers else ""
+        return (f"r{self.rows_per_group}v{self.vector_width}t{self.col_threads}"
+                f"k{self.k_split}b{self.load_batch}{self.balance[0]}{regs}")
+
+    def validate(self) -> PlanParams:
+        checks = [
+            (1 <= self.rows_per_group <= 64, "rows_per_group must be in 1..64"),
+            (self.vector_width in (1, 2, 4), "vector_width must be 1, 2 or 4"),
+            (self.col_threads in (32, 64, 96, 128, 160, 192, 224, 256, 512),
+             "col_threads must be a multiple of 32 up to 256, or 512"),
+            (1 <= self.k_split <= 16, "k_split must be in 1..16"),
+            (self.col_threads * self.k_split <= MAX_THREADS,
+             f"col_threads * k_split must be <= {MAX_THREADS}"),
+            (1 <= self.load_batch <= 32, "load_batch must be in 1..32"),
+            (self.balance in BALANCE_MODES, f"balance must be one of {', '.join(BALANCE_MODES)}"),
+            (self.max_registers == 0 or 32 <= self.max_registers <= 255,
+             "max_registers must be 0 (no cap) or in 32..255"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UserError(f"plan parameter out of range: {message} ({self})")
+        return self
+
+    @classmethod
+    def from_dict(cls, doc: dict) -> PlanParams:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(doc) - known)
+        if unknown:
+            raise UserError(f"unknown plan parameter '{unknown[0]}' (known: {', '.join(sorted(known))})")
+        for key, value in doc.items():
+            want = str if key == "balance" else int
+            if isinstance(value, bool) or not isinstance(value, want):
+                raise UserError(f"plan parameter '{key}' must be {want.__name__}, got {value!r}")
+        return cls(**doc).validate()
+
+
+@dataclass(frozen=True)
+class Load:
+    """One activation load (tap t) shared by the rows of its group: (row slot, weight) pairs."""
+
+    tap: int
+    uses: tuple[tuple[int, float], ...]
+
+
+@dataclass(frozen=True)
+class RowGroup:
+    rows: tuple[int, ...]                    # slot i computes output row rows[i]
+    slices: tuple[tuple[Load, ...], ...]     # len == k_split; slice s runs on threadIdx.y == s
+
+    @property
+    def nnz(self) -> int:
+        return sum(len(load.uses) for sl in self.slices for load in sl)
+
+
+@dataclass(frozen=True)
+class Plan:
+    geometry: Geometry
+    params: PlanParams               # effective parameters (vector width after fitting the shape)
+    groups: tuple[RowGroup, ...]
+    epilogue: Epilogue = Epilogue()
+    dtype: str = "fp32"
+
+    @property
+    def vector_width(self) -> int:
+        return self.params.vector_width
+
+    @property
+    def col_threads(self) -> int:
+        return self.params.col_threads
+
+    @property
+    def k_split(self) -> int:
+        return self.params.k_split
+
+    @property
+    def rows_max(self) -> int:
+        return max(len(g.rows) for g in self.groups)
+
+    @property
+    def tile_columns(self) -> int:
+        return self.col_threads * self.vector_width
+
+    @property
+    def grid(self) -> tuple[int, int, int]:
+        tiles = -(-self.geometry.columns // self.tile_columns)
+        return (tiles, len(self.groups), 1)
+
+    @property
+    def block(self) -> tuple[int, int, int]:
+        return (self.col_threads, self.k_split, 1)
+
+    @property
+    def shared_bytes(self) -> int:
+        if self.k_split == 1:
+            return 0
+        return self.k_split * self.rows_max * self.col_threads * self.vector_width * 4
+
+    @property
+    def nnz(self) -> int:
+        return sum(g.nnz for g in self.groups)
+
+    @property
+    def arguments(self) -> tuple[str, ...]:
+        """Kernel pointer arguments, in order: x (input), y (output), res (residual, same shape
+        as y) when fused, z (an all-zero buffer of one image, C*H*W elements) when padded."""
+        return (("x", "y") + (("res",) if self.epilogue.residual else ())
+                + (("z",) if self.geometry.masked else ()))
+
+    @property
+    def loads(self) -> int:
+        return sum(len(sl) for g in self.groups for sl in g.slices)
+
+    def digest(self) -> str:
+        """Hash of everything the kernel computes; values enter by their float32 bits."""
+        return self._digest
+
+    @cached_property
+    def _digest(self) -> str:  # computed once: large plans take a noticeable fraction of a second
+        h = hashlib.sha256()
+        h.update(json.dumps({"geometry": asdict(self.geometry), "params": asdict(self.params),
+                             "epilogue": asdict(self.epilogue), "dtype": self.dtype},
+                            sort_keys=True).encode())
+        for g in self.groups:
+            h.update(np.asarray(g.rows, dtype=np.int64).tobytes())
+            for sl in g.slices:
+                h.update(b"|")
+                for load in sl:
+                    h.update(load.tap.to_bytes(4, "little"))
+                    for slot, value in load.uses:
+                        h.update(slot.to_bytes(2, "little"))
+                        h.update(np.float32(value).tobytes())
+        return h.hexdigest()
+
+    @property
+    def entry(self) -> str:
+        return f"sparsert_{self.params.name()}_{self.digest()[:12]}"
+
+
+def fit_vector_width(geometry: Geometry, requested: int) -> int:
+    """Largest width <= requested whose vectors stay inside one image row-run and stay aligned."""
+    if not geometry.linear:
+        return 1
+    width = requested
+    while width > 1 and (geometry.out_pixels % width or geometry.image_elems % width):
+        width //= 2
+    return width
+
+
+def fit_params(geometry: Geometry, params: PlanParams) -> PlanParams:
+    """Clamp parameters to the shape: no more column threads than columns, a legal vector width."""
+    params = params.validate()
+    width = fit_vector_width(geometry, params.vector_width)
+    per_thread = -(-geometry.columns // width)
+    threads = min(params.col_threads, max(32, -(-per_thread // 32) * 32))
+    rows = min(params.rows_per_group, geometry.out_channels)
+    return replace(params, vector_width=width, col_threads=threads, rows_per_group=rows)
+
+
+def _assign_rows(row_nnz: np.ndarray, rows_per_group: int, balance: str) -> list[list[int]]:
+    m = len(row_nnz)
+    n_groups = -(-m // rows_per_group)
+    if balance == "contiguous":
+        return [list(range(i, min(i + rows_per_group, m))) for i in range(0, m, rows_per_group)]
+    # Longest-processing-time first with a row cap: heaviest row to the lightest group that has room.
+    # Work counts a row's FMAs plus one for its store, so empty rows spread out too.
+    groups: list[list[int]] = [[] for _ in range(n_groups)]
+    heap = [(0, 0, g) for g in range(n_groups)]          # (work, rows, group)
+    for row in sorted(range(m), key=lambda r: (-row_nnz[r], r)):
+        work, count, g = heapq.heappop(heap)
+        groups[g].append(row)
+        if count + 1 < rows_per_group:
+            heapq.heappush(heap, (work + int(row_nnz[row]) + 1, count + 1, g))
+    return [sorted(g) for g in groups if g]
+
+
+def _split_taps(taps: np.ndarray, weights: np.ndarray, parts: int) -> list[slice]:
+    """Split sorted taps into `parts` contiguous runs of about equal work (loads + FMAs)."""
+    if parts == 1 or len(taps) == 0:
+        return [slice(0, len(taps))] + [slice(len(taps), len(taps))] * (parts - 1)
+    cost = np.cumsum(weights + 1)
+    bounds = [0]
+    for p in range(1, parts):
+        bounds.append(max(bounds[-1], int(np.searchsorted(cost, cost[-1] * p / parts))))
+    bounds.append(len(taps))
+    return [slice(bounds[i], bounds[i + 1]) for i in range(parts)]
+
+
+def build_plan(csr: sp.csr_matrix, geometry: Geometry, params: PlanParams,
+               epilogue: Epilogue = Epilogue(), dtype: str = "fp32") -> Plan:
+    """Pack the weight's rows into groups and order each group's loads."""
+    geometry = geometry.validate()
+    if csr.shape != (geometry.out_channels, geometry.taps):
+        raise UserError(f"weight is {csr.shape[0]}x{csr.shape[1]} but the shape needs "
+                        f"{geometry.out_channels}x{geometry.taps}")
+    if epilogue.activation not in ACTIVATIONS:
+        raise UserError(f"unknown activation {epilogue.activation!r}")
+    if epilogue.bias is not None and len(epilogue.bias) != geometry.out_channels:
+        raise UserError(f"bias has {len(epilogue.bias)} values for {geometry.out_channels} rows")
+    params = fit_params(geometry, params)
+    csr = sp.csr_matrix(csr, dtype=np.float32)
+    csr.sort_indices()
+    csr.eliminate_zeros()
+    row_nnz = np.diff(csr.indptr)
+    groups = []
+    for rows in _assign_rows(row_nnz, params.rows_per_group, params.balance):
+        sub = csr[rows].tocsc()
+        sub.sort_indices()
+        taps = np.flatnonzero(np.diff(sub.indptr))
+        per_tap = np.diff(sub.indptr)[taps]
+        slices = []
+        for run in _split_taps(taps, per_tap, params.k_split):
+            loads = []
+            for tap in taps[run]:
+                lo, hi = sub.indptr[tap], sub.indptr[tap + 1]
+                uses = tuple((int(slot), float(val))
+                             for slot, val in zip(sub.indices[lo:hi], sub.data[lo:hi]))
+                loads.append(Load(int(tap), uses))
+            slices.append(tuple(loads))
+        groups.append(RowGroup(tuple(int(r) for r in rows), tuple(slices)))
+    plan = Plan(geometry, params, tuple(groups), epilogue, dtype)
+    if plan.shared_bytes > MAX_STATIC_SHARED:
+        raise UserError(f"plan {params.name()} needs {plan.shared_bytes} bytes of shared memory "
+                        f"(limit {MAX_STATIC_SHARED}): lower k_split, rows_per_group or col_threads")
+    return plan

@@ -1,0 +1,90 @@
+"""Float64 references and the tolerance every check uses."""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.sparse as sp
+
+EPS = {"fp32": 2.0 ** -23, "tf32": 2.0 ** -10, "fp16": 2.0 ** -10}
+# fp16 outputs and inputs below 2^-14 are subnormal: their spacing, 2^-24, is an absolute error
+# no relative bound covers (seen: a batch-32 cuBLAS fp16 output of 1.5e-7 off by 2.6e-8).
+ABSOLUTE = {"fp32": 0.0, "tf32": 0.0, "fp16": 4 * 2.0 ** -24}
+SAFETY = 8.0
+
+
+def im2col(x: np.ndarray, kernel_h: int, kernel_w: int, stride: int, padding: int) -> np.ndarray:
+    """NCHW input -> (C*kh*kw) x (N*Ho*Wo) column matrix, row (c*kh + r)*kw + s, column
+    (n*Ho + ho)*Wo + wo, zero padded. Keeps x's dtype."""
+    n, c, h, w = x.shape
+    ho = (h + 2 * padding - kernel_h) // stride + 1
+    wo = (w + 2 * padding - kernel_w) // stride + 1
+    padded = np.pad(x, ((0, 0), (0, 0), (padding, padding), (padding, padding)))
+    cols = np.empty((c, kernel_h, kernel_w, n, ho, wo), dtype=x.dtype)
+    for r in range(kernel_h):
+        for s in range(kernel_w):
+            cols[:, r, s] = padded[:, :, r:r + stride * (ho - 1) + 1:stride,
+                                   s:s + stride * (wo - 1) + 1:stride].transpose(1, 0, 2, 3)
+    return cols.reshape(c * kernel_h * kernel_w, n * ho * wo)
+
+
+def conv_reference(weight: np.ndarray, x: np.ndarray, stride: int = 1, padding: int = 0,
+                   bias=None, residual=None, activation: str = "none",
+                   absolute: bool = False) -> np.ndarray:
+    """y = act(W (*) x + bias + residual) in float64, NCHW. With `absolute`, the same sum over
+    |W| and |x| (no epilogue): the magnitude that scales the rounding error of each output."""
+    m, c, k, _ = weight.shape
+    x64 = np.asarray(x, dtype=np.float64)
+    n = x64.shape[0]
+    w2 = sp.csr_matrix(np.asarray(weight, dtype=np.float64).reshape(m, -1))
+    cols = im2col(x64, k, k, stride, padding)
+    if absolute:
+        w2, cols = abs(w2), np.abs(cols)
+    y = np.asarray(w2 @ cols)
+    ho = (x64.shape[2] + 2 * padding - k) // stride + 1
+    wo = (x64.shape[3] + 2 * padding - k) // stride + 1
+    y = y.reshape(m, n, ho, wo).transpose(1, 0, 2, 3)
+    if absolute:
+        if residual is not None:
+            y = y + np.abs(np.asarray(residual, dtype=np.float64).reshape(y.shape))
+        if bias is not None:
+            y = y + np.abs(np.asarray(bias, dtype=np.float64)).reshape(1, m, 1, 1)
+        return y
+    if bias is not None:
+        y = y + np.asarray(bias, dtype=np.float64).reshape(1, m, 1, 1)
+    if residual is not None:
+        y = y + np.asarray(residual, dtype=np.float64).reshape(y.shape)
+    if activation in ("relu", "relu6"):
+        y = np.maximum(y, 0.0)
+    if activation == "relu6":
+        y = np.minimum(y, 6.0)
+    return y
+
+
+def tolerance(dtype: str, k: int) -> float:
+    """Relative bound per element: SAFETY * sqrt(K) * eps(dtype), applied to sum |w||x|.
+
+    Rounding errors of a length-K dot product grow like sqrt(K) * eps relative to that magnitude
+    in practice (the worst case is K * eps); SAFETY = 8 covers the tail. The magnitude, not
+    |ref|, scales the bound, so cancellation to ~0 does not demand impossible accuracy."""
+    if dtype not in EPS:
+        raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(EPS)}")
+    return SAFETY * np.sqrt(max(k, 1)) * EPS[dtype]
+
+
+def check(out: np.ndarray, ref: np.ndarray, magnitude: np.ndarray, dtype: str,
+          k: int) -> tuple[bool, float, str]:
+    """Element-wise check. Returns (ok, max abs error, message). NaN (unwritten output) fails."""
+    out = np.asarray(out, dtype=np.float64).reshape(ref.shape)
+    err = np.abs(out - ref)
+    bound = (tolerance(dtype, k) * (np.asarray(magnitude).reshape(ref.shape) + 1e-30)
+             + ABSOLUTE[dtype])
+    nans = int(np.count_nonzero(~np.isfinite(out)))
+    max_err = float(np.nanmax(err)) if err.size and nans < err.size else float("nan")
+    if nans:
+        return False, max_err, f"{nans} output(s) NaN/Inf (unwritten or overflow)"
+    bad = int(np.count_nonzero(err > bound))
+    if bad:
+        worst = int(np.argmax(err / bound))
+        return False, max_err, (f"{bad} output(s) off; worst at flat index {worst}: got "
+                                f"{out.ravel()[worst]:.6g}, want {ref.ravel()[worst]:.6g}")
+    return True, max_err, "ok"

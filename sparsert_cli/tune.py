@@ -1,0 +1,113 @@
+"""The autotuner: candidate plan parameters per case, compiled in parallel, verified and timed on
+the GPU; winners are stored as data (configs/tuned.json) keyed by (pattern hash, GPU, dtype) and
+reused by `gen` and `bench`."""
+
+from __future__ import annotations
+
+import datetime
+import json
+from dataclasses import asdict, replace
+from pathlib import Path
+
+from .build import CODE_BUDGET, default_params, geometry_for
+from .errors import UserError
+from .plan import Geometry, PlanParams, fit_params
+
+TUNED_PATH = Path(__file__).resolve().parent.parent / "configs" / "tuned.json"
+
+
+def shape_key(geometry: Geometry) -> str:
+    """The layer shape part of a key: the best plan depends on N as much as on the pattern."""
+    g = geometry
+    return (f"b{g.batch}c{g.in_channels}h{g.height}w{g.width}m{g.out_channels}"
+            f"k{g.kernel}s{g.stride}p{g.padding}")
+
+
+class TunedDB:
+    """{"entries": {"<pattern hash>|<shape>|<gpu name>|<dtype>": {"params": {...}, "us": ..}}}
+
+    Keyed by pattern *and* shape: the same weights at batch 1 and batch 32 want different plans.
+    """
+
+    def __init__(self, path: Path = TUNED_PATH):
+        self.path = Path(path)
+        self.entries: dict[str, dict] = {}
+        if self.path.exists():
+            try:
+                doc = json.loads(self.path.read_text())
+                self.entries = dict(doc.get("entries", {}))
+            except (OSError, ValueError, AttributeError) as exc:
+                raise UserError(f"{self.path}: not a valid tuned-plan database ({exc})") from None
+
+    @staticmethod
+    def key(pattern_hash: str, geometry: Geometry, gpu_name: str, dtype: str) -> str:
+        return f"{pattern_hash}|{shape_key(geometry)}|{gpu_name}|{dtype}"
+
+    def lookup(self, pattern_hash: str, geometry: Geometry, gpu_name: str,
+               dtype: str) -> PlanParams | None:
+        entry = self.entries.get(self.key(pattern_hash, geometry, gpu_name, dtype))
+        if not entry:
+            return None
+        try:
+            return PlanParams.from_dict(entry["params"])
+        except (UserError, KeyError, TypeError):
+            return None   # written by an older version with other parameters: retune
+
+    def record(self, pattern_hash: str, geometry: Geometry, gpu_name: str, dtype: str,
+               params: PlanParams, info: dict) -> None:
+        self.entries[self.key(pattern_hash, geometry, gpu_name, dtype)] = {
+            "params": asdict(params), **info,
+            "tuned_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+    def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        doc = {"schema": 1, "entries": dict(sorted(self.entries.items()))}
+        self.path.write_text(json.dumps(doc, indent=1) + "\n")
+
+
+def candidates(geometry: Geometry, nnz: int, limit: int = 16) -> list[PlanParams]:
+    """Plan parameters worth timing for one case: the default, then sweeps around it.
+
+    A rows x k_split grid (the two knobs that trade parallelism for reuse), then vector width,
+    column threads and a register cap. Each is fitted to the shape and deduplicated; layers
+    whose code is large get fewer candidates (they dominate compile time).
+    """
+    base = fit_params(geometry, default_params(geometry, nnz))
+    found: list[PlanParams] = [base]
+
+    def add(params: PlanParams) -> None:
+        try:
+            params = fit_params(geometry, params)
+        except UserError:
+            return
+        if params.col_threads * params.k_split > 1024:
+            return
+        if nnz * params.vector_width > CODE_BUDGET:
+            return
+        shared = params.k_split * params.rows_per_group * params.col_threads * params.vector_width
+        if params.k_split > 1 and 4 * shared > 48 * 1024:
+            return
+        if params not in found:
+            found.append(params)
+
+    for rows in (2, 4, 8, 16):
+        for k_split in (1, 2, 4, 8):
+            add(replace(base, rows_per_group=rows, k_split=k_split))
+    for width in (4, 2, 1):
+        add(replace(base, vector_width=width))
+    for threads in (32, 64, 128, 256):
+        add(replace(base, col_threads=threads))
+    add(replace(base, max_registers=128))
+    add(replace(base, balance="contiguous"))
+    if nnz * base.vector_width > 100_000:
+        limit = min(limit, 6)
+    # Keep the default, then prefer candidates close to it (one or two knobs changed).
+    def distance(p: PlanParams) -> int:
+        return sum(getattr(p, f) != getattr(base, f) for f in asdict(base))
+    return [base] + sorted(found[1:], key=distance)[:limit - 1]
+
+
+def candidates_for(problem, weight, limit: int = 16) -> list[PlanParams]:
+    from .patterns import to_csr
+
+    return candidates(geometry_for(problem), to_csr(weight).nnz, limit)

@@ -1,0 +1,67 @@
+"""The performance-regression gate over committed results: every results/h100/<name>.json must
+not be slower than its baseline (baseline.json for paper20, baseline-<name>.json otherwise) by
+more than 5% on any case, lose a case, or hold a failing case. Promote a baseline deliberately
+by copying the new results over it (README, "Results")."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from sparsert_cli.commands.compare import compare, load_results
+
+RESULTS = Path(__file__).resolve().parent.parent / "results" / "h100"
+PAIRS = [(RESULTS / ("baseline.json" if p.stem == "paper20" else f"baseline-{p.stem}.json"), p)
+         for p in sorted(RESULTS.glob("*.json"))
+         if not p.stem.startswith("baseline") and (RESULTS / (
+             "baseline.json" if p.stem == "paper20" else f"baseline-{p.stem}.json")).exists()]
+
+
+def test_every_gated_result_has_a_baseline():
+    assert (RESULTS / "paper20.json").exists() and (RESULTS / "baseline.json").exists()
+    assert any(new.stem == "paper20" for _, new in PAIRS)
+
+
+@pytest.mark.parametrize("base, new", PAIRS, ids=[n.stem for _, n in PAIRS])
+def test_committed_results_do_not_regress(base, new):
+    rows, problems = compare(load_results(base), load_results(new), max_regression=0.05)
+    assert rows, f"{base.name} holds no cases"
+    assert not problems, "; ".join(problems)
+
+
+@pytest.mark.parametrize("base, new", PAIRS, ids=[n.stem for _, n in PAIRS])
+def test_committed_results_are_verified_gpu_runs(base, new):
+    doc = json.loads(new.read_text())
+    assert doc["mode"] == "gpu" and "H100" in doc["gpu"]["name"]
+    assert doc["failures"] == []
+    for case in doc["cases"]:
+        assert case["verify_gpu"]["ok"], case["problem"]
+
+
+def test_gate_catches_a_regression(tmp_path):
+    base = load_results(RESULTS / "baseline.json")
+    slower = json.loads(json.dumps(base))
+    slower["cases"][0]["sparsert"]["median_us"] *= 1.10
+    del slower["cases"][1]
+    slower["cases"][2]["verify_gpu"]["ok"] = False
+    _, problems = compare(base, slower, 0.05)
+    statuses = " ".join(problems)
+    assert "regressed" in statuses and "missing" in statuses and "failed" in statuses
+
+
+def test_compare_command_exit_codes(tmp_path):
+    from click.testing import CliRunner
+
+    from sparsert_cli.cli import group
+
+    base = RESULTS / "baseline.json"
+    ok = CliRunner().invoke(group, ["compare", str(base), str(base)])
+    assert ok.exit_code == 0, ok.output
+    doc = json.loads(base.read_text())
+    doc["cases"][0]["sparsert"]["median_us"] *= 2
+    worse = tmp_path / "worse.json"
+    worse.write_text(json.dumps(doc))
+    bad = CliRunner().invoke(group, ["compare", str(base), str(worse)])
+    assert bad.exit_code == 1 and "REGRESSED" in bad.output
