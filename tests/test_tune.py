@@ -1,0 +1,92 @@
+"""The tuner's CPU side: candidate plans and the tuned-plan database."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from sparsert_cli.build import default_params, geometry_for
+from sparsert_cli.errors import UserError
+from sparsert_cli.plan import PlanParams, fit_params
+from sparsert_cli.problems import Problem, builtin_problems
+from sparsert_cli.tune import TunedDB, candidates, shape_key
+
+PROBLEMS = builtin_problems()
+
+
+@pytest.mark.parametrize("pid", ["mbv1_pw0", "rn50_c3_3x3", "bert_ffn_up", "mbv1_pw11"])
+def test_candidates_start_with_the_default_and_are_distinct_and_legal(pid):
+    problem = PROBLEMS[pid]
+    geometry = geometry_for(problem)
+    nnz = problem.m * problem.k // 10
+    found = candidates(geometry, nnz, limit=12)
+    assert found[0] == fit_params(geometry, default_params(geometry, nnz))
+    assert len(found) == len(set(found)) and 2 <= len(found) <= 12
+    for params in found:
+        assert params == fit_params(geometry, params)          # already fitted to the shape
+        assert params.col_threads * params.k_split <= 1024
+
+
+def test_large_layers_get_fewer_candidates():
+    problem = PROBLEMS["bert_ffn_up"]
+    assert len(candidates(geometry_for(problem), 235_930, limit=16)) <= 6
+
+
+def test_database_round_trip_is_keyed_by_pattern_shape_gpu_and_dtype(tmp_path):
+    path = tmp_path / "tuned.json"
+    db = TunedDB(path)
+    g1 = geometry_for(PROBLEMS["mbv1_pw3"])
+    g32 = geometry_for(PROBLEMS["mbv1_pw3"].with_batch(32))
+    params = PlanParams(rows_per_group=4, vector_width=2)
+    db.record("abc", g1, "GPU X", "fp32", params, {"us": 2.5})
+    db.save()
+    again = TunedDB(path)
+    assert again.lookup("abc", g1, "GPU X", "fp32") == params
+    assert again.lookup("abc", g32, "GPU X", "fp32") is None      # same weights, other N
+    assert again.lookup("abc", g1, "GPU Y", "fp32") is None
+    assert again.lookup("abd", g1, "GPU X", "fp32") is None
+    assert shape_key(g1) != shape_key(g32)
+
+
+def test_database_entry_from_an_older_version_is_ignored(tmp_path):
+    path = tmp_path / "tuned.json"
+    geometry = geometry_for(PROBLEMS["mbv1_pw0"])
+    key = TunedDB.key("h", geometry, "G", "fp32")
+    path.write_text(json.dumps({"entries": {key: {"params": {"rows_per_group": 4,
+                                                            "no_such_knob": 1}}}}))
+    assert TunedDB(path).lookup("h", geometry, "G", "fp32") is None
+
+
+def test_database_that_is_not_json_is_one_clear_error(tmp_path):
+    path = tmp_path / "tuned.json"
+    path.write_text("{broken")
+    with pytest.raises(UserError) as caught:
+        TunedDB(path)
+    assert str(path) in caught.value.message
+
+
+def test_shipped_database_matches_shipped_problems():
+    """Every committed tuned entry names a shipped problem whose shape it was tuned on."""
+    db = TunedDB()
+    assert db.entries, "configs/tuned.json is empty"
+    for key, entry in db.entries.items():
+        problem = PROBLEMS[entry["problem"]]
+        assert f"|{shape_key(geometry_for(problem))}|" in key
+        assert PlanParams.from_dict(entry["params"]) is not None
+
+
+def test_tune_needs_a_gpu(monkeypatch):
+    from sparsert_cli.commands.tune import run_tuner
+    from sparsert_cli.config import CONFIG_DIR, load_config
+    from sparsert_cli.errors import NoGpuError
+    from sparsert_cli.gpu import runtime
+
+    monkeypatch.setattr(runtime, "have_gpu", lambda: False)
+    with pytest.raises(NoGpuError):
+        run_tuner(load_config(CONFIG_DIR / "ci.yaml"))
+
+
+def test_gemm_batch_override_scales_tokens():
+    p = Problem("g", "gemm", 8, 16, height=1, width=128)
+    assert p.with_batch(4).n == 512
