@@ -1,5 +1,5 @@
 # Two commands do all the set-up on a fresh machine (Python >= 3.10):
-#   make bench   - create .venv, install sparsert, run `sparsert bench configs/ci.yaml`
+#   make bench   - create .venv, install sparsert[test], run `sparsert bench configs/ci.yaml`
 #   make test    - create .venv, install sparsert with its test extras, run the test suite
 PYTHON ?= python3
 VENV := .venv
@@ -11,7 +11,7 @@ $(VENV)/.installed: pyproject.toml
 	$(VENV)/bin/python -m pip install -q -e '.[test]'
 	touch $@
 
-.PHONY: bench test gpu-check clean
+.PHONY: bench test clean
 bench: $(VENV)/.installed
 	$(VENV)/bin/sparsert bench $(CONFIG)
 

@@ -19,6 +19,7 @@ from . import __version__
 from .build import KernelBuild, build_all, epilogue_for, geometry_for, make_plan
 from .cache import KernelCache
 from .config import Config
+from .errors import UserError
 from .interp import execute
 from .patterns import case_seed, generate, pattern_hash, to_csr
 from .plan import Plan
@@ -67,8 +68,11 @@ def prepare(config: Config, gpu_name: str, tuned_db=None) -> list[Case]:
                                      config.dtype)
             tuned = params is not None
         epilogue = epilogue_for(problem, config.epilogue, config.seed, sparsity)
-        plan = make_plan(problem, weight, params, epilogue,
-                         overrides=None if tuned else config.plan)
+        try:
+            plan = make_plan(problem, weight, params, epilogue,
+                             overrides=None if tuned else config.plan)
+        except UserError as exc:   # e.g. plan overrides that do not fit this layer
+            raise UserError(f"{config.path} [{problem.id} @ {sparsity:g}]: {exc.message}") from None
         cases.append(Case(problem, sparsity, weight, plan, tuned))
     return cases
 
@@ -101,7 +105,7 @@ def reference(case: Case, x: np.ndarray, res: np.ndarray | None):
 def verify_cpu(case: Case, seed: int) -> dict:
     """Execute the plan on the CPU (float64) and compare with the float64 reference."""
     rng = np.random.default_rng(case_seed(seed, case.problem.id, case.sparsity, "cpu-verify"))
-    worst, messages = 0.0, []
+    worst = 0.0
     for _ in range(VERIFY_CHECKS):
         x, res = random_inputs(case, rng)
         try:

@@ -7,7 +7,7 @@ import os
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import numpy as np
@@ -83,7 +83,7 @@ def make_plan(problem: Problem, weight: np.ndarray, params: PlanParams | None = 
     if params is None:
         params = default_params(geometry, csr.nnz)
     if overrides:
-        params = replace(params, **overrides)
+        params = PlanParams.from_dict({**params.__dict__, **overrides})
     return build_plan(csr, geometry, params, epilogue)
 
 

@@ -8,7 +8,7 @@ import click
 
 from . import __version__
 from .console import abort_line, console, err_console
-from .errors import UserError
+from .errors import CompileError, UserError
 
 
 class _Group(click.Group):
@@ -59,6 +59,18 @@ def main(argv=None) -> None:
         if debug:
             console.print_exception()
         abort_line(exc.message, exc.code)
+    except CompileError as exc:   # generated code the compiler refused: a sparsert bug, exit 1
+        if debug:
+            console.print_exception()
+        lines = str(exc).splitlines()
+        where = f" (source saved at {exc.source_path})" if exc.source_path else ""
+        abort_line(f"compile failed: {lines[0] if lines else exc}{where}", 1)
+    except OSError as exc:
+        if debug:
+            console.print_exception()
+        abort_line(f"{exc.filename or 'I/O'}: {exc.strerror or exc}", 2)
+    except MemoryError:
+        abort_line("out of memory (is the weight or the shape far larger than intended?)", 2)
     except KeyboardInterrupt:
         err_console.print("interrupted")
         sys.exit(130)

@@ -53,6 +53,8 @@ def check_arch(arch: str) -> str:
     if int(match[1]) not in SUPPORTED_ARCHS:
         raise ValueError(f"--arch {arch}: not a target of this toolchain (supported: "
                          + ", ".join(f"sm_{a}" for a in SUPPORTED_ARCHS) + ")")
+    if arch.endswith("a") and int(match[1]) < 90:
+        raise ValueError(f"--arch {arch}: architecture-specific 'a' targets start at sm_90a")
     return arch
 
 

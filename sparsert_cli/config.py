@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -149,6 +150,8 @@ def config_from_dict(doc: object, where: str) -> Config:
     if not raw:
         raise UserError(f"{where}: 'sparsity' must list at least one value")
     sparsities = tuple(check_sparsity(s, f"{where}: sparsity") for s in raw)
+    if len(set(sparsities)) != len(sparsities):
+        raise UserError(f"{where}: 'sparsity' lists a value twice")
     batch = doc.get("batch")
     if batch is not None:
         if isinstance(batch, bool) or not isinstance(batch, int) or batch <= 0:
@@ -158,8 +161,9 @@ def config_from_dict(doc: object, where: str) -> Config:
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise UserError(f"{where}: 'seed' must be a non-negative integer, got {seed!r}")
     name = doc.get("name", Path(where).stem)
-    if not isinstance(name, str):
-        raise UserError(f"{where}: 'name' must be a string")
+    if not isinstance(name, str) or not re.match(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$", name):
+        raise UserError(f"{where}: 'name' must be letters, digits, _ . - (it names result "
+                        f"files), got {name!r}")
     return Config(name=name, path=where, problems=problems, sparsities=sparsities,
                   dtype=_choice(doc, "dtype", DTYPES, "fp32", where),
                   pattern=_choice(doc, "pattern", PATTERNS, "uniform", where), seed=seed,

@@ -6,6 +6,7 @@ import json
 import sys
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 console = Console()
@@ -15,7 +16,7 @@ err_console = Console(stderr=True)
 def abort_line(message: str, code: int = 2) -> None:
     """A user error: one red line on stderr (`sparsert: ...`), then exit with `code`."""
     first = message.strip().splitlines()[0] if message.strip() else "error"
-    err_console.print(f"[bold red]sparsert:[/] {first}", markup=True, highlight=False,
+    err_console.print(f"[bold red]sparsert:[/] {escape(first)}", markup=True, highlight=False,
                       soft_wrap=True)
     sys.exit(code)
 

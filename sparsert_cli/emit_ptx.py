@@ -26,7 +26,11 @@ def f32(value: float) -> str:
 
 
 def ptx_version(arch: str) -> str:
-    return "8.0" if int(arch[3:].rstrip("a")) < 100 else "8.8"
+    """The oldest PTX ISA that knows `arch` (sm_88 and sm_110 arrived with ISA 9.0)."""
+    number = int(arch[3:].rstrip("a"))
+    if number in (88, 110) or number > 121:
+        return "9.0"
+    return "8.0" if number < 100 else "8.8"
 
 
 def _vec(regs: list[str]) -> str:

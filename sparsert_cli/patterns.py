@@ -67,6 +67,9 @@ def generate(problem: Problem, sparsity: float, kind: str, seed: int) -> np.ndar
     return weight
 
 
+MAX_WEIGHT_ELEMS = 1 << 28
+
+
 def _read_array(path: Path) -> np.ndarray:
     try:
         if path.suffix == ".npy":
@@ -74,7 +77,13 @@ def _read_array(path: Path) -> np.ndarray:
         with np.load(path, allow_pickle=False) as archive:
             keys = list(archive.keys())
             if {"indptr", "indices", "data", "shape"} <= set(keys) or "format" in keys:
-                return sp.load_npz(path).toarray()
+                matrix = sp.load_npz(path)
+                if hasattr(matrix, "check_format"):    # CSR/CSC/BSR: bad indices would read
+                    matrix.check_format(full_check=True)   # out of bounds in toarray()
+                if np.prod(matrix.shape, dtype=np.float64) > MAX_WEIGHT_ELEMS:
+                    raise UserError(f"{path}: weight of shape {matrix.shape} is too large "
+                                    f"(more than {MAX_WEIGHT_ELEMS} elements)")
+                return matrix.toarray()
             if len(keys) == 1:
                 return archive[keys[0]]
             for key in ("weight", "w", "arr_0"):
@@ -86,7 +95,7 @@ def _read_array(path: Path) -> np.ndarray:
         raise
     except FileNotFoundError:
         raise UserError(f"{path}: no such file") from None
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+    except (OSError, ValueError, IndexError, TypeError, zipfile.BadZipFile, EOFError) as exc:
         raise UserError(f"{path}: not a readable .npy/.npz weight file ({exc})") from None
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 
+from rich.markup import escape
 from rich.table import Table
 
 COLUMNS = [("cublas_fp32", "cuBLAS fp32"), ("cublas_tf32", "TF32"), ("cublas_fp16", "fp16 TC"),
@@ -62,7 +63,7 @@ def results_table(doc: dict) -> Table:
                 f"{err:.1e}" if isinstance(err, (int, float)) else "-"]
         t.add_row(*row, style=style)
     for s, summary in doc.get("geomean", {}).items():
-        row = [f"[bold]geomean[/]", s, "", ""] + ["" for _ in cols]
+        row = ["[bold]geomean[/]", s, "", ""] + ["" for _ in cols]
         row += [f"[bold]{_x(summary.get(n))}[/]" for n in cols]
         row += [f"{summary['floor_pct']:.0f}%" if summary.get("floor_pct") else "", ""]
         t.add_row(*row)
@@ -84,7 +85,7 @@ def compile_table(doc: dict) -> Table:
                   str(comp.get("registers", "-")), str(comp.get("spill_bytes", "-")),
                   f"{comp['seconds']:.2f}" if "seconds" in comp else "-",
                   "yes" if comp.get("cached") else "no",
-                  "ok" if ok else f"[red]{comp.get('error') or ver.get('message', 'FAIL')}[/]",
+                  "ok" if ok else f"[red]{escape(comp.get('error') or ver.get('message', 'FAIL'))}[/]",
                   f"{ver['max_err']:.1e}" if isinstance(ver.get("max_err"), float) else "-",
                   style="" if ok else "red")
     return t

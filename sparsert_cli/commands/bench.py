@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -24,6 +25,9 @@ def select(config, problem_ids, sparsities, dtype):
     """Apply --problems / --sparsity / --dtype to a config (errors name the bad value)."""
     from ..config import check_sparsity
 
+    for flag, values in (("--problems", problem_ids), ("--sparsity", sparsities)):
+        if len(set(values)) != len(values):
+            raise UserError(f"{flag}: a value is listed twice")
     if problem_ids:
         known = {p.id: p for p in config.problems}
         missing = [p for p in problem_ids if p not in known]
@@ -99,6 +103,16 @@ def command(config_path, problem_ids, sparsities, dtype, out_path, csv_path, col
                     split_values(sparsities), dtype)
     if emitter:
         config = replace(config, emit=emitter)
+    out = Path(out_path) if out_path else RESULTS_DIR / f"{config.name}.json"
+    csv_out = Path(csv_path) if csv_path else out.with_suffix(".csv")
+    for path in (out, csv_out):      # fail now, not after a long GPU run; write nothing yet
+        if path.is_dir():
+            raise UserError(f"{path}: is a directory; --out/--csv take file names")
+        ancestor = path.parent
+        while not ancestor.exists() and ancestor != ancestor.parent:
+            ancestor = ancestor.parent
+        if not ancestor.is_dir() or not os.access(ancestor, os.W_OK):
+            raise UserError(f"{path}: cannot be written ({ancestor} is not a writable directory)")
     gpu_ok = have_gpu()
     if require_gpu and not gpu_ok:
         raise NoGpuError("no CUDA driver or GPU found and --require-gpu was given")
@@ -125,12 +139,9 @@ def command(config_path, problem_ids, sparsities, dtype, out_path, csv_path, col
     finally:
         if gpu is not None:
             gpu.close()
-    out = Path(out_path) if out_path else RESULTS_DIR / f"{config.name}.json"
-    csv_out = Path(csv_path) if csv_path else out.with_suffix(".csv")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(doc, indent=1) + "\n")
-    csv_out.parent.mkdir(parents=True, exist_ok=True)
-    csv_out.write_text(csv_text(doc))
+    for path, text in ((out, json.dumps(doc, indent=1) + "\n"), (csv_out, csv_text(doc))):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
     console.print(results_table(doc) if use_gpu else compile_table(doc))
     failures = doc["failures"]
     console.print(f"wrote {out} and {csv_out}" + (f"; [red]{len(failures)} failure(s)[/]: "

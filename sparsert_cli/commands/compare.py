@@ -29,7 +29,8 @@ def _key(case: dict) -> str:
 
 
 def _time(case: dict):
-    if not case.get("verify_gpu", {}).get("ok"):
+    verify = case.get("verify_gpu")
+    if not isinstance(verify, dict) or not verify.get("ok"):
         return None
     return case.get("sparsert", {}).get("median_us")
 
@@ -58,6 +59,11 @@ def compare(base: dict, new: dict, max_regression: float) -> tuple[list[dict], l
         if row["status"] in ("MISSING", "FAILED", "REGRESSED"):
             problems.append(f"{key}: {row['status'].lower()}")
         rows.append(row)
+    base_keys = {_key(c) for c in base["cases"]}
+    for key, case in new_cases.items():     # cases the baseline does not have: shown, not failed
+        if key not in base_keys:
+            rows.append({"case": key, "base_us": None, "new_us": _time(case), "ratio": None,
+                         "status": "new"})
     return rows, problems
 
 
@@ -70,12 +76,17 @@ def compare(base: dict, new: dict, max_regression: float) -> tuple[list[dict], l
 def command(base_path, new_path, max_regression, as_json):
     """Compare two results files case by case; exit 1 on any regression, missing or failing case."""
     base, new = load_results(base_path), load_results(new_path)
-    rows, problems = compare(base, new, max_regression)
+    try:
+        rows, problems = compare(base, new, max_regression)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise UserError(f"{base_path} / {new_path}: a case lacks the fields of a sparsert results "
+                        f"file ({type(exc).__name__}: {exc})") from None
     if as_json:
         print_json({"rows": rows, "problems": problems})
     else:
         fmt = lambda v: f"{v:.2f}" if isinstance(v, float) else "-"  # noqa: E731
-        style = {"ok": "", "faster": "green", "REGRESSED": "red", "MISSING": "red", "FAILED": "red"}
+        style = {"ok": "", "faster": "green", "new": "cyan", "REGRESSED": "red", "MISSING": "red",
+                 "FAILED": "red"}
         out = table(f"{new_path} vs {base_path} (median us per launch; ratio = new / base)",
                     ["Case", "base us", "new us", "ratio", "Status"],
                     [[r["case"], fmt(r["base_us"]), fmt(r["new_us"]),

@@ -65,9 +65,11 @@ def _bias(path: str | None, rows: int) -> tuple[float, ...] | None:
     if values.dtype.kind not in "fiu" or values.shape != (rows,):
         raise UserError(f"{path}: bias must be a numeric vector of {rows} values, got shape "
                         f"{values.shape}")
-    if not np.all(np.isfinite(values)):
-        raise UserError(f"{path}: bias holds NaN/Inf values")
-    return tuple(float(v) for v in values.astype(np.float32))
+    with np.errstate(over="ignore"):
+        values32 = values.astype(np.float32)
+    if not np.all(np.isfinite(values)) or not np.all(np.isfinite(values32)):
+        raise UserError(f"{path}: bias holds NaN/Inf values or values beyond the float32 range")
+    return tuple(float(v) for v in values32)
 
 
 def manifest(problem, plan, build, weight, emitter: str) -> dict:
@@ -204,18 +206,37 @@ class _null:
         return False
 
 
+OUTPUT_FILES = {"kernel.ptx", "kernel.cu", "kernel.cubin", "manifest.json"}
+
+
 def _write(out: Path, files: dict[str, bytes]) -> None:
-    """All files or none: write into a temporary sibling, then move into place."""
-    if out.exists() and any(out.iterdir()) and not (out / "manifest.json").exists():
-        raise UserError(f"{out}: exists and is not a sparsert output directory; choose another -o")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    """Write the outputs without ever touching anything else: a new directory is filled in a
+    temporary sibling and renamed into place; an existing one may hold only a previous `gen`
+    output, whose files are replaced one by one (each atomically)."""
     try:
-        for name, data in files.items():
-            (tmp / name).write_bytes(data)
         if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+            if not out.is_dir():
+                raise UserError(f"{out}: exists and is not a directory; choose another -o")
+            foreign = sorted(p.name for p in out.iterdir() if p.name not in OUTPUT_FILES)
+            if foreign:
+                raise UserError(f"{out}: holds files that are not a sparsert output "
+                                f"({', '.join(foreign[:3])}); choose another -o")
+            for name, data in files.items():
+                tmp = out / f".{name}.tmp"
+                tmp.write_bytes(data)
+                os.replace(tmp, out / name)
+            for stale in OUTPUT_FILES - set(files):       # e.g. kernel.cu after --emit ptx
+                (out / stale).unlink(missing_ok=True)
+            return
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+        try:
+            for name, data in files.items():
+                (tmp_dir / name).write_bytes(data)
+            tmp_dir.chmod(0o755)
+            os.replace(tmp_dir, out)
+        except OSError:
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+            raise
     except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise UserError(f"{out}: cannot write output: {exc}") from None
+        raise UserError(f"{out}: cannot write output: {exc.strerror or exc}") from None

@@ -81,4 +81,8 @@ def command(directory, as_json):
     if as_json:
         print_json({**doc, "cubin_check": check_cubin(directory, doc)})
         return
-    render(doc, directory)
+    try:
+        render(doc, directory)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise UserError(f"{directory / 'manifest.json'}: malformed manifest "
+                        f"({type(exc).__name__}: {exc})") from None

@@ -45,8 +45,9 @@ $L_spin:
 def ptx_header(arch: str) -> str:
     """`.version/.target/.address_size` lines for hand-written PTX. ISA 8.0 covers sm_90(a) and
     older; newer chips need a newer ISA, which nvJitLink 13.x accepts (we never JIT PTX)."""
-    number = int("".join(ch for ch in arch.removeprefix("sm_") if ch.isdigit()))
-    version = "8.0" if number <= 90 else "9.0"
+    from ..emit_ptx import ptx_version
+
+    version = ptx_version(arch)
     return f".version {version}\n.target {arch}\n.address_size 64\n\n"
 
 
