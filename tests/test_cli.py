@@ -13,10 +13,11 @@ import sys
 
 import numpy as np
 import pytest
+from cli_helpers import run_main
 from click.testing import CliRunner
 
 from sparsert_cli import __version__
-from sparsert_cli.cli import group, main
+from sparsert_cli.cli import group
 from sparsert_cli.gpu.runtime import have_gpu
 
 pytestmark = pytest.mark.usefixtures("isolated_cache", "wide_terminal")
@@ -36,15 +37,7 @@ def _invoke(args, ok=True):
     return result
 
 
-def _main(args, capsys) -> tuple[int, str, str]:
-    """Run `sparsert ARGS` in-process as the console script does: (exit code, stdout, stderr)."""
-    try:
-        main(list(args))
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+_main = run_main
 
 
 def _gemm_file(tmp_path, name="layer.npy", shape=(20, 30), density=0.2, seed=0):

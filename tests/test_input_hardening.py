@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from sparsert_cli.cli import main
+from cli_helpers import run_main
 
 
 @pytest.fixture(autouse=True)
@@ -17,14 +17,7 @@ def _cache(isolated_cache):
     return isolated_cache
 
 
-def run(args, capsys) -> tuple[int, str, str]:
-    try:
-        main(list(args))
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+run = run_main
 
 
 def one_line(err: str) -> bool:

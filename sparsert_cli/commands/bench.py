@@ -25,9 +25,8 @@ def select(config, problem_ids, sparsities, dtype):
     """Apply --problems / --sparsity / --dtype to a config (errors name the bad value)."""
     from ..config import check_sparsity
 
-    for flag, values in (("--problems", problem_ids), ("--sparsity", sparsities)):
-        if len(set(values)) != len(values):
-            raise UserError(f"{flag}: a value is listed twice")
+    if len(set(problem_ids)) != len(problem_ids):
+        raise UserError("--problems: a value is listed twice")
     if problem_ids:
         known = {p.id: p for p in config.problems}
         missing = [p for p in problem_ids if p not in known]
@@ -42,6 +41,8 @@ def select(config, problem_ids, sparsities, dtype):
                 values.append(check_sparsity(float(s), "--sparsity"))
             except ValueError:
                 raise UserError(f"--sparsity: not a number: {s!r}") from None
+        if len(set(values)) != len(values):   # as numbers: 0.8 and 0.80 are the same case
+            raise UserError("--sparsity: a value is listed twice")
         config = replace(config, sparsities=tuple(values))
     if dtype:
         config = replace(config, dtype=dtype)
