@@ -1,5 +1,6 @@
-"""One small padded, strided, batched 3x3 kernel (both emitters), launched once and checked:
-run under `compute-sanitizer --tool memcheck` by scripts/gpu-check."""
+"""One small padded, strided, batched 3x3 kernel (both emitters, and the fp16 precisions) and a
+1x1 fp16 kernel with 16-byte vectors, launched once and checked: run under
+`compute-sanitizer --tool memcheck` by scripts/gpu-check."""
 
 from sparsert_cli import bench as B
 from sparsert_cli.build import build_kernel, make_plan
@@ -21,4 +22,15 @@ with Gpu() as gpu:
             case = B.Case(problem, 0.7, weight, plan, build=build)
             result = B.run_gpu_case(gpu, case, floors, 0, False, baselines=False, replays=1)
             print(emitter, plan.params.name(), result["verify_gpu"])
+            assert result["verify_gpu"]["ok"]
+    pointwise = Problem("memcheck_1x1_b2", "conv1x1", 12, 16, height=6, width=8, batch=2)
+    for prob, w in ((problem, weight), (pointwise, pruned_weights(pointwise.weight_shape, 0.7, 2))):
+        for precision in ("fp16", "fp16acc32"):
+            plan = make_plan(prob, w, PlanParams(rows_per_group=4, k_split=2, vector_width=8),
+                             Epilogue(tuple([0.5] * prob.m), "relu", residual=True),
+                             precision=precision)
+            build, _ = build_kernel(plan, "ptx", gpu.arch)
+            case = B.Case(prob, 0.7, w, plan, build=build)
+            result = B.run_gpu_case(gpu, case, floors, 0, False, baselines=False, replays=1)
+            print(precision, prob.id, plan.params.name(), result["verify_gpu"])
             assert result["verify_gpu"]["ok"]

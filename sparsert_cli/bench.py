@@ -65,12 +65,13 @@ def prepare(config: Config, gpu_name: str, tuned_db=None) -> list[Case]:
         params, tuned = None, False
         if tuned_db is not None:
             params = tuned_db.lookup(pattern_hash(weight), geometry_for(problem), gpu_name,
-                                     config.dtype)
+                                     config.precision)
             tuned = params is not None
         epilogue = epilogue_for(problem, config.epilogue, config.seed, sparsity)
         try:
             plan = make_plan(problem, weight, params, epilogue,
-                             overrides=None if tuned else config.plan)
+                             overrides=None if tuned else config.plan,
+                             precision=config.precision)
         except UserError as exc:   # e.g. plan overrides that do not fit this layer
             raise UserError(f"{config.path} [{problem.id} @ {sparsity:g}]: {exc.message}") from None
         cases.append(Case(problem, sparsity, weight, plan, tuned))
@@ -88,11 +89,19 @@ def compile_cases(cases: list[Case], emitter: str, arch: str, cache: KernelCache
 
 
 def random_inputs(case: Case, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray | None]:
+    """Standard-normal x (and residual), float32 arrays holding values of the plan's storage type
+    (fp16 plans get fp16-representable values: the kernel reads them exactly)."""
     p = case.problem
-    x = rng.standard_normal(p.input_shape).astype(np.float32)
-    res = (rng.standard_normal(p.output_shape).astype(np.float32)
+    store = np.float16 if case.plan.dtype == "fp16" else np.float32
+    x = rng.standard_normal(p.input_shape).astype(store).astype(np.float32)
+    res = (rng.standard_normal(p.output_shape).astype(store).astype(np.float32)
            if case.plan.epilogue.residual else None)
     return x, res
+
+
+def storage(case: Case):
+    """numpy type of the kernel's x / y / residual buffers."""
+    return np.float16 if case.plan.dtype == "fp16" else np.float32
 
 
 def reference(case: Case, x: np.ndarray, res: np.ndarray | None):
@@ -113,7 +122,7 @@ def verify_cpu(case: Case, seed: int) -> dict:
         except AssertionError as exc:
             return {"ok": False, "max_err": None, "message": str(exc)}
         ref, mag = reference(case, x, res)
-        ok, err, message = check(out, ref, mag, "fp32", case.problem.k)
+        ok, err, message = check(out, ref, mag, case.plan.dtype, case.problem.k)
         worst = max(worst, err)
         if not ok:
             return {"ok": False, "max_err": err, "message": message}
@@ -122,10 +131,13 @@ def verify_cpu(case: Case, seed: int) -> dict:
 
 def floor_us(case: Case, floors: dict) -> dict:
     """The problem's floor: useful sparse flops at measured FP32 peak, bytes of the activations
-    and outputs at measured bandwidth, and the measured launch floor; the largest wins."""
-    p = case.problem
-    flops = 2.0 * case.plan.nnz * p.n
-    nbytes = 4.0 * (np.prod(p.input_shape) + np.prod(p.output_shape))
+    and outputs at measured bandwidth, and the measured launch floor; the largest wins.
+
+    Half2 sums (precision fp16) count at twice the FP32 rate: HFMA2 issues like FFMA with two
+    lanes (Hopper's non-tensor fp16 rate is documented as 2x fp32; not measured here)."""
+    p, plan = case.problem, case.plan
+    flops = 2.0 * plan.nnz * p.n / (2.0 if plan.precision == "fp16" else 1.0)
+    nbytes = plan.element_bytes * (np.prod(p.input_shape) + np.prod(p.output_shape))
     terms = {"flops_us": flops / (floors["fp32_gflops"] * 1e3),
              "bytes_us": nbytes / (floors["bandwidth_gbs"] * 1e3),
              "launch_us": floors["launch_us"]}
@@ -138,9 +150,11 @@ def geomean(values: list[float]) -> float | None:
     return math.exp(sum(map(math.log, values)) / len(values)) if values else None
 
 
-def summarize(cases: list[dict]) -> dict:
-    """Geomean speedups per sparsity over verified cases."""
+def summarize(cases: list[dict], ops: tuple[str, ...] | None = None) -> dict:
+    """Geomean speedups per sparsity over verified cases (only problems of `ops` if given)."""
     out: dict = {}
+    if ops is not None:
+        cases = [c for c in cases if c.get("op") in ops]
     for s in sorted({c["sparsity"] for c in cases}):
         rows = [c for c in cases if c["sparsity"] == s]
         names = sorted({n for c in rows for n in c.get("speedup", {})},
@@ -156,7 +170,8 @@ def metadata(config: Config, mode: str, extra: dict | None = None) -> dict:
     return {"schema": 1, "sparsert_version": __version__, "git_commit": git_commit(),
             "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "config": {"name": config.name, "path": config.path, "hash": config.digest(),
-                       "dtype": config.dtype, "pattern": config.pattern, "seed": config.seed,
+                       "dtype": config.dtype, "accumulate": config.accumulate,
+                       "pattern": config.pattern, "seed": config.seed,
                        "emit": config.emit},
             "host": {"python": platform.python_version(), "machine": platform.machine(),
                      "cpus": os.cpu_count()},
@@ -193,11 +208,13 @@ def run_gpu_case(gpu, case: Case, floors: dict, seed: int, cold_l2: bool,
     kernel = gpu.load(case.build.cubin, plan.entry)
     out["kernel"] = {"registers": kernel.registers, "local_bytes": kernel.local_bytes}
     x, res = (inputs[0], inputs[1]) if inputs else random_inputs(case, rng)
-    buffers = {"x": gpu.upload(x), "y": gpu.alloc(4 * int(np.prod(p.output_shape)))}
+    store = storage(case)
+    buffers = {"x": gpu.upload(x.astype(store)),
+               "y": gpu.alloc(plan.element_bytes * int(np.prod(p.output_shape)))}
     if res is not None:
-        buffers["res"] = gpu.upload(res)
+        buffers["res"] = gpu.upload(res.astype(store))
     if plan.geometry.masked:
-        buffers["z"] = gpu.alloc(4 * plan.geometry.image_elems)
+        buffers["z"] = gpu.alloc(plan.element_bytes * plan.geometry.image_elems)
         gpu.memset(buffers["z"], 0)
     try:
         args = [buffers[a].ptr for a in plan.arguments]
@@ -210,16 +227,16 @@ def run_gpu_case(gpu, case: Case, floors: dict, seed: int, cold_l2: bool,
             if check_no:  # fresh inputs for every check
                 x, res = random_inputs(case, rng)
                 buffers["x"].free()
-                buffers["x"] = gpu.upload(x)
+                buffers["x"] = gpu.upload(x.astype(store))
                 if res is not None:
                     buffers["res"].free()
-                    buffers["res"] = gpu.upload(res)
+                    buffers["res"] = gpu.upload(res.astype(store))
                 args = [buffers[a].ptr for a in plan.arguments]
             gpu.poison(buffers["y"])
             launch()
-            y = gpu.download(buffers["y"], p.output_shape, np.float32)
+            y = gpu.download(buffers["y"], p.output_shape, store)
             ref, mag = (inputs[2], inputs[3]) if inputs else reference(case, x, res)
-            ok, err, message = check(y, ref, mag, "fp32", p.k)
+            ok, err, message = check(y, ref, mag, plan.dtype, p.k)
             worst = max(worst, err if math.isfinite(err) else float("inf"))
             if not ok:
                 break

@@ -20,7 +20,9 @@ from .emit_cuda import EMITTER_VERSION as CUDA_VERSION, emit_cuda
 from .emit_ptx import EMITTER_VERSION as PTX_VERSION, emit_ptx
 from .errors import CompileError
 from .patterns import case_seed, to_csr
-from .plan import Epilogue, Geometry, Plan, PlanParams, build_plan, fit_vector_width
+from .errors import UserError
+from .plan import (PRECISIONS, Epilogue, Geometry, Plan, PlanParams, build_plan,
+                   fit_vector_width)
 from .problems import Problem
 
 EMITTERS = ("ptx", "cuda")
@@ -38,17 +40,28 @@ def geometry_for(problem: Problem) -> Geometry:
                     kernel=problem.kernel_size, stride=problem.stride, padding=problem.padding)
 
 
-def default_params(geometry: Geometry, nnz: int, sm_count: int = H100_SMS) -> PlanParams:
+def code_units(nnz: int, vector_width: int, precision: str = "fp32") -> int:
+    """Sum instructions of a plan: one per nonzero and column, or per column pair with half2."""
+    per_nnz = max(1, vector_width // 2) if precision == "fp16" else vector_width
+    return nnz * per_nnz
+
+
+def default_params(geometry: Geometry, nnz: int, sm_count: int = H100_SMS,
+                   precision: str = "fp32") -> PlanParams:
     """A reasonable untuned plan; the tuner (tune.py) replaces it with measured winners.
 
     Small layers are latency-bound: wide vectors, enough blocks to fill the GPU. Large layers are
     bound by instruction fetch (the weights are the instruction stream, 16 bytes per FMA, first
     H100 run in docs/perf-notes.md): scalar columns (code size = nnz, not nnz x width), more warps
-    running the same code, and more rows per group so each load feeds more FMAs.
+    running the same code, and more rows per group so each load feeds more FMAs. With half2 sums
+    (precision fp16) a column pair costs what one fp32 column does, so widths double.
     """
+    dtype = PRECISIONS[precision][0]
+    half2 = precision == "fp16"
     big = nnz > LARGE_CODE
-    width = 1 if big else fit_vector_width(geometry, 4)
-    while width > 1 and nnz * width > CODE_BUDGET:
+    width = (2 if half2 else 1) if big else fit_vector_width(geometry, 8 if half2 else 4, dtype)
+    width = fit_vector_width(geometry, width, dtype)
+    while width > 1 and code_units(nnz, width, precision) > CODE_BUDGET:
         width //= 2
     per_thread = -(-geometry.columns // width)
     if big:   # one tile where possible: every warp of the block shares the fetched code
@@ -77,17 +90,30 @@ def epilogue_for(problem: Problem, spec: EpilogueSpec, seed: int, sparsity: floa
 
 
 def make_plan(problem: Problem, weight: np.ndarray, params: PlanParams | None = None,
-              epilogue: Epilogue = Epilogue(), overrides: dict | None = None) -> Plan:
+              epilogue: Epilogue = Epilogue(), overrides: dict | None = None,
+              precision: str = "fp32") -> Plan:
     geometry = geometry_for(problem)
     csr = to_csr(weight)
     if params is None:
-        params = default_params(geometry, csr.nnz)
+        params = default_params(geometry, csr.nnz, precision=precision)
     if overrides:
         params = PlanParams.from_dict({**params.__dict__, **overrides})
-    return build_plan(csr, geometry, params, epilogue)
+    dtype, accumulate = PRECISIONS[precision]
+    return build_plan(csr, geometry, params, epilogue, dtype, accumulate)
+
+
+def check_emitter(emitter: str, precision: str, arch: str = DEFAULT_ARCH) -> None:
+    """fp16 kernels are PTX-only and need sm_80+ (f16x2 max/min and packed conversions)."""
+    if precision == "fp32":
+        return
+    if emitter != "ptx":
+        raise UserError(f"{precision} kernels are emitted as PTX only (use --emit ptx / emit: ptx)")
+    if int(arch[3:].rstrip("a")) < 80:
+        raise UserError(f"{precision} kernels need sm_80 or newer, not {arch}")
 
 
 def emit(plan: Plan, emitter: str, arch: str = DEFAULT_ARCH) -> str:
+    check_emitter(emitter, plan.precision, arch)
     return emit_ptx(plan, arch) if emitter == "ptx" else emit_cuda(plan)
 
 
@@ -195,7 +221,7 @@ def build_all(plans: Iterable[Plan], emitter: str = "ptx", arch: str = DEFAULT_A
         return results
     context = multiprocessing.get_context("fork" if os.name == "posix" else "spawn")
     # Biggest kernels first so the long poles start early.
-    todo.sort(key=lambda i: -plans[i].nnz * plans[i].vector_width)
+    todo.sort(key=lambda i: -code_units(plans[i].nnz, plans[i].vector_width, plans[i].precision))
     with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
         futures = {pool.submit(_worker, plans[i], emitter, arch, root, threads): i for i in todo}
         for future in as_completed(futures):

@@ -21,8 +21,8 @@ PATTERNS = ("uniform", "pruned")
 EMITTERS = ("ptx", "cuda")
 ACTIVATIONS = ("none", "relu", "relu6")
 
-_TOP_KEYS = {"name", "description", "problems", "sparsity", "dtype", "batch", "pattern", "seed",
-             "emit", "epilogue", "plan"}
+_TOP_KEYS = {"name", "description", "problems", "sparsity", "dtype", "accumulate", "batch",
+             "pattern", "seed", "emit", "epilogue", "plan"}
 _EPILOGUE_KEYS = {"bias", "activation", "residual"}
 PLAN_KEYS = {"rows_per_group", "vector_width", "col_threads", "k_split", "load_batch", "balance",
              "max_registers"}
@@ -45,6 +45,7 @@ class Config:
     problems: tuple[Problem, ...]
     sparsities: tuple[float, ...]
     dtype: str = "fp32"
+    accumulate: str = "fp32"
     pattern: str = "uniform"
     seed: int = 0
     emit: str = "ptx"
@@ -52,14 +53,20 @@ class Config:
     plan: dict = field(default_factory=dict)
     description: str = ""
 
+    @property
+    def precision(self) -> str:
+        from .plan import precision_label
+
+        return precision_label(self.dtype, self.accumulate)
+
     def cases(self) -> list[tuple[Problem, float]]:
         return [(p, s) for p in self.problems for s in self.sparsities]
 
     def digest(self) -> str:
         """A short hash of everything that decides the results (for result metadata)."""
         doc = {"problems": [p.__dict__ for p in self.problems], "sparsities": self.sparsities,
-               "dtype": self.dtype, "pattern": self.pattern, "seed": self.seed, "emit": self.emit,
-               "epilogue": self.epilogue.__dict__, "plan": self.plan}
+               "dtype": self.dtype, "accumulate": self.accumulate, "pattern": self.pattern,
+               "seed": self.seed, "emit": self.emit, "epilogue": self.epilogue.__dict__, "plan": self.plan}
         return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -164,10 +171,18 @@ def config_from_dict(doc: object, where: str) -> Config:
     if not isinstance(name, str) or not re.match(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$", name):
         raise UserError(f"{where}: 'name' must be letters, digits, _ . - (it names result "
                         f"files), got {name!r}")
+    dtype = _choice(doc, "dtype", DTYPES, "fp32", where)
+    accumulate = _choice(doc, "accumulate", DTYPES, dtype, where)
+    if (dtype, accumulate) == ("fp32", "fp16"):
+        raise UserError(f"{where}: 'accumulate: fp16' needs 'dtype: fp16' (fp32 data is summed "
+                        f"in fp32)")
+    emit = _choice(doc, "emit", EMITTERS, "ptx", where)
+    if dtype == "fp16" and emit != "ptx":
+        raise UserError(f"{where}: 'dtype: fp16' kernels are emitted as PTX only (emit: ptx)")
     return Config(name=name, path=where, problems=problems, sparsities=sparsities,
-                  dtype=_choice(doc, "dtype", DTYPES, "fp32", where),
+                  dtype=dtype, accumulate=accumulate,
                   pattern=_choice(doc, "pattern", PATTERNS, "uniform", where), seed=seed,
-                  emit=_choice(doc, "emit", EMITTERS, "ptx", where),
+                  emit=emit,
                   epilogue=_epilogue(doc.get("epilogue"), where),
                   plan=_plan_overrides(doc.get("plan"), where),
                   description=str(doc.get("description", "")))

@@ -5,16 +5,22 @@ Layout: one `.func` per (row group, slice) holding that slice's straight-line lo
 per (row group, thread row) for the shared-memory reduction when k_split > 1. The entry computes each
 thread's column bases once and jumps through a `brx.idx` table on (blockIdx.y, threadIdx.y).
 Short functions keep ptxas close to linear in the number of nonzeros (LAB_NOTES §1).
+
+Precisions (plan.precision): fp32; fp16 storage with half2 sums (`fma.rn.f16x2`, one instruction
+per nonzero and column *pair*, weights as paired immediates); fp16 storage with fp32 sums (loads
+widened with cvt, stores packed with cvt.rn.f16x2.f32).
 """
 
 from __future__ import annotations
 
 import struct
 
+import numpy as np
+
 from . import __version__
 from .plan import Load, Plan, RowGroup
 
-EMITTER_VERSION = "ptx-1"
+EMITTER_VERSION = "ptx-2"
 INLINE_LIMIT = 16384
 PARTIALS = "sparsert_partials"
 _VEC = {1: "", 2: ".v2", 4: ".v4"}
@@ -23,6 +29,52 @@ _VEC = {1: "", 2: ".v2", 4: ".v4"}
 def f32(value: float) -> str:
     """A float32 as a PTX hex immediate (exact)."""
     return "0f%08X" % struct.unpack("<I", struct.pack("<f", value))[0]
+
+
+def f16_bits(value: float) -> int:
+    """The fp16 bit pattern of `value` (round to nearest even)."""
+    return int(np.array([value], dtype=np.float16).view(np.uint16)[0])
+
+
+class _Fmt:
+    """How one plan's numbers are stored, loaded and summed.
+
+    raw:   the registers one vector load fills (fp32: one .f32 per column; fp16: one .b32 per
+           column pair, or one .b16 for a single column);
+    units: the registers one row's partial sum occupies (fp32 sums: one .f32 per column; fp16
+           sums: the raw registers, summed with .f16x2 / .f16 arithmetic).
+    """
+
+    def __init__(self, plan: Plan):
+        self.width = plan.vector_width
+        self.elem = plan.element_bytes
+        self.half_storage = plan.dtype == "fp16"
+        self.half_acc = plan.accumulate == "fp16"
+        w = self.width
+        if self.half_storage:
+            self.raw_count, self.raw_type = (1, "b16") if w == 1 else (w // 2, "b32")
+        else:
+            self.raw_count, self.raw_type = w, "f32"
+        if self.half_acc:
+            self.units, self.unit_type = self.raw_count, self.raw_type
+            self.op = "f16" if w == 1 else "f16x2"
+        else:
+            self.units, self.unit_type, self.op = w, "f32", "f32"
+
+    def ld_type(self) -> str:
+        return f"{_VEC[self.raw_count]}.{self.raw_type}"
+
+    def const(self, fn: _Func, value: float) -> str:
+        """`value` as an operand of the sum's arithmetic (fp16: a register ptxas folds into the
+        instruction as a paired immediate; PTX has no f16 immediates)."""
+        if not self.half_acc:
+            return f32(value)
+        bits = f16_bits(value)
+        if self.width == 1:
+            fn.emit(f"mov.b16 %wh, 0x{bits:04X};")
+            return "%wh"
+        fn.emit(f"mov.b32 %w, 0x{bits:04X}{bits:04X};")
+        return "%w"
 
 
 def ptx_version(arch: str) -> str:
@@ -100,92 +152,151 @@ def _emit_tap_bases(fn: _Func, plan: Plan, loads: tuple[Load, ...]) -> dict[tupl
     for r, s in used:
         base = f"%xb{r * geo.kernel + s}"
         fn.emit(f"and.pred %pm, %pr{r}, %pc{s};")
-        fn.emit(f"add.s64 %zb, %z, {-(r * geo.width + s) * 4};")
+        fn.emit(f"add.s64 %zb, %z, {-(r * geo.width + s) * plan.element_bytes};")
         fn.emit(f"selp.b64 {base}, %x, %zb, %pm;")
         bases[(r, s)] = base
     return bases
 
 
-def _emit_epilogue_store(fn: _Func, plan: Plan, slot: int, row: int, regs: list[str]) -> None:
-    geo, width, epi = plan.geometry, plan.vector_width, plan.epilogue
-    offset = row * geo.out_pixels * 4
+def _emit_epilogue_store(fn: _Func, fmt: _Fmt, plan: Plan, row: int, regs: list[str]) -> None:
+    """Bias, residual, activation, then the store of one row; `regs` are the row's sum units."""
+    geo, epi = plan.geometry, plan.epilogue
+    offset = row * geo.out_pixels * fmt.elem
+    op = fmt.op
     if epi.bias is not None and epi.bias[row] != 0.0:
+        bias = fmt.const(fn, epi.bias[row])
         for reg in regs:
-            fn.emit(f"add.f32 {reg}, {reg}, {f32(epi.bias[row])};")
+            fn.emit(f"add.{op} {reg}, {reg}, {bias};")
     if epi.residual:
-        tmp = [f"%r{lane}" for lane in range(width)]
-        fn.emit(f"ld.global.nc{_VEC[width]}.f32 {_vec(tmp)}, [%res+{offset}];")
-        for reg, t in zip(regs, tmp):
-            fn.emit(f"add.f32 {reg}, {reg}, {t};")
+        raw = [f"%r{u}" for u in range(fmt.raw_count)]
+        fn.emit(f"ld.global.nc{fmt.ld_type()} {_vec(raw)}, [%res+{offset}];")
+        addends = raw if fmt.half_acc or not fmt.half_storage else _widen(fn, fmt, raw, "%q")
+        for reg, t in zip(regs, addends):
+            fn.emit(f"add.{op} {reg}, {reg}, {t};")
     if epi.activation in ("relu", "relu6"):
+        zero = fmt.const(fn, 0.0)
         for reg in regs:
-            fn.emit(f"max.f32 {reg}, {reg}, 0f00000000;")
+            fn.emit(f"max.{op} {reg}, {reg}, {zero};")
     if epi.activation == "relu6":
+        six = fmt.const(fn, 6.0)
         for reg in regs:
-            fn.emit(f"min.f32 {reg}, {reg}, {f32(6.0)};")
-    fn.emit(f"@%pact st.global{_VEC[width]}.f32 [%y+{offset}], {_vec(regs)};")
+            fn.emit(f"min.{op} {reg}, {reg}, {six};")
+    if fmt.half_storage and not fmt.half_acc:     # pack fp32 sums to fp16
+        if fmt.width == 1:
+            fn.emit(f"cvt.rn.f16.f32 %h0, {regs[0]};")
+            regs = ["%h0"]
+        else:
+            packed = [f"%p{u}" for u in range(fmt.raw_count)]
+            for u, p in enumerate(packed):   # the first column goes to the low half
+                fn.emit(f"cvt.rn.f16x2.f32 {p}, {regs[2 * u + 1]}, {regs[2 * u]};")
+            regs = packed
+    fn.emit(f"@%pact st.global{fmt.ld_type()} [%y+{offset}], {_vec(regs)};")
+
+
+def _widen(fn: _Func, fmt: _Fmt, raw: list[str], prefix: str, first: int = 0) -> list[str]:
+    """fp16 raw registers -> fp32 registers prefix<first>.., one per column."""
+    out = [f"{prefix}{first + lane}" for lane in range(fmt.width)]
+    if fmt.width == 1:
+        fn.emit(f"cvt.f32.f16 {out[0]}, {raw[0]};")
+        return out
+    for u, reg in enumerate(raw):
+        fn.emit(f"mov.b32 {{%h0, %h1}}, {reg};")
+        fn.emit(f"cvt.f32.f16 {out[2 * u]}, %h0;")
+        fn.emit(f"cvt.f32.f16 {out[2 * u + 1]}, %h1;")
+    return out
+
+
+def _declare(fn: _Func, fmt: _Fmt, sums: int, raws: int) -> None:
+    """Registers of a body: %a sums, %b raw loads, %r/%q residual, %h/%p/%w scratch, %c widened."""
+    fn.emit(f".reg .{fmt.unit_type} %a<{sums}>;")
+    fn.emit(f".reg .{fmt.raw_type} %b<{raws}>, %r<{fmt.raw_count}>;")
+    fn.emit(f".reg .f32 %q<{fmt.width}>, %c<{raws // fmt.raw_count * fmt.width}>;")
+    fn.emit(f".reg .b16 %h<2>, %wh;")
+    fn.emit(f".reg .b32 %p<{fmt.raw_count}>, %w;")
+    fn.emit(".reg .pred %pact;")
+    fn.emit("setp.ne.u32 %pact, %act, 0;")
+
+
+def _shared_chunks(fmt: _Fmt, regs: list[str]):
+    """A row's partial-sum units as (byte offset, vector suffix, type, registers) shared accesses
+    of at most 16 bytes."""
+    unit_bytes = 2 if fmt.unit_type == "b16" else 4
+    for start in range(0, len(regs), 4):
+        chunk = regs[start:start + 4]
+        yield start * unit_bytes, _VEC[len(chunk)], fmt.unit_type, chunk
+
+
+def _partial_offset(plan: Plan, index: int, slot: int) -> int:
+    return ((index * plan.rows_max + slot) * plan.col_threads) * plan.vector_width * plan.acc_bytes
 
 
 def _slice_body(plan: Plan, group: RowGroup, index: int) -> list[str]:
-    geo, width = plan.geometry, plan.vector_width
+    geo = plan.geometry
+    fmt = _Fmt(plan)
+    units, raw = fmt.units, fmt.raw_count
     loads = group.slices[index]
     rows = len(group.rows)
     batch = plan.params.load_batch
     fn = _Func()
-    fn.emit(f".reg .f32 %a<{rows * width}>, %b<{batch * width}>, %r<{width}>;")
-    fn.emit(".reg .pred %pact;")
-    fn.emit("setp.ne.u32 %pact, %act, 0;")
+    _declare(fn, fmt, rows * units, batch * raw)
     bases = _emit_tap_bases(fn, plan, loads)
     touched: set[int] = set()
     for start in range(0, len(loads), batch):
         chunk = loads[start:start + batch]
+        sources = []
         for i, load in enumerate(chunk):
-            regs = [f"%b{i * width + lane}" for lane in range(width)]
+            regs = [f"%b{i * raw + u}" for u in range(raw)]
             base = bases[geo.tap_rs(load.tap)[1:]]
-            fn.emit(f"ld.global.nc{_VEC[width]}.f32 {_vec(regs)}, "
-                    f"[{base}+{geo.tap_offset(load.tap) * 4}];")
-        for i, load in enumerate(chunk):
+            fn.emit(f"ld.global.nc{fmt.ld_type()} {_vec(regs)}, "
+                    f"[{base}+{geo.tap_offset(load.tap) * fmt.elem}];")
+            sources.append(regs)
+        if fmt.half_storage and not fmt.half_acc:
+            sources = [_widen(fn, fmt, regs, "%c", i * fmt.width)
+                       for i, regs in enumerate(sources)]
+        for load, srcs in zip(chunk, sources):
             for slot, value in load.uses:
-                for lane in range(width):
-                    acc, src = _acc(slot, lane, width), f"%b{i * width + lane}"
+                weight = fmt.const(fn, value)
+                for u in range(units):
+                    acc = f"%a{slot * units + u}"
                     if slot in touched:
-                        fn.emit(f"fma.rn.f32 {acc}, {src}, {f32(value)}, {acc};")
+                        fn.emit(f"fma.rn.{fmt.op} {acc}, {srcs[u]}, {weight}, {acc};")
                     else:
-                        fn.emit(f"mul.rn.f32 {acc}, {src}, {f32(value)};")
+                        fn.emit(f"mul.rn.{fmt.op} {acc}, {srcs[u]}, {weight};")
                 touched.add(slot)
     for slot in range(rows):
         if slot not in touched:
-            for lane in range(width):
-                fn.emit(f"mov.b32 {_acc(slot, lane, width)}, 0f00000000;")
+            for u in range(units):
+                fn.emit(f"mov.b{16 if fmt.unit_type == 'b16' else 32} %a{slot * units + u}, 0;")
     for slot, row in enumerate(group.rows):
-        regs = [_acc(slot, lane, width) for lane in range(width)]
+        regs = [f"%a{slot * units + u}" for u in range(units)]
         if plan.k_split == 1:
-            _emit_epilogue_store(fn, plan, slot, row, regs)
+            _emit_epilogue_store(fn, fmt, plan, row, regs)
         else:
-            offset = ((index * plan.rows_max + slot) * plan.col_threads) * width * 4
-            fn.emit(f"st.shared{_VEC[width]}.f32 [%sp+{offset}], {_vec(regs)};")
+            offset = _partial_offset(plan, index, slot)
+            for extra, vec, typ, chunk_regs in _shared_chunks(fmt, regs):
+                fn.emit(f"st.shared{vec}.{typ} [%sp+{offset + extra}], {_vec(chunk_regs)};")
     return fn.lines
 
 
 def _reduce_body(plan: Plan, group: RowGroup, thread_row: int) -> list[str]:
-    width = plan.vector_width
+    fmt = _Fmt(plan)
+    units = fmt.units
     fn = _Func()
-    fn.emit(f".reg .f32 %a<{width}>, %b<{width}>, %r<{width}>;")
-    fn.emit(".reg .pred %pact;")
-    fn.emit("setp.ne.u32 %pact, %act, 0;")
-    acc = [f"%a{lane}" for lane in range(width)]
-    part = [f"%b{lane}" for lane in range(width)]
+    _declare(fn, fmt, 2 * units, 1)
+    acc = [f"%a{u}" for u in range(units)]
+    part = [f"%a{units + u}" for u in range(units)]
     for slot, row in enumerate(group.rows):
         if slot % plan.k_split != thread_row:
             continue
         for index in range(plan.k_split):
-            offset = ((index * plan.rows_max + slot) * plan.col_threads) * width * 4
-            fn.emit(f"ld.shared{_VEC[width]}.f32 {_vec(acc if index == 0 else part)}, "
-                    f"[%sp+{offset}];")
+            offset = _partial_offset(plan, index, slot)
+            target = acc if index == 0 else part
+            for extra, vec, typ, chunk_regs in _shared_chunks(fmt, target):
+                fn.emit(f"ld.shared{vec}.{typ} {_vec(chunk_regs)}, [%sp+{offset + extra}];")
             if index:
                 for a, b in zip(acc, part):
-                    fn.emit(f"add.f32 {a}, {a}, {b};")
-        _emit_epilogue_store(fn, plan, slot, row, acc)
+                    fn.emit(f"add.{fmt.op} {a}, {a}, {b};")
+        _emit_epilogue_store(fn, fmt, plan, row, acc)
     return fn.lines
 
 
@@ -233,12 +344,12 @@ def _entry(plan: Plan, phases: list[list[list[str]]], inline: bool) -> list[str]
     e("\tadd.s32 %outoff, %outoff, %pix;")
     for arg, off in [("x", "%inoff"), ("y", "%outoff")] + (
             [("res", "%outoff")] if plan.epilogue.residual else []):
-        e(f"\tmul.wide.s32 %w, {off}, 4;")
+        e(f"\tmul.wide.s32 %w, {off}, {plan.element_bytes};")
         e(f"\tadd.s64 %{arg}, %{arg}, %w;")
     e(f"\tmad.lo.u32 %idx, %by, {plan.k_split}, %ty;")
     if plan.k_split > 1:
         e(f"\tmov.u32 %sp, {PARTIALS};")
-        e(f"\tmad.lo.u32 %sp, %tx, {width * 4}, %sp;")
+        e(f"\tmad.lo.u32 %sp, %tx, {width * plan.acc_bytes}, %sp;")
     for phase, bodies in enumerate(phases):
         if not bodies:
             continue

@@ -3,6 +3,10 @@
 It walks the same thread/column mapping, address arithmetic, tap masks, slices and epilogue that the
 emitters print, and checks what the GPU cannot report: every load in bounds, every vector load
 aligned, every output element written exactly once.
+
+fp16 plans are executed with the kernel's roundings: weights (and bias) rounded to fp16, every
+half2 FMA rounded once to fp16 (float64 holds a product of two halves plus a half exactly, so
+rounding that is a fused multiply-add), fp16 epilogue arithmetic, and fp16 outputs.
 """
 
 from __future__ import annotations
@@ -64,6 +68,19 @@ def _gather(plan: Plan, x: np.ndarray, in_base, ih, iw, taps) -> np.ndarray:
     return values
 
 
+def _f16(values):
+    return np.asarray(values, dtype=np.float64).astype(np.float16).astype(np.float64)
+
+
+def _sum_half(acc: np.ndarray, values: np.ndarray, loads) -> np.ndarray:
+    """fp16 sums: one rounded FMA per (load, row) in load order, as the kernel does."""
+    for i, load in enumerate(loads):
+        slots = np.fromiter((slot for slot, _ in load.uses), dtype=np.int64, count=len(load.uses))
+        weights = _f16([value for _, value in load.uses])
+        acc[slots] = _f16(acc[slots] + weights[:, None, None] * values[i][None])
+    return acc
+
+
 def execute(plan: Plan, x: np.ndarray, residual: np.ndarray | None = None) -> np.ndarray:
     """Run the plan on input `x` (any shape with the geometry's element count); returns the output
     as a flat float64 array of batch*M*Ho*Wo elements (NCHW)."""
@@ -75,6 +92,12 @@ def execute(plan: Plan, x: np.ndarray, residual: np.ndarray | None = None) -> np
         if residual is None:
             raise PlanExecutionError("plan adds a residual but none was given")
         residual = np.asarray(residual, dtype=np.float64).ravel()
+    half_acc = plan.accumulate == "fp16"
+    rnd = _f16 if half_acc else (lambda v: v)          # rounding of epilogue arithmetic
+    if plan.dtype == "fp16":   # the kernel reads fp16: inputs must already be representable
+        if not np.array_equal(x, _f16(x)) or (residual is not None
+                                               and not np.array_equal(residual, _f16(residual))):
+            raise PlanExecutionError("fp16 plan given inputs that are not fp16 values")
     first, active = thread_columns(plan)
     in_base, out_base, ih, iw = column_bases(plan, first)
     out = np.full(geo.output_elems, np.nan)
@@ -87,23 +110,28 @@ def execute(plan: Plan, x: np.ndarray, residual: np.ndarray | None = None) -> np
             if not loads:
                 continue
             values = _gather(plan, x, in_base, ih, iw, [ld.tap for ld in loads])
+            if half_acc:       # each slice sums alone; the reduction adds slices in fp16
+                acc = rnd(acc + _sum_half(np.zeros_like(acc), values, loads))
+                continue
             weights = np.zeros((len(group.rows), len(loads)))
             for i, load in enumerate(loads):
                 for slot, value in load.uses:
                     weights[slot, i] = value
+            if plan.dtype == "fp16":
+                weights = _f16(weights)
             acc += np.einsum("rl,ltw->rtw", weights, values)
         for slot, row in enumerate(group.rows):
             y = acc[slot][active]
-            if plan.epilogue.bias is not None:
-                y = y + plan.epilogue.bias[row]
+            if plan.epilogue.bias is not None and plan.epilogue.bias[row] != 0.0:
+                y = rnd(y + rnd(plan.epilogue.bias[row]))
             addr = store_addr + row * geo.out_pixels
             if residual is not None:
-                y = y + residual[addr]
+                y = rnd(y + residual[addr])
             if plan.epilogue.activation in ("relu", "relu6"):
                 y = np.maximum(y, 0.0)
             if plan.epilogue.activation == "relu6":
                 y = np.minimum(y, 6.0)
-            out[addr] = y
+            out[addr] = _f16(y) if plan.dtype == "fp16" else y
             np.add.at(writes, addr.ravel(), 1)
     if not np.all(writes == 1):
         raise PlanExecutionError(f"{int(np.sum(writes == 0))} outputs never written, "

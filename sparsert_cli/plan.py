@@ -31,6 +31,23 @@ MAX_THREADS = 1024
 MAX_STATIC_SHARED = 48 * 1024
 BALANCE_MODES = ("nnz", "contiguous")
 ACTIVATIONS = ("none", "relu", "relu6")
+# (storage, accumulate) pairs a kernel can be built for, by their precision label.
+PRECISIONS = {"fp32": ("fp32", "fp32"), "fp16": ("fp16", "fp16"), "fp16acc32": ("fp16", "fp32")}
+ELEMENT_BYTES = {"fp32": 4, "fp16": 2}
+
+
+def precision_label(dtype: str, accumulate: str) -> str:
+    """fp32 (fp32 storage and sums), fp16 (fp16 storage, half2 sums) or fp16acc32."""
+    for label, pair in PRECISIONS.items():
+        if pair == (dtype, accumulate):
+            return label
+    raise UserError(f"no kernel stores {dtype} and accumulates in {accumulate} "
+                    f"(supported: fp32/fp32, fp16/fp16, fp16/fp32)")
+
+
+def max_vector_width(dtype: str) -> int:
+    """Columns per thread that one 16-byte load covers."""
+    return 16 // ELEMENT_BYTES[dtype]
 
 
 @dataclass(frozen=True)
@@ -137,7 +154,7 @@ class PlanParams:
     def validate(self) -> PlanParams:
         checks = [
             (1 <= self.rows_per_group <= 64, "rows_per_group must be in 1..64"),
-            (self.vector_width in (1, 2, 4), "vector_width must be 1, 2 or 4"),
+            (self.vector_width in (1, 2, 4, 8), "vector_width must be 1, 2, 4 or 8 (8: fp16)"),
             (self.col_threads in (32, 64, 96, 128, 160, 192, 224, 256, 512),
              "col_threads must be a multiple of 32 up to 256, or 512"),
             (1 <= self.k_split <= 16, "k_split must be in 1..16"),
@@ -190,7 +207,21 @@ class Plan:
     params: PlanParams               # effective parameters (vector width after fitting the shape)
     groups: tuple[RowGroup, ...]
     epilogue: Epilogue = Epilogue()
-    dtype: str = "fp32"
+    dtype: str = "fp32"             # storage of x, y, residual: fp32 or fp16
+    accumulate: str = "fp32"        # registers the sums live in: fp32, or fp16 (half2 FMAs)
+
+    @property
+    def precision(self) -> str:
+        return precision_label(self.dtype, self.accumulate)
+
+    @property
+    def element_bytes(self) -> int:
+        return ELEMENT_BYTES[self.dtype]
+
+    @property
+    def acc_bytes(self) -> int:
+        """Bytes of one column's partial sum (what k_split slices exchange in shared memory)."""
+        return ELEMENT_BYTES[self.accumulate]
 
     @property
     def vector_width(self) -> int:
@@ -225,7 +256,8 @@ class Plan:
     def shared_bytes(self) -> int:
         if self.k_split == 1:
             return 0
-        return self.k_split * self.rows_max * self.col_threads * self.vector_width * 4
+        return (self.k_split * self.rows_max * self.col_threads * self.vector_width
+                * self.acc_bytes)
 
     @property
     def nnz(self) -> int:
@@ -250,7 +282,8 @@ class Plan:
     def _digest(self) -> str:  # computed once: large plans take a noticeable fraction of a second
         h = hashlib.sha256()
         h.update(json.dumps({"geometry": asdict(self.geometry), "params": asdict(self.params),
-                             "epilogue": asdict(self.epilogue), "dtype": self.dtype},
+                             "epilogue": asdict(self.epilogue), "dtype": self.dtype,
+                             "accumulate": self.accumulate},
                             sort_keys=True).encode())
         for g in self.groups:
             h.update(np.asarray(g.rows, dtype=np.int64).tobytes())
@@ -268,20 +301,21 @@ class Plan:
         return f"sparsert_{self.params.name()}_{self.digest()[:12]}"
 
 
-def fit_vector_width(geometry: Geometry, requested: int) -> int:
-    """Largest width <= requested whose vectors stay inside one image row-run and stay aligned."""
+def fit_vector_width(geometry: Geometry, requested: int, dtype: str = "fp32") -> int:
+    """Largest width <= requested whose vectors stay inside one image row-run, stay aligned and
+    fit one 16-byte load."""
     if not geometry.linear:
         return 1
-    width = requested
+    width = min(requested, max_vector_width(dtype))
     while width > 1 and (geometry.out_pixels % width or geometry.image_elems % width):
         width //= 2
     return width
 
 
-def fit_params(geometry: Geometry, params: PlanParams) -> PlanParams:
+def fit_params(geometry: Geometry, params: PlanParams, dtype: str = "fp32") -> PlanParams:
     """Clamp parameters to the shape: no more column threads than columns, a legal vector width."""
     params = params.validate()
-    width = fit_vector_width(geometry, params.vector_width)
+    width = fit_vector_width(geometry, params.vector_width, dtype)
     per_thread = -(-geometry.columns // width)
     threads = min(params.col_threads, max(32, -(-per_thread // 32) * 32))
     rows = min(params.rows_per_group, geometry.out_channels)
@@ -318,9 +352,13 @@ def _split_taps(taps: np.ndarray, weights: np.ndarray, parts: int) -> list[slice
 
 
 def build_plan(csr: sp.csr_matrix, geometry: Geometry, params: PlanParams,
-               epilogue: Epilogue = Epilogue(), dtype: str = "fp32") -> Plan:
-    """Pack the weight's rows into groups and order each group's loads."""
+               epilogue: Epilogue = Epilogue(), dtype: str = "fp32",
+               accumulate: str | None = None) -> Plan:
+    """Pack the weight's rows into groups and order each group's loads. `accumulate` defaults to
+    the storage type."""
     geometry = geometry.validate()
+    accumulate = accumulate or dtype
+    precision_label(dtype, accumulate)
     if csr.shape != (geometry.out_channels, geometry.taps):
         raise UserError(f"weight is {csr.shape[0]}x{csr.shape[1]} but the shape needs "
                         f"{geometry.out_channels}x{geometry.taps}")
@@ -328,7 +366,7 @@ def build_plan(csr: sp.csr_matrix, geometry: Geometry, params: PlanParams,
         raise UserError(f"unknown activation {epilogue.activation!r}")
     if epilogue.bias is not None and len(epilogue.bias) != geometry.out_channels:
         raise UserError(f"bias has {len(epilogue.bias)} values for {geometry.out_channels} rows")
-    params = fit_params(geometry, params)
+    params = fit_params(geometry, params, dtype)
     csr = sp.csr_matrix(csr, dtype=np.float32)
     csr.sort_indices()
     csr.eliminate_zeros()
@@ -349,7 +387,7 @@ def build_plan(csr: sp.csr_matrix, geometry: Geometry, params: PlanParams,
                 loads.append(Load(int(tap), uses))
             slices.append(tuple(loads))
         groups.append(RowGroup(tuple(int(r) for r in rows), tuple(slices)))
-    plan = Plan(geometry, params, tuple(groups), epilogue, dtype)
+    plan = Plan(geometry, params, tuple(groups), epilogue, dtype, accumulate)
     if plan.shared_bytes > MAX_STATIC_SHARED:
         raise UserError(f"plan {params.name()} needs {plan.shared_bytes} bytes of shared memory "
                         f"(limit {MAX_STATIC_SHARED}): lower k_split, rows_per_group or col_threads")

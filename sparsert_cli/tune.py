@@ -1,5 +1,5 @@
 """The autotuner: candidate plan parameters per case, compiled in parallel, verified and timed on
-the GPU; winners are stored as data (configs/tuned.json) keyed by (pattern hash, GPU, dtype) and
+the GPU; winners are stored as data (configs/tuned.json) keyed by (pattern hash, shape, GPU, precision) and
 reused by `gen` and `bench`."""
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ import json
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from .build import CODE_BUDGET, default_params, geometry_for
+from .build import CODE_BUDGET, code_units, default_params, geometry_for
 from .errors import UserError
-from .plan import Geometry, PlanParams, fit_params
+from .plan import PRECISIONS, Geometry, PlanParams, fit_params
 
 TUNED_PATH = Path(__file__).resolve().parent.parent / "configs" / "tuned.json"
 
@@ -24,7 +24,7 @@ def shape_key(geometry: Geometry) -> str:
 
 
 class TunedDB:
-    """{"entries": {"<pattern hash>|<shape>|<gpu name>|<dtype>": {"params": {...}, "us": ..}}}
+    """{"entries": {"<pattern hash>|<shape>|<gpu name>|<precision>": {"params": {...}, "us": ..}}}
 
     Keyed by pattern *and* shape: the same weights at batch 1 and batch 32 want different plans.
     """
@@ -65,27 +65,29 @@ class TunedDB:
         self.path.write_text(json.dumps(doc, indent=1) + "\n")
 
 
-def candidates(geometry: Geometry, nnz: int, limit: int = 16) -> list[PlanParams]:
+def candidates(geometry: Geometry, nnz: int, limit: int = 16,
+               precision: str = "fp32") -> list[PlanParams]:
     """Plan parameters worth timing for one case: the default, then sweeps around it.
 
     A rows x k_split grid (the two knobs that trade parallelism for reuse), then vector width,
     column threads and a register cap. Each is fitted to the shape and deduplicated; layers
     whose code is large get fewer candidates (they dominate compile time).
     """
-    base = fit_params(geometry, default_params(geometry, nnz))
+    dtype, accumulate = PRECISIONS[precision]
+    base = fit_params(geometry, default_params(geometry, nnz, precision=precision), dtype)
     found: list[PlanParams] = [base]
 
     def add(params: PlanParams) -> None:
         try:
-            params = fit_params(geometry, params)
+            params = fit_params(geometry, params, dtype)
         except UserError:
             return
         if params.col_threads * params.k_split > 1024:
             return
-        if nnz * params.vector_width > CODE_BUDGET:
+        if code_units(nnz, params.vector_width, precision) > CODE_BUDGET:
             return
         shared = params.k_split * params.rows_per_group * params.col_threads * params.vector_width
-        if params.k_split > 1 and 4 * shared > 48 * 1024:
+        if params.k_split > 1 and (2 if accumulate == "fp16" else 4) * shared > 48 * 1024:
             return
         if params not in found:
             found.append(params)
@@ -93,13 +95,13 @@ def candidates(geometry: Geometry, nnz: int, limit: int = 16) -> list[PlanParams
     for rows in (2, 4, 8, 16):
         for k_split in (1, 2, 4, 8):
             add(replace(base, rows_per_group=rows, k_split=k_split))
-    for width in (4, 2, 1):
+    for width in (8, 4, 2, 1):
         add(replace(base, vector_width=width))
     for threads in (32, 64, 128, 256):
         add(replace(base, col_threads=threads))
     add(replace(base, max_registers=128))
     add(replace(base, balance="contiguous"))
-    if nnz * base.vector_width > 100_000:
+    if code_units(nnz, base.vector_width, precision) > 100_000:
         limit = min(limit, 6)
     # Keep the default, then prefer candidates close to it (one or two knobs changed).
     def distance(p: PlanParams) -> int:
@@ -107,7 +109,7 @@ def candidates(geometry: Geometry, nnz: int, limit: int = 16) -> list[PlanParams
     return [base] + sorted(found[1:], key=distance)[:limit - 1]
 
 
-def candidates_for(problem, weight, limit: int = 16) -> list[PlanParams]:
+def candidates_for(problem, weight, limit: int = 16, precision: str = "fp32") -> list[PlanParams]:
     from .patterns import to_csr
 
-    return candidates(geometry_for(problem), to_csr(weight).nnz, limit)
+    return candidates(geometry_for(problem), to_csr(weight).nnz, limit, precision)

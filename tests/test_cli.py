@@ -405,7 +405,7 @@ def test_bench_require_gpu_exits_3_and_writes_nothing(repo, tmp_path, capsys):
     (["--problems", "nosuch"], "nosuch"),
     (["--sparsity", "1.5"], "sparsity"),
     (["--sparsity", "abc"], "abc"),
-    (["--dtype", "fp16"], "fp16"),
+    (["--accumulate", "fp16"], "--accumulate fp16 needs --dtype fp16"),
 ])
 def test_bench_bad_selection_is_exit_2_one_line(repo, tmp_path, capsys, args, needle):
     out = tmp_path / "r" / "x.json"

@@ -200,7 +200,7 @@ def test_entry_name_is_a_valid_symbol_with_the_params_name():
     (dict(rows_per_group=0), "rows_per_group"),
     (dict(rows_per_group=65), "rows_per_group"),
     (dict(vector_width=3), "vector_width"),
-    (dict(vector_width=8), "vector_width"),
+    (dict(vector_width=16), "vector_width"),
     (dict(col_threads=48), "col_threads"),
     (dict(col_threads=1024), "col_threads"),
     (dict(k_split=0), "k_split"),

@@ -21,8 +21,9 @@ def split_values(values) -> list[str]:
     return [v for item in values for v in str(item).split(",") if v.strip()]
 
 
-def select(config, problem_ids, sparsities, dtype):
-    """Apply --problems / --sparsity / --dtype to a config (errors name the bad value)."""
+def select(config, problem_ids, sparsities, dtype, accumulate=None):
+    """Apply --problems / --sparsity / --dtype / --accumulate to a config (errors name the bad
+    value). A new --dtype resets the accumulator to that type unless --accumulate is given."""
     from ..config import check_sparsity
 
     if len(set(problem_ids)) != len(problem_ids):
@@ -45,10 +46,12 @@ def select(config, problem_ids, sparsities, dtype):
             raise UserError("--sparsity: a value is listed twice")
         config = replace(config, sparsities=tuple(values))
     if dtype:
-        config = replace(config, dtype=dtype)
-    if config.dtype != "fp32":
-        raise UserError(f"{config.path}: dtype {config.dtype} kernels are not implemented yet "
-                        "(fp32 only)")
+        config = replace(config, dtype=dtype, accumulate=dtype)
+    if accumulate:
+        config = replace(config, accumulate=accumulate)
+    if (config.dtype, config.accumulate) == ("fp32", "fp16"):
+        raise UserError(f"{config.path}: --accumulate fp16 needs --dtype fp16 (fp32 data is "
+                        f"summed in fp32)")
     return config
 
 
@@ -68,7 +71,10 @@ def progress_bar():
 @click.option("--sparsity", "sparsities", multiple=True, metavar="S[,S...]",
               help="Override the config's sparsity levels.")
 @click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default=None,
-              help="Override the config's dtype.")
+              help="Override the config's storage type (the accumulator follows it).")
+@click.option("--accumulate", type=click.Choice(["fp32", "fp16"]), default=None,
+              help="Sum fp16 data in fp32 or fp16 (half2) registers (default: the config's; "
+                   "fp16 for dtype fp16).")
 @click.option("--out", "out_path", default=None, type=click.Path(dir_okay=False),
               help="Results JSON (default: results/local/<config name>.json).")
 @click.option("--csv", "csv_path", default=None, type=click.Path(dir_okay=False),
@@ -88,7 +94,7 @@ def progress_bar():
               help="Tuned-plan database (default: configs/tuned.json).")
 @click.option("--tune", "tune_first", is_flag=True,
               help="Run the tuner on this config first (GPU), then benchmark its winners.")
-def command(config_path, problem_ids, sparsities, dtype, out_path, csv_path, cold_l2,
+def command(config_path, problem_ids, sparsities, dtype, accumulate, out_path, csv_path, cold_l2,
             require_gpu, compile_only, no_baselines, emitter, arch, jobs, no_cache, no_tuned,
             tuned_path, tune_first):
     """Benchmark a config: compile, verify, time vs cuBLAS/cuSPARSE/cuDNN, write JSON/CSV."""
@@ -101,9 +107,12 @@ def command(config_path, problem_ids, sparsities, dtype, out_path, csv_path, col
     from ..tune import TunedDB
 
     config = select(load_config(config_path), split_values(problem_ids),
-                    split_values(sparsities), dtype)
+                    split_values(sparsities), dtype, accumulate)
     if emitter:
         config = replace(config, emit=emitter)
+    from ..build import check_emitter
+
+    check_emitter(config.emit, config.precision)
     out = Path(out_path) if out_path else RESULTS_DIR / f"{config.name}.json"
     csv_out = Path(csv_path) if csv_path else out.with_suffix(".csv")
     for path in (out, csv_out):      # fail now, not after a long GPU run; write nothing yet
@@ -192,10 +201,14 @@ def _run(config, gpu, gpu_name, arch, tuned, cache, jobs, cold_l2, baselines) ->
                 progress.update(task, advance=1)
     records = [c.result for c in cases]
     mode = "gpu" if gpu is not None else "compile-only"
+    extra["precision"] = config.precision
     doc = {**B.metadata(config, mode, extra), "cases": records}
     doc["failures"] = [f"{r['problem']}@{r['sparsity']:g}" for r in records if not _ok(r, gpu)]
     if gpu is not None:
         doc["geomean"] = B.summarize(records)
+        ops = {r["op"] for r in records}
+        if "gemm" in ops and ops - {"gemm"}:   # the convolutions alone (fp16 target population)
+            doc["geomean_convs"] = B.summarize(records, tuple(sorted(ops - {"gemm"})))
     return doc
 
 

@@ -94,10 +94,12 @@ def manifest(problem, plan, build, weight, emitter: str) -> dict:
         "emitter": emitter,
         "arch": build.arch,
         "dtype": plan.dtype,
+        "accumulate": plan.accumulate,
         "grid": list(plan.grid),
         "block": list(plan.block),
         "shared_bytes": plan.shared_bytes,
-        "arguments": [{"name": a, "shape": shapes[a], "dtype": "float32", "role": roles[a]}
+        "arguments": [{"name": a, "shape": shapes[a],
+                       "dtype": "float16" if plan.dtype == "fp16" else "float32", "role": roles[a]}
                       for a in plan.arguments],
         "problem": {"op": problem.op, "m": problem.m, "k": problem.k, "n": problem.n,
                     "batch": geo.batch, "in_channels": geo.in_channels,
@@ -138,6 +140,10 @@ def manifest(problem, plan, build, weight, emitter: str) -> dict:
 @click.option("--padding", type=int, default=None, help="conv: padding (default 1 for 3x3, else 0).")
 @click.option("--emit", "emitter", type=click.Choice(["ptx", "cuda"]), default="ptx",
               show_default=True, help="Emitter: PTX (fast to compile) or readable CUDA C++.")
+@click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
+              help="Storage of x, y and the residual.")
+@click.option("--accumulate", type=click.Choice(["fp32", "fp16"]), default=None,
+              help="Sum registers: fp32, or fp16 with half2 FMAs (default: the --dtype).")
 @arch_option
 @click.option("--bias", "bias_path", default=None, help="Fuse a per-channel bias (.npy, M values).")
 @click.option("--activation", type=click.Choice(["none", "relu", "relu6"]), default="none",
@@ -149,16 +155,23 @@ def manifest(problem, plan, build, weight, emitter: str) -> dict:
 @click.option("--no-cache", is_flag=True, help="Compile even if the kernel cache has it.")
 @click.option("--no-tuned", is_flag=True, help="Ignore tuned plans (configs/tuned.json).")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
-def command(pattern_path, sparsity, op, n, height, width, batch, stride, padding, emitter, arch,
-            bias_path, activation, residual, plan_items, out_dir, no_cache, no_tuned, as_json):
+def command(pattern_path, sparsity, op, n, height, width, batch, stride, padding, emitter, dtype,
+            accumulate, arch, bias_path, activation, residual, plan_items, out_dir, no_cache,
+            no_tuned, as_json):
     """Generate one kernel specialised to a weight's sparsity pattern."""
-    from ..build import build_kernel, detect_arch, detect_gpu_name, geometry_for, make_plan
+    from ..build import (build_kernel, check_emitter, detect_arch, detect_gpu_name, geometry_for,
+                         make_plan)
     from ..cache import KernelCache
     from ..config import check_sparsity
     from ..patterns import load_pattern
-    from ..plan import Epilogue
+    from ..plan import Epilogue, precision_label
 
     path = Path(pattern_path)
+    try:
+        precision = precision_label(dtype, accumulate or dtype)
+        check_emitter(emitter, precision, arch or "sm_90")
+    except UserError as exc:
+        raise UserError(f"{path}: {exc.message}") from None
     if sparsity is not None:
         check_sparsity(sparsity, f"{path}: --sparsity")
     for flag, value, low in (("--n", n, 1), ("--height", height, 1), ("--width", width, 1),
@@ -179,8 +192,9 @@ def command(pattern_path, sparsity, op, n, height, width, batch, stride, padding
         from ..tune import TunedDB
 
         params = TunedDB().lookup(pattern_hash(weight), geometry_for(problem), detect_gpu_name(),
-                                  "fp32")
-    plan = make_plan(problem, weight, params, epilogue=epilogue, overrides=overrides)
+                                  precision)
+    plan = make_plan(problem, weight, params, epilogue=epilogue, overrides=overrides,
+                     precision=precision)
     arch = arch or detect_arch()
     cache = None if no_cache else KernelCache()
     with console.status(f"compiling {plan.nnz} nonzeros ({emitter} -> {arch} cubin)...",

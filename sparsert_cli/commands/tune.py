@@ -18,7 +18,7 @@ def run_tuner(config, arch=None, jobs=None, no_cache=False, limit=16, db_path=No
     from ..cache import KernelCache
     from ..gpu.runtime import Gpu, have_gpu
     from ..patterns import generate, pattern_hash, to_csr
-    from ..plan import build_plan
+    from ..plan import PRECISIONS, build_plan
     from ..tune import TUNED_PATH, TunedDB, candidates
     from .bench import progress_bar
 
@@ -34,9 +34,12 @@ def run_tuner(config, arch=None, jobs=None, no_cache=False, limit=16, db_path=No
             weight = generate(problem, sparsity, config.pattern, config.seed)
             csr = to_csr(weight)
             epilogue = epilogue_for(problem, config.epilogue, config.seed, sparsity)
+            dtype, accumulate = PRECISIONS[config.precision]
             cands = [B.Case(problem, sparsity, weight,
-                            build_plan(csr, geometry_for(problem), params, epilogue))
-                     for params in candidates(geometry_for(problem), csr.nnz, limit)]
+                            build_plan(csr, geometry_for(problem), params, epilogue, dtype,
+                                       accumulate))
+                     for params in candidates(geometry_for(problem), csr.nnz, limit,
+                                              config.precision)]
             groups.append(cands)
         flat = [c for g in groups for c in g]
         task = progress.add_task("compile", total=len(flat), item="")
@@ -68,7 +71,7 @@ def run_tuner(config, arch=None, jobs=None, no_cache=False, limit=16, db_path=No
             timed.sort(key=lambda t: t[0])
             best_us, best = timed[0]
             default_us = next((us for us, c in timed if c is first), None)
-            db.record(pattern_hash(first.weight), first.plan.geometry, gpu.name, config.dtype,
+            db.record(pattern_hash(first.weight), first.plan.geometry, gpu.name, config.precision,
                       best.plan.params,
                       {"us": best_us, "default_us": default_us, "candidates": len(cands),
                        "verified": len(timed), "problem": first.problem.id,
@@ -84,6 +87,10 @@ def run_tuner(config, arch=None, jobs=None, no_cache=False, limit=16, db_path=No
 @click.argument("config_path", metavar="CONFIG")
 @click.option("--problems", "problem_ids", multiple=True, metavar="ID[,ID...]")
 @click.option("--sparsity", "sparsities", multiple=True, metavar="S[,S...]")
+@click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default=None,
+              help="Override the config's storage type (the accumulator follows it).")
+@click.option("--accumulate", type=click.Choice(["fp32", "fp16"]), default=None,
+              help="Override the accumulator type (fp16 data only).")
 @click.option("--max-candidates", type=click.IntRange(1, 64), default=16, show_default=True,
               help="Candidate plans per case.")
 @click.option("--db", "db_path", default=None, type=click.Path(dir_okay=False),
@@ -91,13 +98,14 @@ def run_tuner(config, arch=None, jobs=None, no_cache=False, limit=16, db_path=No
 @arch_option
 @click.option("--jobs", type=click.IntRange(1, 256), default=None)
 @click.option("--no-cache", is_flag=True)
-def command(config_path, problem_ids, sparsities, max_candidates, db_path, arch, jobs, no_cache):
+def command(config_path, problem_ids, sparsities, dtype, accumulate, max_candidates, db_path, arch,
+            jobs, no_cache):
     """Autotune plan parameters per (pattern, GPU, dtype) on the GPU."""
     from ..config import load_config
     from .bench import select, split_values
 
     config = select(load_config(config_path), split_values(problem_ids),
-                    split_values(sparsities), None)
+                    split_values(sparsities), dtype, accumulate)
     rows = run_tuner(config, arch, jobs, no_cache, max_candidates, db_path)
     fmt = lambda v: f"{v:.2f}" if isinstance(v, float) else "-"  # noqa: E731
     console.print(table("sparsert tune: fastest verified plan per case",

@@ -34,8 +34,8 @@ def gpu():
 
 
 def run_case(gpu, problem, weight, params=None, epilogue=Epilogue(), emitter="ptx",
-             sparsity=0.9):
-    plan = make_plan(problem, weight, params, epilogue)
+             sparsity=0.9, precision="fp32"):
+    plan = make_plan(problem, weight, params, epilogue, precision=precision)
     build, _ = build_kernel(plan, emitter, gpu.arch, cache=None)
     case = B.Case(problem, sparsity, weight, plan, build=build)
     result = B.run_gpu_case(gpu, case, FLOORS, seed=7, cold_l2=False, baselines=False)
@@ -109,3 +109,50 @@ def test_fused_epilogue(gpu, emitter, activation):
     bias = tuple(float(v) for v in np.linspace(-2, 2, 14, dtype=np.float32))
     run_case(gpu, problem, weight, PlanParams(rows_per_group=4, k_split=2),
              Epilogue(bias, activation, residual=True), emitter)
+
+
+# ---- fp16 storage: half2 sums (fp16) and fp32 sums (fp16acc32) ------------------------------
+
+HALF = ["fp16", "fp16acc32"]
+HALF_PARAMS = [PlanParams(vector_width=8), PlanParams(vector_width=4, rows_per_group=3, k_split=3,
+                                                      col_threads=32),
+               PlanParams(vector_width=2, rows_per_group=5, balance="contiguous"),
+               PlanParams(rows_per_group=16, vector_width=1, col_threads=128, load_batch=3)]
+GEMM_EVEN = Problem("even_gemm", "gemm", 29, 41, height=1, width=208)   # widths up to 8 fit
+
+
+@pytest.mark.parametrize("precision", HALF)
+@pytest.mark.parametrize("name", sorted(ODD))
+@pytest.mark.parametrize("params", HALF_PARAMS, ids=lambda p: p.name())
+def test_fp16_patterns(gpu, precision, name, params):
+    run_case(gpu, GEMM_EVEN, ODD[name], params, precision=precision)
+
+
+@pytest.mark.parametrize("precision", HALF)
+@pytest.mark.parametrize("problem", CONVS, ids=lambda p: p.id)
+@pytest.mark.parametrize("k_split", [1, 2])
+def test_fp16_convolutions(gpu, precision, problem, k_split):
+    weight = pruned_weights(problem.weight_shape, 0.8, 11)
+    run_case(gpu, problem, weight, PlanParams(rows_per_group=4, k_split=k_split, vector_width=8),
+             precision=precision)
+
+
+@pytest.mark.parametrize("precision", HALF)
+@pytest.mark.parametrize("activation", ["none", "relu", "relu6"])
+@pytest.mark.parametrize("problem", [
+    Problem("epi3", "conv3x3", 14, 6, height=9, width=10, stride=1, padding=1, batch=2),
+    Problem("epi1", "conv1x1", 14, 24, height=8, width=8)], ids=lambda p: p.id)
+def test_fp16_fused_epilogue(gpu, precision, activation, problem):
+    weight = pruned_weights(problem.weight_shape, 0.7, 2)
+    bias = tuple(float(v) for v in np.linspace(-2, 2, 14, dtype=np.float32))
+    run_case(gpu, problem, weight, PlanParams(rows_per_group=4, k_split=2, vector_width=8),
+             Epilogue(bias, activation, residual=True), precision=precision)
+
+
+@pytest.mark.parametrize("precision", HALF)
+def test_fp16_paper_layer(gpu, precision):
+    """A real layer (MobileNet pw3, 90%) through the default fp16 plan."""
+    from sparsert_cli.problems import builtin_problems
+
+    problem = builtin_problems()["mbv1_pw3"]
+    run_case(gpu, problem, uniform_weights(problem.weight_shape, 0.9, 0), precision=precision)
