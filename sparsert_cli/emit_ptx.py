@@ -211,7 +211,7 @@ def _declare(fn: _Func, fmt: _Fmt, sums: int, raws: int) -> None:
     fn.emit(f".reg .{fmt.unit_type} %a<{sums}>;")
     fn.emit(f".reg .{fmt.raw_type} %b<{raws}>, %r<{fmt.raw_count}>;")
     fn.emit(f".reg .f32 %q<{fmt.width}>, %c<{raws // fmt.raw_count * fmt.width}>;")
-    fn.emit(f".reg .b16 %h<2>, %wh;")
+    fn.emit(".reg .b16 %h<2>, %wh;")
     fn.emit(f".reg .b32 %p<{fmt.raw_count}>, %w;")
     fn.emit(".reg .pred %pact;")
     fn.emit("setp.ne.u32 %pact, %act, 0;")
