@@ -65,13 +65,14 @@ class TunedDB:
         self.path.write_text(json.dumps(doc, indent=1) + "\n")
 
 
-def candidates(geometry: Geometry, nnz: int, limit: int = 16,
-               precision: str = "fp32") -> list[PlanParams]:
+def candidates(geometry: Geometry, nnz: int, limit: int = 16, precision: str = "fp32",
+               seeds: tuple[PlanParams, ...] = ()) -> list[PlanParams]:
     """Plan parameters worth timing for one case: the default, then sweeps around it.
 
     A rows x k_split grid (the two knobs that trade parallelism for reuse), then vector width,
     column threads and a register cap. Each is fitted to the shape and deduplicated; layers
-    whose code is large get fewer candidates (they dominate compile time).
+    whose code is large get fewer candidates (they dominate compile time). `seeds` (e.g. this
+    layer's winners at other precisions) come right after the default, ahead of the sweeps.
     """
     dtype, accumulate = PRECISIONS[precision]
     base = fit_params(geometry, default_params(geometry, nnz, precision=precision), dtype)
@@ -92,6 +93,9 @@ def candidates(geometry: Geometry, nnz: int, limit: int = 16,
         if params not in found:
             found.append(params)
 
+    for seed in seeds:
+        add(seed)
+    seeded = len(found)
     for rows in (2, 4, 8, 16):
         for k_split in (1, 2, 4, 8):
             add(replace(base, rows_per_group=rows, k_split=k_split))
@@ -106,7 +110,8 @@ def candidates(geometry: Geometry, nnz: int, limit: int = 16,
     # Keep the default, then prefer candidates close to it (one or two knobs changed).
     def distance(p: PlanParams) -> int:
         return sum(getattr(p, f) != getattr(base, f) for f in asdict(base))
-    return [base] + sorted(found[1:], key=distance)[:limit - 1]
+    ordered = found[1:seeded] + sorted(found[seeded:], key=distance)
+    return [base] + ordered[:limit - 1]
 
 
 def candidates_for(problem, weight, limit: int = 16, precision: str = "fp32") -> list[PlanParams]:

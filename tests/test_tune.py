@@ -90,3 +90,13 @@ def test_tune_needs_a_gpu(monkeypatch):
 def test_gemm_batch_override_scales_tokens():
     p = Problem("g", "gemm", 8, 16, height=1, width=128)
     assert p.with_batch(4).n == 512
+
+
+def test_seeds_follow_the_default_and_survive_the_limit():
+    problem = PROBLEMS["rn50_c3_3x3"]
+    geometry = geometry_for(problem)
+    nnz = problem.m * problem.k // 10
+    seed = PlanParams(rows_per_group=4, vector_width=1, col_threads=256, k_split=2)
+    found = candidates(geometry, nnz, limit=3, precision="fp16", seeds=(seed,))
+    assert found[1] == fit_params(geometry, seed, "fp16") and len(found) == 3
+    assert seed not in candidates(geometry, nnz, limit=3, precision="fp16")[1:2]

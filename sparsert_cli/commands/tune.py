@@ -35,11 +35,14 @@ def run_tuner(config, arch=None, jobs=None, no_cache=False, limit=16, db_path=No
             csr = to_csr(weight)
             epilogue = epilogue_for(problem, config.epilogue, config.seed, sparsity)
             dtype, accumulate = PRECISIONS[config.precision]
+            geometry = geometry_for(problem)
+            seeds = tuple(found for other in PRECISIONS if other != config.precision
+                          if (found := db.lookup(pattern_hash(weight), geometry, gpu.name, other)))
             cands = [B.Case(problem, sparsity, weight,
                             build_plan(csr, geometry_for(problem), params, epilogue, dtype,
                                        accumulate))
-                     for params in candidates(geometry_for(problem), csr.nnz, limit,
-                                              config.precision)]
+                     for params in candidates(geometry, csr.nnz, limit, config.precision,
+                                              seeds)]
             groups.append(cands)
         flat = [c for g in groups for c in g]
         task = progress.add_task("compile", total=len(flat), item="")
