@@ -48,11 +48,18 @@ class Case:
 
 
 def git_commit() -> str | None:
+    """HEAD of the checkout, with "+dirty" when tracked files differ from it (a GPU host gets a
+    copy of the working tree whose .git may lag behind: the suffix says the hash is not exact)."""
     try:
         root = Path(__file__).resolve().parent.parent
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
                              text=True, timeout=5)
-        return out.stdout.strip() or None if out.returncode == 0 else None
+        if out.returncode != 0 or not out.stdout.strip():
+            return None
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                                cwd=root, capture_output=True, text=True, timeout=10)
+        dirty = status.returncode != 0 or bool(status.stdout.strip())
+        return out.stdout.strip() + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return None
 

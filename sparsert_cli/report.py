@@ -140,9 +140,10 @@ def markdown_table(doc: dict, times=None, speedups=None) -> str:
         cells += [_x(c.get("speedup", {}).get(n)) for n in speedups]
         cells.append(f"{c['floor_pct']:.0f}%" if "floor_pct" in c else "-")
         lines.append("| " + " | ".join(cells) + " |")
-    for s, summary in doc.get("geomean", {}).items():
-        cells = ["**geomean**", s, "", ""] + [""] * len(times)
-        cells += [f"**{_x(summary.get(n))}**" for n in speedups]
-        cells.append(f"{summary['floor_pct']:.0f}%" if summary.get("floor_pct") else "")
-        lines.append("| " + " | ".join(cells) + " |")
+    for label, key in (("geomean", "geomean"), ("geomean, convs", "geomean_convs")):
+        for s, summary in doc.get(key, {}).items():
+            cells = [f"**{label}**", s, "", ""] + [""] * len(times)
+            cells += [f"**{_x(summary.get(n))}**" for n in speedups]
+            cells.append(f"{summary['floor_pct']:.0f}%" if summary.get("floor_pct") else "")
+            lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

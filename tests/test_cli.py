@@ -438,6 +438,24 @@ def test_git_commit_is_none_when_the_repository_has_no_commits(tmp_path, monkeyp
     assert B.git_commit() is None
 
 
+def test_git_commit_marks_a_dirty_working_tree(tmp_path, monkeypatch):
+    from sparsert_cli import bench as B
+
+    repo = tmp_path / "r"
+    repo.mkdir()
+    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    (repo / "f").write_text("a")
+    subprocess.run(git + ["add", "f"], check=True)
+    subprocess.run(git + ["commit", "-qm", "c"], check=True)
+    real_run = subprocess.run
+    monkeypatch.setattr(B.subprocess, "run", lambda cmd, **kw: real_run(cmd, **{**kw, "cwd": repo}))
+    clean = B.git_commit()
+    assert clean and len(clean) == 40
+    (repo / "f").write_text("b")
+    assert B.git_commit() == clean + "+dirty"
+
+
 # ---------------------------------------------------------------- misc
 
 
