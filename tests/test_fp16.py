@@ -272,3 +272,11 @@ def test_gen_fp16_with_cuda_emitter_is_one_line_exit_2(tmp_path, capsys, isolate
     assert code == 2
     assert len(err.strip().splitlines()) == 1 and str(path) in err and "PTX only" in err
     assert not out.exists()
+
+
+def test_bench_fp16_with_cuda_emitter_names_the_config(repo, tmp_path, capsys):
+    out = tmp_path / "r.json"
+    code, _, err = run_main(["bench", str(repo / "configs" / "ci.yaml"), "--dtype", "fp16",
+                             "--emit", "cuda", "--compile-only", "--out", str(out)], capsys)
+    assert code == 2 and "ci.yaml" in err and "PTX only" in err
+    assert len(err.strip().splitlines()) == 1 and not out.exists()

@@ -112,7 +112,10 @@ def command(config_path, problem_ids, sparsities, dtype, accumulate, out_path, c
         config = replace(config, emit=emitter)
     from ..build import check_emitter
 
-    check_emitter(config.emit, config.precision)
+    try:
+        check_emitter(config.emit, config.precision, arch or "sm_90")
+    except UserError as exc:
+        raise UserError(f"{config.path}: {exc.message}") from None
     out = Path(out_path) if out_path else RESULTS_DIR / f"{config.name}.json"
     csv_out = Path(csv_path) if csv_path else out.with_suffix(".csv")
     for path in (out, csv_out):      # fail now, not after a long GPU run; write nothing yet
