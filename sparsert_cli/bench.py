@@ -99,7 +99,7 @@ def random_inputs(case: Case, rng: np.random.Generator) -> tuple[np.ndarray, np.
     """Standard-normal x (and residual), float32 arrays holding values of the plan's storage type
     (fp16 plans get fp16-representable values: the kernel reads them exactly)."""
     p = case.problem
-    store = np.float16 if case.plan.dtype == "fp16" else np.float32
+    store = storage(case)
     x = rng.standard_normal(p.input_shape).astype(store).astype(np.float32)
     res = (rng.standard_normal(p.output_shape).astype(store).astype(np.float32)
            if case.plan.epilogue.residual else None)

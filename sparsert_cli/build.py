@@ -14,7 +14,8 @@ import numpy as np
 
 from . import __version__
 from .cache import KernelCache, cache_key
-from .compile import DEFAULT_ARCH, Compiled, Resources, cpp_to_cubin, ptx_to_cubin
+from .compile import (DEFAULT_ARCH, Compiled, Resources, arch_number, cpp_to_cubin,
+                      ptx_to_cubin)
 from .config import EpilogueSpec
 from .emit_cuda import EMITTER_VERSION as CUDA_VERSION, emit_cuda
 from .emit_ptx import EMITTER_VERSION as PTX_VERSION, emit_ptx
@@ -59,8 +60,8 @@ def default_params(geometry: Geometry, nnz: int, sm_count: int = H100_SMS,
     dtype = PRECISIONS[precision][0]
     half2 = precision == "fp16"
     big = nnz > LARGE_CODE
-    width = (2 if half2 else 1) if big else fit_vector_width(geometry, 8 if half2 else 4, dtype)
-    width = fit_vector_width(geometry, width, dtype)
+    wanted = (2 if half2 else 1) if big else (8 if half2 else 4)
+    width = fit_vector_width(geometry, wanted, dtype)
     while width > 1 and code_units(nnz, width, precision) > CODE_BUDGET:
         width //= 2
     per_thread = -(-geometry.columns // width)
@@ -108,7 +109,7 @@ def check_emitter(emitter: str, precision: str, arch: str = DEFAULT_ARCH) -> Non
         return
     if emitter != "ptx":
         raise UserError(f"{precision} kernels are emitted as PTX only (use --emit ptx / emit: ptx)")
-    if int(arch[3:].rstrip("a")) < 80:
+    if arch_number(arch) < 80:
         raise UserError(f"{precision} kernels need sm_80 or newer, not {arch}")
 
 

@@ -46,6 +46,11 @@ class Compiled:
         return self.resources.get(entry, Resources())
 
 
+def arch_number(arch: str) -> int:
+    """sm_90a -> 90."""
+    return int(arch[3:].rstrip("a"))
+
+
 def check_arch(arch: str) -> str:
     match = _ARCH_RE.match(arch)
     if not match:

@@ -18,6 +18,7 @@ import struct
 import numpy as np
 
 from . import __version__
+from .compile import arch_number
 from .plan import Load, Plan, RowGroup
 
 EMITTER_VERSION = "ptx-2"
@@ -79,7 +80,7 @@ class _Fmt:
 
 def ptx_version(arch: str) -> str:
     """The oldest PTX ISA that knows `arch` (sm_88 and sm_110 arrived with ISA 9.0)."""
-    number = int(arch[3:].rstrip("a"))
+    number = arch_number(arch)
     if number in (88, 110) or number > 121:
         return "9.0"
     return "8.0" if number < 100 else "8.8"
@@ -118,10 +119,6 @@ def _func_header(name: str, plan: Plan) -> list[str]:
         lines.append(f"\t.reg .{t} %{n};")
         lines.append(f"\tld.param.{t} %{n}, [p_{n}];")
     return lines
-
-
-def _acc(slot: int, lane: int, width: int) -> str:
-    return f"%a{slot * width + lane}"
 
 
 def _emit_tap_bases(fn: _Func, plan: Plan, loads: tuple[Load, ...]) -> dict[tuple[int, int], str]:

@@ -11,7 +11,8 @@ from pathlib import Path
 
 from .build import CODE_BUDGET, code_units, default_params, geometry_for
 from .errors import UserError
-from .plan import PRECISIONS, Geometry, PlanParams, fit_params
+from .plan import (ELEMENT_BYTES, MAX_STATIC_SHARED, PRECISIONS, Geometry, PlanParams,
+                   fit_params)
 
 TUNED_PATH = Path(__file__).resolve().parent.parent / "configs" / "tuned.json"
 
@@ -87,8 +88,9 @@ def candidates(geometry: Geometry, nnz: int, limit: int = 16, precision: str = "
             return
         if code_units(nnz, params.vector_width, precision) > CODE_BUDGET:
             return
-        shared = params.k_split * params.rows_per_group * params.col_threads * params.vector_width
-        if params.k_split > 1 and (2 if accumulate == "fp16" else 4) * shared > 48 * 1024:
+        shared = (params.k_split * params.rows_per_group * params.col_threads
+                  * params.vector_width * ELEMENT_BYTES[accumulate])
+        if params.k_split > 1 and shared > MAX_STATIC_SHARED:
             return
         if params not in found:
             found.append(params)

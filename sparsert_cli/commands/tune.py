@@ -39,8 +39,7 @@ def run_tuner(config, arch=None, jobs=None, no_cache=False, limit=16, db_path=No
             seeds = tuple(found for other in PRECISIONS if other != config.precision
                           if (found := db.lookup(pattern_hash(weight), geometry, gpu.name, other)))
             cands = [B.Case(problem, sparsity, weight,
-                            build_plan(csr, geometry_for(problem), params, epilogue, dtype,
-                                       accumulate))
+                            build_plan(csr, geometry, params, epilogue, dtype, accumulate))
                      for params in candidates(geometry, csr.nnz, limit, config.precision,
                                               seeds)]
             groups.append(cands)
