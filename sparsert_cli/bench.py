@@ -15,7 +15,7 @@ from typing import Callable
 
 import numpy as np
 
-from . import __version__
+from . import __version__, results
 from .build import KernelBuild, build_all, epilogue_for, geometry_for, make_plan
 from .cache import KernelCache
 from .config import Config
@@ -173,8 +173,8 @@ def summarize(cases: list[dict], ops: tuple[str, ...] | None = None) -> dict:
     return out
 
 
-def metadata(config: Config, mode: str, extra: dict | None = None) -> dict:
-    return {"schema": 1, "sparsert_version": __version__, "git_commit": git_commit(),
+def metadata(config: Config, mode: str, extra: dict | None = None, kind: str = "bench") -> dict:
+    return {"kind": kind, "schema": results.SCHEMA, "sparsert_version": __version__, "git_commit": git_commit(),
             "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "config": {"name": config.name, "path": config.path, "hash": config.digest(),
                        "dtype": config.dtype, "accumulate": config.accumulate,

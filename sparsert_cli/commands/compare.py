@@ -2,26 +2,18 @@
 
 from __future__ import annotations
 
-import json
 import sys
-from pathlib import Path
 
 import click
 
 from ..console import console, print_json, table
+from .. import results
 from ..errors import UserError
 
 
 def load_results(path: str) -> dict:
-    try:
-        doc = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise UserError(f"{path}: no such results file") from None
-    except (OSError, ValueError) as exc:
-        raise UserError(f"{path}: not a results JSON file ({exc})") from None
-    if not isinstance(doc, dict) or not isinstance(doc.get("cases"), list):
-        raise UserError(f"{path}: not a sparsert results file (no 'cases' list)")
-    return doc
+    """A bench results file (results.load_results refuses any other kind)."""
+    return results.load_results(path, kinds=("bench",))
 
 
 def _key(case: dict) -> str:
