@@ -173,8 +173,8 @@ def summarize(cases: list[dict], ops: tuple[str, ...] | None = None) -> dict:
     return out
 
 
-def metadata(config: Config, mode: str, extra: dict | None = None, kind: str = "bench") -> dict:
-    return {"kind": kind, "schema": results.SCHEMA, "sparsert_version": __version__, "git_commit": git_commit(),
+def metadata(config: Config, mode: str, extra: dict | None = None) -> dict:
+    return {"kind": config.kind, "schema": results.SCHEMA, "sparsert_version": __version__, "git_commit": git_commit(),
             "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "config": {"name": config.name, "path": config.path, "hash": config.digest(),
                        "dtype": config.dtype, "accumulate": config.accumulate,

@@ -22,7 +22,8 @@ EMITTERS = ("ptx", "cuda")
 ACTIVATIONS = ("none", "relu", "relu6")
 
 _TOP_KEYS = {"name", "description", "problems", "sparsity", "dtype", "accumulate", "batch",
-             "pattern", "seed", "emit", "epilogue", "plan"}
+             "pattern", "seed", "emit", "epilogue", "plan", "kind"}
+RESULT_KINDS = ("bench", "sweep")        # what `bench` stamps on the results file
 _EPILOGUE_KEYS = {"bias", "activation", "residual"}
 PLAN_KEYS = {"rows_per_group", "vector_width", "col_threads", "k_split", "load_batch", "balance",
              "max_registers"}
@@ -52,6 +53,7 @@ class Config:
     epilogue: EpilogueSpec = EpilogueSpec()
     plan: dict = field(default_factory=dict)
     description: str = ""
+    kind: str = "bench"
 
     @property
     def precision(self) -> str:
@@ -185,7 +187,8 @@ def config_from_dict(doc: object, where: str) -> Config:
                   emit=emit,
                   epilogue=_epilogue(doc.get("epilogue"), where),
                   plan=_plan_overrides(doc.get("plan"), where),
-                  description=str(doc.get("description", "")))
+                  description=str(doc.get("description", "")),
+                  kind=_choice(doc, "kind", RESULT_KINDS, "bench", where))
 
 
 def load_config(path: str | Path) -> Config:
