@@ -201,7 +201,8 @@ class KernelCache:
             cubin = (entry / "kernel.cubin").read_bytes()
             hit = _decode(json.loads((entry / "meta.json").read_text()), cubin)
         except (OSError, ValueError, RecursionError):  # damaged entry (or an unreadable root)
-            _remove(entry)
+            if (self.root / MARKER).is_file():      # never delete inside a foreign directory
+                _remove(entry)
             self.misses += 1
             self.rebuilt += 1
             return None
