@@ -138,7 +138,8 @@ class Scan:
 
     @property
     def bytes(self) -> int:
-        return sum(size for _, size, _ in self.entries)
+        """Bytes held by entries and temporary directories."""
+        return sum(e[1] for e in self.entries) + sum(size for _, size in self.temps)
 
 
 def _entry_size(path: Path) -> int | None:
@@ -280,8 +281,7 @@ class KernelCache:
         Returns (entries removed, bytes removed)."""
         found = scan(self.root)
         self._refuse_foreign(found, "evicted")
-        total = found.bytes + sum(size for _, size in found.temps)
-        removed = freed = 0
+        total, removed, freed = found.bytes, 0, 0
         for path, size, _ in sorted(found.entries, key=lambda e: e[2]):
             if total - freed <= max_bytes:
                 break
@@ -309,6 +309,8 @@ class KernelCache:
         ours = found.marked or found.entries or found.temps or found.prefixes
         if ours and not any(p.name != MARKER for p in self.root.iterdir()):
             (self.root / MARKER).unlink(missing_ok=True)
-            self.root.rmdir()
-        freed = found.bytes + sum(size for _, size in found.temps)
-        return len(found.entries), freed, len(found.foreign)
+            try:
+                self.root.rmdir()                   # empty by now (a symlink root stays)
+            except OSError:
+                pass
+        return len(found.entries), found.bytes, len(found.foreign)

@@ -246,17 +246,22 @@ def _tree(root):
     return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
 
 
+@pytest.mark.parametrize("args", [["--clear"], ["--max-size", "0"]])
 @pytest.mark.parametrize("spelling", ["plain", "dotdot", "relative_dotdot"])
-def test_clear_refuses_a_directory_that_is_not_a_cache(tmp_path, monkeypatch, capsys, spelling):
+def test_clear_refuses_a_directory_that_is_not_a_cache(tmp_path, monkeypatch, capsys, spelling,
+                                                       args):
     project = tmp_path / "myproject"
-    before = _project(project)
+    _project(project)
     (project / "sub").mkdir()
+    key_shaped = project / "ab" / ("ab" + "cd" * 31)     # looks like an entry, is the user's
+    key_shaped.mkdir()
+    (key_shaped / "meta.json").write_text("{}")
     before = _tree(project)
     root = {"plain": str(project), "dotdot": str(project / "sub" / ".."),
             "relative_dotdot": ".."}[spelling]
     monkeypatch.chdir(project / "sub")
     monkeypatch.setenv("SPARSERT_CACHE_DIR", root)
-    code, out, err = run_main(["cache", "--clear"], capsys)
+    code, out, err = run_main(["cache", *args], capsys)
     assert code == 2 and out == ""
     assert len(err.strip().splitlines()) == 1 and "not a sparsert kernel cache" in err
     assert _tree(project) == before
@@ -322,7 +327,12 @@ def test_a_foreign_root_is_never_written_into(tmp_path, monkeypatch, capsys):
     project = tmp_path / "proj"
     before = _project(project)
     cache = KernelCache(project)
-    build, _ = build_kernel(_plan(), "ptx", "sm_90", cache)
+    plan = _plan()
+    key = B._key(plan, "ptx", "sm_90")
+    (project / key[:2] / key).mkdir(parents=True)   # damaged-looking, but not the cache's
+    (project / key[:2] / key / "meta.json").write_text("mine")
+    before = _tree(project)
+    build, _ = build_kernel(plan, "ptx", "sm_90", cache)
     assert build.cubin[:4] == b"\x7fELF" and _tree(project) == before
     assert "not a sparsert kernel cache" in capsys.readouterr().err
 
