@@ -209,7 +209,8 @@ def build_all(plans: Iterable[Plan], emitter: str = "ptx", arch: str = DEFAULT_A
     cores = os.cpu_count() or 1
     jobs = max(1, min(jobs or cores, len(todo) or 1))
     threads = max(1, cores // jobs)
-    root = str(cache.root) if cache else None
+    # Workers store into the cache only when it can take them (else: one warning, here).
+    root = str(cache.root) if cache and todo and cache.usable() else None
     if jobs == 1:
         for i in todo:
             try:

@@ -4,12 +4,17 @@ everything that decides the machine code, and damaged entries are detected, remo
 from __future__ import annotations
 
 import json
+import os
+import shutil
 
 import pytest
 
+from cli_helpers import run_main
 from sparsert_cli import build as B
+from sparsert_cli import cache as C
 from sparsert_cli.build import build_all, build_kernel, make_plan
-from sparsert_cli.cache import KernelCache, default_root
+from sparsert_cli.cache import MARKER, KernelCache, default_root, parse_size
+from sparsert_cli.commands.cache_cmd import human
 from sparsert_cli.compile import Compiled, Resources
 from sparsert_cli.patterns import uniform_weights
 from sparsert_cli.plan import PlanParams
@@ -133,6 +138,22 @@ DAMAGE = {
     "meta_bad_resource_field": _meta_edit(
         lambda m: m.update(resources={"e": {"registers": 1, "bogus": 2}})),
     "meta_bad_seconds": _meta_edit(lambda m: m.update(compile_seconds="soon")),
+    "meta_nan_seconds": _meta_edit(lambda m: m.update(compile_seconds=float("nan"))),
+    "meta_log_not_text": _meta_edit(lambda m: m.update(log=17)),
+    "meta_source_bytes_text": _meta_edit(lambda m: m["extra"].update(source_bytes="12k")),
+    "meta_source_bytes_float": _meta_edit(lambda m: m["extra"].update(source_bytes=1.5)),
+    "meta_source_bytes_negative": _meta_edit(lambda m: m["extra"].update(source_bytes=-3)),
+    "meta_entry_not_text": _meta_edit(lambda m: m["extra"].update(entry=["k"])),
+    "meta_extra_not_an_object": _meta_edit(lambda m: m.update(extra=[1])),
+    "meta_registers_text": _meta_edit(
+        lambda m: [r.update(registers="many") for r in m["resources"].values()]),
+    "meta_registers_bool": _meta_edit(
+        lambda m: [r.update(registers=True) for r in m["resources"].values()]),
+    "meta_resource_not_an_object": _meta_edit(
+        lambda m: m["resources"].update({k: 3 for k in m["resources"]})),
+    "meta_deeply_nested": lambda e: (e / "meta.json").write_text("[" * 100000),
+    "entry_replaced_by_a_file": lambda e: (shutil.rmtree(e), e.write_text("not an entry")),
+    "entry_is_a_dangling_link": lambda e: (shutil.rmtree(e), e.symlink_to(e.parent / "gone")),
 }
 
 
@@ -156,6 +177,16 @@ def test_meta_with_resources_of_wrong_type_is_rebuilt(tmp_path):
     fresh = KernelCache(cache.root)
     rebuilt, _ = build_kernel(plan, "ptx", "sm_90", fresh)
     assert not rebuilt.cached and fresh.rebuilt == 1
+
+
+def test_a_prefix_directory_replaced_by_a_file_is_repaired(tmp_path):
+    cache, plan, first, entry = _filled(tmp_path)
+    shutil.rmtree(entry.parent)
+    entry.parent.write_text("not a prefix")
+    rebuilt, _ = build_kernel(plan, "ptx", "sm_90", KernelCache(cache.root))
+    assert not rebuilt.cached and entry.is_dir()
+    hit, _ = build_kernel(plan, "ptx", "sm_90", KernelCache(cache.root))
+    assert hit.cached and hit.cubin == first.cubin
 
 
 def test_put_leaves_no_temporary_directories(tmp_path):
@@ -193,5 +224,257 @@ def test_build_all_reports_a_failure_in_place(tmp_path, monkeypatch):
 
 def test_clear_removes_everything(tmp_path):
     cache, *_ = _filled(tmp_path)
-    cache.clear()
+    assert (cache.root / MARKER).is_file()
+    assert cache.clear()[:1] == (1,)
     assert not cache.root.exists()
+
+
+# ------------------------------------------------ clear: only what the cache wrote
+
+
+def _project(root):
+    """A directory a user might name in $SPARSERT_CACHE_DIR by mistake."""
+    (root / "src").mkdir(parents=True)
+    (root / "src" / "model.py").write_text("print('precious')\n")
+    (root / "README.md").write_text("# my project\n")
+    (root / "ab").mkdir()                       # looks like a cache prefix, holds a user file
+    (root / "ab" / "notes.txt").write_text("keep me\n")
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+def _tree(root):
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+@pytest.mark.parametrize("args", [["--clear"], ["--max-size", "0"]])
+@pytest.mark.parametrize("spelling", ["plain", "dotdot", "relative_dotdot"])
+def test_clear_refuses_a_directory_that_is_not_a_cache(tmp_path, monkeypatch, capsys, spelling,
+                                                       args):
+    project = tmp_path / "myproject"
+    _project(project)
+    (project / "sub").mkdir()
+    key_shaped = project / "ab" / ("ab" + "cd" * 31)     # looks like an entry, is the user's
+    key_shaped.mkdir()
+    (key_shaped / "meta.json").write_text("{}")
+    before = _tree(project)
+    root = {"plain": str(project), "dotdot": str(project / "sub" / ".."),
+            "relative_dotdot": ".."}[spelling]
+    monkeypatch.chdir(project / "sub")
+    monkeypatch.setenv("SPARSERT_CACHE_DIR", root)
+    code, out, err = run_main(["cache", *args], capsys)
+    assert code == 2 and out == ""
+    assert len(err.strip().splitlines()) == 1 and "not a sparsert kernel cache" in err
+    assert _tree(project) == before
+
+
+def test_clear_of_a_missing_or_empty_directory_is_fine(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("SPARSERT_CACHE_DIR", str(tmp_path / "missing"))
+    assert run_main(["cache", "--clear"], capsys)[:2] == (0, f"cleared {tmp_path / 'missing'}: "
+                                                          f"removed 0 kernels, 0 B\n")
+    (tmp_path / "empty").mkdir()
+    monkeypatch.setenv("SPARSERT_CACHE_DIR", str(tmp_path / "empty"))
+    assert run_main(["cache", "--clear"], capsys)[0] == 0
+    assert (tmp_path / "empty").is_dir()        # not ours: left as it was
+
+
+def test_clear_keeps_foreign_files_inside_a_cache_and_reports_counts(tmp_path, monkeypatch,
+                                                                      capsys):
+    cache, _, build, entry = _filled(tmp_path)
+    size = sum(p.stat().st_size for p in entry.iterdir())
+    (cache.root / "mine.txt").write_text("user file")
+    (entry.parent / "other").mkdir()
+    (entry.parent / "other" / "data.bin").write_bytes(b"x")
+    stray = tempfile_in(entry.parent)           # a temporary dir a crashed put left behind
+    monkeypatch.setenv("SPARSERT_CACHE_DIR", str(cache.root))
+    code, out, _ = run_main(["cache", "--clear"], capsys)
+    assert code == 0
+    assert f"removed 1 kernels, {human(size)}; kept 2 paths" in out
+    assert _tree(cache.root) == [MARKER, entry.parent.name, f"{entry.parent.name}/other",
+                                 f"{entry.parent.name}/other/data.bin", "mine.txt"]
+    assert not stray.exists()
+
+
+def tempfile_in(parent):
+    path = parent / ".tmp-crashed"
+    path.mkdir()
+    (path / "kernel.cubin").write_bytes(b"half")
+    return path
+
+
+def test_a_cache_without_marker_is_adopted_when_it_holds_only_entries(tmp_path):
+    cache, plan, first, entry = _filled(tmp_path)
+    (cache.root / MARKER).unlink()
+    tempfile_in(entry.parent)
+    KernelCache(cache.root).put("f" * 64, Compiled(b"x", "", 0.1, {}))
+    assert (cache.root / MARKER).is_file()      # adopted by the next store
+    (cache.root / MARKER).unlink()
+    assert KernelCache(cache.root).clear()[0] == 2
+    assert not cache.root.exists()
+
+
+def test_a_cache_without_marker_holding_a_stray_file_is_refused(tmp_path, monkeypatch, capsys):
+    cache, _, _, entry = _filled(tmp_path)
+    (cache.root / MARKER).unlink()
+    (entry / "notes.txt").write_text("mine")
+    before = _tree(cache.root)
+    monkeypatch.setenv("SPARSERT_CACHE_DIR", str(cache.root))
+    code, _, err = run_main(["cache", "--clear"], capsys)
+    assert code == 2 and "not a sparsert kernel cache" in err and _tree(cache.root) == before
+
+
+def test_a_foreign_root_is_never_written_into(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(C, "_warned", False, raising=False)
+    project = tmp_path / "proj"
+    before = _project(project)
+    cache = KernelCache(project)
+    plan = _plan()
+    key = B._key(plan, "ptx", "sm_90")
+    (project / key[:2] / key).mkdir(parents=True)   # damaged-looking, but not the cache's
+    (project / key[:2] / key / "meta.json").write_text("mine")
+    before = _tree(project)
+    build, _ = build_kernel(plan, "ptx", "sm_90", cache)
+    assert build.cubin[:4] == b"\x7fELF" and _tree(project) == before
+    assert "not a sparsert kernel cache" in capsys.readouterr().err
+
+
+# ------------------------------------------------ an unwritable cache compiles uncached
+
+
+def _fail_writes_under(root, monkeypatch):
+    """Writes below `root` fail as on a read-only file system (chmod does nothing for root)."""
+    real_mkdir, real_mkdtemp = os.mkdir, C.tempfile.mkdtemp
+
+    def refuse(path, *args, **kwargs):
+        if str(path).startswith(str(root)):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_mkdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "mkdir", refuse)
+    monkeypatch.setattr(C.tempfile, "mkdtemp", lambda prefix=None, dir=None: refuse(dir) or
+                        real_mkdtemp(prefix=prefix, dir=dir))
+
+
+@pytest.fixture(params=["chmod", "failing_writes"])
+def unwritable_cache(request, tmp_path, monkeypatch):
+    """A cache root (with one entry and its marker) that cannot take new entries."""
+    monkeypatch.setattr(C, "_warned", False, raising=False)
+    cache, plan, _, _ = _filled(tmp_path)
+    if request.param == "chmod":
+        for path in [cache.root, *cache.root.iterdir()]:
+            path.chmod(0o555)
+        request.addfinalizer(lambda: [p.chmod(0o755) for p in [cache.root,
+                                                               *cache.root.iterdir()]])
+        if os.access(cache.root, os.W_OK):
+            pytest.skip("running as root: chmod does not make a directory read-only")
+    else:
+        _fail_writes_under(cache.root, monkeypatch)
+    monkeypatch.setenv("SPARSERT_CACHE_DIR", str(cache.root))
+    return cache.root, plan
+
+
+def test_an_unwritable_cache_compiles_uncached_with_one_warning(unwritable_cache, capsys):
+    root, plan = unwritable_cache
+    before = _tree(root)
+    plans = [plan, _plan(seed=1), _plan(seed=2)]
+    results = build_all(plans, "ptx", "sm_90", KernelCache(root), jobs=1)
+    assert all(r.cubin[:4] == b"\x7fELF" for r in results), results
+    assert [r.cached for r in results] == [True, False, False]     # hits are still served
+    single, _ = build_kernel(_plan(seed=3), "ptx", "sm_90", KernelCache(root))
+    assert not single.cached
+    err = capsys.readouterr().err
+    assert err.count("warning") == 1 and "compiling without the cache" in err
+    assert _tree(root) == before
+
+
+def test_a_put_that_fails_midway_warns_once_and_never_raises(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(C, "_warned", False, raising=False)
+    cache = KernelCache(tmp_path / "c")
+    assert cache.usable()
+
+    def full(self, data):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(C.Path, "write_bytes", full)
+    for key in ("a" * 64, "b" * 64):
+        cache.put(key, Compiled(b"x", "", 0.1, {}))
+    assert capsys.readouterr().err.count("No space left on device") == 1
+    assert not list(cache.root.rglob("kernel.cubin")) and not list(cache.root.rglob(".tmp-*"))
+
+
+def test_bench_with_a_read_only_cache_fails_no_case(unwritable_cache, repo, tmp_path, capsys):
+    out = tmp_path / "r.json"
+    code, _, err = run_main(["bench", str(repo / "configs" / "ci.yaml"), "--problems",
+                             "ci_gemm_odd", "--sparsity", "0.9", "--jobs", "1", "--out",
+                             str(out)], capsys)
+    assert code == 0, err
+    assert json.loads(out.read_text())["failures"] == []
+    assert err.count("compiling without the cache") == 1
+
+
+# ------------------------------------------------ size limit and LRU eviction
+
+
+def _fake_entries(root, count, size=1000):
+    cache = KernelCache(root)
+    keys = [f"{i:02x}" * 32 for i in range(count)]
+    for age, key in enumerate(keys):
+        cache.put(key, Compiled(bytes(size), "", 0.1, {}))
+        os.utime(cache._dir(key), (1000 + age, 1000 + age))    # key 0 oldest
+    return cache, keys
+
+
+def test_evict_removes_least_recently_used_first(tmp_path):
+    cache, keys = _fake_entries(tmp_path / "c", 4)
+    assert cache.get(keys[0]) is not None                      # a hit makes it the newest
+    entry_bytes = sum(p.stat().st_size for p in cache._dir(keys[0]).iterdir())
+    removed, freed = cache.evict(2 * entry_bytes)
+    assert (removed, freed) == (2, 2 * entry_bytes)
+    assert [cache._dir(k).exists() for k in keys] == [True, False, False, True]
+
+
+def test_put_keeps_the_cache_under_the_environment_limit(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPARSERT_CACHE_MAX_SIZE", "3k")
+    cache, keys = _fake_entries(tmp_path / "c", 5)
+    kept = [k for k in keys if cache._dir(k).exists()]
+    assert kept and len(kept) < 5 and kept == keys[-len(kept):]
+    assert sum(p.stat().st_size for p in cache.root.rglob("*") if p.is_file()
+               and p.name != MARKER) <= 3 * 1024
+
+
+def test_cache_command_max_size_evicts(tmp_path, monkeypatch, capsys):
+    cache, keys = _fake_entries(tmp_path / "c", 4)
+    monkeypatch.setenv("SPARSERT_CACHE_DIR", str(cache.root))
+    code, out, _ = run_main(["cache", "--max-size", "2.5K"], capsys)
+    assert code == 0 and "evicted 2 least recently used kernels" in out and "2 kernels" in out
+    assert [cache._dir(k).exists() for k in keys] == [False, False, True, True]
+
+
+@pytest.mark.parametrize("text, size", [("2G", 2 * 2**30), ("512m", 512 * 2**20), ("1.5KiB", 1536),
+                                        ("4096", 4096), ("0", 0), ("3 MB", 3 * 2**20)])
+def test_parse_size(text, size):
+    assert parse_size(text) == size
+
+
+def test_human_sizes():
+    assert [human(n) for n in (0, 1023, 1536, 41 * 2**20 + 2**19, 5 * 2**40)] == [
+        "0 B", "1023 B", "1.5 KiB", "41.5 MiB", "5120.0 GiB"]
+
+
+@pytest.mark.parametrize("text", ["-1", "2X", "G", "", "1e3", "2000T", "nan", "inf"])
+def test_bad_max_size_is_one_line_exit_2(text, capsys, isolated_cache):
+    code, out, err = run_main(["cache", "--max-size", text], capsys)
+    assert code == 2 and out == "" and len(err.strip().splitlines()) == 1 and "--max-size" in err
+
+
+def test_bad_max_size_in_the_environment_is_one_line_exit_2(monkeypatch, capsys, isolated_cache):
+    monkeypatch.setenv("SPARSERT_CACHE_MAX_SIZE", "lots")
+    code, _, err = run_main(["cache"], capsys)
+    assert code == 2 and "$SPARSERT_CACHE_MAX_SIZE" in err
+
+
+def test_cache_command_shows_root_count_and_size(tmp_path, monkeypatch, capsys):
+    cache, _, _, entry = _filled(tmp_path)
+    size = sum(p.stat().st_size for p in entry.iterdir())
+    monkeypatch.setenv("SPARSERT_CACHE_DIR", str(cache.root))
+    code, out, _ = run_main(["cache"], capsys)
+    assert code == 0 and out.startswith(f"{cache.root}: 1 kernels, {human(size)} (limit 4.0 GiB)")
