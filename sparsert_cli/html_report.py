@@ -176,9 +176,8 @@ def build(paths, title: str = "sparsert report") -> str:
     """The whole HTML page. Raises UserError for a bad input before anything is written."""
     plots.require_matplotlib()
     sections = []
-    for p in paths:
-        path = Path(p)
-        doc = results.load_results(path, kinds=KINDS)
+    docs = [(Path(p), results.load_results(p, kinds=KINDS)) for p in paths]   # all, first
+    for path, doc in docs:
         try:
             body = SECTIONS[doc["kind"]](path, doc)
         except UserError:

@@ -18,4 +18,5 @@ def command(paths, out, title):
     from ..html_report import write
 
     path = write(paths, out, title)
-    console.print(f"wrote {path} ({path.stat().st_size / 1024:.0f} KiB)", highlight=False)
+    console.print(f"wrote {path} ({path.stat().st_size / 1024:.0f} KiB)", highlight=False,
+                  soft_wrap=True)
