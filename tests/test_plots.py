@@ -208,3 +208,29 @@ def test_cli_does_not_import_matplotlib_until_a_figure_is_drawn(subprocess_env):
     proc = subprocess.run([sys.executable, "-c", code], env=subprocess_env,
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_batch_sparsity_map_against_the_fastest_baseline(capsys, tmp_path):
+    paths = []
+    for batch, scale in ((1, 1.0), (8, 0.5)):
+        doc = sweep_doc()
+        for c in doc["cases"]:
+            c["batch"] = batch
+            c["speedup"] = {n: v * scale for n, v in c["speedup"].items()}
+        paths.append(write(tmp_path, doc, f"sweep-b{batch}.json"))
+    out, _ = _plot(capsys, tmp_path, "map", *paths)
+    rows = {(r["problem"], int(r["batch"]), float(r["sparsity"])): r
+            for r in _csv(out / "map.csv")}
+    assert len(rows) == 2 * 2 * 3
+    # cuSPARSE is the fastest baseline everywhere here (its speedups are the smallest)
+    assert rows[("layer_a", 8, 0.9)]["against"] == "cusparse"
+    assert float(rows[("layer_a", 8, 0.9)]["speedup"]) == pytest.approx(0.45)
+    out2 = tmp_path / "m2"
+    code, _, err = run_main(["plot", *map(str, paths), "--kind", "map", "-o", str(out2),
+                             "--baselines", "cublas_fp32"], capsys)
+    assert code == 0, err
+    assert float(next(r for r in _csv(out2 / "map.csv") if r["batch"] == "1"
+                      and r["sparsity"] == "0.9")["speedup"]) == pytest.approx(2.0)
+    code, _, err = run_main(["plot", str(paths[0]), str(paths[0]), "--kind", "map", "-o",
+                             str(tmp_path / "m3")], capsys)
+    assert code == 2 and "give one file per batch" in err and not (tmp_path / "m3").exists()

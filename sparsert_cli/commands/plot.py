@@ -14,14 +14,16 @@ def _baselines(ctx, param, value):
 @click.command("plot")
 @click.argument("paths", nargs=-1, required=True, metavar="RESULTS.json...")
 @click.option("--kind", required=True,
-              type=click.Choice(["speedup", "layers", "roofline", "compare", "tune", "model"]),
+              type=click.Choice(["speedup", "layers", "roofline", "compare", "tune", "model",
+                                 "map"]),
               help="speedup: vs sparsity (bench/sweep); layers: per-layer bars; roofline: "
                    "measured floors; compare: BASE NEW ratios; tune: candidates (tune "
-                   "results); model: layer shares (models results).")
+                   "results); model: layer shares (models results); map: batch x sparsity "
+                   "(sweeps at several batches).")
 @click.option("-o", "--out", "out_dir", default="figures", show_default=True,
               help="Directory for <kind>.png, <kind>.svg and <kind>.csv.")
 @click.option("--baselines", callback=_baselines, metavar="NAME[,NAME...]",
-              help="Only these baselines (speedup, layers), e.g. cublas_fp32,cusparse.")
+              help="Only these baselines (speedup, layers, map), e.g. cublas_fp32,cusparse.")
 def command(paths, kind, out_dir, baselines):
     """Draw one figure from results files (needs matplotlib: pip install 'sparsert[plot]')."""
     from ..plots import plot

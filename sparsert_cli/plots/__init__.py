@@ -17,7 +17,7 @@ from .data import BASELINES, rows_for
 # Which results kinds each figure reads.
 INPUTS = {"speedup": ("bench", "sweep"), "layers": ("bench", "sweep"),
           "roofline": ("bench", "sweep"), "compare": ("bench", "sweep"), "tune": ("tune",),
-          "model": ("models",)}
+          "model": ("models",), "map": ("bench", "sweep")}
 KINDS = tuple(INPUTS)
 
 

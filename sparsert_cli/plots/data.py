@@ -288,9 +288,37 @@ def model_rows(docs) -> dict:
     return {"rows": rows}
 
 
+# ---- batch x sparsity map --------------------------------------------------------------------
+
+DENSE = ("cublas_fp32", "cublas_tf32", "cublas_fp16", "cusparse")
+
+
+def map_rows(docs, wanted=None) -> dict:
+    """Per layer, batch and sparsity: sparsert's speedup over the fastest of the baselines
+    (default: cuBLAS fp32, TF32, fp16 tensor cores, cuSPARSE) and which one that is."""
+    names = [n for n in pick_baselines(docs, wanted) if wanted or n in DENSE]
+    rows, seen = [], {}
+    for path, doc in docs:
+        for c in timed_cases(path, doc):
+            key = (c["problem"], int(c.get("batch", 1)), float(c["sparsity"]))
+            if key in seen:
+                raise UserError(f"{path}: {c['problem']} batch {key[1]} at {key[2]:g} is also "
+                                f"in {seen[key]}; give one file per batch")
+            seen[key] = path
+            speedups = {n: v for n in names if isinstance(v := (c.get("speedup") or {}).get(n),
+                                                          (int, float)) and v > 0}
+            if speedups:
+                against = min(speedups, key=speedups.get)
+                rows.append({"problem": key[0], "batch": key[1], "sparsity": key[2],
+                             "speedup": speedups[against], "against": against})
+    if not rows:
+        raise UserError(f"{docs[0][0]}: no speedups against {', '.join(names)} to map")
+    return {"baselines": names, "rows": rows}
+
+
 BUILDERS = {"speedup": speedup_rows, "layers": layer_rows, "roofline": roofline_rows,
-            "compare": compare_rows, "tune": tune_rows, "model": model_rows}
-TAKES_BASELINES = ("speedup", "layers")
+            "compare": compare_rows, "tune": tune_rows, "model": model_rows, "map": map_rows}
+TAKES_BASELINES = ("speedup", "layers", "map")
 
 
 def rows_for(kind: str, docs, wanted=None) -> dict:

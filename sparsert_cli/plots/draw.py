@@ -217,8 +217,44 @@ def model(data: dict) -> Figure:
     return fig
 
 
+def batch_map(data: dict) -> Figure:
+    from matplotlib.colors import TwoSlopeNorm
+
+    rows = data["rows"]
+    problems = list(dict.fromkeys(r["problem"] for r in rows))
+    batches = sorted({r["batch"] for r in rows})
+    sparsities = sorted({r["sparsity"] for r in rows})
+    fig, axes = plt.subplots(1, len(problems), squeeze=False, layout="constrained",
+                             figsize=(0.7 * len(sparsities) * len(problems) + 1.5,
+                                      0.5 * len(batches) + 1.8))
+    top = max(abs(math.log2(r["speedup"])) for r in rows) or 1.0
+    norm = TwoSlopeNorm(vmin=-top, vcenter=0.0, vmax=top)
+    for ax, problem in zip(axes[0], problems):
+        grid = [[math.nan] * len(sparsities) for _ in batches]
+        for r in rows:
+            if r["problem"] == problem:
+                i, j = batches.index(r["batch"]), sparsities.index(r["sparsity"])
+                grid[i][j] = math.log2(r["speedup"])
+                text = f"{r['speedup']:.2f}" + ("" if r["speedup"] >= 1
+                                                else f"\n{_label(r['against'])}")
+                ax.text(j, i, text, ha="center", va="center", fontsize=6.5,
+                        color="w" if abs(grid[i][j]) > 0.6 * top else "k")
+        image = ax.imshow(grid, cmap="RdBu", norm=norm, aspect="auto", origin="lower")
+        ax.set_xticks(range(len(sparsities)), [f"{s:g}" for s in sparsities])
+        ax.set_yticks(range(len(batches)), [str(b) for b in batches])
+        ax.set_xlabel("sparsity")
+        ax.set_title(problem)
+        ax.grid(False)
+    axes[0, 0].set_ylabel("batch")
+    bar = fig.colorbar(image, ax=axes[0, -1], shrink=0.9)
+    bar.set_label("log2 speedup over the fastest baseline")
+    fig.suptitle(f"sparsert vs the fastest of {', '.join(_label(n) for n in data['baselines'])}"
+                 "\nblue: sparsity pays; red: the named baseline wins")
+    return fig
+
+
 FIGURES = {"speedup": speedup, "layers": layers, "roofline": roofline, "compare": compare,
-           "tune": tune, "model": model}
+           "tune": tune, "model": model, "map": batch_map}
 
 
 def figure(kind: str, data: dict) -> Figure:
