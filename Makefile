@@ -1,6 +1,8 @@
 # Two commands do all the set-up on a fresh machine (Python >= 3.10):
 #   make bench   - create .venv, install sparsert[test], run `sparsert bench configs/ci.yaml`
-#   make test    - create .venv, install sparsert with its test extras, run the test suite
+#   make test    - create .venv, install sparsert with its test and plot extras (and Chromium
+#                  from the OS packages where root may), run the test suite
+#   make figures - regenerate the README's figures (docs/img/) from the committed results
 PYTHON ?= python3
 VENV := .venv
 CONFIG ?= configs/ci.yaml
@@ -8,15 +10,19 @@ CONFIG ?= configs/ci.yaml
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install -q --upgrade pip
-	$(VENV)/bin/python -m pip install -q -e '.[test]'
+	$(VENV)/bin/python -m pip install -q -e '.[test,plot]'
 	touch $@
 
-.PHONY: bench test clean
+.PHONY: bench test figures clean
 bench: $(VENV)/.installed
 	$(VENV)/bin/sparsert bench $(CONFIG)
 
 test: $(VENV)/.installed
+	scripts/ensure-chromium
 	$(VENV)/bin/python -m pytest -q
+
+figures: $(VENV)/.installed
+	PYTHON=$(VENV)/bin/python scripts/figures
 
 clean:
 	rm -rf $(VENV) results/local
