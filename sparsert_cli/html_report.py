@@ -87,7 +87,8 @@ def metadata(path: Path, doc: dict) -> str:
              ("config", ", ".join(f"{k}={v}" for k, v in cfg.items()) or "-"),
              ("precision", doc.get("precision", "-"))]
     return ('<table class="meta">' + "".join(f"<tr><th>{_e(k)}</th><td class=\"l\">{_e(v)}</td>"
-                                            f"</tr>" for k, v in items) + "</table>")
+                                            f"</tr>" for k, v in items if v != "-")
+            + "</table>")
 
 
 def cases_table(doc: dict, names: list[str]) -> str:

@@ -124,7 +124,7 @@ def test_tables_and_metadata(full_report):
 def test_bad_input_writes_nothing(capsys, tmp_path, make, words):
     path = make(tmp_path)
     out = tmp_path / "r" / "report.html"
-    code, _, err = run_main(["report", PAPER20, str(path), "-o", str(out)], capsys)
+    code, _, err = run_main(["report", str(path), PAPER20, "-o", str(out)], capsys)
     assert code == 2 and words in err and str(path) in err and len(err.splitlines()) == 1
     assert not out.exists() and not out.parent.exists()
 

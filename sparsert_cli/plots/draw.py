@@ -33,6 +33,19 @@ def _label(name: str) -> str:
     return LABELS.get(name, name)
 
 
+def _plain_log(ax) -> None:
+    """Log y ticks as plain numbers (2, 5, 10 rather than 2x10^0); minor ones too within a
+    short range, where there would be no major tick otherwise."""
+    from matplotlib.ticker import FuncFormatter
+
+    fmt = FuncFormatter(lambda v, _: f"{v:g}")
+    ax.yaxis.set_major_formatter(fmt)
+    low, high = ax.get_ylim()
+    if high / low < 20:
+        ax.yaxis.set_minor_formatter(fmt)
+        ax.tick_params(axis="y", which="minor", labelsize=7)
+
+
 def _grid(n: int) -> tuple[int, int]:
     cols = min(n, 3)
     return math.ceil(n / cols), cols
@@ -63,6 +76,7 @@ def speedup(data: dict) -> Figure:
         else:
             ax.plot([], [], " ", label=f"break-even: {e['note']}")
         ax.set_yscale("log")
+        _plain_log(ax)
         ax.set_title(f"vs {_label(name)}")
         ax.set_xlabel("sparsity")
         ax.legend(loc="upper left", fontsize=7, frameon=False)
@@ -101,6 +115,7 @@ def layers(data: dict) -> Figure:
         ax.set_xticks(range(len(problems)), problems, rotation=45, ha="right", fontsize=7)
         ax.set_xlim(-0.6, len(problems) - 0.4)
         ax.set_yscale("log")
+        _plain_log(ax)
         ax.set_ylabel("us per launch (median, log)")
         ax.set_title(f"sparsity {s:g}: per-layer time, whiskers p20-p80 of the samples")
         ax.grid(axis="x", visible=False)
@@ -186,8 +201,10 @@ def tune(data: dict) -> Figure:
                     ha="center", fontsize=7, color="tab:red")
     ax.set_xticks(range(len(cases)), cases, rotation=45, ha="right", fontsize=7)
     ax.set_yscale("log")
+    ax.margins(x=0.15, y=0.12)
+    _plain_log(ax)
     ax.set_ylabel("us per launch (median, log)")
-    ax.set_title("tuning: every candidate's time, the default plan and the winner")
+    ax.set_title("tuning: candidates, default and winner")
     ax.legend(fontsize=7, frameon=False)
     return fig
 
