@@ -118,21 +118,25 @@ def test_compare_sorts_ratios_with_noise_bands(capsys, tmp_path):
     assert "faster" in {r["status"] for r in rows}       # the tuned run beats the untuned one
 
 
-def test_compare_statuses_need_the_whole_band():
+def test_compare_uses_the_gate_statuses_and_band(tmp_path):
     base, new = sweep_doc("bench"), sweep_doc("bench")
-    for c in new["cases"]:                               # 10% slower, 0.9-1.1 us, tight samples
-        c["sparsert"] = {"median_us": c["sparsert"]["median_us"] * 1.1,
-                         "samples_us": [c["sparsert"]["median_us"] * 1.1] * 5}
-    for c in base["cases"]:
-        c["sparsert"]["samples_us"] = [c["sparsert"]["median_us"]] * 5
-    rows = pdata.compare_ratios(base, new, slack_us=0.3)
-    assert {r["status"] for r in rows if r["new_us"] - r["base_us"] > 0.3} == {"slower"}
-    assert {r["status"] for r in rows if r["new_us"] - r["base_us"] <= 0.3} == {"same"}
-    new["cases"][0]["sparsert"]["samples_us"] = [1.0, 1.0, 50.0, 50.0, 50.0]    # wide band
-    new["cases"][0]["sparsert"]["median_us"] = 50.0
-    assert next(r for r in pdata.compare_ratios(base, new)
-                if r["case"].startswith(new["cases"][0]["problem"]) and r["case"].endswith(
-                    f"@{new['cases'][0]['sparsity']:g}"))["status"] == "ambiguous"
+    for doc in (base, new):
+        doc["mode"] = "gpu"
+    for c in new["cases"]:                                   # 10% slower: 0.1-0.6 us
+        c["sparsert"] = {k: v * 1.1 if k != "samples_us" else [x * 1.1 for x in v]
+                         for k, v in c["sparsert"].items()}
+    slow = new["cases"][0]
+    slow["sparsert"]["samples_us"] = [1.0, 1.0] + slow["sparsert"]["samples_us"][2:]
+    new["cases"] = new["cases"][:-1]                         # one case lost
+    data = pdata.compare_rows([(tmp_path / "b.json", base), (tmp_path / "n.json", new)])
+    rows = {r["case"].split()[0] + r["case"].split()[-1]: r for r in data["rows"]}
+    assert rows["layer_b@0.9"]["status"] == "missing" and data["rows"][-1]["ratio"] is None
+    timed = [r for r in data["rows"] if r["ratio"]]
+    assert [r["ratio"] for r in timed] == sorted(r["ratio"] for r in timed)
+    for r in timed:
+        assert r["low"] <= r["ratio"] <= r["high"]
+        want = "same" if r["new_us"] - r["base_us"] <= 0.3 else "slower"
+        assert r["status"] == (want if r is not rows["layer_a@0.5"] else "ambiguous"), r
 
 
 def test_tune_and_model_figures(capsys, tmp_path):

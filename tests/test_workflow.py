@@ -13,9 +13,6 @@ import yaml
 from cli_helpers import run_main
 
 WORKFLOW = Path(__file__).resolve().parent.parent / ".github" / "workflows" / "gpu-perf.yml"
-# Flags `sparsert compare` gains in the same wave (noise-aware compare); until that branch is
-# merged their absence is an expected failure, and the test turns strict by itself afterwards.
-PENDING = {("compare", "--markdown"), ("compare", "--github-json")}
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +70,4 @@ def test_the_flag_check_catches_a_missing_flag(capsys):
 def test_every_sparsert_command_and_flag_exists(workflow, capsys):
     used = _used(_runs(workflow))
     assert {"bench", "compare", "report", "plot"} <= set(used)
-    missing = _missing(used, capsys)
-    if missing and set(missing) <= PENDING:
-        pytest.xfail(f"flags of the compare branch not merged yet: {missing}")
-    assert not missing, missing
+    assert not _missing(used, capsys)

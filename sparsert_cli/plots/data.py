@@ -211,37 +211,26 @@ def roofline_rows(docs) -> dict:
 
 # ---- compare two runs ------------------------------------------------------------------------
 
-def compare_ratios(base_doc: dict, new_doc: dict, max_regression: float = 0.05,
-                   slack_us: float = 0.3) -> list[dict]:
-    """new/base time ratios per case both files timed, sorted, with a noise band from the
-    samples (new p20 / base p80 .. new p80 / base p20). Status: slower / faster when the ratio is
-    beyond `max_regression` and `slack_us` and the whole band agrees, ambiguous when only the
-    median is beyond, else same. (The plot's own rule; `sparsert compare` gates.)"""
-    base = {(c["problem"], float(c["sparsity"])): c for c in base_doc["cases"] if timed(c)}
-    rows = []
-    for c in new_doc["cases"]:
-        old = base.get((c["problem"], float(c["sparsity"])))
-        if not old or not timed(c):
-            continue
-        (bm, b20, b80), (nm, n20, n80) = percentiles(timed(old)), percentiles(timed(c))
-        ratio, low, high = nm / bm, n20 / b80, n80 / b20
-        beyond_up = ratio > 1 + max_regression and nm > bm + slack_us
-        beyond_down = ratio < 1 - max_regression and nm < bm - slack_us
-        status = ("slower" if beyond_up and low > 1 else "faster" if beyond_down and high < 1
-                  else "ambiguous" if beyond_up or beyond_down else "same")
-        rows.append({"case": f"{c['problem']} @{float(c['sparsity']):g}", "base_us": bm,
-                     "new_us": nm, "ratio": ratio, "low": low, "high": high, "status": status})
-    return sorted(rows, key=lambda r: r["ratio"])
-
-
 def compare_rows(docs) -> dict:
+    """`sparsert compare`'s rows (its noise-aware statuses) for BASE NEW, with each ratio's noise
+    band (new p20 / base p80 .. new p80 / base p20), sorted by ratio; cases without a ratio
+    (missing, failed, new) come last."""
+    from ..commands.compare import SLACK_US, check_timings, compare
+
     if len(docs) != 2:
         raise UserError(f"{docs[0][0]}: --kind compare takes two files, BASE NEW; got {len(docs)}")
     (bpath, base), (npath, new) = docs
-    timed_cases(bpath, base), timed_cases(npath, new)
-    rows = compare_ratios(base, new)
-    if not rows:
+    check_timings(base, bpath), check_timings(new, npath)
+    rows = []
+    for r in compare(base, new, 0.05, SLACK_US)[0]:
+        low = high = r["ratio"]
+        if r["ratio"] and r["base_range"] and r["new_range"]:
+            low, high = r["new_range"][0] / r["base_range"][1], r["new_range"][1] / r["base_range"][0]
+        rows.append({"case": r["case"], "base_us": r["base_us"], "new_us": r["new_us"],
+                     "ratio": r["ratio"], "low": low, "high": high, "status": r["status"]})
+    if not any(r["ratio"] for r in rows):
         raise UserError(f"{npath}: no case in common with {bpath}; nothing to compare")
+    rows.sort(key=lambda r: (r["ratio"] is None, r["ratio"] or 0.0))
     return {"base": str(bpath), "new": str(npath), "rows": rows}
 
 
@@ -295,12 +284,16 @@ DENSE = ("cublas_fp32", "cublas_tf32", "cublas_fp16", "cusparse")
 
 def map_rows(docs, wanted=None) -> dict:
     """Per layer, batch and sparsity: sparsert's speedup over the fastest of the baselines
-    (default: cuBLAS fp32, TF32, fp16 tensor cores, cuSPARSE) and which one that is."""
+    (default: cuBLAS fp32, TF32, fp16 tensor cores, cuSPARSE) and which one that is.
+    bench folds a config's batch into a gemm's N (its case says batch 1), so a gemm takes the
+    batch of the convolutions in its file."""
     names = [n for n in pick_baselines(docs, wanted) if wanted or n in DENSE]
     rows, seen = [], {}
     for path, doc in docs:
+        file_batch = max(int(c.get("batch", 1)) for c in doc["cases"])
         for c in timed_cases(path, doc):
-            key = (c["problem"], int(c.get("batch", 1)), float(c["sparsity"]))
+            batch = file_batch if c.get("op") == "gemm" else int(c.get("batch", 1))
+            key = (c["problem"], batch, float(c["sparsity"]))
             if key in seen:
                 raise UserError(f"{path}: {c['problem']} batch {key[1]} at {key[2]:g} is also "
                                 f"in {seen[key]}; give one file per batch")
@@ -310,7 +303,8 @@ def map_rows(docs, wanted=None) -> dict:
             if speedups:
                 against = min(speedups, key=speedups.get)
                 rows.append({"problem": key[0], "batch": key[1], "sparsity": key[2],
-                             "speedup": speedups[against], "against": against})
+                             "n": c.get("n"), "speedup": speedups[against],
+                             "against": against})
     if not rows:
         raise UserError(f"{docs[0][0]}: no speedups against {', '.join(names)} to map")
     return {"baselines": names, "rows": rows}

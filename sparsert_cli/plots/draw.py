@@ -34,16 +34,19 @@ def _label(name: str) -> str:
 
 
 def _plain_log(ax) -> None:
-    """Log y ticks as plain numbers (2, 5, 10 rather than 2x10^0); minor ones too within a
-    short range, where there would be no major tick otherwise."""
+    """Log y ticks as plain numbers (2, 5, 10 rather than 2x10^0). Minor ticks are labelled at
+    draw time, once the limits are final: all within a decade, 2 and 5 within two."""
     from matplotlib.ticker import FuncFormatter
 
-    fmt = FuncFormatter(lambda v, _: f"{v:g}")
-    ax.yaxis.set_major_formatter(fmt)
-    low, high = ax.get_ylim()
-    if high / low < 20:
-        ax.yaxis.set_minor_formatter(fmt)
-        ax.tick_params(axis="y", which="minor", labelsize=7)
+    def minor(value, _):
+        low, high = ax.get_ylim()
+        mantissa = round(value / 10 ** math.floor(math.log10(value)), 6)
+        if high / low < 10 or (high / low < 200 and mantissa in (2, 5)):
+            return f"{value:g}"
+        return ""
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.yaxis.set_minor_formatter(FuncFormatter(minor))
+    ax.tick_params(axis="y", which="minor", labelsize=7)
 
 
 def _grid(n: int) -> tuple[int, int]:
@@ -159,10 +162,11 @@ def roofline(data: dict) -> Figure:
 
 
 def compare(data: dict) -> Figure:
-    rows = data["rows"]
+    rows = [r for r in data["rows"] if r["ratio"]]
     fig, ax = plt.subplots(figsize=(max(6.0, 0.18 * len(rows) + 2), 4.2), layout="constrained")
     colors = {"slower": "tab:red", "faster": "tab:green", "ambiguous": "tab:orange",
               "same": "0.4"}
+    others = [r for r in data["rows"] if not r["ratio"]]
     x = range(len(rows))
     ax.axhspan(0.95, 1.05, color="0.85", alpha=0.6, label="+-5%")
     ax.axhline(1.0, color="k", lw=0.8)
@@ -174,7 +178,10 @@ def compare(data: dict) -> Figure:
             ax.scatter(*zip(*pts), color=color, s=14, zorder=3, label=status)
     ax.set_xticks(list(x), [r["case"] for r in rows], rotation=60, ha="right", fontsize=6)
     ax.set_ylabel("new / base time")
-    ax.set_title(f"{data['new']} vs {data['base']}: sorted ratios")
+    extra = ", ".join(f"{sum(r['status'] == s for r in others)} {s}"
+                      for s in ("missing", "failed", "new") if any(r["status"] == s for r in others))
+    ax.set_title(f"{data['new']} vs {data['base']}: sorted ratios (sparsert compare's statuses)"
+                 + (f"; not shown: {extra}" if extra else ""))
     ax.legend(fontsize=7, loc="upper left", frameon=False)
     return fig
 
