@@ -67,7 +67,8 @@ def _figure(kind: str, data: dict, caption: str) -> str:
 
 def metadata(path: Path, doc: dict) -> str:
     gpu, cfg = doc.get("gpu") or {}, doc.get("config") or {}
-    clocks, floors, timing = gpu.get("clocks") or {}, doc.get("floors") or {}, doc.get("timing") or {}
+    clocks, floors = gpu.get("clocks") or {}, doc.get("floors") or {}
+    timing = doc.get("timing") or {}
     items = [("file", path), ("kind", f"{doc['kind']} (schema {doc.get('schema')})"),
              ("GPU", f"{gpu.get('name', 'none')} ({gpu.get('sm_count', '?')} SMs, "
                      f"{gpu.get('arch', doc.get('arch', '?'))})" if gpu else "none (CPU only)"),

@@ -1,4 +1,4 @@
-"""What each figure plots, as plain rows (no matplotlib): the CSV next to every figure is these rows.
+"""What each figure plots, as plain rows (no matplotlib); the CSV beside every figure holds them.
 
 Every function takes `[(path, doc), ...]` as `results.load_results` returned them and raises
 UserError naming the file when a document cannot give the figure what it needs.
@@ -225,7 +225,8 @@ def compare_rows(docs) -> dict:
     for r in compare(base, new, 0.05, SLACK_US)[0]:
         low = high = r["ratio"]
         if r["ratio"] and r["base_range"] and r["new_range"]:
-            low, high = r["new_range"][0] / r["base_range"][1], r["new_range"][1] / r["base_range"][0]
+            (base_low, base_high), (new_low, new_high) = r["base_range"], r["new_range"]
+            low, high = new_low / base_high, new_high / base_low
         rows.append({"case": r["case"], "base_us": r["base_us"], "new_us": r["new_us"],
                      "ratio": r["ratio"], "low": low, "high": high, "status": r["status"]})
     if not any(r["ratio"] for r in rows):

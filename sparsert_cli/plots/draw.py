@@ -18,7 +18,8 @@ STYLE = {"svg.fonttype": "none",            # text stays text: small, searchable
          "axes.spines.right": False, "axes.grid": True, "grid.alpha": 0.3}
 COLORS = plt.get_cmap("tab10").colors
 # One colour per baseline in every figure; sparsert series (one per results file) get blues.
-BASELINE_COLORS = {"cublas_fp32": "tab:green", "cublas_tf32": "tab:red", "cublas_fp16": "tab:purple",
+BASELINE_COLORS = {"cublas_fp32": "tab:green", "cublas_tf32": "tab:red",
+                   "cublas_fp16": "tab:purple",
                    "cusparse": "tab:brown", "cudnn_fp32": "tab:pink", "cudnn_fp16": "tab:gray",
                    "im2col_cusparse": "tab:olive"}
 SPARSERT_COLORS = ("tab:blue", "tab:cyan", "navy", "tab:orange")
@@ -97,12 +98,15 @@ def layers(data: dict) -> Figure:
     sparsities = sorted({r["sparsity"] for r in rows})
     by_s = {s: list(dict.fromkeys(r["problem"] for r in rows if r["sparsity"] == s))
             for s in sparsities}
-    widest = max(len(v) for v in by_s.values())
-    fig, axes = plt.subplots(len(sparsities), 1, squeeze=False, layout="constrained",
-                             figsize=(min(16.0, max(6.0, 0.09 * widest * (len(series) + 1))),
-                                      3.2 * len(sparsities)))
+    # one panel per sparsity, as many side by side as fit in 16 inches
+    panel = min(16.0, max(4.0, 0.09 * max(map(len, by_s.values())) * (len(series) + 1)))
+    cols = max(1, min(len(sparsities), int(16.0 // panel)))
+    nrows = math.ceil(len(sparsities) / cols)
+    fig, axes = plt.subplots(nrows, cols, squeeze=False, layout="constrained",
+                             figsize=(panel * cols, 3.2 * nrows + 0.4))
     width = 0.8 / len(series)
-    for ax, s in zip(axes[:, 0], sparsities):
+    handles = {}
+    for ax, s in zip(axes.flat, sparsities):
         problems = by_s[s]
         for i, (name, color) in enumerate(zip(series, _colors(series))):
             pts = [(j, r) for j, p in enumerate(problems) for r in rows
@@ -113,17 +117,24 @@ def layers(data: dict) -> Figure:
             med = [r["median_us"] for _, r in pts]
             err = [[r["median_us"] - r["p20_us"] for _, r in pts],
                    [r["p80_us"] - r["median_us"] for _, r in pts]]
-            ax.bar(x, med, width, color=color, label=_label(name),
-                   yerr=err, error_kw={"elinewidth": 0.7, "capsize": 1.2, "ecolor": "0.2"})
+            handles[name] = ax.bar(x, med, width, color=color, yerr=err,
+                                   error_kw={"elinewidth": 0.7, "capsize": 1.2, "ecolor": "0.2"})
         ax.set_xticks(range(len(problems)), problems, rotation=45, ha="right", fontsize=7)
         ax.set_xlim(-0.6, len(problems) - 0.4)
         ax.set_yscale("log")
         _plain_log(ax)
         ax.set_ylabel("us per launch (median, log)")
-        ax.set_title(f"sparsity {s:g}: per-layer time, whiskers p20-p80 of the samples")
+        ax.set_title(f"sparsity {s:g}" + (": per-layer time, whiskers p20-p80 of the samples"
+                                          if panel >= 8 else ""))
         ax.grid(axis="x", visible=False)
-    fig.legend(*axes[0, 0].get_legend_handles_labels(), ncols=min(len(series), 8), fontsize=7,
+    for ax in axes.flat[len(sparsities):]:
+        ax.set_visible(False)
+    names = [n for n in series if n in handles]
+    fig.legend([handles[n] for n in names], [_label(n) for n in names], fontsize=7,
+               ncols=max(1, min(len(names), int(panel * cols / 1.7))),
                loc="outside lower center", frameon=False)
+    if panel < 8:
+        fig.suptitle("per-layer time, whiskers p20-p80 of the samples")
     return fig
 
 
@@ -178,8 +189,8 @@ def compare(data: dict) -> Figure:
             ax.scatter(*zip(*pts), color=color, s=14, zorder=3, label=status)
     ax.set_xticks(list(x), [r["case"] for r in rows], rotation=60, ha="right", fontsize=6)
     ax.set_ylabel("new / base time")
-    extra = ", ".join(f"{sum(r['status'] == s for r in others)} {s}"
-                      for s in ("missing", "failed", "new") if any(r["status"] == s for r in others))
+    counts = {s: sum(r["status"] == s for r in others) for s in ("missing", "failed", "new")}
+    extra = ", ".join(f"{n} {s}" for s, n in counts.items() if n)
     ax.set_title(f"{data['new']} vs {data['base']}: sorted ratios (sparsert compare's statuses)"
                  + (f"; not shown: {extra}" if extra else ""))
     ax.legend(fontsize=7, loc="upper left", frameon=False)
