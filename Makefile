@@ -1,5 +1,5 @@
 # Two commands do all the set-up on a fresh machine (Python >= 3.10):
-#   make bench   - create .venv, install sparsert[test], run `sparsert bench configs/ci.yaml`
+#   make bench   - create .venv, install sparsert[test,plot], run `sparsert bench configs/ci.yaml`
 #   make test    - create .venv, install sparsert with its test and plot extras (and Chromium
 #                  from the OS packages where root may), run the test suite
 #   make figures - regenerate the README's figures (docs/img/) from the committed results

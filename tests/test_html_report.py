@@ -8,6 +8,7 @@ import re
 import shutil
 import struct
 import subprocess
+import sys
 from html.parser import HTMLParser
 
 import pytest
@@ -192,3 +193,14 @@ def test_report_renders_in_headless_chromium(full_report):
     head = shot.read_bytes()[:24]
     assert head[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 10_000
     assert struct.unpack(">II", head[16:24]) == (1280, 2000)
+
+
+def test_missing_matplotlib_is_one_line(capsys, tmp_path, monkeypatch):
+    import sparsert_cli.plots as plots
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)      # import matplotlib -> ImportError
+    monkeypatch.delitem(sys.modules, "sparsert_cli.plots.draw", raising=False)
+    monkeypatch.delattr(plots, "draw", raising=False)
+    out = tmp_path / "report.html"
+    code, _, err = run_main(["report", PAPER20, "-o", str(out)], capsys)
+    assert code == 2 and "pip install 'sparsert[plot]'" in err and not out.exists()
