@@ -193,7 +193,7 @@ def compare(data: dict) -> Figure:
     extra = ", ".join(f"{n} {s}" for s, n in counts.items() if n)
     ax.set_title(f"{data['new']} vs {data['base']}: sorted ratios (sparsert compare's statuses)"
                  + (f"; not shown: {extra}" if extra else ""))
-    ax.legend(fontsize=7, loc="upper left", frameon=False)
+    ax.legend(fontsize=7, loc="best", framealpha=0.9)
     return fig
 
 
