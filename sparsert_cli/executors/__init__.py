@@ -1,0 +1,77 @@
+"""Executors move tuning jobs (jobs.py) from a CPU compile stage to GPU measure workers.
+
+`local.LocalExecutor`: a process pool and one spawned worker per GPU of this host (stdlib only).
+`ray_backend.RayExecutor`: the same on a Ray cluster (optional extra `[ray]`).
+Both answer `start() -> [GPU info per worker]`, `run(cases, jobs, on_result, on_event) -> stats`
+and `stop()`; `run_jobs` below is what the commands call with either.
+"""
+
+from __future__ import annotations
+
+import time
+
+from ..errors import UserError
+from ..jobs import row
+
+
+def parse_gpus(value: str | None, count: int) -> list[int]:
+    """`--gpus all|0,1,...` against the `count` GPUs the driver reports (one line if wrong)."""
+    if count == 0:
+        raise UserError(f"--gpus {value}: no GPU on this machine ({gpu_count_reason()})", 3)
+    if value in (None, "", "all"):
+        return list(range(count))
+    try:
+        ids = [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"--gpus: expected 'all' or device numbers like 0,1, got {value!r}")
+    if not ids or len(set(ids)) != len(ids):
+        raise UserError(f"--gpus: expected distinct device numbers, got {value!r}")
+    bad = [i for i in ids if not 0 <= i < count]
+    if bad:
+        raise UserError(f"--gpus: no device {bad[0]} (this machine has {count} GPU(s): "
+                        f"0..{count - 1})")
+    return ids
+
+
+def gpu_count() -> int:
+    """GPUs the driver reports (cuDeviceGetCount), 0 without a usable driver."""
+    from ..gpu.runtime import cu, have_gpu
+
+    return int(cu("cuDeviceGetCount")) if have_gpu() else 0
+
+
+def gpu_count_reason() -> str:
+    from ..gpu.runtime import _probe
+
+    return _probe()[1]
+
+
+def same_gpu(infos: list[dict]) -> dict:
+    names = sorted({(i["gpu_name"], i["driver"]) for i in infos})
+    if len(names) > 1:
+        raise UserError("workers see different GPUs or drivers "
+                        f"({'; '.join(' / '.join(n) for n in names)}): tune each kind with --gpus")
+    return infos[0]
+
+
+def run_jobs(executor, cases, jobs, db, family, remeasure: bool = False, on_event=None) -> dict:
+    """Start the executor, skip jobs the database already holds for this GPU (resume), run the
+    rest with every result written to the database as it arrives, stop. Returns run stats."""
+    started = time.perf_counter()
+    infos = executor.start()
+    try:
+        gpu = same_gpu(infos)
+        done = set() if remeasure else db.measured(gpu["gpu_name"], gpu["driver"])
+        todo = [j for j in jobs if j.ident(cases[j.case], family) not in done]
+        if on_event:
+            on_event("plan", None, {"jobs": len(jobs), "todo": len(todo)})
+
+        def on_result(job, compiled, result, slot):
+            info = infos[slot] if slot is not None and slot < len(infos) else gpu
+            db.insert(row(cases[job.case], compiled, job, result, info, family))
+
+        stats = executor.run(cases, todo, on_result, on_event)
+    finally:
+        executor.stop()
+    return {"gpu": gpu, "jobs": len(jobs), "skipped": len(jobs) - len(todo),
+            "wall_seconds": time.perf_counter() - started, **stats}

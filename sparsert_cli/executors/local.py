@@ -1,0 +1,348 @@
+"""One host, every GPU: a CPU compile pool feeding one spawned measure worker per GPU.
+
+Each GPU gets its own *spawned* process (a fresh interpreter, CUDA_VISIBLE_DEVICES=<i> in its
+environment before anything can initialise CUDA), talking to this process over a pipe, one job
+at a time. A worker that dies (segfault, exit, kill), hits a sticky CUDA error (its context is
+gone) or runs past the job timeout is replaced by a new process; its job is retried once, then
+recorded as failed with the error — never dropped. Results go to `on_result` (the database) the
+moment they arrive, so a crash of this process loses nothing already measured.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections import deque
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from multiprocessing import connection, get_context
+
+import numpy as np
+
+from ..errors import UserError
+from ..jobs import (Compiled, GpuMeasure, case_inputs, compile_job, failure, is_sticky,
+                    measure_job, one_line)
+
+ATTEMPTS = 2              # a job whose worker dies is run once more, then recorded as failed
+START_TIMEOUT = 180.0     # seconds a new worker may take to import and open its GPU
+_ENV_LOCK = threading.Lock()
+
+
+def _gpu_worker(conn, measure, device: str) -> None:
+    """Body of a GPU worker process: open the measure, then answer jobs until told to stop."""
+    os.environ["CUDA_VISIBLE_DEVICES"] = device   # already set by the parent; before any CUDA
+    try:
+        info = measure.open()
+    except Exception as exc:  # noqa: BLE001 - reported to the parent as one line
+        conn.send(("open_failed", one_line(exc)))
+        return
+    conn.send(("ready", {**info, "device": device}))
+    inputs = None
+    while True:
+        try:
+            message = conn.recv()
+        except EOFError:       # the parent went away
+            break
+        if message[0] == "stop":
+            break
+        _, job_id, payload, new_inputs = message
+        if new_inputs is not None:
+            inputs = new_inputs
+        try:
+            result = measure(payload, inputs)
+        except Exception as exc:  # noqa: BLE001 - a job's failure is its result
+            error = one_line(exc)
+            if is_sticky(error):      # the context is unusable: this process must go
+                conn.send(("fatal", job_id, error))
+                conn.close()
+                os._exit(3)
+            result = failure(error)
+        conn.send(("result", job_id, result))
+    try:
+        measure.close()
+    finally:
+        conn.close()
+
+
+@dataclass
+class _Worker:
+    slot: int
+    device: str
+    proc: object = None
+    conn: object = None
+    state: str = "starting"      # starting | idle | busy | dead
+    current: Compiled | None = None
+    case: int | None = None      # the case whose inputs the process holds
+    since: float = 0.0
+    info: dict = field(default_factory=dict)
+    jobs: int = 0
+    busy_seconds: float = 0.0
+    restarts: int = 0
+    error: str = ""
+
+
+class LocalExecutor:
+    """`gpus`: device numbers (CUDA ordinals); `jobs`: compile processes (default: all cores).
+    `measure` is pickled into every worker (tests pass a fake one); `verify_seed` makes every
+    compile job also verify its plan on the CPU; `staged` compiles everything before measuring
+    (to time the two phases apart); `job_timeout` bounds one measure job."""
+
+    def __init__(self, gpus: list[int], emitter: str = "ptx", arch: str = "sm_90",
+                 cache_root: str | None = None, jobs: int | None = None, measure=None,
+                 verify_seed: int | None = None, staged: bool = False,
+                 job_timeout: float = 600.0):
+        self.gpus = list(gpus)
+        self.emitter, self.arch, self.cache_root = emitter, arch, cache_root
+        self.jobs = jobs or os.cpu_count() or 1
+        self.measure = measure if measure is not None else GpuMeasure()
+        self.verify_seed, self.staged, self.job_timeout = verify_seed, staged, job_timeout
+        self.context = get_context("spawn")
+        self.workers: list[_Worker] = []
+        self._left: dict[int, int] = {}
+        self._nnz: dict[int, int] = {}
+
+    # ---- workers ---------------------------------------------------------------------------
+    def _spawn(self, worker: _Worker) -> None:
+        parent, child = self.context.Pipe()
+        proc = self.context.Process(target=_gpu_worker, args=(child, self.measure, worker.device),
+                                    name=f"sparsert-gpu{worker.device}", daemon=True)
+        with _ENV_LOCK:   # the child's environment is copied at start: CUDA sees one device
+            before = os.environ.get("CUDA_VISIBLE_DEVICES")
+            os.environ["CUDA_VISIBLE_DEVICES"] = worker.device
+            try:
+                proc.start()
+            finally:
+                if before is None:
+                    os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+                else:
+                    os.environ["CUDA_VISIBLE_DEVICES"] = before
+        child.close()
+        worker.proc, worker.conn, worker.state = proc, parent, "starting"
+        worker.current, worker.case, worker.since = None, None, time.perf_counter()
+
+    def start(self) -> list[dict]:
+        """Spawn one worker per GPU and wait until each has opened its device."""
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        mapping = [d.strip() for d in visible.split(",")] if visible else None
+        self.workers = [_Worker(slot, mapping[g] if mapping and g < len(mapping) else str(g))
+                        for slot, g in enumerate(self.gpus)]
+        for worker in self.workers:
+            self._spawn(worker)
+        deadline = time.perf_counter() + START_TIMEOUT
+        while any(w.state == "starting" for w in self.workers):
+            self._poll(min(1.0, max(0.0, deadline - time.perf_counter())), None, None)
+            if time.perf_counter() > deadline:
+                break
+        failed = [w for w in self.workers if w.state != "idle"]
+        if failed:
+            self.stop()
+            w = failed[0]
+            raise UserError(f"GPU {w.device}: measure worker did not start "
+                            f"({w.error or 'no answer in time'})", 3)
+        return [w.info for w in self.workers]
+
+    def stop(self) -> None:
+        for worker in self.workers:
+            if worker.proc is None:
+                continue
+            if worker.proc.is_alive():
+                try:
+                    worker.conn.send(("stop",))
+                except (OSError, ValueError):
+                    pass
+                worker.proc.join(10)
+            if worker.proc.is_alive():
+                worker.proc.kill()
+                worker.proc.join(5)
+            worker.conn.close()
+            worker.proc = None
+
+    # ---- the run ---------------------------------------------------------------------------
+    def run(self, cases, jobs, on_result, on_event=None) -> dict:
+        """Compile every job, measure the compiled ones on the workers; every job ends in
+        exactly one on_result(job, compiled | None, result, worker slot | None)."""
+        self._cases, self._on_result, self._on_event = cases, on_result, on_event
+        self._ready: deque[Compiled] = deque()
+        self._attempts: dict[tuple, int] = {}
+        self._left: dict[int, int] = {}
+        for job in jobs:
+            self._left[job.case] = self._left.get(job.case, 0) + 1
+        self._inputs: dict = {}
+        started = time.perf_counter()
+        self._first_dispatch = self._last_result = None
+        compile_done = started
+        wake_r, wake_w = os.pipe()
+        threads = max(1, (os.cpu_count() or 1) // max(1, min(self.jobs, len(jobs) or 1)))
+        # Biggest kernels first: the long compiles start early.
+        order = sorted(jobs, key=lambda j: -self._size(j))
+        pool = ProcessPoolExecutor(max_workers=max(1, min(self.jobs, len(jobs) or 1)),
+                                   mp_context=self.context)
+        refs = ThreadPoolExecutor(1, thread_name_prefix="sparsert-inputs")
+        pending = {}
+        try:
+            for job in order:
+                future = pool.submit(compile_job, cases[job.case], job, self.emitter, self.arch,
+                                     self.cache_root, threads, self.verify_seed)
+                future.add_done_callback(lambda _f: os.write(wake_w, b"."))
+                pending[future] = job
+            while pending or self._ready or any(w.state == "busy" for w in self.workers):
+                for future in [f for f in pending if f.done()]:
+                    job = pending.pop(future)
+                    try:
+                        compiled = future.result()
+                    except Exception as exc:  # noqa: BLE001 - e.g. a compile process died
+                        compiled = Compiled(job, None, None, f"compile worker: {one_line(exc)}")
+                    self._compiled(compiled, refs)
+                    if not pending:
+                        compile_done = time.perf_counter()
+                if not (self.staged and pending):
+                    self._dispatch()
+                if not any(w.state != "dead" for w in self.workers):
+                    self._fail_all("no GPU worker left: " + "; ".join(
+                        sorted({w.error for w in self.workers if w.error})))
+                self._poll(1.0, wake_r, pending)
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
+            refs.shutdown(wait=False, cancel_futures=True)
+            os.close(wake_r)
+            os.close(wake_w)
+        end = time.perf_counter()
+        measure_s = (self._last_result - self._first_dispatch) if self._first_dispatch and \
+            self._last_result else 0.0
+        return {"compile_seconds": compile_done - started, "measure_seconds": measure_s,
+                "run_seconds": end - started,
+                "gpus": [{"slot": w.slot, "device": w.device, "jobs": w.jobs,
+                          "busy_seconds": round(w.busy_seconds, 3), "restarts": w.restarts,
+                          "jobs_per_second": w.jobs / measure_s if measure_s else None}
+                         for w in self.workers]}
+
+    def _size(self, job) -> int:
+        from ..build import code_units
+
+        case = self._cases[job.case]
+        if job.case not in self._nnz:
+            self._nnz[job.case] = int(np.count_nonzero(case.weight))
+        return code_units(self._nnz[job.case], job.params.vector_width, case.precision)
+
+    def _compiled(self, compiled: Compiled, refs) -> None:
+        job = compiled.job
+        if self._on_event:
+            self._on_event("compiled", job, {"ok": compiled.build is not None,
+                                             "seconds": compiled.seconds})
+        if compiled.build is None:
+            self._finish(job, compiled, failure(f"compile: {compiled.error}"), None)
+            return
+        if job.case not in self._inputs:   # one reference per case, off the event loop
+            self._inputs[job.case] = refs.submit(case_inputs, self._cases[job.case])
+        self._ready.append(compiled)
+
+    def _dispatch(self) -> None:
+        for worker in self.workers:
+            if worker.state != "idle" or not self._ready:
+                continue
+            pick = next((c for c in self._ready if c.job.case == worker.case), self._ready[0])
+            self._ready.remove(pick)
+            case = self._cases[pick.job.case]
+            inputs = None if worker.case == case.index else self._inputs[case.index].result()
+            try:
+                worker.conn.send(("job", pick.job.id, measure_job(pick, case), inputs))
+            except (OSError, ValueError):       # died between jobs: requeue, restart
+                self._ready.appendleft(pick)
+                self._lost(worker, "worker pipe closed", blame=False)
+                continue
+            worker.state, worker.current, worker.case = "busy", pick, case.index
+            worker.since = time.perf_counter()
+            self._first_dispatch = self._first_dispatch or worker.since
+
+    def _poll(self, timeout: float, wake_r, pending) -> None:
+        """Wait for a worker message, a worker death or a finished compile; handle them."""
+        live = [w for w in self.workers if w.proc is not None and w.state != "dead"]
+        waitables = [w.conn for w in live] + [w.proc.sentinel for w in live]
+        if wake_r is not None:
+            waitables.append(wake_r)
+        now = time.perf_counter()
+        deadlines = [w.since + self.job_timeout - now for w in live if w.state == "busy"]
+        timeout = max(0.0, min([timeout, *deadlines]))
+        ready = connection.wait(waitables, timeout) if waitables else time.sleep(timeout) or []
+        if wake_r is not None and wake_r in ready:
+            os.read(wake_r, 65536)
+        for worker in live:
+            try:
+                while worker.conn.poll():
+                    self._message(worker, worker.conn.recv())
+            except (EOFError, OSError):
+                pass
+            if worker.state not in ("dead",) and worker.proc is not None \
+                    and not worker.proc.is_alive():
+                code = worker.proc.exitcode
+                why = (f"signal {signal.Signals(-code).name}" if code and code < 0
+                       else f"exit code {code}")
+                self._lost(worker, f"worker died ({why})")
+            elif worker.state == "busy" and \
+                    time.perf_counter() - worker.since > self.job_timeout:
+                worker.proc.kill()
+                worker.proc.join(5)
+                self._lost(worker, f"job timed out after {self.job_timeout:g} s")
+            elif worker.state == "starting" and \
+                    time.perf_counter() - worker.since > START_TIMEOUT:
+                worker.proc.kill()
+                worker.proc.join(5)
+                worker.state, worker.error = "dead", "no answer from a new worker in time"
+
+    def _message(self, worker: _Worker, message) -> None:
+        kind = message[0]
+        if kind == "ready":
+            worker.state, worker.info = "idle", message[1]
+        elif kind == "open_failed":
+            worker.error = message[1]
+            worker.proc.join(5)
+            worker.state = "dead"
+        elif kind == "result":
+            done = worker.current
+            worker.busy_seconds += time.perf_counter() - worker.since
+            worker.jobs += 1
+            worker.state, worker.current = "idle", None
+            self._finish(done.job, done, message[2], worker.slot)
+        elif kind == "fatal":
+            worker.proc.join(10)
+            self._lost(worker, message[2])
+
+    def _lost(self, worker: _Worker, error: str, blame: bool = True) -> None:
+        """The worker process is gone: retry or fail its job, start a replacement."""
+        job = worker.current
+        if job is not None and blame:
+            tries = self._attempts[job.job.id] = self._attempts.get(job.job.id, 0) + 1
+            if tries >= ATTEMPTS:
+                self._finish(job.job, job, failure(f"{error} (after {tries} attempts)"),
+                             worker.slot)
+            else:
+                self._ready.appendleft(job)
+                if self._on_event:
+                    self._on_event("retry", job.job, {"error": error, "slot": worker.slot})
+        elif job is not None:
+            self._ready.appendleft(job)
+        if worker.state == "starting" or worker.restarts > 2 * ATTEMPTS * (len(self._left) + 1):
+            worker.state, worker.error = "dead", error    # cannot even start: give the slot up
+            return
+        worker.restarts += 1
+        try:
+            worker.conn.close()
+        except OSError:
+            pass
+        self._spawn(worker)
+
+    def _finish(self, job, compiled, result, slot) -> None:
+        self._last_result = time.perf_counter()
+        self._on_result(job, compiled, result, slot)
+        self._left[job.case] -= 1
+        if not self._left[job.case]:
+            self._inputs.pop(job.case, None)
+        if self._on_event:
+            self._on_event("measured", job, {"slot": slot, **result})
+
+    def _fail_all(self, error: str) -> None:
+        while self._ready:
+            compiled = self._ready.popleft()
+            self._finish(compiled.job, compiled, failure(error), None)

@@ -1,0 +1,305 @@
+"""The tuning job model: (pattern, shape, precision, family@version, plan) -> compile -> measure.
+
+A *case* is one layer of a config at one sparsity and precision; a *job* is one candidate plan
+of a case. A compile job (CPU, any process or host) builds the plan, emits and compiles it
+through the kernel cache and optionally executes the plan on the CPU against float64; a measure
+job (one GPU) verifies the cubin element-wise against float64 with a poisoned output and times
+it. Executors (executors/local.py, executors/ray_backend.py) move jobs between the two; this
+module holds what they share: the job identity that resume and the database key on, the two job
+functions, the measure object a GPU worker runs, and the winner selection.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from .build import KernelBuild, build_kernel, epilogue_for, geometry_for
+from .plan import PRECISIONS, Epilogue, Geometry, PlanParams, build_plan
+from .problems import Problem
+from .tunedb import plan_json
+
+# CUDA errors after which a context is unusable: the worker process must be replaced.
+STICKY_ERRORS = ("CUDA_ERROR_ILLEGAL_ADDRESS", "CUDA_ERROR_LAUNCH_FAILED",
+                 "CUDA_ERROR_ILLEGAL_INSTRUCTION", "CUDA_ERROR_MISALIGNED_ADDRESS",
+                 "CUDA_ERROR_INVALID_ADDRESS_SPACE", "CUDA_ERROR_INVALID_PC",
+                 "CUDA_ERROR_HARDWARE_STACK_ERROR", "CUDA_ERROR_LAUNCH_TIMEOUT",
+                 "CUDA_ERROR_ECC_UNCORRECTABLE", "CUDA_ERROR_ASSERT",
+                 "CUDA_ERROR_CONTEXT_IS_DESTROYED", "CUDA_ERROR_UNKNOWN")
+TUNE_REPLAYS = 5
+_UNUSED_FLOORS = {"fp32_gflops": 1.0, "bandwidth_gbs": 1.0, "launch_us": 1.0}
+
+
+def current_family(emitter: str = "ptx") -> tuple[str, str]:
+    """(family, version) of the kernels this sparsert emits: the one place to switch when kernel
+    families land. The version changes whenever the emitted code does, so old measurements stop
+    counting as done."""
+    from .emit_cuda import EMITTER_VERSION as CUDA_VERSION
+    from .emit_ptx import EMITTER_VERSION as PTX_VERSION
+
+    return "immediate", PTX_VERSION if emitter == "ptx" else CUDA_VERSION
+
+
+def one_line(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"
+
+
+def is_sticky(error: str) -> bool:
+    return any(name in error for name in STICKY_ERRORS)
+
+
+@dataclass(frozen=True)
+class CaseSpec:
+    """What every candidate of one case shares (sent with each compile job)."""
+
+    index: int
+    problem: Problem
+    sparsity: float
+    weight: np.ndarray = field(repr=False, compare=False)
+    epilogue: Epilogue
+    precision: str
+    pattern_hash: str
+    shape: str
+
+    @property
+    def key(self) -> str:
+        return f"{self.problem.id}@{self.sparsity:g}"
+
+    @property
+    def geometry(self) -> Geometry:
+        return geometry_for(self.problem)
+
+
+@dataclass(frozen=True)
+class Job:
+    case: int            # CaseSpec.index
+    candidate: int       # 0 is the untuned default
+    params: PlanParams
+
+    @property
+    def id(self) -> tuple[int, int]:
+        return (self.case, self.candidate)
+
+    def ident(self, case: CaseSpec, family: tuple[str, str]) -> tuple:
+        """The job's identity in the database (tunedb.JOB_COLUMNS less GPU and driver)."""
+        return (case.pattern_hash, case.shape, case.precision, *family,
+                plan_json(asdict(self.params)))
+
+
+@dataclass(frozen=True)
+class LaunchSpec:
+    """The part of a plan a GPU worker needs to launch and check a kernel (a Plan holds every
+    load and can be large; this is a few numbers). Stands in for `Plan` in bench.Case."""
+
+    entry: str
+    grid: tuple[int, int, int]
+    block: tuple[int, int, int]
+    arguments: tuple[str, ...]
+    geometry: Geometry
+    element_bytes: int
+    dtype: str
+    accumulate: str
+    precision: str
+    nnz: int
+    epilogue: Epilogue
+    params: PlanParams
+
+    @classmethod
+    def of(cls, plan) -> "LaunchSpec":
+        return cls(plan.entry, tuple(plan.grid), tuple(plan.block), tuple(plan.arguments),
+                   plan.geometry, plan.element_bytes, plan.dtype, plan.accumulate,
+                   plan.precision, plan.nnz, plan.epilogue, plan.params)
+
+
+@dataclass(frozen=True)
+class Compiled:
+    """A compile job's answer. `build` is None when planning or compiling failed (`error`)."""
+
+    job: Job
+    launch: LaunchSpec | None
+    build: KernelBuild | None
+    error: str | None = None
+    cpu_verify: dict | None = None
+    seconds: float = 0.0
+
+    @property
+    def cubin_sha256(self) -> str | None:
+        return hashlib.sha256(self.build.cubin).hexdigest() if self.build else None
+
+
+@dataclass(frozen=True)
+class MeasureJob:
+    """What a GPU worker gets: the job, its case's problem and the compiled kernel."""
+
+    job: Job
+    case_key: str
+    problem: Problem
+    sparsity: float
+    launch: LaunchSpec
+    build: KernelBuild
+
+
+def make_cases(config, limit: int, seeds: Callable[[str, Geometry, str], list] = lambda *a: []
+               ) -> tuple[list[CaseSpec], list[Job]]:
+    """Every case of a config and its candidate jobs. `seeds(pattern_hash, geometry, precision)`
+    gives plans to try right after the default (a layer's winners at other precisions)."""
+    from .patterns import generate, pattern_hash, to_csr
+    from .tune import candidates, shape_key
+
+    cases, jobs = [], []
+    for problem, sparsity in config.cases():
+        weight = generate(problem, sparsity, config.pattern, config.seed)
+        geometry = geometry_for(problem)
+        digest = pattern_hash(weight)
+        case = CaseSpec(len(cases), problem, sparsity, weight,
+                        epilogue_for(problem, config.epilogue, config.seed, sparsity),
+                        config.precision, digest, shape_key(geometry))
+        cases.append(case)
+        cands = candidates(geometry, to_csr(weight).nnz, limit, config.precision,
+                           tuple(seeds(digest, geometry, config.precision)))
+        jobs += [Job(case.index, i, params) for i, params in enumerate(cands)]
+    return cases, jobs
+
+
+def compile_job(case: CaseSpec, job: Job, emitter: str, arch: str, cache_root: str | None,
+                threads: int = 1, verify_seed: int | None = None) -> Compiled:
+    """Plan -> source -> cubin (through the cache), and with verify_seed the CPU verification of
+    the plan against float64. Never raises: a failure is the answer's `error`."""
+    from .bench import Case, verify_cpu
+    from .cache import KernelCache
+    from .patterns import to_csr
+
+    start = time.perf_counter()
+    launch = None
+    try:
+        dtype, accumulate = PRECISIONS[case.precision]
+        plan = build_plan(to_csr(case.weight), case.geometry, job.params, case.epilogue, dtype,
+                          accumulate)
+        launch = LaunchSpec.of(plan)
+        cache = KernelCache(cache_root) if cache_root is not None else None
+        build, _ = build_kernel(plan, emitter, arch, cache, threads)
+        verify = (verify_cpu(Case(case.problem, case.sparsity, case.weight, plan), verify_seed)
+                  if verify_seed is not None else None)
+    except Exception as exc:  # noqa: BLE001 - reported per job, never fatal to the run
+        return Compiled(job, launch, None, one_line(exc), None, time.perf_counter() - start)
+    return Compiled(job, launch, build, None, verify, time.perf_counter() - start)
+
+
+def case_inputs(case: CaseSpec):
+    """(x, residual, reference, magnitude) shared by every candidate of a case: one reference
+    per case, as the serial tuner always did (seeded, so every worker and host agrees)."""
+    from types import SimpleNamespace
+
+    from .bench import Case, random_inputs, reference
+
+    dtype = PRECISIONS[case.precision][0]
+    view = Case(case.problem, case.sparsity, case.weight,
+                SimpleNamespace(dtype=dtype, epilogue=case.epilogue))
+    x, res = random_inputs(view, np.random.default_rng(0))
+    return (x, res, *reference(view, x, res))
+
+
+def measure_job(compiled: Compiled, case: CaseSpec) -> MeasureJob:
+    return MeasureJob(compiled.job, case.key, case.problem, case.sparsity, compiled.launch,
+                      compiled.build)
+
+
+class GpuMeasure:
+    """Verify + time on the one GPU this process sees. `open` runs in the worker process, after
+    CUDA_VISIBLE_DEVICES is set; the same object, pickled, is what tests replace."""
+
+    def __init__(self, replays: int = TUNE_REPLAYS):
+        self.replays = replays
+        self.gpu = None
+
+    def open(self) -> dict:
+        from .gpu.runtime import Gpu
+
+        self.gpu = Gpu(0)
+        info = self.gpu.info()
+        return {"gpu_name": info["name"], "sm_count": info["sm_count"],
+                "driver": info.get("nvml_driver") or info["driver_version"],
+                "clocks": info.get("clocks", {}), "pci_bus_id": info.get("pci_bus_id")}
+
+    def __call__(self, job: MeasureJob, inputs) -> dict:
+        from .bench import Case, run_gpu_case
+
+        case = Case(job.problem, job.sparsity, None, job.launch, build=job.build)
+        out = run_gpu_case(self.gpu, case, _UNUSED_FLOORS, 0, False, baselines=False,
+                           inputs=inputs, replays=self.replays)
+        verify = out.get("verify_gpu", {})
+        timing = out.get("sparsert", {})
+        return {"verified": bool(verify.get("ok")) and "median_us" in timing,
+                "error": None if verify.get("ok") else f"verify: {verify.get('message')}",
+                "median_us": timing.get("median_us"), "p20_us": timing.get("p20_us"),
+                "p80_us": timing.get("p80_us"), "n": len(timing.get("samples_us", ())),
+                "samples_us": timing.get("samples_us")}
+
+    def close(self) -> None:
+        if self.gpu is not None:
+            self.gpu.close()
+            self.gpu = None
+
+
+def failure(error: str) -> dict:
+    return {"verified": False, "error": error, "median_us": None, "p20_us": None,
+            "p80_us": None, "n": 0}
+
+
+def row(case: CaseSpec, compiled: Compiled | None, job: Job, result: dict, gpu: dict,
+        family: tuple[str, str]) -> dict:
+    """The database row of one measurement (or of a job that failed before measuring)."""
+    median = result.get("median_us")
+    return {"pattern_hash": case.pattern_hash, "shape": case.shape, "precision": case.precision,
+            "family": family[0], "family_version": family[1], "plan_name": job.params.name(),
+            "plan_json": plan_json(asdict(job.params)), "candidate": job.candidate,
+            "problem": case.problem.id, "sparsity": case.sparsity,
+            "cubin_sha256": compiled.cubin_sha256 if compiled else None,
+            "gpu_name": gpu["gpu_name"], "sm_count": gpu.get("sm_count"),
+            "driver": gpu["driver"], "clocks_json": gpu.get("clocks") or {},
+            "median_us": median if median is not None and math.isfinite(median) else None,
+            "p20_us": result.get("p20_us"), "p80_us": result.get("p80_us"),
+            "n": result.get("n", 0), "verified": bool(result.get("verified")),
+            "error": result.get("error")}
+
+
+def winners(cases: list[CaseSpec], jobs: list[Job], db, gpu: dict, family: tuple[str, str]
+            ) -> list[dict]:
+    """Per case the fastest verified candidate among this run's jobs, from every stored row of
+    this GPU (measured now or by an earlier, interrupted run): the serial tuner's rule — the
+    lowest median, ties to the earlier candidate."""
+    stored: dict[tuple, list[dict]] = {}
+    for r in db.rows("WHERE gpu_name = ? AND driver = ?", (gpu["gpu_name"], gpu["driver"])):
+        ident = (r["pattern_hash"], r["shape"], r["precision"], r["family"],
+                 r["family_version"], r["plan_json"])
+        stored.setdefault(ident, []).append(r)
+    by_case: dict[int, list[Job]] = {}
+    for job in jobs:
+        by_case.setdefault(job.case, []).append(job)
+    summary = []
+    for case in cases:
+        cands = sorted(by_case.get(case.index, []), key=lambda j: j.candidate)
+        timed = []
+        for job in cands:
+            good = [r["median_us"] for r in stored.get(job.ident(case, family), [])
+                    if r["verified"] and r["median_us"] is not None]
+            if good:
+                timed.append((min(good), job.candidate, job))
+        if not timed:
+            summary.append({"case": case.key, "status": "no candidate verified",
+                            "candidates": len(cands), "verified": 0})
+            continue
+        best_us, _, best = min(timed, key=lambda t: (t[0], t[1]))
+        default_us = next((us for us, i, _ in timed if i == 0), None)
+        summary.append({"case": case.key, "status": "ok", "best": best.params.name(),
+                        "params": best.params, "us": best_us, "default_us": default_us,
+                        "verified": len(timed), "candidates": len(cands),
+                        "problem": case.problem.id, "sparsity": case.sparsity,
+                        "pattern_hash": case.pattern_hash, "geometry": case.geometry,
+                        "precision": case.precision})
+    return summary

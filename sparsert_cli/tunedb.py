@@ -1,0 +1,189 @@
+"""The tuning database: every measurement of every candidate, in SQLite, for many writers.
+
+One row per (job, GPU) measurement: what was compiled (pattern hash, layer shape, precision,
+kernel family and version, plan name and parameters, cubin hash), where it ran (GPU name, SM
+count, driver, clocks, host), what came out (median/p20/p80 over n samples, verified, error) and
+when. WAL mode and a busy timeout let one process per GPU, on one host, write into one file at
+once; each row commits on its own, so a crash loses at most the measurement in flight. A row's
+`uid` is made once, so copying rows between files (`merge`) never duplicates one.
+
+`configs/tuned.json` stays the committed, reviewable artefact: `export` writes the best verified
+row per (pattern, shape, GPU, precision, family@version) into it in TunedDB's format.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import socket
+import sqlite3
+import uuid
+from pathlib import Path
+from typing import Iterable
+
+from .errors import UserError
+
+COLUMNS = (  # name, SQL type; the order rows are written and read in
+    ("uid", "TEXT NOT NULL UNIQUE"), ("pattern_hash", "TEXT NOT NULL"),
+    ("shape", "TEXT NOT NULL"), ("precision", "TEXT NOT NULL"), ("family", "TEXT NOT NULL"),
+    ("family_version", "TEXT NOT NULL"), ("plan_name", "TEXT NOT NULL"),
+    ("plan_json", "TEXT NOT NULL"), ("candidate", "INTEGER"), ("problem", "TEXT"),
+    ("sparsity", "REAL"), ("cubin_sha256", "TEXT"), ("gpu_name", "TEXT NOT NULL"),
+    ("sm_count", "INTEGER"), ("driver", "TEXT NOT NULL"), ("clocks_json", "TEXT"),
+    ("median_us", "REAL"), ("p20_us", "REAL"), ("p80_us", "REAL"), ("n", "INTEGER"),
+    ("verified", "INTEGER NOT NULL"), ("error", "TEXT"), ("host", "TEXT"),
+    ("timestamp", "TEXT NOT NULL"))
+NAMES = tuple(name for name, _ in COLUMNS)
+# What makes two rows the same job on the same kind of GPU (resume skips such jobs).
+JOB_COLUMNS = ("pattern_hash", "shape", "precision", "family", "family_version", "plan_json",
+               "gpu_name", "driver")
+SCHEMA_VERSION = 1
+
+
+def now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def plan_json(params: dict) -> str:
+    """Canonical text of plan parameters (the identity of a plan within a job key)."""
+    return json.dumps(params, sort_keys=True, separators=(",", ":"))
+
+
+def tuned_key(pattern_hash: str, shape: str, gpu_name: str, precision: str, family: str,
+              family_version: str) -> str:
+    """The configs/tuned.json key of an exported winner: TunedDB's key format, in one place."""
+    return f"{pattern_hash}|{shape}|{gpu_name}|{precision}"
+
+
+class TuneDB:
+    """A connection to one database file (created on first use). Use as a context manager."""
+
+    def __init__(self, path: str | Path, create: bool = True):
+        self.path = Path(path)
+        if not create and not self.path.is_file():
+            raise UserError(f"{self.path}: no such tuning database")
+        if self.path.is_dir():
+            raise UserError(f"{self.path}: is a directory, not a tuning database")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.conn = sqlite3.connect(str(self.path), timeout=60, isolation_level=None)
+            self.conn.execute("PRAGMA busy_timeout = 60000")
+            self.conn.execute("PRAGMA journal_mode = WAL")
+            self.conn.execute("PRAGMA synchronous = NORMAL")
+            self._create()
+        except sqlite3.DatabaseError as exc:
+            raise UserError(f"{self.path}: not a usable tuning database ({exc})") from None
+
+    def _create(self) -> None:
+        version = self.conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise UserError(f"{self.path}: tuning database version {version} is newer than this "
+                            f"sparsert reads ({SCHEMA_VERSION})")
+        cols = ", ".join(f"{name} {kind}" for name, kind in COLUMNS)
+        self.conn.execute(f"CREATE TABLE IF NOT EXISTS measurements "
+                          f"(id INTEGER PRIMARY KEY, {cols})")
+        self.conn.execute(f"CREATE INDEX IF NOT EXISTS measurements_job ON measurements "
+                          f"({', '.join(JOB_COLUMNS)})")
+        have = {row[1] for row in self.conn.execute("PRAGMA table_info(measurements)")}
+        if not set(NAMES) <= have:
+            raise UserError(f"{self.path}: not a sparsert tuning database (columns "
+                            f"{sorted(set(NAMES) - have)[:3]} missing)")
+        if version == 0:
+            self.conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    def __enter__(self) -> "TuneDB":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.conn.close()
+
+    # ---- writing ---------------------------------------------------------------------------
+    def insert(self, row: dict) -> str:
+        """Store one measurement (missing uid/host/timestamp are filled in); returns its uid."""
+        row = {"uid": uuid.uuid4().hex, "host": socket.gethostname(), "timestamp": now(),
+               **row}
+        if isinstance(row.get("clocks_json"), dict):
+            row["clocks_json"] = json.dumps(row["clocks_json"], sort_keys=True)
+        row["verified"] = int(bool(row.get("verified")))
+        self._insert_many([tuple(row.get(name) for name in NAMES)])
+        return row["uid"]
+
+    def _insert_many(self, values: list[tuple]) -> int:
+        marks = ", ".join("?" for _ in NAMES)
+        with self.conn:    # one transaction; BEGIN IMMEDIATE waits for other writers
+            self.conn.execute("BEGIN IMMEDIATE")
+            before = self.conn.total_changes
+            self.conn.executemany(f"INSERT OR IGNORE INTO measurements ({', '.join(NAMES)}) "
+                                  f"VALUES ({marks})", values)
+            return self.conn.total_changes - before
+
+    def merge(self, other: str | Path) -> int:
+        """Copy every row of another database file that this one lacks (by uid); returns how
+        many were new."""
+        with TuneDB(other, create=False) as src:
+            rows = src.conn.execute(f"SELECT {', '.join(NAMES)} FROM measurements").fetchall()
+        return self._insert_many(rows) if rows else 0
+
+    # ---- reading ---------------------------------------------------------------------------
+    def rows(self, where: str = "", args: Iterable = ()) -> list[dict]:
+        cur = self.conn.execute(f"SELECT {', '.join(NAMES)} FROM measurements {where} "
+                                f"ORDER BY id", tuple(args))
+        return [dict(zip(NAMES, values)) for values in cur]
+
+    def count(self) -> int:
+        return self.conn.execute("SELECT COUNT(*) FROM measurements").fetchone()[0]
+
+    def measured(self, gpu_name: str, driver: str) -> set[tuple]:
+        """Job identities (JOB_COLUMNS less GPU and driver) already stored for this GPU."""
+        cols = JOB_COLUMNS[:-2]
+        cur = self.conn.execute(f"SELECT DISTINCT {', '.join(cols)} FROM measurements "
+                                f"WHERE gpu_name = ? AND driver = ?", (gpu_name, driver))
+        return {tuple(values) for values in cur}
+
+    def best(self) -> dict[tuple, dict]:
+        """The fastest verified row per (pattern, shape, GPU, precision, family, version), with
+        the group's counts and the default candidate's time (candidate 0)."""
+        groups: dict[tuple, list[dict]] = {}
+        for row in self.rows():
+            key = (row["pattern_hash"], row["shape"], row["gpu_name"], row["precision"],
+                   row["family"], row["family_version"])
+            groups.setdefault(key, []).append(row)
+        out = {}
+        for key, rows in groups.items():
+            good = [r for r in rows if r["verified"] and r["median_us"] is not None]
+            if not good:
+                continue
+            best = min(good, key=lambda r: (r["median_us"], r["candidate"] or 0))
+            default = [r["median_us"] for r in good if r["candidate"] == 0]
+            out[key] = {"row": best, "default_us": min(default) if default else None,
+                        "candidates": len({r["plan_json"] for r in rows}),
+                        "verified": len({r["plan_json"] for r in good})}
+        return out
+
+
+def export_entries(db: TuneDB) -> dict[str, dict]:
+    """configs/tuned.json entries (TunedDB format) of the best verified row per group."""
+    entries = {}
+    for (pattern, shape, gpu, precision, family, version), best in db.best().items():
+        row = best["row"]
+        entries[tuned_key(pattern, shape, gpu, precision, family, version)] = {
+            "params": json.loads(row["plan_json"]), "us": row["median_us"],
+            "default_us": best["default_us"], "candidates": best["candidates"],
+            "verified": best["verified"], "problem": row["problem"],
+            "sparsity": row["sparsity"], "tuned_at": row["timestamp"]}
+    return entries
+
+
+def export(db: TuneDB, tuned_path: str | Path) -> int:
+    """Write the best entries into a tuned-plan JSON file (other entries kept); returns how
+    many entries were written."""
+    from .tune import TunedDB
+
+    tuned = TunedDB(tuned_path)
+    entries = export_entries(db)
+    tuned.entries.update(entries)
+    tuned.save()
+    return len(entries)

@@ -1,0 +1,58 @@
+"""A measure object for the tuning executors without a GPU: a deterministic fake timer.
+
+Pickled into spawned worker processes (tests/ is on their sys.path), so it must stay importable
+and free of state that does not pickle. `crash` maps (case, candidate) job ids to what happens:
+"exit" (the process dies), "sticky" (a sticky CUDA error), "error" (an ordinary failure); with
+`marker_dir` a crash happens only the first time that job runs (then the retry succeeds)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from pathlib import Path
+
+
+def fake_us(case_key: str, plan_name: str) -> float:
+    digest = hashlib.sha256(f"{case_key}|{plan_name}".encode()).hexdigest()
+    return 1.0 + int(digest[:8], 16) % 1000 / 100.0
+
+
+class FakeMeasure:
+    def __init__(self, crash=None, marker_dir=None, delay=0.0, log_dir=None):
+        self.crash = dict(crash or {})
+        self.marker_dir = marker_dir
+        self.delay = delay
+        self.log_dir = log_dir
+
+    def open(self) -> dict:
+        return {"gpu_name": "Fake GPU", "sm_count": 4, "driver": "0.0",
+                "clocks": {"sm_mhz": 1}, "visible": os.environ.get("CUDA_VISIBLE_DEVICES")}
+
+    def __call__(self, job, inputs) -> dict:
+        if self.log_dir:   # one file per measurement: tests count re-measurements
+            Path(self.log_dir, f"{job.job.case}-{job.job.candidate}-{time.time_ns()}").touch()
+        what = self.crash.get(job.job.id)
+        if what and self.marker_dir:
+            marker = Path(self.marker_dir, f"{job.job.case}-{job.job.candidate}")
+            if marker.exists():
+                what = None
+            else:
+                marker.touch()
+        if what == "exit":
+            os._exit(7)
+        if what == "sticky":
+            raise RuntimeError("cuLaunchKernel failed: CUDA_ERROR_ILLEGAL_ADDRESS (700)")
+        if what == "error":
+            raise RuntimeError("cuModuleLoadData failed: CUDA_ERROR_INVALID_IMAGE (200)")
+        if self.delay:
+            time.sleep(self.delay)
+        x, _, ref, _ = inputs
+        ok = x.shape == tuple(job.problem.input_shape) and ref.shape == tuple(
+            job.problem.output_shape) and len(job.build.cubin) > 0
+        us = fake_us(job.case_key, job.launch.params.name())
+        return {"verified": ok, "error": None if ok else "inputs do not match the problem",
+                "median_us": us, "p20_us": us * 0.99, "p80_us": us * 1.01, "n": 5}
+
+    def close(self) -> None:
+        pass
