@@ -32,6 +32,7 @@ STICKY_ERRORS = ("CUDA_ERROR_ILLEGAL_ADDRESS", "CUDA_ERROR_LAUNCH_FAILED",
                  "CUDA_ERROR_ECC_UNCORRECTABLE", "CUDA_ERROR_ASSERT",
                  "CUDA_ERROR_CONTEXT_IS_DESTROYED", "CUDA_ERROR_UNKNOWN")
 TUNE_REPLAYS = 5
+ATTEMPTS = 2          # a job whose worker dies is run once more, then recorded as failed
 _UNUSED_FLOORS = {"fp32_gflops": 1.0, "bandwidth_gbs": 1.0, "launch_us": 1.0}
 
 
@@ -222,7 +223,7 @@ class GpuMeasure:
 
         self.gpu = Gpu(0)
         info = self.gpu.info()
-        return {"gpu_name": info["name"], "sm_count": info["sm_count"],
+        return {"gpu_name": info["name"], "sm_count": info["sm_count"], "arch": info["arch"],
                 "driver": info.get("nvml_driver") or info["driver_version"],
                 "clocks": info.get("clocks", {}), "pci_bus_id": info.get("pci_bus_id")}
 
@@ -265,7 +266,12 @@ def row(case: CaseSpec, compiled: Compiled | None, job: Job, result: dict, gpu: 
             "median_us": median if median is not None and math.isfinite(median) else None,
             "p20_us": result.get("p20_us"), "p80_us": result.get("p80_us"),
             "n": result.get("n", 0), "verified": bool(result.get("verified")),
-            "error": result.get("error")}
+            "error": result.get("error"), "cpu_verified": _cpu_ok(compiled)}
+
+
+def _cpu_ok(compiled) -> int | None:
+    verify = getattr(compiled, "cpu_verify", None)
+    return None if verify is None else int(bool(verify.get("ok")))
 
 
 def winners(cases: list[CaseSpec], jobs: list[Job], db, gpu: dict, family: tuple[str, str]

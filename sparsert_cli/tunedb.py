@@ -31,13 +31,22 @@ COLUMNS = (  # name, SQL type; the order rows are written and read in
     ("sparsity", "REAL"), ("cubin_sha256", "TEXT"), ("gpu_name", "TEXT NOT NULL"),
     ("sm_count", "INTEGER"), ("driver", "TEXT NOT NULL"), ("clocks_json", "TEXT"),
     ("median_us", "REAL"), ("p20_us", "REAL"), ("p80_us", "REAL"), ("n", "INTEGER"),
-    ("verified", "INTEGER NOT NULL"), ("error", "TEXT"), ("host", "TEXT"),
+    ("verified", "INTEGER NOT NULL"), ("error", "TEXT"), ("cpu_verified", "INTEGER"),
+    ("host", "TEXT"),
     ("timestamp", "TEXT NOT NULL"))
 NAMES = tuple(name for name, _ in COLUMNS)
 # What makes two rows the same job on the same kind of GPU (resume skips such jobs).
 JOB_COLUMNS = ("pattern_hash", "shape", "precision", "family", "family_version", "plan_json",
                "gpu_name", "driver")
 SCHEMA_VERSION = 1
+
+
+def default_db_path() -> Path:
+    """Next to the kernel cache: measurements, like cubins, are a cache of this machine's work
+    (and what lets an interrupted `tune` resume)."""
+    from .cache import default_root
+
+    return default_root() / "tunedb.sqlite"
 
 
 def now() -> str:
@@ -64,15 +73,19 @@ class TuneDB:
             raise UserError(f"{self.path}: no such tuning database")
         if self.path.is_dir():
             raise UserError(f"{self.path}: is a directory, not a tuning database")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.conn = sqlite3.connect(str(self.path), timeout=60, isolation_level=None)
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.conn = sqlite3.connect(str(self.path), timeout=60, isolation_level=None)
             self.conn.execute("PRAGMA busy_timeout = 60000")
             self.conn.execute("PRAGMA journal_mode = WAL")
             self.conn.execute("PRAGMA synchronous = NORMAL")
             self._create()
         except sqlite3.DatabaseError as exc:
+            self.conn.close()
             raise UserError(f"{self.path}: not a usable tuning database ({exc})") from None
+        except UserError:
+            self.conn.close()
+            raise
 
     def _create(self) -> None:
         version = self.conn.execute("PRAGMA user_version").fetchone()[0]
@@ -82,12 +95,12 @@ class TuneDB:
         cols = ", ".join(f"{name} {kind}" for name, kind in COLUMNS)
         self.conn.execute(f"CREATE TABLE IF NOT EXISTS measurements "
                           f"(id INTEGER PRIMARY KEY, {cols})")
-        self.conn.execute(f"CREATE INDEX IF NOT EXISTS measurements_job ON measurements "
-                          f"({', '.join(JOB_COLUMNS)})")
         have = {row[1] for row in self.conn.execute("PRAGMA table_info(measurements)")}
         if not set(NAMES) <= have:
             raise UserError(f"{self.path}: not a sparsert tuning database (columns "
-                            f"{sorted(set(NAMES) - have)[:3]} missing)")
+                            f"{', '.join(sorted(set(NAMES) - have)[:3])} missing)")
+        self.conn.execute(f"CREATE INDEX IF NOT EXISTS measurements_job ON measurements "
+                          f"({', '.join(JOB_COLUMNS)})")
         if version == 0:
             self.conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
@@ -164,10 +177,13 @@ class TuneDB:
         return out
 
 
-def export_entries(db: TuneDB) -> dict[str, dict]:
-    """configs/tuned.json entries (TunedDB format) of the best verified row per group."""
+def export_entries(db: TuneDB, families: set[tuple[str, str]] | None = None) -> dict[str, dict]:
+    """configs/tuned.json entries (TunedDB format) of the best verified row per group, of the
+    given (family, version)s only when given (older versions' winners do not fit new code)."""
     entries = {}
     for (pattern, shape, gpu, precision, family, version), best in db.best().items():
+        if families is not None and (family, version) not in families:
+            continue
         row = best["row"]
         entries[tuned_key(pattern, shape, gpu, precision, family, version)] = {
             "params": json.loads(row["plan_json"]), "us": row["median_us"],
@@ -177,13 +193,14 @@ def export_entries(db: TuneDB) -> dict[str, dict]:
     return entries
 
 
-def export(db: TuneDB, tuned_path: str | Path) -> int:
+def export(db: TuneDB, tuned_path: str | Path,
+           families: set[tuple[str, str]] | None = None) -> int:
     """Write the best entries into a tuned-plan JSON file (other entries kept); returns how
     many entries were written."""
     from .tune import TunedDB
 
     tuned = TunedDB(tuned_path)
-    entries = export_entries(db)
+    entries = export_entries(db, families)
     tuned.entries.update(entries)
     tuned.save()
     return len(entries)

@@ -3,86 +3,43 @@
 from __future__ import annotations
 
 import click
-import numpy as np
 
 from ..console import console, table
-from ..errors import NoGpuError
+from ..errors import NoGpuError, UserError
 from ..options import arch_option
 
 
 def run_tuner(config, arch=None, jobs=None, no_cache=False, limit=16, db_path=None,
-              replays=5) -> list[dict]:
-    """Compile every candidate of every case, verify each on the GPU, time it, keep the fastest."""
-    from .. import bench as B
-    from ..build import epilogue_for, geometry_for
+              gpus=None, ray=None, db_sqlite=None, remeasure=False, measure=None,
+              gpu_ids=None) -> dict:
+    """Compile every candidate of every case, verify and time each on every GPU (or a Ray
+    cluster), keep every measurement in the tuning database and the fastest in the JSON."""
     from ..cache import KernelCache
-    from ..gpu.runtime import Gpu, have_gpu
-    from ..patterns import generate, pattern_hash, to_csr
-    from ..plan import PRECISIONS, build_plan
-    from ..tune import TUNED_PATH, TunedDB, candidates
+    from ..executors import tune_config
+    from ..gpu.runtime import have_gpu
     from .bench import progress_bar
 
-    if not have_gpu():
-        raise NoGpuError("sparsert tune needs a GPU (no CUDA driver or GPU found)")
-    db = TunedDB(db_path or TUNED_PATH)
-    cache = None if no_cache else KernelCache()
-    summary = []
-    with Gpu() as gpu, progress_bar() as progress:
-        arch = arch or gpu.arch
-        groups = []
-        for problem, sparsity in config.cases():
-            weight = generate(problem, sparsity, config.pattern, config.seed)
-            csr = to_csr(weight)
-            epilogue = epilogue_for(problem, config.epilogue, config.seed, sparsity)
-            dtype, accumulate = PRECISIONS[config.precision]
-            geometry = geometry_for(problem)
-            seeds = tuple(found for other in PRECISIONS if other != config.precision
-                          if (found := db.lookup(pattern_hash(weight), geometry, gpu.name, other)))
-            cands = [B.Case(problem, sparsity, weight,
-                            build_plan(csr, geometry, params, epilogue, dtype, accumulate))
-                     for params in candidates(geometry, csr.nnz, limit, config.precision,
-                                              seeds)]
-            groups.append(cands)
-        flat = [c for g in groups for c in g]
-        task = progress.add_task("compile", total=len(flat), item="")
-        B.compile_cases(flat, config.emit, arch, cache, jobs,
-                        lambda case, build, s: progress.update(
-                            task, advance=1, item=f"{case.key} {case.plan.params.name()}"))
-        floors = {"fp32_gflops": 1.0, "bandwidth_gbs": 1.0, "launch_us": 1.0}  # unused here
-        task = progress.add_task("tune", total=len(flat), item="")
-        for cands in groups:
-            timed = []
-            rng = np.random.default_rng(0)
-            x, res = B.random_inputs(cands[0], rng)
-            inputs = (x, res, *B.reference(cands[0], x, res))   # one reference per case
-            for case in cands:
-                progress.update(task, advance=1, item=f"{case.key} {case.plan.params.name()}")
-                if not isinstance(case.build, B.KernelBuild):
-                    continue
-                try:
-                    result = B.run_gpu_case(gpu, case, floors, config.seed, False,
-                                            baselines=False, inputs=inputs, replays=replays)
-                except Exception:  # noqa: BLE001 - a candidate that cannot run is skipped
-                    continue
-                if result.get("verify_gpu", {}).get("ok") and "sparsert" in result:
-                    timed.append((result["sparsert"]["median_us"], case))
-            first = cands[0]
-            if not timed:
-                summary.append({"case": first.key, "status": "no candidate verified"})
-                continue
-            timed.sort(key=lambda t: t[0])
-            best_us, best = timed[0]
-            default_us = next((us for us, c in timed if c is first), None)
-            db.record(pattern_hash(first.weight), first.plan.geometry, gpu.name, config.precision,
-                      best.plan.params,
-                      {"us": best_us, "default_us": default_us, "candidates": len(cands),
-                       "verified": len(timed), "problem": first.problem.id,
-                       "sparsity": first.sparsity})
-            summary.append({"case": first.key, "status": "ok", "best": best.plan.params.name(),
-                            "us": best_us, "default_us": default_us,
-                            "verified": len(timed), "candidates": len(cands)})
-    db.save()
-    return summary
+    if ray is None and measure is None and not have_gpu():
+        raise NoGpuError("sparsert tune needs a GPU (no CUDA driver or GPU found)"
+                         + (f"; --gpus {gpus} cannot be used here" if gpus else ""))
+    cache_root = None if no_cache else str(KernelCache().root)
+    with progress_bar() as progress:
+        tasks = {}
+
+        def on_event(kind, job, info):
+            if kind == "plan":
+                tasks["compile"] = progress.add_task("compile", total=info["todo"], item="")
+                tasks["measure"] = progress.add_task("measure", total=info["todo"],
+                                                     item=f"{info['jobs'] - info['todo']} "
+                                                          f"stored, skipped")
+            elif kind in ("compiled", "measured"):
+                progress.update(tasks["compile" if kind == "compiled" else "measure"],
+                                advance=1, item=f"{job.case}:{job.params.name()}")
+
+        return tune_config(config, gpus=gpus, ray=ray, arch=arch, jobs=jobs,
+                           cache_root=cache_root, limit=limit, tuned_path=db_path,
+                           db_path=db_sqlite, remeasure=remeasure, measure=measure,
+                           on_event=on_event, gpu_ids=gpu_ids)
 
 
 @click.command("tune")
@@ -97,18 +54,31 @@ def run_tuner(config, arch=None, jobs=None, no_cache=False, limit=16, db_path=No
               help="Candidate plans per case.")
 @click.option("--db", "db_path", default=None, type=click.Path(dir_okay=False),
               help="Tuned-plan database (default: configs/tuned.json).")
+@click.option("--db-sqlite", "db_sqlite", default=None, type=click.Path(dir_okay=False),
+              help="Tuning database keeping every measurement (default: tunedb.sqlite in the "
+                   "kernel cache directory); jobs it holds for this GPU are not measured again.")
+@click.option("--remeasure", is_flag=True, help="Measure jobs the tuning database already holds.")
+@click.option("--gpus", default=None, metavar="all|0,1,...",
+              help="GPUs of this host to measure on, one worker process each (default: all).")
+@click.option("--ray", default=None, metavar="auto|ADDRESS|local",
+              help="Run on a Ray cluster instead (extra [ray]): compile tasks, one timer actor "
+                   "per GPU.")
 @arch_option
 @click.option("--jobs", type=click.IntRange(1, 256), default=None)
 @click.option("--no-cache", is_flag=True)
-def command(config_path, problem_ids, sparsities, dtype, accumulate, max_candidates, db_path, arch,
-            jobs, no_cache):
-    """Autotune plan parameters per (pattern, GPU, dtype) on the GPU."""
+def command(config_path, problem_ids, sparsities, dtype, accumulate, max_candidates, db_path,
+            db_sqlite, remeasure, gpus, ray, arch, jobs, no_cache):
+    """Autotune plan parameters per (pattern, GPU, dtype) on every GPU of this host."""
     from ..config import load_config
     from .bench import select, split_values
 
+    if gpus is not None and ray is not None:
+        raise UserError("--gpus and --ray exclude each other (Ray places the timers itself)")
     config = select(load_config(config_path), split_values(problem_ids),
                     split_values(sparsities), dtype, accumulate)
-    rows = run_tuner(config, arch, jobs, no_cache, max_candidates, db_path)
+    out = run_tuner(config, arch, jobs, no_cache, max_candidates, db_path, gpus, ray, db_sqlite,
+                    remeasure)
+    rows, run = out["summary"], out["run"]
     fmt = lambda v: f"{v:.2f}" if isinstance(v, float) else "-"  # noqa: E731
     console.print(table("sparsert tune: fastest verified plan per case",
                         ["Case", "Status", "Best plan", "best us", "default us", "gain",
@@ -117,3 +87,10 @@ def command(config_path, problem_ids, sparsities, dtype, accumulate, max_candida
                           fmt(r.get("default_us")),
                           f"{r['default_us'] / r['us']:.2f}x" if r.get("default_us") else "-",
                           f"{r.get('verified', 0)}/{r.get('candidates', 0)}"] for r in rows]))
+    console.print(f"{run['jobs']} jobs ({run['skipped']} already in the tuning database) in "
+                  f"{run['wall_seconds']:.1f} s; compile {run['compile_seconds']:.1f} s, "
+                  f"measure {run['measure_seconds']:.1f} s")
+    for g in run["gpus"]:
+        rate = f"{g['jobs_per_second']:.1f} jobs/s" if g.get("jobs_per_second") else "-"
+        console.print(f"  GPU {g['device']} ({run['gpu']['gpu_name']}): {g['jobs']} jobs, {rate}"
+                      + (f", {g['restarts']} worker restart(s)" if g.get("restarts") else ""))

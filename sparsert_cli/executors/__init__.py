@@ -11,7 +11,9 @@ from __future__ import annotations
 import time
 
 from ..errors import UserError
+from ..compile import DEFAULT_ARCH
 from ..jobs import row
+from .local import LocalExecutor
 
 
 def parse_gpus(value: str | None, count: int) -> list[int]:
@@ -54,13 +56,17 @@ def same_gpu(infos: list[dict]) -> dict:
     return infos[0]
 
 
-def run_jobs(executor, cases, jobs, db, family, remeasure: bool = False, on_event=None) -> dict:
-    """Start the executor, skip jobs the database already holds for this GPU (resume), run the
+def run_jobs(executor, prepare, db, family, remeasure: bool = False, on_event=None) -> dict:
+    """Start the executor, make the jobs (`prepare(gpu info) -> (cases, jobs)`: seeds may
+    depend on the GPU), skip those the database already holds for this GPU (resume), run the
     rest with every result written to the database as it arrives, stop. Returns run stats."""
     started = time.perf_counter()
     infos = executor.start()
     try:
         gpu = same_gpu(infos)
+        if getattr(executor, "arch", None) is None:
+            executor.arch = gpu.get("arch") or DEFAULT_ARCH
+        cases, jobs = prepare(gpu)
         done = set() if remeasure else db.measured(gpu["gpu_name"], gpu["driver"])
         todo = [j for j in jobs if j.ident(cases[j.case], family) not in done]
         if on_event:
@@ -73,5 +79,49 @@ def run_jobs(executor, cases, jobs, db, family, remeasure: bool = False, on_even
         stats = executor.run(cases, todo, on_result, on_event)
     finally:
         executor.stop()
-    return {"gpu": gpu, "jobs": len(jobs), "skipped": len(jobs) - len(todo),
-            "wall_seconds": time.perf_counter() - started, **stats}
+    return {"gpu": gpu, "cases": cases, "all_jobs": jobs, "jobs": len(jobs),
+            "skipped": len(jobs) - len(todo), "wall_seconds": time.perf_counter() - started,
+            **stats}
+
+
+def tune_config(config, *, gpus: str | None = None, ray: str | None = None, arch=None,
+                jobs=None, cache_root: str | None = None, limit: int = 16, tuned_path=None,
+                db_path=None, remeasure: bool = False, measure=None, on_event=None,
+                gpu_ids: list[int] | None = None) -> dict:
+    """`sparsert tune`: every candidate of every case compiled, verified and timed on every GPU
+    of this host (or of a Ray cluster), every measurement kept in the tuning database, the
+    winners written to the tuned-plan JSON. Returns {"summary": rows, "run": stats}.
+    `gpu_ids` (device numbers, unchecked) and `measure` are for tests and scripts."""
+    from ..jobs import current_family, make_cases, winners
+    from ..plan import PRECISIONS
+    from ..tune import TUNED_PATH, TunedDB
+    from ..tunedb import TuneDB, default_db_path
+
+    family = current_family(config.emit)
+    tuned = TunedDB(tuned_path or TUNED_PATH)
+    if ray is not None:
+        from .ray_backend import RayExecutor
+        executor = RayExecutor(None if ray == "local" else ray, emitter=config.emit, arch=arch,
+                               cache_root=cache_root, measure=measure)
+    else:
+        ids = gpu_ids if gpu_ids is not None else parse_gpus(gpus, gpu_count())
+        executor = LocalExecutor(ids, config.emit, arch, cache_root, jobs, measure)
+
+    def prepare(gpu):
+        def seeds(digest, geometry, precision):
+            return [found for other in PRECISIONS if other != precision
+                    if (found := tuned.lookup(digest, geometry, gpu["gpu_name"], other))]
+        return make_cases(config, limit, seeds)
+
+    with TuneDB(db_path or default_db_path()) as db:
+        stats = run_jobs(executor, prepare, db, family, remeasure, on_event)
+        summary = winners(stats["cases"], stats["all_jobs"], db, stats["gpu"], family)
+    for entry in summary:
+        if entry["status"] == "ok":
+            tuned.record(entry["pattern_hash"], entry["geometry"], stats["gpu"]["gpu_name"],
+                         entry["precision"], entry["params"],
+                         {"us": entry["us"], "default_us": entry["default_us"],
+                          "candidates": entry["candidates"], "verified": entry["verified"],
+                          "problem": entry["problem"], "sparsity": entry["sparsity"]})
+    tuned.save()
+    return {"summary": summary, "run": stats}

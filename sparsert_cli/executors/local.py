@@ -22,10 +22,9 @@ from multiprocessing import connection, get_context
 import numpy as np
 
 from ..errors import UserError
-from ..jobs import (Compiled, GpuMeasure, case_inputs, compile_job, failure, is_sticky,
+from ..jobs import (ATTEMPTS, Compiled, GpuMeasure, case_inputs, compile_job, failure, is_sticky,
                     measure_job, one_line)
 
-ATTEMPTS = 2              # a job whose worker dies is run once more, then recorded as failed
 START_TIMEOUT = 180.0     # seconds a new worker may take to import and open its GPU
 _ENV_LOCK = threading.Lock()
 

@@ -1,0 +1,83 @@
+"""`sparsert tunedb show|export|merge`: the tuning database (every measurement, SQLite)."""
+
+from __future__ import annotations
+
+import click
+
+from ..console import console, print_json, table
+
+_db_arg = click.argument("db_path", metavar="DB", type=click.Path(dir_okay=False))
+
+
+@click.group("tunedb")
+def command():
+    """The tuning database that `tune` records every measurement into."""
+
+
+@command.command("show")
+@_db_arg
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def show(db_path, as_json):
+    """Measurements per GPU, precision and kernel family: jobs, verified, failed, winners."""
+    from ..tunedb import TuneDB
+
+    with TuneDB(db_path, create=False) as db:
+        groups: dict[tuple, dict] = {}
+        for r in db.rows():
+            key = (r["gpu_name"], r["driver"], r["precision"],
+                   f"{r['family']}@{r['family_version']}")
+            g = groups.setdefault(key, {"rows": 0, "verified": 0, "failed": 0, "cases": set(),
+                                        "hosts": set()})
+            g["rows"] += 1
+            g["verified" if r["verified"] else "failed"] += 1
+            g["cases"].add((r["pattern_hash"], r["shape"]))
+            g["hosts"].add(r["host"])
+        best = db.best()
+    docs = [{"gpu": k[0], "driver": k[1], "precision": k[2], "family": k[3], "rows": g["rows"],
+             "verified": g["verified"], "failed": g["failed"], "cases": len(g["cases"]),
+             "winners": sum(1 for b in best if (b[2], b[3], f"{b[4]}@{b[5]}") ==
+                            (k[0], k[2], k[3])),
+             "hosts": len(g["hosts"])} for k, g in sorted(groups.items())]
+    if as_json:
+        print_json({"path": db_path, "groups": docs})
+        return
+    console.print(table(f"{db_path}: {sum(d['rows'] for d in docs)} measurements",
+                        ["GPU", "Driver", "Precision", "Family", "rows", "verified", "failed",
+                         "cases", "winners", "hosts"],
+                        [[d["gpu"], d["driver"], d["precision"], d["family"], d["rows"],
+                          d["verified"], d["failed"], d["cases"], d["winners"], d["hosts"]]
+                         for d in docs]))
+
+
+@command.command("export")
+@_db_arg
+@click.option("-o", "--out", "out_path", default=None, type=click.Path(dir_okay=False),
+              help="Tuned-plan JSON to write into (default: configs/tuned.json); its other "
+                   "entries are kept.")
+@click.option("--all-versions", is_flag=True,
+              help="Also export winners of older kernel family versions.")
+def export(db_path, out_path, all_versions):
+    """Write the best verified plan per (pattern, shape, GPU, precision) into the JSON."""
+    from ..jobs import current_family
+    from ..tune import TUNED_PATH
+    from ..tunedb import TuneDB, export as export_db
+
+    families = None if all_versions else {current_family("ptx"), current_family("cuda")}
+    with TuneDB(db_path, create=False) as db:
+        count = export_db(db, out_path or TUNED_PATH, families)
+    console.print(f"{count} tuned plans from {db_path} written to {out_path or TUNED_PATH}")
+
+
+@command.command("merge")
+@click.argument("out_path", metavar="OUT", type=click.Path(dir_okay=False))
+@click.argument("inputs", metavar="DB...", nargs=-1, required=True,
+                type=click.Path(dir_okay=False))
+def merge(out_path, inputs):
+    """Copy the measurements of several databases (e.g. one per host) into OUT, once each."""
+    from ..tunedb import TuneDB
+
+    with TuneDB(out_path) as db:
+        for path in inputs:
+            added = db.merge(path)
+            console.print(f"{path}: {added} new measurements")
+        console.print(f"{out_path}: {db.count()} measurements")

@@ -1,0 +1,291 @@
+"""Tuning at scale on the CPU: the tuning database, the job model, the multi-GPU executor (with a
+fake timer in spawned workers), resume, crash isolation, and the Ray backend."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from cli_helpers import run_main
+from fake_measure import FakeMeasure, fake_us
+from sparsert_cli.commands.bench import select
+from sparsert_cli.config import load_config
+from sparsert_cli.errors import UserError
+from sparsert_cli.executors import parse_gpus, run_jobs
+from sparsert_cli.executors.local import LocalExecutor
+from sparsert_cli.jobs import (case_inputs, compile_job, current_family, make_cases, measure_job,
+                               winners)
+from sparsert_cli.tune import TunedDB
+from sparsert_cli.tunedb import TuneDB, export_entries
+
+REPO = Path(__file__).resolve().parent.parent
+FAMILY = current_family()
+
+
+def small_config():
+    return select(load_config(REPO / "configs" / "ci.yaml"), ["ci_gemm_odd", "ci_3x3_pad1"],
+                  ["0.8"], None)
+
+
+def _row(i: int, **kw) -> dict:
+    row = {"pattern_hash": f"p{i % 3}", "shape": "b1c4h1w8m4k1s1p0", "precision": "fp32",
+           "family": FAMILY[0], "family_version": FAMILY[1], "plan_name": f"plan{i}",
+           "plan_json": json.dumps({"rows_per_group": 2 + i}), "candidate": i,
+           "problem": "x", "sparsity": 0.9, "gpu_name": "G", "driver": "1", "median_us": 10.0 - i,
+           "verified": True}
+    return {**row, **kw}
+
+
+def _writer(path: str, worker: int, count: int) -> None:
+    with TuneDB(path) as db:
+        for i in range(count):
+            db.insert(_row(i, plan_name=f"w{worker}-{i}"))
+
+
+def test_concurrent_writers_lose_no_rows(tmp_path):
+    path = str(tmp_path / "t.sqlite")
+    TuneDB(path).close()
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_writer, args=(path, w, 40)) for w in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+        assert p.exitcode == 0
+    with TuneDB(path) as db:
+        assert db.count() == 160
+        assert len({r["plan_name"] for r in db.rows()}) == 160
+        assert db.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_merge_copies_each_row_once(tmp_path):
+    a, b, out = (str(tmp_path / n) for n in ("a.sqlite", "b.sqlite", "out.sqlite"))
+    with TuneDB(a) as db:
+        for i in range(3):
+            db.insert(_row(i))
+    with TuneDB(b) as db:
+        for i in range(2):
+            db.insert(_row(i, host="other"))
+    with TuneDB(out) as db:
+        assert db.merge(a) == 3 and db.merge(b) == 2
+        assert db.merge(a) == 0 and db.merge(b) == 0
+        assert db.count() == 5
+    with TuneDB(a) as db:            # and back: only b's rows are new to a
+        assert db.merge(out) == 2 and db.count() == 5
+
+
+def test_export_keeps_the_best_verified_row(tmp_path):
+    with TuneDB(tmp_path / "t.sqlite") as db:
+        same = {"pattern_hash": "p0"}
+        db.insert(_row(0, median_us=5.0, **same))                 # the default candidate
+        db.insert(_row(1, median_us=3.0, **same))
+        db.insert(_row(2, median_us=1.0, verified=False, error="verify: mismatch", **same))
+        db.insert(_row(4, median_us=2.0, family_version="old", **same))  # an older family
+        entries = export_entries(db, {FAMILY})
+    key = "p0|b1c4h1w8m4k1s1p0|G|fp32"
+    assert list(entries) == [key]
+    assert entries[key]["params"] == {"rows_per_group": 3}
+    assert entries[key]["us"] == 3.0 and entries[key]["default_us"] == 5.0
+    assert entries[key]["candidates"] == 3 and entries[key]["verified"] == 2
+
+
+def test_bad_database_files_are_one_line(tmp_path):
+    (tmp_path / "junk.sqlite").write_text("not a database\n" * 100)
+    with pytest.raises(UserError, match="junk.sqlite: not a usable tuning database"):
+        TuneDB(tmp_path / "junk.sqlite")
+    with pytest.raises(UserError, match="no such tuning database"):
+        TuneDB(tmp_path / "missing.sqlite", create=False)
+    with pytest.raises(UserError, match="is a directory"):
+        TuneDB(tmp_path)
+    path = tmp_path / "future.sqlite"
+    conn = sqlite3.connect(path)
+    conn.execute("PRAGMA user_version = 99")
+    conn.close()
+    with pytest.raises(UserError, match="version 99 is newer"):
+        TuneDB(path)
+    other = tmp_path / "other.sqlite"
+    conn = sqlite3.connect(other)
+    conn.execute("CREATE TABLE measurements (id INTEGER PRIMARY KEY, x TEXT)")
+    conn.close()
+    with pytest.raises(UserError, match="not a sparsert tuning database"):
+        TuneDB(other)
+
+
+def test_tunedb_commands(tmp_path, capsys):
+    a, b, out = (tmp_path / n for n in ("a.sqlite", "b.sqlite", "out.sqlite"))
+    with TuneDB(a) as db:
+        db.insert(_row(0))
+        db.insert(_row(1))
+    with TuneDB(b) as db:
+        db.insert(_row(2, precision="fp16"))
+    code, text, _ = run_main(["tunedb", "merge", str(out), str(a), str(b)], capsys)
+    assert code == 0 and "out.sqlite: 3 measurements" in text.replace("\n", "")
+    code, text, _ = run_main(["tunedb", "show", str(out), "--json"], capsys)
+    groups = json.loads(text)["groups"]
+    assert code == 0 and sorted(g["precision"] for g in groups) == ["fp16", "fp32"]
+    tuned = tmp_path / "tuned.json"
+    code, text, _ = run_main(["tunedb", "export", str(out), "-o", str(tuned)], capsys)
+    assert code == 0 and "3 tuned plans" in text
+    assert len(TunedDB(tuned).entries) == 3
+    code, out_text, err = run_main(["tunedb", "show", str(tmp_path / "nope.sqlite")], capsys)
+    assert code == 2 and err.strip().count("\n") == 0 and "no such tuning database" in err
+    assert not (tmp_path / "nope.sqlite").exists()
+
+
+def test_gpus_option():
+    assert parse_gpus("all", 2) == [0, 1] and parse_gpus(None, 3) == [0, 1, 2]
+    assert parse_gpus("1", 2) == [1]
+    for bad, message in (("2", "no device 2"), ("a", "expected 'all'"), ("0,0", "distinct")):
+        with pytest.raises(UserError, match=message):
+            parse_gpus(bad, 2)
+    with pytest.raises(UserError, match="no GPU on this machine"):
+        parse_gpus("all", 0)
+
+
+def test_tune_gpus_without_a_gpu_is_one_line(tmp_path, capsys):
+    from sparsert_cli.gpu.runtime import have_gpu
+
+    if have_gpu():
+        pytest.skip("this machine has a GPU")
+    code, _, err = run_main(["tune", str(REPO / "configs" / "ci.yaml"), "--gpus", "0,1",
+                             "--db", str(tmp_path / "t.json")], capsys)
+    assert code == 3 and err.strip().count("\n") == 0 and "--gpus 0,1" in err
+    assert not (tmp_path / "t.json").exists()
+
+
+def _run(tmp_path, measure, gpus=(0, 1), db_name="t.sqlite", on_event=None, config=None,
+         limit=3):
+    cases, jobs = make_cases(config or small_config(), limit)
+    executor = LocalExecutor(list(gpus), cache_root=str(tmp_path / "cache"), jobs=2,
+                             measure=measure, job_timeout=60)
+    with TuneDB(tmp_path / db_name) as db:
+        stats = run_jobs(executor, lambda gpu: (cases, jobs), db, FAMILY, on_event=on_event)
+        rows = db.rows()
+        best = winners(cases, jobs, db, stats["gpu"], FAMILY)
+    return cases, jobs, stats, rows, best
+
+
+def test_workers_are_spawned_one_gpu_each(tmp_path):
+    cases, jobs, stats, rows, best = _run(tmp_path, FakeMeasure())
+    assert sorted(g["device"] for g in stats["gpus"]) == ["0", "1"]
+    assert len(rows) == len(jobs) and all(r["verified"] for r in rows)
+    assert {r["cubin_sha256"] is not None for r in rows} == {True}
+    assert all(b["status"] == "ok" for b in best)
+
+
+def test_dead_worker_job_is_retried_then_recorded(tmp_path):
+    """A worker that dies is replaced: a job that kills it once is retried and measured; one
+    that kills it every time (or leaves a sticky CUDA error) is recorded as failed; every other
+    job is measured exactly once."""
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    measure = FakeMeasure(crash={(0, 1): "exit", (0, 2): "exit"}, marker_dir=str(markers))
+    _, jobs, stats, rows, _ = _run(tmp_path, measure)
+    assert len(rows) == len(jobs) and all(r["verified"] for r in rows)
+    assert sum(g["restarts"] for g in stats["gpus"]) == 2
+
+    measure = FakeMeasure(crash={(0, 1): "exit", (1, 0): "sticky", (1, 2): "error"})
+    _, jobs, stats, rows, _ = _run(tmp_path, measure, db_name="always.sqlite")
+    by_job = {(r["problem"], r["candidate"]): r for r in rows}
+    assert len(rows) == len(jobs) == len(by_job)
+    assert "worker died (exit code 7) (after 2 attempts)" in by_job["ci_gemm_odd", 1]["error"]
+    assert "CUDA_ERROR_ILLEGAL_ADDRESS" in by_job["ci_3x3_pad1", 0]["error"]
+    assert "CUDA_ERROR_INVALID_IMAGE" in by_job["ci_3x3_pad1", 2]["error"]
+    assert sum(not r["verified"] for r in rows) == 3
+    assert sum(g["restarts"] for g in stats["gpus"]) == 4   # 2 attempts x 2 fatal jobs
+
+
+def test_interrupted_run_resumes_without_remeasuring(tmp_path):
+    log1, log2 = tmp_path / "log1", tmp_path / "log2"
+    log1.mkdir()
+    log2.mkdir()
+    seen = []
+
+    def interrupt(kind, job, info):
+        if kind == "measured":
+            seen.append(job.id)
+            if len(seen) == 3:
+                raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _run(tmp_path, FakeMeasure(log_dir=str(log1)), on_event=interrupt)
+    with TuneDB(tmp_path / "t.sqlite") as db:
+        stored = {(r["problem"], r["candidate"]) for r in db.rows()}
+    assert len(stored) == 3
+    cases, jobs, stats, rows, _ = _run(tmp_path, FakeMeasure(log_dir=str(log2)))
+    again = {(cases[int(c)].problem.id, int(i)) for c, i, _ in
+             (name.split("-") for name in os.listdir(log2))}
+    assert stats["skipped"] == 3 and not again & stored
+    assert len(rows) == len(jobs) == len({(r["problem"], r["candidate"]) for r in rows})
+
+
+def test_same_winners_as_the_serial_tuner(tmp_path):
+    """The serial tuner's rule, run in this process: every candidate timed in order, sorted by
+    time (stable), the first wins. The executor over two workers must pick the same plans."""
+    config = select(load_config(REPO / "configs" / "ci.yaml"), ["ci_gemm_vec", "ci_pw_batch2"],
+                    [], None)
+    cases, jobs, _, _, best = _run(tmp_path, FakeMeasure(), config=config, limit=4)
+    measure = FakeMeasure()
+    serial = {}
+    for case in cases:
+        inputs = case_inputs(case)
+        timed = []
+        for job in (j for j in jobs if j.case == case.index):
+            compiled = compile_job(case, job, "ptx", "sm_90", str(tmp_path / "cache"))
+            result = measure(measure_job(compiled, case), inputs)
+            if result["verified"]:
+                timed.append((result["median_us"], job))
+        timed.sort(key=lambda t: t[0])
+        serial[case.key] = timed[0][1].params.name()
+    assert {b["case"]: b["best"] for b in best} == serial
+    assert all(b["us"] == fake_us(b["case"], b["best"]) for b in best)
+
+
+def test_tune_records_winners_and_skips_stored_jobs(tmp_path):
+    from sparsert_cli.commands.tune import run_tuner
+
+    tuned, db = tmp_path / "tuned.json", tmp_path / "t.sqlite"
+    out = run_tuner(small_config(), limit=2, db_path=tuned, db_sqlite=db,
+                    measure=FakeMeasure(), gpu_ids=[0, 1], arch="sm_90")
+    assert out["run"]["skipped"] == 0 and all(r["status"] == "ok" for r in out["summary"])
+    entries = TunedDB(tuned).entries
+    assert len(entries) == 2 and all("|Fake GPU|fp32" in k for k in entries)
+    again = run_tuner(small_config(), limit=2, db_path=tuned, db_sqlite=db,
+                      measure=FakeMeasure(), gpu_ids=[0], arch="sm_90")
+    assert again["run"]["skipped"] == again["run"]["jobs"] == 4
+    assert [r["best"] for r in again["summary"]] == [r["best"] for r in out["summary"]]
+
+
+def test_ray_backend_matches_the_local_backend(tmp_path):
+    """On a local Ray instance (2 CPUs, 2 declared GPUs): compile + CPU verification of ci.yaml
+    give the same cubins, the same CPU verdicts, the same measurements and winners."""
+    pytest.importorskip("ray")
+    from sparsert_cli.executors.ray_backend import RayExecutor
+
+    config = load_config(REPO / "configs" / "ci.yaml")
+    cases, jobs = make_cases(config, 2)
+    cache = str(tmp_path / "cache")
+    results = {}
+    paths = os.pathsep.join([str(REPO), str(REPO / "tests")])
+    executors = {
+        "local": LocalExecutor([0, 1], cache_root=cache, jobs=2, measure=FakeMeasure(),
+                               verify_seed=0),
+        "ray": RayExecutor(None, cache_root=cache, measure=FakeMeasure(), verify_seed=0,
+                           init_kwargs={"num_cpus": 2, "num_gpus": 2, "runtime_env": {
+                               "env_vars": {"PYTHONPATH": paths}}})}
+    for name, executor in executors.items():
+        with TuneDB(tmp_path / f"{name}.sqlite") as db:
+            stats = run_jobs(executor, lambda gpu: (cases, jobs), db, FAMILY)
+            rows = {(r["problem"], r["sparsity"], r["candidate"]):
+                    (r["cubin_sha256"], r["cpu_verified"], r["verified"], r["median_us"])
+                    for r in db.rows()}
+            results[name] = (rows, [b.get("best") for b in
+                                    winners(cases, jobs, db, stats["gpu"], FAMILY)])
+        assert len(rows) == len(jobs)
+    assert results["ray"] == results["local"]
+    assert all(v[1] == 1 for v in results["ray"][0].values())
