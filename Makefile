@@ -1,6 +1,7 @@
 # Two commands do all the set-up on a fresh machine (Python >= 3.10):
-#   make bench   - create .venv, install sparsert[test,plot], run `sparsert bench configs/ci.yaml`
-#   make test    - create .venv, install sparsert with its test and plot extras (and Chromium
+#   make bench   - create .venv, install sparsert[test,plot,ray] (ray: the Ray backend's CPU
+#                  test), run `sparsert bench configs/ci.yaml`
+#   make test    - create .venv, install sparsert with its test, plot and ray extras (and Chromium
 #                  from the OS packages where root may), run the test suite
 #   make figures - regenerate the README's figures (docs/img/) from the committed results
 PYTHON ?= python3
@@ -10,7 +11,7 @@ CONFIG ?= configs/ci.yaml
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install -q --upgrade pip
-	$(VENV)/bin/python -m pip install -q -e '.[test,plot]'
+	$(VENV)/bin/python -m pip install -q -e '.[test,plot,ray]'
 	touch $@
 
 .PHONY: bench test figures clean

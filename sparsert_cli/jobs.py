@@ -145,18 +145,24 @@ class MeasureJob:
     build: KernelBuild
 
 
-def make_cases(config, limit: int, seeds: Callable[[str, Geometry, str], list] = lambda *a: []
+def make_cases(configs, limit: int, seeds: Callable[[str, Geometry, str], list] = lambda *a: []
                ) -> tuple[list[CaseSpec], list[Job]]:
-    """Every case of a config and its candidate jobs. `seeds(pattern_hash, geometry, precision)`
-    gives plans to try right after the default (a layer's winners at other precisions)."""
+    """Every case of a config (or of several) and its candidate jobs. `seeds(pattern_hash,
+    geometry, precision)` gives plans to try right after the default (a layer's winners at
+    other precisions)."""
     from .patterns import generate, pattern_hash, to_csr
     from .tune import candidates, shape_key
 
-    cases, jobs = [], []
-    for problem, sparsity in config.cases():
+    cases, jobs, seen = [], [], set()
+    for config, problem, sparsity in ((c, p, s) for c in
+                                      (configs if isinstance(configs, (list, tuple))
+                                       else [configs]) for p, s in c.cases()):
         weight = generate(problem, sparsity, config.pattern, config.seed)
         geometry = geometry_for(problem)
         digest = pattern_hash(weight)
+        if (digest, shape_key(geometry), config.precision) in seen:
+            continue       # the same layer in two configs: one tuned key, tuned once
+        seen.add((digest, shape_key(geometry), config.precision))
         case = CaseSpec(len(cases), problem, sparsity, weight,
                         epilogue_for(problem, config.epilogue, config.seed, sparsity),
                         config.precision, digest, shape_key(geometry))

@@ -289,3 +289,46 @@ def test_ray_backend_matches_the_local_backend(tmp_path):
         assert len(rows) == len(jobs)
     assert results["ray"] == results["local"]
     assert all(v[1] == 1 for v in results["ray"][0].values())
+
+
+def _script():
+    """scripts/tune-scale as a module (it has no .py suffix)."""
+    from importlib.machinery import SourceFileLoader
+    from importlib.util import module_from_spec, spec_from_loader
+
+    loader = SourceFileLoader("tune_scale", str(REPO / "scripts" / "tune-scale"))
+    module = module_from_spec(spec_from_loader("tune_scale", loader))
+    loader.exec_module(module)
+    return module
+
+
+def test_tune_scale_script_writes_a_scale_result(tmp_path, monkeypatch):
+    """scripts/tune-scale end to end on a fake timer: three runs of the same jobs, a speedup,
+    and full winner agreement (the fake timer is deterministic)."""
+    from sparsert_cli.results import load_results
+
+    monkeypatch.setenv("SPARSERT_CACHE_DIR", str(tmp_path / "unused"))
+    script = _script()
+    script.main([str(tmp_path), "--config", str(REPO / "configs" / "ci.yaml"),
+                 "--problems", "ci_gemm_odd,ci_pw_stride2", "--max-candidates", "2"],
+                measure=FakeMeasure(), gpu_ids=[0, 1])
+    doc = load_results(tmp_path / "tune-scale.json", kinds=("scale",))
+    assert [(r["phase"], r["gpus"]) for r in doc["runs"]] == [("cold", 2), ("warm", 1),
+                                                               ("warm", 2)]
+    assert all(r["jobs"] == r["verified"] == 8 for r in doc["runs"])
+    assert doc["speedup"] > 0 and doc["agreement"]["fraction"] == 1.0
+    assert doc["agreement"]["ok"] and doc["cases"] == 4
+
+
+def test_scale_agreement_counts_gaps():
+    script = _script()
+    one = [{"status": "ok", "case": f"c{i}", "best": "a", "us": 1.0, "problem": f"c{i}",
+            "sparsity": 0.9} for i in range(10)]
+    two = [dict(r) for r in one]
+    two[3]["best"] = "b"
+    rows = [{"problem": "c3", "sparsity": 0.9, "plan_name": "b", "median_us": 1.02,
+             "verified": 1}]
+    result = script.agreement(one, two, rows)
+    assert result["fraction"] == 0.9 and result["ok"] and result["differ"][0]["gap"] == 0.02
+    rows[0]["median_us"] = 1.05
+    assert not script.agreement(one, two, rows)["ok"]
