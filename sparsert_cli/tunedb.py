@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import socket
 import sqlite3
 import uuid
@@ -39,14 +40,18 @@ NAMES = tuple(name for name, _ in COLUMNS)
 JOB_COLUMNS = ("pattern_hash", "shape", "precision", "family", "family_version", "plan_json",
                "gpu_name", "driver")
 SCHEMA_VERSION = 1
+ENV_VAR = "SPARSERT_TUNEDB"
 
 
 def default_db_path() -> Path:
-    """Next to the kernel cache: measurements, like cubins, are a cache of this machine's work
-    (and what lets an interrupted `tune` resume)."""
-    from .cache import default_root
-
-    return default_root() / "tunedb.sqlite"
+    """$SPARSERT_TUNEDB, else $XDG_DATA_HOME/sparsert/tunedb.sqlite, else ~/.local/share/...:
+    data, not cache (measurements cost GPU time to redo), and kept out of the kernel cache
+    directory, which holds only its own entries."""
+    if os.environ.get(ENV_VAR):
+        return Path(os.environ[ENV_VAR])
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local",
+                                                           "share")
+    return Path(base) / "sparsert" / "tunedb.sqlite"
 
 
 def now() -> str:

@@ -22,7 +22,8 @@ def run_tuner(config, arch=None, jobs=None, no_cache=False, limit=16, db_path=No
     if ray is None and measure is None and not have_gpu():
         raise NoGpuError("sparsert tune needs a GPU (no CUDA driver or GPU found)"
                          + (f"; --gpus {gpus} cannot be used here" if gpus else ""))
-    cache_root = None if no_cache else str(KernelCache().root)
+    cache = None if no_cache else KernelCache()
+    cache_root = str(cache.root) if cache is not None and cache.usable() else None
     with progress_bar() as progress:
         tasks = {}
 
@@ -55,8 +56,9 @@ def run_tuner(config, arch=None, jobs=None, no_cache=False, limit=16, db_path=No
 @click.option("--db", "db_path", default=None, type=click.Path(dir_okay=False),
               help="Tuned-plan database (default: configs/tuned.json).")
 @click.option("--db-sqlite", "db_sqlite", default=None, type=click.Path(dir_okay=False),
-              help="Tuning database keeping every measurement (default: tunedb.sqlite in the "
-                   "kernel cache directory); jobs it holds for this GPU are not measured again.")
+              help="Tuning database keeping every measurement (default: $SPARSERT_TUNEDB, else "
+                   "~/.local/share/sparsert/tunedb.sqlite); jobs it holds for this GPU are not "
+                   "measured again.")
 @click.option("--remeasure", is_flag=True, help="Measure jobs the tuning database already holds.")
 @click.option("--gpus", default=None, metavar="all|0,1,...",
               help="GPUs of this host to measure on, one worker process each (default: all).")
