@@ -147,6 +147,16 @@ def test_gpus_option():
         parse_gpus("all", 0)
 
 
+def test_default_database_is_data_not_cache(tmp_path, monkeypatch):
+    from sparsert_cli.tunedb import default_db_path
+
+    monkeypatch.delenv("SPARSERT_TUNEDB", raising=False)
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path))
+    assert default_db_path() == tmp_path / "sparsert" / "tunedb.sqlite"
+    monkeypatch.setenv("SPARSERT_TUNEDB", str(tmp_path / "x.sqlite"))
+    assert default_db_path() == tmp_path / "x.sqlite"
+
+
 def test_tune_gpus_without_a_gpu_is_one_line(tmp_path, capsys):
     from sparsert_cli.gpu.runtime import have_gpu
 
@@ -246,7 +256,7 @@ def test_same_winners_as_the_serial_tuner(tmp_path):
     assert all(b["us"] == fake_us(b["case"], b["best"]) for b in best)
 
 
-def test_tune_records_winners_and_skips_stored_jobs(tmp_path):
+def test_tune_records_winners_and_skips_stored_jobs(tmp_path, isolated_cache):
     from sparsert_cli.commands.tune import run_tuner
 
     tuned, db = tmp_path / "tuned.json", tmp_path / "t.sqlite"

@@ -83,12 +83,13 @@ class _Worker:
 
 
 class LocalExecutor:
-    """`gpus`: device numbers (CUDA ordinals); `jobs`: compile processes (default: all cores).
+    """`gpus`: device numbers (CUDA ordinals); `arch`: compile target (default: the GPUs');
+    `jobs`: compile processes (default: all cores).
     `measure` is pickled into every worker (tests pass a fake one); `verify_seed` makes every
     compile job also verify its plan on the CPU; `staged` compiles everything before measuring
     (to time the two phases apart); `job_timeout` bounds one measure job."""
 
-    def __init__(self, gpus: list[int], emitter: str = "ptx", arch: str = "sm_90",
+    def __init__(self, gpus: list[int], emitter: str = "ptx", arch: str | None = None,
                  cache_root: str | None = None, jobs: int | None = None, measure=None,
                  verify_seed: int | None = None, staged: bool = False,
                  job_timeout: float = 600.0):

@@ -67,7 +67,7 @@ class RayExecutor:
     `init_kwargs`). `gpus`: timer actors to create (default: the cluster's GPU count)."""
 
     def __init__(self, address: str | None = "auto", gpus: int | None = None,
-                 emitter: str = "ptx", arch: str = "sm_90", cache_root: str | None = None,
+                 emitter: str = "ptx", arch: str | None = None, cache_root: str | None = None,
                  measure=None, verify_seed: int | None = None, init_kwargs: dict | None = None,
                  attempts: int = ATTEMPTS):
         self.ray = _ray()
