@@ -174,6 +174,16 @@ class LocalExecutor:
         self._first_dispatch = self._last_result = None
         compile_done = started
         wake_r, wake_w = os.pipe()
+        os.set_blocking(wake_w, False)     # a full pipe already wakes the loop
+        wake_lock, closed = threading.Lock(), []
+
+        def wake(_future) -> None:   # from the pool's thread; never after the pipe is closed
+            with wake_lock:
+                if not closed:
+                    try:
+                        os.write(wake_w, b".")
+                    except BlockingIOError:
+                        pass
         threads = max(1, (os.cpu_count() or 1) // max(1, min(self.jobs, len(jobs) or 1)))
         # Biggest kernels first: the long compiles start early.
         order = sorted(jobs, key=lambda j: -self._size(j))
@@ -185,7 +195,7 @@ class LocalExecutor:
             for job in order:
                 future = pool.submit(compile_job, cases[job.case], job, self.emitter, self.arch,
                                      self.cache_root, threads, self.verify_seed)
-                future.add_done_callback(lambda _f: os.write(wake_w, b"."))
+                future.add_done_callback(wake)
                 pending[future] = job
             while pending or self._ready or any(w.state == "busy" for w in self.workers):
                 for future in [f for f in pending if f.done()]:
@@ -206,8 +216,10 @@ class LocalExecutor:
         finally:
             pool.shutdown(wait=False, cancel_futures=True)
             refs.shutdown(wait=False, cancel_futures=True)
-            os.close(wake_r)
-            os.close(wake_w)
+            with wake_lock:
+                closed.append(True)
+                os.close(wake_r)
+                os.close(wake_w)
         end = time.perf_counter()
         measure_s = (self._last_result - self._first_dispatch) if self._first_dispatch and \
             self._last_result else 0.0
