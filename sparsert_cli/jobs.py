@@ -282,14 +282,15 @@ def _cpu_ok(compiled) -> int | None:
 
 def winners(cases: list[CaseSpec], jobs: list[Job], db, gpu: dict, family: tuple[str, str]
             ) -> list[dict]:
-    """Per case the fastest verified candidate among this run's jobs, from every stored row of
-    this GPU (measured now or by an earlier, interrupted run): the serial tuner's rule — the
-    lowest median, ties to the earlier candidate."""
-    stored: dict[tuple, list[dict]] = {}
-    for r in db.rows("WHERE gpu_name = ? AND driver = ?", (gpu["gpu_name"], gpu["driver"])):
-        ident = (r["pattern_hash"], r["shape"], r["precision"], r["family"],
-                 r["family_version"], r["plan_json"])
-        stored.setdefault(ident, []).append(r)
+    """Per case the fastest verified candidate among this run's jobs, from the latest stored
+    row of each on this GPU (measured now or by an earlier, interrupted run): the serial
+    tuner's rule — the lowest median, ties to the earlier candidate."""
+    from .tunedb import latest
+
+    stored = {(r["pattern_hash"], r["shape"], r["precision"], r["family"], r["family_version"],
+               r["plan_json"]): r
+              for r in latest(db.rows("WHERE gpu_name = ? AND driver = ?",
+                                      (gpu["gpu_name"], gpu["driver"])))}
     by_case: dict[int, list[Job]] = {}
     for job in jobs:
         by_case.setdefault(job.case, []).append(job)
@@ -298,10 +299,9 @@ def winners(cases: list[CaseSpec], jobs: list[Job], db, gpu: dict, family: tuple
         cands = sorted(by_case.get(case.index, []), key=lambda j: j.candidate)
         timed = []
         for job in cands:
-            good = [r["median_us"] for r in stored.get(job.ident(case, family), [])
-                    if r["verified"] and r["median_us"] is not None]
-            if good:
-                timed.append((min(good), job.candidate, job))
+            r = stored.get(job.ident(case, family))
+            if r and r["verified"] and r["median_us"] is not None:
+                timed.append((r["median_us"], job.candidate, job))
         if not timed:
             summary.append({"case": case.key, "status": "no candidate verified",
                             "candidates": len(cands), "verified": 0})

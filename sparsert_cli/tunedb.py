@@ -165,7 +165,7 @@ class TuneDB:
         """The fastest verified row per (pattern, shape, GPU, precision, family, version), with
         the group's counts and the default candidate's time (candidate 0)."""
         groups: dict[tuple, list[dict]] = {}
-        for row in self.rows():
+        for row in latest(self.rows()):
             key = (row["pattern_hash"], row["shape"], row["gpu_name"], row["precision"],
                    row["family"], row["family_version"])
             groups.setdefault(key, []).append(row)
@@ -180,6 +180,17 @@ class TuneDB:
                         "candidates": len({r["plan_json"] for r in rows}),
                         "verified": len({r["plan_json"] for r in good})}
         return out
+
+
+def latest(rows: list[dict]) -> list[dict]:
+    """The newest measurement of each job on each GPU (a re-measured job counts once, with its
+    latest time: the minimum over repeats would favour lucky samples)."""
+    newest: dict[tuple, dict] = {}
+    for row in rows:
+        key = tuple(row[c] for c in JOB_COLUMNS)
+        if key not in newest or row["timestamp"] >= newest[key]["timestamp"]:
+            newest[key] = row
+    return list(newest.values())
 
 
 def export_entries(db: TuneDB, families: set[tuple[str, str]] | None = None) -> dict[str, dict]:

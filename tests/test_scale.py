@@ -86,12 +86,16 @@ def test_export_keeps_the_best_verified_row(tmp_path):
         db.insert(_row(1, median_us=3.0, **same))
         db.insert(_row(2, median_us=1.0, verified=False, error="verify: mismatch", **same))
         db.insert(_row(4, median_us=2.0, family_version="old", **same))  # an older family
+        db.insert(_row(5, median_us=4.0, timestamp="2020-01-01T00:00:00+00:00", **same))
+        db.insert(_row(5, median_us=6.0, timestamp="2021-01-01T00:00:00+00:00", **same))
+        db.insert(_row(5, median_us=0.5, timestamp="2019-01-01T00:00:00+00:00", **same))
         entries = export_entries(db, {FAMILY})
     key = "p0|b1c4h1w8m4k1s1p0|G|fp32"
     assert list(entries) == [key]
     assert entries[key]["params"] == {"rows_per_group": 3}
     assert entries[key]["us"] == 3.0 and entries[key]["default_us"] == 5.0
-    assert entries[key]["candidates"] == 3 and entries[key]["verified"] == 2
+    # plan 5 was re-measured: its latest time (6.0) counts, not its fastest (0.5)
+    assert entries[key]["candidates"] == 4 and entries[key]["verified"] == 3
 
 
 def test_bad_database_files_are_one_line(tmp_path):
@@ -135,6 +139,19 @@ def test_tunedb_commands(tmp_path, capsys):
     code, out_text, err = run_main(["tunedb", "show", str(tmp_path / "nope.sqlite")], capsys)
     assert code == 2 and err.strip().count("\n") == 0 and "no such tuning database" in err
     assert not (tmp_path / "nope.sqlite").exists()
+
+
+def test_tune_option_conflicts_and_missing_ray(tmp_path, capsys, monkeypatch):
+    import sys
+
+    config = str(REPO / "configs" / "ci.yaml")
+    code, _, err = run_main(["tune", config, "--gpus", "0", "--ray", "auto"], capsys)
+    assert code == 2 and "exclude each other" in err
+    monkeypatch.setitem(sys.modules, "ray", None)       # as if the [ray] extra were missing
+    code, _, err = run_main(["tune", config, "--ray", "auto", "--db",
+                             str(tmp_path / "t.json")], capsys)
+    assert code == 2 and err.strip().count("\n") == 0 and "sparsert[ray]" in err
+    assert not (tmp_path / "t.json").exists()
 
 
 def test_gpus_option():
