@@ -1,4 +1,4 @@
-"""`sparsert tune CONFIG`: time candidate plans on the GPU; store the winners in configs/tuned.json."""
+"""`sparsert tune CONFIG`: time candidate plans on every GPU; store the winners in tuned.json."""
 
 from __future__ import annotations
 
