@@ -2,7 +2,8 @@
 
 Pickled into spawned worker processes (tests/ is on their sys.path), so it must stay importable
 and free of state that does not pickle. `crash` maps (case, candidate) job ids to what happens:
-"exit" (the process dies), "sticky" (a sticky CUDA error), "error" (an ordinary failure); with
+"exit" (the process dies), "sticky" (a sticky CUDA error), "error" (an ordinary failure),
+"hang" (never returns, like a kernel that does not end); with
 `marker_dir` a crash happens only the first time that job runs (then the retry succeeds)."""
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ class FakeMeasure:
             os._exit(7)
         if what == "sticky":
             raise RuntimeError("cuLaunchKernel failed: CUDA_ERROR_ILLEGAL_ADDRESS (700)")
+        if what == "hang":
+            time.sleep(3600)
         if what == "error":
             raise RuntimeError("cuModuleLoadData failed: CUDA_ERROR_INVALID_IMAGE (200)")
         if self.delay:

@@ -186,10 +186,10 @@ def test_tune_gpus_without_a_gpu_is_one_line(tmp_path, capsys):
 
 
 def _run(tmp_path, measure, gpus=(0, 1), db_name="t.sqlite", on_event=None, config=None,
-         limit=3):
+         limit=3, job_timeout=60):
     cases, jobs = make_cases(config or small_config(), limit)
     executor = LocalExecutor(list(gpus), cache_root=str(tmp_path / "cache"), jobs=2,
-                             measure=measure, job_timeout=60)
+                             measure=measure, job_timeout=job_timeout)
     with TuneDB(tmp_path / db_name) as db:
         stats = run_jobs(executor, lambda gpu: (cases, jobs), db, FAMILY, on_event=on_event)
         rows = db.rows()
@@ -207,8 +207,8 @@ def test_workers_are_spawned_one_gpu_each(tmp_path):
 
 def test_dead_worker_job_is_retried_then_recorded(tmp_path):
     """A worker that dies is replaced: a job that kills it once is retried and measured; one
-    that kills it every time (or leaves a sticky CUDA error) is recorded as failed; every other
-    job is measured exactly once."""
+    that kills it every time (or leaves a sticky CUDA error, or hangs past the job timeout) is
+    recorded as failed; every other job is measured exactly once."""
     markers = tmp_path / "markers"
     markers.mkdir()
     measure = FakeMeasure(crash={(0, 1): "exit", (0, 2): "exit"}, marker_dir=str(markers))
@@ -216,15 +216,17 @@ def test_dead_worker_job_is_retried_then_recorded(tmp_path):
     assert len(rows) == len(jobs) and all(r["verified"] for r in rows)
     assert sum(g["restarts"] for g in stats["gpus"]) == 2
 
-    measure = FakeMeasure(crash={(0, 1): "exit", (1, 0): "sticky", (1, 2): "error"})
-    _, jobs, stats, rows, _ = _run(tmp_path, measure, db_name="always.sqlite")
+    measure = FakeMeasure(crash={(0, 1): "exit", (1, 0): "sticky", (1, 2): "error",
+                                 (0, 0): "hang"})
+    _, jobs, stats, rows, _ = _run(tmp_path, measure, db_name="always.sqlite", job_timeout=2)
     by_job = {(r["problem"], r["candidate"]): r for r in rows}
     assert len(rows) == len(jobs) == len(by_job)
     assert "worker died (exit code 7) (after 2 attempts)" in by_job["ci_gemm_odd", 1]["error"]
     assert "CUDA_ERROR_ILLEGAL_ADDRESS" in by_job["ci_3x3_pad1", 0]["error"]
     assert "CUDA_ERROR_INVALID_IMAGE" in by_job["ci_3x3_pad1", 2]["error"]
-    assert sum(not r["verified"] for r in rows) == 3
-    assert sum(g["restarts"] for g in stats["gpus"]) == 4   # 2 attempts x 2 fatal jobs
+    assert "job timed out after 2 s (after 2 attempts)" in by_job["ci_gemm_odd", 0]["error"]
+    assert sum(not r["verified"] for r in rows) == 4
+    assert sum(g["restarts"] for g in stats["gpus"]) == 6   # 2 attempts x 3 fatal jobs
 
 
 def test_interrupted_run_resumes_without_remeasuring(tmp_path):
