@@ -82,6 +82,12 @@ class TuneDB:
         self.conn = sqlite3.connect(str(self.path), timeout=60, isolation_level=None)
         try:
             self.conn.execute("PRAGMA busy_timeout = 60000")
+            tables = {r[0] for r in self.conn.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table'")}
+            if "measurements" not in tables and (tables or not create):
+                # someone else's SQLite file: never add a table to it or switch its journal
+                raise UserError(f"{self.path}: not a sparsert tuning database (no measurements "
+                                f"table)")
             self.conn.execute("PRAGMA journal_mode = WAL")
             self.conn.execute("PRAGMA synchronous = NORMAL")
             self._create()

@@ -118,6 +118,16 @@ def test_bad_database_files_are_one_line(tmp_path):
     conn.close()
     with pytest.raises(UserError, match="not a sparsert tuning database"):
         TuneDB(other)
+    foreign = tmp_path / "foreign.sqlite"
+    conn = sqlite3.connect(foreign)
+    conn.execute("CREATE TABLE songs (title TEXT)")
+    conn.commit()
+    conn.close()
+    before = foreign.read_bytes()
+    for create in (True, False):
+        with pytest.raises(UserError, match="no measurements table"):
+            TuneDB(foreign, create=create)
+    assert foreign.read_bytes() == before
 
 
 def test_tunedb_commands(tmp_path, capsys):
@@ -139,6 +149,11 @@ def test_tunedb_commands(tmp_path, capsys):
     code, out_text, err = run_main(["tunedb", "show", str(tmp_path / "nope.sqlite")], capsys)
     assert code == 2 and err.strip().count("\n") == 0 and "no such tuning database" in err
     assert not (tmp_path / "nope.sqlite").exists()
+    (tmp_path / "junk.sqlite").write_text("junk\n" * 100)
+    code, _, err = run_main(["tunedb", "merge", str(tmp_path / "new.sqlite"), str(a),
+                             str(tmp_path / "junk.sqlite")], capsys)
+    assert code == 2 and "junk.sqlite: not a usable tuning database" in err
+    assert not (tmp_path / "new.sqlite").exists()
 
 
 def test_tune_option_conflicts_and_missing_ray(tmp_path, capsys, monkeypatch):

@@ -76,6 +76,8 @@ def merge(out_path, inputs):
     """Copy the measurements of several databases (e.g. one per host) into OUT, once each."""
     from ..tunedb import TuneDB
 
+    for path in inputs:     # every input checked before OUT is created or touched
+        TuneDB(path, create=False).close()
     with TuneDB(out_path) as db:
         for path in inputs:
             added = db.merge(path)
