@@ -138,7 +138,11 @@ class RayExecutor:
             for ref in finished:
                 if ref in summaries:
                     job, kernel = summaries.pop(ref)
-                    summary = ray.get(ref)
+                    try:
+                        summary = ray.get(ref)
+                    except ray.exceptions.RayError as exc:   # its worker died, retries spent
+                        summary = {"ok": False, "error": f"compile task: {one_line(exc)}",
+                                   "seconds": 0.0}
                     if on_event:
                         on_event("compiled", job, {"ok": summary["ok"],
                                                    "seconds": summary["seconds"]})
