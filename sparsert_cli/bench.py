@@ -21,7 +21,8 @@ from .cache import KernelCache
 from .config import Config
 from .errors import UserError
 from .interp import execute
-from .patterns import case_seed, generate, pattern_hash, to_csr
+from .patterns import (Weight, case_seed, count_nonzeros, dense, generate, pattern_hash,
+                       to_csr)
 from .plan import Plan
 from .problems import Problem
 from .reference import check, conv_reference
@@ -36,9 +37,10 @@ BASELINE_ORDER = ("cublas_fp32", "cublas_tf32", "cublas_fp16", "cusparse", "cudn
 class Case:
     problem: Problem
     sparsity: float
-    weight: np.ndarray
+    weight: Weight                # dense array, or SparseWeight for sparse sources
     plan: Plan
     tuned: bool = False
+    flushed: int = 0              # fp16 weights dropped because they round to zero
     build: KernelBuild | Exception | None = None
     result: dict = field(default_factory=dict)
 
@@ -64,24 +66,45 @@ def git_commit() -> str | None:
         return None
 
 
+def check_budget(problem: Problem, sparsity: float, verify: bool = True) -> None:
+    """Refuse, from the shape alone, a case far beyond this machine (before any array exists)."""
+    from . import limits
+    from .patterns import GENERATE_DENSE_LIMIT, expected_nonzeros
+
+    size = problem.m * problem.k
+    nnz = expected_nonzeros(size, sparsity)
+    limits.check_nonzeros(nnz)
+    estimate = limits.case_memory(problem.m, problem.k, problem.n, math.prod(problem.input_shape),
+                                  math.prod(problem.output_shape), nnz,
+                                  size <= GENERATE_DENSE_LIMIT, verify)
+    limits.check_memory(estimate, f"a {problem.m}x{problem.k} weight with {nnz} nonzeros at "
+                                  f"N={problem.n}")
+
+
 def prepare(config: Config, gpu_name: str, tuned_db=None) -> list[Case]:
     """Weights and plans for every case (tuned parameters where the database has them)."""
     cases = []
     for problem, sparsity in config.cases():
-        weight = generate(problem, sparsity, config.pattern, config.seed)
-        params, tuned = None, False
-        if tuned_db is not None:
-            params = tuned_db.lookup(pattern_hash(weight), geometry_for(problem), gpu_name,
-                                     config.precision)
-            tuned = params is not None
-        epilogue = epilogue_for(problem, config.epilogue, config.seed, sparsity)
+        where = f"{config.path} [{problem.id} @ {sparsity:g}]"
         try:
+            check_budget(problem, sparsity)
+            weight = generate(problem, sparsity, config.pattern, config.seed)
+            params, tuned = None, False
+            if tuned_db is not None:
+                params = tuned_db.lookup(pattern_hash(weight), geometry_for(problem), gpu_name,
+                                         config.precision)
+                tuned = params is not None
+            epilogue = epilogue_for(problem, config.epilogue, config.seed, sparsity)
             plan = make_plan(problem, weight, params, epilogue,
                              overrides=None if tuned else config.plan,
-                             precision=config.precision)
+                             precision=config.precision,
+                             allow_fp16_flush=config.allow_fp16_flush)
         except UserError as exc:   # e.g. plan overrides that do not fit this layer
-            raise UserError(f"{config.path} [{problem.id} @ {sparsity:g}]: {exc.message}") from None
-        cases.append(Case(problem, sparsity, weight, plan, tuned))
+            raise UserError(f"{where}: {exc.message}") from None
+        except MemoryError:
+            raise UserError(f"{where}: out of memory while generating and planning") from None
+        cases.append(Case(problem, sparsity, weight, plan, tuned,
+                          flushed=count_nonzeros(weight) - plan.nnz))
     return cases
 
 
@@ -113,8 +136,9 @@ def storage(case: Case):
 
 def reference(case: Case, x: np.ndarray, res: np.ndarray | None):
     p, epi = case.problem, case.plan.epilogue
-    ref = conv_reference(case.weight, x, p.stride, p.padding, epi.bias, res, epi.activation)
-    mag = conv_reference(case.weight, x, p.stride, p.padding, epi.bias, res, absolute=True)
+    weight = dense(case.weight)
+    ref = conv_reference(weight, x, p.stride, p.padding, epi.bias, res, epi.activation)
+    mag = conv_reference(weight, x, p.stride, p.padding, epi.bias, res, absolute=True)
     return ref, mag
 
 
@@ -193,6 +217,8 @@ def case_record(case: Case) -> dict:
            "padding": p.padding, "nnz": case.plan.nnz, "pattern_hash": pattern_hash(case.weight),
            "plan": case.plan.params.name(), "params": dict(case.plan.params.__dict__),
            "tuned": case.tuned, "grid": list(case.plan.grid), "block": list(case.plan.block)}
+    if case.flushed:
+        rec["fp16_flushed"] = case.flushed
     if isinstance(build, KernelBuild):
         rec["compile"] = {"ok": True, "seconds": round(build.compile_seconds, 3),
                           "cached": build.cached, "registers": build.resources.registers,
@@ -270,13 +296,13 @@ def _baseline_specs(case: Case, x: np.ndarray):
     """(name, factory, reference, magnitude, dtype, k) for every baseline of this problem."""
     from .gpu import baselines as bl
 
-    p = case.problem
-    w2 = case.weight.reshape(p.m, -1).astype(np.float32)
+    p, weight = case.problem, dense(case.weight)
+    w2 = weight.reshape(p.m, -1).astype(np.float32)
     cols = bl.im2col64(x, p.kernel_size, p.kernel_size, p.stride, p.padding)
     b32 = cols.astype(np.float32)
     gemm_ref = w2.astype(np.float64) @ cols
     gemm_mag = np.abs(w2.astype(np.float64)) @ np.abs(cols)
-    csr = to_csr(case.weight)
+    csr = to_csr(weight)
     specs = [
         ("cublas_fp32", lambda g: bl.CublasGemm(g, w2, b32, "fp32"), gemm_ref, gemm_mag, "fp32"),
         ("cublas_tf32", lambda g: bl.CublasGemm(g, w2, b32, "tf32"), gemm_ref, gemm_mag, "tf32"),
@@ -284,11 +310,11 @@ def _baseline_specs(case: Case, x: np.ndarray):
         ("cusparse", lambda g: bl.CusparseSpmm(g, csr, b32), gemm_ref, gemm_mag, "fp32"),
     ]
     if p.op != "gemm":
-        conv_ref, conv_mag = bl.conv_reference(x, case.weight, p.stride, p.padding)
+        conv_ref, conv_mag = bl.conv_reference(x, weight, p.stride, p.padding)
         specs += [
-            ("cudnn_fp32", lambda g: bl.CudnnConv(g, x, case.weight, p.stride, p.padding, "fp32"),
+            ("cudnn_fp32", lambda g: bl.CudnnConv(g, x, weight, p.stride, p.padding, "fp32"),
              conv_ref, conv_mag, "fp32"),
-            ("cudnn_fp16", lambda g: bl.CudnnConv(g, x, case.weight, p.stride, p.padding, "fp16"),
+            ("cudnn_fp16", lambda g: bl.CudnnConv(g, x, weight, p.stride, p.padding, "fp16"),
              conv_ref, conv_mag, "fp16"),
         ]
         if p.kernel_size > 1 or p.stride > 1 or p.batch > 1:

@@ -7,12 +7,12 @@ import os
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Iterable
 
 import numpy as np
 
-from . import __version__
+from . import __version__, limits
 from .cache import KernelCache, cache_key
 from .compile import (DEFAULT_ARCH, Compiled, Resources, arch_number, cpp_to_cubin,
                       ptx_to_cubin)
@@ -90,17 +90,40 @@ def epilogue_for(problem: Problem, spec: EpilogueSpec, seed: int, sparsity: floa
     return Epilogue(bias=bias, activation=spec.activation, residual=spec.residual)
 
 
-def make_plan(problem: Problem, weight: np.ndarray, params: PlanParams | None = None,
+def make_plan(problem: Problem, weight, params: PlanParams | None = None,
               epilogue: Epilogue = Epilogue(), overrides: dict | None = None,
-              precision: str = "fp32") -> Plan:
+              precision: str = "fp32", allow_fp16_flush: bool = False) -> Plan:
+    """Plan one kernel. `weight` is a dense array or a patterns.SparseWeight. fp16 kernels refuse
+    weights and bias beyond fp16's range, and weights that round to zero unless
+    `allow_fp16_flush`, which drops them (plan.nnz counts what the kernel computes)."""
     geometry = geometry_for(problem)
     csr = to_csr(weight)
+    limits.check_nonzeros(csr.nnz)
+    dtype, accumulate = PRECISIONS[precision]
+    if dtype == "fp16":
+        csr, epilogue = _fit_fp16(csr, epilogue, accumulate, allow_fp16_flush)
     if params is None:
         params = default_params(geometry, csr.nnz, precision=precision)
     if overrides:
         params = PlanParams.from_dict({**params.__dict__, **overrides})
-    dtype, accumulate = PRECISIONS[precision]
     return build_plan(csr, geometry, params, epilogue, dtype, accumulate)
+
+
+def _fit_fp16(csr, epilogue: Epilogue, accumulate: str, allow_flush: bool):
+    """fp16 weights (both sum modes: the plan's weights are fp16 values) and bias (added in fp16
+    with half2 sums; with fp32 sums it still lands in an fp16 output, so only overflow counts)."""
+    flush = limits.fp16_flush_mask(csr.data, "weights", allow_flush)
+    if flush.any():
+        csr = csr.copy()
+        csr.data[flush] = 0.0
+        csr.eliminate_zeros()
+    if epilogue.bias is not None:
+        bias = np.asarray(epilogue.bias, dtype=np.float64)
+        lost = limits.fp16_flush_mask(bias, "bias",
+                                      allow_flush or accumulate != "fp16")
+        if accumulate == "fp16" and lost.any():
+            epilogue = replace(epilogue, bias=tuple(float(v) for v in np.where(lost, 0.0, bias)))
+    return csr, epilogue
 
 
 def check_emitter(emitter: str, precision: str, arch: str = DEFAULT_ARCH) -> None:

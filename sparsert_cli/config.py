@@ -22,7 +22,7 @@ EMITTERS = ("ptx", "cuda")
 ACTIVATIONS = ("none", "relu", "relu6")
 
 _TOP_KEYS = {"name", "description", "problems", "sparsity", "dtype", "accumulate", "batch",
-             "pattern", "seed", "emit", "epilogue", "plan", "kind"}
+             "pattern", "seed", "emit", "epilogue", "plan", "kind", "allow_fp16_flush"}
 RESULT_KINDS = ("bench", "sweep")        # what `bench` stamps on the results file
 _EPILOGUE_KEYS = {"bias", "activation", "residual"}
 PLAN_KEYS = {"rows_per_group", "vector_width", "col_threads", "k_split", "load_batch", "balance",
@@ -54,6 +54,7 @@ class Config:
     plan: dict = field(default_factory=dict)
     description: str = ""
     kind: str = "bench"
+    allow_fp16_flush: bool = False     # fp16: drop weights that round to zero instead of failing
 
     @property
     def precision(self) -> str:
@@ -69,6 +70,8 @@ class Config:
         doc = {"problems": [p.__dict__ for p in self.problems], "sparsities": self.sparsities,
                "dtype": self.dtype, "accumulate": self.accumulate, "pattern": self.pattern,
                "seed": self.seed, "emit": self.emit, "epilogue": self.epilogue.__dict__, "plan": self.plan}
+        if self.allow_fp16_flush:      # only when set: older results keep their digests
+            doc["allow_fp16_flush"] = True
         return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -165,7 +168,8 @@ def config_from_dict(doc: object, where: str) -> Config:
     if batch is not None:
         if isinstance(batch, bool) or not isinstance(batch, int) or batch <= 0:
             raise UserError(f"{where}: 'batch' must be a positive integer, got {batch!r}")
-        problems = tuple(p.with_batch(batch) for p in problems)
+        problems = tuple(p.with_batch(batch).validate(f"{where}: batch {batch}")
+                         for p in problems)
     seed = doc.get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise UserError(f"{where}: 'seed' must be a non-negative integer, got {seed!r}")
@@ -179,6 +183,9 @@ def config_from_dict(doc: object, where: str) -> Config:
         raise UserError(f"{where}: 'accumulate: fp16' needs 'dtype: fp16' (fp32 data is summed "
                         f"in fp32)")
     emit = _choice(doc, "emit", EMITTERS, "ptx", where)
+    flush = doc.get("allow_fp16_flush", False)
+    if not isinstance(flush, bool):
+        raise UserError(f"{where}: 'allow_fp16_flush' must be true or false, got {flush!r}")
     if dtype == "fp16" and emit != "ptx":
         raise UserError(f"{where}: 'dtype: fp16' kernels are emitted as PTX only (emit: ptx)")
     return Config(name=name, path=where, problems=problems, sparsities=sparsities,
@@ -188,7 +195,7 @@ def config_from_dict(doc: object, where: str) -> Config:
                   epilogue=_epilogue(doc.get("epilogue"), where),
                   plan=_plan_overrides(doc.get("plan"), where),
                   description=str(doc.get("description", "")),
-                  kind=_choice(doc, "kind", RESULT_KINDS, "bench", where))
+                  kind=_choice(doc, "kind", RESULT_KINDS, "bench", where), allow_fp16_flush=flush)
 
 
 def load_config(path: str | Path) -> Config:

@@ -7,6 +7,7 @@ N = batch * H_out * W_out columns.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -16,6 +17,7 @@ import yaml
 from .errors import UserError
 
 OPS = {"gemm": 1, "conv1x1": 1, "conv3x3": 3}
+MAX_ELEMS = 2 ** 31          # every tensor a kernel addresses (32-bit offsets)
 _ID_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 
 PROBLEM_DIR = Path(__file__).resolve().parent.parent / "problems"
@@ -106,10 +108,18 @@ class Problem:
                 raise UserError(f"{where}: {key} must be a positive integer, got {value}")
         if self.padding < 0:
             raise UserError(f"{where}: padding must be >= 0, got {self.padding}")
+        for key, value in {**sizes, "padding": self.padding}.items():   # Python ints: no overflow
+            if value >= MAX_ELEMS:
+                raise UserError(f"{where}: {key} = {value} is too large (limit {MAX_ELEMS - 1})")
         if self.out_height <= 0 or self.out_width <= 0:
             raise UserError(f"{where}: output size {self.out_height}x{self.out_width} is not "
                             f"positive (input {self.height}x{self.width}, kernel "
                             f"{self.kernel_size}, stride {self.stride}, padding {self.padding})")
+        inputs, outputs = math.prod(self.input_shape), math.prod(self.output_shape)
+        if max(inputs, outputs) >= MAX_ELEMS:
+            which = "input" if inputs >= outputs else "output"
+            raise UserError(f"{where}: shape too large: the {which} holds {max(inputs, outputs)} "
+                            f"elements; kernels address fewer than 2^31")
         return self
 
 

@@ -116,8 +116,9 @@ def test_load_scipy_save_npz_csr_and_coo(tmp_path):
         path = tmp_path / f"w_{fmt}.npz"
         sp.save_npz(path, sp.csr_matrix(w).asformat(fmt))
         loaded = patterns.load_pattern(path)
-        assert loaded.dtype == np.float32
-        assert np.array_equal(loaded, w)
+        assert isinstance(loaded, patterns.SparseWeight) and loaded.shape == w.shape
+        assert loaded.csr.dtype == np.float32 and loaded.csr.has_canonical_format
+        assert np.array_equal(patterns.dense(loaded), w)
 
 
 def test_load_dense_npy_2d_and_4d(tmp_path):

@@ -155,15 +155,17 @@ def manifest(problem, plan, build, weight, emitter: str) -> dict:
 @click.option("--no-cache", is_flag=True, help="Compile even if the kernel cache has it.")
 @click.option("--no-tuned", is_flag=True, help="Ignore tuned plans (configs/tuned.json).")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
+@click.option("--allow-fp16-flush", is_flag=True,
+              help="fp16: drop weights that round to zero in fp16 (and say how many).")
 def command(pattern_path, sparsity, op, n, height, width, batch, stride, padding, emitter, dtype,
             accumulate, arch, bias_path, activation, residual, plan_items, out_dir, no_cache,
-            no_tuned, as_json):
+            no_tuned, as_json, allow_fp16_flush):
     """Generate one kernel specialised to a weight's sparsity pattern."""
     from ..build import (build_kernel, check_emitter, detect_arch, detect_gpu_name, geometry_for,
                          make_plan)
     from ..cache import KernelCache
     from ..config import check_sparsity
-    from ..patterns import load_pattern
+    from ..patterns import count_nonzeros, load_pattern
     from ..plan import Epilogue, precision_label
 
     path = Path(pattern_path)
@@ -193,8 +195,17 @@ def command(pattern_path, sparsity, op, n, height, width, batch, stride, padding
 
         params = TunedDB().lookup(pattern_hash(weight), geometry_for(problem), detect_gpu_name(),
                                   precision)
-    plan = make_plan(problem, weight, params, epilogue=epilogue, overrides=overrides,
-                     precision=precision)
+    try:
+        plan = make_plan(problem, weight, params, epilogue=epilogue, overrides=overrides,
+                         precision=precision, allow_fp16_flush=allow_fp16_flush)
+    except UserError as exc:   # fp16 range, size budgets: name the file the values came from
+        source = bias_path if bias_path and exc.message.startswith("bias:") else path
+        raise UserError(f"{source}: {exc.message}") from None
+    flushed = count_nonzeros(weight) - plan.nnz
+    if flushed:
+        from ..console import err_console
+        err_console.print(f"[yellow]{path}:[/] dropped {flushed} weight(s) that round to zero "
+                          f"in fp16 (--allow-fp16-flush)")
     arch = arch or detect_arch()
     cache = None if no_cache else KernelCache()
     with console.status(f"compiling {plan.nnz} nonzeros ({emitter} -> {arch} cubin)...",
