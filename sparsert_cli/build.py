@@ -99,6 +99,10 @@ def make_plan(problem: Problem, weight, params: PlanParams | None = None,
     geometry = geometry_for(problem)
     csr = to_csr(weight)
     limits.check_nonzeros(csr.nnz)
+    for what, values in (("weights", csr.data), ("bias", epilogue.bias or ())):
+        bad = int(np.size(values) - np.count_nonzero(np.isfinite(values)))
+        if bad:
+            raise UserError(f"{what}: {bad} NaN/Inf value(s)")
     dtype, accumulate = PRECISIONS[precision]
     if dtype == "fp16":
         csr, epilogue = _fit_fp16(csr, epilogue, accumulate, allow_fp16_flush)

@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import UserError
-from .problems import Problem, builtin_problems, load_yaml, problem_from_dict
+from .problems import (Problem, builtin_problem, builtin_problems, load_yaml,
+                       problem_from_dict, valid_name)
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -95,7 +95,7 @@ def _epilogue(doc: object, where: str) -> EpilogueSpec:
         return EpilogueSpec()
     if not isinstance(doc, dict):
         raise UserError(f"{where}: 'epilogue' must be a mapping")
-    unknown = sorted(set(doc) - _EPILOGUE_KEYS)
+    unknown = sorted(set(doc) - _EPILOGUE_KEYS, key=str)
     if unknown:
         raise UserError(f"{where}: unknown key 'epilogue.{unknown[0]}' "
                         f"(allowed: {', '.join(sorted(_EPILOGUE_KEYS))})")
@@ -109,18 +109,18 @@ def _epilogue(doc: object, where: str) -> EpilogueSpec:
 
 
 def _problems(doc: object, where: str) -> tuple[Problem, ...]:
-    known = builtin_problems()
     if doc == "all":
-        return tuple(known.values())
+        return tuple(builtin_problems().values())
     if not isinstance(doc, list) or not doc:
         raise UserError(f"{where}: 'problems' must be a non-empty list (ids or inline specs) "
                         f"or 'all'")
     problems: list[Problem] = []
     for i, item in enumerate(doc):
         if isinstance(item, str):
-            if item not in known:
+            problem = builtin_problem(item)
+            if problem is None:
                 raise UserError(f"{where}: problems[{i}]: unknown problem id {item!r}")
-            problems.append(known[item])
+            problems.append(problem)
         else:
             problems.append(problem_from_dict(item, f"{where}: problems[{i}]"))
     ids = [p.id for p in problems]
@@ -135,7 +135,7 @@ def _plan_overrides(doc: object, where: str) -> dict:
         return {}
     if not isinstance(doc, dict):
         raise UserError(f"{where}: 'plan' must be a mapping of plan parameters")
-    unknown = sorted(set(doc) - PLAN_KEYS)
+    unknown = sorted(set(doc) - PLAN_KEYS, key=str)
     if unknown:
         raise UserError(f"{where}: unknown key 'plan.{unknown[0]}' "
                         f"(allowed: {', '.join(sorted(PLAN_KEYS))})")
@@ -151,7 +151,7 @@ def _plan_overrides(doc: object, where: str) -> dict:
 def config_from_dict(doc: object, where: str) -> Config:
     if not isinstance(doc, dict):
         raise UserError(f"{where}: a config must be a YAML mapping")
-    unknown = sorted(set(doc) - _TOP_KEYS)
+    unknown = sorted(set(doc) - _TOP_KEYS, key=str)
     if unknown:
         raise UserError(f"{where}: unknown key '{unknown[0]}' (allowed: {', '.join(sorted(_TOP_KEYS))})")
     for key in ("problems", "sparsity"):
@@ -174,9 +174,9 @@ def config_from_dict(doc: object, where: str) -> Config:
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise UserError(f"{where}: 'seed' must be a non-negative integer, got {seed!r}")
     name = doc.get("name", Path(where).stem)
-    if not isinstance(name, str) or not re.match(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$", name):
-        raise UserError(f"{where}: 'name' must be letters, digits, _ . - (it names result "
-                        f"files), got {name!r}")
+    if not valid_name(name):
+        raise UserError(f"{where}: 'name' must be up to 100 letters, digits, _ . - (it names "
+                        f"result files), got {name!r}")
     dtype = _choice(doc, "dtype", DTYPES, "fp32", where)
     accumulate = _choice(doc, "accumulate", DTYPES, dtype, where)
     if (dtype, accumulate) == ("fp32", "fp16"):
@@ -202,6 +202,8 @@ def load_config(path: str | Path) -> Config:
     path = Path(path)
     if not path.exists() and not path.suffix and (CONFIG_DIR / f"{path}.yaml").exists():
         path = CONFIG_DIR / f"{path}.yaml"     # `sparsert bench ci` means configs/ci.yaml
+    if path.is_dir():
+        raise UserError(f"{path}: is a directory, not a config file")
     if not path.is_file():
         raise UserError(f"{path}: no such config file")
     return config_from_dict(load_yaml(path), str(path))

@@ -18,7 +18,7 @@ from .errors import UserError
 
 OPS = {"gemm": 1, "conv1x1": 1, "conv3x3": 3}
 MAX_ELEMS = 2 ** 31          # every tensor a kernel addresses (32-bit offsets)
-_ID_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}")
 
 PROBLEM_DIR = Path(__file__).resolve().parent.parent / "problems"
 
@@ -123,6 +123,12 @@ class Problem:
         return self
 
 
+def valid_name(text: object) -> bool:
+    """A problem id or config name: it names files, so letters, digits, _ . - only (no spaces,
+    control characters or separators), starting with a letter, digit or _, at most 100 long."""
+    return isinstance(text, str) and _NAME_RE.fullmatch(text) is not None
+
+
 def _int_field(spec: dict, key: str, where: str, default: int | None = None) -> int:
     if key not in spec:
         if default is None:
@@ -139,16 +145,17 @@ def problem_from_dict(spec: object, where: str) -> Problem:
     if not isinstance(spec, dict):
         raise UserError(f"{where}: a problem must be a mapping, got {type(spec).__name__}")
     pid = spec.get("id")
-    if not isinstance(pid, str) or not _ID_RE.match(pid):
-        raise UserError(f"{where}: missing or invalid 'id' (letters, digits, _ . -), got {pid!r}")
+    if not valid_name(pid):
+        raise UserError(f"{where}: missing or invalid 'id' (up to 100 letters, digits, _ . -), "
+                        f"got {pid!r}")
     where = f"{where} [{pid}]"
     op = spec.get("op")
     if op not in OPS:
         raise UserError(f"{where}: unknown op {op!r} (expected one of {', '.join(OPS)})")
     allowed = _GEMM_KEYS if op == "gemm" else _CONV_KEYS
-    unknown = sorted(set(spec) - allowed)
+    unknown = sorted(set(spec) - allowed, key=str)
     if unknown:
-        raise UserError(f"{where}: unknown key '{unknown[0]}' for op {op} "
+        raise UserError(f"{where}: unknown key {unknown[0]!r} for op {op} "
                         f"(allowed: {', '.join(sorted(allowed))})")
     source = spec.get("source", "")
     if not isinstance(source, str):
@@ -170,15 +177,42 @@ def problem_from_dict(spec: object, where: str) -> Problem:
     return problem.validate(where)
 
 
+class _Loader(yaml.SafeLoader):
+    """yaml.safe_load's loader, except that a key repeated in one mapping is an error (YAML
+    says keys are unique; PyYAML would silently keep the last value)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    repeated = key in seen
+                    seen.add(key)
+                except TypeError:
+                    continue              # unhashable: the base class says so
+                if repeated:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key!r}", key_node.start_mark)
+        return super().construct_mapping(node, deep)
+
+
 def load_yaml(path: Path) -> object:
+    """Parse a YAML file (configs, problems): every failure is one line naming the file."""
     try:
         text = path.read_text(encoding="utf-8")
+    except IsADirectoryError:
+        raise UserError(f"{path}: is a directory, not a YAML file") from None
     except OSError as exc:
         raise UserError(f"{path}: cannot read: {exc.strerror or exc}") from None
     except UnicodeDecodeError as exc:
         raise UserError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_Loader)
+    except RecursionError:
+        raise UserError(f"{path}: malformed YAML: nested too deeply") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -191,6 +225,13 @@ def load_problem_file(path: Path) -> Problem:
     if problem.id != path.stem:
         raise UserError(f"{path}: id {problem.id!r} does not match the file name {path.stem!r}")
     return problem
+
+
+def builtin_problem(pid: str, directory: Path | None = None) -> Problem | None:
+    """The shipped problem `pid`, read from its own file only when asked for (a malformed file
+    fails the configs that name it, no others); None when there is no such problem."""
+    path = (directory or PROBLEM_DIR) / f"{pid}.yaml"
+    return load_problem_file(path) if valid_name(pid) and path.is_file() else None
 
 
 def builtin_problems(directory: Path = PROBLEM_DIR) -> dict[str, Problem]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import datetime
 import json
-from dataclasses import asdict, replace
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 
 from .build import CODE_BUDGET, code_units, default_params, geometry_for
@@ -35,10 +35,11 @@ class TunedDB:
         self.entries: dict[str, dict] = {}
         if self.path.exists():
             try:
-                doc = json.loads(self.path.read_text())
-                self.entries = dict(doc.get("entries", {}))
-            except (OSError, ValueError, AttributeError) as exc:
-                raise UserError(f"{self.path}: not a valid tuned-plan database ({exc})") from None
+                doc = json.loads(self.path.read_text(encoding="utf-8"))
+            except (OSError, ValueError, RecursionError) as exc:
+                raise UserError(f"{self.path}: not a valid tuned-plan database "
+                                f"({str(exc).splitlines()[0] or type(exc).__name__})") from None
+            self.entries = _entries(doc, self.path)
 
     @staticmethod
     def key(pattern_hash: str, geometry: Geometry, gpu_name: str, dtype: str) -> str:
@@ -64,6 +65,26 @@ class TunedDB:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         doc = {"schema": 1, "entries": dict(sorted(self.entries.items()))}
         self.path.write_text(json.dumps(doc, indent=1) + "\n")
+
+
+def _entries(doc: object, path: Path) -> dict[str, dict]:
+    """The entries of a loaded database, refusing a wrong shape or wrong-typed plan values
+    (unknown parameter names are kept: lookup treats them as an older version's, to retune)."""
+    entries = doc.get("entries", {}) if isinstance(doc, dict) else None
+    if not isinstance(entries, dict):
+        raise UserError(f"{path}: not a valid tuned-plan database (expected an object whose "
+                        f"'entries' maps keys to entries)")
+    types = {f.name: (str if f.name == "balance" else int) for f in fields(PlanParams)}
+    for key, entry in entries.items():
+        params = entry.get("params") if isinstance(entry, dict) else None
+        if not isinstance(params, dict):
+            raise UserError(f"{path}: entry {key!r} has no 'params' mapping")
+        for name, value in params.items():
+            want = types.get(name)
+            if want and (isinstance(value, bool) or not isinstance(value, want)):
+                raise UserError(f"{path}: entry {key!r}: plan parameter {name!r} must be "
+                                f"{want.__name__}, got {value!r}")
+    return dict(entries)
 
 
 def candidates(geometry: Geometry, nnz: int, limit: int = 16, precision: str = "fp32",

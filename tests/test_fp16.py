@@ -280,3 +280,106 @@ def test_bench_fp16_with_cuda_emitter_names_the_config(repo, tmp_path, capsys):
                              "--emit", "cuda", "--compile-only", "--out", str(out)], capsys)
     assert code == 2 and "ci.yaml" in err and "PTX only" in err
     assert len(err.strip().splitlines()) == 1 and not out.exists()
+
+
+# ------------------------------------------------------------------ fp16 range (issue 14)
+
+
+def _tiny_gemm(values, m=4, k=6):
+    weight = np.zeros((m, k, 1, 1), dtype=np.float32)
+    weight.ravel()[:len(values)] = values
+    weight.ravel()[-1] = 0.5                    # one ordinary weight
+    return Problem("g", "gemm", m, k, height=1, width=16), weight
+
+
+@pytest.mark.parametrize("precision", list(HALF))
+def test_fp16_weights_that_overflow_are_refused(precision):
+    problem, weight = _tiny_gemm([1e6, -7e4, 60000.0])
+    with pytest.raises(UserError, match=r"weights: 2 value\(s\) overflow fp16.*largest 1e\+06"):
+        make_plan(problem, weight, precision=precision)
+    assert make_plan(problem, weight).nnz == 4            # fp32 holds them
+    with pytest.raises(UserError, match="overflow"):    # flushing never hides an overflow
+        make_plan(problem, weight, precision=precision, allow_fp16_flush=True)
+
+
+@pytest.mark.parametrize("precision", list(HALF))
+def test_fp16_weights_that_round_to_zero_need_the_opt_in_which_drops_them(precision):
+    problem, weight = _tiny_gemm([1e-9, 2e-8, 1e-6])     # 1e-6 stays (subnormal, nonzero)
+    with pytest.raises(UserError, match=r"weights: 2 nonzero value\(s\) round to zero"):
+        make_plan(problem, weight, precision=precision)
+    plan = make_plan(problem, weight, precision=precision, allow_fp16_flush=True)
+    assert plan.nnz == 2
+    values = sorted(v for g in plan.groups for sl in g.slices for ld in sl for _, v in ld.uses)
+    assert values == [np.float32(1e-6), 0.5]
+    assert make_plan(problem, weight).nnz == 4
+
+
+def test_fp16_bias_range_follows_where_the_bias_is_held():
+    problem, weight = _tiny_gemm([1.0])
+    big = Epilogue(bias=(1e5, 0.0, 0.0, 0.0))
+    for precision in HALF:        # half2 sums add it in fp16; fp32 sums store it to fp16
+        with pytest.raises(UserError, match=r"bias: 1 value\(s\) overflow fp16"):
+            make_plan(problem, weight, epilogue=big, precision=precision)
+    tiny = Epilogue(bias=(1e-9, 1.0, 0.0, 0.0))
+    with pytest.raises(UserError, match="bias: 1 nonzero value"):
+        make_plan(problem, weight, epilogue=tiny, precision="fp16")
+    flushed = make_plan(problem, weight, epilogue=tiny, precision="fp16", allow_fp16_flush=True)
+    assert flushed.epilogue.bias == (0.0, 1.0, 0.0, 0.0)
+    kept = make_plan(problem, weight, epilogue=tiny, precision="fp16acc32")   # fp32 add
+    assert kept.epilogue.bias == tiny.bias
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_nan_or_inf_weights_and_bias_are_refused_by_the_planner(precision):
+    problem, weight = _tiny_gemm([np.nan, np.inf])
+    with pytest.raises(UserError, match=r"weights: 2 NaN/Inf"):
+        make_plan(problem, weight, precision=precision)
+    problem, weight = _tiny_gemm([1.0])
+    with pytest.raises(UserError, match=r"bias: 1 NaN/Inf"):
+        make_plan(problem, weight, epilogue=Epilogue(bias=(np.nan, 0.0, 0.0, 0.0)),
+                  precision=precision)
+
+
+def test_gen_fp16_out_of_range_is_one_line_naming_the_file(tmp_path, capsys, isolated_cache):
+    weight = np.zeros((8, 16), np.float32)
+    weight[0, 1], weight[2, 3], weight[3, 3] = 1e6, 1e-9, 0.5
+    np.save(tmp_path / "w.npy", weight)
+    out = tmp_path / "k"
+    for extra in ([], ["--accumulate", "fp32"], ["--allow-fp16-flush"]):
+        code, _, err = run_main(["gen", "--pattern", str(tmp_path / "w.npy"), "--n", "8",
+                                 "--dtype", "fp16", "-o", str(out), *extra], capsys)
+        assert code == 2 and len(err.strip().splitlines()) == 1
+        assert "w.npy: weights: 1 value(s) overflow fp16" in err and "1e+06" in err
+        assert not out.exists()
+    weight[0, 1] = 2.0
+    np.save(tmp_path / "w.npy", weight)
+    code, _, err = run_main(["gen", "--pattern", str(tmp_path / "w.npy"), "--n", "8",
+                             "--dtype", "fp16", "-o", str(out)], capsys)
+    assert code == 2 and "round to zero" in err and "--allow-fp16-flush" in err
+    code, _, err = run_main(["gen", "--pattern", str(tmp_path / "w.npy"), "--n", "8",
+                             "--dtype", "fp16", "-o", str(out), "--allow-fp16-flush"], capsys)
+    assert code == 0 and "dropped 1 weight(s)" in err
+    assert json.loads((out / "manifest.json").read_text())["nnz"] == 2
+    np.save(tmp_path / "b.npy", np.array([1e5] + [0.0] * 7, np.float32))
+    code, _, err = run_main(["gen", "--pattern", str(tmp_path / "w.npy"), "--n", "8",
+                             "--dtype", "fp16", "-o", str(tmp_path / "k2"), "--bias",
+                             str(tmp_path / "b.npy"), "--allow-fp16-flush"], capsys)
+    assert code == 2 and "b.npy: bias: 1 value(s) overflow fp16" in err
+
+
+def test_config_allow_fp16_flush_reaches_the_plans_and_the_records(monkeypatch):
+    from sparsert_cli import bench
+
+    base = {"problems": [{"id": "g", "op": "gemm", "m": 4, "k": 6, "n": 16}], "sparsity": 0.5,
+            "dtype": "fp16"}
+    with pytest.raises(UserError, match="c.yaml: 'allow_fp16_flush' must be true or false"):
+        config_from_dict({**base, "allow_fp16_flush": "yes"}, "c.yaml")
+    monkeypatch.setattr(bench, "generate", lambda problem, *a: _tiny_gemm([1e-9])[1])
+    strict = config_from_dict(base, "c.yaml")
+    with pytest.raises(UserError, match=r"c.yaml \[g @ 0.5\]: weights: 1 nonzero value"):
+        bench.prepare(strict, bench.DEFAULT_TARGET_GPU)
+    lenient = config_from_dict({**base, "allow_fp16_flush": True}, "c.yaml")
+    assert lenient.digest() != strict.digest()
+    case, = bench.prepare(lenient, bench.DEFAULT_TARGET_GPU)
+    assert case.plan.nnz == 1 and case.flushed == 1
+    assert bench.case_record(case)["fp16_flushed"] == 1

@@ -163,3 +163,181 @@ def test_unwritable_cache_dir_compiles_uncached_with_one_warning(tmp_path, capsy
                         "-o", str(tmp_path / "o")], capsys)
     assert code == 0 and (tmp_path / "o" / "manifest.json").exists()
     assert one_line(err) and "compiling without the cache" in err and blocker.read_text() == "x"
+
+
+# ---------------------------------------------------------------- issue 14: files that are not
+# what they claim, and work far beyond the machine
+
+
+def _gen(capsys, path, *extra):
+    return run(["gen", "--pattern", str(path), "--n", "8", *extra], capsys)
+
+
+@pytest.mark.parametrize("member, words", [
+    (np.array([1, "a", None], dtype=object), "Python objects"),
+    (np.float32(3.0), "0-D"),
+    (np.array(["abc", "d"]), "numeric"),
+    (b"\x80\x04 pickled bytes", "not a .npy array"),
+])
+def test_npz_member_that_is_not_a_numeric_array_is_one_line(tmp_path, capsys, member, words):
+    import zipfile
+
+    path = tmp_path / "w.npz"
+    if isinstance(member, bytes):
+        with zipfile.ZipFile(path, "w") as archive:
+            archive.writestr("weight.npy", member)
+    else:
+        np.savez(path, weight=member)
+    code, _, err = _gen(capsys, path)
+    assert code == 2 and one_line(err) and str(path) in err and words in err
+
+
+def test_random_bytes_and_empty_archives_say_what_they_are(tmp_path, capsys):
+    import zipfile
+
+    for name in ("r.npy", "r.npz"):
+        (tmp_path / name).write_bytes(np.random.default_rng(0).bytes(300))
+        code, _, err = _gen(capsys, tmp_path / name)
+        assert code == 2 and one_line(err) and "not a .npy/.npz file" in err
+        assert "pickle" not in err
+    zipfile.ZipFile(tmp_path / "e.npz", "w").close()
+    code, _, err = _gen(capsys, tmp_path / "e.npz")
+    assert code == 2 and "holds no arrays" in err and "several" not in err
+
+
+def test_dense_file_beyond_the_element_limit_is_refused_from_its_header(tmp_path, capsys):
+    path = tmp_path / "huge.npy"
+    with open(path, "wb") as fh:     # a header promising 4e8 float32 values, and no data
+        np.lib.format.write_array_header_1_0(
+            fh, {"descr": "<f4", "fortran_order": False, "shape": (20000, 20000)})
+    code, _, err = _gen(capsys, path)
+    assert code == 2 and one_line(err) and "400000000 elements" in err and "1.6 GB" in err
+
+
+def test_config_nested_thousands_deep_is_one_line(tmp_path, capsys):
+    path = tmp_path / "deep.yaml"
+    path.write_text("problems: " + "[" * 5000 + "]" * 5000 + "\nsparsity: 0.9\n")
+    code, _, err = run(["bench", str(path), "--compile-only"], capsys)
+    assert code == 2 and one_line(err) and "deep.yaml" in err and "nested too deeply" in err
+
+
+def error_line(err: str) -> str:
+    """The one error line of a bench run (after its progress bar)."""
+    lines = err.strip().splitlines()
+    assert lines and lines[-1].startswith("sparsert:") and sum("sparsert:" in x for x in lines) == 1
+    return lines[-1]
+
+
+def _inline(tmp_path, spec: str, sparsity: float) -> str:
+    path = tmp_path / "big.yaml"
+    path.write_text(f"problems: [{spec}]\nsparsity: {sparsity}\n")
+    return str(path)
+
+
+def test_gemm_of_1e11_is_refused_before_numpy_sees_it(tmp_path, capsys):
+    config = _inline(tmp_path, "{id: g, op: gemm, m: 100000000000, k: 100000000000, n: 8}", 0.9)
+    code, _, err = run(["bench", config, "--compile-only"], capsys)
+    err = error_line(err)
+    assert code == 2 and "big.yaml" in err and "too large" in err
+
+
+def test_conv_whose_tensors_exceed_2_31_names_the_config(tmp_path, capsys):
+    config = _inline(tmp_path, "{id: c, op: conv1x1, out_channels: 64, in_channels: 64, "
+                               "height: 8192, width: 8192}", 0.9)
+    code, _, err = run(["bench", config, "--compile-only"], capsys)
+    err = error_line(err)
+    assert code == 2 and "big.yaml: problems[0] [c]: shape too large" in err
+
+
+def test_30000_square_gemm_at_99_percent_is_refused_within_a_second(tmp_path, capsys):
+    import time
+
+    config = _inline(tmp_path, "{id: g, op: gemm, m: 30000, k: 30000, n: 8}", 0.99)
+    started = time.perf_counter()
+    code, _, err = run(["bench", config, "--compile-only"], capsys)
+    err = error_line(err)
+    assert time.perf_counter() - started < 1.0
+    assert code == 2 and "big.yaml [g @ 0.99]" in err
+    assert "9000000 nonzeros" in err and "MB of SASS" in err and "min to compile" in err
+
+
+def test_work_beyond_half_the_memory_is_refused_with_the_estimate(tmp_path, capsys, monkeypatch):
+    from sparsert_cli import limits
+
+    monkeypatch.setattr(limits, "machine_memory", lambda: 2 * 10**9)   # a 2 GB machine
+    config = _inline(tmp_path, "{id: g, op: gemm, m: 8192, k: 8192, n: 64}", 0.999)
+    code, _, err = run(["bench", config, "--compile-only"], capsys)
+    err = error_line(err)
+    assert code == 2 and "big.yaml [g @ 0.999]" in err
+    assert "needs ~" in err and "GB of memory" in err and "2.0 GB" in err
+
+
+def test_out_of_memory_names_the_config_and_case(tmp_path, capsys, monkeypatch):
+    from sparsert_cli import bench
+
+    def no_memory(*args):
+        raise MemoryError
+    monkeypatch.setattr(bench, "generate", no_memory)
+    config = _inline(tmp_path, "{id: g, op: gemm, m: 8, k: 8, n: 8}", 0.5)
+    code, _, err = run(["bench", config, "--compile-only"], capsys)
+    err = error_line(err)
+    assert code == 2 and "big.yaml [g @ 0.5]: out of memory" in err
+
+
+@pytest.mark.parametrize("doc", [
+    {"entries": [1, 2]}, {"entries": None}, [1], {"entries": {"k": 1}},
+    {"entries": {"k": {"params": [1]}}}, {"entries": {"k": {"params": {"vector_width": "4"}}}},
+    {"entries": {"k": {"params": {"balance": 3}}}},
+])
+def test_malformed_tuned_database_is_one_line_naming_the_file(tmp_path, capsys, repo, doc):
+    path = tmp_path / "tuned.json"
+    path.write_text(json.dumps(doc))
+    code, _, err = run(["bench", str(repo / "configs" / "ci.yaml"), "--compile-only",
+                        "--problems", "ci_gemm_odd", "--tuned", str(path),
+                        "--out", str(tmp_path / "r.json")], capsys)
+    assert code == 2 and str(path) in err
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_tuned_entries_of_an_older_version_are_kept_for_retuning(tmp_path):
+    from sparsert_cli.plan import Geometry
+    from sparsert_cli.tune import TunedDB
+
+    path = tmp_path / "tuned.json"
+    geometry = Geometry(1, 4, 1, 8, 4)
+    key = TunedDB.key("h", geometry, "G", "fp32")
+    path.write_text(json.dumps({"entries": {key: {"params": {"unroll": 4}}}}))
+    assert TunedDB(path).lookup("h", geometry, "G", "fp32") is None
+
+
+def test_huge_scipy_weight_with_three_nonzeros_stays_sparse(tmp_path):
+    import time
+    import tracemalloc
+
+    from sparsert_cli.build import make_plan
+    from sparsert_cli.patterns import fit_to_op, load_pattern, pattern_hash
+    from sparsert_cli.problems import Problem
+
+    path = tmp_path / "w.npz"
+    sp.save_npz(path, sp.csr_matrix(([1.0, 2.0, 3.0], ([0, 5, 16383], [3, 7, 16000])),
+                                    shape=(16384, 16384), dtype=np.float32))
+    started = time.perf_counter()
+    tracemalloc.start()
+    weight = fit_to_op(load_pattern(path), "gemm", str(path))
+    plan = make_plan(Problem("w", "gemm", 16384, 16384, width=8), weight)
+    digest = pattern_hash(weight)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert plan.nnz == 3 and len(digest) == 16
+    assert peak < 32 * 2**20                       # dense would be 1 GiB
+    assert time.perf_counter() - started < 10      # ~0.7 s alone; the box is shared
+
+
+def test_gen_of_a_huge_sparse_weight_refuses_too_many_nonzeros(tmp_path, capsys, monkeypatch):
+    from sparsert_cli import limits
+
+    monkeypatch.setattr(limits, "MAX_NONZEROS", 2)
+    path = tmp_path / "w.npz"
+    sp.save_npz(path, sp.csr_matrix(([1.0, 2.0, 3.0], ([0, 5, 9], [3, 7, 1])), shape=(10, 10)))
+    code, _, err = _gen(capsys, path)
+    assert code == 2 and "w.npz: 3 nonzeros is beyond the 2" in err

@@ -301,3 +301,88 @@ def test_check_matches_names_both_shapes():
         patterns.check_matches(np.ones((8, 5, 3, 3), dtype=np.float32), problem, "w.npy")
     message = caught.value.message
     assert "w.npy" in message and "(8, 5, 3, 3)" in message and "(8, 4, 3, 3)" in message
+
+
+# ---------------------------------------------------------------- sparse end to end (issue 14)
+
+
+def test_sparse_and_dense_copies_of_a_weight_hash_and_plan_alike(tmp_path):
+    from sparsert_cli.build import make_plan
+    from sparsert_cli.problems import Problem
+
+    w = _dense(12, 18)
+    np.save(tmp_path / "d.npy", w)
+    sp.save_npz(tmp_path / "s.npz", sp.csr_matrix(w))
+    dense_w = patterns.fit_to_op(patterns.load_pattern(tmp_path / "d.npy"), "conv3x3", "d")
+    sparse_w = patterns.fit_to_op(patterns.load_pattern(tmp_path / "s.npz"), "conv3x3", "s")
+    assert isinstance(sparse_w, patterns.SparseWeight) and sparse_w.shape == (12, 2, 3, 3)
+    assert patterns.pattern_hash(sparse_w) == patterns.pattern_hash(dense_w)
+    problem = Problem("p", "conv3x3", 12, 2, height=5, width=6, padding=1)
+    assert make_plan(problem, sparse_w).digest() == make_plan(problem, dense_w).digest()
+
+
+@pytest.mark.parametrize("sparsity", [0.5, 0.9, 0.99])
+def test_sparse_file_is_pruned_exactly_like_the_dense_one(tmp_path, sparsity):
+    w = _dense(20, 30, seed=3, density=0.6)
+    w[1, :4] = w[2, :4] = 0.75                     # ties, broken by position
+    np.save(tmp_path / "d.npy", w)
+    sp.save_npz(tmp_path / "s.npz", sp.coo_matrix(w))
+    dense_w = patterns.load_pattern(tmp_path / "d.npy", sparsity)
+    sparse_w = patterns.load_pattern(tmp_path / "s.npz", sparsity)
+    assert np.array_equal(patterns.dense(sparse_w), dense_w)
+
+
+def test_scipy_file_with_duplicate_coo_entries_sums_them_like_toarray(tmp_path):
+    m = sp.coo_matrix(([1.0, 2.0, 0.5], ([0, 0, 1], [1, 1, 2])), shape=(2, 3))
+    sp.save_npz(tmp_path / "dup.npz", m)
+    loaded = patterns.load_pattern(tmp_path / "dup.npz")
+    assert np.array_equal(patterns.dense(loaded), m.toarray()) and loaded.nnz == 2
+
+
+@pytest.mark.parametrize("kind", ["uniform", "pruned"])
+def test_huge_layers_are_generated_sparsely_with_the_exact_count(kind, monkeypatch):
+    import tracemalloc
+
+    from sparsert_cli.problems import Problem
+
+    problem = Problem("huge", "gemm", 12000, 6000, width=8)     # 7.2e7 > GENERATE_DENSE_LIMIT
+    tracemalloc.start()
+    weight = patterns.generate(problem, 0.999, kind, 0)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert isinstance(weight, patterns.SparseWeight) and peak < 64 * 2**20   # dense: ~1.4 GB
+    assert weight.nnz == 72000 and weight.shape == problem.weight_shape
+    csr = weight.csr
+    assert csr.has_canonical_format and np.all(csr.data != 0)
+    assert patterns.pattern_hash(weight) == patterns.pattern_hash(
+        patterns.generate(problem, 0.999, kind, 0))
+    rows = np.diff(csr.indptr)
+    if kind == "pruned":        # log-normal row scales: rows far from the mean, as in pruning
+        assert rows.max() > 4 * rows.mean() and np.sum(rows == 0) > 100
+    else:
+        assert rows.std() < 1.2 * np.sqrt(rows.mean())      # hypergeometric spread only
+
+
+def test_sparse_generators_follow_the_dense_distributions():
+    dense_w = patterns.to_csr(patterns.pruned_weights((2000, 512, 1, 1), 0.95, 3))
+    sparse_w = patterns.sparse_pruned((2000, 512, 1, 1), 0.95, 3).csr
+    assert sparse_w.nnz == dense_w.nnz
+    for a, b in ((np.diff(dense_w.indptr), np.diff(sparse_w.indptr)),
+                 (np.abs(dense_w.data), np.abs(sparse_w.data))):
+        assert np.allclose(np.percentile(a, [25, 50, 75, 95]),
+                           np.percentile(b, [25, 50, 75, 95]), rtol=0.1, atol=2)
+    assert patterns.sparse_uniform((300, 7, 3, 3), 0.5, 1).nnz == 300 * 63 // 2
+
+
+def test_layers_below_the_limit_keep_their_dense_weights_and_tuned_hashes(repo):
+    import json
+
+    from sparsert_cli.config import load_config
+
+    tuned = {key.split("|")[0] for key in json.loads(
+        (repo / "configs" / "tuned.json").read_text())["entries"]}
+    config = load_config(repo / "configs" / "paper20.yaml")
+    for problem, sparsity in config.cases()[:6]:
+        weight = patterns.generate(problem, sparsity, config.pattern, config.seed)
+        assert isinstance(weight, np.ndarray)
+        assert patterns.pattern_hash(weight) in tuned, (problem.id, sparsity)

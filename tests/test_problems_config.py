@@ -266,3 +266,78 @@ def test_config_digest_changes_with_what_decides_results(tmp_path):
     assert digest("pattern: pruned\n") != base
     assert digest("epilogue: {activation: relu}\n") != base
     assert digest("description: words only\n") == base
+
+
+# ---------------------------------------------------------------- issue 14 should-fix
+
+
+@pytest.mark.parametrize("text, where", [
+    (f"name: a\nname: b\nproblems: [{VALID_INLINE}]\nsparsity: 0.9\n", "line 2, column 1"),
+    (f"problems: [{VALID_INLINE}]\nsparsity: 0.9\nepilogue: {{bias: true, bias: false}}\n",
+     "line 3"),
+    ("problems: [{id: g, op: gemm, m: 4, k: 4, k: 8, n: 4}]\nsparsity: 0.9\n", "line 1"),
+])
+def test_duplicate_yaml_keys_are_rejected_with_key_and_line(tmp_path, text, where):
+    path = tmp_path / "dup.yaml"
+    path.write_text(text)
+    with pytest.raises(UserError) as caught:
+        load_config(path)
+    message = caught.value.message
+    assert str(path) in message and "duplicate key" in message and where in message
+
+
+def test_duplicate_key_in_a_problem_file_is_rejected(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text("id: p\nop: gemm\nm: 4\nk: 4\nn: 4\nm: 8\n")
+    with pytest.raises(UserError, match=r"p\.yaml: malformed YAML at line 6.*duplicate key 'm'"):
+        load_problem_file(path)
+
+
+def test_yaml_merge_keys_are_not_duplicates(tmp_path):
+    path = tmp_path / "merge.yaml"
+    path.write_text("problems:\n  - &g {id: g, op: gemm, m: 4, k: 4, n: 4}\n"
+                    "  - {<<: *g, id: h, m: 8}\nsparsity: 0.9\n")
+    assert [p.m for p in load_config(path).problems] == [4, 8]
+
+
+@pytest.mark.parametrize("name", ["ci\n", "ci\t", " ci", "a b", "a/b", "..", "x" * 101, "ci\r"])
+def test_names_and_ids_with_whitespace_control_or_separators_are_rejected(tmp_path, name):
+    quoted = '"' + name.encode("unicode_escape").decode() + '"'
+    path = tmp_path / "n.yaml"
+    path.write_text(f"name: {quoted}\nproblems: [{VALID_INLINE}]\nsparsity: 0.9\n")
+    with pytest.raises(UserError, match="'name' must be"):
+        load_config(path)
+    path.write_text(f"problems: [{{id: {quoted}, op: gemm, m: 4, k: 4, n: 4}}]\nsparsity: 0.9\n")
+    with pytest.raises(UserError, match="invalid 'id'"):
+        load_config(path)
+
+
+def test_one_malformed_problem_file_breaks_only_configs_that_name_it(tmp_path, monkeypatch):
+    from sparsert_cli import problems
+
+    shipped = tmp_path / "problems"
+    shipped.mkdir()
+    (shipped / "good.yaml").write_text("{id: good, op: gemm, m: 4, k: 4, n: 4}\n")
+    (shipped / "bad.yaml").write_text("{id: bad, op: gemm, m: [\n")
+    monkeypatch.setattr(problems, "PROBLEM_DIR", shipped)
+    path = tmp_path / "c.yaml"
+    path.write_text(f"problems: [{VALID_INLINE}, good]\nsparsity: 0.9\n")
+    assert [p.id for p in load_config(path).problems][1] == "good"
+    path.write_text("problems: [good, bad]\nsparsity: 0.9\n")
+    with pytest.raises(UserError, match=r"bad\.yaml: malformed YAML"):
+        load_config(path)
+    path.write_text("problems: [../problems/good]\nsparsity: 0.9\n")
+    with pytest.raises(UserError, match="unknown problem id"):
+        load_config(path)
+
+
+def test_config_path_that_is_a_directory_says_so(tmp_path):
+    with pytest.raises(UserError, match="is a directory, not a config file"):
+        load_config(tmp_path)
+
+
+def test_keys_of_mixed_types_are_one_line(tmp_path):
+    path = tmp_path / "keys.yaml"
+    path.write_text(f"problems: [{VALID_INLINE}]\nsparsity: 0.9\n1: a\nnull: b\n")
+    with pytest.raises(UserError, match="unknown key"):
+        load_config(path)

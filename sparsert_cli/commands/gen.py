@@ -205,7 +205,7 @@ def command(pattern_path, sparsity, op, n, height, width, batch, stride, padding
     if flushed:
         from ..console import err_console
         err_console.print(f"[yellow]{path}:[/] dropped {flushed} weight(s) that round to zero "
-                          f"in fp16 (--allow-fp16-flush)")
+                          f"in fp16 (--allow-fp16-flush)", soft_wrap=True)
     arch = arch or detect_arch()
     cache = None if no_cache else KernelCache()
     with console.status(f"compiling {plan.nnz} nonzeros ({emitter} -> {arch} cubin)...",
