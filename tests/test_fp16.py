@@ -383,3 +383,20 @@ def test_config_allow_fp16_flush_reaches_the_plans_and_the_records(monkeypatch):
     case, = bench.prepare(lenient, bench.DEFAULT_TARGET_GPU)
     assert case.plan.nnz == 1 and case.flushed == 1
     assert bench.case_record(case)["fp16_flushed"] == 1
+
+
+def test_bench_allow_fp16_flush_flag_drops_and_reports(tmp_path, capsys, monkeypatch):
+    from sparsert_cli import bench
+
+    monkeypatch.setattr(bench, "generate", lambda problem, *a: _tiny_gemm([1e-9])[1])
+    path = tmp_path / "c.yaml"
+    path.write_text("problems: [{id: g, op: gemm, m: 4, k: 6, n: 16}]\nsparsity: 0.5\n"
+                    "dtype: fp16\n")
+    out = tmp_path / "r.json"
+    code, _, err = run_main(["bench", str(path), "--compile-only", "--out", str(out)], capsys)
+    assert code == 2 and "round to zero" in err and not out.exists()
+    code, _, err = run_main(["bench", str(path), "--compile-only", "--out", str(out),
+                             "--allow-fp16-flush"], capsys)
+    assert code == 0 and "dropped weights that round to zero in fp16: g@0.5 1" in err
+    record, = json.loads(out.read_text())["cases"]
+    assert record["nnz"] == 1 and record["fp16_flushed"] == 1

@@ -94,9 +94,11 @@ def progress_bar():
               help="Tuned-plan database (default: configs/tuned.json).")
 @click.option("--tune", "tune_first", is_flag=True,
               help="Run the tuner on this config first (GPU), then benchmark its winners.")
+@click.option("--allow-fp16-flush", is_flag=True,
+              help="fp16: drop weights that round to zero in fp16 (as allow_fp16_flush: true).")
 def command(config_path, problem_ids, sparsities, dtype, accumulate, out_path, csv_path, cold_l2,
             require_gpu, compile_only, no_baselines, emitter, arch, jobs, no_cache, no_tuned,
-            tuned_path, tune_first):
+            tuned_path, tune_first, allow_fp16_flush):
     """Benchmark a config: compile, verify, time vs cuBLAS/cuSPARSE/cuDNN, write JSON/CSV."""
     from .. import bench as B
     from ..build import detect_arch
@@ -110,6 +112,8 @@ def command(config_path, problem_ids, sparsities, dtype, accumulate, out_path, c
                     split_values(sparsities), dtype, accumulate)
     if emitter:
         config = replace(config, emit=emitter)
+    if allow_fp16_flush:
+        config = replace(config, allow_fp16_flush=True)
     from ..build import check_emitter
 
     try:
@@ -170,6 +174,11 @@ def _run(config, gpu, gpu_name, arch, tuned, cache, jobs, cold_l2, baselines) ->
         task = progress.add_task("plan", total=len(config.cases()), item="")
         cases = B.prepare(config, gpu_name, tuned)
         progress.update(task, completed=len(cases))
+        flushed = {c.key: c.flushed for c in cases if c.flushed}
+        if flushed:
+            progress.console.print(f"[yellow]{config.path}:[/] dropped weights that round to zero "
+                                   f"in fp16: " + ", ".join(f"{k} {n}" for k, n in flushed.items()),
+                                   soft_wrap=True)
         task = progress.add_task("compile", total=len(cases), item="")
 
         def compiled(case, build, seconds):
