@@ -19,8 +19,6 @@ from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from multiprocessing import connection, get_context
 
-import numpy as np
-
 from ..errors import UserError
 from ..jobs import (ATTEMPTS, Compiled, GpuMeasure, case_inputs, compile_job, failure, is_sticky,
                     measure_job, one_line)
@@ -232,10 +230,11 @@ class LocalExecutor:
 
     def _size(self, job) -> int:
         from ..build import code_units
+        from ..patterns import count_nonzeros
 
         case = self._cases[job.case]
-        if job.case not in self._nnz:
-            self._nnz[job.case] = int(np.count_nonzero(case.weight))
+        if job.case not in self._nnz:      # a dense array or a SparseWeight
+            self._nnz[job.case] = count_nonzeros(case.weight)
         return code_units(self._nnz[job.case], job.params.vector_width, case.precision)
 
     def _compiled(self, compiled: Compiled, refs) -> None:
