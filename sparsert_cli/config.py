@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import UserError
+from .paths import CONFIG_DIR, config_path  # noqa: F401 - CONFIG_DIR re-exported
 from .problems import Problem, builtin_problems, load_yaml, problem_from_dict
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 DTYPES = ("fp32", "fp16")
 PATTERNS = ("uniform", "pruned")
@@ -192,9 +192,7 @@ def config_from_dict(doc: object, where: str) -> Config:
 
 
 def load_config(path: str | Path) -> Config:
-    path = Path(path)
-    if not path.exists() and not path.suffix and (CONFIG_DIR / f"{path}.yaml").exists():
-        path = CONFIG_DIR / f"{path}.yaml"     # `sparsert bench ci` means configs/ci.yaml
+    path = config_path(path)    # `sparsert bench ci` means the shipped configs/ci.yaml
     if not path.is_file():
         raise UserError(f"{path}: no such config file")
     return config_from_dict(load_yaml(path), str(path))

@@ -14,11 +14,11 @@ from pathlib import Path
 import yaml
 
 from .errors import UserError
+from .paths import PROBLEM_DIR
 
 OPS = {"gemm": 1, "conv1x1": 1, "conv3x3": 3}
 _ID_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 
-PROBLEM_DIR = Path(__file__).resolve().parent.parent / "problems"
 
 _GEMM_KEYS = {"id", "op", "m", "k", "n", "source"}
 _CONV_KEYS = {"id", "op", "out_channels", "in_channels", "height", "width", "batch", "stride",
