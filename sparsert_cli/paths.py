@@ -30,12 +30,13 @@ def config_path(path: str | Path) -> Path:
         name = path.name
     elif path.suffix == ".yaml" and path.parent == Path("configs"):
         name = path.stem
-    shipped = CONFIG_DIR / f"{name}.yaml" if name else None
-    return shipped if shipped is not None and shipped.is_file() else path
-
-
-def shipped_config_names() -> list[str]:
-    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+    if name is None:
+        return path
+    shipped = CONFIG_DIR / f"{name}.yaml"
+    if not shipped.is_file():
+        names = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
+        raise UserError(f"{path}: no such config file (shipped configs: {names})")
+    return shipped
 
 
 def tuned_db_path(path: str | Path | None = None, write: bool = False) -> Path:

@@ -105,3 +105,10 @@ def test_tune_without_a_local_database_asks_for_db(tmp_path, monkeypatch, capsys
     monkeypatch.setattr(runtime, "have_gpu", lambda: True)
     code, _, err = run_main(["tune", "ci"], capsys)
     assert code == 2 and "--db" in err and len(err.strip().splitlines()) == 1
+
+
+def test_an_unknown_config_name_lists_the_shipped_ones(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_main(["bench", "nosuch"], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "nosuch: no such config file" in err and "paper20-fp16" in err
