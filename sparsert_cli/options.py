@@ -53,5 +53,5 @@ def check_plan_width(overrides: dict, dtype: str) -> None:
 
     width, most = overrides.get("vector_width"), max_vector_width(dtype)
     if isinstance(width, int) and width > most:
-        raise UserError(f"plan vector_width {width} is too wide for {dtype} data (at most {most}: "
+        raise UserError(f"vector_width {width} is too wide for {dtype} data (at most {most}: "
                         f"one 16-byte load)")

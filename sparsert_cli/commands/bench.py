@@ -130,9 +130,12 @@ def command(config_path, problem_ids, sparsities, dtype, accumulate, out_path, c
         config = replace(config, emit=emitter)
     try:
         check_emitter(config.emit, config.precision, arch or "sm_90")
-        check_plan_width(config.plan, config.dtype)
     except UserError as exc:
         raise UserError(f"{config.path}: {exc.message}") from None
+    try:
+        check_plan_width(config.plan, config.dtype)
+    except UserError as exc:
+        raise UserError(f"{config.path}: plan {exc.message}") from None
     out, csv_out = output_paths(config, loaded.precision, out_path, csv_path)
     if tuned_path and not no_tuned and not tune_first and not Path(tuned_path).is_file():
         raise UserError(f"{tuned_path}: no such tuned-plan database (--tuned)")

@@ -185,7 +185,7 @@ def command(pattern_path, sparsity, op, n, height, width, batch, stride, padding
     try:
         check_plan_width(overrides, dtype)
     except UserError as exc:
-        raise UserError(f"--plan: {exc.message}") from None
+        raise UserError(f"--plan {exc.message}") from None
     out = Path(out_dir) if out_dir else Path(f"{path.stem}.sparsert")
     _check_out(out)      # before the compile, which can take a minute
     weight = load_pattern(path, sparsity)
