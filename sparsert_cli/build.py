@@ -7,7 +7,7 @@ import os
 import signal
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
@@ -232,14 +232,19 @@ def build_all(plans: Iterable[Plan], emitter: str = "ptx", arch: str = DEFAULT_A
     pool = ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_ignore_sigint)
     try:
         futures = {pool.submit(_worker, plans[i], emitter, arch, root, threads): i for i in todo}
-        for future in as_completed(futures):
-            i = futures[future]
-            try:
-                results[i], seconds = future.result()
-            except Exception as exc:  # noqa: BLE001
-                results[i], seconds = exc, 0.0
-            if on_done:
-                on_done(i, results[i], seconds)
+        pending = set(futures)
+        while pending:
+            # Wake up twice a second: once NVRTC has run in this process, its signal handlers
+            # no longer interrupt a blocking wait, and Ctrl-C would wait for the next kernel.
+            done, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
+            for future in done:
+                i = futures[future]
+                try:
+                    results[i], seconds = future.result()
+                except Exception as exc:  # noqa: BLE001
+                    results[i], seconds = exc, 0.0
+                if on_done:
+                    on_done(i, results[i], seconds)
     except BaseException:
         _stop(pool)     # Ctrl-C (or an error in on_done): drop the queue, end the compiles now
         raise

@@ -87,6 +87,20 @@ def test_ctrl_c_cancels_queued_compiles_and_ends_running_ones(interrupting):
     assert multiprocessing.active_children() == []
 
 
+def test_ctrl_c_is_prompt_after_nvrtc_ran_in_this_process(interrupting):
+    """NVRTC's signal handlers stop SIGINT from waking a blocked wait: build_all polls."""
+    from sparsert_cli.problems import Problem
+
+    weight = np.zeros((6, 8), np.float32)
+    weight[0, 1] = 1.0
+    plan = B.make_plan(Problem("g", "gemm", 6, 8, height=1, width=16), weight)
+    B.build_kernel(plan, "cuda", "sm_90")
+    start = time.perf_counter()
+    with pytest.raises(KeyboardInterrupt):
+        B.build_all(_fake_plans(6), jobs=2)
+    assert time.perf_counter() - start < 5
+
+
 def test_an_interrupt_in_the_progress_callback_stops_the_pool_too(monkeypatch):
     def on_done(i, build, seconds):
         raise KeyboardInterrupt
