@@ -4,6 +4,8 @@
 #   make test    - create .venv, install sparsert with its test, plot and ray extras (and Chromium
 #                  from the OS packages where root may), run the test suite
 #   make figures - regenerate the README's figures (docs/img/) from the committed results
+#   make wheel-check - a normal (non-editable) install of a built wheel into a fresh venv, used
+#                  from another directory (CI; the shipped problems and configs come from the wheel)
 PYTHON ?= python3
 VENV := .venv
 CONFIG ?= configs/ci.yaml
@@ -14,7 +16,7 @@ $(VENV)/.installed: pyproject.toml
 	$(VENV)/bin/python -m pip install -q -e '.[test,plot,ray]'
 	touch $@
 
-.PHONY: bench test figures clean
+.PHONY: bench test figures wheel-check clean
 bench: $(VENV)/.installed
 	$(VENV)/bin/sparsert bench $(CONFIG)
 
@@ -24,6 +26,9 @@ test: $(VENV)/.installed
 
 figures: $(VENV)/.installed
 	PYTHON=$(VENV)/bin/python scripts/figures
+
+wheel-check: $(VENV)/.installed
+	scripts/wheel-check $(VENV)/bin/python
 
 clean:
 	rm -rf $(VENV) results/local

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, replace
 from typing import Callable, Iterable
 
@@ -218,7 +219,8 @@ def build_all(plans: Iterable[Plan], emitter: str = "ptx", arch: str = DEFAULT_A
               on_done: Callable[[int, KernelBuild | Exception, float], None] | None = None
               ) -> list[KernelBuild | Exception]:
     """Compile many plans across processes. Cache hits are served in this process; a failure is
-    returned in place of its build (and reported through on_done), never raised."""
+    returned in place of its build (and reported through on_done), never raised. An interrupt
+    (Ctrl-C) cancels the queued compiles, ends the running ones and propagates."""
     plans = list(plans)
     results: list[KernelBuild | Exception | None] = [None] * len(plans)
     todo = []
@@ -234,11 +236,14 @@ def build_all(plans: Iterable[Plan], emitter: str = "ptx", arch: str = DEFAULT_A
         else:
             todo.append(i)
     cores = os.cpu_count() or 1
+    # Compiles run in worker processes unless the caller asks for jobs=1: Ctrl-C can end a
+    # worker at once, not a compile running in this process.
+    serial = jobs == 1 or not todo
     jobs = max(1, min(jobs or cores, len(todo) or 1))
     threads = max(1, cores // jobs)
     # Workers store into the cache only when it can take them (else: one warning, here).
     root = str(cache.root) if cache and todo and cache.usable() else None
-    if jobs == 1:
+    if serial:
         for i in todo:
             try:
                 build, seconds = _worker(plans[i], emitter, arch, root, threads)
@@ -251,17 +256,44 @@ def build_all(plans: Iterable[Plan], emitter: str = "ptx", arch: str = DEFAULT_A
     context = multiprocessing.get_context("fork" if os.name == "posix" else "spawn")
     # Biggest kernels first so the long poles start early.
     todo.sort(key=lambda i: -code_units(plans[i].nnz, plans[i].vector_width, plans[i].precision))
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+    pool = ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_ignore_sigint)
+    try:
         futures = {pool.submit(_worker, plans[i], emitter, arch, root, threads): i for i in todo}
-        for future in as_completed(futures):
-            i = futures[future]
-            try:
-                results[i], seconds = future.result()
-            except Exception as exc:  # noqa: BLE001
-                results[i], seconds = exc, 0.0
-            if on_done:
-                on_done(i, results[i], seconds)
+        pending = set(futures)
+        while pending:
+            # Wake up twice a second: once NVRTC has run in this process, its signal handlers
+            # no longer interrupt a blocking wait, and Ctrl-C would wait for the next kernel.
+            done, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
+            for future in done:
+                i = futures[future]
+                try:
+                    results[i], seconds = future.result()
+                except Exception as exc:  # noqa: BLE001
+                    results[i], seconds = exc, 0.0
+                if on_done:
+                    on_done(i, results[i], seconds)
+    except BaseException:
+        _stop(pool)     # Ctrl-C (or an error in on_done): drop the queue, end the compiles now
+        raise
+    pool.shutdown()
     return results
+
+
+def _ignore_sigint() -> None:
+    """Workers leave Ctrl-C to the parent, which ends them (no traceback from each worker)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _stop(pool: ProcessPoolExecutor) -> None:
+    """Cancel every queued compile and end the running ones: a plain shutdown would first finish
+    the whole queue (a minute for a cold paper20 run)."""
+    workers = list((getattr(pool, "_processes", None) or {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
+    for process in workers:
+        if process.is_alive():
+            process.terminate()
+    for process in workers:
+        process.join(timeout=2)
 
 
 def detect_arch() -> str:

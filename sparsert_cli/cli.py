@@ -29,7 +29,8 @@ class _Group(click.Group):
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="sparsert")
-@click.option("--debug", is_flag=True, help="Show full tracebacks for errors.")
+@click.option("--debug", is_flag=True,
+              help="Show full tracebacks for errors (anywhere on the command line).")
 @click.pass_context
 def group(ctx, debug):
     """Pattern-specialised GPU kernels for unstructured sparse weights (SparseRT, PACT 2020).
@@ -43,11 +44,17 @@ def group(ctx, debug):
 
 
 def main(argv=None) -> None:
-    debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args:    # click would raise the help as a usage error; print it as `--help` does
+        click.echo(group.get_help(click.Context(group, info_name="sparsert")))
+        sys.exit(0)
+    debug = "--debug" in args
+    if debug:       # a global flag, accepted anywhere on the line
+        args = ["--debug"] + [a for a in args if a != "--debug"]
     try:
-        group.main(args=argv, prog_name="sparsert", standalone_mode=False)
-    except click.exceptions.Abort:
-        err_console.print("aborted")
+        group.main(args=args, prog_name="sparsert", standalone_mode=False)
+    except click.exceptions.Abort:      # click's form of Ctrl-C (KeyboardInterrupt)
+        err_console.print("interrupted")
         sys.exit(130)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)

@@ -11,10 +11,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import UserError
+from .paths import CONFIG_DIR, config_path  # noqa: F401 - CONFIG_DIR re-exported
 from .problems import (Problem, builtin_problem, builtin_problems, load_yaml,
                        problem_from_dict, valid_name)
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 DTYPES = ("fp32", "fp16")
 PATTERNS = ("uniform", "pruned")
@@ -199,9 +199,7 @@ def config_from_dict(doc: object, where: str) -> Config:
 
 
 def load_config(path: str | Path) -> Config:
-    path = Path(path)
-    if not path.exists() and not path.suffix and (CONFIG_DIR / f"{path}.yaml").exists():
-        path = CONFIG_DIR / f"{path}.yaml"     # `sparsert bench ci` means configs/ci.yaml
+    path = config_path(path)    # `sparsert bench ci` means the shipped configs/ci.yaml
     if path.is_dir():
         raise UserError(f"{path}: is a directory, not a config file")
     if not path.is_file():

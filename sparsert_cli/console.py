@@ -3,14 +3,26 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-console = Console()
-err_console = Console(stderr=True)
+# Rich cuts everything to 80 columns when the output is not a terminal (CI logs, pipes, files):
+# there, tables get room to print whole lines unless $COLUMNS says otherwise.
+PIPE_WIDTH = 200
+
+
+def _width(stream) -> int | None:
+    if os.environ.get("COLUMNS") or (hasattr(stream, "isatty") and stream.isatty()):
+        return None     # Rich's own choice: the terminal's width or $COLUMNS
+    return PIPE_WIDTH
+
+
+console = Console(width=_width(sys.stdout))
+err_console = Console(stderr=True, width=_width(sys.stderr))
 
 
 def abort_line(message: str, code: int = 2) -> None:

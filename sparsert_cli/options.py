@@ -44,3 +44,14 @@ def parse_plan_options(items) -> dict:
         except UserError as exc:
             raise UserError(f"--plan: {exc.message}") from None
     return doc
+
+
+def check_plan_width(overrides: dict, dtype: str) -> None:
+    """A vector width asked for that no 16-byte load of `dtype` covers is refused (the planner
+    would otherwise narrow it without a word)."""
+    from .plan import max_vector_width
+
+    width, most = overrides.get("vector_width"), max_vector_width(dtype)
+    if isinstance(width, int) and width > most:
+        raise UserError(f"vector_width {width} is too wide for {dtype} data (at most {most}: "
+                        f"one 16-byte load)")

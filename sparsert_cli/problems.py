@@ -15,12 +15,12 @@ from pathlib import Path
 import yaml
 
 from .errors import UserError
+from .paths import PROBLEM_DIR
 
 OPS = {"gemm": 1, "conv1x1": 1, "conv3x3": 3}
 MAX_ELEMS = 2 ** 31          # every tensor a kernel addresses (32-bit offsets)
 _NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}")
 
-PROBLEM_DIR = Path(__file__).resolve().parent.parent / "problems"
 
 _GEMM_KEYS = {"id", "op", "m", "k", "n", "source"}
 _CONV_KEYS = {"id", "op", "out_channels", "in_channels", "height", "width", "batch", "stride",

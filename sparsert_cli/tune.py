@@ -11,10 +11,11 @@ from pathlib import Path
 
 from .build import CODE_BUDGET, code_units, default_params, geometry_for
 from .errors import UserError
+from .paths import SHIPPED_TUNED
 from .plan import (ELEMENT_BYTES, MAX_STATIC_SHARED, PRECISIONS, Geometry, PlanParams,
                    fit_params)
 
-TUNED_PATH = Path(__file__).resolve().parent.parent / "configs" / "tuned.json"
+TUNED_PATH = SHIPPED_TUNED
 
 
 def shape_key(geometry: Geometry) -> str:

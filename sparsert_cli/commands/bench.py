@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -13,6 +12,7 @@ import click
 from ..console import console, err_console
 from ..errors import NoGpuError, UserError
 from ..options import arch_option
+from ..paths import check_output, tuned_db_path
 
 RESULTS_DIR = Path("results") / "local"
 
@@ -55,6 +55,20 @@ def select(config, problem_ids, sparsities, dtype, accumulate=None):
     return config
 
 
+def output_paths(config, precision: str, out_path=None, csv_path=None) -> tuple[Path, Path]:
+    """The results JSON and CSV, checked before any work: by default results/local/<name>.json,
+    <name>-<precision>.json when --dtype/--accumulate changed the config's own precision (so an
+    fp16 run never overwrites the fp32 results of the same config)."""
+    name = config.name if config.precision == precision else f"{config.name}-{config.precision}"
+    out = Path(out_path) if out_path else RESULTS_DIR / f"{name}.json"
+    csv_out = Path(csv_path) if csv_path else out.with_suffix(".csv")
+    if out.resolve() == csv_out.resolve():
+        raise UserError(f"{out}: --out and --csv name the same file")
+    check_output(out, "--out")
+    check_output(csv_out, "--csv")
+    return out, csv_out
+
+
 def progress_bar():
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                                TimeElapsedColumn)
@@ -76,7 +90,8 @@ def progress_bar():
               help="Sum fp16 data in fp32 or fp16 (half2) registers (default: the config's; "
                    "fp16 for dtype fp16).")
 @click.option("--out", "out_path", default=None, type=click.Path(dir_okay=False),
-              help="Results JSON (default: results/local/<config name>.json).")
+              help="Results JSON (default: results/local/<config name>.json; "
+                   "<name>-<precision>.json after --dtype/--accumulate).")
 @click.option("--csv", "csv_path", default=None, type=click.Path(dir_okay=False),
               help="Results CSV (default: next to the JSON).")
 @click.option("--cold-l2", is_flag=True, help="Flush L2 before every timed launch.")
@@ -91,7 +106,8 @@ def progress_bar():
 @click.option("--no-cache", is_flag=True, help="Ignore the kernel cache.")
 @click.option("--no-tuned", is_flag=True, help="Ignore the tuned-plan database (untuned plans).")
 @click.option("--tuned", "tuned_path", default=None, type=click.Path(dir_okay=False),
-              help="Tuned-plan database (default: configs/tuned.json).")
+              help="Tuned-plan database (default: ./configs/tuned.json if there is one, else the "
+                   "one shipped with sparsert).")
 @click.option("--tune", "tune_first", is_flag=True,
               help="Run the tuner on this config first (GPU), then benchmark its winners.")
 @click.option("--allow-fp16-flush", is_flag=True,
@@ -101,35 +117,32 @@ def command(config_path, problem_ids, sparsities, dtype, accumulate, out_path, c
             tuned_path, tune_first, allow_fp16_flush):
     """Benchmark a config: compile, verify, time vs cuBLAS/cuSPARSE/cuDNN, write JSON/CSV."""
     from .. import bench as B
-    from ..build import detect_arch
+    from ..build import check_emitter, detect_arch
     from ..cache import KernelCache
     from ..config import load_config
     from ..gpu.runtime import have_gpu
+    from ..options import check_plan_width
     from ..report import compile_table, csv_text, results_table
     from ..tune import TunedDB
 
-    config = select(load_config(config_path), split_values(problem_ids),
-                    split_values(sparsities), dtype, accumulate)
+    loaded = load_config(config_path)
+    config = select(loaded, split_values(problem_ids), split_values(sparsities), dtype,
+                    accumulate)
     if emitter:
         config = replace(config, emit=emitter)
     if allow_fp16_flush:
         config = replace(config, allow_fp16_flush=True)
-    from ..build import check_emitter
-
     try:
         check_emitter(config.emit, config.precision, arch or "sm_90")
     except UserError as exc:
         raise UserError(f"{config.path}: {exc.message}") from None
-    out = Path(out_path) if out_path else RESULTS_DIR / f"{config.name}.json"
-    csv_out = Path(csv_path) if csv_path else out.with_suffix(".csv")
-    for path in (out, csv_out):      # fail now, not after a long GPU run; write nothing yet
-        if path.is_dir():
-            raise UserError(f"{path}: is a directory; --out/--csv take file names")
-        ancestor = path.parent
-        while not ancestor.exists() and ancestor != ancestor.parent:
-            ancestor = ancestor.parent
-        if not ancestor.is_dir() or not os.access(ancestor, os.W_OK):
-            raise UserError(f"{path}: cannot be written ({ancestor} is not a writable directory)")
+    try:
+        check_plan_width(config.plan, config.dtype)
+    except UserError as exc:
+        raise UserError(f"{config.path}: plan {exc.message}") from None
+    out, csv_out = output_paths(config, loaded.precision, out_path, csv_path)
+    if tuned_path and not no_tuned and not tune_first and not Path(tuned_path).is_file():
+        raise UserError(f"{tuned_path}: no such tuned-plan database (--tuned)")
     gpu_ok = have_gpu()
     if require_gpu and not gpu_ok:
         raise NoGpuError("no CUDA driver or GPU found and --require-gpu was given")
@@ -137,9 +150,10 @@ def command(config_path, problem_ids, sparsities, dtype, accumulate, out_path, c
         err_console.print("[yellow]no GPU found:[/] compiling and verifying on the CPU only "
                           "(no timings)")
     use_gpu = gpu_ok and not compile_only
+    if tune_first and not use_gpu:
+        raise NoGpuError("--tune needs a GPU")
+    tuned_path = None if no_tuned else tuned_db_path(tuned_path, write=tune_first)
     if tune_first:
-        if not use_gpu:
-            raise NoGpuError("--tune needs a GPU")
         from .tune import run_tuner
         run_tuner(config, arch, jobs, no_cache, db_path=tuned_path)
     gpu_name = B.DEFAULT_TARGET_GPU
@@ -150,7 +164,7 @@ def command(config_path, problem_ids, sparsities, dtype, accumulate, out_path, c
         gpu_name = gpu.name
     try:
         arch = arch or (gpu.arch if gpu else detect_arch())
-        tuned = None if no_tuned else (TunedDB(tuned_path) if tuned_path else TunedDB())
+        tuned = None if no_tuned else TunedDB(tuned_path)
         cache = None if no_cache else KernelCache()
         doc = _run(config, gpu, gpu_name, arch, tuned, cache, jobs, cold_l2, not no_baselines)
     finally:

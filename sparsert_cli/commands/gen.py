@@ -14,7 +14,8 @@ import numpy as np
 
 from ..console import console, print_json
 from ..errors import UserError
-from ..options import arch_option, parse_plan_options, plan_option
+from ..options import arch_option, check_plan_width, parse_plan_options, plan_option
+from ..paths import check_output, tuned_db_path
 
 OPS = ("gemm", "conv1x1", "conv3x3")
 
@@ -153,7 +154,8 @@ def manifest(problem, plan, build, weight, emitter: str) -> dict:
 @click.option("-o", "--out", "out_dir", default=None, type=click.Path(file_okay=False),
               help="Output directory (default: ./<pattern name>.sparsert).")
 @click.option("--no-cache", is_flag=True, help="Compile even if the kernel cache has it.")
-@click.option("--no-tuned", is_flag=True, help="Ignore tuned plans (configs/tuned.json).")
+@click.option("--no-tuned", is_flag=True,
+              help="Ignore tuned plans (./configs/tuned.json, else the shipped ones).")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
 @click.option("--allow-fp16-flush", is_flag=True,
               help="fp16: drop weights that round to zero in fp16 (and say how many).")
@@ -182,6 +184,12 @@ def command(pattern_path, sparsity, op, n, height, width, batch, stride, padding
         if value is not None and value < low:
             raise UserError(f"{path}: {flag} must be >= {low}, got {value}")
     overrides = parse_plan_options(plan_items)
+    try:
+        check_plan_width(overrides, dtype)
+    except UserError as exc:
+        raise UserError(f"--plan {exc.message}") from None
+    out = Path(out_dir) if out_dir else Path(f"{path.stem}.sparsert")
+    _check_out(out)      # before the compile, which can take a minute
     weight = load_pattern(path, sparsity)
     op = _infer_op(weight, op, str(path))
     problem, weight = _problem(path, weight, op, n, height, width, batch, stride, padding)
@@ -193,8 +201,8 @@ def command(pattern_path, sparsity, op, n, height, width, batch, stride, padding
         from ..patterns import pattern_hash
         from ..tune import TunedDB
 
-        params = TunedDB().lookup(pattern_hash(weight), geometry_for(problem), detect_gpu_name(),
-                                  precision)
+        params = TunedDB(tuned_db_path()).lookup(pattern_hash(weight), geometry_for(problem),
+                                                 detect_gpu_name(), precision)
     try:
         plan = make_plan(problem, weight, params, epilogue=epilogue, overrides=overrides,
                          precision=precision, allow_fp16_flush=allow_fp16_flush)
@@ -213,7 +221,6 @@ def command(pattern_path, sparsity, op, n, height, width, batch, stride, padding
         build, source = build_kernel(plan, emitter, arch, cache, threads=os.cpu_count() or 1,
                                      keep_source=True)
     doc = manifest(problem, plan, build, weight, emitter)
-    out = Path(out_dir) if out_dir else Path(f"{path.stem}.sparsert")
     _write(out, {doc["source"]: source.encode(), "kernel.cubin": build.cubin,
                  "manifest.json": (json.dumps(doc, indent=2) + "\n").encode()})
     if as_json:
@@ -234,18 +241,26 @@ class _null:
 OUTPUT_FILES = {"kernel.ptx", "kernel.cu", "kernel.cubin", "manifest.json"}
 
 
+def _check_out(out: Path) -> None:
+    """The output directory can be made, or is a previous `gen` output (nothing else in it)."""
+    check_output(out, "-o", directory=True)
+    if out.is_dir():
+        try:
+            foreign = sorted(p.name for p in out.iterdir() if p.name not in OUTPUT_FILES)
+        except OSError as exc:
+            raise UserError(f"{out}: cannot be read ({exc.strerror or exc})") from None
+        if foreign:
+            raise UserError(f"{out}: holds files that are not a sparsert output "
+                            f"({', '.join(foreign[:3])}); choose another -o")
+
+
 def _write(out: Path, files: dict[str, bytes]) -> None:
     """Write the outputs without ever touching anything else: a new directory is filled in a
     temporary sibling and renamed into place; an existing one may hold only a previous `gen`
     output, whose files are replaced one by one (each atomically)."""
+    _check_out(out)     # again: something may have appeared during the compile
     try:
         if out.exists():
-            if not out.is_dir():
-                raise UserError(f"{out}: exists and is not a directory; choose another -o")
-            foreign = sorted(p.name for p in out.iterdir() if p.name not in OUTPUT_FILES)
-            if foreign:
-                raise UserError(f"{out}: holds files that are not a sparsert output "
-                                f"({', '.join(foreign[:3])}); choose another -o")
             for name, data in files.items():
                 tmp = out / f".{name}.tmp"
                 tmp.write_bytes(data)

@@ -36,11 +36,22 @@ def load_manifest(directory: Path) -> dict:
 
 
 def check_cubin(directory: Path, doc: dict) -> str:
-    cubin = directory / doc.get("cubin", "kernel.cubin")
+    """The cubin the manifest names exists and matches its hash; else one line, exit 2."""
+    name = doc.get("cubin", "kernel.cubin")
+    if not isinstance(name, str) or not name or Path(name).name != name:
+        raise UserError(f"{directory / 'manifest.json'}: 'cubin' must name a file in "
+                        f"{directory}, got {name!r}")
+    cubin = directory / name
     if not cubin.is_file():
-        return "missing"
-    digest = hashlib.sha256(cubin.read_bytes()).hexdigest()
-    return "ok" if digest == doc.get("cubin_sha256") else "MISMATCH (file changed or damaged)"
+        raise UserError(f"{cubin}: missing (the manifest names it as the kernel's cubin)")
+    try:
+        digest = hashlib.sha256(cubin.read_bytes()).hexdigest()
+    except OSError as exc:
+        raise UserError(f"{cubin}: cannot be read ({exc.strerror or exc})") from None
+    if digest != doc.get("cubin_sha256"):
+        raise UserError(f"{cubin}: does not match the manifest's cubin_sha256 (changed or "
+                        f"damaged since `sparsert gen` wrote it)")
+    return "ok"
 
 
 def render(doc: dict, directory: Path) -> None:
@@ -78,8 +89,9 @@ def command(directory, as_json):
     """Show a generated kernel's manifest and resource report."""
     directory = Path(directory)
     doc = load_manifest(directory)
+    status = check_cubin(directory, doc)
     if as_json:
-        print_json({**doc, "cubin_check": check_cubin(directory, doc)})
+        print_json({**doc, "cubin_check": status})
         return
     try:
         render(doc, directory)

@@ -1,4 +1,5 @@
-"""`sparsert tune CONFIG`: time candidate plans on every GPU; store the winners in tuned.json."""
+"""`sparsert tune CONFIG`: time candidate plans on every GPU; store the winners in a tuned-plan
+database (--db, default ./configs/tuned.json)."""
 
 from __future__ import annotations
 
@@ -17,11 +18,14 @@ def run_tuner(config, arch=None, jobs=None, no_cache=False, limit=16, db_path=No
     from ..cache import KernelCache
     from ..executors import tune_config
     from ..gpu.runtime import have_gpu
+    from ..paths import check_output, tuned_db_path
     from .bench import progress_bar
 
     if ray is None and measure is None and not have_gpu():
         raise NoGpuError("sparsert tune needs a GPU (no CUDA driver or GPU found)"
                          + (f"; --gpus {gpus} cannot be used here" if gpus else ""))
+    db_path = tuned_db_path(db_path, write=True)    # never the copy inside the package
+    check_output(db_path, "--db")                   # before the tuning run, not at its end
     cache = None if no_cache else KernelCache()
     cache_root = str(cache.root) if cache is not None and cache.usable() else None
     with progress_bar() as progress:
@@ -45,8 +49,10 @@ def run_tuner(config, arch=None, jobs=None, no_cache=False, limit=16, db_path=No
 
 @click.command("tune")
 @click.argument("config_path", metavar="CONFIG")
-@click.option("--problems", "problem_ids", multiple=True, metavar="ID[,ID...]")
-@click.option("--sparsity", "sparsities", multiple=True, metavar="S[,S...]")
+@click.option("--problems", "problem_ids", multiple=True, metavar="ID[,ID...]",
+              help="Only these problems (repeat or comma-separate).")
+@click.option("--sparsity", "sparsities", multiple=True, metavar="S[,S...]",
+              help="Override the config's sparsity levels.")
 @click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default=None,
               help="Override the config's storage type (the accumulator follows it).")
 @click.option("--accumulate", type=click.Choice(["fp32", "fp16"]), default=None,
@@ -54,7 +60,8 @@ def run_tuner(config, arch=None, jobs=None, no_cache=False, limit=16, db_path=No
 @click.option("--max-candidates", type=click.IntRange(1, 64), default=16, show_default=True,
               help="Candidate plans per case.")
 @click.option("--db", "db_path", default=None, type=click.Path(dir_okay=False),
-              help="Tuned-plan database (default: configs/tuned.json).")
+              help="Tuned-plan database to update (default: ./configs/tuned.json; the copy "
+                   "shipped inside an installed package is never written).")
 @click.option("--db-sqlite", "db_sqlite", default=None, type=click.Path(dir_okay=False),
               help="Tuning database keeping every measurement (default: $SPARSERT_TUNEDB, else "
                    "~/.local/share/sparsert/tunedb.sqlite); jobs it holds for this GPU are not "
@@ -66,8 +73,9 @@ def run_tuner(config, arch=None, jobs=None, no_cache=False, limit=16, db_path=No
               help="Run on a Ray cluster instead (extra [ray]): compile tasks, one timer actor "
                    "per GPU.")
 @arch_option
-@click.option("--jobs", type=click.IntRange(1, 256), default=None)
-@click.option("--no-cache", is_flag=True)
+@click.option("--jobs", type=click.IntRange(1, 256), default=None,
+              help="Parallel compile processes (default: all cores).")
+@click.option("--no-cache", is_flag=True, help="Ignore the kernel cache.")
 def command(config_path, problem_ids, sparsities, dtype, accumulate, max_candidates, db_path,
             db_sqlite, remeasure, gpus, ray, arch, jobs, no_cache):
     """Autotune plan parameters per (pattern, GPU, dtype) on every GPU of this host."""
