@@ -22,7 +22,7 @@ from .config import Config
 from .errors import UserError
 from .interp import execute
 from .patterns import case_seed, generate, pattern_hash, to_csr
-from .plan import Plan
+from .families.immediate import Plan
 from .problems import Problem
 from .reference import check, conv_reference
 

@@ -17,17 +17,16 @@ from .cache import KernelCache, cache_key
 from .compile import (DEFAULT_ARCH, Compiled, Resources, arch_number, cpp_to_cubin,
                       ptx_to_cubin)
 from .config import EpilogueSpec
-from .emit_cuda import EMITTER_VERSION as CUDA_VERSION, emit_cuda
-from .emit_ptx import EMITTER_VERSION as PTX_VERSION, emit_ptx
 from .errors import CompileError
 from .patterns import case_seed, to_csr
 from .errors import UserError
-from .plan import (PRECISIONS, Epilogue, Geometry, Plan, PlanParams, build_plan,
-                   fit_vector_width)
+from .families import family_of, lower
+from .families.immediate import Plan, PlanParams, build_plan, fit_vector_width
+from .problem_shape import PRECISIONS, Epilogue, Geometry
 from .problems import Problem
+from .render import PrintedMismatch, get_printer, printers
 
 EMITTERS = ("ptx", "cuda")
-SOURCE_SUFFIX = {"ptx": ".ptx", "cuda": ".cu"}
 # Code size is nnz x vector width FMAs; ptxas time grows with it (~0.17 s per 1k on one core).
 # Past this budget the planner narrows the vector so the biggest layers compile in ~20 s.
 CODE_BUDGET = 500_000
@@ -104,18 +103,29 @@ def make_plan(problem: Problem, weight: np.ndarray, params: PlanParams | None = 
 
 
 def check_emitter(emitter: str, precision: str, arch: str = DEFAULT_ARCH) -> None:
-    """fp16 kernels are PTX-only and need sm_80+ (f16x2 max/min and packed conversions)."""
-    if precision == "fp32":
-        return
-    if emitter != "ptx":
-        raise UserError(f"{precision} kernels are emitted as PTX only (use --emit ptx / emit: ptx)")
-    if arch_number(arch) < 80:
+    """A printer prints only its precisions; fp16 kernels need sm_80+ (f16x2 max/min and packed
+    conversions)."""
+    printer = get_printer(emitter)
+    if precision not in printer.precisions:
+        able = [p.name for p in printers().values() if precision in p.precisions]
+        raise UserError(f"{precision} kernels are emitted as {' or '.join(able).upper()} only "
+                        f"(use --emit {able[0]} / emit: {able[0]})")
+    if precision != "fp32" and arch_number(arch) < 80:
         raise UserError(f"{precision} kernels need sm_80 or newer, not {arch}")
 
 
 def emit(plan: Plan, emitter: str, arch: str = DEFAULT_ARCH) -> str:
+    """The plan lowered by its family to the kernel IR and printed by the emitter's printer."""
     check_emitter(emitter, plan.precision, arch)
-    return emit_ptx(plan, arch) if emitter == "ptx" else emit_cuda(plan)
+    return get_printer(emitter).print_source(lower(plan), arch)
+
+
+def check_source(plan: Plan, emitter: str, source: str) -> None:
+    """Parse the printed source back and require it to equal the plan's IR, the IR the CPU check
+    executes (raises render.PrintedMismatch). Printers without a parser are not checked."""
+    printer = get_printer(emitter)
+    if printer.check_printed:
+        printer.check_printed(lower(plan), source)
 
 
 @dataclass(frozen=True)
@@ -135,7 +145,7 @@ class KernelBuild:
 
 
 def _key(plan: Plan, emitter: str, arch: str) -> str:
-    version = PTX_VERSION if emitter == "ptx" else CUDA_VERSION
+    version = f"{family_of(plan).version}+{get_printer(emitter).version}"
     return cache_key(plan.digest(), emitter, version, arch)
 
 
@@ -144,13 +154,25 @@ def _compile(plan: Plan, emitter: str, arch: str, threads: int) -> tuple[Compile
     try:
         if emitter == "ptx":
             opts = (f"-Xptxas=--split-compile={threads}",) if threads > 1 else ()
-            return ptx_to_cubin(source, arch, opts), source
-        return cpp_to_cubin(source, arch), source
+            compiled = ptx_to_cubin(source, arch, opts)
+        else:
+            compiled = cpp_to_cubin(source, arch)
     except CompileError as exc:  # keep the failing source for the bug report
-        fd, path = tempfile.mkstemp(prefix=f"{plan.entry}-", suffix=SOURCE_SUFFIX[emitter])
-        with os.fdopen(fd, "w") as fh:
-            fh.write(source)
+        path = _save_source(plan, emitter, source)
         raise CompileError(str(exc).splitlines()[0], exc.log, path) from None
+    try:   # what the CPU check executes (the IR) is what was compiled
+        check_source(plan, emitter, source)
+    except PrintedMismatch as exc:
+        raise PrintedMismatch(f"{exc} (source saved to {_save_source(plan, emitter, source)})"
+                              ) from None
+    return compiled, source
+
+
+def _save_source(plan: Plan, emitter: str, source: str) -> str:
+    fd, path = tempfile.mkstemp(prefix=f"{plan.entry}-", suffix=get_printer(emitter).suffix)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(source)
+    return path
 
 
 def build_kernel(plan: Plan, emitter: str = "ptx", arch: str = DEFAULT_ARCH,

@@ -57,7 +57,7 @@ class Config:
 
     @property
     def precision(self) -> str:
-        from .plan import precision_label
+        from .problem_shape import precision_label
 
         return precision_label(self.dtype, self.accumulate)
 
@@ -136,7 +136,7 @@ def _plan_overrides(doc: object, where: str) -> dict:
     if unknown:
         raise UserError(f"{where}: unknown key 'plan.{unknown[0]}' "
                         f"(allowed: {', '.join(sorted(PLAN_KEYS))})")
-    from .plan import PlanParams
+    from .families.immediate import PlanParams
 
     try:
         PlanParams.from_dict({**PlanParams().__dict__, **doc})

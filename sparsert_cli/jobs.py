@@ -20,7 +20,8 @@ from typing import Callable
 import numpy as np
 
 from .build import KernelBuild, build_kernel, epilogue_for, geometry_for
-from .plan import PRECISIONS, Epilogue, Geometry, PlanParams, build_plan
+from .families.immediate import PlanParams, build_plan
+from .problem_shape import PRECISIONS, Epilogue, Geometry
 from .problems import Problem
 from .tunedb import plan_json
 
@@ -40,10 +41,9 @@ def current_family(emitter: str = "ptx") -> tuple[str, str]:
     """(family, version) of the kernels this sparsert emits: the one place to switch when kernel
     families land. The version changes whenever the emitted code does, so old measurements stop
     counting as done."""
-    from .emit_cuda import EMITTER_VERSION as CUDA_VERSION
-    from .emit_ptx import EMITTER_VERSION as PTX_VERSION
+    from .render import get_printer
 
-    return "immediate", PTX_VERSION if emitter == "ptx" else CUDA_VERSION
+    return "immediate", get_printer(emitter).version
 
 
 def one_line(exc: BaseException) -> str:

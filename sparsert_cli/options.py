@@ -26,7 +26,7 @@ plan_option = click.option("--plan", "plan_items", multiple=True, metavar="KEY=V
 
 def parse_plan_options(items) -> dict:
     """`--plan rows_per_group=4 --plan balance=contiguous` -> validated overrides."""
-    from .plan import PlanParams
+    from .families.immediate import PlanParams
 
     doc = {}
     for item in items:

@@ -17,7 +17,7 @@ from sparsert_cli.cache import MARKER, KernelCache, default_root, parse_size
 from sparsert_cli.commands.cache_cmd import human
 from sparsert_cli.compile import Compiled, Resources
 from sparsert_cli.patterns import uniform_weights
-from sparsert_cli.plan import PlanParams
+from sparsert_cli.families.immediate import PlanParams
 from sparsert_cli.problems import Problem
 
 pytestmark = pytest.mark.usefixtures("isolated_cache")

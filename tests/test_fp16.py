@@ -13,15 +13,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cli_helpers import run_main
-from sparsert_cli.build import build_kernel, default_params, make_plan
+from sparsert_cli.build import build_kernel, default_params, emit, make_plan
 from sparsert_cli.compile import ptx_to_cubin
 from sparsert_cli.config import config_from_dict
-from sparsert_cli.emit_ptx import emit_ptx, f16_bits
 from sparsert_cli.errors import UserError
 from sparsert_cli.interp import PlanExecutionError, execute
 from sparsert_cli.patterns import pruned_weights, to_csr, uniform_weights
-from sparsert_cli.plan import Epilogue, Geometry, PlanParams, build_plan, fit_vector_width
+from sparsert_cli.families.immediate import PlanParams, build_plan, fit_vector_width
+from sparsert_cli.problem_shape import Epilogue, Geometry
 from sparsert_cli.problems import Problem, builtin_problems
+from sparsert_cli.render.ptx import f16_bits
 from sparsert_cli.reference import check
 
 HALF = {"fp16": ("fp16", "fp16"), "fp16acc32": ("fp16", "fp32")}
@@ -146,7 +147,7 @@ def test_fp16_gemm_compiles_without_spills(isolated_cache, precision, params):
     weight = uniform_weights(problem.weight_shape, 0.85, 5)
     plan = make_plan(problem, weight, params,
                      Epilogue(tuple([0.25] * 29), "relu6", residual=True), precision=precision)
-    ptx = emit_ptx(plan, "sm_90")
+    ptx = emit(plan, "ptx", "sm_90")
     _sass_free_checks(ptx, precision)
     width = plan.vector_width
     load = {1: "ld.global.nc.b16", 2: "ld.global.nc.b32", 4: "ld.global.nc.v2.b32",
@@ -167,7 +168,7 @@ def test_fp16_padded_conv_uses_two_byte_offsets(precision):
     problem = Problem("c", "conv3x3", 8, 4, height=6, width=5, padding=1)
     weight = pruned_weights(problem.weight_shape, 0.5, 1)
     plan = make_plan(problem, weight, PlanParams(rows_per_group=4), precision=precision)
-    ptx = emit_ptx(plan, "sm_90")
+    ptx = emit(plan, "ptx", "sm_90")
     geo = plan.geometry
     offsets = {int(m) for m in re.findall(r"ld\.global\.nc\.b16 %b\d+, \[%x?b?\d*\+(\d+)\]", ptx)}
     want = {geo.tap_offset(ld.tap) * 2 for g in plan.groups for sl in g.slices for ld in sl}

@@ -20,8 +20,9 @@ from sparsert_cli import interp
 from sparsert_cli.build import make_plan
 from sparsert_cli.errors import UserError
 from sparsert_cli.patterns import pruned_weights, to_csr, uniform_weights
-from sparsert_cli.plan import (MAX_STATIC_SHARED, Epilogue, Geometry, Load, PlanParams, RowGroup,
-                               build_plan, fit_params, fit_vector_width)
+from sparsert_cli.families.immediate.plan import (Load, PlanParams, RowGroup, build_plan, fit_params,
+                                                  fit_vector_width)
+from sparsert_cli.problem_shape import MAX_STATIC_SHARED, Epilogue, Geometry
 from sparsert_cli.problems import Problem
 
 

@@ -14,7 +14,8 @@ import numpy as np
 import scipy.sparse as sp
 
 from sparsert_cli.build import emit
-from sparsert_cli.plan import Epilogue, Geometry, PlanParams, build_plan
+from sparsert_cli.families.immediate import PlanParams, build_plan
+from sparsert_cli.problem_shape import Epilogue, Geometry
 
 HERE = Path(__file__).resolve().parent
 

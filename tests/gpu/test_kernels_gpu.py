@@ -18,7 +18,8 @@ from sparsert_cli.build import build_kernel, make_plan  # noqa: E402
 from sparsert_cli.config import load_config  # noqa: E402
 from sparsert_cli.gpu.runtime import Gpu  # noqa: E402
 from sparsert_cli.patterns import pruned_weights, uniform_weights  # noqa: E402
-from sparsert_cli.plan import Epilogue, PlanParams  # noqa: E402
+from sparsert_cli.families.immediate import PlanParams  # noqa: E402
+from sparsert_cli.problem_shape import Epilogue  # noqa: E402
 from sparsert_cli.problems import Problem  # noqa: E402
 
 pytestmark = pytest.mark.gpu

@@ -1,0 +1,2 @@
+def check_printed(ir, text):
+    pass
