@@ -22,6 +22,7 @@ from .patterns import case_seed, to_csr
 from .errors import UserError
 from .families import family_of, lower
 from .families.immediate import Plan, PlanParams, build_plan, fit_vector_width
+from .ir import KernelIR
 from .problem_shape import PRECISIONS, Epilogue, Geometry
 from .problems import Problem
 from .render import PrintedMismatch, get_printer, printers
@@ -117,15 +118,19 @@ def check_emitter(emitter: str, precision: str, arch: str = DEFAULT_ARCH) -> Non
 def emit(plan: Plan, emitter: str, arch: str = DEFAULT_ARCH) -> str:
     """The plan lowered by its family to the kernel IR and printed by the emitter's printer."""
     check_emitter(emitter, plan.precision, arch)
-    return get_printer(emitter).print_source(lower(plan), arch)
+    return render_source(lower(plan), emitter, arch)
 
 
-def check_source(plan: Plan, emitter: str, source: str) -> None:
-    """Parse the printed source back and require it to equal the plan's IR, the IR the CPU check
+def render_source(ir: KernelIR, emitter: str, arch: str = DEFAULT_ARCH) -> str:
+    return get_printer(emitter).print_source(ir, arch)
+
+
+def check_source(ir: KernelIR, emitter: str, source: str) -> None:
+    """Parse the printed source back and require it to equal `ir`, the IR the CPU check
     executes (raises render.PrintedMismatch). Printers without a parser are not checked."""
     printer = get_printer(emitter)
     if printer.check_printed:
-        printer.check_printed(lower(plan), source)
+        printer.check_printed(ir, source)
 
 
 @dataclass(frozen=True)
@@ -150,7 +155,9 @@ def _key(plan: Plan, emitter: str, arch: str) -> str:
 
 
 def _compile(plan: Plan, emitter: str, arch: str, threads: int) -> tuple[Compiled, str]:
-    source = emit(plan, emitter, arch)
+    check_emitter(emitter, plan.precision, arch)
+    ir = lower(plan)
+    source = render_source(ir, emitter, arch)
     try:
         if emitter == "ptx":
             opts = (f"-Xptxas=--split-compile={threads}",) if threads > 1 else ()
@@ -161,7 +168,7 @@ def _compile(plan: Plan, emitter: str, arch: str, threads: int) -> tuple[Compile
         path = _save_source(plan, emitter, source)
         raise CompileError(str(exc).splitlines()[0], exc.log, path) from None
     try:   # what the CPU check executes (the IR) is what was compiled
-        check_source(plan, emitter, source)
+        check_source(ir, emitter, source)
     except PrintedMismatch as exc:
         raise PrintedMismatch(f"{exc} (source saved to {_save_source(plan, emitter, source)})"
                               ) from None

@@ -80,14 +80,14 @@ class _Machine:
         if np.any(taps >= 0):
             if not geo.masked:
                 raise PlanExecutionError("a load reads a padding tap base of an unpadded kernel")
-            rs = np.array([(body.bases[t].r, body.bases[t].s) if t >= 0 else (0, 0)
-                           for t in taps], dtype=np.int64).reshape(-1, 2)
-            inside = (((self.ih[None, :] + rs[:, :1]) % 2**32 < geo.height)
-                      & ((self.iw[None, :] + rs[:, 1:]) % 2**32 < geo.width))
+            table = np.array([tuple(b) for b in body.bases], dtype=np.int64).reshape(-1, 3)
+            r, s, shift = table[np.maximum(taps, 0)].T
+            inside = (((self.ih[None, :] + r[:, None]) % 2**32 < geo.height)
+                      & ((self.iw[None, :] + s[:, None]) % 2**32 < geo.width))
             inside |= (taps < 0)[:, None]
             mask = np.broadcast_to(inside[:, :, None], addr.shape)
             padded = taps >= 0       # z + shift + offset must stay inside one zero image
-            zero = np.array([body.bases[t].zero_shift for t in taps[padded]]) + offsets[padded]
+            zero = shift[padded] + offsets[padded]
             if zero.size and (zero.min() < 0 or zero.max() + width > geo.image_elems):
                 raise PlanExecutionError("zero-buffer read out of bounds")
         if width > 1 and np.any((addr[:, :, 0] % width)[mask[:, :, 0]]):
@@ -103,23 +103,30 @@ class _Machine:
     def compute(self, body: Compute) -> None:
         threads, width = len(self.active), self.ir.vector_width
         acc = np.zeros((body.slots, threads, width))
+        loads = [load for batch in body.batches for load in batch.loads]
+        values = self.gather(body, loads) if loads else None
         started: set[int] = set()
+        fmas = []                       # (slot, weight, index into `loads`, init) in order
+        first = 0
         for batch in body.batches:
-            values = self.gather(body, batch.loads)
             for fma in batch.fmas:
                 if fma.init == (fma.slot in started):
                     raise PlanExecutionError(f"slot {fma.slot}: sum {'re' if fma.init else 'not '}"
                                              "started by its first FMA")
+                if not 0 <= fma.source < len(batch.loads):
+                    raise PlanExecutionError(f"an FMA reads load {fma.source} of a batch of "
+                                             f"{len(batch.loads)}")
                 started.add(fma.slot)
-            if self.half:      # one rounded FMA per (load, row), in the IR's order
-                for fma in batch.fmas:
-                    prior = 0.0 if fma.init else acc[fma.slot]
-                    acc[fma.slot] = _f16(prior + fma.weight * values[fma.source])
-                continue
-            weights = np.zeros((body.slots, len(batch.loads)))
-            for fma in batch.fmas:
-                weights[fma.slot, fma.source] += fma.weight
-            acc += np.einsum("rl,ltw->rtw", weights, values)
+                fmas.append((fma.slot, fma.weight, first + fma.source, fma.init))
+            first += len(batch.loads)
+        if self.half:      # one rounded FMA per (load, row), in the IR's order
+            for slot, weight, source, init in fmas:
+                acc[slot] = _f16((0.0 if init else acc[slot]) + weight * values[source])
+        elif fmas:
+            slots, weights, sources, _ = zip(*fmas)
+            matrix = np.zeros((body.slots, len(loads)))
+            np.add.at(matrix, (np.array(slots), np.array(sources)), np.array(weights))
+            acc += np.einsum("rl,ltw->rtw", matrix, values)
         if set(body.zero) != set(range(body.slots)) - started:
             raise PlanExecutionError("zeroed slots are not exactly the slots no FMA touched")
         for out in body.outputs:

@@ -38,6 +38,8 @@ RULES = {
     "mul_first": "mul.rn.{op} {acc}, {src}, {w};",
     "fma": "fma.rn.{op} {acc}, {src}, {w}, {acc};",
     "zero": "mov.b{bits} {acc}, 0;",
+    "const_f16": "mov.b16 %wh, 0x{bits:04X};",          # PTX has no f16 immediates
+    "const_f16x2": "mov.b32 %w, 0x{bits:04X}{bits:04X};",
     "step_bias": "add.{op} {acc}, {acc}, {c};",
     "residual_load": "ld.global.nc{ty} {dst}, [%res+{offset}];",
     "step_residual": "add.{op} {acc}, {acc}, {src};",
@@ -104,11 +106,10 @@ class Fmt:
         instruction as a paired immediate; PTX has no f16 immediates)."""
         if not self.half_acc:
             return f32(value)
-        bits = f16_bits(value)
         if self.width == 1:
-            fn.append(f"\tmov.b16 %wh, 0x{bits:04X};")
+            _emit(fn, "const_f16", bits=f16_bits(value))
             return "%wh"
-        fn.append(f"\tmov.b32 %w, 0x{bits:04X}{bits:04X};")
+        _emit(fn, "const_f16x2", bits=f16_bits(value))
         return "%w"
 
 
@@ -230,6 +231,12 @@ def _shared_chunks(fmt: Fmt, regs: list[str]):
         yield start * unit_bytes, _VEC[len(chunk)], fmt.unit_type, chunk
 
 
+def _rule(rule: str):
+    """The rule as a function of its fields (hot loops bind it once)."""
+    template = RULES[rule]
+    return template if callable(template) else template.format
+
+
 def _batch(fn: list[str], ir: KernelIR, fmt: Fmt, body: Compute, batch: Batch) -> None:
     raw = fmt.raw_count
     sources = []
@@ -240,13 +247,15 @@ def _batch(fn: list[str], ir: KernelIR, fmt: Fmt, body: Compute, batch: Batch) -
         sources.append(regs)
     if fmt.widen:
         sources = [_widen(fn, fmt, regs, "%c", i * fmt.width) for i, regs in enumerate(sources)]
-    units = fmt.units
+    units, op, const, put = fmt.units, fmt.op, fmt.const, fn.append
+    first, fma_rule = _rule("mul_first"), _rule("fma")
     for fma in batch.fmas:
-        w = fmt.const(fn, fma.weight)
-        srcs = sources[fma.source]
+        w = const(fn, fma.weight)
+        srcs, rule, base = sources[fma.source], first if fma.init else fma_rule, fma.slot * units
         for u in range(units):
-            _emit(fn, "mul_first" if fma.init else "fma", op=fmt.op,
-                  acc=f"%a{fma.slot * units + u}", src=srcs[u], w=w)
+            text = rule(op=op, acc=f"%a{base + u}", src=srcs[u], w=w)
+            if text:
+                put("\t" + text)
 
 
 def _compute(ir: KernelIR, body: Compute) -> list[str]:

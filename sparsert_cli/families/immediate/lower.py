@@ -68,21 +68,24 @@ def partial_offset(plan: Plan, index: int, slot: int) -> int:
 def _compute(plan: Plan, group: RowGroup, index: int) -> Compute:
     geo = plan.geometry
     loads = group.slices[index]
-    used = sorted({geo.tap_rs(ld.tap)[1:] for ld in loads})
+    rs = [geo.tap_rs(ld.tap)[1:] for ld in loads]
+    used = sorted(set(rs))
     bases = tuple(TapBase(r, s, -(r * geo.width + s)) for r, s in used) if geo.masked else ()
     base_of = {(b.r, b.s): i for i, b in enumerate(bases)}
-    batch, weight = plan.params.load_batch, (lambda v: kernel_constant(plan, v))
+    kind = np.float16 if plan.accumulate == "fp16" else np.float32
+    weights = iter(np.array([v for ld in loads for _, v in ld.uses], dtype=kind).tolist())
+    batch = plan.params.load_batch
     touched: set[int] = set()
     batches = []
     for start in range(0, len(loads), batch):
         chunk = loads[start:start + batch]
         fmas = []
         for i, load in enumerate(chunk):
-            for slot, value in load.uses:
-                fmas.append(Fma(slot, weight(value), i, slot not in touched))
+            for slot, _ in load.uses:
+                fmas.append(Fma(slot, next(weights), i, slot not in touched))
                 touched.add(slot)
-        batches.append(Batch(tuple(Load(base_of.get(geo.tap_rs(ld.tap)[1:], -1),
-                                        geo.tap_offset(ld.tap)) for ld in chunk), tuple(fmas)))
+        batches.append(Batch(tuple(Load(base_of.get(rs[start + i], -1), geo.tap_offset(ld.tap))
+                                   for i, ld in enumerate(chunk)), tuple(fmas)))
     slots = len(group.rows)
     zero = tuple(s for s in range(slots) if s not in touched)
     if plan.k_split == 1:
