@@ -19,10 +19,11 @@ from sparsert_cli.config import config_from_dict
 from sparsert_cli.errors import UserError
 from sparsert_cli.interp import PlanExecutionError, execute
 from sparsert_cli.patterns import pruned_weights, to_csr, uniform_weights
-from sparsert_cli.families.immediate import PlanParams, build_plan, fit_vector_width
+from sparsert_cli.families.immediate import PlanParams, build_plan, fit_vector_width, lower
 from sparsert_cli.problem_shape import Epilogue, Geometry
 from sparsert_cli.problems import Problem, builtin_problems
-from sparsert_cli.render.ptx import f16_bits
+from sparsert_cli.render.parse_ptx import check_printed
+from sparsert_cli.render.ptx import f16_bits, print_ptx
 from sparsert_cli.reference import check
 
 HALF = {"fp16": ("fp16", "fp16"), "fp16acc32": ("fp16", "fp32")}
@@ -81,7 +82,9 @@ def _check_half(plan, weight, rng, gen):
     geo = plan.geometry
     x, res = gen.random_inputs(geo, plan.epilogue.residual, rng)
     x, res = f16(x), (f16(res) if res is not None else None)
-    out = execute(plan, x, res)
+    ir = lower(plan)
+    out = execute(ir, x, res)
+    check_printed(ir, print_ptx(ir))          # the PTX says what was executed
     ref, mag = gen.reference_for(plan, weight, x, res)
     ok, err, message = check(out, ref, mag, "fp16", geo.taps)
     assert ok, (plan.params.name(), plan.precision, message)

@@ -31,9 +31,11 @@ RULES = {
     "div": "div.{t} {dst}, {a}, {b};",
     "rem": "rem.{t} {dst}, {a}, {b};",
     "min": "min.{t} {dst}, {a}, {b};",
-    "lt": "setp.lt.{t} %pa, {a}, {b};\n\tselp.u32 {dst}, 1, 0, %pa;",
-    "pointer": "mul.wide.s32 %w, %{var}, {elem};\n\tadd.s64 %{ptr}, %{ptr}, %w;",
-    # bodies
+    "lt": "setp.lt.{t} %pa, {a}, {b};\nselp.u32 {dst}, 1, 0, %pa;",
+    "pointer": "mul.wide.s32 %w, %{var}, {elem};\nadd.s64 %{ptr}, %{ptr}, %w;",
+    # bodies: a padding tap's base is x inside the image, else the zero buffer shifted
+    "tap_base": ("and.pred %pm, %pr{r}, %pc{s};\nadd.s64 %zb, %z, {shift};\n"
+                 "selp.b64 {base}, %x, %zb, %pm;"),
     "load": "ld.global.nc{ty} {dst}, [{base}+{offset}];",
     "mul_first": "mul.rn.{op} {acc}, {src}, {w};",
     "fma": "fma.rn.{op} {acc}, {src}, {w}, {acc};",
@@ -120,7 +122,7 @@ def _vec(regs: list[str]) -> str:
 def _emit(fn: list[str], rule: str, **fields) -> None:
     text = render(rule, **fields)
     if text:
-        fn.append("\t" + text)
+        fn.extend("\t" + line for line in text.split("\n"))
 
 
 def _operand(value) -> str:
@@ -158,9 +160,8 @@ def _tap_bases(fn: list[str], ir: KernelIR, body: Compute) -> None:
         fn.append(f"\tadd.u32 %t, %iw, {s};")
         fn.append(f"\tsetp.lt.u32 %pc{s}, %t, {geo.width};")
     for b in body.bases:
-        fn.append(f"\tand.pred %pm, %pr{b.r}, %pc{b.s};")
-        fn.append(f"\tadd.s64 %zb, %z, {b.zero_shift * ir.element_bytes};")
-        fn.append(f"\tselp.b64 %xb{b.r * geo.kernel + b.s}, %x, %zb, %pm;")
+        _emit(fn, "tap_base", r=b.r, s=b.s, shift=b.zero_shift * ir.element_bytes,
+              base=_base_reg(ir, body, body.bases.index(b)))
 
 
 def _base_reg(ir: KernelIR, body: Compute, tap: int) -> str:
