@@ -14,8 +14,7 @@ import numpy as np
 
 from . import __version__
 from .cache import KernelCache, cache_key
-from .compile import (DEFAULT_ARCH, Compiled, Resources, arch_number, cpp_to_cubin,
-                      ptx_to_cubin)
+from .compile import DEFAULT_ARCH, Compiled, Resources, arch_number
 from .config import EpilogueSpec
 from .errors import CompileError
 from .patterns import case_seed, to_csr
@@ -159,11 +158,7 @@ def _compile(plan: Plan, emitter: str, arch: str, threads: int) -> tuple[Compile
     ir = lower(plan)
     source = render_source(ir, emitter, arch)
     try:
-        if emitter == "ptx":
-            opts = (f"-Xptxas=--split-compile={threads}",) if threads > 1 else ()
-            compiled = ptx_to_cubin(source, arch, opts)
-        else:
-            compiled = cpp_to_cubin(source, arch)
+        compiled = get_printer(emitter).to_cubin(source, arch, threads)
     except CompileError as exc:  # keep the failing source for the bug report
         path = _save_source(plan, emitter, source)
         raise CompileError(str(exc).splitlines()[0], exc.log, path) from None

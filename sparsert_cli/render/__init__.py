@@ -1,8 +1,9 @@
 """Printers: kernel IR -> source text, one module per target, each a rule table over the IR.
 
 A printer has a name, a `VERSION` (changes whenever its text changes; it enters cache keys), the
-precisions it can print, `print_source(ir, arch)` and `check_printed(ir, text)`, which parses the
-text back into the IR and raises PrintedMismatch unless it equals `ir`.
+precisions it can print, `print_source(ir, arch)`, `to_cubin(source, arch, threads)` (its compiler
+route) and `check_printed(ir, text)`, which parses the text back into the IR and raises
+PrintedMismatch unless it equals `ir` (None where no parser exists yet).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+from ..compile import Compiled, cpp_to_cubin, ptx_to_cubin
 from ..errors import UserError
 from ..ir import KernelIR
 
@@ -25,7 +27,14 @@ class Printer:
     precisions: tuple[str, ...]
     suffix: str
     print_source: Callable[[KernelIR, str], str]
+    to_cubin: Callable[[str, str, int], Compiled]
     check_printed: Callable[[KernelIR, str], None] | None
+
+
+def _ptx_cubin(source: str, arch: str, threads: int) -> Compiled:
+    # ptxas splits one module's functions across `threads` cores
+    return ptx_to_cubin(source, arch, (f"-Xptxas=--split-compile={threads}",) if threads > 1
+                        else ())
 
 
 def printers() -> dict[str, Printer]:
@@ -33,9 +42,9 @@ def printers() -> dict[str, Printer]:
     from .parse_ptx import check_printed
 
     return {"ptx": Printer("ptx", ptx.VERSION, ("fp32", "fp16", "fp16acc32"), ".ptx",
-                           ptx.print_ptx, check_printed),
-            "cuda": Printer("cuda", cuda.VERSION, cuda.PRECISIONS, ".cu",
-                            cuda.print_cuda, None)}
+                           ptx.print_ptx, _ptx_cubin, check_printed),
+            "cuda": Printer("cuda", cuda.VERSION, cuda.PRECISIONS, ".cu", cuda.print_cuda,
+                            lambda source, arch, threads: cpp_to_cubin(source, arch), None)}
 
 
 def get_printer(name: str) -> Printer:
