@@ -25,6 +25,8 @@ from sparsert_cli.families.immediate.plan import (Load, PlanParams, RowGroup, bu
                                                   fit_vector_width)
 from sparsert_cli.problem_shape import MAX_STATIC_SHARED, Epilogue, Geometry
 from sparsert_cli.problems import Problem
+from sparsert_cli.render import parse_cuda
+from sparsert_cli.render.cuda import print_cuda
 from sparsert_cli.render.parse_ptx import check_printed
 from sparsert_cli.render.ptx import print_ptx
 
@@ -44,7 +46,8 @@ def _check_plan(gen, plan, weight, rng):
     ir = lower(plan)
     out = interp.execute(ir, x, res)          # raises unless every output is written once
     assert out.shape == (plan.geometry.output_elems,)
-    check_printed(ir, print_ptx(ir))          # and the PTX says what was executed
+    check_printed(ir, print_ptx(ir))          # and the PTX and CUDA say what was executed
+    parse_cuda.check_printed(ir, print_cuda(ir))
     ref, mag = gen.reference_for(plan, weight, x, res)
     gen.assert_matches_float64(out, ref, mag)
 

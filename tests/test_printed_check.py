@@ -16,7 +16,7 @@ from golden.cases import plans
 from sparsert_cli import build as B
 from sparsert_cli.families import lower
 from sparsert_cli.interp import execute
-from sparsert_cli.render import PrintedMismatch, ptx
+from sparsert_cli.render import PrintedMismatch, cuda, parse_cuda, ptx
 from sparsert_cli.render.parse_ptx import check_printed
 
 PLANS = plans()
@@ -165,3 +165,52 @@ def test_weights_parse_back_exactly():
     for value in (1e-42, 3.0e38, -1.5, 2.0 ** -149):
         text = ptx.f32(value)
         assert struct.unpack(">f", bytes.fromhex(text[2:]))[0] == np.float32(value)
+
+
+# ---------------------------------------------------------------- the CUDA printer, the same way
+
+
+def _cuda_shifted(rule: str, field: str, by: int):
+    template = cuda.RULES[rule]
+    return lambda **f: template.format(**{**f, field: f[field] + by})
+
+
+def _cuda_negated(rule: str):
+    template = cuda.RULES[rule]
+    return lambda **f: template.format(**{**f, "w": f["w"][1:] if f["w"][0] == "-"
+                                          else "-" + f["w"]})
+
+
+CUDA_MUTATIONS = {
+    "store_to_next_row": (CONV, {"store": _cuda_shifted("store", "offset", 9)}),
+    "reduced_row_to_wrong_row": ("gemm_v4_k2", {"store": _cuda_shifted("store", "offset", 96)}),
+    "wrong_tap_offset": (CONV, {"load": _cuda_shifted("load", "offset", 1)}),
+    "bias_dropped": (CONV, {"step_bias": ""}),
+    "relu_dropped": (CONV, {"step_max": ""}),
+    "residual_dropped": (CONV, {"step_residual": ""}),
+    "wrong_weight": ("gemm_funcs", {"fma": _cuda_negated("fma"),
+                                    "mul_first": _cuda_negated("mul_first")}),
+    "partial_not_added": ("gemm_v4_k2", {"add_partial": ""}),
+    "partial_to_wrong_slot": ("gemm_v4_k2", {"st_shared": _cuda_shifted("st_shared", "offset", 4)}),
+    "pointer_offset_wrong": (CONV, {"pointer": "{ptr} += {var} + 1;"}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(n for n, p in PLANS.items() if p.precision == "fp32"))
+@pytest.mark.parametrize("inline_limit", [0, 10**9])
+def test_printed_cuda_parses_back_to_its_ir(name, inline_limit):
+    ir = lower(PLANS[name], inline_limit=inline_limit)
+    parse_cuda.check_printed(ir, cuda.print_cuda(ir))
+
+
+@pytest.mark.parametrize("mutation", sorted(CUDA_MUTATIONS))
+def test_a_broken_cuda_rule_is_caught(monkeypatch, mutation):
+    case, rules = CUDA_MUTATIONS[mutation]
+    ir = lower(PLANS[case])
+    good = cuda.print_cuda(ir)
+    for rule, replacement in rules.items():
+        monkeypatch.setitem(cuda.RULES, rule, replacement)
+    bad = cuda.print_cuda(ir)
+    assert bad != good, "the mutation must change the text"
+    with pytest.raises(PrintedMismatch, match="printed CUDA differs from the kernel IR"):
+        parse_cuda.check_printed(ir, bad)
