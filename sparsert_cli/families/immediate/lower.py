@@ -66,26 +66,33 @@ def partial_offset(plan: Plan, index: int, slot: int) -> int:
 
 
 def _compute(plan: Plan, group: RowGroup, index: int) -> Compute:
-    geo = plan.geometry
+    geo, k = plan.geometry, plan.geometry.kernel
     loads = group.slices[index]
-    rs = [geo.tap_rs(ld.tap)[1:] for ld in loads]
-    used = sorted(set(rs))
-    bases = tuple(TapBase(r, s, -(r * geo.width + s)) for r, s in used) if geo.masked else ()
-    base_of = {(b.r, b.s): i for i, b in enumerate(bases)}
+    taps = np.fromiter((ld.tap for ld in loads), dtype=np.int64, count=len(loads))
+    rs = taps % (k * k)                          # r * k + s of each load's kernel tap
+    offsets = ((taps // (k * k)) * geo.height * geo.width + (rs // k) * geo.width
+               + rs % k).tolist()
+    bases: tuple[TapBase, ...] = ()
+    base_ids = [-1] * len(loads)
+    if geo.masked:
+        used = np.unique(rs).tolist()
+        bases = tuple(TapBase(t // k, t % k, -((t // k) * geo.width + t % k)) for t in used)
+        lookup = np.zeros(k * k, dtype=np.int64)
+        lookup[used] = np.arange(len(used))
+        base_ids = lookup[rs].tolist()
     kind = np.float16 if plan.accumulate == "fp16" else np.float32
     weights = iter(np.array([v for ld in loads for _, v in ld.uses], dtype=kind).tolist())
-    batch = plan.params.load_batch
+    batch, new = plan.params.load_batch, tuple.__new__      # plain tuple.__new__: hot loop
     touched: set[int] = set()
     batches = []
     for start in range(0, len(loads), batch):
-        chunk = loads[start:start + batch]
         fmas = []
-        for i, load in enumerate(chunk):
+        for i, load in enumerate(loads[start:start + batch]):
             for slot, _ in load.uses:
-                fmas.append(Fma(slot, next(weights), i, slot not in touched))
+                fmas.append(new(Fma, (slot, next(weights), i, slot not in touched)))
                 touched.add(slot)
-        batches.append(Batch(tuple(Load(base_of.get(rs[start + i], -1), geo.tap_offset(ld.tap))
-                                   for i, ld in enumerate(chunk)), tuple(fmas)))
+        batches.append(Batch(tuple(new(Load, pair) for pair in zip(
+            base_ids[start:start + batch], offsets[start:start + batch])), tuple(fmas)))
     slots = len(group.rows)
     zero = tuple(s for s in range(slots) if s not in touched)
     if plan.k_split == 1:
