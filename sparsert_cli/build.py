@@ -107,7 +107,7 @@ def check_emitter(emitter: str, precision: str, arch: str = DEFAULT_ARCH) -> Non
     conversions)."""
     printer = get_printer(emitter)
     if precision not in printer.precisions:
-        able = [p.name for p in printers().values() if precision in p.precisions]
+        able = [name for name in printers() if precision in get_printer(name).precisions]
         raise UserError(f"{precision} kernels are emitted as {' or '.join(able).upper()} only "
                         f"(use --emit {able[0]} / emit: {able[0]})")
     if precision != "fp32" and arch_number(arch) < 80:

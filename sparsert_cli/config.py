@@ -179,8 +179,6 @@ def config_from_dict(doc: object, where: str) -> Config:
         raise UserError(f"{where}: 'accumulate: fp16' needs 'dtype: fp16' (fp32 data is summed "
                         f"in fp32)")
     emit = _choice(doc, "emit", EMITTERS, "ptx", where)
-    if dtype == "fp16" and emit != "ptx":
-        raise UserError(f"{where}: 'dtype: fp16' kernels are emitted as PTX only (emit: ptx)")
     return Config(name=name, path=where, problems=problems, sparsities=sparsities,
                   dtype=dtype, accumulate=accumulate,
                   pattern=_choice(doc, "pattern", PATTERNS, "uniform", where), seed=seed,

@@ -4,11 +4,13 @@ states the kernel's decisions once (the interpreter and both printers read the s
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import numpy as np
 import pytest
 
+from sparsert_cli import build as B
 from sparsert_cli.build import check_emitter, emit
 from sparsert_cli.errors import UserError
 from sparsert_cli.families import families, family_of, get_family, lower
@@ -42,13 +44,18 @@ def test_unknown_family_and_printer_are_user_errors():
         family_of(object())
 
 
-def test_printers_declare_their_precisions():
+def test_printers_declare_their_precisions(monkeypatch):
     assert set(printers()) == {"ptx", "cuda"}
-    check_emitter("ptx", "fp16", "sm_90")
+    for printer in printers().values():
+        assert set(printer.precisions) == {"fp32", "fp16", "fp16acc32"}
+        check_emitter(printer.name, "fp16", "sm_90")
+        with pytest.raises(UserError, match="sm_80 or newer"):
+            check_emitter(printer.name, "fp16", "sm_75")
+    narrow = dataclasses.replace(printers()["cuda"], precisions=("fp32",))
+    monkeypatch.setattr(B, "get_printer", lambda name: narrow if name == "cuda"
+                        else printers()[name])
     with pytest.raises(UserError, match="fp16acc32 kernels are emitted as PTX only"):
         check_emitter("cuda", "fp16acc32", "sm_90")
-    with pytest.raises(UserError, match="sm_80 or newer"):
-        check_emitter("ptx", "fp16", "sm_75")
 
 
 def test_ir_states_columns_epilogue_order_and_partial_layout_once():

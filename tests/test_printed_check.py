@@ -196,7 +196,7 @@ CUDA_MUTATIONS = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(n for n, p in PLANS.items() if p.precision == "fp32"))
+@pytest.mark.parametrize("name", sorted(PLANS))
 @pytest.mark.parametrize("inline_limit", [0, 10**9])
 def test_printed_cuda_parses_back_to_its_ir(name, inline_limit):
     ir = lower(PLANS[name], inline_limit=inline_limit)
@@ -210,6 +210,42 @@ def test_a_broken_cuda_rule_is_caught(monkeypatch, mutation):
     good = cuda.print_cuda(ir)
     for rule, replacement in rules.items():
         monkeypatch.setitem(cuda.RULES, rule, replacement)
+    bad = cuda.print_cuda(ir)
+    assert bad != good, "the mutation must change the text"
+    with pytest.raises(PrintedMismatch, match="printed CUDA differs from the kernel IR"):
+        parse_cuda.check_printed(ir, bad)
+
+
+def _half_negated(rule: str):
+    template = cuda.HALF_RULES[rule]
+
+    def rule_fn(**f):
+        bits = int(f["w"][2:10], 16) ^ 0x80008000
+        return template.format(**{**f, "w": f"0x{bits:08X}u"})
+    return rule_fn
+
+
+HALF_CUDA_MUTATIONS = {
+    "store_to_next_row": ("fp16_1x1_half2", cuda.RULES,
+                          {"store": _cuda_shifted("store", "offset", 64)}),
+    "relu6_min_dropped": ("fp16_1x1_half2", cuda.HALF_RULES, {"step_min": ""}),
+    "bias_dropped": ("fp16_1x1_half2", cuda.HALF_RULES, {"step_bias": ""}),
+    "wrong_weight": ("fp16_1x1_half2", cuda.HALF_RULES, {"fma": _half_negated("fma"),
+                                                        "mul_first": _half_negated("mul_first")}),
+    "widened_column_swapped": ("fp16_1x1_acc32", cuda.RULES, {
+        "widen": lambda **f: "const float {dst} = sparsert_h2f({src});".format(
+            **{**f, "src": f["src"].replace(" >> 16", " >> 0")})}),
+    "residual_dropped_acc32": ("fp16_1x1_acc32", cuda.RULES, {"step_residual": ""}),
+}
+
+
+@pytest.mark.parametrize("mutation", sorted(HALF_CUDA_MUTATIONS))
+def test_a_broken_fp16_cuda_rule_is_caught(monkeypatch, mutation):
+    case, table, rules = HALF_CUDA_MUTATIONS[mutation]
+    ir = lower(PLANS[case])
+    good = cuda.print_cuda(ir)
+    for rule, replacement in rules.items():
+        monkeypatch.setitem(table, rule, replacement)
     bad = cuda.print_cuda(ir)
     assert bad != good, "the mutation must change the text"
     with pytest.raises(PrintedMismatch, match="printed CUDA differs from the kernel IR"):
