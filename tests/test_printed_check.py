@@ -70,6 +70,7 @@ MUTATIONS = {
     "partial_to_wrong_slot": (
         "gemm_v4_k2", {"st_shared": _shifted("st_shared", "offset", lambda f: 16)}),
     "zero_buffer_shift_wrong": (CONV, {"tap_base": _shifted("tap_base", "shift", lambda f: 4)}),
+    "barrier_dropped": ("gemm_v4_k2", {"barrier": ""}),
     "pointer_in_bytes_twice": (CONV, {"pointer": "mul.wide.s32 %w, %{var}, 8;\n\t"
                                                  "add.s64 %{ptr}, %{ptr}, %w;"}),
 }
@@ -193,6 +194,7 @@ CUDA_MUTATIONS = {
     "partial_not_added": ("gemm_v4_k2", {"add_partial": ""}),
     "partial_to_wrong_slot": ("gemm_v4_k2", {"st_shared": _cuda_shifted("st_shared", "offset", 4)}),
     "pointer_offset_wrong": (CONV, {"pointer": "{ptr} += {var} + 1;"}),
+    "barrier_dropped": ("gemm_v4_k2", {"barrier": ""}),
 }
 
 

@@ -30,6 +30,7 @@ RULES = {
     "min": "{dst} = min({a}, {b});",
     "lt": "{dst} = {a} < {b};",
     "pointer": "{ptr} += {var};",
+    "barrier": "__syncthreads();",
     "load": "const {vt} b{i} = __ldg(reinterpret_cast<const {vt}*>({base} + {offset}));",
     "widen": "const float {dst} = sparsert_h2f({src});",
     "mul_first": "{acc} = {src} * {w};",
@@ -304,7 +305,7 @@ def print_cuda(ir: KernelIR, arch: str = "sm_90") -> str:
     args = ", ".join(n for _, n in ir.body_args)
     for phase, bodies in enumerate(names):
         if phase:
-            out.append("  __syncthreads();")
+            _emit(out, "  ", fmt, "barrier")
         out.append("  switch (idx) {")
         out += [f"  case {i}: {n}({args}); break;" for i, n in enumerate(bodies)]
         out.append("  }")

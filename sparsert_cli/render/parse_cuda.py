@@ -323,7 +323,7 @@ def parse(ir: KernelIR, text: str) -> KernelIR:
     shared = int(m.group(1)) * ir.acc_bytes if m else 0
     signed = set()
     columns, pointers, phases, slot, stride = [], [], [], None, None
-    qualifiers = set()
+    qualifiers, barriers = set(), 0
     want_sig = ", ".join(f"{n}" for _, n in ir.body_args)
     body_lines = lines[start + 3:lines.index("}", start)]
     k = 0
@@ -344,8 +344,11 @@ def parse(ir: KernelIR, text: str) -> KernelIR:
             stride = int(m.group(1)) * ir.acc_bytes
             continue
         if line == "  __syncthreads();":
+            barriers += 1
             continue
         if line == "  switch (idx) {":
+            if barriers != len(phases):    # phase p > 0 reads what phase p - 1 wrote
+                _fail("entry", f"phase {len(phases)} starts without a block barrier")
             bodies = []
             while body_lines[k] != "  }":
                 m = re.fullmatch(r"  case (\d+): (\w+)\((.*)\); break;", body_lines[k])

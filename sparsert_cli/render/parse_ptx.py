@@ -490,6 +490,46 @@ def _blocks(lines: list[str]):
     return funcs, entry
 
 
+def _jump_table(ir: KernelIR, fmt: Fmt, funcs: dict, entry: list[str], k: int, text: str,
+                phase: int) -> tuple[int, tuple, bool]:
+    """One phase: `T: .branchtargets ...; brx.idx.uni %idx, T;` then per target its label, its
+    body (an inline block or a call) and the jump to DONE. Returns (next line, bodies, inline)."""
+    op = text.split(":", 1)[0]
+    targets = [t.strip() for t in text.split(".branchtargets", 1)[1].rstrip(";").split(",")]
+    nxt = _split(entry[k])
+    k += 1
+    if nxt[0] != "brx.idx.uni" or nxt[1] != ["%idx", op]:
+        _fail("entry", f"{text}: a jump table not indexed by %idx")
+    bodies, inline = [], True
+    for n, target in enumerate(targets):
+        if entry[k].strip() != f"{target}:":
+            _fail("entry", f"jump target {target} is not where its table says")
+        k += 1
+        where = f"phase {phase} body {n}"
+        if entry[k] == "\t{":
+            end = entry.index("\t}", k)
+            body = [ln[1:] for ln in entry[k + 1:end]]
+            k = end + 1
+        else:
+            call = _split(entry[k])
+            k += 1
+            fname = call[1][0]
+            if call[0] != "call.uni" or fname not in funcs:
+                _fail(where, f"calls unknown function {fname}")
+            params, body = funcs[fname]
+            passed = [a.strip("(%) ") for a in call[1][1:]]
+            want = [n for _, n in ir.body_args]
+            if passed != want or params != want:
+                _fail(where, f"{fname} gets ({', '.join(passed)}), declares "
+                             f"({', '.join(params)}), needs ({', '.join(want)})")
+            inline = False
+        if entry[k].strip() != f"bra.uni DONE{phase};":
+            _fail(where, "does not jump to the end of its phase")
+        k += 1
+        bodies.append((_compute if phase == 0 else _reduce)(ir, fmt, body, where))
+    return k, tuple(bodies), inline
+
+
 def parse(ir: KernelIR, text: str) -> KernelIR:
     """The KernelIR the printed `text` implements (fields PTX cannot state come from `ir`)."""
     fmt = Fmt(ir)
@@ -509,7 +549,7 @@ def parse(ir: KernelIR, text: str) -> KernelIR:
     columns: list[IndexOp] = []
     pointers, phases, specials = [], [], {}
     slot = stride = None
-    args_loaded, inline = [], None
+    args_loaded, inline, barriers = [], None, 0
     k = 0
     while k < len(entry):
         line = entry[k]
@@ -559,45 +599,13 @@ def parse(ir: KernelIR, text: str) -> KernelIR:
                 slot = parsed
             else:
                 columns.append(parsed)
-        elif op == "bar.sync":
-            pass
+        elif op == "bar.sync" and args == ["0"]:
+            barriers += 1
         elif re.fullmatch(r"T\d+:", op):
-            targets = [t.strip() for t in text.split(".branchtargets", 1)[1].rstrip(";").split(",")]
-            nxt = _split(entry[k])
-            k += 1
-            if nxt[0] != "brx.idx.uni" or nxt[1] != ["%idx", op[:-1]]:
-                _fail("entry", f"{text}: a jump table not indexed by %idx")
-            phase = len(phases)
-            bodies = []
-            for n, target in enumerate(targets):
-                if entry[k].strip() != f"{target}:":
-                    _fail("entry", f"jump target {target} is not where its table says")
-                k += 1
-                where = f"phase {phase} body {n}"
-                if entry[k] == "\t{":
-                    end = entry.index("\t}", k)
-                    body = [ln[1:] for ln in entry[k + 1:end]]
-                    k = end + 1
-                    inline = True
-                else:
-                    call = _split(entry[k])
-                    k += 1
-                    fname = call[1][0]
-                    if call[0] != "call.uni" or fname not in funcs:
-                        _fail(where, f"calls unknown function {fname}")
-                    params, body = funcs[fname]
-                    passed = [a.strip("(%) ") for a in call[1][1:]]
-                    want = [n for _, n in ir.body_args]
-                    if passed != want or params != want:
-                        _fail(where, f"{fname} gets ({', '.join(passed)}), declares "
-                                     f"({', '.join(params)}), needs ({', '.join(want)})")
-                    inline = False
-                if entry[k].strip() != f"bra.uni DONE{phase};":
-                    _fail(where, "does not jump to the end of its phase")
-                k += 1
-                parse_body = _compute if phase == 0 else _reduce
-                bodies.append(parse_body(ir, fmt, body, where))
-            phases.append(tuple(bodies))
+            if barriers != len(phases):    # phase p > 0 reads what phase p - 1 wrote
+                _fail("entry", f"phase {len(phases)} starts without a block barrier")
+            k, bodies, inline = _jump_table(ir, fmt, funcs, entry, k, text, len(phases))
+            phases.append(bodies)
         else:
             _fail("entry", f"`{text}`: an instruction outside the printed subset")
     if specials != {"tx": "tid.x", "ty": "tid.y", "bx": "ctaid.x", "by": "ctaid.y"}:

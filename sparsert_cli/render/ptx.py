@@ -33,6 +33,7 @@ RULES = {
     "min": "min.{t} {dst}, {a}, {b};",
     "lt": "setp.lt.{t} %pa, {a}, {b};\nselp.u32 {dst}, 1, 0, %pa;",
     "pointer": "mul.wide.s32 %w, %{var}, {elem};\nadd.s64 %{ptr}, %{ptr}, %w;",
+    "barrier": "bar.sync 0;",
     # bodies: a padding tap's base is x inside the image, else the zero buffer shifted
     "tap_base": ("and.pred %pm, %pr{r}, %pc{s};\nadd.s64 %zb, %z, {shift};\n"
                  "selp.b64 {base}, %x, %zb, %pm;"),
@@ -333,7 +334,7 @@ def _entry(ir: KernelIR, phases: list[list[list[str]]]) -> list[str]:
         if not bodies:
             continue
         if phase:
-            e("\tbar.sync 0;")
+            _emit(lines, "barrier")
         targets = [f"L{phase}_{i}" for i in range(len(bodies))]
         e(f"\tT{phase}: .branchtargets {', '.join(targets)};")
         e(f"\tbrx.idx.uni %idx, T{phase};")
