@@ -19,7 +19,7 @@ from .config import EpilogueSpec
 from .errors import CompileError
 from .patterns import case_seed, to_csr
 from .errors import UserError
-from .families import family_of, lower
+from .families import Family, family_of, lower
 from .families.immediate import Plan, PlanParams, build_plan, fit_vector_width
 from .ir import KernelIR
 from .problem_shape import PRECISIONS, Epilogue, Geometry
@@ -148,9 +148,14 @@ class KernelBuild:
     source_bytes: int = 0
 
 
+def code_version(family: Family, emitter: str) -> str:
+    """Changes whenever the emitted code does (the family's lowering or the printer): part of
+    the kernel cache's keys and of the tuning database's."""
+    return f"{family.version}+{get_printer(emitter).version}"
+
+
 def _key(plan: Plan, emitter: str, arch: str) -> str:
-    version = f"{family_of(plan).version}+{get_printer(emitter).version}"
-    return cache_key(plan.digest(), emitter, version, arch)
+    return cache_key(plan.digest(), emitter, code_version(family_of(plan), emitter), arch)
 
 
 def _compile(plan: Plan, emitter: str, arch: str, threads: int) -> tuple[Compiled, str]:

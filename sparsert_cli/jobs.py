@@ -38,12 +38,14 @@ _UNUSED_FLOORS = {"fp32_gflops": 1.0, "bandwidth_gbs": 1.0, "launch_us": 1.0}
 
 
 def current_family(emitter: str = "ptx") -> tuple[str, str]:
-    """(family, version) of the kernels this sparsert emits: the one place to switch when kernel
-    families land. The version changes whenever the emitted code does, so old measurements stop
-    counting as done."""
-    from .render import get_printer
+    """(family, version) of the kernels this sparsert emits: the registry's "auto" family and its
+    code version (family lowering + printer), which changes whenever the emitted code does, so
+    old measurements stop counting as done."""
+    from .build import code_version
+    from .families import get_family
 
-    return "immediate", get_printer(emitter).version
+    family = get_family("auto")
+    return family.name, code_version(family, emitter)
 
 
 def one_line(exc: BaseException) -> str:
