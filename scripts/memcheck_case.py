@@ -6,7 +6,8 @@ from sparsert_cli import bench as B
 from sparsert_cli.build import build_kernel, make_plan
 from sparsert_cli.gpu.runtime import Gpu
 from sparsert_cli.patterns import pruned_weights
-from sparsert_cli.plan import Epilogue, PlanParams
+from sparsert_cli.families.immediate import PlanParams
+from sparsert_cli.problem_shape import Epilogue
 from sparsert_cli.problems import Problem
 
 problem = Problem("memcheck_3x3_s2", "conv3x3", 10, 6, height=11, width=9, stride=2, padding=1,

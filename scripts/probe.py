@@ -18,7 +18,7 @@ from sparsert_cli.cache import KernelCache
 from sparsert_cli.config import EpilogueSpec
 from sparsert_cli.gpu.runtime import Gpu
 from sparsert_cli.patterns import generate
-from sparsert_cli.plan import PlanParams
+from sparsert_cli.families.immediate import PlanParams
 from sparsert_cli.problems import builtin_problems
 
 parser = argparse.ArgumentParser()

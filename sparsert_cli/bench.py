@@ -23,7 +23,7 @@ from .errors import UserError
 from .interp import execute
 from .patterns import (Weight, case_seed, count_nonzeros, dense, generate, pattern_hash,
                        to_csr)
-from .plan import Plan
+from .families.immediate import Plan
 from .problems import Problem
 from .reference import check, conv_reference
 

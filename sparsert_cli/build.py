@@ -15,20 +15,19 @@ import numpy as np
 
 from . import __version__, limits
 from .cache import KernelCache, cache_key
-from .compile import (DEFAULT_ARCH, Compiled, Resources, arch_number, cpp_to_cubin,
-                      ptx_to_cubin)
+from .compile import DEFAULT_ARCH, Compiled, Resources, arch_number
 from .config import EpilogueSpec
-from .emit_cuda import EMITTER_VERSION as CUDA_VERSION, emit_cuda
-from .emit_ptx import EMITTER_VERSION as PTX_VERSION, emit_ptx
 from .errors import CompileError
 from .patterns import case_seed, to_csr
 from .errors import UserError
-from .plan import (PRECISIONS, Epilogue, Geometry, Plan, PlanParams, build_plan,
-                   fit_vector_width)
+from .families import Family, family_of, lower
+from .families.immediate import Plan, PlanParams, build_plan, fit_vector_width
+from .ir import KernelIR
+from .problem_shape import PRECISIONS, Epilogue, Geometry
 from .problems import Problem
+from .render import PrintedMismatch, get_printer, printers
 
 EMITTERS = ("ptx", "cuda")
-SOURCE_SUFFIX = {"ptx": ".ptx", "cuda": ".cu"}
 # Code size is nnz x vector width FMAs; ptxas time grows with it (~0.17 s per 1k on one core).
 # Past this budget the planner narrows the vector so the biggest layers compile in ~20 s.
 CODE_BUDGET = 500_000
@@ -115,35 +114,52 @@ def make_plan(problem: Problem, weight, params: PlanParams | None = None,
 
 
 def _fit_fp16(csr, epilogue: Epilogue, accumulate: str, allow_flush: bool):
-    """fp16 weights (both sum modes: the plan's weights are fp16 values) and bias (added in fp16
-    with half2 sums; with fp32 sums it still lands in an fp16 output, so only overflow counts)."""
-    flush = limits.fp16_flush_mask(csr.data, "weights", allow_flush)
-    if flush.any():
+    """fp16 range of weights and bias. With half2 sums the weights are fp16 immediates: overflow
+    is an error, and so is underflow unless `allow_flush` drops them. With fp32 sums they are
+    fp32 immediates and only overflow counts (every output lands in fp16 storage). Bias is added
+    in fp16 with half2 sums; with fp32 sums only its overflow counts, for the same reason."""
+    half_sums = accumulate == "fp16"
+    flush = limits.fp16_flush_mask(csr.data, "weights", allow_flush or not half_sums)
+    if half_sums and flush.any():
         csr = csr.copy()
         csr.data[flush] = 0.0
         csr.eliminate_zeros()
     if epilogue.bias is not None:
         bias = np.asarray(epilogue.bias, dtype=np.float64)
-        lost = limits.fp16_flush_mask(bias, "bias",
-                                      allow_flush or accumulate != "fp16")
-        if accumulate == "fp16" and lost.any():
+        lost = limits.fp16_flush_mask(bias, "bias", allow_flush or not half_sums)
+        if half_sums and lost.any():
             epilogue = replace(epilogue, bias=tuple(float(v) for v in np.where(lost, 0.0, bias)))
     return csr, epilogue
 
 
 def check_emitter(emitter: str, precision: str, arch: str = DEFAULT_ARCH) -> None:
-    """fp16 kernels are PTX-only and need sm_80+ (f16x2 max/min and packed conversions)."""
-    if precision == "fp32":
-        return
-    if emitter != "ptx":
-        raise UserError(f"{precision} kernels are emitted as PTX only (use --emit ptx / emit: ptx)")
-    if arch_number(arch) < 80:
+    """A printer prints only its precisions; fp16 kernels need sm_80+ (f16x2 max/min and packed
+    conversions)."""
+    printer = get_printer(emitter)
+    if precision not in printer.precisions:
+        able = [name for name in printers() if precision in get_printer(name).precisions]
+        raise UserError(f"{precision} kernels are emitted as {' or '.join(able).upper()} only "
+                        f"(use --emit {able[0]} / emit: {able[0]})")
+    if precision != "fp32" and arch_number(arch) < 80:
         raise UserError(f"{precision} kernels need sm_80 or newer, not {arch}")
 
 
 def emit(plan: Plan, emitter: str, arch: str = DEFAULT_ARCH) -> str:
+    """The plan lowered by its family to the kernel IR and printed by the emitter's printer."""
     check_emitter(emitter, plan.precision, arch)
-    return emit_ptx(plan, arch) if emitter == "ptx" else emit_cuda(plan)
+    return render_source(lower(plan), emitter, arch)
+
+
+def render_source(ir: KernelIR, emitter: str, arch: str = DEFAULT_ARCH) -> str:
+    return get_printer(emitter).print_source(ir, arch)
+
+
+def check_source(ir: KernelIR, emitter: str, source: str) -> None:
+    """Parse the printed source back and require it to equal `ir`, the IR the CPU check
+    executes (raises render.PrintedMismatch). Printers without a parser are not checked."""
+    printer = get_printer(emitter)
+    if printer.check_printed:
+        printer.check_printed(ir, source)
 
 
 @dataclass(frozen=True)
@@ -162,23 +178,38 @@ class KernelBuild:
     source_bytes: int = 0
 
 
+def code_version(family: Family, emitter: str) -> str:
+    """Changes whenever the emitted code does (the family's lowering or the printer): part of
+    the kernel cache's keys and of the tuning database's."""
+    return f"{family.version}+{get_printer(emitter).version}"
+
+
 def _key(plan: Plan, emitter: str, arch: str) -> str:
-    version = PTX_VERSION if emitter == "ptx" else CUDA_VERSION
-    return cache_key(plan.digest(), emitter, version, arch)
+    return cache_key(plan.digest(), emitter, code_version(family_of(plan), emitter), arch)
 
 
 def _compile(plan: Plan, emitter: str, arch: str, threads: int) -> tuple[Compiled, str]:
-    source = emit(plan, emitter, arch)
+    check_emitter(emitter, plan.precision, arch)
+    ir = lower(plan)
+    source = render_source(ir, emitter, arch)
     try:
-        if emitter == "ptx":
-            opts = (f"-Xptxas=--split-compile={threads}",) if threads > 1 else ()
-            return ptx_to_cubin(source, arch, opts), source
-        return cpp_to_cubin(source, arch), source
+        compiled = get_printer(emitter).to_cubin(source, arch, threads)
     except CompileError as exc:  # keep the failing source for the bug report
-        fd, path = tempfile.mkstemp(prefix=f"{plan.entry}-", suffix=SOURCE_SUFFIX[emitter])
-        with os.fdopen(fd, "w") as fh:
-            fh.write(source)
+        path = _save_source(plan, emitter, source)
         raise CompileError(str(exc).splitlines()[0], exc.log, path) from None
+    try:   # what the CPU check executes (the IR) is what was compiled
+        check_source(ir, emitter, source)
+    except PrintedMismatch as exc:
+        raise PrintedMismatch(f"{exc} (source saved to {_save_source(plan, emitter, source)})"
+                              ) from None
+    return compiled, source
+
+
+def _save_source(plan: Plan, emitter: str, source: str) -> str:
+    fd, path = tempfile.mkstemp(prefix=f"{plan.entry}-", suffix=get_printer(emitter).suffix)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(source)
+    return path
 
 
 def build_kernel(plan: Plan, emitter: str = "ptx", arch: str = DEFAULT_ARCH,

@@ -58,7 +58,7 @@ class Config:
 
     @property
     def precision(self) -> str:
-        from .plan import precision_label
+        from .problem_shape import precision_label
 
         return precision_label(self.dtype, self.accumulate)
 
@@ -139,7 +139,7 @@ def _plan_overrides(doc: object, where: str) -> dict:
     if unknown:
         raise UserError(f"{where}: unknown key 'plan.{unknown[0]}' "
                         f"(allowed: {', '.join(sorted(PLAN_KEYS))})")
-    from .plan import PlanParams
+    from .families.immediate import PlanParams
 
     try:
         PlanParams.from_dict({**PlanParams().__dict__, **doc})
@@ -186,8 +186,6 @@ def config_from_dict(doc: object, where: str) -> Config:
     flush = doc.get("allow_fp16_flush", False)
     if not isinstance(flush, bool):
         raise UserError(f"{where}: 'allow_fp16_flush' must be true or false, got {flush!r}")
-    if dtype == "fp16" and emit != "ptx":
-        raise UserError(f"{where}: 'dtype: fp16' kernels are emitted as PTX only (emit: ptx)")
     return Config(name=name, path=where, problems=problems, sparsities=sparsities,
                   dtype=dtype, accumulate=accumulate,
                   pattern=_choice(doc, "pattern", PATTERNS, "uniform", where), seed=seed,

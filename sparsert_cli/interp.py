@@ -1,10 +1,11 @@
-"""Execute a plan on the CPU, the way the generated kernel does, in float64.
+"""Execute a kernel's IR on the CPU, the way the GPU runs it, in float64 (vectorised over threads).
 
-It walks the same thread/column mapping, address arithmetic, tap masks, slices and epilogue that the
-emitters print, and checks what the GPU cannot report: every load in bounds, every vector load
-aligned, every output element written exactly once.
+It evaluates the IR's own thread->column arithmetic, tap bases, loads, FMAs, shared-memory partials
+and epilogue steps, and checks what the GPU cannot report: every load in bounds (the zero buffer
+included), every vector load aligned, every FMA chain started once, every partial read written,
+every output element written exactly once.
 
-fp16 plans are executed with the kernel's roundings: weights (and bias) rounded to fp16, every
+fp16 kernels run with their roundings: fp16 weights and bias (the IR holds them rounded), every
 half2 FMA rounded once to fp16 (float64 holds a product of two halves plus a half exactly, so
 rounding that is a fused multiply-add), fp16 epilogue arithmetic, and fp16 outputs.
 """
@@ -13,127 +14,209 @@ from __future__ import annotations
 
 import numpy as np
 
-from .plan import Plan
+from .ir import Compute, Finish, IndexOp, KernelIR, Reduce
 
 
 class PlanExecutionError(AssertionError):
     pass
 
 
-def thread_columns(plan: Plan) -> tuple[np.ndarray, np.ndarray]:
-    """First column of every thread (clamped so all loads stay in bounds) and whether it stores."""
-    geo, width = plan.geometry, plan.vector_width
-    tiles = plan.grid[0]
-    first = (np.arange(tiles * plan.col_threads, dtype=np.int64)) * width
-    active = first < geo.columns
-    return np.minimum(first, geo.columns - width), active
+_INDEX = {"mad": lambda a, b, c: a * b + c, "mul": lambda a, b, c: a * b,
+          "add": lambda a, b, c: a + b, "sub": lambda a, b, c: a - b,
+          "div": lambda a, b, c: a // b, "rem": lambda a, b, c: a % b,
+          "min": lambda a, b, c: np.minimum(a, b), "lt": lambda a, b, c: (a < b).astype(np.int64)}
 
 
-def column_bases(plan: Plan, first: np.ndarray):
-    """Per thread: input base offset, output base offset, and (ih, iw) of the window's corner."""
-    geo = plan.geometry
-    image, pixel = np.divmod(first, geo.out_pixels)
-    oh, ow = np.divmod(pixel, geo.out_width)
-    ih = oh * geo.stride - geo.padding
-    iw = ow * geo.stride - geo.padding
-    in_base = image * geo.image_elems + ih * geo.width + iw
-    out_base = image * geo.out_channels * geo.out_pixels + pixel
-    return in_base, out_base, ih, iw
+def evaluate(ops: tuple[IndexOp, ...], env: dict) -> dict:
+    """Run IndexOps on int64 arrays (operands never leave [0, 2^31) except signed ones)."""
+    env = dict(env)
+    for op in ops:
+        a, b, c = (env[v] if isinstance(v, str) else v for v in (op.a, op.b, op.c))
+        value = _INDEX[op.op](a, b, c)
+        if not op.signed and np.any(np.asarray(value) < 0):
+            raise PlanExecutionError(f"unsigned index {op.dst} went negative")
+        env[op.dst] = value
+    return env
 
 
-def _gather(plan: Plan, x: np.ndarray, in_base, ih, iw, taps) -> np.ndarray:
-    """Activation values of `taps` for every thread lane: shape (len(taps), threads, width)."""
-    geo, width = plan.geometry, plan.vector_width
-    offsets = np.array([geo.tap_offset(t) for t in taps], dtype=np.int64)
-    lanes = np.arange(width, dtype=np.int64)
-    addr = in_base[None, :, None] + offsets[:, None, None] + lanes[None, None, :]
-    mask = np.ones(addr.shape, dtype=bool)
-    if geo.masked:
-        rs = np.array([geo.tap_rs(t)[1:] for t in taps], dtype=np.int64).reshape(-1, 2)
-        row_ok = (ih[None, :] + rs[:, :1] >= 0) & (ih[None, :] + rs[:, :1] < geo.height)
-        col_ok = (iw[None, :] + rs[:, 1:] >= 0) & (iw[None, :] + rs[:, 1:] < geo.width)
-        mask = np.broadcast_to((row_ok & col_ok)[:, :, None], addr.shape)
-    if width > 1 and np.any((addr[:, :, 0] % width)[mask[:, :, 0]]):
-        raise PlanExecutionError("a vector load is not aligned to its width")
-    live = addr[mask]
-    if live.size and (live.min() < 0 or live.max() >= x.size):
-        raise PlanExecutionError(f"out-of-bounds load: address range {live.min()}..{live.max()} "
-                                 f"outside 0..{x.size - 1}")
-    if geo.masked:     # padded taps read the zero buffer at c*H*W: check that stays inside it
-        zero_addr = np.array([geo.tap_rs(t)[0] * geo.height * geo.width for t in taps])
-        if zero_addr.size and zero_addr.max() + width > geo.image_elems:
-            raise PlanExecutionError("zero-buffer read out of bounds")
-    values = np.zeros(addr.shape, dtype=np.float64)
-    values[mask] = x[live]
-    return values
+def thread_env(ir: KernelIR) -> dict:
+    """Per thread (bx * col_threads + tx, flattened): the entry's column variables."""
+    tiles = ir.grid[0]
+    tid = np.arange(tiles * ir.col_threads, dtype=np.int64)
+    return evaluate(ir.columns, {"bx": tid // ir.col_threads, "tx": tid % ir.col_threads})
 
 
 def _f16(values):
     return np.asarray(values, dtype=np.float64).astype(np.float16).astype(np.float64)
 
 
-def _sum_half(acc: np.ndarray, values: np.ndarray, loads) -> np.ndarray:
-    """fp16 sums: one rounded FMA per (load, row) in load order, as the kernel does."""
-    for i, load in enumerate(loads):
-        slots = np.fromiter((slot for slot, _ in load.uses), dtype=np.int64, count=len(load.uses))
-        weights = _f16([value for _, value in load.uses])
-        acc[slots] = _f16(acc[slots] + weights[:, None, None] * values[i][None])
-    return acc
+class _Machine:
+    """One kernel's buffers and per-thread registers; bodies run on every thread at once."""
+
+    def __init__(self, ir: KernelIR, x: np.ndarray, residual: np.ndarray | None):
+        self.ir, self.x, self.residual = ir, x, residual
+        geo, width = ir.geometry, ir.vector_width
+        env = thread_env(ir)
+        self.active = env["act"].astype(bool)
+        self.ih, self.iw = env["ih"], env["iw"]
+        self.base = {ptr: env[var] for ptr, var in ir.pointers}
+        self.lanes = np.arange(width, dtype=np.int64)
+        self.half = ir.accumulate == "fp16"
+        self.out = np.full(geo.output_elems, np.nan)
+        self.writes = np.zeros(geo.output_elems, dtype=np.int64)
+        self.sp = env["tx"] * ir.partial_stride        # shared byte address of each thread
+        self.shared = None
+
+    def rnd(self, values):
+        return _f16(values) if self.half else values
+
+    def gather(self, body: Compute, loads) -> np.ndarray:
+        """Values of `loads` for every thread lane: (len(loads), threads, width)."""
+        ir, geo, width = self.ir, self.ir.geometry, self.ir.vector_width
+        offsets = np.array([ld.offset for ld in loads], dtype=np.int64)
+        addr = self.base["x"][None, :, None] + offsets[:, None, None] + self.lanes[None, None, :]
+        mask = np.ones(addr.shape, dtype=bool)
+        taps = np.array([ld.tap for ld in loads], dtype=np.int64)
+        if np.any(taps >= 0):
+            if not geo.masked:
+                raise PlanExecutionError("a load reads a padding tap base of an unpadded kernel")
+            table = np.array([tuple(b) for b in body.bases], dtype=np.int64).reshape(-1, 3)
+            r, s, shift = table[np.maximum(taps, 0)].T
+            inside = (((self.ih[None, :] + r[:, None]) % 2**32 < geo.height)
+                      & ((self.iw[None, :] + s[:, None]) % 2**32 < geo.width))
+            inside |= (taps < 0)[:, None]
+            mask = np.broadcast_to(inside[:, :, None], addr.shape)
+            padded = taps >= 0       # z + shift + offset must stay inside one zero image
+            zero = shift[padded] + offsets[padded]
+            if zero.size and (zero.min() < 0 or zero.max() + width > geo.image_elems):
+                raise PlanExecutionError("zero-buffer read out of bounds")
+        if width > 1 and np.any((addr[:, :, 0] % width)[mask[:, :, 0]]):
+            raise PlanExecutionError("a vector load is not aligned to its width")
+        live = addr[mask]
+        if live.size and (live.min() < 0 or live.max() >= self.x.size):
+            raise PlanExecutionError(f"out-of-bounds load: address range {live.min()}.."
+                                     f"{live.max()} outside 0..{self.x.size - 1}")
+        values = np.zeros(addr.shape, dtype=np.float64)
+        values[mask] = self.x[live]
+        return values
+
+    def compute(self, body: Compute) -> None:
+        threads, width = len(self.active), self.ir.vector_width
+        acc = np.zeros((body.slots, threads, width))
+        loads = [load for batch in body.batches for load in batch.loads]
+        values = self.gather(body, loads) if loads else None
+        started: set[int] = set()
+        fmas = []                       # (slot, weight, index into `loads`, init) in order
+        first = 0
+        for batch in body.batches:
+            for fma in batch.fmas:
+                if fma.init == (fma.slot in started):
+                    raise PlanExecutionError(f"slot {fma.slot}: sum {'re' if fma.init else 'not '}"
+                                             "started by its first FMA")
+                if not 0 <= fma.source < len(batch.loads):
+                    raise PlanExecutionError(f"an FMA reads load {fma.source} of a batch of "
+                                             f"{len(batch.loads)}")
+                started.add(fma.slot)
+                fmas.append((fma.slot, fma.weight, first + fma.source, fma.init))
+            first += len(batch.loads)
+        if self.half:      # one rounded FMA per (load, row), in the IR's order
+            for slot, weight, source, init in fmas:
+                acc[slot] = _f16((0.0 if init else acc[slot]) + weight * values[source])
+        elif fmas:
+            slots, weights, sources, _ = zip(*fmas)
+            matrix = np.zeros((body.slots, len(loads)))
+            np.add.at(matrix, (np.array(slots), np.array(sources)), np.array(weights))
+            acc += np.einsum("rl,ltw->rtw", matrix, values)
+        if set(body.zero) != set(range(body.slots)) - started:
+            raise PlanExecutionError("zeroed slots are not exactly the slots no FMA touched")
+        for out in body.outputs:
+            if isinstance(out, Finish):
+                self.finish(out, acc[out.slot])
+            else:
+                self.shared_access(out.offset, acc[out.slot])
+
+    def shared_access(self, offset: int, values: np.ndarray | None = None) -> np.ndarray:
+        """Store `values` (threads, width) at sp + offset, or load from there when None."""
+        ir = self.ir
+        if offset % ir.acc_bytes or offset < 0:
+            raise PlanExecutionError(f"misaligned shared-memory offset {offset}")
+        index = (self.sp[:, None] + offset) // ir.acc_bytes + self.lanes[None, :]
+        if index.max() * ir.acc_bytes >= ir.shared_bytes:
+            raise PlanExecutionError("shared-memory access past the partials buffer")
+        tiles = self.ir.grid[0]
+        block = np.repeat(np.arange(tiles), ir.col_threads)[:, None]
+        if values is not None:
+            if np.any(~np.isnan(self.shared[block, index])):
+                raise PlanExecutionError("two partial sums stored to one shared-memory slot")
+            self.shared[block, index] = values
+            return values
+        got = self.shared[block, index]
+        if np.any(np.isnan(got)):
+            raise PlanExecutionError("a partial sum read before it was written")
+        return got
+
+    def reduce(self, body: Reduce) -> None:
+        for row in body.rows:
+            acc = self.shared_access(row.offsets[0])
+            for offset in row.offsets[1:]:
+                acc = self.rnd(acc + self.shared_access(offset))
+            self.finish(row.finish, acc)
+
+    def finish(self, finish: Finish, y: np.ndarray) -> None:
+        y = y[self.active]
+        addr = self.base["y"][self.active][:, None] + finish.offset + self.lanes[None, :]
+        for step in finish.steps:
+            if step.op == "bias":
+                y = self.rnd(y + step.value)
+            elif step.op == "residual":
+                at = self.base["res"][self.active][:, None] + step.value + self.lanes[None, :]
+                y = self.rnd(y + self.residual[at])
+            elif step.op == "max":
+                y = np.maximum(y, step.value)
+            elif step.op == "min":
+                y = np.minimum(y, step.value)
+            else:
+                raise PlanExecutionError(f"unknown epilogue step {step.op!r}")
+        if addr.size and (addr.min() < 0 or addr.max() >= self.out.size):
+            raise PlanExecutionError("out-of-bounds store")
+        self.out[addr] = _f16(y) if self.ir.dtype == "fp16" else y
+        np.add.at(self.writes, addr.ravel(), 1)
+
+    def run(self) -> np.ndarray:
+        ir = self.ir
+        for by in range(ir.grid[1]):
+            self.shared = np.full((ir.grid[0], max(1, ir.shared_bytes // ir.acc_bytes)), np.nan)
+            for bodies in ir.phases:           # phases meet at a block barrier
+                for ty in range(ir.k_split):
+                    idx = int(evaluate((ir.slot,), {"by": by, "ty": ty})["idx"])
+                    if not 0 <= idx < len(bodies):
+                        raise PlanExecutionError(f"jump-table slot {idx} outside the table")
+                    body = bodies[idx]
+                    self.compute(body) if isinstance(body, Compute) else self.reduce(body)
+        if not np.all(self.writes == 1):
+            raise PlanExecutionError(f"{int(np.sum(self.writes == 0))} outputs never written, "
+                                     f"{int(np.sum(self.writes > 1))} written more than once")
+        return self.out
 
 
-def execute(plan: Plan, x: np.ndarray, residual: np.ndarray | None = None) -> np.ndarray:
-    """Run the plan on input `x` (any shape with the geometry's element count); returns the output
-    as a flat float64 array of batch*M*Ho*Wo elements (NCHW)."""
-    geo, width = plan.geometry, plan.vector_width
+def execute(kernel, x: np.ndarray, residual: np.ndarray | None = None) -> np.ndarray:
+    """Run a kernel (its KernelIR, or a family plan, lowered first) on input `x` (any shape with
+    the geometry's element count); returns the output as a flat float64 array of batch*M*Ho*Wo
+    elements (NCHW)."""
+    if not isinstance(kernel, KernelIR):
+        from .families import lower
+
+        kernel = lower(kernel)
+    geo = kernel.geometry
     x = np.asarray(x, dtype=np.float64).ravel()
     if x.size != geo.input_elems:
         raise PlanExecutionError(f"input has {x.size} elements, plan expects {geo.input_elems}")
-    if plan.epilogue.residual:
+    if "res" in kernel.arguments:
         if residual is None:
             raise PlanExecutionError("plan adds a residual but none was given")
         residual = np.asarray(residual, dtype=np.float64).ravel()
-    half_acc = plan.accumulate == "fp16"
-    rnd = _f16 if half_acc else (lambda v: v)          # rounding of epilogue arithmetic
-    if plan.dtype == "fp16":   # the kernel reads fp16: inputs must already be representable
+    if kernel.dtype == "fp16":   # the kernel reads fp16: inputs must already be representable
         if not np.array_equal(x, _f16(x)) or (residual is not None
                                                and not np.array_equal(residual, _f16(residual))):
             raise PlanExecutionError("fp16 plan given inputs that are not fp16 values")
-    first, active = thread_columns(plan)
-    in_base, out_base, ih, iw = column_bases(plan, first)
-    out = np.full(geo.output_elems, np.nan)
-    writes = np.zeros(geo.output_elems, dtype=np.int64)
-    lanes = np.arange(width, dtype=np.int64)
-    store_addr = (out_base[active][:, None] + lanes[None, :])
-    for group in plan.groups:
-        acc = np.zeros((len(group.rows), len(first), width))
-        for loads in group.slices:             # slices sum in order, as the reduction does
-            if not loads:
-                continue
-            values = _gather(plan, x, in_base, ih, iw, [ld.tap for ld in loads])
-            if half_acc:       # each slice sums alone; the reduction adds slices in fp16
-                acc = rnd(acc + _sum_half(np.zeros_like(acc), values, loads))
-                continue
-            weights = np.zeros((len(group.rows), len(loads)))
-            for i, load in enumerate(loads):
-                for slot, value in load.uses:
-                    weights[slot, i] = value
-            if plan.dtype == "fp16":
-                weights = _f16(weights)
-            acc += np.einsum("rl,ltw->rtw", weights, values)
-        for slot, row in enumerate(group.rows):
-            y = acc[slot][active]
-            if plan.epilogue.bias is not None and plan.epilogue.bias[row] != 0.0:
-                y = rnd(y + rnd(plan.epilogue.bias[row]))
-            addr = store_addr + row * geo.out_pixels
-            if residual is not None:
-                y = rnd(y + residual[addr])
-            if plan.epilogue.activation in ("relu", "relu6"):
-                y = np.maximum(y, 0.0)
-            if plan.epilogue.activation == "relu6":
-                y = np.minimum(y, 6.0)
-            out[addr] = _f16(y) if plan.dtype == "fp16" else y
-            np.add.at(writes, addr.ravel(), 1)
-    if not np.all(writes == 1):
-        raise PlanExecutionError(f"{int(np.sum(writes == 0))} outputs never written, "
-                                 f"{int(np.sum(writes > 1))} written more than once")
-    return out
+    return _Machine(kernel, x, residual).run()

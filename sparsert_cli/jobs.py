@@ -20,7 +20,8 @@ from typing import Callable
 import numpy as np
 
 from .build import KernelBuild, build_kernel, epilogue_for, geometry_for
-from .plan import PRECISIONS, Epilogue, Geometry, PlanParams, build_plan
+from .families.immediate import PlanParams, build_plan
+from .problem_shape import PRECISIONS, Epilogue, Geometry
 from .problems import Problem
 from .tunedb import plan_json
 
@@ -37,13 +38,14 @@ _UNUSED_FLOORS = {"fp32_gflops": 1.0, "bandwidth_gbs": 1.0, "launch_us": 1.0}
 
 
 def current_family(emitter: str = "ptx") -> tuple[str, str]:
-    """(family, version) of the kernels this sparsert emits: the one place to switch when kernel
-    families land. The version changes whenever the emitted code does, so old measurements stop
-    counting as done."""
-    from .emit_cuda import EMITTER_VERSION as CUDA_VERSION
-    from .emit_ptx import EMITTER_VERSION as PTX_VERSION
+    """(family, version) of the kernels this sparsert emits: the registry's "auto" family and its
+    code version (family lowering + printer), which changes whenever the emitted code does, so
+    old measurements stop counting as done."""
+    from .build import code_version
+    from .families import get_family
 
-    return "immediate", PTX_VERSION if emitter == "ptx" else CUDA_VERSION
+    family = get_family("auto")
+    return family.name, code_version(family, emitter)
 
 
 def one_line(exc: BaseException) -> str:

@@ -26,7 +26,7 @@ plan_option = click.option("--plan", "plan_items", multiple=True, metavar="KEY=V
 
 def parse_plan_options(items) -> dict:
     """`--plan rows_per_group=4 --plan balance=contiguous` -> validated overrides."""
-    from .plan import PlanParams
+    from .families.immediate import PlanParams
 
     doc = {}
     for item in items:
@@ -49,7 +49,7 @@ def parse_plan_options(items) -> dict:
 def check_plan_width(overrides: dict, dtype: str) -> None:
     """A vector width asked for that no 16-byte load of `dtype` covers is refused (the planner
     would otherwise narrow it without a word)."""
-    from .plan import max_vector_width
+    from .problem_shape import max_vector_width
 
     width, most = overrides.get("vector_width"), max_vector_width(dtype)
     if isinstance(width, int) and width > most:

@@ -11,9 +11,9 @@ from pathlib import Path
 
 from .build import CODE_BUDGET, code_units, default_params, geometry_for
 from .errors import UserError
+from .families.immediate import PlanParams, fit_params
 from .paths import SHIPPED_TUNED
-from .plan import (ELEMENT_BYTES, MAX_STATIC_SHARED, PRECISIONS, Geometry, PlanParams,
-                   fit_params)
+from .problem_shape import ELEMENT_BYTES, MAX_STATIC_SHARED, PRECISIONS, Geometry
 
 TUNED_PATH = SHIPPED_TUNED
 

@@ -17,7 +17,8 @@ from hypothesis import strategies as st
 from hypothesis.configuration import set_hypothesis_home_dir
 
 from sparsert_cli import reference
-from sparsert_cli.plan import Epilogue, Geometry, PlanParams
+from sparsert_cli.families.immediate import PlanParams
+from sparsert_cli.problem_shape import Epilogue, Geometry
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -17,7 +17,7 @@ from sparsert_cli.cache import MARKER, KernelCache, default_root, parse_size
 from sparsert_cli.commands.cache_cmd import human
 from sparsert_cli.compile import Compiled, Resources
 from sparsert_cli.patterns import uniform_weights
-from sparsert_cli.plan import PlanParams
+from sparsert_cli.families.immediate import PlanParams
 from sparsert_cli.problems import Problem
 
 pytestmark = pytest.mark.usefixtures("isolated_cache")
@@ -213,9 +213,9 @@ def test_build_all_serves_hits_in_process_and_compiles_the_rest(tmp_path):
 
 def test_build_all_reports_a_failure_in_place(tmp_path, monkeypatch):
     plans = [_plan(seed=0), _plan(seed=1)]
-    real_emit = B.emit
-    monkeypatch.setattr(B, "emit", lambda plan, emitter, arch: (
-        "broken" if plan is plans[1] else real_emit(plan, emitter, arch)))
+    real_render = B.render_source
+    monkeypatch.setattr(B, "render_source", lambda ir, emitter, arch: (
+        "broken" if ir.entry == plans[1].entry else real_render(ir, emitter, arch)))
     monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
     results = build_all(plans, "ptx", "sm_90", None, jobs=1)
     assert results[0].cubin[:4] == b"\x7fELF"

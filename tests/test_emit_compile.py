@@ -17,16 +17,25 @@ from sparsert_cli.build import build_kernel, make_plan
 from sparsert_cli.compile import (Resources, check_arch, cpp_to_cubin, parse_ptxas,
                                   ptx_to_cubin)
 from sparsert_cli.config import load_config
-from sparsert_cli.emit_cuda import emit_cuda
-from sparsert_cli.emit_ptx import INLINE_LIMIT, emit_ptx, f32, ptx_version
 from sparsert_cli.errors import CompileError
 from sparsert_cli.patterns import pruned_weights, to_csr, uniform_weights
-from sparsert_cli.plan import Epilogue, Geometry, PlanParams, build_plan
+from sparsert_cli.families.immediate import INLINE_LIMIT, PlanParams, build_plan, lower
+from sparsert_cli.problem_shape import Epilogue, Geometry
 from sparsert_cli.problems import Problem
+from sparsert_cli.render.cuda import print_cuda
+from sparsert_cli.render.ptx import f32, print_ptx, ptx_version
 
 pytestmark = pytest.mark.usefixtures("isolated_cache")
 
 ELF = b"\x7fELF"
+
+
+def emit_ptx(plan, arch="sm_90", **lower_options):
+    return print_ptx(lower(plan, **lower_options), arch)
+
+
+def emit_cuda(plan, **lower_options):
+    return print_cuda(lower(plan, **lower_options))
 
 
 def _ci_cases(repo):
@@ -265,7 +274,8 @@ def test_cuda_literals_round_trip_every_weight_exactly():
     weight[0, :3, 0, 0] = np.array([1e-42, 3.0e38, -1.5], dtype=np.float32)   # denormal, huge
     plan = make_plan(problem, weight, PlanParams())
     source = emit_cuda(plan)
-    literals = re.findall(r"fmaf\([^,]+, ([^,]+)f, ", source)
+    # the first FMA of each row is a multiply (its sum starts there), the others fmaf
+    literals = re.findall(r"(?:fmaf\([^,]+, |= b\d+(?:\.[xyzw])? \* )([-0-9a-fx.p+]+)f", source)
     assert len(literals) == plan.nnz * plan.vector_width
     values = {np.float32(float.fromhex(lit)) for lit in literals}
     assert values == set(weight[weight != 0].ravel().tolist())
@@ -302,7 +312,7 @@ def test_bad_cuda_raises_compile_error_with_the_log():
 def test_build_kernel_saves_the_failing_source(monkeypatch, tmp_path):
     plan, _ = _plan(Problem("g", "gemm", 4, 4, height=1, width=8))
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    monkeypatch.setattr(B, "emit", lambda plan, emitter, arch: "not ptx at all\n")
+    monkeypatch.setattr(B, "render_source", lambda ir, emitter, arch: "not ptx at all\n")
     with pytest.raises(CompileError) as caught:
         build_kernel(plan, "ptx", "sm_90", cache=None)
     path = caught.value.source_path

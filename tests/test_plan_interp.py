@@ -20,9 +20,15 @@ from sparsert_cli import interp
 from sparsert_cli.build import make_plan
 from sparsert_cli.errors import UserError
 from sparsert_cli.patterns import pruned_weights, to_csr, uniform_weights
-from sparsert_cli.plan import (MAX_STATIC_SHARED, Epilogue, Geometry, Load, PlanParams, RowGroup,
-                               build_plan, fit_params, fit_vector_width)
+from sparsert_cli.families.immediate import lower
+from sparsert_cli.families.immediate.plan import (Load, PlanParams, RowGroup, build_plan, fit_params,
+                                                  fit_vector_width)
+from sparsert_cli.problem_shape import MAX_STATIC_SHARED, Epilogue, Geometry
 from sparsert_cli.problems import Problem
+from sparsert_cli.render import parse_cuda
+from sparsert_cli.render.cuda import print_cuda
+from sparsert_cli.render.parse_ptx import check_printed
+from sparsert_cli.render.ptx import print_ptx
 
 
 def _build_or_none(weight, geometry, params, epilogue):
@@ -37,8 +43,11 @@ def _build_or_none(weight, geometry, params, epilogue):
 
 def _check_plan(gen, plan, weight, rng):
     x, res = gen.random_inputs(plan.geometry, plan.epilogue.residual, rng)
-    out = interp.execute(plan, x, res)        # raises unless every output is written once
+    ir = lower(plan)
+    out = interp.execute(ir, x, res)          # raises unless every output is written once
     assert out.shape == (plan.geometry.output_elems,)
+    check_printed(ir, print_ptx(ir))          # and the PTX and CUDA say what was executed
+    parse_cuda.check_printed(ir, print_cuda(ir))
     ref, mag = gen.reference_for(plan, weight, x, res)
     gen.assert_matches_float64(out, ref, mag)
 

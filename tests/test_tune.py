@@ -8,7 +8,7 @@ import pytest
 
 from sparsert_cli.build import default_params, geometry_for
 from sparsert_cli.errors import UserError
-from sparsert_cli.plan import PlanParams, fit_params
+from sparsert_cli.families.immediate import PlanParams, fit_params
 from sparsert_cli.problems import Problem, builtin_problems
 from sparsert_cli.tune import TunedDB, candidates, shape_key
 

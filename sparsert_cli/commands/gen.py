@@ -168,7 +168,7 @@ def command(pattern_path, sparsity, op, n, height, width, batch, stride, padding
     from ..cache import KernelCache
     from ..config import check_sparsity
     from ..patterns import count_nonzeros, load_pattern
-    from ..plan import Epilogue, precision_label
+    from ..problem_shape import Epilogue, precision_label
 
     path = Path(pattern_path)
     try:

@@ -93,7 +93,7 @@ def tune_config(config, *, gpus: str | None = None, ray: str | None = None, arch
     winners written to the tuned-plan JSON. Returns {"summary": rows, "run": stats}.
     `gpu_ids` (device numbers, unchecked) and `measure` are for tests and scripts."""
     from ..jobs import current_family, make_cases, winners
-    from ..plan import PRECISIONS
+    from ..problem_shape import PRECISIONS
     from ..tune import TUNED_PATH, TunedDB
     from ..tunedb import TuneDB, default_db_path
 

@@ -45,7 +45,7 @@ $L_spin:
 def ptx_header(arch: str) -> str:
     """`.version/.target/.address_size` lines for hand-written PTX. ISA 8.0 covers sm_90(a) and
     older; newer chips need a newer ISA, which nvJitLink 13.x accepts (we never JIT PTX)."""
-    from ..emit_ptx import ptx_version
+    from ..render.ptx import ptx_version
 
     version = ptx_version(arch)
     return f".version {version}\n.target {arch}\n.address_size 64\n\n"

@@ -18,7 +18,8 @@ from sparsert_cli.build import build_kernel, make_plan  # noqa: E402
 from sparsert_cli.config import load_config  # noqa: E402
 from sparsert_cli.gpu.runtime import Gpu  # noqa: E402
 from sparsert_cli.patterns import pruned_weights, uniform_weights  # noqa: E402
-from sparsert_cli.plan import Epilogue, PlanParams  # noqa: E402
+from sparsert_cli.families.immediate import PlanParams  # noqa: E402
+from sparsert_cli.problem_shape import Epilogue  # noqa: E402
 from sparsert_cli.problems import Problem  # noqa: E402
 
 pytestmark = pytest.mark.gpu
@@ -128,13 +129,14 @@ def test_fp16_patterns(gpu, precision, name, params):
     run_case(gpu, GEMM_EVEN, ODD[name], params, precision=precision)
 
 
+@pytest.mark.parametrize("emitter", ["ptx", "cuda"])
 @pytest.mark.parametrize("precision", HALF)
 @pytest.mark.parametrize("problem", CONVS, ids=lambda p: p.id)
 @pytest.mark.parametrize("k_split", [1, 2])
-def test_fp16_convolutions(gpu, precision, problem, k_split):
+def test_fp16_convolutions(gpu, precision, problem, k_split, emitter):
     weight = pruned_weights(problem.weight_shape, 0.8, 11)
     run_case(gpu, problem, weight, PlanParams(rows_per_group=4, k_split=k_split, vector_width=8),
-             precision=precision)
+             emitter=emitter, precision=precision)
 
 
 @pytest.mark.parametrize("precision", HALF)
@@ -142,11 +144,12 @@ def test_fp16_convolutions(gpu, precision, problem, k_split):
 @pytest.mark.parametrize("problem", [
     Problem("epi3", "conv3x3", 14, 6, height=9, width=10, stride=1, padding=1, batch=2),
     Problem("epi1", "conv1x1", 14, 24, height=8, width=8)], ids=lambda p: p.id)
-def test_fp16_fused_epilogue(gpu, precision, activation, problem):
+@pytest.mark.parametrize("emitter", ["ptx", "cuda"])
+def test_fp16_fused_epilogue(gpu, precision, activation, problem, emitter):
     weight = pruned_weights(problem.weight_shape, 0.7, 2)
     bias = tuple(float(v) for v in np.linspace(-2, 2, 14, dtype=np.float32))
     run_case(gpu, problem, weight, PlanParams(rows_per_group=4, k_split=2, vector_width=8),
-             Epilogue(bias, activation, residual=True), precision=precision)
+             Epilogue(bias, activation, residual=True), emitter, precision=precision)
 
 
 @pytest.mark.parametrize("precision", HALF)

@@ -1,0 +1,45 @@
+"""Kernel families: each is a folder holding its parameters, its planner and its lowering to the
+kernel IR (ir.py), and nothing else; the printers (render/) and the CPU interpreter (interp.py)
+are shared. A new strategy (streamed weights, tensor cores) is a new folder registered here.
+"""
+
+from __future__ import annotations
+
+from ..errors import UserError
+from ..ir import KernelIR
+from .base import Family
+from .immediate import FAMILY as IMMEDIATE
+
+_REGISTRY: dict[str, Family] = {IMMEDIATE.name: IMMEDIATE}
+
+
+def families() -> tuple[Family, ...]:
+    """Every registered family, in registration order."""
+    return tuple(_REGISTRY.values())
+
+
+def get_family(name: str = "auto") -> Family:
+    """The family called `name`; "auto" is the only family while there is one."""
+    if name == "auto":
+        return IMMEDIATE
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise UserError(f"unknown kernel family {name!r} (known: auto, "
+                        f"{', '.join(_REGISTRY)})") from None
+
+
+def family_of(plan) -> Family:
+    """The family whose planner made `plan`."""
+    for family in _REGISTRY.values():
+        if isinstance(plan, family.plan_type):
+            return family
+    raise TypeError(f"{type(plan).__name__} is no registered family's plan")
+
+
+def lower(plan, **options) -> KernelIR:
+    """`plan` lowered to the kernel IR by its own family."""
+    return family_of(plan).lower(plan, **options)
+
+
+__all__ = ["Family", "families", "family_of", "get_family", "lower"]

@@ -1,0 +1,161 @@
+"""The kernel IR: one generated kernel, stated once, as plain numbers.
+
+A family's lowering (families/<name>/lower.py) produces it; the printers (render/ptx.py,
+render/cuda.py) print it by rule tables and the CPU interpreter (interp.py) executes it, so the
+thread->column mapping, padding-tap bases, load order and offsets, FMAs, k-split partial layout,
+epilogue order and stores are decided in exactly one place. `render.ptx.check_printed` parses the
+printed PTX back into this IR and requires equality, so what the CPU check runs is what the GPU runs.
+
+Units: load and store offsets are in elements of the storage type; shared-memory offsets in bytes.
+
+Kernel: the entry evaluates `columns` (IndexOps over the thread ids tx, bx), offsets the pointers
+by `pointers`, computes the body slot `idx` with `slot` (from by, ty) and, per phase, runs body
+`phases[phase][idx]`; phases meet at a block barrier. Each body sees the thread's registers
+x, y, res (offset pointers), z (the zero buffer), ih, iw (window corner), act (stores enabled) and
+sp (its shared-memory partials base).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple, Union
+
+from .problem_shape import ELEMENT_BYTES, Geometry, precision_label
+
+
+class IndexOp(NamedTuple):
+    """dst = a*b + c (mad), a*b (mul), a+b, a-b, a/b, a%b, min(a, b), or a < b (lt, 0/1), in
+    32-bit integers; operands are variable names or integers."""
+
+    op: str
+    dst: str
+    a: str | int
+    b: str | int
+    c: str | int | None = None
+    signed: bool = False
+
+
+class TapBase(NamedTuple):
+    """Kernel tap (r, s) of a padded convolution: its loads read x while (ih + r, iw + s) lies
+    inside the image, else the zero buffer z shifted by `zero_shift` elements (same offsets)."""
+
+    r: int
+    s: int
+    zero_shift: int
+
+
+class Load(NamedTuple):
+    """One vector load of `width` columns from base `tap` (index into the body's bases; -1: x)."""
+
+    tap: int
+    offset: int
+
+
+class Fma(NamedTuple):
+    """acc[slot] = source * weight (+ acc[slot] unless init); source indexes the batch's loads."""
+
+    slot: int
+    weight: float
+    source: int
+    init: bool
+
+
+class Batch(NamedTuple):
+    """Loads issued together into registers, then the FMAs that use them, in order."""
+
+    loads: tuple[Load, ...]
+    fmas: tuple[Fma, ...]
+
+
+class Step(NamedTuple):
+    """An epilogue step on a row's sums: bias (value), residual (element offset), max, min."""
+
+    op: str
+    value: float | int
+
+
+class Finish(NamedTuple):
+    """Epilogue steps in order, then the store of accumulator `slot` at `offset` elements."""
+
+    slot: int
+    offset: int
+    steps: tuple[Step, ...]
+
+
+class Partial(NamedTuple):
+    """Store accumulator `slot` to shared memory at sp + `offset` bytes."""
+
+    slot: int
+    offset: int
+
+
+class Compute(NamedTuple):
+    """A straight-line body: tap bases, batches, zeroing of untouched slots, then per slot a
+    Finish (no k-split) or a Partial."""
+
+    slots: int
+    bases: tuple[TapBase, ...]
+    batches: tuple[Batch, ...]
+    zero: tuple[int, ...]
+    outputs: tuple[Finish | Partial, ...]
+
+
+class ReduceRow(NamedTuple):
+    """Sum the partials at sp + each offset (bytes, in order) into accumulator 0, then finish."""
+
+    offsets: tuple[int, ...]
+    finish: Finish
+
+
+class Reduce(NamedTuple):
+    rows: tuple[ReduceRow, ...]
+
+
+Body = Union[Compute, Reduce]
+
+
+@dataclass(frozen=True)
+class KernelIR:
+    entry: str
+    comment: str                      # for the printed header
+    geometry: Geometry
+    dtype: str                        # storage of x, y, res, z
+    accumulate: str                   # registers the sums live in
+    vector_width: int
+    col_threads: int
+    k_split: int
+    load_batch: int                   # loads in flight per batch (sizes the load registers)
+    max_registers: int
+    grid: tuple[int, int, int]
+    arguments: tuple[str, ...]        # kernel pointer arguments in order
+    columns: tuple[IndexOp, ...]      # tx, bx -> act, ih, iw, inoff, outoff
+    pointers: tuple[tuple[str, str], ...]   # (pointer, element-offset variable)
+    slot: IndexOp                     # by, ty -> idx
+    shared_bytes: int
+    partial_stride: int               # bytes between threads' partials (sp = base + tx * stride)
+    phases: tuple[tuple[Body, ...], ...]
+    inline: bool                      # bodies inline in the entry, else one function each
+
+    @property
+    def precision(self) -> str:
+        return precision_label(self.dtype, self.accumulate)
+
+    @property
+    def element_bytes(self) -> int:
+        return ELEMENT_BYTES[self.dtype]
+
+    @property
+    def acc_bytes(self) -> int:
+        return ELEMENT_BYTES[self.accumulate]
+
+    @property
+    def block(self) -> tuple[int, int, int]:
+        return (self.col_threads, self.k_split, 1)
+
+    @property
+    def body_args(self) -> tuple[tuple[str, str], ...]:
+        """(type, name) of what each body receives, in order."""
+        args = [("u64", "x"), ("u64", "y")] + ([("u64", "res")] if "res" in self.arguments else [])
+        if self.geometry.masked:
+            args += [("u64", "z"), ("u32", "ih"), ("u32", "iw")]
+        return tuple(args + [("u32", "act")] + ([("u32", "sp")] if self.k_split > 1 else []))

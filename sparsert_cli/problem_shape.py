@@ -1,0 +1,114 @@
+"""Shapes and precisions every kernel family shares: the NCHW geometry, the fused epilogue and the
+(storage, accumulate) pairs a kernel can be built for. Numbers only; no family decides anything here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+from .errors import UserError
+
+MAX_THREADS = 1024
+MAX_STATIC_SHARED = 48 * 1024
+ACTIVATIONS = ("none", "relu", "relu6")
+# (storage, accumulate) pairs a kernel can be built for, by their precision label.
+PRECISIONS = {"fp32": ("fp32", "fp32"), "fp16": ("fp16", "fp16"), "fp16acc32": ("fp16", "fp32")}
+ELEMENT_BYTES = {"fp32": 4, "fp16": 2}
+
+
+def precision_label(dtype: str, accumulate: str) -> str:
+    """fp32 (fp32 storage and sums), fp16 (fp16 storage, half2 sums) or fp16acc32."""
+    for label, pair in PRECISIONS.items():
+        if pair == (dtype, accumulate):
+            return label
+    raise UserError(f"no kernel stores {dtype} and accumulates in {accumulate} "
+                    f"(supported: fp32/fp32, fp16/fp16, fp16/fp32)")
+
+
+def max_vector_width(dtype: str) -> int:
+    """Columns per thread that one 16-byte load covers."""
+    return 16 // ELEMENT_BYTES[dtype]
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """NCHW convolution shape; a GEMM is kernel 1, height 1, width N."""
+
+    batch: int
+    in_channels: int
+    height: int
+    width: int
+    out_channels: int
+    kernel: int = 1
+    stride: int = 1
+    padding: int = 0
+
+    @property
+    def out_height(self) -> int:
+        return (self.height + 2 * self.padding - self.kernel) // self.stride + 1
+
+    @property
+    def out_width(self) -> int:
+        return (self.width + 2 * self.padding - self.kernel) // self.stride + 1
+
+    @property
+    def out_pixels(self) -> int:
+        return self.out_height * self.out_width
+
+    @property
+    def columns(self) -> int:
+        return self.batch * self.out_pixels
+
+    @property
+    def taps(self) -> int:
+        return self.in_channels * self.kernel * self.kernel
+
+    @property
+    def image_elems(self) -> int:
+        return self.in_channels * self.height * self.width
+
+    @property
+    def linear(self) -> bool:
+        """Columns map to consecutive input addresses (1x1, stride 1, no padding)."""
+        return self.kernel == 1 and self.stride == 1 and self.padding == 0
+
+    @property
+    def masked(self) -> bool:
+        return self.padding > 0
+
+    def tap_rs(self, tap: int) -> tuple[int, int, int]:
+        k = self.kernel
+        return tap // (k * k), (tap // k) % k, tap % k
+
+    def tap_offset(self, tap: int) -> int:
+        """Element offset of tap (c, r, s) from the column's input base."""
+        c, r, s = self.tap_rs(tap)
+        return c * self.height * self.width + r * self.width + s
+
+    @property
+    def input_elems(self) -> int:
+        return self.batch * self.image_elems
+
+    @property
+    def output_elems(self) -> int:
+        return self.batch * self.out_channels * self.out_pixels
+
+    def validate(self) -> Geometry:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value < (0 if f.name == "padding" else 1):
+                raise UserError(f"impossible shape: {f.name} = {value}")
+        if self.out_height <= 0 or self.out_width <= 0:
+            raise UserError(f"impossible shape: output {self.out_height}x{self.out_width}")
+        if max(self.input_elems, self.output_elems) >= 2**31:
+            raise UserError("shape too large: tensors must hold fewer than 2^31 elements")
+        return self
+
+
+@dataclass(frozen=True)
+class Epilogue:
+    """Fused after the sum: y = act(acc + bias[m] + residual)."""
+
+    bias: tuple[float, ...] | None = None
+    activation: str = "none"
+    residual: bool = False

@@ -1,0 +1,371 @@
+"""Kernel IR -> PTX text, by rule tables. Prints the IR; decides nothing about what is computed.
+
+`RULES` maps each IR operation to a template (a format string, or a function of the same fields
+for the few guarded cases); `Fmt` is the precision overlay: the register and instruction types
+of fp32, fp16-with-half2-sums and fp16-with-fp32-sums kernels. Weights are hex-float immediates
+(fp16: a paired immediate in a register ptxas folds into HFMA2), tap offsets immediate address
+offsets. Bodies are scoped blocks inside the entry, or (large kernels) one `.func` each, behind a
+`brx.idx` jump table on (blockIdx.y, threadIdx.y).
+"""
+
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+
+from .. import __version__
+from ..compile import arch_number
+from ..ir import Batch, Compute, Finish, IndexOp, KernelIR, Reduce
+
+VERSION = "ptx-2"
+PARTIALS = "sparsert_partials"
+_VEC = {1: "", 2: ".v2", 4: ".v4"}
+
+RULES = {
+    # entry index arithmetic (IndexOp.op); {t} is u32 or s32
+    "mad": "mad.lo.{t} {dst}, {a}, {b}, {c};",
+    "mul": "mul.lo.{t} {dst}, {a}, {b};",
+    "add": "add.{t} {dst}, {a}, {b};",
+    "sub": "sub.{t} {dst}, {a}, {b};",
+    "div": "div.{t} {dst}, {a}, {b};",
+    "rem": "rem.{t} {dst}, {a}, {b};",
+    "min": "min.{t} {dst}, {a}, {b};",
+    "lt": "setp.lt.{t} %pa, {a}, {b};\nselp.u32 {dst}, 1, 0, %pa;",
+    "pointer": "mul.wide.s32 %w, %{var}, {elem};\nadd.s64 %{ptr}, %{ptr}, %w;",
+    "barrier": "bar.sync 0;",
+    # bodies: a padding tap's base is x inside the image, else the zero buffer shifted
+    "tap_base": ("and.pred %pm, %pr{r}, %pc{s};\nadd.s64 %zb, %z, {shift};\n"
+                 "selp.b64 {base}, %x, %zb, %pm;"),
+    "load": "ld.global.nc{ty} {dst}, [{base}+{offset}];",
+    "mul_first": "mul.rn.{op} {acc}, {src}, {w};",
+    "fma": "fma.rn.{op} {acc}, {src}, {w}, {acc};",
+    "zero": "mov.b{bits} {acc}, 0;",
+    "const_f16": "mov.b16 %wh, 0x{bits:04X};",          # PTX has no f16 immediates
+    "const_f16x2": "mov.b32 %w, 0x{bits:04X}{bits:04X};",
+    "step_bias": "add.{op} {acc}, {acc}, {c};",
+    "residual_load": "ld.global.nc{ty} {dst}, [%res+{offset}];",
+    "step_residual": "add.{op} {acc}, {acc}, {src};",
+    "step_max": "max.{op} {acc}, {acc}, {c};",
+    "step_min": "min.{op} {acc}, {acc}, {c};",
+    "store": "@%pact st.global{ty} [%y+{offset}], {src};",
+    "st_shared": "st.shared{vec}.{ty} [%sp+{offset}], {src};",
+    "ld_shared": "ld.shared{vec}.{ty} {dst}, [%sp+{offset}];",
+    "add_partial": "add.{op} {acc}, {acc}, {src};",
+}
+
+
+def render(rule: str, **fields) -> str:
+    template = RULES[rule]
+    return template(**fields) if callable(template) else template.format(**fields)
+
+
+def f32(value: float) -> str:
+    """A float32 as a PTX hex immediate (exact)."""
+    return "0f%08X" % struct.unpack("<I", struct.pack("<f", value))[0]
+
+
+def f16_bits(value: float) -> int:
+    """The fp16 bit pattern of `value` (round to nearest even)."""
+    return int(np.array([value], dtype=np.float16).view(np.uint16)[0])
+
+
+def ptx_version(arch: str) -> str:
+    """The oldest PTX ISA that knows `arch` (sm_88 and sm_110 arrived with ISA 9.0)."""
+    number = arch_number(arch)
+    if number in (88, 110) or number > 121:
+        return "9.0"
+    return "8.0" if number < 100 else "8.8"
+
+
+class Fmt:
+    """How one kernel's numbers are stored, loaded and summed.
+
+    raw:   the registers one vector load fills (fp32: one .f32 per column; fp16: one .b32 per
+           column pair, or one .b16 for a single column);
+    units: the registers one row's partial sum occupies (fp32 sums: one .f32 per column; fp16
+           sums: the raw registers, summed with .f16x2 / .f16 arithmetic).
+    """
+
+    def __init__(self, ir: KernelIR):
+        self.width = w = ir.vector_width
+        self.elem = ir.element_bytes
+        self.half_storage = ir.dtype == "fp16"
+        self.half_acc = ir.accumulate == "fp16"
+        self.widen = self.half_storage and not self.half_acc
+        if self.half_storage:
+            self.raw_count, self.raw_type = (1, "b16") if w == 1 else (w // 2, "b32")
+        else:
+            self.raw_count, self.raw_type = w, "f32"
+        if self.half_acc:
+            self.units, self.unit_type = self.raw_count, self.raw_type
+            self.op = "f16" if w == 1 else "f16x2"
+        else:
+            self.units, self.unit_type, self.op = w, "f32", "f32"
+        self.ld_type = f"{_VEC[self.raw_count]}.{self.raw_type}"
+
+    def const(self, fn: list[str], value: float) -> str:
+        """`value` as an operand of the sum's arithmetic (fp16: a register ptxas folds into the
+        instruction as a paired immediate; PTX has no f16 immediates)."""
+        if not self.half_acc:
+            return f32(value)
+        if self.width == 1:
+            _emit(fn, "const_f16", bits=f16_bits(value))
+            return "%wh"
+        _emit(fn, "const_f16x2", bits=f16_bits(value))
+        return "%w"
+
+
+def _vec(regs: list[str]) -> str:
+    return regs[0] if len(regs) == 1 else "{" + ", ".join(regs) + "}"
+
+
+def _emit(fn: list[str], rule: str, **fields) -> None:
+    text = render(rule, **fields)
+    if text:
+        fn.extend("\t" + line for line in text.split("\n"))
+
+
+def _operand(value) -> str:
+    return f"%{value}" if isinstance(value, str) else str(value)
+
+
+def _index(fn: list[str], op: IndexOp) -> None:
+    _emit(fn, op.op, t="s32" if op.signed else "u32", dst=f"%{op.dst}", a=_operand(op.a),
+          b=_operand(op.b), c=_operand(op.c))
+
+
+def _func_header(name: str, ir: KernelIR) -> list[str]:
+    decl = ", ".join(f".param .{t} p_{n}" for t, n in ir.body_args)
+    lines = [f".func {name}({decl})", "{"]
+    for t, n in ir.body_args:
+        lines.append(f"\t.reg .{t} %{n};")
+        lines.append(f"\tld.param.{t} %{n}, [p_{n}];")
+    return lines
+
+
+def _tap_bases(fn: list[str], ir: KernelIR, body: Compute) -> None:
+    """Padding taps read the all-zero buffer at the same offset: no per-load branch or select and
+    no out-of-bounds read. (ih + r) < H as unsigned also rejects ih + r < 0. Predicated loads
+    were avoided on purpose: ptxas 13.5 hit an internal error on them for sm_90."""
+    if not body.bases:
+        return
+    geo = ir.geometry
+    fn.append("\t.reg .u32 %t;")
+    fn.append(f"\t.reg .pred %pr<{geo.kernel}>, %pc<{geo.kernel}>, %pm;")
+    fn.append(f"\t.reg .u64 %zb, %xb<{geo.kernel ** 2}>;")
+    for r in sorted({b.r for b in body.bases}):
+        fn.append(f"\tadd.u32 %t, %ih, {r};")
+        fn.append(f"\tsetp.lt.u32 %pr{r}, %t, {geo.height};")
+    for s in sorted({b.s for b in body.bases}):
+        fn.append(f"\tadd.u32 %t, %iw, {s};")
+        fn.append(f"\tsetp.lt.u32 %pc{s}, %t, {geo.width};")
+    for b in body.bases:
+        _emit(fn, "tap_base", r=b.r, s=b.s, shift=b.zero_shift * ir.element_bytes,
+              base=_base_reg(ir, body, body.bases.index(b)))
+
+
+def _base_reg(ir: KernelIR, body: Compute, tap: int) -> str:
+    if tap < 0:
+        return "%x"
+    b = body.bases[tap]
+    return f"%xb{b.r * ir.geometry.kernel + b.s}"
+
+
+def _widen(fn: list[str], fmt: Fmt, raw: list[str], prefix: str, first: int = 0) -> list[str]:
+    """fp16 raw registers -> fp32 registers prefix<first>.., one per column."""
+    out = [f"{prefix}{first + lane}" for lane in range(fmt.width)]
+    if fmt.width == 1:
+        fn.append(f"\tcvt.f32.f16 {out[0]}, {raw[0]};")
+        return out
+    for u, reg in enumerate(raw):
+        fn.append(f"\tmov.b32 {{%h0, %h1}}, {reg};")
+        fn.append(f"\tcvt.f32.f16 {out[2 * u]}, %h0;")
+        fn.append(f"\tcvt.f32.f16 {out[2 * u + 1]}, %h1;")
+    return out
+
+
+def _declare(fn: list[str], fmt: Fmt, sums: int, raws: int) -> None:
+    """Registers of a body: %a sums, %b raw loads, %r/%q residual, %h/%p/%w scratch, %c widened."""
+    fn.append(f"\t.reg .{fmt.unit_type} %a<{sums}>;")
+    fn.append(f"\t.reg .{fmt.raw_type} %b<{raws}>, %r<{fmt.raw_count}>;")
+    fn.append(f"\t.reg .f32 %q<{fmt.width}>, %c<{raws // fmt.raw_count * fmt.width}>;")
+    fn.append("\t.reg .b16 %h<2>, %wh;")
+    fn.append(f"\t.reg .b32 %p<{fmt.raw_count}>, %w;")
+    fn.append("\t.reg .pred %pact;")
+    fn.append("\tsetp.ne.u32 %pact, %act, 0;")
+
+
+def _finish(fn: list[str], fmt: Fmt, finish: Finish) -> None:
+    """Epilogue steps in the IR's order, then the store of one row."""
+    regs = [f"%a{finish.slot * fmt.units + u}" for u in range(fmt.units)]
+    offset = finish.offset * fmt.elem
+    for step in finish.steps:
+        if step.op == "residual":
+            raw = [f"%r{u}" for u in range(fmt.raw_count)]
+            _emit(fn, "residual_load", ty=fmt.ld_type, dst=_vec(raw),
+                  offset=step.value * fmt.elem)
+            addends = _widen(fn, fmt, raw, "%q") if fmt.widen else raw
+            for reg, src in zip(regs, addends):
+                _emit(fn, "step_residual", op=fmt.op, acc=reg, src=src)
+        else:
+            c = fmt.const(fn, step.value)
+            for reg in regs:
+                _emit(fn, f"step_{step.op}", op=fmt.op, acc=reg, c=c)
+    if fmt.widen:     # pack fp32 sums to fp16
+        if fmt.width == 1:
+            fn.append(f"\tcvt.rn.f16.f32 %h0, {regs[0]};")
+            regs = ["%h0"]
+        else:
+            packed = [f"%p{u}" for u in range(fmt.raw_count)]
+            for u, p in enumerate(packed):   # the first column goes to the low half
+                fn.append(f"\tcvt.rn.f16x2.f32 {p}, {regs[2 * u + 1]}, {regs[2 * u]};")
+            regs = packed
+    _emit(fn, "store", ty=fmt.ld_type, offset=offset, src=_vec(regs))
+
+
+def _shared_chunks(fmt: Fmt, regs: list[str]):
+    """A row's partial-sum units as (byte offset, vector suffix, type, registers) shared accesses
+    of at most 16 bytes."""
+    unit_bytes = 2 if fmt.unit_type == "b16" else 4
+    for start in range(0, len(regs), 4):
+        chunk = regs[start:start + 4]
+        yield start * unit_bytes, _VEC[len(chunk)], fmt.unit_type, chunk
+
+
+def _rule(rule: str):
+    """The rule as a function of its fields (hot loops bind it once)."""
+    template = RULES[rule]
+    return template if callable(template) else template.format
+
+
+def _batch(fn: list[str], ir: KernelIR, fmt: Fmt, body: Compute, batch: Batch) -> None:
+    raw = fmt.raw_count
+    sources = []
+    for i, load in enumerate(batch.loads):
+        regs = [f"%b{i * raw + u}" for u in range(raw)]
+        _emit(fn, "load", ty=fmt.ld_type, dst=_vec(regs), base=_base_reg(ir, body, load.tap),
+              offset=load.offset * fmt.elem)
+        sources.append(regs)
+    if fmt.widen:
+        sources = [_widen(fn, fmt, regs, "%c", i * fmt.width) for i, regs in enumerate(sources)]
+    units, op, const, put = fmt.units, fmt.op, fmt.const, fn.append
+    first, fma_rule = _rule("mul_first"), _rule("fma")
+    for fma in batch.fmas:
+        w = const(fn, fma.weight)
+        srcs, rule, base = sources[fma.source], first if fma.init else fma_rule, fma.slot * units
+        for u in range(units):
+            text = rule(op=op, acc=f"%a{base + u}", src=srcs[u], w=w)
+            if text:
+                put("\t" + text)
+
+
+def _compute(ir: KernelIR, body: Compute) -> list[str]:
+    fmt = Fmt(ir)
+    fn: list[str] = []
+    _declare(fn, fmt, body.slots * fmt.units, ir.load_batch * fmt.raw_count)
+    _tap_bases(fn, ir, body)
+    for batch in body.batches:
+        _batch(fn, ir, fmt, body, batch)
+    for slot in body.zero:
+        for u in range(fmt.units):
+            _emit(fn, "zero", bits=16 if fmt.unit_type == "b16" else 32,
+                  acc=f"%a{slot * fmt.units + u}")
+    for out in body.outputs:
+        if isinstance(out, Finish):
+            _finish(fn, fmt, out)
+            continue
+        regs = [f"%a{out.slot * fmt.units + u}" for u in range(fmt.units)]
+        for extra, vec, ty, chunk in _shared_chunks(fmt, regs):
+            _emit(fn, "st_shared", vec=vec, ty=ty, offset=out.offset + extra, src=_vec(chunk))
+    return fn
+
+
+def _reduce(ir: KernelIR, body: Reduce) -> list[str]:
+    fmt = Fmt(ir)
+    units = fmt.units
+    fn: list[str] = []
+    _declare(fn, fmt, 2 * units, 1)
+    acc = [f"%a{u}" for u in range(units)]
+    part = [f"%a{units + u}" for u in range(units)]
+    for row in body.rows:
+        for index, offset in enumerate(row.offsets):
+            target = acc if index == 0 else part
+            for extra, vec, ty, chunk in _shared_chunks(fmt, target):
+                _emit(fn, "ld_shared", vec=vec, ty=ty, dst=_vec(chunk), offset=offset + extra)
+            if index:
+                for a, b in zip(acc, part):
+                    _emit(fn, "add_partial", op=fmt.op, acc=a, src=b)
+        _finish(fn, fmt, row.finish)
+    return fn
+
+
+def _entry(ir: KernelIR, phases: list[list[list[str]]]) -> list[str]:
+    """The kernel entry: column bases once per thread, then per phase a jump through a table of
+    bodies (scoped blocks inline, or calls to g{i}p{phase})."""
+    params = [f".param .u64 arg_{name}" for name in ir.arguments]
+    call_args = ", ".join(f"%{n}" for _, n in ir.body_args)
+    lines = [f".visible .entry {ir.entry}({', '.join(params)})",
+             f".maxntid {ir.col_threads}, {ir.k_split}, 1"]
+    if ir.max_registers:
+        lines.append(f".maxnreg {ir.max_registers}")
+    lines.append("{")
+    e = lines.append
+    e("\t.reg .u32 %tx, %ty, %bx, %by, %j, %img, %pix, %oh, %ow, %act, %idx, %sp;")
+    e("\t.reg .s32 %ih, %iw, %inoff, %outoff;")
+    e("\t.reg .u64 %x, %y, %res, %z, %w;")
+    e("\t.reg .pred %pa;")
+    for arg in ir.arguments:
+        e(f"\tld.param.u64 %{arg}, [arg_{arg}];")
+        e(f"\tcvta.to.global.u64 %{arg}, %{arg};")
+    e("\tmov.u32 %tx, %tid.x;")
+    e("\tmov.u32 %ty, %tid.y;")
+    e("\tmov.u32 %bx, %ctaid.x;")
+    e("\tmov.u32 %by, %ctaid.y;")
+    for op in ir.columns:
+        _index(lines, op)
+    for ptr, var in ir.pointers:
+        _emit(lines, "pointer", var=var, elem=ir.element_bytes, ptr=ptr)
+    _index(lines, ir.slot)
+    if ir.k_split > 1:
+        e(f"\tmov.u32 %sp, {PARTIALS};")
+        e(f"\tmad.lo.u32 %sp, %tx, {ir.partial_stride}, %sp;")
+    for phase, bodies in enumerate(phases):
+        if not bodies:
+            continue
+        if phase:
+            _emit(lines, "barrier")
+        targets = [f"L{phase}_{i}" for i in range(len(bodies))]
+        e(f"\tT{phase}: .branchtargets {', '.join(targets)};")
+        e(f"\tbrx.idx.uni %idx, T{phase};")
+        for i, (target, body) in enumerate(zip(targets, bodies)):
+            e(f"{target}:")
+            if ir.inline:
+                lines += ["\t{"] + ["\t" + line for line in body] + ["\t}"]
+            else:
+                e(f"\tcall.uni {func_name(i, phase)}, ({call_args});")
+            e(f"\tbra.uni DONE{phase};")
+        e(f"DONE{phase}:")
+    e("\tret;")
+    e("}")
+    return lines
+
+
+def func_name(slot: int, phase: int) -> str:
+    return f"g{slot}p{phase}"
+
+
+def print_ptx(ir: KernelIR, arch: str = "sm_90") -> str:
+    """PTX for `ir`, targeting `arch`."""
+    header = [f"// Generated by sparsert {__version__} ({VERSION}): {ir.comment}",
+              f".version {ptx_version(arch)}", f".target {arch}", ".address_size 64", ""]
+    body: list[str] = []
+    if ir.k_split > 1:
+        body.append(f".shared .align 16 .b8 {PARTIALS}[{ir.shared_bytes}];")
+    phases = [[_compute(ir, b) if isinstance(b, Compute) else _reduce(ir, b) for b in bodies]
+              for bodies in ir.phases]
+    if not ir.inline:
+        for phase, bodies in enumerate(phases):
+            for slot, lines in enumerate(bodies):
+                body += _func_header(func_name(slot, phase), ir) + lines + ["\tret;", "}"]
+    return "\n".join(header + body + _entry(ir, phases)) + "\n"
