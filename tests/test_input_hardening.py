@@ -300,7 +300,7 @@ def test_malformed_tuned_database_is_one_line_naming_the_file(tmp_path, capsys, 
 
 
 def test_tuned_entries_of_an_older_version_are_kept_for_retuning(tmp_path):
-    from sparsert_cli.plan import Geometry
+    from sparsert_cli.problem_shape import Geometry
     from sparsert_cli.tune import TunedDB
 
     path = tmp_path / "tuned.json"
