@@ -59,3 +59,23 @@ class FakeMeasure:
 
     def close(self) -> None:
         pass
+
+
+def fake_compile(case, job, emitter, arch, cache_root, threads=1, verify_seed=None):
+    """compile_job without a compiler: a launch that names the plan and a one-byte 'cubin'."""
+    from types import SimpleNamespace
+
+    from sparsert_cli.jobs import Compiled
+
+    return Compiled(job, SimpleNamespace(params=job.params), SimpleNamespace(cubin=b"\0"))
+
+
+def fake_inputs(case, seconds=0.05, pad_bytes=4 << 20):
+    """case_inputs at a fixed cost (`seconds`, sleeping like BLAS without the GIL) and with
+    `pad_bytes` of residual, like a big layer's float64 reference travelling to a worker."""
+    import numpy as np
+
+    time.sleep(seconds)
+    p = case.problem
+    return (np.zeros(p.input_shape, np.float32), np.zeros(pad_bytes // 8),
+            np.zeros(p.output_shape), np.ones(p.output_shape))

@@ -85,17 +85,19 @@ class LocalExecutor:
     `jobs`: compile processes (default: all cores).
     `measure` is pickled into every worker (tests pass a fake one); `verify_seed` makes every
     compile job also verify its plan on the CPU; `staged` compiles everything before measuring
-    (to time the two phases apart); `job_timeout` bounds one measure job."""
+    (to time the two phases apart); `job_timeout` bounds one measure job; `compile_fn` and
+    `inputs_fn` stand in for compile_job and case_inputs (tests: no compiler, no reference)."""
 
     def __init__(self, gpus: list[int], emitter: str = "ptx", arch: str | None = None,
                  cache_root: str | None = None, jobs: int | None = None, measure=None,
                  verify_seed: int | None = None, staged: bool = False,
-                 job_timeout: float = 600.0):
+                 job_timeout: float = 600.0, compile_fn=compile_job, inputs_fn=case_inputs):
         self.gpus = list(gpus)
         self.emitter, self.arch, self.cache_root = emitter, arch, cache_root
         self.jobs = jobs or os.cpu_count() or 1
         self.measure = measure if measure is not None else GpuMeasure()
         self.verify_seed, self.staged, self.job_timeout = verify_seed, staged, job_timeout
+        self.compile_fn, self.inputs_fn = compile_fn, inputs_fn
         self.context = get_context("spawn")
         self.workers: list[_Worker] = []
         self._left: dict[int, int] = {}
@@ -191,7 +193,7 @@ class LocalExecutor:
         pending = {}
         try:
             for job in order:
-                future = pool.submit(compile_job, cases[job.case], job, self.emitter, self.arch,
+                future = pool.submit(self.compile_fn, cases[job.case], job, self.emitter, self.arch,
                                      self.cache_root, threads, self.verify_seed)
                 future.add_done_callback(wake)
                 pending[future] = job
@@ -246,7 +248,7 @@ class LocalExecutor:
             self._finish(job, compiled, failure(f"compile: {compiled.error}"), None)
             return
         if job.case not in self._inputs:   # one reference per case, off the event loop
-            self._inputs[job.case] = refs.submit(case_inputs, self._cases[job.case])
+            self._inputs[job.case] = refs.submit(self.inputs_fn, self._cases[job.case])
         self._ready.append(compiled)
 
     def _dispatch(self) -> None:
