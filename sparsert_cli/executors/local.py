@@ -1,16 +1,22 @@
 """One host, every GPU: a CPU compile pool feeding one spawned measure worker per GPU.
 
 Each GPU gets its own *spawned* process (a fresh interpreter, CUDA_VISIBLE_DEVICES=<i> in its
-environment before anything can initialise CUDA), talking to this process over a pipe, one job
-at a time. A worker that dies (segfault, exit, kill), hits a sticky CUDA error (its context is
-gone) or runs past the job timeout is replaced by a new process; its job is retried once, then
-recorded as failed with the error — never dropped. Results go to `on_result` (the database) the
-moment they arrive, so a crash of this process loses nothing already measured.
+environment before anything can initialise CUDA), talking to this process over a pipe. Up to
+DEPTH jobs are queued per worker (a reader thread there takes the next while one is measured, so
+the GPU never waits for this process), jobs of one case stay on the worker that holds the case's
+inputs (sent once per worker and case; another worker takes some only when it would idle), and
+every case's inputs are computed ahead, in threads, from the start of the run.
+A worker that dies (segfault, exit, kill), hits a sticky CUDA error (its context is gone) or
+runs past the job timeout is replaced by a new process; the job it was measuring is retried
+once, then recorded as failed with the error, and its queued jobs go back to the queue — never
+dropped. Results go to `on_result` (the database) the moment they arrive, so a crash of this
+process loses nothing already measured.
 """
 
 from __future__ import annotations
 
 import os
+import queue
 import signal
 import threading
 import time
@@ -24,6 +30,8 @@ from ..jobs import (ATTEMPTS, Compiled, GpuMeasure, case_inputs, compile_job, fa
                     measure_job, one_line)
 
 START_TIMEOUT = 180.0     # seconds a new worker may take to import and open its GPU
+DEPTH = 2                 # jobs queued on one worker: one measured, one waiting
+INPUT_THREADS = 4         # cases' inputs computed at once (numpy's heavy part drops the GIL)
 _ENV_LOCK = threading.Lock()
 
 
@@ -36,17 +44,27 @@ def _gpu_worker(conn, measure, device: str) -> None:
         conn.send(("open_failed", one_line(exc)))
         return
     conn.send(("ready", {**info, "device": device}))
+    inbox: queue.SimpleQueue = queue.SimpleQueue()
+
+    def read() -> None:      # the next job arrives while this one is measured
+        while True:
+            try:
+                message = conn.recv()
+            except (EOFError, OSError):       # the parent went away
+                message = ("stop",)
+            inbox.put(message)
+            if message[0] == "stop":
+                return
+    threading.Thread(target=read, name="sparsert-inbox", daemon=True).start()
     inputs = None
     while True:
-        try:
-            message = conn.recv()
-        except EOFError:       # the parent went away
-            break
+        message = inbox.get()
         if message[0] == "stop":
             break
         _, job_id, payload, new_inputs = message
         if new_inputs is not None:
             inputs = new_inputs
+        start = time.perf_counter()
         try:
             result = measure(payload, inputs)
         except Exception as exc:  # noqa: BLE001 - a job's failure is its result
@@ -56,7 +74,7 @@ def _gpu_worker(conn, measure, device: str) -> None:
                 conn.close()
                 os._exit(3)
             result = failure(error)
-        conn.send(("result", job_id, result))
+        conn.send(("result", job_id, result, time.perf_counter() - start))
     try:
         measure.close()
     finally:
@@ -69,10 +87,10 @@ class _Worker:
     device: str
     proc: object = None
     conn: object = None
-    state: str = "starting"      # starting | idle | busy | dead
-    current: Compiled | None = None
+    state: str = "starting"      # starting | idle | busy (jobs queued) | dead
+    queue: deque = field(default_factory=deque)    # sent, unanswered; the first is measured
     case: int | None = None      # the case whose inputs the process holds
-    since: float = 0.0
+    since: float = 0.0           # when the first queued job started
     info: dict = field(default_factory=dict)
     jobs: int = 0
     busy_seconds: float = 0.0
@@ -120,7 +138,8 @@ class LocalExecutor:
                     os.environ["CUDA_VISIBLE_DEVICES"] = before
         child.close()
         worker.proc, worker.conn, worker.state = proc, parent, "starting"
-        worker.current, worker.case, worker.since = None, None, time.perf_counter()
+        worker.case, worker.since = None, time.perf_counter()
+        worker.queue.clear()
 
     def start(self) -> list[dict]:
         """Spawn one worker per GPU and wait until each has opened its device."""
@@ -164,7 +183,7 @@ class LocalExecutor:
         """Compile every job, measure the compiled ones on the workers; every job ends in
         exactly one on_result(job, compiled | None, result, worker slot | None)."""
         self._cases, self._on_result, self._on_event = cases, on_result, on_event
-        self._ready: deque[Compiled] = deque()
+        self._ready: dict[int, deque[Compiled]] = {}      # compiled, unsent; by case
         self._attempts: dict[tuple, int] = {}
         self._left: dict[int, int] = {}
         for job in jobs:
@@ -177,7 +196,7 @@ class LocalExecutor:
         os.set_blocking(wake_w, False)     # a full pipe already wakes the loop
         wake_lock, closed = threading.Lock(), []
 
-        def wake(_future) -> None:   # from the pool's thread; never after the pipe is closed
+        def wake(_future) -> None:   # from the pools' threads; never after the pipe is closed
             with wake_lock:
                 if not closed:
                     try:
@@ -189,14 +208,19 @@ class LocalExecutor:
         order = sorted(jobs, key=lambda j: -self._size(j))
         pool = ProcessPoolExecutor(max_workers=max(1, min(self.jobs, len(jobs) or 1)),
                                    mp_context=self.context)
-        refs = ThreadPoolExecutor(1, thread_name_prefix="sparsert-inputs")
+        refs = ThreadPoolExecutor(min(INPUT_THREADS, os.cpu_count() or 1),
+                                  thread_name_prefix="sparsert-inputs")
         pending = {}
         try:
             for job in order:
-                future = pool.submit(self.compile_fn, cases[job.case], job, self.emitter, self.arch,
-                                     self.cache_root, threads, self.verify_seed)
+                future = pool.submit(self.compile_fn, cases[job.case], job, self.emitter,
+                                     self.arch, self.cache_root, threads, self.verify_seed)
                 future.add_done_callback(wake)
                 pending[future] = job
+            for job in order:          # every case's inputs, ready before its first cubin
+                if job.case not in self._inputs:
+                    self._inputs[job.case] = refs.submit(self.inputs_fn, cases[job.case])
+                    self._inputs[job.case].add_done_callback(wake)
             while pending or self._ready or any(w.state == "busy" for w in self.workers):
                 for future in [f for f in pending if f.done()]:
                     job = pending.pop(future)
@@ -204,7 +228,7 @@ class LocalExecutor:
                         compiled = future.result()
                     except Exception as exc:  # noqa: BLE001 - e.g. a compile process died
                         compiled = Compiled(job, None, None, f"compile worker: {one_line(exc)}")
-                    self._compiled(compiled, refs)
+                    self._compiled(compiled)
                     if not pending:
                         compile_done = time.perf_counter()
                 if not (self.staged and pending):
@@ -227,7 +251,9 @@ class LocalExecutor:
                 "run_seconds": end - started,
                 "gpus": [{"slot": w.slot, "device": w.device, "jobs": w.jobs,
                           "busy_seconds": round(w.busy_seconds, 3), "restarts": w.restarts,
-                          "jobs_per_second": w.jobs / measure_s if measure_s else None}
+                          "jobs_per_second": w.jobs / measure_s if measure_s else None,
+                          "busy_fraction": (round(w.busy_seconds / measure_s, 3) if measure_s
+                                            else None)}
                          for w in self.workers]}
 
     def _size(self, job) -> int:
@@ -239,7 +265,7 @@ class LocalExecutor:
             self._nnz[job.case] = count_nonzeros(case.weight)
         return code_units(self._nnz[job.case], job.params.vector_width, case.precision)
 
-    def _compiled(self, compiled: Compiled, refs) -> None:
+    def _compiled(self, compiled: Compiled) -> None:
         job = compiled.job
         if self._on_event:
             self._on_event("compiled", job, {"ok": compiled.build is not None,
@@ -247,27 +273,66 @@ class LocalExecutor:
         if compiled.build is None:
             self._finish(job, compiled, failure(f"compile: {compiled.error}"), None)
             return
-        if job.case not in self._inputs:   # one reference per case, off the event loop
-            self._inputs[job.case] = refs.submit(self.inputs_fn, self._cases[job.case])
-        self._ready.append(compiled)
+        self._ready.setdefault(job.case, deque()).append(compiled)
+
+    def _requeue(self, compiled: Compiled) -> None:
+        self._ready.setdefault(compiled.job.case, deque()).appendleft(compiled)
+
+    def _usable(self, case: int) -> bool:
+        """Jobs of `case` wait and its inputs are computed (a failure fails the case's jobs)."""
+        if case not in self._ready or not self._inputs[case].done():
+            return False
+        error = self._inputs[case].exception()
+        if error is not None:
+            for compiled in self._ready.pop(case):
+                self._finish(compiled.job, compiled, failure(f"inputs: {one_line(error)}"),
+                             None)
+            return False
+        return True
+
+    def _pick(self, worker: _Worker) -> int | None:
+        """The case to send `worker` a job of: the one it holds, else one no other worker holds,
+        else (only when it would idle) the case with the most jobs waiting."""
+        usable = [c for c in list(self._ready) if self._usable(c)]
+        if worker.case in usable:
+            return worker.case
+        held = {w.case for w in self.workers if w is not worker and w.state in ("idle", "busy")}
+        free = [c for c in usable if c not in held]
+        if free or worker.queue:
+            return free[0] if free else None
+        return max(usable, key=lambda c: len(self._ready[c]), default=None)
 
     def _dispatch(self) -> None:
-        for worker in self.workers:
-            if worker.state != "idle" or not self._ready:
-                continue
-            pick = next((c for c in self._ready if c.job.case == worker.case), self._ready[0])
-            self._ready.remove(pick)
-            case = self._cases[pick.job.case]
-            inputs = None if worker.case == case.index else self._inputs[case.index].result()
-            try:
-                worker.conn.send(("job", pick.job.id, measure_job(pick, case), inputs))
-            except (OSError, ValueError):       # died between jobs: requeue, restart
-                self._ready.appendleft(pick)
-                self._lost(worker, "worker pipe closed", blame=False)
-                continue
-            worker.state, worker.current, worker.case = "busy", pick, case.index
-            worker.since = time.perf_counter()
-            self._first_dispatch = self._first_dispatch or worker.since
+        """Fill every worker's queue up to DEPTH, one job per worker per round."""
+        sent = True
+        while sent and self._ready:
+            sent = False
+            for worker in self.workers:
+                if worker.state not in ("idle", "busy") or len(worker.queue) >= DEPTH:
+                    continue
+                case = self._pick(worker)
+                if case is None:
+                    continue
+                pick = self._ready[case].popleft()
+                if not self._ready[case]:
+                    del self._ready[case]
+                inputs = None if worker.case == case else self._inputs[case].result()
+                try:
+                    worker.conn.send(("job", pick.job.id, measure_job(pick, self._cases[case]),
+                                      inputs))
+                except (OSError, ValueError):       # died: its queue is blamed, not this job
+                    self._requeue(pick)
+                    if worker.proc.is_alive():
+                        worker.proc.kill()
+                    worker.proc.join(5)
+                    self._lost(worker, _died(worker.proc))
+                    continue
+                now = time.perf_counter()
+                if not worker.queue:
+                    worker.since = now
+                worker.queue.append(pick)
+                worker.state, worker.case, sent = "busy", case, True
+                self._first_dispatch = self._first_dispatch or now
 
     def _poll(self, timeout: float, wake_r, pending) -> None:
         """Wait for a worker message, a worker death or a finished compile; handle them."""
@@ -289,10 +354,7 @@ class LocalExecutor:
                 pass
             if worker.state not in ("dead",) and worker.proc is not None \
                     and not worker.proc.is_alive():
-                code = worker.proc.exitcode
-                why = (f"signal {signal.Signals(-code).name}" if code and code < 0
-                       else f"exit code {code}")
-                self._lost(worker, f"worker died ({why})")
+                self._lost(worker, _died(worker.proc))
             elif worker.state == "busy" and \
                     time.perf_counter() - worker.since > self.job_timeout:
                 worker.proc.kill()
@@ -313,29 +375,34 @@ class LocalExecutor:
             worker.proc.join(5)
             worker.state = "dead"
         elif kind == "result":
-            done = worker.current
-            worker.busy_seconds += time.perf_counter() - worker.since
+            done = worker.queue.popleft()
+            worker.busy_seconds += message[3]
             worker.jobs += 1
-            worker.state, worker.current = "idle", None
+            worker.since = time.perf_counter()        # the next queued job starts now
+            worker.state = "busy" if worker.queue else "idle"
             self._finish(done.job, done, message[2], worker.slot)
         elif kind == "fatal":
             worker.proc.join(10)
             self._lost(worker, message[2])
 
-    def _lost(self, worker: _Worker, error: str, blame: bool = True) -> None:
-        """The worker process is gone: retry or fail its job, start a replacement."""
-        job = worker.current
-        if job is not None and blame:
+    def _lost(self, worker: _Worker, error: str) -> None:
+        """The worker process is gone: retry or fail the job it was measuring, queue its
+        other jobs again, start a replacement."""
+        flight = list(worker.queue)
+        worker.queue.clear()
+        for later in reversed(flight[1:]):       # never started: back to the front, unblamed
+            self._requeue(later)
+        if flight:
+            job = flight[0]
             tries = self._attempts[job.job.id] = self._attempts.get(job.job.id, 0) + 1
             if tries >= ATTEMPTS:
                 self._finish(job.job, job, failure(f"{error} (after {tries} attempts)"),
                              worker.slot)
             else:
-                self._ready.appendleft(job)
+                self._requeue(job)
                 if self._on_event:
                     self._on_event("retry", job.job, {"error": error, "slot": worker.slot})
-        elif job is not None:
-            self._ready.appendleft(job)
+        worker.case = None
         if worker.state == "starting" or worker.restarts > 2 * ATTEMPTS * (len(self._left) + 1):
             worker.state, worker.error = "dead", error    # cannot even start: give the slot up
             return
@@ -356,6 +423,13 @@ class LocalExecutor:
             self._on_event("measured", job, {"slot": slot, **result})
 
     def _fail_all(self, error: str) -> None:
-        while self._ready:
-            compiled = self._ready.popleft()
-            self._finish(compiled.job, compiled, failure(error), None)
+        for case in list(self._ready):
+            for compiled in self._ready.pop(case):
+                self._finish(compiled.job, compiled, failure(error), None)
+
+
+def _died(proc) -> str:
+    code = proc.exitcode
+    why = (f"signal {signal.Signals(-code).name}" if code and code < 0
+           else "still running" if code is None else f"exit code {code}")
+    return f"worker died ({why})"
