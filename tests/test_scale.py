@@ -362,6 +362,7 @@ def test_tune_scale_script_writes_a_scale_result(tmp_path, monkeypatch):
     assert all(r["jobs"] == r["verified"] == 8 for r in doc["runs"])
     assert doc["speedup"] > 0 and doc["agreement"]["fraction"] == 1.0
     assert doc["agreement"]["ok"] and doc["cases"] == 4
+    assert all(0 <= g["busy_fraction"] <= 1 for r in doc["runs"] for g in r["per_gpu"])
 
 
 def test_scale_agreement_counts_gaps():
@@ -379,7 +380,8 @@ def test_scale_agreement_counts_gaps():
 
 
 def _measure_phase(workers: int, cases, jobs) -> float:
-    """Seconds of the measure phase of a staged run over `workers` fake GPUs (5 ms a job)."""
+    """Seconds of the measure phase of a staged run over `workers` fake GPUs (5 ms a job); a
+    case's inputs reach each worker once (at most one more case is shared at the end)."""
     from fake_measure import fake_compile, fake_inputs
 
     executor = LocalExecutor(list(range(workers)), jobs=2, measure=FakeMeasure(delay=0.005),
@@ -392,6 +394,8 @@ def _measure_phase(workers: int, cases, jobs) -> float:
     finally:
         executor.stop()
     assert sorted(done) == sorted((j.id, True) for j in jobs)
+    assert sum(g["inputs_sent"] for g in stats["gpus"]) <= len(cases) + workers - 1
+    assert all(g["busy_fraction"] > 0.5 for g in stats["gpus"])
     return stats["measure_seconds"]
 
 

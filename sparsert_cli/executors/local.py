@@ -5,7 +5,7 @@ environment before anything can initialise CUDA), talking to this process over a
 DEPTH jobs are queued per worker (a reader thread there takes the next while one is measured, so
 the GPU never waits for this process), jobs of one case stay on the worker that holds the case's
 inputs (sent once per worker and case; another worker takes some only when it would idle), and
-every case's inputs are computed ahead, in threads, from the start of the run.
+every case's inputs are computed ahead, in a few processes, from the start of the run.
 A worker that dies (segfault, exit, kill), hits a sticky CUDA error (its context is gone) or
 runs past the job timeout is replaced by a new process; the job it was measuring is retried
 once, then recorded as failed with the error, and its queued jobs go back to the queue — never
@@ -21,7 +21,7 @@ import signal
 import threading
 import time
 from collections import deque
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from multiprocessing import connection, get_context
 
@@ -31,7 +31,7 @@ from ..jobs import (ATTEMPTS, Compiled, GpuMeasure, case_inputs, compile_job, fa
 
 START_TIMEOUT = 180.0     # seconds a new worker may take to import and open its GPU
 DEPTH = 2                 # jobs queued on one worker: one measured, one waiting
-INPUT_THREADS = 4         # cases' inputs computed at once (numpy's heavy part drops the GIL)
+INPUT_PROCS = 4           # processes computing cases' inputs and references ahead
 _ENV_LOCK = threading.Lock()
 
 
@@ -93,7 +93,8 @@ class _Worker:
     since: float = 0.0           # when the first queued job started
     info: dict = field(default_factory=dict)
     jobs: int = 0
-    busy_seconds: float = 0.0
+    busy_seconds: float = 0.0    # time measuring, as the worker counts it
+    sends: int = 0               # inputs sent (once per case held, ideally)
     restarts: int = 0
     error: str = ""
 
@@ -102,8 +103,8 @@ class LocalExecutor:
     """`gpus`: device numbers (CUDA ordinals); `arch`: compile target (default: the GPUs');
     `jobs`: compile processes (default: all cores).
     `measure` is pickled into every worker (tests pass a fake one); `verify_seed` makes every
-    compile job also verify its plan on the CPU; `staged` compiles everything before measuring
-    (to time the two phases apart); `job_timeout` bounds one measure job; `compile_fn` and
+    compile job also verify its plan on the CPU; `staged` compiles everything and computes every
+    case's inputs before measuring (to time the two phases apart); `job_timeout` bounds one measure job; `compile_fn` and
     `inputs_fn` stand in for compile_job and case_inputs (tests: no compiler, no reference)."""
 
     def __init__(self, gpus: list[int], emitter: str = "ptx", arch: str | None = None,
@@ -208,8 +209,8 @@ class LocalExecutor:
         order = sorted(jobs, key=lambda j: -self._size(j))
         pool = ProcessPoolExecutor(max_workers=max(1, min(self.jobs, len(jobs) or 1)),
                                    mp_context=self.context)
-        refs = ThreadPoolExecutor(min(INPUT_THREADS, os.cpu_count() or 1),
-                                  thread_name_prefix="sparsert-inputs")
+        refs = ProcessPoolExecutor(max(1, min(INPUT_PROCS, os.cpu_count() or 1,
+                                              len(self._left))), mp_context=self.context)
         pending = {}
         try:
             for job in order:
@@ -231,8 +232,9 @@ class LocalExecutor:
                     self._compiled(compiled)
                     if not pending:
                         compile_done = time.perf_counter()
-                if not (self.staged and pending):
-                    self._dispatch()
+                if not (self.staged and (pending or not all(
+                        f.done() for f in self._inputs.values()))):
+                    self._dispatch()      # staged: once every cubin and every input is ready
                 if not any(w.state != "dead" for w in self.workers):
                     self._fail_all("no GPU worker left: " + "; ".join(
                         sorted({w.error for w in self.workers if w.error})))
@@ -251,6 +253,7 @@ class LocalExecutor:
                 "run_seconds": end - started,
                 "gpus": [{"slot": w.slot, "device": w.device, "jobs": w.jobs,
                           "busy_seconds": round(w.busy_seconds, 3), "restarts": w.restarts,
+                          "inputs_sent": w.sends,
                           "jobs_per_second": w.jobs / measure_s if measure_s else None,
                           "busy_fraction": (round(w.busy_seconds / measure_s, 3) if measure_s
                                             else None)}
@@ -331,6 +334,7 @@ class LocalExecutor:
                 if not worker.queue:
                     worker.since = now
                 worker.queue.append(pick)
+                worker.sends += inputs is not None
                 worker.state, worker.case, sent = "busy", case, True
                 self._first_dispatch = self._first_dispatch or now
 
