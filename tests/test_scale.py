@@ -224,12 +224,18 @@ def test_dead_worker_job_is_retried_then_recorded(tmp_path):
     """A worker that dies is replaced: a job that kills it once is retried and measured; one
     that kills it every time (or leaves a sticky CUDA error, or hangs past the job timeout) is
     recorded as failed; every other job is measured exactly once."""
-    markers = tmp_path / "markers"
+    markers, log = tmp_path / "markers", tmp_path / "log"
     markers.mkdir()
-    measure = FakeMeasure(crash={(0, 1): "exit", (0, 2): "exit"}, marker_dir=str(markers))
+    log.mkdir()
+    measure = FakeMeasure(crash={(0, 1): "exit", (0, 2): "exit"}, marker_dir=str(markers),
+                          log_dir=str(log))
     _, jobs, stats, rows, _ = _run(tmp_path, measure)
     assert len(rows) == len(jobs) and all(r["verified"] for r in rows)
     assert sum(g["restarts"] for g in stats["gpus"]) == 2
+    # a job queued behind the one that killed its worker is measured once, by the next worker
+    starts = sorted("-".join(name.split("-")[:2]) for name in os.listdir(log))
+    assert starts == sorted(f"{j.case}-{j.candidate}" for j in jobs for _ in
+                            range(2 if j.id in ((0, 1), (0, 2)) else 1))
 
     measure = FakeMeasure(crash={(0, 1): "exit", (1, 0): "sticky", (1, 2): "error",
                                  (0, 0): "hang"})
