@@ -366,6 +366,13 @@ class Kernel:
         ref, mag = self.reference(x, residual)
         return check(out, ref, mag, self.dtype, self.geometry.taps)
 
+    def verify(self, seed: int = 0) -> "Kernel":
+        """This kernel with `verified` set to verify_cpu(seed) (kept in the manifest)."""
+        return replace(self, verified=self.verify_cpu(seed), _source=self._source_text())
+
+    def _source_text(self) -> str | None:
+        return self.__dict__.get("source", self._source)
+
     def verify_cpu(self, seed: int = 0, checks: int = VERIFY_CHECKS) -> dict:
         """run_cpu on `checks` fresh random inputs vs float64: {"ok", "max_err", "message"}."""
         rng = np.random.default_rng([seed, int(self.pattern_hash, 16) & 0xFFFFFFFF])
@@ -646,11 +653,20 @@ def compile_kernel(weight, *, op: str = "gemm", input_shape=None, n: int | None 
     layer = Layer("kernel", op, weight, geometry, make_epilogue(epilogue, geometry.out_channels),
                   precision_label(dtype, accumulate or dtype), plan=plan)
     arch = _target(family, emit, arch, {layer.precision})
-    built_plan, was_tuned = plan_for(layer, tuned, gpu_name, emit)
-    build, source = build_kernel(built_plan, emit, arch, _cache(cache),
-                                 threads=os.cpu_count() or 1, keep_source=True)
-    kernel = Kernel.from_build(built_plan, build, weight, op, was_tuned, source)
-    return replace(kernel, verified=kernel.verify_cpu(seed)) if verify else kernel
+    kernel = compile_layer(layer, plan_for(layer, tuned, gpu_name, emit), emit=emit, arch=arch,
+                           cache=cache)
+    return kernel.verify(seed) if verify else kernel
+
+
+def compile_layer(layer: "Layer", planned: tuple[Plan, bool], *, emit: str = "ptx",
+                  arch: str | None = None, cache=True) -> Kernel:
+    """Compile one planned layer in this process with every core (ptxas split-compile), keeping
+    the source. A compiler error raises CompileError."""
+    arch = _target("auto", emit, arch, {layer.precision})
+    plan, was_tuned = planned
+    build, source = build_kernel(plan, emit, arch, _cache(cache), threads=os.cpu_count() or 1,
+                                 keep_source=True)
+    return Kernel.from_build(plan, build, layer.weight, layer.op, was_tuned, source)
 
 
 def _target(family: str, emit: str, arch: str | None, precisions) -> str:

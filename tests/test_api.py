@@ -312,3 +312,24 @@ def test_run_benchmark_compile_only_builds_records(isolated_cache):
     assert ("compile", len(config.cases()), len(config.cases())) in stages
     assert ("verify", len(config.cases()), len(config.cases())) in stages
 
+
+
+def test_gen_writes_what_kernel_from_dir_reads_and_refuses_a_kernel_failing_its_cpu_check(
+        tmp_path, monkeypatch, isolated_cache, capsys):
+    from cli_helpers import run_main
+
+    from sparsert_cli.api import Kernel
+
+    w = sparse((12, 20), 0.3, 18)
+    np.save(tmp_path / "w.npy", w)
+    code, _, _ = run_main(["gen", "--pattern", str(tmp_path / "w.npy"), "--n", "24", "-o",
+                           str(tmp_path / "ok")], capsys)
+    kernel = sparsert.Kernel.from_dir(tmp_path / "ok")
+    assert code == 0 and kernel.verified["ok"]
+    x = np.random.default_rng(19).standard_normal((20, 24)).astype(np.float32)
+    assert np.allclose(kernel.run_cpu(x), w.astype(np.float64) @ x, rtol=0, atol=1e-9)
+    monkeypatch.setattr(Kernel, "verify_cpu", lambda self, seed=0, checks=2: {
+        "ok": False, "max_err": 1.0, "message": "3 output(s) off"})
+    code, _, err = run_main(["gen", "--pattern", str(tmp_path / "w.npy"), "--n", "24", "-o",
+                             str(tmp_path / "bad")], capsys)
+    assert code == 1 and "failed its CPU check" in err and not (tmp_path / "bad").exists()

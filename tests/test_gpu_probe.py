@@ -36,7 +36,7 @@ def test_gpu_without_driver_is_one_line_no_gpu_error():
 def test_import_touches_no_gpu_library():
     code = ("import sys, sparsert_cli.gpu.runtime, sparsert_cli.gpu.baselines, "
             "sparsert_cli.gpu.nvml, sparsert_cli.gpu.timing, sparsert_cli.gpu.loaded, "
-            "sparsert_cli.benchmark, sparsert_cli.tuning, sparsert_cli.api\n"
+            "sparsert_cli.benchmark, sparsert_cli.api, sparsert_cli.bench\n"
             "bad = [m for m in sys.modules if m.split('.')[0] in ('nvmath', 'cudnn', 'pynvml')"
             " or m == 'cuda.bindings.driver']\n"
             "assert not bad, bad")

@@ -128,6 +128,12 @@ def command(config_path, problem_ids, sparsities, dtype, accumulate, out_path, c
     finally:
         if gpu is not None:
             gpu.close()
+    flushed = {f"{r['problem']}@{r['sparsity']:g}": r["fp16_flushed"] for r in doc["cases"]
+               if r.get("fp16_flushed")}
+    if flushed:
+        err_console.print(f"[yellow]{config.path}:[/] dropped weights that round to zero in "
+                          f"fp16: " + ", ".join(f"{k} {n}" for k, n in flushed.items()),
+                          soft_wrap=True)
     for path, text in ((out, json.dumps(doc, indent=1) + "\n"), (csv_out, csv_text(doc))):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
