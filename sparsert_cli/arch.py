@@ -1,5 +1,6 @@
-"""GPU architecture names in one place: the default target, what the toolchain supports, and
-parsing `sm_XX[a]`. Detecting the local GPU's arch is the device's job (gpu/runtime.py)."""
+"""GPU architecture names in one place: the default target, what the toolchain supports,
+parsing `sm_XX[a]`, and the PTX ISA and header for a target. Detecting the local GPU's arch is
+the device's job (gpu/runtime.detect_arch)."""
 
 from __future__ import annotations
 
@@ -26,3 +27,17 @@ def check_arch(arch: str) -> str:
     if arch.endswith("a") and int(match[1]) < 90:
         raise ValueError(f"--arch {arch}: architecture-specific 'a' targets start at sm_90a")
     return arch
+
+
+def ptx_version(arch: str) -> str:
+    """The oldest PTX ISA that knows `arch` (sm_88 and sm_110 arrived with ISA 9.0)."""
+    number = arch_number(arch)
+    if number in (88, 110) or number > 121:
+        return "9.0"
+    return "8.0" if number < 100 else "8.8"
+
+
+def ptx_header(arch: str) -> str:
+    """`.version/.target/.address_size` lines for hand-written PTX. ISA 8.0 covers sm_90(a) and
+    older; newer chips need a newer ISA, which nvJitLink 13.x accepts (we never JIT PTX)."""
+    return f".version {ptx_version(arch)}\n.target {arch}\n.address_size 64\n\n"

@@ -23,8 +23,9 @@ BASELINE_ORDER = ("cublas_fp32", "cublas_tf32", "cublas_fp16", "cusparse", "cudn
 
 def verify_cpu(kernel_or_case, seed: int = 0) -> dict:
     """{"ok", "max_err", "message"}: the kernel's plan executed on the CPU (float64) for two fresh
-    random inputs, compared element-wise with the float64 reference. A bench Case draws its
-    inputs from its own (problem, sparsity) seed, a Kernel from its pattern."""
+    random inputs, compared element-wise with the float64 reference. A Kernel draws its inputs
+    from its pattern; a case (anything with problem, sparsity, plan and weight) from its own
+    (problem, sparsity) seed, as `bench` does."""
     if isinstance(kernel_or_case, Kernel):
         result = kernel_or_case.verify_cpu(seed)
     else:

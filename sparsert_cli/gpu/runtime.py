@@ -17,21 +17,12 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from ..arch import DEFAULT_ARCH
+from ..arch import DEFAULT_ARCH, ptx_header  # noqa: F401 (ptx_header: re-exported)
 from ..errors import NoGpuError
 
 _DEFAULT_SMEM = 48 * 1024   # static + dynamic shared above this needs a per-kernel opt-in
 
 EMPTY_PTX = ".visible .entry sparsert_empty()\n{\n    ret;\n}\n"
-
-
-def ptx_header(arch: str) -> str:
-    """`.version/.target/.address_size` lines for hand-written PTX. ISA 8.0 covers sm_90(a) and
-    older; newer chips need a newer ISA, which nvJitLink 13.x accepts (we never JIT PTX)."""
-    from ..render.ptx import ptx_version
-
-    version = ptx_version(arch)
-    return f".version {version}\n.target {arch}\n.address_size 64\n\n"
 
 
 def _driver():
