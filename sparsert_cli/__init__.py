@@ -3,8 +3,8 @@
 The public API (`import sparsert_cli as sparsert`) is loaded on first use, so importing the
 package stays light. Kernels: compile_kernel, compile_kernels, Kernel, Layer, problem_layer,
 config_layers, Epilogue, PlanParams. Checking and timing: verify_cpu, benchmark_layer,
-measure_floors, run_benchmark, load_config, Gpu, have_gpu. Tuning: tune_config (through an executor),
-LocalExecutor, TunedDB. Also KernelCache, UserError.
+measure_floors, run_benchmark, load_config, Gpu, have_gpu. Tuning: tune_config (through an
+executor), LocalExecutor, TunedDB. Also KernelCache, KernelFailure, UserError.
 """
 
 __version__ = "0.1.0"

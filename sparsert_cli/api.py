@@ -491,7 +491,8 @@ class Kernel:
                 with np.load(weights_path, allow_pickle=False) as archive:
                     shape = tuple(int(d) for d in archive["shape"])
                     csr = sp.csr_matrix((archive["data"].astype(np.float32), archive["indices"],
-                                         archive["indptr"]), shape=(shape[0], int(np.prod(shape[1:]))))
+                                         archive["indptr"]),
+                                        shape=(shape[0], int(np.prod(shape[1:]))))
                     weight = SparseWeight(csr, shape)
                     bias_values = np.asarray(archive["bias"], dtype=np.float32)
             except (OSError, ValueError, KeyError, IndexError, TypeError) as exc:
