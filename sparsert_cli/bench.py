@@ -132,7 +132,7 @@ def _layers(config: Config, tuned, gpu_name: str):
             check_budget(problem, sparsity)
             layer = config_layer(config, problem, sparsity,
                                  generate(problem, sparsity, config.pattern, config.seed))
-            planned += plan_layers([layer], tuned, gpu_name, labels=False)
+            planned += plan_layers([layer], tuned, gpu_name, config.emit, labels=False)
         except UserError as exc:   # e.g. plan overrides that do not fit this layer
             raise UserError(f"{where}: {exc.message}") from None
         except MemoryError:

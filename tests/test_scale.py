@@ -305,6 +305,7 @@ def test_tune_records_winners_and_skips_stored_jobs(tmp_path, isolated_cache):
     assert out["run"]["skipped"] == 0 and all(r["status"] == "ok" for r in out["summary"])
     entries = TunedDB(tuned).entries
     assert len(entries) == 2 and all("|Fake GPU|fp32" in k for k in entries)
+    assert all(k.endswith("|" + "@".join(FAMILY)) for k in entries)   # the code version tuned
     again = run_tuner(small_config(), limit=2, db_path=tuned, db_sqlite=db,
                       measure=FakeMeasure(), gpu_ids=[0], arch="sm_90")
     assert again["run"]["skipped"] == again["run"]["jobs"] == 4
