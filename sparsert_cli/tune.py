@@ -88,11 +88,9 @@ class TunedDB:
     def record(self, pattern_hash: str, geometry: Geometry, gpu_name: str, dtype: str,
                params: PlanParams, info: dict, family: str = FAMILY,
                version: str = FAMILY_VERSION) -> None:
-        """Store a winner; entries of the same layer and family at other versions go."""
+        """Store a winner under this code version (other versions' entries stay, unused: a
+        layer tuned with the CUDA printer and with the PTX printer has one winner for each)."""
         key = self.key(pattern_hash, geometry, gpu_name, dtype, family, version)
-        stem = key.rsplit("@", 1)[0] + "@"
-        for stale in [k for k in self.entries if k.startswith(stem) and k != key]:
-            del self.entries[stale]
         self.entries[key] = {
             "params": asdict(params), **info,
             "tuned_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}

@@ -192,7 +192,7 @@ def test_plan_auto_uses_a_current_tuned_entry_and_ignores_a_stale_one(tmp_path):
     stale = sparsert.compile_kernel(w, n=128, tuned=db, gpu_name="GPU X", cache=None)
     assert not stale.tuned and stale.plan_params != winner            # stale: default plan
     db.record(phash, geometry, "GPU X", "fp32", winner, {"us": 1.0})
-    assert list(db.entries) == [TunedDB.key(phash, geometry, "GPU X", "fp32")]  # stale dropped
+    assert len(db.entries) == 2      # the stale entry stays, never read
     tuned = sparsert.compile_kernel(w, n=128, tuned=db, gpu_name="GPU X", cache=None)
     assert tuned.tuned and tuned.plan_params == winner and tuned.manifest()["tuned"]
     other_gpu = sparsert.compile_kernel(w, n=128, tuned=db, gpu_name="GPU Y", cache=None)
