@@ -692,10 +692,10 @@ def plan_layers(layers: list[Layer], tuned=None, gpu_name: str | None = None,
                 emit: str = "ptx", labels: bool = True) -> list[tuple[Plan, bool]]:
     """(plan, tuned?) per layer, as compile_kernels() plans them (no compiling). An error names
     the layer's label (unless `labels` is False: the caller names it)."""
-    out = []
+    out, db = [], _tuned_db(tuned)          # read the database once
     for layer in layers:
         try:
-            out.append(plan_for(layer, tuned, gpu_name, emit))
+            out.append(plan_for(layer, db if db is not None else False, gpu_name, emit))
         except UserError as exc:
             if not labels:
                 raise
