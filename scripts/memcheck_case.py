@@ -1,37 +1,44 @@
 """One small padded, strided, batched 3x3 kernel (both emitters, and the fp16 precisions) and a
-1x1 fp16 kernel with 16-byte vectors, launched once and checked: run under
-`compute-sanitizer --tool memcheck` by scripts/gpu-check."""
+1x1 fp16 kernel with 16-byte vectors, loaded with Kernel.to_device() and launched on the
+benchmark's stream, then checked: run under `compute-sanitizer --tool memcheck` by
+scripts/gpu-check."""
 
-from sparsert_cli import bench as B
-from sparsert_cli.build import build_kernel, make_plan
-from sparsert_cli.gpu.runtime import Gpu
-from sparsert_cli.patterns import pruned_weights
-from sparsert_cli.families.immediate import PlanParams
-from sparsert_cli.problem_shape import Epilogue
-from sparsert_cli.problems import Problem
+import numpy as np
 
-problem = Problem("memcheck_3x3_s2", "conv3x3", 10, 6, height=11, width=9, stride=2, padding=1,
-                  batch=2)
-weight = pruned_weights(problem.weight_shape, 0.7, 1)
-floors = {"fp32_gflops": 1.0, "bandwidth_gbs": 1.0, "launch_us": 1.0}
-with Gpu() as gpu:
+import sparsert_cli as sparsert
+
+
+def pruned(shape, seed):
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal(shape).astype(np.float32)
+    w[rng.random(shape) < 0.7] = 0
+    return w
+
+
+CONV = dict(op="conv", input_shape=(2, 6, 11, 9), stride=2, padding=1)
+POINTWISE = dict(op="conv", input_shape=(2, 16, 6, 8))
+weight, pointwise = pruned((10, 6, 3, 3), 1), pruned((12, 16, 1, 1), 2)
+
+
+def run(gpu, label, kernel):
+    result = sparsert.benchmark_layer(gpu, kernel, baselines=False, replays=1)
+    print(label, kernel.plan_params.name(), result["verify_gpu"])
+    assert result["verify_gpu"]["ok"]
+
+
+with sparsert.Gpu() as gpu:
     for emitter in ("ptx", "cuda"):
         for k_split in (1, 2):
-            plan = make_plan(problem, weight, PlanParams(rows_per_group=4, k_split=k_split),
-                             Epilogue(tuple([0.5] * 10), "relu", residual=True))
-            build, _ = build_kernel(plan, emitter, gpu.arch)
-            case = B.Case(problem, 0.7, weight, plan, build=build)
-            result = B.run_gpu_case(gpu, case, floors, 0, False, baselines=False, replays=1)
-            print(emitter, plan.params.name(), result["verify_gpu"])
-            assert result["verify_gpu"]["ok"]
-    pointwise = Problem("memcheck_1x1_b2", "conv1x1", 12, 16, height=6, width=8, batch=2)
-    for prob, w in ((problem, weight), (pointwise, pruned_weights(pointwise.weight_shape, 0.7, 2))):
-        for precision in ("fp16", "fp16acc32"):
-            plan = make_plan(prob, w, PlanParams(rows_per_group=4, k_split=2, vector_width=8),
-                             Epilogue(tuple([0.5] * prob.m), "relu", residual=True),
-                             precision=precision)
-            build, _ = build_kernel(plan, "ptx", gpu.arch)
-            case = B.Case(prob, 0.7, w, plan, build=build)
-            result = B.run_gpu_case(gpu, case, floors, 0, False, baselines=False, replays=1)
-            print(precision, prob.id, plan.params.name(), result["verify_gpu"])
-            assert result["verify_gpu"]["ok"]
+            kernel = sparsert.compile_kernel(
+                weight, **CONV, emit=emitter, arch=gpu.arch, tuned=False, cache=None,
+                plan=sparsert.PlanParams(rows_per_group=4, k_split=k_split),
+                epilogue={"bias": [0.5] * 10, "activation": "relu", "residual": True})
+            run(gpu, emitter, kernel)
+    for w, shape in ((weight, CONV), (pointwise, POINTWISE)):
+        for accumulate in ("fp16", "fp32"):
+            kernel = sparsert.compile_kernel(
+                w, **shape, dtype="fp16", accumulate=accumulate, arch=gpu.arch, tuned=False,
+                cache=None, plan=sparsert.PlanParams(rows_per_group=4, k_split=2,
+                                                     vector_width=8),
+                epilogue={"bias": [0.5] * w.shape[0], "activation": "relu", "residual": True})
+            run(gpu, f"fp16/{accumulate} {w.shape}", kernel)

@@ -12,14 +12,7 @@ import json
 
 import numpy as np
 
-from sparsert_cli import bench as B
-from sparsert_cli.build import build_all, epilogue_for, make_plan
-from sparsert_cli.cache import KernelCache
-from sparsert_cli.config import EpilogueSpec
-from sparsert_cli.gpu.runtime import Gpu
-from sparsert_cli.patterns import generate
-from sparsert_cli.families.immediate import PlanParams
-from sparsert_cli.problems import builtin_problems
+import sparsert_cli as sparsert
 
 parser = argparse.ArgumentParser()
 parser.add_argument("problem")
@@ -29,33 +22,30 @@ parser.add_argument("--precision", default="fp32")
 parser.add_argument("--out", default=None)
 args = parser.parse_args()
 
-problem = builtin_problems()[args.problem]
-weight = generate(problem, args.sparsity, "uniform", 0)
-epilogue = epilogue_for(problem, EpilogueSpec(), 0, args.sparsity)
-plans = []
+layers = []
 for text in args.plans:
     values = [int(v) for v in text.split(",")]
-    params = PlanParams(rows_per_group=values[0], vector_width=values[1], col_threads=values[2],
-                        k_split=values[3], max_registers=values[4] if len(values) > 4 else 0)
-    plans.append(make_plan(problem, weight, params, epilogue, precision=args.precision))
-builds = build_all(plans, "ptx", "sm_90", KernelCache())
-floors = {"fp32_gflops": 51700.0, "bandwidth_gbs": 3010.0, "launch_us": 1.01}
+    params = sparsert.PlanParams(rows_per_group=values[0], vector_width=values[1],
+                                 col_threads=values[2], k_split=values[3],
+                                 max_registers=values[4] if len(values) > 4 else 0)
+    layers.append(sparsert.problem_layer(args.problem, args.sparsity, precision=args.precision,
+                                         plan=params))
+kernels = sparsert.compile_kernels(layers, arch="sm_90", tuned=False)
 rows = []
-with Gpu() as gpu:
-    rng = np.random.default_rng(0)
-    first = B.Case(problem, args.sparsity, weight, plans[0])
-    x, res = B.random_inputs(first, rng)
-    inputs = (x, res, *B.reference(first, x, res))
-    for plan, build in zip(plans, builds):
-        row = {"problem": problem.id, "sparsity": args.sparsity, "precision": args.precision,
+with sparsert.Gpu() as gpu:
+    first = next(k for k in kernels if isinstance(k, sparsert.Kernel))
+    x, res = first.random_inputs(np.random.default_rng(0))
+    inputs = (x, res, *first.reference(x, res))        # one reference for every plan
+    for kernel in kernels:
+        plan = kernel.plan
+        row = {"problem": args.problem, "sparsity": args.sparsity, "precision": args.precision,
                "plan": plan.params.name(), "groups": len(plan.groups), "loads": plan.loads,
                "nnz": plan.nnz, "grid": list(plan.grid), "block": list(plan.block)}
-        if isinstance(build, Exception):
-            row["error"] = str(build).splitlines()[0]
+        if not isinstance(kernel, sparsert.Kernel):
+            row["error"] = str(kernel).splitlines()[0]
         else:
-            case = B.Case(problem, args.sparsity, weight, plan, build=build)
-            result = B.run_gpu_case(gpu, case, floors, 0, False, baselines=False, inputs=inputs)
-            row.update(cubin_bytes=len(build.cubin), registers=build.resources.registers,
+            result = sparsert.benchmark_layer(gpu, kernel, inputs=inputs, baselines=False)
+            row.update(cubin_bytes=len(kernel.cubin), registers=kernel.resources.registers,
                        ok=result["verify_gpu"]["ok"],
                        us=result.get("sparsert", {}).get("median_us"))
         rows.append(row)

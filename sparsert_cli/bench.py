@@ -1,5 +1,7 @@
-"""The benchmark: for every case of a config, generate, compile, verify, and time against the
-baselines, all in one process and with one timing function. Results are plain dicts (JSON)."""
+"""The benchmark of a config as a library function: every layer planned and compiled (through
+the public API), verified on the CPU and, with a GPU, verified again, timed against the
+baselines and summarised. `run_benchmark` returns the results document (kind "bench"); the
+`bench` command only parses, calls it and renders."""
 
 from __future__ import annotations
 
@@ -8,45 +10,22 @@ import math
 import os
 import platform
 import subprocess
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
 from . import __version__, results
-from .build import KernelBuild, build_all, epilogue_for, geometry_for, make_plan
+from .api import Kernel, compile_plans, config_layer, plan_layers, verify_plan
+from .benchmark import BASELINE_ORDER, benchmark_layer, measure_floors
 from .cache import KernelCache
 from .config import Config
 from .errors import UserError
-from .interp import execute
-from .patterns import (Weight, case_seed, count_nonzeros, dense, generate, pattern_hash,
-                       to_csr)
-from .families.immediate import Plan
+from .patterns import case_seed, count_nonzeros, generate, pattern_hash
 from .problems import Problem
-from .reference import check, conv_reference
 
-VERIFY_CHECKS = 2          # fresh random inputs each
 DEFAULT_TARGET_GPU = "NVIDIA H100 80GB HBM3"
-BASELINE_ORDER = ("cublas_fp32", "cublas_tf32", "cublas_fp16", "cusparse", "cudnn_fp32",
-                  "cudnn_fp16", "im2col_cusparse")
-
-
-@dataclass
-class Case:
-    problem: Problem
-    sparsity: float
-    weight: Weight                # dense array, or SparseWeight for sparse sources
-    plan: Plan
-    tuned: bool = False
-    flushed: int = 0              # fp16 weights dropped because they round to zero
-    build: KernelBuild | Exception | None = None
-    result: dict = field(default_factory=dict)
-
-    @property
-    def key(self) -> str:
-        return f"{self.problem.id}@{self.sparsity:g}"
+Progress = Callable[[str, int, int, str], None]   # (stage, done, total, item)
 
 
 def git_commit() -> str | None:
@@ -81,101 +60,6 @@ def check_budget(problem: Problem, sparsity: float, verify: bool = True) -> None
                                   f"N={problem.n}")
 
 
-def prepare(config: Config, gpu_name: str, tuned_db=None) -> list[Case]:
-    """Weights and plans for every case (tuned parameters where the database has them)."""
-    cases = []
-    for problem, sparsity in config.cases():
-        where = f"{config.path} [{problem.id} @ {sparsity:g}]"
-        try:
-            check_budget(problem, sparsity)
-            weight = generate(problem, sparsity, config.pattern, config.seed)
-            params, tuned = None, False
-            if tuned_db is not None:
-                params = tuned_db.lookup(pattern_hash(weight), geometry_for(problem), gpu_name,
-                                         config.precision)
-                tuned = params is not None
-            epilogue = epilogue_for(problem, config.epilogue, config.seed, sparsity)
-            plan = make_plan(problem, weight, params, epilogue,
-                             overrides=None if tuned else config.plan,
-                             precision=config.precision,
-                             allow_fp16_flush=config.allow_fp16_flush)
-        except UserError as exc:   # e.g. plan overrides that do not fit this layer
-            raise UserError(f"{where}: {exc.message}") from None
-        except MemoryError:
-            raise UserError(f"{where}: out of memory while generating and planning") from None
-        cases.append(Case(problem, sparsity, weight, plan, tuned,
-                          flushed=count_nonzeros(weight) - plan.nnz))
-    return cases
-
-
-def compile_cases(cases: list[Case], emitter: str, arch: str, cache: KernelCache | None,
-                  jobs: int | None, on_done: Callable | None = None) -> None:
-    def done(i, build, seconds):
-        cases[i].build = build
-        if on_done:
-            on_done(cases[i], build, seconds)
-
-    build_all([c.plan for c in cases], emitter, arch, cache, jobs, done)
-
-
-def random_inputs(case: Case, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray | None]:
-    """Standard-normal x (and residual), float32 arrays holding values of the plan's storage type
-    (fp16 plans get fp16-representable values: the kernel reads them exactly)."""
-    p = case.problem
-    store = storage(case)
-    x = rng.standard_normal(p.input_shape).astype(store).astype(np.float32)
-    res = (rng.standard_normal(p.output_shape).astype(store).astype(np.float32)
-           if case.plan.epilogue.residual else None)
-    return x, res
-
-
-def storage(case: Case):
-    """numpy type of the kernel's x / y / residual buffers."""
-    return np.float16 if case.plan.dtype == "fp16" else np.float32
-
-
-def reference(case: Case, x: np.ndarray, res: np.ndarray | None):
-    p, epi = case.problem, case.plan.epilogue
-    weight = dense(case.weight)
-    ref = conv_reference(weight, x, p.stride, p.padding, epi.bias, res, epi.activation)
-    mag = conv_reference(weight, x, p.stride, p.padding, epi.bias, res, absolute=True)
-    return ref, mag
-
-
-def verify_cpu(case: Case, seed: int) -> dict:
-    """Execute the plan on the CPU (float64) and compare with the float64 reference."""
-    rng = np.random.default_rng(case_seed(seed, case.problem.id, case.sparsity, "cpu-verify"))
-    worst = 0.0
-    for _ in range(VERIFY_CHECKS):
-        x, res = random_inputs(case, rng)
-        try:
-            out = execute(case.plan, x, res)
-        except AssertionError as exc:
-            return {"ok": False, "max_err": None, "message": str(exc)}
-        ref, mag = reference(case, x, res)
-        ok, err, message = check(out, ref, mag, case.plan.dtype, case.problem.k)
-        worst = max(worst, err)
-        if not ok:
-            return {"ok": False, "max_err": err, "message": message}
-    return {"ok": True, "max_err": worst, "message": "ok"}
-
-
-def floor_us(case: Case, floors: dict) -> dict:
-    """The problem's floor: useful sparse flops at measured FP32 peak, bytes of the activations
-    and outputs at measured bandwidth, and the measured launch floor; the largest wins.
-
-    Half2 sums (precision fp16) count at twice the FP32 rate: HFMA2 issues like FFMA with two
-    lanes (Hopper's non-tensor fp16 rate is documented as 2x fp32; not measured here)."""
-    p, plan = case.problem, case.plan
-    flops = 2.0 * plan.nnz * p.n / (2.0 if plan.precision == "fp16" else 1.0)
-    nbytes = plan.element_bytes * (np.prod(p.input_shape) + np.prod(p.output_shape))
-    terms = {"flops_us": flops / (floors["fp32_gflops"] * 1e3),
-             "bytes_us": nbytes / (floors["bandwidth_gbs"] * 1e3),
-             "launch_us": floors["launch_us"]}
-    bound = max(terms, key=terms.get)
-    return {"floor_us": terms[bound], "bound": bound.removesuffix("_us"), **terms}
-
-
 def geomean(values: list[float]) -> float | None:
     values = [v for v in values if v and v > 0 and math.isfinite(v)]
     return math.exp(sum(map(math.log, values)) / len(values)) if values else None
@@ -198,7 +82,8 @@ def summarize(cases: list[dict], ops: tuple[str, ...] | None = None) -> dict:
 
 
 def metadata(config: Config, mode: str, extra: dict | None = None) -> dict:
-    return {"kind": config.kind, "schema": results.SCHEMA, "sparsert_version": __version__, "git_commit": git_commit(),
+    return {"kind": config.kind, "schema": results.SCHEMA, "sparsert_version": __version__,
+            "git_commit": git_commit(),
             "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "config": {"name": config.name, "path": config.path, "hash": config.digest(),
                        "dtype": config.dtype, "accumulate": config.accumulate,
@@ -209,140 +94,118 @@ def metadata(config: Config, mode: str, extra: dict | None = None) -> dict:
             "mode": mode, **(extra or {})}
 
 
-def case_record(case: Case) -> dict:
-    p = case.problem
-    build = case.build
-    rec = {"problem": p.id, "sparsity": case.sparsity, "op": p.op, "shape": p.shape_text(),
-           "m": p.m, "k": p.k, "n": p.n, "batch": p.batch, "stride": p.stride,
-           "padding": p.padding, "nnz": case.plan.nnz, "pattern_hash": pattern_hash(case.weight),
-           "plan": case.plan.params.name(), "params": dict(case.plan.params.__dict__),
-           "tuned": case.tuned, "grid": list(case.plan.grid), "block": list(case.plan.block)}
-    if case.flushed:
-        rec["fp16_flushed"] = case.flushed
-    if isinstance(build, KernelBuild):
-        rec["compile"] = {"ok": True, "seconds": round(build.compile_seconds, 3),
-                          "cached": build.cached, "registers": build.resources.registers,
-                          "spill_bytes": build.resources.spills,
-                          "cubin_bytes": len(build.cubin)}
-    elif build is not None:
-        rec["compile"] = {"ok": False, "error": str(build).splitlines()[0]}
+def layer_record(problem: Problem, sparsity: float, layer, result) -> dict:
+    """The compile part of a case's record, from a Kernel or a KernelFailure."""
+    plan = result.plan
+    rec = {"problem": problem.id, "sparsity": sparsity, "op": problem.op,
+           "shape": problem.shape_text(), "m": problem.m, "k": problem.k, "n": problem.n,
+           "batch": problem.batch, "stride": problem.stride, "padding": problem.padding,
+           "nnz": plan.nnz, "pattern_hash": pattern_hash(layer.weight),
+           "plan": plan.params.name(), "params": dict(plan.params.__dict__),
+           "tuned": result.tuned, "grid": list(plan.grid), "block": list(plan.block)}
+    flushed = count_nonzeros(layer.weight) - plan.nnz
+    if flushed:
+        rec["fp16_flushed"] = flushed
+    if isinstance(result, Kernel):
+        rec["compile"] = {"ok": True, "seconds": round(result.compile_seconds, 3),
+                          "cached": result.cached, "registers": result.resources.registers,
+                          "spill_bytes": result.resources.spills,
+                          "cubin_bytes": len(result.cubin)}
+    else:
+        rec["compile"] = {"ok": False, "error": str(result).splitlines()[0]}
     return rec
 
 
-def run_gpu_case(gpu, case: Case, floors: dict, seed: int, cold_l2: bool,
-                 baselines: bool = True, inputs=None, replays: int = 10) -> dict:
-    """Verify the generated kernel on the GPU, time it, then every baseline (same inputs).
-
-    `inputs` = (x, res, ref, magnitude) lets the tuner check many candidates of one case against
-    one reference (one check each); otherwise VERIFY_CHECKS checks with fresh inputs each."""
-    p, plan = case.problem, case.plan
-    out: dict = {"baselines": {}}
-    rng = np.random.default_rng(case_seed(seed, p.id, case.sparsity, "gpu-verify"))
-    kernel = gpu.load(case.build.cubin, plan.entry)
-    out["kernel"] = {"registers": kernel.registers, "local_bytes": kernel.local_bytes}
-    x, res = (inputs[0], inputs[1]) if inputs else random_inputs(case, rng)
-    store = storage(case)
-    buffers = {"x": gpu.upload(x.astype(store)),
-               "y": gpu.alloc(plan.element_bytes * int(np.prod(p.output_shape)))}
-    if res is not None:
-        buffers["res"] = gpu.upload(res.astype(store))
-    if plan.geometry.masked:
-        buffers["z"] = gpu.alloc(plan.element_bytes * plan.geometry.image_elems)
-        gpu.memset(buffers["z"], 0)
-    try:
-        args = [buffers[a].ptr for a in plan.arguments]
-
-        def launch():
-            gpu.launch(kernel, plan.grid, plan.block, 0, args)
-
-        worst, message = 0.0, "ok"
-        for check_no in range(1 if inputs else VERIFY_CHECKS):
-            if check_no:  # fresh inputs for every check
-                x, res = random_inputs(case, rng)
-                buffers["x"].free()
-                buffers["x"] = gpu.upload(x.astype(store))
-                if res is not None:
-                    buffers["res"].free()
-                    buffers["res"] = gpu.upload(res.astype(store))
-                args = [buffers[a].ptr for a in plan.arguments]
-            gpu.poison(buffers["y"])
-            launch()
-            y = gpu.download(buffers["y"], p.output_shape, store)
-            ref, mag = (inputs[2], inputs[3]) if inputs else reference(case, x, res)
-            ok, err, message = check(y, ref, mag, plan.dtype, p.k)
-            worst = max(worst, err if math.isfinite(err) else float("inf"))
-            if not ok:
-                break
-        out["verify_gpu"] = {"ok": ok, "max_err": worst, "message": message}
-        if ok:
-            timing = gpu.time(launch, cold_l2=cold_l2, replays=replays)
-            out["sparsert"] = timing.as_dict()
-        if baselines:
-            out["baselines"] = run_baselines(gpu, case, x, cold_l2)
-    finally:
-        for buf in buffers.values():
-            buf.free()
-    fl = floor_us(case, floors)
-    out.update(fl)
-    mine = out.get("sparsert", {}).get("median_us")
-    if mine:
-        out["floor_pct"] = 100.0 * fl["floor_us"] / mine
-        out["speedup"] = {name: b["median_us"] / mine for name, b in out["baselines"].items()
-                          if b.get("ok") and b.get("median_us")}
-    return out
+def record_ok(record: dict, on_gpu: bool) -> bool:
+    """Compiled, verified on the CPU and, on a GPU run, verified on the GPU."""
+    if not record.get("compile", {}).get("ok") or not record.get("verify_cpu", {}).get("ok"):
+        return False
+    return not on_gpu or record.get("verify_gpu", {}).get("ok", False)
 
 
-def _baseline_specs(case: Case, x: np.ndarray):
-    """(name, factory, reference, magnitude, dtype, k) for every baseline of this problem."""
-    from .gpu import baselines as bl
-
-    p, weight = case.problem, dense(case.weight)
-    w2 = weight.reshape(p.m, -1).astype(np.float32)
-    cols = bl.im2col64(x, p.kernel_size, p.kernel_size, p.stride, p.padding)
-    b32 = cols.astype(np.float32)
-    gemm_ref = w2.astype(np.float64) @ cols
-    gemm_mag = np.abs(w2.astype(np.float64)) @ np.abs(cols)
-    csr = to_csr(weight)
-    specs = [
-        ("cublas_fp32", lambda g: bl.CublasGemm(g, w2, b32, "fp32"), gemm_ref, gemm_mag, "fp32"),
-        ("cublas_tf32", lambda g: bl.CublasGemm(g, w2, b32, "tf32"), gemm_ref, gemm_mag, "tf32"),
-        ("cublas_fp16", lambda g: bl.CublasGemm(g, w2, b32, "fp16"), gemm_ref, gemm_mag, "fp16"),
-        ("cusparse", lambda g: bl.CusparseSpmm(g, csr, b32), gemm_ref, gemm_mag, "fp32"),
-    ]
-    if p.op != "gemm":
-        conv_ref, conv_mag = bl.conv_reference(x, weight, p.stride, p.padding)
-        specs += [
-            ("cudnn_fp32", lambda g: bl.CudnnConv(g, x, weight, p.stride, p.padding, "fp32"),
-             conv_ref, conv_mag, "fp32"),
-            ("cudnn_fp16", lambda g: bl.CudnnConv(g, x, weight, p.stride, p.padding, "fp16"),
-             conv_ref, conv_mag, "fp16"),
-        ]
-        if p.kernel_size > 1 or p.stride > 1 or p.batch > 1:
-            specs.append(("im2col_cusparse",
-                          lambda g: bl.Im2colCusparse(g, x, csr, p.kernel_size, p.kernel_size,
-                                                      p.stride, p.padding),
-                          conv_ref, conv_mag, "fp32"))
-    return specs
-
-
-def run_baselines(gpu, case: Case, x: np.ndarray, cold_l2: bool) -> dict:
-    from .gpu import baselines as bl
-
-    results = {}
-    for name, factory, ref, mag, dtype in _baseline_specs(case, x):
-        started = time.perf_counter()
+def _layers(config: Config, tuned, gpu_name: str):
+    """Layers and their plans; a case that cannot be planned is a UserError naming it."""
+    layers, planned = [], []
+    for problem, sparsity in config.cases():
+        where = f"{config.path} [{problem.id} @ {sparsity:g}]"
         try:
-            with factory(gpu) as base:
-                base.poison()
-                base.enqueue()
-                problem = bl.mismatch(base.output(), ref, mag, dtype, case.problem.k)
-                entry = {"ok": not problem, "message": problem or "ok", "dtype": dtype,
-                         "info": base.info}
-                if not problem:
-                    entry.update(gpu.time(base.enqueue, cold_l2=cold_l2).as_dict())
-        except Exception as exc:  # noqa: BLE001 - a baseline that fails is recorded, not fatal
-            entry = {"ok": False, "message": f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
-                     if str(exc) else type(exc).__name__}
-        entry["setup_seconds"] = round(time.perf_counter() - started, 3)
-        results[name] = entry
-    return results
+            check_budget(problem, sparsity)
+            layer = config_layer(config, problem, sparsity,
+                                 generate(problem, sparsity, config.pattern, config.seed))
+            planned += plan_layers([layer], tuned, gpu_name, config.emit, labels=False)
+        except UserError as exc:   # e.g. plan overrides that do not fit this layer
+            raise UserError(f"{where}: {exc.message}") from None
+        except MemoryError:
+            raise UserError(f"{where}: out of memory while generating and planning") from None
+        layers.append(layer)
+    return layers, planned
+
+
+def run_benchmark(config: Config, *, gpu=None, gpu_name: str = DEFAULT_TARGET_GPU,
+                  arch: str = "sm_90", tuned=None, cache: KernelCache | None = None,
+                  jobs: int | None = None, cold_l2: bool = False, baselines: bool = True,
+                  on_progress: Progress | None = None) -> dict:
+    """The whole benchmark of a config as one results document (kind "bench"): plan and compile
+    every layer (tuned plans from `tuned`, a TunedDB, or none), verify each on the CPU, and with
+    a `gpu` measure floors, then verify on the GPU, time and run the baselines
+    (benchmark_layer). Records are built here and returned; a failing case is recorded (and
+    listed in "failures"), never raised."""
+    def tick(stage, done, total, item=""):
+        if on_progress:
+            on_progress(stage, done, total, item)
+
+    cases = config.cases()
+    layers, planned = _layers(config, tuned if tuned is not None else False, gpu_name)
+    tick("plan", len(layers), len(layers))
+    done = [0]
+
+    def compiled(i, result):
+        done[0] += 1
+        tick("compile", done[0], len(layers), f"{layers[i].label} " + (
+            "cached" if getattr(result, "cached", False) else
+            f"{getattr(result, 'compile_seconds', 0.0):.1f}s"))
+
+    tick("compile", 0, len(layers))
+    kernels = compile_plans(layers, planned, emit=config.emit, arch=arch, cache=cache,
+                            jobs=jobs, on_done=compiled)
+    records = []
+    for i, ((problem, sparsity), layer, kernel) in enumerate(zip(cases, layers, kernels)):
+        record = layer_record(problem, sparsity, layer, kernel)
+        if isinstance(kernel, Kernel):
+            rng = np.random.default_rng(case_seed(config.seed, problem.id, sparsity,
+                                                  "cpu-verify"))
+            record["verify_cpu"] = verify_plan(kernel.plan, layer.weight, rng)
+            record["verify_cpu"].pop("checks", None)
+        records.append(record)
+        tick("verify", i + 1, len(layers), layer.label)
+    extra = {"arch": arch, "cold_l2": cold_l2, "target_gpu": gpu_name}
+    if gpu is not None:
+        tick("floors", 0, 1, "peak FLOP/s, bandwidth, launch")
+        floors = measure_floors(gpu)
+        tick("floors", 1, 1)
+        extra.update(gpu=gpu.info(), floors=floors,
+                     timing={"per_graph": 20, "replays": 10, "warmup": 3,
+                             "method": "CUDA graph replay, median per launch"})
+        for i, ((problem, sparsity), kernel, record) in enumerate(zip(cases, kernels, records)):
+            tick("time", i, len(layers), layers[i].label)
+            if record.get("verify_cpu", {}).get("ok"):
+                rng = np.random.default_rng(case_seed(config.seed, problem.id, sparsity,
+                                                      "gpu-verify"))
+                try:
+                    record.update(benchmark_layer(gpu, kernel, floors=floors, rng=rng,
+                                                  cold_l2=cold_l2, baselines=baselines))
+                except Exception as exc:  # noqa: BLE001 - recorded per case
+                    record["verify_gpu"] = {"ok": False, "message":
+                                            f"{type(exc).__name__}: {exc}"}
+            tick("time", i + 1, len(layers), layers[i].label)
+    extra["precision"] = config.precision
+    doc = {**metadata(config, "gpu" if gpu is not None else "compile-only", extra),
+           "cases": records}
+    doc["failures"] = [f"{r['problem']}@{r['sparsity']:g}" for r in records
+                       if not record_ok(r, gpu is not None)]
+    if gpu is not None:
+        doc["geomean"] = summarize(records)
+        ops = {r["op"] for r in records}
+        if "gemm" in ops and ops - {"gemm"}:   # the convolutions alone (fp16 target population)
+            doc["geomean_convs"] = summarize(records, tuple(sorted(ops - {"gemm"})))
+    return doc

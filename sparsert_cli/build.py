@@ -17,9 +17,9 @@ from . import __version__, limits
 from .cache import KernelCache, cache_key
 from .compile import DEFAULT_ARCH, Compiled, Resources, arch_number
 from .config import EpilogueSpec
-from .errors import CompileError
+from .errors import CompileError, UserError
+from .gpu.runtime import detect_arch, detect_gpu_name  # noqa: F401 (re-exported)
 from .patterns import case_seed, to_csr
-from .errors import UserError
 from .families import Family, family_of, lower
 from .families.immediate import Plan, PlanParams, build_plan, fit_vector_width
 from .ir import KernelIR
@@ -96,7 +96,14 @@ def make_plan(problem: Problem, weight, params: PlanParams | None = None,
     """Plan one kernel. `weight` is a dense array or a patterns.SparseWeight. fp16 kernels refuse
     weights and bias beyond fp16's range, and weights that round to zero unless
     `allow_fp16_flush`, which drops them (plan.nnz counts what the kernel computes)."""
-    geometry = geometry_for(problem)
+    return plan_weight(geometry_for(problem), weight, params, epilogue, overrides, precision,
+                       allow_fp16_flush)
+
+
+def plan_weight(geometry: Geometry, weight, params: PlanParams | None = None,
+                epilogue: Epilogue = Epilogue(), overrides: dict | None = None,
+                precision: str = "fp32", allow_fp16_flush: bool = False) -> Plan:
+    """make_plan() for a layer shape: params None means the default plan (then `overrides`)."""
     csr = to_csr(weight)
     limits.check_nonzeros(csr.nnz)
     for what, values in (("weights", csr.data), ("bias", epilogue.bias or ())):
@@ -182,6 +189,16 @@ def code_version(family: Family, emitter: str) -> str:
     """Changes whenever the emitted code does (the family's lowering or the printer): part of
     the kernel cache's keys and of the tuning database's."""
     return f"{family.version}+{get_printer(emitter).version}"
+
+
+def current_family(emitter: str = "ptx") -> tuple[str, str]:
+    """(family, code version) of the kernels this sparsert emits with `emitter`: the registry's
+    "auto" family and its code version. Tuned plans and tuning measurements are keyed by both,
+    so a winner measured with other generated code is never reused."""
+    from .families import get_family
+
+    family = get_family("auto")
+    return family.name, code_version(family, emitter)
 
 
 def _key(plan: Plan, emitter: str, arch: str) -> str:
@@ -325,35 +342,3 @@ def _stop(pool: ProcessPoolExecutor) -> None:
             process.terminate()
     for process in workers:
         process.join(timeout=2)
-
-
-def detect_arch() -> str:
-    """The local GPU's sm_XX, or the default target when there is no usable driver."""
-    from .gpu.runtime import have_gpu
-
-    if not have_gpu():
-        return DEFAULT_ARCH
-    from cuda.bindings import driver
-
-    attr = driver.CUdevice_attribute
-    err, dev = driver.cuDeviceGet(0)
-    err1, major = driver.cuDeviceGetAttribute(attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, dev)
-    err2, minor = driver.cuDeviceGetAttribute(attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, dev)
-    if int(err) or int(err1) or int(err2):
-        return DEFAULT_ARCH
-    return f"sm_{major}{minor}"
-
-
-def detect_gpu_name(default: str = "NVIDIA H100 80GB HBM3") -> str:
-    """The local GPU's name (the tuned-plan key), or the default target without a driver."""
-    from .gpu.runtime import have_gpu
-
-    if not have_gpu():
-        return default
-    from cuda.bindings import driver
-
-    err, dev = driver.cuDeviceGet(0)
-    err2, name = driver.cuDeviceGetName(256, dev)
-    if int(err) or int(err2):
-        return default
-    return bytes(name).split(b"\0", 1)[0].decode(errors="replace").strip() or default

@@ -12,12 +12,9 @@ import re
 import time
 from dataclasses import dataclass, field
 
+# Re-exported: arch helpers live in arch.py; callers that import them from here keep working.
+from .arch import DEFAULT_ARCH, SUPPORTED_ARCHS, arch_number, check_arch  # noqa: F401
 from .errors import CompileError
-
-DEFAULT_ARCH = "sm_90"
-_ARCH_RE = re.compile(r"^sm_(\d{2,3})a?$")
-# What NVRTC/nvJitLink 13.x can target (nvrtcGetSupportedArchs); sm_XXa variants too.
-SUPPORTED_ARCHS = (75, 80, 86, 87, 88, 89, 90, 100, 103, 110, 120, 121)
 
 
 @dataclass(frozen=True)
@@ -44,23 +41,6 @@ class Compiled:
 
     def entry_resources(self, entry: str) -> Resources:
         return self.resources.get(entry, Resources())
-
-
-def arch_number(arch: str) -> int:
-    """sm_90a -> 90."""
-    return int(arch[3:].rstrip("a"))
-
-
-def check_arch(arch: str) -> str:
-    match = _ARCH_RE.match(arch)
-    if not match:
-        raise ValueError(f"--arch must look like sm_90 or sm_90a, got {arch!r}")
-    if int(match[1]) not in SUPPORTED_ARCHS:
-        raise ValueError(f"--arch {arch}: not a target of this toolchain (supported: "
-                         + ", ".join(f"sm_{a}" for a in SUPPORTED_ARCHS) + ")")
-    if arch.endswith("a") and int(match[1]) < 90:
-        raise ValueError(f"--arch {arch}: architecture-specific 'a' targets start at sm_90a")
-    return arch
 
 
 def _target(arch: str) -> str:

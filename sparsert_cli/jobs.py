@@ -34,18 +34,13 @@ STICKY_ERRORS = ("CUDA_ERROR_ILLEGAL_ADDRESS", "CUDA_ERROR_LAUNCH_FAILED",
                  "CUDA_ERROR_CONTEXT_IS_DESTROYED", "CUDA_ERROR_UNKNOWN")
 TUNE_REPLAYS = 5
 ATTEMPTS = 2          # a job whose worker dies is run once more, then recorded as failed
-_UNUSED_FLOORS = {"fp32_gflops": 1.0, "bandwidth_gbs": 1.0, "launch_us": 1.0}
 
 
 def current_family(emitter: str = "ptx") -> tuple[str, str]:
-    """(family, version) of the kernels this sparsert emits: the registry's "auto" family and its
-    code version (family lowering + printer), which changes whenever the emitted code does, so
-    old measurements stop counting as done."""
-    from .build import code_version
-    from .families import get_family
+    """(family, version) of the kernels this sparsert emits (build.current_family)."""
+    from .build import current_family as family_and_version
 
-    family = get_family("auto")
-    return family.name, code_version(family, emitter)
+    return family_and_version(emitter)
 
 
 def one_line(exc: BaseException) -> str:
@@ -97,7 +92,7 @@ class Job:
 @dataclass(frozen=True)
 class LaunchSpec:
     """The part of a plan a GPU worker needs to launch and check a kernel (a Plan holds every
-    load and can be large; this is a few numbers). Stands in for `Plan` in bench.Case."""
+    load and can be large; this is a few numbers): what api.Kernel.from_launch needs."""
 
     entry: str
     grid: tuple[int, int, int]
@@ -111,12 +106,13 @@ class LaunchSpec:
     nnz: int
     epilogue: Epilogue
     params: PlanParams
+    shared_bytes: int = 0
 
     @classmethod
     def of(cls, plan) -> "LaunchSpec":
         return cls(plan.entry, tuple(plan.grid), tuple(plan.block), tuple(plan.arguments),
                    plan.geometry, plan.element_bytes, plan.dtype, plan.accumulate,
-                   plan.precision, plan.nnz, plan.epilogue, plan.params)
+                   plan.precision, plan.nnz, plan.epilogue, plan.params, plan.shared_bytes)
 
 
 @dataclass(frozen=True)
@@ -179,7 +175,8 @@ def compile_job(case: CaseSpec, job: Job, emitter: str, arch: str, cache_root: s
                 threads: int = 1, verify_seed: int | None = None) -> Compiled:
     """Plan -> source -> cubin (through the cache), and with verify_seed the CPU verification of
     the plan against float64. Never raises: a failure is the answer's `error`."""
-    from .bench import Case, verify_cpu
+    from .api import verify_plan
+    from .patterns import case_seed
     from .cache import KernelCache
     from .patterns import to_csr
 
@@ -192,7 +189,8 @@ def compile_job(case: CaseSpec, job: Job, emitter: str, arch: str, cache_root: s
         launch = LaunchSpec.of(plan)
         cache = KernelCache(cache_root) if cache_root is not None else None
         build, _ = build_kernel(plan, emitter, arch, cache, threads)
-        verify = (verify_cpu(Case(case.problem, case.sparsity, case.weight, plan), verify_seed)
+        verify = (verify_plan(plan, case.weight, np.random.default_rng(case_seed(
+                      verify_seed, case.problem.id, case.sparsity, "cpu-verify")))
                   if verify_seed is not None else None)
     except Exception as exc:  # noqa: BLE001 - reported per job, never fatal to the run
         return Compiled(job, launch, None, one_line(exc), None, time.perf_counter() - start)
@@ -202,15 +200,11 @@ def compile_job(case: CaseSpec, job: Job, emitter: str, arch: str, cache_root: s
 def case_inputs(case: CaseSpec):
     """(x, residual, reference, magnitude) shared by every candidate of a case: one reference
     per case, as the serial tuner always did (seeded, so every worker and host agrees)."""
-    from types import SimpleNamespace
+    from .api import layer_inputs, layer_reference
 
-    from .bench import Case, random_inputs, reference
-
-    dtype = PRECISIONS[case.precision][0]
-    view = Case(case.problem, case.sparsity, case.weight,
-                SimpleNamespace(dtype=dtype, epilogue=case.epilogue))
-    x, res = random_inputs(view, np.random.default_rng(0))
-    return (x, res, *reference(view, x, res))
+    x, res = layer_inputs(case.geometry, PRECISIONS[case.precision][0], case.epilogue.residual,
+                          np.random.default_rng(0))
+    return (x, res, *layer_reference(case.weight, case.geometry, case.epilogue, x, res))
 
 
 def measure_job(compiled: Compiled, case: CaseSpec) -> MeasureJob:
@@ -236,11 +230,13 @@ class GpuMeasure:
                 "clocks": info.get("clocks", {}), "pci_bus_id": info.get("pci_bus_id")}
 
     def __call__(self, job: MeasureJob, inputs) -> dict:
-        from .bench import Case, run_gpu_case
+        from .api import Kernel
+        from .benchmark import benchmark_layer
 
-        case = Case(job.problem, job.sparsity, None, job.launch, build=job.build)
-        out = run_gpu_case(self.gpu, case, _UNUSED_FLOORS, 0, False, baselines=False,
-                           inputs=inputs, replays=self.replays)
+        kernel = Kernel.from_launch(job.launch, job.build,
+                                    "gemm" if job.problem.op == "gemm" else "conv")
+        out = benchmark_layer(self.gpu, kernel, inputs=inputs, baselines=False,
+                              replays=self.replays)
         verify = out.get("verify_gpu", {})
         timing = out.get("sparsert", {})
         return {"verified": bool(verify.get("ok")) and "median_us" in timing,

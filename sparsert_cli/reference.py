@@ -12,12 +12,15 @@ ABSOLUTE = {"fp32": 0.0, "tf32": 0.0, "fp16": 4 * 2.0 ** -24}
 SAFETY = 8.0
 
 
+def conv_out_hw(h: int, w: int, r: int, s: int, stride: int, padding: int) -> tuple[int, int]:
+    return (h + 2 * padding - r) // stride + 1, (w + 2 * padding - s) // stride + 1
+
+
 def im2col(x: np.ndarray, kernel_h: int, kernel_w: int, stride: int, padding: int) -> np.ndarray:
     """NCHW input -> (C*kh*kw) x (N*Ho*Wo) column matrix, row (c*kh + r)*kw + s, column
     (n*Ho + ho)*Wo + wo, zero padded. Keeps x's dtype."""
     n, c, h, w = x.shape
-    ho = (h + 2 * padding - kernel_h) // stride + 1
-    wo = (w + 2 * padding - kernel_w) // stride + 1
+    ho, wo = conv_out_hw(h, w, kernel_h, kernel_w, stride, padding)
     padded = np.pad(x, ((0, 0), (0, 0), (padding, padding), (padding, padding)))
     cols = np.empty((c, kernel_h, kernel_w, n, ho, wo), dtype=x.dtype)
     for r in range(kernel_h):
@@ -32,16 +35,15 @@ def conv_reference(weight: np.ndarray, x: np.ndarray, stride: int = 1, padding: 
                    absolute: bool = False) -> np.ndarray:
     """y = act(W (*) x + bias + residual) in float64, NCHW. With `absolute`, the same sum over
     |W| and |x| (no epilogue): the magnitude that scales the rounding error of each output."""
-    m, c, k, _ = weight.shape
+    m, c, k, k2 = weight.shape
     x64 = np.asarray(x, dtype=np.float64)
     n = x64.shape[0]
     w2 = sp.csr_matrix(np.asarray(weight, dtype=np.float64).reshape(m, -1))
-    cols = im2col(x64, k, k, stride, padding)
+    cols = im2col(x64, k, k2, stride, padding)
     if absolute:
         w2, cols = abs(w2), np.abs(cols)
     y = np.asarray(w2 @ cols)
-    ho = (x64.shape[2] + 2 * padding - k) // stride + 1
-    wo = (x64.shape[3] + 2 * padding - k) // stride + 1
+    ho, wo = conv_out_hw(x64.shape[2], x64.shape[3], k, k2, stride, padding)
     y = y.reshape(m, n, ho, wo).transpose(1, 0, 2, 3)
     if absolute:
         if residual is not None:
@@ -58,6 +60,15 @@ def conv_reference(weight: np.ndarray, x: np.ndarray, stride: int = 1, padding: 
     if activation == "relu6":
         y = np.minimum(y, 6.0)
     return y
+
+
+def reference_and_magnitude(weight: np.ndarray, x: np.ndarray, stride: int = 1, padding: int = 0,
+                            bias=None, residual=None, activation: str = "none"):
+    """(y, sum |w||x| + |bias| + |residual|), both float64 NCHW: what check() compares against.
+    `weight` is M x C x R x S (a gemm's M x K weight is M x K x 1 x 1, its x 1 x K x 1 x N)."""
+    ref = conv_reference(weight, x, stride, padding, bias, residual, activation)
+    mag = conv_reference(weight, x, stride, padding, bias, residual, absolute=True)
+    return ref, mag
 
 
 def tolerance(dtype: str, k: int) -> float:

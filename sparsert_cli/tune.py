@@ -1,6 +1,7 @@
-"""The autotuner: candidate plan parameters per case, compiled in parallel, verified and timed on
-the GPU; winners are stored as data (configs/tuned.json) keyed by (pattern hash, shape, GPU, precision) and
-reused by `gen` and `bench`."""
+"""Tuned plans as data: candidate plan parameters per layer, and the database of winners
+(configs/tuned.json) keyed by (pattern hash, shape, GPU, precision, kernel family@version) and
+reused by `gen`, `bench` and compile_kernel(plan="auto"). The tuning loop is jobs.py +
+executors/."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import json
 from dataclasses import asdict, fields, replace
 from pathlib import Path
 
-from .build import CODE_BUDGET, code_units, default_params, geometry_for
+from .build import CODE_BUDGET, code_units, current_family, default_params, geometry_for
 from .errors import UserError
 from .families.immediate import PlanParams, fit_params
 from .paths import SHIPPED_TUNED
@@ -25,10 +26,34 @@ def shape_key(geometry: Geometry) -> str:
             f"k{g.kernel}s{g.stride}p{g.padding}")
 
 
-class TunedDB:
-    """{"entries": {"<pattern hash>|<shape>|<gpu name>|<precision>": {"params": {...}, "us": ..}}}
+SCHEMA = 2        # 2: keys end in |<family>@<version>; 1: four-part keys (migrate_entries)
+# Defaults of keys: the code `tune` measures and `bench`/`gen` emit by default (PTX printer).
+FAMILY, FAMILY_VERSION = current_family("ptx")
 
-    Keyed by pattern *and* shape: the same weights at batch 1 and batch 32 want different plans.
+
+def entry_key(pattern_hash: str, shape: str, gpu_name: str, precision: str, family: str,
+              version: str) -> str:
+    """A tuned-plan key: the one format, used by TunedDB and by the tuning database's export."""
+    return f"{pattern_hash}|{shape}|{gpu_name}|{precision}|{family}@{version}"
+
+
+def migrate_entries(entries: dict, family: str = FAMILY, version: str = FAMILY_VERSION) -> dict:
+    """Schema-1 keys (pattern|shape|gpu|precision) -> schema-2 keys with `family@version`
+    appended. For a one-off migration when the family's code did not change: a schema-1 winner
+    was measured with the code `version` stands for. Schema-2 keys pass through unchanged."""
+    out = {}
+    for key, entry in entries.items():
+        out[key if key.count("|") == 4 else f"{key}|{family}@{version}"] = entry
+    return out
+
+
+class TunedDB:
+    """{"schema": 2, "entries": {"<pattern hash>|<shape>|<gpu>|<precision>|<family>@<version>":
+    {"params": {...}, "us": ..}}}
+
+    Keyed by pattern *and* shape: the same weights at batch 1 and batch 32 want different plans;
+    and by the kernel family's version: a winner measured with other generated code is never
+    reused (it is ignored on lookup and replaced when the layer is tuned again).
     """
 
     def __init__(self, path: Path = TUNED_PATH):
@@ -43,12 +68,16 @@ class TunedDB:
             self.entries = _entries(doc, self.path)
 
     @staticmethod
-    def key(pattern_hash: str, geometry: Geometry, gpu_name: str, dtype: str) -> str:
-        return f"{pattern_hash}|{shape_key(geometry)}|{gpu_name}|{dtype}"
+    def key(pattern_hash: str, geometry: Geometry, gpu_name: str, dtype: str,
+            family: str = FAMILY, version: str = FAMILY_VERSION) -> str:
+        return entry_key(pattern_hash, shape_key(geometry), gpu_name, dtype, family, version)
 
-    def lookup(self, pattern_hash: str, geometry: Geometry, gpu_name: str,
-               dtype: str) -> PlanParams | None:
-        entry = self.entries.get(self.key(pattern_hash, geometry, gpu_name, dtype))
+    def lookup(self, pattern_hash: str, geometry: Geometry, gpu_name: str, dtype: str,
+               family: str = FAMILY, version: str = FAMILY_VERSION) -> PlanParams | None:
+        """The winner for this layer and this version of the family, or None (an entry of
+        another version, or of schema 1, does not match)."""
+        entry = self.entries.get(self.key(pattern_hash, geometry, gpu_name, dtype, family,
+                                          version))
         if not entry:
             return None
         try:
@@ -57,14 +86,18 @@ class TunedDB:
             return None   # written by an older version with other parameters: retune
 
     def record(self, pattern_hash: str, geometry: Geometry, gpu_name: str, dtype: str,
-               params: PlanParams, info: dict) -> None:
-        self.entries[self.key(pattern_hash, geometry, gpu_name, dtype)] = {
+               params: PlanParams, info: dict, family: str = FAMILY,
+               version: str = FAMILY_VERSION) -> None:
+        """Store a winner under this code version (other versions' entries stay, unused: a
+        layer tuned with the CUDA printer and with the PTX printer has one winner for each)."""
+        key = self.key(pattern_hash, geometry, gpu_name, dtype, family, version)
+        self.entries[key] = {
             "params": asdict(params), **info,
             "tuned_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
     def save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        doc = {"schema": 1, "entries": dict(sorted(self.entries.items()))}
+        doc = {"schema": SCHEMA, "entries": dict(sorted(self.entries.items()))}
         self.path.write_text(json.dumps(doc, indent=1) + "\n")
 
 

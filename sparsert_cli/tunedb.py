@@ -65,8 +65,10 @@ def plan_json(params: dict) -> str:
 
 def tuned_key(pattern_hash: str, shape: str, gpu_name: str, precision: str, family: str,
               family_version: str) -> str:
-    """The configs/tuned.json key of an exported winner: TunedDB's key format, in one place."""
-    return f"{pattern_hash}|{shape}|{gpu_name}|{precision}"
+    """The configs/tuned.json key of an exported winner (TunedDB's key format)."""
+    from .tune import entry_key
+
+    return entry_key(pattern_hash, shape, gpu_name, precision, family, family_version)
 
 
 class TuneDB:

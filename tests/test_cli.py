@@ -66,9 +66,10 @@ def test_gen_gemm_writes_source_cubin_and_manifest(tmp_path):
     out = tmp_path / "out"
     result = _invoke(["gen", "--pattern", str(path), "--n", "33", "-o", str(out)])
     assert sorted(p.name for p in out.iterdir()) == ["kernel.cubin", "kernel.ptx",
-                                                     "manifest.json"]
+                                                     "manifest.json", "weights.npz"]
     doc = _manifest(out)
     assert MANIFEST_FIELDS <= set(doc)
+    assert doc["verify_cpu"]["ok"] and doc["verify_cpu"]["checks"] == 2   # checked before writing
     assert doc["entry"] in result.output
     cubin = (out / "kernel.cubin").read_bytes()
     assert cubin[:4] == b"\x7fELF"
@@ -95,7 +96,7 @@ def test_gen_emit_cuda_writes_kernel_cu(tmp_path):
     out = tmp_path / "out_cu"
     _invoke(["gen", "--pattern", str(path), "--n", "16", "--emit", "cuda", "-o", str(out)])
     assert sorted(p.name for p in out.iterdir()) == ["kernel.cu", "kernel.cubin",
-                                                     "manifest.json"]
+                                                     "manifest.json", "weights.npz"]
     doc = _manifest(out)
     assert doc["source"] == "kernel.cu" and doc["emitter"] == "cuda"
     assert doc["entry"] in (out / "kernel.cu").read_text()

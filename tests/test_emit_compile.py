@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from sparsert_cli import build as B
-from sparsert_cli.bench import prepare
+from sparsert_cli.api import config_layers, plan_layers
 from sparsert_cli.build import build_kernel, make_plan
 from sparsert_cli.compile import (Resources, check_arch, cpp_to_cubin, parse_ptxas,
                                   ptx_to_cubin)
@@ -39,7 +39,10 @@ def emit_cuda(plan, **lower_options):
 
 
 def _ci_cases(repo):
-    return prepare(load_config(repo / "configs" / "ci.yaml"), "NVIDIA H100 80GB HBM3")
+    """(label, plan) of every ci.yaml case, planned as `bench` plans them."""
+    layers = config_layers(load_config(repo / "configs" / "ci.yaml"))
+    return [(layer.label, plan) for layer, (plan, _) in
+            zip(layers, plan_layers(layers, gpu_name="NVIDIA H100 80GB HBM3"))]
 
 
 def _compile(plan, emitter, **emit_kwargs):
@@ -66,12 +69,12 @@ def _assert_good_cubin(compiled, plan):
 def test_every_ci_case_compiles_to_sm90_cubin_without_spills(repo, emitter):
     cases = _ci_cases(repo)
     assert len(cases) == 14
-    for case in cases:
-        build, source = build_kernel(case.plan, emitter, "sm_90", cache=None, keep_source=True)
-        assert build.cubin[:4] == ELF, case.key
-        assert build.entry == case.plan.entry and build.entry in source
-        assert build.resources.registers > 0, case.key
-        assert build.resources.spills == 0, (case.key, build.resources)
+    for key, plan in cases:
+        build, source = build_kernel(plan, emitter, "sm_90", cache=None, keep_source=True)
+        assert build.cubin[:4] == ELF, key
+        assert build.entry == plan.entry and build.entry in source
+        assert build.resources.registers > 0, key
+        assert build.resources.spills == 0, (key, build.resources)
         assert build.emitter == emitter and build.arch == "sm_90" and not build.cached
 
 

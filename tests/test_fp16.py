@@ -406,12 +406,11 @@ def test_config_allow_fp16_flush_reaches_the_plans_and_the_records(monkeypatch):
     monkeypatch.setattr(bench, "generate", lambda problem, *a: _tiny_gemm([1e-9])[1])
     strict = config_from_dict(base, "c.yaml")
     with pytest.raises(UserError, match=r"c.yaml \[g @ 0.5\]: weights: 1 nonzero value"):
-        bench.prepare(strict, bench.DEFAULT_TARGET_GPU)
+        bench.run_benchmark(strict, cache=None)
     lenient = config_from_dict({**base, "allow_fp16_flush": True}, "c.yaml")
     assert lenient.digest() != strict.digest()
-    case, = bench.prepare(lenient, bench.DEFAULT_TARGET_GPU)
-    assert case.plan.nnz == 1 and case.flushed == 1
-    assert bench.case_record(case)["fp16_flushed"] == 1
+    record, = bench.run_benchmark(lenient, cache=None)["cases"]
+    assert record["nnz"] == 1 and record["fp16_flushed"] == 1
 
 
 def test_bench_allow_fp16_flush_flag_drops_and_reports(tmp_path, capsys, monkeypatch):

@@ -10,10 +10,13 @@ import sys
 import numpy as np
 import pytest
 
+from sparsert_cli import reference as rf
+from sparsert_cli.benchmark import timing_summary
 from sparsert_cli.compile import cpp_to_cubin, ptx_to_cubin
 from sparsert_cli.errors import NoGpuError
 from sparsert_cli.gpu import baselines as bl
-from sparsert_cli.gpu import runtime
+from sparsert_cli.gpu import runtime, timing
+from sparsert_cli.gpu.baselines._base import mismatch
 
 
 def test_have_gpu_returns_bool_without_raising():
@@ -32,7 +35,8 @@ def test_gpu_without_driver_is_one_line_no_gpu_error():
 
 def test_import_touches_no_gpu_library():
     code = ("import sys, sparsert_cli.gpu.runtime, sparsert_cli.gpu.baselines, "
-            "sparsert_cli.gpu.nvml\n"
+            "sparsert_cli.gpu.nvml, sparsert_cli.gpu.timing, sparsert_cli.gpu.loaded, "
+            "sparsert_cli.benchmark, sparsert_cli.api, sparsert_cli.bench\n"
             "bad = [m for m in sys.modules if m.split('.')[0] in ('nvmath', 'cudnn', 'pynvml')"
             " or m == 'cuda.bindings.driver']\n"
             "assert not bad, bad")
@@ -50,35 +54,36 @@ def test_pack_params_points_at_each_value():
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90", "sm_90a", "sm_100"])
 def test_runtime_ptx_assembles(arch):
     header = runtime.ptx_header(arch)
-    assert ptx_to_cubin(header + runtime._SPIN_PTX, arch).cubin
+    assert ptx_to_cubin(header + timing._SPIN_PTX, arch).cubin
     assert ptx_to_cubin(header + runtime.EMPTY_PTX, arch).cubin
 
 
 def test_timing_summaries():
-    t = runtime.Timing((5.0, 1.0, 3.0, 2.0, 4.0), "graph", 20)
-    assert t.median_us == 3.0 and t.p20_us == pytest.approx(1.8) and t.p80_us == pytest.approx(4.2)
-    assert t.as_dict()["method"] == "graph"
+    summary = timing_summary(timing.Timing((5.0, 1.0, 3.0, 2.0, 4.0), "graph", 20))
+    assert summary["median_us"] == 3.0 and summary["p20_us"] == pytest.approx(1.8)
+    assert summary["p80_us"] == pytest.approx(4.2)
+    assert summary["method"] == "graph" and summary["samples_us"] == [5.0, 1.0, 3.0, 2.0, 4.0]
 
 
 def test_tolerance_scales_with_sqrt_k_and_precision():
-    assert bl.tolerance("fp32", 400) == pytest.approx(2 * bl.tolerance("fp32", 100))
-    assert bl.tolerance("fp32", 64) < bl.tolerance("tf32", 64) == bl.tolerance("fp16", 64)
-    assert bl.tolerance("fp32", 1) == pytest.approx(8 * 2.0 ** -23)
+    assert rf.tolerance("fp32", 400) == pytest.approx(2 * rf.tolerance("fp32", 100))
+    assert rf.tolerance("fp32", 64) < rf.tolerance("tf32", 64) == rf.tolerance("fp16", 64)
+    assert rf.tolerance("fp32", 1) == pytest.approx(8 * 2.0 ** -23)
     with pytest.raises(ValueError):
-        bl.tolerance("bf16", 8)
+        rf.tolerance("bf16", 8)
 
 
 def test_mismatch_reports_nan_and_error():
     ref, mag = np.array([1.0, 2.0]), np.ones(2)
-    assert bl.mismatch(ref.copy(), ref, mag, "fp32", 4) == ""
-    assert "NaN" in bl.mismatch(np.array([1.0, np.nan]), ref, mag, "fp32", 4)
-    assert "off" in bl.mismatch(np.array([1.0, 2.001]), ref, mag, "fp32", 4)
+    assert mismatch(ref.copy(), ref, mag, "fp32", 4) == ""
+    assert "NaN" in mismatch(np.array([1.0, np.nan]), ref, mag, "fp32", 4)
+    assert "off" in mismatch(np.array([1.0, 2.001]), ref, mag, "fp32", 4)
 
 
 def emulate_im2col_kernel(x, r, s, stride, padding):
     """The index arithmetic of the im2col CUDA kernel, run element by element on the host."""
     n, c, h, w = x.shape
-    ho, wo = bl.conv_out_hw(h, w, r, s, stride, padding)
+    ho, wo = rf.conv_out_hw(h, w, r, s, stride, padding)
     rows, cols = c * r * s, n * ho * wo
     out, flat = np.zeros(rows * cols), x.ravel()
     for idx in range(rows * cols):
@@ -97,14 +102,14 @@ def emulate_im2col_kernel(x, r, s, stride, padding):
 def test_im2col_index_math_and_source(shape, r, s, stride, padding):
     x = np.random.default_rng(0).standard_normal(shape)
     assert np.array_equal(emulate_im2col_kernel(x, r, s, stride, padding),
-                          bl.im2col64(x, r, s, stride, padding))
+                          rf.im2col(x, r, s, stride, padding))
     assert cpp_to_cubin(bl.im2col_source(shape, r, s, stride, padding), "sm_90").cubin
 
 
 def test_conv_reference_matches_direct_loops():
     rng = np.random.default_rng(1)
     x, w = rng.standard_normal((2, 3, 6, 7)), rng.standard_normal((4, 3, 3, 3))
-    y, mag = bl.conv_reference(x, w, 2, 1)
+    y, mag = rf.reference_and_magnitude(w, x, 2, 1)
     padded = np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1)))
     direct = np.zeros_like(y)
     for i in range(y.shape[2]):

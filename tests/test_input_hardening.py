@@ -50,7 +50,7 @@ def test_gen_rewrites_its_own_previous_output_in_place(tmp_path, capsys):
                capsys)[0] == 0
     assert run(["gen", "--pattern", pattern, "--n", "8", "-o", str(out)], capsys)[0] == 0
     assert sorted(p.name for p in out.iterdir()) == ["kernel.cubin", "kernel.ptx",
-                                                      "manifest.json"]
+                                                      "manifest.json", "weights.npz"]
 
 
 def test_malformed_scipy_npz_is_rejected_not_read_out_of_bounds(tmp_path, capsys):

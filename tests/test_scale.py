@@ -90,7 +90,7 @@ def test_export_keeps_the_best_verified_row(tmp_path):
         db.insert(_row(5, median_us=6.0, timestamp="2021-01-01T00:00:00+00:00", **same))
         db.insert(_row(5, median_us=0.5, timestamp="2019-01-01T00:00:00+00:00", **same))
         entries = export_entries(db, {FAMILY})
-    key = "p0|b1c4h1w8m4k1s1p0|G|fp32"
+    key = "p0|b1c4h1w8m4k1s1p0|G|fp32|" + "@".join(FAMILY)   # family@version: item 4
     assert list(entries) == [key]
     assert entries[key]["params"] == {"rows_per_group": 3}
     assert entries[key]["us"] == 3.0 and entries[key]["default_us"] == 5.0
@@ -305,6 +305,7 @@ def test_tune_records_winners_and_skips_stored_jobs(tmp_path, isolated_cache):
     assert out["run"]["skipped"] == 0 and all(r["status"] == "ok" for r in out["summary"])
     entries = TunedDB(tuned).entries
     assert len(entries) == 2 and all("|Fake GPU|fp32" in k for k in entries)
+    assert all(k.endswith("|" + "@".join(FAMILY)) for k in entries)   # the code version tuned
     again = run_tuner(small_config(), limit=2, db_path=tuned, db_sqlite=db,
                       measure=FakeMeasure(), gpu_ids=[0], arch="sm_90")
     assert again["run"]["skipped"] == again["run"]["jobs"] == 4

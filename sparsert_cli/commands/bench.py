@@ -13,46 +13,9 @@ from ..console import console, err_console
 from ..errors import NoGpuError, UserError
 from ..options import arch_option
 from ..paths import check_output, tuned_db_path
+from ._common import progress_bar, progress_callback, select, split_values  # noqa: F401
 
 RESULTS_DIR = Path("results") / "local"
-
-
-def split_values(values) -> list[str]:
-    return [v for item in values for v in str(item).split(",") if v.strip()]
-
-
-def select(config, problem_ids, sparsities, dtype, accumulate=None):
-    """Apply --problems / --sparsity / --dtype / --accumulate to a config (errors name the bad
-    value). A new --dtype resets the accumulator to that type unless --accumulate is given."""
-    from ..config import check_sparsity
-
-    if len(set(problem_ids)) != len(problem_ids):
-        raise UserError("--problems: a value is listed twice")
-    if problem_ids:
-        known = {p.id: p for p in config.problems}
-        missing = [p for p in problem_ids if p not in known]
-        if missing:
-            raise UserError(f"{config.path}: --problems {missing[0]!r} is not in this config "
-                            f"(it has {', '.join(known)})")
-        config = replace(config, problems=tuple(known[p] for p in problem_ids))
-    if sparsities:
-        values = []
-        for s in sparsities:
-            try:
-                values.append(check_sparsity(float(s), "--sparsity"))
-            except ValueError:
-                raise UserError(f"--sparsity: not a number: {s!r}") from None
-        if len(set(values)) != len(values):   # as numbers: 0.8 and 0.80 are the same case
-            raise UserError("--sparsity: a value is listed twice")
-        config = replace(config, sparsities=tuple(values))
-    if dtype:
-        config = replace(config, dtype=dtype, accumulate=dtype)
-    if accumulate:
-        config = replace(config, accumulate=accumulate)
-    if (config.dtype, config.accumulate) == ("fp32", "fp16"):
-        raise UserError(f"{config.path}: --accumulate fp16 needs --dtype fp16 (fp32 data is "
-                        f"summed in fp32)")
-    return config
 
 
 def output_paths(config, precision: str, out_path=None, csv_path=None) -> tuple[Path, Path]:
@@ -67,15 +30,6 @@ def output_paths(config, precision: str, out_path=None, csv_path=None) -> tuple[
     check_output(out, "--out")
     check_output(csv_out, "--csv")
     return out, csv_out
-
-
-def progress_bar():
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                               TimeElapsedColumn)
-
-    return Progress(TextColumn("{task.description:<10}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("{task.fields[item]}"), TimeElapsedColumn(),
-                    console=err_console, transient=False)
 
 
 @click.command("bench")
@@ -166,10 +120,20 @@ def command(config_path, problem_ids, sparsities, dtype, accumulate, out_path, c
         arch = arch or (gpu.arch if gpu else detect_arch())
         tuned = None if no_tuned else TunedDB(tuned_path)
         cache = None if no_cache else KernelCache()
-        doc = _run(config, gpu, gpu_name, arch, tuned, cache, jobs, cold_l2, not no_baselines)
+        with progress_bar() as progress:
+            doc = B.run_benchmark(config, gpu=gpu, gpu_name=gpu_name, arch=arch, tuned=tuned,
+                                  cache=cache, jobs=jobs, cold_l2=cold_l2,
+                                  baselines=not no_baselines,
+                                  on_progress=progress_callback(progress))
     finally:
         if gpu is not None:
             gpu.close()
+    flushed = {f"{r['problem']}@{r['sparsity']:g}": r["fp16_flushed"] for r in doc["cases"]
+               if r.get("fp16_flushed")}
+    if flushed:
+        err_console.print(f"[yellow]{config.path}:[/] dropped weights that round to zero in "
+                          f"fp16: " + ", ".join(f"{k} {n}" for k, n in flushed.items()),
+                          soft_wrap=True)
     for path, text in ((out, json.dumps(doc, indent=1) + "\n"), (csv_out, csv_text(doc))):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
@@ -179,66 +143,3 @@ def command(config_path, problem_ids, sparsities, dtype, accumulate, out_path, c
                                                   + ", ".join(failures) if failures else ""))
     if failures:
         sys.exit(1)
-
-
-def _run(config, gpu, gpu_name, arch, tuned, cache, jobs, cold_l2, baselines) -> dict:
-    from .. import bench as B
-
-    with progress_bar() as progress:
-        task = progress.add_task("plan", total=len(config.cases()), item="")
-        cases = B.prepare(config, gpu_name, tuned)
-        progress.update(task, completed=len(cases))
-        flushed = {c.key: c.flushed for c in cases if c.flushed}
-        if flushed:
-            progress.console.print(f"[yellow]{config.path}:[/] dropped weights that round to zero "
-                                   f"in fp16: " + ", ".join(f"{k} {n}" for k, n in flushed.items()),
-                                   soft_wrap=True)
-        task = progress.add_task("compile", total=len(cases), item="")
-
-        def compiled(case, build, seconds):
-            progress.update(task, advance=1, item=f"{case.key} "
-                            + ("cached" if getattr(build, "cached", False) else f"{seconds:.1f}s"))
-
-        B.compile_cases(cases, config.emit, arch, cache, jobs, compiled)
-        task = progress.add_task("verify", total=len(cases), item="")
-        for case in cases:
-            case.result = B.case_record(case)
-            if case.result["compile"]["ok"]:
-                case.result["verify_cpu"] = B.verify_cpu(case, config.seed)
-            progress.update(task, advance=1, item=case.key)
-        extra = {"arch": arch, "cold_l2": cold_l2, "target_gpu": gpu_name}
-        if gpu is not None:
-            task = progress.add_task("floors", total=1, item="peak FLOP/s, bandwidth, launch")
-            floors = gpu.measure_floors()
-            progress.update(task, advance=1)
-            extra.update(gpu=gpu.info(), floors=floors,
-                         timing={"per_graph": 20, "replays": 10, "warmup": 3,
-                                 "method": "CUDA graph replay, median per launch"})
-            task = progress.add_task("time", total=len(cases), item="")
-            for case in cases:
-                progress.update(task, item=case.key)
-                if case.result.get("verify_cpu", {}).get("ok"):
-                    try:
-                        case.result.update(B.run_gpu_case(gpu, case, floors, config.seed,
-                                                          cold_l2, baselines))
-                    except Exception as exc:  # noqa: BLE001 - recorded per case
-                        case.result["verify_gpu"] = {"ok": False, "message":
-                                                     f"{type(exc).__name__}: {exc}"}
-                progress.update(task, advance=1)
-    records = [c.result for c in cases]
-    mode = "gpu" if gpu is not None else "compile-only"
-    extra["precision"] = config.precision
-    doc = {**B.metadata(config, mode, extra), "cases": records}
-    doc["failures"] = [f"{r['problem']}@{r['sparsity']:g}" for r in records if not _ok(r, gpu)]
-    if gpu is not None:
-        doc["geomean"] = B.summarize(records)
-        ops = {r["op"] for r in records}
-        if "gemm" in ops and ops - {"gemm"}:   # the convolutions alone (fp16 target population)
-            doc["geomean_convs"] = B.summarize(records, tuple(sorted(ops - {"gemm"})))
-    return doc
-
-
-def _ok(record: dict, gpu) -> bool:
-    if not record.get("compile", {}).get("ok") or not record.get("verify_cpu", {}).get("ok"):
-        return False
-    return gpu is None or record.get("verify_gpu", {}).get("ok", False)

@@ -2,11 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import click
@@ -73,59 +68,6 @@ def _bias(path: str | None, rows: int) -> tuple[float, ...] | None:
     return tuple(float(v) for v in values32)
 
 
-def manifest(problem, plan, build, weight, emitter: str) -> dict:
-    from .. import __version__
-    from ..patterns import pattern_hash
-
-    geo = plan.geometry
-    shapes = {"x": [geo.batch, geo.in_channels, geo.height, geo.width],
-              "y": [geo.batch, geo.out_channels, geo.out_height, geo.out_width],
-              "res": [geo.batch, geo.out_channels, geo.out_height, geo.out_width],
-              "z": [geo.in_channels, geo.height, geo.width]}
-    roles = {"x": "input activations (NCHW; a gemm's K x N matrix)",
-             "y": "output (NCHW; a gemm's M x N matrix), fully overwritten",
-             "res": "residual added before the activation, same shape as y",
-             "z": "all-zero buffer read for padding taps (must hold zeros)"}
-    res = build.resources
-    return {
-        "sparsert_version": __version__,
-        "entry": plan.entry,
-        "cubin": "kernel.cubin",
-        "source": "kernel.ptx" if emitter == "ptx" else "kernel.cu",
-        "emitter": emitter,
-        "arch": build.arch,
-        "dtype": plan.dtype,
-        "accumulate": plan.accumulate,
-        "grid": list(plan.grid),
-        "block": list(plan.block),
-        "shared_bytes": plan.shared_bytes,
-        "arguments": [{"name": a, "shape": shapes[a],
-                       "dtype": "float16" if plan.dtype == "fp16" else "float32", "role": roles[a]}
-                      for a in plan.arguments],
-        "problem": {"op": problem.op, "m": problem.m, "k": problem.k, "n": problem.n,
-                    "batch": geo.batch, "in_channels": geo.in_channels,
-                    "height": geo.height, "width": geo.width, "kernel": geo.kernel,
-                    "stride": geo.stride, "padding": geo.padding,
-                    "out_height": geo.out_height, "out_width": geo.out_width},
-        "epilogue": {"bias": plan.epilogue.bias is not None,
-                     "activation": plan.epilogue.activation,
-                     "residual": plan.epilogue.residual},
-        "plan": {"name": plan.params.name(), **plan.params.__dict__,
-                 "row_groups": len(plan.groups), "loads": plan.loads},
-        "nnz": plan.nnz,
-        "density": plan.nnz / (geo.out_channels * geo.taps),
-        "pattern_hash": pattern_hash(weight),
-        "registers": res.registers,
-        "spill_store_bytes": res.spill_store_bytes,
-        "spill_load_bytes": res.spill_load_bytes,
-        "stack_bytes": res.stack_bytes,
-        "compile_seconds": round(build.compile_seconds, 3),
-        "cached": build.cached,
-        "cubin_bytes": len(build.cubin),
-        "cubin_sha256": hashlib.sha256(build.cubin).hexdigest(),
-    }
-
-
 @click.command("gen")
 @click.option("--pattern", "pattern_path", required=True, type=click.Path(dir_okay=False),
               help="Weight file: scipy.sparse .npz, or .npz/.npy dense 2-D (M x K) or 4-D OIHW.")
@@ -163,12 +105,13 @@ def command(pattern_path, sparsity, op, n, height, width, batch, stride, padding
             accumulate, arch, bias_path, activation, residual, plan_items, out_dir, no_cache,
             no_tuned, as_json, allow_fp16_flush):
     """Generate one kernel specialised to a weight's sparsity pattern."""
-    from ..build import (build_kernel, check_emitter, detect_arch, detect_gpu_name, geometry_for,
-                         make_plan)
+    from ..api import Layer, compile_layer, plan_for
+    from ..build import check_emitter, detect_arch, detect_gpu_name, geometry_for
     from ..cache import KernelCache
     from ..config import check_sparsity
     from ..patterns import count_nonzeros, load_pattern
     from ..problem_shape import Epilogue, precision_label
+    from ..tune import TunedDB
 
     path = Path(pattern_path)
     try:
@@ -196,33 +139,33 @@ def command(pattern_path, sparsity, op, n, height, width, batch, stride, padding
     from ..patterns import check_matches
     check_matches(weight, problem, str(path))
     epilogue = Epilogue(_bias(bias_path, problem.out_channels), activation, residual)
-    params = None
-    if not no_tuned and not overrides:  # a tuned winner for this pattern, shape and GPU
-        from ..patterns import pattern_hash
-        from ..tune import TunedDB
-
-        params = TunedDB(tuned_db_path()).lookup(pattern_hash(weight), geometry_for(problem),
-                                                 detect_gpu_name(), precision)
+    layer = Layer(path.stem, "gemm" if op == "gemm" else "conv", weight, geometry_for(problem),
+                  epilogue, precision, plan=overrides or "auto",
+                  allow_fp16_flush=allow_fp16_flush)
+    # --plan gives the parameters outright: no tuned winner replaces them
+    tuned = False if no_tuned or overrides else TunedDB(tuned_db_path())
     try:
-        plan = make_plan(problem, weight, params, epilogue=epilogue, overrides=overrides,
-                         precision=precision, allow_fp16_flush=allow_fp16_flush)
+        planned = plan_for(layer, tuned, detect_gpu_name(), emitter)
     except UserError as exc:   # fp16 range, size budgets: name the file the values came from
         source = bias_path if bias_path and exc.message.startswith("bias:") else path
         raise UserError(f"{source}: {exc.message}") from None
-    flushed = count_nonzeros(weight) - plan.nnz
+    flushed = count_nonzeros(weight) - planned[0].nnz
     if flushed:
         from ..console import err_console
         err_console.print(f"[yellow]{path}:[/] dropped {flushed} weight(s) that round to zero "
                           f"in fp16 (--allow-fp16-flush)", soft_wrap=True)
     arch = arch or detect_arch()
-    cache = None if no_cache else KernelCache()
-    with console.status(f"compiling {plan.nnz} nonzeros ({emitter} -> {arch} cubin)...",
+    with console.status(f"compiling {planned[0].nnz} nonzeros ({emitter} -> {arch} cubin), "
+                        f"then checking it on the CPU...",
                         spinner="dots") if not as_json else _null():
-        build, source = build_kernel(plan, emitter, arch, cache, threads=os.cpu_count() or 1,
-                                     keep_source=True)
-    doc = manifest(problem, plan, build, weight, emitter)
-    _write(out, {doc["source"]: source.encode(), "kernel.cubin": build.cubin,
-                 "manifest.json": (json.dumps(doc, indent=2) + "\n").encode()})
+        kernel = compile_layer(layer, planned, emit=emitter, arch=arch,
+                               cache=None if no_cache else KernelCache()).verify()
+    if not kernel.verified["ok"]:    # never write a kernel the CPU check rejects
+        raise UserError(f"{path}: the generated kernel {kernel.entry} failed its CPU check "
+                        f"({kernel.verified['message']}); nothing written", code=1)
+    _check_out(out)     # again: something may have appeared during the compile
+    kernel.save(out)
+    doc = kernel.manifest()
     if as_json:
         print_json(doc)
         return
@@ -238,11 +181,11 @@ class _null:
         return False
 
 
-OUTPUT_FILES = {"kernel.ptx", "kernel.cu", "kernel.cubin", "manifest.json"}
 
 
 def _check_out(out: Path) -> None:
     """The output directory can be made, or is a previous `gen` output (nothing else in it)."""
+    from ..api import OUTPUT_FILES    # source, cubin, manifest.json, weights.npz
     check_output(out, "-o", directory=True)
     if out.is_dir():
         try:
@@ -252,31 +195,3 @@ def _check_out(out: Path) -> None:
         if foreign:
             raise UserError(f"{out}: holds files that are not a sparsert output "
                             f"({', '.join(foreign[:3])}); choose another -o")
-
-
-def _write(out: Path, files: dict[str, bytes]) -> None:
-    """Write the outputs without ever touching anything else: a new directory is filled in a
-    temporary sibling and renamed into place; an existing one may hold only a previous `gen`
-    output, whose files are replaced one by one (each atomically)."""
-    _check_out(out)     # again: something may have appeared during the compile
-    try:
-        if out.exists():
-            for name, data in files.items():
-                tmp = out / f".{name}.tmp"
-                tmp.write_bytes(data)
-                os.replace(tmp, out / name)
-            for stale in OUTPUT_FILES - set(files):       # e.g. kernel.cu after --emit ptx
-                (out / stale).unlink(missing_ok=True)
-            return
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-        try:
-            for name, data in files.items():
-                (tmp_dir / name).write_bytes(data)
-            tmp_dir.chmod(0o755)
-            os.replace(tmp_dir, out)
-        except OSError:
-            shutil.rmtree(tmp_dir, ignore_errors=True)
-            raise
-    except OSError as exc:
-        raise UserError(f"{out}: cannot write output: {exc.strerror or exc}") from None

@@ -2,56 +2,15 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 
 import click
 
 from ..console import console, print_json, table
 from ..errors import UserError
-
-
-REQUIRED = ("entry", "problem", "nnz", "density", "plan", "epilogue", "grid", "block",
-            "shared_bytes", "arguments", "arch", "emitter", "dtype", "registers",
-            "spill_store_bytes", "spill_load_bytes", "stack_bytes", "cubin_bytes",
-            "compile_seconds", "pattern_hash")
-
-
-def load_manifest(directory: Path) -> dict:
-    path = directory / "manifest.json"
-    if not path.is_file():
-        raise UserError(f"{directory}: no manifest.json (not a `sparsert gen` output directory)")
-    try:
-        doc = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise UserError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(doc, dict):
-        raise UserError(f"{path}: not a sparsert manifest (not a JSON object)")
-    missing = [key for key in REQUIRED if key not in doc]
-    if missing:
-        raise UserError(f"{path}: not a complete sparsert manifest (missing "
-                        f"{', '.join(repr(k) for k in missing[:4])})")
-    return doc
-
-
-def check_cubin(directory: Path, doc: dict) -> str:
-    """The cubin the manifest names exists and matches its hash; else one line, exit 2."""
-    name = doc.get("cubin", "kernel.cubin")
-    if not isinstance(name, str) or not name or Path(name).name != name:
-        raise UserError(f"{directory / 'manifest.json'}: 'cubin' must name a file in "
-                        f"{directory}, got {name!r}")
-    cubin = directory / name
-    if not cubin.is_file():
-        raise UserError(f"{cubin}: missing (the manifest names it as the kernel's cubin)")
-    try:
-        digest = hashlib.sha256(cubin.read_bytes()).hexdigest()
-    except OSError as exc:
-        raise UserError(f"{cubin}: cannot be read ({exc.strerror or exc})") from None
-    if digest != doc.get("cubin_sha256"):
-        raise UserError(f"{cubin}: does not match the manifest's cubin_sha256 (changed or "
-                        f"damaged since `sparsert gen` wrote it)")
-    return "ok"
+# The manifest and cubin checks live with the output directory's format (files.py), shared
+# with Kernel.from_dir; kept importable from here.
+from ..files import REQUIRED, check_cubin, read_manifest as load_manifest  # noqa: F401
 
 
 def render(doc: dict, directory: Path) -> None:
@@ -79,6 +38,10 @@ def render(doc: dict, directory: Path) -> None:
         ["compile", f"{doc['compile_seconds']} s" + (" (cache hit)" if doc.get("cached") else "")],
         ["pattern hash", doc["pattern_hash"]],
     ]
+    if isinstance(doc.get("verify_cpu"), dict):     # gen verifies before writing
+        check = doc["verify_cpu"]
+        rows.append(["CPU check", f"{'ok' if check.get('ok') else 'FAILED'}, max err "
+                                  f"{check.get('max_err')}"])
     console.print(table(f"sparsert kernel {doc['entry']}", ["Field", "Value"], rows))
 
 

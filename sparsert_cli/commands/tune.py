@@ -19,7 +19,7 @@ def run_tuner(config, arch=None, jobs=None, no_cache=False, limit=16, db_path=No
     from ..executors import tune_config
     from ..gpu.runtime import have_gpu
     from ..paths import check_output, tuned_db_path
-    from .bench import progress_bar
+    from ._common import progress_bar
 
     if ray is None and measure is None and not have_gpu():
         raise NoGpuError("sparsert tune needs a GPU (no CUDA driver or GPU found)"
@@ -80,7 +80,7 @@ def command(config_path, problem_ids, sparsities, dtype, accumulate, max_candida
             db_sqlite, remeasure, gpus, ray, arch, jobs, no_cache):
     """Autotune plan parameters per (pattern, GPU, dtype) on every GPU of this host."""
     from ..config import load_config
-    from .bench import select, split_values
+    from ._common import select, split_values
 
     if gpus is not None and ray is not None:
         raise UserError("--gpus and --ray exclude each other (Ray places the timers itself)")

@@ -110,7 +110,8 @@ def tune_config(config, *, gpus: str | None = None, ray: str | None = None, arch
     def prepare(gpu):
         def seeds(digest, geometry, precision):
             return [found for other in PRECISIONS if other != precision
-                    if (found := tuned.lookup(digest, geometry, gpu["gpu_name"], other))]
+                    if (found := tuned.lookup(digest, geometry, gpu["gpu_name"], other,
+                                              *family))]
         return make_cases(config, limit, seeds)
 
     with TuneDB(db_path or default_db_path()) as db:
@@ -122,6 +123,7 @@ def tune_config(config, *, gpus: str | None = None, ray: str | None = None, arch
                          entry["precision"], entry["params"],
                          {"us": entry["us"], "default_us": entry["default_us"],
                           "candidates": entry["candidates"], "verified": entry["verified"],
-                          "problem": entry["problem"], "sparsity": entry["sparsity"]})
+                          "problem": entry["problem"], "sparsity": entry["sparsity"]},
+                         *family)     # keyed by the code version measured (item 4, issue 9)
     tuned.save()
     return {"summary": summary, "run": stats}

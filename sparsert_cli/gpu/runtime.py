@@ -1,4 +1,6 @@
-"""GPU runtime: one context, one stream, device memory, cubin loading, launches and timing.
+"""GPU runtime: the device's primary context, an own stream, device memory, cubin loading and
+launches (on the own stream or a borrowed one). Timing lives in timing.py, library baselines in
+baselines/, neither imported from here.
 
 Built on the raw `cuda.bindings.driver` API, which is the same across cuda-bindings 12.x/13.x
 (the GPU image has 13.3.1, the dev box 13.4.4); cuda.core's API moved too often to rely on.
@@ -15,40 +17,12 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from ..arch import DEFAULT_ARCH, ptx_header  # noqa: F401 (ptx_header: re-exported)
 from ..errors import NoGpuError
 
 _DEFAULT_SMEM = 48 * 1024   # static + dynamic shared above this needs a per-kernel opt-in
-_SPIN_NS = 50_000           # GPU busy time queued ahead of each timed replay (see time())
 
 EMPTY_PTX = ".visible .entry sparsert_empty()\n{\n    ret;\n}\n"
-# Busy-waits ~_SPIN_NS on %globaltimer, touching no memory (so it leaves L2 as it was).
-# The iteration cap keeps it finite should the timer ever stand still.
-_SPIN_PTX = f""".visible .entry sparsert_spin()
-{{
-    .reg .pred %p<3>;
-    .reg .b64 %rd<5>;
-    mov.u64 %rd1, %globaltimer;
-    mov.u64 %rd4, 0;
-$L_spin:
-    mov.u64 %rd2, %globaltimer;
-    sub.s64 %rd3, %rd2, %rd1;
-    add.s64 %rd4, %rd4, 1;
-    setp.lt.s64 %p1, %rd3, {_SPIN_NS};
-    setp.lt.s64 %p2, %rd4, 10000000;
-    and.pred %p1, %p1, %p2;
-    @%p1 bra $L_spin;
-    ret;
-}}
-"""
-
-
-def ptx_header(arch: str) -> str:
-    """`.version/.target/.address_size` lines for hand-written PTX. ISA 8.0 covers sm_90(a) and
-    older; newer chips need a newer ISA, which nvJitLink 13.x accepts (we never JIT PTX)."""
-    from ..render.ptx import ptx_version
-
-    version = ptx_version(arch)
-    return f".version {version}\n.target {arch}\n.address_size 64\n\n"
 
 
 def _driver():
@@ -104,34 +78,6 @@ def pack_params(args: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
     return values, pointers
 
 
-@dataclass(frozen=True)
-class Timing:
-    """Per-launch times in microseconds, one sample per timed replay."""
-
-    samples_us: tuple[float, ...]
-    method: str          # "graph" (CUDA-graph replay) or "stream" (capture failed)
-    per_graph: int       # launches per timed replay; each sample is elapsed / per_graph
-    cold_l2: bool = False
-    note: str = ""       # why capture failed, when method == "stream"
-
-    @property
-    def median_us(self) -> float:
-        return float(np.median(self.samples_us))
-
-    @property
-    def p20_us(self) -> float:
-        return float(np.percentile(self.samples_us, 20))
-
-    @property
-    def p80_us(self) -> float:
-        return float(np.percentile(self.samples_us, 80))
-
-    def as_dict(self) -> dict:
-        return {"median_us": self.median_us, "p20_us": self.p20_us, "p80_us": self.p80_us,
-                "samples_us": list(self.samples_us), "method": self.method,
-                "per_graph": self.per_graph, "cold_l2": self.cold_l2, "note": self.note}
-
-
 class DeviceBuffer:
     """A cuMemAlloc'd block. `ptr` is the device address as an int (0 once freed)."""
 
@@ -146,6 +92,65 @@ class DeviceBuffer:
 
     def __int__(self) -> int:
         return self.ptr
+
+
+def stream_handle(stream) -> int:
+    """The cudaStream_t/CUstream address of an external stream: an int, a CUstream, an object
+    with the CUDA stream protocol `__cuda_stream__()` (cuda.core, CuPy) or with `cuda_stream`
+    (torch.cuda.Stream). 0 is the legacy default stream."""
+    if isinstance(stream, int):
+        return stream
+    protocol = getattr(stream, "__cuda_stream__", None)
+    if callable(protocol):
+        return int(protocol()[1])
+    handle = getattr(stream, "cuda_stream", None)
+    if handle is not None:
+        return int(handle)
+    try:
+        return int(stream)          # CUstream, cudaStream_t, numpy integers
+    except (TypeError, ValueError):
+        raise TypeError(f"not a CUDA stream handle: {type(stream).__name__} (pass an int, a "
+                        f"CUstream, or an object with __cuda_stream__ or cuda_stream)") from None
+
+
+@functools.lru_cache(maxsize=64)
+def _stream_object(handle: int):
+    return _driver().CUstream(handle)
+
+
+def as_stream(stream):
+    """A CUstream for the driver calls, from any handle stream_handle() accepts."""
+    if isinstance(stream, _driver().CUstream):
+        return stream
+    return _stream_object(stream_handle(stream))
+
+
+def _device_attribute(device: int, name: str) -> int:
+    attr = getattr(_driver().CUdevice_attribute, name)
+    return cu("cuDeviceGetAttribute", attr, cu("cuDeviceGet", device))
+
+
+def detect_arch(default: str = DEFAULT_ARCH, device: int = 0) -> str:
+    """The GPU's sm_XX, or `default` when there is no usable driver."""
+    if not have_gpu():
+        return default
+    try:
+        major = _device_attribute(device, "CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR")
+        minor = _device_attribute(device, "CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR")
+    except RuntimeError:
+        return default
+    return f"sm_{major}{minor}"
+
+
+def detect_gpu_name(default: str = "NVIDIA H100 80GB HBM3", device: int = 0) -> str:
+    """The GPU's name (part of a tuned-plan key), or `default` without a usable driver."""
+    if not have_gpu():
+        return default
+    try:
+        name = cu("cuDeviceGetName", 256, cu("cuDeviceGet", device))
+    except RuntimeError:
+        return default
+    return bytes(name).split(b"\0", 1)[0].decode(errors="replace").strip() or default
 
 
 @dataclass
@@ -171,10 +176,8 @@ class Gpu:
         drv = _driver()
         self._buffers: dict[int, DeviceBuffer] = {}
         self._modules: list = []
-        self._ctx = self.stream = self._events = None
-        self._scratch: DeviceBuffer | None = None
-        self._spin: Kernel | None = None
-        self._flush_value = 0
+        self._ctx = self.stream = None
+        self._at_close: list[Callable[[], None]] = []
         self.device = device
         self._dev = cu("cuDeviceGet", device)
         try:
@@ -182,8 +185,6 @@ class Gpu:
             cu("cuCtxSetCurrent", self._ctx)
             self.stream = cu("cuStreamCreate", int(drv.CUstream_flags.CU_STREAM_NON_BLOCKING))
             self.stream_handle = int(self.stream)
-            flags = int(drv.CUevent_flags.CU_EVENT_DEFAULT)   # timing enabled
-            self._events = (cu("cuEventCreate", flags), cu("cuEventCreate", flags))
             attr = drv.CUdevice_attribute
             get = lambda a: cu("cuDeviceGetAttribute", a, self._dev)  # noqa: E731
             self.compute_capability = (get(attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR),
@@ -223,20 +224,28 @@ class Gpu:
 
         if self.stream is not None:
             release("cuStreamSynchronize", self.stream)
+        for callback in reversed(self._at_close):   # helpers (timing events) before the memory
+            try:
+                callback()
+            except RuntimeError as exc:
+                errors.append(str(exc))
+        self._at_close.clear()
         for ptr in list(self._buffers):
             self._buffers.pop(ptr).ptr = 0
             release("cuMemFree", ptr)
         for module in self._modules:
             release("cuModuleUnload", module)
         self._modules.clear()
-        for event in self._events or ():
-            release("cuEventDestroy", event)
         if self.stream is not None:
             release("cuStreamDestroy", self.stream)
         release("cuDevicePrimaryCtxRelease", self._dev)
-        self._ctx = self.stream = self._events = self._spin = self._scratch = None
+        self._ctx = self.stream = None
         if errors:
             raise RuntimeError("; ".join(errors))
+
+    def at_close(self, callback: Callable[[], None]) -> None:
+        """Run `callback` when this Gpu closes (before its buffers and modules go)."""
+        self._at_close.append(callback)
 
     def synchronize(self) -> None:
         cu("cuStreamSynchronize", self.stream)
@@ -309,9 +318,10 @@ class Gpu:
                       max(_DEFAULT_SMEM - static, 0))
 
     def launch(self, kernel: Kernel, grid: tuple[int, int, int], block: tuple[int, int, int],
-               shared_bytes: int, args: Sequence[int]) -> None:
-        """Launch on the stream. Every argument is a 64-bit device address (int or DeviceBuffer).
-        Dynamic shared memory beyond the default 48 KiB (with static) is opted in on first use."""
+               shared_bytes: int, args: Sequence[int], stream=None) -> None:
+        """Launch on this Gpu's stream, or on a borrowed `stream` (a handle: see stream_handle()).
+        Every argument is a 64-bit device address (int or DeviceBuffer). Dynamic shared memory
+        beyond the default 48 KiB (with static) is opted in on first use."""
         if shared_bytes > kernel.dynamic_shared_limit:
             cu("cuFuncSetAttribute", kernel.function,
                _driver().CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
@@ -320,116 +330,4 @@ class Gpu:
         values, pointers = pack_params(args)
         params = pointers.ctypes.data if len(values) else 0
         cu("cuLaunchKernel", kernel.function, *map(int, grid), *map(int, block),
-           int(shared_bytes), self.stream, params, 0)
-
-    # ---- timing ----------------------------------------------------------------------------
-    def time(self, enqueue: Callable[[], None], *, per_graph: int = 20, replays: int = 10,
-             warmup: int = 3, cold_l2: bool = False, capture: bool = True) -> Timing:
-        """Per-launch time of `enqueue` (which puts exactly one run on self.stream).
-
-        Warm up, capture `per_graph` runs into a CUDA graph, replay it once untimed, then
-        `replays` times between two events; each sample is elapsed / per_graph. Before every
-        timed replay a ~50 us spin kernel is queued, so the start event, the graph launch and
-        the stop event are all submitted while the GPU is still busy: host submission latency
-        stays out of the measurement. If capture fails (a call that cannot be captured), the
-        stream is taken out of capture and the same runs are timed as plain back-to-back
-        enqueues (method "stream"). With cold_l2, a 2x-L2 scratch memset runs before each
-        replay (outside the events) and per_graph is forced to 1: in a graph of several
-        launches only the first would see a cold L2. A cold sample therefore carries one graph
-        launch's fixed cost (H100: empty kernel 2.98 us at per_graph=1, 1.0 at 20): compare
-        cold numbers only with cold numbers. capture=False skips the graph and times
-        on the stream directly (for long operations a graph would change, like big copies).
-        """
-        if per_graph < 1 or replays < 1 or warmup < 0:
-            raise ValueError("per_graph and replays must be >= 1 and warmup >= 0")
-        if cold_l2:
-            per_graph = 1
-        spin = self._spin_kernel()
-        for _ in range(warmup):
-            enqueue()
-        self.synchronize()
-        graph_exec, note = self._capture(enqueue, per_graph) if capture else (None, "not asked")
-
-        def run():
-            if graph_exec is not None:
-                cu("cuGraphLaunch", graph_exec, self.stream)
-            else:
-                for _ in range(per_graph):
-                    enqueue()
-
-        start, stop = self._events
-        try:
-            run()
-            self.synchronize()
-            samples = []
-            for _ in range(replays):
-                if cold_l2:
-                    self._flush_l2()
-                self.launch(spin, (1, 1, 1), (32, 1, 1), 0, [])
-                cu("cuEventRecord", start, self.stream)
-                run()
-                cu("cuEventRecord", stop, self.stream)
-                cu("cuEventSynchronize", stop)
-                samples.append(cu("cuEventElapsedTime", start, stop) * 1000.0 / per_graph)
-        finally:
-            if graph_exec is not None:
-                cu("cuGraphExecDestroy", graph_exec)
-        return Timing(tuple(samples), "graph" if graph_exec is not None else "stream",
-                      per_graph, cold_l2, note)
-
-    def _capture(self, enqueue: Callable[[], None], count: int):
-        """(uploaded graph exec, "") or (None, why capture failed). Never leaves the stream
-        capturing."""
-        drv = _driver()
-        cu("cuStreamBeginCapture", self.stream,
-           drv.CUstreamCaptureMode.CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
-        failure = ""
-        try:
-            for _ in range(count):
-                enqueue()
-        except Exception as exc:  # noqa: BLE001 - any failure inside capture means "not capturable"
-            failure = _one_line(exc)
-        err, graph = drv.cuStreamEndCapture(self.stream)   # graph is None or NULL on failure
-        if failure or int(err) != 0 or graph is None or not int(graph):
-            if int(err) == 0 and graph is not None and int(graph):
-                cu("cuGraphDestroy", graph)
-            self._clear_capture_error()
-            return None, failure or f"cuStreamEndCapture returned {getattr(err, 'name', err)}"
-        try:
-            graph_exec = cu("cuGraphInstantiate", graph, 0)
-        finally:
-            cu("cuGraphDestroy", graph)   # the executable graph does not need it
-        cu("cuGraphUpload", graph_exec, self.stream)
-        return graph_exec, ""
-
-    def _clear_capture_error(self) -> None:
-        """After a failed capture: clear the runtime's last error (best effort: a library with
-        its own static cudart keeps its own), and make sure the stream really left capture."""
-        try:
-            from cuda.bindings import runtime
-            runtime.cudaGetLastError()
-        except Exception:  # noqa: BLE001 - nothing to clear if the runtime never loaded
-            pass
-        status = cu("cuStreamIsCapturing", self.stream)
-        if int(status) != int(_driver().CUstreamCaptureStatus.CU_STREAM_CAPTURE_STATUS_NONE):
-            raise RuntimeError(f"stream still capturing after cuStreamEndCapture: {status!r}")
-
-    def _spin_kernel(self) -> Kernel:
-        if self._spin is None:
-            from ..compile import ptx_to_cubin
-            cubin = ptx_to_cubin(ptx_header(self.arch) + _SPIN_PTX, self.arch).cubin
-            self._spin = self.load(cubin, "sparsert_spin")
-        return self._spin
-
-    def _flush_l2(self) -> None:
-        if self._scratch is None:
-            self._scratch = self.alloc(2 * max(self.l2_bytes, 1 << 20))
-        self._flush_value ^= 1   # a different value each time: no write can be skipped
-        self.memset(self._scratch, self._flush_value)
-
-    # ---- ceilings ----------------------------------------------------------------------------
-    def measure_floors(self, gemm_size: int = 8192) -> dict:
-        """Ceilings for "% of floor": {"fp32_gflops", "bandwidth_gbs", "launch_us", ...}.
-        Lives with the baselines (it runs cuBLAS); see baselines.measure_floors."""
-        from .baselines import measure_floors
-        return measure_floors(self, gemm_size)
+           int(shared_bytes), self.stream if stream is None else as_stream(stream), params, 0)

@@ -15,7 +15,7 @@ import struct
 import numpy as np
 
 from .. import __version__
-from ..compile import arch_number
+from ..arch import arch_number, ptx_version  # noqa: F401 (ptx_version: re-exported)
 from ..ir import Batch, Compute, Finish, IndexOp, KernelIR, Reduce
 
 VERSION = "ptx-2"
@@ -68,14 +68,6 @@ def f32(value: float) -> str:
 def f16_bits(value: float) -> int:
     """The fp16 bit pattern of `value` (round to nearest even)."""
     return int(np.array([value], dtype=np.float16).view(np.uint16)[0])
-
-
-def ptx_version(arch: str) -> str:
-    """The oldest PTX ISA that knows `arch` (sm_88 and sm_110 arrived with ISA 9.0)."""
-    number = arch_number(arch)
-    if number in (88, 110) or number > 121:
-        return "9.0"
-    return "8.0" if number < 100 else "8.8"
 
 
 class Fmt:

@@ -13,7 +13,8 @@ from sparsert_cli.gpu.runtime import have_gpu
 if not have_gpu():
     pytest.skip("no CUDA driver or GPU", allow_module_level=True)
 
-from sparsert_cli import bench as B  # noqa: E402
+from sparsert_cli.api import Kernel, config_layers  # noqa: E402
+from sparsert_cli.benchmark import benchmark_layer  # noqa: E402
 from sparsert_cli.build import build_kernel, make_plan  # noqa: E402
 from sparsert_cli.config import load_config  # noqa: E402
 from sparsert_cli.gpu.runtime import Gpu  # noqa: E402
@@ -38,14 +39,15 @@ def run_case(gpu, problem, weight, params=None, epilogue=Epilogue(), emitter="pt
              sparsity=0.9, precision="fp32"):
     plan = make_plan(problem, weight, params, epilogue, precision=precision)
     build, _ = build_kernel(plan, emitter, gpu.arch, cache=None)
-    case = B.Case(problem, sparsity, weight, plan, build=build)
-    result = B.run_gpu_case(gpu, case, FLOORS, seed=7, cold_l2=False, baselines=False)
+    kernel = Kernel.from_build(plan, build, weight, "gemm" if problem.op == "gemm" else "conv")
+    result = benchmark_layer(gpu, kernel, floors=FLOORS, seed=7, baselines=False)
     assert result["verify_gpu"]["ok"], (plan.params.name(), result["verify_gpu"])
     return result
 
 
-CI_CASES = [(c.problem, c.sparsity, c.weight)
-            for c in B.prepare(load_config(CONFIGS / "ci.yaml"), B.DEFAULT_TARGET_GPU)]
+_CI = load_config(CONFIGS / "ci.yaml")
+CI_CASES = [(problem, sparsity, layer.weight) for (problem, sparsity), layer
+            in zip(_CI.cases(), config_layers(_CI))]
 
 
 @pytest.mark.parametrize("emitter", ["ptx", "cuda"])

@@ -13,8 +13,12 @@ from sparsert_cli.gpu.runtime import have_gpu
 if not have_gpu():
     pytest.skip("no CUDA driver or GPU", allow_module_level=True)
 
+from sparsert_cli.benchmark import measure_floors, timing_summary  # noqa: E402
 from sparsert_cli.compile import ptx_to_cubin  # noqa: E402
 from sparsert_cli.gpu import baselines as bl  # noqa: E402
+from sparsert_cli.gpu import timing as tm  # noqa: E402
+from sparsert_cli.gpu.baselines._base import mismatch  # noqa: E402
+from sparsert_cli.reference import reference_and_magnitude  # noqa: E402
 from sparsert_cli.gpu.runtime import Gpu, cu, ptx_header  # noqa: E402
 
 pytestmark = pytest.mark.gpu
@@ -105,7 +109,7 @@ def sparse_filter(rng, shape, density=0.2) -> np.ndarray:
 def run_checked(baseline, ref, mag, dtype, k):
     baseline.poison()
     baseline.enqueue()
-    problem = bl.mismatch(baseline.output(), ref, mag, dtype, k)
+    problem = mismatch(baseline.output(), ref, mag, dtype, k)
     assert problem == "", f"{baseline.name}: {problem}"
 
 
@@ -156,6 +160,26 @@ def test_ptx_kernel_launch(gpu, rng):
     dy.free()
 
 
+def test_launch_on_a_borrowed_stream(gpu, rng):
+    from cuda.bindings import driver
+
+    kernel = gpu.load(ptx_to_cubin(ptx_header(gpu.arch) + TEST_PTX, gpu.arch).cubin,
+                      "sparsert_test_affine")
+    x = rng.standard_normal(1024).astype(np.float32)
+    dx, dy = gpu.upload(x), gpu.alloc(x.nbytes)
+    gpu.poison(dy)
+    gpu.synchronize()
+    borrowed = cu("cuStreamCreate", int(driver.CUstream_flags.CU_STREAM_NON_BLOCKING))
+    try:
+        gpu.launch(kernel, (4, 1, 1), (256, 1, 1), 0, [dx, dy.ptr], stream=int(borrowed))
+        cu("cuStreamSynchronize", borrowed)
+        assert np.array_equal(gpu.download(dy, 1000, np.float32), 2 * x[:1000] + 1)
+    finally:
+        cu("cuStreamDestroy", borrowed)
+        dx.free()
+        dy.free()
+
+
 def empty_launcher(gpu):
     kernel = gpu.load(ptx_to_cubin(ptx_header(gpu.arch) + ".visible .entry e() { ret; }\n",
                                    gpu.arch).cubin, "e")
@@ -163,12 +187,14 @@ def empty_launcher(gpu):
 
 
 def test_time_empty_kernel_uses_graph(gpu):
-    timing = gpu.time(empty_launcher(gpu), per_graph=20, replays=7)
+    timing = tm.graph(gpu, empty_launcher(gpu), per_graph=20, replays=7)
     assert timing.method == "graph" and timing.per_graph == 20 and len(timing.samples_us) == 7
     assert all(s > 0 for s in timing.samples_us)
-    assert 0 < timing.p20_us <= timing.median_us <= timing.p80_us
-    cold = gpu.time(empty_launcher(gpu), replays=3, cold_l2=True)
-    assert cold.method == "graph" and cold.per_graph == 1 and cold.median_us > 0
+    summary = timing_summary(timing)
+    assert 0 < summary["p20_us"] <= summary["median_us"] <= summary["p80_us"]
+    cold = tm.cold_l2(gpu, empty_launcher(gpu), replays=3)
+    assert cold.method == "graph" and cold.per_graph == 1 and min(cold.samples_us) > 0
+    assert cold.cold_l2
 
 
 def test_time_falls_back_when_capture_fails(gpu):
@@ -178,16 +204,16 @@ def test_time_falls_back_when_capture_fails(gpu):
         launch()
         gpu.synchronize()            # illegal while the stream is capturing
 
-    timing = gpu.time(not_capturable, per_graph=4, replays=3)
-    assert timing.method == "stream" and timing.note and timing.median_us > 0
+    timing = tm.graph(gpu, not_capturable, per_graph=4, replays=3)
+    assert timing.method == "stream" and timing.note and min(timing.samples_us) > 0
     assert int(cu("cuStreamIsCapturing", gpu.stream)) == 0
-    assert gpu.time(launch, replays=2).method == "graph"     # the stream is usable again
-    assert gpu.time(launch, replays=2, capture=False).method == "stream"
+    assert tm.graph(gpu, launch, replays=2).method == "graph"     # the stream is usable again
+    assert tm.stream(gpu, launch, replays=2).method == "stream"
 
 
 def test_measure_floors(gpu):
     pytest.importorskip("nvmath.bindings.cublas")
-    floors = gpu.measure_floors(gemm_size=2048)
+    floors = measure_floors(gpu, gemm_size=2048)
     assert floors["fp32_gflops"] > 0 and floors["bandwidth_gbs"] > 0 and floors["launch_us"] > 0
 
 
@@ -204,8 +230,8 @@ def test_cublas_gemm(gpu, rng, mode):
     with bl.CublasGemm(gpu, a, b, mode) as gemm:
         run_checked(gemm, ref, mag, mode, k)
         gemm.poison()
-        assert gpu.time(gemm.enqueue, replays=2).method == "graph"
-        assert bl.mismatch(gemm.output(), ref, mag, mode, k) == ""   # replays wrote it too
+        assert tm.graph(gpu, gemm.enqueue, replays=2).method == "graph"
+        assert mismatch(gemm.output(), ref, mag, mode, k) == ""   # replays wrote it too
 
 
 def test_cusparse_spmm(gpu, rng):
@@ -229,7 +255,7 @@ def test_cudnn_conv(gpu, rng, mode, stride, padding):
     pytest.importorskip("cudnn")
     x = rng.standard_normal(X_SHAPE).astype(np.float32)
     w = rng.standard_normal((OUT_CHANNELS, X_SHAPE[1], 3, 3)).astype(np.float32)
-    ref, mag = bl.conv_reference(x, w, stride, padding)
+    ref, mag = reference_and_magnitude(w, x, stride, padding)
     with bl.CudnnConv(gpu, x, w, stride, padding, mode) as conv:
         assert conv.info["per_plan_us"]
         assert conv.output().shape == ref.shape
@@ -241,7 +267,7 @@ def test_im2col_cusparse(gpu, rng, stride, padding):
     pytest.importorskip("nvmath.bindings.cusparse")
     x = rng.standard_normal(X_SHAPE).astype(np.float32)
     w = sparse_filter(rng, (OUT_CHANNELS, X_SHAPE[1], 3, 3))
-    ref, mag = bl.conv_reference(x, w, stride, padding)
+    ref, mag = reference_and_magnitude(w, x, stride, padding)
     w_csr = sp.csr_matrix(w.reshape(OUT_CHANNELS, -1))
     with bl.Im2colCusparse(gpu, x, w_csr, 3, 3, stride, padding) as conv:
         assert conv.info["algorithm"] in conv.info["per_algorithm_us"]
