@@ -30,7 +30,10 @@ Progress = Callable[[str, int, int, str], None]   # (stage, done, total, item)
 
 def git_commit() -> str | None:
     """HEAD of the checkout, with "+dirty" when tracked files differ from it (a GPU host gets a
-    copy of the working tree whose .git may lag behind: the suffix says the hash is not exact)."""
+    copy of the working tree whose .git may lag behind: the suffix says the hash is not exact).
+    $SPARSERT_GIT_COMMIT, when set, wins: the sender of such a copy knows the real commit."""
+    if os.environ.get("SPARSERT_GIT_COMMIT"):
+        return os.environ["SPARSERT_GIT_COMMIT"].strip()
     try:
         root = Path(__file__).resolve().parent.parent
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
