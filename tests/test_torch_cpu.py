@@ -184,3 +184,73 @@ def test_op_traces_under_compile_with_the_fake_kernel():
         fake = mode.from_tensor(x)
         out = torch.ops.sparsert.run(fake, None, model[0].kernel_id)
     assert tuple(out.shape) == (1, 8, 6, 6)
+
+
+# ---- `sparsert model` on a CPU box ---------------------------------------------------------
+def _tiny_onnx(path):
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(3)
+    w1 = rng.standard_normal((8, 4, 3, 3)).astype(np.float32)
+    w1[np.abs(w1) < 1.0] = 0                                    # ~68% zeros
+    w2 = rng.standard_normal((16, 6)).astype(np.float32)       # MatMul weight K x M
+    w2[np.abs(w2) < 1.2] = 0
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c"], ["r"]),
+             helper.make_node("MatMul", ["t", "w2"], ["y2"], name="mm")]
+    graph = helper.make_graph(
+        nodes, "tiny", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 6, 6]),
+                        helper.make_tensor_value_info("t", TensorProto.FLOAT, [5, 16])],
+        [helper.make_tensor_value_info("r", TensorProto.FLOAT, None),
+         helper.make_tensor_value_info("y2", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
+
+
+def test_model_command_on_cpu(tmp_path, capsys):
+    from cli_helpers import run_main
+
+    from sparsert_cli.results import load_results
+
+    code, out, err = run_main(["model", "mobilenet_v1", "--out", str(tmp_path / "m.json")],
+                              capsys)
+    assert code == 3 and "--compile-only" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "m.json").exists()
+    code, _, err = run_main(["model", "vgg16"], capsys)
+    assert code == 2 and "unknown model 'vgg16'" in err
+    code, _, err = run_main(["model", "resnet50", "--sparsity", "1.5"], capsys)
+    assert code == 2 and "--sparsity" in err
+    (tmp_path / "bad.onnx").write_bytes(b"\x08garbage")
+    code, _, err = run_main(["model", str(tmp_path / "bad.onnx"), "--compile-only"], capsys)
+    assert code == 2 and "bad.onnx" in err and len(err.strip().splitlines()) == 1
+    _tiny_onnx(tmp_path / "tiny.onnx")
+    code, out, err = run_main(["model", str(tmp_path / "tiny.onnx"), "--compile-only",
+                               "--no-cache", "--no-tuned", "--out", str(tmp_path / "r.json")],
+                              capsys)
+    assert code == 0, err
+    doc = load_results(tmp_path / "r.json", kinds=("models",))
+    (row,) = doc["models"]
+    assert row["mode"] == "compile-only" and row["verified"] and row["verified_layers"] == 2
+    assert [r["op"] for r in row["layers"]] == ["conv3x3", "linear"]
+    assert row["layers"][0]["fused"] == "relu" and row["max_rel_err"] < 1e-5
+    assert (tmp_path / "r.csv").read_text().startswith("model,dtype,sparsity")
+    code, out, err = run_main(["model", str(tmp_path / "tiny.onnx"), "--compile-only",
+                               "--no-cache", "--no-tuned", "--sparsity", "0.9", "--out",
+                               str(tmp_path / "r9.json")], capsys)
+    assert code == 0, err
+    (row,) = load_results(tmp_path / "r9.json")["models"]
+    assert all(abs(r["sparsity"] - 0.9) < 0.02 for r in row["layers"])
+
+
+def test_builtin_models_build_and_trace():
+    from sparsert_cli.models import build
+
+    for name, layers, bns, fused in (("resnet50", 54, 53, 33), ("mobilenet_v1", 28, 27, 27),
+                                     ("bert_base", 72, 0, 0)):
+        model, x = build(name, resolution=32, tokens=4)
+        chains = find_chains(model)
+        assert (len(chains), sum(c.bn is not None for c in chains),
+                sum(c.activation != "none" for c in chains)) == (layers, bns, fused)
+        with torch.no_grad():
+            assert torch.isfinite(model(x)).all()

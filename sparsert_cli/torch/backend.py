@@ -81,3 +81,25 @@ def compile_layer(weight: np.ndarray, *, op: str, input_shape=None, n: int | Non
     return compile_kernel(weight, op="conv", input_shape=tuple(input_shape), stride=stride,
                           padding=padding, dtype=dtype, epilogue=epilogue, tuned=tuned,
                           arch=arch, cache=cache)
+
+
+def tune_layer(weight: np.ndarray, *, op: str, label: str, input_shape=None, n=None,
+               stride: int = 1, padding: int = 0, dtype: str = "fp32",
+               epilogue: dict | None = None, tuned=None, arch: str | None = None) -> None:
+    """Tune one layer on the local GPU and save its winner into the tuned-plan database `tuned`
+    (None: the default one), where compile_layer(plan="auto") then finds it."""
+    try:
+        from sparsert_cli.api import Layer
+        from sparsert_cli.gpu.runtime import Gpu
+        from sparsert_cli.tune import TunedDB
+        from sparsert_cli.tuning import LocalExecutor, tune_layers
+    except ImportError:
+        raise UserError("tuning from PyTorch needs sparsert_cli.tuning (a newer sparsert)") \
+            from None
+    db = tuned if isinstance(tuned, TunedDB) else TunedDB() if tuned in (None, True, False) \
+        else TunedDB(tuned)
+    layer = Layer.of(label, weight, op=op, input_shape=input_shape, n=n, stride=stride,
+                     padding=padding, epilogue=epilogue, dtype=dtype)
+    with Gpu() as gpu:
+        tune_layers([layer], LocalExecutor(gpu, arch=arch), db)
+    db.save()

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from sparsert_cli.errors import UserError
 from sparsert_cli.torch import ops
-from sparsert_cli.torch.backend import compile_layer
+from sparsert_cli.torch.backend import compile_layer, tune_layer
 from sparsert_cli.torch.fuse import Chain, find_chains, folded
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
@@ -208,7 +208,7 @@ def _dense_module(modules, chain: Chain):
 def sparsify_(model: torch.nn.Module, example_inputs, *, dtype: str = "fp32", tuned=None,
               verify: bool = True, min_speedup: float = 1.0, min_sparsity: float = 0.5,
               dry_run: bool = False, arch: str | None = None, cache: bool = True,
-              include=None) -> list[dict]:
+              include=None, tune: bool = False) -> list[dict]:
     """Replace the sparse Conv2d (1x1/3x3, stride 1/2, groups=1) and Linear layers of `model`
     (on a CUDA device, in eval mode: this call sets it) with compiled kernels, in place.
 
@@ -219,7 +219,8 @@ def sparsify_(model: torch.nn.Module, example_inputs, *, dtype: str = "fp32", tu
     when its kernel is at least this much faster than the dense layer (timed here, on the GPU).
     min_sparsity: denser layers keep the dense op (their straight-line code would be huge).
     dry_run: plan, compile and verify on the CPU interpreter; the model is not changed.
-    include: None or a callable(name, module) -> bool choosing layers.
+    include: None or a callable(name, module) -> bool choosing layers. tune: run the tuner
+    (GPU) on every layer first and record its winners in `tuned` (a path or TunedDB).
     Returns one dict per layer: layer, op, shape, sparsity, fused, family, plan, replaced,
     reason, max_err, max_rel_err, dense_us, sparse_us, speedup. Render with report_table().
     """
@@ -230,11 +231,12 @@ def sparsify_(model: torch.nn.Module, example_inputs, *, dtype: str = "fp32", tu
                         "(model.cuda()), or pass dry_run=True to compile and verify on the CPU")
     return _sparsify(model, example_inputs, dtype=dtype, tuned=tuned, verify=verify,
                      min_speedup=min_speedup, min_sparsity=min_sparsity, dry_run=dry_run,
-                     arch=arch, cache=cache, include=include, device=device)
+                     arch=arch, cache=cache, include=include, device=device,
+                     tune=tune and not dry_run)
 
 
 def _sparsify(model, example_inputs, *, dtype, tuned, verify, min_speedup, min_sparsity,
-              dry_run, arch, cache, include, device) -> list[dict]:
+              dry_run, arch, cache, include, device, tune=False) -> list[dict]:
     """sparsify_ without the device check: on a CPU model (tests) layers are replaced by ops
     that run the plan interpreter."""
     if isinstance(example_inputs, torch.Tensor):
@@ -279,7 +281,8 @@ def _sparsify(model, example_inputs, *, dtype, tuned, verify, min_speedup, min_s
         if why:
             row["reason"] = why
             continue
-        layer, why = _build(chain, module, modules, x, row, dtype, tuned, arch, cache, on_gpu)
+        layer, why = _build(chain, module, modules, x, row, dtype, tuned, arch, cache, on_gpu,
+                            tune)
         if layer is None:
             row["reason"] = why
             continue
@@ -308,7 +311,7 @@ def _sparsify(model, example_inputs, *, dtype, tuned, verify, min_speedup, min_s
     return rows
 
 
-def _build(chain, module, modules, x, row, dtype, tuned, arch, cache, on_gpu):
+def _build(chain, module, modules, x, row, dtype, tuned, arch, cache, on_gpu, tune):
     """(SparseLayer, None) or (None, why not)."""
     bn = modules[chain.bn] if chain.bn else None
     weight, bias = folded(module, bn)
@@ -317,6 +320,11 @@ def _build(chain, module, modules, x, row, dtype, tuned, arch, cache, on_gpu):
     stride = 1 if linear else module.stride[0]
     padding = 0 if linear else module.padding[0]
     try:
+        if tune:
+            tune_layer(weight.numpy(), op="gemm" if linear else "conv", label=chain.layer,
+                       input_shape=None if linear else tuple(x.shape),
+                       n=int(np.prod(x.shape[:-1])) if linear else None, stride=stride,
+                       padding=padding, dtype=dtype, epilogue=epilogue, tuned=tuned, arch=arch)
         if linear:
             n = int(np.prod(x.shape[:-1]))
             kernel = compile_layer(weight.numpy(), op="gemm", n=n, dtype=dtype,
