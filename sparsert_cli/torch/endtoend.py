@@ -86,11 +86,32 @@ def time_compiled(model, x) -> tuple[float, float]:
         return time_graph(compiled, x), seconds
 
 
+def _label(name: str, dtype: str, sparsity, batch) -> str:
+    return " ".join([name, dtype] + ([f"S={sparsity:g}"] if sparsity is not None else [])
+                    + ([f"b{batch}"] if batch else []))
+
+
 def _rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
     ref = ref.double()
     scale = float(ref.abs().max())
     err = float((y.double() - ref).abs().max())
     return err / scale if scale else err
+
+
+def layer_records(rows: list[dict]) -> list[dict]:
+    """sparsify_'s rows for a results file: `name`, and `sparsert_us` only where the kernel
+    replaced the layer (else the layer's time is its `dense_us`, when it was timed)."""
+    out = []
+    for row in rows:
+        rec = {"name": row["layer"], **{k: v for k, v in row.items() if k != "sparse_us"}}
+        if row["replaced"] and row.get("sparse_us") is not None:
+            rec["sparsert_us"] = row["sparse_us"]
+        elif row.get("sparse_us") is not None:
+            rec["kernel_us"] = row["sparse_us"]     # measured, but slower than dense
+        if rec.get("dense_us") is None:
+            rec.pop("dense_us", None)
+        out.append(rec)
+    return out
 
 
 def run_model(name: str, model: torch.nn.Module, x: torch.Tensor, *, sparsity: float | None,
@@ -100,14 +121,15 @@ def run_model(name: str, model: torch.nn.Module, x: torch.Tensor, *, sparsity: f
     model's own zeros (an imported, already pruned network)."""
     if sparsity is not None:
         prune_(model, sparsity)
-    row = {"model": name, "dtype": dtype, "sparsity": sparsity,
-           "batch": int(x.shape[0]), "rel_err_bound": REL_ERR_BOUND[dtype]}
+    row = {"model": name, "name": _label(name, dtype, sparsity, int(x.shape[0])),
+           "dtype": dtype, "sparsity": sparsity, "batch": int(x.shape[0]),
+           "rel_err_bound": REL_ERR_BOUND[dtype]}
     if dry_run:
         store = DTYPES[dtype]
         rows = sparsify_(model.to(dtype=store), (x.to(store),), dtype=dtype, tuned=tuned,
                          dry_run=True, cache=cache, arch=arch)
         ok = [r for r in rows if r["reason"].startswith("dry run")]
-        row.update(mode="compile-only", layers=rows, layers_total=len(rows), replaced=0,
+        row.update(mode="compile-only", layers=layer_records(rows), layers_total=len(rows), replaced=0,
                    verified_layers=len(ok), verified=all(
                        not r["reason"].startswith("verification failed") for r in rows),
                    max_rel_err=max((r["max_rel_err"] for r in ok), default=None))
@@ -144,7 +166,8 @@ def run_model(name: str, model: torch.nn.Module, x: torch.Tensor, *, sparsity: f
                best_dense_us=dense[best_name], speedup=dense[best_name] / sparse_us,
                max_rel_err=err, dense_rel_err=dense_err,
                verified=bool(np.isfinite(err) and err <= REL_ERR_BOUND[dtype]),
-               replaced=sum(r["replaced"] for r in rows), layers_total=len(rows), layers=rows,
+               replaced=sum(r["replaced"] for r in rows), layers_total=len(rows),
+               layers=layer_records(rows),
                gpu={"name": torch.cuda.get_device_name(), "capability":
                     list(torch.cuda.get_device_capability())}, torch=torch.__version__)
     return row
@@ -190,8 +213,9 @@ def run_onnx(name: str, layers, *, sparsity: float | None, dtype: str, tuned=Non
                             tune=tune, dry_run=dry_run, cache=cache, arch=arch)
         part["layer"] = layer.name
         rows.append(part)
-    row = {"model": name, "dtype": dtype, "sparsity": sparsity, "rel_err_bound": None,
-           "batch": None, "layers": rows, "layers_total": len(rows),
+    row = {"model": name, "name": _label(name, dtype, sparsity, None), "dtype": dtype,
+           "sparsity": sparsity, "rel_err_bound": None, "batch": None,
+           "layers": layer_records(rows), "layers_total": len(rows),
            "replaced": sum(r["replaced"] for r in rows)}
     errs = [r["max_rel_err"] for r in rows if r["max_rel_err"] is not None]
     row.update(max_rel_err=max(errs, default=None), verified=not any(

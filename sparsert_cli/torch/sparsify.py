@@ -280,6 +280,8 @@ def _sparsify(model, example_inputs, *, dtype, tuned, verify, min_speedup, min_s
             why = "all weights are zero"
         if why:
             row["reason"] = why
+            if on_gpu:      # what the dense layer costs: the per-layer share of the model
+                row["dense_us"] = _time_us(_dense_module(modules, chain), x)
             continue
         layer, why = _build(chain, module, modules, x, row, dtype, tuned, arch, cache, on_gpu,
                             tune)
@@ -367,7 +369,8 @@ def report_table(rows: list[dict], title: str = "sparsify"):
         return "-" if value is None else format(value, fmt)
 
     body = [[r["layer"], r["op"], r["shape"], num(r["sparsity"], ".2f"), r["fused"] or "-",
-             r.get("plan") or "-", num(r["dense_us"], ".2f"), num(r["sparse_us"], ".2f"),
+             r.get("plan") or "-", num(r.get("dense_us"), ".2f"),
+             num(r.get("sparse_us", r.get("sparsert_us", r.get("kernel_us"))), ".2f"),
              num(r["speedup"], ".2f"), num(r["max_rel_err"], ".1e"),
              "yes" if r["replaced"] else r["reason"]] for r in rows]
     return table(title, ["layer", "op", "shape", "S", "fused", "plan", "dense us", "sparse us",
