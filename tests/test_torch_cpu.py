@@ -254,3 +254,19 @@ def test_builtin_models_build_and_trace():
                 sum(c.activation != "none" for c in chains)) == (layers, bns, fused)
         with torch.no_grad():
             assert torch.isfinite(model(x)).all()
+
+
+def test_models_rows_feed_the_model_plot():
+    from sparsert_cli.plots.data import model_rows
+    from sparsert_cli.torch.endtoend import layer_records
+
+    base = {"op": "conv", "shape": "", "sparsity": 0.9, "fused": "", "plan": None,
+            "speedup": None, "max_rel_err": None, "reason": ""}
+    rows = [{**base, "layer": "a", "replaced": True, "dense_us": 4.0, "sparse_us": 2.0},
+            {**base, "layer": "b", "replaced": False, "dense_us": 3.0, "sparse_us": 5.0},
+            {**base, "layer": "c", "replaced": False, "dense_us": 1.0, "sparse_us": None}]
+    doc = {"models": [{"name": "m fp32 S=0.9 b1", "sparsert_us": 8.0,
+                       "layers": layer_records(rows)}]}
+    got = {r["layer"]: (r["engine"], r["us"]) for r in model_rows([("m.json", doc)])["rows"]}
+    assert got == {"a": ("sparsert", 2.0), "b": ("dense", 3.0), "c": ("dense", 1.0),
+                   "other": ("other", 2.0)}
