@@ -129,8 +129,8 @@ def run_model(name: str, model: torch.nn.Module, x: torch.Tensor, *, sparsity: f
         rows = sparsify_(model.to(dtype=store), (x.to(store),), dtype=dtype, tuned=tuned,
                          dry_run=True, cache=cache, arch=arch)
         ok = [r for r in rows if r["reason"].startswith("dry run")]
-        row.update(mode="compile-only", layers=layer_records(rows), layers_total=len(rows), replaced=0,
-                   verified_layers=len(ok), verified=all(
+        row.update(mode="compile-only", layers=layer_records(rows), layers_total=len(rows),
+                   replaced=0, verified_layers=len(ok), verified=all(
                        not r["reason"].startswith("verification failed") for r in rows),
                    max_rel_err=max((r["max_rel_err"] for r in ok), default=None))
         return row

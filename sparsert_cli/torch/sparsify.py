@@ -64,7 +64,7 @@ class SparseLayer(torch.nn.Module):
 
 
 # ---- per-layer checks --------------------------------------------------------------------------
-def _pair(value, name: str) -> int | None:
+def _pair(value) -> int | None:
     values = value if isinstance(value, (tuple, list)) else (value, value)
     return values[0] if len(set(values)) == 1 and isinstance(values[0], int) else None
 
@@ -73,16 +73,16 @@ def _unsupported(module) -> str | None:
     """Why this layer has no kernel (None: it can have one)."""
     if isinstance(module, torch.nn.Linear):
         return None
-    k = _pair(module.kernel_size, "kernel")
+    k = _pair(module.kernel_size)
     if module.groups != 1:
         return f"groups={module.groups} (depthwise/grouped: dense)"
     if k not in (1, 3):
         return f"kernel {tuple(module.kernel_size)} (only 1x1 and 3x3)"
-    if _pair(module.stride, "stride") not in (1, 2):
+    if _pair(module.stride) not in (1, 2):
         return f"stride {module.stride} (only 1 and 2)"
-    if not isinstance(module.padding, (tuple, list)) or _pair(module.padding, "padding") is None:
+    if not isinstance(module.padding, (tuple, list)) or _pair(module.padding) is None:
         return f"padding {module.padding!r} (only equal integer padding)"
-    if _pair(module.dilation, "dilation") != 1 or module.padding_mode != "zeros":
+    if _pair(module.dilation) != 1 or module.padding_mode != "zeros":
         return "dilation or padding mode other than 1 / zeros"
     return None
 
