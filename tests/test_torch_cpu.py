@@ -270,3 +270,16 @@ def test_models_rows_feed_the_model_plot():
     got = {r["layer"]: (r["engine"], r["us"]) for r in model_rows([("m.json", doc)])["rows"]}
     assert got == {"a": ("sparsert", 2.0), "b": ("dense", 3.0), "c": ("dense", 1.0),
                    "other": ("other", 2.0)}
+
+
+def test_dry_run_fp16_conv_and_linear():
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16),
+                          nn.ReLU(), nn.Conv2d(16, 16, 1, stride=2), nn.Flatten(),
+                          nn.Linear(16 * 4 * 4, 10)).eval()
+    prune_(model, 0.8)
+    x = torch.randn(1, 8, 8, 8)
+    rows = sparsify_(model.half(), (x.half(),), dtype="fp16", dry_run=True, tuned=False,
+                     cache=False)
+    assert [r["reason"] for r in rows] == ["dry run: verified"] * 3
+    assert all(r["max_rel_err"] < 1e-2 for r in rows) and rows[0]["fused"] == "bn+relu"
