@@ -267,7 +267,7 @@ def _sparsify(model, example_inputs, *, dtype, tuned, verify, min_speedup, min_s
         if record is None:
             row["reason"] = "not called by example_inputs"
             continue
-        x = record["x"]
+        x = record["x"].cpu() if dry_run else record["x"]     # a dry run checks on the CPU
         row["op"], row["shape"] = _describe(module, tuple(x.shape))
         why = _unsupported(module)
         if why is None and record["calls"] > 1:
