@@ -20,9 +20,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from .errors import UserError
-
-# A dense weight above this many elements is refused (4 GB as float32); save it sparse instead.
-MAX_DENSE_ELEMS = 1 << 28
+from .limits import MAX_DENSE_ELEMS
 MAX_SAFETENSORS_HEADER = 100 << 20
 NPY_MAGIC = b"\x93NUMPY"
 SAFETENSORS_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2", "I64": "<i8",

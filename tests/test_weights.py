@@ -198,3 +198,80 @@ def test_state_dict_without_torch(tmp_path, monkeypatch):
     (tmp_path / "m.pt").write_bytes(b"PK whatever")
     monkeypatch.setattr(builtins, "__import__", no_torch)
     _bad(tmp_path / "m.pt", "pip install 'sparsert[torch]'")
+
+
+# ---- `weights:` in a config, and gen --pattern FILE#TENSOR -------------------------------------
+def _config(tmp_path, weights: str, m=16, k=32) -> str:
+    (tmp_path / "c.yaml").write_text(
+        "name: own\nsparsity: [0.8]\nproblems:\n"
+        f"  - {{id: mine, op: gemm, m: {m}, k: {k}, n: 8, weights: '{weights}'}}\n")
+    return str(tmp_path / "c.yaml")
+
+
+def test_config_weights_drive_bench(tmp_path, capsys):
+    import json
+
+    from cli_helpers import run_main
+
+    from sparsert_cli.config import load_config
+    from sparsert_cli.patterns import generate, magnitude_prune, pattern_hash
+
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal((16, 32)).astype(np.float32)
+    _safetensors(tmp_path / "m.safetensors", {"fc.weight": ("F32", w), "other": ("F32", w[0])})
+    config = load_config(_config(tmp_path, "m.safetensors#fc.weight"))   # relative to the config
+    (problem,) = config.problems
+    assert problem.weights == str(tmp_path / "m.safetensors#fc.weight")
+    got = generate(problem, 0.8, "uniform", 0)
+    want = magnitude_prune(w.reshape(16, 32, 1, 1), 0.8)
+    assert np.array_equal(got, want)
+    out = tmp_path / "r.json"
+    code, _, err = run_main(["bench", config.path, "--compile-only", "--no-cache", "--no-tuned",
+                             "--out", str(out)], capsys)
+    assert code == 0, err
+    (case,) = json.loads(out.read_text())["cases"]
+    assert case["pattern_hash"] == pattern_hash(want) and case["verify_cpu"]["ok"]
+
+
+@pytest.mark.parametrize("spec, words", [
+    ("missing.npy", ["missing.npy", "no such file"]),
+    ("m.safetensors#nope", ["no tensor 'nope'"]),
+    ("m.safetensors#other", ["1-D"]),
+    ("wrong.npy", ["does not match problem mine"]),
+])
+def test_config_weights_bad_files(tmp_path, capsys, spec, words):
+    from cli_helpers import run_main
+
+    w = np.ones((16, 32), np.float32)
+    _safetensors(tmp_path / "m.safetensors", {"fc.weight": ("F32", w), "other": ("F32", w[0])})
+    np.save(tmp_path / "wrong.npy", np.ones((8, 32), np.float32))
+    out = tmp_path / "r.json"
+    code, _, err = run_main(["bench", _config(tmp_path, spec), "--compile-only", "--no-cache",
+                             "--out", str(out)], capsys)
+    errors = [line for line in err.splitlines() if line.startswith("sparsert:")]
+    assert code == 2 and len(errors) == 1 and not out.exists()     # (after the progress bar)
+    for word in words:
+        assert word in errors[0], err
+
+
+def test_config_weights_key_is_checked(tmp_path):
+    from sparsert_cli.config import load_config
+
+    (tmp_path / "c.yaml").write_text("sparsity: 0.5\nproblems:\n"
+                                     "  - {id: a, op: gemm, m: 4, k: 4, n: 4, weights: 3}\n")
+    with pytest.raises(UserError, match="'weights' must be a file name"):
+        load_config(tmp_path / "c.yaml")
+
+
+def test_gen_reads_any_weight_file(tmp_path, capsys, w4):
+    from cli_helpers import run_main
+
+    _safetensors(tmp_path / "m.safetensors", {"conv.weight": ("F32", w4), "b": ("F32", w4[0])})
+    code, _, err = run_main(["gen", "--pattern", f"{tmp_path / 'm.safetensors'}#conv.weight",
+                             "--sparsity", "0.5", "--height", "6", "--width", "6", "-o",
+                             str(tmp_path / "k"), "--no-cache"], capsys)
+    assert code == 0, err
+    assert (tmp_path / "k" / "manifest.json").is_file()
+    code, _, err = run_main(["gen", "--pattern", str(tmp_path / "m.safetensors"), "--n", "4"],
+                            capsys)
+    assert code == 2 and "#NAME" in err
