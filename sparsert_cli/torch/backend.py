@@ -36,29 +36,25 @@ class _InternalKernel:
 
 
 def _internal(weight, op, input_shape, n, stride, padding, dtype, epilogue, arch, cache):
-    from sparsert_cli.build import build_kernel, default_params
+    from sparsert_cli.build import Epilogue, build_kernel, make_plan
     from sparsert_cli.cache import KernelCache
     from sparsert_cli.compile import DEFAULT_ARCH
-    from sparsert_cli.patterns import to_csr
-    from sparsert_cli.plan import PRECISIONS, Epilogue, Geometry, build_plan
+    from sparsert_cli.problems import Problem
 
     if op == "gemm":
         m, k = weight.shape
-        geometry = Geometry(1, k, 1, n, m).validate()
-        weight = weight.reshape(m, k, 1, 1)
-        shapes = (k, n), (m, n)
+        problem = Problem("layer", "gemm", m, k, height=1, width=n).validate("layer")
+        weight, shapes = weight.reshape(m, k, 1, 1), ((k, n), (m, n))
     else:
         b, c, h, w = input_shape
-        geometry = Geometry(b, c, h, w, weight.shape[0], weight.shape[2], stride,
-                            padding).validate()
-        shapes = tuple(input_shape), (b, geometry.out_channels, geometry.out_height,
-                                      geometry.out_width)
+        problem = Problem("layer", f"conv{weight.shape[2]}x{weight.shape[2]}", weight.shape[0], c,
+                          height=h, width=w, batch=b, stride=stride,
+                          padding=padding).validate("layer")
+        shapes = tuple(input_shape), problem.output_shape
     bias = epilogue.get("bias")
     epi = Epilogue(None if bias is None else tuple(float(v) for v in bias),
                    epilogue.get("activation", "none"), bool(epilogue.get("residual")))
-    csr = to_csr(weight)
-    params = default_params(geometry, csr.nnz, precision=dtype)
-    plan = build_plan(csr, geometry, params, epi, *PRECISIONS[dtype])
+    plan = make_plan(problem, weight, None, epi, precision=dtype)
     build_kernel(plan, "ptx", arch or DEFAULT_ARCH, KernelCache() if cache else None)
     return _InternalKernel(plan, op, *shapes)
 
