@@ -110,10 +110,15 @@ def test_sparsify_replaces_on_cpu_and_matches_the_dense_model():
                      device=torch.device("cpu"))
     by = {r["layer"]: r for r in rows}
     assert by["4"]["replaced"] is False and "groups=8" in by["4"]["reason"]
-    assert all(by[n]["replaced"] for n in ("0", "3.conv1", "3.conv2", "6", "9")), rows
-    assert all(by[n]["max_rel_err"] < 1e-5 for n in ("0", "3.conv1", "9"))
+    fused = "3.conv2_residual.conv"          # conv2 + bn2 + residual add + shared ReLU
+    assert all(by[n]["replaced"] for n in ("0", "3.conv1", fused, "6", "9")), rows
+    assert all(by[n]["max_rel_err"] < 1e-5 for n in ("0", "3.conv1", fused, "9"))
+    assert by[fused]["fused"] == "bn+add+relu" and by["3.conv1"]["fused"] == "bn+relu"
     assert isinstance(model[0], SparseLayer) and isinstance(model[1], nn.Identity)
-    assert isinstance(model[2], nn.Identity) and isinstance(model[3].relu, nn.ReLU)
+    # after the residual rewrite the shared ReLU has one use left: fused into conv1, gone
+    assert isinstance(model[2], nn.Identity) and isinstance(model[3].relu, nn.Identity)
+    assert isinstance(model[3], torch.fx.GraphModule)
+    assert isinstance(model[3].conv2_residual.sparse, SparseLayer)
     with torch.no_grad():
         got = model(x)
     assert torch.allclose(got, want, atol=1e-4, rtol=1e-4)
@@ -159,6 +164,7 @@ def test_dry_run_leaves_the_model_and_cpu_refusal():
     assert not any(isinstance(m, SparseLayer) for m in model.modules())
     verified = [r for r in rows if r["reason"].startswith("dry run")]
     assert len(verified) == 5 and all(r["max_err"] is not None for r in verified)
+    assert isinstance(model[3], Block)                   # the caller's model is not rewritten
     dense = sparsify_(small_cnn(), (x,), dry_run=True, tuned=False, cache=False)
     assert all("below min_sparsity" in r["reason"] for r in dense if r["layer"] != "4")
     with pytest.raises(UserError, match="dtype"):
@@ -283,3 +289,40 @@ def test_dry_run_fp16_conv_and_linear():
                      cache=False)
     assert [r["reason"] for r in rows] == ["dry run: verified"] * 3
     assert all(r["max_rel_err"] < 1e-2 for r in rows) and rows[0]["fused"] == "bn+relu"
+
+
+def test_residual_rewrite_alone_changes_nothing():
+    from sparsert_cli.torch.residual import ResidualChain, fuse_residuals
+
+    model = small_cnn()
+    x = torch.randn(2, 3, 9, 9)
+    with torch.no_grad():
+        want = model(x).clone()
+    assert fuse_residuals(model) == ["3"]
+    assert isinstance(model[3].conv2_residual, ResidualChain) and model[3].conv2_residual.bn
+    assert not hasattr(model[3], "conv2") and not hasattr(model[3], "bn2")
+    with torch.no_grad():
+        assert torch.equal(model(x), want)
+    assert fuse_residuals(model) == []                   # nothing left to fuse
+    chains = {c.layer: c for c in find_chains(model)}
+    chain = chains["3.conv2_residual.conv"]
+    assert (chain.bn, chain.activation, chain.residual) == ("3.conv2_residual.bn", "relu",
+                                                            "3.conv2_residual")
+
+
+def test_sparsified_residual_block_under_compile():
+    torch.manual_seed(6)
+    block = Block(8).eval()
+    prune_(block, 0.6)
+    holder = nn.Sequential(block)                 # the root itself is never rewritten
+    x = torch.randn(1, 8, 5, 5)
+    with torch.no_grad():
+        want = holder(x).clone()
+    rows = _sparsify(holder, (x,), dtype="fp32", tuned=False, verify=True, min_speedup=1.0,
+                     min_sparsity=0.5, dry_run=False, arch=None, cache=False, include=None,
+                     device=torch.device("cpu"))
+    assert [r["fused"] for r in rows if r["replaced"]] == ["bn+relu", "bn+add+relu"]
+    compiled = torch.compile(holder, backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        assert torch.allclose(compiled(x), want, atol=1e-5)
+        assert torch.allclose(holder(x), want, atol=1e-5)

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.fx
 import torch.nn.functional as F
 
 _RELU_FUNCTIONS = {F.relu: "relu", torch.relu: "relu", F.relu6: "relu6"}
@@ -27,6 +28,12 @@ class Chain:
     bn: str | None = None
     activation: str = "none"
     act_module: str | None = None
+    residual: str | None = None      # the ResidualChain (residual.py) this layer heads
+
+    @property
+    def entry(self) -> str:
+        """The module whose call sees the chain's inputs: (x) or (x, residual)."""
+        return self.residual or self.layer
 
 
 def _activation(module) -> str | None:
@@ -44,10 +51,14 @@ def _is_layer(module) -> bool:
 
 
 def _fx_chains(model: torch.nn.Module) -> list[Chain] | None:
-    try:
-        import torch.fx
+    from sparsert_cli.torch.residual import ResidualChain
 
-        graph = torch.fx.symbolic_trace(model).graph
+    class Tracer(torch.fx.Tracer):          # a fused residual chain is one call
+        def is_leaf_module(self, module, qualified_name) -> bool:
+            return isinstance(module, ResidualChain) or super().is_leaf_module(module,
+                                                                               qualified_name)
+    try:
+        graph = Tracer().trace(model)
     except Exception:  # noqa: BLE001 - untraceable models use the nn.Sequential reading
         return None
     modules = dict(model.named_modules())
@@ -111,9 +122,20 @@ def _sequential_chains(model: torch.nn.Module) -> list[Chain]:
 
 
 def find_chains(model: torch.nn.Module) -> list[Chain]:
-    """Every Conv2d/Linear of the model with the BatchNorm and activation it can absorb."""
+    """Every Conv2d/Linear of the model with the BatchNorm and activation it can absorb, and
+    one chain per ResidualChain (conv, BatchNorm, residual add, activation)."""
+    from sparsert_cli.torch.residual import ResidualChain
+
     chains = _fx_chains(model)
-    return chains if chains is not None else _sequential_chains(model)
+    chains = chains if chains is not None else _sequential_chains(model)
+    inner = {n for n, m in model.named_modules() if isinstance(m, ResidualChain)}
+    chains = [c for c in chains if not any(c.layer.startswith(f"{n}.") for n in inner)]
+    for name in inner:
+        chain = model.get_submodule(name)
+        chains.append(Chain(f"{name}.conv", f"{name}.bn" if chain.bn is not None else None,
+                            chain.activation, residual=name))
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    return sorted(chains, key=lambda c: order.get(c.layer, len(order)))
 
 
 @torch.no_grad()

@@ -11,6 +11,7 @@ dense (folded) op instead. Linear layers: see ops.py (transposes until a token-m
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import numpy as np
@@ -21,6 +22,7 @@ from sparsert_cli.errors import UserError
 from sparsert_cli.torch import ops
 from sparsert_cli.torch.backend import compile_layer, tune_layer
 from sparsert_cli.torch.fuse import Chain, find_chains, folded
+from sparsert_cli.torch.residual import fuse_residuals
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 
@@ -29,25 +31,29 @@ class SparseLayer(torch.nn.Module):
     """A Conv2d/Linear (+ folded BatchNorm, + ReLU/ReLU6) running one compiled kernel."""
 
     def __init__(self, kernel_id: int, kind: str, weight: torch.Tensor, bias, activation: str,
-                 stride: int, padding: int, in_shape: tuple):
+                 stride: int, padding: int, in_shape: tuple, residual: bool = False):
         super().__init__()
         self.kernel_id, self.kind, self.activation = kernel_id, kind, activation
+        self.residual = residual                    # the kernel adds a residual input
         self.stride, self.padding, self.in_shape = stride, padding, tuple(in_shape)
         self.register_buffer("weight", weight)      # the folded dense weight: other shapes
         self.register_buffer("bias", bias)
         self._warned = False
 
-    def dense(self, x: torch.Tensor) -> torch.Tensor:
+    def dense(self, x: torch.Tensor, residual=None) -> torch.Tensor:
         if self.kind == "linear":
             y = F.linear(x, self.weight, self.bias)
         else:
             y = F.conv2d(x, self.weight, self.bias, self.stride, self.padding)
+        if residual is not None:
+            y = y + residual
         if self.activation == "relu":
             return F.relu(y)
         return F.relu6(y) if self.activation == "relu6" else y
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled() and x.requires_grad:
+    def forward(self, x: torch.Tensor, residual=None) -> torch.Tensor:
+        if torch.is_grad_enabled() and (x.requires_grad or (
+                residual is not None and residual.requires_grad)):
             raise RuntimeError("sparsert layers are inference-only: run under torch.no_grad() "
                                "or torch.inference_mode(), with inputs that do not require grad")
         if tuple(x.shape) != self.in_shape:
@@ -55,8 +61,8 @@ class SparseLayer(torch.nn.Module):
                 warnings.warn(f"sparsert kernel compiled for input {self.in_shape} got "
                               f"{tuple(x.shape)}: running the dense op", stacklevel=2)
                 self._warned = True
-            return self.dense(x)
-        return ops.run(x, None, self.kernel_id)
+            return self.dense(x, residual)
+        return ops.run(x, residual, self.kernel_id)
 
     def extra_repr(self) -> str:
         return f"{self.kind}, kernel_id={self.kernel_id}, activation={self.activation}, " \
@@ -100,17 +106,18 @@ def _describe(module, x_shape) -> tuple[str, str]:
 
 
 def _record_inputs(model, chains: list[Chain], example_inputs) -> dict:
-    """Run the model once; per layer: how often it ran and its (first) input."""
+    """Run the model once; per layer: how often it ran and its (first) input (and residual)."""
     seen: dict[str, dict] = {}
     modules = dict(model.named_modules())
     handles = []
     for chain in chains:
-        def hook(module, args, name=chain.layer):
+        def hook(module, args, name=chain.layer, residual=chain.residual is not None):
             slot = seen.setdefault(name, {"calls": 0})
             slot["calls"] += 1
             if slot["calls"] == 1:
                 slot["x"] = args[0].detach().clone()
-        handles.append(modules[chain.layer].register_forward_pre_hook(hook))
+                slot["res"] = args[1].detach().clone() if residual else None
+        handles.append(modules[chain.entry].register_forward_pre_hook(hook))
     try:
         with torch.no_grad():
             model(*example_inputs)
@@ -121,7 +128,7 @@ def _record_inputs(model, chains: list[Chain], example_inputs) -> dict:
 
 
 def _reference(kind: str, weight: np.ndarray, bias, activation: str, x: np.ndarray, stride,
-               padding):
+               padding, res=None):
     """(float64 reference, magnitude) of the folded layer, in the op's output layout."""
     from sparsert_cli.reference import conv_reference
 
@@ -132,24 +139,25 @@ def _reference(kind: str, weight: np.ndarray, bias, activation: str, x: np.ndarr
         ref = conv_reference(w4, x4, 1, 0, bias, None, activation)
         mag = conv_reference(w4, x4, 1, 0, bias, None, absolute=True)
         return ref.reshape(weight.shape[0], -1).T, mag.reshape(weight.shape[0], -1).T
-    return (conv_reference(weight, x, stride, padding, bias, None, activation),
-            conv_reference(weight, x, stride, padding, bias, None, absolute=True))
+    return (conv_reference(weight, x, stride, padding, bias, res, activation),
+            conv_reference(weight, x, stride, padding, bias, res, absolute=True))
 
 
-def _verify(layer: SparseLayer, x: torch.Tensor, dtype: str) -> dict:
+def _verify(layer: SparseLayer, x: torch.Tensor, res, dtype: str) -> dict:
     """The op's output on the recorded input vs float64: {"ok", "max_err", "max_rel_err", ...}"""
     from sparsert_cli.reference import check
 
     with torch.no_grad():
-        y = ops.run(x, None, layer.kernel_id)
+        y = ops.run(x, res, layer.kernel_id)
     if y.is_cuda:
         torch.cuda.synchronize(y.device)
     out = y.detach().float().cpu().numpy().astype(np.float64)
     weight = layer.weight.float().cpu().numpy()
     bias = None if layer.bias is None else layer.bias.float().cpu().numpy()
     x64 = x.detach().float().cpu().numpy().astype(np.float64)
+    res64 = None if res is None else res.detach().float().cpu().numpy().astype(np.float64)
     ref, mag = _reference(layer.kind, weight, bias, layer.activation, x64, layer.stride,
-                          layer.padding)
+                          layer.padding, res64)
     k = int(np.prod(weight.shape[1:]))
     ok, err, message = check(out.reshape(ref.shape), ref, mag, dtype, k)
     scale = float(np.max(np.abs(ref))) if ref.size else 0.0
@@ -157,18 +165,19 @@ def _verify(layer: SparseLayer, x: torch.Tensor, dtype: str) -> dict:
             "message": message}
 
 
-def _time_us(fn, x: torch.Tensor, per_graph: int = 20, replays: int = 7) -> float:
-    """Median per-call time of fn(x) replayed from a CUDA graph (L2 warm)."""
-    stream = torch.cuda.Stream(x.device)
-    stream.wait_stream(torch.cuda.current_stream(x.device))
+def _time_us(fn, inputs: tuple, per_graph: int = 20, replays: int = 7) -> float:
+    """Median per-call time of fn(*inputs) replayed from a CUDA graph (L2 warm)."""
+    device = inputs[0].device
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
     with torch.no_grad(), torch.cuda.stream(stream):
         for _ in range(3):
-            fn(x)
-    torch.cuda.current_stream(x.device).wait_stream(stream)
+            fn(*inputs)
+    torch.cuda.current_stream(device).wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.no_grad(), torch.cuda.graph(graph):
         for _ in range(per_graph):
-            fn(x)
+            fn(*inputs)
     graph.replay()
     times = []
     for _ in range(replays):
@@ -196,7 +205,9 @@ def _device(model) -> torch.device:
 
 
 def _dense_module(modules, chain: Chain):
-    """The layer as the model runs it: layer, BatchNorm, activation (for timing)."""
+    """The layer as the model runs it: layer, BatchNorm, (residual add,) activation."""
+    if chain.residual:
+        return modules[chain.residual]          # a ResidualChain without its kernel yet
     parts = [modules[chain.layer]] + ([modules[chain.bn]] if chain.bn else [])
     if chain.activation == "relu":
         parts.append(torch.nn.ReLU())
@@ -208,7 +219,7 @@ def _dense_module(modules, chain: Chain):
 def sparsify_(model: torch.nn.Module, example_inputs, *, dtype: str = "fp32", tuned=None,
               verify: bool = True, min_speedup: float = 1.0, min_sparsity: float = 0.5,
               dry_run: bool = False, arch: str | None = None, cache: bool = True,
-              include=None, tune: bool = False) -> list[dict]:
+              include=None, tune: bool = False, fuse_residual: bool = True) -> list[dict]:
     """Replace the sparse Conv2d (1x1/3x3, stride 1/2, groups=1) and Linear layers of `model`
     (on a CUDA device, in eval mode: this call sets it) with compiled kernels, in place.
 
@@ -219,7 +230,8 @@ def sparsify_(model: torch.nn.Module, example_inputs, *, dtype: str = "fp32", tu
     when its kernel is at least this much faster than the dense layer (timed here, on the GPU).
     min_sparsity: denser layers keep the dense op (their straight-line code would be huge).
     dry_run: plan, compile and verify on the CPU interpreter; the model is not changed.
-    include: None or a callable(name, module) -> bool choosing layers. tune: run the tuner
+    include: None or a callable(name, module) -> bool choosing layers. fuse_residual: rewrite
+    submodules computing act(bn(conv(x)) + identity) (torch.fx) so one kernel does all four. tune: run the tuner
     (GPU) on every layer first and record its winners in `tuned` (a path or TunedDB).
     Returns one dict per layer: layer, op, shape, sparsity, fused, family, plan, replaced,
     reason, max_err, max_rel_err, dense_us, sparse_us, speedup. Render with report_table().
@@ -232,16 +244,23 @@ def sparsify_(model: torch.nn.Module, example_inputs, *, dtype: str = "fp32", tu
     return _sparsify(model, example_inputs, dtype=dtype, tuned=tuned, verify=verify,
                      min_speedup=min_speedup, min_sparsity=min_sparsity, dry_run=dry_run,
                      arch=arch, cache=cache, include=include, device=device,
-                     tune=tune and not dry_run)
+                     tune=tune and not dry_run, fuse_residual=fuse_residual)
 
 
 def _sparsify(model, example_inputs, *, dtype, tuned, verify, min_speedup, min_sparsity,
-              dry_run, arch, cache, include, device, tune=False) -> list[dict]:
+              dry_run, arch, cache, include, device, tune=False,
+              fuse_residual=True) -> list[dict]:
     """sparsify_ without the device check: on a CPU model (tests) layers are replaced by ops
     that run the plan interpreter."""
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
+    if dry_run:                # the caller's model stays as it is: work on a CPU copy
+        model = copy.deepcopy(model).cpu()
+        example_inputs = tuple(t.cpu() if isinstance(t, torch.Tensor) else t
+                               for t in example_inputs)
     model.eval()
+    if fuse_residual:
+        fuse_residuals(model)
     modules = dict(model.named_modules())
     chains = [c for c in find_chains(model)
               if include is None or include(c.layer, modules[c.layer])]
@@ -256,8 +275,8 @@ def _sparsify(model, example_inputs, *, dtype, tuned, verify, min_speedup, min_s
         record = seen.get(chain.layer)
         row = {"layer": chain.layer, "op": "linear" if isinstance(module, torch.nn.Linear)
                else "conv", "shape": "", "sparsity": None, "fused": "+".join(
-                   p for p in ("bn" if chain.bn else "", chain.activation if chain.activation
-                               != "none" else "") if p),
+                   p for p in ("bn" if chain.bn else "", "add" if chain.residual else "",
+                               chain.activation if chain.activation != "none" else "") if p),
                "family": None, "plan": None, "replaced": False, "reason": "",
                "max_err": None, "max_rel_err": None, "dense_us": None, "sparse_us": None,
                "speedup": None}
@@ -267,7 +286,8 @@ def _sparsify(model, example_inputs, *, dtype, tuned, verify, min_speedup, min_s
         if record is None:
             row["reason"] = "not called by example_inputs"
             continue
-        x = record["x"].cpu() if dry_run else record["x"]     # a dry run checks on the CPU
+        x, res = record["x"], record["res"]
+        inputs = (x,) if res is None else (x, res)
         row["op"], row["shape"] = _describe(module, tuple(x.shape))
         why = _unsupported(module)
         if why is None and record["calls"] > 1:
@@ -281,7 +301,7 @@ def _sparsify(model, example_inputs, *, dtype, tuned, verify, min_speedup, min_s
         if why:
             row["reason"] = why
             if on_gpu:      # what the dense layer costs: the per-layer share of the model
-                row["dense_us"] = _time_us(_dense_module(modules, chain), x)
+                row["dense_us"] = _time_us(_dense_module(modules, chain), inputs)
             continue
         layer, why = _build(chain, module, modules, x, row, dtype, tuned, arch, cache, on_gpu,
                             tune)
@@ -290,14 +310,14 @@ def _sparsify(model, example_inputs, *, dtype, tuned, verify, min_speedup, min_s
             continue
         try:
             if verify or dry_run:
-                result = _verify(layer, x, dtype)
+                result = _verify(layer, x, res, dtype)
                 row.update(max_err=result["max_err"], max_rel_err=result["max_rel_err"])
                 if not result["ok"]:
                     row["reason"] = f"verification failed: {result['message']}"
                     continue
             if on_gpu:
-                row["dense_us"] = _time_us(_dense_module(modules, chain), x)
-                row["sparse_us"] = _time_us(layer, x)
+                row["dense_us"] = _time_us(_dense_module(modules, chain), inputs)
+                row["sparse_us"] = _time_us(layer, inputs)
                 row["speedup"] = row["dense_us"] / row["sparse_us"]
                 if row["speedup"] < min_speedup:
                     row["reason"] = f"dense is faster ({row['speedup']:.2f}x)"
@@ -318,7 +338,8 @@ def _build(chain, module, modules, x, row, dtype, tuned, arch, cache, on_gpu, tu
     bn = modules[chain.bn] if chain.bn else None
     weight, bias = folded(module, bn)
     linear = isinstance(module, torch.nn.Linear)
-    epilogue = {"bias": None if bias is None else bias.numpy(), "activation": chain.activation}
+    epilogue = {"bias": None if bias is None else bias.numpy(), "activation": chain.activation,
+                "residual": chain.residual is not None}
     stride = 1 if linear else module.stride[0]
     padding = 0 if linear else module.padding[0]
     try:
@@ -349,11 +370,14 @@ def _build(chain, module, modules, x, row, dtype, tuned, arch, cache, on_gpu, tu
     layer = SparseLayer(ops.register(entry), "linear" if linear else "conv",
                         weight.to(x.device, store), None if bias is None else
                         bias.to(x.device, store), chain.activation, stride, padding,
-                        tuple(x.shape))
+                        tuple(x.shape), residual=chain.residual is not None)
     return layer, None
 
 
 def _swap(model, chain: Chain, layer: SparseLayer) -> None:
+    if chain.residual:              # conv, BatchNorm, add and activation: all in the kernel
+        model.get_submodule(chain.residual).sparse = layer
+        return
     model.set_submodule(chain.layer, layer)
     if chain.bn:
         model.set_submodule(chain.bn, torch.nn.Identity())
