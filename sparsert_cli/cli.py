@@ -14,14 +14,14 @@ from .errors import CompileError, UserError
 class _Group(click.Group):
     def list_commands(self, ctx):
         return ["bench", "gen", "tune", "tunedb", "compare", "problems", "inspect", "cache",
-                "plot", "report"]
+                "plot", "report", "model"]
 
     def get_command(self, ctx, name):
         from importlib import import_module
 
         modules = {"bench": "bench", "gen": "gen", "tune": "tune", "tunedb": "tunedb",
                    "compare": "compare", "problems": "problems", "inspect": "inspect_cmd",
-                   "cache": "cache_cmd", "plot": "plot", "report": "report"}
+                   "cache": "cache_cmd", "plot": "plot", "report": "report", "model": "model"}
         if name not in modules:
             return None
         return import_module(f".commands.{modules[name]}", __package__).command

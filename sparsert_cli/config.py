@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .errors import UserError
@@ -122,7 +122,11 @@ def _problems(doc: object, where: str) -> tuple[Problem, ...]:
                 raise UserError(f"{where}: problems[{i}]: unknown problem id {item!r}")
             problems.append(problem)
         else:
-            problems.append(problem_from_dict(item, f"{where}: problems[{i}]"))
+            problem = problem_from_dict(item, f"{where}: problems[{i}]")
+            if problem.weights and not Path(problem.weights).is_absolute():
+                # weights files are named relative to the config, as a reader expects
+                problem = replace(problem, weights=str(Path(where).parent / problem.weights))
+            problems.append(problem)
     ids = [p.id for p in problems]
     dupes = sorted({i for i in ids if ids.count(i) > 1})
     if dupes:

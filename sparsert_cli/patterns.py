@@ -114,6 +114,8 @@ def generate(problem: Problem, sparsity: float, kind: str, seed: int) -> Weight:
     """The config's weight for one case: dense, or sparse above GENERATE_DENSE_LIMIT elements
     (the same distributions, drawn nonzero by nonzero; smaller layers keep their exact weights,
     so tuned plans keyed by pattern hash stay valid)."""
+    if problem.weights:
+        return file_weight(problem, sparsity)
     per_case = case_seed(seed, problem.id, sparsity)
     size = math.prod(problem.weight_shape)
     limits.check_nonzeros(expected_nonzeros(size, sparsity))
@@ -124,6 +126,15 @@ def generate(problem: Problem, sparsity: float, kind: str, seed: int) -> Weight:
     weight = maker(problem.weight_shape, sparsity, per_case)
     if not np.any(weight):           # tiny layers at high sparsity: keep at least one weight
         weight.ravel()[per_case % weight.size] = 1.0
+    return weight
+
+
+def file_weight(problem: Problem, sparsity: float) -> Weight:
+    """A problem's own weights (`weights: FILE[#TENSOR]`), shaped for its op and magnitude-pruned
+    to `sparsity` (zeros already in the file count towards it)."""
+    weight = load_pattern(problem.weights, sparsity)
+    weight = fit_to_op(weight, problem.op, problem.weights)
+    check_matches(weight, problem, problem.weights)
     return weight
 
 
@@ -313,9 +324,15 @@ def load_pattern(path: str | Path, sparsity: float | None = None) -> Weight:
     """Read a weight file and check it; with `sparsity`, magnitude-prune it first. A scipy.sparse
     file stays sparse (a SparseWeight); a dense one is a float32 array."""
     path = Path(path)
-    if path.suffix not in (".npz", ".npy"):
-        raise UserError(f"{path}: pattern files must be .npz or .npy")
-    array = _read_array(path)
+    if path.suffix in (".npz", ".npy"):
+        array = _read_array(path)
+    else:        # .safetensors, state dicts and FILE#TENSOR specs (weights.py)
+        from .weights import load_weight
+
+        array, meta = load_weight(str(path))
+        path = Path(meta["file"] + (f"#{meta['tensor']}" if meta["tensor"] else ""))
+        if sp.issparse(array):
+            array = SparseWeight(sp.csr_matrix(array), tuple(int(d) for d in array.shape))
     if not isinstance(array, (np.ndarray, SparseWeight)) or (
             isinstance(array, np.ndarray) and array.dtype.kind not in "fiub"):
         raise UserError(f"{path}: weight must be a numeric array")

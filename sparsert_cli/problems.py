@@ -22,9 +22,9 @@ MAX_ELEMS = 2 ** 31          # every tensor a kernel addresses (32-bit offsets)
 _NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}")
 
 
-_GEMM_KEYS = {"id", "op", "m", "k", "n", "source"}
+_GEMM_KEYS = {"id", "op", "m", "k", "n", "source", "weights"}
 _CONV_KEYS = {"id", "op", "out_channels", "in_channels", "height", "width", "batch", "stride",
-              "padding", "source"}
+              "padding", "source", "weights"}
 
 
 @dataclass(frozen=True)
@@ -39,6 +39,7 @@ class Problem:
     stride: int = 1
     padding: int = 0
     source: str = ""
+    weights: str = ""          # FILE[#TENSOR]: the layer's own weights (else generated)
 
     @property
     def kernel_size(self) -> int:
@@ -160,12 +161,16 @@ def problem_from_dict(spec: object, where: str) -> Problem:
     source = spec.get("source", "")
     if not isinstance(source, str):
         raise UserError(f"{where}: 'source' must be a string")
+    weights = spec.get("weights", "")
+    if not isinstance(weights, str) or ("weights" in spec and not weights.strip()):
+        raise UserError(f"{where}: 'weights' must be a file name (FILE or FILE#TENSOR)")
     if op == "gemm":
         for key in ("m", "k", "n"):
             if _int_field(spec, key, where) <= 0:
                 raise UserError(f"{where}: {key} must be a positive integer, got {spec[key]}")
         problem = Problem(pid, op, _int_field(spec, "m", where), _int_field(spec, "k", where),
-                          height=1, width=_int_field(spec, "n", where), source=source)
+                          height=1, width=_int_field(spec, "n", where), source=source,
+                          weights=weights)
     else:
         problem = Problem(pid, op, _int_field(spec, "out_channels", where),
                           _int_field(spec, "in_channels", where),
@@ -173,7 +178,8 @@ def problem_from_dict(spec: object, where: str) -> Problem:
                           width=_int_field(spec, "width", where),
                           batch=_int_field(spec, "batch", where, 1),
                           stride=_int_field(spec, "stride", where, 1),
-                          padding=_int_field(spec, "padding", where, 0), source=source)
+                          padding=_int_field(spec, "padding", where, 0), source=source,
+                          weights=weights)
     return problem.validate(where)
 
 

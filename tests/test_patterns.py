@@ -236,7 +236,9 @@ def test_wrong_suffix_is_rejected_before_reading(tmp_path, suffix):
     path = tmp_path / f"weights{suffix}"
     np.save(tmp_path / "real.npy", _dense())
     path.write_bytes((tmp_path / "real.npy").read_bytes())
-    with pytest.raises(UserError, match=r"\.npz or \.npy"):
+    # .pt is a PyTorch state dict (weights.py): an .npy under that name is not one
+    want = "state dict" if suffix == ".pt" else r"unknown weight file type .*\.npy, \.npz"
+    with pytest.raises(UserError, match=want):
         patterns.load_pattern(path)
 
 

@@ -1,0 +1,193 @@
+"""`sparsert model resnet50|mobilenet_v1|bert_base|FILE.onnx`: a whole pruned network, end to end.
+
+Built-in models get random weights and magnitude pruning; an ONNX file's Conv/Gemm/MatMul layers
+are sparsified one by one (its other ops are not run: the times are sums over these layers).
+Writes results JSON (kind "models") and a CSV, like `bench`.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import io
+import json
+import platform
+from pathlib import Path
+
+import click
+
+from ..console import console, err_console
+from ..errors import NoGpuError, UserError
+from ..options import arch_option
+from .bench import RESULTS_DIR, split_values
+
+CSV_FIELDS = ["model", "dtype", "sparsity", "batch", "mode", "sparsert_us", "eager_us",
+              "graph_us", "compile_us", "tf32_graph_us", "best_dense", "best_dense_us", "speedup",
+              "verified", "max_rel_err", "dense_rel_err", "rel_err_bound", "replaced",
+              "layers_total"]
+
+
+def csv_text(doc: dict) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=CSV_FIELDS, extrasaction="ignore")
+    writer.writeheader()
+    for row in doc["models"]:
+        dense = row.get("dense") or {}
+        writer.writerow({**row, **{k: dense.get(k) for k in ("eager_us", "graph_us",
+                                                              "compile_us")},
+                         "tf32_graph_us": (row.get("tf32") or {}).get("graph_us")})
+    return buf.getvalue()
+
+
+def _sparsities(values) -> list[float | None]:
+    from ..config import check_sparsity
+
+    out = []
+    for text in split_values(values):
+        try:
+            out.append(check_sparsity(float(text), "--sparsity"))
+        except ValueError:
+            raise UserError(f"--sparsity: not a number: {text!r}") from None
+    if len(set(out)) != len(out):
+        raise UserError("--sparsity: a value is listed twice")
+    return out
+
+
+def _check_outputs(*paths: Path) -> None:
+    import os
+
+    for path in paths:
+        if path.is_dir():
+            raise UserError(f"{path}: is a directory; --out/--csv take file names")
+        ancestor = path.parent
+        while not ancestor.exists() and ancestor != ancestor.parent:
+            ancestor = ancestor.parent
+        if not ancestor.is_dir() or not os.access(ancestor, os.W_OK):
+            raise UserError(f"{path}: cannot be written ({ancestor} is not a writable directory)")
+
+
+@click.command("model")
+@click.argument("name", metavar="resnet50|mobilenet_v1|bert_base|FILE.onnx")
+@click.option("--sparsity", "sparsities", multiple=True, metavar="S[,S...]",
+              help="Magnitude-prune every Conv2d/Linear to this (default: 0.9 for built-in "
+                   "models; an ONNX file keeps its own zeros).")
+@click.option("--dtype", "dtypes", multiple=True, type=click.Choice(["fp32", "fp16"]),
+              help="Precision (repeat for both; default fp32).")
+@click.option("--batch", type=click.IntRange(1, 4096), default=1, show_default=True)
+@click.option("--resolution", type=click.IntRange(16, 4096), default=224, show_default=True,
+              help="Input height and width of the CNNs.")
+@click.option("--tokens", type=click.IntRange(1, 65536), default=128, show_default=True,
+              help="Sequence length of bert_base.")
+@click.option("--tune", is_flag=True, help="Tune every layer's kernel first (GPU).")
+@click.option("--tuned", "tuned_path", default=None, type=click.Path(dir_okay=False),
+              help="Tuned-plan database (default: configs/tuned.json).")
+@click.option("--no-tuned", is_flag=True, help="Ignore the tuned-plan database.")
+@click.option("--no-compile-baseline", is_flag=True,
+              help="Skip the torch.compile max-autotune baseline (it takes minutes per model).")
+@click.option("--compile-only", is_flag=True,
+              help="Compile and verify every layer on the CPU (slow for full-size models); "
+                   "no timings.")
+@click.option("--no-cache", is_flag=True, help="Ignore the kernel cache.")
+@click.option("--seed", type=click.IntRange(0), default=0, show_default=True)
+@arch_option
+@click.option("--out", "out_path", default=None, type=click.Path(dir_okay=False),
+              help="Results JSON (default: results/local/models-<name>.json).")
+@click.option("--csv", "csv_path", default=None, type=click.Path(dir_okay=False),
+              help="Results CSV (default: next to the JSON).")
+def command(name, sparsities, dtypes, batch, resolution, tokens, tune, tuned_path, no_tuned,
+            no_compile_baseline, compile_only, no_cache, seed, arch, out_path, csv_path):
+    """Prune and sparsify a whole network; time it against dense eager, CUDA graph and
+    torch.compile (max-autotune, freezing, channels_last), verify the output."""
+    try:
+        import torch
+    except ImportError:
+        raise UserError("sparsert model needs PyTorch: pip install 'sparsert[torch]'") from None
+    from ..models import MODELS, build
+    from ..results import stamp
+
+    onnx_file = name.lower().endswith(".onnx")
+    if not onnx_file and name not in MODELS:
+        raise UserError(f"unknown model {name!r} (built in: {', '.join(MODELS)}, or FILE.onnx)")
+    levels = _sparsities(sparsities) or ([None] if onnx_file else [0.9])
+    dtypes = list(dict.fromkeys(dtypes)) or ["fp32"]
+    if tune and no_tuned:
+        raise UserError("--tune records winners in the tuned database; drop --no-tuned")
+    stem = Path(name).stem if onnx_file else name
+    out = Path(out_path) if out_path else RESULTS_DIR / f"models-{stem}.json"
+    csv_out = Path(csv_path) if csv_path else out.with_suffix(".csv")
+    _check_outputs(out, csv_out)
+    layers = None
+    if onnx_file:
+        from ..onnx_import import onnx_layers
+
+        layers, skipped = onnx_layers(name, batch=batch)
+        for node, why in skipped:
+            err_console.print(f"[yellow]skipped[/] {node}: {why}")
+        if not layers:
+            raise UserError(f"{name}: no Conv/Gemm/MatMul layer with a constant weight")
+    gpu = torch.cuda.is_available()
+    if not gpu and not compile_only:
+        raise NoGpuError("no CUDA GPU: `sparsert model` times on a GPU; --compile-only compiles "
+                         "and verifies every layer on the CPU instead")
+    if tune and compile_only:
+        raise UserError("--tune measures on a GPU; drop --compile-only")
+    tuned = False if no_tuned else tuned_path
+    rows = []
+    from ..torch.endtoend import run_model, run_onnx
+
+    for dtype in dtypes:
+        for sparsity in levels:
+            err_console.print(f"{stem} {dtype} sparsity={sparsity} batch={batch} ...")
+            common = dict(sparsity=sparsity, dtype=dtype, tuned=tuned, tune=tune,
+                          dry_run=compile_only, cache=not no_cache, arch=arch)
+            if onnx_file:
+                row = run_onnx(stem, layers, **common)
+                row["batch"] = batch
+            else:
+                model, x = build(name, batch=batch, resolution=resolution, tokens=tokens,
+                                 seed=seed)
+                row = run_model(name, model, x, compile_baseline=not no_compile_baseline,
+                                **common)
+            rows.append(row)
+            _print_row(row)
+    doc = stamp({"sparsert_version": _version(), "git_commit": _commit(),
+                 "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(
+                     timespec="seconds"),
+                 "host": {"python": platform.python_version(), "machine": platform.machine()},
+                 "options": {"resolution": resolution, "tokens": tokens, "seed": seed,
+                             "compile_baseline": not no_compile_baseline, "tune": tune},
+                 "models": rows}, "models")
+    for path, text in ((out, json.dumps(doc, indent=1, default=float) + "\n"),
+                       (csv_out, csv_text(doc))):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    console.print(f"wrote {out} and {csv_out}")
+
+
+def _print_row(row: dict) -> None:
+    from ..torch.sparsify import report_table
+
+    title = f"{row['model']} {row['dtype']} S={row['sparsity']} batch={row['batch']}"
+    console.print(report_table(row["layers"], title=title))
+    if row["mode"] == "compile-only":
+        console.print(f"{row['verified_layers'] if 'verified_layers' in row else ''} layers "
+                      f"verified on the CPU; max relative error {row['max_rel_err']}")
+        return
+    dense = ", ".join(f"{k.removesuffix('_us')} {v:.1f} us" for k, v in row["dense"].items() if v)
+    console.print(f"sparsert {row['sparsert_us']:.1f} us vs dense {dense}: "
+                  f"[bold]{row['speedup']:.2f}x[/] the best ({row['best_dense']}); "
+                  f"{row['replaced']}/{row['layers_total']} layers replaced; "
+                  f"max rel err {row['max_rel_err']:.2e}"
+                  + (f" (bound {row['rel_err_bound']:g})" if row.get("rel_err_bound") else ""))
+
+
+def _version() -> str:
+    from .. import __version__
+
+    return __version__
+
+
+def _commit():
+    from ..bench import git_commit
+
+    return git_commit()

@@ -1,0 +1,160 @@
+"""Which Conv2d/Linear layers sparsify_ can take, with what follows them (BatchNorm, ReLU/ReLU6).
+
+The model is traced with torch.fx where that works (torchvision ResNets, MobileNets, plain
+transformer blocks); otherwise only consecutive children of nn.Sequential containers are read.
+The graph is only *read*: layers are then replaced in place, so the caller's model object stays
+the model. A ReLU module used elsewhere too (ResNet's shared `self.relu`) stays in the model after
+its fusion: ReLU and ReLU6 are idempotent, so applying it again changes nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+
+_RELU_FUNCTIONS = {F.relu: "relu", torch.relu: "relu", F.relu6: "relu6"}
+
+
+@dataclass
+class Chain:
+    """A layer and what it can absorb: a BatchNorm (folded into weight and bias) and a ReLU or
+    ReLU6 (the kernel's epilogue). `act_module` names a ReLU module that only this chain uses
+    (replaced by Identity with the layer); a shared or functional ReLU stays."""
+
+    layer: str
+    bn: str | None = None
+    activation: str = "none"
+    act_module: str | None = None
+    residual: str | None = None      # the ResidualChain (residual.py) this layer heads
+
+    @property
+    def entry(self) -> str:
+        """The module whose call sees the chain's inputs: (x) or (x, residual)."""
+        return self.residual or self.layer
+
+
+def _activation(module) -> str | None:
+    if isinstance(module, torch.nn.ReLU):
+        return "relu"
+    if isinstance(module, torch.nn.ReLU6):
+        return "relu6"
+    if isinstance(module, torch.nn.Hardtanh) and (module.min_val, module.max_val) == (0.0, 6.0):
+        return "relu6"
+    return None
+
+
+def _is_layer(module) -> bool:
+    return isinstance(module, (torch.nn.Conv2d, torch.nn.Linear))
+
+
+def _fx_chains(model: torch.nn.Module) -> list[Chain] | None:
+    from sparsert_cli.torch.residual import ResidualChain
+
+    class Tracer(torch.fx.Tracer):          # a fused residual chain is one call
+        def is_leaf_module(self, module, qualified_name) -> bool:
+            return isinstance(module, ResidualChain) or super().is_leaf_module(module,
+                                                                               qualified_name)
+    try:
+        graph = Tracer().trace(model)
+    except Exception:  # noqa: BLE001 - untraceable models use the nn.Sequential reading
+        return None
+    modules = dict(model.named_modules())
+    calls: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+
+    def only_user(node):
+        users = list(node.users)
+        return users[0] if len(users) == 1 else None
+
+    chains = []
+    for node in graph.nodes:
+        if node.op != "call_module" or not _is_layer(modules.get(node.target)):
+            continue
+        chain, end = Chain(node.target), node
+        nxt = only_user(end)
+        if (isinstance(modules[node.target], torch.nn.Conv2d) and nxt is not None
+                and nxt.op == "call_module" and calls.get(nxt.target) == 1
+                and isinstance(modules.get(nxt.target), torch.nn.BatchNorm2d)):
+            chain.bn, end = nxt.target, nxt
+        nxt = only_user(end)
+        if nxt is not None and nxt.args and nxt.args[0] is end:
+            if nxt.op == "call_module" and _activation(modules.get(nxt.target)):
+                chain.activation = _activation(modules[nxt.target])
+                if calls.get(nxt.target) == 1:
+                    chain.act_module = nxt.target
+            elif nxt.op == "call_function" and nxt.target in _RELU_FUNCTIONS:
+                chain.activation = _RELU_FUNCTIONS[nxt.target]
+            elif nxt.op == "call_method" and nxt.target in ("relu", "relu_"):
+                chain.activation = "relu"
+        chains.append(chain)
+    return chains
+
+
+def _sequential_chains(model: torch.nn.Module) -> list[Chain]:
+    chains, seen = [], set()
+    for prefix, container in model.named_modules():
+        if not isinstance(container, torch.nn.Sequential):
+            continue
+        items = list(container.named_children())
+        for i, (name, module) in enumerate(items):
+            if not _is_layer(module):
+                continue
+            full = f"{prefix}.{name}" if prefix else name
+            chain, j = Chain(full), i + 1
+            if (isinstance(module, torch.nn.Conv2d) and j < len(items)
+                    and isinstance(items[j][1], torch.nn.BatchNorm2d)):
+                chain.bn = f"{prefix}.{items[j][0]}" if prefix else items[j][0]
+                j += 1
+            if j < len(items) and _activation(items[j][1]):
+                chain.activation = _activation(items[j][1])
+                chain.act_module = f"{prefix}.{items[j][0]}" if prefix else items[j][0]
+            chains.append(chain)
+            seen.add(full)
+    for name, module in model.named_modules():     # layers outside any Sequential: alone
+        if _is_layer(module) and name not in seen:
+            chains.append(Chain(name))
+    return chains
+
+
+def find_chains(model: torch.nn.Module) -> list[Chain]:
+    """Every Conv2d/Linear of the model with the BatchNorm and activation it can absorb, and
+    one chain per ResidualChain (conv, BatchNorm, residual add, activation)."""
+    from sparsert_cli.torch.residual import ResidualChain
+
+    chains = _fx_chains(model)
+    chains = chains if chains is not None else _sequential_chains(model)
+    inner = {n for n, m in model.named_modules() if isinstance(m, ResidualChain)}
+    chains = [c for c in chains if not any(c.layer.startswith(f"{n}.") for n in inner)]
+    for name in inner:
+        chain = model.get_submodule(name)
+        chains.append(Chain(f"{name}.conv", f"{name}.bn" if chain.bn is not None else None,
+                            chain.activation, residual=name))
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    return sorted(chains, key=lambda c: order.get(c.layer, len(order)))
+
+
+@torch.no_grad()
+def folded(layer: torch.nn.Module, bn: torch.nn.Module | None):
+    """(weight, bias) of layer followed by an eval-mode BatchNorm, as float32 CPU tensors:
+    W' = W * g / sqrt(var + eps) per output channel, b' = (b - mean) * g / sqrt(var + eps) + beta.
+    Scaling rows keeps the zeros, so the sparsity pattern is unchanged. bias is None when the
+    layer has none and there is no BatchNorm."""
+    weight = layer.weight.detach().to("cpu", torch.float32)
+    bias = None if layer.bias is None else layer.bias.detach().to("cpu", torch.float32)
+    if bn is None:
+        return weight.clone(), None if bias is None else bias.clone()
+    mean = bn.running_mean.detach().to("cpu", torch.float32)
+    var = bn.running_var.detach().to("cpu", torch.float32)
+    gamma = (bn.weight.detach().to("cpu", torch.float32) if bn.weight is not None
+             else torch.ones_like(mean))
+    beta = (bn.bias.detach().to("cpu", torch.float32) if bn.bias is not None
+            else torch.zeros_like(mean))
+    scale = gamma / torch.sqrt(var + bn.eps)
+    weight = weight * scale.view(-1, *([1] * (weight.dim() - 1)))
+    base = bias if bias is not None else torch.zeros_like(mean)
+    return weight, (base - mean) * scale + beta

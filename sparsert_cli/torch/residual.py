@@ -1,0 +1,124 @@
+"""Residual adds sparsify_ can fuse: `act(bn(conv(x)) + identity)` inside a module's forward
+(ResNet's Bottleneck). Such a module is traced with torch.fx (its children as leaves) and
+rewritten so the four ops become one ResidualChain child taking (x, identity); the parent then
+holds the rewritten GraphModule in its place. The rewrite alone changes no number (the chain
+runs the same modules); sparsify_ can then give the chain one kernel whose epilogue adds the
+identity and applies the activation. The model's root module itself is never rewritten.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+
+_ADDS = {operator.add, torch.add}
+_RELU = {F.relu: "relu", torch.relu: "relu", F.relu6: "relu6"}
+
+
+class ResidualChain(torch.nn.Module):
+    """act(bn(conv(x)) + residual); `sparse` (a SparseLayer with a residual epilogue) replaces
+    conv, bn, add and act in one kernel once sparsify_ sets it."""
+
+    def __init__(self, conv, bn, activation: str):
+        super().__init__()
+        self.conv, self.bn, self.activation = conv, bn, activation
+        self.sparse = None
+
+    def forward(self, x, residual):
+        if self.sparse is not None:
+            return self.sparse(x, residual)
+        y = self.conv(x)
+        y = (self.bn(y) if self.bn is not None else y) + residual
+        if self.activation == "relu":
+            return F.relu(y)
+        return F.relu6(y) if self.activation == "relu6" else y
+
+
+class _ChildrenAreLeaves(torch.fx.Tracer):
+    def __init__(self, root):
+        super().__init__()
+        self.root_module = root
+
+    def is_leaf_module(self, module, qualified_name) -> bool:
+        return module is not self.root_module
+
+
+def _activation_of(node, modules) -> str | None:
+    if node.op == "call_module":
+        module = modules.get(node.target)
+        if isinstance(module, torch.nn.ReLU):
+            return "relu"
+        if isinstance(module, torch.nn.ReLU6):
+            return "relu6"
+    if node.op == "call_function" and node.target in _RELU:
+        return _RELU[node.target]
+    if node.op == "call_method" and node.target in ("relu", "relu_"):
+        return "relu"
+    return None
+
+
+def _rewrite(owner: torch.nn.Module):
+    """owner's forward as a GraphModule with every fusable site a ResidualChain, or None."""
+    try:
+        tracer = _ChildrenAreLeaves(owner)
+        graph = tracer.trace(owner)
+    except Exception:  # noqa: BLE001 - an untraceable forward keeps its adds
+        return None
+    modules = dict(owner.named_children())
+    calls: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    found = 0
+    for node in list(graph.nodes):
+        conv = modules.get(node.target) if node.op == "call_module" else None
+        if not isinstance(conv, torch.nn.Conv2d) or calls[node.target] != 1:
+            continue
+        end, bn = node, None
+        users = list(end.users)
+        if (len(users) == 1 and users[0].op == "call_module" and calls.get(users[0].target) == 1
+                and isinstance(modules.get(users[0].target), torch.nn.BatchNorm2d)):
+            end, bn = users[0], modules[users[0].target]
+        users = list(end.users)
+        if len(users) != 1 or users[0].op != "call_function" or users[0].target not in _ADDS \
+                or len(users[0].args) != 2 or users[0].kwargs:
+            continue
+        add = users[0]
+        other = add.args[1] if add.args[0] is end else add.args[0]
+        if other is end or not isinstance(other, torch.fx.Node):
+            continue
+        users = list(add.users)
+        act = _activation_of(users[0], modules) if len(users) == 1 else None
+        last = users[0] if act else add
+        name = f"{node.target}_residual"
+        owner.add_module(name, ResidualChain(conv, bn, act or "none"))
+        with graph.inserting_after(last):
+            fused = graph.call_module(name, (node.args[0], other))
+        last.replace_all_uses_with(fused)
+        for dead in ([last, add] if act else [add]) + ([end] if bn is not None else []) + [node]:
+            graph.erase_node(dead)
+        found += 1
+    if not found:
+        return None
+    graph.lint()
+    return torch.fx.GraphModule(owner, graph, class_name=type(owner).__name__ + "Fused")
+
+
+def fuse_residuals(model: torch.nn.Module) -> list[str]:
+    """Rewrite every non-root module with a fusable residual site, in place in its parent;
+    returns the rewritten modules' names."""
+    done = []
+    for name, module in list(model.named_modules()):
+        if not name or isinstance(module, (torch.nn.Sequential, torch.nn.ModuleList,
+                                           torch.fx.GraphModule, ResidualChain)):
+            continue
+        if not any(isinstance(m, torch.nn.Conv2d) for m in module.children()):
+            continue
+        rewritten = _rewrite(module)
+        if rewritten is not None:
+            model.set_submodule(name, rewritten)
+            done.append(name)
+    return done

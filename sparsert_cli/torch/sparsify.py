@@ -1,0 +1,401 @@
+"""sparsify_: replace a model's sparse Conv2d / Linear layers by compiled kernels, in place.
+
+Per layer: fold the following BatchNorm, fuse a following ReLU/ReLU6, compile a kernel for the
+shape seen in `example_inputs`, verify it element-wise against float64, and (on a GPU) time it
+against the dense layer; it is swapped in only when verified and at least `min_speedup` times
+faster, so the model never gets slower layer by layer. Inference only.
+
+Kernels are specialised to one input shape: a SparseLayer called with another shape runs its
+dense (folded) op instead. Linear layers: see ops.py (transposes until a token-major kernel).
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from sparsert_cli.errors import UserError
+from sparsert_cli.torch import ops
+from sparsert_cli.torch.backend import compile_layer, tune_layer
+from sparsert_cli.torch.fuse import Chain, find_chains, folded
+from sparsert_cli.torch.residual import fuse_residuals
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+
+
+class SparseLayer(torch.nn.Module):
+    """A Conv2d/Linear (+ folded BatchNorm, + ReLU/ReLU6) running one compiled kernel."""
+
+    def __init__(self, kernel_id: int, kind: str, weight: torch.Tensor, bias, activation: str,
+                 stride: int, padding: int, in_shape: tuple, residual: bool = False):
+        super().__init__()
+        self.kernel_id, self.kind, self.activation = kernel_id, kind, activation
+        self.residual = residual                    # the kernel adds a residual input
+        self.stride, self.padding, self.in_shape = stride, padding, tuple(in_shape)
+        self.register_buffer("weight", weight)      # the folded dense weight: other shapes
+        self.register_buffer("bias", bias)
+        self._warned = False
+
+    def dense(self, x: torch.Tensor, residual=None) -> torch.Tensor:
+        if self.kind == "linear":
+            y = F.linear(x, self.weight, self.bias)
+        else:
+            y = F.conv2d(x, self.weight, self.bias, self.stride, self.padding)
+        if residual is not None:
+            y = y + residual
+        if self.activation == "relu":
+            return F.relu(y)
+        return F.relu6(y) if self.activation == "relu6" else y
+
+    def forward(self, x: torch.Tensor, residual=None) -> torch.Tensor:
+        if torch.is_grad_enabled() and (x.requires_grad or (
+                residual is not None and residual.requires_grad)):
+            raise RuntimeError("sparsert layers are inference-only: run under torch.no_grad() "
+                               "or torch.inference_mode(), with inputs that do not require grad")
+        if tuple(x.shape) != self.in_shape:
+            if not self._warned:
+                warnings.warn(f"sparsert kernel compiled for input {self.in_shape} got "
+                              f"{tuple(x.shape)}: running the dense op", stacklevel=2)
+                self._warned = True
+            return self.dense(x, residual)
+        return ops.run(x, residual, self.kernel_id)
+
+    def extra_repr(self) -> str:
+        return f"{self.kind}, kernel_id={self.kernel_id}, activation={self.activation}, " \
+               f"input={self.in_shape}"
+
+
+# ---- per-layer checks --------------------------------------------------------------------------
+def _pair(value) -> int | None:
+    values = value if isinstance(value, (tuple, list)) else (value, value)
+    return values[0] if len(set(values)) == 1 and isinstance(values[0], int) else None
+
+
+def _unsupported(module) -> str | None:
+    """Why this layer has no kernel (None: it can have one)."""
+    if isinstance(module, torch.nn.Linear):
+        return None
+    k = _pair(module.kernel_size)
+    if module.groups != 1:
+        return f"groups={module.groups} (depthwise/grouped: dense)"
+    if k not in (1, 3):
+        return f"kernel {tuple(module.kernel_size)} (only 1x1 and 3x3)"
+    if _pair(module.stride) not in (1, 2):
+        return f"stride {module.stride} (only 1 and 2)"
+    if not isinstance(module.padding, (tuple, list)) or _pair(module.padding) is None:
+        return f"padding {module.padding!r} (only equal integer padding)"
+    if _pair(module.dilation) != 1 or module.padding_mode != "zeros":
+        return "dilation or padding mode other than 1 / zeros"
+    return None
+
+
+def _describe(module, x_shape) -> tuple[str, str]:
+    if isinstance(module, torch.nn.Linear):
+        n = int(np.prod(x_shape[:-1]))
+        return "linear", f"{module.out_features}x{module.in_features}, N={n}"
+    k = module.kernel_size[0]
+    stride, pad = module.stride[0], module.padding[0]
+    text = f"{module.out_channels}x{module.in_channels}" + (f"x{k}x{k}" if k > 1 else "")
+    text += f" @ {x_shape[2]}x{x_shape[3]}" + (f" s{stride}" if stride > 1 else "") + (
+        f" p{pad}" if pad else "") + (f" b{x_shape[0]}" if x_shape[0] > 1 else "")
+    return f"conv{k}x{k}", text
+
+
+def _record_inputs(model, chains: list[Chain], example_inputs) -> dict:
+    """Run the model once; per layer: how often it ran and its (first) input (and residual)."""
+    seen: dict[str, dict] = {}
+    modules = dict(model.named_modules())
+    handles = []
+    for chain in chains:
+        def hook(module, args, name=chain.layer, residual=chain.residual is not None):
+            slot = seen.setdefault(name, {"calls": 0})
+            slot["calls"] += 1
+            if slot["calls"] == 1:
+                slot["x"] = args[0].detach().clone()
+                slot["res"] = args[1].detach().clone() if residual else None
+        handles.append(modules[chain.entry].register_forward_pre_hook(hook))
+    try:
+        with torch.no_grad():
+            model(*example_inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen
+
+
+def _reference(kind: str, weight: np.ndarray, bias, activation: str, x: np.ndarray, stride,
+               padding, res=None):
+    """(float64 reference, magnitude) of the folded layer, in the op's output layout."""
+    from sparsert_cli.reference import conv_reference
+
+    if kind == "linear":
+        k = weight.shape[1]
+        x4 = x.reshape(-1, k).T.reshape(1, k, 1, -1)
+        w4 = weight.reshape(weight.shape[0], k, 1, 1)
+        ref = conv_reference(w4, x4, 1, 0, bias, None, activation)
+        mag = conv_reference(w4, x4, 1, 0, bias, None, absolute=True)
+        return ref.reshape(weight.shape[0], -1).T, mag.reshape(weight.shape[0], -1).T
+    return (conv_reference(weight, x, stride, padding, bias, res, activation),
+            conv_reference(weight, x, stride, padding, bias, res, absolute=True))
+
+
+def _verify(layer: SparseLayer, x: torch.Tensor, res, dtype: str) -> dict:
+    """The op's output on the recorded input vs float64: {"ok", "max_err", "max_rel_err", ...}"""
+    from sparsert_cli.reference import check
+
+    with torch.no_grad():
+        y = ops.run(x, res, layer.kernel_id)
+    if y.is_cuda:
+        torch.cuda.synchronize(y.device)
+    out = y.detach().float().cpu().numpy().astype(np.float64)
+    weight = layer.weight.float().cpu().numpy()
+    bias = None if layer.bias is None else layer.bias.float().cpu().numpy()
+    x64 = x.detach().float().cpu().numpy().astype(np.float64)
+    res64 = None if res is None else res.detach().float().cpu().numpy().astype(np.float64)
+    ref, mag = _reference(layer.kind, weight, bias, layer.activation, x64, layer.stride,
+                          layer.padding, res64)
+    k = int(np.prod(weight.shape[1:]))
+    ok, err, message = check(out.reshape(ref.shape), ref, mag, dtype, k)
+    scale = float(np.max(np.abs(ref))) if ref.size else 0.0
+    return {"ok": ok, "max_err": err, "max_rel_err": err / scale if scale else err,
+            "message": message}
+
+
+def _time_us(fn, inputs: tuple, per_graph: int = 20, replays: int = 7) -> float:
+    """Median per-call time of fn(*inputs) replayed from a CUDA graph (L2 warm)."""
+    device = inputs[0].device
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.no_grad(), torch.cuda.stream(stream):
+        for _ in range(3):
+            fn(*inputs)
+    torch.cuda.current_stream(device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.no_grad(), torch.cuda.graph(graph):
+        for _ in range(per_graph):
+            fn(*inputs)
+    graph.replay()
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / per_graph)
+    return float(np.median(times))
+
+
+# ---- the driver --------------------------------------------------------------------------------
+def _check_args(dtype, min_speedup, min_sparsity):
+    if dtype not in DTYPES:
+        raise UserError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    for name, value in (("min_speedup", min_speedup), ("min_sparsity", min_sparsity)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            raise UserError(f"{name} must be a number >= 0, got {value!r}")
+
+
+def _device(model) -> torch.device:
+    tensors = list(model.parameters()) + list(model.buffers())
+    return tensors[0].device if tensors else torch.device("cpu")
+
+
+def _dense_module(modules, chain: Chain):
+    """The layer as the model runs it: layer, BatchNorm, (residual add,) activation."""
+    if chain.residual:
+        return modules[chain.residual]          # a ResidualChain without its kernel yet
+    parts = [modules[chain.layer]] + ([modules[chain.bn]] if chain.bn else [])
+    if chain.activation == "relu":
+        parts.append(torch.nn.ReLU())
+    elif chain.activation == "relu6":
+        parts.append(torch.nn.ReLU6())
+    return torch.nn.Sequential(*parts)
+
+
+def sparsify_(model: torch.nn.Module, example_inputs, *, dtype: str = "fp32", tuned=None,
+              verify: bool = True, min_speedup: float = 1.0, min_sparsity: float = 0.5,
+              dry_run: bool = False, arch: str | None = None, cache: bool = True,
+              include=None, tune: bool = False, fuse_residual: bool = True) -> list[dict]:
+    """Replace the sparse Conv2d (1x1/3x3, stride 1/2, groups=1) and Linear layers of `model`
+    (on a CUDA device, in eval mode: this call sets it) with compiled kernels, in place.
+
+    example_inputs: a tuple of tensors the model is called with; kernels are compiled for the
+    shapes each layer sees. dtype: the activations' type (fp16: call model.half() first).
+    tuned: the tuned-plan database (None: the default one; False: none). verify: check every
+    kernel element-wise against float64 before using it. min_speedup: a layer is replaced only
+    when its kernel is at least this much faster than the dense layer (timed here, on the GPU).
+    min_sparsity: denser layers keep the dense op (their straight-line code would be huge).
+    dry_run: plan, compile and verify on the CPU interpreter; the model is not changed.
+    include: None or a callable(name, module) -> bool choosing layers. fuse_residual: rewrite
+    submodules computing act(bn(conv(x)) + identity) (torch.fx) so one kernel does all four. tune: run the tuner
+    (GPU) on every layer first and record its winners in `tuned` (a path or TunedDB).
+    Returns one dict per layer: layer, op, shape, sparsity, fused, family, plan, replaced,
+    reason, max_err, max_rel_err, dense_us, sparse_us, speedup. Render with report_table().
+    """
+    _check_args(dtype, min_speedup, min_sparsity)
+    device = _device(model)
+    if not dry_run and device.type != "cuda":
+        raise UserError("sparsify_ swaps layers for GPU kernels: move the model to a CUDA device "
+                        "(model.cuda()), or pass dry_run=True to compile and verify on the CPU")
+    return _sparsify(model, example_inputs, dtype=dtype, tuned=tuned, verify=verify,
+                     min_speedup=min_speedup, min_sparsity=min_sparsity, dry_run=dry_run,
+                     arch=arch, cache=cache, include=include, device=device,
+                     tune=tune and not dry_run, fuse_residual=fuse_residual)
+
+
+def _sparsify(model, example_inputs, *, dtype, tuned, verify, min_speedup, min_sparsity,
+              dry_run, arch, cache, include, device, tune=False,
+              fuse_residual=True) -> list[dict]:
+    """sparsify_ without the device check: on a CPU model (tests) layers are replaced by ops
+    that run the plan interpreter."""
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    if dry_run:                # the caller's model stays as it is: work on a CPU copy
+        model = copy.deepcopy(model).cpu()
+        example_inputs = tuple(t.cpu() if isinstance(t, torch.Tensor) else t
+                               for t in example_inputs)
+    model.eval()
+    if fuse_residual:
+        fuse_residuals(model)
+    modules = dict(model.named_modules())
+    chains = [c for c in find_chains(model)
+              if include is None or include(c.layer, modules[c.layer])]
+    seen = _record_inputs(model, chains, example_inputs)
+    on_gpu = device.type == "cuda" and not dry_run
+    if on_gpu and arch is None:
+        major, minor = torch.cuda.get_device_capability(device)
+        arch = f"sm_{major}{minor}"
+    rows = []
+    for chain in chains:
+        module = modules[chain.layer]
+        record = seen.get(chain.layer)
+        row = {"layer": chain.layer, "op": "linear" if isinstance(module, torch.nn.Linear)
+               else "conv", "shape": "", "sparsity": None, "fused": "+".join(
+                   p for p in ("bn" if chain.bn else "", "add" if chain.residual else "",
+                               chain.activation if chain.activation != "none" else "") if p),
+               "family": None, "plan": None, "replaced": False, "reason": "",
+               "max_err": None, "max_rel_err": None, "dense_us": None, "sparse_us": None,
+               "speedup": None}
+        rows.append(row)
+        weight = module.weight.detach()
+        row["sparsity"] = 1.0 - int(torch.count_nonzero(weight)) / weight.numel()
+        if record is None:
+            row["reason"] = "not called by example_inputs"
+            continue
+        x, res = record["x"], record["res"]
+        inputs = (x,) if res is None else (x, res)
+        row["op"], row["shape"] = _describe(module, tuple(x.shape))
+        why = _unsupported(module)
+        if why is None and record["calls"] > 1:
+            why = f"called {record['calls']} times per forward (shared module)"
+        if why is None and x.dtype != DTYPES[dtype]:
+            why = f"input is {x.dtype}, kernels are {dtype} (convert the model first)"
+        if why is None and row["sparsity"] < min_sparsity:
+            why = f"sparsity {row['sparsity']:.2f} below min_sparsity {min_sparsity:g}"
+        if why is None and not torch.any(weight):
+            why = "all weights are zero"
+        if why:
+            row["reason"] = why
+            if on_gpu:      # what the dense layer costs: the per-layer share of the model
+                row["dense_us"] = _time_us(_dense_module(modules, chain), inputs)
+            continue
+        layer, why = _build(chain, module, modules, x, row, dtype, tuned, arch, cache, on_gpu,
+                            tune)
+        if layer is None:
+            row["reason"] = why
+            continue
+        try:
+            if verify or dry_run:
+                result = _verify(layer, x, res, dtype)
+                row.update(max_err=result["max_err"], max_rel_err=result["max_rel_err"])
+                if not result["ok"]:
+                    row["reason"] = f"verification failed: {result['message']}"
+                    continue
+            if on_gpu:
+                row["dense_us"] = _time_us(_dense_module(modules, chain), inputs)
+                row["sparse_us"] = _time_us(layer, inputs)
+                row["speedup"] = row["dense_us"] / row["sparse_us"]
+                if row["speedup"] < min_speedup:
+                    row["reason"] = f"dense is faster ({row['speedup']:.2f}x)"
+                    continue
+            if dry_run:
+                row["reason"] = "dry run: verified"
+                continue
+            _swap(model, chain, layer)
+            row["replaced"], row["reason"] = True, "replaced"
+        finally:
+            if not row["replaced"]:
+                ops.unregister(layer.kernel_id)
+    return rows
+
+
+def _build(chain, module, modules, x, row, dtype, tuned, arch, cache, on_gpu, tune):
+    """(SparseLayer, None) or (None, why not)."""
+    bn = modules[chain.bn] if chain.bn else None
+    weight, bias = folded(module, bn)
+    linear = isinstance(module, torch.nn.Linear)
+    epilogue = {"bias": None if bias is None else bias.numpy(), "activation": chain.activation,
+                "residual": chain.residual is not None}
+    stride = 1 if linear else module.stride[0]
+    padding = 0 if linear else module.padding[0]
+    try:
+        if tune:
+            tune_layer(weight.numpy(), op="gemm" if linear else "conv", label=chain.layer,
+                       input_shape=None if linear else tuple(x.shape),
+                       n=int(np.prod(x.shape[:-1])) if linear else None, stride=stride,
+                       padding=padding, dtype=dtype, epilogue=epilogue, tuned=tuned, arch=arch)
+        if linear:
+            n = int(np.prod(x.shape[:-1]))
+            kernel = compile_layer(weight.numpy(), op="gemm", n=n, dtype=dtype,
+                                   epilogue=epilogue, tuned=tuned, arch=arch, cache=cache)
+            out_shape = (*x.shape[:-1], module.out_features)
+        else:
+            kernel = compile_layer(weight.numpy(), op="conv", input_shape=tuple(x.shape),
+                                   stride=stride, padding=padding, dtype=dtype,
+                                   epilogue=epilogue, tuned=tuned, arch=arch, cache=cache)
+            out_shape = tuple(kernel.output_shape)
+    except UserError as exc:
+        return None, f"no kernel: {exc.message}"
+    row.update(family=getattr(kernel, "family", None), plan=kernel.plan_params.name(),
+               tuned=bool(getattr(kernel, "tuned", False)), nnz=int(kernel.nnz))
+    entry = ops.Entry(kernel, linear, tuple(x.shape), tuple(out_shape))
+    if on_gpu:
+        entry.loaded = kernel.to_device(x.device.index or 0)
+        entry.device = x.device.index or 0
+    store = DTYPES[dtype]
+    layer = SparseLayer(ops.register(entry), "linear" if linear else "conv",
+                        weight.to(x.device, store), None if bias is None else
+                        bias.to(x.device, store), chain.activation, stride, padding,
+                        tuple(x.shape), residual=chain.residual is not None)
+    return layer, None
+
+
+def _swap(model, chain: Chain, layer: SparseLayer) -> None:
+    if chain.residual:              # conv, BatchNorm, add and activation: all in the kernel
+        model.get_submodule(chain.residual).sparse = layer
+        return
+    model.set_submodule(chain.layer, layer)
+    if chain.bn:
+        model.set_submodule(chain.bn, torch.nn.Identity())
+    if chain.act_module:
+        model.set_submodule(chain.act_module, torch.nn.Identity())
+
+
+def report_table(rows: list[dict], title: str = "sparsify"):
+    """A Rich table of sparsify_'s report."""
+    from sparsert_cli.console import table
+
+    def num(value, fmt):
+        return "-" if value is None else format(value, fmt)
+
+    body = [[r["layer"], r["op"], r["shape"], num(r["sparsity"], ".2f"), r["fused"] or "-",
+             r.get("plan") or "-", num(r.get("dense_us"), ".2f"),
+             num(r.get("sparse_us", r.get("sparsert_us", r.get("kernel_us"))), ".2f"),
+             num(r["speedup"], ".2f"), num(r["max_rel_err"], ".1e"),
+             "yes" if r["replaced"] else r["reason"]] for r in rows]
+    return table(title, ["layer", "op", "shape", "S", "fused", "plan", "dense us", "sparse us",
+                         "x", "max rel err", "replaced"], body)

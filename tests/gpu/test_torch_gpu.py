@@ -1,0 +1,113 @@
+"""sparsify_ on the GPU: a small CNN and a small transformer block, eager vs CUDA graph vs
+torch.compile(fullgraph=True), all equal within tolerance; layer choice by timing; errors."""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+if not torch.cuda.is_available():
+    pytest.skip("no CUDA GPU for torch", allow_module_level=True)
+
+from sparsert_cli.models import EncoderLayer  # noqa: E402
+from sparsert_cli.torch import SparseLayer, prune_, sparsify_  # noqa: E402
+from sparsert_cli.torch.endtoend import time_graph  # noqa: E402
+
+pytestmark = pytest.mark.gpu
+nn = torch.nn
+TOL = {"fp32": 1e-4, "fp16": 2e-2}
+
+
+def _cnn():
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(16, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU(),
+        nn.Conv2d(32, 32, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU6(),
+        nn.Conv2d(32, 64, 1), nn.ReLU(), nn.Flatten(), nn.Linear(64 * 8 * 8, 10)).eval()
+
+
+def _rel(a, b):
+    return float((a.double() - b.double()).abs().max() / b.double().abs().max())
+
+
+def _graph_output(model, x):
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream), torch.no_grad():
+        model(x)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.no_grad(), torch.cuda.graph(graph):
+        out = model(x)
+    x_static = x
+    graph.replay()
+    torch.cuda.synchronize()
+    return out.clone(), graph, x_static
+
+
+def _check_modes(model, x, want, dtype):
+    with torch.no_grad():
+        eager = model(x)
+    graphed, graph, _ = _graph_output(model, x)
+    compiled = torch.compile(model, fullgraph=True)
+    with torch.no_grad():
+        comp = compiled(x)
+    for got in (eager, graphed, comp):
+        assert _rel(got, want) < TOL[dtype]
+    assert torch.equal(eager, graphed)          # same kernels, same order: bit-identical
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+def test_cnn_eager_graph_compile(dtype):
+    store = torch.float32 if dtype == "fp32" else torch.float16
+    model = _cnn()
+    prune_(model, 0.9)
+    model = model.cuda().to(store)
+    x = torch.randn(1, 16, 16, 16, device="cuda", dtype=store)
+    with torch.no_grad():
+        want = model(x).clone()
+    rows = sparsify_(model, (x,), dtype=dtype, tuned=False, min_speedup=0.0)
+    assert all(r["replaced"] for r in rows), rows
+    assert sum(isinstance(m, SparseLayer) for m in model.modules()) == 4
+    _check_modes(model, x, want, dtype)
+
+
+def test_transformer_block_eager_graph_compile():
+    torch.manual_seed(1)
+    block = EncoderLayer(hidden=128, heads=4, ffn=512).cuda().eval()
+    prune_(block, 0.9)
+    x = torch.randn(2, 16, 128, device="cuda")
+    with torch.no_grad():
+        want = block(x).clone()
+    rows = sparsify_(block, (x,), tuned=False, min_speedup=0.0)
+    assert sum(r["replaced"] for r in rows) == 6, rows
+    _check_modes(block, x, want, "fp32")
+
+
+def test_dense_is_kept_where_faster_and_inference_only():
+    model = _cnn()
+    prune_(model, 0.9)
+    model = model.cuda()
+    x = torch.randn(1, 16, 16, 16, device="cuda")
+    rows = sparsify_(model, (x,), tuned=False, min_speedup=1e6)   # nothing is that fast
+    assert not any(r["replaced"] for r in rows)
+    assert all(r["reason"].startswith("dense is faster") for r in rows)
+    assert all(r["dense_us"] > 0 and r["sparse_us"] > 0 for r in rows)
+    rows = sparsify_(model, (x,), tuned=False, min_speedup=0.0)
+    with pytest.raises(RuntimeError, match="inference-only"):
+        model(x.clone().requires_grad_())
+    assert time_graph(model, x) > 0
+
+
+def test_sparsified_resnet_block_matches_in_a_graph():
+    from sparsert_cli.models import Bottleneck
+
+    torch.manual_seed(2)
+    block = nn.Sequential(Bottleneck(64, 16)).cuda().eval()   # the root is never rewritten
+    prune_(block, 0.9)
+    x = torch.randn(1, 64, 14, 14, device="cuda")
+    with torch.no_grad():
+        want = block(x).clone()
+    rows = sparsify_(block, (x,), tuned=False, min_speedup=0.0)
+    assert [r["fused"] for r in rows if r["replaced"]] == ["bn+relu", "bn+relu", "bn+add+relu"]
+    _check_modes(block, x, want, "fp32")

@@ -1,0 +1,328 @@
+"""sparsert_cli.torch on the CPU: pruning, BatchNorm folding, chain discovery, the custom op
+(CPU impl = plan interpreter, fake kernel for torch.compile) and layer replacement."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from sparsert_cli.errors import UserError  # noqa: E402
+from sparsert_cli.torch import prune_, report_table, sparsify_  # noqa: E402
+from sparsert_cli.torch.fuse import find_chains, folded  # noqa: E402
+from sparsert_cli.torch.sparsify import SparseLayer, _sparsify  # noqa: E402
+
+nn = torch.nn
+
+
+class Block(nn.Module):
+    """ResNet-style: one shared ReLU module, a residual add (not fusable in place)."""
+
+    def __init__(self, c=8):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c)
+        self.conv2 = nn.Conv2d(c, c, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c)
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + x)
+
+
+def small_cnn():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU6(),
+        Block(8),
+        nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.ReLU(),           # depthwise: stays dense
+        nn.Conv2d(8, 16, 1), nn.ReLU(),
+        nn.Flatten(), nn.Linear(16 * 5 * 5, 10))
+    for module in model.modules():      # non-trivial running statistics
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+            module.weight.data.uniform_(0.5, 1.5)
+            module.bias.data.uniform_(-0.2, 0.2)
+    return model.eval()
+
+
+def test_prune_layer_and_global():
+    model = small_cnn()
+    rows = prune_(model, 0.75)
+    names = [r["layer"] for r in rows]
+    assert "4" not in names                        # the depthwise conv is left alone
+    for row in rows:
+        size = int(np.prod(row["shape"]))
+        assert row["nnz"] == size - round(0.75 * size)
+    model = small_cnn()
+    layers = {r["layer"]: None for r in prune_(small_cnn(), 0.0)}
+    before = {n: m.weight.detach().abs().clone() for n, m in model.named_modules() if n in layers}
+    rows = prune_(model, 0.6, scope="global")
+    total = sum(int(np.prod(r["shape"])) for r in rows)
+    assert sum(r["nnz"] for r in rows) == total - round(0.6 * total)
+    modules = dict(model.named_modules())
+    dropped = max(float(before[n][modules[n].weight == 0].max()) for n in layers)
+    kept = min(float(before[n][modules[n].weight != 0].min()) for n in layers)
+    assert dropped <= kept                       # one threshold over all layers
+    assert len({round(r["sparsity"], 2) for r in rows}) > 1      # not the same per layer
+    with pytest.raises(UserError):
+        prune_(model, 1.0)
+    with pytest.raises(UserError):
+        prune_(model, 0.5, scope="tensor")
+    prune_(model, 0.5, include=["9"])
+
+
+def test_chains_found_by_fx_and_sequential():
+    model = small_cnn()
+    chains = {c.layer: c for c in find_chains(model)}
+    assert (chains["0"].bn, chains["0"].activation, chains["0"].act_module) == ("1", "relu6", "2")
+    # shared ReLU: fused (idempotent) but the module stays
+    assert (chains["3.conv1"].bn, chains["3.conv1"].activation) == ("3.bn1", "relu")
+    assert chains["3.conv1"].act_module is None
+    assert (chains["3.conv2"].bn, chains["3.conv2"].activation) == ("3.bn2", "none")  # add first
+    assert (chains["6"].activation, chains["6"].act_module) == ("relu", "7")
+    assert chains["9"].activation == "none"
+
+
+def test_bn_folding_matches_module():
+    model = small_cnn()
+    conv, bn = model[0], model[1]
+    weight, bias = folded(conv, bn)
+    x = torch.randn(2, 3, 9, 9)
+    with torch.no_grad():
+        want = bn(conv(x))
+        got = torch.nn.functional.conv2d(x, weight, bias, 2, 1)
+    assert torch.allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_sparsify_replaces_on_cpu_and_matches_the_dense_model():
+    model = small_cnn()
+    prune_(model, 0.7)
+    x = torch.randn(1, 3, 9, 9)
+    with torch.no_grad():
+        want = model(x).clone()
+    rows = _sparsify(model, (x,), dtype="fp32", tuned=False, verify=True, min_speedup=1.0,
+                     min_sparsity=0.5, dry_run=False, arch=None, cache=False, include=None,
+                     device=torch.device("cpu"))
+    by = {r["layer"]: r for r in rows}
+    assert by["4"]["replaced"] is False and "groups=8" in by["4"]["reason"]
+    fused = "3.conv2_residual.conv"          # conv2 + bn2 + residual add + shared ReLU
+    assert all(by[n]["replaced"] for n in ("0", "3.conv1", fused, "6", "9")), rows
+    assert all(by[n]["max_rel_err"] < 1e-5 for n in ("0", "3.conv1", fused, "9"))
+    assert by[fused]["fused"] == "bn+add+relu" and by["3.conv1"]["fused"] == "bn+relu"
+    assert isinstance(model[0], SparseLayer) and isinstance(model[1], nn.Identity)
+    # after the residual rewrite the shared ReLU has one use left: fused into conv1, gone
+    assert isinstance(model[2], nn.Identity) and isinstance(model[3].relu, nn.Identity)
+    assert isinstance(model[3], torch.fx.GraphModule)
+    assert isinstance(model[3].conv2_residual.sparse, SparseLayer)
+    with torch.no_grad():
+        got = model(x)
+    assert torch.allclose(got, want, atol=1e-4, rtol=1e-4)
+    # other shapes run the dense (folded) op, with one warning
+    with torch.no_grad(), pytest.warns(UserWarning, match="compiled for input"):
+        other = model(torch.randn(1, 3, 9, 9).repeat(2, 1, 1, 1))
+    assert other.shape == (2, 10)
+    with pytest.raises(RuntimeError, match="inference-only"):
+        model(x.clone().requires_grad_())
+    table = report_table(rows)
+    assert table.row_count == len(rows)
+
+
+def test_sparsify_linear_token_major_and_fp16():
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(32, 48), nn.ReLU(), nn.Linear(48, 16)).eval()
+    prune_(model, 0.8)
+    x = torch.randn(2, 5, 32)                       # (batch, tokens, features)
+    with torch.no_grad():
+        want = model(x).clone()
+    rows = _sparsify(model, (x,), dtype="fp32", tuned=False, verify=True, min_speedup=1.0,
+                     min_sparsity=0.5, dry_run=False, arch=None, cache=False, include=None,
+                     device=torch.device("cpu"))
+    assert [r["replaced"] for r in rows] == [True, True] and rows[0]["fused"] == "relu"
+    assert rows[0]["shape"] == "48x32, N=10"
+    with torch.no_grad():
+        assert torch.allclose(model(x), want, atol=1e-5, rtol=1e-5)
+    half = nn.Sequential(nn.Linear(32, 48)).eval()
+    prune_(half, 0.8)
+    rows = _sparsify(half, (x,), dtype="fp16", tuned=False, verify=True, min_speedup=1.0,
+                     min_sparsity=0.5, dry_run=True, arch=None, cache=False, include=None,
+                     device=torch.device("cpu"))
+    assert "input is torch.float32" in rows[0]["reason"]
+
+
+def test_dry_run_leaves_the_model_and_cpu_refusal():
+    model = small_cnn()
+    prune_(model, 0.8)
+    x = torch.randn(1, 3, 9, 9)
+    with pytest.raises(UserError, match="dry_run=True"):
+        sparsify_(model, (x,))
+    rows = sparsify_(model, (x,), dry_run=True, tuned=False, cache=False)
+    assert not any(isinstance(m, SparseLayer) for m in model.modules())
+    verified = [r for r in rows if r["reason"].startswith("dry run")]
+    assert len(verified) == 5 and all(r["max_err"] is not None for r in verified)
+    assert isinstance(model[3], Block)                   # the caller's model is not rewritten
+    dense = sparsify_(small_cnn(), (x,), dry_run=True, tuned=False, cache=False)
+    assert all("below min_sparsity" in r["reason"] for r in dense if r["layer"] != "4")
+    with pytest.raises(UserError, match="dtype"):
+        sparsify_(model, (x,), dtype="int8", dry_run=True)
+
+
+def test_op_traces_under_compile_with_the_fake_kernel():
+    model = nn.Sequential(nn.Conv2d(4, 8, 1), nn.ReLU()).eval()
+    prune_(model, 0.5)
+    x = torch.randn(1, 4, 6, 6)
+    with torch.no_grad():
+        want = model(x).clone()
+    _sparsify(model, (x,), dtype="fp32", tuned=False, verify=True, min_speedup=1.0,
+              min_sparsity=0.5, dry_run=False, arch=None, cache=False, include=None,
+              device=torch.device("cpu"))
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        got = compiled(x)
+    assert torch.allclose(got, want, atol=1e-5)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode() as mode:
+        fake = mode.from_tensor(x)
+        out = torch.ops.sparsert.run(fake, None, model[0].kernel_id)
+    assert tuple(out.shape) == (1, 8, 6, 6)
+
+
+# ---- `sparsert model` on a CPU box ---------------------------------------------------------
+def _tiny_onnx(path):
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(3)
+    w1 = rng.standard_normal((8, 4, 3, 3)).astype(np.float32)
+    w1[np.abs(w1) < 1.0] = 0                                    # ~68% zeros
+    w2 = rng.standard_normal((16, 6)).astype(np.float32)       # MatMul weight K x M
+    w2[np.abs(w2) < 1.2] = 0
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c"], ["r"]),
+             helper.make_node("MatMul", ["t", "w2"], ["y2"], name="mm")]
+    graph = helper.make_graph(
+        nodes, "tiny", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 6, 6]),
+                        helper.make_tensor_value_info("t", TensorProto.FLOAT, [5, 16])],
+        [helper.make_tensor_value_info("r", TensorProto.FLOAT, None),
+         helper.make_tensor_value_info("y2", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
+
+
+def test_model_command_on_cpu(tmp_path, capsys):
+    from cli_helpers import run_main
+
+    from sparsert_cli.results import load_results
+
+    code, out, err = run_main(["model", "mobilenet_v1", "--out", str(tmp_path / "m.json")],
+                              capsys)
+    assert code == 3 and "--compile-only" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "m.json").exists()
+    code, _, err = run_main(["model", "vgg16"], capsys)
+    assert code == 2 and "unknown model 'vgg16'" in err
+    code, _, err = run_main(["model", "resnet50", "--sparsity", "1.5"], capsys)
+    assert code == 2 and "--sparsity" in err
+    (tmp_path / "bad.onnx").write_bytes(b"\x08garbage")
+    code, _, err = run_main(["model", str(tmp_path / "bad.onnx"), "--compile-only"], capsys)
+    assert code == 2 and "bad.onnx" in err and len(err.strip().splitlines()) == 1
+    _tiny_onnx(tmp_path / "tiny.onnx")
+    code, out, err = run_main(["model", str(tmp_path / "tiny.onnx"), "--compile-only",
+                               "--no-cache", "--no-tuned", "--out", str(tmp_path / "r.json")],
+                              capsys)
+    assert code == 0, err
+    doc = load_results(tmp_path / "r.json", kinds=("models",))
+    (row,) = doc["models"]
+    assert row["mode"] == "compile-only" and row["verified"] and row["verified_layers"] == 2
+    assert [r["op"] for r in row["layers"]] == ["conv3x3", "linear"]
+    assert row["layers"][0]["fused"] == "relu" and row["max_rel_err"] < 1e-5
+    assert (tmp_path / "r.csv").read_text().startswith("model,dtype,sparsity")
+    code, out, err = run_main(["model", str(tmp_path / "tiny.onnx"), "--compile-only",
+                               "--no-cache", "--no-tuned", "--sparsity", "0.9", "--out",
+                               str(tmp_path / "r9.json")], capsys)
+    assert code == 0, err
+    (row,) = load_results(tmp_path / "r9.json")["models"]
+    assert all(abs(r["sparsity"] - 0.9) < 0.02 for r in row["layers"])
+
+
+def test_builtin_models_build_and_trace():
+    from sparsert_cli.models import build
+
+    for name, layers, bns, fused in (("resnet50", 54, 53, 33), ("mobilenet_v1", 28, 27, 27),
+                                     ("bert_base", 72, 0, 0)):
+        model, x = build(name, resolution=32, tokens=4)
+        chains = find_chains(model)
+        assert (len(chains), sum(c.bn is not None for c in chains),
+                sum(c.activation != "none" for c in chains)) == (layers, bns, fused)
+        with torch.no_grad():
+            assert torch.isfinite(model(x)).all()
+
+
+def test_models_rows_feed_the_model_plot():
+    from sparsert_cli.plots.data import model_rows
+    from sparsert_cli.torch.endtoend import layer_records
+
+    base = {"op": "conv", "shape": "", "sparsity": 0.9, "fused": "", "plan": None,
+            "speedup": None, "max_rel_err": None, "reason": ""}
+    rows = [{**base, "layer": "a", "replaced": True, "dense_us": 4.0, "sparse_us": 2.0},
+            {**base, "layer": "b", "replaced": False, "dense_us": 3.0, "sparse_us": 5.0},
+            {**base, "layer": "c", "replaced": False, "dense_us": 1.0, "sparse_us": None}]
+    doc = {"models": [{"name": "m fp32 S=0.9 b1", "sparsert_us": 8.0,
+                       "layers": layer_records(rows)}]}
+    got = {r["layer"]: (r["engine"], r["us"]) for r in model_rows([("m.json", doc)])["rows"]}
+    assert got == {"a": ("sparsert", 2.0), "b": ("dense", 3.0), "c": ("dense", 1.0),
+                   "other": ("other", 2.0)}
+
+
+def test_dry_run_fp16_conv_and_linear():
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16),
+                          nn.ReLU(), nn.Conv2d(16, 16, 1, stride=2), nn.Flatten(),
+                          nn.Linear(16 * 4 * 4, 10)).eval()
+    prune_(model, 0.8)
+    x = torch.randn(1, 8, 8, 8)
+    rows = sparsify_(model.half(), (x.half(),), dtype="fp16", dry_run=True, tuned=False,
+                     cache=False)
+    assert [r["reason"] for r in rows] == ["dry run: verified"] * 3
+    assert all(r["max_rel_err"] < 1e-2 for r in rows) and rows[0]["fused"] == "bn+relu"
+
+
+def test_residual_rewrite_alone_changes_nothing():
+    from sparsert_cli.torch.residual import ResidualChain, fuse_residuals
+
+    model = small_cnn()
+    x = torch.randn(2, 3, 9, 9)
+    with torch.no_grad():
+        want = model(x).clone()
+    assert fuse_residuals(model) == ["3"]
+    assert isinstance(model[3].conv2_residual, ResidualChain) and model[3].conv2_residual.bn
+    assert not hasattr(model[3], "conv2") and not hasattr(model[3], "bn2")
+    with torch.no_grad():
+        assert torch.equal(model(x), want)
+    assert fuse_residuals(model) == []                   # nothing left to fuse
+    chains = {c.layer: c for c in find_chains(model)}
+    chain = chains["3.conv2_residual.conv"]
+    assert (chain.bn, chain.activation, chain.residual) == ("3.conv2_residual.bn", "relu",
+                                                            "3.conv2_residual")
+
+
+def test_sparsified_residual_block_under_compile():
+    torch.manual_seed(6)
+    block = Block(8).eval()
+    prune_(block, 0.6)
+    holder = nn.Sequential(block)                 # the root itself is never rewritten
+    x = torch.randn(1, 8, 5, 5)
+    with torch.no_grad():
+        want = holder(x).clone()
+    rows = _sparsify(holder, (x,), dtype="fp32", tuned=False, verify=True, min_speedup=1.0,
+                     min_sparsity=0.5, dry_run=False, arch=None, cache=False, include=None,
+                     device=torch.device("cpu"))
+    assert [r["fused"] for r in rows if r["replaced"]] == ["bn+relu", "bn+add+relu"]
+    compiled = torch.compile(holder, backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        assert torch.allclose(compiled(x), want, atol=1e-5)
+        assert torch.allclose(holder(x), want, atol=1e-5)
