@@ -1,8 +1,9 @@
 # Two commands do all the set-up on a fresh machine (Python >= 3.10):
 #   make bench   - create .venv, install sparsert[test,plot,ray] (ray: the Ray backend's CPU
 #                  test), run `sparsert bench configs/ci.yaml`
-#   make test    - create .venv, install sparsert with its test, plot and ray extras (and Chromium
-#                  from the OS packages where root may), run the test suite
+#   make test    - create .venv, install sparsert with its test, plot and ray extras, then the
+#                  torch extra (torch + onnx: ~3 min, ~4 GB, once) and Chromium from the OS
+#                  packages where root may, so every optional extra's CPU tests run; run the suite
 #   make figures - regenerate the README's figures (docs/img/) from the committed results
 #   make wheel-check - a normal (non-editable) install of a built wheel into a fresh venv, used
 #                  from another directory (CI; the shipped problems and configs come from the wheel)
@@ -20,7 +21,11 @@ $(VENV)/.installed: pyproject.toml
 bench: $(VENV)/.installed
 	$(VENV)/bin/sparsert bench $(CONFIG)
 
-test: $(VENV)/.installed
+$(VENV)/.torch: $(VENV)/.installed
+	$(VENV)/bin/python -m pip install -q -e '.[torch]'
+	touch $@
+
+test: $(VENV)/.installed $(VENV)/.torch
 	scripts/ensure-chromium
 	$(VENV)/bin/python -m pytest -q
 

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -326,3 +328,27 @@ def test_sparsified_residual_block_under_compile():
     with torch.no_grad():
         assert torch.allclose(compiled(x), want, atol=1e-5)
         assert torch.allclose(holder(x), want, atol=1e-5)
+
+
+def test_tune_layer_records_the_winner_where_compile_layer_looks(tmp_path):
+    """sparsify_(tune=True) / `sparsert model --tune`: one layer through the tuning jobs (a fake
+    GPU timer in a spawned worker), the winner keyed as the public API looks it up."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from fake_measure import FakeMeasure
+
+    from sparsert_cli.api import Layer, tuned_params
+    from sparsert_cli.torch.backend import tune_layer
+
+    rng = np.random.default_rng(0)
+    weight = rng.standard_normal((8, 4, 3, 3)).astype(np.float32)
+    weight[rng.random(weight.shape) < 0.8] = 0.0
+    tuned = tmp_path / "tuned.json"
+    entry = tune_layer(weight, op="conv", label="layer1", input_shape=(1, 4, 6, 6), padding=1,
+                       epilogue={"activation": "relu"}, tuned=tuned, limit=4,
+                       db_path=tmp_path / "db.sqlite", measure=FakeMeasure())
+    assert entry["status"] == "ok" and entry["candidates"] == 4
+    layer = Layer.of("layer1", weight, op="conv", input_shape=(1, 4, 6, 6), padding=1)
+    found = tuned_params(layer.geometry, layer.weight, "fp32", tuned=tuned, gpu_name="Fake GPU")
+    assert found is not None and found.name() == entry["best"]
