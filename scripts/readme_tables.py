@@ -11,7 +11,7 @@ import json
 import re
 from pathlib import Path
 
-from sparsert_cli.report import markdown_table
+from sparsert_cli import markdown_table
 
 ROOT = Path(__file__).resolve().parent.parent
 DENSE = ["cublas_fp32", "cublas_tf32", "cublas_fp16", "cusparse"]

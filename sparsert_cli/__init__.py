@@ -4,7 +4,10 @@ The public API (`import sparsert_cli as sparsert`) is loaded on first use, so im
 package stays light. Kernels: compile_kernel, compile_kernels, Kernel, Layer, problem_layer,
 config_layers, Epilogue, PlanParams. Checking and timing: verify_cpu, benchmark_layer,
 measure_floors, run_benchmark, load_config, Gpu, have_gpu. Tuning: tune_config (through an
-executor), LocalExecutor, TunedDB. Also KernelCache, KernelFailure, UserError.
+executor), LocalExecutor, TunedDB; the job machinery under it: make_cases, run_jobs, winners,
+current_family, candidates, TuneDB (every measurement), gpu_count, parse_gpus. Results and
+reports: load_results, stamp, git_commit, markdown_table. Shapes and costs: Geometry,
+code_units. Also KernelCache, KernelFailure, UserError.
 """
 
 __version__ = "0.1.0"
@@ -17,7 +20,12 @@ _API = {"compile_kernel": "api", "compile_kernels": "api", "Kernel": "api", "Lay
         "verify_cpu": "benchmark", "benchmark_layer": "benchmark",
         "measure_floors": "benchmark",
         "tune_config": "executors", "LocalExecutor": "executors",
-        "TunedDB": "tune", "KernelCache": "cache", "UserError": "errors"}
+        "TunedDB": "tune", "KernelCache": "cache", "UserError": "errors",
+        "make_cases": "jobs", "winners": "jobs", "current_family": "jobs",
+        "run_jobs": "executors", "gpu_count": "executors", "parse_gpus": "executors",
+        "candidates": "tune", "TuneDB": "tunedb",
+        "load_results": "results", "stamp": "results", "git_commit": "bench",
+        "markdown_table": "report", "Geometry": "problem_shape", "code_units": "build"}
 __all__ = ["__version__", *_API]
 
 
