@@ -7,7 +7,7 @@ from __future__ import annotations
 import re
 
 DEFAULT_ARCH = "sm_90"
-_ARCH_RE = re.compile(r"^sm_(\d{2,3})a?$")
+_ARCH_RE = re.compile(r"sm_(\d{2,3})a?")
 # What NVRTC/nvJitLink 13.x can target (nvrtcGetSupportedArchs); sm_XXa variants too.
 SUPPORTED_ARCHS = (75, 80, 86, 87, 88, 89, 90, 100, 103, 110, 120, 121)
 
@@ -18,7 +18,7 @@ def arch_number(arch: str) -> int:
 
 
 def check_arch(arch: str) -> str:
-    match = _ARCH_RE.match(arch)
+    match = _ARCH_RE.fullmatch(arch)    # fullmatch: "$" would accept a trailing newline
     if not match:
         raise ValueError(f"--arch must look like sm_90 or sm_90a, got {arch!r}")
     if int(match[1]) not in SUPPORTED_ARCHS:

@@ -338,7 +338,7 @@ def test_check_arch_accepts_sm_names(arch):
     assert check_arch(arch) == arch
 
 
-@pytest.mark.parametrize("arch", ["sm90", "sm_9", "compute_90", "SM_90", "sm_90 ", "gfx90a"])
+@pytest.mark.parametrize("arch", ["sm90", "sm_9", "compute_90", "SM_90", "sm_90 ", "sm_90\n", "gfx90a"])
 def test_check_arch_rejects_other_names(arch):
     with pytest.raises(ValueError, match="sm_90"):
         check_arch(arch)
