@@ -6,12 +6,15 @@ from __future__ import annotations
 import json
 import math
 import sys
+from dataclasses import replace
+from pathlib import Path
 
 import click
 
 from .. import results
 from ..console import console, err_console, print_json, table
 from ..errors import UserError
+from ..paths import check_output
 
 # Between two lent H100s the same cubin (byte-identical SASS) of a ~2.5 us layer measured up to
 # 0.26 us apart (docs/perf-notes.md, run 3 vs the baseline): a change counts only when it is
@@ -35,7 +38,9 @@ p20-p80 range):
   missing        only in BASE
   failed         not verified on the GPU in NEW
 
-slower, missing and failed fail the gate. Both files must come from `sparsert bench` on a GPU
+slower, missing and failed fail the gate. --retime [CONFIG] re-times the ambiguous cases on
+the GPU at hand (NEW's config, unless CONFIG is given) and decides them again on NEW's samples
+plus the new ones; without a GPU it says so and goes on. Both files must come from `sparsert bench` on a GPU
 with the same GPU name and driver (else --allow-device-mismatch). Bad timings (NaN, zero,
 negative, not a number) or a case listed twice are a one-line error, exit 2.
 """
@@ -165,6 +170,184 @@ def compare(base: dict, new: dict, max_regression: float,
     return rows, problems
 
 
+# ------------------------------------------------------------- re-timing ambiguous cases
+
+
+def merge_samples(case: dict, fresh: list[float]) -> dict:
+    """`case` with `fresh` samples added to its stored ones, its median / p20 / p80 (and the
+    speedups and floor share that follow from the median) recomputed."""
+    timing = dict(case["sparsert"])
+    samples = list(timing.get("samples_us") or []) + list(fresh)
+    timing.update(median_us=_percentile(samples, 50), p20_us=_percentile(samples, 20),
+                  p80_us=_percentile(samples, 80), samples_us=samples,
+                  retimed_samples=timing.get("retimed_samples", 0) + len(fresh))
+    out = {**case, "sparsert": timing}
+    mine = timing["median_us"]
+    if isinstance(case.get("baselines"), dict):
+        out["speedup"] = {n: b["median_us"] / mine for n, b in case["baselines"].items()
+                          if isinstance(b, dict) and b.get("ok") and b.get("median_us")}
+    if _positive(case.get("floor_us")):
+        out["floor_pct"] = 100.0 * case["floor_us"] / mine
+    return out
+
+
+def retime_ambiguous(base: dict, new: dict, rows: list[dict], retime, max_regression: float,
+                     slack_us: float = SLACK_US):
+    """Re-time NEW's ambiguous cases with `retime(keys) -> {key: samples}` (the GPU, or a fake),
+    merge the samples into NEW and decide every case again: (updated NEW, rows, problems).
+    A re-timed row carries `retimed` (its number of new samples); a case that is still
+    ambiguous stays so (reported, not failing)."""
+    keys = [r["case"] for r in rows if r["status"] == "ambiguous"]
+    fresh = {k: [s for s in v if _positive(s)] for k, v in (retime(keys) if keys else {}).items()
+             if k in keys}
+    fresh = {k: v for k, v in fresh.items() if v}
+    cases = [merge_samples(c, fresh[_key(c)]) if _key(c) in fresh else c for c in new["cases"]]
+    updated = {**new, "cases": cases}
+    if fresh:
+        updated["retimed"] = sorted(set(new.get("retimed", [])) | set(fresh))
+        if "geomean" in new:
+            from ..bench import summarize
+            updated["geomean"] = summarize(cases)
+    rows, problems = compare(base, updated, max_regression, slack_us)
+    for row in rows:
+        if row["case"] in fresh:
+            row["retimed"] = len(fresh[row["case"]])
+    return updated, rows, problems
+
+
+def _in_order(values) -> list:
+    return list(dict.fromkeys(values))
+
+
+def retime_config(new: dict, new_path, config_arg: str | None):
+    """The config NEW's cases are re-timed with, at NEW's precision and emitter: CONFIG if given;
+    else the one NEW records (its path, else its shipped name), refused (UserError) when it no
+    longer hashes as NEW recorded."""
+    from ..config import load_config
+    from ._common import select
+
+    recorded = new.get("config") if isinstance(new.get("config"), dict) else {}
+    if config_arg:
+        config = load_config(config_arg)
+    else:
+        where = [w for w in (recorded.get("path"), recorded.get("name")) if isinstance(w, str)]
+        for place in where:
+            try:
+                config = load_config(place)
+                break
+            except UserError:
+                continue
+        else:
+            raise UserError(f"{new_path}: its config {' / '.join(where) or '(none recorded)'} "
+                            f"cannot be loaded; give it: --retime CONFIG")
+    changes = {k: recorded[k] for k in ("dtype", "accumulate", "emit") if k in recorded}
+    allowed = {"dtype": ("fp32", "fp16"), "accumulate": ("fp32", "fp16"), "emit": ("ptx", "cuda")}
+    bad = [f"{k} {v!r}" for k, v in changes.items() if v not in allowed[k]]
+    if bad:
+        raise UserError(f"{new_path}: config records {bad[0]}, which sparsert cannot re-time")
+    config = replace(config, **changes)
+    if config_arg:
+        return config
+    candidates = [config]
+    try:    # NEW may come from `bench --problems/--sparsity`: its config was that selection
+        candidates.append(select(config, _in_order(c["problem"] for c in new["cases"]),
+                                 _in_order(str(c["sparsity"]) for c in new["cases"]), None))
+    except UserError:
+        pass
+    digests = {c.digest() for c in candidates} | {
+        replace(c, allow_fp16_flush=True).digest() for c in candidates}
+    if recorded.get("hash") not in digests:
+        raise UserError(f"{config.path}: changed since {new_path} was measured (config hash "
+                        f"{recorded.get('hash')} then, {config.digest()} now); give it as "
+                        f"--retime CONFIG to re-time with it anyway")
+    return config
+
+
+def retime_groups(config, new: dict, keys: list[str]) -> list:
+    """`config` narrowed to the cases `keys` names, one config per sparsity (run_benchmark
+    times the product of problems and sparsities); UserError when a case is not in it."""
+    from ._common import select
+
+    by_key = {_key(c): c for c in new["cases"]}
+    known = {p.id: p for p in config.problems}
+    groups: dict[float, list[str]] = {}
+    for key in keys:
+        case = by_key[key]
+        problem = known.get(case["problem"])
+        if problem is None or problem.shape_text() != case.get("shape", problem.shape_text()):
+            raise UserError(f"{config.path}: has no problem {case['problem']} "
+                            f"{case.get('shape', '')} to re-time")
+        groups.setdefault(case["sparsity"], []).append(case["problem"])
+    return [select(config, ids, [str(s)], None) for s, ids in groups.items()]
+
+
+def gpu_retimer(gpu, configs: list, new: dict):
+    """A retime(keys) callable measuring on `gpu` as `bench` does (tuned plans, the kernel
+    cache; no baselines); a case whose plan differs from NEW's is left out, with a warning."""
+    def retime(keys):
+        from ..bench import run_benchmark
+        from ..cache import KernelCache
+        from ..paths import tuned_db_path
+        from ..tune import TunedDB
+
+        plans = {_key(c): c.get("plan") for c in new["cases"]}
+        tuned, cache, out = TunedDB(tuned_db_path(None)), KernelCache(), {}
+        arch = new.get("arch") if isinstance(new.get("arch"), str) else gpu.arch
+        for config in configs:
+            doc = run_benchmark(config, gpu=gpu, gpu_name=gpu.name, arch=arch, tuned=tuned,
+                                cache=cache, cold_l2=bool(new.get("cold_l2")), baselines=False)
+            for record in doc["cases"]:
+                key = _key(record)
+                if key in keys and record.get("plan") != plans.get(key):
+                    err_console.print(f"[yellow]sparsert: warning:[/] {key}: plan "
+                                      f"{record.get('plan')} now, {plans.get(key)} in NEW; "
+                                      f"not re-timed", highlight=False, soft_wrap=True)
+                elif key in keys and record.get("verify_gpu", {}).get("ok"):
+                    out[key] = record["sparsert"]["samples_us"]
+        return out
+    return retime
+
+
+def _retime(base, new, new_path, rows, config_arg, allow_device_mismatch, max_regression,
+            slack_us):
+    """The --retime step of the command: (NEW, rows, problems) after re-timing, or None when
+    nothing was re-timed (a line says why)."""
+    from ..gpu.runtime import have_gpu
+
+    keys = [r["case"] for r in rows if r["status"] == "ambiguous"]
+    if not keys:
+        return None
+    groups = retime_groups(retime_config(new, new_path, config_arg), new, keys)
+    if not have_gpu():
+        err_console.print(f"[yellow]sparsert: {len(keys)} ambiguous case(s) not re-timed:[/] "
+                          f"no GPU", highlight=False, soft_wrap=True)
+        return None
+    from ..gpu.runtime import Gpu
+    gpu = Gpu()
+    try:
+        info = gpu.info()
+        here = (info["name"], info.get("nvml_driver") or info.get("driver_version"))
+        if here != device(new) and not allow_device_mismatch:
+            err_console.print(f"[yellow]sparsert: {len(keys)} ambiguous case(s) not "
+                              f"re-timed:[/] this GPU is {here[0]} (driver {here[1]}), "
+                              f"{new_path} was measured on {device(new)[0]} (driver "
+                              f"{device(new)[1]})", highlight=False, soft_wrap=True)
+            return None
+        updated, rows, problems = retime_ambiguous(base, new, rows,
+                                                   gpu_retimer(gpu, groups, new),
+                                                   max_regression, slack_us)
+    finally:
+        gpu.close()
+    status = {r["case"]: r for r in rows}
+    err_console.print(f"re-timed {sum('retimed' in r for r in rows)} of {len(keys)} ambiguous "
+                      f"case(s): " + "; ".join(
+                          f"{k} -> {status[k]['status']}" + (
+                              f" (+{status[k]['retimed']} samples)" if "retimed" in status[k]
+                              else " (not re-timed)") for k in keys),
+                      highlight=False, soft_wrap=True)
+    return updated, rows, problems
+
+
 def geomean(rows: list[dict]) -> float | None:
     ratios = [r["ratio"] for r in rows if r["ratio"]]
     return math.exp(sum(map(math.log, ratios)) / len(ratios)) if ratios else None
@@ -198,6 +381,7 @@ def markdown(rows: list[dict], max_regression: float, slack_us: float) -> str:
              "|---|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         status = f"**{r['status']}**" if r["status"] in FAILING else r["status"]
+        status += " (re-timed)" if r.get("retimed") else ""
         lines.append(f"| {r['case'].replace('|', '/')} | {_us(r['base_us'])} | "
                      f"{_us(r['new_us'])} | {_ratio(r)} | {_range(r['base_range'])} | "
                      f"{_range(r['new_range'])} | {status} |")
@@ -241,10 +425,22 @@ def github_benchmark(new: dict) -> list[dict]:
               help="Print a pull-request comment (summary line, then a Markdown table).")
 @click.option("--github-json", "as_github", is_flag=True,
               help="Print NEW's times for github-action-benchmark (customSmallerIsBetter).")
+@click.option("--retime", "retime_arg", is_flag=False, flag_value="", default=None,
+              metavar="[CONFIG]", help="Re-time the ambiguous cases on this GPU (with CONFIG, "
+              "else NEW's recorded config) and decide them again; put it after NEW.json.")
+@click.option("--retime-out", default=None, type=click.Path(dir_okay=False),
+              help="With --retime: write NEW with the re-timed samples merged in.")
 def command(base_path, new_path, max_regression, slack_us, allow_device_mismatch, as_json,
-            as_markdown, as_github):
+            as_markdown, as_github, retime_arg, retime_out):
     if as_json + as_markdown + as_github > 1:
         raise UserError("compare: give at most one of --json, --markdown, --github-json")
+    if retime_out and retime_arg is None:
+        raise UserError("compare: --retime-out needs --retime")
+    if retime_out:
+        check_output(Path(retime_out), "--retime-out")
+    if retime_arg:
+        from ..config import load_config
+        load_config(retime_arg)     # a bad CONFIG fails now, ambiguous cases or not
     base, new = load_results(base_path), load_results(new_path)
     mismatch = device_mismatch(base, new, base_path, new_path)
     if mismatch and not allow_device_mismatch:
@@ -254,6 +450,14 @@ def command(base_path, new_path, max_regression, slack_us, allow_device_mismatch
         err_console.print(f"[yellow]sparsert: warning:[/] {mismatch}", highlight=False,
                           soft_wrap=True)
     rows, problems = compare(base, new, max_regression, slack_us)
+    if retime_arg is not None:
+        retimed = _retime(base, new, new_path, rows, retime_arg or None, allow_device_mismatch,
+                          max_regression, slack_us)
+        if retimed:
+            new, rows, problems = retimed
+    if retime_out:
+        Path(retime_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(retime_out).write_text(json.dumps(new, indent=1) + "\n")
     if as_json:
         print_json({"rows": rows, "problems": problems, "summary": summary(rows)})
     elif as_github:
@@ -267,8 +471,9 @@ def command(base_path, new_path, max_regression, slack_us, allow_device_mismatch
             f"{new_path} vs {base_path} (median us per launch; ratio = new / base)",
             ["Case", "base us", "new us", "ratio", "base p20-p80", "new p20-p80", "Status"],
             [[r["case"], _us(r["base_us"]), _us(r["new_us"]), _ratio(r), _range(r["base_range"]),
-              _range(r["new_range"]), f"[{style[r['status']]}]{r['status']}[/]"
-              if style[r["status"]] else r["status"]] for r in rows]))
+              _range(r["new_range"]), (f"[{style[r['status']]}]{r['status']}[/]"
+                                       if style[r["status"]] else r["status"])
+              + (" (re-timed)" if r.get("retimed") else "")] for r in rows]))
         console.print(summary(rows), highlight=False, soft_wrap=True)
     if problems:
         err_console.print(f"[red]{len(problems)} problem(s)[/] beyond {max_regression:.0%} and "
