@@ -221,3 +221,153 @@ def test_json_keeps_rows_and_problems(tmp_path, capsys):
 def test_only_one_output_format(tmp_path, capsys):
     code, _, err = _run(tmp_path, capsys, *_mixed(), "--json", "--markdown")
     assert code == 2 and _one_line(err)
+
+
+# ------------------------------------------------------------- --retime
+
+from sparsert_cli.commands import compare as compare_mod  # noqa: E402
+from sparsert_cli.commands.compare import retime_ambiguous  # noqa: E402
+from sparsert_cli.config import load_config  # noqa: E402
+
+
+def _ambiguous_pair():
+    """BASE ~10 us, NEW ~12 us with wide overlapping samples: ambiguous."""
+    return (_doc([_case("a", 10.0, _samples(10, 0.3)), _case("b", 5.0)]),
+            _doc([_case("a", 12.0, _samples(12, 0.3)), _case("b", 5.0)]))
+
+
+@pytest.mark.parametrize("center, status, failing", [(12.0, "slower", True),
+                                                      (8.0, "faster", False),
+                                                      (10.0, "same", False)])
+def test_retimed_ambiguous_case_is_decided_again(center, status, failing):
+    base, new = _ambiguous_pair()
+    rows, _ = compare(base, new, 0.05)
+    assert [r["status"] for r in rows] == ["ambiguous", "same"]
+    asked = []
+
+    def fake(keys):
+        asked.append(keys)
+        return {k: _samples(center, 0.001, 200) for k in keys}
+    updated, rows, problems = retime_ambiguous(base, new, rows, fake, 0.05)
+    assert asked == [["a 8x8 @0.9"]]
+    assert rows[0]["status"] == status and rows[0]["retimed"] == 200
+    assert "retimed" not in rows[1]
+    assert bool(problems) == failing
+    timing = updated["cases"][0]["sparsert"]
+    assert len(timing["samples_us"]) == 210 and timing["retimed_samples"] == 200
+    assert timing["median_us"] == pytest.approx(center, rel=0.01)
+    assert new["cases"][0]["sparsert"]["median_us"] == 12.0   # NEW itself untouched
+    assert updated["retimed"] == ["a 8x8 @0.9"]
+
+
+def test_still_ambiguous_after_retiming_stays_and_does_not_fail():
+    base, new = _ambiguous_pair()
+    rows, _ = compare(base, new, 0.05)
+    _, rows, problems = retime_ambiguous(base, new, rows,
+                                         lambda keys: {k: _samples(12, 0.3) for k in keys}, 0.05)
+    assert rows[0]["status"] == "ambiguous" and rows[0]["retimed"] == 10 and not problems
+
+
+def test_nothing_ambiguous_times_nothing():
+    base, new = _doc([_case("b", 5.0)]), _doc([_case("b", 5.0)])
+    rows, _ = compare(base, new, 0.05)
+    _, rows, _ = retime_ambiguous(base, new, rows, lambda keys: pytest.fail("timed"), 0.05)
+    assert rows[0]["status"] == "same"
+
+
+def _ci_pair(config="configs/ci.yaml"):
+    """Two results of configs/ci.yaml (its first problem at 0.8): NEW's case ambiguous."""
+    cfg = load_config(config)
+    problem = cfg.problems[0]
+    meta = {"name": cfg.name, "path": cfg.path, "hash": cfg.digest(), "dtype": cfg.dtype,
+            "accumulate": cfg.accumulate, "emit": cfg.emit}
+    base, new = _ambiguous_pair()
+    for doc in (base, new):
+        doc["config"] = meta
+        doc["cases"] = doc["cases"][:1]
+        doc["cases"][0].update(problem=problem.id, shape=problem.shape_text(), sparsity=0.8)
+    return base, new
+
+
+class _FakeGpu:
+    name, arch = H100, "sm_90"
+
+    def info(self):
+        return {"name": H100, "nvml_driver": DRIVER}
+
+    def close(self):
+        pass
+
+
+def _fake_gpu(monkeypatch, center):
+    from sparsert_cli.gpu import runtime
+    monkeypatch.setattr(runtime, "have_gpu", lambda: True)
+    monkeypatch.setattr(runtime, "Gpu", _FakeGpu)
+    groups = []
+
+    def retimer(gpu, configs, new):
+        groups.extend(configs)
+        return lambda keys: {k: _samples(center, 0.001, 50) for k in keys}
+    monkeypatch.setattr(compare_mod, "gpu_retimer", retimer)
+    return groups
+
+
+@pytest.mark.parametrize("center, code, status", [(12.0, 1, "slower"), (8.0, 0, "faster")])
+def test_retime_command_gate_follows_the_final_status(tmp_path, capsys, monkeypatch, center,
+                                                      code, status):
+    groups = _fake_gpu(monkeypatch, center)
+    base, new = _ci_pair()
+    out_path = tmp_path / "retimed.json"
+    got, out, err = _run(tmp_path, capsys, base, new, "--retime", "--retime-out", str(out_path))
+    assert got == code, err
+    assert "re-timed 1 of 1 ambiguous case(s): ci_gemm_odd" in err
+    assert f"-> {status} (+50 samples)" in err and "(re-timed)" in out
+    assert [([p.id for p in g.problems], g.sparsities) for g in groups] == [
+        (["ci_gemm_odd"], (0.8,))]
+    written = json.loads(out_path.read_text())
+    assert written["kind"] == "bench" and len(written["cases"][0]["sparsert"]["samples_us"]) == 60
+    code, _, err = _run(tmp_path, capsys, base, new)      # without --retime: ambiguous, exit 0
+    assert code == 0 and "re-timed" not in err
+
+
+def test_retime_without_gpu_is_one_line_and_the_usual_exit(tmp_path, capsys, monkeypatch):
+    from sparsert_cli.gpu import runtime
+    monkeypatch.setattr(runtime, "have_gpu", lambda: False)
+    base, new = _ci_pair()
+    code, out, err = _run(tmp_path, capsys, base, new, "--retime")
+    assert code == 0 and "1 ambiguous" in out
+    assert _one_line(err) and "not re-timed" in err and "no GPU" in err
+
+
+def test_retime_refuses_a_changed_config_unless_given(tmp_path, capsys, monkeypatch):
+    _fake_gpu(monkeypatch, 8.0)
+    base, new = _ci_pair()
+    new["config"]["hash"] = "0123456789abcdef"
+    code, out, err = _run(tmp_path, capsys, base, new, "--retime")
+    assert code == 2 and _one_line(err) and "changed since" in err and "configs/ci.yaml" in err
+    code, out, err = _run(tmp_path, capsys, base, new, "--retime=configs/ci.yaml")
+    assert code == 0 and "-> faster" in err
+
+
+@pytest.mark.parametrize("config", ["no/such.yaml", "configs"])
+def test_retime_with_a_bad_config_is_one_line_exit_2(tmp_path, capsys, monkeypatch, config):
+    _fake_gpu(monkeypatch, 8.0)
+    base, new = _ci_pair()
+    code, out, err = _run(tmp_path, capsys, base, new, "--retime", config,
+                          "--retime-out", str(tmp_path / "o.json"))
+    assert code == 2 and _one_line(err) and config in err
+    assert not (tmp_path / "o.json").exists()
+
+
+def test_retime_config_without_the_ambiguous_problem_is_one_line(tmp_path, capsys, monkeypatch):
+    _fake_gpu(monkeypatch, 8.0)
+    base, new = _ci_pair()
+    new["cases"][0]["problem"] = base["cases"][0]["problem"] = "not_in_ci"
+    code, _, err = _run(tmp_path, capsys, base, new, "--retime=configs/ci.yaml")
+    assert code == 2 and _one_line(err) and "no problem not_in_ci" in err
+
+
+def test_retime_out_needs_retime(tmp_path, capsys):
+    base, new = _ci_pair()
+    code, _, err = _run(tmp_path, capsys, base, new, "--retime-out", str(tmp_path / "o.json"))
+    assert code == 2 and _one_line(err) and "--retime" in err
