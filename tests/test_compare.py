@@ -371,3 +371,35 @@ def test_retime_out_needs_retime(tmp_path, capsys):
     base, new = _ci_pair()
     code, _, err = _run(tmp_path, capsys, base, new, "--retime-out", str(tmp_path / "o.json"))
     assert code == 2 and _one_line(err) and "--retime" in err
+
+
+@pytest.mark.parametrize("plan_now, retimed", [("P1", True), ("P2", False)])
+def test_gpu_retimer_keeps_samples_of_the_same_plan_only(monkeypatch, capsys, plan_now, retimed):
+    from types import SimpleNamespace
+
+    from sparsert_cli import bench
+    calls = []
+
+    def fake_run(config, **kwargs):
+        calls.append(kwargs)
+        return {"cases": [{"problem": p.id, "shape": p.shape_text(), "sparsity": s,
+                           "plan": plan_now, "verify_gpu": {"ok": True},
+                           "sparsert": {"samples_us": [1.0, 2.0]}} for p, s in config.cases()]}
+    monkeypatch.setattr(bench, "run_benchmark", fake_run)
+    _, new = _ci_pair()
+    new["cases"][0]["plan"], new["arch"] = "P1", "sm_90"
+    key = compare_mod._key(new["cases"][0])
+    config = compare_mod.retime_config(new, "new.json", None)
+    groups = compare_mod.retime_groups(config, new, [key])
+    got = compare_mod.gpu_retimer(SimpleNamespace(name=H100, arch="sm_80"), groups, new)([key])
+    assert got == ({key: [1.0, 2.0]} if retimed else {})
+    assert calls[0]["baselines"] is False and calls[0]["arch"] == "sm_90"
+    assert ("plan P2 now, P1 in NEW; not re-timed" in capsys.readouterr().err) != retimed
+
+
+def test_retime_accepts_the_config_of_a_narrowed_bench():
+    from sparsert_cli.commands._common import select
+    _, new = _ci_pair()
+    narrowed = select(load_config("configs/ci.yaml"), ["ci_gemm_odd"], ["0.8"], None)
+    new["config"]["hash"] = narrowed.digest()   # bench ci --problems ci_gemm_odd --sparsity 0.8
+    assert compare_mod.retime_config(new, "new.json", None).path.endswith("ci.yaml")
