@@ -44,7 +44,7 @@ def _used(scripts: list[str]) -> dict[str, set[str]]:
     """{subcommand: flags} of every `sparsert ...` line in the shell scripts."""
     used: dict[str, set[str]] = {}
     for script in scripts:
-        for line in script.splitlines():
+        for line in script.replace("\\\n", " ").splitlines():   # join continued lines
             words = shlex.split(line.split(">")[0].split("|")[0].strip() or "#", comments=True)
             if words[:1] == ["sparsert"]:
                 used.setdefault(words[1], set()).update(w.split("=")[0] for w in words[2:]
@@ -65,6 +65,8 @@ def test_the_flag_check_catches_a_missing_flag(capsys):
     used = _used(["sparsert plot a.json --kind layers --no-such-flag -o out > log"])
     assert used == {"plot": {"--kind", "--no-such-flag", "-o"}}
     assert _missing(used, capsys) == [("plot", "--no-such-flag")]
+    assert _used(["sparsert compare a b \\\n  --no-such-flag > log"]) == {
+        "compare": {"--no-such-flag"}}
 
 
 def test_every_sparsert_command_and_flag_exists(workflow, capsys):

@@ -40,9 +40,9 @@ p20-p80 range):
 
 slower, missing and failed fail the gate. --retime [CONFIG] re-times the ambiguous cases on
 the GPU at hand (NEW's config, unless CONFIG is given) and decides them again on NEW's samples
-plus the new ones; without a GPU it says so and goes on. Both files must come from `sparsert bench` on a GPU
-with the same GPU name and driver (else --allow-device-mismatch). Bad timings (NaN, zero,
-negative, not a number) or a case listed twice are a one-line error, exit 2.
+plus the new ones; without a GPU it says so and goes on. Both files must come from `sparsert
+bench` on a GPU with the same GPU name and driver (else --allow-device-mismatch). Bad timings
+(NaN, zero, negative, not a number) or a case listed twice are a one-line error, exit 2.
 """
 STATUSES = ("slower", "faster", "ambiguous", "same", "new", "missing", "failed")
 
