@@ -403,3 +403,12 @@ def test_retime_accepts_the_config_of_a_narrowed_bench():
     narrowed = select(load_config("configs/ci.yaml"), ["ci_gemm_odd"], ["0.8"], None)
     new["config"]["hash"] = narrowed.digest()   # bench ci --problems ci_gemm_odd --sparsity 0.8
     assert compare_mod.retime_config(new, "new.json", None).path.endswith("ci.yaml")
+
+
+def test_retime_on_another_gpu_is_one_line_not_retimed(tmp_path, capsys, monkeypatch):
+    _fake_gpu(monkeypatch, 8.0)
+    monkeypatch.setattr(_FakeGpu, "info", lambda self: {"name": H100, "nvml_driver": "575.1"})
+    base, new = _ci_pair()
+    code, out, err = _run(tmp_path, capsys, base, new, "--retime")
+    assert code == 0 and "1 ambiguous" in out
+    assert _one_line(err) and "not re-timed" in err and "driver 575.1" in err
