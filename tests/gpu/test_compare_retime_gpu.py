@@ -50,9 +50,9 @@ def test_compare_retime_re_times_an_ambiguous_case(tmp_path, capsys, monkeypatch
     key = rows[0]["case"]
     (tmp_path / "base.json").write_text(json.dumps(base))
     (tmp_path / "new.json").write_text(json.dumps(new))
-    code, out, err = run_main(["compare", str(tmp_path / "base.json"), str(tmp_path / "new.json"),
-                               "--slack-us", "0", "--retime", "--json", "--retime-out", str(tmp_path / "re.json")],
-                              capsys)
+    code, out, err = run_main(["compare", str(tmp_path / "base.json"),
+                               str(tmp_path / "new.json"), "--slack-us", "0", "--retime",
+                               "--json", "--retime-out", str(tmp_path / "re.json")], capsys)
     assert code in (0, 1), err
     assert f"re-timed 1 of 1 ambiguous case(s): {key} ->" in err
     result = json.loads(out)
