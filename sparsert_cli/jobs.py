@@ -295,14 +295,21 @@ def winners(cases: list[CaseSpec], jobs: list[Job], db, gpu: dict, family: tuple
     summary = []
     for case in cases:
         cands = sorted(by_case.get(case.index, []), key=lambda j: j.candidate)
-        timed = []
+        timed, measured = [], []
         for job in cands:
             r = stored.get(job.ident(case, family))
             if r and r["verified"] and r["median_us"] is not None:
                 timed.append((r["median_us"], job.candidate, job))
+            measured.append({"plan": job.params.name(), "candidate": job.candidate,
+                             "family": f"{family[0]}@{family[1]}",
+                             "median_us": r["median_us"] if r else None,
+                             "verified": bool(r and r["verified"]),
+                             "error": (r["error"] if r else "not measured") or None})
         if not timed:
             summary.append({"case": case.key, "status": "no candidate verified",
-                            "candidates": len(cands), "verified": 0})
+                            "candidates": len(cands), "verified": 0, "measured": measured,
+                            "problem": case.problem.id, "sparsity": case.sparsity,
+                            "precision": case.precision})
             continue
         best_us, _, best = min(timed, key=lambda t: (t[0], t[1]))
         default_us = next((us for us, i, _ in timed if i == 0), None)
@@ -311,5 +318,28 @@ def winners(cases: list[CaseSpec], jobs: list[Job], db, gpu: dict, family: tuple
                         "verified": len(timed), "candidates": len(cands),
                         "problem": case.problem.id, "sparsity": case.sparsity,
                         "pattern_hash": case.pattern_hash, "geometry": case.geometry,
-                        "precision": case.precision})
+                        "precision": case.precision, "measured": measured,
+                        "default": cands[0].params.name() if cands else None})
     return summary
+
+
+def tune_results(summary: list[dict], run: dict, meta: dict) -> dict:
+    """A `kind: tune` results document (what `sparsert plot --kind tune` draws): per case the
+    default plan's time, the winner's, and every candidate measured this run."""
+    from .results import stamp
+
+    cases = []
+    for entry in summary:
+        if entry["status"] != "ok":
+            continue
+        cases.append({"problem": entry["problem"], "sparsity": entry["sparsity"],
+                      "precision": entry["precision"], "pattern_hash": entry["pattern_hash"],
+                      "default_plan": entry["default"], "default_us": entry["default_us"],
+                      "best_plan": entry["best"], "best_us": entry["us"],
+                      "best_family": entry["measured"][0]["family"],
+                      "candidates": [m for m in entry["measured"]
+                                     if m["verified"] and m["median_us"] is not None]})
+    return stamp({**meta, "gpu": run["gpu"], "run": {k: run[k] for k in
+                  ("jobs", "skipped", "wall_seconds", "compile_seconds", "measure_seconds")
+                  if k in run}, "cases": cases,
+                  "failed": [e["case"] for e in summary if e["status"] != "ok"]}, "tune")

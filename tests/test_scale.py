@@ -423,3 +423,31 @@ def test_two_workers_measure_almost_twice_as_fast():
         if best >= 1.85:
             break
     assert best >= 1.85
+
+
+def test_tune_results_file_feeds_the_tune_plot(tmp_path, isolated_cache):
+    """`tune --out`: a kind "tune" results file with the default's time, the winner's and every
+    verified candidate, which `plot --kind tune` reads."""
+    from sparsert_cli import results
+    from sparsert_cli.bench import metadata
+    from sparsert_cli.commands.tune import run_tuner
+    from sparsert_cli.jobs import tune_results
+    from sparsert_cli.plots.data import tune_rows
+
+    config = small_config()
+    out = run_tuner(config, limit=3, db_path=tmp_path / "tuned.json",
+                    db_sqlite=tmp_path / "t.sqlite", measure=FakeMeasure(), gpu_ids=[0],
+                    arch="sm_90")
+    doc = tune_results(out["summary"], out["run"], metadata(config, "gpu"))
+    path = tmp_path / "tune.json"
+    path.write_text(json.dumps(doc, default=str))
+    loaded = results.load_results(path, kinds=("tune",))
+    assert loaded["kind"] == "tune" and len(loaded["cases"]) == 2
+    for case, entry in zip(loaded["cases"], out["summary"]):
+        assert case["best_us"] == entry["us"] == min(c["median_us"] for c in case["candidates"])
+        assert case["default_plan"] == case["candidates"][0]["plan"]
+        assert case["default_us"] == case["candidates"][0]["median_us"]
+        assert all(c["median_us"] == fake_us(f"{case['problem']}@{case['sparsity']:g}",
+                                             c["plan"]) for c in case["candidates"])
+    rows = tune_rows([(path, loaded)])["rows"]
+    assert {r["role"] for r in rows} == {"candidate", "default", "winner"}

@@ -3,6 +3,8 @@ database (--db, default ./configs/tuned.json)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 from ..console import console, table
@@ -76,8 +78,11 @@ def run_tuner(config, arch=None, jobs=None, no_cache=False, limit=16, db_path=No
 @click.option("--jobs", type=click.IntRange(1, 256), default=None,
               help="Parallel compile processes (default: all cores).")
 @click.option("--no-cache", is_flag=True, help="Ignore the kernel cache.")
+@click.option("--out", "out_path", default=None, type=click.Path(dir_okay=False),
+              help="Also write a results file (kind: tune): per case the default plan's time, "
+                   "the winner's and every verified candidate (for `sparsert plot --kind tune`).")
 def command(config_path, problem_ids, sparsities, dtype, accumulate, max_candidates, db_path,
-            db_sqlite, remeasure, gpus, ray, arch, jobs, no_cache):
+            db_sqlite, remeasure, gpus, ray, arch, jobs, no_cache, out_path):
     """Autotune plan parameters per (pattern, GPU, dtype) on every GPU of this host."""
     from ..config import load_config
     from ._common import select, split_values
@@ -86,6 +91,9 @@ def command(config_path, problem_ids, sparsities, dtype, accumulate, max_candida
         raise UserError("--gpus and --ray exclude each other (Ray places the timers itself)")
     config = select(load_config(config_path), split_values(problem_ids),
                     split_values(sparsities), dtype, accumulate)
+    if out_path:
+        from ..paths import check_output
+        check_output(Path(out_path), "--out")          # before the tuning run, not at its end
     out = run_tuner(config, arch, jobs, no_cache, max_candidates, db_path, gpus, ray, db_sqlite,
                     remeasure)
     rows, run = out["summary"], out["run"]
@@ -104,3 +112,13 @@ def command(config_path, problem_ids, sparsities, dtype, accumulate, max_candida
         rate = f"{g['jobs_per_second']:.1f} jobs/s" if g.get("jobs_per_second") else "-"
         console.print(f"  GPU {g['device']} ({run['gpu']['gpu_name']}): {g['jobs']} jobs, {rate}"
                       + (f", {g['restarts']} worker restart(s)" if g.get("restarts") else ""))
+    if out_path:
+        import json
+
+        from ..bench import metadata
+        from ..jobs import tune_results
+
+        doc = tune_results(rows, run, metadata(config, "gpu"))
+        Path(out_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(out_path).write_text(json.dumps(doc, indent=1, default=str) + "\n")
+        console.print(f"wrote {out_path}")
