@@ -14,7 +14,7 @@ from ..ir import (Batch, Compute, Finish, IndexOp, KernelIR, Load, Partial, Redu
                   Step, TapBase)
 from . import PrintedMismatch
 from .cuda import CFmt
-from .parse_ptx import _f16, _first_difference
+from .parse_ptx import _f16, require_equal
 
 _LANES = {"": 0, ".x": 0, ".y": 1, ".z": 2, ".w": 3}
 _NUM = r"((?:\(unsigned short\))?-?0x[0-9a-fA-F.]+(?:p[-+]\d+f|u)?)"
@@ -395,10 +395,4 @@ def parse(ir: KernelIR, text: str) -> KernelIR:
 
 def check_printed(ir: KernelIR, text: str) -> None:
     """Raise PrintedMismatch unless the printed CUDA `text` implements exactly `ir`."""
-    got = parse(ir, text)
-    if got == ir:
-        return
-    for field in dataclasses.fields(ir):
-        a, b = getattr(ir, field.name), getattr(got, field.name)
-        if a != b:
-            _fail(field.name, _first_difference(a, b, field.name))
+    require_equal(ir, parse(ir, text), _fail)

@@ -636,12 +636,16 @@ def _first_difference(want, got, path: str) -> str:
     return f"{path}: IR has {want!r:.200}, text has {got!r:.200}"
 
 
-def check_printed(ir: KernelIR, text: str) -> None:
-    """Raise PrintedMismatch unless the printed PTX `text` implements exactly `ir`."""
-    got = parse(ir, text)
+def require_equal(ir: KernelIR, got: KernelIR, fail) -> None:
+    """Call `fail(field, message)` at the first field where the parsed `got` differs from `ir`."""
     if got == ir:
         return
     for field in dataclasses.fields(ir):
         a, b = getattr(ir, field.name), getattr(got, field.name)
         if a != b:
-            _fail(field.name, _first_difference(a, b, field.name))
+            fail(field.name, _first_difference(a, b, field.name))
+
+
+def check_printed(ir: KernelIR, text: str) -> None:
+    """Raise PrintedMismatch unless the printed PTX `text` implements exactly `ir`."""
+    require_equal(ir, parse(ir, text), _fail)
