@@ -21,6 +21,7 @@ from scipy import special
 from . import limits
 from .errors import UserError
 from .problems import Problem
+from .weights import checked_float32
 
 # Generated weights above this many elements are drawn sparsely (a dense draw and argsort would
 # take ~20 bytes per element); below it the dense generators keep every committed pattern hash.
@@ -296,20 +297,6 @@ def _read_array(path: Path) -> Weight:
         raise UserError(f"{path}: not a readable .npy/.npz weight file ({exc})") from None
 
 
-def _checked_values(values: np.ndarray, path: Path) -> np.ndarray:
-    """float32 copies of the values, refusing NaN/Inf and what float32 cannot hold."""
-    if not np.all(np.isfinite(values)):
-        bad = int(np.size(values) - np.count_nonzero(np.isfinite(values)))
-        raise UserError(f"{path}: weight holds {bad} NaN/Inf value(s)")
-    with np.errstate(over="ignore", under="ignore"):
-        weight = values.astype(np.float32)
-    if not np.all(np.isfinite(weight)):
-        raise UserError(f"{path}: weight holds values beyond the float32 range")
-    if np.any((values != 0) & (weight == 0)):
-        raise UserError(f"{path}: some nonzero weights underflow to zero in float32")
-    return weight
-
-
 def _prune_sparse(weight: SparseWeight, sparsity: float) -> SparseWeight:
     """magnitude_prune without the zeros: they rank first, then |value|, ties by position."""
     csr = weight.csr.copy()
@@ -343,14 +330,14 @@ def load_pattern(path: str | Path, sparsity: float | None = None) -> Weight:
         raise UserError(f"{path}: weight is empty (shape {array.shape})")
     if isinstance(array, SparseWeight):
         csr = array.csr
-        csr = sp.csr_matrix((_checked_values(csr.data, path), csr.indices, csr.indptr),
+        csr = sp.csr_matrix((checked_float32(csr.data, path), csr.indices, csr.indptr),
                             shape=csr.shape)
         csr.eliminate_zeros()
         weight = SparseWeight(csr, array.shape)
         if sparsity is not None:
             weight = _prune_sparse(weight, sparsity)
     else:
-        weight = _checked_values(array, path)
+        weight = checked_float32(array, path)
         if sparsity is not None:
             weight = magnitude_prune(weight, sparsity)
     if not count_nonzeros(weight):

@@ -222,7 +222,8 @@ def _read_state_dict(path: Path, name: str | None):
 
 
 # ---- checks ------------------------------------------------------------------------------------
-def _as_float32(values: np.ndarray, path: Path) -> np.ndarray:
+def checked_float32(values: np.ndarray, path: Path) -> np.ndarray:
+    """float32 copies of the values, refusing NaN/Inf and what float32 cannot hold."""
     if not np.all(np.isfinite(values)):
         bad = int(values.size - np.count_nonzero(np.isfinite(values)))
         raise UserError(f"{path}: weight holds {bad} NaN/Inf value(s)")
@@ -239,7 +240,7 @@ def _checked(weight, path: Path):
     if sp.issparse(weight):
         if weight.ndim != 2 or 0 in weight.shape:
             raise UserError(f"{path}: sparse weight of shape {weight.shape} is empty or not 2-D")
-        csr = sp.csr_matrix((_as_float32(weight.data, path), weight.indices, weight.indptr),
+        csr = sp.csr_matrix((checked_float32(weight.data, path), weight.indices, weight.indptr),
                             shape=weight.shape)
         csr.eliminate_zeros()
         csr.sort_indices()
@@ -252,7 +253,7 @@ def _checked(weight, path: Path):
                         f"{weight.ndim}-D shape {weight.shape}")
     if weight.size == 0:
         raise UserError(f"{path}: weight is empty (shape {weight.shape})")
-    return _as_float32(weight, path)
+    return checked_float32(weight, path)
 
 
 def load_weight(spec: str | Path):
