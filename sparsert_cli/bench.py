@@ -10,6 +10,7 @@ import math
 import os
 import platform
 import subprocess
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -144,19 +145,86 @@ def _layers(config: Config, tuned, gpu_name: str):
     return layers, planned
 
 
-def run_benchmark(config: Config, *, gpu=None, gpu_name: str = DEFAULT_TARGET_GPU,
-                  arch: str = "sm_90", tuned=None, cache: KernelCache | None = None,
-                  jobs: int | None = None, cold_l2: bool = False, baselines: bool = True,
-                  on_progress: Progress | None = None) -> dict:
-    """The whole benchmark of a config as one results document (kind "bench"): plan and compile
-    every layer (tuned plans from `tuned`, a TunedDB, or none), verify each on the CPU, and with
-    a `gpu` measure floors, then verify on the GPU, time and run the baselines
-    (benchmark_layer). Records are built here and returned; a failing case is recorded (and
-    listed in "failures"), never raised."""
-    def tick(stage, done, total, item=""):
-        if on_progress:
-            on_progress(stage, done, total, item)
+class BenchMeasure:
+    """One case's GPU part (benchmark_layer: verify on the GPU, time, baselines) against the
+    floors open() measured once on this process's GPU. In-process (`gpu` given) or pickled into
+    a `bench --gpus` worker, where the kernel arrives light (cubin and launch data, no plan or
+    weights: see light()) and both are rebuilt from the config and the case's seed."""
 
+    def __init__(self, config: Config, cold_l2: bool = False, baselines: bool = True, gpu=None):
+        self.config, self.cold_l2, self.baselines = config, cold_l2, baselines
+        self.gpu, self.floors, self._own = gpu, None, False
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "gpu": None, "_own": False}
+
+    def open(self) -> dict:
+        """{"gpu": the GPU's info, "floors": measure_floors}: once per process."""
+        if self.gpu is None:
+            from .gpu.runtime import Gpu
+            self.gpu, self._own = Gpu(0), True     # the one CUDA_VISIBLE_DEVICES shows
+        self.floors = measure_floors(self.gpu)
+        return {"gpu": self.gpu.info(), "floors": self.floors}
+
+    def kernel(self, index: int, kernel: Kernel) -> Kernel:
+        """`kernel` with its plan and weight: a light one gets them rebuilt (same entry)."""
+        if kernel.plan is not None:
+            return kernel
+        from dataclasses import replace
+
+        from .api import plan_for
+
+        problem, sparsity = self.config.cases()[index]
+        layer = config_layer(self.config, problem, sparsity)
+        plan, _ = plan_for(replace(layer, plan=kernel.plan_params), False, None,
+                           kernel.emitter)
+        if plan.entry != kernel.entry:
+            raise RuntimeError(f"{layer.label}: the rebuilt plan is {plan.entry}, the kernel "
+                               f"{kernel.entry}")
+        return replace(kernel, plan=plan, weight=layer.weight)
+
+    def __call__(self, index: int, kernel: Kernel) -> dict:
+        problem, sparsity = self.config.cases()[index]
+        rng = np.random.default_rng(case_seed(self.config.seed, problem.id, sparsity,
+                                              "gpu-verify"))
+        return self.benchmark(self.kernel(index, kernel), rng)
+
+    def benchmark(self, kernel: Kernel, rng: np.random.Generator) -> dict:
+        return benchmark_layer(self.gpu, kernel, floors=self.floors, rng=rng,
+                               cold_l2=self.cold_l2, baselines=self.baselines)
+
+    def close(self) -> None:
+        if self._own and self.gpu is not None:
+            self.gpu.close()
+        self.gpu = None
+
+
+def light(kernel: Kernel) -> Kernel:
+    """What crosses the pipe to a bench worker: the cubin and launch data, no plan or weight."""
+    from dataclasses import replace
+
+    return replace(kernel, plan=None, weight=None, _source=None)
+
+
+def _start_pool(gpu_ids, measure, tick):
+    """Spawn the bench workers (each opens its GPU and measures its floors) and check that they
+    are one model of GPU."""
+    from .executors.cases import CasePool
+
+    pool = CasePool(gpu_ids, measure)
+    tick("gpus", 0, len(gpu_ids), "starting a worker per GPU, measuring floors")
+    infos = pool.start()
+    names = sorted({i["gpu"]["name"] for i in infos})
+    if len(names) > 1:
+        pool.stop()
+        raise UserError(f"--gpus: GPUs of different models ({' / '.join(names)}); benchmark "
+                        f"each model on its own with --gpus")
+    tick("gpus", len(gpu_ids), len(gpu_ids), names[0])
+    return pool, infos
+
+
+def _compile(config: Config, tuned, gpu_name: str, arch: str, cache, jobs, tick):
+    """Plan, compile and verify on the CPU every case: (cases, layers, kernels, records)."""
     cases = config.cases()
     layers, planned = _layers(config, tuned if tuned is not None else False, gpu_name)
     tick("plan", len(layers), len(layers))
@@ -181,32 +249,82 @@ def run_benchmark(config: Config, *, gpu=None, gpu_name: str = DEFAULT_TARGET_GP
             record["verify_cpu"].pop("checks", None)
         records.append(record)
         tick("verify", i + 1, len(layers), layer.label)
-    extra = {"arch": arch, "cold_l2": cold_l2, "target_gpu": gpu_name}
-    if gpu is not None:
-        tick("floors", 0, 1, "peak FLOP/s, bandwidth, launch")
-        floors = measure_floors(gpu)
-        tick("floors", 1, 1)
-        extra.update(gpu=gpu.info(), floors=floors,
-                     timing={"per_graph": 20, "replays": 10, "warmup": 3,
-                             "method": "CUDA graph replay, median per launch"})
-        for i, ((problem, sparsity), kernel, record) in enumerate(zip(cases, kernels, records)):
-            tick("time", i, len(layers), layers[i].label)
-            if record.get("verify_cpu", {}).get("ok"):
-                rng = np.random.default_rng(case_seed(config.seed, problem.id, sparsity,
-                                                      "gpu-verify"))
-                try:
-                    record.update(benchmark_layer(gpu, kernel, floors=floors, rng=rng,
-                                                  cold_l2=cold_l2, baselines=baselines))
-                except Exception as exc:  # noqa: BLE001 - recorded per case
-                    record["verify_gpu"] = {"ok": False, "message":
-                                            f"{type(exc).__name__}: {exc}"}
-            tick("time", i + 1, len(layers), layers[i].label)
+    return cases, layers, kernels, records
+
+
+def run_benchmark(config: Config, *, gpu=None, gpu_name: str = DEFAULT_TARGET_GPU,
+                  arch: str | None = "sm_90", tuned=None, cache: KernelCache | None = None,
+                  jobs: int | None = None, cold_l2: bool = False, baselines: bool = True,
+                  on_progress: Progress | None = None, gpu_ids: list[int] | None = None,
+                  measure=None) -> dict:
+    """The whole benchmark of a config as one results document (kind "bench"): plan and compile
+    every layer (tuned plans from `tuned`, a TunedDB, or none), verify each on the CPU, and with
+    a `gpu` measure floors, then verify on the GPU, time and run the baselines
+    (benchmark_layer). Records are built here and returned; a failing case is recorded (and
+    listed in "failures"), never raised.
+    `gpu_ids` (device numbers, as `--gpus` gives them): the GPU part of the cases runs in one
+    spawned worker per GPU instead (executors/cases.py), each with its own floors; the
+    document gains "gpus" (per slot: device, info, floors, cases, rate) and every record a
+    "gpu_slot"; "gpu" and "floors" are slot 0's; `arch` None: the workers' GPU's. `measure`
+    replaces BenchMeasure (tests: a fake GPU)."""
+    def tick(stage, done, total, item=""):
+        if on_progress:
+            on_progress(stage, done, total, item)
+
+    pool = infos = None
+    if gpu_ids:
+        pool, infos = _start_pool(gpu_ids, measure or BenchMeasure(config, cold_l2, baselines),
+                                  tick)
+        gpu_name, arch = infos[0]["gpu"]["name"], arch or infos[0]["gpu"].get("arch")
+    try:
+        cases, layers, kernels, records = _compile(config, tuned, gpu_name, arch or "sm_90",
+                                                   cache, jobs, tick)
+        extra = {"arch": arch or "sm_90", "cold_l2": cold_l2, "target_gpu": gpu_name}
+        todo = {i for i, r in enumerate(records) if r.get("verify_cpu", {}).get("ok")}
+        if pool is not None:
+            started, finished = time.perf_counter(), [0]
+            tick("time", 0, len(todo))
+
+            def on_result(index, part, slot):
+                records[index].update(part, gpu_slot=slot)
+                finished[0] += 1
+                tick("time", finished[0], len(todo), layers[index].label)
+            pool.run([(i, light(kernels[i])) for i in sorted(todo)], on_result)
+            wall = time.perf_counter() - started
+            extra.update(gpu=infos[0]["gpu"], floors=infos[0]["floors"],
+                         gpus=[{**stat, "gpu": info["gpu"], "floors": info["floors"]}
+                               for stat, info in zip(pool.stats(), infos)],
+                         measure_wall_seconds=round(wall, 3))
+        elif gpu is not None or measure is not None:
+            measure = measure or BenchMeasure(config, cold_l2, baselines, gpu)
+            tick("floors", 0, 1, "peak FLOP/s, bandwidth, launch")
+            info = measure.open()
+            tick("floors", 1, 1)
+            extra.update(gpu=info["gpu"], floors=info["floors"])
+            try:
+                for i in range(len(layers)):
+                    tick("time", i, len(layers), layers[i].label)
+                    try:
+                        if i in todo:
+                            records[i].update(measure(i, kernels[i]))
+                    except Exception as exc:  # noqa: BLE001 - recorded per case
+                        records[i]["verify_gpu"] = {"ok": False, "message":
+                                                    f"{type(exc).__name__}: {exc}"}
+                    tick("time", i + 1, len(layers), layers[i].label)
+            finally:
+                measure.close()
+    finally:
+        if pool is not None:
+            pool.stop()
+    on_gpu = "gpu" in extra
+    if on_gpu:
+        extra["timing"] = {"per_graph": 20, "replays": 10, "warmup": 3,
+                           "method": "CUDA graph replay, median per launch"}
     extra["precision"] = config.precision
-    doc = {**metadata(config, "gpu" if gpu is not None else "compile-only", extra),
-           "cases": records}
+    doc = {**metadata(config, "gpu" if on_gpu else "compile-only", extra), "cases": records}
     doc["failures"] = [f"{r['problem']}@{r['sparsity']:g}" for r in records
-                       if not record_ok(r, gpu is not None)]
-    if gpu is not None:
+                       if not record_ok(r, on_gpu)]
+    if on_gpu:
         doc["geomean"] = summarize(records)
         ops = {r["op"] for r in records}
         if "gemm" in ops and ops - {"gemm"}:   # the convolutions alone (fp16 target population)

@@ -66,9 +66,14 @@ def output_paths(config, precision: str, out_path=None, csv_path=None) -> tuple[
               help="Run the tuner on this config first (GPU), then benchmark its winners.")
 @click.option("--allow-fp16-flush", is_flag=True,
               help="fp16: drop weights that round to zero in fp16 (as allow_fp16_flush: true).")
+@click.option("--gpus", default=None, metavar="all|0,1,...",
+              help="GPUs of this host to spread the cases over, one worker process each "
+                   "(default: this process on GPU 0).")
+@click.option("--force-workers", is_flag=True, hidden=True,
+              help="Use worker processes even for one GPU (tests).")
 def command(config_path, problem_ids, sparsities, dtype, accumulate, out_path, csv_path, cold_l2,
             require_gpu, compile_only, no_baselines, emitter, arch, jobs, no_cache, no_tuned,
-            tuned_path, tune_first, allow_fp16_flush):
+            tuned_path, tune_first, allow_fp16_flush, gpus, force_workers):
     """Benchmark a config: compile, verify, time vs cuBLAS/cuSPARSE/cuDNN, write JSON/CSV."""
     from .. import bench as B
     from ..build import check_emitter, detect_arch
@@ -97,7 +102,13 @@ def command(config_path, problem_ids, sparsities, dtype, accumulate, out_path, c
     out, csv_out = output_paths(config, loaded.precision, out_path, csv_path)
     if tuned_path and not no_tuned and not tune_first and not Path(tuned_path).is_file():
         raise UserError(f"{tuned_path}: no such tuned-plan database (--tuned)")
-    gpu_ok = have_gpu()
+    gpu_ids = None
+    if gpus is not None:
+        from .. import executors
+        if compile_only:
+            raise UserError("--gpus and --compile-only exclude each other")
+        gpu_ids = executors.parse_gpus(gpus, executors.gpu_count())   # no GPU: exit 3
+    gpu_ok = gpu_ids is not None or have_gpu()
     if require_gpu and not gpu_ok:
         raise NoGpuError("no CUDA driver or GPU found and --require-gpu was given")
     if not gpu_ok and not compile_only:
@@ -109,21 +120,22 @@ def command(config_path, problem_ids, sparsities, dtype, accumulate, out_path, c
     tuned_path = None if no_tuned else tuned_db_path(tuned_path, write=tune_first)
     if tune_first:
         from .tune import run_tuner
-        run_tuner(config, arch, jobs, no_cache, db_path=tuned_path)
+        run_tuner(config, arch, jobs, no_cache, db_path=tuned_path, gpus=gpus)
     gpu_name = B.DEFAULT_TARGET_GPU
     gpu = None
-    if use_gpu:
+    workers = gpu_ids if gpu_ids and (len(gpu_ids) > 1 or force_workers) else None
+    if use_gpu and not workers:
         from ..gpu.runtime import Gpu
-        gpu = Gpu()
+        gpu = Gpu(gpu_ids[0] if gpu_ids else 0)
         gpu_name = gpu.name
     try:
-        arch = arch or (gpu.arch if gpu else detect_arch())
+        arch = arch or (gpu.arch if gpu else None if workers else detect_arch())
         tuned = None if no_tuned else TunedDB(tuned_path)
         cache = None if no_cache else KernelCache()
         with progress_bar() as progress:
             doc = B.run_benchmark(config, gpu=gpu, gpu_name=gpu_name, arch=arch, tuned=tuned,
                                   cache=cache, jobs=jobs, cold_l2=cold_l2,
-                                  baselines=not no_baselines,
+                                  baselines=not no_baselines, gpu_ids=workers,
                                   on_progress=progress_callback(progress))
     finally:
         if gpu is not None:
@@ -138,6 +150,10 @@ def command(config_path, problem_ids, sparsities, dtype, accumulate, out_path, c
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
     console.print(results_table(doc) if use_gpu else compile_table(doc))
+    for g in doc.get("gpus", []):
+        rate = f"{g['cases_per_second']:.2f} cases/s" if g.get("cases_per_second") else "-"
+        console.print(f"  GPU {g['device']} ({g['gpu']['name']}): {g['cases']} cases, {rate}"
+                      + (f", {g['restarts']} worker restart(s)" if g.get("restarts") else ""))
     failures = doc["failures"]
     console.print(f"wrote {out} and {csv_out}" + (f"; [red]{len(failures)} failure(s)[/]: "
                                                   + ", ".join(failures) if failures else ""))
