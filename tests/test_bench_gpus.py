@@ -106,3 +106,17 @@ def test_gpus_without_a_gpu_is_one_line_exit_3(capsys, monkeypatch, tmp_path):
     code, out, err = run_main(["bench", "configs/ci.yaml", "--gpus", "all", "--compile-only"],
                               capsys)
     assert code == 2 and "--gpus and --compile-only exclude each other" in err
+
+
+def test_a_worker_that_cannot_open_its_gpu_is_one_line_exit_3(capsys, monkeypatch, tmp_path):
+    """The real BenchMeasure, pickled into a spawned worker that finds no GPU."""
+    import sparsert_cli.executors as executors
+
+    monkeypatch.setattr(executors, "gpu_count", lambda: 1)
+    code, out, err = run_main(["bench", "configs/ci.yaml", "--gpus", "0", "--force-workers",
+                               "--problems", "ci_gemm_odd", "--sparsity", "0.8", "--out",
+                               str(tmp_path / "r.json")], capsys)
+    assert code == 3, err
+    assert err.strip().splitlines()[-1].startswith(
+        "sparsert: GPU 0: bench worker did not start (NoGpuError: no CUDA driver or GPU")
+    assert not (tmp_path / "r.json").exists()
