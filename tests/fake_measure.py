@@ -98,7 +98,8 @@ class FakeBenchMeasure(BenchMeasure):
     def open(self) -> dict:
         self.floors = {"fp32_gflops": 50000.0, "bandwidth_gbs": 3000.0, "launch_us": 2.0}
         visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-        return {"gpu": {"name": f"Fake GPU {visible}" if self.mixed else "Fake GPU", "arch": "sm_90", "driver_version": 1,
+        return {"gpu": {"name": f"Fake GPU {visible}" if self.mixed else "Fake GPU",
+                        "arch": "sm_90", "driver_version": 1,
                         "visible": visible, "pid": os.getpid()},
                 "floors": self.floors}
 
