@@ -17,33 +17,26 @@ from __future__ import annotations
 
 import os
 import queue
-import signal
 import threading
 import time
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
-from multiprocessing import connection, get_context
+from multiprocessing import get_context
 
-from ..errors import UserError
-from ..jobs import (ATTEMPTS, Compiled, GpuMeasure, case_inputs, compile_job, failure, is_sticky,
+from ..jobs import (Compiled, GpuMeasure, case_inputs, compile_job, failure, is_sticky,
                     measure_job, one_line)
+from .workers import (Worker, WorkerPool, _died, close_measure, devices, fatal,
+                      open_measure)
 
-START_TIMEOUT = 180.0     # seconds a new worker may take to import and open its GPU
 DEPTH = 2                 # jobs queued on one worker: one measured, one waiting
 INPUT_PROCS = 4           # processes computing cases' inputs and references ahead
-_ENV_LOCK = threading.Lock()
 
 
 def _gpu_worker(conn, measure, device: str) -> None:
     """Body of a GPU worker process: open the measure, then answer jobs until told to stop."""
-    os.environ["CUDA_VISIBLE_DEVICES"] = device   # already set by the parent; before any CUDA
-    try:
-        info = measure.open()
-    except Exception as exc:  # noqa: BLE001 - reported to the parent as one line
-        conn.send(("open_failed", one_line(exc)))
+    if not open_measure(conn, measure, device, tag=True):
         return
-    conn.send(("ready", {**info, "device": device}))
     inbox: queue.SimpleQueue = queue.SimpleQueue()
 
     def read() -> None:      # the next job arrives while this one is measured
@@ -70,36 +63,21 @@ def _gpu_worker(conn, measure, device: str) -> None:
         except Exception as exc:  # noqa: BLE001 - a job's failure is its result
             error = one_line(exc)
             if is_sticky(error):      # the context is unusable: this process must go
-                conn.send(("fatal", job_id, error))
-                conn.close()
-                os._exit(3)
+                fatal(conn, job_id, error)
             result = failure(error)
         conn.send(("result", job_id, result, time.perf_counter() - start))
-    try:
-        measure.close()
-    finally:
-        conn.close()
+    close_measure(conn, measure)
 
 
 @dataclass
-class _Worker:
-    slot: int
-    device: str
-    proc: object = None
-    conn: object = None
-    state: str = "starting"      # starting | idle | busy (jobs queued) | dead
+class _Worker(Worker):           # busy: jobs queued; since: when the first queued job started
     queue: deque = field(default_factory=deque)    # sent, unanswered; the first is measured
     case: int | None = None      # the case whose inputs the process holds
-    since: float = 0.0           # when the first queued job started
-    info: dict = field(default_factory=dict)
     jobs: int = 0
-    busy_seconds: float = 0.0    # time measuring, as the worker counts it
     sends: int = 0               # inputs sent (once per case held, ideally)
-    restarts: int = 0
-    error: str = ""
 
 
-class LocalExecutor:
+class LocalExecutor(WorkerPool):
     """`gpus`: device numbers (CUDA ordinals); `arch`: compile target (default: the GPUs');
     `jobs`: compile processes (default: all cores).
     `measure` is pickled into every worker (tests pass a fake one); `verify_seed` makes every
@@ -123,61 +101,22 @@ class LocalExecutor:
         self._nnz: dict[int, int] = {}
 
     # ---- workers ---------------------------------------------------------------------------
-    def _spawn(self, worker: _Worker) -> None:
-        parent, child = self.context.Pipe()
-        proc = self.context.Process(target=_gpu_worker, args=(child, self.measure, worker.device),
-                                    name=f"sparsert-gpu{worker.device}", daemon=True)
-        with _ENV_LOCK:   # the child's environment is copied at start: CUDA sees one device
-            before = os.environ.get("CUDA_VISIBLE_DEVICES")
-            os.environ["CUDA_VISIBLE_DEVICES"] = worker.device
-            try:
-                proc.start()
-            finally:
-                if before is None:
-                    os.environ.pop("CUDA_VISIBLE_DEVICES", None)
-                else:
-                    os.environ["CUDA_VISIBLE_DEVICES"] = before
-        child.close()
-        worker.proc, worker.conn, worker.state = proc, parent, "starting"
-        worker.case, worker.since = None, time.perf_counter()
+    _target = _gpu_worker
+
+    def _reset(self, worker: _Worker) -> None:
+        worker.case = None
         worker.queue.clear()
+
+    def _time_limit(self) -> float:
+        return self.job_timeout
+
+    def _restart_scale(self) -> int:
+        return len(self._left)
 
     def start(self) -> list[dict]:
         """Spawn one worker per GPU and wait until each has opened its device."""
-        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-        mapping = [d.strip() for d in visible.split(",")] if visible else None
-        self.workers = [_Worker(slot, mapping[g] if mapping and g < len(mapping) else str(g))
-                        for slot, g in enumerate(self.gpus)]
-        for worker in self.workers:
-            self._spawn(worker)
-        deadline = time.perf_counter() + START_TIMEOUT
-        while any(w.state == "starting" for w in self.workers):
-            self._poll(min(1.0, max(0.0, deadline - time.perf_counter())), None, None)
-            if time.perf_counter() > deadline:
-                break
-        failed = [w for w in self.workers if w.state != "idle"]
-        if failed:
-            self.stop()
-            w = failed[0]
-            raise UserError(f"GPU {w.device}: measure worker did not start "
-                            f"({w.error or 'no answer in time'})", 3)
-        return [w.info for w in self.workers]
-
-    def stop(self) -> None:
-        for worker in self.workers:
-            if worker.proc is None:
-                continue
-            if worker.proc.is_alive():
-                try:
-                    worker.conn.send(("stop",))
-                except (OSError, ValueError):
-                    pass
-                worker.proc.join(10)
-            if worker.proc.is_alive():
-                worker.proc.kill()
-                worker.proc.join(5)
-            worker.conn.close()
-            worker.proc = None
+        self.workers = [_Worker(slot, device) for slot, device in enumerate(devices(self.gpus))]
+        return self._start()
 
     # ---- the run ---------------------------------------------------------------------------
     def run(self, cases, jobs, on_result, on_event=None) -> dict:
@@ -236,9 +175,8 @@ class LocalExecutor:
                         f.done() for f in self._inputs.values()))):
                     self._dispatch()      # staged: once every cubin and every input is ready
                 if not any(w.state != "dead" for w in self.workers):
-                    self._fail_all("no GPU worker left: " + "; ".join(
-                        sorted({w.error for w in self.workers if w.error})))
-                self._poll(1.0, wake_r, pending)
+                    self._fail_all("no GPU worker left: " + self._errors())
+                self._poll(1.0, wake_r)
         finally:
             pool.shutdown(wait=False, cancel_futures=True)
             refs.shutdown(wait=False, cancel_futures=True)
@@ -338,84 +276,30 @@ class LocalExecutor:
                 worker.state, worker.case, sent = "busy", case, True
                 self._first_dispatch = self._first_dispatch or now
 
-    def _poll(self, timeout: float, wake_r, pending) -> None:
-        """Wait for a worker message, a worker death or a finished compile; handle them."""
-        live = [w for w in self.workers if w.proc is not None and w.state != "dead"]
-        waitables = [w.conn for w in live] + [w.proc.sentinel for w in live]
-        if wake_r is not None:
-            waitables.append(wake_r)
-        now = time.perf_counter()
-        deadlines = [w.since + self.job_timeout - now for w in live if w.state == "busy"]
-        timeout = max(0.0, min([timeout, *deadlines]))
-        ready = connection.wait(waitables, timeout) if waitables else time.sleep(timeout) or []
-        if wake_r is not None and wake_r in ready:
-            os.read(wake_r, 65536)
-        for worker in live:
-            try:
-                while worker.conn.poll():
-                    self._message(worker, worker.conn.recv())
-            except (EOFError, OSError):
-                pass
-            if worker.state not in ("dead",) and worker.proc is not None \
-                    and not worker.proc.is_alive():
-                self._lost(worker, _died(worker.proc))
-            elif worker.state == "busy" and \
-                    time.perf_counter() - worker.since > self.job_timeout:
-                worker.proc.kill()
-                worker.proc.join(5)
-                self._lost(worker, f"job timed out after {self.job_timeout:g} s")
-            elif worker.state == "starting" and \
-                    time.perf_counter() - worker.since > START_TIMEOUT:
-                worker.proc.kill()
-                worker.proc.join(5)
-                worker.state, worker.error = "dead", "no answer from a new worker in time"
+    def _result(self, worker: _Worker, message) -> None:
+        done = worker.queue.popleft()
+        worker.busy_seconds += message[3]
+        worker.jobs += 1
+        worker.since = time.perf_counter()        # the next queued job starts now
+        worker.state = "busy" if worker.queue else "idle"
+        self._finish(done.job, done, message[2], worker.slot)
 
-    def _message(self, worker: _Worker, message) -> None:
-        kind = message[0]
-        if kind == "ready":
-            worker.state, worker.info = "idle", message[1]
-        elif kind == "open_failed":
-            worker.error = message[1]
-            worker.proc.join(5)
-            worker.state = "dead"
-        elif kind == "result":
-            done = worker.queue.popleft()
-            worker.busy_seconds += message[3]
-            worker.jobs += 1
-            worker.since = time.perf_counter()        # the next queued job starts now
-            worker.state = "busy" if worker.queue else "idle"
-            self._finish(done.job, done, message[2], worker.slot)
-        elif kind == "fatal":
-            worker.proc.join(10)
-            self._lost(worker, message[2])
-
-    def _lost(self, worker: _Worker, error: str) -> None:
-        """The worker process is gone: retry or fail the job it was measuring, queue its
-        other jobs again, start a replacement."""
+    def _orphaned(self, worker: _Worker, error: str) -> None:
+        """Retry or fail the job the lost worker was measuring, queue its other jobs again."""
         flight = list(worker.queue)
         worker.queue.clear()
         for later in reversed(flight[1:]):       # never started: back to the front, unblamed
             self._requeue(later)
         if flight:
             job = flight[0]
-            tries = self._attempts[job.job.id] = self._attempts.get(job.job.id, 0) + 1
-            if tries >= ATTEMPTS:
-                self._finish(job.job, job, failure(f"{error} (after {tries} attempts)"),
-                             worker.slot)
+            message = self._blame(job.job.id, error)
+            if message:
+                self._finish(job.job, job, failure(message), worker.slot)
             else:
                 self._requeue(job)
                 if self._on_event:
                     self._on_event("retry", job.job, {"error": error, "slot": worker.slot})
         worker.case = None
-        if worker.state == "starting" or worker.restarts > 2 * ATTEMPTS * (len(self._left) + 1):
-            worker.state, worker.error = "dead", error    # cannot even start: give the slot up
-            return
-        worker.restarts += 1
-        try:
-            worker.conn.close()
-        except OSError:
-            pass
-        self._spawn(worker)
 
     def _finish(self, job, compiled, result, slot) -> None:
         self._last_result = time.perf_counter()
@@ -431,9 +315,3 @@ class LocalExecutor:
             for compiled in self._ready.pop(case):
                 self._finish(compiled.job, compiled, failure(error), None)
 
-
-def _died(proc) -> str:
-    code = proc.exitcode
-    why = (f"signal {signal.Signals(-code).name}" if code and code < 0
-           else "still running" if code is None else f"exit code {code}")
-    return f"worker died ({why})"
