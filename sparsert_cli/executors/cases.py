@@ -72,7 +72,8 @@ class CasePool(WorkerPool):
         self.workers = [_Worker(slot, device) for slot, device in enumerate(devices(gpus))]
         self.context = get_context("spawn")
         self._todo: deque = deque()
-        self._attempts: dict[int, int] = {}
+        self._left = 0    # cases still to finish; 0 before run(), so a worker lost while the
+        self._attempts: dict[int, int] = {}    # others start gets the smallest restart budget
         self._on_result = None
 
     def _reset(self, worker: _Worker) -> None:
