@@ -72,7 +72,7 @@ class _Machine:
 
     def gather(self, body: Compute, loads) -> np.ndarray:
         """Values of `loads` for every thread lane: (len(loads), threads, width)."""
-        ir, geo, width = self.ir, self.ir.geometry, self.ir.vector_width
+        geo, width = self.ir.geometry, self.ir.vector_width
         offsets = np.array([ld.offset for ld in loads], dtype=np.int64)
         addr = self.base["x"][None, :, None] + offsets[:, None, None] + self.lanes[None, None, :]
         mask = np.ones(addr.shape, dtype=bool)

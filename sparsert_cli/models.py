@@ -164,11 +164,3 @@ def build(name: str, *, batch: int = 1, resolution: int = 224, tokens: int = 128
                 module.weight.uniform_(0.5, 1.5)
                 module.bias.uniform_(-0.1, 0.1)
     return model.eval(), x
-
-
-def describe(model: nn.Module) -> dict:
-    """Counts for the report: layers by kind, parameters."""
-    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
-    return {"conv": len(convs), "depthwise": sum(1 for m in convs if m.groups > 1),
-            "linear": sum(1 for m in model.modules() if isinstance(m, nn.Linear)),
-            "parameters": sum(p.numel() for p in model.parameters())}

@@ -10,7 +10,7 @@ import json
 from dataclasses import asdict, fields, replace
 from pathlib import Path
 
-from .build import CODE_BUDGET, code_units, current_family, default_params, geometry_for
+from .build import CODE_BUDGET, code_units, current_family, default_params
 from .errors import UserError
 from .families.immediate import PlanParams, fit_params
 from .paths import SHIPPED_TUNED
@@ -169,9 +169,3 @@ def candidates(geometry: Geometry, nnz: int, limit: int = 16, precision: str = "
         return sum(getattr(p, f) != getattr(base, f) for f in asdict(base))
     ordered = found[1:seeded] + sorted(found[seeded:], key=distance)
     return [base] + ordered[:limit - 1]
-
-
-def candidates_for(problem, weight, limit: int = 16, precision: str = "fp32") -> list[PlanParams]:
-    from .patterns import to_csr
-
-    return candidates(geometry_for(problem), to_csr(weight).nnz, limit, precision)
