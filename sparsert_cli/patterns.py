@@ -307,19 +307,9 @@ def _prune_sparse(weight: SparseWeight, sparsity: float) -> SparseWeight:
     return SparseWeight(csr, weight.shape)
 
 
-def load_pattern(path: str | Path, sparsity: float | None = None) -> Weight:
-    """Read a weight file and check it; with `sparsity`, magnitude-prune it first. A scipy.sparse
-    file stays sparse (a SparseWeight); a dense one is a float32 array."""
-    path = Path(path)
-    if path.suffix in (".npz", ".npy"):
-        array = _read_array(path)
-    else:        # .safetensors, state dicts and FILE#TENSOR specs (weights.py)
-        from .weights import load_weight
-
-        array, meta = load_weight(str(path))
-        path = Path(meta["file"] + (f"#{meta['tensor']}" if meta["tensor"] else ""))
-        if sp.issparse(array):
-            array = SparseWeight(sp.csr_matrix(array), tuple(int(d) for d in array.shape))
+def _checked_array(array, path: Path) -> Weight:
+    """What a .npy/.npz held, checked: a numeric 2-D or 4-D non-empty array of finite float32
+    values (a scipy.sparse matrix stays sparse)."""
     if not isinstance(array, (np.ndarray, SparseWeight)) or (
             isinstance(array, np.ndarray) and array.dtype.kind not in "fiub"):
         raise UserError(f"{path}: weight must be a numeric array")
@@ -328,18 +318,31 @@ def load_pattern(path: str | Path, sparsity: float | None = None) -> Weight:
                         f"got {array.ndim}-D shape {array.shape}")
     if array.size == 0:
         raise UserError(f"{path}: weight is empty (shape {array.shape})")
-    if isinstance(array, SparseWeight):
-        csr = array.csr
-        csr = sp.csr_matrix((checked_float32(csr.data, path), csr.indices, csr.indptr),
-                            shape=csr.shape)
-        csr.eliminate_zeros()
-        weight = SparseWeight(csr, array.shape)
-        if sparsity is not None:
-            weight = _prune_sparse(weight, sparsity)
-    else:
-        weight = checked_float32(array, path)
-        if sparsity is not None:
-            weight = magnitude_prune(weight, sparsity)
+    if isinstance(array, np.ndarray):
+        return checked_float32(array, path)
+    csr = array.csr
+    csr = sp.csr_matrix((checked_float32(csr.data, path), csr.indices, csr.indptr),
+                        shape=csr.shape)
+    csr.eliminate_zeros()
+    return SparseWeight(csr, array.shape)
+
+
+def load_pattern(path: str | Path, sparsity: float | None = None) -> Weight:
+    """Read a weight file and check it; with `sparsity`, magnitude-prune it first. A scipy.sparse
+    file stays sparse (a SparseWeight); a dense one is a float32 array."""
+    path = Path(path)
+    if path.suffix in (".npz", ".npy"):
+        weight = _checked_array(_read_array(path), path)
+    else:        # .safetensors, state dicts and FILE#TENSOR specs: weights.py checks them
+        from .weights import load_weight
+
+        weight, meta = load_weight(str(path))
+        path = Path(meta["file"] + (f"#{meta['tensor']}" if meta["tensor"] else ""))
+        if sp.issparse(weight):
+            weight = SparseWeight(sp.csr_matrix(weight), tuple(int(d) for d in weight.shape))
+    if sparsity is not None:
+        weight = (_prune_sparse(weight, sparsity) if isinstance(weight, SparseWeight)
+                  else magnitude_prune(weight, sparsity))
     if not count_nonzeros(weight):
         raise UserError(f"{path}: weight is all zeros: there is nothing to compute")
     return weight
