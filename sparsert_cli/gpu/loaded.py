@@ -15,8 +15,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ..errors import NoGpuError
-from .runtime import _DEFAULT_SMEM, _driver, _probe, as_stream, cu, pack_params
+from .runtime import _DEFAULT_SMEM, _driver, as_stream, cu, pack_params, require_device
 
 _PACKED_LIMIT = 64          # distinct pointer sets whose argument buffers stay packed
 
@@ -42,12 +41,7 @@ class LoadedKernel:
     def __init__(self, cubin: bytes, entry: str, grid: Sequence[int], block: Sequence[int],
                  arguments: Sequence[str], zero_bytes: int = 0, dynamic_shared_bytes: int = 0,
                  device: int = 0):
-        ok, why = _probe()
-        if not ok:
-            raise NoGpuError(f"no CUDA driver or GPU found: {why}")
-        count = cu("cuDeviceGetCount")
-        if not 0 <= device < count:
-            raise NoGpuError(f"no CUDA device {device}: the driver reports {count} device(s)")
+        require_device(device)
         self.entry, self.device = entry, device
         self.grid, self.block = tuple(map(int, grid)), tuple(map(int, block))
         self.arguments = tuple(arguments)

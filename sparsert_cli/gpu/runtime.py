@@ -163,16 +163,21 @@ class Kernel:
     dynamic_shared_limit: int     # dynamic bytes a launch may ask for without a new opt-in
 
 
+def require_device(device: int) -> None:
+    """NoGpuError (one line) unless a driver is usable and `device` is one of its devices."""
+    ok, why = _probe()
+    if not ok:
+        raise NoGpuError(f"no CUDA driver or GPU found: {why}")
+    count = cu("cuDeviceGetCount")
+    if not 0 <= device < count:
+        raise NoGpuError(f"no CUDA device {device}: the driver reports {count} device(s)")
+
+
 class Gpu:
     """One device's primary context and one non-blocking stream. Use as a context manager."""
 
     def __init__(self, device: int = 0):
-        ok, why = _probe()
-        if not ok:
-            raise NoGpuError(f"no CUDA driver or GPU found: {why}")
-        count = cu("cuDeviceGetCount")
-        if not 0 <= device < count:
-            raise NoGpuError(f"no CUDA device {device}: the driver reports {count} device(s)")
+        require_device(device)
         drv = _driver()
         self._buffers: dict[int, DeviceBuffer] = {}
         self._modules: list = []
