@@ -155,13 +155,13 @@ class WorkerPool:
         if wake_r is not None and wake_r in ready:
             os.read(wake_r, 65536)
         for worker in live:
-            try:
-                while worker.conn.poll():
-                    self._message(worker, worker.conn.recv())
-            except (EOFError, OSError):
-                pass
+            self._drain(worker)
             if worker.state != "dead" and not worker.proc.is_alive():
-                self._lost(worker, _died(worker.proc))
+                # It may have sent its last message (a sticky error, a result) after the drain
+                # above and then exited: read that first, or its death hides what it said.
+                self._drain(worker)
+                if worker.state != "dead" and not worker.proc.is_alive():
+                    self._lost(worker, _died(worker.proc))
             elif worker.state == "busy" and time.perf_counter() - worker.since > limit:
                 worker.proc.kill()
                 worker.proc.join(5)
@@ -171,6 +171,14 @@ class WorkerPool:
                 worker.proc.kill()
                 worker.proc.join(5)
                 worker.state, worker.error = "dead", "no answer from a new worker in time"
+
+    def _drain(self, worker: Worker) -> None:
+        """Handle every message waiting in the worker's pipe."""
+        try:
+            while worker.conn.poll():
+                self._message(worker, worker.conn.recv())
+        except (EOFError, OSError):
+            pass
 
     def _message(self, worker: Worker, message) -> None:
         kind = message[0]
