@@ -42,3 +42,15 @@ with sparsert.Gpu() as gpu:
                                                      vector_width=8),
                 epilogue={"bias": [0.5] * w.shape[0], "activation": "relu", "residual": True})
             run(gpu, f"fp16/{accumulate} {w.shape}", kernel)
+    # the streamed family: padded strided batched 3x3 (tap bases, zero buffer), and 1x1 with
+    # vectors, in every precision, with every epilogue step
+    from sparsert_cli.families.streamed import StreamParams
+
+    for w, shape, width in ((weight, CONV, 1), (pointwise, POINTWISE, 4)):
+        for dtype, accumulate in (("fp32", "fp32"), ("fp16", "fp16"), ("fp16", "fp32")):
+            kernel = sparsert.compile_kernel(
+                w, **shape, dtype=dtype, accumulate=accumulate, arch=gpu.arch, tuned=False,
+                cache=None, plan=StreamParams(col_threads=32, vector_width=width, warps=2,
+                                              rows_per_worker=3, chains=2),
+                epilogue={"bias": [0.5] * w.shape[0], "activation": "relu6", "residual": True})
+            run(gpu, f"streamed {dtype}/{accumulate} {w.shape}", kernel)

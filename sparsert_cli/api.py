@@ -24,13 +24,13 @@ import numpy as np
 import scipy.sparse as sp
 
 from . import __version__
-from .build import (EMITTERS, build_kernel, check_emitter, current_family, emit,
+from .build import (EMITTERS, build_kernel, check_emitter, code_version, current_family, emit,
                     plan_weight)
 from .cache import KernelCache
 from .compile import Resources
 from .errors import UserError
 from .interp import PlanExecutionError, execute
-from .families import get_family
+from .families import family_of_params, get_family
 from .families.immediate import Plan, PlanParams, build_plan
 from .patterns import SparseWeight, dense, pattern_hash, to_csr
 from .problem_shape import ACTIVATIONS, PRECISIONS, Epilogue, Geometry, precision_label
@@ -177,8 +177,14 @@ def plan_for(layer: "Layer", tuned=None, gpu_name: str | None = None,
     parameters over the default, unless a winner exists (a config's `plan:` applies only to
     untuned layers); a PlanParams: exactly those."""
     choice = layer.plan
+    from .families.streamed import StreamParams
+
+    if isinstance(choice, StreamParams):      # a plan of the streamed family, exactly
+        return plan_weight(layer.geometry, layer.weight, choice.validate(), layer.epilogue, None,
+                           layer.precision, layer.allow_fp16_flush), False
     if not (isinstance(choice, (PlanParams, dict)) or choice == "auto"):
-        raise UserError(f"plan must be 'auto', a PlanParams or a dict, got {choice!r}")
+        raise UserError(f"plan must be 'auto', a PlanParams, a StreamParams or a dict, got "
+                        f"{choice!r}")
     params = None if isinstance(choice, PlanParams) else tuned_params(
         layer.geometry, layer.weight, layer.precision, tuned, gpu_name, emit)
     was_tuned = params is not None
@@ -239,6 +245,14 @@ def verify_plan(plan: Plan, weight: np.ndarray, rng: np.random.Generator,
         if not ok:
             return {"ok": False, "max_err": err, "message": message, "checks": checks}
     return {"ok": True, "max_err": worst, "message": "ok", "checks": checks}
+
+
+def plan_stats(plan) -> dict:
+    """A plan's size in its family's terms."""
+    if hasattr(plan, "groups"):
+        return {"row_groups": len(plan.groups), "loads": plan.loads}
+    return {"workers": plan.workers, "rows": len(plan.row_out),
+            "data_bytes": plan.data_bytes}
 
 
 # ---- the kernel --------------------------------------------------------------------------------
@@ -474,8 +488,10 @@ class Kernel:
             op = "gemm" if p["op"] == "gemm" else "conv"
             geometry = Geometry(p["batch"], p["in_channels"], p["height"], p["width"], p["m"],
                                 p["kernel"], p["stride"], p["padding"]).validate()
-            params = PlanParams.from_dict({k: v for k, v in doc["plan"].items()
-                                           if k not in ("name", "row_groups", "loads")})
+            kind = get_family(doc.get("family", "immediate")).params
+            params = kind.from_dict({k: v for k, v in doc["plan"].items()
+                                     if k not in ("name", "family", "row_groups", "loads",
+                                                  "workers", "rows", "data_bytes")})
             precision = doc.get("precision") or precision_label(doc["dtype"],
                                                                 doc.get("accumulate", doc["dtype"]))
             resources = Resources(doc["registers"], doc["stack_bytes"], doc["spill_store_bytes"],
@@ -509,7 +525,8 @@ class Kernel:
             contract = dict(grid=tuple(doc["grid"]), block=tuple(doc["block"]),
                             shared_bytes=int(doc["shared_bytes"]),
                             arguments=tuple(dict(a) for a in doc["arguments"]),
-                            plan_stats={k: int(doc["plan"][k]) for k in ("row_groups", "loads")})
+                            plan_stats={k: int(v) for k, v in doc["plan"].items() if k in
+                                        ("row_groups", "loads", "workers", "rows", "data_bytes")})
         except (KeyError, TypeError, ValueError) as exc:
             raise UserError(f"{directory / MANIFEST}: not a usable sparsert manifest "
                             f"({type(exc).__name__}: {exc})") from None
@@ -530,7 +547,7 @@ class Kernel:
         """A Kernel from a plan and its build.KernelBuild (what build_all returns)."""
         kernel = cls.from_launch(plan, build, op, tuned, pattern_hash(weight))
         return replace(kernel, plan=plan, weight=weight,
-                       plan_stats={"row_groups": len(plan.groups), "loads": plan.loads},
+                       plan_stats=plan_stats(plan),
                        _source=source)
 
     @classmethod
@@ -547,8 +564,8 @@ class Kernel:
                    shared_bytes=int(launch.shared_bytes),
                    arguments=_arguments(launch), plan_stats={}, tuned=tuned,
                    compile_seconds=build.compile_seconds, cached=build.cached,
-                   family=current_family(build.emitter)[0],
-                   family_version=current_family(build.emitter)[1])
+                   family=family_of_params(launch.params).name,
+                   family_version=code_version(family_of_params(launch.params), build.emitter))
 
 
 @dataclass(frozen=True, eq=False)

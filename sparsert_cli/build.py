@@ -20,12 +20,12 @@ from .config import EpilogueSpec
 from .errors import CompileError, UserError
 from .gpu.runtime import detect_arch, detect_gpu_name  # noqa: F401 (re-exported)
 from .patterns import case_seed, to_csr
-from .families import Family, family_of, lower
-from .families.immediate import Plan, PlanParams, build_plan, fit_vector_width
+from .families import Family, families, family_of, lower
+from .families.immediate import Plan, PlanParams, build_plan, fit_vector_width  # noqa: F401
 from .ir import KernelIR
 from .problem_shape import PRECISIONS, Epilogue, Geometry
 from .problems import Problem
-from .render import PrintedMismatch, get_printer, printers
+from .render import PrintedMismatch, get_printer, printer_for, printers
 
 EMITTERS = ("ptx", "cuda")
 # Code size is nnz x vector width FMAs; ptxas time grows with it (~0.17 s per 1k on one core).
@@ -116,8 +116,9 @@ def plan_weight(geometry: Geometry, weight, params: PlanParams | None = None,
     if params is None:
         params = default_params(geometry, csr.nnz, precision=precision)
     if overrides:
-        params = PlanParams.from_dict({**params.__dict__, **overrides})
-    return build_plan(csr, geometry, params, epilogue, dtype, accumulate)
+        params = type(params).from_dict({**params.__dict__, **overrides})
+    family = next(f for f in families() if isinstance(params, f.params))
+    return family.build_plan(csr, geometry, params, epilogue, dtype, accumulate)
 
 
 def _fit_fp16(csr, epilogue: Epilogue, accumulate: str, allow_flush: bool):
@@ -152,19 +153,22 @@ def check_emitter(emitter: str, precision: str, arch: str = DEFAULT_ARCH) -> Non
 
 
 def emit(plan: Plan, emitter: str, arch: str = DEFAULT_ARCH) -> str:
-    """The plan lowered by its family to the kernel IR and printed by the emitter's printer."""
-    check_emitter(emitter, plan.precision, arch)
-    return render_source(lower(plan), emitter, arch)
+    """The plan lowered by its family to the kernel IR and printed by its printer."""
+    family = family_of(plan).name
+    if family == "immediate":
+        check_emitter(emitter, plan.precision, arch)
+    return render_source(lower(plan), emitter, arch, family)
 
 
-def render_source(ir: KernelIR, emitter: str, arch: str = DEFAULT_ARCH) -> str:
-    return get_printer(emitter).print_source(ir, arch)
+def render_source(ir: KernelIR, emitter: str, arch: str = DEFAULT_ARCH,
+                  family: str = "immediate") -> str:
+    return printer_for(emitter, family).print_source(ir, arch)
 
 
-def check_source(ir: KernelIR, emitter: str, source: str) -> None:
+def check_source(ir: KernelIR, emitter: str, source: str, family: str = "immediate") -> None:
     """Parse the printed source back and require it to equal `ir`, the IR the CPU check
     executes (raises render.PrintedMismatch). Printers without a parser are not checked."""
-    printer = get_printer(emitter)
+    printer = printer_for(emitter, family)
     if printer.check_printed:
         printer.check_printed(ir, source)
 
@@ -188,7 +192,7 @@ class KernelBuild:
 def code_version(family: Family, emitter: str) -> str:
     """Changes whenever the emitted code does (the family's lowering or the printer): part of
     the kernel cache's keys and of the tuning database's."""
-    return f"{family.version}+{get_printer(emitter).version}"
+    return f"{family.version}+{printer_for(emitter, family.name).version}"
 
 
 def current_family(emitter: str = "ptx") -> tuple[str, str]:
@@ -206,16 +210,21 @@ def _key(plan: Plan, emitter: str, arch: str) -> str:
 
 
 def _compile(plan: Plan, emitter: str, arch: str, threads: int) -> tuple[Compiled, str]:
-    check_emitter(emitter, plan.precision, arch)
+    family = family_of(plan).name
+    printer = printer_for(emitter, family)
+    if family == "immediate":
+        check_emitter(emitter, plan.precision, arch)
+    elif plan.precision not in printer.precisions:
+        raise UserError(f"the {family} family cannot print {plan.precision} kernels")
     ir = lower(plan)
-    source = render_source(ir, emitter, arch)
+    source = render_source(ir, emitter, arch, family)
     try:
-        compiled = get_printer(emitter).to_cubin(source, arch, threads)
+        compiled = printer.to_cubin(source, arch, threads)
     except CompileError as exc:  # keep the failing source for the bug report
         path = _save_source(plan, emitter, source)
         raise CompileError(str(exc).splitlines()[0], exc.log, path) from None
     try:   # what the CPU check executes (the IR) is what was compiled
-        check_source(ir, emitter, source)
+        check_source(ir, emitter, source, family)
     except PrintedMismatch as exc:
         raise PrintedMismatch(f"{exc} (source saved to {_save_source(plan, emitter, source)})"
                               ) from None
@@ -223,7 +232,8 @@ def _compile(plan: Plan, emitter: str, arch: str, threads: int) -> tuple[Compile
 
 
 def _save_source(plan: Plan, emitter: str, source: str) -> str:
-    fd, path = tempfile.mkstemp(prefix=f"{plan.entry}-", suffix=get_printer(emitter).suffix)
+    suffix = printer_for(emitter, family_of(plan).name).suffix
+    fd, path = tempfile.mkstemp(prefix=f"{plan.entry}-", suffix=suffix)
     with os.fdopen(fd, "w") as fh:
         fh.write(source)
     return path

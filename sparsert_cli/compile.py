@@ -158,3 +158,27 @@ def cpp_to_cubin(source: str, arch: str = DEFAULT_ARCH, options: tuple[str, ...]
     finally:
         nvrtc.nvrtcDestroyProgram(prog)
     return Compiled(cubin, log, time.perf_counter() - start, parse_ptxas(log))
+
+
+def cpp_to_ptx(source: str, arch: str = DEFAULT_ARCH, options: tuple[str, ...] = (),
+               name: str = "kernel.cu") -> tuple[str, float]:
+    """Compile CUDA C++ to PTX text with NVRTC: (ptx, seconds)."""
+    from cuda.bindings import nvrtc
+
+    _target(arch)
+    opts = [f"-arch=compute_{arch_number(arch)}", "-std=c++17", *options]
+    start = time.perf_counter()
+    prog = _nvrtc_check(nvrtc.nvrtcCreateProgram(source.encode(), name.encode(), 0, [], []))
+    try:
+        (err,) = nvrtc.nvrtcCompileProgram(prog, len(opts), [o.encode() for o in opts])
+        if int(err) != 0:
+            size = _nvrtc_check(nvrtc.nvrtcGetProgramLogSize(prog))
+            logbuf = b" " * size
+            _nvrtc_check(nvrtc.nvrtcGetProgramLog(prog, logbuf))
+            raise CompileError("NVRTC failed to compile the generated CUDA C++",
+                               log=logbuf.rstrip(b"\x00 ").decode(errors="replace"))
+        ptx = b" " * _nvrtc_check(nvrtc.nvrtcGetPTXSize(prog))
+        _nvrtc_check(nvrtc.nvrtcGetPTX(prog, ptx))
+    finally:
+        nvrtc.nvrtcDestroyProgram(prog)
+    return ptx.rstrip(b"\x00 ").decode(), time.perf_counter() - start

@@ -203,7 +203,9 @@ def execute(kernel, x: np.ndarray, residual: np.ndarray | None = None) -> np.nda
     """Run a kernel (its KernelIR, or a family plan, lowered first) on input `x` (any shape with
     the geometry's element count); returns the output as a flat float64 array of batch*M*Ho*Wo
     elements (NCHW)."""
-    if not isinstance(kernel, KernelIR):
+    from .ir import StreamIR
+
+    if not isinstance(kernel, (KernelIR, StreamIR)):
         from .families import lower
 
         kernel = lower(kernel)
@@ -219,4 +221,8 @@ def execute(kernel, x: np.ndarray, residual: np.ndarray | None = None) -> np.nda
         if not np.array_equal(x, _f16(x)) or (residual is not None
                                                and not np.array_equal(residual, _f16(residual))):
             raise PlanExecutionError("fp16 plan given inputs that are not fp16 values")
+    if isinstance(kernel, StreamIR):
+        from .interp_stream import execute_stream
+
+        return execute_stream(kernel, x, residual)
     return _Machine(kernel, x, residual).run()

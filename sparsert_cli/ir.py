@@ -159,3 +159,76 @@ class KernelIR:
         if self.geometry.masked:
             args += [("u64", "z"), ("u32", "ih"), ("u32", "iw")]
         return tuple(args + [("u32", "act")] + ([("u32", "sp")] if self.k_split > 1 else []))
+
+
+@dataclass(frozen=True, eq=False)
+class StreamIR:
+    """A streamed-family kernel: one loop, its pattern as data (families/streamed/plan.py).
+
+    The entry evaluates `columns` and offsets the pointers like KernelIR; with padding, each tap
+    segment t gets its base once: x while (ih + r, iw + s) lies inside the image, else the zero
+    buffer shifted by `bases[t].zero_shift`. Worker w = by * warps + ty runs row entries
+    work[w]..work[w+1]; row entry i computes output row row_out[i] from nonzeros
+    seg[i, t]..seg[i, t+1] of each segment t: nonzero e adds values[e] * base_t[offsets[e]].
+    Within a segment, run of `chains` consecutive nonzeros feed accumulators 0..chains-1; the
+    remainder feeds accumulator 0; accumulators carry across segments and are summed in order
+    (((a0 + a1) + a2) + ...) before the epilogue: + bias[row], + res[row * out_pixels], max 0,
+    min 6, then the store at y + row * out_pixels (stores only where act).
+    """
+
+    entry: str
+    comment: str
+    geometry: Geometry
+    dtype: str
+    accumulate: str
+    vector_width: int
+    col_threads: int
+    warps: int
+    chains: int
+    grid: tuple[int, int, int]
+    arguments: tuple[str, ...]
+    columns: tuple[IndexOp, ...]
+    pointers: tuple[tuple[str, str], ...]
+    bases: tuple[TapBase, ...]
+    work: object                    # numpy int64 arrays / float64 values as the kernel holds them
+    row_out: object
+    seg: object
+    offsets: object
+    values: object
+    bias: tuple[float, ...] | None  # per output row, as the kernel holds it
+    residual: bool
+    activation: str
+
+    k_split = 1
+    shared_bytes = 0
+    max_registers = 0
+
+    @property
+    def precision(self) -> str:
+        return precision_label(self.dtype, self.accumulate)
+
+    @property
+    def element_bytes(self) -> int:
+        return ELEMENT_BYTES[self.dtype]
+
+    @property
+    def block(self) -> tuple[int, int, int]:
+        return (self.col_threads, self.warps, 1)
+
+    ARRAYS = ("work", "row_out", "seg", "offsets", "values")
+    SCALARS = ("entry", "geometry", "dtype", "accumulate", "vector_width", "col_threads", "warps",
+               "chains", "grid", "arguments", "columns", "pointers", "bases", "bias", "residual",
+               "activation")
+
+    def difference(self, other: "StreamIR") -> str | None:
+        """The first field where `other` differs from this IR (None: equal)."""
+        import numpy as np
+
+        for name in self.SCALARS:
+            if getattr(self, name) != getattr(other, name):
+                return f"{name}: {getattr(self, name)!r} != {getattr(other, name)!r}"
+        for name in self.ARRAYS:
+            a, b = getattr(self, name), getattr(other, name)
+            if np.shape(a) != np.shape(b) or not np.array_equal(a, b):
+                return f"{name} differs"
+        return None

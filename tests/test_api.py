@@ -120,7 +120,7 @@ def test_scipy_sparse_weight_and_plan_params(no_tuned):
     ({"op": "gemm", "n": 0}, "n must be"),
     ({"op": "gemm", "n": 8, "epilogue": {"bias": [1.0]}}, "bias must hold 6"),
     ({"op": "gemm", "n": 8, "epilogue": {"act": "relu"}}, "unknown epilogue key"),
-    ({"op": "gemm", "n": 8, "family": "streamed"}, "unknown kernel family"),
+    ({"op": "gemm", "n": 8, "family": "tensorcore"}, "unknown kernel family"),
     ({"op": "gemm", "n": 8, "dtype": "fp32", "accumulate": "fp16"}, "accumulates in fp16"),
     ({"op": "gemm", "n": 8, "plan": {"k_split": 99}}, "k_split"),
     ({"op": "gemm", "n": 8, "plan": "fast"}, "plan must be"),

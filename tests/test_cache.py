@@ -214,8 +214,8 @@ def test_build_all_serves_hits_in_process_and_compiles_the_rest(tmp_path):
 def test_build_all_reports_a_failure_in_place(tmp_path, monkeypatch):
     plans = [_plan(seed=0), _plan(seed=1)]
     real_render = B.render_source
-    monkeypatch.setattr(B, "render_source", lambda ir, emitter, arch: (
-        "broken" if ir.entry == plans[1].entry else real_render(ir, emitter, arch)))
+    monkeypatch.setattr(B, "render_source", lambda ir, emitter, arch, *family: (
+        "broken" if ir.entry == plans[1].entry else real_render(ir, emitter, arch, *family)))
     monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
     results = build_all(plans, "ptx", "sm_90", None, jobs=1)
     assert results[0].cubin[:4] == b"\x7fELF"

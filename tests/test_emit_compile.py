@@ -315,7 +315,7 @@ def test_bad_cuda_raises_compile_error_with_the_log():
 def test_build_kernel_saves_the_failing_source(monkeypatch, tmp_path):
     plan, _ = _plan(Problem("g", "gemm", 4, 4, height=1, width=8))
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    monkeypatch.setattr(B, "render_source", lambda ir, emitter, arch: "not ptx at all\n")
+    monkeypatch.setattr(B, "render_source", lambda ir, emitter, arch, *family: "not ptx at all\n")
     with pytest.raises(CompileError) as caught:
         build_kernel(plan, "ptx", "sm_90", cache=None)
     path = caught.value.source_path

@@ -28,9 +28,10 @@ def _plan(k_split=1, epilogue=Epilogue(), geometry=None, **params):
     return build_plan(to_csr(weight), geometry, PlanParams(k_split=k_split, **params), epilogue)
 
 
-def test_registry_has_the_immediate_family_and_auto_resolves_to_it():
+def test_registry_has_both_families_and_auto_resolves_to_immediate():
     fam = get_family("auto")
-    assert fam is get_family("immediate") and [f.name for f in families()] == ["immediate"]
+    assert fam is get_family("immediate")
+    assert [f.name for f in families()] == ["immediate", "streamed"]
     assert fam.params is PlanParams and fam.plan_type is Plan and fam.version
     assert family_of(_plan()) is fam
 

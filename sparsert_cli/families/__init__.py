@@ -9,8 +9,9 @@ from ..errors import UserError
 from ..ir import KernelIR
 from .base import Family
 from .immediate import FAMILY as IMMEDIATE
+from .streamed import FAMILY as STREAMED
 
-_REGISTRY: dict[str, Family] = {IMMEDIATE.name: IMMEDIATE}
+_REGISTRY: dict[str, Family] = {IMMEDIATE.name: IMMEDIATE, STREAMED.name: STREAMED}
 
 
 def families() -> tuple[Family, ...]:
@@ -19,7 +20,7 @@ def families() -> tuple[Family, ...]:
 
 
 def get_family(name: str = "auto") -> Family:
-    """The family called `name`; "auto" is the only family while there is one."""
+    """The family called `name`; "auto": the immediate family (plans pick per layer)."""
     if name == "auto":
         return IMMEDIATE
     try:
@@ -37,9 +38,17 @@ def family_of(plan) -> Family:
     raise TypeError(f"{type(plan).__name__} is no registered family's plan")
 
 
+def family_of_params(params) -> Family:
+    """The family whose parameters `params` are."""
+    for family in _REGISTRY.values():
+        if isinstance(params, family.params):
+            return family
+    raise TypeError(f"{type(params).__name__} is no registered family's parameters")
+
+
 def lower(plan, **options) -> KernelIR:
     """`plan` lowered to the kernel IR by its own family."""
     return family_of(plan).lower(plan, **options)
 
 
-__all__ = ["Family", "families", "family_of", "get_family", "lower"]
+__all__ = ["Family", "families", "family_of", "family_of_params", "get_family", "lower"]

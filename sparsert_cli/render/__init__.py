@@ -47,6 +47,20 @@ def printers() -> dict[str, Printer]:
                             parse_cuda.check_printed)}
 
 
+def stream_printer() -> Printer:
+    """The streamed family's printer (CUDA C++ loop + tables; see render/stream.py)."""
+    from . import stream
+
+    return Printer("stream", stream.VERSION, stream.PRECISIONS, ".cu", stream.print_stream,
+                   stream.to_cubin, stream.check_printed)
+
+
+def printer_for(emitter: str, family: str = "immediate") -> Printer:
+    """The printer that prints `family`'s kernels: the streamed family has its own (its loop is
+    CUDA C++ whatever the emitter); the immediate family's is the emitter's."""
+    return stream_printer() if family == "streamed" else get_printer(emitter)
+
+
 def get_printer(name: str) -> Printer:
     table = printers()
     if name not in table:

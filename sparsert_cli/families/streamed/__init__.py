@@ -1,0 +1,15 @@
+"""The streamed family: weights and tap offsets as compact data read by one short loop that
+stays hot, activations reused through L1 by the rows of a block (see plan.py)."""
+
+from __future__ import annotations
+
+from ..base import Family
+from .lower import lower
+from .plan import (StreamParams, StreamPlan, build_plan, candidates, default_params,
+                   fit_params)
+
+FAMILY = Family(name="streamed", version="streamed-1", params=StreamParams, plan_type=StreamPlan,
+                build_plan=build_plan, fit_params=fit_params, lower=lower)
+
+__all__ = ["FAMILY", "StreamParams", "StreamPlan", "build_plan", "candidates", "default_params",
+           "fit_params", "lower"]

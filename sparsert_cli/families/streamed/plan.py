@@ -1,0 +1,300 @@
+"""The streamed family's plan and planner: weights as data, a short loop that stays hot.
+
+The immediate family turns every nonzero into an instruction, so a layer's code grows with its
+nonzeros and large layers wait on instruction fetch (docs/perf-notes.md). Here the code is one
+loop whatever the nonzero count; the pattern becomes compact data laid out at compile time in the
+order the loop consumes it:
+
+  * Columns j in [0, N) are output pixels, mapped to threads exactly as in the immediate family
+    (`vector_width` consecutive columns per thread, `col_threads` threads per column tile,
+    blockIdx.x picks the tile).
+  * Output rows are dealt to *workers* (one warp row of a block each: worker = blockIdx.y *
+    warps + threadIdx.y), balanced by nonzeros (longest first). All lanes of a warp run the same
+    row, so every weight/offset read is warp-uniform (one broadcast load), and the activations a
+    block's workers read for one column tile stay in L1 for every row that needs them.
+  * A row's nonzeros are sorted by kernel tap (r, s) then address; with padding each tap (r, s)
+    is one segment whose base pointer (input, or the zero buffer) is chosen once per thread, so the
+    loop has no bounds tests. Entries of a segment are spread over `chains` accumulators.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+import json
+from dataclasses import asdict, dataclass, fields, replace
+from functools import cached_property
+
+import numpy as np
+import scipy.sparse as sp
+
+from ...errors import UserError
+from ...problem_shape import (ACTIVATIONS, ELEMENT_BYTES, MAX_THREADS, Epilogue, Geometry,
+                              precision_label)
+from ..immediate.plan import fit_vector_width
+
+MAX_ROWS_PER_WORKER = 4096
+
+
+@dataclass(frozen=True)
+class StreamParams:
+    """Every tunable of the streamed family; `name()` is part of the symbol and the cache key."""
+
+    col_threads: int = 32
+    vector_width: int = 1
+    warps: int = 4                  # workers (warp rows) per block
+    rows_per_worker: int = 4        # sets the worker count: ceil(rows / rows_per_worker)
+    chains: int = 4                 # independent accumulators per column (loop unroll)
+
+    def name(self) -> str:
+        return (f"s{self.col_threads}v{self.vector_width}w{self.warps}r{self.rows_per_worker}"
+                f"c{self.chains}")
+
+    def validate(self) -> StreamParams:
+        checks = [
+            (self.col_threads % 32 == 0 and 32 <= self.col_threads <= 256,
+             "col_threads must be a multiple of 32 up to 256"),
+            (self.vector_width in (1, 2, 4, 8), "vector_width must be 1, 2, 4 or 8 (8: 2-byte types)"),
+            (1 <= self.warps <= 32, "warps must be in 1..32"),
+            (self.col_threads * self.warps <= MAX_THREADS,
+             f"col_threads * warps must be <= {MAX_THREADS}"),
+            (1 <= self.rows_per_worker <= MAX_ROWS_PER_WORKER,
+             f"rows_per_worker must be in 1..{MAX_ROWS_PER_WORKER}"),
+            (self.chains in (1, 2, 4, 8), "chains must be 1, 2, 4 or 8"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UserError(f"plan parameter out of range: {message} ({self})")
+        return self
+
+    @classmethod
+    def from_dict(cls, doc: dict) -> StreamParams:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(doc) - known)
+        if unknown:
+            raise UserError(f"unknown plan parameter '{unknown[0]}' (known: {', '.join(sorted(known))})")
+        for key, value in doc.items():
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise UserError(f"plan parameter '{key}' must be int, got {value!r}")
+        return cls(**doc).validate()
+
+
+@dataclass(frozen=True, eq=False)
+class StreamPlan:
+    """Arrays, in the order the kernel reads them:
+    work[w]..work[w+1]: worker w's row entries; row_out[i]: output row of row entry i;
+    seg[i, t]..seg[i, t+1]: its nonzeros of tap segment t (t < segments);
+    offsets/values[e]: tap offset (elements from the thread's input base) and weight of nonzero e.
+    """
+
+    geometry: Geometry
+    params: StreamParams
+    work: np.ndarray          # int64 (workers + 1,)
+    row_out: np.ndarray       # int64 (rows,)
+    seg: np.ndarray           # int64 (rows, segments + 1)
+    offsets: np.ndarray       # int64 (nnz,)
+    values: np.ndarray        # float32 (nnz,)
+    epilogue: Epilogue = Epilogue()
+    dtype: str = "fp32"
+    accumulate: str = "fp32"
+
+    k_split = 1
+    family = "streamed"
+
+    @property
+    def precision(self) -> str:
+        return precision_label(self.dtype, self.accumulate)
+
+    @property
+    def element_bytes(self) -> int:
+        return ELEMENT_BYTES[self.dtype]
+
+    @property
+    def acc_bytes(self) -> int:
+        return ELEMENT_BYTES[self.accumulate]
+
+    @property
+    def vector_width(self) -> int:
+        return self.params.vector_width
+
+    @property
+    def col_threads(self) -> int:
+        return self.params.col_threads
+
+    @property
+    def tile_columns(self) -> int:
+        return self.col_threads * self.vector_width
+
+    @property
+    def workers(self) -> int:
+        return len(self.work) - 1
+
+    @property
+    def segments(self) -> int:
+        return self.seg.shape[1] - 1
+
+    @property
+    def grid(self) -> tuple[int, int, int]:
+        tiles = -(-self.geometry.columns // self.tile_columns)
+        return (tiles, self.workers // self.params.warps, 1)
+
+    @property
+    def block(self) -> tuple[int, int, int]:
+        return (self.col_threads, self.params.warps, 1)
+
+    shared_bytes = 0
+
+    @property
+    def nnz(self) -> int:
+        return int(len(self.values))
+
+    @property
+    def loads(self) -> int:
+        """Activation loads per column vector: one per nonzero (reuse is through L1)."""
+        return self.nnz
+
+    @property
+    def data_bytes(self) -> int:
+        """Bytes of pattern data the kernel carries (8 per nonzero, 4 per row boundary)."""
+        return 8 * self.nnz + 4 * (self.seg.size + self.work.size + self.row_out.size)
+
+    @property
+    def arguments(self) -> tuple[str, ...]:
+        return (("x", "y") + (("res",) if self.epilogue.residual else ())
+                + (("z",) if self.geometry.masked else ()))
+
+    def digest(self) -> str:
+        return self._digest
+
+    @cached_property
+    def _digest(self) -> str:
+        h = hashlib.sha256(b"streamed")
+        h.update(json.dumps({"geometry": asdict(self.geometry), "params": asdict(self.params),
+                             "epilogue": asdict(self.epilogue), "dtype": self.dtype,
+                             "accumulate": self.accumulate}, sort_keys=True).encode())
+        for array in (self.work, self.row_out, self.seg, self.offsets):
+            h.update(b"|" + np.ascontiguousarray(array, dtype=np.int64).tobytes())
+        h.update(b"|" + np.ascontiguousarray(self.values, dtype=np.float32).tobytes())
+        return h.hexdigest()
+
+    @property
+    def entry(self) -> str:
+        return f"sparsert_{self.params.name()}_{self.digest()[:12]}"
+
+
+def fit_params(geometry: Geometry, params: StreamParams, dtype: str = "fp32") -> StreamParams:
+    """Clamp parameters to the shape: a legal vector width, no more threads than columns, no
+    more rows per worker than rows."""
+    params = params.validate()
+    width = fit_vector_width(geometry, params.vector_width, dtype)
+    per_thread = -(-geometry.columns // width)
+    threads = min(params.col_threads, max(32, -(-per_thread // 32) * 32))
+    rows = min(params.rows_per_worker, geometry.out_channels)
+    return replace(params, vector_width=width, col_threads=threads, rows_per_worker=rows)
+
+
+def _workers(row_nnz: np.ndarray, count: int) -> list[list[int]]:
+    """Rows dealt to `count` workers, heaviest first to the lightest worker (work = nonzeros + a
+    row's fixed cost); each worker's rows in ascending order."""
+    heap = [(0, w) for w in range(count)]
+    out: list[list[int]] = [[] for _ in range(count)]
+    for row in sorted(range(len(row_nnz)), key=lambda r: (-row_nnz[r], r)):
+        load, w = heapq.heappop(heap)
+        out[w].append(row)
+        heapq.heappush(heap, (load + int(row_nnz[row]) + 8, w))
+    return [sorted(rows) for rows in out]
+
+
+def tap_offsets(geometry: Geometry, taps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(segment, element offset from the thread's input base) of each weight column `taps`.
+    Padded kernels: one segment per kernel tap r*k+s; else one segment."""
+    g, k = geometry, geometry.kernel
+    channel, rs = taps // (k * k), taps % (k * k)
+    offset = channel * g.height * g.width + (rs // k) * g.width + rs % k
+    return (rs if g.masked else np.zeros_like(taps)), offset
+
+
+def build_plan(csr: sp.csr_matrix, geometry: Geometry, params: StreamParams,
+               epilogue: Epilogue = Epilogue(), dtype: str = "fp32",
+               accumulate: str | None = None) -> StreamPlan:
+    geometry = geometry.validate()
+    accumulate = accumulate or dtype
+    precision_label(dtype, accumulate)
+    if csr.shape != (geometry.out_channels, geometry.taps):
+        raise UserError(f"weight is {csr.shape[0]}x{csr.shape[1]} but the shape needs "
+                        f"{geometry.out_channels}x{geometry.taps}")
+    if epilogue.activation not in ACTIVATIONS:
+        raise UserError(f"unknown activation {epilogue.activation!r}")
+    if epilogue.bias is not None and len(epilogue.bias) != geometry.out_channels:
+        raise UserError(f"bias has {len(epilogue.bias)} values for {geometry.out_channels} rows")
+    params = fit_params(geometry, params, dtype)
+    csr = sp.csr_matrix(csr, dtype=np.float32)
+    csr.sum_duplicates()
+    csr.eliminate_zeros()
+    csr.sort_indices()
+    m = geometry.out_channels
+    segments = geometry.kernel ** 2 if geometry.masked else 1
+    count = -(-m // params.rows_per_worker)
+    count = -(-count // params.warps) * params.warps           # whole blocks
+    dealt = _workers(np.diff(csr.indptr), count)
+    order = np.fromiter((r for rows in dealt for r in rows), dtype=np.int64, count=m)
+    work = np.concatenate([[0], np.cumsum([len(rows) for rows in dealt])]).astype(np.int64)
+    offsets, values, seg = [], [], np.zeros((m, segments + 1), dtype=np.int64)
+    start = 0
+    for i, row in enumerate(order.tolist()):
+        lo, hi = csr.indptr[row], csr.indptr[row + 1]
+        segment, offset = tap_offsets(geometry, csr.indices[lo:hi].astype(np.int64))
+        sort = np.lexsort((offset, segment))
+        offsets.append(offset[sort])
+        values.append(csr.data[lo:hi][sort])
+        seg[i] = start + np.searchsorted(segment[sort], np.arange(segments + 1))
+        start += hi - lo
+    return StreamPlan(geometry, params, work, order, seg,
+                      np.concatenate(offsets) if offsets else np.zeros(0, np.int64),
+                      np.concatenate(values).astype(np.float32) if values
+                      else np.zeros(0, np.float32), epilogue, dtype, accumulate)
+
+
+def default_params(geometry: Geometry, nnz: int, sm_count: int = 132,
+                   precision: str = "fp32") -> StreamParams:
+    """An untuned plan: vectors as wide as keep a warp's 32 lanes busy (one data load then feeds
+    more columns), one warp row per worker, enough workers for ~8 warps per SM."""
+    dtype = "fp16" if precision.startswith("fp16") else "fp32"
+    width = fit_vector_width(geometry, 8 if dtype == "fp16" else 4, dtype)
+    while width > 1 and -(-geometry.columns // width) < 32:
+        width //= 2
+    width = fit_vector_width(geometry, width, dtype)
+    if precision == "fp16" and width == 1 and fit_vector_width(geometry, 2, dtype) == 2:
+        width = 2
+    per_thread = -(-geometry.columns // width)
+    threads = 32 if per_thread <= 32 else 64 if per_thread <= 64 else 128
+    tiles = -(-per_thread // threads)
+    workers = max(1, min(geometry.out_channels, (8 * sm_count * 32) // (threads * tiles)))
+    rows = -(-geometry.out_channels // workers)
+    warps = max(1, min(8, 256 // threads))
+    return fit_params(geometry, StreamParams(threads, width, warps, rows, 4), dtype)
+
+
+def candidates(geometry: Geometry, nnz: int, precision: str = "fp32",
+               limit: int = 12) -> list[StreamParams]:
+    """The default first, then neighbours: rows per worker /2 and x2, narrower vectors, other
+    chain counts and block heights (fitted to the shape, duplicates dropped)."""
+    dtype = "fp16" if precision.startswith("fp16") else "fp32"
+    base = default_params(geometry, nnz, precision=precision)
+    r, v = base.rows_per_worker, base.vector_width
+    tries = [base, replace(base, rows_per_worker=max(1, r // 2)),
+             replace(base, rows_per_worker=r * 2), replace(base, chains=8),
+             replace(base, chains=2), replace(base, warps=max(1, base.warps // 2)),
+             replace(base, vector_width=max(1, v // 2), col_threads=min(256, base.col_threads * 2)),
+             replace(base, rows_per_worker=max(1, r // 4)), replace(base, rows_per_worker=r * 4),
+             replace(base, vector_width=max(1, v // 2)), replace(base, chains=1),
+             replace(base, col_threads=min(256, base.col_threads * 2))]
+    out: list[StreamParams] = []
+    for params in tries:
+        try:
+            params = fit_params(geometry, params, dtype)
+        except UserError:
+            continue
+        if params not in out:
+            out.append(params)
+    return out[:limit]

@@ -1,0 +1,128 @@
+"""Execute a streamed-family kernel's IR (ir.StreamIR) on the CPU the way the GPU runs it.
+
+Every thread's column variables and tap bases come from the IR's own index arithmetic; workers
+walk their row entries, each row entry its segments, each segment its nonzeros in the kernel's
+chain order (a run of `chains` nonzeros feeds accumulators 0..chains-1, the remainder feeds 0).
+Sums are float64; with fp16 sums every half2 FMA and epilogue step is rounded to fp16 as the GPU
+does. Checked on the way: the data tables are consistent (the grid's workers, monotonic ranges),
+every load lies in its buffer (inactive threads included) and is aligned, every output is written
+exactly once.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .interp import PlanExecutionError, _f16, thread_env
+from .ir import StreamIR
+
+
+def schedule(seg: np.ndarray, chains: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(entry, chain, segment) of every step of every row entry, shape (rows, steps), -1 where a
+    row has finished: the order the kernel's loop runs them."""
+    rows, segments = seg.shape[0], seg.shape[1] - 1
+    per_row: list[tuple[list[int], list[int], list[int]]] = []
+    for i in range(rows):
+        es, cs, ts = [], [], []
+        for t in range(segments):
+            lo, hi = int(seg[i, t]), int(seg[i, t + 1])
+            full = lo + (hi - lo) // chains * chains
+            es += range(lo, hi)
+            cs += [e % chains for e in range(full - lo)] + [0] * (hi - full)
+            ts += [t] * (hi - lo)
+        per_row.append((es, cs, ts))
+    steps = max((len(p[0]) for p in per_row), default=0)
+    out = [np.full((rows, steps), -1, dtype=np.int64) for _ in range(3)]
+    for i, parts in enumerate(per_row):
+        for array, values in zip(out, parts):
+            array[i, :len(values)] = values
+    return tuple(out)
+
+
+def _check_tables(ir: StreamIR) -> None:
+    work, seg, nnz = ir.work, ir.seg, len(ir.offsets)
+    workers = ir.grid[1] * ir.warps
+    if len(work) != workers + 1:
+        raise PlanExecutionError(f"{len(work) - 1} worker ranges for {workers} workers")
+    if work[0] != 0 or np.any(np.diff(work) < 0) or work[-1] != len(ir.row_out):
+        raise PlanExecutionError("worker ranges do not cover the row entries in order")
+    if np.any(np.diff(seg, axis=1) < 0) or (seg.size and (seg.min() < 0 or seg.max() > nnz)):
+        raise PlanExecutionError("segment ranges out of order or outside the nonzeros")
+    if len(ir.values) != nnz:
+        raise PlanExecutionError("offsets and values differ in length")
+    rows = ir.geometry.out_channels
+    if len(ir.row_out) and (ir.row_out.min() < 0 or ir.row_out.max() >= rows):
+        raise PlanExecutionError("a row entry names a row outside the output")
+
+
+def execute_stream(ir: StreamIR, x: np.ndarray, residual: np.ndarray | None) -> np.ndarray:
+    _check_tables(ir)
+    geo, width, chains = ir.geometry, ir.vector_width, ir.chains
+    half = ir.accumulate == "fp16"
+    rnd = _f16 if half else (lambda v: v)
+    env = thread_env(ir)
+    active = env["act"].astype(bool)
+    lanes = np.arange(width, dtype=np.int64)
+    base_x = env["inoff"]                                   # per thread, elements
+    threads = len(base_x)
+    # per segment: is each thread's base the input (True) or the shifted zero buffer
+    if geo.masked:
+        inside = np.stack([(env["ih"] + b.r >= 0) & (env["ih"] + b.r < geo.height)
+                           & (env["iw"] + b.s >= 0) & (env["iw"] + b.s < geo.width)
+                           for b in ir.bases])              # (segments, threads)
+        shifts = np.array([b.zero_shift for b in ir.bases], dtype=np.int64)
+    else:
+        inside = np.ones((max(1, ir.seg.shape[1] - 1), threads), dtype=bool)
+        shifts = np.zeros(inside.shape[0], dtype=np.int64)
+    entry, chain, segment = schedule(ir.seg, chains)
+    rows = len(ir.row_out)
+    acc = np.zeros((rows, chains, threads, width))
+    offsets, values = ir.offsets, ir.values
+    row_index = np.arange(rows)
+    for step in range(entry.shape[1]):
+        live = entry[:, step] >= 0
+        if not np.any(live):
+            continue
+        e, c, t, r = entry[live, step], chain[live, step], segment[live, step], row_index[live]
+        ok = inside[t]                                       # (live, threads)
+        addr_x = base_x[None, :] + offsets[e][:, None]       # (live, threads)
+        addr_z = offsets[e][:, None] + shifts[t][:, None] + np.zeros_like(base_x)[None, :]
+        addr = np.where(ok, addr_x, addr_z)
+        if width > 1 and np.any(addr % width):
+            raise PlanExecutionError("misaligned vector load")
+        full = addr[..., None] + lanes
+        bad_x = ok[..., None] & ((full < 0) | (full >= geo.input_elems))
+        bad_z = ~ok[..., None] & ((full < 0) | (full >= geo.image_elems))
+        if np.any(bad_x) or np.any(bad_z):
+            raise PlanExecutionError(f"load out of bounds at step {step} "
+                                     f"({'input' if np.any(bad_x) else 'zero buffer'})")
+        loaded = np.where(ok[..., None], x[np.clip(full, 0, geo.input_elems - 1)], 0.0)
+        acc[r, c] = rnd(acc[r, c] + values[e][:, None, None] * loaded)
+    total = acc[:, 0]
+    for k in range(1, chains):
+        total = rnd(total + acc[:, k])
+    out = np.full(geo.output_elems, np.nan)
+    writes = np.zeros(geo.output_elems, dtype=np.int64)
+    base_y = env["outoff"]
+    for i, row in enumerate(ir.row_out.tolist()):
+        value = total[i]                                     # (threads, width)
+        addr = base_y[:, None] + row * geo.out_pixels + lanes
+        if ir.bias is not None:
+            value = rnd(value + ir.bias[row])
+        if ir.residual:
+            value = rnd(value + residual[addr])
+        if ir.activation in ("relu", "relu6"):
+            value = np.maximum(value, 0.0)
+        if ir.activation == "relu6":
+            value = np.minimum(value, 6.0)
+        if ir.dtype == "fp16":
+            value = _f16(value)
+        store = addr[active]
+        if np.any(store < 0) or np.any(store >= geo.output_elems):
+            raise PlanExecutionError("store out of bounds")
+        out[store.ravel()] = value[active].ravel()
+        np.add.at(writes, store.ravel(), 1)
+    if not np.all(writes == 1):
+        raise PlanExecutionError(f"{int(np.sum(writes == 0))} outputs never written, "
+                                 f"{int(np.sum(writes > 1))} written more than once")
+    return out

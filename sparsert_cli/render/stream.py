@@ -1,0 +1,350 @@
+"""StreamIR -> CUDA C++ (the streamed family's printer), its compile route and its parse-back.
+
+The kernel is one fixed loop; what varies is printed as data: the constants line the loop uses,
+the thread->column statements, the tap bases, and the tables (worker ranges, row entries, packed
+(offset, weight) nonzeros, bias). The source holds the tables as initialised arrays and compiles
+as it stands, but NVRTC needs seconds to parse a large initialiser, so `to_cubin` compiles the
+kernel with the tables declared empty and writes the tables into its PTX as initialised .global
+data before ptxas (the cubin carries them; nothing is uploaded at launch).
+
+`check_printed` parses the constants, statements, bases and tables back into a StreamIR, requires
+it to equal the IR, and requires the source to be exactly what printing that IR gives.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+
+from .. import __version__
+from ..compile import Compiled, cpp_to_ptx, ptx_to_cubin
+from ..ir import IndexOp, StreamIR, TapBase
+from ..problem_shape import Geometry
+from .cuda import RULES, _helpers, f32
+from .ptx import f16_bits
+
+VERSION = "stream-1"
+PRECISIONS = ("fp32", "fp16", "fp16acc32")
+_FLOAT_VEC = {1: "float", 2: "float2", 4: "float4"}
+_PAIR_VEC = {1: "unsigned", 2: "uint2", 4: "uint4"}
+_LANE = ("x", "y", "z", "w")
+TABLES = ("sparsert_work", "sparsert_rows", "sparsert_ent", "sparsert_bias")
+
+
+class _Types:
+    def __init__(self, ir: StreamIR):
+        w = self.width = ir.vector_width
+        self.half_storage, self.half_acc = ir.dtype == "fp16", ir.accumulate == "fp16"
+        self.elem = "unsigned short" if self.half_storage else "float"
+        if self.half_storage:
+            self.raws = 1 if w == 1 else w // 2
+            self.vt = "unsigned short" if w == 1 else _PAIR_VEC[w // 2]
+        else:
+            self.raws, self.vt = w, _FLOAT_VEC[w]
+        # accumulator units of one column vector: half2 pairs, one half, or floats
+        self.units = self.raws if self.half_acc else w
+        self.acc_t = ("unsigned" if w > 1 else "unsigned short") if self.half_acc else "float"
+
+    def raw(self, var: str, k: int) -> str:
+        return var if self.raws == 1 else f"{var}.{_LANE[k]}"
+
+    def column(self, var: str, lane: int) -> str:
+        """One column of a loaded vector as float."""
+        if not self.half_storage:
+            return self.raw(var, lane)
+        if self.width == 1:
+            return f"sparsert_h2f({var})"
+        reg = self.raw(var, lane // 2)
+        return (f"sparsert_h2f((unsigned short)({reg} >> 16))" if lane % 2
+                else f"sparsert_h2f((unsigned short){reg})")
+
+    def fma(self, acc: str, var: str, weight: str) -> list[str]:
+        """acc[k] (+)= column/pair k of `var` times `weight` (a 32-bit int of the table)."""
+        if self.half_acc:
+            h, w = ("2", f"(unsigned){weight}") if self.width > 1 else (
+                "", f"(unsigned short){weight}")
+            return [f"{acc}[{k}] = sparsert_hfma{h}({self.raw(var, k)}, {w}, {acc}[{k}]);"
+                    for k in range(self.units)]
+        return [f"{acc}[{k}] = fmaf({self.column(var, k)}, __int_as_float({weight}), {acc}[{k}]);"
+                for k in range(self.units)]
+
+    def add(self, a: str, b: str) -> str:
+        if self.half_acc:
+            return f"sparsert_hadd{'2' if self.width > 1 else ''}({a}, {b})"
+        return f"{a} + {b}"
+
+    def const(self, value: float) -> str:
+        if not self.half_acc:
+            return f32(value)
+        bits = f16_bits(value)
+        return f"0x{bits:04X}{bits:04X}u" if self.width > 1 else f"(unsigned short)0x{bits:04X}"
+
+
+def _words(values, half_acc: bool, pair: bool) -> np.ndarray:
+    """Values as signed 32-bit table words the loop reads: float bits, or fp16 bits (twice for
+    half2 column pairs)."""
+    values = np.asarray(values, dtype=np.float64)
+    if half_acc:
+        bits = values.astype(np.float16).view(np.uint16).astype(np.uint32)
+        words = (bits << 16 | bits) if pair else bits
+    else:
+        words = values.astype(np.float32).view(np.uint32)
+    return words.astype(np.uint32).view(np.int32).astype(np.int64)
+
+
+def _from_words(words: np.ndarray, half_acc: bool) -> np.ndarray:
+    words = np.asarray(words, dtype=np.int64).astype(np.uint32)
+    if half_acc:
+        return (words & 0xFFFF).astype(np.uint16).view(np.float16).astype(np.float64)
+    return words.view(np.float32).astype(np.float64)
+
+
+def _table(ctype: str, name: str, words: np.ndarray, align: int) -> str:
+    body = ",".join(map(str, np.asarray(words, dtype=np.int64).tolist())) or "0"
+    return f"__device__ __align__({align}) {ctype} {name}[{max(1, len(words))}] = {{{body}}};"
+
+
+def tables(ir: StreamIR) -> dict[str, np.ndarray]:
+    """The kernel's tables as 32-bit words, in printing order."""
+    t = _Types(ir)
+    rows = np.concatenate([ir.row_out[:, None], ir.seg], axis=1).ravel()
+    ent = np.empty(2 * len(ir.offsets), dtype=np.int64)
+    ent[0::2] = ir.offsets
+    ent[1::2] = _words(ir.values, t.half_acc, ir.vector_width > 1)
+    out = {"sparsert_work": ir.work, "sparsert_rows": rows, "sparsert_ent": ent}
+    if ir.bias is not None:
+        out["sparsert_bias"] = _words(ir.bias, t.half_acc, ir.vector_width > 1)
+    return out
+
+
+def _constants(ir: StreamIR) -> str:
+    g = ir.geometry
+    return (f"  // geometry batch={g.batch} in={g.in_channels} h={g.height} w={g.width} "
+            f"out={g.out_channels} k={g.kernel} s={g.stride} p={g.padding}; dtype={ir.dtype} "
+            f"acc={ir.accumulate}; width={ir.vector_width}; grid={ir.grid[0]}x{ir.grid[1]}; "
+            f"activation={ir.activation}\n"
+            f"  constexpr int WARPS = {ir.warps}, CHAINS = {ir.chains}, "
+            f"STRIDE = {ir.seg.shape[1] + 1}, PIXELS = {g.out_pixels};")
+
+
+def _index(op: IndexOp) -> str:
+    a, b, c = (v if isinstance(v, str) else f"{v}" for v in (op.a, op.b, op.c))
+    return "  " + RULES[op.op].format(dst=op.dst, a=a, b=b, c=c)
+
+
+def print_stream(ir: StreamIR, arch: str = "sm_90") -> str:
+    del arch
+    t = _Types(ir)
+    out = [f"// Generated by sparsert {__version__} ({VERSION}): {ir.comment}", ""]
+    if t.half_storage:
+        out += _helpers()
+    for name, words in tables(ir).items():    # int words; the nonzeros are read as int2
+        out.append(_table("int", name, words, 8 if name == "sparsert_ent" else 4))
+    e = t.elem
+    types = {"x": f"const {e}* __restrict__", "y": f"{e}* __restrict__",
+             "res": f"const {e}* __restrict__", "z": f"const {e}* __restrict__"}
+    signed = {op.dst for op in ir.columns if op.signed}
+    unsigned = [op.dst for op in ir.columns if op.dst not in signed]
+    out += ["", f'extern "C" __global__ void __launch_bounds__({ir.col_threads * ir.warps})',
+            f"{ir.entry}({', '.join(f'{types[a]} {a}' for a in ir.arguments)})", "{",
+            _constants(ir),
+            "  const unsigned tx = threadIdx.x, bx = blockIdx.x;",
+            f"  unsigned {', '.join(dict.fromkeys(unsigned))};",
+            f"  int {', '.join(dict.fromkeys(op.dst for op in ir.columns if op.signed))};"]
+    out += [_index(op) for op in ir.columns]
+    out += [f"  {ptr} += {var};" for ptr, var in ir.pointers]
+    g = ir.geometry
+    segments = ir.seg.shape[1] - 1
+    if ir.bases:
+        out += [f"  const {e}* b{i} = ((unsigned)(ih + {b.r}) < {g.height}u && (unsigned)(iw + "
+                f"{b.s}) < {g.width}u) ? x : z + ({b.zero_shift});"
+                for i, b in enumerate(ir.bases)]
+    else:
+        out += [f"  const {e}* b{i} = x;" for i in range(segments)]
+    acc = f"{t.acc_t} a[CHAINS][{t.units}]"
+    out += ["  const int2* ent = reinterpret_cast<const int2*>(sparsert_ent);",
+            "  const int w = blockIdx.y * WARPS + threadIdx.y;",
+            "  const int r_end = __ldg(sparsert_work + w + 1);",
+            "  for (int r = __ldg(sparsert_work + w); r < r_end; ++r) {",
+            "    const int* R = sparsert_rows + r * STRIDE;",
+            "    const int row = __ldg(R);",
+            f"    {acc};",
+            "#pragma unroll",
+            "    for (int c = 0; c < CHAINS; ++c)",
+            "#pragma unroll",
+            f"      for (int k = 0; k < {t.units}; ++k) a[c][k] = 0;"]
+    load = f"__ldg(reinterpret_cast<const {t.vt}*>(b{{i}} + d.x))"
+    for i in range(segments):
+        out += ["    {",
+                f"      int e = __ldg(R + {1 + i});",
+                f"      const int end = __ldg(R + {2 + i});",
+                "      for (; e + CHAINS <= end; e += CHAINS) {",
+                "#pragma unroll",
+                "        for (int c = 0; c < CHAINS; ++c) {",
+                "          const int2 d = __ldg(ent + e + c);",
+                f"          const {t.vt} v = {load.format(i=i)};"]
+        out += ["          " + s for s in t.fma("a[c]", "v", "d.y")]
+        out += ["        }", "      }",
+                "      for (; e < end; ++e) {",
+                "        const int2 d = __ldg(ent + e);",
+                f"        const {t.vt} v = {load.format(i=i)};"]
+        out += ["        " + s for s in t.fma("a[0]", "v", "d.y")]
+        out += ["      }", "    }"]
+    out += ["#pragma unroll", "    for (int c = 1; c < CHAINS; ++c)", "#pragma unroll",
+            f"      for (int k = 0; k < {t.units}; ++k) a[0][k] = {t.add('a[0][k]', 'a[c][k]')};",
+            "    const int o = row * PIXELS;"]
+    out += _epilogue(ir, t)
+    out += ["  }", "}"]
+    return "\n".join(out) + "\n"
+
+
+def _epilogue(ir: StreamIR, t: _Types) -> list[str]:
+    out = []
+    s = [f"a[0][{k}]" for k in range(t.units)]
+    if ir.bias is not None:
+        bias = ("(unsigned)__ldg(sparsert_bias + row)" if t.half_acc and t.width > 1 else
+                "(unsigned short)__ldg(sparsert_bias + row)" if t.half_acc else
+                "__int_as_float(__ldg(sparsert_bias + row))")
+        out.append(f"    const {t.acc_t} bias = {bias};")
+        out += [f"    {v} = {t.add(v, 'bias')};" for v in s]
+    if ir.residual:
+        out.append(f"    const {t.vt} rv = __ldg(reinterpret_cast<const {t.vt}*>(res + o));")
+        if t.half_acc:
+            out += [f"    {v} = {t.add(v, t.raw('rv', k))};" for k, v in enumerate(s)]
+        else:
+            out += [f"    {v} += {t.column('rv', k)};" for k, v in enumerate(s)]
+    h = "2" if t.width > 1 else ""
+    for op, value in (("max", 0.0), ("min", 6.0)):
+        if ir.activation == "relu6" or (op == "max" and ir.activation == "relu"):
+            if t.half_acc:
+                out += [f"    {v} = sparsert_h{op}{h}({v}, {t.const(value)});" for v in s]
+            else:
+                out += [f"    {v} = f{op}f({v}, {f32(value)});" for v in s]
+    if t.half_acc or not t.half_storage:
+        packed = s[0] if len(s) == 1 else f"make_{t.vt}({', '.join(s)})"
+    elif t.width == 1:
+        packed = f"sparsert_f2h({s[0]})"
+    else:
+        pairs = [f"sparsert_f2h2({s[2 * u + 1]}, {s[2 * u]})" for u in range(t.raws)]
+        packed = pairs[0] if len(pairs) == 1 else f"make_{t.vt}({', '.join(pairs)})"
+    out.append(f"    if (act) *reinterpret_cast<{t.vt}*>(y + o) = {packed};")
+    return out
+
+
+# ---- compile route ------------------------------------------------------------------------------
+_DECL = re.compile(r"^__device__ __align__\((\d+)\) int (sparsert_\w+)\[(\d+)\] = \{([^}]*)\};$",
+                   re.M)
+
+
+def split_tables(source: str) -> tuple[str, dict[str, tuple[int, str]]]:
+    """The source with each table declared uninitialised, and {name: (align, words text)}."""
+    found: dict[str, tuple[int, str]] = {}
+
+    def strip(m: re.Match) -> str:
+        found[m[2]] = (int(m[1]), m[4])
+        return f"__device__ __align__({m[1]}) int {m[2]}[{m[3]}];"
+
+    return _DECL.sub(strip, source), found
+
+
+def to_cubin(source: str, arch: str, threads: int = 1) -> Compiled:
+    """NVRTC compiles the loop (tables declared empty); the tables go into its PTX as
+    initialised .global data; nvJitLink assembles the module."""
+    del threads
+    bare, found = split_tables(source)
+    ptx, nvrtc_seconds = cpp_to_ptx(bare, arch)
+    for name, (align, words) in found.items():
+        pattern = re.compile(rf"^(\.visible )?\.global \.align \d+ \.b8 {name}\[(\d+)\];$", re.M)
+        count = words.count(",") + 1
+        ptx, n = pattern.subn(lambda m: f"{m[1] or ''}.global .align {align} .b32 {name}"
+                              f"[{count}] = {{{words}}};", ptx)
+        if n != 1:
+            from ..errors import CompileError
+            raise CompileError(f"table {name} not found in NVRTC's PTX")
+    compiled = ptx_to_cubin(ptx, arch)
+    return Compiled(compiled.cubin, compiled.log, compiled.seconds + nvrtc_seconds,
+                    compiled.resources)
+
+
+# ---- parse-back ---------------------------------------------------------------------------------
+_CONST = re.compile(
+    r"// geometry batch=(\d+) in=(\d+) h=(\d+) w=(\d+) out=(\d+) k=(\d+) s=(\d+) p=(\d+); "
+    r"dtype=(\w+) acc=(\w+); width=(\d+); grid=(\d+)x(\d+); activation=(\w+)\n"
+    r"  constexpr int WARPS = (\d+), CHAINS = (\d+), STRIDE = (\d+), PIXELS = (\d+);")
+_SIG = re.compile(r'__launch_bounds__\((\d+)\)\n(\w+)\(([^)]*)\)')
+_BASE = re.compile(r"const [\w ]+\* b(\d+) = \(\(unsigned\)\(ih \+ (\d+)\) < (\d+)u && "
+                   r"\(unsigned\)\(iw \+ (\d+)\) < (\d+)u\) \? x : z \+ \((-?\d+)\);")
+_PTR = re.compile(r"^  (x|y|res) \+= (\w+);$", re.M)
+
+
+def _parse_index(line: str) -> IndexOp | None:
+    for op, template in RULES.items():
+        if op in ("pointer", "barrier", "load", "store") or "{dst}" not in template:
+            continue
+        pattern = re.escape(template).replace(r"\{dst\}", r"(\w+)").replace(
+            r"\{a\}", r"(\w+)").replace(r"\{b\}", r"(\w+)").replace(r"\{c\}", r"(\w+)")
+        m = re.fullmatch("  " + pattern, line)
+        if m:
+            vals = [int(v) if re.fullmatch(r"-?\d+", v) else v for v in m.groups()]
+            return IndexOp(op, vals[0], vals[1], vals[2], vals[3] if len(vals) > 3 else None)
+    return None
+
+
+def check_printed(ir: StreamIR, source: str) -> None:
+    from . import PrintedMismatch
+
+    parsed = _parse(source)
+    if isinstance(parsed, str):
+        raise PrintedMismatch(f"streamed source: {parsed}")
+    diff = ir.difference(parsed)
+    if diff:
+        raise PrintedMismatch(f"printed streamed kernel differs from its IR: {diff}")
+    if print_stream(parsed) != source:
+        raise PrintedMismatch("printed streamed kernel is not what its IR prints")
+
+
+def _parse(source: str) -> StreamIR | str:
+    """The StreamIR the printed source says, or what is missing (index ops are signed where
+    the source declares them int)."""
+    m = _CONST.search(source)
+    sig = _SIG.search(source)
+    if not m or not sig:
+        return "constants or signature not found"
+    v = [int(x) if x.isdigit() else x for x in m.groups()]
+    geometry = Geometry(*v[0:8])
+    dtype, accumulate, width, grid, activation = v[8], v[9], v[10], (v[11], v[12], 1), v[13]
+    warps, chains, stride = v[14], v[15], v[16]
+    half_acc = accumulate == "fp16"
+    arguments = tuple(a.split()[-1] for a in sig[3].split(","))
+    decl = source[sig.end():]
+    signed_line = re.search(r"^  int ([\w, ]+);$", decl, re.M)
+    signed = set(signed_line[1].split(", ")) if signed_line else set()
+    columns = []
+    for line in decl.splitlines():
+        op = _parse_index(line)
+        if op is not None:
+            columns.append(op._replace(signed=op.dst in signed))
+    found = {name: np.array([int(w) for w in words.split(",")], dtype=np.int64)
+             for _, name, _, words in _DECL.findall(source)}
+    if any(name not in found for name in TABLES[:3]):
+        return "a table is missing"
+    rows = found["sparsert_rows"].reshape(-1, stride)
+    ent = found["sparsert_ent"]
+    nnz = len(ent) // 2 if not (len(ent) == 1) else 0
+    bases = tuple(TapBase(int(b[1]), int(b[3]), int(b[5])) for b in _BASE.findall(source))
+    bias = (tuple(_from_words(found["sparsert_bias"], half_acc).tolist())
+            if "sparsert_bias" in found else None)
+    return StreamIR(
+        entry=sig[2], comment=ir_comment(source), geometry=geometry, dtype=dtype,
+        accumulate=accumulate, vector_width=width, col_threads=int(sig[1]) // warps,
+        warps=warps, chains=chains, grid=grid, arguments=arguments, columns=tuple(columns),
+        pointers=tuple(_PTR.findall(source)), bases=bases, work=found["sparsert_work"],
+        row_out=rows[:, 0], seg=rows[:, 1:], offsets=ent[0:2 * nnz:2],
+        values=_from_words(ent[1:2 * nnz:2], half_acc), bias=bias,
+        residual="res" in arguments, activation=activation)
+
+
+def ir_comment(source: str) -> str:
+    first = source.split("\n", 1)[0]
+    return first.split("): ", 1)[1] if "): " in first else ""

@@ -1,0 +1,57 @@
+"""The streamed family on a GPU: every shape class and precision verified element-wise against
+float64 (fresh inputs, poisoned outputs) through benchmark_layer. Skipped without a GPU."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from sparsert_cli.gpu.runtime import have_gpu
+
+if not have_gpu():
+    pytest.skip("no CUDA driver or GPU", allow_module_level=True)
+
+import sparsert_cli as sparsert  # noqa: E402
+from sparsert_cli.families.streamed import StreamParams  # noqa: E402
+
+pytestmark = pytest.mark.gpu
+
+
+def sparse(shape, density, seed):
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal(shape).astype(np.float32)
+    w[rng.random(shape) >= density] = 0
+    return w
+
+
+EPI = {"bias": None, "activation": "relu6", "residual": True}
+CASES = {
+    "gemm_odd": (sparse((37, 53), 0.3, 1), dict(n=129), {}),
+    "gemm_v4_chains8": (sparse((64, 96), 0.2, 2), dict(n=256), dict(vector_width=4, chains=8)),
+    "bert_like": (sparse((384, 768), 0.1, 3), dict(n=128), {}),
+    "pw_batch2": (sparse((40, 24, 1, 1), 0.3, 4), dict(op="conv", input_shape=(2, 24, 9, 12)),
+                  dict(vector_width=2)),
+    "pw_stride2": (sparse((20, 12, 1, 1), 0.3, 5), dict(op="conv", input_shape=(1, 12, 11, 9),
+                                                         stride=2), {}),
+    "3x3_pad1": (sparse((24, 16, 3, 3), 0.2, 6), dict(op="conv", input_shape=(1, 16, 13, 10),
+                                                       padding=1), {}),
+    "3x3_s2_b2": (sparse((12, 8, 3, 3), 0.3, 7), dict(op="conv", input_shape=(2, 8, 9, 7),
+                                                       stride=2, padding=1), {}),
+    "3x3_pad0": (sparse((10, 6, 3, 3), 0.4, 8), dict(op="conv", input_shape=(1, 6, 8, 8)), {}),
+    "empty_rows": (np.pad(sparse((8, 32), 0.5, 9), ((0, 24), (0, 0))), dict(n=64), {}),
+}
+
+
+@pytest.mark.parametrize("precision", [("fp32", "fp32"), ("fp16", "fp16"), ("fp16", "fp32")])
+@pytest.mark.parametrize("name", sorted(CASES))
+@pytest.mark.parametrize("epilogue", [False, True])
+def test_streamed_kernels_match_float64(gpu, name, precision, epilogue):
+    weight, shape, plan = CASES[name]
+    rows = weight.shape[0]
+    epi = dict(EPI, bias=np.linspace(-1, 1, rows)) if epilogue else None
+    default = dict(col_threads=32, vector_width=1, warps=2, rows_per_worker=3, chains=4)
+    kernel = sparsert.compile_kernel(weight, **shape, dtype=precision[0],
+                                     accumulate=precision[1], tuned=False, cache=None,
+                                     epilogue=epi, plan=StreamParams(**{**default, **plan}))
+    result = sparsert.benchmark_layer(gpu, kernel, baselines=False, replays=1, checks=2)
+    assert result["verify_gpu"]["ok"], (name, precision, result["verify_gpu"])

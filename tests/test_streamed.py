@@ -1,0 +1,193 @@
+"""The streamed family on the CPU: plans, the interpreter of its IR against float64, the printed
+source parsed back (and mutations of it caught), the compile route, and bad tables caught."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+import sparsert_cli as sparsert
+from sparsert_cli.families import family_of, get_family
+from sparsert_cli.families.streamed import (StreamParams, StreamPlan, build_plan, candidates,
+                                            default_params, lower)
+from sparsert_cli.interp import PlanExecutionError, execute
+from sparsert_cli.problem_shape import Epilogue, Geometry
+from sparsert_cli.render import PrintedMismatch, stream
+
+
+
+def sparse(shape, density, seed):
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal(shape).astype(np.float32)
+    w[rng.random(shape) >= density] = 0
+    return w
+
+
+def _weight(geometry: Geometry, density: float, seed: int) -> sp.csr_matrix:
+    return sp.random(geometry.out_channels, geometry.taps, density=density, random_state=seed,
+                     format="csr", dtype=np.float32)
+
+
+SHAPES = {
+    "gemm_odd": (sparse((37, 53), 0.3, 1), dict(n=129)),
+    "pw_batch2": (sparse((40, 24, 1, 1), 0.3, 4), dict(op="conv", input_shape=(2, 24, 9, 12))),
+    "pw_stride2": (sparse((20, 12, 1, 1), 0.3, 5), dict(op="conv", input_shape=(1, 12, 11, 9),
+                                                         stride=2)),
+    "3x3_pad1": (sparse((24, 16, 3, 3), 0.2, 6), dict(op="conv", input_shape=(1, 16, 13, 10),
+                                                       padding=1)),
+    "3x3_s2_b2": (sparse((12, 8, 3, 3), 0.3, 7), dict(op="conv", input_shape=(2, 8, 9, 7),
+                                                       stride=2, padding=1)),
+    "3x3_pad0": (sparse((10, 6, 3, 3), 0.4, 8), dict(op="conv", input_shape=(1, 6, 8, 8))),
+}
+PRECISIONS = [("fp32", "fp32"), ("fp16", "fp16"), ("fp16", "fp32")]
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize("name", sorted(SHAPES))
+def test_streamed_kernels_compile_and_match_float64_on_the_cpu(name, precision):
+    weight, shape = SHAPES[name]
+    rows = weight.shape[0]
+    for params, epilogue in (
+            (StreamParams(32, 2, 2, 3, 4), None),
+            (StreamParams(64, 8, 1, 1, 2), {"bias": np.linspace(-1, 1, rows),
+                                            "activation": "relu6", "residual": True}),
+            (StreamParams(32, 1, 4, 7, 1), {"activation": "relu"})):
+        kernel = sparsert.compile_kernel(weight, **shape, dtype=precision[0],
+                                         accumulate=precision[1], tuned=False, cache=None,
+                                         epilogue=epilogue, plan=params)
+        assert kernel.cubin[:4] == b"\x7fELF" and kernel.family == "streamed"
+        result = kernel.verify_cpu(seed=3)
+        assert result["ok"], (name, precision, params, result)
+
+
+def test_plans_balance_rows_and_keep_every_nonzero_in_tap_order():
+    geometry = Geometry(1, 32, 6, 6, 40, 3, 1, 1)
+    csr = _weight(geometry, 0.15, 0)
+    plan = build_plan(csr, geometry, StreamParams(32, 1, 2, 5, 4))
+    assert isinstance(plan, StreamPlan) and family_of(plan) is get_family("streamed")
+    assert sorted(plan.row_out.tolist()) == list(range(40)) and plan.nnz == csr.nnz
+    assert plan.workers % plan.params.warps == 0 and plan.grid[1] * 2 == plan.workers
+    loads = [int(plan.seg[i, -1] - plan.seg[i, 0]) for i in range(len(plan.row_out))]
+    per_worker = [sum(loads[plan.work[w]:plan.work[w + 1]]) for w in range(plan.workers)]
+    assert max(per_worker) <= np.mean(per_worker) + max(loads) + 8
+    for i in range(len(plan.row_out)):      # segments = kernel taps (r, s), in order
+        for t in range(plan.segments):
+            lo, hi = plan.seg[i, t], plan.seg[i, t + 1]
+            offsets = plan.offsets[lo:hi]
+            assert np.all(np.diff(offsets) > 0)
+            rs = offsets % (6 * 6)
+            assert np.all((rs // 6) * 3 + rs % 6 == t)
+
+
+def test_defaults_and_candidates_fit_every_builtin_problem():
+    from sparsert_cli.build import geometry_for
+    from sparsert_cli.problems import builtin_problems
+
+    for problem in builtin_problems().values():
+        geometry = geometry_for(problem)
+        nnz = geometry.out_channels * geometry.taps // 10
+        for precision in ("fp32", "fp16"):
+            default = default_params(geometry, nnz, precision=precision)
+            found = candidates(geometry, nnz, precision)
+            assert found[0] == default and len(set(found)) == len(found) >= 3
+            assert all(p.validate() is p for p in found)
+
+
+def _ir(precision=("fp32", "fp32"), epilogue=Epilogue(), geometry=None, params=None):
+    geometry = geometry or Geometry(1, 16, 7, 7, 12, 3, 1, 1)
+    csr = _weight(geometry, 0.3, 1)
+    if precision[0] == "fp16":
+        csr.data = csr.data.astype(np.float16).astype(np.float32)
+    plan = build_plan(csr, geometry, params or StreamParams(32, 1, 2, 3, 4), epilogue, *precision)
+    return plan, lower(plan)
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_printed_source_parses_back_to_its_ir(precision):
+    epi = Epilogue(bias=tuple(np.linspace(-2, 2, 12)), activation="relu6", residual=True)
+    _, ir = _ir(precision, epi)
+    source = stream.print_stream(ir)
+    stream.check_printed(ir, source)
+
+
+@pytest.mark.parametrize("mutate, why", [
+    (lambda s: re.sub(r"(sparsert_ent\[\d+\] = \{)(-?\d+)", lambda m: f"{m[1]}{int(m[2]) + 1}",
+                      s), "offsets"),
+    (lambda s: re.sub(r"z \+ \(-8\)", "z + (-7)", s, count=1), "bases"),
+    (lambda s: s.replace("CHAINS = 4", "CHAINS = 2"), "chains"),
+    (lambda s: s.replace("x += inoff;", "x += outoff;"), "pointers"),
+    (lambda s: re.sub(r"(sparsert_bias\[\d+\] = \{)(-?\d+)", lambda m: f"{m[1]}{int(m[2]) ^ 1}",
+                      s), "bias"),
+    (lambda s: s.replace("a[0][k] + a[c][k]", "a[0][k] - a[c][k]"), "not what its IR prints"),
+    (lambda s: s.replace("if (act)", "if (1)"), "not what its IR prints"),
+])
+def test_a_printed_source_that_says_something_else_is_caught(mutate, why):
+    epi = Epilogue(bias=tuple(np.linspace(-2, 2, 12)), activation="relu", residual=True)
+    _, ir = _ir(epilogue=epi)
+    source = stream.print_stream(ir)
+    changed = mutate(source)
+    assert changed != source
+    with pytest.raises(PrintedMismatch, match=why):
+        stream.check_printed(ir, changed)
+
+
+def test_the_interpreter_catches_bad_tables():
+    from dataclasses import replace
+
+    plan, ir = _ir()
+    x = np.random.default_rng(0).standard_normal(ir.geometry.input_elems)
+    execute(ir, x)
+    offsets = ir.offsets.copy()
+    offsets[0] += 10 ** 6
+    with pytest.raises(PlanExecutionError, match="out of bounds"):
+        execute(replace(ir, offsets=offsets), x)
+    rows = ir.row_out.copy()
+    rows[1] = rows[0]
+    with pytest.raises(PlanExecutionError, match="49 outputs never written, 49 written more than once"):
+        execute(replace(ir, row_out=rows), x)
+    with pytest.raises(PlanExecutionError, match="worker ranges"):
+        execute(replace(ir, work=ir.work[:-1]), x)
+
+
+def test_the_interpreter_runs_the_chain_order_fp16_rounds_in():
+    """fp16 sums: the interpreter rounds per chain in the kernel's order, so its result differs
+    from a straight float64 sum and depends on the chain count."""
+    geometry = Geometry(1, 512, 1, 32, 4)
+    rng = np.random.default_rng(2)
+    dense = rng.standard_normal((4, 512)).astype(np.float16).astype(np.float32)
+    x = rng.standard_normal(geometry.input_elems).astype(np.float16).astype(np.float64)
+    outs = [execute(build_plan(sp.csr_matrix(dense), geometry, StreamParams(32, 2, 1, 4, c),
+                               Epilogue(), "fp16", "fp16"), x) for c in (1, 8)]
+    exact = (dense.astype(np.float64) @ x.reshape(512, 32)).ravel()
+    assert not np.array_equal(outs[0], outs[1])
+    assert np.max(np.abs(outs[0] - exact)) > 0
+
+
+def test_a_large_layer_compiles_to_small_code_with_its_weights_as_data():
+    geometry = Geometry(1, 768, 1, 128, 3072)
+    csr = _weight(geometry, 0.1, 4)
+    kernel = sparsert.compile_kernel(csr, n=128, tuned=False, cache=None,
+                                     plan=StreamParams(32, 4, 8, 3, 4))
+    assert kernel.resources.spill_store_bytes == 0
+    # the module is the data (8 bytes per nonzero) plus a small loop
+    assert 8 * csr.nnz < len(kernel.cubin) < 8 * csr.nnz + 200_000
+
+
+def test_streamed_kernels_save_and_load(tmp_path):
+    weight, shape = SHAPES["3x3_pad1"]
+    kernel = sparsert.compile_kernel(weight, **shape, tuned=False, cache=None,
+                                     plan=StreamParams(32, 1, 2, 3, 4))
+    kernel.save(tmp_path / "k")
+    again = sparsert.Kernel.from_dir(tmp_path / "k")
+    assert again.entry == kernel.entry and again.family == "streamed"
+    assert again.plan_params == kernel.plan_params and again.verify_cpu()["ok"]
+
+
+def test_bad_streamed_parameters_are_user_errors():
+    with pytest.raises(sparsert.UserError, match="chains"):
+        StreamParams(chains=3).validate()
+    with pytest.raises(sparsert.UserError, match="unknown plan parameter 'rows_per_group'"):
+        StreamParams.from_dict({"rows_per_group": 4})
