@@ -14,40 +14,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from .ir import Compute, Finish, IndexOp, KernelIR, Reduce
-
-
-class PlanExecutionError(AssertionError):
-    pass
-
-
-_INDEX = {"mad": lambda a, b, c: a * b + c, "mul": lambda a, b, c: a * b,
-          "add": lambda a, b, c: a + b, "sub": lambda a, b, c: a - b,
-          "div": lambda a, b, c: a // b, "rem": lambda a, b, c: a % b,
-          "min": lambda a, b, c: np.minimum(a, b), "lt": lambda a, b, c: (a < b).astype(np.int64)}
-
-
-def evaluate(ops: tuple[IndexOp, ...], env: dict) -> dict:
-    """Run IndexOps on int64 arrays (operands never leave [0, 2^31) except signed ones)."""
-    env = dict(env)
-    for op in ops:
-        a, b, c = (env[v] if isinstance(v, str) else v for v in (op.a, op.b, op.c))
-        value = _INDEX[op.op](a, b, c)
-        if not op.signed and np.any(np.asarray(value) < 0):
-            raise PlanExecutionError(f"unsigned index {op.dst} went negative")
-        env[op.dst] = value
-    return env
-
-
-def thread_env(ir: KernelIR) -> dict:
-    """Per thread (bx * col_threads + tx, flattened): the entry's column variables."""
-    tiles = ir.grid[0]
-    tid = np.arange(tiles * ir.col_threads, dtype=np.int64)
-    return evaluate(ir.columns, {"bx": tid // ir.col_threads, "tx": tid % ir.col_threads})
-
-
-def _f16(values):
-    return np.asarray(values, dtype=np.float64).astype(np.float16).astype(np.float64)
+from .interp_base import PlanExecutionError, _f16, evaluate, thread_env  # noqa: F401
+from .interp_stream import execute_stream
+from .ir import Compute, Finish, KernelIR, Reduce, StreamIR
 
 
 class _Machine:
@@ -203,8 +172,6 @@ def execute(kernel, x: np.ndarray, residual: np.ndarray | None = None) -> np.nda
     """Run a kernel (its KernelIR, or a family plan, lowered first) on input `x` (any shape with
     the geometry's element count); returns the output as a flat float64 array of batch*M*Ho*Wo
     elements (NCHW)."""
-    from .ir import StreamIR
-
     if not isinstance(kernel, (KernelIR, StreamIR)):
         from .families import lower
 
@@ -222,7 +189,5 @@ def execute(kernel, x: np.ndarray, residual: np.ndarray | None = None) -> np.nda
                                                and not np.array_equal(residual, _f16(residual))):
             raise PlanExecutionError("fp16 plan given inputs that are not fp16 values")
     if isinstance(kernel, StreamIR):
-        from .interp_stream import execute_stream
-
         return execute_stream(kernel, x, residual)
     return _Machine(kernel, x, residual).run()

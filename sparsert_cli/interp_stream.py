@@ -1,8 +1,8 @@
 """Execute a streamed-family kernel's IR (ir.StreamIR) on the CPU the way the GPU runs it.
 
 Every thread's column variables and tap bases come from the IR's own index arithmetic; workers
-walk their row entries, each row entry its segments, each segment its nonzeros in the kernel's
-chain order (a run of `chains` nonzeros feeds accumulators 0..chains-1, the remainder feeds 0).
+walk their row entries, each row entry its segments, each segment its nonzeros in order, nonzero
+k of a segment feeding accumulator k % chains.
 Sums are float64; with fp16 sums every half2 FMA and epilogue step is rounded to fp16 as the GPU
 does. Checked on the way: the data tables are consistent (the grid's workers, monotonic ranges),
 every load lies in its buffer (inactive threads included) and is aligned, every output is written
@@ -13,28 +13,25 @@ from __future__ import annotations
 
 import numpy as np
 
-from .interp import PlanExecutionError, _f16, thread_env
+from .interp_base import PlanExecutionError, _f16, thread_env
 from .ir import StreamIR
 
 
 def schedule(seg: np.ndarray, chains: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(entry, chain, segment) of every step of every row entry, shape (rows, steps), -1 where a
-    row has finished: the order the kernel's loop runs them."""
+    row has finished: the order the kernel's loop runs them (nonzero k of a segment feeds
+    accumulator k % chains)."""
     rows, segments = seg.shape[0], seg.shape[1] - 1
-    per_row: list[tuple[list[int], list[int], list[int]]] = []
-    for i in range(rows):
-        es, cs, ts = [], [], []
-        for t in range(segments):
-            lo, hi = int(seg[i, t]), int(seg[i, t + 1])
-            full = lo + (hi - lo) // chains * chains
-            es += range(lo, hi)
-            cs += [e % chains for e in range(full - lo)] + [0] * (hi - full)
-            ts += [t] * (hi - lo)
-        per_row.append((es, cs, ts))
-    steps = max((len(p[0]) for p in per_row), default=0)
+    lengths = np.diff(seg, axis=1)                            # (rows, segments)
+    steps = int(lengths.sum(axis=1).max(initial=0))
     out = [np.full((rows, steps), -1, dtype=np.int64) for _ in range(3)]
-    for i, parts in enumerate(per_row):
-        for array, values in zip(out, parts):
+    for i in range(rows):
+        es = np.concatenate([np.arange(seg[i, t], seg[i, t + 1]) for t in range(segments)]
+                            ) if segments else np.zeros(0, np.int64)
+        cs = np.concatenate([np.arange(lengths[i, t]) % chains for t in range(segments)]
+                            ) if segments else np.zeros(0, np.int64)
+        ts = np.repeat(np.arange(segments), lengths[i])
+        for array, values in zip(out, (es, cs, ts)):
             array[i, :len(values)] = values
     return tuple(out)
 

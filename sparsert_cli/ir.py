@@ -170,8 +170,8 @@ class StreamIR:
     buffer shifted by `bases[t].zero_shift`. Worker w = by * warps + ty runs row entries
     work[w]..work[w+1]; row entry i computes output row row_out[i] from nonzeros
     seg[i, t]..seg[i, t+1] of each segment t: nonzero e adds values[e] * base_t[offsets[e]].
-    Within a segment, run of `chains` consecutive nonzeros feed accumulators 0..chains-1; the
-    remainder feeds accumulator 0; accumulators carry across segments and are summed in order
+    Nonzero k of a segment feeds accumulator k % chains (the loop takes them 32 at a time: one
+    coalesced load, then a shuffle each); accumulators carry across segments, summed in order
     (((a0 + a1) + a2) + ...) before the epilogue: + bias[row], + res[row * out_pixels], max 0,
     min 6, then the store at y + row * out_pixels (stores only where act).
     """

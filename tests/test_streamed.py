@@ -76,8 +76,11 @@ def test_plans_balance_rows_and_keep_every_nonzero_in_tap_order():
     for i in range(len(plan.row_out)):      # segments = kernel taps (r, s), in order
         for t in range(plan.segments):
             lo, hi = plan.seg[i, t], plan.seg[i, t + 1]
+            assert (hi - lo) % 8 == 0       # padded to whole groups, with zero weights last
+            real = plan.values[lo:hi] != 0
+            assert np.all(real[:np.count_nonzero(real)])
             offsets = plan.offsets[lo:hi]
-            assert np.all(np.diff(offsets) > 0)
+            assert np.all(np.diff(offsets[real]) > 0) and np.all(np.isin(offsets, offsets[real]))
             rs = offsets % (6 * 6)
             assert np.all((rs // 6) * 3 + rs % 6 == t)
 

@@ -20,11 +20,12 @@ import numpy as np
 from .. import __version__
 from ..compile import Compiled, cpp_to_ptx, ptx_to_cubin
 from ..ir import IndexOp, StreamIR, TapBase
+from ..families.streamed.plan import PAD
 from ..problem_shape import Geometry
 from .cuda import RULES, _helpers, f32
 from .ptx import f16_bits
 
-VERSION = "stream-1"
+VERSION = "stream-3"
 PRECISIONS = ("fp32", "fp16", "fp16acc32")
 _FLOAT_VEC = {1: "float", 2: "float2", 4: "float4"}
 _PAIR_VEC = {1: "unsigned", 2: "uint2", 4: "uint4"}
@@ -164,6 +165,7 @@ def print_stream(ir: StreamIR, arch: str = "sm_90") -> str:
         out += [f"  const {e}* b{i} = x;" for i in range(segments)]
     acc = f"{t.acc_t} a[CHAINS][{t.units}]"
     out += ["  const int2* ent = reinterpret_cast<const int2*>(sparsert_ent);",
+            "  const int lane = threadIdx.x & 31;",
             "  const int w = blockIdx.y * WARPS + threadIdx.y;",
             "  const int r_end = __ldg(sparsert_work + w + 1);",
             "  for (int r = __ldg(sparsert_work + w); r < r_end; ++r) {",
@@ -174,23 +176,35 @@ def print_stream(ir: StreamIR, arch: str = "sm_90") -> str:
             "    for (int c = 0; c < CHAINS; ++c)",
             "#pragma unroll",
             f"      for (int k = 0; k < {t.units}; ++k) a[c][k] = 0;"]
-    load = f"__ldg(reinterpret_cast<const {t.vt}*>(b{{i}} + d.x))"
+    load = f"__ldg(reinterpret_cast<const {t.vt}*>(b{{i}} + off))"
+    shfl = ("const int off = __shfl_sync(0xffffffffu, mine.x, {j}), "
+            "wt = __shfl_sync(0xffffffffu, mine.y, {j});")
     for i in range(segments):
+        # a chunk of 32 nonzeros: one coalesced load (each lane one (offset, weight) pair, the
+        # next chunk's in flight meanwhile), then every lane takes them in turn by shuffle
         out += ["    {",
-                f"      int e = __ldg(R + {1 + i});",
-                f"      const int end = __ldg(R + {2 + i});",
-                "      for (; e + CHAINS <= end; e += CHAINS) {",
+                f"      const int lo = __ldg(R + {1 + i}), end = __ldg(R + {2 + i});",
+                "      int2 mine = lane < end - lo ? __ldg(ent + lo + lane) : make_int2(0, 0);",
+                "      for (int e = lo; e < end; e += 32) {",
+                "        const int n = min(32, end - e);",
+                "        const int2 next = lane < end - e - 32 ? __ldg(ent + e + 32 + lane)"
+                " : make_int2(0, 0);",
+                "        if (n == 32) {",
                 "#pragma unroll",
-                "        for (int c = 0; c < CHAINS; ++c) {",
-                "          const int2 d = __ldg(ent + e + c);",
-                f"          const {t.vt} v = {load.format(i=i)};"]
-        out += ["          " + s for s in t.fma("a[c]", "v", "d.y")]
-        out += ["        }", "      }",
-                "      for (; e < end; ++e) {",
-                "        const int2 d = __ldg(ent + e);",
-                f"        const {t.vt} v = {load.format(i=i)};"]
-        out += ["        " + s for s in t.fma("a[0]", "v", "d.y")]
-        out += ["      }", "    }"]
+                "          for (int j = 0; j < 32; ++j) {",
+                "            " + shfl.format(j="j"),
+                f"            const {t.vt} v = {load.format(i=i)};"]
+        out += ["            " + s for s in t.fma("a[j % CHAINS]", "v", "wt")]
+        out += ["          }",
+                "        } else {",
+                f"          for (int j = 0; j < n; j += {PAD}) {{",
+                "#pragma unroll",
+                f"            for (int c = 0; c < {PAD}; ++c) {{",
+                "              " + shfl.format(j="j + c"),
+                f"              const {t.vt} v = {load.format(i=i)};"]
+        out += ["              " + s for s in t.fma("a[c % CHAINS]", "v", "wt")]
+        out += ["            }", "          }", "        }",
+                "        mine = next;", "      }", "    }"]
     out += ["#pragma unroll", "    for (int c = 1; c < CHAINS; ++c)", "#pragma unroll",
             f"      for (int k = 0; k < {t.units}; ++k) a[0][k] = {t.add('a[0][k]', 'a[c][k]')};",
             "    const int o = row * PIXELS;"]

@@ -34,6 +34,11 @@ from ...problem_shape import (ACTIVATIONS, ELEMENT_BYTES, MAX_THREADS, Epilogue,
 from ..immediate.plan import fit_vector_width
 
 MAX_ROWS_PER_WORKER = 4096
+# Segments are padded to a multiple of PAD nonzeros with zero weights at the segment's last
+# offset (always in bounds), so the loop runs whole groups of PAD with every load in flight and
+# no bounds tests. A zero weight adds 0 * x: exact for finite inputs (an infinite input at that
+# offset gives NaN where the dense product gives +-inf).
+PAD = 8
 
 
 @dataclass(frozen=True)
@@ -146,6 +151,12 @@ class StreamPlan:
 
     @property
     def nnz(self) -> int:
+        """Nonzero weights (the padding entries hold zeros)."""
+        return int(np.count_nonzero(self.values))
+
+    @property
+    def entries(self) -> int:
+        """Entries in the tables, padding included."""
         return int(len(self.values))
 
     @property
@@ -156,7 +167,7 @@ class StreamPlan:
     @property
     def data_bytes(self) -> int:
         """Bytes of pattern data the kernel carries (8 per nonzero, 4 per row boundary)."""
-        return 8 * self.nnz + 4 * (self.seg.size + self.work.size + self.row_out.size)
+        return 8 * self.entries + 4 * (self.seg.size + self.work.size + self.row_out.size)
 
     @property
     def arguments(self) -> tuple[str, ...]:
@@ -245,10 +256,16 @@ def build_plan(csr: sp.csr_matrix, geometry: Geometry, params: StreamParams,
         lo, hi = csr.indptr[row], csr.indptr[row + 1]
         segment, offset = tap_offsets(geometry, csr.indices[lo:hi].astype(np.int64))
         sort = np.lexsort((offset, segment))
-        offsets.append(offset[sort])
-        values.append(csr.data[lo:hi][sort])
-        seg[i] = start + np.searchsorted(segment[sort], np.arange(segments + 1))
-        start += hi - lo
+        segment, offset, value = segment[sort], offset[sort], csr.data[lo:hi][sort]
+        bounds = np.searchsorted(segment, np.arange(segments + 1))
+        for t in range(segments):      # each segment padded to a whole group (see PAD)
+            a, b = bounds[t], bounds[t + 1]
+            pad = -(b - a) % PAD
+            seg[i, t] = start
+            offsets += [offset[a:b], np.full(pad, offset[b - 1] if b > a else 0, np.int64)]
+            values += [value[a:b], np.zeros(pad, np.float32)]
+            start += b - a + pad
+        seg[i, segments] = start
     return StreamPlan(geometry, params, work, order, seg,
                       np.concatenate(offsets) if offsets else np.zeros(0, np.int64),
                       np.concatenate(values).astype(np.float32) if values
