@@ -493,7 +493,7 @@ class Kernel:
                                      if k not in ("name", "family", "row_groups", "loads",
                                                   "workers", "rows", "data_bytes")})
             precision = doc.get("precision") or precision_label(doc["dtype"],
-                                                                doc.get("accumulate", doc["dtype"]))
+                                                                doc.get("accumulate"))
             resources = Resources(doc["registers"], doc["stack_bytes"], doc["spill_store_bytes"],
                                   doc["spill_load_bytes"], int(doc["shared_bytes"]))
             epi = doc["epilogue"]
@@ -592,7 +592,7 @@ class Layer:
         """A layer from compile_kernel()'s arguments (same checks, same errors)."""
         weight, geometry = layer_geometry(weight, op, input_shape, n, stride, padding)
         return cls(label, op, weight, geometry, make_epilogue(epilogue, geometry.out_channels),
-                   precision_label(dtype, accumulate or dtype), info, plan)
+                   precision_label(dtype, accumulate), info, plan)
 
 
 def problem_layer(problem, sparsity: float, *, pattern: str = "uniform", seed: int = 0,
@@ -655,8 +655,8 @@ def compile_kernel(weight, *, op: str = "gemm", input_shape=None, n: int | None 
 
     weight: numpy or scipy.sparse; gemm M x K (with n= or input_shape=(K, N)), conv M x C x R x S
       (with input_shape=(batch, C, H, W), stride, padding).
-    dtype/accumulate: storage fp32 or fp16; sums fp32, or fp16 (half2) for fp16 data (default:
-      the dtype). epilogue: None, an Epilogue or {"bias": M values, "activation": "none" |
+    dtype/accumulate: storage fp32, fp16 or bf16; sums fp32, or fp16 (half2) for fp16 data
+      (default: the dtype; fp32 for bf16). epilogue: None, an Epilogue or {"bias": M values, "activation": "none" |
       "relu" | "relu6", "residual": bool}.
     plan: "auto" (the tuned winner for this pattern, shape, GPU, precision and family version if
       the database has one, else the default plan), a PlanParams, or a dict over the default.
@@ -669,7 +669,7 @@ def compile_kernel(weight, *, op: str = "gemm", input_shape=None, n: int | None 
     """
     weight, geometry = layer_geometry(weight, op, input_shape, n, stride, padding)
     layer = Layer("kernel", op, weight, geometry, make_epilogue(epilogue, geometry.out_channels),
-                  precision_label(dtype, accumulate or dtype), plan=plan)
+                  precision_label(dtype, accumulate), plan=plan)
     arch = _target(family, emit, arch, {layer.precision})
     kernel = compile_layer(layer, plan_for(layer, tuned, gpu_name, emit), emit=emit, arch=arch,
                            cache=cache)

@@ -115,7 +115,7 @@ def command(pattern_path, sparsity, op, n, height, width, batch, stride, padding
 
     path = Path(pattern_path)
     try:
-        precision = precision_label(dtype, accumulate or dtype)
+        precision = precision_label(dtype, accumulate)
         check_emitter(emitter, precision, arch or "sm_90")
     except UserError as exc:
         raise UserError(f"{path}: {exc.message}") from None
