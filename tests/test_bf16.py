@@ -348,3 +348,21 @@ def test_bf16_layers_add_bf16_baselines_and_count_two_byte_floors():
     assert not {"cublas_bf16", "cudnn_bf16"} & set(names["fp16"])
     floors = {"fp32_gflops": 1e9, "bandwidth_gbs": 1.0, "launch_us": 0.0}
     assert floor_us(kernels["bf16"], floors)["bytes_us"] == pytest.approx(2 * (512 + 256) / 1e3)
+
+
+def test_sparsify_dry_run_in_bf16_verifies_conv_and_linear():
+    torch = pytest.importorskip("torch")
+    from torch import nn
+
+    from sparsert_cli.torch import prune_, sparsify_
+
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16),
+                          nn.ReLU(), nn.Conv2d(16, 16, 1, stride=2), nn.Flatten(),
+                          nn.Linear(16 * 4 * 4, 10)).eval()
+    prune_(model, 0.8)
+    x = torch.randn(1, 8, 8, 8)
+    rows = sparsify_(model.to(torch.bfloat16), (x.to(torch.bfloat16),), dtype="bf16",
+                     dry_run=True, tuned=False, cache=False)
+    assert [r["reason"] for r in rows] == ["dry run: verified"] * 3
+    assert all(r["max_rel_err"] < 2e-2 for r in rows)
