@@ -176,7 +176,37 @@ def test_bf16_tolerance_catches_data_read_as_fp16(gen):
     wrong = bf16(execute(fp32_plan, as_fp16))
     ref, mag = gen.reference_for(fp32_plan, weight, x, None)
     assert not check(wrong, ref, mag, "bf16", 32)[0]
-    assert tolerance("bf16", 32) == pytest.approx(8 * np.sqrt(32) * 2.0 ** -7)
+
+
+def test_bf16_tolerance_stays_tight_at_large_k(gen):
+    """K = 4608 (a 3x3 layer over 512 channels): bf16 outputs of fp32 sums pass with the bound
+    2^-7 + 8 sqrt(K) 2^-23 of sum |w||x|; one weight's sign error and an all-zero output fail
+    (8 sqrt(K) 2^-7, fp16's form, would be 4.2x the magnitude and pass both)."""
+    geometry = Geometry(1, 4608, 1, 16, 4)
+    rng = np.random.default_rng(5)
+    weight = uniform_weights((4, 4608, 1, 1), 0.9, 5)
+    x, _, out, ref, mag = _check_bf16(_plan(weight, geometry, PlanParams(vector_width=8)),
+                                      weight, rng, gen)
+    assert tolerance("bf16", 4608) == pytest.approx(2.0 ** -7 + 8 * np.sqrt(4608) * 2.0 ** -23)
+    assert not check(np.zeros_like(out), ref, mag, "bf16", 4608)[0]
+    wrong = weight.copy()
+    row, col = np.unravel_index(np.argmax(np.abs(weight[:, :, 0, 0])), (4, 4608))
+    wrong[row, col] *= -1.0
+    out = execute(_plan(wrong, geometry, PlanParams(vector_width=8)), x)
+    assert not check(out, ref, mag, "bf16", 4608)[0]
+
+
+def test_bf16_tolerance_catches_a_wrong_weight(gen):
+    geometry = Geometry(1, 32, 1, 64, 16)
+    weight = uniform_weights((16, 32, 1, 1), 0.5, 4)
+    rng = np.random.default_rng(0)
+    x, *_ = _check_bf16(_plan(weight, geometry, PlanParams(vector_width=8)), weight, rng, gen)
+    wrong = weight.copy()
+    row, col = np.argwhere(weight[:, :, 0, 0] != 0)[0]
+    wrong[row, col] *= -1.0
+    out = execute(_plan(wrong, geometry, PlanParams(vector_width=8)), x)
+    ref, mag = gen.reference_for(_plan(weight, geometry), weight, x, None)
+    assert not check(out, ref, mag, "bf16", 32)[0]
 
 
 # ------------------------------------------------------------------ printers and cubins
