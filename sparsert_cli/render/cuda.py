@@ -77,11 +77,11 @@ def _helpers(ty: str = "f16") -> list[str]:
     """Inline-PTX helpers (one instruction each): fp16 arithmetic and conversions, or (`ty`
     bf16) the bf16 <-> fp32 conversions alone (bf16 kernels sum in fp32)."""
     fn = "__device__ __forceinline__"
-    out = ["// bf16 conversions as inline PTX, one instruction per helper"] if ty == "bf16" else [
-        "// fp16 arithmetic as inline PTX, one instruction per helper"]
-    for h, t, c, op_ty in (("2", "unsigned", "r", "f16x2"), ("", "unsigned short", "h", "f16")):
-        if ty == "bf16":
-            break
+    half_sums = ty == "f16"          # only fp16 data is summed in its own type (half2)
+    out = [f"// {'fp16 arithmetic' if half_sums else 'bf16 conversions'} as inline PTX, one "
+           "instruction per helper"]
+    for h, t, c, op_ty in (("2", "unsigned", "r", "f16x2"), ("", "unsigned short", "h", "f16")
+                           ) if half_sums else ():
         out.append(f'{fn} {t} sparsert_hfma{h}({t} x, {t} w, {t} a) {{ asm("fma.rn.{op_ty} '
                    f'%0, %1, %2, %0;" : "+{c}"(a) : "{c}"(x), "{c}"(w)); return a; }}')
         for name, op in (("mul", "mul.rn"), ("add", "add"), ("max", "max"), ("min", "min")):
