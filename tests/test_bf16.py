@@ -396,3 +396,85 @@ def test_sparsify_dry_run_in_bf16_verifies_conv_and_linear():
                      dry_run=True, tuned=False, cache=False)
     assert [r["reason"] for r in rows] == ["dry run: verified"] * 3
     assert all(r["max_rel_err"] < 2e-2 for r in rows)
+
+
+# ------------------------------------------------------------------ the host side of a GPU run
+
+
+class _Buffer:
+    def __init__(self, data: bytes):
+        self.data, self.ptr = bytearray(data), id(self)
+
+    def free(self) -> None:
+        pass
+
+
+class _FakeGpu:
+    """Device memory as bytearrays: what benchmark_layer uploads and downloads, byte for byte."""
+
+    device, stream = 0, None
+
+    def __init__(self):
+        self.buffers = {}
+
+    def _keep(self, buf):
+        self.buffers[buf.ptr] = buf
+        return buf
+
+    def alloc(self, nbytes):
+        return self._keep(_Buffer(bytes(nbytes)))
+
+    def upload(self, array):
+        return self._keep(_Buffer(np.ascontiguousarray(array).tobytes()))
+
+    def download(self, buf, shape, dtype):
+        return np.frombuffer(bytes(buf.data), dtype=dtype).reshape(shape)
+
+    def poison(self, buf):
+        buf.data[:] = b"\xff" * len(buf.data)
+
+    def synchronize(self):
+        pass
+
+
+class _Device:
+    """A loaded kernel that runs the CPU interpreter on the bytes it is given: bf16 bits in,
+    bits of `written` ("bf16", or "fp16" for a kernel that packs with the wrong conversion) out."""
+
+    registers = local_bytes = 0
+
+    def __init__(self, kernel, gpu, written):
+        self.kernel, self.gpu, self.written = kernel, gpu, written
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def read(self, ptr, shape):
+        bits = np.frombuffer(bytes(self.gpu.buffers[ptr].data), np.uint16)
+        return storage.decode(bits, "bf16").reshape(shape)
+
+    def launch(self, stream, x_ptr, y_ptr, residual_ptr=None):
+        k = self.kernel
+        res = None if residual_ptr is None else self.read(residual_ptr, k.output_shape)
+        y = k.run_cpu(self.read(x_ptr, k.input_shape), res)
+        self.gpu.buffers[y_ptr].data[:] = storage.encode(y, self.written).tobytes()
+
+
+@pytest.mark.parametrize("written, ok", [("bf16", True), ("fp16", False)])
+def test_benchmark_layer_moves_bf16_bits_and_checks_them(monkeypatch, written, ok):
+    import sparsert_cli as sparsert
+    from sparsert_cli import benchmark
+    from sparsert_cli.api import Kernel
+
+    kernel = sparsert.compile_kernel(pruned_weights((8, 16, 1, 1), 0.6, 2), op="conv",
+                                     input_shape=(1, 16, 4, 8), dtype="bf16", cache=None,
+                                     arch="sm_90", tuned=False, epilogue={"residual": True})
+    gpu = _FakeGpu()
+    monkeypatch.setattr(Kernel, "to_device", lambda self, device=0: _Device(self, gpu, written))
+    monkeypatch.setattr(benchmark, "time_enqueue", lambda *a, **k: {"median_us": 1.0})
+    result = benchmark.benchmark_layer(gpu, kernel, baselines=False, seed=1)
+    assert result["verify_gpu"]["ok"] is ok, result["verify_gpu"]
+    assert ("sparsert" in result) is ok
