@@ -478,3 +478,31 @@ def test_benchmark_layer_moves_bf16_bits_and_checks_them(monkeypatch, written, o
     result = benchmark.benchmark_layer(gpu, kernel, baselines=False, seed=1)
     assert result["verify_gpu"]["ok"] is ok, result["verify_gpu"]
     assert ("sparsert" in result) is ok
+
+
+def test_tuning_a_bf16_config_records_bf16_winners(tmp_path, repo):
+    """The tuner's compile jobs, inputs and records carry the new precision label (keys keep
+    their format; fake timings, one worker)."""
+    from fake_measure import FakeMeasure
+
+    from sparsert_cli.commands.bench import select
+    from sparsert_cli.config import load_config
+    from sparsert_cli.executors import run_jobs
+    from sparsert_cli.executors.local import LocalExecutor
+    from sparsert_cli.jobs import case_inputs, current_family, make_cases, winners
+    from sparsert_cli.tunedb import TuneDB
+
+    config = select(load_config(repo / "configs" / "ci.yaml"), ["ci_3x3_pad1"], ["0.8"], "bf16")
+    cases, jobs = make_cases(config, 2)
+    assert {c.precision for c in cases} == {"bf16"}
+    x, res, ref, mag = case_inputs(cases[0])
+    assert np.array_equal(x, bf16(x))
+    executor = LocalExecutor([0], cache_root=str(tmp_path / "cache"), jobs=1,
+                             measure=FakeMeasure(), job_timeout=120)
+    family = current_family()
+    with TuneDB(tmp_path / "t.sqlite") as db:
+        stats = run_jobs(executor, lambda gpu: (cases, jobs), db, family)
+        rows = db.rows()
+        best = winners(cases, jobs, db, stats["gpu"], family)
+    assert rows and {r["precision"] for r in rows} == {"bf16"} and all(r["verified"] for r in rows)
+    assert [b["status"] for b in best] == ["ok"]
