@@ -658,8 +658,8 @@ def compile_kernel(weight, *, op: str = "gemm", input_shape=None, n: int | None 
     weight: numpy or scipy.sparse; gemm M x K (with n= or input_shape=(K, N)), conv M x C x R x S
       (with input_shape=(batch, C, H, W), stride, padding).
     dtype/accumulate: storage fp32, fp16 or bf16; sums fp32, or fp16 (half2) for fp16 data
-      (default: the dtype; fp32 for bf16). epilogue: None, an Epilogue or {"bias": M values, "activation": "none" |
-      "relu" | "relu6", "residual": bool}.
+      (default: the dtype; fp32 for bf16). epilogue: None, an Epilogue or {"bias": M values,
+      "activation": "none" | "relu" | "relu6", "residual": bool}.
     plan: "auto" (the tuned winner for this pattern, shape, GPU, precision and family version if
       the database has one, else the default plan), a PlanParams, or a dict over the default.
     family: "auto" or "immediate" (the only family today). emit: "ptx" or "cuda" (fp32 only).

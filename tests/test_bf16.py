@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from cli_helpers import run_main
 from sparsert_cli import storage
 from sparsert_cli.benchmark import _baseline_specs, floor_us
-from sparsert_cli.build import build_kernel, check_emitter, default_params, emit, make_plan
+from sparsert_cli.build import build_kernel, check_emitter, default_params, make_plan
 from sparsert_cli.config import config_from_dict
 from sparsert_cli.errors import UserError
 from sparsert_cli.families.immediate import PlanParams, build_plan, lower
@@ -371,7 +371,8 @@ def test_bf16_layers_add_bf16_baselines_and_count_two_byte_floors():
     names, kernels = {}, {}
     for dtype in ("bf16", "fp16"):
         kernel = kernels[dtype] = sparsert.compile_kernel(
-            w, op="conv", input_shape=(1, 16, 4, 8), dtype=dtype, cache=None, arch="sm_90", tuned=False)
+            w, op="conv", input_shape=(1, 16, 4, 8), dtype=dtype, cache=None, arch="sm_90",
+            tuned=False)
         specs = _baseline_specs(kernel, kernel.random_inputs(np.random.default_rng(0))[0])
         names[dtype] = {name: tol for name, _, _, _, tol in specs}
     assert names["bf16"]["cublas_bf16"] == names["bf16"]["cudnn_bf16"] == "bf16"
