@@ -347,6 +347,10 @@ def test_gen_bf16_writes_a_bfloat16_manifest(tmp_path, capsys, isolated_cache, e
     assert (doc["dtype"], doc["accumulate"], doc["precision"]) == ("bf16", "fp32", "bf16")
     assert {a["dtype"] for a in doc["arguments"]} == {"bfloat16"}
     assert "cvt.f32.bf16" in (out / f"kernel.{'ptx' if emitter == 'ptx' else 'cu'}").read_text()
+    from sparsert_cli.api import Kernel
+
+    loaded = Kernel.from_dir(out)
+    assert loaded.precision == "bf16" and loaded.verify_cpu()["ok"]
 
 
 def test_api_bf16_kernel_runs_and_checks_on_the_cpu():
