@@ -1,4 +1,4 @@
-"""One small padded, strided, batched 3x3 kernel (both emitters, and the fp16 precisions) and a
+"""One small padded, strided, batched 3x3 kernel (both emitters, and the fp16/bf16 precisions) and a
 1x1 fp16 kernel with 16-byte vectors, loaded with Kernel.to_device() and launched on the
 benchmark's stream, then checked: run under `compute-sanitizer --tool memcheck` by
 scripts/gpu-check."""
@@ -35,13 +35,13 @@ with sparsert.Gpu() as gpu:
                 epilogue={"bias": [0.5] * 10, "activation": "relu", "residual": True})
             run(gpu, emitter, kernel)
     for w, shape in ((weight, CONV), (pointwise, POINTWISE)):
-        for accumulate in ("fp16", "fp32"):
+        for dtype, accumulate in (("fp16", "fp16"), ("fp16", "fp32"), ("bf16", "fp32")):
             kernel = sparsert.compile_kernel(
-                w, **shape, dtype="fp16", accumulate=accumulate, arch=gpu.arch, tuned=False,
+                w, **shape, dtype=dtype, accumulate=accumulate, arch=gpu.arch, tuned=False,
                 cache=None, plan=sparsert.PlanParams(rows_per_group=4, k_split=2,
                                                      vector_width=8),
                 epilogue={"bias": [0.5] * w.shape[0], "activation": "relu", "residual": True})
-            run(gpu, f"fp16/{accumulate} {w.shape}", kernel)
+            run(gpu, f"{dtype}/{accumulate} {w.shape}", kernel)
     # the streamed family: padded strided batched 3x3 (tap bases, zero buffer), and 1x1 with
     # vectors, in every precision, with every epilogue step
     from sparsert_cli.families.streamed import StreamParams

@@ -33,8 +33,10 @@ from .interp import PlanExecutionError, execute
 from .families import family_of_params, get_family
 from .families.immediate import Plan, PlanParams, build_plan
 from .patterns import SparseWeight, dense, pattern_hash, to_csr
-from .problem_shape import ACTIVATIONS, PRECISIONS, Epilogue, Geometry, precision_label
+from .problem_shape import (ACTIVATIONS, ELEMENT_BYTES, PRECISIONS, Epilogue, Geometry,
+                            precision_label)
 from .render import get_printer
+from .storage import device_type, rounded
 from .reference import check, reference_and_magnitude
 
 FAMILY, FAMILY_VERSION = current_family("ptx")
@@ -199,13 +201,12 @@ def plan_for(layer: "Layer", tuned=None, gpu_name: str | None = None,
 def layer_inputs(geometry: Geometry, dtype: str, residual: bool, rng: np.random.Generator
                  ) -> tuple[np.ndarray, np.ndarray | None]:
     """Standard-normal NCHW x (and residual) as float32 arrays holding values of the storage
-    type `dtype` (fp16 kernels get fp16-representable values: the kernel reads them exactly)."""
+    type `dtype` (fp16 / bf16 kernels get representable values: the kernel reads them exactly)."""
     g = geometry
-    store = np.float16 if dtype == "fp16" else np.float32
     x = rng.standard_normal((g.batch, g.in_channels, g.height, g.width))
-    x = x.astype(store).astype(np.float32)
+    x = rounded(x, dtype).astype(np.float32)
     out_shape = (g.batch, g.out_channels, g.out_height, g.out_width)
-    res = (rng.standard_normal(out_shape).astype(store).astype(np.float32) if residual
+    res = (rounded(rng.standard_normal(out_shape), dtype).astype(np.float32) if residual
            else None)
     return x, res
 
@@ -261,7 +262,7 @@ def _arguments(plan: Plan) -> tuple[dict, ...]:
     out = [geo.batch, geo.out_channels, geo.out_height, geo.out_width]
     shapes = {"x": [geo.batch, geo.in_channels, geo.height, geo.width], "y": out, "res": out,
               "z": [geo.in_channels, geo.height, geo.width]}
-    dtype = "float16" if plan.dtype == "fp16" else "float32"
+    dtype = {"fp16": "float16", "bf16": "bfloat16"}.get(plan.dtype, "float32")
     return tuple({"name": a, "kind": "pointer", "shape": shapes[a], "dtype": dtype,
                   "role": ROLES[a]} for a in plan.arguments)
 
@@ -280,7 +281,7 @@ class Kernel:
     geometry: Geometry
     epilogue: Epilogue
     plan_params: PlanParams
-    precision: str                   # fp32, fp16 (half2 sums) or fp16acc32
+    precision: str                   # fp32, fp16 (half2 sums), fp16acc32 or bf16 (fp32 sums)
     resources: Resources
     nnz: int
     pattern_hash: str | None
@@ -314,8 +315,9 @@ class Kernel:
 
     @property
     def storage(self):
-        """numpy type of the x / y / residual buffers."""
-        return np.float16 if self.dtype == "fp16" else np.float32
+        """numpy type of the x / y / residual buffers (bf16: uint16 bit patterns; storage.encode
+        and storage.decode convert)."""
+        return device_type(self.dtype)
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -346,8 +348,8 @@ class Kernel:
 
     def run_cpu(self, x, residual=None) -> np.ndarray:
         """Execute the kernel's plan on the CPU: float64 values shaped like the op's output
-        (fp16 kernels: x and residual are first rounded to fp16, as the kernel reads them, and
-        every rounding of the kernel is reproduced)."""
+        (fp16 / bf16 kernels: x and residual are first rounded to that type, as the kernel reads
+        them, and every rounding of the kernel is reproduced)."""
         plan = self._need_plan()
         x = np.asarray(x)
         if x.shape != self.input_shape:
@@ -360,8 +362,8 @@ class Kernel:
             if residual.shape != self.output_shape:
                 raise UserError(f"residual has shape {residual.shape}; this kernel's output is "
                                 f"{self.output_shape}")
-            residual = residual.astype(self.storage)
-        return execute(plan, x.astype(self.storage), residual).reshape(self.output_shape)
+            residual = rounded(residual, self.dtype)
+        return execute(plan, rounded(x, self.dtype), residual).reshape(self.output_shape)
 
     def random_inputs(self, rng: np.random.Generator):
         """(x, residual or None): random inputs in the op's shapes (storage-type values)."""
@@ -399,7 +401,7 @@ class Kernel:
         from .gpu.loaded import LoadedKernel
 
         g = self.geometry
-        zero = g.image_elems * (2 if self.dtype == "fp16" else 4) if g.masked else 0
+        zero = g.image_elems * ELEMENT_BYTES[self.dtype] if g.masked else 0
         return LoadedKernel(self.cubin, self.entry, self.grid, self.block,
                             [a["name"] for a in self.arguments], zero, 0, device)
 
@@ -493,7 +495,7 @@ class Kernel:
                                      if k not in ("name", "family", "row_groups", "loads",
                                                   "workers", "rows", "data_bytes")})
             precision = doc.get("precision") or precision_label(doc["dtype"],
-                                                                doc.get("accumulate", doc["dtype"]))
+                                                                doc.get("accumulate"))
             resources = Resources(doc["registers"], doc["stack_bytes"], doc["spill_store_bytes"],
                                   doc["spill_load_bytes"], int(doc["shared_bytes"]))
             epi = doc["epilogue"]
@@ -592,7 +594,7 @@ class Layer:
         """A layer from compile_kernel()'s arguments (same checks, same errors)."""
         weight, geometry = layer_geometry(weight, op, input_shape, n, stride, padding)
         return cls(label, op, weight, geometry, make_epilogue(epilogue, geometry.out_channels),
-                   precision_label(dtype, accumulate or dtype), info, plan)
+                   precision_label(dtype, accumulate), info, plan)
 
 
 def problem_layer(problem, sparsity: float, *, pattern: str = "uniform", seed: int = 0,
@@ -655,9 +657,9 @@ def compile_kernel(weight, *, op: str = "gemm", input_shape=None, n: int | None 
 
     weight: numpy or scipy.sparse; gemm M x K (with n= or input_shape=(K, N)), conv M x C x R x S
       (with input_shape=(batch, C, H, W), stride, padding).
-    dtype/accumulate: storage fp32 or fp16; sums fp32, or fp16 (half2) for fp16 data (default:
-      the dtype). epilogue: None, an Epilogue or {"bias": M values, "activation": "none" |
-      "relu" | "relu6", "residual": bool}.
+    dtype/accumulate: storage fp32, fp16 or bf16; sums fp32, or fp16 (half2) for fp16 data
+      (default: the dtype; fp32 for bf16). epilogue: None, an Epilogue or {"bias": M values,
+      "activation": "none" | "relu" | "relu6", "residual": bool}.
     plan: "auto" (the tuned winner for this pattern, shape, GPU, precision and family version if
       the database has one, else the default plan), a PlanParams, or a dict over the default.
     family: "auto" or "immediate" (the only family today). emit: "ptx" or "cuda" (fp32 only).
@@ -669,7 +671,7 @@ def compile_kernel(weight, *, op: str = "gemm", input_shape=None, n: int | None 
     """
     weight, geometry = layer_geometry(weight, op, input_shape, n, stride, padding)
     layer = Layer("kernel", op, weight, geometry, make_epilogue(epilogue, geometry.out_channels),
-                  precision_label(dtype, accumulate or dtype), plan=plan)
+                  precision_label(dtype, accumulate), plan=plan)
     arch = _target(family, emit, arch, {layer.precision})
     kernel = compile_layer(layer, plan_for(layer, tuned, gpu_name, emit), emit=emit, arch=arch,
                            cache=cache)

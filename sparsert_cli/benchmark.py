@@ -15,10 +15,12 @@ import numpy as np
 
 from .api import Kernel, verify_plan
 from .patterns import case_seed, dense, to_csr
+from .problem_shape import ELEMENT_BYTES
 from .reference import check, im2col, reference_and_magnitude
+from .storage import decode, encode
 
-BASELINE_ORDER = ("cublas_fp32", "cublas_tf32", "cublas_fp16", "cusparse", "cudnn_fp32",
-                  "cudnn_fp16", "im2col_cusparse")
+BASELINE_ORDER = ("cublas_fp32", "cublas_tf32", "cublas_fp16", "cublas_bf16", "cusparse",
+                  "cudnn_fp32", "cudnn_fp16", "cudnn_bf16", "im2col_cusparse")
 
 
 def verify_cpu(kernel_or_case, seed: int = 0) -> dict:
@@ -62,7 +64,7 @@ def floor_us(kernel: Kernel, floors: dict) -> dict:
     lanes (Hopper's non-tensor fp16 rate is documented as 2x fp32; not measured here)."""
     g = kernel.geometry
     flops = 2.0 * kernel.nnz * g.columns / (2.0 if kernel.precision == "fp16" else 1.0)
-    nbytes = np.dtype(kernel.storage).itemsize * (g.input_elems + g.output_elems)
+    nbytes = ELEMENT_BYTES[kernel.dtype] * (g.input_elems + g.output_elems)
     terms = {"flops_us": flops / (floors["fp32_gflops"] * 1e3),
              "bytes_us": nbytes / (floors["bandwidth_gbs"] * 1e3),
              "launch_us": floors["launch_us"]}
@@ -97,7 +99,7 @@ def benchmark_layer(gpu, kernel: Kernel, *, floors: dict | None = None, seed: in
                     if name in buffers:
                         buffers.pop(name).free()
                     if value is not None:
-                        buffers[name] = gpu.upload(np.asarray(value).astype(store))
+                        buffers[name] = gpu.upload(encode(value, kernel.dtype))
 
             def launch():
                 loaded.launch(gpu.stream, buffers["x"].ptr, buffers["y"].ptr,
@@ -111,7 +113,7 @@ def benchmark_layer(gpu, kernel: Kernel, *, floors: dict | None = None, seed: in
                     upload(x, res)
                 gpu.poison(buffers["y"])
                 launch()
-                y = gpu.download(buffers["y"], kernel.output_shape, store)
+                y = decode(gpu.download(buffers["y"], kernel.output_shape, store), kernel.dtype)
                 ref, mag = (inputs[2], inputs[3]) if inputs else kernel.reference(x, res)
                 ok, err, message = check(y, np.reshape(ref, kernel.output_shape),
                                          np.reshape(mag, kernel.output_shape), kernel.dtype,
@@ -140,7 +142,8 @@ def benchmark_layer(gpu, kernel: Kernel, *, floors: dict | None = None, seed: in
 
 
 def _baseline_specs(kernel: Kernel, x: np.ndarray):
-    """(name, factory, reference, magnitude, dtype) for every baseline of this layer."""
+    """(name, factory, reference, magnitude, dtype) for every baseline of this layer; bf16 layers
+    add cuBLAS and cuDNN in bf16 (tensor cores, fp32 accumulation) next to the fp16 ones."""
     from .gpu.baselines import CublasGemm, CudnnConv, CusparseSpmm, Im2colCusparse
 
     g, weight = kernel.geometry, dense(kernel.weight)
@@ -157,6 +160,10 @@ def _baseline_specs(kernel: Kernel, x: np.ndarray):
         ("cublas_fp16", lambda gpu: CublasGemm(gpu, w2, b32, "fp16"), gemm_ref, gemm_mag, "fp16"),
         ("cusparse", lambda gpu: CusparseSpmm(gpu, csr, b32), gemm_ref, gemm_mag, "fp32"),
     ]
+    bf16 = kernel.dtype == "bf16"
+    if bf16:
+        specs.insert(3, ("cublas_bf16", lambda gpu: CublasGemm(gpu, w2, b32, "bf16"), gemm_ref,
+                         gemm_mag, "bf16"))
     if kernel.op != "gemm":
         conv_ref, conv_mag = reference_and_magnitude(weight, x4, g.stride, g.padding)
         specs += [
@@ -165,6 +172,10 @@ def _baseline_specs(kernel: Kernel, x: np.ndarray):
             ("cudnn_fp16", lambda gpu: CudnnConv(gpu, x4, weight, g.stride, g.padding, "fp16"),
              conv_ref, conv_mag, "fp16"),
         ]
+        if bf16:
+            specs.append(("cudnn_bf16", lambda gpu: CudnnConv(gpu, x4, weight, g.stride,
+                                                              g.padding, "bf16"),
+                          conv_ref, conv_mag, "bf16"))
         if g.kernel > 1 or g.stride > 1 or g.batch > 1:
             specs.append(("im2col_cusparse",
                           lambda gpu: Im2colCusparse(gpu, x4, csr, g.kernel, g.kernel, g.stride,

@@ -113,6 +113,8 @@ def plan_weight(geometry: Geometry, weight, params: PlanParams | None = None,
     dtype, accumulate = PRECISIONS[precision]
     if dtype == "fp16":
         csr, epilogue = _fit_fp16(csr, epilogue, accumulate, allow_fp16_flush)
+    if dtype == "bf16":
+        _fit_bf16(csr, epilogue)
     if params is None:
         params = default_params(geometry, csr.nnz, precision=precision)
     if overrides:
@@ -140,9 +142,17 @@ def _fit_fp16(csr, epilogue: Epilogue, accumulate: str, allow_flush: bool):
     return csr, epilogue
 
 
+def _fit_bf16(csr, epilogue: Epilogue) -> None:
+    """bf16 range of weights and bias: both are fp32 immediates added to fp32 sums, and bf16 has
+    fp32's exponent range, so only a value that overflows the bf16 output can matter: refused.
+    Underflow is not (a tiny weight still counts in the fp32 sum)."""
+    for what, values in (("weights", csr.data), ("bias", epilogue.bias or ())):
+        limits.bf16_overflow(np.asarray(values, dtype=np.float64), what)
+
+
 def check_emitter(emitter: str, precision: str, arch: str = DEFAULT_ARCH) -> None:
-    """A printer prints only its precisions; fp16 kernels need sm_80+ (f16x2 max/min and packed
-    conversions)."""
+    """A printer prints only its precisions; fp16 and bf16 kernels need sm_80+ (f16x2 max/min,
+    packed conversions, cvt.f32.bf16)."""
     printer = get_printer(emitter)
     if precision not in printer.precisions:
         able = [name for name in printers() if precision in get_printer(name).precisions]

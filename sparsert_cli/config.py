@@ -12,11 +12,12 @@ from pathlib import Path
 
 from .errors import UserError
 from .paths import CONFIG_DIR, config_path  # noqa: F401 - CONFIG_DIR re-exported
+from .problem_shape import DTYPES, default_accumulate
 from .problems import (Problem, builtin_problem, builtin_problems, load_yaml,
                        problem_from_dict, valid_name)
 
 
-DTYPES = ("fp32", "fp16")
+ACCUMULATES = ("fp32", "fp16")        # sum registers (fp16: half2 FMAs, fp16 data only)
 PATTERNS = ("uniform", "pruned")
 EMITTERS = ("ptx", "cuda")
 ACTIVATIONS = ("none", "relu", "relu6")
@@ -182,9 +183,9 @@ def config_from_dict(doc: object, where: str) -> Config:
         raise UserError(f"{where}: 'name' must be up to 100 letters, digits, _ . - (it names "
                         f"result files), got {name!r}")
     dtype = _choice(doc, "dtype", DTYPES, "fp32", where)
-    accumulate = _choice(doc, "accumulate", DTYPES, dtype, where)
-    if (dtype, accumulate) == ("fp32", "fp16"):
-        raise UserError(f"{where}: 'accumulate: fp16' needs 'dtype: fp16' (fp32 data is summed "
+    accumulate = _choice(doc, "accumulate", ACCUMULATES, default_accumulate(dtype), where)
+    if accumulate == "fp16" and dtype != "fp16":
+        raise UserError(f"{where}: 'accumulate: fp16' needs 'dtype: fp16' ({dtype} data is summed "
                         f"in fp32)")
     emit = _choice(doc, "emit", EMITTERS, "ptx", where)
     flush = doc.get("allow_fp16_flush", False)

@@ -7,7 +7,8 @@ every output element written exactly once.
 
 fp16 kernels run with their roundings: fp16 weights and bias (the IR holds them rounded), every
 half2 FMA rounded once to fp16 (float64 holds a product of two halves plus a half exactly, so
-rounding that is a fused multiply-add), fp16 epilogue arithmetic, and fp16 outputs.
+rounding that is a fused multiply-add), fp16 epilogue arithmetic, and fp16 outputs. bf16 kernels
+sum in fp32 (held in float64, as fp16acc32's are) and round their outputs to bf16.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import numpy as np
 from .interp_base import PlanExecutionError, _f16, evaluate, thread_env  # noqa: F401
 from .interp_stream import execute_stream
 from .ir import Compute, Finish, KernelIR, Reduce, StreamIR
+from .storage import rounded
 
 
 class _Machine:
@@ -148,7 +150,7 @@ class _Machine:
                 raise PlanExecutionError(f"unknown epilogue step {step.op!r}")
         if addr.size and (addr.min() < 0 or addr.max() >= self.out.size):
             raise PlanExecutionError("out-of-bounds store")
-        self.out[addr] = _f16(y) if self.ir.dtype == "fp16" else y
+        self.out[addr] = y if self.ir.dtype == "fp32" else rounded(y, self.ir.dtype)
         np.add.at(self.writes, addr.ravel(), 1)
 
     def run(self) -> np.ndarray:
@@ -184,10 +186,11 @@ def execute(kernel, x: np.ndarray, residual: np.ndarray | None = None) -> np.nda
         if residual is None:
             raise PlanExecutionError("plan adds a residual but none was given")
         residual = np.asarray(residual, dtype=np.float64).ravel()
-    if kernel.dtype == "fp16":   # the kernel reads fp16: inputs must already be representable
-        if not np.array_equal(x, _f16(x)) or (residual is not None
-                                               and not np.array_equal(residual, _f16(residual))):
-            raise PlanExecutionError("fp16 plan given inputs that are not fp16 values")
+    if kernel.dtype != "fp32":   # the kernel reads fp16/bf16: inputs must be representable
+        if any(v is not None and not np.array_equal(v, rounded(v, kernel.dtype))
+               for v in (x, residual)):
+            raise PlanExecutionError(f"{kernel.dtype} plan given inputs that are not "
+                                     f"{kernel.dtype} values")
     if isinstance(kernel, StreamIR):
         return execute_stream(kernel, x, residual)
     return _Machine(kernel, x, residual).run()

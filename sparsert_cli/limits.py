@@ -1,4 +1,4 @@
-"""What sparsert refuses up front: fp16 values out of range, and work far beyond the machine.
+"""What sparsert refuses up front: fp16/bf16 values out of range, and work far beyond the machine.
 
 Each check raises a one-line UserError with the numbers behind it; callers prefix the file or the
 config case it came from. The budgets are estimates from measured runs, not exact bounds: they
@@ -12,6 +12,7 @@ import os
 import numpy as np
 
 from .errors import UserError
+from .storage import BF16_MAX, bf16
 
 FP16_MAX = 65504.0
 # A dense weight (file or generated) above this many elements is refused; save it sparse.
@@ -44,6 +45,15 @@ def fp16_flush_mask(values, what: str, allow_flush: bool) -> np.ndarray:
                         f"(largest {float(np.max(np.abs(values[under]))):.3g}); drop them with "
                         f"--allow-fp16-flush or 'allow_fp16_flush: true'")
     return under
+
+
+def bf16_overflow(values, what: str) -> None:
+    """Refuse values that round past bf16's largest finite value (~3.39e38) to Inf."""
+    values = np.asarray(values, dtype=np.float64)
+    over = np.isinf(bf16(values)) & np.isfinite(values)
+    if over.any():
+        raise UserError(f"{what}: {int(over.sum())} value(s) overflow bf16 (|v| > {BF16_MAX:.6g}; "
+                        f"largest {float(np.max(np.abs(values[over]))):.6g})")
 
 
 def machine_memory() -> int:

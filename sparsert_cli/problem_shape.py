@@ -12,17 +12,28 @@ MAX_THREADS = 1024
 MAX_STATIC_SHARED = 48 * 1024
 ACTIVATIONS = ("none", "relu", "relu6")
 # (storage, accumulate) pairs a kernel can be built for, by their precision label.
-PRECISIONS = {"fp32": ("fp32", "fp32"), "fp16": ("fp16", "fp16"), "fp16acc32": ("fp16", "fp32")}
-ELEMENT_BYTES = {"fp32": 4, "fp16": 2}
+PRECISIONS = {"fp32": ("fp32", "fp32"), "fp16": ("fp16", "fp16"), "fp16acc32": ("fp16", "fp32"),
+              "bf16": ("bf16", "fp32")}
+ELEMENT_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
+DTYPES = ("fp32", "fp16", "bf16")          # storage types of x, y and the residual
+HALF_DTYPES = ("fp16", "bf16")             # 2-byte storage: sm_80+, column pairs per register
 
 
-def precision_label(dtype: str, accumulate: str) -> str:
-    """fp32 (fp32 storage and sums), fp16 (fp16 storage, half2 sums) or fp16acc32."""
+def default_accumulate(dtype: str) -> str:
+    """The sums' type when only the storage is named: fp16 data is summed in half2, bf16 in fp32
+    (no bf16 sums are built)."""
+    return "fp32" if dtype == "bf16" else dtype
+
+
+def precision_label(dtype: str, accumulate: str | None = None) -> str:
+    """fp32 (fp32 storage and sums), fp16 (fp16 storage, half2 sums), fp16acc32 or bf16 (bf16
+    storage, fp32 sums). `accumulate` None: default_accumulate(dtype)."""
+    accumulate = accumulate or default_accumulate(dtype)
     for label, pair in PRECISIONS.items():
         if pair == (dtype, accumulate):
             return label
     raise UserError(f"no kernel stores {dtype} and accumulates in {accumulate} "
-                    f"(supported: fp32/fp32, fp16/fp16, fp16/fp32)")
+                    f"(supported: fp32/fp32, fp16/fp16, fp16/fp32, bf16/fp32)")
 
 
 def max_vector_width(dtype: str) -> int:

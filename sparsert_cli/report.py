@@ -9,7 +9,8 @@ from rich.markup import escape
 from rich.table import Table
 
 COLUMNS = [("cublas_fp32", "cuBLAS fp32"), ("cublas_tf32", "TF32"), ("cublas_fp16", "fp16 TC"),
-           ("cusparse", "cuSPARSE"), ("cudnn_fp32", "cuDNN fp32"), ("cudnn_fp16", "cuDNN fp16"),
+           ("cublas_bf16", "bf16 TC"), ("cusparse", "cuSPARSE"), ("cudnn_fp32", "cuDNN fp32"),
+           ("cudnn_fp16", "cuDNN fp16"), ("cudnn_bf16", "cuDNN bf16"),
            ("im2col_cusparse", "im2col+cuSPARSE")]
 
 

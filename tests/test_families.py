@@ -48,7 +48,7 @@ def test_unknown_family_and_printer_are_user_errors():
 def test_printers_declare_their_precisions(monkeypatch):
     assert set(printers()) == {"ptx", "cuda"}
     for printer in printers().values():
-        assert set(printer.precisions) == {"fp32", "fp16", "fp16acc32"}
+        assert set(printer.precisions) == {"fp32", "fp16", "fp16acc32", "bf16"}
         check_emitter(printer.name, "fp16", "sm_90")
         with pytest.raises(UserError, match="sm_80 or newer"):
             check_emitter(printer.name, "fp16", "sm_75")

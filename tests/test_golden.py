@@ -30,6 +30,8 @@ def test_golden_cases_cover_the_issue_list():
     assert (conv.kernel, conv.stride, conv.padding, conv.batch) == (3, 2, 1, 2)
     assert names["fp16_1x1_half2"].precision == "fp16"
     assert names["fp16_1x1_acc32"].precision == "fp16acc32"
+    bf = names["bf16_1x1_v8_epilogue"]
+    assert (bf.precision, bf.vector_width, bf.k_split) == ("bf16", 8, 2)
     from sparsert_cli.families.immediate import INLINE_LIMIT
     big = names["gemm_funcs"]
     assert INLINE_LIMIT < big.nnz * big.vector_width < 1.05 * INLINE_LIMIT

@@ -69,8 +69,9 @@ def test_tolerance_scales_with_sqrt_k_and_precision():
     assert rf.tolerance("fp32", 400) == pytest.approx(2 * rf.tolerance("fp32", 100))
     assert rf.tolerance("fp32", 64) < rf.tolerance("tf32", 64) == rf.tolerance("fp16", 64)
     assert rf.tolerance("fp32", 1) == pytest.approx(8 * 2.0 ** -23)
+    assert rf.tolerance("bf16", 64) == pytest.approx(2.0 ** -7 + 64 * 2.0 ** -23)
     with pytest.raises(ValueError):
-        rf.tolerance("bf16", 8)
+        rf.tolerance("fp8", 8)
 
 
 def test_mismatch_reports_nan_and_error():

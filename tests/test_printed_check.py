@@ -67,6 +67,12 @@ MUTATIONS = {
     "wrong_weight_funcs": ("gemm_funcs", {"fma": _flip_sign("fma")}),
     "wrong_weight_fp16": ("fp16_1x1_half2", {"const_f16x2": _flip_half_sign("const_f16x2")}),
     "partial_not_added": ("gemm_v4_k2", {"add_partial": ""}),
+    "bf16_read_as_fp16": ("bf16_1x1_v8_epilogue", {"widen": "cvt.f32.f16 {dst}, {src};"}),
+    "bf16_stored_as_fp16": ("bf16_1x1_v8_epilogue",
+                            {"pack2": "cvt.rn.f16x2.f32 {dst}, {hi}, {lo};"}),
+    "bf16_pair_swapped": ("bf16_1x1_v8_epilogue",
+                          {"pack2": "cvt.rn.{ty}x2.f32 {dst}, {lo}, {hi};"}),
+    "residual_dropped_bf16": ("bf16_1x1_v8_epilogue", {"step_residual": ""}),
     "partial_to_wrong_slot": (
         "gemm_v4_k2", {"st_shared": _shifted("st_shared", "offset", lambda f: 16)}),
     "zero_buffer_shift_wrong": (CONV, {"tap_base": _shifted("tap_base", "shift", lambda f: 4)}),
@@ -192,6 +198,10 @@ CUDA_MUTATIONS = {
     "wrong_weight": ("gemm_funcs", {"fma": _cuda_negated("fma"),
                                     "mul_first": _cuda_negated("mul_first")}),
     "partial_not_added": ("gemm_v4_k2", {"add_partial": ""}),
+    "residual_dropped_bf16": ("bf16_1x1_v8_epilogue", {"step_residual": ""}),
+    "widened_column_swapped_bf16": ("bf16_1x1_v8_epilogue", {
+        "widen": lambda **f: "const float {dst} = sparsert_h2f({src});".format(
+            **{**f, "src": f["src"].replace(" >> 16", " >> 0")})}),
     "partial_to_wrong_slot": ("gemm_v4_k2", {"st_shared": _cuda_shifted("st_shared", "offset", 4)}),
     "pointer_offset_wrong": (CONV, {"pointer": "{ptr} += {var} + 1;"}),
     "barrier_dropped": ("gemm_v4_k2", {"barrier": ""}),

@@ -6,6 +6,7 @@ from dataclasses import replace
 
 from ..console import err_console
 from ..errors import UserError
+from ..problem_shape import default_accumulate
 
 
 def split_values(values) -> list[str]:
@@ -14,7 +15,8 @@ def split_values(values) -> list[str]:
 
 def select(config, problem_ids, sparsities, dtype, accumulate=None):
     """Apply --problems / --sparsity / --dtype / --accumulate to a config (errors name the bad
-    value). A new --dtype resets the accumulator to that type unless --accumulate is given."""
+    value). A new --dtype resets the accumulator to that type's default (fp32 for bf16) unless
+    --accumulate is given."""
     from ..config import check_sparsity
 
     if len(set(problem_ids)) != len(problem_ids):
@@ -37,12 +39,12 @@ def select(config, problem_ids, sparsities, dtype, accumulate=None):
             raise UserError("--sparsity: a value is listed twice")
         config = replace(config, sparsities=tuple(values))
     if dtype:
-        config = replace(config, dtype=dtype, accumulate=dtype)
+        config = replace(config, dtype=dtype, accumulate=default_accumulate(dtype))
     if accumulate:
         config = replace(config, accumulate=accumulate)
-    if (config.dtype, config.accumulate) == ("fp32", "fp16"):
-        raise UserError(f"{config.path}: --accumulate fp16 needs --dtype fp16 (fp32 data is "
-                        f"summed in fp32)")
+    if config.accumulate == "fp16" and config.dtype != "fp16":
+        raise UserError(f"{config.path}: --accumulate fp16 needs --dtype fp16 ({config.dtype} "
+                        f"data is summed in fp32)")
     return config
 
 

@@ -13,6 +13,7 @@ from ..console import console, err_console
 from ..errors import NoGpuError, UserError
 from ..options import arch_option
 from ..paths import check_output, tuned_db_path
+from ..problem_shape import DTYPES
 from ._common import progress_bar, progress_callback, select, split_values  # noqa: F401
 
 RESULTS_DIR = Path("results") / "local"
@@ -38,11 +39,11 @@ def output_paths(config, precision: str, out_path=None, csv_path=None) -> tuple[
               help="Only these problems (repeat or comma-separate).")
 @click.option("--sparsity", "sparsities", multiple=True, metavar="S[,S...]",
               help="Override the config's sparsity levels.")
-@click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default=None,
+@click.option("--dtype", type=click.Choice(list(DTYPES)), default=None,
               help="Override the config's storage type (the accumulator follows it).")
 @click.option("--accumulate", type=click.Choice(["fp32", "fp16"]), default=None,
               help="Sum fp16 data in fp32 or fp16 (half2) registers (default: the config's; "
-                   "fp16 for dtype fp16).")
+                   "fp16 for dtype fp16, fp32 for bf16).")
 @click.option("--out", "out_path", default=None, type=click.Path(dir_okay=False),
               help="Results JSON (default: results/local/<config name>.json; "
                    "<name>-<precision>.json after --dtype/--accumulate).")

@@ -241,7 +241,8 @@ def retime_config(new: dict, new_path, config_arg: str | None):
             raise UserError(f"{new_path}: its config {' / '.join(where) or '(none recorded)'} "
                             f"cannot be loaded; give it: --retime CONFIG")
     changes = {k: recorded[k] for k in ("dtype", "accumulate", "emit") if k in recorded}
-    allowed = {"dtype": ("fp32", "fp16"), "accumulate": ("fp32", "fp16"), "emit": ("ptx", "cuda")}
+    allowed = {"dtype": ("fp32", "fp16", "bf16"), "accumulate": ("fp32", "fp16"),
+               "emit": ("ptx", "cuda")}
     bad = [f"{k} {v!r}" for k, v in changes.items() if v not in allowed[k]]
     if bad:
         raise UserError(f"{new_path}: config records {bad[0]}, which sparsert cannot re-time")

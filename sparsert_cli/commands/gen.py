@@ -11,6 +11,7 @@ from ..console import console, print_json
 from ..errors import UserError
 from ..options import arch_option, check_plan_width, parse_plan_options, plan_option
 from ..paths import check_output, tuned_db_path
+from ..problem_shape import DTYPES
 
 OPS = ("gemm", "conv1x1", "conv3x3")
 
@@ -83,10 +84,11 @@ def _bias(path: str | None, rows: int) -> tuple[float, ...] | None:
 @click.option("--padding", type=int, default=None, help="conv: padding (default 1 for 3x3, else 0).")
 @click.option("--emit", "emitter", type=click.Choice(["ptx", "cuda"]), default="ptx",
               show_default=True, help="Emitter: PTX (fast to compile) or readable CUDA C++.")
-@click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
+@click.option("--dtype", type=click.Choice(list(DTYPES)), default="fp32", show_default=True,
               help="Storage of x, y and the residual.")
 @click.option("--accumulate", type=click.Choice(["fp32", "fp16"]), default=None,
-              help="Sum registers: fp32, or fp16 with half2 FMAs (default: the --dtype).")
+              help="Sum registers: fp32, or fp16 with half2 FMAs (default: the --dtype; fp32 "
+                   "for bf16).")
 @arch_option
 @click.option("--bias", "bias_path", default=None, help="Fuse a per-channel bias (.npy, M values).")
 @click.option("--activation", type=click.Choice(["none", "relu", "relu6"]), default="none",
@@ -115,7 +117,7 @@ def command(pattern_path, sparsity, op, n, height, width, batch, stride, padding
 
     path = Path(pattern_path)
     try:
-        precision = precision_label(dtype, accumulate or dtype)
+        precision = precision_label(dtype, accumulate)
         check_emitter(emitter, precision, arch or "sm_90")
     except UserError as exc:
         raise UserError(f"{path}: {exc.message}") from None

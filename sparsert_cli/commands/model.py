@@ -71,8 +71,8 @@ def _check_outputs(*paths: Path) -> None:
 @click.option("--sparsity", "sparsities", multiple=True, metavar="S[,S...]",
               help="Magnitude-prune every Conv2d/Linear to this (default: 0.9 for built-in "
                    "models; an ONNX file keeps its own zeros).")
-@click.option("--dtype", "dtypes", multiple=True, type=click.Choice(["fp32", "fp16"]),
-              help="Precision (repeat for both; default fp32).")
+@click.option("--dtype", "dtypes", multiple=True, type=click.Choice(["fp32", "fp16", "bf16"]),
+              help="Precision (repeat for several; default fp32).")
 @click.option("--batch", type=click.IntRange(1, 4096), default=1, show_default=True)
 @click.option("--resolution", type=click.IntRange(16, 4096), default=224, show_default=True,
               help="Input height and width of the CNNs.")

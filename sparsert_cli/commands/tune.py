@@ -10,6 +10,7 @@ import click
 from ..console import console, table
 from ..errors import NoGpuError, UserError
 from ..options import arch_option
+from ..problem_shape import DTYPES
 
 
 def run_tuner(config, arch=None, jobs=None, no_cache=False, limit=16, db_path=None,
@@ -55,7 +56,7 @@ def run_tuner(config, arch=None, jobs=None, no_cache=False, limit=16, db_path=No
               help="Only these problems (repeat or comma-separate).")
 @click.option("--sparsity", "sparsities", multiple=True, metavar="S[,S...]",
               help="Override the config's sparsity levels.")
-@click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default=None,
+@click.option("--dtype", type=click.Choice(list(DTYPES)), default=None,
               help="Override the config's storage type (the accumulator follows it).")
 @click.option("--accumulate", type=click.Choice(["fp32", "fp16"]), default=None,
               help="Override the accumulator type (fp16 data only).")

@@ -19,7 +19,8 @@ STYLE = {"svg.fonttype": "none",            # text stays text: small, searchable
 COLORS = plt.get_cmap("tab10").colors
 # One colour per baseline in every figure; sparsert series (one per results file) get blues.
 BASELINE_COLORS = {"cublas_fp32": "tab:green", "cublas_tf32": "tab:red",
-                   "cublas_fp16": "tab:purple",
+                   "cublas_fp16": "tab:purple", "cublas_bf16": "darkviolet",
+                   "cudnn_bf16": "silver",
                    "cusparse": "tab:brown", "cudnn_fp32": "tab:pink", "cudnn_fp16": "tab:gray",
                    "im2col_cusparse": "tab:olive"}
 SPARSERT_COLORS = ("tab:blue", "tab:cyan", "navy", "tab:orange")

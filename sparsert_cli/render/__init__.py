@@ -40,7 +40,7 @@ def _ptx_cubin(source: str, arch: str, threads: int) -> Compiled:
 def printers() -> dict[str, Printer]:
     from . import cuda, parse_cuda, parse_ptx, ptx
 
-    return {"ptx": Printer("ptx", ptx.VERSION, ("fp32", "fp16", "fp16acc32"), ".ptx",
+    return {"ptx": Printer("ptx", ptx.VERSION, ptx.PRECISIONS, ".ptx",
                            ptx.print_ptx, _ptx_cubin, parse_ptx.check_printed),
             "cuda": Printer("cuda", cuda.VERSION, cuda.PRECISIONS, ".cu", cuda.print_cuda,
                             lambda source, arch, threads: cpp_to_cubin(source, arch),

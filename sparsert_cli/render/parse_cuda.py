@@ -307,7 +307,22 @@ def _functions(lines: list[str]) -> dict[str, tuple[str, str, list[str]]]:
     return out
 
 
+def _conversions(ir: KernelIR, text: str) -> None:
+    """2-byte storage: the printed conversion helpers convert the kernel's own type (a bf16
+    kernel read through cvt.f32.f16 would compute with garbage)."""
+    ty = {"fp16": "f16", "bf16": "bf16"}.get(ir.dtype)
+    if ty is None:
+        return
+    for name, want in (("h2f", f"cvt.f32.{ty}"), ("f2h2", f"cvt.rn.{ty}x2.f32"),
+                       ("f2h", f"cvt.rn.{ty}.f32")):
+        m = re.search(rf'sparsert_{name}\([^)]*\) {{[^}}]*asm\("(\S+) ', text)
+        if not m or m.group(1) != want:
+            _fail("helpers", f"sparsert_{name} must be one {want} for a {ir.precision} kernel, "
+                             f"found {m.group(1) if m else 'none'}")
+
+
 def parse(ir: KernelIR, text: str) -> KernelIR:
+    _conversions(ir, text)
     lines = text.split("\n")
     funcs = _functions(lines)
     start = next((i for i, ln in enumerate(lines) if ln.startswith('extern "C" __global__')), None)

@@ -25,6 +25,8 @@ from .ptx import PARTIALS, Fmt
 _MEM = re.compile(r"\[(%\w+)\+(-?\d+)\]")
 _FMA = re.compile(r"\t*(fma|mul)\.rn\.(\w+) (%a\d+), (%\w+), ([^,;]+)(?:, (%a\d+))?;")
 _LOAD = re.compile(r"\t*(ld\.global\.nc\S*) (\{[^}]*\}|%\w+), \[(%x\w*)\+(-?\d+)\];")
+# conversions of 2-byte storage, by the kernel's dtype (independent of the printer's Fmt)
+_CVT_TYPE = {"fp16": "f16", "bf16": "bf16"}
 _INDEX_OPS = {"mad.lo": "mad", "mul.lo": "mul", "add": "add", "sub": "sub", "div": "div",
               "rem": "rem", "min": "min"}
 
@@ -113,7 +115,8 @@ class _Body:
         return False
 
     def widen(self, op: str, args: list[str], line: str) -> bool:
-        """fp16 registers split and converted to fp32: track which (load, lane) each holds."""
+        """fp16 / bf16 registers split and converted to fp32: track which (load, lane) each
+        holds. The conversion must be from the kernel's storage type."""
         if op == "mov.b32" and args[0] == "{%h0, %h1}":
             held = self.values.get(args[1])
             if held is None:
@@ -122,7 +125,8 @@ class _Body:
             self.values["%h0"] = (kind, index, first)
             self.values["%h1"] = (kind, index, first + 1)
             return True
-        if op == "cvt.f32.f16":
+        if op.startswith("cvt.f32.") and self.fmt.widen:
+            self.check_type(op, f"cvt.f32.{_CVT_TYPE[self.ir.dtype]}", line)
             held = self.values.get(args[1])
             if held is None:
                 self.fail(line, f"{args[1]} holds nothing to widen")
@@ -175,7 +179,9 @@ class _Body:
             kind = {"add": "bias", "max": "max", "min": "min"}[base]
             self.step(kind, self.const(args[2], line), args, line)
             return True
-        if op in ("cvt.rn.f16x2.f32", "cvt.rn.f16.f32") and fmt.widen:
+        if re.fullmatch(r"cvt\.rn\.b?f16(x2)?\.f32", op) and fmt.widen:
+            pair = "x2" if len(args) == 3 else ""
+            self.check_type(op, f"cvt.rn.{_CVT_TYPE[self.ir.dtype]}{pair}.f32", line)
             srcs = [self.acc(r, line) for r in args[1:]][::-1]     # low half = first column
             slots = {s for s, _ in srcs}
             if len(slots) != 1:

@@ -2,7 +2,7 @@
 
 `RULES` maps each IR operation to a template (a format string, or a function of the same fields
 for the few guarded cases); `Fmt` is the precision overlay: the register and instruction types
-of fp32, fp16-with-half2-sums and fp16-with-fp32-sums kernels. Weights are hex-float immediates
+of fp32, fp16-with-half2-sums and fp16/bf16-with-fp32-sums kernels. Weights are hex-float immediates
 (fp16: a paired immediate in a register ptxas folds into HFMA2), tap offsets immediate address
 offsets. Bodies are scoped blocks inside the entry, or (large kernels) one `.func` each, behind a
 `brx.idx` jump table on (blockIdx.y, threadIdx.y).
@@ -17,8 +17,10 @@ import numpy as np
 from .. import __version__
 from ..arch import arch_number, ptx_version  # noqa: F401 (ptx_version: re-exported)
 from ..ir import Batch, Compute, Finish, IndexOp, KernelIR, Reduce
+from ..problem_shape import HALF_DTYPES
 
 VERSION = "ptx-2"
+PRECISIONS = ("fp32", "fp16", "fp16acc32", "bf16")
 PARTIALS = "sparsert_partials"
 _VEC = {1: "", 2: ".v2", 4: ".v4"}
 
@@ -43,6 +45,10 @@ RULES = {
     "zero": "mov.b{bits} {acc}, 0;",
     "const_f16": "mov.b16 %wh, 0x{bits:04X};",          # PTX has no f16 immediates
     "const_f16x2": "mov.b32 %w, 0x{bits:04X}{bits:04X};",
+    # 2-byte storage <-> fp32 sums; {ty} is f16 or bf16 (cvt.f32.bf16 and the packs: sm_80+)
+    "widen": "cvt.f32.{ty} {dst}, {src};",
+    "pack": "cvt.rn.{ty}.f32 {dst}, {src};",
+    "pack2": "cvt.rn.{ty}x2.f32 {dst}, {hi}, {lo};",
     "step_bias": "add.{op} {acc}, {acc}, {c};",
     "residual_load": "ld.global.nc{ty} {dst}, [%res+{offset}];",
     "step_residual": "add.{op} {acc}, {acc}, {src};",
@@ -73,8 +79,8 @@ def f16_bits(value: float) -> int:
 class Fmt:
     """How one kernel's numbers are stored, loaded and summed.
 
-    raw:   the registers one vector load fills (fp32: one .f32 per column; fp16: one .b32 per
-           column pair, or one .b16 for a single column);
+    raw:   the registers one vector load fills (fp32: one .f32 per column; fp16 / bf16: one .b32
+           per column pair, or one .b16 for a single column; `half_type` f16 / bf16);
     units: the registers one row's partial sum occupies (fp32 sums: one .f32 per column; fp16
            sums: the raw registers, summed with .f16x2 / .f16 arithmetic).
     """
@@ -82,7 +88,8 @@ class Fmt:
     def __init__(self, ir: KernelIR):
         self.width = w = ir.vector_width
         self.elem = ir.element_bytes
-        self.half_storage = ir.dtype == "fp16"
+        self.half_storage = ir.dtype in HALF_DTYPES
+        self.half_type = {"fp16": "f16", "bf16": "bf16"}.get(ir.dtype)
         self.half_acc = ir.accumulate == "fp16"
         self.widen = self.half_storage and not self.half_acc
         if self.half_storage:
@@ -165,15 +172,15 @@ def _base_reg(ir: KernelIR, body: Compute, tap: int) -> str:
 
 
 def _widen(fn: list[str], fmt: Fmt, raw: list[str], prefix: str, first: int = 0) -> list[str]:
-    """fp16 raw registers -> fp32 registers prefix<first>.., one per column."""
+    """fp16 / bf16 raw registers -> fp32 registers prefix<first>.., one per column."""
     out = [f"{prefix}{first + lane}" for lane in range(fmt.width)]
     if fmt.width == 1:
-        fn.append(f"\tcvt.f32.f16 {out[0]}, {raw[0]};")
+        _emit(fn, "widen", ty=fmt.half_type, dst=out[0], src=raw[0])
         return out
     for u, reg in enumerate(raw):
         fn.append(f"\tmov.b32 {{%h0, %h1}}, {reg};")
-        fn.append(f"\tcvt.f32.f16 {out[2 * u]}, %h0;")
-        fn.append(f"\tcvt.f32.f16 {out[2 * u + 1]}, %h1;")
+        _emit(fn, "widen", ty=fmt.half_type, dst=out[2 * u], src="%h0")
+        _emit(fn, "widen", ty=fmt.half_type, dst=out[2 * u + 1], src="%h1")
     return out
 
 
@@ -204,14 +211,14 @@ def _finish(fn: list[str], fmt: Fmt, finish: Finish) -> None:
             c = fmt.const(fn, step.value)
             for reg in regs:
                 _emit(fn, f"step_{step.op}", op=fmt.op, acc=reg, c=c)
-    if fmt.widen:     # pack fp32 sums to fp16
+    if fmt.widen:     # pack fp32 sums to fp16 / bf16
         if fmt.width == 1:
-            fn.append(f"\tcvt.rn.f16.f32 %h0, {regs[0]};")
+            _emit(fn, "pack", ty=fmt.half_type, dst="%h0", src=regs[0])
             regs = ["%h0"]
         else:
             packed = [f"%p{u}" for u in range(fmt.raw_count)]
             for u, p in enumerate(packed):   # the first column goes to the low half
-                fn.append(f"\tcvt.rn.f16x2.f32 {p}, {regs[2 * u + 1]}, {regs[2 * u]};")
+                _emit(fn, "pack2", ty=fmt.half_type, dst=p, hi=regs[2 * u + 1], lo=regs[2 * u])
             regs = packed
     _emit(fn, "store", ty=fmt.ld_type, offset=offset, src=_vec(regs))
 

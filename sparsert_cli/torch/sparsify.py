@@ -24,7 +24,7 @@ from sparsert_cli.torch.backend import compile_layer, tune_layer
 from sparsert_cli.torch.fuse import Chain, find_chains, folded
 from sparsert_cli.torch.residual import fuse_residuals
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 class SparseLayer(torch.nn.Module):
@@ -224,7 +224,8 @@ def sparsify_(model: torch.nn.Module, example_inputs, *, dtype: str = "fp32", tu
     (on a CUDA device, in eval mode: this call sets it) with compiled kernels, in place.
 
     example_inputs: a tuple of tensors the model is called with; kernels are compiled for the
-    shapes each layer sees. dtype: the activations' type (fp16: call model.half() first).
+    shapes each layer sees. dtype: the activations' type (fp16 / bf16: convert the model
+    first, e.g. model.half()).
     tuned: the tuned-plan database (None: the default one; False: none). verify: check every
     kernel element-wise against float64 before using it. min_speedup: a layer is replaced only
     when its kernel is at least this much faster than the dense layer (timed here, on the GPU).

@@ -56,6 +56,11 @@ def plans() -> dict:
         _weight(16, 16, 0.4, 6, half=True), pw, PlanParams(rows_per_group=4, vector_width=4,
                                                            col_threads=32, k_split=2),
         Epilogue(bias=_bias(16, 7), residual=True), dtype="fp16", accumulate="fp32")
+    # bf16 storage, fp32 sums: 8 columns per 16-byte load, k_split partials, the full epilogue
+    out["bf16_1x1_v8_epilogue"] = build_plan(
+        _weight(16, 16, 0.4, 9), pw, PlanParams(rows_per_group=4, vector_width=8, col_threads=32,
+                                               k_split=2),
+        Epilogue(bias=_bias(16, 10), activation="relu6", residual=True), dtype="bf16")
     # Just over the inline limit (16384 FMA lanes): one `.func` per body behind brx.idx.
     big = Geometry(batch=1, in_channels=256, height=1, width=64, out_channels=72)
     out["gemm_funcs"] = build_plan(_weight(72, 256, 0.9, 8), big,

@@ -114,9 +114,9 @@ def test_fused_epilogue(gpu, emitter, activation):
              Epilogue(bias, activation, residual=True), emitter)
 
 
-# ---- fp16 storage: half2 sums (fp16) and fp32 sums (fp16acc32) ------------------------------
+# ---- 2-byte storage: fp16 with half2 sums (fp16) or fp32 sums (fp16acc32), bf16 (fp32 sums) --
 
-HALF = ["fp16", "fp16acc32"]
+HALF = ["fp16", "fp16acc32", "bf16"]
 HALF_PARAMS = [PlanParams(vector_width=8), PlanParams(vector_width=4, rows_per_group=3, k_split=3,
                                                       col_threads=32),
                PlanParams(vector_width=2, rows_per_group=5, balance="contiguous"),
@@ -161,3 +161,20 @@ def test_fp16_paper_layer(gpu, precision):
 
     problem = builtin_problems()["mbv1_pw3"]
     run_case(gpu, problem, uniform_weights(problem.weight_shape, 0.9, 0), precision=precision)
+
+
+@pytest.mark.parametrize("problem", [Problem("bf1", "conv1x1", 24, 32, height=8, width=8),
+                                     Problem("bf3", "conv3x3", 16, 8, height=9, width=9,
+                                             stride=2, padding=1)], ids=lambda p: p.id)
+def test_bf16_layer_against_bf16_tensor_core_baselines(gpu, problem):
+    """A bf16 layer runs next to cuBLAS and cuDNN in bf16 (tensor cores, fp32 sums): every
+    column verified against float64 with the bf16 tolerance."""
+    weight = pruned_weights(problem.weight_shape, 0.8, 5)
+    plan = make_plan(problem, weight, precision="bf16")
+    build, _ = build_kernel(plan, "ptx", gpu.arch, cache=None)
+    kernel = Kernel.from_build(plan, build, weight, "conv")
+    result = benchmark_layer(gpu, kernel, floors=FLOORS, seed=3)
+    assert result["verify_gpu"]["ok"], result["verify_gpu"]
+    for name in ("cublas_bf16", "cudnn_bf16"):
+        base = result["baselines"][name]
+        assert base["ok"] and base["dtype"] == "bf16" and base["median_us"] > 0, (name, base)

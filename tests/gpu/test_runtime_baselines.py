@@ -219,7 +219,7 @@ def test_measure_floors(gpu):
 
 # ---- baselines ------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("mode", ["fp32", "tf32", "fp16"])
+@pytest.mark.parametrize("mode", ["fp32", "tf32", "fp16", "bf16"])
 def test_cublas_gemm(gpu, rng, mode):
     pytest.importorskip("nvmath.bindings.cublas")
     m, k, n = GEMM_SHAPE
@@ -249,7 +249,7 @@ def test_cusparse_spmm(gpu, rng):
         run_checked(spmm, ref, mag, "fp32", k)
 
 
-@pytest.mark.parametrize("mode", ["fp32", "fp16"])
+@pytest.mark.parametrize("mode", ["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("stride,padding", CONV_CASES)
 def test_cudnn_conv(gpu, rng, mode, stride, padding):
     pytest.importorskip("cudnn")

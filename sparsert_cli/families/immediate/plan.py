@@ -27,7 +27,7 @@ import scipy.sparse as sp
 
 from ...errors import UserError
 from ...problem_shape import (ACTIVATIONS, ELEMENT_BYTES, MAX_STATIC_SHARED, MAX_THREADS, Epilogue,
-                              Geometry, max_vector_width, precision_label)
+                              PRECISIONS, Geometry, max_vector_width, precision_label)
 
 BALANCE_MODES = ("nnz", "contiguous")
 
@@ -52,7 +52,7 @@ class PlanParams:
     def validate(self) -> PlanParams:
         checks = [
             (1 <= self.rows_per_group <= 64, "rows_per_group must be in 1..64"),
-            (self.vector_width in (1, 2, 4, 8), "vector_width must be 1, 2, 4 or 8 (8: fp16)"),
+            (self.vector_width in (1, 2, 4, 8), "vector_width must be 1, 2, 4 or 8 (8: fp16/bf16)"),
             (self.col_threads in (32, 64, 96, 128, 160, 192, 224, 256, 512),
              "col_threads must be a multiple of 32 up to 256, or 512"),
             (1 <= self.k_split <= 16, "k_split must be in 1..16"),
@@ -105,7 +105,7 @@ class Plan:
     params: PlanParams               # effective parameters (vector width after fitting the shape)
     groups: tuple[RowGroup, ...]
     epilogue: Epilogue = Epilogue()
-    dtype: str = "fp32"             # storage of x, y, residual: fp32 or fp16
+    dtype: str = "fp32"             # storage of x, y, residual: fp32, fp16 or bf16
     accumulate: str = "fp32"        # registers the sums live in: fp32, or fp16 (half2 FMAs)
 
     @property
@@ -253,10 +253,9 @@ def build_plan(csr: sp.csr_matrix, geometry: Geometry, params: PlanParams,
                epilogue: Epilogue = Epilogue(), dtype: str = "fp32",
                accumulate: str | None = None) -> Plan:
     """Pack the weight's rows into groups and order each group's loads. `accumulate` defaults to
-    the storage type."""
+    the storage type's (problem_shape.default_accumulate)."""
     geometry = geometry.validate()
-    accumulate = accumulate or dtype
-    precision_label(dtype, accumulate)
+    accumulate = PRECISIONS[precision_label(dtype, accumulate)][1]
     if csr.shape != (geometry.out_channels, geometry.taps):
         raise UserError(f"weight is {csr.shape[0]}x{csr.shape[1]} but the shape needs "
                         f"{geometry.out_channels}x{geometry.taps}")

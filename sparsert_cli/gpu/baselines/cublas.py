@@ -1,16 +1,20 @@
-"""cuBLAS dense GEMM baseline (strict fp32, TF32, fp16 with fp32 accumulation)."""
+"""cuBLAS dense GEMM baseline (strict fp32, TF32, fp16 and bf16 with fp32 accumulation)."""
 
 from __future__ import annotations
 
 import numpy as np
 
+from ...storage import decode, device_type, encode
 from ..runtime import Gpu
 from ._base import _Baseline, _bind
 
 
 class CublasGemm(_Baseline):
     """Dense row-major C = A @ B with cuBLAS. Modes: "fp32" (PEDANTIC sgemm, no TF32),
-    "tf32" (sgemm with TF32 tensor cores), "fp16" (fp16 A/B/C, fp32 accumulate, gemm_ex)."""
+    "tf32" (sgemm with TF32 tensor cores), "fp16" / "bf16" (CUDA_R_16F / CUDA_R_16BF A/B/C,
+    COMPUTE_32F, gemm_ex: tensor cores)."""
+
+    HALF = {"fp16": "CUDA_R_16F", "bf16": "CUDA_R_16BF"}
 
     WORKSPACE = 32 << 20
 
@@ -18,18 +22,19 @@ class CublasGemm(_Baseline):
         super().__init__(gpu)
         from nvmath.bindings import cublas
 
-        if mode not in ("fp32", "tf32", "fp16"):
-            raise ValueError(f"cuBLAS mode must be fp32, tf32 or fp16, got {mode!r}")
+        if mode not in ("fp32", "tf32", "fp16", "bf16"):
+            raise ValueError(f"cuBLAS mode must be fp32, tf32, fp16 or bf16, got {mode!r}")
         (m, k), (k2, n) = A.shape, B.shape
         if k != k2:
             raise ValueError(f"A is {m}x{k} but B is {k2}x{n}")
         self.name, self.dtype, self.mode = f"cublas_{mode}", mode, mode
         self._cublas, self._handle = cublas, None
         self._shape = (m, n, k)
-        self._store = np.float16 if mode == "fp16" else np.float32
+        self._io = "fp32" if mode == "tf32" else mode      # storage type of A, B and C
+        self._store = device_type(self._io)
         try:
-            self._a = self._upload(np.asarray(A, dtype=self._store))
-            self._b = self._upload(np.asarray(B, dtype=self._store))
+            self._a = self._upload(encode(A, self._io))
+            self._b = self._upload(encode(B, self._io))
             self._out = self._alloc(m * n * np.dtype(self._store).itemsize)
             self._workspace = self._alloc(self.WORKSPACE)
             self._alpha = np.array(1.0, dtype=np.float32)   # read by pointer (host pointer mode)
@@ -39,11 +44,11 @@ class CublasGemm(_Baseline):
             # An explicit workspace keeps cuBLAS from allocating during graph capture.
             cublas.set_workspace(self._handle, self._workspace.ptr, self.WORKSPACE)
             math = {"fp32": cublas.Math.PEDANTIC_MATH, "tf32": cublas.Math.TF32_TENSOR_OP_MATH,
-                    "fp16": cublas.Math.DEFAULT_MATH}[mode]
+                    "fp16": cublas.Math.DEFAULT_MATH, "bf16": cublas.Math.DEFAULT_MATH}[mode]
             cublas.set_math_mode(self._handle, int(math))
             self._call = self._bind_gemm(cublas, m, n, k)
             self.info = {"library": "cuBLAS", "version": cublas.get_version(self._handle),
-                         "routine": "gemm_ex" if mode == "fp16" else "sgemm",
+                         "routine": "gemm_ex" if mode in self.HALF else "sgemm",
                          "math_mode": math.name, "workspace_bytes": self.WORKSPACE}
         except BaseException:
             self.close()
@@ -57,9 +62,9 @@ class CublasGemm(_Baseline):
         # operands swap and m <-> n (checked numerically in CUDA_PYTHON_NOTES §3 and §6).
         op_n = int(cublas.Operation.N)
         alpha, beta = self._alpha.ctypes.data, self._beta.ctypes.data
-        if self.mode == "fp16":
+        if self.mode in self.HALF:
             from nvmath import CudaDataType
-            half = int(CudaDataType.CUDA_R_16F)
+            half = int(getattr(CudaDataType, self.HALF[self.mode]))
             return _bind(cublas.gemm_ex, self._handle, op_n, op_n, n, m, k, alpha,
                          self._b.ptr, half, n, self._a.ptr, half, k, beta, self._out.ptr, half, n,
                          int(cublas.ComputeType.COMPUTE_32F), int(cublas.GemmAlgo.DEFAULT))
@@ -68,7 +73,8 @@ class CublasGemm(_Baseline):
 
     def output(self) -> np.ndarray:
         m, n, _ = self._shape
-        return self.gpu.download(self._out, (m, n), self._store).astype(np.float64)
+        return decode(self.gpu.download(self._out, (m, n), self._store),
+                      self._io).astype(np.float64)
 
     def _close_library(self) -> None:
         if self._handle is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from ...reference import conv_out_hw, reference_and_magnitude
+from ...storage import decode, device_type, encode
 from .. import timing
 from ..runtime import Gpu, _one_line
 from ._base import _Baseline, median_us, mismatch
@@ -18,7 +19,8 @@ def conv_graph(x_shape, w_shape, stride: int, padding: int, mode: str, handle=No
     in NHWC order on an H100 although get_stride() printed NCHW (CUDA_PYTHON_NOTES §6)."""
     import cudnn
 
-    io = {"fp32": cudnn.data_type.FLOAT, "fp16": cudnn.data_type.HALF}[mode]
+    io = {"fp32": cudnn.data_type.FLOAT, "fp16": cudnn.data_type.HALF,
+          "bf16": cudnn.data_type.BFLOAT16}[mode]
     fp = cudnn.data_type.FLOAT
     n, c, h, w = x_shape
     k, c2, r, s = w_shape
@@ -39,18 +41,18 @@ def conv_graph(x_shape, w_shape, stride: int, padding: int, mode: str, handle=No
 class CudnnConv(_Baseline):
     """NCHW conv forward through the cuDNN frontend, fastest correct execution plan.
     "fp32": FLOAT io and compute, plans with tensor-core / down-convert numeric notes
-    deselected (no TF32). "fp16": HALF io, FLOAT compute."""
+    deselected (no TF32). "fp16" / "bf16": HALF / BFLOAT16 io, FLOAT compute."""
 
     def __init__(self, gpu: Gpu, x: np.ndarray, w: np.ndarray, stride: int, padding: int,
                  mode: str = "fp32"):
         super().__init__(gpu)
         import cudnn
 
-        if mode not in ("fp32", "fp16"):
-            raise ValueError(f"cuDNN mode must be fp32 or fp16, got {mode!r}")
+        if mode not in ("fp32", "fp16", "bf16"):
+            raise ValueError(f"cuDNN mode must be fp32, fp16 or bf16, got {mode!r}")
         self.name, self.dtype = f"cudnn_{mode}", mode
         self._cudnn, self._handle = cudnn, None
-        store = np.float16 if mode == "fp16" else np.float32
+        store = device_type(mode)
         n, c, h, wd = x.shape
         k, _, r, s = w.shape
         ho, wo = conv_out_hw(h, wd, r, s, stride, padding)
@@ -68,8 +70,8 @@ class CudnnConv(_Baseline):
                                               note.REDUCED_PRECISION_REDUCTION])
             self._graph = graph
             built, rejected = self._build_plans(graph)
-            self._x = self._upload(np.asarray(x, dtype=store))
-            self._w = self._upload(np.asarray(w, dtype=store))
+            self._x = self._upload(encode(x, mode))
+            self._w = self._upload(encode(w, mode))
             self._out = self._alloc(n * k * ho * wo * np.dtype(store).itemsize)
             self._workspace = self._alloc(max(built.values(), default=0))
             self._pack = {X: self._x.ptr, W: self._w.ptr, Y: self._out.ptr}  # plain ints
@@ -120,7 +122,8 @@ class CudnnConv(_Baseline):
             try:
                 self.gpu.poison(self._out)
                 run()
-                got = self.gpu.download(self._out, self._out_shape, self._store)
+                got = decode(self.gpu.download(self._out, self._out_shape, self._store),
+                             self.dtype)
                 problem = mismatch(got, reference, magnitude, self.dtype, k)
                 if not problem:
                     times[index] = timing.graph(self.gpu, run)
@@ -142,7 +145,8 @@ class CudnnConv(_Baseline):
         self._chosen()
 
     def output(self) -> np.ndarray:
-        return self.gpu.download(self._out, self._out_shape, self._store).astype(np.float64)
+        return decode(self.gpu.download(self._out, self._out_shape, self._store),
+                      self.dtype).astype(np.float64)
 
     def _close_library(self) -> None:
         if self._handle is not None:
