@@ -15,6 +15,7 @@ import numpy as np
 
 from .interp_base import PlanExecutionError, _f16, thread_env
 from .ir import StreamIR
+from .storage import rounded
 
 
 def schedule(seg: np.ndarray, chains: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -112,8 +113,8 @@ def execute_stream(ir: StreamIR, x: np.ndarray, residual: np.ndarray | None) -> 
             value = np.maximum(value, 0.0)
         if ir.activation == "relu6":
             value = np.minimum(value, 6.0)
-        if ir.dtype == "fp16":
-            value = _f16(value)
+        if ir.dtype != "fp32":
+            value = rounded(value, ir.dtype)
         store = addr[active]
         if np.any(store < 0) or np.any(store >= geo.output_elems):
             raise PlanExecutionError("store out of bounds")

@@ -42,7 +42,7 @@ SHAPES = {
                                                        stride=2, padding=1)),
     "3x3_pad0": (sparse((10, 6, 3, 3), 0.4, 8), dict(op="conv", input_shape=(1, 6, 8, 8))),
 }
-PRECISIONS = [("fp32", "fp32"), ("fp16", "fp16"), ("fp16", "fp32")]
+PRECISIONS = [("fp32", "fp32"), ("fp16", "fp16"), ("fp16", "fp32"), ("bf16", "fp32")]
 
 
 @pytest.mark.parametrize("precision", PRECISIONS)

@@ -49,7 +49,8 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("precision", [("fp32", "fp32"), ("fp16", "fp16"), ("fp16", "fp32")])
+@pytest.mark.parametrize("precision", [("fp32", "fp32"), ("fp16", "fp16"), ("fp16", "fp32"),
+                                       ("bf16", "fp32")])
 @pytest.mark.parametrize("name", sorted(CASES))
 @pytest.mark.parametrize("epilogue", [False, True])
 def test_streamed_kernels_match_float64(gpu, name, precision, epilogue):

@@ -29,8 +29,8 @@ import numpy as np
 import scipy.sparse as sp
 
 from ...errors import UserError
-from ...problem_shape import (ACTIVATIONS, ELEMENT_BYTES, MAX_THREADS, Epilogue, Geometry,
-                              precision_label)
+from ...problem_shape import (ACTIVATIONS, ELEMENT_BYTES, MAX_THREADS, PRECISIONS, Epilogue,
+                              Geometry, precision_label)
 from ..immediate.plan import fit_vector_width
 
 MAX_ROWS_PER_WORKER = 4096
@@ -276,8 +276,8 @@ def default_params(geometry: Geometry, nnz: int, sm_count: int = 132,
                    precision: str = "fp32") -> StreamParams:
     """An untuned plan: vectors as wide as keep a warp's 32 lanes busy (one data load then feeds
     more columns), one warp row per worker, enough workers for ~8 warps per SM."""
-    dtype = "fp16" if precision.startswith("fp16") else "fp32"
-    width = fit_vector_width(geometry, 8 if dtype == "fp16" else 4, dtype)
+    dtype = PRECISIONS[precision][0]
+    width = fit_vector_width(geometry, 16 // ELEMENT_BYTES[dtype], dtype)
     while width > 1 and -(-geometry.columns // width) < 32:
         width //= 2
     width = fit_vector_width(geometry, width, dtype)
@@ -296,7 +296,7 @@ def candidates(geometry: Geometry, nnz: int, precision: str = "fp32",
                limit: int = 12) -> list[StreamParams]:
     """The default first, then neighbours: rows per worker /2 and x2, narrower vectors, other
     chain counts and block heights (fitted to the shape, duplicates dropped)."""
-    dtype = "fp16" if precision.startswith("fp16") else "fp32"
+    dtype = PRECISIONS[precision][0]
     base = default_params(geometry, nnz, precision=precision)
     r, v = base.rows_per_worker, base.vector_width
     tries = [base, replace(base, rows_per_worker=max(1, r // 2)),
