@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .interp_base import PlanExecutionError, _f16, thread_env
+from .interp_base import PlanExecutionError, _f16, evaluate
 from .ir import StreamIR
 from .storage import rounded
 
@@ -39,7 +39,7 @@ def schedule(seg: np.ndarray, chains: int) -> tuple[np.ndarray, np.ndarray, np.n
 
 def _check_tables(ir: StreamIR) -> None:
     work, seg, nnz = ir.work, ir.seg, len(ir.offsets)
-    workers = ir.grid[1] * ir.warps
+    workers = ir.grid[0] * ir.warps
     if len(work) != workers + 1:
         raise PlanExecutionError(f"{len(work) - 1} worker ranges for {workers} workers")
     if work[0] != 0 or np.any(np.diff(work) < 0) or work[-1] != len(ir.row_out):
@@ -58,7 +58,8 @@ def execute_stream(ir: StreamIR, x: np.ndarray, residual: np.ndarray | None) -> 
     geo, width, chains = ir.geometry, ir.vector_width, ir.chains
     half = ir.accumulate == "fp16"
     rnd = _f16 if half else (lambda v: v)
-    env = thread_env(ir)
+    tid = np.arange(ir.grid[1] * ir.col_threads, dtype=np.int64)    # tiles = blockIdx.y
+    env = evaluate(ir.columns, {"bx": tid // ir.col_threads, "tx": tid % ir.col_threads})
     active = env["act"].astype(bool)
     lanes = np.arange(width, dtype=np.int64)
     base_x = env["inoff"]                                   # per thread, elements

@@ -165,9 +165,10 @@ class KernelIR:
 class StreamIR:
     """A streamed-family kernel: one loop, its pattern as data (families/streamed/plan.py).
 
-    The entry evaluates `columns` and offsets the pointers like KernelIR; with padding, each tap
+    Grid (worker blocks, column tiles): the entry evaluates `columns` with bx = blockIdx.y (the
+    tile) and offsets the pointers like KernelIR; with padding, each tap
     segment t gets its base once: x while (ih + r, iw + s) lies inside the image, else the zero
-    buffer shifted by `bases[t].zero_shift`. Worker w = by * warps + ty runs row entries
+    buffer shifted by `bases[t].zero_shift`. Worker w = blockIdx.x * warps + ty runs row entries
     work[w]..work[w+1]; row entry i computes output row row_out[i] from nonzeros
     seg[i, t]..seg[i, t+1] of each segment t: nonzero e adds values[e] * base_t[offsets[e]].
     Nonzero k of a segment feeds accumulator k % chains (the loop takes them 32 at a time: one

@@ -25,7 +25,7 @@ from ..problem_shape import Geometry
 from .cuda import RULES, _helpers, f32
 from .ptx import f16_bits
 
-VERSION = "stream-3"
+VERSION = "stream-4"
 PRECISIONS = ("fp32", "fp16", "fp16acc32", "bf16")
 _FLOAT_VEC = {1: "float", 2: "float2", 4: "float4"}
 _PAIR_VEC = {1: "unsigned", 2: "uint2", 4: "uint4"}
@@ -151,7 +151,7 @@ def print_stream(ir: StreamIR, arch: str = "sm_90") -> str:
     out += ["", f'extern "C" __global__ void __launch_bounds__({ir.col_threads * ir.warps})',
             f"{ir.entry}({', '.join(f'{types[a]} {a}' for a in ir.arguments)})", "{",
             _constants(ir),
-            "  const unsigned tx = threadIdx.x, bx = blockIdx.x;",
+            "  const unsigned tx = threadIdx.x, bx = blockIdx.y;   // bx: the column tile",
             f"  unsigned {', '.join(dict.fromkeys(unsigned))};",
             f"  int {', '.join(dict.fromkeys(op.dst for op in ir.columns if op.signed))};"]
     out += [_index(op) for op in ir.columns]
@@ -167,7 +167,7 @@ def print_stream(ir: StreamIR, arch: str = "sm_90") -> str:
     acc = f"{t.acc_t} a[CHAINS][{t.units}]"
     out += ["  const int2* ent = reinterpret_cast<const int2*>(sparsert_ent);",
             "  const int lane = threadIdx.x & 31;",
-            "  const int w = blockIdx.y * WARPS + threadIdx.y;",
+            "  const int w = blockIdx.x * WARPS + threadIdx.y;",
             "  const int r_end = __ldg(sparsert_work + w + 1);",
             "  for (int r = __ldg(sparsert_work + w); r < r_end; ++r) {",
             "    const int* R = sparsert_rows + r * STRIDE;",

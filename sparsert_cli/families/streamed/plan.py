@@ -140,8 +140,10 @@ class StreamPlan:
 
     @property
     def grid(self) -> tuple[int, int, int]:
+        """(worker blocks, column tiles, 1): blocks are dispatched x first, so the blocks an SM
+        holds at a time mostly share one column tile, whose activations then stay in its L1."""
         tiles = -(-self.geometry.columns // self.tile_columns)
-        return (tiles, self.workers // self.params.warps, 1)
+        return (self.workers // self.params.warps, tiles, 1)
 
     @property
     def block(self) -> tuple[int, int, int]:
@@ -272,23 +274,29 @@ def build_plan(csr: sp.csr_matrix, geometry: Geometry, params: StreamParams,
                       else np.zeros(0, np.float32), epilogue, dtype, accumulate)
 
 
+# Activation bytes one column tile may read (a block's workers share them through L1; the
+# dispatch order keeps an SM on one tile at a time): past this the tile narrows.
+TILE_BYTES = 64 * 1024
+WARPS_PER_SM = 12
+
+
 def default_params(geometry: Geometry, nnz: int, sm_count: int = 132,
                    precision: str = "fp32") -> StreamParams:
-    """An untuned plan: vectors as wide as keep a warp's 32 lanes busy (one data load then feeds
-    more columns), one warp row per worker, enough workers for ~8 warps per SM."""
+    """An untuned plan: a column tile whose activations fit L1 (TILE_BYTES), vectors as wide as
+    that tile allows (one data load then feeds more columns), ~WARPS_PER_SM warps per SM."""
     dtype = PRECISIONS[precision][0]
+    per_column = geometry.in_channels * geometry.stride ** 2 * ELEMENT_BYTES[dtype]
+    tile = max(32, TILE_BYTES // per_column)
     width = fit_vector_width(geometry, 16 // ELEMENT_BYTES[dtype], dtype)
-    while width > 1 and -(-geometry.columns // width) < 32:
+    while width > 1 and (32 * width > tile or -(-geometry.columns // width) < 32):
         width //= 2
     width = fit_vector_width(geometry, width, dtype)
-    if precision == "fp16" and width == 1 and fit_vector_width(geometry, 2, dtype) == 2:
-        width = 2
     per_thread = -(-geometry.columns // width)
-    threads = 32 if per_thread <= 32 else 64 if per_thread <= 64 else 128
+    threads = max(32, min(256, tile // width // 32 * 32, -(-per_thread // 32) * 32))
     tiles = -(-per_thread // threads)
-    workers = max(1, min(geometry.out_channels, (8 * sm_count * 32) // (threads * tiles)))
+    workers = max(1, min(geometry.out_channels, WARPS_PER_SM * sm_count * 32 // (threads * tiles)))
     rows = -(-geometry.out_channels // workers)
-    warps = max(1, min(8, 256 // threads))
+    warps = max(1, min(4, 256 // threads))
     return fit_params(geometry, StreamParams(threads, width, warps, rows, 4), dtype)
 
 
@@ -300,12 +308,11 @@ def candidates(geometry: Geometry, nnz: int, precision: str = "fp32",
     base = default_params(geometry, nnz, precision=precision)
     r, v = base.rows_per_worker, base.vector_width
     tries = [base, replace(base, rows_per_worker=max(1, r // 2)),
-             replace(base, rows_per_worker=r * 2), replace(base, chains=8),
-             replace(base, chains=2), replace(base, warps=max(1, base.warps // 2)),
-             replace(base, vector_width=max(1, v // 2), col_threads=min(256, base.col_threads * 2)),
+             replace(base, rows_per_worker=r * 2), replace(base, chains=2),
+             replace(base, vector_width=v * 2), replace(base, vector_width=max(1, v // 2)),
+             replace(base, warps=max(1, base.warps // 2)), replace(base, warps=base.warps * 2),
              replace(base, rows_per_worker=max(1, r // 4)), replace(base, rows_per_worker=r * 4),
-             replace(base, vector_width=max(1, v // 2)), replace(base, chains=1),
-             replace(base, col_threads=min(256, base.col_threads * 2))]
+             replace(base, col_threads=min(256, base.col_threads * 2)), replace(base, chains=8)]
     out: list[StreamParams] = []
     for params in tries:
         try:
