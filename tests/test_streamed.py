@@ -69,7 +69,7 @@ def test_plans_balance_rows_and_keep_every_nonzero_in_tap_order():
     plan = build_plan(csr, geometry, StreamParams(32, 1, 2, 5, 4))
     assert isinstance(plan, StreamPlan) and family_of(plan) is get_family("streamed")
     assert sorted(plan.row_out.tolist()) == list(range(40)) and plan.nnz == csr.nnz
-    assert plan.workers % plan.params.warps == 0 and plan.grid[1] * 2 == plan.workers
+    assert plan.workers % plan.params.warps == 0 and plan.grid[0] * 2 == plan.workers
     loads = [int(plan.seg[i, -1] - plan.seg[i, 0]) for i in range(len(plan.row_out))]
     per_worker = [sum(loads[plan.work[w]:plan.work[w + 1]]) for w in range(plan.workers)]
     assert max(per_worker) <= np.mean(per_worker) + max(loads) + 8
