@@ -274,29 +274,22 @@ def build_plan(csr: sp.csr_matrix, geometry: Geometry, params: StreamParams,
                       else np.zeros(0, np.float32), epilogue, dtype, accumulate)
 
 
-# Activation bytes one column tile may read (a block's workers share them through L1; the
-# dispatch order keeps an SM on one tile at a time): past this the tile narrows.
-TILE_BYTES = 64 * 1024
-WARPS_PER_SM = 12
-
-
 def default_params(geometry: Geometry, nnz: int, sm_count: int = 132,
                    precision: str = "fp32") -> StreamParams:
-    """An untuned plan: a column tile whose activations fit L1 (TILE_BYTES), vectors as wide as
-    that tile allows (one data load then feeds more columns), ~WARPS_PER_SM warps per SM."""
+    """An untuned plan: vectors as wide as keep a warp's 32 lanes busy (each entry's load and two
+    shuffles then feed more columns: that, not L1 capacity, decided the H100 probes, see
+    docs/perf-notes.md), one warp row per worker, enough workers for ~8 warps per SM."""
     dtype = PRECISIONS[precision][0]
-    per_column = geometry.in_channels * geometry.stride ** 2 * ELEMENT_BYTES[dtype]
-    tile = max(32, TILE_BYTES // per_column)
     width = fit_vector_width(geometry, 16 // ELEMENT_BYTES[dtype], dtype)
-    while width > 1 and (32 * width > tile or -(-geometry.columns // width) < 32):
+    while width > 1 and -(-geometry.columns // width) < 32:
         width //= 2
     width = fit_vector_width(geometry, width, dtype)
     per_thread = -(-geometry.columns // width)
-    threads = max(32, min(256, tile // width // 32 * 32, -(-per_thread // 32) * 32))
+    threads = 32 if per_thread <= 32 else 64 if per_thread <= 64 else 128
     tiles = -(-per_thread // threads)
-    workers = max(1, min(geometry.out_channels, WARPS_PER_SM * sm_count * 32 // (threads * tiles)))
+    workers = max(1, min(geometry.out_channels, (8 * sm_count * 32) // (threads * tiles)))
     rows = -(-geometry.out_channels // workers)
-    warps = max(1, min(4, 256 // threads))
+    warps = max(1, min(8, 256 // threads))
     return fit_params(geometry, StreamParams(threads, width, warps, rows, 4), dtype)
 
 
