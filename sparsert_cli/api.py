@@ -628,7 +628,7 @@ def config_layer(config, problem, sparsity: float, weight=None) -> Layer:
                  weight, geometry_for(problem),
                  epilogue_for(problem, config.epilogue, config.seed, sparsity),
                  config.precision, {"problem": problem.id, "sparsity": sparsity},
-                 config.plan or "auto", config.allow_fp16_flush)
+                 config.plan or "auto", config.allow_fp16_flush, config.family)
 
 
 def config_layers(config) -> list[Layer]:
