@@ -59,11 +59,14 @@ def show(db_path, as_json):
               help="Also export winners of older kernel family versions.")
 def export(db_path, out_path, all_versions):
     """Write the best verified plan per (pattern, shape, GPU, precision) into the JSON."""
-    from ..jobs import current_family
+    from ..build import EMITTERS
+    from ..families import families as registered
+    from ..jobs import family_version
     from ..tune import TUNED_PATH
     from ..tunedb import TuneDB, export as export_db
 
-    families = None if all_versions else {current_family("ptx"), current_family("cuda")}
+    families = None if all_versions else {family_version(f.name, e) for f in registered()
+                                          for e in EMITTERS}
     with TuneDB(db_path, create=False) as db:
         count = export_db(db, out_path or TUNED_PATH, families)
     console.print(f"{count} tuned plans from {db_path} written to {out_path or TUNED_PATH}")
