@@ -5,6 +5,7 @@ about a second, these estimates take milliseconds)."""
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import asdict, replace
 
 import numpy as np
@@ -160,18 +161,32 @@ def estimate(geometry: Geometry, csr, params: PlanParams, precision: str) -> dic
     own row assignment and the distinct taps per group (one load each) from the CSR indices.
     Equal to features(plan) (tests/test_costmodel.py), ~100x cheaper for large layers."""
     params = fit_params(geometry, params, PRECISIONS[precision][0])
-    row_nnz = np.diff(csr.indptr)
-    groups = _assign_rows(row_nnz, params.rows_per_group, params.balance)
-    group_of = np.empty(len(row_nnz), dtype=np.int64)
-    sizes = np.zeros(len(groups), dtype=np.int64)
-    for g, rows in enumerate(groups):
-        group_of[rows] = g
-        sizes[g] = len(rows)
-    row_ids = np.repeat(np.arange(len(row_nnz)), row_nnz)
-    taps = np.unique(group_of[row_ids] * int(csr.shape[1]) + csr.indices.astype(np.int64))
-    loads = np.bincount(taps // int(csr.shape[1]), minlength=len(groups))
-    nnz = np.bincount(group_of, weights=row_nnz, minlength=len(groups))
-    width = lanes(params.vector_width, precision)
-    instr = loads + width * (nnz + STORE_INSTRUCTIONS * sizes) + _slices(params)
-    return _features(geometry, params, precision, len(groups), int(loads.sum()), int(csr.nnz),
-                     len(row_nnz), instr.astype(np.float64))
+    sizes, loads, nnz = _grouping(csr, params.rows_per_group, params.balance)
+    instr = loads + lanes(params.vector_width, precision) * (nnz + STORE_INSTRUCTIONS * sizes)
+    return _features(geometry, params, precision, len(sizes), int(loads.sum()), int(csr.nnz),
+                     csr.shape[0], instr.astype(np.float64) + _slices(params))
+
+
+_GROUPINGS: dict[tuple, tuple] = {}      # the last few weights' groupings: candidates share them
+
+
+def _grouping(csr, rows_per_group: int, balance: str):
+    """(rows, distinct taps, nonzeros) per row group, as build_plan groups the rows."""
+    digest = hashlib.sha1(csr.indptr.tobytes() + csr.indices.tobytes()).hexdigest()
+    key = (digest, csr.shape, rows_per_group, balance)
+    if key not in _GROUPINGS:
+        row_nnz = np.diff(csr.indptr)
+        groups = _assign_rows(row_nnz, rows_per_group, balance)
+        group_of = np.empty(len(row_nnz), dtype=np.int64)
+        sizes = np.zeros(len(groups), dtype=np.int64)
+        for g, rows in enumerate(groups):
+            group_of[rows] = g
+            sizes[g] = len(rows)
+        taps = int(csr.shape[1])
+        keys = np.unique(np.repeat(group_of, row_nnz) * taps + csr.indices.astype(np.int64))
+        loads = np.bincount(keys // taps, minlength=len(groups))
+        nnz = np.bincount(group_of, weights=row_nnz, minlength=len(groups))
+        if len(_GROUPINGS) >= 16:
+            _GROUPINGS.pop(next(iter(_GROUPINGS)))
+        _GROUPINGS[key] = (sizes, loads, nnz)
+    return _GROUPINGS[key]
