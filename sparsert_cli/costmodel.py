@@ -163,20 +163,33 @@ def choose(geometry: Geometry, csr, precision: str = "fp32", gpu_name: str | Non
 
 
 # ---- calibration -------------------------------------------------------------------------------
-def fit(samples: list[tuple[dict, float]], sms: int) -> tuple[dict[str, float], dict]:
+def fit(samples: list[tuple[dict, float]], sms: int, ratios: dict | None = None
+        ) -> tuple[dict[str, float], dict]:
     """Coefficients (non-negative least squares on relative error: every layer counts alike,
-    small or large) of `samples` = [(features, measured us)], and the fit's quality."""
+    small or large) of `samples` = [(features, measured us)], and the fit's quality. With
+    `ratios` (coefficients, e.g. the fallback's) only the launch term and one scale of the other
+    terms are fitted, keeping their ratios: for measurements that vary the plan too little to
+    pin every term (a full fit then extrapolates badly to plans nobody measured)."""
     from scipy.optimize import nnls
 
-    if len(samples) < len(TERMS):
-        raise UserError(f"calibration needs at least {len(TERMS)} measurements with cost "
+    need = 2 if ratios else len(TERMS)
+    if len(samples) < need:
+        raise UserError(f"calibration needs at least {need} measurements with cost "
                         f"features, got {len(samples)}")
     rows = np.array([terms(f, sms) for f, _ in samples])
     us = np.array([t for _, t in samples], dtype=np.float64)
-    scale = rows.max(axis=0)
+    if ratios:
+        shape = np.array([0.0] + [ratios[t] for t in TERMS[1:]])
+        design = np.stack([rows[:, 0], rows @ shape], axis=1)
+    else:
+        design = rows
+    scale = design.max(axis=0)
     scale[scale == 0] = 1.0                      # an unused term keeps coefficient 0
-    solution, _ = nnls(rows / scale / us[:, None], np.ones(len(us)), maxiter=50 * len(TERMS))
-    coefs = solution / scale
+    solution, _ = nnls(design / scale / us[:, None], np.ones(len(us)),
+                       maxiter=50 * len(TERMS))
+    solution = solution / scale
+    coefs = (np.concatenate([[solution[0]], solution[1] * shape[1:]]) if ratios
+             else solution)
     errors = np.abs(rows @ coefs - us) / us
     quality = {"samples": len(us), "median_rel_error": float(np.median(errors)),
                "p90_rel_error": float(np.percentile(errors, 90)),

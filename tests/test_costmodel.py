@@ -228,6 +228,18 @@ def test_fit_recovers_known_coefficients():
     assert quality["samples"] == 60 and quality["p90_rel_error"] < 1e-9
 
 
+def test_fit_keeping_ratios_fits_launch_and_one_scale():
+    ratios = dict(TRUE, launch=99.0)             # the launch ratio is not used
+    samples = [(f, 0.7 + 0.4 * (us - TRUE["launch"])) for f, us in _synthetic(20)]
+    coefs, quality = costmodel.fit(samples, 132, ratios)
+    assert coefs["launch"] == pytest.approx(0.7, rel=1e-6)
+    for term in costmodel.TERMS[1:]:
+        assert coefs[term] == pytest.approx(0.4 * TRUE[term], rel=1e-6)
+    assert quality["max_rel_error"] < 1e-9
+    with pytest.raises(UserError, match="at least 2 measurements"):
+        costmodel.fit(samples[:1], 132, ratios)
+
+
 def _db_with(path, samples, gpu="GPU X", features=True):
     with TuneDB(path) as db:
         for i, (f, us) in enumerate(samples):
@@ -254,6 +266,12 @@ def test_calibrate_command_fits_and_writes_the_gpu_entry(tmp_path, capsys):
     code, stdout, _ = run_main(["tunedb", "calibrate", str(db), "--gpu", "GPU X", "--json"],
                                capsys)
     assert code == 0 and json.loads(stdout)["fit"]["samples"] == 40
+    code, stdout, _ = run_main(["tunedb", "calibrate", str(db), "--gpu", "GPU X", "--json",
+                                "--keep-ratios"], capsys)
+    fallback = costmodel.load_coefficients()[costmodel.FALLBACK]["coefficients"]
+    coefs = json.loads(stdout)["coefficients"]
+    assert code == 0 and coefs["l2"] / coefs["fetch"] == pytest.approx(
+        fallback["l2"] / fallback["fetch"])
 
 
 def _one_line_exit_2(capsys, args, message):

@@ -96,8 +96,11 @@ def merge(out_path, inputs):
 @click.option("--out", "out_path", default=None, type=click.Path(dir_okay=False),
               help="Cost-model file to write the fitted entry into (its other GPUs kept); "
                    "without it the fit is only reported.")
+@click.option("--keep-ratios", is_flag=True,
+              help="Fit only the launch term and one scale of the fallback's other coefficients "
+                   "(for measurements that vary the plan too little to pin every term).")
 @click.option("--json", "as_json", is_flag=True, help="Print the fit as JSON.")
-def calibrate(db_path, gpu_name, out_path, as_json):
+def calibrate(db_path, gpu_name, out_path, keep_ratios, as_json):
     """Fit the cost model's coefficients for one GPU to every measurement in the database."""
     from .. import costmodel
     from ..paths import check_output
@@ -115,9 +118,13 @@ def calibrate(db_path, gpu_name, out_path, as_json):
     if not samples:
         raise UserError(f"{db_path}: none of the {bare} verified measurements on {gpu_name!r} "
                         f"stored cost features (measured by an older sparsert: tune again)")
-    coefs, quality = costmodel.fit(samples, sms)
+    ratios = costmodel.coefficients_for(costmodel.FALLBACK)[1]["coefficients"] \
+        if keep_ratios else None
+    coefs, quality = costmodel.fit(samples, sms, ratios)
     entry = {"sms": sms, "coefficients": coefs, "fit": quality,
-             "source": f"sparsert tunedb calibrate {db_path} ({quality['samples']} measurements)"}
+             "source": f"sparsert tunedb calibrate {db_path}"
+                       f"{' --keep-ratios' if keep_ratios else ''} ({quality['samples']} "
+                       f"measurements)"}
     if out_path:
         costmodel.save_entry(out_path, gpu_name, entry)
     if as_json:
