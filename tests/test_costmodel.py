@@ -366,7 +366,8 @@ def test_default_gap_summarises_and_judges():
     assert default_gap([])["cases"] == 0
 
 
-@pytest.mark.parametrize("name", ["tune-paper20.json", "tune-paper20-fp16.json"])
+@pytest.mark.parametrize("name", ["tune-paper20.json", "tune-paper20-fp16.json",
+                                  "tune-mobilenet.json"])
 def test_committed_defaults_are_near_the_best(repo, name):
     """Issue 10: the cost model's untuned default within 10% (geomean) and 25% (every case) of
     the best candidate of the same H100 run."""
