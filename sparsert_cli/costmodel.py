@@ -143,8 +143,8 @@ def choose(geometry: Geometry, csr, precision: str = "fp32", gpu_name: str | Non
     coefs = np.array([entry["coefficients"][t] for t in TERMS])
     best, errors = None, []
     for order, family in enumerate(pool):
-        for index, params in enumerate(family.candidates(geometry, int(csr.nnz), precision,
-                                                         limit)):
+        for index, params in enumerate(family.candidates(geometry, int(csr.nnz),
+                                                         precision=precision, limit=limit)):
             try:
                 if family.estimate is not None:
                     features = family.estimate(geometry, csr, params, precision)

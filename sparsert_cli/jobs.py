@@ -202,10 +202,12 @@ def case_candidates(geometry: Geometry, csr, precision: str, limit: int, seeds: 
     pool = [f for f in families() if f.choosable] if family == "auto" else [get_family(family)]
     chosen, params = costmodel.choose(geometry, csr, precision, gpu_name, pool)
     out = [(family_version(chosen.name, emitter), params)]
-    lists = [[(family_version(f.name, emitter), p) for p in f.candidates(
-        geometry, int(csr.nnz), precision, limit, tuple(s for s in seeds
-                                                        if isinstance(s, f.params)))]
-             for f in pool]
+    lists = []
+    for f in pool:
+        own = tuple(s for s in seeds if isinstance(s, f.params))
+        found = f.candidates(geometry, int(csr.nnz), precision=precision, limit=limit,
+                             **({"seeds": own} if own else {}))
+        lists.append([(family_version(f.name, emitter), p) for p in found])
     for entry in (e for row in zip_longest(*lists) for e in row if e is not None):
         if len(out) >= limit:
             break

@@ -111,7 +111,7 @@ def fake_family(name: str, costs: tuple[int, ...]) -> Family:
             FakePlan(geometry, params, int(csr.nnz)),
         fit_params=lambda geometry, params, dtype="fp32": params, lower=None,
         default_params=lambda geometry, nnz, precision="fp32": FakeParams(costs[0]),
-        candidates=lambda geometry, nnz, precision="fp32", limit=16, seeds=():
+        candidates=lambda geometry, nnz, precision="fp32", limit=16:   # no seeds, like streamed
             [FakeParams(c) for c in costs][:limit],
         features=_fake_features)
 
@@ -151,7 +151,8 @@ def test_choose_takes_the_cheapest_family_and_breaks_ties_by_registration(coeffi
 
 def test_choose_needs_a_family_that_can_choose():
     bare = replace(IMMEDIATE, name="bare", candidates=None)
-    with pytest.raises(UserError, match="no kernel family can choose"):
+    with pytest.raises(UserError, match=r"no kernel family here can choose plans on its own "
+                                        r"\(bare: no cost"):
         costmodel.choose(Geometry(1, 8, 1, 8, 8), _weight(8, 8, 0.5), "fp32", "x", [bare])
 
 
@@ -199,6 +200,9 @@ def test_tuner_candidates_start_with_the_cost_model_default_and_take_every_famil
     assert len(set(found)) == 6
     only = case_candidates(geometry, w, "fp32", 4, family="immediate")
     assert {f[0] for f, _ in only} == {"immediate"} and len(only) == 4
+    seed = PlanParams(3, 1, 32, 2)              # an immediate winner at another precision
+    seeded = case_candidates(geometry, w, "fp32", 6, (seed,))
+    assert (("immediate", code_version(IMMEDIATE, "ptx")), fit_params(geometry, seed)) in seeded
 
 
 # ---- calibration ---------------------------------------------------------------------------------

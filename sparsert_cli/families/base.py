@@ -18,11 +18,12 @@ class Family:
 
     Hooks for choosing plans (costmodel.py, the tuner); a family without them is planned only
     when named with explicit parameters:
-    default_params(geometry, nnz, precision) -> params: its untuned rule default;
-    candidates(geometry, nnz, precision, limit, seeds=()) -> [params]: what the tuner times and
-    the cost model ranks (the default first); features(plan) -> {name: float}: cost features
-    (costmodel.FEATURES); estimate(geometry, csr, params, precision) -> the same features without
-    building the plan (None: the cost model builds plans to get them)."""
+    default_params(geometry, nnz, precision=...) -> params: its untuned rule default;
+    candidates(geometry, nnz, precision=..., limit=...[, seeds=...]) -> [params]: what the tuner
+    times and the cost model ranks (the default first; `seeds`, this family's winners at other
+    precisions, passed only when there are some); features(plan) -> {name: float}: cost
+    features (costmodel.FEATURES); estimate(geometry, csr, params, precision) -> the same
+    features without building the plan (None: the cost model builds plans to get them)."""
 
     name: str
     version: str
