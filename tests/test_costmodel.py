@@ -20,7 +20,7 @@ from sparsert_cli.families.immediate import (FAMILY as IMMEDIATE, PlanParams, bu
                                              estimate, features, fit_params)
 from sparsert_cli.jobs import GAP_CASE, GAP_GEOMEAN, case_candidates, default_gap
 from sparsert_cli.patterns import generate, pattern_hash, to_csr
-from sparsert_cli.problem_shape import Epilogue, Geometry
+from sparsert_cli.problem_shape import PRECISIONS, Epilogue, Geometry
 from sparsert_cli.problems import builtin_problems
 from sparsert_cli.tune import TunedDB
 from sparsert_cli.tunedb import TuneDB
@@ -39,11 +39,11 @@ def _weight(m, k, density, seed=0):
     (Geometry(1, 64, 1, 96, 48), PlanParams(8, 2, 64, k_split=2), "fp32"),
     (Geometry(2, 16, 7, 7, 24, kernel=3, padding=1), PlanParams(3, 1, 64), "fp16"),
     (Geometry(1, 16, 8, 8, 40), PlanParams(16, 8, 32, balance="contiguous"), "fp16"),
+    (Geometry(1, 32, 1, 64, 24), PlanParams(4, 8, 32), "bf16"),
 ])
 def test_immediate_estimate_equals_the_features_of_the_built_plan(geometry, params, precision):
     w = _weight(geometry.out_channels, geometry.taps, 0.15, 3)
-    dtype = "fp16" if precision == "fp16" else "fp32"
-    plan = build_plan(w, geometry, params, Epilogue(), dtype, dtype)
+    plan = build_plan(w, geometry, params, Epilogue(), *PRECISIONS[precision])
     exact = features(plan)
     assert estimate(geometry, w, params, precision) == exact
     assert set(costmodel.FEATURES) <= set(exact)
