@@ -26,14 +26,18 @@ family_option = click.option(
          "one family's name, e.g. immediate.")
 
 
-def check_family(name: str | None) -> str | None:
-    """A --family value: "auto" or a registered family's name (one line otherwise)."""
+def check_family(name: str | None, tuning: bool = False) -> str | None:
+    """A --family value: "auto" or a registered family's name (one line otherwise); `tuning`:
+    one the tuner can make candidates for (it has the cost-model hooks)."""
     if name is not None:
         from .families import get_family
         try:
-            get_family(name)
+            family = get_family(name)
         except UserError as exc:
             raise UserError(f"--family: {exc.message}") from None
+        if tuning and name != "auto" and not family.choosable:
+            raise UserError(f"--family: the {name} family has no candidates to tune yet (no "
+                            f"cost-model hooks)")
     return name
 
 

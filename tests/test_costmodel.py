@@ -346,6 +346,13 @@ def test_unknown_family_is_one_line_exit_2(args, capsys):
     _one_line_exit_2(capsys, args, "--family: unknown kernel family 'nope'")
 
 
+def test_tune_refuses_a_family_without_candidates(capsys, monkeypatch):
+    bare = replace(IMMEDIATE, name="bare", candidates=None)
+    monkeypatch.setitem(families._REGISTRY, "bare", bare)
+    _one_line_exit_2(capsys, ["tune", "ci", "--family", "bare"],
+                     "--family: the bare family has no candidates to tune yet")
+
+
 def test_config_family_key_is_checked(tmp_path):
     from sparsert_cli.config import load_config
 

@@ -91,7 +91,7 @@ def command(config_path, problem_ids, sparsities, dtype, accumulate, max_candida
     from ..config import load_config
     from ._common import select, split_values
 
-    check_family(family)
+    check_family(family, tuning=True)
     if gpus is not None and ray is not None:
         raise UserError("--gpus and --ray exclude each other (Ray places the timers itself)")
     config = select(load_config(config_path), split_values(problem_ids),
