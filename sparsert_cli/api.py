@@ -30,7 +30,7 @@ from .cache import KernelCache
 from .compile import Resources
 from .errors import UserError
 from .interp import PlanExecutionError, execute
-from .families import family_of_params, get_family
+from .families import families, family_of_params, get_family
 from .families.immediate import Plan, PlanParams, build_plan
 from .patterns import SparseWeight, dense, pattern_hash, to_csr
 from .problem_shape import (ACTIVATIONS, ELEMENT_BYTES, PRECISIONS, Epilogue, Geometry,
@@ -161,40 +161,39 @@ def _tuned_db(tuned):
 
 
 def tuned_params(geometry: Geometry, weight, precision: str, tuned=None,
-                 gpu_name: str | None = None, emit: str = "ptx") -> PlanParams | None:
-    """The tuned winner for this layer, GPU, precision and code version, or None."""
+                 gpu_name: str | None = None, emit: str = "ptx", family: str = "auto"):
+    """The tuned winner's parameters for this layer, GPU, precision and code version: the
+    fastest over every registered family (or `family` alone), or None."""
     db = _tuned_db(tuned)
     if db is None:
         return None
     from .gpu.runtime import detect_gpu_name
 
-    family, version = current_family(emit)
-    return db.lookup(pattern_hash(weight), geometry, gpu_name or detect_gpu_name(), precision,
-                     family, version)
+    found = db.best(pattern_hash(weight), geometry, gpu_name or detect_gpu_name(), precision,
+                    emit, family)
+    return found[1] if found else None
 
 
 def plan_for(layer: "Layer", tuned=None, gpu_name: str | None = None,
              emit: str = "ptx") -> tuple[Plan, bool]:
-    """(plan, tuned?) of a layer. plan "auto": a tuned winner, else the default plan; a dict:
-    parameters over the default, unless a winner exists (a config's `plan:` applies only to
-    untuned layers); a PlanParams: exactly those."""
+    """(plan, tuned?) of a layer. plan "auto": a tuned winner of any family (or of the layer's
+    `family`), else the cost model's choice for `gpu_name`; a dict: parameters over the cost
+    model's choice, unless a winner exists (a config's `plan:` applies only to untuned layers);
+    a family's params object (e.g. PlanParams): exactly those."""
     choice = layer.plan
-    from .families.streamed import StreamParams
-
-    if isinstance(choice, StreamParams):      # a plan of the streamed family, exactly
-        return plan_weight(layer.geometry, layer.weight, choice.validate(), layer.epilogue, None,
-                           layer.precision, layer.allow_fp16_flush), False
-    if not (isinstance(choice, (PlanParams, dict)) or choice == "auto"):
-        raise UserError(f"plan must be 'auto', a PlanParams, a StreamParams or a dict, got "
-                        f"{choice!r}")
-    params = None if isinstance(choice, PlanParams) else tuned_params(
-        layer.geometry, layer.weight, layer.precision, tuned, gpu_name, emit)
+    explicit = not isinstance(choice, (str, dict)) and any(
+        isinstance(choice, f.params) for f in families())
+    if not (explicit or isinstance(choice, dict) or choice == "auto"):
+        raise UserError(f"plan must be 'auto', a family's parameters (PlanParams, StreamParams) "
+                        f"or a dict, got {choice!r}")
+    params = None if explicit else tuned_params(
+        layer.geometry, layer.weight, layer.precision, tuned, gpu_name, emit, layer.family)
     was_tuned = params is not None
-    if isinstance(choice, PlanParams):
+    if explicit:
         params = choice.validate()
     overrides = choice if isinstance(choice, dict) and not was_tuned else None
     plan = plan_weight(layer.geometry, layer.weight, params, layer.epilogue, overrides,
-                       layer.precision, layer.allow_fp16_flush)
+                       layer.precision, layer.allow_fp16_flush, layer.family, gpu_name)
     return plan, was_tuned
 
 
@@ -585,6 +584,7 @@ class Layer:
     info: dict | None = None  # e.g. problem id and sparsity
     plan: object = "auto"     # as compile_kernel's `plan`
     allow_fp16_flush: bool = False   # fp16: drop weights that round to zero instead of refusing
+    family: str = "auto"      # "auto" (tuned winner / cost model over every family) or a name
 
     @classmethod
     def of(cls, label: str, weight, *, op: str = "gemm", input_shape=None, n=None,
@@ -628,7 +628,7 @@ def config_layer(config, problem, sparsity: float, weight=None) -> Layer:
                  weight, geometry_for(problem),
                  epilogue_for(problem, config.epilogue, config.seed, sparsity),
                  config.precision, {"problem": problem.id, "sparsity": sparsity},
-                 config.plan or "auto", config.allow_fp16_flush)
+                 config.plan or "auto", config.allow_fp16_flush, config.family)
 
 
 def config_layers(config) -> list[Layer]:
@@ -661,8 +661,10 @@ def compile_kernel(weight, *, op: str = "gemm", input_shape=None, n: int | None 
       (default: the dtype; fp32 for bf16). epilogue: None, an Epilogue or {"bias": M values,
       "activation": "none" | "relu" | "relu6", "residual": bool}.
     plan: "auto" (the tuned winner for this pattern, shape, GPU, precision and family version if
-      the database has one, else the default plan), a PlanParams, or a dict over the default.
-    family: "auto" or "immediate" (the only family today). emit: "ptx" or "cuda" (fp32 only).
+      the database has one, else the cost model's choice), a family's params (PlanParams), or a
+      dict over the cost model's choice.
+    family: "auto" (every registered family competes) or a family's name (sparsert_cli.families).
+    emit: "ptx" or "cuda" (fp32 only).
     arch: e.g. "sm_90" (default: the local GPU's, else sm_90). cache: True (the default kernel
       cache), None, or a KernelCache. tuned: None (configs/tuned.json), False (none), a path or a
       TunedDB. gpu_name: the GPU whose tuned plans to use (default: the local one, else H100).
@@ -671,7 +673,7 @@ def compile_kernel(weight, *, op: str = "gemm", input_shape=None, n: int | None 
     """
     weight, geometry = layer_geometry(weight, op, input_shape, n, stride, padding)
     layer = Layer("kernel", op, weight, geometry, make_epilogue(epilogue, geometry.out_channels),
-                  precision_label(dtype, accumulate), plan=plan)
+                  precision_label(dtype, accumulate), plan=plan, family=family)
     arch = _target(family, emit, arch, {layer.precision})
     kernel = compile_layer(layer, plan_for(layer, tuned, gpu_name, emit), emit=emit, arch=arch,
                            cache=cache)

@@ -22,6 +22,7 @@ from .benchmark import BASELINE_ORDER, benchmark_layer, measure_floors
 from .cache import KernelCache
 from .config import Config
 from .errors import UserError
+from .families import family_of
 from .patterns import case_seed, count_nonzeros, generate, pattern_hash
 from .problems import Problem
 
@@ -105,7 +106,8 @@ def layer_record(problem: Problem, sparsity: float, layer, result) -> dict:
            "shape": problem.shape_text(), "m": problem.m, "k": problem.k, "n": problem.n,
            "batch": problem.batch, "stride": problem.stride, "padding": problem.padding,
            "nnz": plan.nnz, "pattern_hash": pattern_hash(layer.weight),
-           "plan": plan.params.name(), "params": dict(plan.params.__dict__),
+           "plan": plan.params.name(), "family": family_of(plan).name,
+           "params": dict(plan.params.__dict__),
            "tuned": result.tuned, "grid": list(plan.grid), "block": list(plan.block)}
     flushed = count_nonzeros(layer.weight) - plan.nnz
     if flushed:

@@ -8,7 +8,7 @@ import signal
 import tempfile
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import Callable, Iterable
 
 import numpy as np
@@ -20,19 +20,17 @@ from .config import EpilogueSpec
 from .errors import CompileError, UserError
 from .gpu.runtime import detect_arch, detect_gpu_name  # noqa: F401 (re-exported)
 from .patterns import case_seed, to_csr
-from .families import Family, families, family_of, lower
+from .families import Family, families, family_of, family_of_params, get_family, lower
 from .families.immediate import Plan, PlanParams, build_plan, fit_vector_width  # noqa: F401
+from .families.immediate.tuning import (CODE_BUDGET, H100_SMS, LARGE_CODE,  # noqa: F401
+                                         code_units)
+from .families.immediate.tuning import default_params as immediate_default
 from .ir import KernelIR
 from .problem_shape import PRECISIONS, Epilogue, Geometry
 from .problems import Problem
 from .render import PrintedMismatch, get_printer, printer_for, printers
 
 EMITTERS = ("ptx", "cuda")
-# Code size is nnz x vector width FMAs; ptxas time grows with it (~0.17 s per 1k on one core).
-# Past this budget the planner narrows the vector so the biggest layers compile in ~20 s.
-CODE_BUDGET = 500_000
-LARGE_CODE = 40_000
-H100_SMS = 132
 
 
 def geometry_for(problem: Problem) -> Geometry:
@@ -41,45 +39,11 @@ def geometry_for(problem: Problem) -> Geometry:
                     kernel=problem.kernel_size, stride=problem.stride, padding=problem.padding)
 
 
-def code_units(nnz: int, vector_width: int, precision: str = "fp32") -> int:
-    """Sum instructions of a plan: one per nonzero and column, or per column pair with half2."""
-    per_nnz = max(1, vector_width // 2) if precision == "fp16" else vector_width
-    return nnz * per_nnz
-
-
 def default_params(geometry: Geometry, nnz: int, sm_count: int = H100_SMS,
                    precision: str = "fp32") -> PlanParams:
-    """A reasonable untuned plan; the tuner (tune.py) replaces it with measured winners.
-
-    Small layers are latency-bound: wide vectors, enough blocks to fill the GPU. Large layers are
-    bound by instruction fetch (the weights are the instruction stream, 16 bytes per FMA, first
-    H100 run in docs/perf-notes.md): scalar columns (code size = nnz, not nnz x width), more warps
-    running the same code, and more rows per group so each load feeds more FMAs. With half2 sums
-    (precision fp16) a column pair costs what one fp32 column does, so widths double.
-    """
-    dtype = PRECISIONS[precision][0]
-    half2 = precision == "fp16"
-    big = nnz > LARGE_CODE
-    wanted = (2 if half2 else 1) if big else (8 if half2 else 4)
-    width = fit_vector_width(geometry, wanted, dtype)
-    while width > 1 and code_units(nnz, width, precision) > CODE_BUDGET:
-        width //= 2
-    per_thread = -(-geometry.columns // width)
-    if big:   # one tile where possible: every warp of the block shares the fetched code
-        threads = min(256, -(-per_thread // 32) * 32)
-    else:
-        threads = 32 if per_thread <= 32 else 64 if per_thread <= 2048 else 128
-    tiles = -(-per_thread // threads)
-    rows = 32 if big else 8
-    while rows > 2 and tiles * -(-geometry.out_channels // rows) < (1 if big else 2) * sm_count:
-        rows //= 2
-    taps_per_group = nnz / max(1, geometry.out_channels) * rows
-    k_split = 1
-    while (not big and k_split < 4 and taps_per_group / k_split > 256
-           and tiles * -(-geometry.out_channels // rows) * k_split < 4 * sm_count):
-        k_split *= 2
-    return PlanParams(rows_per_group=rows, vector_width=width, col_threads=threads,
-                      k_split=k_split)
+    """The immediate family's rule default (families/immediate/tuning.py); "auto" plans come
+    from the cost model (costmodel.choose) instead."""
+    return immediate_default(geometry, nnz, precision, sm_count)
 
 
 def epilogue_for(problem: Problem, spec: EpilogueSpec, seed: int, sparsity: float) -> Epilogue:
@@ -92,18 +56,22 @@ def epilogue_for(problem: Problem, spec: EpilogueSpec, seed: int, sparsity: floa
 
 def make_plan(problem: Problem, weight, params: PlanParams | None = None,
               epilogue: Epilogue = Epilogue(), overrides: dict | None = None,
-              precision: str = "fp32", allow_fp16_flush: bool = False) -> Plan:
+              precision: str = "fp32", allow_fp16_flush: bool = False, family: str = "auto",
+              gpu_name: str | None = None) -> Plan:
     """Plan one kernel. `weight` is a dense array or a patterns.SparseWeight. fp16 kernels refuse
     weights and bias beyond fp16's range, and weights that round to zero unless
     `allow_fp16_flush`, which drops them (plan.nnz counts what the kernel computes)."""
     return plan_weight(geometry_for(problem), weight, params, epilogue, overrides, precision,
-                       allow_fp16_flush)
+                       allow_fp16_flush, family, gpu_name)
 
 
-def plan_weight(geometry: Geometry, weight, params: PlanParams | None = None,
-                epilogue: Epilogue = Epilogue(), overrides: dict | None = None,
-                precision: str = "fp32", allow_fp16_flush: bool = False) -> Plan:
-    """make_plan() for a layer shape: params None means the default plan (then `overrides`)."""
+def plan_weight(geometry: Geometry, weight, params=None, epilogue: Epilogue = Epilogue(),
+                overrides: dict | None = None, precision: str = "fp32",
+                allow_fp16_flush: bool = False, family: str = "auto",
+                gpu_name: str | None = None) -> Plan:
+    """make_plan() for a layer shape. params None: the cost model's choice for `gpu_name`
+    (costmodel.choose) over every family (`family` "auto") or the one named, among the families
+    whose parameters take `overrides`, which then apply over it."""
     csr = to_csr(weight)
     limits.check_nonzeros(csr.nnz)
     for what, values in (("weights", csr.data), ("bias", epilogue.bias or ())):
@@ -115,12 +83,23 @@ def plan_weight(geometry: Geometry, weight, params: PlanParams | None = None,
         csr, epilogue = _fit_fp16(csr, epilogue, accumulate, allow_fp16_flush)
     if dtype == "bf16":
         _fit_bf16(csr, epilogue)
+    pool = families() if family == "auto" else (get_family(family),)
     if params is None:
-        params = default_params(geometry, csr.nnz, precision=precision)
+        from . import costmodel
+
+        names = set(overrides or ())
+        fits = [f for f in pool if names <= {x.name for x in fields(f.params)}]
+        if not fits:
+            raise UserError(f"no {'' if family == 'auto' else family + ' '}family takes plan "
+                            f"parameter(s) {', '.join(sorted(names))}")
+        chosen, params = costmodel.choose(geometry, csr, precision, gpu_name, fits)
+    else:
+        chosen = family_of_params(params)
+        if chosen not in pool:
+            raise UserError(f"plan {params.name()} is a {chosen.name} plan, not {family}")
     if overrides:
-        params = type(params).from_dict({**params.__dict__, **overrides})
-    family = next(f for f in families() if isinstance(params, f.params))
-    return family.build_plan(csr, geometry, params, epilogue, dtype, accumulate)
+        params = chosen.params.from_dict({**params.__dict__, **overrides})
+    return chosen.build_plan(csr, geometry, params, epilogue, dtype, accumulate)
 
 
 def _fit_fp16(csr, epilogue: Epilogue, accumulate: str, allow_flush: bool):
@@ -209,8 +188,6 @@ def current_family(emitter: str = "ptx") -> tuple[str, str]:
     """(family, code version) of the kernels this sparsert emits with `emitter`: the registry's
     "auto" family and its code version. Tuned plans and tuning measurements are keyed by both,
     so a winner measured with other generated code is never reused."""
-    from .families import get_family
-
     family = get_family("auto")
     return family.name, code_version(family, emitter)
 

@@ -23,7 +23,8 @@ EMITTERS = ("ptx", "cuda")
 ACTIVATIONS = ("none", "relu", "relu6")
 
 _TOP_KEYS = {"name", "description", "problems", "sparsity", "dtype", "accumulate", "batch",
-             "pattern", "seed", "emit", "epilogue", "plan", "kind", "allow_fp16_flush"}
+             "pattern", "seed", "emit", "epilogue", "plan", "kind", "allow_fp16_flush",
+             "family"}
 RESULT_KINDS = ("bench", "sweep")        # what `bench` stamps on the results file
 _EPILOGUE_KEYS = {"bias", "activation", "residual"}
 PLAN_KEYS = {"rows_per_group", "vector_width", "col_threads", "k_split", "load_batch", "balance",
@@ -56,6 +57,7 @@ class Config:
     description: str = ""
     kind: str = "bench"
     allow_fp16_flush: bool = False     # fp16: drop weights that round to zero instead of failing
+    family: str = "auto"               # kernel family: auto (every family competes) or a name
 
     @property
     def precision(self) -> str:
@@ -73,6 +75,8 @@ class Config:
                "seed": self.seed, "emit": self.emit, "epilogue": self.epilogue.__dict__, "plan": self.plan}
         if self.allow_fp16_flush:      # only when set: older results keep their digests
             doc["allow_fp16_flush"] = True
+        if self.family != "auto":
+            doc["family"] = self.family
         return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -191,7 +195,14 @@ def config_from_dict(doc: object, where: str) -> Config:
     flush = doc.get("allow_fp16_flush", False)
     if not isinstance(flush, bool):
         raise UserError(f"{where}: 'allow_fp16_flush' must be true or false, got {flush!r}")
-    return Config(name=name, path=where, problems=problems, sparsities=sparsities,
+    family = doc.get("family", "auto")
+    if family != "auto":
+        from .families import families
+        names = [f.name for f in families()]
+        if family not in names:
+            raise UserError(f"{where}: 'family' must be auto or one of {', '.join(names)}, "
+                            f"got {family!r}")
+    return Config(name=name, path=where, problems=problems, sparsities=sparsities, family=family,
                   dtype=dtype, accumulate=accumulate,
                   pattern=_choice(doc, "pattern", PATTERNS, "uniform", where), seed=seed,
                   emit=emit,

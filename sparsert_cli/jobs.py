@@ -12,15 +12,18 @@ functions, the measure object a GPU worker runs, and the winner selection.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
+from itertools import zip_longest
 from typing import Callable
 
 import numpy as np
 
 from .build import KernelBuild, build_kernel, epilogue_for, geometry_for
-from .families.immediate import PlanParams, build_plan
+from .families import family_of_params, get_family
+from .families.immediate import PlanParams
 from .problem_shape import PRECISIONS, Epilogue, Geometry
 from .problems import Problem
 from .tunedb import plan_json
@@ -41,6 +44,13 @@ def current_family(emitter: str = "ptx") -> tuple[str, str]:
     from .build import current_family as family_and_version
 
     return family_and_version(emitter)
+
+
+def family_version(name: str, emitter: str = "ptx") -> tuple[str, str]:
+    """(family, code version) of the family called `name` printed by `emitter`."""
+    from .build import code_version
+
+    return name, code_version(get_family(name), emitter)
 
 
 def one_line(exc: BaseException) -> str:
@@ -76,16 +86,21 @@ class CaseSpec:
 @dataclass(frozen=True)
 class Job:
     case: int            # CaseSpec.index
-    candidate: int       # 0 is the untuned default
-    params: PlanParams
+    candidate: int       # 0 is the untuned default (the cost model's choice)
+    params: PlanParams   # or another family's parameters
+    family: tuple[str, str] | None = None   # (family, code version); None: the run's default
 
     @property
     def id(self) -> tuple[int, int]:
         return (self.case, self.candidate)
 
+    def family_of(self, default: tuple[str, str]) -> tuple[str, str]:
+        return self.family or default
+
     def ident(self, case: CaseSpec, family: tuple[str, str]) -> tuple:
-        """The job's identity in the database (tunedb.JOB_COLUMNS less GPU and driver)."""
-        return (case.pattern_hash, case.shape, case.precision, *family,
+        """The job's identity in the database (tunedb.JOB_COLUMNS less GPU and driver);
+        `family` is the run's default (name, version) for jobs that do not carry their own."""
+        return (case.pattern_hash, case.shape, case.precision, *self.family_of(family),
                 plan_json(asdict(self.params)))
 
 
@@ -125,6 +140,7 @@ class Compiled:
     error: str | None = None
     cpu_verify: dict | None = None
     seconds: float = 0.0
+    features: dict | None = None      # the plan's cost features (costmodel.py)
 
     @property
     def cubin_sha256(self) -> str | None:
@@ -143,13 +159,16 @@ class MeasureJob:
     build: KernelBuild
 
 
-def make_cases(configs, limit: int, seeds: Callable[[str, Geometry, str], list] = lambda *a: []
+def make_cases(configs, limit: int, seeds: Callable[[str, Geometry, str], list] = lambda *a: [],
+               family: str = "auto", gpu_name: str | None = None
                ) -> tuple[list[CaseSpec], list[Job]]:
-    """Every case of a config (or of several) and its candidate jobs. `seeds(pattern_hash,
-    geometry, precision)` gives plans to try right after the default (a layer's winners at
-    other precisions)."""
+    """Every case of a config (or of several) and its candidate jobs: first the cost model's
+    choice for `gpu_name` (the untuned default, so default-vs-best is measured in one run),
+    then the candidates of every family that can choose (or of `family` alone), taken in turn.
+    `seeds(pattern_hash, geometry, precision)` gives plans to try right after the default (a
+    layer's winners at other precisions)."""
     from .patterns import generate, pattern_hash, to_csr
-    from .tune import candidates, shape_key
+    from .tune import shape_key
 
     cases, jobs, seen = [], [], set()
     for config, problem, sparsity in ((c, p, s) for c in
@@ -165,10 +184,36 @@ def make_cases(configs, limit: int, seeds: Callable[[str, Geometry, str], list] 
                         epilogue_for(problem, config.epilogue, config.seed, sparsity),
                         config.precision, digest, shape_key(geometry))
         cases.append(case)
-        cands = candidates(geometry, to_csr(weight).nnz, limit, config.precision,
-                           tuple(seeds(digest, geometry, config.precision)))
-        jobs += [Job(case.index, i, params) for i, params in enumerate(cands)]
+        cands = case_candidates(geometry, to_csr(weight), config.precision, limit,
+                                tuple(seeds(digest, geometry, config.precision)), family,
+                                gpu_name, config.emit)
+        jobs += [Job(case.index, i, params, fam) for i, (fam, params) in enumerate(cands)]
     return cases, jobs
+
+
+def case_candidates(geometry: Geometry, csr, precision: str, limit: int, seeds: tuple = (),
+                    family: str = "auto", gpu_name: str | None = None, emitter: str = "ptx"
+                    ) -> list[tuple[tuple[str, str], object]]:
+    """[((family, version), params)] of one case: the cost model's choice, then each family's
+    candidates in turn (its seeds among them), deduplicated, at most `limit`."""
+    from . import costmodel
+    from .families import families
+
+    pool = [f for f in families() if f.choosable] if family == "auto" else [get_family(family)]
+    chosen, params = costmodel.choose(geometry, csr, precision, gpu_name, pool)
+    out = [(family_version(chosen.name, emitter), params)]
+    lists = []
+    for f in pool:
+        own = tuple(s for s in seeds if isinstance(s, f.params))
+        found = f.candidates(geometry, int(csr.nnz), precision=precision, limit=limit,
+                             **({"seeds": own} if own else {}))
+        lists.append([(family_version(f.name, emitter), p) for p in found])
+    for entry in (e for row in zip_longest(*lists) for e in row if e is not None):
+        if len(out) >= limit:
+            break
+        if entry not in out:
+            out.append(entry)
+    return out
 
 
 def compile_job(case: CaseSpec, job: Job, emitter: str, arch: str, cache_root: str | None,
@@ -181,11 +226,13 @@ def compile_job(case: CaseSpec, job: Job, emitter: str, arch: str, cache_root: s
     from .patterns import to_csr
 
     start = time.perf_counter()
-    launch = None
+    launch = features = None
     try:
         dtype, accumulate = PRECISIONS[case.precision]
-        plan = build_plan(to_csr(case.weight), case.geometry, job.params, case.epilogue, dtype,
-                          accumulate)
+        family = get_family(job.family[0]) if job.family else family_of_params(job.params)
+        plan = family.build_plan(to_csr(case.weight), case.geometry, job.params, case.epilogue,
+                                 dtype, accumulate)
+        features = family.features(plan) if family.features else None
         launch = LaunchSpec.of(plan)
         cache = KernelCache(cache_root) if cache_root is not None else None
         build, _ = build_kernel(plan, emitter, arch, cache, threads)
@@ -193,8 +240,9 @@ def compile_job(case: CaseSpec, job: Job, emitter: str, arch: str, cache_root: s
                       verify_seed, case.problem.id, case.sparsity, "cpu-verify")))
                   if verify_seed is not None else None)
     except Exception as exc:  # noqa: BLE001 - reported per job, never fatal to the run
-        return Compiled(job, launch, None, one_line(exc), None, time.perf_counter() - start)
-    return Compiled(job, launch, build, None, verify, time.perf_counter() - start)
+        return Compiled(job, launch, None, one_line(exc), None, time.perf_counter() - start,
+                        features)
+    return Compiled(job, launch, build, None, verify, time.perf_counter() - start, features)
 
 
 def case_inputs(case: CaseSpec):
@@ -260,6 +308,8 @@ def row(case: CaseSpec, compiled: Compiled | None, job: Job, result: dict, gpu: 
         family: tuple[str, str]) -> dict:
     """The database row of one measurement (or of a job that failed before measuring)."""
     median = result.get("median_us")
+    features = getattr(compiled, "features", None)
+    family = job.family_of(family)
     return {"pattern_hash": case.pattern_hash, "shape": case.shape, "precision": case.precision,
             "family": family[0], "family_version": family[1], "plan_name": job.params.name(),
             "plan_json": plan_json(asdict(job.params)), "candidate": job.candidate,
@@ -270,7 +320,8 @@ def row(case: CaseSpec, compiled: Compiled | None, job: Job, result: dict, gpu: 
             "median_us": median if median is not None and math.isfinite(median) else None,
             "p20_us": result.get("p20_us"), "p80_us": result.get("p80_us"),
             "n": result.get("n", 0), "verified": bool(result.get("verified")),
-            "error": result.get("error"), "cpu_verified": _cpu_ok(compiled)}
+            "error": result.get("error"), "cpu_verified": _cpu_ok(compiled),
+            "features_json": json.dumps(features, sort_keys=True) if features else None}
 
 
 def _cpu_ok(compiled) -> int | None:
@@ -300,8 +351,9 @@ def winners(cases: list[CaseSpec], jobs: list[Job], db, gpu: dict, family: tuple
             r = stored.get(job.ident(case, family))
             if r and r["verified"] and r["median_us"] is not None:
                 timed.append((r["median_us"], job.candidate, job))
+            fam = job.family_of(family)
             measured.append({"plan": job.params.name(), "candidate": job.candidate,
-                             "family": f"{family[0]}@{family[1]}",
+                             "family": f"{fam[0]}@{fam[1]}",
                              "median_us": r["median_us"] if r else None,
                              "verified": bool(r and r["verified"]),
                              "error": (r["error"] if r else "not measured") or None})
@@ -315,6 +367,8 @@ def winners(cases: list[CaseSpec], jobs: list[Job], db, gpu: dict, family: tuple
         default_us = next((us for us, i, _ in timed if i == 0), None)
         summary.append({"case": case.key, "status": "ok", "best": best.params.name(),
                         "params": best.params, "us": best_us, "default_us": default_us,
+                        "family": best.family_of(family),
+                        "default_family": cands[0].family_of(family)[0] if cands else None,
                         "verified": len(timed), "candidates": len(cands),
                         "problem": case.problem.id, "sparsity": case.sparsity,
                         "pattern_hash": case.pattern_hash, "geometry": case.geometry,
@@ -335,11 +389,31 @@ def tune_results(summary: list[dict], run: dict, meta: dict) -> dict:
         cases.append({"problem": entry["problem"], "sparsity": entry["sparsity"],
                       "precision": entry["precision"], "pattern_hash": entry["pattern_hash"],
                       "default_plan": entry["default"], "default_us": entry["default_us"],
+                      "default_family": entry["default_family"],
                       "best_plan": entry["best"], "best_us": entry["us"],
-                      "best_family": entry["measured"][0]["family"],
+                      "best_family": entry["family"][0],
                       "candidates": [m for m in entry["measured"]
                                      if m["verified"] and m["median_us"] is not None]})
     return stamp({**meta, "gpu": run["gpu"], "run": {k: run[k] for k in
                   ("jobs", "skipped", "wall_seconds", "compile_seconds", "measure_seconds")
-                  if k in run}, "cases": cases,
+                  if k in run}, "cases": cases, "summary": default_gap(cases),
                   "failed": [e["case"] for e in summary if e["status"] != "ok"]}, "tune")
+
+
+GAP_GEOMEAN, GAP_CASE = 1.10, 1.25      # issue 10: default within 10% geomean, 25% per case
+
+
+def default_gap(cases: list[dict]) -> dict:
+    """How far the untuned defaults are from the best candidates of the same run: geomean and
+    worst default_us / best_us over the cases that measured both, and whether that meets
+    issue 10's bar (GAP_GEOMEAN, GAP_CASE)."""
+    ratios = [(c["default_us"] / c["best_us"], c) for c in cases
+              if c.get("default_us") and c.get("best_us")]
+    if not ratios:
+        return {"cases": 0, "geomean_default_over_best": None, "worst": None, "ok": None}
+    geomean = math.exp(sum(math.log(r) for r, _ in ratios) / len(ratios))
+    worst, case = max(ratios, key=lambda t: t[0])
+    return {"cases": len(ratios), "geomean_default_over_best": geomean,
+            "worst": {"problem": case.get("problem"), "sparsity": case.get("sparsity"),
+                      "precision": case.get("precision"), "ratio": worst},
+            "ok": geomean <= GAP_GEOMEAN and worst <= GAP_CASE}

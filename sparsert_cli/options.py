@@ -20,6 +20,27 @@ def _arch(ctx, param, value):
 
 arch_option = click.option("--arch", default=None, callback=_arch,
                            help="Target, e.g. sm_90 (default: the GPU's, else sm_90).")
+family_option = click.option(
+    "--family", default=None, metavar="auto|NAME",
+    help="Kernel family: auto (tuned winner or the cost model's choice over every family) or "
+         "one family's name, e.g. immediate.")
+
+
+def check_family(name: str | None, tuning: bool = False) -> str | None:
+    """A --family value: "auto" or a registered family's name (one line otherwise); `tuning`:
+    one the tuner can make candidates for (it has the cost-model hooks)."""
+    if name is not None:
+        from .families import get_family
+        try:
+            family = get_family(name)
+        except UserError as exc:
+            raise UserError(f"--family: {exc.message}") from None
+        if tuning and name != "auto" and not family.choosable:
+            raise UserError(f"--family: the {name} family has no candidates to tune yet (no "
+                            f"cost-model hooks)")
+    return name
+
+
 plan_option = click.option("--plan", "plan_items", multiple=True, metavar="KEY=VALUE",
                            help="Override a plan parameter, e.g. --plan rows_per_group=4.")
 

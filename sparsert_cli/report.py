@@ -40,6 +40,7 @@ def results_table(doc: dict) -> Table:
     t.add_column("Problem")
     t.add_column("S", justify="right")
     t.add_column("nnz", justify="right")
+    t.add_column("family")
     t.add_column("sparsert", justify="right")
     for name, label in COLUMNS:
         if name in cols:
@@ -55,7 +56,7 @@ def results_table(doc: dict) -> Table:
         mine = case.get("sparsert", {}).get("median_us")
         style = "" if ok else "red"
         row = [case["problem"], f"{case['sparsity']:g}", str(case["nnz"]),
-               _us(mine) if ok else "[red]FAIL[/]"]
+               case.get("family", "immediate"), _us(mine) if ok else "[red]FAIL[/]"]
         row += [_us(_baseline_us(case, n)) if _baseline_us(case, n) != "FAIL" else "[red]FAIL[/]"
                 for n in cols]
         row += [_x(case.get("speedup", {}).get(n)) for n in cols]
@@ -64,7 +65,7 @@ def results_table(doc: dict) -> Table:
                 f"{err:.1e}" if isinstance(err, (int, float)) else "-"]
         t.add_row(*row, style=style)
     for s, summary in doc.get("geomean", {}).items():
-        row = ["[bold]geomean[/]", s, "", ""] + ["" for _ in cols]
+        row = ["[bold]geomean[/]", s, "", "", ""] + ["" for _ in cols]
         row += [f"[bold]{_x(summary.get(n))}[/]" for n in cols]
         row += [f"{summary['floor_pct']:.0f}%" if summary.get("floor_pct") else "", ""]
         t.add_row(*row)
@@ -75,14 +76,16 @@ def compile_table(doc: dict) -> Table:
     t = Table(title=f"sparsert {doc['config']['name']}: compile + CPU verification "
               f"({doc.get('arch')}, {doc['config']['emit']})", title_justify="left",
               header_style="bold")
-    for col in ("Problem", "S", "nnz", "plan", "regs", "spill B", "compile s", "cached",
+    for col in ("Problem", "S", "nnz", "family", "plan", "regs", "spill B", "compile s", "cached",
                 "CPU check", "max err"):
-        t.add_column(col, justify="left" if col in ("Problem", "plan", "CPU check") else "right")
+        t.add_column(col, justify="left" if col in ("Problem", "family", "plan", "CPU check")
+                     else "right")
     for case in doc["cases"]:
         comp = case.get("compile", {})
         ver = case.get("verify_cpu", {})
         ok = comp.get("ok") and ver.get("ok")
-        t.add_row(case["problem"], f"{case['sparsity']:g}", str(case["nnz"]), case["plan"],
+        t.add_row(case["problem"], f"{case['sparsity']:g}", str(case["nnz"]),
+                  case.get("family", "immediate"), case["plan"],
                   str(comp.get("registers", "-")), str(comp.get("spill_bytes", "-")),
                   f"{comp['seconds']:.2f}" if "seconds" in comp else "-",
                   "yes" if comp.get("cached") else "no",
@@ -92,8 +95,8 @@ def compile_table(doc: dict) -> Table:
     return t
 
 
-CSV_FIELDS = ["problem", "sparsity", "op", "shape", "m", "k", "n", "nnz", "plan", "tuned",
-              "sparsert_us", "sparsert_p20_us", "sparsert_p80_us"] + [
+CSV_FIELDS = ["problem", "sparsity", "op", "shape", "m", "k", "n", "nnz", "family", "plan",
+              "tuned", "sparsert_us", "sparsert_p20_us", "sparsert_p80_us"] + [
     f"{n}_us" for n, _ in COLUMNS] + ["cusparse_algorithm"] + [
     f"speedup_{n}" for n, _ in COLUMNS] + ["floor_us", "floor_bound", "floor_pct",
                                            "verified", "max_err", "compile_s", "registers"]
@@ -107,7 +110,7 @@ def csv_text(doc: dict) -> str:
         mine = c.get("sparsert", {})
         ver = c.get("verify_gpu", c.get("verify_cpu", {}))
         row = {k: c.get(k) for k in ("problem", "sparsity", "op", "shape", "m", "k", "n", "nnz",
-                                     "plan", "tuned", "floor_us", "floor_pct")}
+                                     "family", "plan", "tuned", "floor_us", "floor_pct")}
         row.update(sparsert_us=mine.get("median_us"), sparsert_p20_us=mine.get("p20_us"),
                    sparsert_p80_us=mine.get("p80_us"), floor_bound=c.get("bound"),
                    verified=ver.get("ok"), max_err=ver.get("max_err"),

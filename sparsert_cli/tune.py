@@ -7,14 +7,16 @@ from __future__ import annotations
 
 import datetime
 import json
-from dataclasses import asdict, fields, replace
+from dataclasses import asdict, fields
 from pathlib import Path
 
-from .build import CODE_BUDGET, code_units, current_family, default_params
+from .build import code_version, current_family
 from .errors import UserError
-from .families.immediate import PlanParams, fit_params
+from .families import families, get_family
+from .families.immediate import PlanParams
+from .families.immediate import candidates as immediate_candidates
 from .paths import SHIPPED_TUNED
-from .problem_shape import ELEMENT_BYTES, MAX_STATIC_SHARED, PRECISIONS, Geometry
+from .problem_shape import Geometry
 
 TUNED_PATH = SHIPPED_TUNED
 
@@ -73,20 +75,43 @@ class TunedDB:
         return entry_key(pattern_hash, shape_key(geometry), gpu_name, dtype, family, version)
 
     def lookup(self, pattern_hash: str, geometry: Geometry, gpu_name: str, dtype: str,
-               family: str = FAMILY, version: str = FAMILY_VERSION) -> PlanParams | None:
-        """The winner for this layer and this version of the family, or None (an entry of
-        another version, or of schema 1, does not match)."""
+               family: str = FAMILY, version: str = FAMILY_VERSION):
+        """The winner's parameters for this layer and this version of the family, or None (an
+        entry of another version, or of schema 1, does not match)."""
+        found = self._entry(pattern_hash, geometry, gpu_name, dtype, family, version)
+        return found[0] if found else None
+
+    def _entry(self, pattern_hash, geometry, gpu_name, dtype, family, version):
         entry = self.entries.get(self.key(pattern_hash, geometry, gpu_name, dtype, family,
                                           version))
         if not entry:
             return None
         try:
-            return PlanParams.from_dict(entry["params"])
-        except (UserError, KeyError, TypeError):
+            params = get_family(family).params.from_dict(entry["params"])
+        except (UserError, KeyError, TypeError, AttributeError):
             return None   # written by an older version with other parameters: retune
+        us = entry.get("us")
+        return params, us if isinstance(us, (int, float)) and not isinstance(us, bool) \
+            else float("inf")
+
+    def best(self, pattern_hash: str, geometry: Geometry, gpu_name: str, dtype: str,
+             emitter: str = "ptx", only: str = "auto"):
+        """(family, params) of the fastest current winner for this layer over every registered
+        family (or `only` that one), each looked up under its current code version; None when
+        no family has one. Ties go to the family registered first."""
+        found = []
+        for order, family in enumerate(families() if only == "auto" else (get_family(only),)):
+            hit = self._entry(pattern_hash, geometry, gpu_name, dtype, family.name,
+                              code_version(family, emitter))
+            if hit:
+                found.append((hit[1], order, family, hit[0]))
+        if not found:
+            return None
+        _, _, family, params = min(found, key=lambda t: t[:2])
+        return family, params
 
     def record(self, pattern_hash: str, geometry: Geometry, gpu_name: str, dtype: str,
-               params: PlanParams, info: dict, family: str = FAMILY,
+               params, info: dict, family: str = FAMILY,
                version: str = FAMILY_VERSION) -> None:
         """Store a winner under this code version (other versions' entries stay, unused: a
         layer tuned with the CUDA printer and with the PTX printer has one winner for each)."""
@@ -123,49 +148,6 @@ def _entries(doc: object, path: Path) -> dict[str, dict]:
 
 def candidates(geometry: Geometry, nnz: int, limit: int = 16, precision: str = "fp32",
                seeds: tuple[PlanParams, ...] = ()) -> list[PlanParams]:
-    """Plan parameters worth timing for one case: the default, then sweeps around it.
-
-    A rows x k_split grid (the two knobs that trade parallelism for reuse), then vector width,
-    column threads and a register cap. Each is fitted to the shape and deduplicated; layers
-    whose code is large get fewer candidates (they dominate compile time). `seeds` (e.g. this
-    layer's winners at other precisions) come right after the default, ahead of the sweeps.
-    """
-    dtype, accumulate = PRECISIONS[precision]
-    base = fit_params(geometry, default_params(geometry, nnz, precision=precision), dtype)
-    found: list[PlanParams] = [base]
-
-    def add(params: PlanParams) -> None:
-        try:
-            params = fit_params(geometry, params, dtype)
-        except UserError:
-            return
-        if params.col_threads * params.k_split > 1024:
-            return
-        if code_units(nnz, params.vector_width, precision) > CODE_BUDGET:
-            return
-        shared = (params.k_split * params.rows_per_group * params.col_threads
-                  * params.vector_width * ELEMENT_BYTES[accumulate])
-        if params.k_split > 1 and shared > MAX_STATIC_SHARED:
-            return
-        if params not in found:
-            found.append(params)
-
-    for seed in seeds:
-        add(seed)
-    seeded = len(found)
-    for rows in (2, 4, 8, 16):
-        for k_split in (1, 2, 4, 8):
-            add(replace(base, rows_per_group=rows, k_split=k_split))
-    for width in (8, 4, 2, 1):
-        add(replace(base, vector_width=width))
-    for threads in (32, 64, 128, 256):
-        add(replace(base, col_threads=threads))
-    add(replace(base, max_registers=128))
-    add(replace(base, balance="contiguous"))
-    if code_units(nnz, base.vector_width, precision) > 100_000:
-        limit = min(limit, 6)
-    # Keep the default, then prefer candidates close to it (one or two knobs changed).
-    def distance(p: PlanParams) -> int:
-        return sum(getattr(p, f) != getattr(base, f) for f in asdict(base))
-    ordered = found[1:seeded] + sorted(found[seeded:], key=distance)
-    return [base] + ordered[:limit - 1]
+    """The immediate family's candidates (families/immediate/tuning.py; the tuner takes every
+    family's through jobs.case_candidates)."""
+    return immediate_candidates(geometry, nnz, precision, limit, seeds)

@@ -1,7 +1,8 @@
 """The tuning database: every measurement of every candidate, in SQLite, for many writers.
 
 One row per (job, GPU) measurement: what was compiled (pattern hash, layer shape, precision,
-kernel family and version, plan name and parameters, cubin hash), where it ran (GPU name, SM
+kernel family and version, plan name and parameters, cubin hash, the plan's cost features for
+`calibrate`), where it ran (GPU name, SM
 count, driver, clocks, host), what came out (median/p20/p80 over n samples, verified, error) and
 when. WAL mode and a busy timeout let one process per GPU, on one host, write into one file at
 once; each row commits on its own, so a crash loses at most the measurement in flight. A row's
@@ -34,7 +35,9 @@ COLUMNS = (  # name, SQL type; the order rows are written and read in
     ("median_us", "REAL"), ("p20_us", "REAL"), ("p80_us", "REAL"), ("n", "INTEGER"),
     ("verified", "INTEGER NOT NULL"), ("error", "TEXT"), ("cpu_verified", "INTEGER"),
     ("host", "TEXT"),
-    ("timestamp", "TEXT NOT NULL"))
+    ("timestamp", "TEXT NOT NULL"), ("features_json", "TEXT"))
+# Columns added after the first release: an older database gets them (NULL in its old rows).
+ADDED = {"features_json": "TEXT"}
 NAMES = tuple(name for name, _ in COLUMNS)
 # What makes two rows the same job on the same kind of GPU (resume skips such jobs).
 JOB_COLUMNS = ("pattern_hash", "shape", "precision", "family", "family_version", "plan_json",
@@ -109,6 +112,10 @@ class TuneDB:
         self.conn.execute(f"CREATE TABLE IF NOT EXISTS measurements "
                           f"(id INTEGER PRIMARY KEY, {cols})")
         have = {row[1] for row in self.conn.execute("PRAGMA table_info(measurements)")}
+        if set(NAMES) - set(ADDED) <= have:
+            for name in sorted(set(ADDED) - have):
+                self.conn.execute(f"ALTER TABLE measurements ADD COLUMN {name} {ADDED[name]}")
+                have.add(name)
         if not set(NAMES) <= have:
             raise UserError(f"{self.path}: not a sparsert tuning database (columns "
                             f"{', '.join(sorted(set(NAMES) - have)[:3])} missing)")

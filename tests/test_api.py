@@ -16,7 +16,7 @@ import pytest
 import scipy.sparse as sp
 
 import sparsert_cli as sparsert
-from sparsert_cli.build import default_params
+from sparsert_cli.costmodel import choose
 from sparsert_cli.errors import UserError
 from sparsert_cli.gpu.loaded import device_pointer
 from sparsert_cli.gpu.runtime import stream_handle
@@ -52,7 +52,8 @@ def test_gemm_kernel_contract_and_run_cpu(no_tuned):
         ("x", [1, 40, 1, 96], "float32"), ("y", [1, 24, 1, 96], "float32")]
     assert (kernel.family, kernel.family_version) == (FAMILY, FAMILY_VERSION)
     assert kernel.input_shape == (40, 96) and kernel.output_shape == (24, 96)
-    assert kernel.plan_params == fit_params(plan.geometry, default_params(plan.geometry, plan.nnz))
+    # untuned "auto": the cost model's choice (costmodel.choose), fitted to the shape
+    assert kernel.plan_params == fit_params(plan.geometry, choose(plan.geometry, w, "fp32")[1])
     assert not kernel.tuned and kernel.precision == "fp32"
     x = np.random.default_rng(2).standard_normal((40, 96)).astype(np.float32)
     y = kernel.run_cpu(x)
@@ -89,7 +90,7 @@ def test_padded_strided_conv_with_epilogue(no_tuned):
 def test_fp16_kernel_rounds_like_the_kernel(no_tuned):
     w = sparse((16, 32, 1, 1), 0.3, 6)
     kernel = sparsert.compile_kernel(w, op="conv", input_shape=(1, 32, 4, 8), dtype="fp16",
-                                     cache=None, tuned=no_tuned)
+                                     cache=None, tuned=no_tuned, plan={"vector_width": 2})
     assert kernel.precision == "fp16" and kernel.storage is np.float16
     assert {a["dtype"] for a in kernel.arguments} == {"float16"}
     assert ".f16x2" in kernel.source

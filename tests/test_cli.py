@@ -359,7 +359,9 @@ def test_bench_ci_without_gpu_compiles_and_verifies_every_case(repo, tmp_path, s
         assert case["compile"]["ok"], case
         assert case["compile"]["spill_bytes"] == 0
         assert case["verify_cpu"]["ok"], case
+        assert case["family"] == "immediate"          # which family ran each case
     rows = list(csv.DictReader(io.StringIO(out.with_suffix(".csv").read_text())))
+    assert {row["family"] for row in rows} == {"immediate"}
     assert len(rows) == 14
     assert {r["verified"] for r in rows} == {"True"}
     assert {(r["problem"], float(r["sparsity"])) for r in rows} == {

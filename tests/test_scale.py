@@ -451,3 +451,20 @@ def test_tune_results_file_feeds_the_tune_plot(tmp_path, isolated_cache):
                                              c["plan"]) for c in case["candidates"])
     rows = tune_rows([(path, loaded)])["rows"]
     assert {r["role"] for r in rows} == {"candidate", "default", "winner"}
+    # the default is the cost model's choice for the GPU measured, and every job kept its
+    # plan's cost features: the database calibrates the model
+    from sparsert_cli import costmodel
+    from sparsert_cli.build import geometry_for
+    from sparsert_cli.patterns import generate, to_csr
+    from sparsert_cli.tunedb import latest
+
+    for case, (problem, sparsity) in zip(loaded["cases"], config.cases()):
+        csr = to_csr(generate(problem, sparsity, config.pattern, config.seed))
+        family, params = costmodel.choose(geometry_for(problem), csr, config.precision,
+                                          "Fake GPU")
+        assert case["default_plan"] == params.name()
+        assert case["default_family"] == case["best_family"] == family.name == "immediate"
+    assert loaded["summary"]["cases"] == 2 and loaded["summary"]["geomean_default_over_best"] >= 1
+    with TuneDB(tmp_path / "t.sqlite") as db:
+        samples, sms, bare = costmodel.calibration_samples(latest(db.rows()), "Fake GPU", "t")
+    assert len(samples) == 6 and sms == 4 and bare == 0

@@ -11,7 +11,7 @@ import click
 
 from ..console import console, err_console
 from ..errors import NoGpuError, UserError
-from ..options import arch_option
+from ..options import arch_option, check_family, family_option
 from ..paths import check_output, tuned_db_path
 from ..problem_shape import DTYPES
 from ._common import progress_bar, progress_callback, select, split_values  # noqa: F401
@@ -70,11 +70,12 @@ def output_paths(config, precision: str, out_path=None, csv_path=None) -> tuple[
 @click.option("--gpus", default=None, metavar="all|0,1,...",
               help="GPUs of this host to spread the cases over, one worker process each "
                    "(default: this process on GPU 0).")
+@family_option
 @click.option("--force-workers", is_flag=True, hidden=True,
               help="Use worker processes even for one GPU (tests).")
 def command(config_path, problem_ids, sparsities, dtype, accumulate, out_path, csv_path, cold_l2,
             require_gpu, compile_only, no_baselines, emitter, arch, jobs, no_cache, no_tuned,
-            tuned_path, tune_first, allow_fp16_flush, gpus, force_workers):
+            tuned_path, tune_first, allow_fp16_flush, gpus, family, force_workers):
     """Benchmark a config: compile, verify, time vs cuBLAS/cuSPARSE/cuDNN, write JSON/CSV."""
     from .. import bench as B
     from ..build import check_emitter, detect_arch
@@ -92,6 +93,8 @@ def command(config_path, problem_ids, sparsities, dtype, accumulate, out_path, c
         config = replace(config, emit=emitter)
     if allow_fp16_flush:
         config = replace(config, allow_fp16_flush=True)
+    if check_family(family):
+        config = replace(config, family=family)
     try:
         check_emitter(config.emit, config.precision, arch or "sm_90")
     except UserError as exc:

@@ -9,7 +9,8 @@ import numpy as np
 
 from ..console import console, print_json
 from ..errors import UserError
-from ..options import arch_option, check_plan_width, parse_plan_options, plan_option
+from ..options import (arch_option, check_family, check_plan_width, family_option,
+                       parse_plan_options, plan_option)
 from ..paths import check_output, tuned_db_path
 from ..problem_shape import DTYPES
 
@@ -103,9 +104,10 @@ def _bias(path: str | None, rows: int) -> tuple[float, ...] | None:
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
 @click.option("--allow-fp16-flush", is_flag=True,
               help="fp16: drop weights that round to zero in fp16 (and say how many).")
+@family_option
 def command(pattern_path, sparsity, op, n, height, width, batch, stride, padding, emitter, dtype,
             accumulate, arch, bias_path, activation, residual, plan_items, out_dir, no_cache,
-            no_tuned, as_json, allow_fp16_flush):
+            no_tuned, as_json, allow_fp16_flush, family):
     """Generate one kernel specialised to a weight's sparsity pattern."""
     from ..api import Layer, compile_layer, plan_for
     from ..build import check_emitter, detect_arch, detect_gpu_name, geometry_for
@@ -116,6 +118,7 @@ def command(pattern_path, sparsity, op, n, height, width, batch, stride, padding
     from ..tune import TunedDB
 
     path = Path(pattern_path)
+    check_family(family)
     try:
         precision = precision_label(dtype, accumulate)
         check_emitter(emitter, precision, arch or "sm_90")
@@ -143,7 +146,7 @@ def command(pattern_path, sparsity, op, n, height, width, batch, stride, padding
     epilogue = Epilogue(_bias(bias_path, problem.out_channels), activation, residual)
     layer = Layer(path.stem, "gemm" if op == "gemm" else "conv", weight, geometry_for(problem),
                   epilogue, precision, plan=overrides or "auto",
-                  allow_fp16_flush=allow_fp16_flush)
+                  allow_fp16_flush=allow_fp16_flush, family=family or "auto")
     # --plan gives the parameters outright: no tuned winner replaces them
     tuned = False if no_tuned or overrides else TunedDB(tuned_db_path())
     try:

@@ -9,13 +9,13 @@ import click
 
 from ..console import console, table
 from ..errors import NoGpuError, UserError
-from ..options import arch_option
+from ..options import arch_option, check_family, family_option
 from ..problem_shape import DTYPES
 
 
 def run_tuner(config, arch=None, jobs=None, no_cache=False, limit=16, db_path=None,
               gpus=None, ray=None, db_sqlite=None, remeasure=False, measure=None,
-              gpu_ids=None) -> dict:
+              gpu_ids=None, family=None) -> dict:
     """Compile every candidate of every case, verify and time each on every GPU (or a Ray
     cluster), keep every measurement in the tuning database and the fastest in the JSON."""
     from ..cache import KernelCache
@@ -47,7 +47,8 @@ def run_tuner(config, arch=None, jobs=None, no_cache=False, limit=16, db_path=No
         return tune_config(config, gpus=gpus, ray=ray, arch=arch, jobs=jobs,
                            cache_root=cache_root, limit=limit, tuned_path=db_path,
                            db_path=db_sqlite, remeasure=remeasure, measure=measure,
-                           on_event=on_event, gpu_ids=gpu_ids)
+                           on_event=on_event, gpu_ids=gpu_ids,
+                           family=family or config.family)
 
 
 @click.command("tune")
@@ -80,14 +81,17 @@ def run_tuner(config, arch=None, jobs=None, no_cache=False, limit=16, db_path=No
               help="Parallel compile processes (default: all cores).")
 @click.option("--no-cache", is_flag=True, help="Ignore the kernel cache.")
 @click.option("--out", "out_path", default=None, type=click.Path(dir_okay=False),
-              help="Also write a results file (kind: tune): per case the default plan's time, "
-                   "the winner's and every verified candidate (for `sparsert plot --kind tune`).")
+              help="Also write a results file (kind: tune): per case the default plan's time "
+                   "(the cost model's choice, measured in the same run), the winner's, both "
+                   "families, every verified candidate and a default-vs-best summary.")
+@family_option
 def command(config_path, problem_ids, sparsities, dtype, accumulate, max_candidates, db_path,
-            db_sqlite, remeasure, gpus, ray, arch, jobs, no_cache, out_path):
+            db_sqlite, remeasure, gpus, ray, arch, jobs, no_cache, out_path, family):
     """Autotune plan parameters per (pattern, GPU, dtype) on every GPU of this host."""
     from ..config import load_config
     from ._common import select, split_values
 
+    check_family(family, tuning=True)
     if gpus is not None and ray is not None:
         raise UserError("--gpus and --ray exclude each other (Ray places the timers itself)")
     config = select(load_config(config_path), split_values(problem_ids),
@@ -96,13 +100,14 @@ def command(config_path, problem_ids, sparsities, dtype, accumulate, max_candida
         from ..paths import check_output
         check_output(Path(out_path), "--out")          # before the tuning run, not at its end
     out = run_tuner(config, arch, jobs, no_cache, max_candidates, db_path, gpus, ray, db_sqlite,
-                    remeasure)
+                    remeasure, family=family)
     rows, run = out["summary"], out["run"]
     fmt = lambda v: f"{v:.2f}" if isinstance(v, float) else "-"  # noqa: E731
     console.print(table("sparsert tune: fastest verified plan per case",
-                        ["Case", "Status", "Best plan", "best us", "default us", "gain",
-                         "verified"],
-                        [[r["case"], r["status"], r.get("best", "-"), fmt(r.get("us")),
+                        ["Case", "Status", "Family", "Best plan", "best us", "default us",
+                         "gain", "verified"],
+                        [[r["case"], r["status"], r["family"][0] if r.get("family") else "-",
+                          r.get("best", "-"), fmt(r.get("us")),
                           fmt(r.get("default_us")),
                           f"{r['default_us'] / r['us']:.2f}x" if r.get("default_us") else "-",
                           f"{r.get('verified', 0)}/{r.get('candidates', 0)}"] for r in rows]))
@@ -122,4 +127,10 @@ def command(config_path, problem_ids, sparsities, dtype, accumulate, max_candida
         doc = tune_results(rows, run, metadata(config, "gpu"))
         Path(out_path).parent.mkdir(parents=True, exist_ok=True)
         Path(out_path).write_text(json.dumps(doc, indent=1, default=str) + "\n")
+        gap = doc["summary"]
+        if gap["cases"]:
+            worst = gap["worst"]
+            console.print(f"default (cost model) vs best: geomean "
+                          f"{gap['geomean_default_over_best']:.3f}x, worst {worst['ratio']:.2f}x "
+                          f"({worst['problem']}@{worst['sparsity']:g} {worst['precision']})")
         console.print(f"wrote {out_path}")

@@ -1,4 +1,5 @@
-"""`sparsert tunedb show|export|merge`: the tuning database (every measurement, SQLite)."""
+"""`sparsert tunedb show|export|merge|calibrate`: the tuning database (every measurement,
+SQLite)."""
 
 from __future__ import annotations
 
@@ -58,11 +59,14 @@ def show(db_path, as_json):
               help="Also export winners of older kernel family versions.")
 def export(db_path, out_path, all_versions):
     """Write the best verified plan per (pattern, shape, GPU, precision) into the JSON."""
-    from ..jobs import current_family
+    from ..build import EMITTERS
+    from ..families import families as registered
+    from ..jobs import family_version
     from ..tune import TUNED_PATH
     from ..tunedb import TuneDB, export as export_db
 
-    families = None if all_versions else {current_family("ptx"), current_family("cuda")}
+    families = None if all_versions else {family_version(f.name, e) for f in registered()
+                                          for e in EMITTERS}
     with TuneDB(db_path, create=False) as db:
         count = export_db(db, out_path or TUNED_PATH, families)
     console.print(f"{count} tuned plans from {db_path} written to {out_path or TUNED_PATH}")
@@ -83,3 +87,54 @@ def merge(out_path, inputs):
             added = db.merge(path)
             console.print(f"{path}: {added} new measurements")
         console.print(f"{out_path}: {db.count()} measurements")
+
+
+@command.command("calibrate")
+@_db_arg
+@click.option("--gpu", "gpu_name", required=True, metavar="NAME",
+              help="The GPU whose measurements to fit (as `tunedb show` names it).")
+@click.option("--out", "out_path", default=None, type=click.Path(dir_okay=False),
+              help="Cost-model file to write the fitted entry into (its other GPUs kept); "
+                   "without it the fit is only reported.")
+@click.option("--keep-ratios", is_flag=True,
+              help="Fit only the launch term and one scale of the fallback's other coefficients "
+                   "(for measurements that vary the plan too little to pin every term).")
+@click.option("--json", "as_json", is_flag=True, help="Print the fit as JSON.")
+def calibrate(db_path, gpu_name, out_path, keep_ratios, as_json):
+    """Fit the cost model's coefficients for one GPU to every measurement in the database."""
+    from .. import costmodel
+    from ..paths import check_output
+    from ..tunedb import TuneDB, latest
+    from ..errors import UserError
+    from pathlib import Path
+
+    if out_path:
+        check_output(Path(out_path), "--out")
+        if Path(out_path).exists():
+            costmodel.load_coefficients(out_path)      # a malformed file: refused before fitting
+    with TuneDB(db_path, create=False) as db:
+        rows = latest(db.rows())
+    samples, sms, bare = costmodel.calibration_samples(rows, gpu_name, db_path)
+    if not samples:
+        raise UserError(f"{db_path}: none of the {bare} verified measurements on {gpu_name!r} "
+                        f"stored cost features (measured by an older sparsert: tune again)")
+    ratios = costmodel.coefficients_for(costmodel.FALLBACK)[1]["coefficients"] \
+        if keep_ratios else None
+    coefs, quality = costmodel.fit(samples, sms, ratios)
+    entry = {"sms": sms, "coefficients": coefs, "fit": quality,
+             "source": f"sparsert tunedb calibrate {db_path}"
+                       f"{' --keep-ratios' if keep_ratios else ''} ({quality['samples']} "
+                       f"measurements)"}
+    if out_path:
+        costmodel.save_entry(out_path, gpu_name, entry)
+    if as_json:
+        print_json({"gpu": gpu_name, "skipped_without_features": bare, **entry})
+        return
+    console.print(table(f"{db_path}: cost model for {gpu_name} ({sms} SMs), "
+                        f"{quality['samples']} measurements"
+                        + (f", {bare} without features skipped" if bare else ""),
+                        ["term", "coefficient (us per unit)"],
+                        [[t, f"{coefs[t]:.4g}"] for t in costmodel.TERMS]))
+    console.print(f"|error|: median {quality['median_rel_error']:.1%}, 90th percentile "
+                  f"{quality['p90_rel_error']:.1%}, max {quality['max_rel_error']:.1%}"
+                  + (f"; wrote {out_path}" if out_path else ""))

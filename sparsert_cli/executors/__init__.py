@@ -87,17 +87,20 @@ def run_jobs(executor, prepare, db, family, remeasure: bool = False, on_event=No
 def tune_config(config, *, gpus: str | None = None, ray: str | None = None, arch=None,
                 jobs=None, cache_root: str | None = None, limit: int = 16, tuned_path=None,
                 db_path=None, remeasure: bool = False, measure=None, on_event=None,
-                gpu_ids: list[int] | None = None) -> dict:
+                gpu_ids: list[int] | None = None, family: str = "auto") -> dict:
     """`sparsert tune`: every candidate of every case compiled, verified and timed on every GPU
     of this host (or of a Ray cluster), every measurement kept in the tuning database, the
-    winners written to the tuned-plan JSON. Returns {"summary": rows, "run": stats}.
+    winners (of any family, or of `family` alone) written to the tuned-plan JSON. Returns
+    {"summary": rows, "run": stats}.
     `gpu_ids` (device numbers, unchecked) and `measure` are for tests and scripts."""
-    from ..jobs import current_family, make_cases, winners
+    from ..families import families, get_family
+    from ..jobs import current_family, family_version, make_cases, winners
     from ..problem_shape import PRECISIONS
     from ..tune import TUNED_PATH, TunedDB
     from ..tunedb import TuneDB, default_db_path
 
-    family = current_family(config.emit)
+    get_family(family)                       # an unknown name fails before any work
+    default = current_family(config.emit)
     tuned = TunedDB(tuned_path or TUNED_PATH)
     if ray is not None:
         from .ray_backend import RayExecutor
@@ -109,14 +112,14 @@ def tune_config(config, *, gpus: str | None = None, ray: str | None = None, arch
 
     def prepare(gpu):
         def seeds(digest, geometry, precision):
-            return [found for other in PRECISIONS if other != precision
+            return [found for other in PRECISIONS if other != precision for f in families()
                     if (found := tuned.lookup(digest, geometry, gpu["gpu_name"], other,
-                                              *family))]
-        return make_cases(config, limit, seeds)
+                                              *family_version(f.name, config.emit)))]
+        return make_cases(config, limit, seeds, family, gpu["gpu_name"])
 
     with TuneDB(db_path or default_db_path()) as db:
-        stats = run_jobs(executor, prepare, db, family, remeasure, on_event)
-        summary = winners(stats["cases"], stats["all_jobs"], db, stats["gpu"], family)
+        stats = run_jobs(executor, prepare, db, default, remeasure, on_event)
+        summary = winners(stats["cases"], stats["all_jobs"], db, stats["gpu"], default)
     for entry in summary:
         if entry["status"] == "ok":
             tuned.record(entry["pattern_hash"], entry["geometry"], stats["gpu"]["gpu_name"],
@@ -124,6 +127,6 @@ def tune_config(config, *, gpus: str | None = None, ray: str | None = None, arch
                          {"us": entry["us"], "default_us": entry["default_us"],
                           "candidates": entry["candidates"], "verified": entry["verified"],
                           "problem": entry["problem"], "sparsity": entry["sparsity"]},
-                         *family)     # keyed by the code version measured (item 4, issue 9)
+                         *entry["family"])   # keyed by the code version measured (issue 9)
     tuned.save()
     return {"summary": summary, "run": stats}

@@ -204,7 +204,8 @@ class LocalExecutor(WorkerPool):
         case = self._cases[job.case]
         if job.case not in self._nnz:      # a dense array or a SparseWeight
             self._nnz[job.case] = count_nonzeros(case.weight)
-        return code_units(self._nnz[job.case], job.params.vector_width, case.precision)
+        return code_units(self._nnz[job.case], getattr(job.params, "vector_width", 1),
+                          case.precision)
 
     def _compiled(self, compiled: Compiled) -> None:
         job = compiled.job

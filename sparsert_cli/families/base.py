@@ -11,9 +11,19 @@ from ..ir import KernelIR
 @dataclass(frozen=True)
 class Family:
     """name: the registry key; version: changes whenever the family's emitted code changes (it
-    enters cache and tuned-plan keys); params: the tunables dataclass; build_plan(csr, geometry,
-    params, epilogue, dtype, accumulate) -> plan; fit_params(geometry, params, dtype) -> params;
-    lower(plan) -> KernelIR; plan_type: the class of its plans."""
+    enters cache and tuned-plan keys); params: the tunables dataclass (name(), validate(),
+    from_dict()); build_plan(csr, geometry, params, epilogue, dtype, accumulate) -> plan;
+    fit_params(geometry, params, dtype) -> params; lower(plan) -> KernelIR; plan_type: the class
+    of its plans.
+
+    Hooks for choosing plans (costmodel.py, the tuner); a family without them is planned only
+    when named with explicit parameters:
+    default_params(geometry, nnz, precision=...) -> params: its untuned rule default;
+    candidates(geometry, nnz, precision=..., limit=...[, seeds=...]) -> [params]: what the tuner
+    times and the cost model ranks (the default first; `seeds`, this family's winners at other
+    precisions, passed only when there are some); features(plan) -> {name: float}: cost
+    features (costmodel.FEATURES); estimate(geometry, csr, params, precision) -> the same
+    features without building the plan (None: the cost model builds plans to get them)."""
 
     name: str
     version: str
@@ -22,3 +32,12 @@ class Family:
     build_plan: Callable[..., Any]
     fit_params: Callable[..., Any]
     lower: Callable[[Any], KernelIR]
+    default_params: Callable[..., Any] | None = None
+    candidates: Callable[..., list] | None = None
+    features: Callable[[Any], dict] | None = None
+    estimate: Callable[..., dict] | None = None
+
+    @property
+    def choosable(self) -> bool:
+        """Whether the cost model and the tuner can make plans of this family on their own."""
+        return None not in (self.default_params, self.candidates, self.features)

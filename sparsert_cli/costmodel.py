@@ -1,0 +1,236 @@
+"""The cost model: a layer's time predicted from its plan's cost features, linear in a few
+per-GPU coefficients; it picks the untuned plan ("auto") across every kernel family.
+
+    us = launch·launches + fetch·(code bytes per SM) + flop·flops + dram·(DRAM bytes)
+         + l2·(L2 -> SM bytes) + issue·(longest thread's instructions x waves)
+
+Families report the features (Family.features / Family.estimate, e.g. families/immediate/
+tuning.py); `terms` turns them into the model's terms for a GPU's SM count. The coefficients
+live in sparsert_cli/data/costmodel.json keyed by GPU name; GPUs it does not name get the
+"fallback" entry, derived from the H100 floors of docs/perf-notes.md. `sparsert tunedb
+calibrate` fits them to every measurement in a tuning database (non-negative least squares on
+relative error). A sum of floors overestimates where the hardware overlaps them (loads under
+instruction fetch): the fitted coefficients absorb that, the fallback does not.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import scipy.sparse as sp
+
+from .errors import UserError
+from .problem_shape import PRECISIONS, Epilogue, Geometry
+
+COEFFICIENTS_PATH = Path(__file__).parent / "data" / "costmodel.json"
+SCHEMA = 1
+FALLBACK = "fallback"
+TERMS = ("launch", "fetch", "flop", "dram", "l2", "issue")
+# What Family.features must report (numbers; more keys are kept in the database, unused here).
+FEATURES = ("launches", "blocks", "threads_per_block", "fetched_code_bytes",
+            "max_block_code_bytes", "flops", "dram_bytes", "l2_bytes", "serial_instructions")
+MAX_THREADS_PER_SM = 2048
+MAX_BLOCKS_PER_SM = 32
+CHOOSE_LIMIT = 32        # candidates per family the model ranks
+
+
+def terms(features: dict, sms: int) -> np.ndarray:
+    """The model's terms (TERMS order) of one plan's features on a GPU with `sms` SMs. Code runs
+    once per block: an SM fetches its share of every block's code, and at least one block's."""
+    missing = [name for name in FEATURES if name not in features]
+    if missing:
+        raise ValueError(f"cost features lack {', '.join(missing)}")
+    f = {name: float(features[name]) for name in FEATURES}
+    resident = max(1, min(MAX_BLOCKS_PER_SM, MAX_THREADS_PER_SM // max(1, f["threads_per_block"])))
+    waves = math.ceil(f["blocks"] / (sms * resident)) if f["blocks"] else 1
+    return np.array([f["launches"], max(f["fetched_code_bytes"] / sms, f["max_block_code_bytes"]),
+                     f["flops"], f["dram_bytes"], f["l2_bytes"],
+                     f["serial_instructions"] * waves])
+
+
+# ---- coefficients ------------------------------------------------------------------------------
+def load_coefficients(path: str | Path | None = None) -> dict[str, dict]:
+    """{gpu name: {"sms": int, "coefficients": {term: us per unit}, ...}} of a coefficients
+    file (default: the shipped one). A malformed file is one line naming it."""
+    return _load(str(path or COEFFICIENTS_PATH))
+
+
+@lru_cache(maxsize=8)
+def _load(path: str) -> dict[str, dict]:
+    try:
+        doc = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such cost-model file") from None
+    except (OSError, ValueError, RecursionError) as exc:
+        raise UserError(f"{path}: not a cost-model JSON file ({str(exc).splitlines()[0]})"
+                        ) from None
+    gpus = doc.get("gpus") if isinstance(doc, dict) else None
+    if not isinstance(gpus, dict) or doc.get("schema") != SCHEMA:
+        raise UserError(f"{path}: not a cost-model file (expected schema {SCHEMA} and a 'gpus' "
+                        f"mapping)")
+    for name, entry in gpus.items():
+        coefs = entry.get("coefficients") if isinstance(entry, dict) else None
+        sms = entry.get("sms") if isinstance(entry, dict) else None
+        if (not isinstance(coefs, dict) or set(coefs) != set(TERMS)
+                or not all(_number(v) and v >= 0 for v in coefs.values())
+                or not (_number(sms) and sms >= 1)):
+            raise UserError(f"{path}: GPU {name!r} needs 'sms' (>= 1) and 'coefficients' with "
+                            f"non-negative {', '.join(TERMS)}")
+    return gpus
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def coefficients_for(gpu_name: str | None = None, path: str | Path | None = None
+                     ) -> tuple[str, dict]:
+    """(entry name, entry) for a GPU: its own, else the fallback. gpu_name None: this machine's
+    GPU (the H100's name without a driver)."""
+    gpus = load_coefficients(path)
+    if gpu_name is None:
+        from .gpu.runtime import detect_gpu_name
+        gpu_name = detect_gpu_name()
+    name = gpu_name if gpu_name in gpus else FALLBACK
+    if name not in gpus:
+        raise UserError(f"{path or COEFFICIENTS_PATH}: no entry for {gpu_name!r} and no "
+                        f"{FALLBACK!r} entry")
+    return name, gpus[name]
+
+
+def predict_features(features: dict, gpu_name: str | None = None,
+                     path: str | Path | None = None) -> float:
+    """Predicted microseconds of a plan with these cost features on `gpu_name`."""
+    _, entry = coefficients_for(gpu_name, path)
+    coefs = np.array([entry["coefficients"][t] for t in TERMS])
+    return float(terms(features, int(entry["sms"])) @ coefs)
+
+
+def predict_us(plan, gpu_name: str | None = None, path: str | Path | None = None) -> float:
+    """Predicted microseconds of a built plan (any family with a features hook)."""
+    from .families import family_of
+
+    family = family_of(plan)
+    if family.features is None:
+        raise UserError(f"the {family.name} family reports no cost features")
+    return predict_features(family.features(plan), gpu_name, path)
+
+
+# ---- choosing ----------------------------------------------------------------------------------
+def choose(geometry: Geometry, csr, precision: str = "fp32", gpu_name: str | None = None,
+           families=None, limit: int = CHOOSE_LIMIT, path: str | Path | None = None):
+    """(family, params) of the lowest predicted time over every candidate of every family
+    (default: every registered family that can choose; ties: the family registered first, then
+    its earlier candidate). Features come from each family's cheap estimate where it has one
+    (the immediate family's is exact: its own row assignment and distinct taps, without building
+    the plan); otherwise the candidate is planned, which takes ~1 s for 236k nonzeros."""
+    from . import families as registry
+
+    dtype, accumulate = PRECISIONS[precision]
+    pool = [f for f in (registry.families() if families is None else families) if f.choosable]
+    if not pool:
+        names = ", ".join(f.name for f in (families or ())) or "none"
+        raise UserError(f"no kernel family here can choose plans on its own ({names}: no cost "
+                        f"model hooks); give the family's plan parameters")
+    csr = sp.csr_matrix(csr, dtype=np.float32)
+    csr.sort_indices()
+    csr.eliminate_zeros()
+    _, entry = coefficients_for(gpu_name, path)
+    coefs = np.array([entry["coefficients"][t] for t in TERMS])
+    best, errors = None, []
+    for order, family in enumerate(pool):
+        for index, params in enumerate(family.candidates(geometry, int(csr.nnz),
+                                                         precision=precision, limit=limit)):
+            try:
+                if family.estimate is not None:
+                    features = family.estimate(geometry, csr, params, precision)
+                else:
+                    features = family.features(family.build_plan(
+                        csr, geometry, params, Epilogue(), dtype, accumulate))
+            except UserError as exc:      # a candidate that does not fit this layer
+                errors.append(exc.message)
+                continue
+            key = (float(terms(features, int(entry["sms"])) @ coefs), order, index)
+            if best is None or key < best[0]:
+                best = (key, family, params)
+    if best is None:
+        raise UserError(f"no candidate plan fits this layer ({errors[0] if errors else 'none'})")
+    return best[1], best[2]
+
+
+# ---- calibration -------------------------------------------------------------------------------
+def fit(samples: list[tuple[dict, float]], sms: int, ratios: dict | None = None
+        ) -> tuple[dict[str, float], dict]:
+    """Coefficients (non-negative least squares on relative error: every layer counts alike,
+    small or large) of `samples` = [(features, measured us)], and the fit's quality. With
+    `ratios` (coefficients, e.g. the fallback's) only the launch term and one scale of the other
+    terms are fitted, keeping their ratios: for measurements that vary the plan too little to
+    pin every term (a full fit then extrapolates badly to plans nobody measured)."""
+    from scipy.optimize import nnls
+
+    need = 2 if ratios else len(TERMS)
+    if len(samples) < need:
+        raise UserError(f"calibration needs at least {need} measurements with cost "
+                        f"features, got {len(samples)}")
+    rows = np.array([terms(f, sms) for f, _ in samples])
+    us = np.array([t for _, t in samples], dtype=np.float64)
+    if ratios:
+        shape = np.array([0.0] + [ratios[t] for t in TERMS[1:]])
+        design = np.stack([rows[:, 0], rows @ shape], axis=1)
+    else:
+        design = rows
+    scale = design.max(axis=0)
+    scale[scale == 0] = 1.0                      # an unused term keeps coefficient 0
+    solution, _ = nnls(design / scale / us[:, None], np.ones(len(us)),
+                       maxiter=50 * len(TERMS))
+    solution = solution / scale
+    coefs = (np.concatenate([[solution[0]], solution[1] * shape[1:]]) if ratios
+             else solution)
+    errors = np.abs(rows @ coefs - us) / us
+    quality = {"samples": len(us), "median_rel_error": float(np.median(errors)),
+               "p90_rel_error": float(np.percentile(errors, 90)),
+               "max_rel_error": float(errors.max())}
+    return {t: float(c) for t, c in zip(TERMS, coefs)}, quality
+
+
+def calibration_samples(rows: list[dict], gpu_name: str, where: str
+                        ) -> tuple[list[tuple[dict, float]], int, int]:
+    """(samples, SM count, rows without features) of tuning-database rows (tunedb.latest of
+    them) for one GPU: every verified, timed measurement that stored its cost features.
+    `where` names the database in errors."""
+    names = sorted({r["gpu_name"] for r in rows})
+    rows = [r for r in rows if r["gpu_name"] == gpu_name and r["verified"]
+            and r["median_us"] is not None and r["median_us"] > 0]
+    if not rows:
+        raise UserError(f"{where}: no verified measurements on {gpu_name!r} (GPUs in it: "
+                        f"{', '.join(names) or 'none'})")
+    samples, bare = [], 0
+    for r in rows:
+        try:
+            features = json.loads(r.get("features_json") or "null")
+        except ValueError:
+            features = None
+        if not isinstance(features, dict) or not all(_number(features.get(k))
+                                                     for k in FEATURES):
+            bare += 1
+            continue
+        samples.append((features, float(r["median_us"])))
+    sms = [r["sm_count"] for r in rows if r.get("sm_count")]
+    return samples, max(set(sms), key=sms.count) if sms else 132, bare
+
+
+def save_entry(path: str | Path, gpu_name: str, entry: dict) -> None:
+    """Write `entry` for `gpu_name` into a coefficients file (its other GPUs kept; a new file
+    gets the shipped fallback too, so it can stand alone)."""
+    path = Path(path)
+    gpus = dict(load_coefficients(path)) if path.exists() else {
+        FALLBACK: load_coefficients()[FALLBACK]}
+    gpus[gpu_name] = entry
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"schema": SCHEMA, "terms": list(TERMS),
+                                "gpus": dict(sorted(gpus.items()))}, indent=1) + "\n")
+    _load.cache_clear()

@@ -1,0 +1,192 @@
+"""The immediate family's hooks for choosing plans: its untuned default, the candidates the tuner
+and the cost model sweep, and the cost features of a plan (exact, from a plan) or of parameters
+(estimated from the weight's rows without building the plan: planning a 236k-nonzero layer takes
+about a second, these estimates take milliseconds)."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, replace
+
+import numpy as np
+
+from ...errors import UserError
+from ...problem_shape import ELEMENT_BYTES, MAX_STATIC_SHARED, PRECISIONS, Geometry
+from .plan import Plan, PlanParams, _assign_rows, fit_params, fit_vector_width
+
+# Code size is nnz x vector width FMAs; ptxas time grows with it (~0.17 s per 1k on one core).
+# Past this budget the planner narrows the vector so the biggest layers compile in ~20 s.
+CODE_BUDGET = 500_000
+LARGE_CODE = 40_000
+H100_SMS = 132
+INSTRUCTION_BYTES = 16      # one SASS instruction (sm_70+)
+STORE_INSTRUCTIONS = 2      # per row and lane: the store and its address/epilogue arithmetic
+# Per k-split slice: its body's call, prologue and the shared-memory exchange; from the cubins of
+# the run-1 probe (docs/perf-notes.md: +0.4-1.0 MB per doubling of k_split, ~160-200 per slice).
+SLICE_INSTRUCTIONS = 160
+
+
+def code_units(nnz: int, vector_width: int, precision: str = "fp32") -> int:
+    """Sum instructions of a plan: one per nonzero and column, or per column pair with half2."""
+    return nnz * lanes(vector_width, precision)
+
+
+def lanes(vector_width: int, precision: str) -> int:
+    """FMA instructions per nonzero: one per column, one per column pair with half2 sums."""
+    return max(1, vector_width // 2) if precision == "fp16" else vector_width
+
+
+def default_params(geometry: Geometry, nnz: int, precision: str = "fp32",
+                   sm_count: int = H100_SMS) -> PlanParams:
+    """A reasonable untuned plan by rules (the cost model's choice replaces it as "auto").
+
+    Small layers are latency-bound: wide vectors, enough blocks to fill the GPU. Large layers are
+    bound by instruction fetch (the weights are the instruction stream, 16 bytes per FMA, first
+    H100 run in docs/perf-notes.md): scalar columns (code size = nnz, not nnz x width), more warps
+    running the same code, and more rows per group so each load feeds more FMAs. With half2 sums
+    (precision fp16) a column pair costs what one fp32 column does, so widths double.
+    """
+    dtype = PRECISIONS[precision][0]
+    half2 = precision == "fp16"
+    big = nnz > LARGE_CODE
+    wanted = (2 if half2 else 1) if big else (8 if half2 else 4)
+    width = fit_vector_width(geometry, wanted, dtype)
+    while width > 1 and code_units(nnz, width, precision) > CODE_BUDGET:
+        width //= 2
+    per_thread = -(-geometry.columns // width)
+    if big:   # one tile where possible: every warp of the block shares the fetched code
+        threads = min(256, -(-per_thread // 32) * 32)
+    else:
+        threads = 32 if per_thread <= 32 else 64 if per_thread <= 2048 else 128
+    tiles = -(-per_thread // threads)
+    rows = 32 if big else 8
+    while rows > 2 and tiles * -(-geometry.out_channels // rows) < (1 if big else 2) * sm_count:
+        rows //= 2
+    taps_per_group = nnz / max(1, geometry.out_channels) * rows
+    k_split = 1
+    while (not big and k_split < 4 and taps_per_group / k_split > 256
+           and tiles * -(-geometry.out_channels // rows) * k_split < 4 * sm_count):
+        k_split *= 2
+    return PlanParams(rows_per_group=rows, vector_width=width, col_threads=threads,
+                      k_split=k_split)
+
+
+def candidates(geometry: Geometry, nnz: int, precision: str = "fp32", limit: int = 16,
+               seeds: tuple[PlanParams, ...] = ()) -> list[PlanParams]:
+    """Plan parameters worth timing for one case: the rule default, then sweeps around it.
+
+    A rows x k_split grid (the two knobs that trade parallelism for reuse), then vector width,
+    column threads and a register cap. Each is fitted to the shape and deduplicated; layers
+    whose code is large get fewer candidates (they dominate compile time). `seeds` (e.g. this
+    layer's winners at other precisions) come right after the default, ahead of the sweeps.
+    """
+    dtype, accumulate = PRECISIONS[precision]
+    base = fit_params(geometry, default_params(geometry, nnz, precision), dtype)
+    found: list[PlanParams] = [base]
+
+    def add(params: PlanParams) -> None:
+        try:
+            params = fit_params(geometry, params, dtype)
+        except UserError:
+            return
+        if params.col_threads * params.k_split > 1024:
+            return
+        if code_units(nnz, params.vector_width, precision) > CODE_BUDGET:
+            return
+        shared = (params.k_split * params.rows_per_group * params.col_threads
+                  * params.vector_width * ELEMENT_BYTES[accumulate])
+        if params.k_split > 1 and shared > MAX_STATIC_SHARED:
+            return
+        if params not in found:
+            found.append(params)
+
+    for seed in seeds:
+        if isinstance(seed, PlanParams):
+            add(seed)
+    seeded = len(found)
+    for rows in (2, 4, 8, 16):
+        for k_split in (1, 2, 4, 8):
+            add(replace(base, rows_per_group=rows, k_split=k_split))
+    for width in (8, 4, 2, 1):
+        add(replace(base, vector_width=width))
+    for threads in (32, 64, 128, 256):
+        add(replace(base, col_threads=threads))
+    add(replace(base, max_registers=128))
+    add(replace(base, balance="contiguous"))
+    if code_units(nnz, base.vector_width, precision) > 100_000:
+        limit = min(limit, 6)
+
+    def distance(p: PlanParams) -> int:   # prefer candidates close to the default
+        return sum(getattr(p, f) != getattr(base, f) for f in asdict(base))
+    ordered = found[1:seeded] + sorted(found[seeded:], key=distance)
+    return [base] + ordered[:limit - 1]
+
+
+def _features(geometry: Geometry, params: PlanParams, precision: str, groups: int, loads: int,
+              nnz: int, rows: int, group_instr: np.ndarray) -> dict[str, float]:
+    """Cost features from the counts a plan (or an estimate) gives; see costmodel.FEATURES."""
+    dtype = PRECISIONS[precision][0]
+    per_thread = -(-geometry.columns // params.vector_width)
+    tiles = -(-per_thread // params.col_threads)
+    code = float(group_instr.sum()) * INSTRUCTION_BYTES
+    element = ELEMENT_BYTES[dtype]
+    columns = tiles * params.col_threads * params.vector_width    # every lane loads, idle or not
+    return {"launches": 1.0, "blocks": float(tiles * groups),
+            "threads_per_block": float(params.col_threads * params.k_split),
+            "code_bytes": code, "fetched_code_bytes": code * tiles,
+            "max_block_code_bytes": float(group_instr.max(initial=0)) * INSTRUCTION_BYTES,
+            "flops": 2.0 * nnz * geometry.columns,
+            "dram_bytes": float(element * (geometry.input_elems + geometry.output_elems)),
+            "l2_bytes": float(loads * columns * element),
+            "serial_instructions": float(group_instr.max(initial=0)) / params.k_split,
+            "loads": float(loads), "rows": float(rows)}
+
+
+def _slices(params: PlanParams) -> int:
+    return SLICE_INSTRUCTIONS * params.k_split if params.k_split > 1 else 0
+
+
+def features(plan: Plan) -> dict[str, float]:
+    """Exact cost features of a built plan."""
+    width = lanes(plan.vector_width, plan.precision)
+    instr = np.array([sum(len(sl) for sl in g.slices) + width * (g.nnz + STORE_INSTRUCTIONS
+                                                                  * len(g.rows))
+                      for g in plan.groups], dtype=np.float64) + _slices(plan.params)
+    return _features(plan.geometry, plan.params, plan.precision, len(plan.groups), plan.loads,
+                     plan.nnz, plan.geometry.out_channels, instr)
+
+
+def estimate(geometry: Geometry, csr, params: PlanParams, precision: str) -> dict[str, float]:
+    """features() of the plan these parameters would give, without building it: the planner's
+    own row assignment and the distinct taps per group (one load each) from the CSR indices.
+    Equal to features(plan) (tests/test_costmodel.py), ~100x cheaper for large layers."""
+    params = fit_params(geometry, params, PRECISIONS[precision][0])
+    sizes, loads, nnz = _grouping(csr, params.rows_per_group, params.balance)
+    instr = loads + lanes(params.vector_width, precision) * (nnz + STORE_INSTRUCTIONS * sizes)
+    return _features(geometry, params, precision, len(sizes), int(loads.sum()), int(csr.nnz),
+                     csr.shape[0], instr.astype(np.float64) + _slices(params))
+
+
+_GROUPINGS: dict[tuple, tuple] = {}      # the last few weights' groupings: candidates share them
+
+
+def _grouping(csr, rows_per_group: int, balance: str):
+    """(rows, distinct taps, nonzeros) per row group, as build_plan groups the rows."""
+    digest = hashlib.sha1(csr.indptr.tobytes() + csr.indices.tobytes()).hexdigest()
+    key = (digest, csr.shape, rows_per_group, balance)
+    if key not in _GROUPINGS:
+        row_nnz = np.diff(csr.indptr)
+        groups = _assign_rows(row_nnz, rows_per_group, balance)
+        group_of = np.empty(len(row_nnz), dtype=np.int64)
+        sizes = np.zeros(len(groups), dtype=np.int64)
+        for g, rows in enumerate(groups):
+            group_of[rows] = g
+            sizes[g] = len(rows)
+        taps = int(csr.shape[1])
+        keys = np.unique(np.repeat(group_of, row_nnz) * taps + csr.indices.astype(np.int64))
+        loads = np.bincount(keys // taps, minlength=len(groups))
+        nnz = np.bincount(group_of, weights=row_nnz, minlength=len(groups))
+        if len(_GROUPINGS) >= 16:
+            _GROUPINGS.pop(next(iter(_GROUPINGS)))
+        _GROUPINGS[key] = (sizes, loads, nnz)
+    return _GROUPINGS[key]
