@@ -128,8 +128,10 @@ def coefficients(tmp_path):
 
 @pytest.fixture
 def with_fakes(monkeypatch):
-    """Registers fake_b then fake_a after the immediate family (registration order matters)."""
+    """Registers fake_b then fake_a after the immediate family, the only real one kept
+    (registration order matters)."""
     b, a = fake_family("fake_b", (7, 0, 0)), fake_family("fake_a", (0, 3))
+    monkeypatch.delitem(families._REGISTRY, "streamed")
     monkeypatch.setitem(families._REGISTRY, "fake_b", b)
     monkeypatch.setitem(families._REGISTRY, "fake_a", a)
     return b, a

@@ -194,3 +194,18 @@ def test_bad_streamed_parameters_are_user_errors():
         StreamParams(chains=3).validate()
     with pytest.raises(sparsert.UserError, match="unknown plan parameter 'rows_per_group'"):
         StreamParams.from_dict({"rows_per_group": 4})
+
+
+@pytest.mark.parametrize("geometry, params", [
+    (Geometry(1, 96, 1, 64, 80), StreamParams(32, 2, 4, 3, 4)),
+    (Geometry(2, 16, 9, 9, 24, 3, 2, 1), StreamParams(64, 1, 2, 5, 2)),
+    (Geometry(1, 16, 8, 8, 40, 3, 1, 0), StreamParams(32, 1, 1, 1, 8))])
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "bf16"])
+def test_cost_estimate_equals_the_built_plans_features(geometry, params, precision):
+    from sparsert_cli.families.streamed import estimate, features
+    from sparsert_cli.problem_shape import PRECISIONS
+
+    csr = _weight(geometry, 0.2, 5)
+    plan = build_plan(csr, geometry, params, Epilogue(), *PRECISIONS[precision])
+    assert features(plan) == estimate(geometry, csr, params, precision)
+    assert get_family("streamed").choosable

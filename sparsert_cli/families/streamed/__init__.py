@@ -8,8 +8,12 @@ from .lower import lower
 from .plan import (StreamParams, StreamPlan, build_plan, candidates, default_params,
                    fit_params)
 
+from .tuning import estimate, features  # noqa: E402
+
 FAMILY = Family(name="streamed", version="streamed-1", params=StreamParams, plan_type=StreamPlan,
-                build_plan=build_plan, fit_params=fit_params, lower=lower)
+                build_plan=build_plan, fit_params=fit_params, lower=lower,
+                default_params=default_params, candidates=candidates, features=features,
+                estimate=estimate)
 
 __all__ = ["FAMILY", "StreamParams", "StreamPlan", "build_plan", "candidates", "default_params",
-           "fit_params", "lower"]
+           "estimate", "features", "fit_params", "lower"]

@@ -293,14 +293,15 @@ def default_params(geometry: Geometry, nnz: int, sm_count: int = 132,
     return fit_params(geometry, StreamParams(threads, width, warps, rows, 4), dtype)
 
 
-def candidates(geometry: Geometry, nnz: int, precision: str = "fp32",
-               limit: int = 12) -> list[StreamParams]:
-    """The default first, then neighbours: rows per worker /2 and x2, narrower vectors, other
-    chain counts and block heights (fitted to the shape, duplicates dropped)."""
+def candidates(geometry: Geometry, nnz: int, precision: str = "fp32", limit: int = 12,
+               seeds=None) -> list[StreamParams]:
+    """`seeds` (winners at other precisions) and the default first, then neighbours: rows per
+    worker /2 and x2, other vector widths, chain counts and block heights (fitted to the shape,
+    duplicates dropped)."""
     dtype = PRECISIONS[precision][0]
     base = default_params(geometry, nnz, precision=precision)
     r, v = base.rows_per_worker, base.vector_width
-    tries = [base, replace(base, rows_per_worker=max(1, r // 2)),
+    tries = list(seeds or []) + [base, replace(base, rows_per_worker=max(1, r // 2)),
              replace(base, rows_per_worker=r * 2), replace(base, chains=2),
              replace(base, vector_width=v * 2), replace(base, vector_width=max(1, v // 2)),
              replace(base, warps=max(1, base.warps // 2)), replace(base, warps=base.warps * 2),

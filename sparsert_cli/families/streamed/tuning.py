@@ -1,0 +1,85 @@
+"""The streamed family's cost features (costmodel.FEATURES), from a plan or estimated from the
+weight's row statistics without building one.
+
+What a streamed kernel costs (H100 probes, docs/perf-notes.md): its code is one small loop, so
+no instruction-fetch term; every table entry is, per warp, one share of a coalesced 8-byte load,
+two shuffles, an address, one activation load (through L1, from L2 on a miss) and one FMA per
+column unit; each row adds its table reads, epilogue and store. The issue term takes the larger
+of the longest worker's chain and the SM's whole instruction stream spread over its 4 schedulers.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ...problem_shape import ELEMENT_BYTES, PRECISIONS, Geometry
+from .plan import PAD, StreamParams, _workers, fit_params, tap_offsets
+
+LOOP_CODE_BYTES = 2048          # SASS of one segment's loop (both chunk paths)
+ENTRY_INSTRUCTIONS = 4          # shuffles x2, address, activation load (+ FMAs per unit)
+ROW_INSTRUCTIONS = 24           # row table, accumulator zeroing and sum, epilogue, store
+SEGMENT_INSTRUCTIONS = 10       # bounds, the first chunk's load, loop control
+SMS = 132
+SCHEDULERS = 4
+
+
+def _units(width: int, precision: str) -> int:
+    return max(1, width // 2) if precision == "fp16" else width
+
+
+def _features(geometry: Geometry, params: StreamParams, precision: str, workers: int,
+              row_entries: np.ndarray, worker_of: np.ndarray, nnz: int) -> dict[str, float]:
+    dtype = PRECISIONS[precision][0]
+    element = ELEMENT_BYTES[dtype]
+    segments = geometry.kernel ** 2 if geometry.masked else 1
+    per_thread = -(-geometry.columns // params.vector_width)
+    tiles = -(-per_thread // params.col_threads)
+    columns = tiles * params.col_threads * params.vector_width
+    entries = int(row_entries.sum())
+    per_row = (row_entries * (ENTRY_INSTRUCTIONS + _units(params.vector_width, precision))
+               + ROW_INSTRUCTIONS + SEGMENT_INSTRUCTIONS * segments)
+    chain = float(np.bincount(worker_of, weights=per_row, minlength=workers).max(initial=0))
+    blocks = tiles * (workers // params.warps)
+    warps_total = float(per_row.sum()) * tiles * params.col_threads / 32
+    resident = max(1, min(32, 2048 // (params.col_threads * params.warps)))
+    waves = max(1, -(-blocks // (SMS * resident)))
+    code = float(LOOP_CODE_BYTES * segments)
+    return {"launches": 1.0, "blocks": float(blocks),
+            "threads_per_block": float(params.col_threads * params.warps),
+            "code_bytes": code, "fetched_code_bytes": code * min(blocks, SMS),
+            "max_block_code_bytes": code, "flops": 2.0 * nnz * geometry.columns,
+            "dram_bytes": float(element * (geometry.input_elems + geometry.output_elems)
+                                + 8 * entries),
+            "l2_bytes": float(entries * tiles * (columns / tiles * element + 8)),
+            "serial_instructions": max(chain, warps_total / (SMS * SCHEDULERS) / waves),
+            "loads": float(entries), "rows": float(geometry.out_channels)}
+
+
+def features(plan) -> dict[str, float]:
+    """Exact cost features of a built streamed plan."""
+    row_entries = plan.seg[:, -1] - plan.seg[:, 0]
+    worker_of = np.repeat(np.arange(plan.workers), np.diff(plan.work))
+    return _features(plan.geometry, plan.params, plan.precision, plan.workers, row_entries,
+                     worker_of, plan.nnz)
+
+
+def estimate(geometry: Geometry, csr, params: StreamParams, precision: str) -> dict[str, float]:
+    """features() of the plan these parameters would give, from the CSR alone: the planner's
+    worker assignment and each row's padded segment lengths."""
+    params = fit_params(geometry, params, PRECISIONS[precision][0])
+    m = geometry.out_channels
+    segments = geometry.kernel ** 2 if geometry.masked else 1
+    row_nnz = np.diff(csr.indptr)
+    rows = np.repeat(np.arange(m), row_nnz)
+    segment, _ = tap_offsets(geometry, csr.indices.astype(np.int64))
+    counts = np.bincount(rows * segments + segment, minlength=m * segments).reshape(m, segments)
+    padded = (-(-counts // PAD) * PAD).sum(axis=1)
+    count = -(-m // params.rows_per_worker)
+    count = -(-count // params.warps) * params.warps
+    dealt = _workers(row_nnz, count)
+    worker_of = np.empty(m, dtype=np.int64)
+    for w, members in enumerate(dealt):
+        worker_of[members] = w
+    order = np.fromiter((r for members in dealt for r in members), dtype=np.int64, count=m)
+    return _features(geometry, params, precision, count, padded[order], worker_of[order],
+                     int(csr.nnz))
