@@ -137,3 +137,284 @@ def test_depthwise_min_sparsity_counts_the_block_diagonal_weight():
     assert row["reason"] == "sparsity 0.50 below min_sparsity 0.6" and row["sparsity"] == 0.0
     (row,) = _cpu_sparsify(model, x, min_sparsity=0.5)
     assert row["replaced"]
+
+
+# ---- the compile phase -------------------------------------------------------------------------
+def test_every_kernel_is_compiled_before_any_is_checked(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPARSERT_CACHE_DIR", str(tmp_path / "cache"))
+    model = _separable()
+    prune_(model, 0.7)
+    x = torch.randn(1, 8, 9, 9)
+    events, stats = [], {}
+    rows = sparsify_(model, (x,), dry_run=True, tuned=False, jobs=2, stats=stats,
+                     on_progress=lambda *e: events.append(e))
+    stages = [e[0] for e in events]
+    assert stages == ["compile"] * 2 + ["check"] * 2         # dw.0 and pw.0 have kernels
+    assert [e[1:3] for e in events] == [(1, 2), (2, 2), (1, 2), (2, 2)]
+    assert {e[3] for e in events} == {"dw.0", "pw.0"}
+    assert stats["kernels"] == 2 and stats["cached"] == 0
+    assert stats["plan_seconds"] >= 0 and stats["compile_seconds"] > 0
+    assert [r["reason"] for r in rows[:2]] == ["dry run: verified"] * 2
+    again = {}
+    rows = sparsify_(model, (x,), dry_run=True, tuned=False, verify=False, stats=again)
+    assert again["cached"] == 2 and rows[0]["reason"] == "dry run: compiled"
+    assert rows[0]["max_err"] is None                          # verify=False: not executed
+
+
+@pytest.mark.parametrize("jobs", [0, -1, 1.5, True, "2"])
+def test_bad_jobs(jobs):
+    with pytest.raises(UserError, match="jobs must be"):
+        sparsify_(_separable(), (torch.randn(1, 8, 9, 9),), dry_run=True, jobs=jobs)
+
+
+def test_a_layer_without_a_kernel_does_not_stop_the_others():
+    """Planning errors are per layer (here: BatchNorm folding takes a weight past fp16's range)."""
+    model = nn.Sequential(nn.Conv2d(4, 4, 1, bias=False), nn.Conv2d(4, 4, 1, bias=False),
+                          nn.BatchNorm2d(4)).eval()
+    with torch.no_grad():
+        model[0].weight.copy_(torch.eye(4).view(4, 4, 1, 1))
+        model[1].weight.copy_(3e4 * torch.eye(4).view(4, 4, 1, 1))
+        model[2].weight.fill_(4.0)
+    rows = sparsify_(model.half(), (torch.randn(1, 4, 3, 3).half(),), dtype="fp16",
+                     dry_run=True, tuned=False, cache=False)
+    assert rows[0]["reason"] == "dry run: verified"
+    assert rows[1]["reason"].startswith("no kernel: ") and "fp16" in rows[1]["reason"]
+    assert rows[1]["plan"] is None
+
+
+# ---- models results: merge, markdown -----------------------------------------------------------
+def _onnx_conv(path):
+    pytest.importorskip("onnx")
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = np.random.default_rng(5).standard_normal((8, 4, 3, 3)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["y"], name="conv", pads=[1, 1, 1, 1])], "one",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 6, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(w, "w")])
+    import onnx
+
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
+
+
+def _model_cli(capsys, tmp_path, *extra):
+    from cli_helpers import run_main
+
+    return run_main(["model", str(tmp_path / "one.onnx"), "--compile-only", "--no-cache",
+                     "--no-tuned", "--out", str(tmp_path / "m.json"), *extra], capsys)
+
+
+def test_model_merge_keeps_replaces_and_refuses(tmp_path, capsys):
+    import json
+
+    from sparsert_cli.results import load_results
+
+    _onnx_conv(tmp_path / "one.onnx")
+    out = tmp_path / "m.json"
+    code, _, err = _model_cli(capsys, tmp_path, "--sparsity", "0.9", "--merge", "--jobs", "1")
+    assert code == 0, err
+    code, _, err = _model_cli(capsys, tmp_path, "--sparsity", "0.8", "--merge")
+    assert code == 0, err
+    doc = load_results(out, kinds=("models",))
+    assert [r["sparsity"] for r in doc["models"]] == [0.9, 0.8]
+    assert all(r["git_commit"] == doc["git_commit"] and r["timestamp"] for r in doc["models"])
+    doc["models"][0]["marker"] = "old"
+    out.write_text(json.dumps(doc))
+    code, _, err = _model_cli(capsys, tmp_path, "--sparsity", "0.9", "--merge")
+    assert code == 0, err
+    rows = load_results(out)["models"]
+    assert [r["sparsity"] for r in rows] == [0.9, 0.8] and "marker" not in rows[0]
+    assert (tmp_path / "m.csv").read_text().count("\n") == 3          # header + 2 entries
+    code, _, err = _model_cli(capsys, tmp_path, "--sparsity", "0.7")    # no --merge: replaced
+    assert code == 0, err
+    assert [r["sparsity"] for r in load_results(out)["models"]] == [0.7]
+
+
+@pytest.mark.parametrize("content,message", [
+    ('{"kind": "bench", "schema": 2, "cases": [{}]}', "holds bench results"),
+    ("{not json", "not a results JSON file"),
+    ('{"kind": "models", "schema": 9, "models": [{}]}', "newer than this sparsert"),
+    ('{"kind": "models", "schema": 2, "models": [{"model": "m", "dtype": "fp32"}]}',
+     "entry 0 lacks sparsity, batch"),
+    ('{"kind": "models", "schema": 2, "models": [], "dense_baselines": {}}', "no models"),
+    ('{"kind": "models", "schema": 2, "models": [{"model": "m", "dtype": "fp32", "batch": 1, '
+     '"sparsity": "x"}]}', "non-numeric sparsity"),
+])
+def test_model_merge_refuses_another_file(tmp_path, capsys, content, message):
+    _onnx_conv(tmp_path / "one.onnx")
+    (tmp_path / "m.json").write_text(content)
+    code, _, err = _model_cli(capsys, tmp_path, "--sparsity", "0.9", "--merge")
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert (tmp_path / "m.json").read_text() == content and not (tmp_path / "m.csv").exists()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--no-verify"], "--no-verify is for --compile-only"),
+    (["--dense-compile", "fast"], "--dense-compile"),
+    (["--jobs", "0"], "--jobs"),
+])
+def test_model_bad_new_options(tmp_path, capsys, args, message):
+    from cli_helpers import run_main
+
+    code, _, err = run_main(["model", "mobilenet_v1", "--out", str(tmp_path / "m.json"),
+                             *args], capsys)
+    assert code == 2 and message in err, err
+    assert not (tmp_path / "m.json").exists()
+
+
+def _row(model="m", dtype="fp16", sparsity=0.9, batch=1, **kw):
+    return {"model": model, "dtype": dtype, "sparsity": sparsity, "batch": batch,
+            "sparsert_us": 100.0, "dense": {"eager_us": 900.0, "graph_us": 300.0,
+                                           "compile_us": 150.0, "compile_mode": "max-autotune"},
+            "best_dense": "compile", "speedup": 1.5, "max_rel_err": 1e-3, "verified": True,
+            "replaced": 3, "layers_total": 4, "gpu": {"name": "H100"}, **kw}
+
+
+def test_merge_and_markdown(tmp_path):
+    from sparsert_cli.models_results import load_models, markdown, merge
+    from sparsert_cli.results import stamp
+
+    base = {"model": "m", "dtype": "fp16", "input_shape": [1, 3, 8, 8],
+            "compile_mode": "max-autotune", "gpu": {"name": "H100"}, "dense": {}}
+    old = stamp({"git_commit": "a", "models": [_row(tag="old"), _row(sparsity=0.95)],
+                 "dense_baselines": [base]}, "models")
+    new = stamp({"git_commit": "b", "models": [_row(tag="new"), _row(dtype="fp32")],
+                 "dense_baselines": [{**base, "gpu": {"name": "H200"}}]}, "models")
+    doc = merge(old, new)
+    assert [(r["dtype"], r["sparsity"], r.get("tag")) for r in doc["models"]] == [
+        ("fp16", 0.9, "new"), ("fp16", 0.95, None), ("fp32", 0.9, None)]
+    assert len(doc["dense_baselines"]) == 2 and doc["git_commit"] == "b"
+    assert merge(None, new) is new
+    text = markdown(doc)
+    lines = text.splitlines()
+    assert len(lines) == 2 + 3 and lines[2].startswith("| m | fp16 | 0.9 | 1 | 100.0 |")
+    assert "150.0 (max-autotune)" in lines[2] and "**1.50×**" in lines[2]
+    only_dense = tmp_path / "d.json"              # measured before its first entry finished
+    only_dense.write_text(__import__("json").dumps(stamp(
+        {"models": [], "dense_baselines": [base]}, "models")))
+    assert load_models(only_dense)["dense_baselines"] == [base]
+    assert load_models(tmp_path / "absent.json") is None
+
+
+# ---- scripts/models-run ----------------------------------------------------------------------
+def _models_run():
+    import importlib.machinery
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / "models-run"
+    loader = importlib.machinery.SourceFileLoader("models_run", str(path))
+    module = importlib.util.module_from_spec(importlib.util.spec_from_loader("models_run",
+                                                                             loader))
+    loader.exec_module(module)
+    return module
+
+
+class FakeRunner:
+    """Stands in for one `sparsert model ... --merge` process: adds the entry to the file (and
+    its dense baseline), advancing a fake clock by `seconds`."""
+
+    def __init__(self, out, seconds=100.0, results=None):
+        self.out, self.seconds, self.now, self.calls = out, seconds, 0.0, []
+        self.results = list(results or [])
+
+    def clock(self):
+        return self.now
+
+    def __call__(self, cmd, log, timeout):
+        from sparsert_cli.models_results import dumps, load_models, merge
+        from sparsert_cli.results import stamp
+
+        self.calls.append((cmd, timeout))
+        result = self.results.pop(0) if self.results else "ok"
+        if result == "timeout" or self.seconds > timeout:       # ended at the budget
+            result = "timeout"
+            self.now += timeout
+            return result
+        self.now += self.seconds
+        if result == "ok":
+            i = cmd.index
+            entry = dict(model=cmd[i("model") + 1], dtype=cmd[i("--dtype") + 1],
+                         sparsity=float(cmd[i("--sparsity") + 1]),
+                         batch=int(cmd[i("--batch") + 1]))
+            base = {"model": entry["model"], "dtype": entry["dtype"], "compile_seconds": 50.0,
+                    "input_shape": [entry["batch"], 3], "compile_mode": "max-autotune"}
+            doc = stamp({"models": [{**entry, "sparsify_seconds": 30.0}],
+                         "dense_baselines": [base]}, "models")
+            self.out.write_text(dumps(merge(load_models(self.out), doc)))
+        return result
+
+
+def test_models_run_matrix_resumes_and_keeps_to_the_budget(tmp_path):
+    from sparsert_cli.models_results import load_models
+
+    mr = _models_run()
+    entries = mr.matrix()
+    assert len(entries) == 13 and entries[0] == {"model": "mobilenet_v1", "dtype": "fp16",
+                                                 "sparsity": 0.9, "batch": 1}
+    assert entries[8]["batch"] == 8 and all(e["model"] == "bert_base" for e in entries[9:])
+    out = tmp_path / "models.json"
+    fake = FakeRunner(out, seconds=100.0)
+    code = mr.run_matrix(tmp_path, entries[:4], budget=540, dense_compile="max-autotune",
+                         runner=fake, clock=fake.clock)
+    # estimates: 20 + 60 + 240 = 320 s (first guesses), then resnet's 350 s fits the 440 s left,
+    # then 20 + 30 s each (dense baselines cached, sparse part measured)
+    ran = [(c[c.index("model") + 1], c[c.index("--sparsity") + 1]) for c, _ in fake.calls]
+    assert ran == [("mobilenet_v1", "0.9"), ("resnet50", "0.9"), ("mobilenet_v1", "0.95"),
+                   ("resnet50", "0.95")] and code == 0
+    assert all("--merge" in c and str(out) in c for c, _ in fake.calls)
+    assert fake.calls[0][1] == 540 - mr.MARGIN                 # ended at the budget
+    log = (tmp_path / "models-run.log").read_text()
+    assert "done: 4 of 4 entries" in log
+    # again: everything present, nothing run
+    again = FakeRunner(out)
+    assert mr.run_matrix(tmp_path, entries[:4], budget=540, dense_compile="max-autotune",
+                         runner=again, clock=again.clock) == 0
+    assert again.calls == [] and log.count("skipped") == 0
+    assert (tmp_path / "models-run.log").read_text().count("already in models.json") == 4
+    assert (tmp_path / "models.json").exists() and len(load_models(out)["models"]) == 4
+
+
+def test_models_run_defers_what_does_not_fit_and_stops_at_a_timeout(tmp_path):
+    mr = _models_run()
+    entries = mr.matrix(models=("mobilenet_v1", "resnet50"), dtypes=("fp16",))
+    fake = FakeRunner(tmp_path / "models.json", seconds=150.0)
+    code = mr.run_matrix(tmp_path, entries, budget=400, dense_compile="max-autotune",
+                         runner=fake, clock=fake.clock)
+    # mobilenet 0.9 (320 s guess) runs; resnet 0.9 (350 s) does not fit the 250 s left; mobilenet
+    # 0.95 (dense cached: 20 + 30 s) does; the rest need resnet's dense baseline
+    ran = [(c[c.index("model") + 1], c[c.index("--sparsity") + 1]) for c, _ in fake.calls]
+    assert ran == [("mobilenet_v1", "0.9"), ("mobilenet_v1", "0.95")] and code == 3
+    assert "left for the next run" in (tmp_path / "models-run.log").read_text()
+    slow = FakeRunner(tmp_path / "models.json", results=["timeout"])
+    code = mr.run_matrix(tmp_path, entries, budget=2000, dense_compile="max-autotune",
+                         runner=slow, clock=slow.clock)
+    assert code == 3 and len(slow.calls) == 1 and slow.now <= 2000
+    assert "budget reached" in (tmp_path / "models-run.log").read_text()
+    failing = FakeRunner(tmp_path / "models.json", results=["failed"])
+    code = mr.run_matrix(tmp_path, entries, budget=5000, dense_compile="none",
+                         runner=failing, clock=failing.clock)
+    assert code == 1 and len(failing.calls) == 3          # the two present are skipped
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--budget", "0"], "--budget"), (["--models", "vgg"], "--models: vgg"),
+    (["--dtypes", ""], "--dtypes: nothing given"), (["--jobs", "0"], "--jobs"),
+])
+def test_models_run_bad_arguments(tmp_path, capsys, args, message):
+    mr = _models_run()
+    assert mr.main([str(tmp_path / "o"), *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+
+
+def test_models_run_refuses_a_bad_file(tmp_path, capsys):
+    mr = _models_run()
+    (tmp_path / "models.json").write_text('{"kind": "tune", "schema": 2, "cases": [{}]}')
+    assert mr.main([str(tmp_path)]) == 2
+    assert "holds tune results" in capsys.readouterr().err
+    (tmp_path / "file").write_text("")
+    assert mr.main([str(tmp_path / "file")]) == 2
+    assert not (tmp_path / "models-run.log").exists()

@@ -167,11 +167,12 @@ def dense_record(name: str, model, x, dtype: str, dense_compile: str) -> dict:
     return record
 
 
-def matches(record: dict, name: str, dtype: str, x, dense_compile: str) -> bool:
-    """Whether a cached dense_record serves this model, precision, input and GPU."""
+def matches(record: dict, name: str, dtype: str, shape, dense_compile: str,
+            gpu_name: str) -> bool:
+    """Whether a cached dense_record serves this model, precision, input shape and GPU."""
     return (record.get("model"), record.get("dtype"), record.get("input_shape"),
             record.get("compile_mode"), (record.get("gpu") or {}).get("name")) == (
-        name, dtype, list(x.shape), dense_compile, torch.cuda.get_device_name())
+        name, dtype, list(shape), dense_compile, gpu_name)
 
 
 def run_model(name: str, model: torch.nn.Module, x: torch.Tensor, *, sparsity: float | None,
@@ -209,8 +210,9 @@ def run_model(name: str, model: torch.nn.Module, x: torch.Tensor, *, sparsity: f
     with torch.no_grad():
         ref = copy.deepcopy(model).double()(x.double())
         dense_out = model(x)
-    record = next((r for r in dense_cached or () if matches(r, name, dtype, x, dense_compile)),
-                  None)
+    gpu_name = torch.cuda.get_device_name()
+    record = next((r for r in dense_cached or ()
+                   if matches(r, name, dtype, x.shape, dense_compile, gpu_name)), None)
     if record is None:
         record = dense_record(name, model, x, dtype, dense_compile)
         row["dense_source"] = "measured"
