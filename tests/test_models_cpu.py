@@ -418,3 +418,14 @@ def test_models_run_refuses_a_bad_file(tmp_path, capsys):
     (tmp_path / "file").write_text("")
     assert mr.main([str(tmp_path / "file")]) == 2
     assert not (tmp_path / "models-run.log").exists()
+
+
+def test_models_run_process_results(tmp_path):
+    """The real runner: exit status, and at the budget the whole process group ended."""
+    mr = _models_run()
+    with open(tmp_path / "log", "w") as log:
+        assert mr.run_process(["true"], log, 10) == "ok"
+        assert mr.run_process(["false"], log, 10) == "failed"
+        started = __import__("time").monotonic()
+        assert mr.run_process(["sh", "-c", "sleep 30 & sleep 30"], log, 1.0) == "timeout"
+        assert __import__("time").monotonic() - started < 10
