@@ -263,6 +263,16 @@ def test_model_bad_new_options(tmp_path, capsys, args, message):
     assert not (tmp_path / "m.json").exists()
 
 
+def test_run_model_refuses_an_unknown_dense_compile_mode():
+    from sparsert_cli.torch.endtoend import run_model
+
+    model = nn.Sequential(nn.Conv2d(4, 4, 1))
+    with pytest.raises(UserError, match="dense_compile must be one of max-autotune"):
+        run_model("m", model, torch.randn(1, 4, 3, 3), sparsity=0.5, dtype="fp32",
+                  dense_compile="fast")
+    assert not torch.any(model[0].weight == 0)             # refused before pruning
+
+
 def _row(model="m", dtype="fp16", sparsity=0.9, batch=1, **kw):
     return {"model": model, "dtype": dtype, "sparsity": sparsity, "batch": batch,
             "sparsert_us": 100.0, "dense": {"eager_us": 900.0, "graph_us": 300.0,

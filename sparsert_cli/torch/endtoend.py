@@ -21,6 +21,7 @@ import time
 import numpy as np
 import torch
 
+from sparsert_cli.errors import UserError
 from sparsert_cli.torch.prune import prune_
 from sparsert_cli.torch.sparsify import DTYPES, sparsify_
 
@@ -184,6 +185,9 @@ def run_model(name: str, model: torch.nn.Module, x: torch.Tensor, *, sparsity: f
     model's own zeros (an imported, already pruned network). dense_cached: dense_records
     measured before (one that matches is used instead of measuring); on_dense(record) is
     called as soon as a new one is measured (so it can be saved before the sparse part)."""
+    if dense_compile not in DENSE_COMPILE:
+        raise UserError(f"dense_compile must be one of {', '.join(DENSE_COMPILE)}, got "
+                        f"{dense_compile!r}")
     if sparsity is not None:
         prune_(model, sparsity)
     row = {"model": name, "name": _label(name, dtype, sparsity, int(x.shape[0])),
