@@ -439,3 +439,28 @@ def test_models_run_process_results(tmp_path):
         started = __import__("time").monotonic()
         assert mr.run_process(["sh", "-c", "sleep 30 & sleep 30"], log, 1.0) == "timeout"
         assert __import__("time").monotonic() - started < 10
+
+
+class DwResidual(nn.Module):
+    """relu(bn(depthwise(x)) + x): the residual add fused into the depthwise kernel."""
+
+    def __init__(self, c=6):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1, groups=c, bias=False)
+        self.bn = nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        return torch.relu(self.bn(self.conv(x)) + x)
+
+
+def test_depthwise_with_a_fused_residual_add():
+    torch.manual_seed(7)
+    model = nn.Sequential(DwResidual()).eval()
+    model[0].bn.running_mean.uniform_(-0.5, 0.5)
+    x = torch.randn(1, 6, 7, 7)
+    with torch.no_grad():
+        want = model(x).clone()
+    (row,) = _cpu_sparsify(model, x)
+    assert row["replaced"] and row["fused"] == "bn+add+relu" and row["max_rel_err"] < 1e-5
+    with torch.no_grad():
+        assert torch.allclose(model(x), want, atol=1e-5)
