@@ -40,7 +40,7 @@ def small_cnn():
     model = nn.Sequential(
         nn.Conv2d(3, 8, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU6(),
         Block(8),
-        nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.ReLU(),           # depthwise: stays dense
+        nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.ReLU(),           # depthwise: not pruned
         nn.Conv2d(8, 16, 1), nn.ReLU(),
         nn.Flatten(), nn.Linear(16 * 5 * 5, 10))
     for module in model.modules():      # non-trivial running statistics
@@ -111,10 +111,13 @@ def test_sparsify_replaces_on_cpu_and_matches_the_dense_model():
                      min_sparsity=0.5, dry_run=False, arch=None, cache=False, include=None,
                      device=torch.device("cpu"))
     by = {r["layer"]: r for r in rows}
-    assert by["4"]["replaced"] is False and "groups=8" in by["4"]["reason"]
+    # the unpruned depthwise conv as a block-diagonal 8x8x3x3 kernel, bias and ReLU fused
+    assert (by["4"]["op"], by["4"]["fused"], by["4"]["nnz"]) == ("dw3x3", "relu", 72)
+    assert by["4"]["shape"] == "8x3x3 dw @ 5x5 p1" and by["4"]["sparsity"] == 0.0
     fused = "3.conv2_residual.conv"          # conv2 + bn2 + residual add + shared ReLU
-    assert all(by[n]["replaced"] for n in ("0", "3.conv1", fused, "6", "9")), rows
-    assert all(by[n]["max_rel_err"] < 1e-5 for n in ("0", "3.conv1", fused, "9"))
+    assert all(by[n]["replaced"] for n in ("0", "3.conv1", fused, "4", "6", "9")), rows
+    assert all(by[n]["max_rel_err"] < 1e-5 for n in ("0", "3.conv1", fused, "4", "9"))
+    assert model[4].groups == 8 and isinstance(model[5], nn.Identity)
     assert by[fused]["fused"] == "bn+add+relu" and by["3.conv1"]["fused"] == "bn+relu"
     assert isinstance(model[0], SparseLayer) and isinstance(model[1], nn.Identity)
     # after the residual rewrite the shared ReLU has one use left: fused into conv1, gone
@@ -165,7 +168,7 @@ def test_dry_run_leaves_the_model_and_cpu_refusal():
     rows = sparsify_(model, (x,), dry_run=True, tuned=False, cache=False)
     assert not any(isinstance(m, SparseLayer) for m in model.modules())
     verified = [r for r in rows if r["reason"].startswith("dry run")]
-    assert len(verified) == 5 and all(r["max_err"] is not None for r in verified)
+    assert len(verified) == 6 and all(r["max_err"] is not None for r in verified)
     assert isinstance(model[3], Block)                   # the caller's model is not rewritten
     dense = sparsify_(small_cnn(), (x,), dry_run=True, tuned=False, cache=False)
     assert all("below min_sparsity" in r["reason"] for r in dense if r["layer"] != "4")

@@ -2,7 +2,8 @@
 
 Built-in models get random weights and magnitude pruning; an ONNX file's Conv/Gemm/MatMul layers
 are sparsified one by one (its other ops are not run: the times are sums over these layers).
-Writes results JSON (kind "models") and a CSV, like `bench`.
+Writes results JSON (kind "models") and a CSV, like `bench`; with --merge the JSON keeps the
+entries of earlier runs (models_results.py) and is rewritten after every entry.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 import csv
 import datetime
 import io
-import json
 import platform
 from pathlib import Path
 
@@ -22,9 +22,10 @@ from ..options import arch_option
 from .bench import RESULTS_DIR, split_values
 
 CSV_FIELDS = ["model", "dtype", "sparsity", "batch", "mode", "sparsert_us", "eager_us",
-              "graph_us", "compile_us", "tf32_graph_us", "best_dense", "best_dense_us", "speedup",
-              "verified", "max_rel_err", "dense_rel_err", "rel_err_bound", "replaced",
-              "layers_total"]
+              "graph_us", "compile_us", "compile_mode", "tf32_graph_us", "best_dense",
+              "best_dense_us", "best_dense_config", "dense_source", "speedup", "verified",
+              "max_rel_err", "dense_rel_err", "rel_err_bound", "replaced", "layers_total",
+              "git_commit", "timestamp"]
 
 
 def csv_text(doc: dict) -> str:
@@ -34,7 +35,7 @@ def csv_text(doc: dict) -> str:
     for row in doc["models"]:
         dense = row.get("dense") or {}
         writer.writerow({**row, **{k: dense.get(k) for k in ("eager_us", "graph_us",
-                                                              "compile_us")},
+                                                              "compile_us", "compile_mode")},
                          "tf32_graph_us": (row.get("tf32") or {}).get("graph_us")})
     return buf.getvalue()
 
@@ -82,11 +83,20 @@ def _check_outputs(*paths: Path) -> None:
 @click.option("--tuned", "tuned_path", default=None, type=click.Path(dir_okay=False),
               help="Tuned-plan database (default: configs/tuned.json).")
 @click.option("--no-tuned", is_flag=True, help="Ignore the tuned-plan database.")
-@click.option("--no-compile-baseline", is_flag=True,
-              help="Skip the torch.compile max-autotune baseline (it takes minutes per model).")
+@click.option("--dense-compile", type=click.Choice(["max-autotune", "default", "none"]),
+              default="max-autotune", show_default=True,
+              help="The strong dense baseline's torch.compile mode (max-autotune takes minutes "
+                   "per model; none: eager and CUDA graph only).")
 @click.option("--compile-only", is_flag=True,
               help="Compile and verify every layer on the CPU (slow for full-size models); "
                    "no timings.")
+@click.option("--no-verify", is_flag=True,
+              help="With --compile-only: compile only, no CPU check (times the compile phase).")
+@click.option("--jobs", type=click.IntRange(1, 256), default=None,
+              help="Compile processes (default: one per core).")
+@click.option("--merge", is_flag=True,
+              help="Keep the entries already in --out (same model, dtype, sparsity and batch: "
+                   "replaced); the file is rewritten after every entry.")
 @click.option("--no-cache", is_flag=True, help="Ignore the kernel cache.")
 @click.option("--seed", type=click.IntRange(0), default=0, show_default=True)
 @arch_option
@@ -95,7 +105,8 @@ def _check_outputs(*paths: Path) -> None:
 @click.option("--csv", "csv_path", default=None, type=click.Path(dir_okay=False),
               help="Results CSV (default: next to the JSON).")
 def command(name, sparsities, dtypes, batch, resolution, tokens, tune, tuned_path, no_tuned,
-            no_compile_baseline, compile_only, no_cache, seed, arch, out_path, csv_path):
+            dense_compile, compile_only, no_verify, jobs, merge, no_cache, seed, arch, out_path,
+            csv_path):
     """Prune and sparsify a whole network; time it against dense eager, CUDA graph and
     torch.compile (max-autotune, freezing, channels_last), verify the output."""
     try:
@@ -112,10 +123,15 @@ def command(name, sparsities, dtypes, batch, resolution, tokens, tune, tuned_pat
     dtypes = list(dict.fromkeys(dtypes)) or ["fp32"]
     if tune and no_tuned:
         raise UserError("--tune records winners in the tuned database; drop --no-tuned")
+    if no_verify and not compile_only:
+        raise UserError("--no-verify is for --compile-only (on a GPU every kernel is checked)")
     stem = Path(name).stem if onnx_file else name
     out = Path(out_path) if out_path else RESULTS_DIR / f"models-{stem}.json"
     csv_out = Path(csv_path) if csv_path else out.with_suffix(".csv")
     _check_outputs(out, csv_out)
+    from ..models_results import load_models
+
+    earlier = load_models(out) if merge else None      # a bad file: one line, before any work
     layers = None
     if onnx_file:
         from ..onnx_import import onnx_layers
@@ -132,36 +148,62 @@ def command(name, sparsities, dtypes, batch, resolution, tokens, tune, tuned_pat
     if tune and compile_only:
         raise UserError("--tune measures on a GPU; drop --compile-only")
     tuned = False if no_tuned else tuned_path
-    rows = []
     from ..torch.endtoend import run_model, run_onnx
+
+    options = {"resolution": resolution, "tokens": tokens, "seed": seed,
+               "dense_compile": dense_compile, "tune": tune}
+    meta = {"sparsert_version": _version(), "git_commit": _commit()}
+    state = {"doc": earlier, "rows": [], "bases": []}
+
+    def save():
+        """Write what is measured so far (merged over the earlier file with --merge)."""
+        from ..models_results import dumps, merge as merged, write_atomic
+
+        doc = stamp({**meta, "timestamp": _now(), "host": {
+            "python": platform.python_version(), "machine": platform.machine()},
+                     "options": options, "models": state["rows"]}, "models")
+        if state["bases"]:
+            doc["dense_baselines"] = state["bases"]
+        doc = merged(state["doc"], doc) if merge else doc
+        if doc["models"] or doc.get("dense_baselines"):
+            write_atomic(out, dumps(doc))
+            write_atomic(csv_out, csv_text(doc))
+
+    def on_dense(record):
+        state["bases"].append({**record, **meta, "timestamp": _now()})
+        if merge:
+            save()
+
+    from ._common import progress_bar, progress_callback
 
     for dtype in dtypes:
         for sparsity in levels:
             err_console.print(f"{stem} {dtype} sparsity={sparsity} batch={batch} ...")
-            common = dict(sparsity=sparsity, dtype=dtype, tuned=tuned, tune=tune,
-                          dry_run=compile_only, cache=not no_cache, arch=arch)
-            if onnx_file:
-                row = run_onnx(stem, layers, **common)
-                row["batch"] = batch
-            else:
-                model, x = build(name, batch=batch, resolution=resolution, tokens=tokens,
-                                 seed=seed)
-                row = run_model(name, model, x, compile_baseline=not no_compile_baseline,
-                                **common)
-            rows.append(row)
+            with progress_bar() as progress:
+                common = dict(sparsity=sparsity, dtype=dtype, tuned=tuned, tune=tune,
+                              dry_run=compile_only, cache=not no_cache, arch=arch)
+                if onnx_file:
+                    row = run_onnx(stem, layers, **common)
+                    row["batch"] = batch
+                else:
+                    model, x = build(name, batch=batch, resolution=resolution, tokens=tokens,
+                                     seed=seed)
+                    cached = list((earlier or {}).get("dense_baselines", [])) + state["bases"]
+                    row = run_model(name, model, x, dense_compile=dense_compile,
+                                    dense_cached=cached, on_dense=on_dense,
+                                    verify=not no_verify, jobs=jobs,
+                                    on_progress=progress_callback(progress), **common)
+            row.update(meta, timestamp=_now(), options=options)
+            state["rows"].append(row)
             _print_row(row)
-    doc = stamp({"sparsert_version": _version(), "git_commit": _commit(),
-                 "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(
-                     timespec="seconds"),
-                 "host": {"python": platform.python_version(), "machine": platform.machine()},
-                 "options": {"resolution": resolution, "tokens": tokens, "seed": seed,
-                             "compile_baseline": not no_compile_baseline, "tune": tune},
-                 "models": rows}, "models")
-    for path, text in ((out, json.dumps(doc, indent=1, default=float) + "\n"),
-                       (csv_out, csv_text(doc))):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
+            if merge:
+                save()
+    save()
     console.print(f"wrote {out} and {csv_out}")
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
 def _print_row(row: dict) -> None:
@@ -169,13 +211,22 @@ def _print_row(row: dict) -> None:
 
     title = f"{row['model']} {row['dtype']} S={row['sparsity']} batch={row['batch']}"
     console.print(report_table(row["layers"], title=title))
+    kernels = row.get("kernels") or {}
+    if kernels:
+        console.print(f"{kernels.get('kernels', 0)} kernels ({kernels.get('cached', 0)} cached):"
+                      f" planned in {kernels.get('plan_seconds', 0):.1f} s, compiled in "
+                      f"{kernels.get('compile_seconds', 0):.1f} s")
     if row["mode"] == "compile-only":
-        console.print(f"{row['verified_layers'] if 'verified_layers' in row else ''} layers "
-                      f"verified on the CPU; max relative error {row['max_rel_err']}")
+        if row.get("max_rel_err") is None and not row.get("verified_layers"):
+            console.print("compiled only (--no-verify): no kernel checked")
+        else:
+            console.print(f"{row.get('verified_layers', '')} layers verified on the CPU; max "
+                          f"relative error {row['max_rel_err']}")
         return
-    dense = ", ".join(f"{k.removesuffix('_us')} {v:.1f} us" for k, v in row["dense"].items() if v)
+    dense = ", ".join(f"{k.removesuffix('_us')} {v:.1f} us" for k, v in row["dense"].items()
+                      if k.endswith("_us") and v)
     console.print(f"sparsert {row['sparsert_us']:.1f} us vs dense {dense}: "
-                  f"[bold]{row['speedup']:.2f}x[/] the best ({row['best_dense']}); "
+                  f"[bold]{row['speedup']:.2f}x[/] the best ({row['best_dense_config']}); "
                   f"{row['replaced']}/{row['layers_total']} layers replaced; "
                   f"max rel err {row['max_rel_err']:.2e}"
                   + (f" (bound {row['rel_err_bound']:g})" if row.get("rel_err_bound") else ""))

@@ -1,26 +1,99 @@
-"""The one place sparsert_cli.torch reaches into the kernel library: compile_layer() and
-tune_layer(), both through the public API and the tuning job machinery."""
+"""The one place sparsert_cli.torch reaches into the kernel library: compile_layers() (plan
+every layer, compile them all across processes), block_diagonal() and tune_layer(), through the
+public API and the tuning job machinery."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 
 
-def compile_layer(weight: np.ndarray, *, op: str, input_shape=None, n: int | None = None,
-                  stride: int = 1, padding: int = 0, dtype: str = "fp32",
-                  epilogue: dict | None = None, tuned=None, arch: str | None = None,
-                  cache: bool = True):
-    """A compiled kernel for one layer: gemm (weight M x K, activations K x N) or conv (weight
-    M x C x R x S, input_shape (B, C, H, W)); epilogue {"bias", "activation", "residual"}."""
-    from sparsert_cli.api import compile_kernel
+@dataclass
+class LayerSpec:
+    """One layer to compile, as api.compile_kernel takes it: gemm (weight M x K, activations
+    K x N) or conv (weight M x C x R x S, input_shape (B, C, H, W)); weight numpy or
+    block_diagonal(); epilogue {"bias", "activation", "residual"}."""
 
-    epilogue = epilogue or {}
-    if op == "gemm":
-        return compile_kernel(weight, op="gemm", n=n, dtype=dtype, epilogue=epilogue,
-                              tuned=tuned, arch=arch, cache=cache)
-    return compile_kernel(weight, op="conv", input_shape=tuple(input_shape), stride=stride,
-                          padding=padding, dtype=dtype, epilogue=epilogue, tuned=tuned,
-                          arch=arch, cache=cache)
+    label: str
+    weight: object
+    op: str
+    input_shape: tuple | None = None
+    n: int | None = None
+    stride: int = 1
+    padding: int = 0
+    epilogue: dict | None = None
+
+
+def block_diagonal(weight: np.ndarray):
+    """A depthwise weight (C x 1 x R x S) as the C x C x R x S convolution weight it stands for
+    (row c holds filter c on input channel c, R*S nonzeros per row), kept sparse (a
+    patterns.SparseWeight: no C*C*R*S dense array)."""
+    import scipy.sparse as sp
+
+    from sparsert_cli.patterns import SparseWeight
+
+    c, one, r, s = weight.shape
+    if one != 1:
+        raise ValueError(f"a depthwise weight is C x 1 x R x S, got {weight.shape}")
+    taps = r * s
+    cols = np.arange(c)[:, None] * taps + np.arange(taps)[None, :]
+    csr = sp.csr_matrix((np.asarray(weight, np.float32).reshape(c, taps).ravel(),
+                         (np.repeat(np.arange(c), taps), cols.ravel())), shape=(c, c * taps))
+    csr.eliminate_zeros()
+    csr.sort_indices()
+    return SparseWeight(csr, (c, c, r, s))
+
+
+def compile_layers(specs: list[LayerSpec], *, dtype: str = "fp32", tuned=None,
+                   arch: str | None = None, cache: bool = True, jobs: int | None = None,
+                   on_done=None, stats: dict | None = None) -> list:
+    """Plan every layer, then compile them all across processes (api.compile_plans: cache hits
+    served here, the rest in `jobs` workers). Per spec, in order: a Kernel, or a string saying
+    why there is none (a planning error or a compile failure). on_done(index, result) as each
+    finishes; stats receives plan_seconds and compile_seconds."""
+    import time
+
+    from sparsert_cli.api import KernelFailure, Layer, compile_plans, plan_layers
+    from sparsert_cli.errors import UserError
+    from sparsert_cli.gpu.runtime import detect_gpu_name
+    from sparsert_cli.tune import TunedDB
+
+    started = time.perf_counter()
+    db = False if tuned is False else tuned if isinstance(tuned, TunedDB) else (
+        TunedDB(tuned) if tuned else TunedDB())
+    gpu_name = detect_gpu_name()
+    out: list = [None] * len(specs)
+    layers, planned, where = [], [], []
+    for i, spec in enumerate(specs):
+        try:
+            layer = Layer.of(spec.label, spec.weight, op=spec.op, input_shape=spec.input_shape,
+                             n=spec.n, stride=spec.stride, padding=spec.padding,
+                             epilogue=spec.epilogue, dtype=dtype)
+            planned += plan_layers([layer], db, gpu_name, labels=False)
+        except UserError as exc:
+            out[i] = f"no kernel: {exc.message}"
+            if on_done:
+                on_done(i, out[i])
+            continue
+        layers.append(layer)
+        where.append(i)
+    if stats is not None:
+        stats["plan_seconds"] = time.perf_counter() - started
+
+    def done(j, kernel):
+        i = where[j]
+        out[i] = (f"compile failed: {str(kernel.error).splitlines()[0]}"
+                  if isinstance(kernel, KernelFailure) else kernel)
+        if on_done:
+            on_done(i, out[i])
+
+    if layers:
+        compile_plans(layers, planned, arch=arch, cache=cache, jobs=jobs, on_done=done,
+                      stats=stats)
+    elif stats is not None:
+        stats["compile_seconds"] = 0.0
+    return out
 
 
 def tune_layer(weight: np.ndarray, *, op: str, label: str, input_shape=None, n=None,
@@ -31,7 +104,7 @@ def tune_layer(weight: np.ndarray, *, op: str, label: str, input_shape=None, n=N
     candidate compiled, verified element-wise and timed, every measurement kept in the tuning
     database (`db_path`, default as `sparsert tune`), the winner recorded in the tuned-plan JSON
     `tuned` (a path, a TunedDB, or None: ./configs/tuned.json), keyed exactly as
-    compile_layer(plan="auto") looks it up. `measure` replaces the GPU timer (tests). Returns
+    compile_layers() (plan "auto") looks it up. `measure` replaces the GPU timer (tests). Returns
     the summary row of the case (status, best plan, us, default_us)."""
     from sparsert_cli.api import Layer
     from sparsert_cli.executors import run_jobs

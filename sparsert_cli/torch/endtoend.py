@@ -1,10 +1,13 @@
 """End-to-end runs for `sparsert model`: a pruned dense model against its sparsified self.
 
 GPU (one row per model x precision x sparsity x batch): dense eager, dense CUDA graph, the strong
-baseline (torch.compile mode="max-autotune-no-cudagraphs" with inductor freezing, channels_last
-and cudnn.benchmark, then CUDA-graph replayed), TF32 beside fp32, and the sparsified model
-graph-replayed; outputs checked against the pruned model in float64.
-CPU (`dry_run`): every layer compiled and verified by the plan interpreter; no timings.
+baseline (torch.compile mode="max-autotune-no-cudagraphs" -- or "default", or none: DENSE_COMPILE
+-- with inductor freezing, channels_last and cudnn.benchmark, then CUDA-graph replayed), TF32
+beside fp32, and the sparsified model graph-replayed; outputs checked against the pruned model
+in float64. The dense times depend on shapes only, so one measurement (a dense_record) serves
+every sparsity of a model x precision x input shape (`dense_cached`).
+CPU (`dry_run`): every layer compiled (and, with verify, checked by the plan interpreter); no
+timings.
 
 Relative error bound: max|y - y64| <= REL_ERR_BOUND[dtype] * max|y64|, y64 the pruned dense model
 in float64 on the same input; the dense model's own error is reported beside it.
@@ -18,10 +21,14 @@ import time
 import numpy as np
 import torch
 
+from sparsert_cli.errors import UserError
 from sparsert_cli.torch.prune import prune_
 from sparsert_cli.torch.sparsify import DTYPES, sparsify_
 
 REL_ERR_BOUND = {"fp32": 1e-3, "fp16": 5e-2, "bf16": 0.4}   # bf16: fp16's 50 eps (2^-7)
+# --dense-compile: the torch.compile mode of the strong dense baseline (None: not measured)
+DENSE_COMPILE = {"max-autotune": "max-autotune-no-cudagraphs", "default": "default",
+                 "none": None}
 
 
 def _median_us(run, iters: int, reps: int = 7) -> float:
@@ -67,7 +74,7 @@ def _precision(dtype: str, tf32: bool = False) -> None:
 
 
 @torch.no_grad()
-def time_compiled(model, x) -> tuple[float, float]:
+def time_compiled(model, x, mode: str = "max-autotune-no-cudagraphs") -> tuple[float, float]:
     """(graph-replayed us, compile seconds) of the strong dense baseline."""
     import torch._inductor.config as inductor
 
@@ -78,7 +85,7 @@ def time_compiled(model, x) -> tuple[float, float]:
             memory_format=torch.channels_last)
     started = time.perf_counter()
     with inductor.patch(freezing=True):
-        compiled = torch.compile(model, mode="max-autotune-no-cudagraphs")
+        compiled = torch.compile(model, mode=mode)
         for _ in range(3):
             compiled(x)
         torch.cuda.synchronize()
@@ -114,25 +121,91 @@ def layer_records(rows: list[dict]) -> list[dict]:
     return out
 
 
+def best_dense_config(key: str, compile_mode: str | None) -> str:
+    """What the fastest dense time was measured with, in words."""
+    if key == "compile":
+        return (f"torch.compile mode={DENSE_COMPILE[compile_mode]} + freezing + channels_last + "
+                f"cudnn.benchmark, CUDA graph")
+    return {"eager": "dense eager (NCHW)", "graph": "dense CUDA graph (NCHW)"}.get(key, key)
+
+
+def gpu_meta() -> dict:
+    """The GPU and its software, kept with every measurement."""
+    from sparsert_cli.gpu import nvml
+
+    out = {"name": torch.cuda.get_device_name(),
+           "capability": list(torch.cuda.get_device_capability()),
+           "nvml_driver": nvml.driver_version(), "cuda_runtime": torch.version.cuda}
+    try:
+        from sparsert_cli.gpu.runtime import cu
+
+        version = cu("cuDriverGetVersion")
+        out["driver_version"] = f"{version // 1000}.{version % 1000 // 10}"
+    except Exception:  # noqa: BLE001 - the names and torch's view are enough
+        pass
+    return out
+
+
+def dense_record(name: str, model, x, dtype: str, dense_compile: str) -> dict:
+    """The dense times of `model` on x (pruned or not: dense kernels do not look at zeros):
+    {"model", "dtype", "input_shape", "compile_mode", "gpu", "dense": {eager_us, graph_us,
+    compile_us}, "tf32": {graph_us} (fp32), "compile_seconds"}."""
+    _precision(dtype)
+    dense = {"eager_us": time_eager(model, x), "graph_us": time_graph(model, x),
+             "compile_us": None}
+    record = {"model": name, "dtype": dtype, "input_shape": list(x.shape),
+              "compile_mode": dense_compile, "gpu": gpu_meta(), "torch": torch.__version__}
+    if dtype == "fp32":
+        _precision(dtype, tf32=True)
+        record["tf32"] = {"graph_us": time_graph(model, x)}
+        _precision(dtype)
+    if DENSE_COMPILE[dense_compile]:
+        dense["compile_us"], seconds = time_compiled(model, x, DENSE_COMPILE[dense_compile])
+        record["compile_seconds"] = round(seconds, 1)
+        torch.backends.cudnn.benchmark = False
+        _precision(dtype)
+    record["dense"] = dense
+    return record
+
+
+def matches(record: dict, name: str, dtype: str, shape, dense_compile: str,
+            gpu_name: str) -> bool:
+    """Whether a cached dense_record serves this model, precision, input shape and GPU."""
+    return (record.get("model"), record.get("dtype"), record.get("input_shape"),
+            record.get("compile_mode"), (record.get("gpu") or {}).get("name")) == (
+        name, dtype, list(shape), dense_compile, gpu_name)
+
+
 def run_model(name: str, model: torch.nn.Module, x: torch.Tensor, *, sparsity: float | None,
-              dtype: str, tuned=None, tune: bool = False, compile_baseline: bool = True,
-              dry_run: bool = False, cache: bool = True, arch: str | None = None) -> dict:
+              dtype: str, tuned=None, tune: bool = False, dense_compile: str = "max-autotune",
+              dense_cached: list | None = None, on_dense=None, dry_run: bool = False,
+              verify: bool = True, cache: bool = True, arch: str | None = None,
+              jobs: int | None = None, on_progress=None) -> dict:
     """One row of the models results (see the module docstring). `sparsity` None keeps the
-    model's own zeros (an imported, already pruned network)."""
+    model's own zeros (an imported, already pruned network). dense_cached: dense_records
+    measured before (one that matches is used instead of measuring); on_dense(record) is
+    called as soon as a new one is measured (so it can be saved before the sparse part)."""
+    if dense_compile not in DENSE_COMPILE:
+        raise UserError(f"dense_compile must be one of {', '.join(DENSE_COMPILE)}, got "
+                        f"{dense_compile!r}")
     if sparsity is not None:
         prune_(model, sparsity)
     row = {"model": name, "name": _label(name, dtype, sparsity, int(x.shape[0])),
            "dtype": dtype, "sparsity": sparsity, "batch": int(x.shape[0]),
-           "rel_err_bound": REL_ERR_BOUND[dtype]}
+           "input_shape": list(x.shape), "rel_err_bound": REL_ERR_BOUND[dtype]}
+    stats: dict = {}
+    common = dict(dtype=dtype, tuned=tuned, cache=cache, arch=arch, jobs=jobs,
+                  on_progress=on_progress, stats=stats, verify=verify)
     if dry_run:
         store = DTYPES[dtype]
-        rows = sparsify_(model.to(dtype=store), (x.to(store),), dtype=dtype, tuned=tuned,
-                         dry_run=True, cache=cache, arch=arch)
+        rows = sparsify_(model.to(dtype=store), (x.to(store),), dry_run=True, **common)
         ok = [r for r in rows if r["reason"].startswith("dry run")]
         row.update(mode="compile-only", layers=layer_records(rows), layers_total=len(rows),
-                   replaced=0, verified_layers=len(ok), verified=all(
+                   replaced=0, verified_layers=len(ok) if verify else 0, verified=verify and all(
                        not r["reason"].startswith("verification failed") for r in rows),
-                   max_rel_err=max((r["max_rel_err"] for r in ok), default=None))
+                   max_rel_err=max((r["max_rel_err"] for r in ok if r["max_rel_err"]
+                                    is not None), default=None),
+                   kernels=_kernel_stats(stats))
         return row
     device = torch.device("cuda")
     store = DTYPES[dtype]
@@ -141,36 +214,43 @@ def run_model(name: str, model: torch.nn.Module, x: torch.Tensor, *, sparsity: f
     with torch.no_grad():
         ref = copy.deepcopy(model).double()(x.double())
         dense_out = model(x)
-    dense = {"eager_us": time_eager(model, x), "graph_us": time_graph(model, x)}
-    if dtype == "fp32":
-        _precision(dtype, tf32=True)
-        row["tf32"] = {"graph_us": time_graph(model, x)}
-        _precision(dtype)
-    if compile_baseline:
-        dense["compile_us"], row["compile_seconds"] = time_compiled(model, x)
-        torch.backends.cudnn.benchmark = False
-        _precision(dtype)
+    gpu_name = torch.cuda.get_device_name()
+    record = next((r for r in dense_cached or ()
+                   if matches(r, name, dtype, x.shape, dense_compile, gpu_name)), None)
+    if record is None:
+        record = dense_record(name, model, x, dtype, dense_compile)
+        row["dense_source"] = "measured"
+        if on_dense:
+            on_dense(record)
     else:
-        dense["compile_us"] = None
+        row["dense_source"] = f"cached ({record.get('timestamp', 'earlier run')})"
+    dense = dict(record["dense"], compile_mode=dense_compile)
+    row.update({k: record[k] for k in ("tf32", "compile_seconds") if k in record})
+    _precision(dtype)
     started = time.perf_counter()
-    rows = sparsify_(model, (x,), dtype=dtype, tuned=tuned, tune=tune, verify=True,
-                     cache=cache, arch=arch)
+    rows = sparsify_(model, (x,), tune=tune, **common)
     row["sparsify_seconds"] = round(time.perf_counter() - started, 1)
     with torch.no_grad():
         out = model(x)
     sparse_us = time_graph(model, x)
-    best_name = min((k for k, v in dense.items() if v), key=lambda k: dense[k])
+    best_name = min((k for k in ("eager_us", "graph_us", "compile_us") if dense.get(k)),
+                    key=lambda k: dense[k])
+    best = best_name.removesuffix("_us")
     err, dense_err = _rel_err(out, ref), _rel_err(dense_out, ref)
     row.update(mode="gpu", sparsert_us=sparse_us, sparsert_eager_us=time_eager(model, x),
-               dense=dense, best_dense=best_name.removesuffix("_us"),
-               best_dense_us=dense[best_name], speedup=dense[best_name] / sparse_us,
-               max_rel_err=err, dense_rel_err=dense_err,
+               dense=dense, best_dense=best, best_dense_config=best_dense_config(
+                   best, dense_compile), best_dense_us=dense[best_name],
+               speedup=dense[best_name] / sparse_us, max_rel_err=err, dense_rel_err=dense_err,
                verified=bool(np.isfinite(err) and err <= REL_ERR_BOUND[dtype]),
                replaced=sum(r["replaced"] for r in rows), layers_total=len(rows),
-               layers=layer_records(rows),
-               gpu={"name": torch.cuda.get_device_name(), "capability":
-                    list(torch.cuda.get_device_capability())}, torch=torch.__version__)
+               layers=layer_records(rows), kernels=_kernel_stats(stats), gpu=gpu_meta(),
+               torch=torch.__version__)
     return row
+
+
+def _kernel_stats(stats: dict) -> dict:
+    """sparsify_'s compile-phase numbers for a results row."""
+    return {k: round(v, 2) if isinstance(v, float) else v for k, v in stats.items()}
 
 
 def onnx_module(layer) -> tuple[torch.nn.Module, torch.Tensor]:

@@ -1,9 +1,15 @@
 """sparsify_: replace a model's sparse Conv2d / Linear layers by compiled kernels, in place.
 
-Per layer: fold the following BatchNorm, fuse a following ReLU/ReLU6, compile a kernel for the
-shape seen in `example_inputs`, verify it element-wise against float64, and (on a GPU) time it
-against the dense layer; it is swapped in only when verified and at least `min_speedup` times
-faster, so the model never gets slower layer by layer. Inference only.
+Three phases. Plan: per layer, fold the following BatchNorm, fuse a following ReLU/ReLU6 (and
+a residual add), record the shape seen in `example_inputs`. Compile: every kernel at once,
+across processes (cache hits served at once). Check, layer by layer: verify element-wise against
+float64 and (on a GPU) time against the dense layer; a kernel is swapped in only when verified
+and at least `min_speedup` times faster, so the model never gets slower layer by layer.
+Inference only.
+
+Depthwise 3x3 convolutions (groups == in == out channels) run as the C x C x 3 x 3 convolution
+whose weight is block-diagonal (backend.block_diagonal: 9 nonzeros a row), through the same
+kernels; other grouped convolutions stay dense.
 
 Kernels are specialised to one input shape: a SparseLayer called with another shape runs its
 dense (folded) op instead. Linear layers: see ops.py (transposes until a token-major kernel).
@@ -20,8 +26,10 @@ import torch.nn.functional as F
 
 from sparsert_cli.errors import UserError
 from sparsert_cli.torch import ops
-from sparsert_cli.torch.backend import compile_layer, tune_layer
+from sparsert_cli.torch.backend import LayerSpec, block_diagonal, compile_layers, tune_layer
+from sparsert_cli.torch.check import time_us, verify as verify_layer
 from sparsert_cli.torch.fuse import Chain, find_chains, folded
+from sparsert_cli.torch.prune import is_depthwise
 from sparsert_cli.torch.residual import fuse_residuals
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -31,11 +39,13 @@ class SparseLayer(torch.nn.Module):
     """A Conv2d/Linear (+ folded BatchNorm, + ReLU/ReLU6) running one compiled kernel."""
 
     def __init__(self, kernel_id: int, kind: str, weight: torch.Tensor, bias, activation: str,
-                 stride: int, padding: int, in_shape: tuple, residual: bool = False):
+                 stride: int, padding: int, in_shape: tuple, residual: bool = False,
+                 groups: int = 1):
         super().__init__()
         self.kernel_id, self.kind, self.activation = kernel_id, kind, activation
         self.residual = residual                    # the kernel adds a residual input
         self.stride, self.padding, self.in_shape = stride, padding, tuple(in_shape)
+        self.groups = groups                        # depthwise: C (the weight is C x 1 x R x S)
         self.register_buffer("weight", weight)      # the folded dense weight: other shapes
         self.register_buffer("bias", bias)
         self._warned = False
@@ -44,7 +54,7 @@ class SparseLayer(torch.nn.Module):
         if self.kind == "linear":
             y = F.linear(x, self.weight, self.bias)
         else:
-            y = F.conv2d(x, self.weight, self.bias, self.stride, self.padding)
+            y = F.conv2d(x, self.weight, self.bias, self.stride, self.padding, 1, self.groups)
         if residual is not None:
             y = y + residual
         if self.activation == "relu":
@@ -66,7 +76,7 @@ class SparseLayer(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.kind}, kernel_id={self.kernel_id}, activation={self.activation}, " \
-               f"input={self.in_shape}"
+               f"input={self.in_shape}" + (f", groups={self.groups}" if self.groups > 1 else "")
 
 
 # ---- per-layer checks --------------------------------------------------------------------------
@@ -80,8 +90,8 @@ def _unsupported(module) -> str | None:
     if isinstance(module, torch.nn.Linear):
         return None
     k = _pair(module.kernel_size)
-    if module.groups != 1:
-        return f"groups={module.groups} (depthwise/grouped: dense)"
+    if module.groups != 1 and not is_depthwise(module):
+        return f"groups={module.groups} (grouped convolution: no kernel, dense)"
     if k not in (1, 3):
         return f"kernel {tuple(module.kernel_size)} (only 1x1 and 3x3)"
     if _pair(module.stride) not in (1, 2):
@@ -99,6 +109,11 @@ def _describe(module, x_shape) -> tuple[str, str]:
         return "linear", f"{module.out_features}x{module.in_features}, N={n}"
     k = module.kernel_size[0]
     stride, pad = module.stride[0], module.padding[0]
+    if is_depthwise(module):
+        text = f"{module.out_channels}x{k}x{k} dw"
+        return f"dw{k}x{k}", text + f" @ {x_shape[2]}x{x_shape[3]}" + (
+            f" s{stride}" if stride > 1 else "") + (f" p{pad}" if pad else "") + (
+            f" b{x_shape[0]}" if x_shape[0] > 1 else "")
     text = f"{module.out_channels}x{module.in_channels}" + (f"x{k}x{k}" if k > 1 else "")
     text += f" @ {x_shape[2]}x{x_shape[3]}" + (f" s{stride}" if stride > 1 else "") + (
         f" p{pad}" if pad else "") + (f" b{x_shape[0]}" if x_shape[0] > 1 else "")
@@ -125,69 +140,6 @@ def _record_inputs(model, chains: list[Chain], example_inputs) -> dict:
         for handle in handles:
             handle.remove()
     return seen
-
-
-def _reference(kind: str, weight: np.ndarray, bias, activation: str, x: np.ndarray, stride,
-               padding, res=None):
-    """(float64 reference, magnitude) of the folded layer, in the op's output layout."""
-    from sparsert_cli.reference import conv_reference
-
-    if kind == "linear":
-        k = weight.shape[1]
-        x4 = x.reshape(-1, k).T.reshape(1, k, 1, -1)
-        w4 = weight.reshape(weight.shape[0], k, 1, 1)
-        ref = conv_reference(w4, x4, 1, 0, bias, None, activation)
-        mag = conv_reference(w4, x4, 1, 0, bias, None, absolute=True)
-        return ref.reshape(weight.shape[0], -1).T, mag.reshape(weight.shape[0], -1).T
-    return (conv_reference(weight, x, stride, padding, bias, res, activation),
-            conv_reference(weight, x, stride, padding, bias, res, absolute=True))
-
-
-def _verify(layer: SparseLayer, x: torch.Tensor, res, dtype: str) -> dict:
-    """The op's output on the recorded input vs float64: {"ok", "max_err", "max_rel_err", ...}"""
-    from sparsert_cli.reference import check
-
-    with torch.no_grad():
-        y = ops.run(x, res, layer.kernel_id)
-    if y.is_cuda:
-        torch.cuda.synchronize(y.device)
-    out = y.detach().float().cpu().numpy().astype(np.float64)
-    weight = layer.weight.float().cpu().numpy()
-    bias = None if layer.bias is None else layer.bias.float().cpu().numpy()
-    x64 = x.detach().float().cpu().numpy().astype(np.float64)
-    res64 = None if res is None else res.detach().float().cpu().numpy().astype(np.float64)
-    ref, mag = _reference(layer.kind, weight, bias, layer.activation, x64, layer.stride,
-                          layer.padding, res64)
-    k = int(np.prod(weight.shape[1:]))
-    ok, err, message = check(out.reshape(ref.shape), ref, mag, dtype, k)
-    scale = float(np.max(np.abs(ref))) if ref.size else 0.0
-    return {"ok": ok, "max_err": err, "max_rel_err": err / scale if scale else err,
-            "message": message}
-
-
-def _time_us(fn, inputs: tuple, per_graph: int = 20, replays: int = 7) -> float:
-    """Median per-call time of fn(*inputs) replayed from a CUDA graph (L2 warm)."""
-    device = inputs[0].device
-    stream = torch.cuda.Stream(device)
-    stream.wait_stream(torch.cuda.current_stream(device))
-    with torch.no_grad(), torch.cuda.stream(stream):
-        for _ in range(3):
-            fn(*inputs)
-    torch.cuda.current_stream(device).wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.no_grad(), torch.cuda.graph(graph):
-        for _ in range(per_graph):
-            fn(*inputs)
-    graph.replay()
-    times = []
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / per_graph)
-    return float(np.median(times))
 
 
 # ---- the driver --------------------------------------------------------------------------------
@@ -219,9 +171,12 @@ def _dense_module(modules, chain: Chain):
 def sparsify_(model: torch.nn.Module, example_inputs, *, dtype: str = "fp32", tuned=None,
               verify: bool = True, min_speedup: float = 1.0, min_sparsity: float = 0.5,
               dry_run: bool = False, arch: str | None = None, cache: bool = True,
-              include=None, tune: bool = False, fuse_residual: bool = True) -> list[dict]:
-    """Replace the sparse Conv2d (1x1/3x3, stride 1/2, groups=1) and Linear layers of `model`
-    (on a CUDA device, in eval mode: this call sets it) with compiled kernels, in place.
+              include=None, tune: bool = False, fuse_residual: bool = True,
+              jobs: int | None = None, on_progress=None, stats: dict | None = None
+              ) -> list[dict]:
+    """Replace the sparse Conv2d (1x1/3x3, stride 1/2; groups=1 or depthwise) and Linear layers
+    of `model` (on a CUDA device, in eval mode: this call sets it) with compiled kernels, in
+    place.
 
     example_inputs: a tuple of tensors the model is called with; kernels are compiled for the
     shapes each layer sees. dtype: the activations' type (fp16 / bf16: convert the model
@@ -229,15 +184,21 @@ def sparsify_(model: torch.nn.Module, example_inputs, *, dtype: str = "fp32", tu
     tuned: the tuned-plan database (None: the default one; False: none). verify: check every
     kernel element-wise against float64 before using it. min_speedup: a layer is replaced only
     when its kernel is at least this much faster than the dense layer (timed here, on the GPU).
-    min_sparsity: denser layers keep the dense op (their straight-line code would be huge).
-    dry_run: plan, compile and verify on the CPU interpreter; the model is not changed.
-    include: None or a callable(name, module) -> bool choosing layers. fuse_residual: rewrite
-    submodules computing act(bn(conv(x)) + identity) (torch.fx) so one kernel does all four. tune: run the tuner
-    (GPU) on every layer first and record its winners in `tuned` (a path or TunedDB).
+    min_sparsity: denser layers keep the dense op (their straight-line code would be huge); a
+    depthwise layer counts as its block-diagonal C x C weight (at least 1 - 1/C sparse).
+    dry_run: plan, compile and (with verify) check on the CPU interpreter; the model is not
+    changed. include: None or a callable(name, module) -> bool choosing layers. fuse_residual:
+    rewrite submodules computing act(bn(conv(x)) + identity) (torch.fx) so one kernel does all
+    four. tune: run the tuner (GPU) on every layer first and record its winners in `tuned` (a
+    path or TunedDB). jobs: compile processes (None: one per core; every kernel is compiled
+    before any is checked). on_progress(stage, done, total, item): progress of the "compile"
+    and "check" stages. stats: receives plan_seconds, compile_seconds, kernels, cached.
     Returns one dict per layer: layer, op, shape, sparsity, fused, family, plan, replaced,
     reason, max_err, max_rel_err, dense_us, sparse_us, speedup. Render with report_table().
     """
     _check_args(dtype, min_speedup, min_sparsity)
+    if jobs is not None and (isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1):
+        raise UserError(f"jobs must be an integer >= 1 or None, got {jobs!r}")
     device = _device(model)
     if not dry_run and device.type != "cuda":
         raise UserError("sparsify_ swaps layers for GPU kernels: move the model to a CUDA device "
@@ -245,12 +206,42 @@ def sparsify_(model: torch.nn.Module, example_inputs, *, dtype: str = "fp32", tu
     return _sparsify(model, example_inputs, dtype=dtype, tuned=tuned, verify=verify,
                      min_speedup=min_speedup, min_sparsity=min_sparsity, dry_run=dry_run,
                      arch=arch, cache=cache, include=include, device=device,
-                     tune=tune and not dry_run, fuse_residual=fuse_residual)
+                     tune=tune and not dry_run, fuse_residual=fuse_residual, jobs=jobs,
+                     on_progress=on_progress, stats=stats)
+
+
+def _new_row(chain: Chain, module) -> dict:
+    fused = [p for p in ("bn" if chain.bn else "", "add" if chain.residual else "",
+                         chain.activation if chain.activation != "none" else "") if p]
+    weight = module.weight.detach()
+    return {"layer": chain.layer, "op": "linear" if isinstance(module, torch.nn.Linear)
+            else "conv", "shape": "", "fused": "+".join(fused),
+            "sparsity": 1.0 - int(torch.count_nonzero(weight)) / weight.numel(),
+            "family": None, "plan": None, "replaced": False, "reason": "", "max_err": None,
+            "max_rel_err": None, "dense_us": None, "sparse_us": None, "speedup": None}
+
+
+def _why_not(module, record, dtype, min_sparsity, row) -> str | None:
+    """Why this layer keeps its dense op before any kernel is made (None: make one)."""
+    why = _unsupported(module)
+    if why is None and record["calls"] > 1:
+        why = f"called {record['calls']} times per forward (shared module)"
+    if why is None and record["x"].dtype != DTYPES[dtype]:
+        why = f"input is {record['x'].dtype}, kernels are {dtype} (convert the model first)"
+    weight = module.weight.detach()
+    sparsity = row["sparsity"]
+    if is_depthwise(module):         # as the kernel sees it: block-diagonal C x C x R x S
+        sparsity = 1.0 - int(torch.count_nonzero(weight)) / (weight.numel() * module.groups)
+    if why is None and sparsity < min_sparsity:
+        why = f"sparsity {sparsity:.2f} below min_sparsity {min_sparsity:g}"
+    if why is None and not torch.any(weight):
+        why = "all weights are zero"
+    return why
 
 
 def _sparsify(model, example_inputs, *, dtype, tuned, verify, min_speedup, min_sparsity,
-              dry_run, arch, cache, include, device, tune=False,
-              fuse_residual=True) -> list[dict]:
+              dry_run, arch, cache, include, device, tune=False, fuse_residual=True,
+              jobs=None, on_progress=None, stats=None) -> list[dict]:
     """sparsify_ without the device check: on a CPU model (tests) layers are replaced by ops
     that run the plan interpreter."""
     if isinstance(example_inputs, torch.Tensor):
@@ -270,109 +261,126 @@ def _sparsify(model, example_inputs, *, dtype, tuned, verify, min_speedup, min_s
     if on_gpu and arch is None:
         major, minor = torch.cuda.get_device_capability(device)
         arch = f"sm_{major}{minor}"
-    rows = []
+    # ---- plan: which layers get a kernel, with what weight and epilogue
+    rows, todo = [], []                 # todo: (row, chain, LayerSpec, folded weight, bias)
     for chain in chains:
         module = modules[chain.layer]
         record = seen.get(chain.layer)
-        row = {"layer": chain.layer, "op": "linear" if isinstance(module, torch.nn.Linear)
-               else "conv", "shape": "", "sparsity": None, "fused": "+".join(
-                   p for p in ("bn" if chain.bn else "", "add" if chain.residual else "",
-                               chain.activation if chain.activation != "none" else "") if p),
-               "family": None, "plan": None, "replaced": False, "reason": "",
-               "max_err": None, "max_rel_err": None, "dense_us": None, "sparse_us": None,
-               "speedup": None}
+        row = _new_row(chain, module)
         rows.append(row)
-        weight = module.weight.detach()
-        row["sparsity"] = 1.0 - int(torch.count_nonzero(weight)) / weight.numel()
         if record is None:
             row["reason"] = "not called by example_inputs"
             continue
-        x, res = record["x"], record["res"]
-        inputs = (x,) if res is None else (x, res)
-        row["op"], row["shape"] = _describe(module, tuple(x.shape))
-        why = _unsupported(module)
-        if why is None and record["calls"] > 1:
-            why = f"called {record['calls']} times per forward (shared module)"
-        if why is None and x.dtype != DTYPES[dtype]:
-            why = f"input is {x.dtype}, kernels are {dtype} (convert the model first)"
-        if why is None and row["sparsity"] < min_sparsity:
-            why = f"sparsity {row['sparsity']:.2f} below min_sparsity {min_sparsity:g}"
-        if why is None and not torch.any(weight):
-            why = "all weights are zero"
-        if why:
-            row["reason"] = why
-            if on_gpu:      # what the dense layer costs: the per-layer share of the model
-                row["dense_us"] = _time_us(_dense_module(modules, chain), inputs)
+        row["op"], row["shape"] = _describe(module, tuple(record["x"].shape))
+        row["reason"] = _why_not(module, record, dtype, min_sparsity, row) or ""
+        if not row["reason"]:
+            todo.append((row, chain, *_spec(chain, module, modules, record["x"])))
+    if tune:
+        for row, chain, spec, _, _ in todo:
+            try:
+                tune_layer(spec.weight, op=spec.op, label=spec.label,
+                           input_shape=spec.input_shape, n=spec.n, stride=spec.stride,
+                           padding=spec.padding, dtype=dtype, epilogue=spec.epilogue,
+                           tuned=tuned, arch=arch)
+            except UserError as exc:
+                row["reason"] = f"no kernel: {exc.message}"
+        todo = [t for t in todo if not t[0]["reason"]]
+    # ---- compile: every kernel at once, across processes
+    count = [0]
+
+    def compiled(i, result):
+        count[0] += 1
+        if on_progress:
+            on_progress("compile", count[0], len(todo), todo[i][1].layer)
+
+    info = {} if stats is None else stats
+    kernels = compile_layers([t[2] for t in todo], dtype=dtype, tuned=tuned, arch=arch,
+                             cache=cache, jobs=jobs, on_done=compiled, stats=info)
+    info["kernels"] = sum(not isinstance(k, str) for k in kernels)
+    info["cached"] = sum(bool(getattr(k, "cached", False)) for k in kernels)
+    # ---- check: verify, time and swap, layer by layer
+    for done, ((row, chain, spec, weight, bias), kernel) in enumerate(zip(todo, kernels), 1):
+        if on_progress:
+            on_progress("check", done, len(todo), chain.layer)
+        if isinstance(kernel, str):
+            row["reason"] = kernel
             continue
-        layer, why = _build(chain, module, modules, x, row, dtype, tuned, arch, cache, on_gpu,
-                            tune)
-        if layer is None:
-            row["reason"] = why
-            continue
-        try:
-            if verify or dry_run:
-                result = _verify(layer, x, res, dtype)
-                row.update(max_err=result["max_err"], max_rel_err=result["max_rel_err"])
-                if not result["ok"]:
-                    row["reason"] = f"verification failed: {result['message']}"
-                    continue
-            if on_gpu:
-                row["dense_us"] = _time_us(_dense_module(modules, chain), inputs)
-                row["sparse_us"] = _time_us(layer, inputs)
-                row["speedup"] = row["dense_us"] / row["sparse_us"]
-                if row["speedup"] < min_speedup:
-                    row["reason"] = f"dense is faster ({row['speedup']:.2f}x)"
-                    continue
-            if dry_run:
-                row["reason"] = "dry run: verified"
-                continue
-            _swap(model, chain, layer)
-            row["replaced"], row["reason"] = True, "replaced"
-        finally:
-            if not row["replaced"]:
-                ops.unregister(layer.kernel_id)
+        record = seen[chain.layer]
+        layer = _load(kernel, chain, modules[chain.layer], record["x"], row, dtype, weight,
+                      bias, on_gpu)
+        _check_layer(model, modules, chain, layer, record, row, dtype, verify, dry_run,
+                     on_gpu, min_speedup)
+    if on_gpu:      # what the dense layers cost: their share of the model
+        for chain, row in zip(chains, rows):
+            record = seen.get(chain.layer)
+            if not row["replaced"] and row["dense_us"] is None and record is not None:
+                inputs = (record["x"],) if record["res"] is None else (record["x"],
+                                                                       record["res"])
+                row["dense_us"] = time_us(_dense_module(modules, chain), inputs)
     return rows
 
 
-def _build(chain, module, modules, x, row, dtype, tuned, arch, cache, on_gpu, tune):
-    """(SparseLayer, None) or (None, why not)."""
+def _check_layer(model, modules, chain, layer, record, row, dtype, verify, dry_run, on_gpu,
+                 min_speedup) -> None:
+    x, res = record["x"], record["res"]
+    inputs = (x,) if res is None else (x, res)
+    try:
+        if verify:
+            result = verify_layer(layer, x, res, dtype)
+            row.update(max_err=result["max_err"], max_rel_err=result["max_rel_err"])
+            if not result["ok"]:
+                row["reason"] = f"verification failed: {result['message']}"
+                return
+        if on_gpu:
+            row["dense_us"] = time_us(_dense_module(modules, chain), inputs)
+            row["sparse_us"] = time_us(layer, inputs)
+            row["speedup"] = row["dense_us"] / row["sparse_us"]
+            if row["speedup"] < min_speedup:
+                row["reason"] = f"dense is faster ({row['speedup']:.2f}x)"
+                return
+        if dry_run:
+            row["reason"] = "dry run: verified" if verify else "dry run: compiled"
+            return
+        _swap(model, chain, layer)
+        row["replaced"], row["reason"] = True, "replaced"
+    finally:
+        if not row["replaced"]:
+            ops.unregister(layer.kernel_id)
+
+
+def _spec(chain, module, modules, x) -> tuple[LayerSpec, torch.Tensor, object]:
+    """(what to compile, folded weight, folded bias) of one layer."""
     bn = modules[chain.bn] if chain.bn else None
     weight, bias = folded(module, bn)
-    linear = isinstance(module, torch.nn.Linear)
     epilogue = {"bias": None if bias is None else bias.numpy(), "activation": chain.activation,
                 "residual": chain.residual is not None}
-    stride = 1 if linear else module.stride[0]
-    padding = 0 if linear else module.padding[0]
-    try:
-        if tune:
-            tune_layer(weight.numpy(), op="gemm" if linear else "conv", label=chain.layer,
-                       input_shape=None if linear else tuple(x.shape),
-                       n=int(np.prod(x.shape[:-1])) if linear else None, stride=stride,
-                       padding=padding, dtype=dtype, epilogue=epilogue, tuned=tuned, arch=arch)
-        if linear:
-            n = int(np.prod(x.shape[:-1]))
-            kernel = compile_layer(weight.numpy(), op="gemm", n=n, dtype=dtype,
-                                   epilogue=epilogue, tuned=tuned, arch=arch, cache=cache)
-            out_shape = (*x.shape[:-1], module.out_features)
-        else:
-            kernel = compile_layer(weight.numpy(), op="conv", input_shape=tuple(x.shape),
-                                   stride=stride, padding=padding, dtype=dtype,
-                                   epilogue=epilogue, tuned=tuned, arch=arch, cache=cache)
-            out_shape = tuple(kernel.output_shape)
-    except UserError as exc:
-        return None, f"no kernel: {exc.message}"
+    if isinstance(module, torch.nn.Linear):
+        spec = LayerSpec(chain.layer, weight.numpy(), "gemm", n=int(np.prod(x.shape[:-1])),
+                         epilogue=epilogue)
+    else:
+        kernel_weight = block_diagonal(weight.numpy()) if is_depthwise(module) else weight.numpy()
+        spec = LayerSpec(chain.layer, kernel_weight, "conv", input_shape=tuple(x.shape),
+                         stride=module.stride[0], padding=module.padding[0], epilogue=epilogue)
+    return spec, weight, bias
+
+
+def _load(kernel, chain, module, x, row, dtype, weight, bias, on_gpu) -> SparseLayer:
+    """The SparseLayer running `kernel` (loaded on x's GPU when on_gpu)."""
+    linear = isinstance(module, torch.nn.Linear)
     row.update(family=getattr(kernel, "family", None), plan=kernel.plan_params.name(),
                tuned=bool(getattr(kernel, "tuned", False)), nnz=int(kernel.nnz))
+    out_shape = (*x.shape[:-1], module.out_features) if linear else tuple(kernel.output_shape)
     entry = ops.Entry(kernel, linear, tuple(x.shape), tuple(out_shape))
     if on_gpu:
         entry.loaded = kernel.to_device(x.device.index or 0)
         entry.device = x.device.index or 0
     store = DTYPES[dtype]
-    layer = SparseLayer(ops.register(entry), "linear" if linear else "conv",
-                        weight.to(x.device, store), None if bias is None else
-                        bias.to(x.device, store), chain.activation, stride, padding,
-                        tuple(x.shape), residual=chain.residual is not None)
-    return layer, None
+    return SparseLayer(ops.register(entry), "linear" if linear else "conv",
+                       weight.to(x.device, store), None if bias is None else
+                       bias.to(x.device, store), chain.activation,
+                       1 if linear else module.stride[0], 0 if linear else module.padding[0],
+                       tuple(x.shape), residual=chain.residual is not None,
+                       groups=1 if linear else module.groups)
 
 
 def _swap(model, chain: Chain, layer: SparseLayer) -> None:

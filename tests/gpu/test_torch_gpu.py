@@ -111,3 +111,42 @@ def test_sparsified_resnet_block_matches_in_a_graph():
     rows = sparsify_(block, (x,), tuned=False, min_speedup=0.0)
     assert [r["fused"] for r in rows if r["replaced"]] == ["bn+relu", "bn+relu", "bn+add+relu"]
     _check_modes(block, x, want, "fp32")
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+def test_depthwise_separable_eager_graph_compile(dtype):
+    """MobileNet's blocks: the depthwise layers as block-diagonal kernels (BN + ReLU6 fused)."""
+    from sparsert_cli.models import MobileNetV1
+
+    store = torch.float32 if dtype == "fp32" else torch.float16
+    torch.manual_seed(3)
+    model = nn.Sequential(*list(MobileNetV1(width=0.25).features)[:5]).eval()
+    prune_(model, 0.9)
+    model = model.cuda().to(store)
+    x = torch.randn(1, 3, 32, 32, device="cuda", dtype=store)
+    with torch.no_grad():
+        want = model(x).clone()
+    rows = sparsify_(model, (x,), dtype=dtype, tuned=False, min_speedup=0.0)
+    assert all(r["replaced"] for r in rows), rows
+    assert [r["op"] for r in rows] == ["conv3x3", "dw3x3", "conv1x1", "dw3x3", "conv1x1"]
+    _check_modes(model, x, want, dtype)
+
+
+def test_run_model_merges_and_reuses_the_dense_baseline(tmp_path, capsys):
+    """`sparsert model --merge` twice at two sparsities: the second reuses the dense times."""
+    from cli_helpers import run_main
+
+    from sparsert_cli.results import load_results
+
+    out = tmp_path / "m.json"
+    for sparsity in ("0.9", "0.95"):
+        code, _, err = run_main(["model", "mobilenet_v1", "--resolution", "64", "--dtype",
+                                 "fp16", "--sparsity", sparsity, "--dense-compile", "none",
+                                 "--no-tuned", "--out", str(out), "--merge"], capsys)
+        assert code == 0, err
+    doc = load_results(out, kinds=("models",))
+    first, second = doc["models"]
+    assert first["dense_source"] == "measured" and second["dense_source"].startswith("cached")
+    assert first["dense"] == second["dense"] and len(doc["dense_baselines"]) == 1
+    assert first["best_dense"] in ("eager", "graph") and first["verified"], first
+    assert first["gpu"]["name"] and first["kernels"]["kernels"] > 0

@@ -1,0 +1,89 @@
+"""Per-layer checks of sparsify_: a SparseLayer's output against its float64 reference (torch's
+grouped convolution for depthwise layers: no C x C weight is made), and CUDA-graph timing."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from sparsert_cli.torch import ops
+
+
+def _grouped_reference(weight, bias, activation, x, stride, padding, groups, res=None):
+    """(float64 reference, magnitude) of a grouped (depthwise) convolution, by torch on the
+    CPU in float64 (no C x C weight is made)."""
+    w, x = torch.from_numpy(weight.astype(np.float64)), torch.from_numpy(x)
+    b = None if bias is None else torch.from_numpy(bias.astype(np.float64))
+    r = None if res is None else torch.from_numpy(res)
+    y = F.conv2d(x, w, b, stride, padding, 1, groups) + (0.0 if r is None else r)
+    y = F.relu(y) if activation in ("relu", "relu6") else y
+    y = y.clamp(max=6.0) if activation == "relu6" else y
+    mag = F.conv2d(x.abs(), w.abs(), None if b is None else b.abs(), stride, padding, 1, groups)
+    return y.numpy(), (mag + (0.0 if r is None else r.abs())).numpy()
+
+
+def _reference(kind: str, weight: np.ndarray, bias, activation: str, x: np.ndarray, stride,
+               padding, res=None, groups: int = 1):
+    """(float64 reference, magnitude) of the folded layer, in the op's output layout."""
+    from sparsert_cli.reference import conv_reference
+
+    if groups > 1:
+        return _grouped_reference(weight, bias, activation, x, stride, padding, groups, res)
+    if kind == "linear":
+        k = weight.shape[1]
+        x4 = x.reshape(-1, k).T.reshape(1, k, 1, -1)
+        w4 = weight.reshape(weight.shape[0], k, 1, 1)
+        ref = conv_reference(w4, x4, 1, 0, bias, None, activation)
+        mag = conv_reference(w4, x4, 1, 0, bias, None, absolute=True)
+        return ref.reshape(weight.shape[0], -1).T, mag.reshape(weight.shape[0], -1).T
+    return (conv_reference(weight, x, stride, padding, bias, res, activation),
+            conv_reference(weight, x, stride, padding, bias, res, absolute=True))
+
+
+def verify(layer, x: torch.Tensor, res, dtype: str) -> dict:
+    """A SparseLayer's op on its recorded input vs float64: {"ok", "max_err", "max_rel_err",
+    "message"}."""
+    from sparsert_cli.reference import check
+
+    with torch.no_grad():
+        y = ops.run(x, res, layer.kernel_id)
+    if y.is_cuda:
+        torch.cuda.synchronize(y.device)
+    out = y.detach().float().cpu().numpy().astype(np.float64)
+    weight = layer.weight.float().cpu().numpy()
+    bias = None if layer.bias is None else layer.bias.float().cpu().numpy()
+    x64 = x.detach().float().cpu().numpy().astype(np.float64)
+    res64 = None if res is None else res.detach().float().cpu().numpy().astype(np.float64)
+    ref, mag = _reference(layer.kind, weight, bias, layer.activation, x64, layer.stride,
+                          layer.padding, res64, layer.groups)
+    k = int(np.prod(weight.shape[1:]))          # taps per output (depthwise: R*S)
+    ok, err, message = check(out.reshape(ref.shape), ref, mag, dtype, k)
+    scale = float(np.max(np.abs(ref))) if ref.size else 0.0
+    return {"ok": ok, "max_err": err, "max_rel_err": err / scale if scale else err,
+            "message": message}
+
+
+def time_us(fn, inputs: tuple, per_graph: int = 20, replays: int = 7) -> float:
+    """Median per-call time of fn(*inputs) replayed from a CUDA graph (L2 warm)."""
+    device = inputs[0].device
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.no_grad(), torch.cuda.stream(stream):
+        for _ in range(3):
+            fn(*inputs)
+    torch.cuda.current_stream(device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.no_grad(), torch.cuda.graph(graph):
+        for _ in range(per_graph):
+            fn(*inputs)
+    graph.replay()
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / per_graph)
+    return float(np.median(times))
