@@ -80,6 +80,12 @@ def _load(path: str) -> dict[str, dict]:
                 or not (_number(sms) and sms >= 1)):
             raise UserError(f"{path}: GPU {name!r} needs 'sms' (>= 1) and 'coefficients' with "
                             f"non-negative {', '.join(TERMS)}")
+        for family, own in (entry.get("families") or {}).items():
+            own = own.get("coefficients") if isinstance(own, dict) else None
+            if (not isinstance(own, dict) or set(own) != set(TERMS)
+                    or not all(_number(v) and v >= 0 for v in own.values())):
+                raise UserError(f"{path}: GPU {name!r}, family {family!r}: 'coefficients' needs "
+                                f"non-negative {', '.join(TERMS)}")
     return gpus
 
 
@@ -102,12 +108,18 @@ def coefficients_for(gpu_name: str | None = None, path: str | Path | None = None
     return name, gpus[name]
 
 
+def family_coefficients(entry: dict, family: str | None) -> np.ndarray:
+    """The coefficients (TERMS order) an entry has for `family`: its own fit when the entry
+    holds one ("families"), else the entry's shared ones."""
+    own = (entry.get("families") or {}).get(family) if family else None
+    return np.array([(own or entry)["coefficients"][t] for t in TERMS])
+
+
 def predict_features(features: dict, gpu_name: str | None = None,
-                     path: str | Path | None = None) -> float:
-    """Predicted microseconds of a plan with these cost features on `gpu_name`."""
+                     path: str | Path | None = None, family: str | None = None) -> float:
+    """Predicted microseconds of a plan of `family` with these cost features on `gpu_name`."""
     _, entry = coefficients_for(gpu_name, path)
-    coefs = np.array([entry["coefficients"][t] for t in TERMS])
-    return float(terms(features, int(entry["sms"])) @ coefs)
+    return float(terms(features, int(entry["sms"])) @ family_coefficients(entry, family))
 
 
 def predict_us(plan, gpu_name: str | None = None, path: str | Path | None = None) -> float:
@@ -117,17 +129,22 @@ def predict_us(plan, gpu_name: str | None = None, path: str | Path | None = None
     family = family_of(plan)
     if family.features is None:
         raise UserError(f"the {family.name} family reports no cost features")
-    return predict_features(family.features(plan), gpu_name, path)
+    return predict_features(family.features(plan), gpu_name, path, family.name)
 
 
 # ---- choosing ----------------------------------------------------------------------------------
 def choose(geometry: Geometry, csr, precision: str = "fp32", gpu_name: str | None = None,
            families=None, limit: int = CHOOSE_LIMIT, path: str | Path | None = None):
-    """(family, params) of the lowest predicted time over every candidate of every family
-    (default: every registered family that can choose; ties: the family registered first, then
-    its earlier candidate). Features come from each family's cheap estimate where it has one
-    (the immediate family's is exact: its own row assignment and distinct taps, without building
-    the plan); otherwise the candidate is planned, which takes ~1 s for 236k nonzeros."""
+    """(family, params) of the lowest predicted time (default: every registered family that can
+    choose; ties: the family registered first, then its earlier candidate). Features come from
+    each family's cheap estimate where it has one (exact: the planner's own grouping, without
+    building the plan); otherwise the candidate is planned (~0.1-1 s for 236k nonzeros).
+
+    With per-family coefficients (a GPU entry's "families", fitted by `tunedb calibrate` from a
+    tuning run of both families) each family's *rule default* is ranked, not its whole candidate
+    list (`limit` = 1): on the H100's run-4 database (docs/perf-notes.md) the linear model picks
+    the family well but ranks plans inside the immediate family worse than its rules do
+    (geomean 1.23x the best against 1.13x)."""
     from . import families as registry
 
     dtype, accumulate = PRECISIONS[precision]
@@ -140,9 +157,11 @@ def choose(geometry: Geometry, csr, precision: str = "fp32", gpu_name: str | Non
     csr.sort_indices()
     csr.eliminate_zeros()
     _, entry = coefficients_for(gpu_name, path)
-    coefs = np.array([entry["coefficients"][t] for t in TERMS])
+    if entry.get("families"):
+        limit = 1
     best, errors = None, []
     for order, family in enumerate(pool):
+        coefs = family_coefficients(entry, family.name)
         for index, params in enumerate(family.candidates(geometry, int(csr.nnz),
                                                          precision=precision, limit=limit)):
             try:
@@ -197,14 +216,15 @@ def fit(samples: list[tuple[dict, float]], sms: int, ratios: dict | None = None
     return {t: float(c) for t, c in zip(TERMS, coefs)}, quality
 
 
-def calibration_samples(rows: list[dict], gpu_name: str, where: str
+def calibration_samples(rows: list[dict], gpu_name: str, where: str, family: str | None = None
                         ) -> tuple[list[tuple[dict, float]], int, int]:
     """(samples, SM count, rows without features) of tuning-database rows (tunedb.latest of
     them) for one GPU: every verified, timed measurement that stored its cost features.
     `where` names the database in errors."""
     names = sorted({r["gpu_name"] for r in rows})
     rows = [r for r in rows if r["gpu_name"] == gpu_name and r["verified"]
-            and r["median_us"] is not None and r["median_us"] > 0]
+            and r["median_us"] is not None and r["median_us"] > 0
+            and (family is None or r.get("family") == family)]
     if not rows:
         raise UserError(f"{where}: no verified measurements on {gpu_name!r} (GPUs in it: "
                         f"{', '.join(names) or 'none'})")

@@ -24,8 +24,10 @@ def config():
 def bench(config, tmp_path, gpu_ids=None, **fake):
     from sparsert_cli.cache import KernelCache
 
+    # plans for the GPU that runs them (the workers report "Fake GPU": the serial run too)
     return run_benchmark(config, tuned=False, cache=KernelCache(tmp_path / "cache"), jobs=1,
-                         gpu_ids=gpu_ids, measure=FakeBenchMeasure(config, **fake))
+                         gpu_ids=gpu_ids, measure=FakeBenchMeasure(config, **fake),
+                         gpu_name="Fake GPU")
 
 
 def test_cases_split_over_two_workers_each_once(config, tmp_path):

@@ -8,6 +8,7 @@ import pytest
 
 from sparsert_cli.build import default_params, geometry_for
 from sparsert_cli.errors import UserError
+from sparsert_cli.families import get_family
 from sparsert_cli.families.immediate import PlanParams, fit_params
 from sparsert_cli.problems import Problem, builtin_problems
 from sparsert_cli.tune import TunedDB, candidates, shape_key
@@ -73,7 +74,8 @@ def test_shipped_database_matches_shipped_problems():
     for key, entry in db.entries.items():
         problem = PROBLEMS[entry["problem"]]
         assert f"|{shape_key(geometry_for(problem))}|" in key
-        assert PlanParams.from_dict(entry["params"]) is not None
+        family = get_family(key.rsplit("|", 1)[1].split("@")[0])
+        assert family.params.from_dict(entry["params"]) is not None
 
 
 def test_tune_needs_a_gpu(monkeypatch):

@@ -125,6 +125,14 @@ def calibrate(db_path, gpu_name, out_path, keep_ratios, as_json):
              "source": f"sparsert tunedb calibrate {db_path}"
                        f"{' --keep-ratios' if keep_ratios else ''} ({quality['samples']} "
                        f"measurements)"}
+    families = {}       # each family measured enough gets its own coefficients too
+    for family in sorted({r.get("family") for r in rows if r.get("family")}):
+        own, _, _ = costmodel.calibration_samples(rows, gpu_name, db_path, family)
+        if len(own) >= 4 * len(costmodel.TERMS):
+            fam_coefs, fam_quality = costmodel.fit(own, sms, ratios)
+            families[family] = {"coefficients": fam_coefs, "fit": fam_quality}
+    if len(families) > 1:
+        entry["families"] = families
     if out_path:
         costmodel.save_entry(out_path, gpu_name, entry)
     if as_json:
@@ -135,6 +143,10 @@ def calibrate(db_path, gpu_name, out_path, keep_ratios, as_json):
                         + (f", {bare} without features skipped" if bare else ""),
                         ["term", "coefficient (us per unit)"],
                         [[t, f"{coefs[t]:.4g}"] for t in costmodel.TERMS]))
+    for name, fam in entry.get("families", {}).items():
+        console.print(f"{name} alone ({fam['fit']['samples']} measurements): |error| median "
+                      f"{fam['fit']['median_rel_error']:.1%}, 90th percentile "
+                      f"{fam['fit']['p90_rel_error']:.1%}")
     console.print(f"|error|: median {quality['median_rel_error']:.1%}, 90th percentile "
                   f"{quality['p90_rel_error']:.1%}, max {quality['max_rel_error']:.1%}"
                   + (f"; wrote {out_path}" if out_path else ""))
