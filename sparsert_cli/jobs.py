@@ -160,13 +160,16 @@ class MeasureJob:
 
 
 def make_cases(configs, limit: int, seeds: Callable[[str, Geometry, str], list] = lambda *a: [],
-               family: str = "auto", gpu_name: str | None = None
+               family: str = "auto", gpu_name: str | None = None,
+               keep: Callable[[str, Geometry, str], list] = lambda *a: []
                ) -> tuple[list[CaseSpec], list[Job]]:
     """Every case of a config (or of several) and its candidate jobs: first the cost model's
     choice for `gpu_name` (the untuned default, so default-vs-best is measured in one run),
     then the candidates of every family that can choose (or of `family` alone), taken in turn.
     `seeds(pattern_hash, geometry, precision)` gives plans to try right after the default (a
-    layer's winners at other precisions)."""
+    layer's winners at other precisions); `keep(...)` gives the layer's current winners at this
+    precision, measured right after the default whatever the limit, so a re-tuning run can only
+    replace a winner by something faster in the same run."""
     from .patterns import generate, pattern_hash, to_csr
     from .tune import shape_key
 
@@ -186,15 +189,17 @@ def make_cases(configs, limit: int, seeds: Callable[[str, Geometry, str], list] 
         cases.append(case)
         cands = case_candidates(geometry, to_csr(weight), config.precision, limit,
                                 tuple(seeds(digest, geometry, config.precision)), family,
-                                gpu_name, config.emit)
+                                gpu_name, config.emit,
+                                tuple(keep(digest, geometry, config.precision)))
         jobs += [Job(case.index, i, params, fam) for i, (fam, params) in enumerate(cands)]
     return cases, jobs
 
 
 def case_candidates(geometry: Geometry, csr, precision: str, limit: int, seeds: tuple = (),
-                    family: str = "auto", gpu_name: str | None = None, emitter: str = "ptx"
-                    ) -> list[tuple[tuple[str, str], object]]:
-    """[((family, version), params)] of one case: the cost model's choice, then each family's
+                    family: str = "auto", gpu_name: str | None = None, emitter: str = "ptx",
+                    keep: tuple = ()) -> list[tuple[tuple[str, str], object]]:
+    """[((family, version), params)] of one case: the cost model's choice, the `keep` plans
+    (current winners: always measured, beyond `limit` if need be), then each family's
     candidates in turn (its seeds among them), deduplicated, at most `limit`."""
     from . import costmodel
     from .families import families
@@ -202,6 +207,13 @@ def case_candidates(geometry: Geometry, csr, precision: str, limit: int, seeds: 
     pool = [f for f in families() if f.choosable] if family == "auto" else [get_family(family)]
     chosen, params = costmodel.choose(geometry, csr, precision, gpu_name, pool)
     out = [(family_version(chosen.name, emitter), params)]
+    for plan in keep:
+        owner = next((f for f in pool if isinstance(plan, f.params)), None)
+        entry = (family_version(owner.name, emitter), owner.fit_params(
+            geometry, plan, PRECISIONS[precision][0])) if owner else None
+        if entry and entry not in out:
+            out.append(entry)
+    limit = max(limit, len(out))
     lists = []
     for f in pool:
         own = tuple(s for s in seeds if isinstance(s, f.params))

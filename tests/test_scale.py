@@ -468,3 +468,25 @@ def test_tune_results_file_feeds_the_tune_plot(tmp_path, isolated_cache):
     with TuneDB(tmp_path / "t.sqlite") as db:
         samples, sms, bare = costmodel.calibration_samples(latest(db.rows()), "Fake GPU", "t")
     assert len(samples) == 6 and sms == 4 and bare == 0
+
+
+def test_retuning_measures_the_stored_winner_again(tmp_path, isolated_cache):
+    """A layer's current winner is a candidate of the next tuning run (measured in that run), so
+    a run whose own candidates are all slower cannot replace it with one of them."""
+    from sparsert_cli.commands.tune import run_tuner
+    from sparsert_cli.families.immediate import PlanParams
+
+    tuned, db = tmp_path / "tuned.json", tmp_path / "t.sqlite"
+    run_tuner(small_config(), limit=2, db_path=tuned, db_sqlite=db, measure=FakeMeasure(),
+              gpu_ids=[0], arch="sm_90")
+    doc = json.loads(tuned.read_text())
+    stored = PlanParams(rows_per_group=3, vector_width=1, col_threads=32, load_batch=5)
+    for entry in doc["entries"].values():           # a winner no default candidate list has
+        entry["params"] = {k: v for k, v in stored.__dict__.items()}
+    tuned.write_text(json.dumps(doc))
+    run_tuner(small_config(), limit=2, db_path=tuned, db_sqlite=db, measure=FakeMeasure(),
+              gpu_ids=[0], arch="sm_90")
+    with TuneDB(db) as tdb:
+        names = {(r["problem"], r["plan_name"]) for r in tdb.rows()}
+    for problem in ("ci_gemm_odd", "ci_3x3_pad1"):
+        assert any(p == problem and n.startswith("r3v1t32k1b5") for p, n in names), names

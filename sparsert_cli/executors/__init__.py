@@ -111,11 +111,18 @@ def tune_config(config, *, gpus: str | None = None, ray: str | None = None, arch
         executor = LocalExecutor(ids, config.emit, arch, cache_root, jobs, measure)
 
     def prepare(gpu):
-        def seeds(digest, geometry, precision):
-            return [found for other in PRECISIONS if other != precision for f in families()
+        def winners_at(digest, geometry, precisions):
+            return [found for other in precisions for f in families()
                     if (found := tuned.lookup(digest, geometry, gpu["gpu_name"], other,
                                               *family_version(f.name, config.emit)))]
-        return make_cases(config, limit, seeds, family, gpu["gpu_name"])
+
+        def seeds(digest, geometry, precision):
+            return winners_at(digest, geometry, [p for p in PRECISIONS if p != precision])
+
+        def keep(digest, geometry, precision):
+            return winners_at(digest, geometry, [precision])
+
+        return make_cases(config, limit, seeds, family, gpu["gpu_name"], keep)
 
     with TuneDB(db_path or default_db_path()) as db:
         stats = run_jobs(executor, prepare, db, default, remeasure, on_event)
