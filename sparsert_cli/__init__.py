@@ -2,8 +2,8 @@
 
 The public API (`import sparsert_cli as sparsert`) is loaded on first use, so importing the
 package stays light. Kernels: compile_kernel, compile_kernels, Kernel, Layer, problem_layer,
-config_layers, Epilogue, PlanParams. Checking and timing: verify_cpu, benchmark_layer,
-measure_floors, run_benchmark, load_config, Gpu, have_gpu. Tuning: tune_config (through an
+config_layers, Epilogue, PlanParams, StreamParams. Checking and timing: verify_cpu,
+benchmark_layer, measure_floors, run_benchmark, load_config, Gpu, have_gpu. Tuning: tune_config (through an
 executor), LocalExecutor, TunedDB; the job machinery under it: make_cases, run_jobs, winners,
 current_family, candidates, TuneDB (every measurement), gpu_count, parse_gpus. Results and
 reports: load_results, stamp, git_commit, markdown_table. Shapes and costs: Geometry,
@@ -17,6 +17,7 @@ _API = {"compile_kernel": "api", "compile_kernels": "api", "Kernel": "api", "Lay
         "load_config": "config", "run_benchmark": "bench", "Gpu": "gpu.runtime",
         "have_gpu": "gpu.runtime",
         "Epilogue": "problem_shape", "PlanParams": "families.immediate",
+        "StreamParams": "families.streamed",
         "verify_cpu": "benchmark", "benchmark_layer": "benchmark",
         "measure_floors": "benchmark",
         "tune_config": "executors", "LocalExecutor": "executors",
