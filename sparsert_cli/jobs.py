@@ -407,7 +407,8 @@ def tune_results(summary: list[dict], run: dict, meta: dict) -> dict:
                       "candidates": [m for m in entry["measured"]
                                      if m["verified"] and m["median_us"] is not None]})
     return stamp({**meta, "gpu": run["gpu"], "run": {k: run[k] for k in
-                  ("jobs", "skipped", "wall_seconds", "compile_seconds", "measure_seconds")
+                  ("jobs", "skipped", "wall_seconds", "compile_seconds", "measure_seconds",
+                   "interrupted")
                   if k in run}, "cases": cases, "summary": default_gap(cases),
                   "failed": [e["case"] for e in summary if e["status"] != "ok"]}, "tune")
 

@@ -491,3 +491,69 @@ def test_retuning_measures_the_stored_winner_again(tmp_path, isolated_cache):
         names = {(r["problem"], r["plan_name"]) for r in tdb.rows()}
     for problem in ("ci_gemm_odd", "ci_3x3_pad1"):
         assert any(p == problem and n.startswith("r3v1t32k1b5") for p, n in names), names
+
+
+def test_an_interrupted_tune_saves_the_fully_measured_cases(tmp_path, isolated_cache):
+    """Ctrl-C / SIGTERM (e.g. `timeout`) after some jobs: the winners of cases whose every
+    candidate was measured are saved, the others are not, and the CLI writes --out and exits 130
+    in one line."""
+    from sparsert_cli.executors import TuneInterrupted, tune_config
+
+    measured = []
+
+    def interrupt(kind, job, info):
+        if kind == "measured":
+            measured.append(job.case)
+            if len(measured) == 4:               # 4 of the 6 jobs of 2 cases
+                raise KeyboardInterrupt
+
+    tuned = tmp_path / "tuned.json"
+    config = small_config()
+    with pytest.raises(TuneInterrupted) as caught:
+        tune_config(config, limit=3, tuned_path=tuned, db_path=tmp_path / "t.sqlite",
+                    measure=FakeMeasure(), gpu_ids=[0], arch="sm_90", jobs=1,
+                    on_event=interrupt)
+    summary = caught.value.result["summary"]
+    complete = [all(m["error"] != "not measured" for m in s["measured"]) for s in summary]
+    assert [s["status"] == "ok" for s in summary] == complete and not all(complete)
+    assert {s["status"] for s in summary if s["status"] != "ok"} == {
+        "interrupted before every candidate was measured"}
+    assert caught.value.result["run"]["interrupted"] is True
+    assert len(TunedDB(tuned).entries) == sum(complete)
+
+
+def test_tune_cli_on_sigterm_writes_out_and_exits_130(tmp_path, isolated_cache, monkeypatch,
+                                                      capsys):
+    import signal
+
+    from cli_helpers import run_main
+    from sparsert_cli.commands import tune as tune_cmd
+
+    real, before = tune_cmd.run_tuner, signal.getsignal(signal.SIGTERM)
+
+    def fake_run(config, *args, **kwargs):       # SIGTERM arrives after two measurements
+        count = []
+
+        def on_event(kind, job, info):
+            if kind == "measured":
+                count.append(1)
+                if len(count) == 2:
+                    signal.raise_signal(signal.SIGTERM)
+        from sparsert_cli.executors import tune_config
+        return tune_config(config, limit=2, tuned_path=tmp_path / "tuned.json",
+                           db_path=tmp_path / "t.sqlite", measure=FakeMeasure(), gpu_ids=[0],
+                           arch="sm_90", on_event=on_event)
+
+    monkeypatch.setattr(tune_cmd, "run_tuner", fake_run)
+    out = tmp_path / "tune.json"
+    code, _, text = run_main(["tune", str(REPO / "configs" / "ci.yaml"), "--problems",
+                              "ci_gemm_odd,ci_3x3_pad1", "--sparsity", "0.8", "--out", str(out)],
+                             capsys)
+    import re
+
+    found = re.search(r"interrupted: winners of the (\d) fully measured case\(s\) saved", text)
+    assert code == 130 and found and text.count("\n") == 1, text
+    doc = json.loads(out.read_text())
+    assert doc["kind"] == "tune" and doc["run"]["interrupted"] is True
+    assert len(doc["cases"]) == int(found[1]) < 2
+    assert real is not fake_run and signal.getsignal(signal.SIGTERM) is before   # restored

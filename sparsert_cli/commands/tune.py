@@ -3,6 +3,7 @@ database (--db, default ./configs/tuned.json)."""
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import click
@@ -99,8 +100,30 @@ def command(config_path, problem_ids, sparsities, dtype, accumulate, max_candida
     if out_path:
         from ..paths import check_output
         check_output(Path(out_path), "--out")          # before the tuning run, not at its end
-    out = run_tuner(config, arch, jobs, no_cache, max_candidates, db_path, gpus, ray, db_sqlite,
-                    remeasure, family=family)
+    from ..executors import TuneInterrupted
+
+    previous = signal.signal(signal.SIGTERM, _terminate)   # `timeout`, a batch system: as Ctrl-C
+    try:
+        out = run_tuner(config, arch, jobs, no_cache, max_candidates, db_path, gpus, ray,
+                        db_sqlite, remeasure, family=family)
+        stopped = None
+    except TuneInterrupted as exc:
+        out, stopped = exc.result, exc
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    _report(out, config, out_path)
+    if stopped is not None:
+        done = sum(r["status"] == "ok" for r in out["summary"])
+        raise UserError(f"interrupted: winners of the {done} fully measured case(s) saved, "
+                        f"every measurement kept in the tuning database (run again to resume)",
+                        130)
+
+
+def _terminate(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _report(out: dict, config, out_path) -> None:
     rows, run = out["summary"], out["run"]
     fmt = lambda v: f"{v:.2f}" if isinstance(v, float) else "-"  # noqa: E731
     console.print(table("sparsert tune: fastest verified plan per case",

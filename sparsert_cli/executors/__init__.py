@@ -122,11 +122,29 @@ def tune_config(config, *, gpus: str | None = None, ray: str | None = None, arch
         def keep(digest, geometry, precision):
             return winners_at(digest, geometry, [precision])
 
-        return make_cases(config, limit, seeds, family, gpu["gpu_name"], keep)
+        cases, jobs = make_cases(config, limit, seeds, family, gpu["gpu_name"], keep)
+        made.update(gpu=gpu, cases=cases, jobs=jobs)
+        return cases, jobs
 
+    made: dict = {}
+    started, stopped = time.perf_counter(), None
     with TuneDB(db_path or default_db_path()) as db:
-        stats = run_jobs(executor, prepare, db, default, remeasure, on_event)
+        try:
+            stats = run_jobs(executor, prepare, db, default, remeasure, on_event)
+        except KeyboardInterrupt as exc:     # Ctrl-C or SIGTERM: keep what was measured
+            if "cases" not in made:
+                raise
+            stopped = exc
+            stats = {"gpu": made["gpu"], "cases": made["cases"], "all_jobs": made["jobs"],
+                     "jobs": len(made["jobs"]), "skipped": 0, "interrupted": True,
+                     "wall_seconds": time.perf_counter() - started, "compile_seconds": 0.0,
+                     "measure_seconds": 0.0, "gpus": []}
         summary = winners(stats["cases"], stats["all_jobs"], db, stats["gpu"], default)
+    if stopped is not None:    # a case counts only when every candidate of it was measured
+        for entry in summary:
+            if entry["status"] == "ok" and any(m["error"] == "not measured"
+                                               for m in entry["measured"]):
+                entry["status"] = "interrupted before every candidate was measured"
     for entry in summary:
         if entry["status"] == "ok":
             tuned.record(entry["pattern_hash"], entry["geometry"], stats["gpu"]["gpu_name"],
@@ -136,4 +154,16 @@ def tune_config(config, *, gpus: str | None = None, ray: str | None = None, arch
                           "problem": entry["problem"], "sparsity": entry["sparsity"]},
                          *entry["family"])   # keyed by the code version measured (issue 9)
     tuned.save()
+    if stopped is not None:
+        raise TuneInterrupted({"summary": summary, "run": stats})
     return {"summary": summary, "run": stats}
+
+
+class TuneInterrupted(KeyboardInterrupt):
+    """A tuning run stopped by Ctrl-C or SIGTERM after its jobs were made: the winners of the
+    cases whose every candidate was measured are already saved; `result` is what tune_config
+    would have returned for them ({"summary", "run"}, run["interrupted"] True)."""
+
+    def __init__(self, result: dict):
+        super().__init__("tuning interrupted")
+        self.result = result
