@@ -34,8 +34,9 @@ with TuneDB(args.tunedb, create=False) as db:
 by_case: dict = {}
 for r in rows:
     by_case.setdefault((r["problem"], float(r["sparsity"]), r["precision"]), []).append(r)
+config = load_config(args.config)
 cases, missing = [], []
-for layer in config_layers(load_config(args.config)):
+for layer in config_layers(config):
     key = (layer.info["problem"], float(layer.info["sparsity"]), layer.precision)
     measured = [r for r in by_case.get(key, []) if r["verified"] and r["median_us"]]
     family, params = costmodel.choose(layer.geometry, to_csr(layer.weight), layer.precision,
@@ -55,7 +56,8 @@ for layer in config_layers(load_config(args.config)):
                                   "median_us": r["median_us"], "verified": bool(r["verified"])}
                                  for r in sorted(measured, key=lambda r: r["median_us"])]})
 first = rows[0] if rows else {}
-doc = stamp({"config": args.config, "source": f"scripts/tune_report.py from {args.tunedb}",
+doc = stamp({"config": {"name": config.name, "path": args.config, "dtype": config.dtype,
+                        "accumulate": config.accumulate}, "source": f"scripts/tune_report.py from {args.tunedb}",
              "note": args.note, "gpu": {"name": args.gpu, "driver": first.get("driver"),
                                         "sm_count": first.get("sm_count"),
                                         "clocks": json.loads(first.get("clocks_json") or "null")},
