@@ -209,3 +209,18 @@ def test_cost_estimate_equals_the_built_plans_features(geometry, params, precisi
     plan = build_plan(csr, geometry, params, Epilogue(), *PRECISIONS[precision])
     assert features(plan) == estimate(geometry, csr, params, precision)
     assert get_family("streamed").choosable
+
+
+def test_a_plan_past_the_grid_or_int32_tables_is_refused_in_one_line():
+    """grid.y holds the column tiles (<= 65535); the row and entry tables are int words."""
+    from sparsert_cli import costmodel
+
+    wide = Geometry(1, 2, 1, 1 << 22, 1)              # 131072 tiles of 32 columns
+    csr = sp.csr_matrix(np.ones((1, 2), np.float32))
+    with pytest.raises(sparsert.UserError, match="131072 column tiles exceed the grid's 65535"):
+        build_plan(csr, wide, StreamParams(32, 1, 1, 1, 4))
+    family, _ = costmodel.choose(wide, csr)           # the cost model falls back, never launches it
+    assert family.name == "immediate"
+    tall = Geometry(1, 1, 1, 1, 17_500_000, 11, 1, 5)  # 17.5M rows x 123 row words > 2^31
+    with pytest.raises(sparsert.UserError, match="exceed the kernel's int32 indices"):
+        build_plan(sp.csr_matrix((17_500_000, 121), dtype=np.float32), tall, StreamParams())

@@ -39,6 +39,8 @@ MAX_ROWS_PER_WORKER = 4096
 # no bounds tests. A zero weight adds 0 * x: exact for finite inputs (an infinite input at that
 # offset gives NaN where the dense product gives +-inf).
 PAD = 8
+MAX_GRID_Y = 65535              # column tiles run on blockIdx.y
+INT_MAX = 2**31 - 1             # the tables are `int` words, indexed with int arithmetic
 
 
 @dataclass(frozen=True)
@@ -206,6 +208,19 @@ def fit_params(geometry: Geometry, params: StreamParams, dtype: str = "fp32") ->
     return replace(params, vector_width=width, col_threads=threads, rows_per_worker=rows)
 
 
+def check_limits(geometry: Geometry, params: StreamParams, entries: int = 0) -> None:
+    """Refuse a plan whose grid or int32 tables would not hold it (fitted `params`)."""
+    tiles = -(-geometry.columns // (params.col_threads * params.vector_width))
+    if tiles > MAX_GRID_Y:
+        raise UserError(f"streamed plan {params.name()}: {tiles} column tiles exceed the grid's "
+                        f"{MAX_GRID_Y} (more col_threads or a wider vector_width, or the "
+                        f"immediate family)")
+    words = geometry.out_channels * ((geometry.kernel ** 2 if geometry.masked else 1) + 2)
+    if max(words, entries + 64) > INT_MAX:
+        raise UserError(f"streamed plan {params.name()}: its tables ({words} row words, {entries} "
+                        f"entries) exceed the kernel's int32 indices")
+
+
 def _workers(row_nnz: np.ndarray, count: int) -> list[list[int]]:
     """Rows dealt to `count` workers, heaviest first to the lightest worker (work = nonzeros + a
     row's fixed cost); each worker's rows in ascending order."""
@@ -241,6 +256,7 @@ def build_plan(csr: sp.csr_matrix, geometry: Geometry, params: StreamParams,
     if epilogue.bias is not None and len(epilogue.bias) != geometry.out_channels:
         raise UserError(f"bias has {len(epilogue.bias)} values for {geometry.out_channels} rows")
     params = fit_params(geometry, params, dtype)
+    check_limits(geometry, params)
     csr = sp.csr_matrix(csr, dtype=np.float32)
     csr.sum_duplicates()
     csr.eliminate_zeros()
@@ -268,6 +284,7 @@ def build_plan(csr: sp.csr_matrix, geometry: Geometry, params: StreamParams,
             values += [value[a:b], np.zeros(pad, np.float32)]
             start += b - a + pad
         seg[i, segments] = start
+    check_limits(geometry, params, start)
     return StreamPlan(geometry, params, work, order, seg,
                       np.concatenate(offsets) if offsets else np.zeros(0, np.int64),
                       np.concatenate(values).astype(np.float32) if values

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from ...problem_shape import ELEMENT_BYTES, PRECISIONS, Geometry
-from .plan import PAD, StreamParams, _workers, fit_params, tap_offsets
+from .plan import PAD, StreamParams, _workers, check_limits, fit_params, tap_offsets
 
 LOOP_CODE_BYTES = 2048          # SASS of one segment's loop (both chunk paths)
 ENTRY_INSTRUCTIONS = 4          # shuffles x2, address, activation load (+ FMAs per unit)
@@ -67,6 +67,7 @@ def estimate(geometry: Geometry, csr, params: StreamParams, precision: str) -> d
     """features() of the plan these parameters would give, from the CSR alone: the planner's
     worker assignment and each row's padded segment lengths."""
     params = fit_params(geometry, params, PRECISIONS[precision][0])
+    check_limits(geometry, params, int(csr.nnz))
     m = geometry.out_channels
     segments = geometry.kernel ** 2 if geometry.masked else 1
     row_nnz = np.diff(csr.indptr)
