@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .families.streamed.plan import PAD
 from .interp_base import PlanExecutionError, _f16, evaluate
 from .ir import StreamIR
 from .storage import rounded
@@ -46,6 +47,9 @@ def _check_tables(ir: StreamIR) -> None:
         raise PlanExecutionError("worker ranges do not cover the row entries in order")
     if np.any(np.diff(seg, axis=1) < 0) or (seg.size and (seg.min() < 0 or seg.max() > nnz)):
         raise PlanExecutionError("segment ranges out of order or outside the nonzeros")
+    if np.any(np.diff(seg, axis=1) % PAD):
+        raise PlanExecutionError(f"a segment is not whole groups of {PAD} entries (the loop "
+                                 f"would read past its end)")
     if len(ir.values) != nnz:
         raise PlanExecutionError("offsets and values differ in length")
     rows = ir.geometry.out_channels
@@ -62,7 +66,8 @@ def execute_stream(ir: StreamIR, x: np.ndarray, residual: np.ndarray | None) -> 
     env = evaluate(ir.columns, {"bx": tid // ir.col_threads, "tx": tid % ir.col_threads})
     active = env["act"].astype(bool)
     lanes = np.arange(width, dtype=np.int64)
-    base_x = env["inoff"]                                   # per thread, elements
+    pointer = {ptr: env[var] for ptr, var in ir.pointers}   # per thread, elements
+    base_x = pointer["x"]
     threads = len(base_x)
     # per segment: is each thread's base the input (True) or the shifted zero buffer
     if geo.masked:
@@ -102,14 +107,16 @@ def execute_stream(ir: StreamIR, x: np.ndarray, residual: np.ndarray | None) -> 
         total = rnd(total + acc[:, k])
     out = np.full(geo.output_elems, np.nan)
     writes = np.zeros(geo.output_elems, dtype=np.int64)
-    base_y = env["outoff"]
     for i, row in enumerate(ir.row_out.tolist()):
         value = total[i]                                     # (threads, width)
-        addr = base_y[:, None] + row * geo.out_pixels + lanes
+        addr = pointer["y"][:, None] + row * geo.out_pixels + lanes
         if ir.bias is not None:
             value = rnd(value + ir.bias[row])
-        if ir.residual:
-            value = rnd(value + residual[addr])
+        if ir.residual:                                      # every thread loads it
+            at = pointer["res"][:, None] + row * geo.out_pixels + lanes
+            if np.any(at < 0) or np.any(at >= geo.output_elems) or np.any(at[:, 0] % width):
+                raise PlanExecutionError("residual load out of bounds or misaligned")
+            value = rnd(value + residual[at])
         if ir.activation in ("relu", "relu6"):
             value = np.maximum(value, 0.0)
         if ir.activation == "relu6":
@@ -119,6 +126,8 @@ def execute_stream(ir: StreamIR, x: np.ndarray, residual: np.ndarray | None) -> 
         store = addr[active]
         if np.any(store < 0) or np.any(store >= geo.output_elems):
             raise PlanExecutionError("store out of bounds")
+        if np.any(store[:, 0] % width):
+            raise PlanExecutionError("misaligned vector store")
         out[store.ravel()] = value[active].ravel()
         np.add.at(writes, store.ravel(), 1)
     if not np.all(writes == 1):

@@ -224,3 +224,34 @@ def test_a_plan_past_the_grid_or_int32_tables_is_refused_in_one_line():
     tall = Geometry(1, 1, 1, 1, 17_500_000, 11, 1, 5)  # 17.5M rows x 123 row words > 2^31
     with pytest.raises(sparsert.UserError, match="exceed the kernel's int32 indices"):
         build_plan(sp.csr_matrix((17_500_000, 121), dtype=np.float32), tall, StreamParams())
+
+
+def test_the_interpreter_follows_the_irs_pointers_and_checks_what_the_loop_needs():
+    """The kernel offsets x, y and res by the IR's pointer variables, reads every segment in
+    whole groups of PAD entries and loads the residual on every thread (inactive ones too)."""
+    from dataclasses import replace
+
+    epi = Epilogue(residual=True)
+    _, ir = _ir(epilogue=epi)
+    rng = np.random.default_rng(0)
+    x, res = rng.standard_normal(ir.geometry.input_elems), rng.standard_normal(
+        ir.geometry.output_elems)
+    execute(ir, x, res)
+    with pytest.raises(PlanExecutionError, match="store out of bounds"):
+        execute(replace(ir, pointers=(("x", "inoff"), ("y", "inoff"), ("res", "outoff"))), x, res)
+    with pytest.raises(PlanExecutionError, match="residual load out of bounds"):
+        execute(replace(ir, pointers=(("x", "inoff"), ("y", "outoff"), ("res", "inoff"))), x, res)
+    geometry = Geometry(1, 16, 1, 40, 1)
+    plan = build_plan(sp.csr_matrix(np.eye(1, 16, dtype=np.float32) * 2 + np.eye(1, 16, 5)),
+                      geometry, StreamParams(32, 1, 1, 1, 4))
+    ir = lower(plan)
+    assert ir.seg.tolist() == [[0, 8]]
+    x = rng.standard_normal(geometry.input_elems)
+    execute(ir, x)
+    with pytest.raises(PlanExecutionError, match="not whole groups of 8"):
+        execute(replace(ir, seg=np.array([[0, 2]]), offsets=ir.offsets[:2],
+                        values=ir.values[:2]), x)
+    _, ir = _ir(geometry=Geometry(1, 16, 1, 40, 4), params=StreamParams(32, 2, 1, 1, 4))
+    assert ir.vector_width == 2
+    with pytest.raises(PlanExecutionError, match="misaligned vector store"):
+        execute(replace(ir, pointers=(("x", "inoff"), ("y", "act"))), x)
