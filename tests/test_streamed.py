@@ -221,6 +221,9 @@ def test_a_plan_past_the_grid_or_int32_tables_is_refused_in_one_line():
         build_plan(csr, wide, StreamParams(32, 1, 1, 1, 4))
     family, _ = costmodel.choose(wide, csr)           # the cost model falls back, never launches it
     assert family.name == "immediate"
+    huge = Geometry(1, 2, 1, 1 << 25, 1)               # the default's 512-column tiles: 65536
+    found = candidates(huge, 2)
+    assert found and all(p.col_threads * p.vector_width >= 1024 for p in found)
     tall = Geometry(1, 1, 1, 1, 17_500_000, 11, 1, 5)  # 17.5M rows x 123 row words > 2^31
     with pytest.raises(sparsert.UserError, match="exceed the kernel's int32 indices"):
         build_plan(sp.csr_matrix((17_500_000, 121), dtype=np.float32), tall, StreamParams())

@@ -314,7 +314,7 @@ def candidates(geometry: Geometry, nnz: int, precision: str = "fp32", limit: int
                seeds=None) -> list[StreamParams]:
     """`seeds` (winners at other precisions) and the default first, then neighbours: rows per
     worker /2 and x2, other vector widths, chain counts and block heights (fitted to the shape,
-    duplicates dropped)."""
+    duplicates and plans past the grid's limits dropped)."""
     dtype = PRECISIONS[precision][0]
     base = default_params(geometry, nnz, precision=precision)
     r, v = base.rows_per_worker, base.vector_width
@@ -328,6 +328,7 @@ def candidates(geometry: Geometry, nnz: int, precision: str = "fp32", limit: int
     for params in tries:
         try:
             params = fit_params(geometry, params, dtype)
+            check_limits(geometry, params)
         except UserError:
             continue
         if params not in out:
