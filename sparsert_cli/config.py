@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 from .errors import UserError
@@ -27,8 +27,6 @@ _TOP_KEYS = {"name", "description", "problems", "sparsity", "dtype", "accumulate
              "family"}
 RESULT_KINDS = ("bench", "sweep")        # what `bench` stamps on the results file
 _EPILOGUE_KEYS = {"bias", "activation", "residual"}
-PLAN_KEYS = {"rows_per_group", "vector_width", "col_threads", "k_split", "load_batch", "balance",
-             "max_registers"}
 
 
 @dataclass(frozen=True)
@@ -139,19 +137,20 @@ def _problems(doc: object, where: str) -> tuple[Problem, ...]:
     return tuple(problems)
 
 
-def _plan_overrides(doc: object, where: str) -> dict:
+def _plan_overrides(doc: object, where: str, family: str = "auto") -> dict:
     if doc is None:
         return {}
     if not isinstance(doc, dict):
         raise UserError(f"{where}: 'plan' must be a mapping of plan parameters")
-    unknown = sorted(set(doc) - PLAN_KEYS, key=str)
+    from .families import check_overrides, families
+
+    allowed = {x.name for f in families() for x in fields(f.params)}
+    unknown = sorted(set(doc) - allowed, key=str)
     if unknown:
         raise UserError(f"{where}: unknown key 'plan.{unknown[0]}' "
-                        f"(allowed: {', '.join(sorted(PLAN_KEYS))})")
-    from .families.immediate import PlanParams
-
+                        f"(allowed: {', '.join(sorted(allowed))})")
     try:
-        PlanParams.from_dict({**PlanParams().__dict__, **doc})
+        check_overrides(doc, family)
     except UserError as exc:
         raise UserError(f"{where}: 'plan': {exc.message}") from None
     return dict(doc)
@@ -207,7 +206,7 @@ def config_from_dict(doc: object, where: str) -> Config:
                   pattern=_choice(doc, "pattern", PATTERNS, "uniform", where), seed=seed,
                   emit=emit,
                   epilogue=_epilogue(doc.get("epilogue"), where),
-                  plan=_plan_overrides(doc.get("plan"), where),
+                  plan=_plan_overrides(doc.get("plan"), where, family),
                   description=str(doc.get("description", "")),
                   kind=_choice(doc, "kind", RESULT_KINDS, "bench", where), allow_fp16_flush=flush)
 

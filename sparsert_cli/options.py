@@ -45,9 +45,10 @@ plan_option = click.option("--plan", "plan_items", multiple=True, metavar="KEY=V
                            help="Override a plan parameter, e.g. --plan rows_per_group=4.")
 
 
-def parse_plan_options(items) -> dict:
-    """`--plan rows_per_group=4 --plan balance=contiguous` -> validated overrides."""
-    from .families.immediate import PlanParams
+def parse_plan_options(items, family: str | None = "auto") -> dict:
+    """`--plan rows_per_group=4 --plan balance=contiguous` -> overrides that some family (or
+    `family`) takes, validated."""
+    from .families import check_overrides
 
     doc = {}
     for item in items:
@@ -61,7 +62,7 @@ def parse_plan_options(items) -> dict:
             raise UserError(f"--plan {key}: expected an integer, got {value!r}") from None
     if doc:
         try:
-            PlanParams.from_dict({**PlanParams().__dict__, **doc})  # names, types and ranges
+            check_overrides(doc, family or "auto")     # names, types and ranges
         except UserError as exc:
             raise UserError(f"--plan: {exc.message}") from None
     return doc

@@ -258,3 +258,38 @@ def test_the_interpreter_follows_the_irs_pointers_and_checks_what_the_loop_needs
     assert ir.vector_width == 2
     with pytest.raises(PlanExecutionError, match="misaligned vector store"):
         execute(replace(ir, pointers=(("x", "inoff"), ("y", "act"))), x)
+
+
+def test_gen_and_inspect_take_streamed_parameters_and_refuse_the_other_familys(tmp_path, capsys):
+    """`--plan chains=2` is a streamed parameter (gen validated --plan against the immediate
+    family only), and gen / inspect show a streamed kernel's plan (they read row_groups)."""
+    import json
+
+    from cli_helpers import run_main
+    from sparsert_cli.config import config_from_dict
+
+    np.save(tmp_path / "w.npy", sparse((24, 16, 3, 3), 0.3, 6))
+    gen = ["gen", "--pattern", str(tmp_path / "w.npy"), "--height", "9", "--width", "10",
+           "--no-cache", "--no-tuned"]
+    code, out, err = run_main(gen + ["--family", "streamed", "--plan", "chains=2", "-o",
+                                     str(tmp_path / "k")], capsys)
+    assert code == 0, err
+    doc = json.loads((tmp_path / "k" / "manifest.json").read_text())
+    assert doc["family"] == "streamed" and doc["plan"]["chains"] == 2
+    code, out, err = run_main(["inspect", str(tmp_path / "k")], capsys)
+    assert code == 0 and "workers" in out and "malformed" not in err, err
+    for extra, words in ((["--family", "streamed", "--plan", "rows_per_group=4"],
+                          "the streamed family takes no plan parameter(s) rows_per_group"),
+                         (["--family", "immediate", "--plan", "chains=2"],
+                          "the immediate family takes no plan parameter(s) chains"),
+                         (["--plan", "chains=2", "--plan", "k_split=2"],
+                          "no family takes the plan parameter(s) chains, k_split together"),
+                         (["--plan", "chains=3"], "chains must be 1, 2, 4 or 8")):
+        code, out, err = run_main(gen + extra + ["-o", str(tmp_path / "bad")], capsys)
+        assert code == 2 and words in err and len(err.strip().splitlines()) == 1, err
+        assert not (tmp_path / "bad").exists()
+    base = {"problems": [{"id": "g", "op": "gemm", "m": 8, "k": 12, "n": 16}], "sparsity": 0.5}
+    config = config_from_dict({**base, "family": "streamed", "plan": {"chains": 2}}, "c.yaml")
+    assert config.plan == {"chains": 2}
+    with pytest.raises(sparsert.UserError, match="c.yaml: 'plan': the immediate family takes no"):
+        config_from_dict({**base, "family": "immediate", "plan": {"chains": 2}}, "c.yaml")

@@ -131,7 +131,7 @@ def command(pattern_path, sparsity, op, n, height, width, batch, stride, padding
                              ("--padding", padding, 0)):
         if value is not None and value < low:
             raise UserError(f"{path}: {flag} must be >= {low}, got {value}")
-    overrides = parse_plan_options(plan_items)
+    overrides = parse_plan_options(plan_items, family)
     try:
         check_plan_width(overrides, dtype)
     except UserError as exc:

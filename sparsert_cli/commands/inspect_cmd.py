@@ -20,13 +20,15 @@ def render(doc: dict, directory: Path) -> None:
              f"{p['m']} ch, {p['out_height']}x{p['out_width']} (stride {p['stride']}, "
              f"pad {p['padding']})")
     spills = doc["spill_store_bytes"] + doc["spill_load_bytes"]
+    plan = doc["plan"]
+    size = (f"{plan['row_groups']} row groups, {plan['loads']} loads" if "row_groups" in plan
+            else f"{plan['workers']} workers, {plan['rows']} rows, {plan['data_bytes']} B of data")
     rows = [
         ["entry", doc["entry"]],
         ["directory", str(directory)],
         ["problem", shape],
         ["nonzeros", f"{doc['nnz']} ({doc['density']:.1%} dense)"],
-        ["plan", f"{doc['plan']['name']}: {doc['plan']['row_groups']} row groups, "
-                 f"{doc['plan']['loads']} loads"],
+        ["plan", f"{doc.get('family', 'immediate')} {plan['name']}: {size}"],
         ["epilogue", ", ".join(f"{k}={v}" for k, v in doc["epilogue"].items())],
         ["launch", f"grid {tuple(doc['grid'])}, block {tuple(doc['block'])}, "
                    f"{doc['shared_bytes']} B shared"],
