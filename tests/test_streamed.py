@@ -293,3 +293,15 @@ def test_gen_and_inspect_take_streamed_parameters_and_refuse_the_other_familys(t
     assert config.plan == {"chains": 2}
     with pytest.raises(sparsert.UserError, match="c.yaml: 'plan': the immediate family takes no"):
         config_from_dict({**base, "family": "immediate", "plan": {"chains": 2}}, "c.yaml")
+
+
+def test_the_default_of_a_wide_layer_with_many_rows_stays_in_range():
+    """Many column tiles leave one worker per tile: rows per worker was all 5000 rows, past
+    MAX_ROWS_PER_WORKER, so the cost model (family auto) refused an ordinary GEMM."""
+    from sparsert_cli import costmodel
+
+    geometry = Geometry(1, 64, 1, 150_000, 5000)
+    assert default_params(geometry, 32_000).rows_per_worker == 4096
+    csr = _weight(geometry, 0.1, 0)
+    family, params = costmodel.choose(geometry, csr)
+    assert params.validate() is params

@@ -305,7 +305,7 @@ def default_params(geometry: Geometry, nnz: int, sm_count: int = 132,
     threads = 32 if per_thread <= 32 else 64 if per_thread <= 64 else 128
     tiles = -(-per_thread // threads)
     workers = max(1, min(geometry.out_channels, (8 * sm_count * 32) // (threads * tiles)))
-    rows = -(-geometry.out_channels // workers)
+    rows = min(MAX_ROWS_PER_WORKER, -(-geometry.out_channels // workers))
     warps = max(1, min(8, 256 // threads))
     return fit_params(geometry, StreamParams(threads, width, warps, rows, 4), dtype)
 
