@@ -47,6 +47,12 @@ def _check_tables(ir: StreamIR) -> None:
         raise PlanExecutionError("worker ranges do not cover the row entries in order")
     if np.any(np.diff(seg, axis=1) < 0) or (seg.size and (seg.min() < 0 or seg.max() > nnz)):
         raise PlanExecutionError("segment ranges out of order or outside the nonzeros")
+    segments = ir.geometry.kernel ** 2 if ir.geometry.masked else 1
+    if seg.shape != (len(ir.row_out), segments + 1) or len(ir.bases) != (
+            segments if ir.geometry.masked else 0):
+        raise PlanExecutionError(f"{seg.shape[0]} rows of {seg.shape[1] - 1} segments and "
+                                 f"{len(ir.bases)} tap bases for {len(ir.row_out)} row entries "
+                                 f"of {segments} segments")
     if np.any(np.diff(seg, axis=1) % PAD):
         raise PlanExecutionError(f"a segment is not whole groups of {PAD} entries (the loop "
                                  f"would read past its end)")

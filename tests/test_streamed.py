@@ -153,6 +153,10 @@ def test_the_interpreter_catches_bad_tables():
         execute(replace(ir, row_out=rows), x)
     with pytest.raises(PlanExecutionError, match="worker ranges"):
         execute(replace(ir, work=ir.work[:-1]), x)
+    with pytest.raises(PlanExecutionError, match="8 tap bases for 12 row entries of 9"):
+        execute(replace(ir, bases=ir.bases[:-1]), x)      # was an IndexError
+    with pytest.raises(PlanExecutionError, match="11 rows of 9 segments"):
+        execute(replace(ir, seg=ir.seg[:-1]), x)
 
 
 def test_the_interpreter_runs_the_chain_order_fp16_rounds_in():
