@@ -35,7 +35,7 @@ from .families.immediate import Plan, PlanParams, build_plan
 from .patterns import SparseWeight, dense, pattern_hash, to_csr
 from .problem_shape import (ACTIVATIONS, ELEMENT_BYTES, PRECISIONS, Epilogue, Geometry,
                             precision_label)
-from .render import get_printer
+from .render import printer_for
 from .storage import device_type, rounded
 from .reference import check, reference_and_magnitude
 
@@ -411,9 +411,10 @@ class Kernel:
         plan_doc = {"name": self.plan_params.name(), **self.plan_params.__dict__,
                     **self.plan_stats}
         op_name = "gemm" if self.op == "gemm" else f"conv{g.kernel}x{g.kernel}"
+        suffix = printer_for(self.emitter, self.family).suffix     # streamed: always CUDA
         doc = {
             "sparsert_version": __version__, "entry": self.entry, "cubin": CUBIN,
-            "source": "kernel" + get_printer(self.emitter).suffix, "weights": WEIGHTS,
+            "source": "kernel" + suffix, "weights": WEIGHTS,
             "emitter": self.emitter, "family": self.family,
             "family_version": self.family_version, "arch": self.arch, "dtype": self.dtype,
             "accumulate": self.accumulate, "precision": self.precision,

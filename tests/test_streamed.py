@@ -280,6 +280,8 @@ def test_gen_and_inspect_take_streamed_parameters_and_refuse_the_other_familys(t
     assert code == 0, err
     doc = json.loads((tmp_path / "k" / "manifest.json").read_text())
     assert doc["family"] == "streamed" and doc["plan"]["chains"] == 2
+    assert doc["source"] == "kernel.cu" and not (tmp_path / "k" / "kernel.ptx").exists()
+    assert 'extern "C" __global__' in (tmp_path / "k" / "kernel.cu").read_text()   # CUDA C++
     code, out, err = run_main(["inspect", str(tmp_path / "k")], capsys)
     assert code == 0 and "workers" in out and "malformed" not in err, err
     for extra, words in ((["--family", "streamed", "--plan", "rows_per_group=4"],
