@@ -74,4 +74,5 @@ def lower(plan, **options) -> KernelIR:
     return family_of(plan).lower(plan, **options)
 
 
-__all__ = ["Family", "check_overrides", "families", "family_of", "family_of_params", "get_family", "lower"]
+__all__ = ["Family", "check_overrides", "families", "family_of", "family_of_params", "get_family",
+           "lower"]
