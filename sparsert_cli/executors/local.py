@@ -264,10 +264,16 @@ class LocalExecutor(WorkerPool):
                                       inputs))
                 except (OSError, ValueError):       # died: its queue is blamed, not this job
                     self._requeue(pick)
-                    if worker.proc.is_alive():
-                        worker.proc.kill()
-                    worker.proc.join(5)
-                    self._lost(worker, _died(worker.proc))
+                    proc = worker.proc
+                    if proc.is_alive():
+                        proc.kill()
+                    proc.join(5)
+                    # Its last message (a sticky CUDA error naming the job that caused it) may
+                    # still be in the pipe: read it first, which settles the worker, or its
+                    # death hides what it said.
+                    self._drain(worker)
+                    if worker.proc is proc and worker.state != "dead":
+                        self._lost(worker, _died(proc))
                     continue
                 now = time.perf_counter()
                 if not worker.queue:
