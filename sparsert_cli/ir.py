@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import NamedTuple, Union
 
-from .problem_shape import ELEMENT_BYTES, Geometry, precision_label
+from .problem_shape import Geometry, Precision
 
 
 class IndexOp(NamedTuple):
@@ -115,7 +115,7 @@ Body = Union[Compute, Reduce]
 
 
 @dataclass(frozen=True)
-class KernelIR:
+class KernelIR(Precision):
     entry: str
     comment: str                      # for the printed header
     geometry: Geometry
@@ -137,18 +137,6 @@ class KernelIR:
     inline: bool                      # bodies inline in the entry, else one function each
 
     @property
-    def precision(self) -> str:
-        return precision_label(self.dtype, self.accumulate)
-
-    @property
-    def element_bytes(self) -> int:
-        return ELEMENT_BYTES[self.dtype]
-
-    @property
-    def acc_bytes(self) -> int:
-        return ELEMENT_BYTES[self.accumulate]
-
-    @property
     def block(self) -> tuple[int, int, int]:
         return (self.col_threads, self.k_split, 1)
 
@@ -162,7 +150,7 @@ class KernelIR:
 
 
 @dataclass(frozen=True, eq=False)
-class StreamIR:
+class StreamIR(Precision):
     """A streamed-family kernel: one loop, its pattern as data (families/streamed/plan.py).
 
     Grid (worker blocks, column tiles): the entry evaluates `columns` with bx = blockIdx.y (the
@@ -203,14 +191,6 @@ class StreamIR:
     k_split = 1
     shared_bytes = 0
     max_registers = 0
-
-    @property
-    def precision(self) -> str:
-        return precision_label(self.dtype, self.accumulate)
-
-    @property
-    def element_bytes(self) -> int:
-        return ELEMENT_BYTES[self.dtype]
 
     @property
     def block(self) -> tuple[int, int, int]:

@@ -36,6 +36,41 @@ def precision_label(dtype: str, accumulate: str | None = None) -> str:
                     f"(supported: fp32/fp32, fp16/fp16, fp16/fp32, bf16/fp32)")
 
 
+class Precision:
+    """Mixin for anything with `dtype` (storage) and `accumulate` (sums) attributes: plans and
+    kernel IRs of every family."""
+
+    @property
+    def precision(self) -> str:
+        return precision_label(self.dtype, self.accumulate)
+
+    @property
+    def element_bytes(self) -> int:
+        return ELEMENT_BYTES[self.dtype]
+
+    @property
+    def acc_bytes(self) -> int:
+        """Bytes of one column's sum (what k-split slices exchange in shared memory)."""
+        return ELEMENT_BYTES[self.accumulate]
+
+
+class ColumnTiles(Precision):
+    """Mixin for plans whose `params` set the column tile: `vector_width` columns per thread,
+    `col_threads` threads side by side."""
+
+    @property
+    def vector_width(self) -> int:
+        return self.params.vector_width
+
+    @property
+    def col_threads(self) -> int:
+        return self.params.col_threads
+
+    @property
+    def tile_columns(self) -> int:
+        return self.col_threads * self.vector_width
+
+
 def max_vector_width(dtype: str) -> int:
     """Columns per thread that one 16-byte load covers."""
     return 16 // ELEMENT_BYTES[dtype]

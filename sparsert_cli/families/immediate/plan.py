@@ -26,8 +26,8 @@ import numpy as np
 import scipy.sparse as sp
 
 from ...errors import UserError
-from ...problem_shape import (ACTIVATIONS, ELEMENT_BYTES, MAX_STATIC_SHARED, MAX_THREADS, Epilogue,
-                              PRECISIONS, Geometry, max_vector_width, precision_label)
+from ...problem_shape import (ACTIVATIONS, MAX_STATIC_SHARED, MAX_THREADS, PRECISIONS, ColumnTiles,
+                              Epilogue, Geometry, max_vector_width, precision_label)
 
 BALANCE_MODES = ("nnz", "contiguous")
 
@@ -100,7 +100,7 @@ class RowGroup:
 
 
 @dataclass(frozen=True)
-class Plan:
+class Plan(ColumnTiles):
     geometry: Geometry
     params: PlanParams               # effective parameters (vector width after fitting the shape)
     groups: tuple[RowGroup, ...]
@@ -109,37 +109,12 @@ class Plan:
     accumulate: str = "fp32"        # registers the sums live in: fp32, or fp16 (half2 FMAs)
 
     @property
-    def precision(self) -> str:
-        return precision_label(self.dtype, self.accumulate)
-
-    @property
-    def element_bytes(self) -> int:
-        return ELEMENT_BYTES[self.dtype]
-
-    @property
-    def acc_bytes(self) -> int:
-        """Bytes of one column's partial sum (what k_split slices exchange in shared memory)."""
-        return ELEMENT_BYTES[self.accumulate]
-
-    @property
-    def vector_width(self) -> int:
-        return self.params.vector_width
-
-    @property
-    def col_threads(self) -> int:
-        return self.params.col_threads
-
-    @property
     def k_split(self) -> int:
         return self.params.k_split
 
     @property
     def rows_max(self) -> int:
         return max(len(g.rows) for g in self.groups)
-
-    @property
-    def tile_columns(self) -> int:
-        return self.col_threads * self.vector_width
 
     @property
     def grid(self) -> tuple[int, int, int]:

@@ -29,8 +29,8 @@ import numpy as np
 import scipy.sparse as sp
 
 from ...errors import UserError
-from ...problem_shape import (ACTIVATIONS, ELEMENT_BYTES, MAX_THREADS, PRECISIONS, Epilogue,
-                              Geometry, precision_label)
+from ...problem_shape import (ACTIVATIONS, ELEMENT_BYTES, MAX_THREADS, PRECISIONS, ColumnTiles,
+                              Epilogue, Geometry, precision_label)
 from ..immediate.plan import fit_vector_width
 
 MAX_ROWS_PER_WORKER = 4096
@@ -87,7 +87,7 @@ class StreamParams:
 
 
 @dataclass(frozen=True, eq=False)
-class StreamPlan:
+class StreamPlan(ColumnTiles):
     """Arrays, in the order the kernel reads them:
     work[w]..work[w+1]: worker w's row entries; row_out[i]: output row of row entry i;
     seg[i, t]..seg[i, t+1]: its nonzeros of tap segment t (t < segments);
@@ -107,30 +107,6 @@ class StreamPlan:
 
     k_split = 1
     family = "streamed"
-
-    @property
-    def precision(self) -> str:
-        return precision_label(self.dtype, self.accumulate)
-
-    @property
-    def element_bytes(self) -> int:
-        return ELEMENT_BYTES[self.dtype]
-
-    @property
-    def acc_bytes(self) -> int:
-        return ELEMENT_BYTES[self.accumulate]
-
-    @property
-    def vector_width(self) -> int:
-        return self.params.vector_width
-
-    @property
-    def col_threads(self) -> int:
-        return self.params.col_threads
-
-    @property
-    def tile_columns(self) -> int:
-        return self.col_threads * self.vector_width
 
     @property
     def workers(self) -> int:
