@@ -2,10 +2,37 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Callable
 
+from ..errors import UserError
 from ..ir import KernelIR
+
+
+class Params:
+    """Base of every family's frozen parameter dataclass: one-line range errors and a checked
+    from_dict (ints, except the fields named in TEXT)."""
+
+    TEXT: tuple[str, ...] = ()
+
+    def _checked(self, checks):
+        for ok, message in checks:
+            if not ok:
+                raise UserError(f"plan parameter out of range: {message} ({self})")
+        return self
+
+    @classmethod
+    def from_dict(cls, doc: dict):
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(doc) - known)
+        if unknown:
+            raise UserError(f"unknown plan parameter '{unknown[0]}' (known: "
+                            f"{', '.join(sorted(known))})")
+        for key, value in doc.items():
+            want = str if key in cls.TEXT else int
+            if isinstance(value, bool) or not isinstance(value, want):
+                raise UserError(f"plan parameter '{key}' must be {want.__name__}, got {value!r}")
+        return cls(**doc).validate()
 
 
 @dataclass(frozen=True)

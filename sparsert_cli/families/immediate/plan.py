@@ -19,13 +19,14 @@ from __future__ import annotations
 import hashlib
 import heapq
 import json
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 from functools import cached_property
 
 import numpy as np
 import scipy.sparse as sp
 
 from ...errors import UserError
+from ..base import Params
 from ...problem_shape import (ACTIVATIONS, MAX_STATIC_SHARED, MAX_THREADS, PRECISIONS, ColumnTiles,
                               Epilogue, Geometry, max_vector_width, precision_label)
 
@@ -33,8 +34,10 @@ BALANCE_MODES = ("nnz", "contiguous")
 
 
 @dataclass(frozen=True)
-class PlanParams:
+class PlanParams(Params):
     """Every tunable of the kernel family; `name()` is part of the symbol and the cache key."""
+
+    TEXT = ("balance",)
 
     rows_per_group: int = 8
     vector_width: int = 4
@@ -63,22 +66,7 @@ class PlanParams:
             (self.max_registers == 0 or 32 <= self.max_registers <= 255,
              "max_registers must be 0 (no cap) or in 32..255"),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise UserError(f"plan parameter out of range: {message} ({self})")
-        return self
-
-    @classmethod
-    def from_dict(cls, doc: dict) -> PlanParams:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(doc) - known)
-        if unknown:
-            raise UserError(f"unknown plan parameter '{unknown[0]}' (known: {', '.join(sorted(known))})")
-        for key, value in doc.items():
-            want = str if key == "balance" else int
-            if isinstance(value, bool) or not isinstance(value, want):
-                raise UserError(f"plan parameter '{key}' must be {want.__name__}, got {value!r}")
-        return cls(**doc).validate()
+        return self._checked(checks)
 
 
 @dataclass(frozen=True)

@@ -22,13 +22,14 @@ from __future__ import annotations
 import hashlib
 import heapq
 import json
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 from functools import cached_property
 
 import numpy as np
 import scipy.sparse as sp
 
 from ...errors import UserError
+from ..base import Params
 from ...problem_shape import (ACTIVATIONS, ELEMENT_BYTES, MAX_THREADS, PRECISIONS, ColumnTiles,
                               Epilogue, Geometry, precision_label)
 from ..immediate.plan import fit_vector_width
@@ -44,7 +45,7 @@ INT_MAX = 2**31 - 1             # the tables are `int` words, indexed with int a
 
 
 @dataclass(frozen=True)
-class StreamParams:
+class StreamParams(Params):
     """Every tunable of the streamed family; `name()` is part of the symbol and the cache key."""
 
     col_threads: int = 32
@@ -69,21 +70,7 @@ class StreamParams:
              f"rows_per_worker must be in 1..{MAX_ROWS_PER_WORKER}"),
             (self.chains in (1, 2, 4, 8), "chains must be 1, 2, 4 or 8"),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise UserError(f"plan parameter out of range: {message} ({self})")
-        return self
-
-    @classmethod
-    def from_dict(cls, doc: dict) -> StreamParams:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(doc) - known)
-        if unknown:
-            raise UserError(f"unknown plan parameter '{unknown[0]}' (known: {', '.join(sorted(known))})")
-        for key, value in doc.items():
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise UserError(f"plan parameter '{key}' must be int, got {value!r}")
-        return cls(**doc).validate()
+        return self._checked(checks)
 
 
 @dataclass(frozen=True, eq=False)
