@@ -311,3 +311,19 @@ def test_the_default_of_a_wide_layer_with_many_rows_stays_in_range():
     csr = _weight(geometry, 0.1, 0)
     family, params = costmodel.choose(geometry, csr)
     assert params.validate() is params
+
+
+def test_the_accumulator_defaults_to_the_storage_types_as_in_the_immediate_family():
+    """bf16 without `accumulate` sums in fp32 (precision bf16), like the immediate family's
+    planner: both run the same layer checks (families.base.check_layer)."""
+    from sparsert_cli.families.immediate import PlanParams
+    from sparsert_cli.families.immediate import build_plan as immediate_plan
+
+    geometry = Geometry(1, 16, 1, 32, 8)
+    csr = _weight(geometry, 0.5, 0)
+    for dtype in ("fp32", "fp16", "bf16"):
+        streamed = build_plan(csr, geometry, StreamParams(), dtype=dtype)
+        immediate = immediate_plan(csr, geometry, PlanParams(), dtype=dtype)
+        assert streamed.precision == immediate.precision
+    with pytest.raises(sparsert.UserError, match="weight is 8x16 but the shape needs 8x32"):
+        build_plan(csr, Geometry(1, 32, 1, 32, 8), StreamParams())

@@ -7,6 +7,23 @@ from typing import Any, Callable
 
 from ..errors import UserError
 from ..ir import KernelIR
+from ..problem_shape import ACTIVATIONS, PRECISIONS, Epilogue, Geometry, precision_label
+
+
+def check_layer(csr, geometry: Geometry, epilogue: Epilogue, dtype: str,
+                accumulate: str | None) -> tuple[Geometry, str]:
+    """What every family's planner checks first: (validated geometry, accumulator type; None:
+    the storage type's default); the weight's shape, the activation and the bias length."""
+    geometry = geometry.validate()
+    accumulate = PRECISIONS[precision_label(dtype, accumulate)][1]
+    if csr.shape != (geometry.out_channels, geometry.taps):
+        raise UserError(f"weight is {csr.shape[0]}x{csr.shape[1]} but the shape needs "
+                        f"{geometry.out_channels}x{geometry.taps}")
+    if epilogue.activation not in ACTIVATIONS:
+        raise UserError(f"unknown activation {epilogue.activation!r}")
+    if epilogue.bias is not None and len(epilogue.bias) != geometry.out_channels:
+        raise UserError(f"bias has {len(epilogue.bias)} values for {geometry.out_channels} rows")
+    return geometry, accumulate
 
 
 class Params:

@@ -26,9 +26,9 @@ import numpy as np
 import scipy.sparse as sp
 
 from ...errors import UserError
-from ..base import Params
-from ...problem_shape import (ACTIVATIONS, MAX_STATIC_SHARED, MAX_THREADS, PRECISIONS, ColumnTiles,
-                              Epilogue, Geometry, max_vector_width, precision_label)
+from ..base import Params, check_layer
+from ...problem_shape import (MAX_STATIC_SHARED, MAX_THREADS, ColumnTiles, Epilogue, Geometry,
+                              max_vector_width)
 
 BALANCE_MODES = ("nnz", "contiguous")
 
@@ -217,15 +217,7 @@ def build_plan(csr: sp.csr_matrix, geometry: Geometry, params: PlanParams,
                accumulate: str | None = None) -> Plan:
     """Pack the weight's rows into groups and order each group's loads. `accumulate` defaults to
     the storage type's (problem_shape.default_accumulate)."""
-    geometry = geometry.validate()
-    accumulate = PRECISIONS[precision_label(dtype, accumulate)][1]
-    if csr.shape != (geometry.out_channels, geometry.taps):
-        raise UserError(f"weight is {csr.shape[0]}x{csr.shape[1]} but the shape needs "
-                        f"{geometry.out_channels}x{geometry.taps}")
-    if epilogue.activation not in ACTIVATIONS:
-        raise UserError(f"unknown activation {epilogue.activation!r}")
-    if epilogue.bias is not None and len(epilogue.bias) != geometry.out_channels:
-        raise UserError(f"bias has {len(epilogue.bias)} values for {geometry.out_channels} rows")
+    geometry, accumulate = check_layer(csr, geometry, epilogue, dtype, accumulate)
     params = fit_params(geometry, params, dtype)
     csr = sp.csr_matrix(csr, dtype=np.float32)
     csr.sort_indices()

@@ -29,9 +29,8 @@ import numpy as np
 import scipy.sparse as sp
 
 from ...errors import UserError
-from ..base import Params
-from ...problem_shape import (ACTIVATIONS, ELEMENT_BYTES, MAX_THREADS, PRECISIONS, ColumnTiles,
-                              Epilogue, Geometry, precision_label)
+from ..base import Params, check_layer
+from ...problem_shape import ELEMENT_BYTES, MAX_THREADS, PRECISIONS, ColumnTiles, Epilogue, Geometry
 from ..immediate.plan import fit_vector_width
 
 MAX_ROWS_PER_WORKER = 4096
@@ -208,16 +207,7 @@ def tap_offsets(geometry: Geometry, taps: np.ndarray) -> tuple[np.ndarray, np.nd
 def build_plan(csr: sp.csr_matrix, geometry: Geometry, params: StreamParams,
                epilogue: Epilogue = Epilogue(), dtype: str = "fp32",
                accumulate: str | None = None) -> StreamPlan:
-    geometry = geometry.validate()
-    accumulate = accumulate or dtype
-    precision_label(dtype, accumulate)
-    if csr.shape != (geometry.out_channels, geometry.taps):
-        raise UserError(f"weight is {csr.shape[0]}x{csr.shape[1]} but the shape needs "
-                        f"{geometry.out_channels}x{geometry.taps}")
-    if epilogue.activation not in ACTIVATIONS:
-        raise UserError(f"unknown activation {epilogue.activation!r}")
-    if epilogue.bias is not None and len(epilogue.bias) != geometry.out_channels:
-        raise UserError(f"bias has {len(epilogue.bias)} values for {geometry.out_channels} rows")
+    geometry, accumulate = check_layer(csr, geometry, epilogue, dtype, accumulate)
     params = fit_params(geometry, params, dtype)
     check_limits(geometry, params)
     csr = sp.csr_matrix(csr, dtype=np.float32)
