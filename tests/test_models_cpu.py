@@ -464,3 +464,17 @@ def test_depthwise_with_a_fused_residual_add():
     assert row["replaced"] and row["fused"] == "bn+add+relu" and row["max_rel_err"] < 1e-5
     with torch.no_grad():
         assert torch.allclose(model(x), want, atol=1e-5)
+
+
+def test_strong_baseline_compiles_grouped_models_in_nchw_too():
+    from sparsert_cli.models import build
+    from sparsert_cli.torch.endtoend import compile_layouts
+
+    x = torch.zeros(1, 3, 32, 32)
+    plain = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU())
+    grouped = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 1), torch.nn.Conv2d(8, 8, 3, groups=8))
+    assert compile_layouts(plain, x) == (True,)
+    assert compile_layouts(grouped, x) == (True, False)
+    assert compile_layouts(torch.nn.Linear(4, 4), torch.zeros(2, 4)) == (True,)
+    assert compile_layouts(build("mobilenet_v1", resolution=32)[0], x) == (True, False)
+    assert compile_layouts(build("resnet50", resolution=32)[0], x) == (True,)
