@@ -48,9 +48,11 @@ with sparsert.Gpu() as gpu:
 
     for w, shape, width in ((weight, CONV, 1), (pointwise, POINTWISE, 4)):
         for dtype, accumulate in (("fp32", "fp32"), ("fp16", "fp16"), ("fp16", "fp32")):
-            kernel = sparsert.compile_kernel(
-                w, **shape, dtype=dtype, accumulate=accumulate, arch=gpu.arch, tuned=False,
-                cache=None, plan=StreamParams(col_threads=32, vector_width=width, warps=2,
-                                              rows_per_worker=3, chains=2),
-                epilogue={"bias": [0.5] * w.shape[0], "activation": "relu6", "residual": True})
-            run(gpu, f"streamed {dtype}/{accumulate} {w.shape}", kernel)
+            for stage in ("shfl", "smem"):
+                kernel = sparsert.compile_kernel(
+                    w, **shape, dtype=dtype, accumulate=accumulate, arch=gpu.arch, tuned=False,
+                    cache=None, plan=StreamParams(col_threads=32, vector_width=width, warps=2,
+                                                  rows_per_worker=3, chains=2, stage=stage),
+                    epilogue={"bias": [0.5] * w.shape[0], "activation": "relu6",
+                              "residual": True})
+                run(gpu, f"streamed {stage} {dtype}/{accumulate} {w.shape}", kernel)

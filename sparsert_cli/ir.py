@@ -160,7 +160,8 @@ class StreamIR(Precision):
     work[w]..work[w+1]; row entry i computes output row row_out[i] from nonzeros
     seg[i, t]..seg[i, t+1] of each segment t: nonzero e adds values[e] * base_t[offsets[e]].
     Nonzero k of a segment feeds accumulator k % chains (the loop takes them 32 at a time: one
-    coalesced load, then a shuffle each); accumulators carry across segments, summed in order
+    coalesced load, then shared by the warp through shuffles, or with stage "smem" through a
+    per-warp shared-memory buffer read two entries at a time); accumulators carry across segments, summed in order
     (((a0 + a1) + a2) + ...) before the epilogue: + bias[row], + res[row * out_pixels], max 0,
     min 6, then the store at y + row * out_pixels (stores only where act).
     """
@@ -187,19 +188,25 @@ class StreamIR(Precision):
     bias: tuple[float, ...] | None  # per output row, as the kernel holds it
     residual: bool
     activation: str
+    stage: str = "shfl"             # how a warp shares its chunk of 32 entries: shfl or smem
 
     k_split = 1
-    shared_bytes = 0
+    shared_bytes = 0                # smem staging is a static array (stage_bytes)
     max_registers = 0
 
     @property
     def block(self) -> tuple[int, int, int]:
         return (self.col_threads, self.warps, 1)
 
+    @property
+    def stage_bytes(self) -> int:
+        """Static shared memory of the smem stage: two 32-entry buffers of 8 B per warp."""
+        return self.col_threads // 32 * self.warps * 2 * 32 * 8 if self.stage == "smem" else 0
+
     ARRAYS = ("work", "row_out", "seg", "offsets", "values")
     SCALARS = ("entry", "geometry", "dtype", "accumulate", "vector_width", "col_threads", "warps",
                "chains", "grid", "arguments", "columns", "pointers", "bases", "bias", "residual",
-               "activation")
+               "activation", "stage")
 
     def difference(self, other: "StreamIR") -> str | None:
         """The first field where `other` differs from this IR (None: equal)."""

@@ -54,7 +54,10 @@ def test_streamed_kernels_compile_and_match_float64_on_the_cpu(name, precision):
             (StreamParams(32, 2, 2, 3, 4), None),
             (StreamParams(64, 8, 1, 1, 2), {"bias": np.linspace(-1, 1, rows),
                                             "activation": "relu6", "residual": True}),
-            (StreamParams(32, 1, 4, 7, 1), {"activation": "relu"})):
+            (StreamParams(32, 1, 4, 7, 1), {"activation": "relu"}),
+            (StreamParams(64, 2, 2, 3, 4, "smem"), {"bias": np.linspace(-1, 1, rows),
+                                                    "residual": True}),
+            (StreamParams(32, 8, 1, 2, 8, "smem"), None)):
         kernel = sparsert.compile_kernel(weight, **shape, dtype=precision[0],
                                          accumulate=precision[1], tuned=False, cache=None,
                                          epilogue=epilogue, plan=params)
@@ -109,11 +112,15 @@ def _ir(precision=("fp32", "fp32"), epilogue=Epilogue(), geometry=None, params=N
 
 
 @pytest.mark.parametrize("precision", PRECISIONS)
-def test_printed_source_parses_back_to_its_ir(precision):
+@pytest.mark.parametrize("stage", ["shfl", "smem"])
+def test_printed_source_parses_back_to_its_ir(precision, stage):
     epi = Epilogue(bias=tuple(np.linspace(-2, 2, 12)), activation="relu6", residual=True)
-    _, ir = _ir(precision, epi)
+    _, ir = _ir(precision, epi, params=StreamParams(32, 1, 2, 3, 4, stage))
+    assert ir.stage == stage
     source = stream.print_stream(ir)
     stream.check_printed(ir, source)
+    assert ("__shared__" in source) == (stage == "smem") and ("__shfl_sync" in source) == (
+        stage == "shfl")
 
 
 @pytest.mark.parametrize("mutate, why", [
@@ -121,6 +128,7 @@ def test_printed_source_parses_back_to_its_ir(precision):
                       s), "offsets"),
     (lambda s: re.sub(r"z \+ \(-8\)", "z + (-7)", s, count=1), "bases"),
     (lambda s: s.replace("CHAINS = 4", "CHAINS = 2"), "chains"),
+    (lambda s: s.replace("stage=shfl", "stage=smem"), "stage"),
     (lambda s: s.replace("x += inoff;", "x += outoff;"), "pointers"),
     (lambda s: re.sub(r"(sparsert_bias\[\d+\] = \{)(-?\d+)", lambda m: f"{m[1]}{int(m[2]) ^ 1}",
                       s), "bias"),
@@ -196,6 +204,8 @@ def test_streamed_kernels_save_and_load(tmp_path):
 def test_bad_streamed_parameters_are_user_errors():
     with pytest.raises(sparsert.UserError, match="chains"):
         StreamParams(chains=3).validate()
+    with pytest.raises(sparsert.UserError, match="stage must be one of shfl, smem"):
+        StreamParams(stage="regs").validate()
     with pytest.raises(sparsert.UserError, match="unknown plan parameter 'rows_per_group'"):
         StreamParams.from_dict({"rows_per_group": 4})
 

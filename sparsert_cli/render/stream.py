@@ -25,7 +25,7 @@ from ..problem_shape import Geometry
 from .cuda import RULES, _helpers, f32
 from .ptx import f16_bits
 
-VERSION = "stream-4"
+VERSION = "stream-5"
 PRECISIONS = ("fp32", "fp16", "fp16acc32", "bf16")
 _FLOAT_VEC = {1: "float", 2: "float2", 4: "float4"}
 _PAIR_VEC = {1: "unsigned", 2: "uint2", 4: "uint4"}
@@ -125,7 +125,7 @@ def _constants(ir: StreamIR) -> str:
     return (f"  // geometry batch={g.batch} in={g.in_channels} h={g.height} w={g.width} "
             f"out={g.out_channels} k={g.kernel} s={g.stride} p={g.padding}; dtype={ir.dtype} "
             f"acc={ir.accumulate}; width={ir.vector_width}; grid={ir.grid[0]}x{ir.grid[1]}; "
-            f"activation={ir.activation}\n"
+            f"activation={ir.activation}; stage={ir.stage}\n"
             f"  constexpr int WARPS = {ir.warps}, CHAINS = {ir.chains}, "
             f"STRIDE = {ir.seg.shape[1] + 1}, PIXELS = {g.out_pixels};")
 
@@ -166,7 +166,16 @@ def print_stream(ir: StreamIR, arch: str = "sm_90") -> str:
         out += [f"  const {e}* b{i} = x;" for i in range(segments)]
     acc = f"{t.acc_t} a[CHAINS][{t.units}]"
     out += ["  const int2* ent = reinterpret_cast<const int2*>(sparsert_ent);",
-            "  const int lane = threadIdx.x & 31;",
+            "  const int lane = threadIdx.x & 31;"]
+    if ir.stage == "smem":   # per warp two buffers, used in turn: one __syncwarp per chunk
+        out += [f"  __shared__ __align__(16) int2 sparsert_stage[{ir.stage_bytes // 512}][2][32];",
+                f"  int2 (*const buf)[32] = sparsert_stage[threadIdx.y * {ir.col_threads // 32}"
+                f" + (threadIdx.x >> 5)];",
+                "  int p = 0;"]
+        # each tap base an opaque 64-bit register: the address is then one wide multiply-add of
+        # the entry's offset (NVCC otherwise re-adds the thread's column offset per entry)
+        out += [f'  asm("" : "+l"(b{i}));' for i in range(segments)]
+    out += [
             "  const int w = blockIdx.x * WARPS + threadIdx.y;",
             "  const int r_end = __ldg(sparsert_work + w + 1);",
             "  for (int r = __ldg(sparsert_work + w); r < r_end; ++r) {",
@@ -178,40 +187,60 @@ def print_stream(ir: StreamIR, arch: str = "sm_90") -> str:
             "#pragma unroll",
             f"      for (int k = 0; k < {t.units}; ++k) a[c][k] = 0;"]
     load = f"__ldg(reinterpret_cast<const {t.vt}*>(b{{i}} + off))"
-    shfl = ("const int off = __shfl_sync(0xffffffffu, mine.x, {j}), "
-            "wt = __shfl_sync(0xffffffffu, mine.y, {j});")
     for i in range(segments):
-        # a chunk of 32 nonzeros: one coalesced load (each lane one (offset, weight) pair, the
-        # next chunk's in flight meanwhile), then every lane takes them in turn by shuffle
-        out += ["    {",
-                f"      const int lo = __ldg(R + {1 + i}), end = __ldg(R + {2 + i});",
-                "      int2 mine = lane < end - lo ? __ldg(ent + lo + lane) : make_int2(0, 0);",
-                "      for (int e = lo; e < end; e += 32) {",
-                "        const int n = min(32, end - e);",
-                "        const int2 next = lane < end - e - 32 ? __ldg(ent + e + 32 + lane)"
-                " : make_int2(0, 0);",
-                "        if (n == 32) {",
-                "#pragma unroll",
-                "          for (int j = 0; j < 32; ++j) {",
-                "            " + shfl.format(j="j"),
-                f"            const {t.vt} v = {load.format(i=i)};"]
-        out += ["            " + s for s in t.fma("a[j % CHAINS]", "v", "wt")]
-        out += ["          }",
-                "        } else {",
-                f"          for (int j = 0; j < n; j += {PAD}) {{",
-                "#pragma unroll",
-                f"            for (int c = 0; c < {PAD}; ++c) {{",
-                "              " + shfl.format(j="j + c"),
-                f"              const {t.vt} v = {load.format(i=i)};"]
-        out += ["              " + s for s in t.fma("a[c % CHAINS]", "v", "wt")]
-        out += ["            }", "          }", "        }",
-                "        mine = next;", "      }", "    }"]
+        out += _segment(ir, t, i, load.format(i=i))
     out += ["#pragma unroll", "    for (int c = 1; c < CHAINS; ++c)", "#pragma unroll",
             f"      for (int k = 0; k < {t.units}; ++k) a[0][k] = {t.add('a[0][k]', 'a[c][k]')};",
             "    const int o = row * PIXELS;"]
     out += _epilogue(ir, t)
     out += ["  }", "}"]
     return "\n".join(out) + "\n"
+
+
+def _segment(ir: StreamIR, t: _Types, i: int, load: str) -> list[str]:
+    """Segment i's loop: chunks of 32 nonzeros, each one coalesced load (each lane one (offset,
+    weight) pair, the next chunk's in flight meanwhile) that every lane then takes in turn, by
+    shuffle or from the warp's shared-memory buffer (stage)."""
+    def entry(pick: str, acc: str) -> list[str]:
+        return [pick, f"const {t.vt} v = {load};"] + t.fma(acc, "v", "wt")
+
+    def block(lines: list[str], indent: int) -> list[str]:
+        return [" " * indent + "{"] + [" " * (indent + 2) + x for x in lines] + [" " * indent + "}"]
+
+    out = ["    {",
+           f"      const int lo = __ldg(R + {1 + i}), end = __ldg(R + {2 + i});",
+           "      int2 mine = lane < end - lo ? __ldg(ent + lo + lane) : make_int2(0, 0);",
+           "      for (int e = lo; e < end; e += 32) {",
+           "        const int n = min(32, end - e);",
+           "        const int2 next = lane < end - e - 32 ? __ldg(ent + e + 32 + lane)"
+           " : make_int2(0, 0);"]
+    if ir.stage == "smem":    # offsets are >= 0: unsigned, one wide multiply-add per address
+        pick = "const unsigned off = pr.{}; const int wt = pr.{};"
+        full = (["const int4 pr = q[j / 2];"]
+                + block(entry(pick.format("x", "y"), "a[j % CHAINS]"), 0)
+                + block(entry(pick.format("z", "w"), "a[(j + 1) % CHAINS]"), 0))
+        tail = (["const int4 pr = q[(j + c) / 2];"]
+                + block(entry(pick.format("x", "y"), "a[c % CHAINS]"), 0)
+                + block(entry(pick.format("z", "w"), "a[(c + 1) % CHAINS]"), 0))
+        out += ["        buf[p][lane] = mine;",
+                "        __syncwarp();",
+                "        const int4* q = reinterpret_cast<const int4*>(buf[p]);"]
+        step = 2
+    else:
+        shfl = ("const int off = __shfl_sync(0xffffffffu, mine.x, {j}), "
+                "wt = __shfl_sync(0xffffffffu, mine.y, {j});")
+        full, tail, step = entry(shfl.format(j="j"), "a[j % CHAINS]"), entry(
+            shfl.format(j="j + c"), "a[c % CHAINS]"), 1
+    inc = "++j" if step == 1 else f"j += {step}"
+    out += ["        if (n == 32) {", "#pragma unroll", f"          for (int j = 0; j < 32; {inc}) {{"]
+    out += ["            " + x for x in full]
+    out += ["          }", "        } else {", f"          for (int j = 0; j < n; j += {PAD}) {{",
+            "#pragma unroll", f"            for (int c = 0; c < {PAD}; "
+            f"{'++c' if step == 1 else f'c += {step}'}) {{"]
+    out += ["              " + x for x in tail]
+    out += ["            }", "          }", "        }", "        mine = next;"]
+    out += ["        p ^= 1;"] if ir.stage == "smem" else []
+    return out + ["      }", "    }"]
 
 
 def _epilogue(ir: StreamIR, t: _Types) -> list[str]:
@@ -285,7 +314,7 @@ def to_cubin(source: str, arch: str, threads: int = 1) -> Compiled:
 # ---- parse-back ---------------------------------------------------------------------------------
 _CONST = re.compile(
     r"// geometry batch=(\d+) in=(\d+) h=(\d+) w=(\d+) out=(\d+) k=(\d+) s=(\d+) p=(\d+); "
-    r"dtype=(\w+) acc=(\w+); width=(\d+); grid=(\d+)x(\d+); activation=(\w+)\n"
+    r"dtype=(\w+) acc=(\w+); width=(\d+); grid=(\d+)x(\d+); activation=(\w+); stage=(\w+)\n"
     r"  constexpr int WARPS = (\d+), CHAINS = (\d+), STRIDE = (\d+), PIXELS = (\d+);")
 _SIG = re.compile(r'__launch_bounds__\((\d+)\)\n(\w+)\(([^)]*)\)')
 _BASE = re.compile(r"const [\w ]+\* b(\d+) = \(\(unsigned\)\(ih \+ (\d+)\) < (\d+)u && "
@@ -329,7 +358,7 @@ def _parse(source: str) -> StreamIR | str:
     v = [int(x) if x.isdigit() else x for x in m.groups()]
     geometry = Geometry(*v[0:8])
     dtype, accumulate, width, grid, activation = v[8], v[9], v[10], (v[11], v[12], 1), v[13]
-    warps, chains, stride = v[14], v[15], v[16]
+    stage, (warps, chains, stride) = v[14], v[15:18]
     half_acc = accumulate == "fp16"
     arguments = tuple(a.split()[-1] for a in sig[3].split(","))
     decl = source[sig.end():]
@@ -357,7 +386,7 @@ def _parse(source: str) -> StreamIR | str:
         pointers=tuple(_PTR.findall(source)), bases=bases, work=found["sparsert_work"],
         row_out=rows[:, 0], seg=rows[:, 1:], offsets=ent[0:2 * nnz:2],
         values=_from_words(ent[1:2 * nnz:2], half_acc), bias=bias,
-        residual="res" in arguments, activation=activation)
+        residual="res" in arguments, activation=activation, stage=stage)
 
 
 def ir_comment(source: str) -> str:

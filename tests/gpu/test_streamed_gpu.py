@@ -53,11 +53,13 @@ CASES = {
                                        ("bf16", "fp32")])
 @pytest.mark.parametrize("name", sorted(CASES))
 @pytest.mark.parametrize("epilogue", [False, True])
-def test_streamed_kernels_match_float64(gpu, name, precision, epilogue):
+@pytest.mark.parametrize("stage", ["shfl", "smem"])
+def test_streamed_kernels_match_float64(gpu, name, precision, epilogue, stage):
     weight, shape, plan = CASES[name]
     rows = weight.shape[0]
     epi = dict(EPI, bias=np.linspace(-1, 1, rows)) if epilogue else None
-    default = dict(col_threads=32, vector_width=1, warps=2, rows_per_worker=3, chains=4)
+    default = dict(col_threads=32, vector_width=1, warps=2, rows_per_worker=3, chains=4,
+                   stage=stage)
     kernel = sparsert.compile_kernel(weight, **shape, dtype=precision[0],
                                      accumulate=precision[1], tuned=False, cache=None,
                                      epilogue=epi, plan=StreamParams(**{**default, **plan}))

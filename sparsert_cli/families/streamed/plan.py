@@ -41,6 +41,7 @@ MAX_ROWS_PER_WORKER = 4096
 PAD = 8
 MAX_GRID_Y = 65535              # column tiles run on blockIdx.y
 INT_MAX = 2**31 - 1             # the tables are `int` words, indexed with int arithmetic
+STAGES = ("shfl", "smem")
 
 
 @dataclass(frozen=True)
@@ -52,10 +53,16 @@ class StreamParams(Params):
     warps: int = 4                  # workers (warp rows) per block
     rows_per_worker: int = 4        # sets the worker count: ceil(rows / rows_per_worker)
     chains: int = 4                 # independent accumulators per column (loop unroll)
+    # how a warp shares each chunk of 32 (offset, weight) entries it loads: two shuffles per
+    # entry ("shfl"), or a per-warp shared-memory buffer read as one broadcast 16-byte load per
+    # two entries ("smem"; fewer instructions on the LSU/MIO pipe the activation loads share)
+    stage: str = "shfl"
+
+    TEXT = ("stage",)
 
     def name(self) -> str:
         return (f"s{self.col_threads}v{self.vector_width}w{self.warps}r{self.rows_per_worker}"
-                f"c{self.chains}")
+                f"c{self.chains}" + ("m" if self.stage == "smem" else ""))
 
     def validate(self) -> StreamParams:
         checks = [
@@ -68,6 +75,7 @@ class StreamParams(Params):
             (1 <= self.rows_per_worker <= MAX_ROWS_PER_WORKER,
              f"rows_per_worker must be in 1..{MAX_ROWS_PER_WORKER}"),
             (self.chains in (1, 2, 4, 8), "chains must be 1, 2, 4 or 8"),
+            (self.stage in STAGES, f"stage must be one of {', '.join(STAGES)}"),
         ]
         return self._checked(checks)
 
@@ -246,9 +254,10 @@ def build_plan(csr: sp.csr_matrix, geometry: Geometry, params: StreamParams,
 
 def default_params(geometry: Geometry, nnz: int, sm_count: int = 132,
                    precision: str = "fp32") -> StreamParams:
-    """An untuned plan: vectors as wide as keep a warp's 32 lanes busy (each entry's load and two
-    shuffles then feed more columns: that, not L1 capacity, decided the H100 probes, see
-    docs/perf-notes.md), one warp row per worker, enough workers for ~8 warps per SM."""
+    """An untuned plan: vectors as wide as keep a warp's 32 lanes busy (each entry's load and
+    address then feed more columns: that, not L1 capacity, decided the H100 probes, see
+    docs/perf-notes.md), one warp row per worker, enough workers for ~8 warps per SM, entries
+    shared through shared memory (stage "smem": fewer instructions per entry)."""
     dtype = PRECISIONS[precision][0]
     width = fit_vector_width(geometry, 16 // ELEMENT_BYTES[dtype], dtype)
     while width > 1 and -(-geometry.columns // width) < 32:
@@ -260,18 +269,19 @@ def default_params(geometry: Geometry, nnz: int, sm_count: int = 132,
     workers = max(1, min(geometry.out_channels, (8 * sm_count * 32) // (threads * tiles)))
     rows = min(MAX_ROWS_PER_WORKER, -(-geometry.out_channels // workers))
     warps = max(1, min(8, 256 // threads))
-    return fit_params(geometry, StreamParams(threads, width, warps, rows, 4), dtype)
+    return fit_params(geometry, StreamParams(threads, width, warps, rows, 4, "smem"), dtype)
 
 
 def candidates(geometry: Geometry, nnz: int, precision: str = "fp32", limit: int = 12,
                seeds=None) -> list[StreamParams]:
-    """`seeds` (winners at other precisions) and the default first, then neighbours: rows per
-    worker /2 and x2, other vector widths, chain counts and block heights (fitted to the shape,
+    """`seeds` (winners at other precisions) and the default first, then neighbours: the other
+    stage, rows per worker /2 and x2, other vector widths, chain counts and block heights (fitted to the shape,
     duplicates and plans past the grid's limits dropped)."""
     dtype = PRECISIONS[precision][0]
     base = default_params(geometry, nnz, precision=precision)
     r, v = base.rows_per_worker, base.vector_width
-    tries = list(seeds or []) + [base, replace(base, rows_per_worker=max(1, r // 2)),
+    tries = list(seeds or []) + [base, replace(base, stage="shfl"),
+             replace(base, rows_per_worker=max(1, r // 2)),
              replace(base, rows_per_worker=r * 2), replace(base, chains=2),
              replace(base, vector_width=v * 2), replace(base, vector_width=max(1, v // 2)),
              replace(base, warps=max(1, base.warps // 2)), replace(base, warps=base.warps * 2),

@@ -3,7 +3,7 @@ weight's row statistics without building one.
 
 What a streamed kernel costs (H100 probes, docs/perf-notes.md): its code is one small loop, so
 no instruction-fetch term; every table entry is, per warp, one share of a coalesced 8-byte load,
-two shuffles, an address, one activation load (through L1, from L2 on a miss) and one FMA per
+two shuffles or half a shared-memory load (stage), an address, one activation load (through L1, from L2 on a miss) and one FMA per
 column unit; each row adds its table reads, epilogue and store. The issue term takes the larger
 of the longest worker's chain and the SM's whole instruction stream spread over its 4 schedulers.
 """
@@ -16,7 +16,9 @@ from ...problem_shape import ELEMENT_BYTES, PRECISIONS, Geometry
 from .plan import PAD, StreamParams, _workers, check_limits, fit_params, tap_offsets
 
 LOOP_CODE_BYTES = 2048          # SASS of one segment's loop (both chunk paths)
-ENTRY_INSTRUCTIONS = 4          # shuffles x2, address, activation load (+ FMAs per unit)
+# per entry, besides the FMAs: stage "shfl" two shuffles, an address (sign-extended add + LEA
+# pair) and the load; "smem" half a 16-byte broadcast LDS, one IMAD.WIDE address and the load
+ENTRY_INSTRUCTIONS = {"shfl": 4, "smem": 2.5}
 ROW_INSTRUCTIONS = 24           # row table, accumulator zeroing and sum, epilogue, store
 SEGMENT_INSTRUCTIONS = 10       # bounds, the first chunk's load, loop control
 SMS = 132
@@ -36,7 +38,8 @@ def _features(geometry: Geometry, params: StreamParams, precision: str, workers:
     tiles = -(-per_thread // params.col_threads)
     columns = tiles * params.col_threads * params.vector_width
     entries = int(row_entries.sum())
-    per_row = (row_entries * (ENTRY_INSTRUCTIONS + _units(params.vector_width, precision))
+    per_row = (row_entries * (ENTRY_INSTRUCTIONS[params.stage]
+                              + _units(params.vector_width, precision))
                + ROW_INSTRUCTIONS + SEGMENT_INSTRUCTIONS * segments)
     chain = float(np.bincount(worker_of, weights=per_row, minlength=workers).max(initial=0))
     blocks = tiles * (workers // params.warps)
