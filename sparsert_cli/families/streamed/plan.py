@@ -256,7 +256,8 @@ def default_params(geometry: Geometry, nnz: int, sm_count: int = 132,
                    precision: str = "fp32") -> StreamParams:
     """An untuned plan: vectors as wide as keep a warp's 32 lanes busy (each entry's load and
     address then feed more columns: that, not L1 capacity, decided the H100 probes, see
-    docs/perf-notes.md), one warp row per worker, enough workers for ~8 warps per SM, entries
+    docs/perf-notes.md), one warp row per worker, enough workers for ~8 warps per SM (16 at one
+    column per thread), entries
     shared through shared memory (stage "smem": fewer instructions per entry)."""
     dtype = PRECISIONS[precision][0]
     width = fit_vector_width(geometry, 16 // ELEMENT_BYTES[dtype], dtype)
@@ -266,7 +267,10 @@ def default_params(geometry: Geometry, nnz: int, sm_count: int = 132,
     per_thread = -(-geometry.columns // width)
     threads = 32 if per_thread <= 32 else 64 if per_thread <= 64 else 128
     tiles = -(-per_thread // threads)
-    workers = max(1, min(geometry.out_channels, (8 * sm_count * 32) // (threads * tiles)))
+    # warps per SM to aim for: one column per thread needs few registers, and more workers (fewer
+    # rows each) won on every such layer of the H100 tuning run (docs/perf-notes.md, S6)
+    per_sm = 16 if width == 1 else 8
+    workers = max(1, min(geometry.out_channels, (per_sm * sm_count * 32) // (threads * tiles)))
     rows = min(MAX_ROWS_PER_WORKER, -(-geometry.out_channels // workers))
     warps = max(1, min(8, 256 // threads))
     return fit_params(geometry, StreamParams(threads, width, warps, rows, 4, "smem"), dtype)
