@@ -48,7 +48,7 @@ with sparsert.Gpu() as gpu:
 
     for w, shape, width in ((weight, CONV, 1), (pointwise, POINTWISE, 4)):
         for dtype, accumulate in (("fp32", "fp32"), ("fp16", "fp16"), ("fp16", "fp32")):
-            for stage in ("shfl", "smem"):
+            for stage in ("shfl", "smem", "ring"):
                 kernel = sparsert.compile_kernel(
                     w, **shape, dtype=dtype, accumulate=accumulate, arch=gpu.arch, tuned=False,
                     cache=None, plan=StreamParams(col_threads=32, vector_width=width, warps=2,

@@ -161,7 +161,8 @@ class StreamIR(Precision):
     seg[i, t]..seg[i, t+1] of each segment t: nonzero e adds values[e] * base_t[offsets[e]].
     Nonzero k of a segment feeds accumulator k % chains (the loop takes them 32 at a time: one
     coalesced load, then shared by the warp through shuffles, or with stage "smem" through a
-    per-warp shared-memory buffer read two entries at a time); accumulators carry across segments, summed in order
+    per-warp shared-memory buffer read two entries at a time; "ring": the worker's entries as one
+    stream through a 64-entry ring, groups of 8 in order); accumulators carry across segments, summed in order
     (((a0 + a1) + a2) + ...) before the epilogue: + bias[row], + res[row * out_pixels], max 0,
     min 6, then the store at y + row * out_pixels (stores only where act).
     """
@@ -188,7 +189,7 @@ class StreamIR(Precision):
     bias: tuple[float, ...] | None  # per output row, as the kernel holds it
     residual: bool
     activation: str
-    stage: str = "shfl"             # how a warp shares its chunk of 32 entries: shfl or smem
+    stage: str = "shfl"             # how a warp shares its chunk of 32 entries: shfl, smem, ring
 
     k_split = 1
     shared_bytes = 0                # smem staging is a static array (stage_bytes)
@@ -200,8 +201,8 @@ class StreamIR(Precision):
 
     @property
     def stage_bytes(self) -> int:
-        """Static shared memory of the smem stage: two 32-entry buffers of 8 B per warp."""
-        return self.col_threads // 32 * self.warps * 2 * 32 * 8 if self.stage == "smem" else 0
+        """Static shared memory of the smem/ring stage: 64 entries of 8 B per warp."""
+        return self.col_threads // 32 * self.warps * 2 * 32 * 8 if self.stage != "shfl" else 0
 
     ARRAYS = ("work", "row_out", "seg", "offsets", "values")
     SCALARS = ("entry", "geometry", "dtype", "accumulate", "vector_width", "col_threads", "warps",

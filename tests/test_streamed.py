@@ -57,7 +57,10 @@ def test_streamed_kernels_compile_and_match_float64_on_the_cpu(name, precision):
             (StreamParams(32, 1, 4, 7, 1), {"activation": "relu"}),
             (StreamParams(64, 2, 2, 3, 4, "smem"), {"bias": np.linspace(-1, 1, rows),
                                                     "residual": True}),
-            (StreamParams(32, 8, 1, 2, 8, "smem"), None)):
+            (StreamParams(32, 8, 1, 2, 8, "smem"), None),
+            (StreamParams(64, 1, 2, 3, 4, "ring"), {"bias": np.linspace(-1, 1, rows),
+                                                    "activation": "relu"}),
+            (StreamParams(32, 4, 4, 2, 2, "ring"), None)):
         kernel = sparsert.compile_kernel(weight, **shape, dtype=precision[0],
                                          accumulate=precision[1], tuned=False, cache=None,
                                          epilogue=epilogue, plan=params)
@@ -112,15 +115,15 @@ def _ir(precision=("fp32", "fp32"), epilogue=Epilogue(), geometry=None, params=N
 
 
 @pytest.mark.parametrize("precision", PRECISIONS)
-@pytest.mark.parametrize("stage", ["shfl", "smem"])
+@pytest.mark.parametrize("stage", ["shfl", "smem", "ring"])
 def test_printed_source_parses_back_to_its_ir(precision, stage):
     epi = Epilogue(bias=tuple(np.linspace(-2, 2, 12)), activation="relu6", residual=True)
     _, ir = _ir(precision, epi, params=StreamParams(32, 1, 2, 3, 4, stage))
     assert ir.stage == stage
     source = stream.print_stream(ir)
     stream.check_printed(ir, source)
-    assert ("__shared__" in source) == (stage == "smem") and ("__shfl_sync" in source) == (
-        stage == "shfl")
+    assert ("__shared__" in source) == (stage != "shfl") and ("__shfl_sync" in source) == (
+        stage == "shfl") and ("ENTRIES" in source) == (stage == "ring")
 
 
 @pytest.mark.parametrize("mutate, why", [
@@ -204,8 +207,9 @@ def test_streamed_kernels_save_and_load(tmp_path):
 def test_bad_streamed_parameters_are_user_errors():
     with pytest.raises(sparsert.UserError, match="chains"):
         StreamParams(chains=3).validate()
-    with pytest.raises(sparsert.UserError, match="stage must be one of shfl, smem"):
+    with pytest.raises(sparsert.UserError, match="stage must be one of shfl, smem, ring"):
         StreamParams(stage="regs").validate()
+    assert StreamParams(stage="ring").name().endswith("c4g")
     with pytest.raises(sparsert.UserError, match="unknown plan parameter 'rows_per_group'"):
         StreamParams.from_dict({"rows_per_group": 4})
 

@@ -167,25 +167,44 @@ def print_stream(ir: StreamIR, arch: str = "sm_90") -> str:
     acc = f"{t.acc_t} a[CHAINS][{t.units}]"
     out += ["  const int2* ent = reinterpret_cast<const int2*>(sparsert_ent);",
             "  const int lane = threadIdx.x & 31;"]
+    lanes = ir.col_threads // 32
     if ir.stage == "smem":   # per warp two buffers, used in turn: one __syncwarp per chunk
         out += [f"  __shared__ __align__(16) int2 sparsert_stage[{ir.stage_bytes // 512}][2][32];",
-                f"  int2 (*const buf)[32] = sparsert_stage[threadIdx.y * {ir.col_threads // 32}"
+                f"  int2 (*const buf)[32] = sparsert_stage[threadIdx.y * {lanes}"
                 f" + (threadIdx.x >> 5)];",
                 "  int p = 0;"]
+    elif ir.stage == "ring":  # per warp a ring of 64 entries, refilled 32 at a time
+        out += [f"  constexpr int ENTRIES = {len(ir.offsets)};",
+                f"  __shared__ __align__(16) int2 sparsert_stage[{ir.stage_bytes // 512}][64];",
+                f"  int2* const ring = sparsert_stage[threadIdx.y * {lanes} + (threadIdx.x >> 5)];"]
+    if ir.stage != "shfl":
         # each tap base an opaque 64-bit register: the address is then one wide multiply-add of
         # the entry's offset (NVCC otherwise re-adds the thread's column offset per entry)
         out += [f'  asm("" : "+l"(b{i}));' for i in range(segments)]
-    out += [
-            "  const int w = blockIdx.x * WARPS + threadIdx.y;",
-            "  const int r_end = __ldg(sparsert_work + w + 1);",
-            "  for (int r = __ldg(sparsert_work + w); r < r_end; ++r) {",
-            "    const int* R = sparsert_rows + r * STRIDE;",
-            "    const int row = __ldg(R);",
-            f"    {acc};",
-            "#pragma unroll",
-            "    for (int c = 0; c < CHAINS; ++c)",
-            "#pragma unroll",
-            f"      for (int k = 0; k < {t.units}; ++k) a[c][k] = 0;"]
+    zero = [f"    {acc};", "#pragma unroll", "    for (int c = 0; c < CHAINS; ++c)",
+            "#pragma unroll", f"      for (int k = 0; k < {t.units}; ++k) a[c][k] = 0;"]
+    out += ["  const int w = blockIdx.x * WARPS + threadIdx.y;",
+            "  const int r_end = __ldg(sparsert_work + w + 1);"]
+    if ir.stage == "ring":
+        # the worker's entries are one contiguous run (rows, then segments, each padded to
+        # whole groups): one stream, the next chunk always in flight, row headers one ahead
+        out += ["  int r = __ldg(sparsert_work + w);",
+                "  int h[STRIDE], hn[STRIDE];",
+                "#pragma unroll",
+                "  for (int i = 0; i < STRIDE; ++i)"
+                " h[i] = r < r_end ? __ldg(sparsert_rows + r * STRIDE + i) : 0;",
+                "  const int pos0 = h[1];",
+                "  int fill = pos0;",
+                "  int2 next = lane < ENTRIES - pos0 ? __ldg(ent + pos0 + lane) : make_int2(0, 0);",
+                "  for (; r < r_end; ++r) {",
+                "#pragma unroll",
+                "    for (int i = 0; i < STRIDE; ++i)",
+                "      hn[i] = r + 1 < r_end ? __ldg(sparsert_rows + (r + 1) * STRIDE + i) : 0;",
+                "    const int row = h[0];"] + zero
+    else:
+        out += ["  for (int r = __ldg(sparsert_work + w); r < r_end; ++r) {",
+                "    const int* R = sparsert_rows + r * STRIDE;",
+                "    const int row = __ldg(R);"] + zero
     load = f"__ldg(reinterpret_cast<const {t.vt}*>(b{{i}} + off))"
     for i in range(segments):
         out += _segment(ir, t, i, load.format(i=i))
@@ -193,6 +212,8 @@ def print_stream(ir: StreamIR, arch: str = "sm_90") -> str:
             f"      for (int k = 0; k < {t.units}; ++k) a[0][k] = {t.add('a[0][k]', 'a[c][k]')};",
             "    const int o = row * PIXELS;"]
     out += _epilogue(ir, t)
+    if ir.stage == "ring":
+        out += ["#pragma unroll", "    for (int i = 0; i < STRIDE; ++i) h[i] = hn[i];"]
     out += ["  }", "}"]
     return "\n".join(out) + "\n"
 
@@ -207,6 +228,39 @@ def _segment(ir: StreamIR, t: _Types, i: int, load: str) -> list[str]:
     def block(lines: list[str], indent: int) -> list[str]:
         return [" " * indent + "{"] + [" " * (indent + 2) + x for x in lines] + [" " * indent + "}"]
 
+    pick = "const unsigned off = pr.{}; const int wt = pr.{};"
+    pair = (["const int4 pr = q[c / 2];"]
+            + block(entry(pick.format("x", "y"), "a[c % CHAINS]"), 0)
+            + block(entry(pick.format("z", "w"), "a[(c + 1) % CHAINS]"), 0))
+    if ir.stage == "ring":
+        # the ring holds entries [fill - 64, fill); before each step it is filled up to the
+        # step's last entry (a whole run of 32, the loads of 32 entries then in flight, or one
+        # group of PAD at a segment's tail; groups are PAD-aligned, so none wraps the ring)
+        def groups(count: int, acc: str) -> list[str]:
+            lines = []
+            for g in range(count):
+                lines += ["{", f"  const int4* q = reinterpret_cast<const int4*>(ring + "
+                          f"((e + {PAD * g} - pos0) & 63));", "#pragma unroll",
+                          f"  for (int c = 0; c < {PAD}; c += 2) {{"]
+                lines += ["    " + x for x in pair] + ["  }", "}"]
+            return lines
+        return (["    {",
+                 f"      const int end = h[{2 + i}];",
+                 f"      for (int e = h[{1 + i}]; e < end;) {{",
+                 "        const int stop = min(e + 32, end);",
+                 "        while (fill < stop) {",
+                 "          __syncwarp();",
+                 "          ring[((fill - pos0) & 32) + lane] = next;",
+                 "          __syncwarp();",
+                 "          fill += 32;",
+                 "          next = lane < ENTRIES - fill ? __ldg(ent + fill + lane)"
+                 " : make_int2(0, 0);",
+                 "        }",
+                 "        if (stop - e == 32) {"]
+                + ["          " + x for x in groups(32 // PAD, "")]
+                + ["          e += 32;", "        } else {"]
+                + ["          " + x for x in groups(1, "")]
+                + [f"          e += {PAD};", "        }", "      }", "    }"])
     out = ["    {",
            f"      const int lo = __ldg(R + {1 + i}), end = __ldg(R + {2 + i});",
            "      int2 mine = lane < end - lo ? __ldg(ent + lo + lane) : make_int2(0, 0);",
@@ -215,13 +269,10 @@ def _segment(ir: StreamIR, t: _Types, i: int, load: str) -> list[str]:
            "        const int2 next = lane < end - e - 32 ? __ldg(ent + e + 32 + lane)"
            " : make_int2(0, 0);"]
     if ir.stage == "smem":    # offsets are >= 0: unsigned, one wide multiply-add per address
-        pick = "const unsigned off = pr.{}; const int wt = pr.{};"
         full = (["const int4 pr = q[j / 2];"]
                 + block(entry(pick.format("x", "y"), "a[j % CHAINS]"), 0)
                 + block(entry(pick.format("z", "w"), "a[(j + 1) % CHAINS]"), 0))
-        tail = (["const int4 pr = q[(j + c) / 2];"]
-                + block(entry(pick.format("x", "y"), "a[c % CHAINS]"), 0)
-                + block(entry(pick.format("z", "w"), "a[(c + 1) % CHAINS]"), 0))
+        tail = ["const int4 pr = q[(j + c) / 2];"] + pair[1:]
         out += ["        buf[p][lane] = mine;",
                 "        __syncwarp();",
                 "        const int4* q = reinterpret_cast<const int4*>(buf[p]);"]

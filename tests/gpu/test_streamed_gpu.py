@@ -45,6 +45,9 @@ CASES = {
     "3x3_s2_b2": (sparse((12, 8, 3, 3), 0.3, 7), dict(op="conv", input_shape=(2, 8, 9, 7),
                                                        stride=2, padding=1), {}),
     "3x3_pad0": (sparse((10, 6, 3, 3), 0.4, 8), dict(op="conv", input_shape=(1, 6, 8, 8)), {}),
+    # tap segments of ~40 entries: whole runs of 32, tails, ring refills inside segments
+    "3x3_long": (sparse((16, 64, 3, 3), 0.6, 10), dict(op="conv", input_shape=(1, 64, 6, 6),
+                                                        padding=1), dict(rows_per_worker=2)),
     "empty_rows": (np.pad(sparse((8, 32), 0.5, 9), ((0, 24), (0, 0))), dict(n=64), {}),
 }
 
@@ -53,7 +56,7 @@ CASES = {
                                        ("bf16", "fp32")])
 @pytest.mark.parametrize("name", sorted(CASES))
 @pytest.mark.parametrize("epilogue", [False, True])
-@pytest.mark.parametrize("stage", ["shfl", "smem"])
+@pytest.mark.parametrize("stage", ["shfl", "smem", "ring"])
 def test_streamed_kernels_match_float64(gpu, name, precision, epilogue, stage):
     weight, shape, plan = CASES[name]
     rows = weight.shape[0]

@@ -41,7 +41,7 @@ MAX_ROWS_PER_WORKER = 4096
 PAD = 8
 MAX_GRID_Y = 65535              # column tiles run on blockIdx.y
 INT_MAX = 2**31 - 1             # the tables are `int` words, indexed with int arithmetic
-STAGES = ("shfl", "smem")
+STAGES = ("shfl", "smem", "ring")
 
 
 @dataclass(frozen=True)
@@ -55,14 +55,18 @@ class StreamParams(Params):
     chains: int = 4                 # independent accumulators per column (loop unroll)
     # how a warp shares each chunk of 32 (offset, weight) entries it loads: two shuffles per
     # entry ("shfl"), or a per-warp shared-memory buffer read as one broadcast 16-byte load per
-    # two entries ("smem"; fewer instructions on the LSU/MIO pipe the activation loads share)
+    # two entries ("smem"; fewer instructions on the LSU/MIO pipe the activation loads share),
+    # or "ring": like smem, but the worker's whole entry run (every row and tap segment) is one
+    # stream through a 64-entry ring with the next chunk always in flight and row headers read
+    # one row ahead, so no row or segment start waits on a table load
+    # (groups of 8 entries, not 32, per unrolled step)
     stage: str = "shfl"
 
     TEXT = ("stage",)
 
     def name(self) -> str:
         return (f"s{self.col_threads}v{self.vector_width}w{self.warps}r{self.rows_per_worker}"
-                f"c{self.chains}" + ("m" if self.stage == "smem" else ""))
+                f"c{self.chains}" + {"shfl": "", "smem": "m", "ring": "g"}.get(self.stage, "?"))
 
     def validate(self) -> StreamParams:
         checks = [
@@ -284,7 +288,7 @@ def candidates(geometry: Geometry, nnz: int, precision: str = "fp32", limit: int
     dtype = PRECISIONS[precision][0]
     base = default_params(geometry, nnz, precision=precision)
     r, v = base.rows_per_worker, base.vector_width
-    tries = list(seeds or []) + [base, replace(base, stage="shfl"),
+    tries = list(seeds or []) + [base, replace(base, stage="ring"), replace(base, stage="shfl"),
              replace(base, rows_per_worker=max(1, r // 2)),
              replace(base, rows_per_worker=r * 2), replace(base, chains=2),
              replace(base, vector_width=v * 2), replace(base, vector_width=max(1, v // 2)),

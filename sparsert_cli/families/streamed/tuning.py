@@ -18,7 +18,7 @@ from .plan import PAD, StreamParams, _workers, check_limits, fit_params, tap_off
 LOOP_CODE_BYTES = 2048          # SASS of one segment's loop (both chunk paths)
 # per entry, besides the FMAs: stage "shfl" two shuffles, an address (sign-extended add + LEA
 # pair) and the load; "smem" half a 16-byte broadcast LDS, one IMAD.WIDE address and the load
-ENTRY_INSTRUCTIONS = {"shfl": 4, "smem": 2.5}
+ENTRY_INSTRUCTIONS = {"shfl": 4, "smem": 2.5, "ring": 3}
 ROW_INSTRUCTIONS = 24           # row table, accumulator zeroing and sum, epilogue, store
 SEGMENT_INSTRUCTIONS = 10       # bounds, the first chunk's load, loop control
 SMS = 132
