@@ -404,13 +404,22 @@ def tune_results(summary: list[dict], run: dict, meta: dict) -> dict:
                       "default_family": entry["default_family"],
                       "best_plan": entry["best"], "best_us": entry["us"],
                       "best_family": entry["family"][0],
-                      "candidates": [m for m in entry["measured"]
+                      "candidates": [_candidate(m) for m in entry["measured"]
                                      if m["verified"] and m["median_us"] is not None]})
-    return stamp({**meta, "gpu": run["gpu"], "run": {k: run[k] for k in
+    gpu = dict(run["gpu"] or {})
+    gpu = {"name": gpu.pop("gpu_name", gpu.pop("name", None)), **gpu}   # as bench results
+    return stamp({**meta, "gpu": gpu, "run": {k: run[k] for k in
                   ("jobs", "skipped", "wall_seconds", "compile_seconds", "measure_seconds",
                    "interrupted")
                   if k in run}, "cases": cases, "summary": default_gap(cases),
                   "failed": [e["case"] for e in summary if e["status"] != "ok"]}, "tune")
+
+
+def _candidate(measured: dict) -> dict:
+    """A measured candidate for a tune results file: `family` its name (as default_family and
+    best_family), `family_version` beside it."""
+    name, _, version = str(measured.get("family", "")).partition("@")
+    return {**measured, "family": name, **({"family_version": version} if version else {})}
 
 
 GAP_GEOMEAN, GAP_CASE = 1.10, 1.25      # issue 10: default within 10% geomean, 25% per case
