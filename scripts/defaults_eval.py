@@ -114,13 +114,13 @@ def main(argv=None) -> int:
         return 2
     fit = "leave-one-layer-out" if args.loo else "in-sample"
     print(f"{args.db}: {doc['gpu']}, cost model fitted {fit}")
-    print(f"{'config':12} {'case':24} {'prec':5} {'chosen':24} {'us':>8} {'best':24} "
+    print(f"{'config':12} {'case':24} {'prec':5} {'chosen':24} {'us':>12} {'best':24} "
           f"{'us':>8} {'ratio':>6}")
     for c in doc["cases"]:
-        us = f"{c['us']:8.2f}" if c["us"] else "not measured"
+        us = f"{c['us']:12.2f}" if c["us"] else "not measured"
         ratio = f"{c['ratio']:6.3f}" if c["ratio"] else "     ?"
         print(f"{c['config']:12} {c['problem'] + ' @' + str(c['sparsity']):24} "
-              f"{c['precision']:5} {c['family'][:3] + ' ' + c['plan']:24} {us:>8} "
+              f"{c['precision']:5} {c['family'][:3] + ' ' + c['plan']:24} {us:>12} "
               f"{c['best_family'][:3] + ' ' + c['best_plan']:24} {c['best_us']:8.2f} {ratio}")
     for group, s in doc["summary"].items():
         worst = s["worst"]
