@@ -34,7 +34,8 @@ CONFIGS = ("configs/paper20.yaml", "configs/paper20-fp16.yaml", "configs/mobilen
 
 def evaluate(db_path: str, configs=CONFIGS, gpu: str | None = None, loo: bool = False) -> dict:
     """{"gpu", "cases": [per case: problem, sparsity, precision, family, plan, us (None: not
-    measured), best_family, best_plan, best_us, ratio], "summary": {precision: ...}}."""
+    measured), best_family, best_plan, best_us, ratio], "summary": {config/precision: ...},
+    "not_in_database": {config: cases the run did not measure at all}}."""
     with TuneDB(db_path, create=False) as db:
         rows = [r for r in latest(db.rows()) if r["verified"] and r["median_us"]]
     names = Counter(r["gpu_name"] for r in rows)
@@ -48,7 +49,7 @@ def evaluate(db_path: str, configs=CONFIGS, gpu: str | None = None, loo: bool = 
     by_case: dict[tuple, list[dict]] = {}
     for r in rows:
         by_case.setdefault((r["pattern_hash"], r["shape"], r["precision"]), []).append(r)
-    cases = []
+    cases, absent = [], {}
     with tempfile.TemporaryDirectory() as tmp:
         fits: dict = {}
 
@@ -65,6 +66,7 @@ def evaluate(db_path: str, configs=CONFIGS, gpu: str | None = None, loo: bool = 
                 key = (pattern_hash(layer.weight), shape_key(layer.geometry), layer.precision)
                 measured = by_case.get(key)
                 if not measured:
+                    absent[Path(config).stem] = absent.get(Path(config).stem, 0) + 1
                     continue
                 problem = layer.info["problem"]
                 family, params = costmodel.choose(
@@ -79,7 +81,8 @@ def evaluate(db_path: str, configs=CONFIGS, gpu: str | None = None, loo: bool = 
                               "plan": params.name(), "us": us, "best_family": best_family,
                               "best_plan": best_plan, "best_us": best_us,
                               "ratio": us / best_us if us else None})
-    return {"gpu": gpu, "loo": loo, "cases": cases, "summary": summary(cases)}
+    return {"gpu": gpu, "loo": loo, "cases": cases, "summary": summary(cases),
+            "not_in_database": absent}
 
 
 def summary(cases: list[dict]) -> dict:
@@ -128,6 +131,8 @@ def main(argv=None) -> int:
               + (f"geomean {s['geomean']:.3f}, worst {worst['ratio']:.3f} ({worst['problem']} "
                  f"@{worst['sparsity']}); target {GAP_GEOMEAN} / {GAP_CASE}: "
                  f"{'met' if s['ok'] else 'missed'}" if worst else "nothing to judge"))
+    for config, count in doc["not_in_database"].items():
+        print(f"{config}: {count} cases not in the database (unjudged)")
     return 0
 
 

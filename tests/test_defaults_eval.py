@@ -120,6 +120,12 @@ def test_bad_inputs_are_one_line_exit_2(tiny, tmp_path, capsys):
     assert "no verified measurements on 'GPU Y'" in capsys.readouterr().err
     one = tmp_path / "one.yaml"           # one layer: leaving it out leaves nothing to fit
     one.write_text("name: one\nproblems: [mbv1_pw3]\nsparsity: [0.9]\n")
+    other = tmp_path / "other.yaml"       # cases the run never measured are counted, not judged
+    other.write_text("name: other\nproblems: [mbv1_pw1]\nsparsity: [0.9, 0.95]\n")
+    doc = script.evaluate(str(db_path), [str(config), str(other)])
+    assert len(doc["cases"]) == 6 and doc["not_in_database"] == {"other": 2}
+    assert script.main([str(db_path), "--config", str(other)]) == 0
+    assert "other: 2 cases not in the database" in capsys.readouterr().out
     single = tmp_path / "single.sqlite"
     with TuneDB(single) as db, TuneDB(db_path, create=False) as src:
         for row in src.rows("WHERE problem = 'mbv1_pw3'"):
