@@ -140,3 +140,23 @@ def test_3x3_default_is_run_s4s_winner_and_wide_code_narrows_the_vector():
     assert _rule("mbv1_pw6", precision="fp16")[0].vector_width == 4
     assert _rule("mbv1_pw6", density=0.05)[0].vector_width == 4       # 13k x 4 < WIDE_CODE
     assert _rule("mbv1_pw3")[0].rows_per_group == 2                   # light: two waves
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "bf16"])
+def test_every_builtin_layers_default_is_a_legal_block(precision):
+    """The rule's k-split stays inside a block (1024 threads) and its slices' partial sums inside
+    static shared memory: the batch-8 3x3 layers (many tiles: 32 rows per group) once asked for
+    64 KB."""
+    from sparsert_cli.families.immediate import default_params as rule
+    from sparsert_cli.problem_shape import MAX_STATIC_SHARED, PRECISIONS
+
+    dtype, accumulate = PRECISIONS[precision]
+    for problem in PROBLEMS.values():
+        geometry = geometry_for(problem)
+        for density in (0.02, 0.05, 0.1, 0.2):
+            nnz = int(problem.m * problem.k * density)
+            p = fit_params(geometry, rule(geometry, nnz, precision), dtype)
+            shared = p.k_split * p.rows_per_group * p.col_threads * p.vector_width * (
+                2 if accumulate == "fp16" else 4)
+            assert p.col_threads * p.k_split <= 1024, (problem.id, p.name())
+            assert p.k_split == 1 or shared <= MAX_STATIC_SHARED, (problem.id, p.name())

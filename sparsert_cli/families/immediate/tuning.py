@@ -11,7 +11,8 @@ from dataclasses import asdict, replace
 import numpy as np
 
 from ...errors import UserError
-from ...problem_shape import ELEMENT_BYTES, MAX_STATIC_SHARED, PRECISIONS, Geometry
+from ...problem_shape import (ELEMENT_BYTES, MAX_STATIC_SHARED, MAX_THREADS, PRECISIONS,
+                              Geometry)
 from .plan import Plan, PlanParams, _assign_rows, fit_params, fit_vector_width
 
 # Code size is nnz x vector width FMAs; ptxas time grows with it (~0.17 s per 1k on one core).
@@ -73,9 +74,12 @@ def default_params(geometry: Geometry, nnz: int, precision: str = "fp32",
     while rows > 2 and tiles * -(-geometry.out_channels // rows) < fill:
         rows //= 2
     taps_per_group = nnz / max(1, geometry.out_channels) * rows
+    exchange = rows * threads * width * ELEMENT_BYTES[PRECISIONS[precision][1]]
     k_split = 1
     while (not big and k_split < 4 and taps_per_group / k_split > 256
-           and tiles * -(-geometry.out_channels // rows) * k_split < 4 * sm_count):
+           and tiles * -(-geometry.out_channels // rows) * k_split < 4 * sm_count
+           and 2 * k_split * threads <= MAX_THREADS
+           and 2 * k_split * exchange <= MAX_STATIC_SHARED):   # the slices' sums in shared
         k_split *= 2
     return PlanParams(rows_per_group=rows, vector_width=width, col_threads=threads,
                       k_split=k_split)
@@ -99,7 +103,7 @@ def candidates(geometry: Geometry, nnz: int, precision: str = "fp32", limit: int
             params = fit_params(geometry, params, dtype)
         except UserError:
             return
-        if params.col_threads * params.k_split > 1024:
+        if params.col_threads * params.k_split > MAX_THREADS:
             return
         if code_units(nnz, params.vector_width, precision) > CODE_BUDGET:
             return
