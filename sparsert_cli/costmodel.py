@@ -243,6 +243,29 @@ def calibration_samples(rows: list[dict], gpu_name: str, where: str, family: str
     return samples, max(set(sms), key=sms.count) if sms else 132, bare
 
 
+def calibrate(rows: list[dict], gpu_name: str, where: str, ratios: dict | None = None
+              ) -> tuple[dict, int]:
+    """(cost-model entry, rows without features) fitted to tuning-database rows (tunedb.latest
+    of them) for one GPU: coefficients over every family, and each family measured enough
+    (4 samples per term) its own ("families", when more than one is). What `sparsert tunedb
+    calibrate` writes; scripts/defaults_eval.py fits the same way, leaving layers out."""
+    samples, sms, bare = calibration_samples(rows, gpu_name, where)
+    if not samples:
+        raise UserError(f"{where}: none of the {bare} verified measurements on {gpu_name!r} "
+                        f"stored cost features (measured by an older sparsert: tune again)")
+    coefs, quality = fit(samples, sms, ratios)
+    entry = {"sms": sms, "coefficients": coefs, "fit": quality}
+    families = {}
+    for family in sorted({r.get("family") for r in rows if r.get("family")}):
+        own, _, _ = calibration_samples(rows, gpu_name, where, family)
+        if len(own) >= 4 * len(TERMS):
+            fam_coefs, fam_quality = fit(own, sms, ratios)
+            families[family] = {"coefficients": fam_coefs, "fit": fam_quality}
+    if len(families) > 1:
+        entry["families"] = families
+    return entry, bare
+
+
 def save_entry(path: str | Path, gpu_name: str, entry: dict) -> None:
     """Write `entry` for `gpu_name` into a coefficients file (its other GPUs kept; a new file
     gets the shipped fallback too, so it can stand alone)."""

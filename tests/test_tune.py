@@ -98,7 +98,65 @@ def test_seeds_follow_the_default_and_survive_the_limit():
     problem = PROBLEMS["rn50_c3_3x3"]
     geometry = geometry_for(problem)
     nnz = problem.m * problem.k // 10
-    seed = PlanParams(rows_per_group=4, vector_width=1, col_threads=256, k_split=2)
+    seed = PlanParams(rows_per_group=8, vector_width=1, col_threads=64, k_split=1)
+    assert seed != candidates(geometry, nnz, limit=1, precision="fp16")[0]
     found = candidates(geometry, nnz, limit=3, precision="fp16", seeds=(seed,))
     assert found[1] == fit_params(geometry, seed, "fp16") and len(found) == 3
     assert seed not in candidates(geometry, nnz, limit=3, precision="fp16")[1:2]
+
+
+# ---- the immediate family's untuned rule (docs/perf-notes.md, "Untuned defaults") ------------
+def _rule(pid: str, density: float = 0.1, precision: str = "fp32"):
+    from sparsert_cli.families.immediate import default_params as rule
+
+    problem = PROBLEMS[pid]
+    geometry = geometry_for(problem)
+    nnz = int(problem.m * problem.k * density)
+    params = fit_params(geometry, rule(geometry, nnz, precision), "fp32")
+    per_thread = -(-geometry.columns // params.vector_width)
+    tiles = -(-per_thread // params.col_threads)
+    return params, tiles, tiles * -(-problem.m // params.rows_per_group)
+
+
+@pytest.mark.parametrize("pid", ["rn50_c2_3x3", "rn50_c3_3x3", "rn50_c4_3x3", "rn50_c5_3x3",
+                                 "bert_ffn_up", "mbv1_pw12"])
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_code_heavy_defaults_take_one_tile_where_possible_and_about_one_wave(pid, precision):
+    """Direct 3x3 convolutions (width 1) and large layers are bound by instruction fetch: the
+    widest tile (each further tile fetches the group's code again) and rows per group halved
+    only until the blocks fill 7/8 of the 132 SMs (not two waves, as for light layers)."""
+    params, tiles, blocks = _rule(pid, precision=precision)
+    assert params.col_threads == 256 or tiles == 1
+    assert blocks >= 132 - 132 // 8 and (params.rows_per_group == 32 or blocks // 2 < 116)
+
+
+def test_3x3_default_is_run_s4s_winner_and_wide_code_narrows_the_vector():
+    """rn50_c3_3x3 @90%: the rule now gives run S4's fastest plan (r4v1t256k2; was r4v1t64k2,
+    1.75x slower). A light 1x1 layer past WIDE_CODE sum instructions narrows its vector
+    (26k nonzeros x 4 columns: 1.4-1.5x slower than x 2 in run S4); half2 sums count a
+    column pair as one, so fp16 keeps 4 columns."""
+    assert _rule("rn50_c3_3x3")[0].name() == "r4v1t256k2b8n"
+    assert _rule("mbv1_pw6")[0].vector_width == 2
+    assert _rule("mbv1_pw6", precision="fp16")[0].vector_width == 4
+    assert _rule("mbv1_pw6", density=0.05)[0].vector_width == 4       # 13k x 4 < WIDE_CODE
+    assert _rule("mbv1_pw3")[0].rows_per_group == 2                   # light: two waves
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "bf16"])
+def test_every_builtin_layers_default_is_a_legal_block(precision):
+    """The rule's k-split stays inside a block (1024 threads) and its slices' partial sums inside
+    static shared memory: the batch-8 3x3 layers (many tiles: 32 rows per group) once asked for
+    64 KB."""
+    from sparsert_cli.families.immediate import default_params as rule
+    from sparsert_cli.problem_shape import MAX_STATIC_SHARED, PRECISIONS
+
+    dtype, accumulate = PRECISIONS[precision]
+    for problem in PROBLEMS.values():
+        geometry = geometry_for(problem)
+        for density in (0.02, 0.05, 0.1, 0.2):
+            nnz = int(problem.m * problem.k * density)
+            p = fit_params(geometry, rule(geometry, nnz, precision), dtype)
+            shared = p.k_split * p.rows_per_group * p.col_threads * p.vector_width * (
+                2 if accumulate == "fp16" else 4)
+            assert p.col_threads * p.k_split <= 1024, (problem.id, p.name())
+            assert p.k_split == 1 or shared <= MAX_STATIC_SHARED, (problem.id, p.name())

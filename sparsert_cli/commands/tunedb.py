@@ -105,7 +105,6 @@ def calibrate(db_path, gpu_name, out_path, keep_ratios, as_json):
     from .. import costmodel
     from ..paths import check_output
     from ..tunedb import TuneDB, latest
-    from ..errors import UserError
     from pathlib import Path
 
     if out_path:
@@ -114,25 +113,14 @@ def calibrate(db_path, gpu_name, out_path, keep_ratios, as_json):
             costmodel.load_coefficients(out_path)      # a malformed file: refused before fitting
     with TuneDB(db_path, create=False) as db:
         rows = latest(db.rows())
-    samples, sms, bare = costmodel.calibration_samples(rows, gpu_name, db_path)
-    if not samples:
-        raise UserError(f"{db_path}: none of the {bare} verified measurements on {gpu_name!r} "
-                        f"stored cost features (measured by an older sparsert: tune again)")
     ratios = costmodel.coefficients_for(costmodel.FALLBACK)[1]["coefficients"] \
         if keep_ratios else None
-    coefs, quality = costmodel.fit(samples, sms, ratios)
+    fitted, bare = costmodel.calibrate(rows, gpu_name, db_path, ratios)
+    coefs, quality, sms = fitted["coefficients"], fitted["fit"], fitted["sms"]
     entry = {"sms": sms, "coefficients": coefs, "fit": quality,
              "source": f"sparsert tunedb calibrate {db_path}"
                        f"{' --keep-ratios' if keep_ratios else ''} ({quality['samples']} "
-                       f"measurements)"}
-    families = {}       # each family measured enough gets its own coefficients too
-    for family in sorted({r.get("family") for r in rows if r.get("family")}):
-        own, _, _ = costmodel.calibration_samples(rows, gpu_name, db_path, family)
-        if len(own) >= 4 * len(costmodel.TERMS):
-            fam_coefs, fam_quality = costmodel.fit(own, sms, ratios)
-            families[family] = {"coefficients": fam_coefs, "fit": fam_quality}
-    if len(families) > 1:
-        entry["families"] = families
+                       f"measurements)", **fitted}
     if out_path:
         costmodel.save_entry(out_path, gpu_name, entry)
     if as_json:

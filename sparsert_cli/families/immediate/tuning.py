@@ -11,13 +11,17 @@ from dataclasses import asdict, replace
 import numpy as np
 
 from ...errors import UserError
-from ...problem_shape import ELEMENT_BYTES, MAX_STATIC_SHARED, PRECISIONS, Geometry
+from ...problem_shape import (ELEMENT_BYTES, MAX_STATIC_SHARED, MAX_THREADS, PRECISIONS,
+                              Geometry)
 from .plan import Plan, PlanParams, _assign_rows, fit_params, fit_vector_width
 
 # Code size is nnz x vector width FMAs; ptxas time grows with it (~0.17 s per 1k on one core).
 # Past this budget the planner narrows the vector so the biggest layers compile in ~20 s.
 CODE_BUDGET = 500_000
 LARGE_CODE = 40_000
+# Sum instructions past which a default's vector narrows (~1 MB of SASS; run S4 of
+# docs/perf-notes.md: 26k nonzeros x 4 columns ran 1.4-1.5x slower than x 2).
+WIDE_CODE = 64_000
 H100_SMS = 132
 INSTRUCTION_BYTES = 16      # one SASS instruction (sm_70+)
 STORE_INSTRUCTIONS = 2      # per row and lane: the store and its address/epilogue arithmetic
@@ -38,34 +42,44 @@ def lanes(vector_width: int, precision: str) -> int:
 
 def default_params(geometry: Geometry, nnz: int, precision: str = "fp32",
                    sm_count: int = H100_SMS) -> PlanParams:
-    """A reasonable untuned plan by rules (the cost model's choice replaces it as "auto").
+    """A reasonable untuned plan by rules (the cost model picks between the families' rule
+    defaults as "auto"; docs/perf-notes.md, "Untuned defaults", measures them).
 
-    Small layers are latency-bound: wide vectors, enough blocks to fill the GPU. Large layers are
-    bound by instruction fetch (the weights are the instruction stream, 16 bytes per FMA, first
-    H100 run in docs/perf-notes.md): scalar columns (code size = nnz, not nnz x width), more warps
-    running the same code, and more rows per group so each load feeds more FMAs. With half2 sums
-    (precision fp16) a column pair costs what one fp32 column does, so widths double.
+    Light layers are latency-bound: wide vectors and enough blocks for two waves. Code-heavy
+    plans are bound by instruction fetch (the weights are the instruction stream, 16 bytes per
+    FMA, docs/perf-notes.md): large layers, and direct 3x3 convolutions, whose columns cannot
+    share an FMA (width 1) so that each column runs its group's whole filter. They get scalar
+    columns, one tile where possible (every warp of a block shares the fetched code: each
+    further tile fetches it again), more rows per group (each load feeds more FMAs) and about
+    one wave of blocks (7/8 of the SMs). Past WIDE_CODE FMA instructions the vector narrows too:
+    there more blocks with half the code each beat wider sums. With half2 sums (precision fp16)
+    a column pair costs what one fp32 column does, so widths double.
     """
     dtype = PRECISIONS[precision][0]
     half2 = precision == "fp16"
     big = nnz > LARGE_CODE
+    heavy = big or not geometry.linear
     wanted = (2 if half2 else 1) if big else (8 if half2 else 4)
     width = fit_vector_width(geometry, wanted, dtype)
-    while width > 1 and code_units(nnz, width, precision) > CODE_BUDGET:
+    while lanes(width, precision) > 1 and code_units(nnz, width, precision) > WIDE_CODE:
         width //= 2
     per_thread = -(-geometry.columns // width)
-    if big:   # one tile where possible: every warp of the block shares the fetched code
+    if heavy:
         threads = min(256, -(-per_thread // 32) * 32)
     else:
         threads = 32 if per_thread <= 32 else 64 if per_thread <= 2048 else 128
     tiles = -(-per_thread // threads)
-    rows = 32 if big else 8
-    while rows > 2 and tiles * -(-geometry.out_channels // rows) < (1 if big else 2) * sm_count:
+    rows = 32 if heavy else 8
+    fill = sm_count - sm_count // 8 if heavy else 2 * sm_count
+    while rows > 2 and tiles * -(-geometry.out_channels // rows) < fill:
         rows //= 2
     taps_per_group = nnz / max(1, geometry.out_channels) * rows
+    exchange = rows * threads * width * ELEMENT_BYTES[PRECISIONS[precision][1]]
     k_split = 1
     while (not big and k_split < 4 and taps_per_group / k_split > 256
-           and tiles * -(-geometry.out_channels // rows) * k_split < 4 * sm_count):
+           and tiles * -(-geometry.out_channels // rows) * k_split < 4 * sm_count
+           and 2 * k_split * threads <= MAX_THREADS
+           and 2 * k_split * exchange <= MAX_STATIC_SHARED):   # the slices' sums in shared
         k_split *= 2
     return PlanParams(rows_per_group=rows, vector_width=width, col_threads=threads,
                       k_split=k_split)
@@ -89,7 +103,7 @@ def candidates(geometry: Geometry, nnz: int, precision: str = "fp32", limit: int
             params = fit_params(geometry, params, dtype)
         except UserError:
             return
-        if params.col_threads * params.k_split > 1024:
+        if params.col_threads * params.k_split > MAX_THREADS:
             return
         if code_units(nnz, params.vector_width, precision) > CODE_BUDGET:
             return
