@@ -36,6 +36,16 @@ FEATURES = ("launches", "blocks", "threads_per_block", "fetched_code_bytes",
 MAX_THREADS_PER_SM = 2048
 MAX_BLOCKS_PER_SM = 32
 CHOOSE_LIMIT = 32        # candidates per family the model ranks
+# Code that runs once reaches an SM at ~3.2 GB/s (H100, issue 10's measurements: 3.0-3.4 GB/s per
+# SM whatever the warps or code streams), so a straight-line kernel's block cannot finish before
+# its own code has arrived: the floor that choose() holds such families' predictions to.
+FETCH_BYTES_PER_US = 3.2e3
+
+
+def fetch_floor_us(features: dict, launch_us: float) -> float:
+    """launch + the largest block's code at the fetch rate of code that runs once."""
+    return launch_us + float(features.get("max_block_code_bytes", 0.0)) / FETCH_BYTES_PER_US
+
 
 
 def terms(features: dict, sms: int) -> np.ndarray:
@@ -173,7 +183,10 @@ def choose(geometry: Geometry, csr, precision: str = "fp32", gpu_name: str | Non
             except UserError as exc:      # a candidate that does not fit this layer
                 errors.append(exc.message)
                 continue
-            key = (float(terms(features, int(entry["sms"])) @ coefs), order, index)
+            predicted = float(terms(features, int(entry["sms"])) @ coefs)
+            if family.code_runs_once:    # the linear fit can fall below this physical floor
+                predicted = max(predicted, fetch_floor_us(features, float(coefs[0])))
+            key = (predicted, order, index)
             if best is None or key < best[0]:
                 best = (key, family, params)
     if best is None:

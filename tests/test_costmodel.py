@@ -413,3 +413,23 @@ def test_choose_ranks_the_largest_paper20_layer_without_planning_it():
     family, params = costmodel.choose(geometry_for(problem), csr, "fp32",
                                       "NVIDIA H100 80GB HBM3", [no_planning])
     assert family is no_planning and params.vector_width == 1
+
+
+def test_choose_holds_straight_line_families_to_the_fetch_floor(coefficients):
+    """A family whose code runs once is never predicted below launch + its largest block's code
+    at 3.2 GB/s, however low the linear terms: 32 KB of code per block is 10 us of fetch, so the
+    looping family (predicted 1 + 5 us) wins; with the floor off the straight-line one (1 + 0)
+    would."""
+    def with_code(features):
+        return lambda plan: _fake_features(plan) | {"max_block_code_bytes": 32e3}
+
+    once = replace(fake_family("once", (0,)), code_runs_once=True)
+    once = replace(once, features=with_code(once.features))
+    loop = fake_family("loop", (5,))
+    geometry, w = Geometry(1, 64, 1, 64, 32), _weight(32, 64, 0.3)
+    assert costmodel.fetch_floor_us({"max_block_code_bytes": 32e3}, 1.0) == pytest.approx(11.0)
+    assert costmodel.choose(geometry, w, "fp32", "any", [once, loop],
+                            path=coefficients)[0] is loop
+    assert costmodel.choose(geometry, w, "fp32", "any", [replace(once, code_runs_once=False),
+                                                          loop], path=coefficients)[0].name == "once"
+    assert IMMEDIATE.code_runs_once and not families.get_family("streamed").code_runs_once

@@ -67,7 +67,9 @@ class Family:
     times and the cost model ranks (the default first; `seeds`, this family's winners at other
     precisions, passed only when there are some); features(plan) -> {name: float}: cost
     features (costmodel.FEATURES); estimate(geometry, csr, params, precision) -> the same
-    features without building the plan (None: the cost model builds plans to get them)."""
+    features without building the plan (None: the cost model builds plans to get them).
+    code_runs_once: its code is straight-line (each block fetches its own code once), so the cost
+    model never predicts it below launch + a block's code at the measured fetch rate."""
 
     name: str
     version: str
@@ -80,6 +82,7 @@ class Family:
     candidates: Callable[..., list] | None = None
     features: Callable[[Any], dict] | None = None
     estimate: Callable[..., dict] | None = None
+    code_runs_once: bool = False
 
     @property
     def choosable(self) -> bool:

@@ -11,7 +11,7 @@ from .tuning import candidates, code_units, default_params, estimate, features
 FAMILY = Family(name="immediate", version="immediate-1", params=PlanParams, plan_type=Plan,
                 build_plan=build_plan, fit_params=fit_params, lower=lower,
                 default_params=default_params, candidates=candidates, features=features,
-                estimate=estimate)
+                estimate=estimate, code_runs_once=True)
 
 __all__ = ["FAMILY", "INLINE_LIMIT", "Plan", "PlanParams", "build_plan", "candidates",
            "code_units", "default_params", "estimate", "features", "fit_params",
