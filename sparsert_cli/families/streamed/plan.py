@@ -282,19 +282,23 @@ def default_params(geometry: Geometry, nnz: int, sm_count: int = 132,
 
 def candidates(geometry: Geometry, nnz: int, precision: str = "fp32", limit: int = 12,
                seeds=None) -> list[StreamParams]:
-    """`seeds` (winners at other precisions) and the default first, then neighbours: the other
-    stage, rows per worker /2 and x2, other vector widths, chain counts and block heights (fitted to the shape,
-    duplicates and plans past the grid's limits dropped)."""
+    """`seeds` (winners at other precisions) and the default first, then neighbours: rows per
+    worker, the ring stage, block heights, chains, vector widths, column threads and the shfl
+    stage last (fitted to the shape, duplicates and plans past the grid's limits dropped)."""
     dtype = PRECISIONS[precision][0]
     base = default_params(geometry, nnz, precision=precision)
     r, v = base.rows_per_worker, base.vector_width
-    tries = list(seeds or []) + [base, replace(base, stage="ring"), replace(base, stage="shfl"),
-             replace(base, rows_per_worker=max(1, r // 2)),
-             replace(base, rows_per_worker=r * 2), replace(base, chains=2),
-             replace(base, vector_width=v * 2), replace(base, vector_width=max(1, v // 2)),
-             replace(base, warps=max(1, base.warps // 2)), replace(base, warps=base.warps * 2),
-             replace(base, rows_per_worker=max(1, r // 4)), replace(base, rows_per_worker=r * 4),
-             replace(base, col_threads=min(256, base.col_threads * 2)), replace(base, chains=8)]
+    # most promising first (a tuner that caps candidates per case keeps the head): in runs S6-S8
+    # halving rows per worker, the ring stage, 4-warp blocks and 2 chains won cases; smem beat
+    # shfl on all 40, so shfl comes last
+    tries = list(seeds or []) + [
+        base, replace(base, rows_per_worker=max(1, r // 2)), replace(base, stage="ring"),
+        replace(base, warps=max(1, base.warps // 2)), replace(base, chains=2),
+        replace(base, rows_per_worker=r * 2), replace(base, vector_width=v * 2),
+        replace(base, vector_width=max(1, v // 2)), replace(base, warps=base.warps * 2),
+        replace(base, rows_per_worker=max(1, r // 4)), replace(base, rows_per_worker=r * 4),
+        replace(base, col_threads=min(256, base.col_threads * 2)), replace(base, chains=8),
+        replace(base, stage="shfl")]
     out: list[StreamParams] = []
     for params in tries:
         try:
