@@ -20,6 +20,7 @@ DENSE = ["cublas_fp32", "cublas_tf32", "cublas_fp16", "cusparse"]
 TABLES = {
     "paper20": (DENSE, DENSE + ["cudnn_fp32", "cudnn_fp16"]),
     "paper20-fp16": (DENSE, DENSE + ["cudnn_fp32", "cudnn_fp16"]),
+    "paper20-bf16": (DENSE + ["cublas_bf16"], DENSE + ["cublas_bf16", "cudnn_bf16"]),
     "throughput": (DENSE, DENSE),
 }
 
