@@ -108,7 +108,8 @@ def command(name, sparsities, dtypes, batch, resolution, tokens, tune, tuned_pat
             dense_compile, compile_only, no_verify, jobs, merge, no_cache, seed, arch, out_path,
             csv_path):
     """Prune and sparsify a whole network; time it against dense eager, CUDA graph and
-    torch.compile (max-autotune, freezing, channels_last), verify the output."""
+    torch.compile (max-autotune, freezing, channels_last; NCHW too for grouped convolutions),
+    verify the output."""
     try:
         import torch
     except ImportError:
