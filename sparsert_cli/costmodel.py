@@ -42,9 +42,22 @@ CHOOSE_LIMIT = 32        # candidates per family the model ranks
 FETCH_BYTES_PER_US = 3.2e3
 
 
-def fetch_floor_us(features: dict, launch_us: float) -> float:
-    """launch + the largest block's code at the fetch rate of code that runs once."""
-    return launch_us + float(features.get("max_block_code_bytes", 0.0)) / FETCH_BYTES_PER_US
+def fetch_floor_us(features: dict, launch_us: float,
+                   bytes_per_us: float = FETCH_BYTES_PER_US) -> float:
+    """launch + the largest block's code at the fetch rate of code that runs once (a GPU entry
+    may carry its own measured `fetch_bytes_per_us`; the default is the H100's)."""
+    return launch_us + float(features.get("max_block_code_bytes", 0.0)) / bytes_per_us
+
+
+def _predicted(features: dict, entry: dict, family) -> float:
+    """The model's time for one plan of `family` (a Family, or a name: no floor then), held to
+    the fetch floor where the family's code runs once."""
+    coefs = family_coefficients(entry, getattr(family, "name", family))
+    predicted = float(terms(features, int(entry["sms"])) @ coefs)
+    if getattr(family, "code_runs_once", False):   # the linear fit can fall below this floor
+        predicted = max(predicted, fetch_floor_us(
+            features, float(coefs[0]), float(entry.get("fetch_bytes_per_us", FETCH_BYTES_PER_US))))
+    return predicted
 
 
 
@@ -128,8 +141,14 @@ def family_coefficients(entry: dict, family: str | None) -> np.ndarray:
 def predict_features(features: dict, gpu_name: str | None = None,
                      path: str | Path | None = None, family: str | None = None) -> float:
     """Predicted microseconds of a plan of `family` with these cost features on `gpu_name`."""
+    from .families import get_family
+
     _, entry = coefficients_for(gpu_name, path)
-    return float(terms(features, int(entry["sms"])) @ family_coefficients(entry, family))
+    try:
+        owner = get_family(family) if family else None
+    except UserError:
+        owner = None
+    return _predicted(features, entry, owner or family)
 
 
 def predict_us(plan, gpu_name: str | None = None, path: str | Path | None = None) -> float:
@@ -171,7 +190,6 @@ def choose(geometry: Geometry, csr, precision: str = "fp32", gpu_name: str | Non
         limit = 1
     best, errors = None, []
     for order, family in enumerate(pool):
-        coefs = family_coefficients(entry, family.name)
         for index, params in enumerate(family.candidates(geometry, int(csr.nnz),
                                                          precision=precision, limit=limit)):
             try:
@@ -183,10 +201,7 @@ def choose(geometry: Geometry, csr, precision: str = "fp32", gpu_name: str | Non
             except UserError as exc:      # a candidate that does not fit this layer
                 errors.append(exc.message)
                 continue
-            predicted = float(terms(features, int(entry["sms"])) @ coefs)
-            if family.code_runs_once:    # the linear fit can fall below this physical floor
-                predicted = max(predicted, fetch_floor_us(features, float(coefs[0])))
-            key = (predicted, order, index)
+            key = (_predicted(features, entry, family), order, index)
             if best is None or key < best[0]:
                 best = (key, family, params)
     if best is None:

@@ -433,3 +433,16 @@ def test_choose_holds_straight_line_families_to_the_fetch_floor(coefficients):
     assert costmodel.choose(geometry, w, "fp32", "any", [replace(once, code_runs_once=False),
                                                           loop], path=coefficients)[0].name == "once"
     assert IMMEDIATE.code_runs_once and not families.get_family("streamed").code_runs_once
+
+
+def test_predictions_hold_the_fetch_floor_too(coefficients):
+    """predict_features ranks a family whose code runs once as choose() does (floor included),
+    and a GPU entry may carry its own fetch rate."""
+    features = {name: 0.0 for name in costmodel.FEATURES} | {
+        "launches": 1.0, "blocks": 1.0, "threads_per_block": 32.0,
+        "max_block_code_bytes": 32e3}
+    assert costmodel.predict_features(features, "any", coefficients, "immediate") == \
+        pytest.approx(11.0)
+    assert costmodel.predict_features(features, "any", coefficients, "streamed") == \
+        pytest.approx(1.0)
+    assert costmodel.fetch_floor_us(features, 1.0, 6.4e3) == pytest.approx(6.0)

@@ -341,3 +341,11 @@ def test_the_accumulator_defaults_to_the_storage_types_as_in_the_immediate_famil
         assert streamed.precision == immediate.precision
     with pytest.raises(sparsert.UserError, match="weight is 8x16 but the shape needs 8x32"):
         build_plan(csr, Geometry(1, 32, 1, 32, 8), StreamParams())
+
+
+def test_no_ring_candidate_for_7x7_convolutions():
+    """The ring stage keeps two row headers of 2 + k*k words in registers: at 7x7 ptxas spills."""
+    conv7 = Geometry(1, 3, 224, 224, 64, 7, 2, 3)
+    conv3 = Geometry(1, 64, 14, 14, 64, 3, 1, 1)
+    assert all(p.stage != "ring" for p in candidates(conv7, 900, "fp32", 32))
+    assert any(p.stage == "ring" for p in candidates(conv3, 3600, "fp32", 32))

@@ -96,13 +96,16 @@ def time_compiled(model, x, mode: str = "max-autotune-no-cudagraphs",
         return time_graph(compiled, x), seconds
 
 
-def compile_layouts(model, x) -> tuple[bool, ...]:
-    """The activation layouts the strong baseline is compiled in (True: channels_last). Also NCHW
-    where the model has grouped convolutions: cuDNN's channels_last depthwise kernels were 4x
-    slower than NCHW ones on the H100 (MobileNet v1 fp16: 53-60 us against 15 us for
-    32x112x112), so channels_last alone would be a weak baseline there."""
+def compile_layouts(model, x) -> tuple[str, ...]:
+    """The activation layouts the strong baseline is compiled in: "channels_last" for image
+    models, and "nchw" too where the model has grouped convolutions (cuDNN's channels_last
+    depthwise kernels were 4x slower than NCHW ones on the H100, MobileNet v1 fp16: 53-60 us
+    against 15 us for 32x112x112, so channels_last alone would be a weak baseline there);
+    "native" (as given) for other inputs. Records made before NCHW was tried hold the first."""
+    if x.dim() != 4:
+        return ("native",)
     grouped = any(isinstance(m, torch.nn.Conv2d) and m.groups > 1 for m in model.modules())
-    return (True, False) if x.dim() == 4 and grouped else (True,)
+    return ("channels_last", "nchw") if grouped else ("channels_last",)
 
 
 def _label(name: str, dtype: str, sparsity, batch) -> str:
@@ -174,9 +177,10 @@ def dense_record(name: str, model, x, dtype: str, dense_compile: str) -> dict:
         _precision(dtype)
     if DENSE_COMPILE[dense_compile]:
         layouts, seconds = {}, 0.0
-        for channels_last in compile_layouts(model, x):
-            us, spent = time_compiled(model, x, DENSE_COMPILE[dense_compile], channels_last)
-            layouts["channels_last" if channels_last else "nchw"] = us
+        for layout in compile_layouts(model, x):
+            us, spent = time_compiled(model, x, DENSE_COMPILE[dense_compile],
+                                      layout == "channels_last")
+            layouts[layout] = us
             seconds += spent
         record["compile_layouts_us"] = layouts
         record["compile_layout"] = min(layouts, key=layouts.get)
@@ -235,11 +239,12 @@ def run_model(name: str, model: torch.nn.Module, x: torch.Tensor, *, sparsity: f
         ref = copy.deepcopy(model).double()(x.double())
         dense_out = model(x)
     gpu_name = torch.cuda.get_device_name()
-    layouts = {"channels_last" if c else "nchw" for c in compile_layouts(model, x)}
+    layouts = compile_layouts(model, x)
     record = next((r for r in dense_cached or ()
                    if matches(r, name, dtype, x.shape, dense_compile, gpu_name)
                    and (not DENSE_COMPILE[dense_compile]
-                        or set(r.get("compile_layouts_us") or ()) == layouts)), None)
+                        or set(r.get("compile_layouts_us") or layouts[:1]) == set(layouts))),
+                  None)
     if record is None:
         record = dense_record(name, model, x, dtype, dense_compile)
         row["dense_source"] = "measured"

@@ -301,6 +301,8 @@ def candidates(geometry: Geometry, nnz: int, precision: str = "fp32", limit: int
         replace(base, stage="shfl")]
     out: list[StreamParams] = []
     for params in tries:
+        if params.stage == "ring" and geometry.masked and geometry.kernel > 3:
+            continue    # its row headers (2 + k*k words, twice) spill past 255 registers at 7x7
         try:
             params = fit_params(geometry, params, dtype)
             check_limits(geometry, params)
