@@ -14,7 +14,6 @@ measurements (every sparsity and precision) and choose for it; without it the fi
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import tempfile
 from collections import Counter
@@ -24,7 +23,7 @@ from sparsert_cli import costmodel
 from sparsert_cli.api import config_layers
 from sparsert_cli.config import load_config
 from sparsert_cli.errors import UserError
-from sparsert_cli.jobs import GAP_CASE, GAP_GEOMEAN
+from sparsert_cli.jobs import GAP_CASE, GAP_GEOMEAN, default_gap
 from sparsert_cli.patterns import pattern_hash, to_csr
 from sparsert_cli.tune import shape_key
 from sparsert_cli.tunedb import TuneDB, latest
@@ -86,19 +85,16 @@ def evaluate(db_path: str, configs=CONFIGS, gpu: str | None = None, loo: bool = 
 
 
 def summary(cases: list[dict]) -> dict:
-    """Per precision (and config): cases, unmeasured choices, geomean and worst ratio, ok."""
+    """Per precision (and config): cases, unmeasured choices, geomean and worst ratio, ok (the
+    tuner's own default-vs-best summary, jobs.default_gap, over the measured choices)."""
     out = {}
     for group in sorted({(c["config"], c["precision"]) for c in cases}):
         mine = [c for c in cases if (c["config"], c["precision"]) == group]
-        known = [c for c in mine if c["ratio"]]
-        geomean = (math.exp(sum(math.log(c["ratio"]) for c in known) / len(known))
-                   if known else None)
-        worst = max(known, key=lambda c: c["ratio"]) if known else None
+        gap = default_gap([{**c, "default_us": c["us"]} for c in mine])
         out["/".join(group)] = {
-            "cases": len(mine), "not_measured": len(mine) - len(known), "geomean": geomean,
-            "worst": worst and {"problem": worst["problem"], "sparsity": worst["sparsity"],
-                                "ratio": worst["ratio"]},
-            "ok": bool(known) and geomean <= GAP_GEOMEAN and worst["ratio"] <= GAP_CASE}
+            "cases": len(mine), "not_measured": len(mine) - gap["cases"],
+            "geomean": gap["geomean_default_over_best"], "worst": gap["worst"],
+            "ok": bool(gap["ok"])}
     return out
 
 

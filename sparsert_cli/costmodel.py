@@ -60,7 +60,6 @@ def _predicted(features: dict, entry: dict, family) -> float:
     return predicted
 
 
-
 def terms(features: dict, sms: int) -> np.ndarray:
     """The model's terms (TERMS order) of one plan's features on a GPU with `sms` SMs. Code runs
     once per block: an SM fetches its share of every block's code, and at least one block's."""
@@ -141,14 +140,10 @@ def family_coefficients(entry: dict, family: str | None) -> np.ndarray:
 def predict_features(features: dict, gpu_name: str | None = None,
                      path: str | Path | None = None, family: str | None = None) -> float:
     """Predicted microseconds of a plan of `family` with these cost features on `gpu_name`."""
-    from .families import get_family
+    from .families import families
 
     _, entry = coefficients_for(gpu_name, path)
-    try:
-        owner = get_family(family) if family else None
-    except UserError:
-        owner = None
-    return _predicted(features, entry, owner or family)
+    return _predicted(features, entry, next((f for f in families() if f.name == family), family))
 
 
 def predict_us(plan, gpu_name: str | None = None, path: str | Path | None = None) -> float:

@@ -162,7 +162,7 @@ class StreamIR(Precision):
     Nonzero k of a segment feeds accumulator k % chains (the loop takes them 32 at a time: one
     coalesced load, then shared by the warp through shuffles, or with stage "smem" through a
     per-warp shared-memory buffer read two entries at a time; "ring": the worker's entries as one
-    stream through a 64-entry ring, groups of 8 in order); accumulators carry across segments, summed in order
+    stream through a 64-entry ring); accumulators carry across segments, summed in order
     (((a0 + a1) + a2) + ...) before the epilogue: + bias[row], + res[row * out_pixels], max 0,
     min 6, then the store at y + row * out_pixels (stores only where act).
     """
@@ -192,7 +192,7 @@ class StreamIR(Precision):
     stage: str = "shfl"             # how a warp shares its chunk of 32 entries: shfl, smem, ring
 
     k_split = 1
-    shared_bytes = 0                # smem staging is a static array (stage_bytes)
+    shared_bytes = 0                # smem staging is a static array (stage_warps)
     max_registers = 0
 
     @property
@@ -200,9 +200,10 @@ class StreamIR(Precision):
         return (self.col_threads, self.warps, 1)
 
     @property
-    def stage_bytes(self) -> int:
-        """Static shared memory of the smem/ring stage: 64 entries of 8 B per warp."""
-        return self.col_threads // 32 * self.warps * 2 * 32 * 8 if self.stage != "shfl" else 0
+    def stage_warps(self) -> int:
+        """Warps with a shared-memory buffer of 64 entries (8 B each): all of the block's for the
+        smem and ring stages, none for shfl."""
+        return self.col_threads // 32 * self.warps if self.stage != "shfl" else 0
 
     ARRAYS = ("work", "row_out", "seg", "offsets", "values")
     SCALARS = ("entry", "geometry", "dtype", "accumulate", "vector_width", "col_threads", "warps",

@@ -167,16 +167,15 @@ def print_stream(ir: StreamIR, arch: str = "sm_90") -> str:
     acc = f"{t.acc_t} a[CHAINS][{t.units}]"
     out += ["  const int2* ent = reinterpret_cast<const int2*>(sparsert_ent);",
             "  const int lane = threadIdx.x & 31;"]
-    lanes = ir.col_threads // 32
+    mine = f"sparsert_stage[threadIdx.y * {ir.col_threads // 32} + (threadIdx.x >> 5)]"
     if ir.stage == "smem":   # per warp two buffers, used in turn: one __syncwarp per chunk
-        out += [f"  __shared__ __align__(16) int2 sparsert_stage[{ir.stage_bytes // 512}][2][32];",
-                f"  int2 (*const buf)[32] = sparsert_stage[threadIdx.y * {lanes}"
-                f" + (threadIdx.x >> 5)];",
+        out += [f"  __shared__ __align__(16) int2 sparsert_stage[{ir.stage_warps}][2][32];",
+                f"  int2 (*const buf)[32] = {mine};",
                 "  int p = 0;"]
     elif ir.stage == "ring":  # per warp a ring of 64 entries, refilled 32 at a time
         out += [f"  constexpr int ENTRIES = {len(ir.offsets)};",
-                f"  __shared__ __align__(16) int2 sparsert_stage[{ir.stage_bytes // 512}][64];",
-                f"  int2* const ring = sparsert_stage[threadIdx.y * {lanes} + (threadIdx.x >> 5)];"]
+                f"  __shared__ __align__(16) int2 sparsert_stage[{ir.stage_warps}][64];",
+                f"  int2* const ring = {mine};"]
     if ir.stage != "shfl":
         # each tap base an opaque 64-bit register: the address is then one wide multiply-add of
         # the entry's offset (NVCC otherwise re-adds the thread's column offset per entry)
@@ -283,7 +282,8 @@ def _segment(ir: StreamIR, t: _Types, i: int, load: str) -> list[str]:
         full, tail, step = entry(shfl.format(j="j"), "a[j % CHAINS]"), entry(
             shfl.format(j="j + c"), "a[c % CHAINS]"), 1
     inc = "++j" if step == 1 else f"j += {step}"
-    out += ["        if (n == 32) {", "#pragma unroll", f"          for (int j = 0; j < 32; {inc}) {{"]
+    out += ["        if (n == 32) {", "#pragma unroll",
+            f"          for (int j = 0; j < 32; {inc}) {{"]
     out += ["            " + x for x in full]
     out += ["          }", "        } else {", f"          for (int j = 0; j < n; j += {PAD}) {{",
             "#pragma unroll", f"            for (int c = 0; c < {PAD}; "

@@ -173,12 +173,19 @@ def fit_vector_width(geometry: Geometry, requested: int, dtype: str = "fp32") ->
     return width
 
 
+def fit_columns(geometry: Geometry, vector_width: int, col_threads: int,
+                dtype: str = "fp32") -> tuple[int, int]:
+    """(vector width, column threads) fitted to the shape: a legal width, and no more threads
+    (whole warps) than the columns need. Both families map columns to threads this way."""
+    width = fit_vector_width(geometry, vector_width, dtype)
+    per_thread = -(-geometry.columns // width)
+    return width, min(col_threads, max(32, -(-per_thread // 32) * 32))
+
+
 def fit_params(geometry: Geometry, params: PlanParams, dtype: str = "fp32") -> PlanParams:
     """Clamp parameters to the shape: no more column threads than columns, a legal vector width."""
     params = params.validate()
-    width = fit_vector_width(geometry, params.vector_width, dtype)
-    per_thread = -(-geometry.columns // width)
-    threads = min(params.col_threads, max(32, -(-per_thread // 32) * 32))
+    width, threads = fit_columns(geometry, params.vector_width, params.col_threads, dtype)
     rows = min(params.rows_per_group, geometry.out_channels)
     return replace(params, vector_width=width, col_threads=threads, rows_per_group=rows)
 

@@ -31,7 +31,7 @@ import scipy.sparse as sp
 from ...errors import UserError
 from ..base import Params, check_layer
 from ...problem_shape import ELEMENT_BYTES, MAX_THREADS, PRECISIONS, ColumnTiles, Epilogue, Geometry
-from ..immediate.plan import fit_vector_width
+from ..immediate.plan import fit_columns, fit_vector_width
 
 MAX_ROWS_PER_WORKER = 4096
 # Segments are padded to a multiple of PAD nonzeros with zero weights at the segment's last
@@ -41,7 +41,7 @@ MAX_ROWS_PER_WORKER = 4096
 PAD = 8
 MAX_GRID_Y = 65535              # column tiles run on blockIdx.y
 INT_MAX = 2**31 - 1             # the tables are `int` words, indexed with int arithmetic
-STAGES = ("shfl", "smem", "ring")
+STAGES = {"shfl": "", "smem": "m", "ring": "g"}     # stage -> its suffix in plan names
 
 
 @dataclass(frozen=True)
@@ -59,14 +59,13 @@ class StreamParams(Params):
     # or "ring": like smem, but the worker's whole entry run (every row and tap segment) is one
     # stream through a 64-entry ring with the next chunk always in flight and row headers read
     # one row ahead, so no row or segment start waits on a table load
-    # (groups of 8 entries, not 32, per unrolled step)
     stage: str = "shfl"
 
     TEXT = ("stage",)
 
     def name(self) -> str:
         return (f"s{self.col_threads}v{self.vector_width}w{self.warps}r{self.rows_per_worker}"
-                f"c{self.chains}" + {"shfl": "", "smem": "m", "ring": "g"}.get(self.stage, "?"))
+                f"c{self.chains}{STAGES.get(self.stage, '?')}")
 
     def validate(self) -> StreamParams:
         checks = [
@@ -175,9 +174,7 @@ def fit_params(geometry: Geometry, params: StreamParams, dtype: str = "fp32") ->
     """Clamp parameters to the shape: a legal vector width, no more threads than columns, no
     more rows per worker than rows."""
     params = params.validate()
-    width = fit_vector_width(geometry, params.vector_width, dtype)
-    per_thread = -(-geometry.columns // width)
-    threads = min(params.col_threads, max(32, -(-per_thread // 32) * 32))
+    width, threads = fit_columns(geometry, params.vector_width, params.col_threads, dtype)
     rows = min(params.rows_per_worker, geometry.out_channels)
     return replace(params, vector_width=width, col_threads=threads, rows_per_worker=rows)
 
@@ -261,8 +258,8 @@ def default_params(geometry: Geometry, nnz: int, sm_count: int = 132,
     """An untuned plan: vectors as wide as keep a warp's 32 lanes busy (each entry's load and
     address then feed more columns: that, not L1 capacity, decided the H100 probes, see
     docs/perf-notes.md), one warp row per worker, enough workers for ~8 warps per SM (16 at one
-    column per thread), entries
-    shared through shared memory (stage "smem": fewer instructions per entry)."""
+    column per thread), entries shared through shared memory (stage "smem": fewer instructions
+    per entry)."""
     dtype = PRECISIONS[precision][0]
     width = fit_vector_width(geometry, 16 // ELEMENT_BYTES[dtype], dtype)
     while width > 1 and -(-geometry.columns // width) < 32:

@@ -3,9 +3,10 @@ weight's row statistics without building one.
 
 What a streamed kernel costs (H100 probes, docs/perf-notes.md): its code is one small loop, so
 no instruction-fetch term; every table entry is, per warp, one share of a coalesced 8-byte load,
-two shuffles or half a shared-memory load (stage), an address, one activation load (through L1, from L2 on a miss) and one FMA per
-column unit; each row adds its table reads, epilogue and store. The issue term takes the larger
-of the longest worker's chain and the SM's whole instruction stream spread over its 4 schedulers.
+two shuffles or half a shared-memory load (stage), an address, one activation load (through L1,
+from L2 on a miss) and one FMA per column unit; each row adds its table reads, epilogue and
+store. The issue term takes the larger of the longest worker's chain and the SM's whole
+instruction stream spread over its 4 schedulers.
 """
 
 from __future__ import annotations
