@@ -115,7 +115,8 @@ def markdown(doc: dict) -> str:
         lines.append("| " + " | ".join([
             str(row["model"]), str(row["dtype"]),
             "own" if sparsity is None else f"{sparsity:g}", str(row.get("batch")),
-            _us(row.get("sparsert_us")), _us(dense.get("eager_us")), _us(dense.get("graph_us")),
+            _us(row.get("sparsert_us")) + (" (compile)" if row.get("sparsert_config") == "compile"
+                                           else ""), _us(dense.get("eager_us")), _us(dense.get("graph_us")),
             compiled, str(row.get("best_dense", "-")),
             "-" if speedup is None else f"**{speedup:.2f}×**",
             "-" if err is None else f"{err:.1e}" + ("" if row.get("verified") else " (fails)"),

@@ -116,7 +116,7 @@ def test_depthwise_replaced_with_bn_and_relu6_folded():
     assert rows["pw.0"]["replaced"]
     assert not rows["grouped"]["replaced"]
     assert rows["grouped"]["reason"] == "groups=2 (grouped convolution: no kernel, dense)"
-    assert not rows["dw5"]["replaced"] and "only 1x1 and 3x3" in rows["dw5"]["reason"]
+    assert rows["dw5"]["replaced"] and rows["dw5"]["op"] == "dw5x5"       # 5x5 depthwise too
     layer = model.dw[0]
     assert isinstance(layer, SparseLayer) and layer.groups == 8
     assert tuple(layer.weight.shape) == (8, 1, 3, 3)            # folded, not block-diagonal
@@ -149,15 +149,15 @@ def test_every_kernel_is_compiled_before_any_is_checked(tmp_path, monkeypatch):
     rows = sparsify_(model, (x,), dry_run=True, tuned=False, jobs=2, stats=stats,
                      on_progress=lambda *e: events.append(e))
     stages = [e[0] for e in events]
-    assert stages == ["compile"] * 2 + ["check"] * 2         # dw.0 and pw.0 have kernels
-    assert [e[1:3] for e in events] == [(1, 2), (2, 2), (1, 2), (2, 2)]
-    assert {e[3] for e in events} == {"dw.0", "pw.0"}
-    assert stats["kernels"] == 2 and stats["cached"] == 0
+    assert stages == ["compile"] * 3 + ["check"] * 3         # dw.0, pw.0 and dw5 have kernels
+    assert [e[1:3] for e in events] == [(1, 3), (2, 3), (3, 3), (1, 3), (2, 3), (3, 3)]
+    assert {e[3] for e in events} == {"dw.0", "pw.0", "dw5"}
+    assert stats["kernels"] == 3 and stats["cached"] == 0
     assert stats["plan_seconds"] >= 0 and stats["compile_seconds"] > 0
     assert [r["reason"] for r in rows[:2]] == ["dry run: verified"] * 2
     again = {}
     rows = sparsify_(model, (x,), dry_run=True, tuned=False, verify=False, stats=again)
-    assert again["cached"] == 2 and rows[0]["reason"] == "dry run: compiled"
+    assert again["cached"] == 3 and rows[0]["reason"] == "dry run: compiled"
     assert rows[0]["max_err"] is None                          # verify=False: not executed
 
 

@@ -315,6 +315,83 @@ def test_residual_rewrite_alone_changes_nothing():
                                                             "3.conv2_residual")
 
 
+class Bottleneck(nn.Module):
+    """torchvision's shape of block: one ReLU module called three times."""
+
+    def __init__(self, c=8):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(c, c, 1, bias=False), nn.BatchNorm2d(c)
+        self.conv2, self.bn2 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+        self.conv3, self.bn3 = nn.Conv2d(c, c, 1, bias=False), nn.BatchNorm2d(c)
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        return self.relu(self.bn3(self.conv3(out)) + x)
+
+
+def test_shared_relu_calls_get_their_own_copies():
+    from sparsert_cli.torch.residual import unshare_activations
+
+    torch.manual_seed(3)
+    model = nn.Sequential(Bottleneck(8), nn.ReLU()).eval()
+    x = torch.randn(1, 8, 6, 6)
+    with torch.no_grad():
+        want = model(x).clone()
+    assert unshare_activations(model) == ["0"]
+    assert {n for n, m in model[0].named_children() if isinstance(m, nn.ReLU)} == {
+        "relu", "relu_1", "relu_2"}
+    assert model[0].relu is not model[0].relu_1
+    with torch.no_grad():
+        assert torch.equal(model(x), want)
+    assert unshare_activations(model) == []             # nothing shared any more
+    chains = {c.layer: c for c in find_chains(model)}
+    assert chains["0.conv1"].act_module == "0.relu" and chains["0.conv2"].act_module == "0.relu_1"
+
+
+def test_sparsify_takes_fused_shared_relus_out_of_the_model():
+    torch.manual_seed(4)
+    model = nn.Sequential(Bottleneck(8)).eval()
+    prune_(model, 0.6)
+    x = torch.randn(1, 8, 6, 6)
+    with torch.no_grad():
+        want = model(x).clone()
+    rows = _sparsify(model, (x,), dtype="fp32", tuned=False, verify=True, min_speedup=1.0,
+                     min_sparsity=0.5, dry_run=False, arch=None, cache=False, include=None,
+                     device=torch.device("cpu"))
+    assert [r["fused"] for r in rows] == ["bn+relu", "bn+relu", "bn+add+relu"]
+    assert all(r["replaced"] for r in rows), rows
+    # every ReLU ran in a kernel's epilogue: none is left as a module of its own
+    assert not any(isinstance(m, nn.ReLU) for m in model.modules())
+    with torch.no_grad():
+        assert torch.allclose(model(x), want, atol=1e-5)
+
+
+def test_sparsify_takes_a_7x7_stem():
+    """ResNet's stem: 7x7, stride 2, padding 3, three input channels, BatchNorm and ReLU."""
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Conv2d(3, 16, 7, stride=2, padding=3, bias=False),
+                          nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 8, 5, padding=2)).eval()
+    prune_(model, 0.8)
+    x = torch.randn(1, 3, 15, 15)
+    with torch.no_grad():
+        want = model(x).clone()
+    rows = _sparsify(model, (x,), dtype="fp32", tuned=False, verify=True, min_speedup=1.0,
+                     min_sparsity=0.5, dry_run=False, arch=None, cache=False, include=None,
+                     device=torch.device("cpu"))
+    assert [(r["op"], r["shape"], r["replaced"]) for r in rows] == [
+        ("conv7x7", "16x3x7x7 @ 15x15 s2 p3", True), ("conv5x5", "8x16x5x5 @ 8x8 p2", True)]
+    assert isinstance(model[0], SparseLayer) and isinstance(model[2], nn.Identity)
+    with torch.no_grad():
+        assert torch.allclose(model(x), want, atol=1e-4)
+    odd = nn.Sequential(nn.Conv2d(3, 4, (3, 5), padding=1)).eval()
+    rows = _sparsify(odd, (x,), dtype="fp32", tuned=False, verify=True, min_speedup=1.0,
+                     min_sparsity=0.0, dry_run=True, arch=None, cache=False, include=None,
+                     device=torch.device("cpu"))
+    assert rows[0]["reason"].startswith("kernel (3, 5)")
+
+
 def test_sparsified_residual_block_under_compile():
     torch.manual_seed(6)
     block = Block(8).eval()

@@ -21,7 +21,8 @@ from ..errors import NoGpuError, UserError
 from ..options import arch_option
 from .bench import RESULTS_DIR, split_values
 
-CSV_FIELDS = ["model", "dtype", "sparsity", "batch", "mode", "sparsert_us", "eager_us",
+CSV_FIELDS = ["model", "dtype", "sparsity", "batch", "mode", "sparsert_us", "sparsert_config",
+              "eager_us",
               "graph_us", "compile_us", "compile_mode", "tf32_graph_us", "best_dense",
               "best_dense_us", "best_dense_config", "dense_source", "speedup", "verified",
               "max_rel_err", "dense_rel_err", "rel_err_bound", "replaced", "layers_total",
@@ -86,7 +87,9 @@ def _check_outputs(*paths: Path) -> None:
 @click.option("--dense-compile", type=click.Choice(["max-autotune", "default", "none"]),
               default="max-autotune", show_default=True,
               help="The strong dense baseline's torch.compile mode (max-autotune takes minutes "
-                   "per model; none: eager and CUDA graph only).")
+                   "per model, over 10 in fp32 for ResNet-50: use default there; none: eager "
+                   "and CUDA graph only). Unless none, the sparsified model is compiled too "
+                   "(mode default) and the faster of it and its CUDA graph counted.")
 @click.option("--compile-only", is_flag=True,
               help="Compile and verify every layer on the CPU (slow for full-size models); "
                    "no timings.")
@@ -226,7 +229,8 @@ def _print_row(row: dict) -> None:
         return
     dense = ", ".join(f"{k.removesuffix('_us')} {v:.1f} us" for k, v in row["dense"].items()
                       if k.endswith("_us") and v)
-    console.print(f"sparsert {row['sparsert_us']:.1f} us vs dense {dense}: "
+    console.print(f"sparsert {row['sparsert_us']:.1f} us ({row.get('sparsert_config', 'graph')})"
+                  f" vs dense {dense}: "
                   f"[bold]{row['speedup']:.2f}x[/] the best ({row['best_dense_config']}); "
                   f"{row['replaced']}/{row['layers_total']} layers replaced; "
                   f"max rel err {row['max_rel_err']:.2e}"

@@ -13,7 +13,8 @@ import numpy as np
 class LayerSpec:
     """One layer to compile, as api.compile_kernel takes it: gemm (weight M x K, activations
     K x N) or conv (weight M x C x R x S, input_shape (B, C, H, W)); weight numpy or
-    block_diagonal(); epilogue {"bias", "activation", "residual"}."""
+    block_diagonal(); epilogue {"bias", "activation", "residual"}; family "auto" (a tuned
+    winner of any family, else the cost model's pick) or one family's name."""
 
     label: str
     weight: object
@@ -23,6 +24,7 @@ class LayerSpec:
     stride: int = 1
     padding: int = 0
     epilogue: dict | None = None
+    family: str = "auto"
 
 
 def block_diagonal(weight: np.ndarray):
@@ -53,6 +55,7 @@ def compile_layers(specs: list[LayerSpec], *, dtype: str = "fp32", tuned=None,
     why there is none (a planning error or a compile failure). on_done(index, result) as each
     finishes; stats receives plan_seconds and compile_seconds."""
     import time
+    from dataclasses import replace
 
     from sparsert_cli.api import KernelFailure, Layer, compile_plans, plan_layers
     from sparsert_cli.errors import UserError
@@ -70,6 +73,8 @@ def compile_layers(specs: list[LayerSpec], *, dtype: str = "fp32", tuned=None,
             layer = Layer.of(spec.label, spec.weight, op=spec.op, input_shape=spec.input_shape,
                              n=spec.n, stride=spec.stride, padding=spec.padding,
                              epilogue=spec.epilogue, dtype=dtype)
+            if spec.family != "auto":
+                layer = replace(layer, family=spec.family)
             planned += plan_layers([layer], db, gpu_name, labels=False)
         except UserError as exc:
             out[i] = f"no kernel: {exc.message}"

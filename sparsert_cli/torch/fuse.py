@@ -4,7 +4,8 @@ The model is traced with torch.fx where that works (torchvision ResNets, MobileN
 transformer blocks); otherwise only consecutive children of nn.Sequential containers are read.
 The graph is only *read*: layers are then replaced in place, so the caller's model object stays
 the model. A ReLU module used elsewhere too (ResNet's shared `self.relu`) stays in the model after
-its fusion: ReLU and ReLU6 are idempotent, so applying it again changes nothing.
+its fusion: ReLU and ReLU6 are idempotent, so applying it again changes nothing (sparsify_ first
+gives each call of such a module in a non-root module its own copy: residual.unshare_activations).
 """
 
 from __future__ import annotations

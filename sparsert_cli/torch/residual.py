@@ -4,10 +4,15 @@ rewritten so the four ops become one ResidualChain child taking (x, identity); t
 holds the rewritten GraphModule in its place. The rewrite alone changes no number (the chain
 runs the same modules); sparsify_ can then give the chain one kernel whose epilogue adds the
 identity and applies the activation. The model's root module itself is never rewritten.
+
+`unshare_activations` gives every call of a ReLU/ReLU6 module used several times in one forward
+(ResNet's shared `self.relu`) its own copy, by the same rewrite, so a kernel that fuses one call
+can take that call out of the model instead of leaving an idempotent ReLU kernel behind.
 """
 
 from __future__ import annotations
 
+import copy
 import operator
 
 import torch
@@ -105,6 +110,52 @@ def _rewrite(owner: torch.nn.Module):
         return None
     graph.lint()
     return torch.fx.GraphModule(owner, graph, class_name=type(owner).__name__ + "Fused")
+
+
+def _unshared(owner: torch.nn.Module):
+    """owner's forward as a GraphModule in which each call of a shared activation module calls
+    its own copy, or None (nothing shared, or an untraceable forward)."""
+    try:
+        graph = _ChildrenAreLeaves(owner).trace(owner)
+    except Exception:  # noqa: BLE001 - an untraceable forward keeps its shared modules
+        return None
+    modules = dict(owner.named_children())
+    sites: dict[str, list] = {}
+    for node in graph.nodes:
+        if node.op == "call_module" and _activation_of(node, modules):
+            sites.setdefault(node.target, []).append(node)
+    changed = False
+    for target, nodes in sites.items():
+        for node in nodes[1:]:
+            i = 1
+            while hasattr(owner, f"{target}_{i}"):
+                i += 1
+            owner.add_module(f"{target}_{i}", copy.deepcopy(modules[target]))
+            node.target = f"{target}_{i}"
+            changed = True
+    if not changed:
+        return None
+    graph.lint()
+    return torch.fx.GraphModule(owner, graph, class_name=type(owner).__name__.removesuffix(
+        "Unshared") + "Unshared")
+
+
+def unshare_activations(model: torch.nn.Module) -> list[str]:
+    """Rewrite every non-root module that calls one ReLU/ReLU6 module more than once so each
+    call has its own (stateless) copy, in place in its parent; returns the rewritten modules'
+    names. Numbers are unchanged."""
+    done = []
+    for name, module in list(model.named_modules()):
+        if not name or isinstance(module, (torch.nn.Sequential, torch.nn.ModuleList,
+                                           ResidualChain)):
+            continue
+        if not any(isinstance(c, (torch.nn.ReLU, torch.nn.ReLU6)) for c in module.children()):
+            continue
+        rewritten = _unshared(module)
+        if rewritten is not None:
+            model.set_submodule(name, rewritten)
+            done.append(name)
+    return done
 
 
 def fuse_residuals(model: torch.nn.Module) -> list[str]:

@@ -27,10 +27,10 @@ import torch.nn.functional as F
 from sparsert_cli.errors import UserError
 from sparsert_cli.torch import ops
 from sparsert_cli.torch.backend import LayerSpec, block_diagonal, compile_layers, tune_layer
-from sparsert_cli.torch.check import time_us, verify as verify_layer
+from sparsert_cli.torch.check import time_cold_us, verify as verify_layer
 from sparsert_cli.torch.fuse import Chain, find_chains, folded
 from sparsert_cli.torch.prune import is_depthwise
-from sparsert_cli.torch.residual import fuse_residuals
+from sparsert_cli.torch.residual import fuse_residuals, unshare_activations
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -92,8 +92,8 @@ def _unsupported(module) -> str | None:
     k = _pair(module.kernel_size)
     if module.groups != 1 and not is_depthwise(module):
         return f"groups={module.groups} (grouped convolution: no kernel, dense)"
-    if k not in (1, 3):
-        return f"kernel {tuple(module.kernel_size)} (only 1x1 and 3x3)"
+    if k not in (1, 3, 5, 7):
+        return f"kernel {tuple(module.kernel_size)} (only square 1x1, 3x3, 5x5 and 7x7)"
     if _pair(module.stride) not in (1, 2):
         return f"stride {module.stride} (only 1 and 2)"
     if not isinstance(module.padding, (tuple, list)) or _pair(module.padding) is None:
@@ -172,29 +172,38 @@ def sparsify_(model: torch.nn.Module, example_inputs, *, dtype: str = "fp32", tu
               verify: bool = True, min_speedup: float = 1.0, min_sparsity: float = 0.5,
               dry_run: bool = False, arch: str | None = None, cache: bool = True,
               include=None, tune: bool = False, fuse_residual: bool = True,
-              jobs: int | None = None, on_progress=None, stats: dict | None = None
-              ) -> list[dict]:
-    """Replace the sparse Conv2d (1x1/3x3, stride 1/2; groups=1 or depthwise) and Linear layers
-    of `model` (on a CUDA device, in eval mode: this call sets it) with compiled kernels, in
-    place.
+              race: bool = True, jobs: int | None = None, on_progress=None,
+              stats: dict | None = None) -> list[dict]:
+    """Replace the sparse Conv2d (square 1x1/3x3/5x5/7x7, stride 1/2; groups=1 or depthwise)
+    and Linear layers of `model` (on a CUDA device, in eval mode: this call sets it) with
+    compiled kernels, in place.
 
     example_inputs: a tuple of tensors the model is called with; kernels are compiled for the
     shapes each layer sees. dtype: the activations' type (fp16 / bf16: convert the model
     first, e.g. model.half()).
     tuned: the tuned-plan database (None: the default one; False: none). verify: check every
     kernel element-wise against float64 before using it. min_speedup: a layer is replaced only
-    when its kernel is at least this much faster than the dense layer (timed here, on the GPU).
+    when its kernel is at least this much faster than the dense layer. Both are timed here, on
+    the GPU, as a whole forward runs them (check.time_cold_us: their code and weights evicted
+    from L2, their input just written), not warm and alone as `bench` times a layer.
     min_sparsity: denser layers keep the dense op (their straight-line code would be huge); a
     depthwise layer counts as its block-diagonal C x C weight (at least 1 - 1/C sparse).
     dry_run: plan, compile and (with verify) check on the CPU interpreter; the model is not
     changed. include: None or a callable(name, module) -> bool choosing layers. fuse_residual:
     rewrite submodules computing act(bn(conv(x)) + identity) (torch.fx) so one kernel does all
-    four. tune: run the tuner (GPU) on every layer first and record its winners in `tuned` (a
-    path or TunedDB). jobs: compile processes (None: one per core; every kernel is compiled
-    before any is checked). on_progress(stage, done, total, item): progress of the "compile"
-    and "check" stages. stats: receives plan_seconds, compile_seconds, kernels, cached.
+    four, and give each call of a shared ReLU module its own copy, so a kernel that fuses the
+    ReLU also takes it out of the model. race (GPU): a layer planned in the immediate family
+    also gets the streamed family's kernel, and keeps whichever is faster as the forward runs
+    it (straight-line code fetched from memory is what makes large immediate kernels slower in
+    a model than alone). tune: run the tuner (GPU) on every layer first and record its winners
+    in `tuned` (a path or TunedDB). jobs: compile processes (None: one per core; every kernel
+    is compiled before any is checked). on_progress(stage, done, total, item): progress of the
+    "compile", "compile streamed rivals" and "check" stages. stats: receives plan_seconds,
+    compile_seconds, kernels, cached (and rival_seconds, rivals).
     Returns one dict per layer: layer, op, shape, sparsity, fused, family, plan, replaced,
-    reason, max_err, max_rel_err, dense_us, sparse_us, speedup. Render with report_table().
+    reason, max_err, max_rel_err, dense_us, sparse_us, speedup (and, where a rival was timed,
+    tried: {"family plan": us}; rival_failed where one failed verification). Render with
+    report_table().
     """
     _check_args(dtype, min_speedup, min_sparsity)
     if jobs is not None and (isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1):
@@ -206,8 +215,8 @@ def sparsify_(model: torch.nn.Module, example_inputs, *, dtype: str = "fp32", tu
     return _sparsify(model, example_inputs, dtype=dtype, tuned=tuned, verify=verify,
                      min_speedup=min_speedup, min_sparsity=min_sparsity, dry_run=dry_run,
                      arch=arch, cache=cache, include=include, device=device,
-                     tune=tune and not dry_run, fuse_residual=fuse_residual, jobs=jobs,
-                     on_progress=on_progress, stats=stats)
+                     tune=tune and not dry_run, fuse_residual=fuse_residual, race=race,
+                     jobs=jobs, on_progress=on_progress, stats=stats)
 
 
 def _new_row(chain: Chain, module) -> dict:
@@ -241,7 +250,7 @@ def _why_not(module, record, dtype, min_sparsity, row) -> str | None:
 
 def _sparsify(model, example_inputs, *, dtype, tuned, verify, min_speedup, min_sparsity,
               dry_run, arch, cache, include, device, tune=False, fuse_residual=True,
-              jobs=None, on_progress=None, stats=None) -> list[dict]:
+              race=True, jobs=None, on_progress=None, stats=None) -> list[dict]:
     """sparsify_ without the device check: on a CPU model (tests) layers are replaced by ops
     that run the plan interpreter."""
     if isinstance(example_inputs, torch.Tensor):
@@ -253,6 +262,7 @@ def _sparsify(model, example_inputs, *, dtype, tuned, verify, min_speedup, min_s
     model.eval()
     if fuse_residual:
         fuse_residuals(model)
+        unshare_activations(model)      # a fused ReLU call leaves the model with its kernel
     modules = dict(model.named_modules())
     chains = [c for c in find_chains(model)
               if include is None or include(c.layer, modules[c.layer])]
@@ -298,6 +308,8 @@ def _sparsify(model, example_inputs, *, dtype, tuned, verify, min_speedup, min_s
                              cache=cache, jobs=jobs, on_done=compiled, stats=info)
     info["kernels"] = sum(not isinstance(k, str) for k in kernels)
     info["cached"] = sum(bool(getattr(k, "cached", False)) for k in kernels)
+    rivals = _rivals(todo, kernels, dtype, tuned, arch, cache, jobs, on_progress, info) \
+        if race and on_gpu else {}
     # ---- check: verify, time and swap, layer by layer
     for done, ((row, chain, spec, weight, bias), kernel) in enumerate(zip(todo, kernels), 1):
         if on_progress:
@@ -306,9 +318,10 @@ def _sparsify(model, example_inputs, *, dtype, tuned, verify, min_speedup, min_s
             row["reason"] = kernel
             continue
         record = seen[chain.layer]
-        layer = _load(kernel, chain, modules[chain.layer], record["x"], row, dtype, weight,
-                      bias, on_gpu)
-        _check_layer(model, modules, chain, layer, record, row, dtype, verify, dry_run,
+        options = [kernel] + [k for k in [rivals.get(done - 1)] if k is not None]
+        layers = [_load(k, chain, modules[chain.layer], record["x"], dtype, weight, bias, on_gpu)
+                  for k in options]
+        _check_layer(model, modules, chain, layers, record, row, dtype, verify, dry_run,
                      on_gpu, min_speedup)
     if on_gpu:      # what the dense layers cost: their share of the model
         for chain, row in zip(chains, rows):
@@ -316,36 +329,87 @@ def _sparsify(model, example_inputs, *, dtype, tuned, verify, min_speedup, min_s
             if not row["replaced"] and row["dense_us"] is None and record is not None:
                 inputs = (record["x"],) if record["res"] is None else (record["x"],
                                                                        record["res"])
-                row["dense_us"] = time_us(_dense_module(modules, chain), inputs)
+                row["dense_us"] = time_cold_us(_dense_module(modules, chain), inputs)
     return rows
 
 
-def _check_layer(model, modules, chain, layer, record, row, dtype, verify, dry_run, on_gpu,
+def _rivals(todo, kernels, dtype, tuned, arch, cache, jobs, on_progress, info) -> dict:
+    """The streamed family's kernel for every layer planned in the immediate family, by index
+    into todo: in a whole forward a layer's straight-line code comes from memory, not L2, which
+    makes large immediate kernels slower than they time alone (and than the plans ranked by the
+    tuner and the cost model); each layer keeps whichever times faster as a forward runs it."""
+    import time
+
+    which = [i for i, k in enumerate(kernels)
+             if not isinstance(k, str) and getattr(k, "family", None) == "immediate"]
+    if not which:
+        return {}
+    started = time.perf_counter()
+    count = [0]
+
+    def compiled(j, result):
+        count[0] += 1
+        if on_progress:
+            on_progress("compile streamed rivals", count[0], len(which), todo[which[j]][1].layer)
+
+    specs = [LayerSpec(**{**todo[i][2].__dict__, "family": "streamed"}) for i in which]
+    found = compile_layers(specs, dtype=dtype, tuned=tuned, arch=arch, cache=cache, jobs=jobs,
+                           on_done=compiled)
+    info["rival_seconds"] = time.perf_counter() - started
+    info["rivals"] = sum(not isinstance(k, str) for k in found)
+    return {i: k for i, k in zip(which, found) if not isinstance(k, str)}
+
+
+def _check_layer(model, modules, chain, layers, record, row, dtype, verify, dry_run, on_gpu,
                  min_speedup) -> None:
+    """Verify each candidate (SparseLayer, row fields) of one chain -- the planned kernel first,
+    then its rivals --, time the verified ones and the dense op as a forward runs them
+    (time_cold_us), and swap in the fastest if it beats dense by min_speedup."""
     x, res = record["x"], record["res"]
     inputs = (x,) if res is None else (x, res)
+    chosen = None
     try:
-        if verify:
-            result = verify_layer(layer, x, res, dtype)
-            row.update(max_err=result["max_err"], max_rel_err=result["max_rel_err"])
-            if not result["ok"]:
-                row["reason"] = f"verification failed: {result['message']}"
-                return
+        passed, failed = [], []
+        for layer, fields in layers:
+            if verify:
+                result = verify_layer(layer, x, res, dtype)
+                fields = {**fields, "max_err": result["max_err"],
+                          "max_rel_err": result["max_rel_err"]}
+                if not result["ok"]:
+                    failed.append((fields, result["message"]))
+                    continue
+            passed.append((layer, fields))
+        if failed and passed:           # a rival that fails is kept out, and said
+            row["rival_failed"] = "; ".join(f"{f['family']} {f['plan']}: {m}" for f, m in failed)
+        if not passed:
+            fields, message = failed[0]
+            row.update(fields, reason=f"verification failed: {message}")
+            return
+        layer, fields = passed[0]
         if on_gpu:
-            row["dense_us"] = time_us(_dense_module(modules, chain), inputs)
-            row["sparse_us"] = time_us(layer, inputs)
-            row["speedup"] = row["dense_us"] / row["sparse_us"]
+            row["dense_us"] = time_cold_us(_dense_module(modules, chain), inputs)
+            timed = sorted(((time_cold_us(lay, inputs), i) for i, (lay, _) in enumerate(passed)))
+            if len(passed) > 1:
+                row["tried"] = {f"{passed[i][1]['family']} {passed[i][1]['plan']}": round(us, 2)
+                                for us, i in timed}
+            sparse_us, best = timed[0]
+            layer, fields = passed[best]
+            row.update(fields, sparse_us=sparse_us, speedup=row["dense_us"] / sparse_us)
             if row["speedup"] < min_speedup:
                 row["reason"] = f"dense is faster ({row['speedup']:.2f}x)"
                 return
+        else:
+            row.update(fields)
         if dry_run:
             row["reason"] = "dry run: verified" if verify else "dry run: compiled"
             return
         _swap(model, chain, layer)
+        chosen = layer
         row["replaced"], row["reason"] = True, "replaced"
     finally:
-        if not row["replaced"]:
-            ops.unregister(layer.kernel_id)
+        for layer, _ in layers:
+            if layer is not chosen:
+                ops.unregister(layer.kernel_id)
 
 
 def _spec(chain, module, modules, x) -> tuple[LayerSpec, torch.Tensor, object]:
@@ -364,23 +428,24 @@ def _spec(chain, module, modules, x) -> tuple[LayerSpec, torch.Tensor, object]:
     return spec, weight, bias
 
 
-def _load(kernel, chain, module, x, row, dtype, weight, bias, on_gpu) -> SparseLayer:
-    """The SparseLayer running `kernel` (loaded on x's GPU when on_gpu)."""
+def _load(kernel, chain, module, x, dtype, weight, bias, on_gpu) -> tuple[SparseLayer, dict]:
+    """(the SparseLayer running `kernel` (loaded on x's GPU when on_gpu), its row fields)."""
     linear = isinstance(module, torch.nn.Linear)
-    row.update(family=getattr(kernel, "family", None), plan=kernel.plan_params.name(),
-               tuned=bool(getattr(kernel, "tuned", False)), nnz=int(kernel.nnz))
+    fields = dict(family=getattr(kernel, "family", None), plan=kernel.plan_params.name(),
+                  tuned=bool(getattr(kernel, "tuned", False)), nnz=int(kernel.nnz))
     out_shape = (*x.shape[:-1], module.out_features) if linear else tuple(kernel.output_shape)
     entry = ops.Entry(kernel, linear, tuple(x.shape), tuple(out_shape))
     if on_gpu:
         entry.loaded = kernel.to_device(x.device.index or 0)
         entry.device = x.device.index or 0
     store = DTYPES[dtype]
-    return SparseLayer(ops.register(entry), "linear" if linear else "conv",
-                       weight.to(x.device, store), None if bias is None else
-                       bias.to(x.device, store), chain.activation,
-                       1 if linear else module.stride[0], 0 if linear else module.padding[0],
-                       tuple(x.shape), residual=chain.residual is not None,
-                       groups=1 if linear else module.groups)
+    layer = SparseLayer(ops.register(entry), "linear" if linear else "conv",
+                        weight.to(x.device, store), None if bias is None else
+                        bias.to(x.device, store), chain.activation,
+                        1 if linear else module.stride[0], 0 if linear else module.padding[0],
+                        tuple(x.shape), residual=chain.residual is not None,
+                        groups=1 if linear else module.groups)
+    return layer, fields
 
 
 def _swap(model, chain: Chain, layer: SparseLayer) -> None:

@@ -110,7 +110,33 @@ def test_sparsified_resnet_block_matches_in_a_graph():
         want = block(x).clone()
     rows = sparsify_(block, (x,), tuned=False, min_speedup=0.0)
     assert [r["fused"] for r in rows if r["replaced"]] == ["bn+relu", "bn+relu", "bn+add+relu"]
+    # the shared ReLU's three calls all ran in kernels: no ReLU module is left to launch
+    assert not any(isinstance(m, nn.ReLU) for m in block.modules())
+    # immediate-planned layers raced the streamed family: the faster one (as timed) was kept
+    raced = [r for r in rows if "tried" in r]
+    assert raced, rows
+    for r in raced:
+        assert len(r["tried"]) == 2 and {k.split()[0] for k in r["tried"]} == {
+            "immediate", "streamed"}
+        assert r["sparse_us"] == pytest.approx(min(r["tried"].values()), abs=0.01)
+        assert r["tried"][f"{r['family']} {r['plan']}"] == min(r["tried"].values())
     _check_modes(block, x, want, "fp32")
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+def test_resnet_stem_7x7_eager_graph_compile(dtype):
+    store = torch.float32 if dtype == "fp32" else torch.float16
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False),
+                          nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(3, 2, 1)).eval()
+    prune_(model, 0.9)
+    model = model.cuda().to(store)
+    x = torch.randn(1, 3, 64, 64, device="cuda", dtype=store)
+    with torch.no_grad():
+        want = model(x).clone()
+    rows = sparsify_(model, (x,), dtype=dtype, tuned=False, min_speedup=0.0)
+    assert rows[0]["replaced"] and rows[0]["op"] == "conv7x7", rows
+    _check_modes(model, x, want, dtype)
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "fp16"])

@@ -1,0 +1,135 @@
+#!/usr/bin/env python3
+"""Where a sparsified model's time goes, kernel by kernel (a measurement, not a test).
+
+  python3 scripts/model_profile.py resnet50 --dtype fp16 --sparsity 0.9 [--batch 1]
+      [--tuned configs/tuned.json] --out OUT.json
+
+Builds the model as `sparsert model` does (random init, magnitude pruning), sparsifies it, captures
+one forward in a CUDA graph and records REPLAYS replays with torch.profiler (CUPTI). Writes, for
+the last replay, every kernel in launch order (name, start offset, duration, gap before it), the
+sums (sparsert kernels, other kernels, gaps), the graph-timed forward, and the sparsify rows (each
+layer's own time, measured alone). The question it answers: how far the whole forward is from the
+sum of its layers timed alone, and which of that is other ops, which launch gaps, and which
+kernels slower in the model than alone (cold code or data).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import numpy as np
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("model")
+    ap.add_argument("--dtype", default="fp16")
+    ap.add_argument("--sparsity", type=float, default=0.9)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--tuned", default=str(ROOT / "configs" / "tuned.json"))
+    ap.add_argument("--replays", type=int, default=5)
+    ap.add_argument("--legacy", action="store_true",
+                    help="sparsify as before session 4: layers timed warm and alone, no streamed "
+                         "rival, shared ReLUs left in the model, 7x7 convolutions dense")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from sparsert_cli.models import build
+    from sparsert_cli.torch.endtoend import _precision, time_graph
+    from sparsert_cli.torch.prune import prune_
+    from sparsert_cli.torch.sparsify import DTYPES, sparsify_
+
+    model, x = build(args.model, batch=args.batch)
+    prune_(model, args.sparsity)
+    store = DTYPES[args.dtype]
+    model, x = model.to("cuda", store).eval(), x.to("cuda", store)
+    _precision(args.dtype)
+    torch.backends.cudnn.benchmark = True
+    if args.legacy:
+        from sparsert_cli.torch import check, sparsify
+
+        sparsify.time_cold_us = check.time_us
+        sparsify.unshare_activations = lambda model: []
+        rows = sparsify_(model, (x,), dtype=args.dtype, tuned=args.tuned or None, race=False,
+                         include=lambda name, m: getattr(m, "kernel_size", (1,))[0] <= 3)
+    else:
+        rows = sparsify_(model, (x,), dtype=args.dtype, tuned=args.tuned or None)
+    forward_us = time_graph(model, x)
+
+    with torch.no_grad():
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(3):
+                model(x)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            model(x)
+        for _ in range(5):
+            graph.replay()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+            for _ in range(args.replays):
+                graph.replay()
+                torch.cuda.synchronize()      # replays apart, so each one's kernels are one run
+
+    kernels = sorted(((e.name, e.time_range.start, e.time_range.end)
+                      for e in prof.events() if e.device_type.name == "CUDA"
+                      and "memcpy" not in e.name.lower() and "memset" not in e.name.lower()),
+                     key=lambda k: k[1])
+    runs, current = [], []
+    for k in kernels:                         # split at the idle time between replays
+        if current and k[1] - current[-1][2] > 50.0:
+            runs.append(current)
+            current = []
+        current.append(k)
+    if current:
+        runs.append(current)
+    last = runs[-1] if runs else []
+    t0 = last[0][1] if last else 0.0
+    trace, prev_end = [], None
+    for name, start, end in last:
+        trace.append({"name": name[:120], "start_us": round(start - t0, 2),
+                      "us": round(end - start, 2),
+                      "gap_us": round(start - prev_end, 2) if prev_end is not None else 0.0,
+                      "sparsert": name.startswith("sparsert_")})
+        prev_end = end
+    ours = [t for t in trace if t["sparsert"]]
+    summary = {
+        "variant": "legacy" if args.legacy else "current", "model": args.model, "dtype": args.dtype, "sparsity": args.sparsity, "batch": args.batch,
+        "gpu": torch.cuda.get_device_name(), "forward_graph_us": round(forward_us, 2),
+        "replays_seen": len(runs), "kernels": len(trace),
+        "span_us": round(last[-1][2] - t0, 2) if last else None,
+        "sparsert_kernels": len(ours), "sparsert_sum_us": round(sum(t["us"] for t in ours), 2),
+        "other_sum_us": round(sum(t["us"] for t in trace if not t["sparsert"]), 2),
+        "gaps_sum_us": round(sum(t["gap_us"] for t in trace), 2),
+        "layers_alone_sum_us": round(sum(r["sparse_us"] or 0.0 for r in rows if r["replaced"]), 2),
+        "replaced": sum(r["replaced"] for r in rows), "layers": len(rows),
+    }
+    alone = [r for r in rows if r["replaced"]]
+    if len(alone) == len(ours):     # each layer: its time in the forward against its time alone
+        pairs = [(t["us"], r["sparse_us"]) for t, r in zip(ours, alone) if r["sparse_us"]]
+        summary["alone_over_in_model"] = {
+            "geomean": round(float(np.exp(np.mean([np.log(b / a) for a, b in pairs]))), 3),
+            "worst_low": round(min(b / a for a, b in pairs), 3),
+            "worst_high": round(max(b / a for a, b in pairs), 3)}
+    Path(args.out).write_text(json.dumps({"summary": summary, "trace": trace, "rows": rows},
+                                         indent=1, default=str))
+    print(json.dumps(summary, indent=1))
+    top = sorted(trace, key=lambda t: -t["us"])[:15]
+    for t in top:
+        print(f"{t['us']:8.2f} us  gap {t['gap_us']:6.2f}  {t['name'][:90]}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
