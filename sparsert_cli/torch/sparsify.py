@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from sparsert_cli.errors import UserError
 from sparsert_cli.torch import ops
 from sparsert_cli.torch.backend import LayerSpec, block_diagonal, compile_layers, tune_layer
-from sparsert_cli.torch.check import time_cold_us, verify as verify_layer
+from sparsert_cli.torch.check import release_evict, time_cold_us, verify as verify_layer
 from sparsert_cli.torch.fuse import Chain, find_chains, folded
 from sparsert_cli.torch.prune import is_depthwise
 from sparsert_cli.torch.residual import fuse_residuals, unshare_activations
@@ -330,6 +330,7 @@ def _sparsify(model, example_inputs, *, dtype, tuned, verify, min_speedup, min_s
                 inputs = (record["x"],) if record["res"] is None else (record["x"],
                                                                        record["res"])
                 row["dense_us"] = time_cold_us(_dense_module(modules, chain), inputs)
+        release_evict()
     return rows
 
 
