@@ -65,19 +65,25 @@ def verify(layer, x: torch.Tensor, res, dtype: str) -> dict:
             "message": message}
 
 
-def time_us(fn, inputs: tuple, per_graph: int = 20, replays: int = 7) -> float:
-    """Median per-call time of fn(*inputs) replayed from a CUDA graph (L2 warm)."""
+def _captured(fn, inputs: tuple, calls: int, warmup: int):
+    """A CUDA graph of `calls` calls of fn(*inputs), after `warmup` calls on a side stream."""
     device = inputs[0].device
     stream = torch.cuda.Stream(device)
     stream.wait_stream(torch.cuda.current_stream(device))
     with torch.no_grad(), torch.cuda.stream(stream):
-        for _ in range(3):
+        for _ in range(warmup):
             fn(*inputs)
     torch.cuda.current_stream(device).wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.no_grad(), torch.cuda.graph(graph):
-        for _ in range(per_graph):
+        for _ in range(calls):
             fn(*inputs)
+    return graph
+
+
+def time_us(fn, inputs: tuple, per_graph: int = 20, replays: int = 7) -> float:
+    """Median per-call time of fn(*inputs) replayed from a CUDA graph (L2 warm)."""
+    graph = _captured(fn, inputs, per_graph, warmup=3)
     graph.replay()
     times = []
     for _ in range(replays):
@@ -113,15 +119,7 @@ def time_cold_us(fn, inputs: tuple, samples: int = 15) -> float:
                        torch.empty((), dtype=torch.float32, device=device))
     evict, sink = _EVICT[key]
     fresh = tuple(t.clone() for t in inputs)
-    stream = torch.cuda.Stream(device)
-    stream.wait_stream(torch.cuda.current_stream(device))
-    with torch.no_grad(), torch.cuda.stream(stream):
-        for _ in range(2):
-            fn(*fresh)
-    torch.cuda.current_stream(device).wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.no_grad(), torch.cuda.graph(graph):
-        fn(*fresh)
+    graph = _captured(fn, fresh, 1, warmup=2)
     pairs = []
     for _ in range(samples + 2):
         torch.sum(evict, dim=0, out=sink)
