@@ -43,6 +43,7 @@ def main() -> int:
     from torch.profiler import ProfilerActivity, profile
 
     from sparsert_cli.models import build
+    from sparsert_cli.torch.check import captured_graph
     from sparsert_cli.torch.endtoend import _precision, time_graph
     from sparsert_cli.torch.prune import prune_
     from sparsert_cli.torch.sparsify import DTYPES, sparsify_
@@ -64,16 +65,8 @@ def main() -> int:
         rows = sparsify_(model, (x,), dtype=args.dtype, tuned=args.tuned or None)
     forward_us = time_graph(model, x)
 
+    graph = captured_graph(model, (x,))
     with torch.no_grad():
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(3):
-                model(x)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            model(x)
         for _ in range(5):
             graph.replay()
         torch.cuda.synchronize()

@@ -65,7 +65,7 @@ def verify(layer, x: torch.Tensor, res, dtype: str) -> dict:
             "message": message}
 
 
-def _captured(fn, inputs: tuple, calls: int, warmup: int):
+def captured_graph(fn, inputs: tuple, calls: int = 1, warmup: int = 3):
     """A CUDA graph of `calls` calls of fn(*inputs), after `warmup` calls on a side stream."""
     device = inputs[0].device
     stream = torch.cuda.Stream(device)
@@ -83,7 +83,7 @@ def _captured(fn, inputs: tuple, calls: int, warmup: int):
 
 def time_us(fn, inputs: tuple, per_graph: int = 20, replays: int = 7) -> float:
     """Median per-call time of fn(*inputs) replayed from a CUDA graph (L2 warm)."""
-    graph = _captured(fn, inputs, per_graph, warmup=3)
+    graph = captured_graph(fn, inputs, per_graph, warmup=3)
     graph.replay()
     times = []
     for _ in range(replays):
@@ -119,7 +119,7 @@ def time_cold_us(fn, inputs: tuple, samples: int = 15) -> float:
                        torch.empty((), dtype=torch.float32, device=device))
     evict, sink = _EVICT[key]
     fresh = tuple(t.clone() for t in inputs)
-    graph = _captured(fn, fresh, 1, warmup=2)
+    graph = captured_graph(fn, fresh, 1, warmup=2)
     pairs = []
     for _ in range(samples + 2):
         torch.sum(evict, dim=0, out=sink)

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from sparsert_cli.errors import UserError
+from sparsert_cli.torch.check import captured_graph
 from sparsert_cli.torch.prune import prune_
 from sparsert_cli.torch.sparsify import DTYPES, sparsify_
 
@@ -56,15 +57,7 @@ def time_eager(fn, x, iters: int = 20) -> float:
 @torch.no_grad()
 def time_graph(fn, x, iters: int = 20) -> float:
     """Per-forward time of fn(x) captured once in a CUDA graph and replayed."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn(x)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn(x)
+    graph = captured_graph(fn, (x,))
     graph.replay()
     return _median_us(graph.replay, iters)
 

@@ -140,36 +140,32 @@ def _unshared(owner: torch.nn.Module):
         "Unshared") + "Unshared")
 
 
-def unshare_activations(model: torch.nn.Module) -> list[str]:
-    """Rewrite every non-root module that calls one ReLU/ReLU6 module more than once so each
-    call has its own (stateless) copy, in place in its parent; returns the rewritten modules'
-    names. Numbers are unchanged."""
+def _rewrite_children(model: torch.nn.Module, has, rewrite, skip=()) -> list[str]:
+    """Replace, in its parent, every non-root module (not a container, a ResidualChain or one
+    of `skip`) with a child of type `has` by rewrite(module) where that returns one; the
+    rewritten modules' names."""
     done = []
     for name, module in list(model.named_modules()):
         if not name or isinstance(module, (torch.nn.Sequential, torch.nn.ModuleList,
-                                           ResidualChain)):
+                                           ResidualChain, *skip)):
             continue
-        if not any(isinstance(c, (torch.nn.ReLU, torch.nn.ReLU6)) for c in module.children()):
+        if not any(isinstance(c, has) for c in module.children()):
             continue
-        rewritten = _unshared(module)
+        rewritten = rewrite(module)
         if rewritten is not None:
             model.set_submodule(name, rewritten)
             done.append(name)
     return done
+
+
+def unshare_activations(model: torch.nn.Module) -> list[str]:
+    """Rewrite every non-root module that calls one ReLU/ReLU6 module more than once so each
+    call has its own (stateless) copy, in place in its parent; returns the rewritten modules'
+    names. Numbers are unchanged."""
+    return _rewrite_children(model, (torch.nn.ReLU, torch.nn.ReLU6), _unshared)
 
 
 def fuse_residuals(model: torch.nn.Module) -> list[str]:
     """Rewrite every non-root module with a fusable residual site, in place in its parent;
     returns the rewritten modules' names."""
-    done = []
-    for name, module in list(model.named_modules()):
-        if not name or isinstance(module, (torch.nn.Sequential, torch.nn.ModuleList,
-                                           torch.fx.GraphModule, ResidualChain)):
-            continue
-        if not any(isinstance(m, torch.nn.Conv2d) for m in module.children()):
-            continue
-        rewritten = _rewrite(module)
-        if rewritten is not None:
-            model.set_submodule(name, rewritten)
-            done.append(name)
-    return done
+    return _rewrite_children(model, torch.nn.Conv2d, _rewrite, skip=(torch.fx.GraphModule,))
