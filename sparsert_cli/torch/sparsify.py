@@ -318,7 +318,7 @@ def _sparsify(model, example_inputs, *, dtype, tuned, verify, min_speedup, min_s
             row["reason"] = kernel
             continue
         record = seen[chain.layer]
-        options = [kernel] + [k for k in [rivals.get(done - 1)] if k is not None]
+        options = [kernel] + ([rivals[done - 1]] if done - 1 in rivals else [])
         layers = [_load(k, chain, modules[chain.layer], record["x"], dtype, weight, bias, on_gpu)
                   for k in options]
         _check_layer(model, modules, chain, layers, record, row, dtype, verify, dry_run,
