@@ -48,11 +48,12 @@ with sparsert.Gpu() as gpu:
 
     for w, shape, width in ((weight, CONV, 1), (pointwise, POINTWISE, 4)):
         for dtype, accumulate in (("fp32", "fp32"), ("fp16", "fp16"), ("fp16", "fp32")):
-            for stage in ("shfl", "smem", "ring"):
+            for stage, slices in (("shfl", 1), ("smem", 1), ("ring", 1), ("smem", 2)):
                 kernel = sparsert.compile_kernel(
                     w, **shape, dtype=dtype, accumulate=accumulate, arch=gpu.arch, tuned=False,
                     cache=None, plan=StreamParams(col_threads=32, vector_width=width, warps=2,
-                                                  rows_per_worker=3, chains=2, stage=stage),
+                                                  rows_per_worker=3, chains=2, stage=stage,
+                                                  k_slices=slices),
                     epilogue={"bias": [0.5] * w.shape[0], "activation": "relu6",
                               "residual": True})
-                run(gpu, f"streamed {stage} {dtype}/{accumulate} {w.shape}", kernel)
+                run(gpu, f"streamed {stage} k{slices} {dtype}/{accumulate} {w.shape}", kernel)

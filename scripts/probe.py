@@ -2,7 +2,9 @@
 on the GPU before it is timed. Prints one line per plan and writes JSON lines to --out.
 
   python scripts/probe.py PROBLEM SPARSITY [--precision fp32] [--out FILE] PLAN...
-  PLAN: rows,width,threads,k_split[,max_registers]   e.g. 16,1,128,1
+  PLAN: rows,width,threads,k_split[,max_registers]   e.g. 16,1,128,1   (immediate family)
+        s[:FIELD=VALUE,...]   the streamed family's untuned default with those fields changed,
+                              e.g. s, s:k_slices=2, s:k_slices=4,rows_per_worker=2
 """
 
 from __future__ import annotations
@@ -22,12 +24,30 @@ parser.add_argument("--precision", default="fp32")
 parser.add_argument("--out", default=None)
 args = parser.parse_args()
 
+def streamed(text: str, layer):
+    """The streamed default of `layer`'s shape with the fields `text` names changed."""
+    from dataclasses import replace
+
+    from sparsert_cli.families.streamed import default_params
+    from sparsert_cli.families.streamed.plan import StreamParams
+
+    base = default_params(layer.geometry, int(np.count_nonzero(layer.weight)),
+                          precision=args.precision)
+    fields = dict(item.split("=") for item in text.partition(":")[2].split(",") if item)
+    return replace(base, **{k: v if k in StreamParams.TEXT else int(v)
+                            for k, v in fields.items()})
+
+
 layers = []
 for text in args.plans:
-    values = [int(v) for v in text.split(",")]
-    params = sparsert.PlanParams(rows_per_group=values[0], vector_width=values[1],
-                                 col_threads=values[2], k_split=values[3],
-                                 max_registers=values[4] if len(values) > 4 else 0)
+    layer = sparsert.problem_layer(args.problem, args.sparsity, precision=args.precision)
+    if text.startswith("s"):
+        params = streamed(text, layer)
+    else:
+        values = [int(v) for v in text.split(",")]
+        params = sparsert.PlanParams(rows_per_group=values[0], vector_width=values[1],
+                                     col_threads=values[2], k_split=values[3],
+                                     max_registers=values[4] if len(values) > 4 else 0)
     layers.append(sparsert.problem_layer(args.problem, args.sparsity, precision=args.precision,
                                          plan=params))
 kernels = sparsert.compile_kernels(layers, arch="sm_90", tuned=False)
@@ -39,7 +59,8 @@ with sparsert.Gpu() as gpu:
     for kernel in kernels:
         plan = kernel.plan
         row = {"problem": args.problem, "sparsity": args.sparsity, "precision": args.precision,
-               "plan": plan.params.name(), "groups": len(plan.groups), "loads": plan.loads,
+               "family": plan.family, "plan": plan.params.name(),
+               "groups": len(getattr(plan, "groups", ())), "loads": plan.loads,
                "nnz": plan.nnz, "grid": list(plan.grid), "block": list(plan.block)}
         if not isinstance(kernel, sparsert.Kernel):
             row["error"] = str(kernel).splitlines()[0]

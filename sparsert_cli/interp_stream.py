@@ -2,7 +2,8 @@
 
 Every thread's column variables and tap bases come from the IR's own index arithmetic; workers
 walk their row entries, each row entry its segments, each segment its nonzeros in order, nonzero
-k of a segment feeding accumulator k % chains.
+k of a segment feeding accumulator k % chains; with K-slices, each slice's sums are a partial
+and the partials are added in slice order before the epilogue.
 Sums are float64; with fp16 sums every half2 FMA and epilogue step is rounded to fp16 as the GPU
 does. Checked on the way: the data tables are consistent (the grid's workers, monotonic ranges),
 every load lies in its buffer (inactive threads included) and is aligned, every output is written
@@ -48,11 +49,14 @@ def _check_tables(ir: StreamIR) -> None:
     if np.any(np.diff(seg, axis=1) < 0) or (seg.size and (seg.min() < 0 or seg.max() > nnz)):
         raise PlanExecutionError("segment ranges out of order or outside the nonzeros")
     segments = ir.geometry.kernel ** 2 if ir.geometry.masked else 1
-    if seg.shape != (len(ir.row_out), segments + 1) or len(ir.bases) != (
+    slices = ir.k_slices
+    if ir.grid[2] != slices:
+        raise PlanExecutionError(f"grid has {ir.grid[2]} slices for {slices} K-slices")
+    if seg.shape != (len(ir.row_out), slices * (segments + 1)) or len(ir.bases) != (
             segments if ir.geometry.masked else 0):
-        raise PlanExecutionError(f"{seg.shape[0]} rows of {seg.shape[1] - 1} segments and "
+        raise PlanExecutionError(f"{seg.shape[0]} rows of {seg.shape[1]} segment bounds and "
                                  f"{len(ir.bases)} tap bases for {len(ir.row_out)} row entries "
-                                 f"of {segments} segments")
+                                 f"of {slices} x {segments} segments")
     if np.any(np.diff(seg, axis=1) % PAD):
         raise PlanExecutionError(f"a segment is not whole groups of {PAD} entries (the loop "
                                  f"would read past its end)")
@@ -63,29 +67,15 @@ def _check_tables(ir: StreamIR) -> None:
         raise PlanExecutionError("a row entry names a row outside the output")
 
 
-def execute_stream(ir: StreamIR, x: np.ndarray, residual: np.ndarray | None) -> np.ndarray:
-    _check_tables(ir)
+def _partial(ir: StreamIR, x: np.ndarray, seg: np.ndarray, inside: np.ndarray,
+             shifts: np.ndarray, base_x: np.ndarray) -> np.ndarray:
+    """One K-slice's sums (rows, threads, width): its segments' nonzeros in loop order, each
+    chain's accumulator, then the chains added in order."""
     geo, width, chains = ir.geometry, ir.vector_width, ir.chains
-    half = ir.accumulate == "fp16"
-    rnd = _f16 if half else (lambda v: v)
-    tid = np.arange(ir.grid[1] * ir.col_threads, dtype=np.int64)    # tiles = blockIdx.y
-    env = evaluate(ir.columns, {"bx": tid // ir.col_threads, "tx": tid % ir.col_threads})
-    active = env["act"].astype(bool)
+    rnd = _f16 if ir.accumulate == "fp16" else (lambda v: v)
     lanes = np.arange(width, dtype=np.int64)
-    pointer = {ptr: env[var] for ptr, var in ir.pointers}   # per thread, elements
-    base_x = pointer["x"]
-    threads = len(base_x)
-    # per segment: is each thread's base the input (True) or the shifted zero buffer
-    if geo.masked:
-        inside = np.stack([(env["ih"] + b.r >= 0) & (env["ih"] + b.r < geo.height)
-                           & (env["iw"] + b.s >= 0) & (env["iw"] + b.s < geo.width)
-                           for b in ir.bases])              # (segments, threads)
-        shifts = np.array([b.zero_shift for b in ir.bases], dtype=np.int64)
-    else:
-        inside = np.ones((max(1, ir.seg.shape[1] - 1), threads), dtype=bool)
-        shifts = np.zeros(inside.shape[0], dtype=np.int64)
-    entry, chain, segment = schedule(ir.seg, chains)
-    rows = len(ir.row_out)
+    entry, chain, segment = schedule(seg, chains)
+    rows, threads = len(ir.row_out), len(base_x)
     acc = np.zeros((rows, chains, threads, width))
     offsets, values = ir.offsets, ir.values
     row_index = np.arange(rows)
@@ -111,6 +101,37 @@ def execute_stream(ir: StreamIR, x: np.ndarray, residual: np.ndarray | None) -> 
     total = acc[:, 0]
     for k in range(1, chains):
         total = rnd(total + acc[:, k])
+    return total
+
+
+def execute_stream(ir: StreamIR, x: np.ndarray, residual: np.ndarray | None) -> np.ndarray:
+    _check_tables(ir)
+    geo, width = ir.geometry, ir.vector_width
+    rnd = _f16 if ir.accumulate == "fp16" else (lambda v: v)
+    tid = np.arange(ir.grid[1] * ir.col_threads, dtype=np.int64)    # tiles = blockIdx.y
+    env = evaluate(ir.columns, {"bx": tid // ir.col_threads, "tx": tid % ir.col_threads})
+    active = env["act"].astype(bool)
+    lanes = np.arange(width, dtype=np.int64)
+    pointer = {ptr: env[var] for ptr, var in ir.pointers}   # per thread, elements
+    base_x = pointer["x"]
+    threads = len(base_x)
+    # per segment: is each thread's base the input (True) or the shifted zero buffer
+    if geo.masked:
+        inside = np.stack([(env["ih"] + b.r >= 0) & (env["ih"] + b.r < geo.height)
+                           & (env["iw"] + b.s >= 0) & (env["iw"] + b.s < geo.width)
+                           for b in ir.bases])              # (segments, threads)
+        shifts = np.array([b.zero_shift for b in ir.bases], dtype=np.int64)
+    else:
+        inside = np.ones((1, threads), dtype=bool)            # one segment
+        shifts = np.zeros(inside.shape[0], dtype=np.int64)
+    rows = len(ir.row_out)
+    total = None
+    stride = ir.seg.shape[1] // ir.k_slices
+    for z in range(ir.k_slices):         # each slice's partial sums, added in slice order
+        part = _partial(ir, x, ir.seg[:, z * stride:(z + 1) * stride], inside, shifts, base_x)
+        total = part if total is None else rnd(total + part)
+    if total is None:
+        total = np.zeros((rows, threads, width))
     out = np.full(geo.output_elems, np.nan)
     writes = np.zeros(geo.output_elems, dtype=np.int64)
     for i, row in enumerate(ir.row_out.tolist()):

@@ -165,6 +165,9 @@ class StreamIR(Precision):
     stream through a 64-entry ring); accumulators carry across segments, summed in order
     (((a0 + a1) + a2) + ...) before the epilogue: + bias[row], + res[row * out_pixels], max 0,
     min 6, then the store at y + row * out_pixels (stores only where act).
+    With k_slices > 1 (grid[2] slices), slice z of row entry i reads its segments from
+    seg[i, z * (segments + 1):(z + 1) * (segments + 1)]; each slice's chain sum is a partial,
+    and the epilogue runs on the partials added in slice order (((p0 + p1) + p2) + ...).
     """
 
     entry: str
@@ -190,6 +193,7 @@ class StreamIR(Precision):
     residual: bool
     activation: str
     stage: str = "shfl"             # how a warp shares its chunk of 32 entries: shfl, smem, ring
+    k_slices: int = 1               # K-slices on blockIdx.z (grid[2])
 
     k_split = 1
     shared_bytes = 0                # smem staging is a static array (stage_warps)
@@ -208,7 +212,7 @@ class StreamIR(Precision):
     ARRAYS = ("work", "row_out", "seg", "offsets", "values")
     SCALARS = ("entry", "geometry", "dtype", "accumulate", "vector_width", "col_threads", "warps",
                "chains", "grid", "arguments", "columns", "pointers", "bases", "bias", "residual",
-               "activation", "stage")
+               "activation", "stage", "k_slices")
 
     def difference(self, other: "StreamIR") -> str | None:
         """The first field where `other` differs from this IR (None: equal)."""

@@ -15,7 +15,7 @@ import hashlib
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from itertools import zip_longest
 from typing import Callable
 
@@ -23,6 +23,7 @@ import numpy as np
 
 from .build import KernelBuild, build_kernel, epilogue_for, geometry_for
 from .families import family_of_params, get_family
+from .families.base import params_key
 from .families.immediate import PlanParams
 from .problem_shape import PRECISIONS, Epilogue, Geometry
 from .problems import Problem
@@ -101,7 +102,7 @@ class Job:
         """The job's identity in the database (tunedb.JOB_COLUMNS less GPU and driver);
         `family` is the run's default (name, version) for jobs that do not carry their own."""
         return (case.pattern_hash, case.shape, case.precision, *self.family_of(family),
-                plan_json(asdict(self.params)))
+                plan_json(params_key(self.params)))
 
 
 @dataclass(frozen=True)
@@ -324,7 +325,7 @@ def row(case: CaseSpec, compiled: Compiled | None, job: Job, result: dict, gpu: 
     family = job.family_of(family)
     return {"pattern_hash": case.pattern_hash, "shape": case.shape, "precision": case.precision,
             "family": family[0], "family_version": family[1], "plan_name": job.params.name(),
-            "plan_json": plan_json(asdict(job.params)), "candidate": job.candidate,
+            "plan_json": plan_json(params_key(job.params)), "candidate": job.candidate,
             "problem": case.problem.id, "sparsity": case.sparsity,
             "cubin_sha256": compiled.cubin_sha256 if compiled else None,
             "gpu_name": gpu["gpu_name"], "sm_count": gpu.get("sm_count"),

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import datetime
 import json
-from dataclasses import asdict, fields
+from dataclasses import fields
 from pathlib import Path
 
 from .build import code_version, current_family
 from .errors import UserError
 from .families import families, get_family
+from .families.base import params_key
 from .families.immediate import PlanParams
 from .families.immediate import candidates as immediate_candidates
 from .paths import SHIPPED_TUNED
@@ -117,7 +118,7 @@ class TunedDB:
         layer tuned with the CUDA printer and with the PTX printer has one winner for each)."""
         key = self.key(pattern_hash, geometry, gpu_name, dtype, family, version)
         self.entries[key] = {
-            "params": asdict(params), **info,
+            "params": params_key(params), **info,
             "tuned_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
     def save(self) -> None:

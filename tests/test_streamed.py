@@ -60,7 +60,11 @@ def test_streamed_kernels_compile_and_match_float64_on_the_cpu(name, precision):
             (StreamParams(32, 8, 1, 2, 8, "smem"), None),
             (StreamParams(64, 1, 2, 3, 4, "ring"), {"bias": np.linspace(-1, 1, rows),
                                                     "activation": "relu"}),
-            (StreamParams(32, 4, 4, 2, 2, "ring"), None)):
+            (StreamParams(32, 4, 4, 2, 2, "ring"), None),
+            (StreamParams(32, 2, 2, 3, 4, "smem", 2), {"bias": np.linspace(-1, 1, rows),
+                                                       "activation": "relu6", "residual": True}),
+            (StreamParams(64, 1, 1, 1, 2, "smem", 3), None),
+            (StreamParams(32, 4, 2, 2, 4, "shfl", 4), {"activation": "relu"})):
         kernel = sparsert.compile_kernel(weight, **shape, dtype=precision[0],
                                          accumulate=precision[1], tuned=False, cache=None,
                                          epilogue=epilogue, plan=params)
@@ -164,10 +168,12 @@ def test_the_interpreter_catches_bad_tables():
         execute(replace(ir, row_out=rows), x)
     with pytest.raises(PlanExecutionError, match="worker ranges"):
         execute(replace(ir, work=ir.work[:-1]), x)
-    with pytest.raises(PlanExecutionError, match="8 tap bases for 12 row entries of 9"):
+    with pytest.raises(PlanExecutionError, match="8 tap bases for 12 row entries of 1 x 9"):
         execute(replace(ir, bases=ir.bases[:-1]), x)      # was an IndexError
-    with pytest.raises(PlanExecutionError, match="11 rows of 9 segments"):
+    with pytest.raises(PlanExecutionError, match="11 rows of 10 segment bounds"):
         execute(replace(ir, seg=ir.seg[:-1]), x)
+    with pytest.raises(PlanExecutionError, match="grid has 2 slices for 1 K-slices"):
+        execute(replace(ir, grid=ir.grid[:2] + (2,)), x)
 
 
 def test_the_interpreter_runs_the_chain_order_fp16_rounds_in():
@@ -217,7 +223,9 @@ def test_bad_streamed_parameters_are_user_errors():
 @pytest.mark.parametrize("geometry, params", [
     (Geometry(1, 96, 1, 64, 80), StreamParams(32, 2, 4, 3, 4)),
     (Geometry(2, 16, 9, 9, 24, 3, 2, 1), StreamParams(64, 1, 2, 5, 2)),
-    (Geometry(1, 16, 8, 8, 40, 3, 1, 0), StreamParams(32, 1, 1, 1, 8))])
+    (Geometry(1, 16, 8, 8, 40, 3, 1, 0), StreamParams(32, 1, 1, 1, 8)),
+    (Geometry(1, 96, 1, 64, 80), StreamParams(32, 2, 4, 3, 4, "smem", 4)),
+    (Geometry(2, 16, 9, 9, 24, 3, 2, 1), StreamParams(64, 1, 2, 5, 2, "shfl", 3))])
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "bf16"])
 def test_cost_estimate_equals_the_built_plans_features(geometry, params, precision):
     from sparsert_cli.families.streamed import estimate, features
@@ -349,3 +357,58 @@ def test_no_ring_candidate_for_7x7_convolutions():
     conv3 = Geometry(1, 64, 14, 14, 64, 3, 1, 1)
     assert all(p.stage != "ring" for p in candidates(conv7, 900, "fp32", 32))
     assert any(p.stage == "ring" for p in candidates(conv3, 3600, "fp32", 32))
+
+
+def test_k_slices_split_each_row_by_input_channel_and_print_a_checked_reduction():
+    """Slice z holds the nonzeros of input channels [z*C/S, (z+1)*C/S) of every row, each slice
+    padded per tap segment; the grid's z runs the slices; the source parses back (with its
+    slice count) and a changed slice count or reduction is caught."""
+    geometry = Geometry(1, 16, 7, 7, 12, 3, 1, 1)
+    epi = Epilogue(bias=tuple(np.linspace(-2, 2, 12)), activation="relu", residual=True)
+    plan, ir = _ir(epilogue=epi, geometry=geometry, params=StreamParams(32, 1, 2, 3, 4, "smem", 4))
+    assert plan.k_slices == 4 and plan.grid[2] == 4 and plan.segments == 9
+    assert plan.seg.shape == (12, 4 * 10) and plan.params.name().endswith("mk4")
+    for i in range(12):
+        for z in range(4):
+            lo, hi = plan.seg[i, z * 10], plan.seg[i, z * 10 + 9]
+            real = plan.values[lo:hi] != 0
+            channels = plan.offsets[lo:hi][real] // 49
+            assert np.all((channels >= 4 * z) & (channels < 4 * z + 4))
+    assert plan.nnz == _weight(geometry, 0.3, 1).nnz
+    source = stream.print_stream(ir)
+    stream.check_printed(ir, source)
+    assert "slices=4" in source and "atomicAdd(sparsert_count" in source
+    assert "sparsert_part[2352]" in source       # 4 slices x 12 rows x 49 pixels, float sums
+    for changed, why in ((source.replace("slices=4", "slices=2"), r"grid: \(2, 2, 4\) != "),
+                         (source.replace("s < 4; ++s", "s < 3; ++s"), "not what its IR prints")):
+        with pytest.raises(PrintedMismatch, match=why):
+            stream.check_printed(ir, changed)
+    # one slice prints the unsplit kernel: no workspace, no counters
+    _, one = _ir(epilogue=epi, geometry=geometry, params=StreamParams(32, 1, 2, 3, 4, "smem"))
+    assert "sparsert_part" not in stream.print_stream(one)
+
+
+def test_k_slices_refuse_the_ring_stage_and_a_workspace_past_its_limit():
+    with pytest.raises(sparsert.UserError, match="k_slices > 1 needs stage smem or shfl"):
+        StreamParams(stage="ring", k_slices=2).validate()
+    with pytest.raises(sparsert.UserError, match="k_slices must be in 1..16"):
+        StreamParams(k_slices=17).validate()
+    big = Geometry(32, 64, 56, 56, 256)             # 25.7M outputs x 4 B x 4 slices > 64 MiB
+    with pytest.raises(sparsert.UserError, match="k-split workspace \\(392 MiB\\) exceeds 64 MiB"):
+        build_plan(_weight(big, 0.01, 0), big, StreamParams(128, 4, 2, 8, 4, "smem", 4))
+    # plans made before k_slices keep their keys; a split plan's key names it
+    assert "k_slices" not in StreamParams().key()
+    assert StreamParams(k_slices=2).key()["k_slices"] == 2
+    assert StreamParams.from_dict({"k_slices": 2, "stage": "smem"}).name() == "s32v1w4r4c4mk2"
+
+
+def test_the_default_splits_k_only_for_few_long_rows():
+    from sparsert_cli.build import geometry_for
+    from sparsert_cli.problems import builtin_problems
+
+    problems = builtin_problems()
+    slices = {name: default_params(geometry_for(problems[name]),
+                                   geometry_for(problems[name]).out_channels
+                                   * geometry_for(problems[name]).taps // 10).k_slices
+              for name in ("rn50_c5_3x3", "rn50_c4_reduce", "bert_ffn_up", "mbv1_pw0")}
+    assert slices == {"rn50_c5_3x3": 2, "rn50_c4_reduce": 1, "bert_ffn_up": 1, "mbv1_pw0": 1}

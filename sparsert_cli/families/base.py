@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Any, Callable
 
 from ..errors import UserError
@@ -32,6 +32,11 @@ class Params:
 
     TEXT: tuple[str, ...] = ()
 
+    def key(self) -> dict:
+        """The fields as stored in databases and digests (a family may leave out a newer field
+        at its old default, so that plans made before it keep their keys)."""
+        return asdict(self)
+
     def _checked(self, checks):
         for ok, message in checks:
             if not ok:
@@ -50,6 +55,12 @@ class Params:
             if isinstance(value, bool) or not isinstance(value, want):
                 raise UserError(f"plan parameter '{key}' must be {want.__name__}, got {value!r}")
         return cls(**doc).validate()
+
+
+def params_key(params) -> dict:
+    """What databases and digests store of a plan's parameters (Params.key; any other
+    parameter dataclass: its fields)."""
+    return params.key() if isinstance(params, Params) else asdict(params)
 
 
 @dataclass(frozen=True)

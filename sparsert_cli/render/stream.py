@@ -125,7 +125,8 @@ def _constants(ir: StreamIR) -> str:
     return (f"  // geometry batch={g.batch} in={g.in_channels} h={g.height} w={g.width} "
             f"out={g.out_channels} k={g.kernel} s={g.stride} p={g.padding}; dtype={ir.dtype} "
             f"acc={ir.accumulate}; width={ir.vector_width}; grid={ir.grid[0]}x{ir.grid[1]}; "
-            f"activation={ir.activation}; stage={ir.stage}\n"
+            f"activation={ir.activation}; stage={ir.stage}"
+            + (f"; slices={ir.k_slices}" if ir.k_slices > 1 else "") + "\n"
             f"  constexpr int WARPS = {ir.warps}, CHAINS = {ir.chains}, "
             f"STRIDE = {ir.seg.shape[1] + 1}, PIXELS = {g.out_pixels};")
 
@@ -143,6 +144,10 @@ def print_stream(ir: StreamIR, arch: str = "sm_90") -> str:
         out += _helpers(t.half_type)
     for name, words in tables(ir).items():    # int words; the nonzeros are read as int2
         out.append(_table("int", name, words, 8 if name == "sparsert_ent" else 4))
+    if ir.k_slices > 1:     # zero-initialised module memory: partial sums, per-tile counters
+        out += [f"__device__ __align__(16) {_part_type(t)} sparsert_part"
+                f"[{ir.k_slices * _slice_units(ir, t)}];",
+                f"__device__ unsigned sparsert_count[{ir.grid[0] * ir.grid[1]}];"]
     e = t.elem
     types = {"x": f"const {e}* __restrict__", "y": f"{e}* __restrict__",
              "res": f"const {e}* __restrict__", "z": f"const {e}* __restrict__"}
@@ -155,9 +160,14 @@ def print_stream(ir: StreamIR, arch: str = "sm_90") -> str:
             f"  unsigned {', '.join(dict.fromkeys(unsigned))};",
             f"  int {', '.join(dict.fromkeys(op.dst for op in ir.columns if op.signed))};"]
     out += [_index(op) for op in ir.columns]
+    if ir.k_slices > 1:      # this thread's partials (accumulator units) in each slice
+        outvar = dict(ir.pointers)["y"]
+        step = t.width // t.units
+        out.append(f"  {_part_type(t)}* const P = sparsert_part + "
+                   + (f"{outvar} / {step};" if step > 1 else f"{outvar};"))
     out += [f"  {ptr} += {var};" for ptr, var in ir.pointers]
     g = ir.geometry
-    segments = ir.seg.shape[1] - 1
+    segments = ir.seg.shape[1] // ir.k_slices - 1
     if ir.bases:
         out += [f"  const {e}* b{i} = ((unsigned)(ih + {b.r}) < {g.height}u && (unsigned)(iw + "
                 f"{b.s}) < {g.width}u) ? x : z + ({b.zero_shift});"
@@ -203,18 +213,71 @@ def print_stream(ir: StreamIR, arch: str = "sm_90") -> str:
     else:
         out += ["  for (int r = __ldg(sparsert_work + w); r < r_end; ++r) {",
                 "    const int* R = sparsert_rows + r * STRIDE;",
-                "    const int row = __ldg(R);"] + zero
+                "    const int row = __ldg(R);"]
+        if ir.k_slices > 1:
+            out.append(f"    R += blockIdx.z * {segments + 1};   // this block's K-slice")
+        out += zero
     load = f"__ldg(reinterpret_cast<const {t.vt}*>(b{{i}} + off))"
     for i in range(segments):
         out += _segment(ir, t, i, load.format(i=i))
     out += ["#pragma unroll", "    for (int c = 1; c < CHAINS; ++c)", "#pragma unroll",
             f"      for (int k = 0; k < {t.units}; ++k) a[0][k] = {t.add('a[0][k]', 'a[c][k]')};",
             "    const int o = row * PIXELS;"]
-    out += _epilogue(ir, t)
-    if ir.stage == "ring":
-        out += ["#pragma unroll", "    for (int i = 0; i < STRIDE; ++i) h[i] = hn[i];"]
-    out += ["  }", "}"]
+    if ir.k_slices > 1:
+        out += _k_split(ir, t)
+    else:
+        out += _epilogue(ir, t)
+        if ir.stage == "ring":
+            out += ["#pragma unroll", "    for (int i = 0; i < STRIDE; ++i) h[i] = hn[i];"]
+        out += ["  }", "}"]
     return "\n".join(out) + "\n"
+
+
+def _part_type(t: _Types) -> str:
+    return t.acc_t
+
+
+def _slice_units(ir: StreamIR, t: _Types) -> int:
+    """Accumulator units of one slice's partials: one per output, or per half2 pair."""
+    return ir.geometry.output_elems * t.units // t.width
+
+
+def _k_split(ir: StreamIR, t: _Types) -> list[str]:
+    """A K-slice's end: its partial sums go to the workspace; the block that finishes a (worker
+    block, column tile) last adds the slices in order and runs the epilogue (the counter is
+    left at zero for the next launch)."""
+    step = t.width // t.units
+    at = f"o / {step}" if step > 1 else "o"
+    slice_units = _slice_units(ir, t)
+    load = f"__ldcg(P + s * {slice_units} + {at} + {{k}})"
+    out = ["    if (act) {"]
+    out += [f"      P[blockIdx.z * {slice_units} + {at} + {k}] = a[0][{k}];"
+            for k in range(t.units)]
+    out += ["    }", "  }",
+            "  __shared__ unsigned sparsert_last;",
+            "  __threadfence();",
+            "  __syncthreads();",
+            "  if (threadIdx.x == 0 && threadIdx.y == 0) {",
+            "    const unsigned tile = blockIdx.y * gridDim.x + blockIdx.x;",
+            f"    sparsert_last = atomicAdd(sparsert_count + tile, 1u) == {ir.k_slices - 1}u;",
+            "    if (sparsert_last) sparsert_count[tile] = 0u;",
+            "  }",
+            "  __syncthreads();",
+            "  if (!sparsert_last || !act) return;",
+            "  __threadfence();",
+            "  for (int r = __ldg(sparsert_work + w); r < r_end; ++r) {",
+            "    const int row = __ldg(sparsert_rows + r * STRIDE);",
+            "    const int o = row * PIXELS;",
+            f"    {t.acc_t} a[1][{t.units}];",
+            "    {",
+            "      const int s = 0;"]
+    out += [f"      a[0][{k}] = {load.format(k=k)};" for k in range(t.units)]
+    out += ["    }", f"    for (int s = 1; s < {ir.k_slices}; ++s) {{"]
+    out += [f"      a[0][{k}] = {t.add(f'a[0][{k}]', load.format(k=k))};"
+            for k in range(t.units)]
+    out += ["    }"]
+    out += _epilogue(ir, t)
+    return out + ["  }", "}"]
 
 
 def _segment(ir: StreamIR, t: _Types, i: int, load: str) -> list[str]:
@@ -365,7 +428,8 @@ def to_cubin(source: str, arch: str, threads: int = 1) -> Compiled:
 # ---- parse-back ---------------------------------------------------------------------------------
 _CONST = re.compile(
     r"// geometry batch=(\d+) in=(\d+) h=(\d+) w=(\d+) out=(\d+) k=(\d+) s=(\d+) p=(\d+); "
-    r"dtype=(\w+) acc=(\w+); width=(\d+); grid=(\d+)x(\d+); activation=(\w+); stage=(\w+)\n"
+    r"dtype=(\w+) acc=(\w+); width=(\d+); grid=(\d+)x(\d+); activation=(\w+); stage=(\w+)"
+    r"(?:; slices=(\d+))?\n"
     r"  constexpr int WARPS = (\d+), CHAINS = (\d+), STRIDE = (\d+), PIXELS = (\d+);")
 _SIG = re.compile(r'__launch_bounds__\((\d+)\)\n(\w+)\(([^)]*)\)')
 _BASE = re.compile(r"const [\w ]+\* b(\d+) = \(\(unsigned\)\(ih \+ (\d+)\) < (\d+)u && "
@@ -406,10 +470,11 @@ def _parse(source: str) -> StreamIR | str:
     sig = _SIG.search(source)
     if not m or not sig:
         return "constants or signature not found"
-    v = [int(x) if x.isdigit() else x for x in m.groups()]
+    v = [int(x) if x and x.isdigit() else x for x in m.groups()]
     geometry = Geometry(*v[0:8])
-    dtype, accumulate, width, grid, activation = v[8], v[9], v[10], (v[11], v[12], 1), v[13]
-    stage, (warps, chains, stride) = v[14], v[15:18]
+    slices = v[15] or 1
+    dtype, accumulate, width, grid, activation = v[8], v[9], v[10], (v[11], v[12], slices), v[13]
+    stage, (warps, chains, stride) = v[14], v[16:19]
     half_acc = accumulate == "fp16"
     arguments = tuple(a.split()[-1] for a in sig[3].split(","))
     decl = source[sig.end():]
@@ -437,7 +502,7 @@ def _parse(source: str) -> StreamIR | str:
         pointers=tuple(_PTR.findall(source)), bases=bases, work=found["sparsert_work"],
         row_out=rows[:, 0], seg=rows[:, 1:], offsets=ent[0:2 * nnz:2],
         values=_from_words(ent[1:2 * nnz:2], half_acc), bias=bias,
-        residual="res" in arguments, activation=activation, stage=stage)
+        residual="res" in arguments, activation=activation, stage=stage, k_slices=slices)
 
 
 def ir_comment(source: str) -> str:

@@ -56,13 +56,16 @@ CASES = {
                                        ("bf16", "fp32")])
 @pytest.mark.parametrize("name", sorted(CASES))
 @pytest.mark.parametrize("epilogue", [False, True])
-@pytest.mark.parametrize("stage", ["shfl", "smem", "ring"])
+@pytest.mark.parametrize("stage", ["shfl", "smem", "ring", "smem-k2", "shfl-k3"])
 def test_streamed_kernels_match_float64(gpu, name, precision, epilogue, stage):
+    """"-kN": N K-slices (partials in the module's workspace; two checks, so the second launch
+    finds the tile counters reset by the first)."""
     weight, shape, plan = CASES[name]
     rows = weight.shape[0]
     epi = dict(EPI, bias=np.linspace(-1, 1, rows)) if epilogue else None
+    stage, _, slices = stage.partition("-k")
     default = dict(col_threads=32, vector_width=1, warps=2, rows_per_worker=3, chains=4,
-                   stage=stage)
+                   stage=stage, k_slices=int(slices or 1))
     kernel = sparsert.compile_kernel(weight, **shape, dtype=precision[0],
                                      accumulate=precision[1], tuned=False, cache=None,
                                      epilogue=epi, plan=StreamParams(**{**default, **plan}))

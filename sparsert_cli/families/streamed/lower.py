@@ -27,7 +27,8 @@ def lower(plan: StreamPlan) -> StreamIR:
     return StreamIR(
         entry=plan.entry,
         comment=(f"{plan.params.name()}, {plan.nnz} nonzeros, {len(plan.row_out)} rows on "
-                 f"{plan.workers} workers"),
+                 f"{plan.workers} workers" + (f" x {plan.k_slices} K-slices"
+                                              if plan.k_slices > 1 else "")),
         geometry=geo, dtype=plan.dtype, accumulate=plan.accumulate,
         vector_width=plan.vector_width, col_threads=plan.col_threads, warps=plan.params.warps,
         chains=plan.params.chains, grid=plan.grid, arguments=plan.arguments,
@@ -35,4 +36,4 @@ def lower(plan: StreamPlan) -> StreamIR:
         work=plan.work.astype(np.int64), row_out=plan.row_out.astype(np.int64),
         seg=plan.seg.astype(np.int64), offsets=plan.offsets.astype(np.int64),
         values=held(plan, plan.values), bias=bias, residual=epi.residual,
-        activation=epi.activation, stage=plan.params.stage)
+        activation=epi.activation, stage=plan.params.stage, k_slices=plan.k_slices)

@@ -15,6 +15,11 @@ order the loop consumes it:
   * A row's nonzeros are sorted by kernel tap (r, s) then address; with padding each tap (r, s)
     is one segment whose base pointer (input, or the zero buffer) is chosen once per thread, so the
     loop has no bounds tests. Entries of a segment are spread over `chains` accumulators.
+  * `k_slices` > 1 splits the reduction (K) by input channel into slices run on blockIdx.z:
+    more warps for layers with few long rows, and a smaller activation tile per block. Every
+    slice has the same workers and rows; a block stores its partial sums in the module's
+    workspace, and the block that finishes a (worker block, column tile) last adds the slices
+    in order (deterministic) and runs the epilogue.
 """
 
 from __future__ import annotations
@@ -42,6 +47,13 @@ PAD = 8
 MAX_GRID_Y = 65535              # column tiles run on blockIdx.y
 INT_MAX = 2**31 - 1             # the tables are `int` words, indexed with int arithmetic
 STAGES = {"shfl": "", "smem": "m", "ring": "g"}     # stage -> its suffix in plan names
+MAX_K_SLICES = 16
+MAX_DEFAULT_SLICES = 2          # the most K-slices the untuned default takes
+# a default slice keeps at least this many nonzeros of each row: each slice adds a row's fixed
+# latency (its table reads) and the split adds the reduction's (fence, counter, partials)
+MIN_SLICE_NONZEROS = 192
+# the k-split workspace (slices x outputs partial sums) is static memory of the loaded module
+MAX_WORKSPACE_BYTES = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -60,12 +72,21 @@ class StreamParams(Params):
     # stream through a 64-entry ring with the next chunk always in flight and row headers read
     # one row ahead, so no row or segment start waits on a table load
     stage: str = "shfl"
+    k_slices: int = 1               # input-channel slices run on blockIdx.z (see the module doc)
 
     TEXT = ("stage",)
 
     def name(self) -> str:
         return (f"s{self.col_threads}v{self.vector_width}w{self.warps}r{self.rows_per_worker}"
-                f"c{self.chains}{STAGES.get(self.stage, '?')}")
+                f"c{self.chains}{STAGES.get(self.stage, '?')}"
+                + (f"k{self.k_slices}" if self.k_slices > 1 else ""))
+
+    def key(self) -> dict:
+        """The fields as a dict; k_slices only when > 1 (plans made before it keep their keys)."""
+        doc = asdict(self)
+        if self.k_slices == 1:
+            del doc["k_slices"]
+        return doc
 
     def validate(self) -> StreamParams:
         checks = [
@@ -79,6 +100,9 @@ class StreamParams(Params):
              f"rows_per_worker must be in 1..{MAX_ROWS_PER_WORKER}"),
             (self.chains in (1, 2, 4, 8), "chains must be 1, 2, 4 or 8"),
             (self.stage in STAGES, f"stage must be one of {', '.join(STAGES)}"),
+            (1 <= self.k_slices <= MAX_K_SLICES, f"k_slices must be in 1..{MAX_K_SLICES}"),
+            (self.k_slices == 1 or self.stage != "ring",
+             "k_slices > 1 needs stage smem or shfl (the ring streams a worker's whole run)"),
         ]
         return self._checked(checks)
 
@@ -87,7 +111,8 @@ class StreamParams(Params):
 class StreamPlan(ColumnTiles):
     """Arrays, in the order the kernel reads them:
     work[w]..work[w+1]: worker w's row entries; row_out[i]: output row of row entry i;
-    seg[i, t]..seg[i, t+1]: its nonzeros of tap segment t (t < segments);
+    seg[i, z * (segments + 1) + t]..[.. + t + 1]: its nonzeros of K-slice z, tap segment t
+    (t < segments, z < k_slices; one slice: seg[i, t]..seg[i, t + 1]);
     offsets/values[e]: tap offset (elements from the thread's input base) and weight of nonzero e.
     """
 
@@ -95,15 +120,19 @@ class StreamPlan(ColumnTiles):
     params: StreamParams
     work: np.ndarray          # int64 (workers + 1,)
     row_out: np.ndarray       # int64 (rows,)
-    seg: np.ndarray           # int64 (rows, segments + 1)
+    seg: np.ndarray           # int64 (rows, k_slices * (segments + 1))
     offsets: np.ndarray       # int64 (nnz,)
     values: np.ndarray        # float32 (nnz,)
     epilogue: Epilogue = Epilogue()
     dtype: str = "fp32"
     accumulate: str = "fp32"
 
-    k_split = 1
+    k_split = 1                 # the immediate family's threadIdx.y split; here k_slices
     family = "streamed"
+
+    @property
+    def k_slices(self) -> int:
+        return self.params.k_slices
 
     @property
     def workers(self) -> int:
@@ -111,14 +140,15 @@ class StreamPlan(ColumnTiles):
 
     @property
     def segments(self) -> int:
-        return self.seg.shape[1] - 1
+        return self.seg.shape[1] // self.k_slices - 1
 
     @property
     def grid(self) -> tuple[int, int, int]:
-        """(worker blocks, column tiles, 1): blocks are dispatched x first, so the blocks an SM
-        holds at a time mostly share one column tile, whose activations then stay in its L1."""
+        """(worker blocks, column tiles, K-slices): blocks are dispatched x first, so the blocks
+        an SM holds at a time mostly share one column tile and slice, whose activations then stay
+        in its L1."""
         tiles = -(-self.geometry.columns // self.tile_columns)
-        return (self.workers // self.params.warps, tiles, 1)
+        return (self.workers // self.params.warps, tiles, self.k_slices)
 
     @property
     def block(self) -> tuple[int, int, int]:
@@ -157,7 +187,7 @@ class StreamPlan(ColumnTiles):
     @cached_property
     def _digest(self) -> str:
         h = hashlib.sha256(b"streamed")
-        h.update(json.dumps({"geometry": asdict(self.geometry), "params": asdict(self.params),
+        h.update(json.dumps({"geometry": asdict(self.geometry), "params": self.params.key(),
                              "epilogue": asdict(self.epilogue), "dtype": self.dtype,
                              "accumulate": self.accumulate}, sort_keys=True).encode())
         for array in (self.work, self.row_out, self.seg, self.offsets):
@@ -176,7 +206,9 @@ def fit_params(geometry: Geometry, params: StreamParams, dtype: str = "fp32") ->
     params = params.validate()
     width, threads = fit_columns(geometry, params.vector_width, params.col_threads, dtype)
     rows = min(params.rows_per_worker, geometry.out_channels)
-    return replace(params, vector_width=width, col_threads=threads, rows_per_worker=rows)
+    slices = min(params.k_slices, geometry.in_channels)
+    return replace(params, vector_width=width, col_threads=threads, rows_per_worker=rows,
+                   k_slices=slices)
 
 
 def check_limits(geometry: Geometry, params: StreamParams, entries: int = 0) -> None:
@@ -186,10 +218,27 @@ def check_limits(geometry: Geometry, params: StreamParams, entries: int = 0) -> 
         raise UserError(f"streamed plan {params.name()}: {tiles} column tiles exceed the grid's "
                         f"{MAX_GRID_Y} (more col_threads or a wider vector_width, or the "
                         f"immediate family)")
-    words = geometry.out_channels * ((geometry.kernel ** 2 if geometry.masked else 1) + 2)
+    words = geometry.out_channels * (
+        params.k_slices * ((geometry.kernel ** 2 if geometry.masked else 1) + 1) + 1)
+    workspace = workspace_bytes(geometry, params)
+    if workspace > MAX_WORKSPACE_BYTES:
+        raise UserError(f"streamed plan {params.name()}: its k-split workspace "
+                        f"({workspace >> 20} MiB) exceeds {MAX_WORKSPACE_BYTES >> 20} MiB "
+                        f"(fewer k_slices)")
     if max(words, entries + 64) > INT_MAX:
         raise UserError(f"streamed plan {params.name()}: its tables ({words} row words, {entries} "
                         f"entries) exceed the kernel's int32 indices")
+
+
+def workspace_bytes(geometry: Geometry, params: StreamParams) -> int:
+    """Bytes of partial sums a k-split kernel keeps (4 per output and slice; 0 unsplit)."""
+    return 4 * params.k_slices * geometry.output_elems if params.k_slices > 1 else 0
+
+
+def slice_bounds(geometry: Geometry, slices: int) -> np.ndarray:
+    """First input channel of each K-slice (and the end): channels as evenly as they divide."""
+    return np.array([z * geometry.in_channels // slices for z in range(slices + 1)],
+                    dtype=np.int64)
 
 
 def _workers(row_nnz: np.ndarray, count: int) -> list[list[int]]:
@@ -230,22 +279,29 @@ def build_plan(csr: sp.csr_matrix, geometry: Geometry, params: StreamParams,
     dealt = _workers(np.diff(csr.indptr), count)
     order = np.fromiter((r for rows in dealt for r in rows), dtype=np.int64, count=m)
     work = np.concatenate([[0], np.cumsum([len(rows) for rows in dealt])]).astype(np.int64)
-    offsets, values, seg = [], [], np.zeros((m, segments + 1), dtype=np.int64)
+    slices = params.k_slices
+    channel_of = slice_bounds(geometry, slices)
+    offsets, values = [], []
+    seg = np.zeros((m, slices * (segments + 1)), dtype=np.int64)
     start = 0
     for i, row in enumerate(order.tolist()):
         lo, hi = csr.indptr[row], csr.indptr[row + 1]
-        segment, offset = tap_offsets(geometry, csr.indices[lo:hi].astype(np.int64))
-        sort = np.lexsort((offset, segment))
+        taps = csr.indices[lo:hi].astype(np.int64)
+        segment, offset = tap_offsets(geometry, taps)
+        part = np.searchsorted(channel_of, taps // geometry.kernel ** 2, side="right") - 1
+        sort = np.lexsort((offset, segment, part))
         segment, offset, value = segment[sort], offset[sort], csr.data[lo:hi][sort]
-        bounds = np.searchsorted(segment, np.arange(segments + 1))
-        for t in range(segments):      # each segment padded to a whole group (see PAD)
-            a, b = bounds[t], bounds[t + 1]
-            pad = -(b - a) % PAD
-            seg[i, t] = start
-            offsets += [offset[a:b], np.full(pad, offset[b - 1] if b > a else 0, np.int64)]
-            values += [value[a:b], np.zeros(pad, np.float32)]
-            start += b - a + pad
-        seg[i, segments] = start
+        key = part[sort] * segments + segment
+        bounds = np.searchsorted(key, np.arange(slices * segments + 1))
+        for z in range(slices):
+            for t in range(segments):      # each segment padded to a whole group (see PAD)
+                a, b = bounds[z * segments + t], bounds[z * segments + t + 1]
+                pad = -(b - a) % PAD
+                seg[i, z * (segments + 1) + t] = start
+                offsets += [offset[a:b], np.full(pad, offset[b - 1] if b > a else 0, np.int64)]
+                values += [value[a:b], np.zeros(pad, np.float32)]
+                start += b - a + pad
+            seg[i, z * (segments + 1) + segments] = start
     check_limits(geometry, params, start)
     return StreamPlan(geometry, params, work, order, seg,
                       np.concatenate(offsets) if offsets else np.zeros(0, np.int64),
@@ -271,10 +327,25 @@ def default_params(geometry: Geometry, nnz: int, sm_count: int = 132,
     # warps per SM to aim for: one column per thread needs few registers, and more workers (fewer
     # rows each) won on every such layer of the H100 tuning run (docs/perf-notes.md, S6)
     per_sm = 16 if width == 1 else 8
-    workers = max(1, min(geometry.out_channels, (per_sm * sm_count * 32) // (threads * tiles)))
+    wanted = (per_sm * sm_count * 32) // (threads * tiles)
+    workers = max(1, min(geometry.out_channels, wanted))
     rows = min(MAX_ROWS_PER_WORKER, -(-geometry.out_channels // workers))
     warps = max(1, min(8, 256 // threads))
-    return fit_params(geometry, StreamParams(threads, width, warps, rows, 4, "smem"), dtype)
+    return fit_params(geometry, StreamParams(threads, width, warps, rows, 4, "smem",
+                                             default_slices(geometry, nnz, wanted)), dtype)
+
+
+def default_slices(geometry: Geometry, nnz: int, wanted_workers: int) -> int:
+    """K-slices for a layer with fewer rows than the workers wanted (a power of two up to
+    MAX_DEFAULT_SLICES) while each slice keeps MIN_SLICE_NONZEROS of a row (H100, run S5-2:
+    rn50_c5_3x3, 461 per row, 13.3 -> 12.6 us at 2 slices, slower at 4 and 8; rn50_c4_reduce,
+    102 per row, 4.7 -> 5.7 us at 2)."""
+    per_row = nnz / max(1, geometry.out_channels)
+    slices = 1
+    while (slices < MAX_DEFAULT_SLICES and geometry.out_channels * slices * 2 <= wanted_workers
+           and per_row / (slices * 2) >= MIN_SLICE_NONZEROS):
+        slices *= 2
+    return slices
 
 
 def candidates(geometry: Geometry, nnz: int, precision: str = "fp32", limit: int = 12,
@@ -296,10 +367,16 @@ def candidates(geometry: Geometry, nnz: int, precision: str = "fp32", limit: int
         replace(base, rows_per_worker=max(1, r // 4)), replace(base, rows_per_worker=r * 4),
         replace(base, col_threads=min(256, base.col_threads * 2)), replace(base, chains=8),
         replace(base, stage="shfl")]
+    # K-slices last: they won only on few very long rows in run S5-2 (docs/perf-notes.md)
+    k = base.k_slices
+    tries += [replace(base, k_slices=max(1, k // 2)), replace(base, k_slices=k * 2),
+              replace(base, k_slices=k * 4)]
     out: list[StreamParams] = []
     for params in tries:
         if params.stage == "ring" and geometry.masked and geometry.kernel > 3:
             continue    # its row headers (2 + k*k words, twice) spill past 255 registers at 7x7
+        if params.stage == "ring" and params.k_slices > 1:
+            params = replace(params, k_slices=1)
         try:
             params = fit_params(geometry, params, dtype)
             check_limits(geometry, params)

@@ -14,7 +14,8 @@ from __future__ import annotations
 import numpy as np
 
 from ...problem_shape import ELEMENT_BYTES, PRECISIONS, Geometry
-from .plan import PAD, StreamParams, _workers, check_limits, fit_params, tap_offsets
+from .plan import (PAD, StreamParams, _workers, check_limits, fit_params, slice_bounds,
+                   tap_offsets)
 
 LOOP_CODE_BYTES = 2048          # SASS of one segment's loop (both chunk paths)
 # per entry, besides the FMAs: stage "shfl" two shuffles, an address (sign-extended add + LEA
@@ -39,12 +40,18 @@ def _features(geometry: Geometry, params: StreamParams, precision: str, workers:
     tiles = -(-per_thread // params.col_threads)
     columns = tiles * params.col_threads * params.vector_width
     entries = int(row_entries.sum())
+    slices = params.k_slices
+    # with K-slices a warp runs a row's share of one slice (its fixed costs once per slice);
+    # the last slice's block adds the partials (one load per slice) before the epilogue
     per_row = (row_entries * (ENTRY_INSTRUCTIONS[params.stage]
                               + _units(params.vector_width, precision))
-               + ROW_INSTRUCTIONS + SEGMENT_INSTRUCTIONS * segments)
-    chain = float(np.bincount(worker_of, weights=per_row, minlength=workers).max(initial=0))
-    blocks = tiles * (workers // params.warps)
+               + slices * (ROW_INSTRUCTIONS + SEGMENT_INSTRUCTIONS * segments)
+               + (slices * 2 * _units(params.vector_width, precision) if slices > 1 else 0))
+    chain = float(np.bincount(worker_of, weights=per_row, minlength=workers).max(initial=0)
+                  ) / slices
+    blocks = tiles * (workers // params.warps) * slices
     warps_total = float(per_row.sum()) * tiles * params.col_threads / 32
+    partials = 2 * 4 * slices * geometry.output_elems if slices > 1 else 0
     resident = max(1, min(32, 2048 // (params.col_threads * params.warps)))
     waves = max(1, -(-blocks // (SMS * resident)))
     code = float(LOOP_CODE_BYTES * segments)
@@ -54,7 +61,7 @@ def _features(geometry: Geometry, params: StreamParams, precision: str, workers:
             "max_block_code_bytes": code, "flops": 2.0 * nnz * geometry.columns,
             "dram_bytes": float(element * (geometry.input_elems + geometry.output_elems)
                                 + 8 * entries),
-            "l2_bytes": float(entries * tiles * (columns / tiles * element + 8)),
+            "l2_bytes": float(entries * tiles * (columns / tiles * element + 8) + partials),
             "serial_instructions": max(chain, warps_total / (SMS * SCHEDULERS) / waves),
             "loads": float(entries), "rows": float(geometry.out_channels)}
 
@@ -76,8 +83,14 @@ def estimate(geometry: Geometry, csr, params: StreamParams, precision: str) -> d
     segments = geometry.kernel ** 2 if geometry.masked else 1
     row_nnz = np.diff(csr.indptr)
     rows = np.repeat(np.arange(m), row_nnz)
-    segment, _ = tap_offsets(geometry, csr.indices.astype(np.int64))
-    counts = np.bincount(rows * segments + segment, minlength=m * segments).reshape(m, segments)
+    taps = csr.indices.astype(np.int64)
+    segment, _ = tap_offsets(geometry, taps)
+    slices = params.k_slices
+    part = np.searchsorted(slice_bounds(geometry, slices), taps // geometry.kernel ** 2,
+                           side="right") - 1
+    cells = segments * slices
+    counts = np.bincount(rows * cells + part * segments + segment,
+                         minlength=m * cells).reshape(m, cells)
     padded = (-(-counts // PAD) * PAD).sum(axis=1)
     count = -(-m // params.rows_per_worker)
     count = -(-count // params.warps) * params.warps
