@@ -36,8 +36,21 @@ def main() -> int:
     ap.add_argument("--legacy", action="store_true",
                     help="sparsify as before session 4: layers timed warm and alone, no streamed "
                          "rival, shared ReLUs left in the model, 7x7 convolutions dense")
+    ap.add_argument("--max-default-slices", type=int, default=None,
+                    help="cap the streamed default's K-slices (1: no k-split; an experiment)")
+    ap.add_argument("--streamed-preference", type=float, default=None,
+                    help="sparsify_'s race keeps a streamed kernel unless the immediate one is "
+                         "this much faster (an experiment; default: sparsify's own)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
+    if args.streamed_preference is not None:
+        from sparsert_cli.torch import sparsify as sparsify_module
+
+        sparsify_module.STREAMED_PREFERENCE = args.streamed_preference
+    if args.max_default_slices is not None:
+        from sparsert_cli.families.streamed import plan as streamed_plan
+
+        streamed_plan.MAX_DEFAULT_SLICES = args.max_default_slices
 
     import torch
     from torch.profiler import ProfilerActivity, profile
@@ -98,7 +111,10 @@ def main() -> int:
         prev_end = end
     ours = [t for t in trace if t["sparsert"]]
     summary = {
-        "variant": "legacy" if args.legacy else "current", "model": args.model, "dtype": args.dtype, "sparsity": args.sparsity, "batch": args.batch,
+        "variant": "legacy" if args.legacy else "current", "model": args.model,
+        "dtype": args.dtype, "sparsity": args.sparsity, "batch": args.batch,
+        "max_default_slices": args.max_default_slices,
+        "streamed_preference": args.streamed_preference,
         "gpu": torch.cuda.get_device_name(), "forward_graph_us": round(forward_us, 2),
         "replays_seen": len(runs), "kernels": len(trace),
         "span_us": round(last[-1][2] - t0, 2) if last else None,

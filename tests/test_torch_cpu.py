@@ -432,3 +432,57 @@ def test_tune_layer_records_the_winner_where_compile_layer_looks(tmp_path):
     layer = Layer.of("layer1", weight, op="conv", input_shape=(1, 4, 6, 6), padding=1)
     found = tuned_params(layer.geometry, layer.weight, "fp32", tuned=tuned, gpu_name="Fake GPU")
     assert found is not None and found.name() == entry["best"]
+
+
+class Attention(nn.Module):
+    """Query, key and value on one input (siblings), then an output projection."""
+
+    def __init__(self, d=24):
+        super().__init__()
+        self.query, self.key, self.value = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
+        self.out = nn.Linear(d, d)
+
+    def forward(self, x):
+        q, k, v = self.query(x), self.key(x), self.value(x)
+        return self.out(torch.softmax(q @ k.transpose(-1, -2), dim=-1) @ v)
+
+
+def test_sibling_linears_on_one_input_become_one_kernel():
+    from sparsert_cli.torch.sparsify import SiblingHead, SiblingSlice
+
+    torch.manual_seed(3)
+    model = Attention().eval()
+    prune_(model, 0.7)
+    x = torch.randn(1, 6, 24)
+    with torch.no_grad():
+        want = model(x).clone()
+    dry = _sparsify(model, (x,), dtype="fp32", tuned=False, verify=True, min_speedup=1.0,
+                    min_sparsity=0.5, dry_run=True, arch=None, cache=False, include=None,
+                    device=torch.device("cpu"))
+    by = {r["layer"]: r for r in dry}
+    assert by["query"]["shape"] == "72x24, N=6" and by["query"]["siblings"] == ["key", "value"]
+    assert by["key"]["reason"] == "with query: dry run: verified" and by["out"]["shape"] == \
+        "24x24, N=6"
+    rows = _sparsify(model, (x,), dtype="fp32", tuned=False, verify=True, min_speedup=1.0,
+                     min_sparsity=0.5, dry_run=False, arch=None, cache=False, include=None,
+                     device=torch.device("cpu"))
+    assert [r["replaced"] for r in rows] == [True] * 4
+    assert rows[1]["reason"] == "in query's kernel" and rows[1]["plan"] == rows[0]["plan"]
+    assert isinstance(model.query, SiblingHead) and model.query.rows == (0, 24)
+    assert isinstance(model.value, SiblingSlice) and model.value.rows == (48, 72)
+    assert isinstance(model.out, SparseLayer)
+    with torch.no_grad():
+        assert torch.allclose(model(x), want, atol=1e-5)
+        # a sibling called on another input than the head's runs its own dense op
+        other = torch.randn(1, 6, 24)
+        model.query(x)
+        assert torch.allclose(model.key(other), model.key.dense(other))
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        assert torch.allclose(compiled(x), want, atol=1e-5)
+    alone = Attention().eval()
+    prune_(alone, 0.7)
+    rows = _sparsify(alone, (x,), dtype="fp32", tuned=False, verify=True, min_speedup=1.0,
+                     min_sparsity=0.5, dry_run=True, arch=None, cache=False, include=None,
+                     device=torch.device("cpu"), fuse_siblings=False)
+    assert [r["shape"] for r in rows] == ["24x24, N=6"] * 4

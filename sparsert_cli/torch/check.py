@@ -8,7 +8,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from sparsert_cli.torch import ops
 
 
 def _grouped_reference(weight, bias, activation, x, stride, padding, groups, res=None):
@@ -48,7 +47,7 @@ def verify(layer, x: torch.Tensor, res, dtype: str) -> dict:
     from sparsert_cli.reference import check
 
     with torch.no_grad():
-        y = ops.run(x, res, layer.kernel_id)
+        y = layer.run(x, res)
     if y.is_cuda:
         torch.cuda.synchronize(y.device)
     out = y.detach().float().cpu().numpy().astype(np.float64)

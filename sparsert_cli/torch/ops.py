@@ -6,9 +6,10 @@ torch.library.Library (define/impl): the @custom_op decorator costs ~36 us a cal
   CUDA graph and traced by torch.compile(fullgraph=True) through the fake (meta) kernel.
 * CPU: the plan interpreter (float64, slow): what sparsify_'s checks and the tests run.
 
-`kernel_id` indexes a process-wide registry (a schema cannot carry Python objects). Linear
-layers take token-major N x K activations while today's kernels compute Y = W X with X as K x N
-columns; until a token-major kernel exists the op transposes x in and y out (two copies).
+`kernel_id` indexes a process-wide registry (a schema cannot carry Python objects). The kernels
+compute Y = W X with X as K x N columns, and so does the op for Linear layers: its caller
+(sparsify.SparseLayer.run) transposes token-major activations in and out, outside the op, where
+torch.compile fuses those copies into the neighbouring kernels.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ _IDS = itertools.count(1)
 class Entry:
     kernel: object              # api.Kernel (run_cpu) or backend._InternalKernel
     linear: bool
-    in_shape: tuple             # the shape x must have (Linear: (..., K); conv: B, C, H, W)
+    in_shape: tuple             # the shape x must have (Linear: K x N columns; conv: B, C, H, W)
     out_shape: tuple            # the op's output shape
     loaded: object = None       # LoadedKernel on the GPU, None on the CPU
     device: int | None = None
@@ -60,30 +61,21 @@ def _run_cuda(x: torch.Tensor, residual, kernel_id: int) -> torch.Tensor:
     if entry.loaded is None or x.device.index != entry.device:
         raise RuntimeError(f"sparsert: kernel {kernel_id} is loaded on cuda:{entry.device}, "
                            f"not {x.device}")
-    if entry.linear:          # token-major N x K -> the kernel's K x N columns (see above)
-        k = entry.in_shape[-1]
-        xin = x.reshape(-1, k).t().contiguous()
-        y = torch.empty((entry.out_shape[-1], xin.shape[1]), dtype=x.dtype, device=x.device)
-    else:
-        xin = x.contiguous()
-        y = torch.empty(entry.out_shape, dtype=x.dtype, device=x.device)
+    xin = x.contiguous()
+    y = torch.empty(entry.out_shape, dtype=x.dtype, device=x.device)
     res = None if residual is None else residual.contiguous()
     stream = torch.cuda.current_stream(x.device).cuda_stream
     entry.loaded.launch(stream, xin.data_ptr(), y.data_ptr(),
                         None if res is None else res.data_ptr())
-    return y.t().contiguous().view(entry.out_shape) if entry.linear else y
+    return y
 
 
 def _run_cpu(x: torch.Tensor, residual, kernel_id: int) -> torch.Tensor:
     entry = _entry(x, kernel_id)
     store = np.float16 if x.dtype == torch.float16 else np.float32
     data = x.detach().to(torch.float32).numpy().astype(store)
-    if entry.linear:
-        data = data.reshape(-1, entry.in_shape[-1]).T
     res = None if residual is None else residual.detach().to(torch.float32).numpy()
     out = np.asarray(entry.kernel.run_cpu(data, res))
-    if entry.linear:
-        out = out.T
     return torch.from_numpy(np.ascontiguousarray(out)).to(x.dtype).view(entry.out_shape)
 
 

@@ -12,7 +12,7 @@ whose weight is block-diagonal (backend.block_diagonal: 9 nonzeros a row), throu
 kernels; other grouped convolutions stay dense.
 
 Kernels are specialised to one input shape: a SparseLayer called with another shape runs its
-dense (folded) op instead. Linear layers: see ops.py (transposes until a token-major kernel).
+dense (folded) op instead. Linear layers: see SparseLayer.run (transposes outside the op).
 """
 
 from __future__ import annotations
@@ -33,6 +33,12 @@ from sparsert_cli.torch.prune import is_depthwise
 from sparsert_cli.torch.residual import fuse_residuals, unshare_activations
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# In sparsify_'s race a streamed kernel is kept unless the immediate one times this much faster:
+# the cold timer evicts everything, while in a replayed forward the streamed family's tables (8 B
+# per nonzero) stay in L2 more often than the immediate family's code (16 B per nonzero). H100,
+# ResNet-50 fp16, same run (S5-9): forward 313.3 -> 279.4 us at 95% with 1.15 (414.1 -> 417.7
+# at 90%, noise).
+STREAMED_PREFERENCE = 1.15
 
 
 class SparseLayer(torch.nn.Module):
@@ -72,7 +78,20 @@ class SparseLayer(torch.nn.Module):
                               f"{tuple(x.shape)}: running the dense op", stacklevel=2)
                 self._warned = True
             return self.dense(x, residual)
-        return ops.run(x, residual, self.kernel_id)
+        return self.run(x, residual)
+
+    def run(self, x: torch.Tensor, residual=None) -> torch.Tensor:
+        """The kernel on x. Linear: the op computes Y = W X on K x N columns, so token-major
+        activations are transposed here, outside the op, where torch.compile fuses the copies
+        into the neighbouring kernels (in eager and plain graphs they are two copies)."""
+        if self.kind != "linear":
+            return ops.run(x, residual, self.kernel_id)
+        k = self.in_shape[-1]
+        columns = x.reshape(-1, k).t().contiguous()
+        if residual is not None:
+            residual = residual.reshape(columns.shape[1], -1).t().contiguous()
+        y = ops.run(columns, residual, self.kernel_id)
+        return y.t().reshape(*self.in_shape[:-1], y.shape[0])
 
     def extra_repr(self) -> str:
         return f"{self.kind}, kernel_id={self.kernel_id}, activation={self.activation}, " \
@@ -132,6 +151,8 @@ def _record_inputs(model, chains: list[Chain], example_inputs) -> dict:
             if slot["calls"] == 1:
                 slot["x"] = args[0].detach().clone()
                 slot["res"] = args[1].detach().clone() if residual else None
+                slot["source"] = args[0]    # the object itself (kept alive: ids stay unique)
+                slot["order"] = len(seen)
         handles.append(modules[chain.entry].register_forward_pre_hook(hook))
     try:
         with torch.no_grad():
@@ -140,6 +161,87 @@ def _record_inputs(model, chains: list[Chain], example_inputs) -> dict:
         for handle in handles:
             handle.remove()
     return seen
+
+
+class _Shared:
+    """What a group of sibling Linear layers (one input, one kernel) shares in a forward: the
+    input the head ran on and its output, all siblings' rows."""
+
+    x = None
+    y = None
+
+
+class SiblingHead(torch.nn.Module):
+    """The first of sibling Linear layers called on one input: runs one kernel for all of them
+    (their weights stacked) and returns its own slice of the output."""
+
+    def __init__(self, layer: SparseLayer, shared: _Shared, rows: tuple[int, int]):
+        super().__init__()
+        self.layer, self.shared, self.rows = layer, shared, rows
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.layer(x)
+        self.shared.x, self.shared.y = x, y
+        return y[..., self.rows[0]:self.rows[1]]
+
+    def extra_repr(self) -> str:
+        return f"rows={self.rows[0]}:{self.rows[1]} of {self.layer.weight.shape[0]}"
+
+
+class SiblingSlice(torch.nn.Module):
+    """A sibling after the head: its slice of the head's output. Called on another input (a
+    forward that differs from the recorded one), it runs its own dense op (eager and CUDA
+    graphs; under torch.compile the forward is the traced one)."""
+
+    def __init__(self, dense: torch.nn.Module, shared: _Shared, rows: tuple[int, int]):
+        super().__init__()
+        self.dense, self.shared, self.rows = dense, shared, rows
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.compiler.is_compiling() and self.shared.x is not x:
+            return self.dense(x)
+        return self.shared.y[..., self.rows[0]:self.rows[1]]
+
+    def extra_repr(self) -> str:
+        return f"rows={self.rows[0]}:{self.rows[1]} of the head's output"
+
+
+def _sibling_groups(todo: list, modules, seen) -> list[list[int]]:
+    """Indices into todo of Linear layers called on the same input object (and nothing fused
+    but the same activation), in call order: each group of two or more can be one kernel."""
+    groups: dict[tuple, list[int]] = {}
+    for i, (row, chain, spec, weight, bias) in enumerate(todo):
+        module = modules[chain.layer]
+        if not isinstance(module, torch.nn.Linear) or chain.bn or chain.residual:
+            continue
+        record = seen[chain.layer]
+        groups.setdefault((id(record["source"]), chain.activation), []).append(i)
+    return [sorted(g, key=lambda i: seen[todo[i][1].layer]["order"])
+            for g in groups.values() if len(g) > 1]
+
+
+def _fuse_siblings(todo: list, modules, seen) -> list:
+    """todo with each sibling group as one entry: (head row, head chain, the stacked layer's
+    spec, stacked weight, stacked bias, [(row, chain, (first, end row)) per sibling])."""
+    groups = _sibling_groups(todo, modules, seen)
+    grouped = {i for g in groups for i in g}
+    out = [entry + (None,) for i, entry in enumerate(todo) if i not in grouped]
+    for group in groups:
+        entries = [todo[i] for i in group]
+        weights = [e[3] for e in entries]
+        biases = [e[4] if e[4] is not None else torch.zeros(w.shape[0], dtype=w.dtype)
+                  for e, w in zip(entries, weights)]
+        weight, bias = torch.cat(weights), torch.cat(biases)
+        if all(e[4] is None for e in entries):
+            bias = None
+        ends = np.cumsum([0] + [w.shape[0] for w in weights])
+        members = [(e[0], e[1], (int(ends[k]), int(ends[k + 1]))) for k, e in enumerate(entries)]
+        head = entries[0]
+        label = "+".join(e[1].layer for e in entries)
+        epilogue = dict(head[2].epilogue or {}, bias=None if bias is None else bias.numpy())
+        spec = LayerSpec(label, weight.numpy(), "gemm", n=head[2].n, epilogue=epilogue)
+        out.append((head[0], head[1], spec, weight, bias, members))
+    return sorted(out, key=lambda e: seen[e[1].layer]["order"])
 
 
 # ---- the driver --------------------------------------------------------------------------------
@@ -172,8 +274,8 @@ def sparsify_(model: torch.nn.Module, example_inputs, *, dtype: str = "fp32", tu
               verify: bool = True, min_speedup: float = 1.0, min_sparsity: float = 0.5,
               dry_run: bool = False, arch: str | None = None, cache: bool = True,
               include=None, tune: bool = False, fuse_residual: bool = True,
-              race: bool = True, jobs: int | None = None, on_progress=None,
-              stats: dict | None = None) -> list[dict]:
+              race: bool = True, fuse_siblings: bool = True, jobs: int | None = None,
+              on_progress=None, stats: dict | None = None) -> list[dict]:
     """Replace the sparse Conv2d (square 1x1/3x3/5x5/7x7, stride 1/2; groups=1 or depthwise)
     and Linear layers of `model` (on a CUDA device, in eval mode: this call sets it) with
     compiled kernels, in place.
@@ -195,7 +297,11 @@ def sparsify_(model: torch.nn.Module, example_inputs, *, dtype: str = "fp32", tu
     ReLU also takes it out of the model. race (GPU): a layer planned in the immediate family
     also gets the streamed family's kernel, and keeps whichever is faster as the forward runs
     it (straight-line code fetched from memory is what makes large immediate kernels slower in
-    a model than alone). tune: run the tuner (GPU) on every layer first and record its winners
+    a model than alone), the streamed one unless the immediate one is STREAMED_PREFERENCE
+    (1.15x) faster. fuse_siblings: Linear layers called on the same input (a
+    transformer's query, key and value) become one kernel of their stacked weights; the first
+    one called runs it and the others take their slices (in eager mode, a sibling called on
+    another input runs its dense op). tune: run the tuner (GPU) on every layer first and record its winners
     in `tuned` (a path or TunedDB). jobs: compile processes (None: one per core; every kernel
     is compiled before any is checked). on_progress(stage, done, total, item): progress of the
     "compile", "compile streamed rivals" and "check" stages. stats: receives plan_seconds,
@@ -216,7 +322,8 @@ def sparsify_(model: torch.nn.Module, example_inputs, *, dtype: str = "fp32", tu
                      min_speedup=min_speedup, min_sparsity=min_sparsity, dry_run=dry_run,
                      arch=arch, cache=cache, include=include, device=device,
                      tune=tune and not dry_run, fuse_residual=fuse_residual, race=race,
-                     jobs=jobs, on_progress=on_progress, stats=stats)
+                     fuse_siblings=fuse_siblings, jobs=jobs, on_progress=on_progress,
+                     stats=stats)
 
 
 def _new_row(chain: Chain, module) -> dict:
@@ -250,7 +357,8 @@ def _why_not(module, record, dtype, min_sparsity, row) -> str | None:
 
 def _sparsify(model, example_inputs, *, dtype, tuned, verify, min_speedup, min_sparsity,
               dry_run, arch, cache, include, device, tune=False, fuse_residual=True,
-              race=True, jobs=None, on_progress=None, stats=None) -> list[dict]:
+              race=True, fuse_siblings=True, jobs=None, on_progress=None,
+              stats=None) -> list[dict]:
     """sparsify_ without the device check: on a CPU model (tests) layers are replaced by ops
     that run the plan interpreter."""
     if isinstance(example_inputs, torch.Tensor):
@@ -295,6 +403,11 @@ def _sparsify(model, example_inputs, *, dtype, tuned, verify, min_speedup, min_s
             except UserError as exc:
                 row["reason"] = f"no kernel: {exc.message}"
         todo = [t for t in todo if not t[0]["reason"]]
+    # siblings (Linear layers on one input: a transformer's query, key and value) become one
+    # kernel; each todo entry ends with its members, None for a layer alone
+    todo = _fuse_siblings(todo, modules, seen) if fuse_siblings else [t + (None,) for t in todo]
+    for record in seen.values():
+        record.pop("source", None)      # the recording forward's tensors: no longer needed
     # ---- compile: every kernel at once, across processes
     count = [0]
 
@@ -311,18 +424,25 @@ def _sparsify(model, example_inputs, *, dtype, tuned, verify, min_speedup, min_s
     rivals = _rivals(todo, kernels, dtype, tuned, arch, cache, jobs, on_progress, info) \
         if race and on_gpu else {}
     # ---- check: verify, time and swap, layer by layer
-    for done, ((row, chain, spec, weight, bias), kernel) in enumerate(zip(todo, kernels), 1):
+    for done, ((row, chain, spec, weight, bias, members), kernel) in enumerate(
+            zip(todo, kernels), 1):
         if on_progress:
             on_progress("check", done, len(todo), chain.layer)
+        if members:
+            row["shape"] = f"{weight.shape[0]}x{weight.shape[1]}, N={spec.n}"
+            row["siblings"] = [m[1].layer for m in members[1:]]
         if isinstance(kernel, str):
             row["reason"] = kernel
-            continue
-        record = seen[chain.layer]
-        options = [kernel] + ([rivals[done - 1]] if done - 1 in rivals else [])
-        layers = [_load(k, chain, modules[chain.layer], record["x"], dtype, weight, bias, on_gpu)
-                  for k in options]
-        _check_layer(model, modules, chain, layers, record, row, dtype, verify, dry_run,
-                     on_gpu, min_speedup)
+        else:
+            record = seen[chain.layer]
+            options = [kernel] + ([rivals[done - 1]] if done - 1 in rivals else [])
+            layers = [_load(k, chain, modules[chain.layer], record["x"], dtype, weight, bias,
+                            on_gpu) for k in options]
+            _check_layer(model, modules, chain, layers, record, row, dtype, verify, dry_run,
+                         on_gpu, min_speedup, members)
+        for member_row, _, _ in (members or [])[1:]:
+            if not member_row["replaced"]:
+                member_row["reason"] = f"with {chain.layer}: {row['reason']}"
     if on_gpu:      # what the dense layers cost: their share of the model
         for chain, row in zip(chains, rows):
             record = seen.get(chain.layer)
@@ -362,10 +482,12 @@ def _rivals(todo, kernels, dtype, tuned, arch, cache, jobs, on_progress, info) -
 
 
 def _check_layer(model, modules, chain, layers, record, row, dtype, verify, dry_run, on_gpu,
-                 min_speedup) -> None:
+                 min_speedup, members=None) -> None:
     """Verify each candidate (SparseLayer, row fields) of one chain -- the planned kernel first,
     then its rivals --, time the verified ones and the dense op as a forward runs them
-    (time_cold_us), and swap in the fastest if it beats dense by min_speedup."""
+    (time_cold_us), and swap in the fastest if it beats dense by min_speedup. `members`:
+    sibling layers sharing this kernel ((row, chain, rows) each, the head first): dense is one
+    GEMM of their stacked weights, and each is swapped for its slice."""
     x, res = record["x"], record["res"]
     inputs = (x,) if res is None else (x, res)
     chosen = None
@@ -388,23 +510,33 @@ def _check_layer(model, modules, chain, layers, record, row, dtype, verify, dry_
             return
         layer, fields = passed[0]
         if on_gpu:
-            row["dense_us"] = time_cold_us(_dense_module(modules, chain), inputs)
+            # siblings: against one dense GEMM of their stacked weights (torch.compile's
+            # freezing passes concatenate such layers too), not their GEMMs one by one
+            dense = layer.dense if members else _dense_module(modules, chain)
+            row["dense_us"] = time_cold_us(dense, inputs)
             timed = sorted(((time_cold_us(lay, inputs), i) for i, (lay, _) in enumerate(passed)))
             if len(passed) > 1:
                 row["tried"] = {f"{passed[i][1]['family']} {passed[i][1]['plan']}": round(us, 2)
                                 for us, i in timed}
-            sparse_us, best = timed[0]
+            # the race: a streamed kernel stays ahead unless beaten by STREAMED_PREFERENCE
+            sparse_us, best = min(timed, key=lambda t: t[0] / (
+                STREAMED_PREFERENCE if passed[t[1]][1]["family"] == "streamed" else 1.0))
             layer, fields = passed[best]
             row.update(fields, sparse_us=sparse_us, speedup=row["dense_us"] / sparse_us)
             if row["speedup"] < min_speedup:
                 row["reason"] = f"dense is faster ({row['speedup']:.2f}x)"
+                if members:         # each sibling's own dense time is filled in at the end
+                    row["dense_us"] = None
                 return
         else:
             row.update(fields)
         if dry_run:
             row["reason"] = "dry run: verified" if verify else "dry run: compiled"
             return
-        _swap(model, chain, layer)
+        if members:
+            _swap_siblings(model, modules, layer, members, row)
+        else:
+            _swap(model, chain, layer)
         chosen = layer
         row["replaced"], row["reason"] = True, "replaced"
     finally:
@@ -434,8 +566,11 @@ def _load(kernel, chain, module, x, dtype, weight, bias, on_gpu) -> tuple[Sparse
     linear = isinstance(module, torch.nn.Linear)
     fields = dict(family=getattr(kernel, "family", None), plan=kernel.plan_params.name(),
                   tuned=bool(getattr(kernel, "tuned", False)), nnz=int(kernel.nnz))
-    out_shape = (*x.shape[:-1], module.out_features) if linear else tuple(kernel.output_shape)
-    entry = ops.Entry(kernel, linear, tuple(x.shape), tuple(out_shape))
+    if linear:          # the op's own shapes: K x N columns in, M x N out (SparseLayer.run)
+        n = int(np.prod(x.shape[:-1]))         # (M: the weight's rows, siblings' stacked)
+        entry = ops.Entry(kernel, True, (x.shape[-1], n), (int(weight.shape[0]), n))
+    else:
+        entry = ops.Entry(kernel, False, tuple(x.shape), tuple(kernel.output_shape))
     if on_gpu:
         entry.loaded = kernel.to_device(x.device.index or 0)
         entry.device = x.device.index or 0
@@ -458,6 +593,18 @@ def _swap(model, chain: Chain, layer: SparseLayer) -> None:
         model.set_submodule(chain.bn, torch.nn.Identity())
     if chain.act_module:
         model.set_submodule(chain.act_module, torch.nn.Identity())
+
+
+def _swap_siblings(model, modules, layer: SparseLayer, members, row: dict) -> None:
+    """The head runs the kernel for every sibling; each other sibling takes its slice."""
+    shared = _Shared()
+    (_, head, rows), *rest = members
+    model.set_submodule(head.layer, SiblingHead(layer, shared, rows))
+    for member_row, member, member_rows in rest:
+        model.set_submodule(member.layer, SiblingSlice(modules[member.layer], shared,
+                                                       member_rows))
+        member_row.update({k: row.get(k) for k in ("family", "plan", "tuned", "nnz")})
+        member_row["replaced"], member_row["reason"] = True, f"in {head.layer}'s kernel"
 
 
 def report_table(rows: list[dict], title: str = "sparsify"):
