@@ -486,3 +486,60 @@ def test_sibling_linears_on_one_input_become_one_kernel():
                      min_sparsity=0.5, dry_run=True, arch=None, cache=False, include=None,
                      device=torch.device("cpu"), fuse_siblings=False)
     assert [r["shape"] for r in rows] == ["24x24, N=6"] * 4
+
+
+class CrossAttention(nn.Module):
+    """Keys and values from `memory` when given, else from x (self-attention)."""
+
+    def __init__(self, d=16):
+        super().__init__()
+        self.query, self.key, self.value = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
+
+    def forward(self, x, memory=None):
+        source = x if memory is None else memory
+        q, k, v = self.query(x), self.key(source), self.value(source)
+        return torch.softmax(q @ k.transpose(-1, -2), dim=-1) @ v
+
+
+class Mutating(nn.Module):
+    def __init__(self, d=16):
+        super().__init__()
+        self.a, self.b = nn.Linear(d, d), nn.Linear(d, d)
+
+    def forward(self, x):
+        y = self.a(x)
+        x.mul_(2)
+        return y + self.b(x)
+
+
+def test_siblings_follow_the_inputs_they_are_called_on():
+    """Recorded as self-attention, called as cross-attention: key and value run on their own
+    input in eager mode and under torch.compile; a sibling whose input changed in place since
+    the head ran is no sibling; Linear outputs are contiguous, as nn.Linear's."""
+    torch.manual_seed(4)
+    model = CrossAttention().eval()
+    prune_(model, 0.7)
+    x, memory = torch.randn(1, 5, 16), torch.randn(1, 7, 16)
+    with torch.no_grad():
+        want_self, want_cross = model(x).clone(), model(x, memory).clone()
+    rows = _sparsify(model, (x,), dtype="fp32", tuned=False, verify=True, min_speedup=1.0,
+                     min_sparsity=0.5, dry_run=False, arch=None, cache=False, include=None,
+                     device=torch.device("cpu"))
+    assert rows[0]["siblings"] == ["key", "value"]
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        for run in (model, compiled):
+            assert torch.allclose(run(x), want_self, atol=1e-5)
+            assert torch.allclose(run(x, memory), want_cross, atol=1e-5)
+        assert model.query(x).is_contiguous() and model.key(x).is_contiguous()
+        assert model.query(x).view(1, -1).shape == (1, 80)
+    mutating = Mutating().eval()
+    prune_(mutating, 0.7)
+    with torch.no_grad():
+        want = mutating(x.clone())
+    rows = _sparsify(mutating, (x.clone(),), dtype="fp32", tuned=False, verify=True,
+                     min_speedup=1.0, min_sparsity=0.5, dry_run=False, arch=None, cache=False,
+                     include=None, device=torch.device("cpu"))
+    assert "siblings" not in rows[0] and rows[1]["reason"] == "replaced"
+    with torch.no_grad():
+        assert torch.allclose(mutating(x.clone()), want, atol=1e-5)

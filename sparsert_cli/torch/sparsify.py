@@ -82,8 +82,9 @@ class SparseLayer(torch.nn.Module):
 
     def run(self, x: torch.Tensor, residual=None) -> torch.Tensor:
         """The kernel on x. Linear: the op computes Y = W X on K x N columns, so token-major
-        activations are transposed here, outside the op, where torch.compile fuses the copies
-        into the neighbouring kernels (in eager and plain graphs they are two copies)."""
+        activations are transposed in and out here, outside the op, where torch.compile fuses
+        the copies into the neighbouring kernels (in eager and plain graphs they are two
+        copies); the output is contiguous, as nn.Linear's."""
         if self.kind != "linear":
             return ops.run(x, residual, self.kernel_id)
         k = self.in_shape[-1]
@@ -91,7 +92,7 @@ class SparseLayer(torch.nn.Module):
         if residual is not None:
             residual = residual.reshape(columns.shape[1], -1).t().contiguous()
         y = ops.run(columns, residual, self.kernel_id)
-        return y.t().reshape(*self.in_shape[:-1], y.shape[0])
+        return y.t().contiguous().view(*self.in_shape[:-1], y.shape[0])
 
     def extra_repr(self) -> str:
         return f"{self.kind}, kernel_id={self.kernel_id}, activation={self.activation}, " \
@@ -152,6 +153,7 @@ def _record_inputs(model, chains: list[Chain], example_inputs) -> dict:
                 slot["x"] = args[0].detach().clone()
                 slot["res"] = args[1].detach().clone() if residual else None
                 slot["source"] = args[0]    # the object itself (kept alive: ids stay unique)
+                slot["version"] = _version(args[0])
                 slot["order"] = len(seen)
         handles.append(modules[chain.entry].register_forward_pre_hook(hook))
     try:
@@ -169,6 +171,15 @@ class _Shared:
 
     x = None
     y = None
+    version = None
+
+
+def _version(t: torch.Tensor):
+    """t's in-place version counter (None for inference-mode tensors, which have none)."""
+    try:
+        return t._version
+    except RuntimeError:
+        return None
 
 
 class SiblingHead(torch.nn.Module):
@@ -182,40 +193,46 @@ class SiblingHead(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.layer(x)
         self.shared.x, self.shared.y = x, y
-        return y[..., self.rows[0]:self.rows[1]]
+        if not torch.compiler.is_compiling():
+            self.shared.version = _version(x)
+        return y[..., self.rows[0]:self.rows[1]].contiguous()
 
     def extra_repr(self) -> str:
         return f"rows={self.rows[0]}:{self.rows[1]} of {self.layer.weight.shape[0]}"
 
 
 class SiblingSlice(torch.nn.Module):
-    """A sibling after the head: its slice of the head's output. Called on another input (a
-    forward that differs from the recorded one), it runs its own dense op (eager and CUDA
-    graphs; under torch.compile the forward is the traced one)."""
+    """A sibling after the head: its slice of the head's output. Called on another input than
+    the head's (a forward that differs from the recorded one), or on the same tensor changed in
+    place since, it runs its own dense op (the version test only outside torch.compile, which
+    traces the forward as called)."""
 
     def __init__(self, dense: torch.nn.Module, shared: _Shared, rows: tuple[int, int]):
         super().__init__()
         self.dense, self.shared, self.rows = dense, shared, rows
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.compiler.is_compiling() and self.shared.x is not x:
+        if self.shared.x is not x or (not torch.compiler.is_compiling()
+                                      and self.shared.version != _version(x)):
             return self.dense(x)
-        return self.shared.y[..., self.rows[0]:self.rows[1]]
+        return self.shared.y[..., self.rows[0]:self.rows[1]].contiguous()
 
     def extra_repr(self) -> str:
         return f"rows={self.rows[0]}:{self.rows[1]} of the head's output"
 
 
 def _sibling_groups(todo: list, modules, seen) -> list[list[int]]:
-    """Indices into todo of Linear layers called on the same input object (and nothing fused
-    but the same activation), in call order: each group of two or more can be one kernel."""
+    """Indices into todo of Linear layers called on the same input object, unchanged in place
+    between the calls (and nothing fused but the same activation), in call order: each group
+    of two or more can be one kernel."""
     groups: dict[tuple, list[int]] = {}
     for i, (row, chain, spec, weight, bias) in enumerate(todo):
         module = modules[chain.layer]
         if not isinstance(module, torch.nn.Linear) or chain.bn or chain.residual:
             continue
         record = seen[chain.layer]
-        groups.setdefault((id(record["source"]), chain.activation), []).append(i)
+        key = (id(record["source"]), record["version"], chain.activation)
+        groups.setdefault(key, []).append(i)
     return [sorted(g, key=lambda i: seen[todo[i][1].layer]["order"])
             for g in groups.values() if len(g) > 1]
 
@@ -518,15 +535,17 @@ def _check_layer(model, modules, chain, layers, record, row, dtype, verify, dry_
             if len(passed) > 1:
                 row["tried"] = {f"{passed[i][1]['family']} {passed[i][1]['plan']}": round(us, 2)
                                 for us, i in timed}
-            # the race: a streamed kernel stays ahead unless beaten by STREAMED_PREFERENCE
-            sparse_us, best = min(timed, key=lambda t: t[0] / (
+            # the race, among the kernels that beat dense by min_speedup (all, if none does):
+            # a streamed kernel stays ahead unless beaten by STREAMED_PREFERENCE
+            fast = [t for t in timed if row["dense_us"] >= min_speedup * t[0]] or timed
+            sparse_us, best = min(fast, key=lambda t: t[0] / (
                 STREAMED_PREFERENCE if passed[t[1]][1]["family"] == "streamed" else 1.0))
             layer, fields = passed[best]
             row.update(fields, sparse_us=sparse_us, speedup=row["dense_us"] / sparse_us)
             if row["speedup"] < min_speedup:
                 row["reason"] = f"dense is faster ({row['speedup']:.2f}x)"
-                if members:         # each sibling's own dense time is filled in at the end
-                    row["dense_us"] = None
+                if members:         # each sibling's own times are filled in at the end
+                    row["dense_us"] = row["sparse_us"] = None
                 return
         else:
             row.update(fields)
