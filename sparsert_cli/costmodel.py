@@ -40,6 +40,15 @@ CHOOSE_LIMIT = 32        # candidates per family the model ranks
 # SM whatever the warps or code streams), so a straight-line kernel's block cannot finish before
 # its own code has arrived: the floor that choose() holds such families' predictions to.
 FETCH_BYTES_PER_US = 3.2e3
+# A streamed worker walks its entries as a chain: 32 at a time, each chunk a dependent table
+# load plus its 32 activation loads and FMAs. On pruned rows (max/mean row nonzeros 5-14) the
+# longest worker sets the kernel's time, which the linear fit (made on uniform patterns)
+# misses: H100 run S5-8, mbv1_pw12 (one row per worker, ~710 entries) 12.0 us streamed against
+# 8.2 us immediate. Held to launch + 0.025 us per entry of the longest worker, the family pick
+# matched the better default on every pruned MobileNet layer but one and changed no paper20
+# pick but one (for the better): docs/perf-notes.md, session 5 (one scalar, chosen on those
+# 76 cases: 0.025-0.03 gave the same picks, 0.04 worse).
+ENTRY_LATENCY_US = 0.025
 
 
 def fetch_floor_us(features: dict, launch_us: float,
@@ -49,14 +58,24 @@ def fetch_floor_us(features: dict, launch_us: float,
     return launch_us + float(features.get("max_block_code_bytes", 0.0)) / bytes_per_us
 
 
+def chain_floor_us(features: dict, launch_us: float, entry_us: float | None = None) -> float:
+    """launch + the longest worker's table entries at ENTRY_LATENCY_US each: the chain bound of
+    families whose workers walk their entries in order (features with `max_worker_entries`)."""
+    per_entry = ENTRY_LATENCY_US if entry_us is None else entry_us
+    return launch_us + float(features.get("max_worker_entries", 0.0)) * per_entry
+
+
 def _predicted(features: dict, entry: dict, family) -> float:
     """The model's time for one plan of `family` (a Family, or a name: no floor then), held to
-    the fetch floor where the family's code runs once."""
+    the fetch floor where the family's code runs once, and to the chain bound where its
+    features give the longest worker's entries."""
     coefs = family_coefficients(entry, getattr(family, "name", family))
     predicted = float(terms(features, int(entry["sms"])) @ coefs)
     if getattr(family, "code_runs_once", False):   # the linear fit can fall below this floor
         predicted = max(predicted, fetch_floor_us(
             features, float(coefs[0]), float(entry.get("fetch_bytes_per_us", FETCH_BYTES_PER_US))))
+    if "max_worker_entries" in features and not isinstance(family, str):
+        predicted = max(predicted, chain_floor_us(features, float(coefs[0])))
     return predicted
 
 

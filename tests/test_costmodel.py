@@ -447,3 +447,20 @@ def test_predictions_hold_the_fetch_floor_too(coefficients):
     assert costmodel.predict_features(features, "any", coefficients, "streamed") == \
         pytest.approx(1.0)
     assert costmodel.fetch_floor_us(features, 1.0, 6.4e3) == pytest.approx(6.0)
+
+
+def test_the_streamed_family_is_held_to_its_longest_workers_chain(coefficients):
+    """A streamed plan is never predicted below launch + ENTRY_LATENCY_US per entry of its
+    longest worker: a pruned-like layer (uneven rows) gets the immediate family, the uniform
+    layer of the same shape keeps the streamed one (H100 run S5-8 / S8)."""
+    features = {name: 0.0 for name in costmodel.FEATURES} | {
+        "launches": 1.0, "blocks": 1.0, "threads_per_block": 32.0, "max_worker_entries": 400.0}
+    assert costmodel.chain_floor_us(features, 1.0) == pytest.approx(11.0)
+    assert costmodel.predict_features(features, "any", coefficients, "streamed") == \
+        pytest.approx(11.0)
+    problem = builtin_problems()["mbv1_pw12"]
+    picked = {pattern: costmodel.choose(geometry_for(problem),
+                                        to_csr(generate(problem, 0.9, pattern, 0)), "fp32",
+                                        "NVIDIA H100 80GB HBM3")[0].name
+              for pattern in ("uniform", "pruned")}
+    assert picked == {"uniform": "streamed", "pruned": "immediate"}

@@ -49,6 +49,8 @@ def _features(geometry: Geometry, params: StreamParams, precision: str, workers:
                + (slices * 2 * _units(params.vector_width, precision) if slices > 1 else 0))
     chain = float(np.bincount(worker_of, weights=per_row, minlength=workers).max(initial=0)
                   ) / slices
+    longest = float(np.bincount(worker_of, weights=row_entries, minlength=workers
+                                ).max(initial=0)) / slices
     blocks = tiles * (workers // params.warps) * slices
     warps_total = float(per_row.sum()) * tiles * params.col_threads / 32
     partials = 2 * 4 * slices * geometry.output_elems if slices > 1 else 0
@@ -63,7 +65,8 @@ def _features(geometry: Geometry, params: StreamParams, precision: str, workers:
                                 + 8 * entries),
             "l2_bytes": float(entries * tiles * (columns / tiles * element + 8) + partials),
             "serial_instructions": max(chain, warps_total / (SMS * SCHEDULERS) / waves),
-            "loads": float(entries), "rows": float(geometry.out_channels)}
+            "loads": float(entries), "rows": float(geometry.out_channels),
+            "max_worker_entries": longest}
 
 
 def features(plan) -> dict[str, float]:
