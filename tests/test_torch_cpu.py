@@ -468,6 +468,7 @@ def test_sibling_linears_on_one_input_become_one_kernel():
                      device=torch.device("cpu"))
     assert [r["replaced"] for r in rows] == [True] * 4
     assert rows[1]["reason"] == "in query's kernel" and rows[1]["plan"] == rows[0]["plan"]
+    assert rows[1]["nnz"] == int(torch.count_nonzero(model.key.dense.weight)) < rows[0]["nnz"]
     assert isinstance(model.query, SiblingHead) and model.query.rows == (0, 24)
     assert isinstance(model.value, SiblingSlice) and model.value.rows == (48, 72)
     assert isinstance(model.out, SparseLayer)

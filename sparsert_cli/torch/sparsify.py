@@ -325,8 +325,9 @@ def sparsify_(model: torch.nn.Module, example_inputs, *, dtype: str = "fp32", tu
     compile_seconds, kernels, cached (and rival_seconds, rivals).
     Returns one dict per layer: layer, op, shape, sparsity, fused, family, plan, replaced,
     reason, max_err, max_rel_err, dense_us, sparse_us, speedup (and, where a rival was timed,
-    tried: {"family plan": us}; rival_failed where one failed verification). Render with
-    report_table().
+    tried: {"family plan": us}; rival_failed where one failed verification; on the first of
+    sibling layers, siblings: the others its stacked kernel runs, whose rows say so in
+    reason). Render with report_table().
     """
     _check_args(dtype, min_speedup, min_sparsity)
     if jobs is not None and (isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1):
@@ -622,7 +623,8 @@ def _swap_siblings(model, modules, layer: SparseLayer, members, row: dict) -> No
     for member_row, member, member_rows in rest:
         model.set_submodule(member.layer, SiblingSlice(modules[member.layer], shared,
                                                        member_rows))
-        member_row.update({k: row.get(k) for k in ("family", "plan", "tuned", "nnz")})
+        member_row.update({k: row.get(k) for k in ("family", "plan", "tuned")})
+        member_row["nnz"] = int(torch.count_nonzero(modules[member.layer].weight))
         member_row["replaced"], member_row["reason"] = True, f"in {head.layer}'s kernel"
 
 
