@@ -317,8 +317,8 @@ def sparsify_(model: torch.nn.Module, example_inputs, *, dtype: str = "fp32", tu
     a model than alone), the streamed one unless the immediate one is STREAMED_PREFERENCE
     (1.15x) faster. fuse_siblings: Linear layers called on the same input (a
     transformer's query, key and value) become one kernel of their stacked weights; the first
-    one called runs it and the others take their slices (in eager mode, a sibling called on
-    another input runs its dense op). tune: run the tuner (GPU) on every layer first and record its winners
+    one called runs it and the others take their slices (a sibling called on another input
+    runs its dense op). tune: run the tuner (GPU) on every layer first and record its winners
     in `tuned` (a path or TunedDB). jobs: compile processes (None: one per core; every kernel
     is compiled before any is checked). on_progress(stage, done, total, item): progress of the
     "compile", "compile streamed rivals" and "check" stages. stats: receives plan_seconds,
