@@ -18,6 +18,13 @@ from sparsert_cli.torch.sparsify import SparseLayer, _sparsify  # noqa: E402
 nn = torch.nn
 
 
+def _cpu(model, inputs, **options):
+    """sparsify_ on the CPU (kernels run by the plan interpreter), tests' defaults."""
+    args = dict(dtype="fp32", tuned=False, verify=True, min_speedup=1.0, min_sparsity=0.5,
+                dry_run=False, arch=None, cache=False, include=None, device=torch.device("cpu"))
+    return _sparsify(model, inputs, **(args | options))
+
+
 class Block(nn.Module):
     """ResNet-style: one shared ReLU module, a residual add (not fusable in place)."""
 
@@ -107,9 +114,7 @@ def test_sparsify_replaces_on_cpu_and_matches_the_dense_model():
     x = torch.randn(1, 3, 9, 9)
     with torch.no_grad():
         want = model(x).clone()
-    rows = _sparsify(model, (x,), dtype="fp32", tuned=False, verify=True, min_speedup=1.0,
-                     min_sparsity=0.5, dry_run=False, arch=None, cache=False, include=None,
-                     device=torch.device("cpu"))
+    rows = _cpu(model, (x,))
     by = {r["layer"]: r for r in rows}
     # the unpruned depthwise conv as a block-diagonal 8x8x3x3 kernel, bias and ReLU fused
     assert (by["4"]["op"], by["4"]["fused"], by["4"]["nnz"]) == ("dw3x3", "relu", 72)
@@ -144,18 +149,14 @@ def test_sparsify_linear_token_major_and_fp16():
     x = torch.randn(2, 5, 32)                       # (batch, tokens, features)
     with torch.no_grad():
         want = model(x).clone()
-    rows = _sparsify(model, (x,), dtype="fp32", tuned=False, verify=True, min_speedup=1.0,
-                     min_sparsity=0.5, dry_run=False, arch=None, cache=False, include=None,
-                     device=torch.device("cpu"))
+    rows = _cpu(model, (x,))
     assert [r["replaced"] for r in rows] == [True, True] and rows[0]["fused"] == "relu"
     assert rows[0]["shape"] == "48x32, N=10"
     with torch.no_grad():
         assert torch.allclose(model(x), want, atol=1e-5, rtol=1e-5)
     half = nn.Sequential(nn.Linear(32, 48)).eval()
     prune_(half, 0.8)
-    rows = _sparsify(half, (x,), dtype="fp16", tuned=False, verify=True, min_speedup=1.0,
-                     min_sparsity=0.5, dry_run=True, arch=None, cache=False, include=None,
-                     device=torch.device("cpu"))
+    rows = _cpu(half, (x,), dtype="fp16", dry_run=True)
     assert "input is torch.float32" in rows[0]["reason"]
 
 
@@ -182,9 +183,7 @@ def test_op_traces_under_compile_with_the_fake_kernel():
     x = torch.randn(1, 4, 6, 6)
     with torch.no_grad():
         want = model(x).clone()
-    _sparsify(model, (x,), dtype="fp32", tuned=False, verify=True, min_speedup=1.0,
-              min_sparsity=0.5, dry_run=False, arch=None, cache=False, include=None,
-              device=torch.device("cpu"))
+    _cpu(model, (x,))
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
     with torch.no_grad():
         got = compiled(x)
@@ -357,9 +356,7 @@ def test_sparsify_takes_fused_shared_relus_out_of_the_model():
     x = torch.randn(1, 8, 6, 6)
     with torch.no_grad():
         want = model(x).clone()
-    rows = _sparsify(model, (x,), dtype="fp32", tuned=False, verify=True, min_speedup=1.0,
-                     min_sparsity=0.5, dry_run=False, arch=None, cache=False, include=None,
-                     device=torch.device("cpu"))
+    rows = _cpu(model, (x,))
     assert [r["fused"] for r in rows] == ["bn+relu", "bn+relu", "bn+add+relu"]
     assert all(r["replaced"] for r in rows), rows
     # every ReLU ran in a kernel's epilogue: none is left as a module of its own
@@ -377,18 +374,14 @@ def test_sparsify_takes_a_7x7_stem():
     x = torch.randn(1, 3, 15, 15)
     with torch.no_grad():
         want = model(x).clone()
-    rows = _sparsify(model, (x,), dtype="fp32", tuned=False, verify=True, min_speedup=1.0,
-                     min_sparsity=0.5, dry_run=False, arch=None, cache=False, include=None,
-                     device=torch.device("cpu"))
+    rows = _cpu(model, (x,))
     assert [(r["op"], r["shape"], r["replaced"]) for r in rows] == [
         ("conv7x7", "16x3x7x7 @ 15x15 s2 p3", True), ("conv5x5", "8x16x5x5 @ 8x8 p2", True)]
     assert isinstance(model[0], SparseLayer) and isinstance(model[2], nn.Identity)
     with torch.no_grad():
         assert torch.allclose(model(x), want, atol=1e-4)
     odd = nn.Sequential(nn.Conv2d(3, 4, (3, 5), padding=1)).eval()
-    rows = _sparsify(odd, (x,), dtype="fp32", tuned=False, verify=True, min_speedup=1.0,
-                     min_sparsity=0.0, dry_run=True, arch=None, cache=False, include=None,
-                     device=torch.device("cpu"))
+    rows = _cpu(odd, (x,), min_sparsity=0.0, dry_run=True)
     assert rows[0]["reason"].startswith("kernel (3, 5)")
 
 
@@ -400,9 +393,7 @@ def test_sparsified_residual_block_under_compile():
     x = torch.randn(1, 8, 5, 5)
     with torch.no_grad():
         want = holder(x).clone()
-    rows = _sparsify(holder, (x,), dtype="fp32", tuned=False, verify=True, min_speedup=1.0,
-                     min_sparsity=0.5, dry_run=False, arch=None, cache=False, include=None,
-                     device=torch.device("cpu"))
+    rows = _cpu(holder, (x,))
     assert [r["fused"] for r in rows if r["replaced"]] == ["bn+relu", "bn+add+relu"]
     compiled = torch.compile(holder, backend="aot_eager", fullgraph=True)
     with torch.no_grad():
@@ -456,16 +447,12 @@ def test_sibling_linears_on_one_input_become_one_kernel():
     x = torch.randn(1, 6, 24)
     with torch.no_grad():
         want = model(x).clone()
-    dry = _sparsify(model, (x,), dtype="fp32", tuned=False, verify=True, min_speedup=1.0,
-                    min_sparsity=0.5, dry_run=True, arch=None, cache=False, include=None,
-                    device=torch.device("cpu"))
+    dry = _cpu(model, (x,), dry_run=True)
     by = {r["layer"]: r for r in dry}
     assert by["query"]["shape"] == "72x24, N=6" and by["query"]["siblings"] == ["key", "value"]
     assert by["key"]["reason"] == "with query: dry run: verified" and by["out"]["shape"] == \
         "24x24, N=6"
-    rows = _sparsify(model, (x,), dtype="fp32", tuned=False, verify=True, min_speedup=1.0,
-                     min_sparsity=0.5, dry_run=False, arch=None, cache=False, include=None,
-                     device=torch.device("cpu"))
+    rows = _cpu(model, (x,))
     assert [r["replaced"] for r in rows] == [True] * 4
     assert rows[1]["reason"] == "in query's kernel" and rows[1]["plan"] == rows[0]["plan"]
     assert rows[1]["nnz"] == int(torch.count_nonzero(model.key.dense.weight)) < rows[0]["nnz"]
@@ -483,9 +470,7 @@ def test_sibling_linears_on_one_input_become_one_kernel():
         assert torch.allclose(compiled(x), want, atol=1e-5)
     alone = Attention().eval()
     prune_(alone, 0.7)
-    rows = _sparsify(alone, (x,), dtype="fp32", tuned=False, verify=True, min_speedup=1.0,
-                     min_sparsity=0.5, dry_run=True, arch=None, cache=False, include=None,
-                     device=torch.device("cpu"), fuse_siblings=False)
+    rows = _cpu(alone, (x,), dry_run=True, fuse_siblings=False)
     assert [r["shape"] for r in rows] == ["24x24, N=6"] * 4
 
 
@@ -523,9 +508,7 @@ def test_siblings_follow_the_inputs_they_are_called_on():
     x, memory = torch.randn(1, 5, 16), torch.randn(1, 7, 16)
     with torch.no_grad():
         want_self, want_cross = model(x).clone(), model(x, memory).clone()
-    rows = _sparsify(model, (x,), dtype="fp32", tuned=False, verify=True, min_speedup=1.0,
-                     min_sparsity=0.5, dry_run=False, arch=None, cache=False, include=None,
-                     device=torch.device("cpu"))
+    rows = _cpu(model, (x,))
     assert rows[0]["siblings"] == ["key", "value"]
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
     with torch.no_grad():
@@ -538,9 +521,7 @@ def test_siblings_follow_the_inputs_they_are_called_on():
     prune_(mutating, 0.7)
     with torch.no_grad():
         want = mutating(x.clone())
-    rows = _sparsify(mutating, (x.clone(),), dtype="fp32", tuned=False, verify=True,
-                     min_speedup=1.0, min_sparsity=0.5, dry_run=False, arch=None, cache=False,
-                     include=None, device=torch.device("cpu"))
+    rows = _cpu(mutating, (x.clone(),))
     assert "siblings" not in rows[0] and rows[1]["reason"] == "replaced"
     with torch.no_grad():
         assert torch.allclose(mutating(x.clone()), want, atol=1e-5)
