@@ -29,6 +29,19 @@ def test_candidates_start_with_the_default_and_are_distinct_and_legal(pid):
         assert params.col_threads * params.k_split <= 1024
 
 
+@pytest.mark.parametrize("pid", ["rn50_c4_reduce", "mbv1_pw0"])
+def test_throughput_shapes_try_tall_groups_first_and_batch_1_does_not(pid):
+    """At batch 32 every row group re-reads the activations from L2: tall groups come right
+    after the default. At batch 1 the same layer's list has no such head."""
+    problem = PROBLEMS[pid]
+    nnz = problem.m * problem.k // 10
+    wide = candidates(geometry_for(problem.with_batch(32)), nnz, limit=8)
+    assert {(p.rows_per_group, p.vector_width) for p in wide[1:3]} <= {(32, 4), (32, 2), (16, 4)}
+    assert wide[1].rows_per_group == 32 and wide[1].k_split == 1
+    narrow = candidates(geometry_for(problem), nnz, limit=8)
+    assert narrow[1].rows_per_group < 32
+
+
 def test_large_layers_get_fewer_candidates():
     problem = PROBLEMS["bert_ffn_up"]
     assert len(candidates(geometry_for(problem), 235_930, limit=16)) <= 6

@@ -117,6 +117,12 @@ def candidates(geometry: Geometry, nnz: int, precision: str = "fp32", limit: int
     for seed in seeds:
         if isinstance(seed, PlanParams):
             add(seed)
+    if _many_blocks(geometry, base, sm_count=H100_SMS):
+        # throughput shapes (batch 32): every row group re-reads the whole activation tile from
+        # L2, so taller groups (fewer re-reads, more FMAs per load) and wide vectors come first
+        for rows in (32, 16):
+            for width in (4, base.vector_width):
+                add(replace(base, rows_per_group=rows, vector_width=width, k_split=1))
     seeded = len(found)
     for rows in (2, 4, 8, 16):
         for k_split in (1, 2, 4, 8):
@@ -134,6 +140,14 @@ def candidates(geometry: Geometry, nnz: int, precision: str = "fp32", limit: int
         return sum(getattr(p, f) != getattr(base, f) for f in asdict(base))
     ordered = found[1:seeded] + sorted(found[seeded:], key=distance)
     return [base] + ordered[:limit - 1]
+
+
+def _many_blocks(geometry: Geometry, params: PlanParams, sm_count: int) -> bool:
+    """Four waves of blocks or more: then the activations' reuse across row groups, not the
+    launch or the parallelism, sets the time (configs/throughput.yaml, batch 32)."""
+    per_thread = -(-geometry.columns // params.vector_width)
+    tiles = -(-per_thread // params.col_threads)
+    return tiles * -(-geometry.out_channels // params.rows_per_group) >= 4 * sm_count
 
 
 def _features(geometry: Geometry, params: PlanParams, precision: str, groups: int, loads: int,
