@@ -114,7 +114,7 @@ class _Machine:
         index = (self.sp[:, None] + offset) // ir.acc_bytes + self.lanes[None, :]
         if index.max() * ir.acc_bytes >= ir.shared_bytes:
             raise PlanExecutionError("shared-memory access past the partials buffer")
-        tiles = self.ir.grid[0]
+        tiles = self.ir.tiles
         block = np.repeat(np.arange(tiles), ir.col_threads)[:, None]
         if values is not None:
             if np.any(~np.isnan(self.shared[block, index])):
@@ -155,8 +155,8 @@ class _Machine:
 
     def run(self) -> np.ndarray:
         ir = self.ir
-        for by in range(ir.grid[1]):
-            self.shared = np.full((ir.grid[0], max(1, ir.shared_bytes // ir.acc_bytes)), np.nan)
+        for by in range(ir.groups):
+            self.shared = np.full((ir.tiles, max(1, ir.shared_bytes // ir.acc_bytes)), np.nan)
             for bodies in ir.phases:           # phases meet at a block barrier
                 for ty in range(ir.k_split):
                     idx = int(evaluate((ir.slot,), {"by": by, "ty": ty})["idx"])

@@ -32,7 +32,7 @@ def evaluate(ops: tuple[IndexOp, ...], env: dict) -> dict:
 
 def thread_env(ir: KernelIR) -> dict:
     """Per thread (bx * col_threads + tx, flattened): the entry's column variables."""
-    tiles = ir.grid[0]
+    tiles = ir.tiles
     tid = np.arange(tiles * ir.col_threads, dtype=np.int64)
     return evaluate(ir.columns, {"bx": tid // ir.col_threads, "tx": tid % ir.col_threads})
 

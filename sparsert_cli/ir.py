@@ -135,10 +135,29 @@ class KernelIR(Precision):
     partial_stride: int               # bytes between threads' partials (sp = base + tx * stride)
     phases: tuple[tuple[Body, ...], ...]
     inline: bool                      # bodies inline in the entry, else one function each
+    # bx (the column tile) is blockIdx.x and by (the row group) blockIdx.y, or, when True, the
+    # other way round (grid_order "groups": the groups of one tile run together)
+    groups_on_x: bool = False
 
     @property
     def block(self) -> tuple[int, int, int]:
         return (self.col_threads, self.k_split, 1)
+
+    @property
+    def tiles(self) -> int:
+        """Column tiles: the range of bx."""
+        return self.grid[1] if self.groups_on_x else self.grid[0]
+
+    @property
+    def groups(self) -> int:
+        """Row groups: the range of by."""
+        return self.grid[0] if self.groups_on_x else self.grid[1]
+
+    @property
+    def block_ids(self) -> dict[str, str]:
+        """The PTX special registers bx and by are read from."""
+        return ({"bx": "ctaid.y", "by": "ctaid.x"} if self.groups_on_x
+                else {"bx": "ctaid.x", "by": "ctaid.y"})
 
     @property
     def body_args(self) -> tuple[tuple[str, str], ...]:

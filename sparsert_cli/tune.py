@@ -134,7 +134,7 @@ def _entries(doc: object, path: Path) -> dict[str, dict]:
     if not isinstance(entries, dict):
         raise UserError(f"{path}: not a valid tuned-plan database (expected an object whose "
                         f"'entries' maps keys to entries)")
-    types = {f.name: (str if f.name == "balance" else int) for f in fields(PlanParams)}
+    types = {f.name: (str if f.name in PlanParams.TEXT else int) for f in fields(PlanParams)}
     for key, entry in entries.items():
         params = entry.get("params") if isinstance(entry, dict) else None
         if not isinstance(params, dict):

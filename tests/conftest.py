@@ -100,7 +100,8 @@ def draw_params(data: st.DataObject) -> PlanParams:
         col_threads=data.draw(st.sampled_from([32, 64, 128]), label="col_threads"),
         k_split=data.draw(st.integers(1, 4), label="k_split"),
         load_batch=data.draw(st.integers(1, 16), label="load_batch"),
-        balance=data.draw(st.sampled_from(["nnz", "contiguous"]), label="balance"))
+        balance=data.draw(st.sampled_from(["nnz", "contiguous"]), label="balance"),
+        grid_order=data.draw(st.sampled_from(["tiles", "groups"]), label="grid_order"))
 
 
 def draw_epilogue(data: st.DataObject, rows: int, rng: np.random.Generator) -> Epilogue:

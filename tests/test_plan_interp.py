@@ -93,6 +93,8 @@ EDGE_PARAMS = [
     PlanParams(rows_per_group=16, vector_width=4, col_threads=128, k_split=4, load_batch=16,
                balance="contiguous"),
     PlanParams(rows_per_group=3, vector_width=2, col_threads=64, k_split=3, load_batch=5),
+    PlanParams(rows_per_group=2, vector_width=2, col_threads=32, k_split=2, load_batch=3,
+               grid_order="groups"),
 ]
 
 
@@ -107,7 +109,7 @@ def test_edge_patterns_match_reference_for_every_edge_geometry(gen, geo_name, ki
     bias = tuple(float(v) for v in rng.standard_normal(geometry.out_channels).astype(np.float32))
     for i, params in enumerate(EDGE_PARAMS):
         epilogue = Epilogue(bias=bias if i != 0 else None,
-                            activation=("none", "relu", "relu6")[i], residual=i == 1)
+                            activation=("none", "relu", "relu6")[i % 3], residual=i == 1)
         plan = _build_or_none(weight, geometry, params, epilogue)
         assert plan is not None
         _check_plan(gen, plan, weight, rng)
@@ -194,6 +196,45 @@ def test_digest_changes_with_params_geometry_and_epilogue():
     assert len(digests) == 4
 
 
+def test_grid_order_groups_swaps_the_grid_and_computes_the_same_outputs(gen):
+    """Row groups on blockIdx.x: the grid's axes swap, bx/by read the other block ids, and
+    the interpreter (which runs by over the groups and bx over the tiles) gets the same output
+    as the tiles order; the printed texts say which block id is which."""
+    rng = np.random.default_rng(7)
+    geometry = Geometry(2, 12, 5, 7, 10)
+    weight = uniform_weights((10, 12, 1, 1), 0.6, 3)
+    params = PlanParams(rows_per_group=3, vector_width=2, col_threads=32, k_split=2)
+    tiles = build_plan(to_csr(weight), geometry, params)
+    groups = build_plan(to_csr(weight), geometry, replace(params, grid_order="groups"))
+    assert groups.grid == (tiles.grid[1], tiles.grid[0], 1) and tiles.grid[0] > 1
+    assert groups.params.name() == tiles.params.name() + "g"
+    assert groups.entry != tiles.entry
+    ir = lower(groups)
+    assert ir.groups_on_x and (ir.tiles, ir.groups) == (lower(tiles).tiles, lower(tiles).groups)
+    assert "mov.u32 %bx, %ctaid.y;" in print_ptx(ir)
+    assert "bx = blockIdx.y, by = blockIdx.x;" in print_cuda(ir)
+    x, _ = gen.random_inputs(geometry, False, rng)
+    np.testing.assert_array_equal(interp.execute(ir, x), interp.execute(lower(tiles), x))
+    _check_plan(gen, groups, weight, rng)
+
+
+def test_grid_order_tiles_keeps_the_keys_and_names_of_older_plans():
+    """Plans made before grid_order existed keep their database keys, digests and kernel names."""
+    params = PlanParams(rows_per_group=4)
+    assert "grid_order" not in params.key() and params.name() == "r4v4t64k1b8n"
+    assert replace(params, grid_order="groups").key()["grid_order"] == "groups"
+    assert PlanParams.from_dict({"grid_order": "groups"}).grid_order == "groups"
+
+
+def test_too_many_tiles_for_the_grids_y_axis_is_user_error():
+    geometry = Geometry(1, 4, 1, 32 * 65536, 2)
+    weight = to_csr(uniform_weights((2, 4, 1, 1), 1.0, 0))
+    params = PlanParams(rows_per_group=1, vector_width=1, col_threads=32, grid_order="groups")
+    with pytest.raises(UserError, match="grid's y axis.*grid_order tiles"):
+        build_plan(weight, geometry, params)
+    assert build_plan(weight, geometry, replace(params, grid_order="tiles")).grid[0] == 65536
+
+
 def test_entry_name_is_a_valid_symbol_with_the_params_name():
     plan = build_plan(to_csr(uniform_weights((4, 4, 1, 1), 0.5, 0)), Geometry(1, 4, 1, 8, 4),
                       PlanParams(max_registers=64))
@@ -220,6 +261,7 @@ def test_entry_name_is_a_valid_symbol_with_the_params_name():
     (dict(balance="random"), "balance"),
     (dict(max_registers=16), "max_registers"),
     (dict(max_registers=256), "max_registers"),
+    (dict(grid_order="rows"), "grid_order"),
 ])
 def test_plan_params_out_of_range_is_user_error(bad, words):
     with pytest.raises(UserError) as caught:
@@ -233,6 +275,7 @@ def test_plan_params_out_of_range_is_user_error(bad, words):
     ({"rows_per_group": True}, "rows_per_group"),
     ({"balance": 1}, "balance"),
     ({"k_split": 2.0}, "k_split"),
+    ({"grid_order": 1}, "grid_order"),
 ])
 def test_plan_params_from_dict_rejects_unknown_names_and_wrong_types(doc, words):
     with pytest.raises(UserError, match=words):

@@ -97,6 +97,25 @@ def test_printed_ptx_parses_back_to_its_ir(name):
     _check(PLANS[name])
 
 
+@pytest.mark.parametrize("name", ["gemm_v4_k2", "gemm_v4_k2_groups"])
+def test_block_ids_read_the_wrong_way_round_are_caught(name):
+    """A printer that reads the tile from the row group's block id (or the reverse) runs other
+    groups' code on other columns: both parsers refuse the text."""
+    ir = lower(PLANS[name])
+    text = ptx.print_ptx(ir)
+    flipped = text.replace("%ctaid.x;", "%ctaid.T;").replace("%ctaid.y;", "%ctaid.x;") \
+        .replace("%ctaid.T;", "%ctaid.y;")
+    assert flipped != text
+    with pytest.raises(PrintedMismatch):
+        check_printed(ir, flipped)
+    source = cuda.print_cuda(ir)
+    flipped = source.replace("blockIdx.x", "blockIdx.T").replace("blockIdx.y", "blockIdx.x") \
+        .replace("blockIdx.T", "blockIdx.y")
+    assert flipped != source
+    with pytest.raises(PrintedMismatch):
+        parse_cuda.check_printed(ir, flipped)
+
+
 @pytest.mark.parametrize("mutation", sorted(MUTATIONS))
 def test_a_broken_printer_rule_is_caught(monkeypatch, mutation):
     case, rules = MUTATIONS[mutation]

@@ -304,8 +304,8 @@ def print_cuda(ir: KernelIR, arch: str = "sm_90") -> str:
     types = _types(fmt)
     out += [f'extern "C" __global__ void {bound}',
             f"{ir.entry}({', '.join(f'{types[a]} {a}' for a in ir.arguments)})", "{",
-            "  const unsigned tx = threadIdx.x, ty = threadIdx.y, bx = blockIdx.x, "
-            "by = blockIdx.y;",
+            "  const unsigned tx = threadIdx.x, ty = threadIdx.y, "
+            f"bx = blockIdx.{ir.block_ids['bx'][-1]}, by = blockIdx.{ir.block_ids['by'][-1]};",
             f"  unsigned {', '.join(dict.fromkeys(unsigned + [ir.slot.dst]))};",
             f"  int {', '.join(dict.fromkeys(op.dst for op in ir.columns if op.signed))};"]
     for op in ir.columns + (ir.slot,):

@@ -338,14 +338,18 @@ def parse(ir: KernelIR, text: str) -> KernelIR:
     shared = int(m.group(1)) * ir.acc_bytes if m else 0
     signed = set()
     columns, pointers, phases, slot, stride = [], [], [], None, None
-    qualifiers, barriers = set(), 0
+    qualifiers, barriers, groups_on_x = set(), 0, None
     want_sig = ", ".join(f"{n}" for _, n in ir.body_args)
     body_lines = lines[start + 3:lines.index("}", start)]
     k = 0
     while k < len(body_lines):
         line = body_lines[k]
         k += 1
-        if line.startswith("  const unsigned tx = threadIdx.x, ty = threadIdx.y, bx = blockIdx.x,"):
+        if (m := re.fullmatch(r"  const unsigned tx = threadIdx.x, ty = threadIdx.y, "
+                              r"bx = blockIdx\.([xy]), by = blockIdx\.([xy]);", line)):
+            if m.group(1) == m.group(2):
+                _fail("entry", f"bx and by both read blockIdx.{m.group(1)}")
+            groups_on_x = m.group(1) == "y"
             continue
         if line.startswith("  unsigned ") or line.startswith("  int "):
             if line.startswith("  int "):
@@ -405,7 +409,8 @@ def parse(ir: KernelIR, text: str) -> KernelIR:
         ir, entry=head.group(1), arguments=arguments, columns=tuple(columns),
         pointers=tuple(pointers), slot=slot, shared_bytes=shared,
         partial_stride=stride or ir.partial_stride, phases=tuple(phases),
-        inline=qualifiers == {"__forceinline__"} if qualifiers else ir.inline)
+        inline=qualifiers == {"__forceinline__"} if qualifiers else ir.inline,
+        groups_on_x=groups_on_x if groups_on_x is not None else _fail("entry", "no block ids"))
 
 
 def check_printed(ir: KernelIR, text: str) -> None:

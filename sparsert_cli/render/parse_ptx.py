@@ -614,7 +614,10 @@ def parse(ir: KernelIR, text: str) -> KernelIR:
             phases.append(bodies)
         else:
             _fail("entry", f"`{text}`: an instruction outside the printed subset")
-    if specials != {"tx": "tid.x", "ty": "tid.y", "bx": "ctaid.x", "by": "ctaid.y"}:
+    orders = {swap: {"tx": "tid.x", "ty": "tid.y",
+                     **dataclasses.replace(ir, groups_on_x=swap).block_ids} for swap in (False, True)}
+    groups_on_x = next((swap for swap, want in orders.items() if specials == want), None)
+    if groups_on_x is None:
         _fail("entry", f"thread ids read as {specials}")
     if tuple(args_loaded) != arguments:
         _fail("entry", "pointer arguments loaded out of order")
@@ -624,7 +627,8 @@ def parse(ir: KernelIR, text: str) -> KernelIR:
         ir, entry=name, arguments=arguments, col_threads=maxntid[0], k_split=maxntid[1],
         max_registers=max_registers or 0, columns=tuple(columns), pointers=tuple(pointers),
         slot=slot, shared_bytes=shared, partial_stride=stride or ir.partial_stride,
-        phases=tuple(phases), inline=bool(inline) if inline is not None else ir.inline)
+        phases=tuple(phases), inline=bool(inline) if inline is not None else ir.inline,
+        groups_on_x=groups_on_x)
 
 
 def _first_difference(want, got, path: str) -> str:

@@ -5,7 +5,7 @@ for the few guarded cases); `Fmt` is the precision overlay: the register and ins
 of fp32, fp16-with-half2-sums and fp16/bf16-with-fp32-sums kernels. Weights are hex-float immediates
 (fp16: a paired immediate in a register ptxas folds into HFMA2), tap offsets immediate address
 offsets. Bodies are scoped blocks inside the entry, or (large kernels) one `.func` each, behind a
-`brx.idx` jump table on (blockIdx.y, threadIdx.y).
+`brx.idx` jump table on (row group, threadIdx.y).
 """
 
 from __future__ import annotations
@@ -319,8 +319,8 @@ def _entry(ir: KernelIR, phases: list[list[list[str]]]) -> list[str]:
         e(f"\tcvta.to.global.u64 %{arg}, %{arg};")
     e("\tmov.u32 %tx, %tid.x;")
     e("\tmov.u32 %ty, %tid.y;")
-    e("\tmov.u32 %bx, %ctaid.x;")
-    e("\tmov.u32 %by, %ctaid.y;")
+    e(f"\tmov.u32 %bx, %{ir.block_ids['bx']};")
+    e(f"\tmov.u32 %by, %{ir.block_ids['by']};")
     for op in ir.columns:
         _index(lines, op)
     for ptr, var in ir.pointers:

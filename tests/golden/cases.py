@@ -61,6 +61,11 @@ def plans() -> dict:
         _weight(16, 16, 0.4, 9), pw, PlanParams(rows_per_group=4, vector_width=8, col_threads=32,
                                                k_split=2),
         Epilogue(bias=_bias(16, 10), activation="relu6", residual=True), dtype="bf16")
+    # Row groups on blockIdx.x (grid_order "groups", the batch-32 plans), with k-split partials
+    out["gemm_v4_k2_groups"] = build_plan(_weight(40, 64, 0.2, 11), gemm,
+                                          PlanParams(rows_per_group=8, vector_width=4,
+                                                     col_threads=32, k_split=2, load_batch=4,
+                                                     grid_order="groups"))
     # Just over the inline limit (16384 FMA lanes): one `.func` per body behind brx.idx.
     big = Geometry(batch=1, in_channels=256, height=1, width=64, out_channels=72)
     out["gemm_funcs"] = build_plan(_weight(72, 256, 0.9, 8), big,

@@ -75,7 +75,8 @@ ODD = _odd_weights()
 GEMM = Problem("odd_gemm", "gemm", 29, 41, height=1, width=203)
 PARAMS = [PlanParams(), PlanParams(rows_per_group=3, k_split=3, col_threads=32),
           PlanParams(rows_per_group=16, vector_width=1, col_threads=128, load_batch=3),
-          PlanParams(rows_per_group=5, balance="contiguous", max_registers=64)]
+          PlanParams(rows_per_group=5, balance="contiguous", max_registers=64),
+          PlanParams(rows_per_group=3, k_split=3, col_threads=32, grid_order="groups")]
 
 
 @pytest.mark.parametrize("emitter", ["ptx", "cuda"])
@@ -98,9 +99,11 @@ CONVS = [
 @pytest.mark.parametrize("emitter", ["ptx", "cuda"])
 @pytest.mark.parametrize("problem", CONVS, ids=lambda p: p.id)
 @pytest.mark.parametrize("k_split", [1, 2])
-def test_convolutions(gpu, emitter, problem, k_split):
+@pytest.mark.parametrize("grid_order", ["tiles", "groups"])
+def test_convolutions(gpu, emitter, problem, k_split, grid_order):
     weight = pruned_weights(problem.weight_shape, 0.8, 11)
-    run_case(gpu, problem, weight, PlanParams(rows_per_group=4, k_split=k_split),
+    run_case(gpu, problem, weight, PlanParams(rows_per_group=4, k_split=k_split,
+                                              col_threads=32, grid_order=grid_order),
              emitter=emitter)
 
 
@@ -120,7 +123,8 @@ HALF = ["fp16", "fp16acc32", "bf16"]
 HALF_PARAMS = [PlanParams(vector_width=8), PlanParams(vector_width=4, rows_per_group=3, k_split=3,
                                                       col_threads=32),
                PlanParams(vector_width=2, rows_per_group=5, balance="contiguous"),
-               PlanParams(rows_per_group=16, vector_width=1, col_threads=128, load_batch=3)]
+               PlanParams(rows_per_group=16, vector_width=1, col_threads=128, load_batch=3),
+               PlanParams(vector_width=8, rows_per_group=4, col_threads=32, grid_order="groups")]
 GEMM_EVEN = Problem("even_gemm", "gemm", 29, 41, height=1, width=208)   # widths up to 8 fit
 
 

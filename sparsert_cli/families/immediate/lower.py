@@ -127,4 +127,5 @@ def lower(plan: Plan, inline_limit: int = INLINE_LIMIT) -> KernelIR:
         columns=column_ops(plan), pointers=pointers,
         slot=IndexOp("mad", "idx", "by", plan.k_split, "ty"),
         shared_bytes=plan.shared_bytes, partial_stride=plan.vector_width * plan.acc_bytes,
-        phases=tuple(phases), inline=plan.nnz * plan.vector_width <= inline_limit)
+        phases=tuple(phases), inline=plan.nnz * plan.vector_width <= inline_limit,
+        groups_on_x=plan.params.grid_order == "groups")

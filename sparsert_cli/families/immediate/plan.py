@@ -7,7 +7,10 @@ Kernel shape (SparseRT's, generalised to strided/padded/batched convolutions):
   * Columns j in [0, N), N = batch*Ho*Wo, are output pixels. A thread owns `vector_width` consecutive
     columns; `col_threads` threads side by side cover one column tile; blockIdx.x picks the tile.
   * Output rows (channels) are packed into row groups, balanced by nonzero count; blockIdx.y picks
-    the group. Each group's code is straight-line: for each input tap t it loads the activation at
+    the group. With grid_order "groups" the two swap (blockIdx.x picks the group): the blocks the
+    GPU runs together are then every group of a few column tiles, which read one activation tile
+    from DRAM once and share it through L2, instead of one group over many tiles, which streams
+    the activations from DRAM once per group when they do not fit in L2 (batch 32). Each group's code is straight-line: for each input tap t it loads the activation at
     the immediate offset tap_offset(t) once and multiplies it into every row of the group that has a
     nonzero at t (the value is an immediate).
   * With k_split > 1, a group's taps are split over threadIdx.y; partial sums meet in shared memory
@@ -31,13 +34,15 @@ from ...problem_shape import (MAX_STATIC_SHARED, MAX_THREADS, ColumnTiles, Epilo
                               max_vector_width)
 
 BALANCE_MODES = ("nnz", "contiguous")
+GRID_ORDERS = ("tiles", "groups")     # what blockIdx.x picks
+MAX_GRID_Y = 65535
 
 
 @dataclass(frozen=True)
 class PlanParams(Params):
     """Every tunable of the kernel family; `name()` is part of the symbol and the cache key."""
 
-    TEXT = ("balance",)
+    TEXT = ("balance", "grid_order")
 
     rows_per_group: int = 8
     vector_width: int = 4
@@ -46,11 +51,21 @@ class PlanParams(Params):
     load_batch: int = 8
     balance: str = "nnz"
     max_registers: int = 0          # 0: the compiler's choice (up to 255)
+    grid_order: str = "tiles"       # blockIdx.x picks column tiles ("tiles") or row groups
 
     def name(self) -> str:
         regs = f"m{self.max_registers}" if self.max_registers else ""
+        order = "g" if self.grid_order == "groups" else ""
         return (f"r{self.rows_per_group}v{self.vector_width}t{self.col_threads}"
-                f"k{self.k_split}b{self.load_batch}{self.balance[0]}{regs}")
+                f"k{self.k_split}b{self.load_batch}{self.balance[0]}{regs}{order}")
+
+    def key(self) -> dict:
+        """The fields as a dict; grid_order only when "groups" (plans made before it keep their
+        keys and kernel names)."""
+        doc = asdict(self)
+        if self.grid_order == "tiles":
+            del doc["grid_order"]
+        return doc
 
     def validate(self) -> PlanParams:
         checks = [
@@ -65,6 +80,7 @@ class PlanParams(Params):
             (self.balance in BALANCE_MODES, f"balance must be one of {', '.join(BALANCE_MODES)}"),
             (self.max_registers == 0 or 32 <= self.max_registers <= 255,
              "max_registers must be 0 (no cap) or in 32..255"),
+            (self.grid_order in GRID_ORDERS, f"grid_order must be one of {', '.join(GRID_ORDERS)}"),
         ]
         return self._checked(checks)
 
@@ -107,6 +123,8 @@ class Plan(ColumnTiles):
     @property
     def grid(self) -> tuple[int, int, int]:
         tiles = -(-self.geometry.columns // self.tile_columns)
+        if self.params.grid_order == "groups":
+            return (len(self.groups), tiles, 1)
         return (tiles, len(self.groups), 1)
 
     @property
@@ -142,7 +160,7 @@ class Plan(ColumnTiles):
     @cached_property
     def _digest(self) -> str:  # computed once: large plans take a noticeable fraction of a second
         h = hashlib.sha256()
-        h.update(json.dumps({"geometry": asdict(self.geometry), "params": asdict(self.params),
+        h.update(json.dumps({"geometry": asdict(self.geometry), "params": self.params.key(),
                              "epilogue": asdict(self.epilogue), "dtype": self.dtype,
                              "accumulate": self.accumulate},
                             sort_keys=True).encode())
@@ -247,6 +265,10 @@ def build_plan(csr: sp.csr_matrix, geometry: Geometry, params: PlanParams,
             slices.append(tuple(loads))
         groups.append(RowGroup(tuple(int(r) for r in rows), tuple(slices)))
     plan = Plan(geometry, params, tuple(groups), epilogue, dtype, accumulate)
+    if plan.grid[1] > MAX_GRID_Y:
+        raise UserError(f"plan {params.name()} needs {plan.grid[1]} blocks on the grid's y axis "
+                        f"(limit {MAX_GRID_Y}): use grid_order "
+                        f"{'tiles' if params.grid_order == 'groups' else 'groups'} or wider tiles")
     if plan.shared_bytes > MAX_STATIC_SHARED:
         raise UserError(f"plan {params.name()} needs {plan.shared_bytes} bytes of shared memory "
                         f"(limit {MAX_STATIC_SHARED}): lower k_split, rows_per_group or col_threads")

@@ -118,11 +118,8 @@ def candidates(geometry: Geometry, nnz: int, precision: str = "fp32", limit: int
         if isinstance(seed, PlanParams):
             add(seed)
     if _many_blocks(geometry, base, sm_count=H100_SMS):
-        # throughput shapes (batch 32): every row group re-reads the whole activation tile from
-        # L2, so taller groups (fewer re-reads, more FMAs per load) and wide vectors come first
-        for rows in (32, 16):
-            for width in (4, base.vector_width):
-                add(replace(base, rows_per_group=rows, vector_width=width, k_split=1))
+        for params in throughput_params(geometry, base, precision, nnz):
+            add(params)
     seeded = len(found)
     for rows in (2, 4, 8, 16):
         for k_split in (1, 2, 4, 8):
@@ -140,6 +137,51 @@ def candidates(geometry: Geometry, nnz: int, precision: str = "fp32", limit: int
         return sum(getattr(p, f) != getattr(base, f) for f in asdict(base))
     ordered = found[1:seeded] + sorted(found[seeded:], key=distance)
     return [base] + ordered[:limit - 1]
+
+
+# Throughput plans (many column tiles: batch 32) are bound by instruction fetch: each block
+# fetches its group's code once for its tile (~3.2 GB/s per SM, docs/perf-notes.md), and its
+# warps share each fetched instruction. The code fetched per column therefore falls with the
+# threads per block and with taller groups (one load per activation feeds more rows).
+# 512 threads leave 128 registers a thread, so there rows x width stays <= 64 sums.
+THROUGHPUT_THREADS = (512, 256, 128)
+THROUGHPUT_ROWS = (32, 16, 8, 4)
+FETCH_BYTES_PER_US = 3200          # per SM
+
+
+def throughput_params(geometry: Geometry, base: PlanParams, precision: str, nnz: int,
+                      count: int = 8) -> list[PlanParams]:
+    """The `count` plans of least predicted fetch time for a shape with many column tiles, row
+    groups on blockIdx.x (one tile's groups run together and share its activations through
+    L2), then the best one with tiles on blockIdx.x. Predicted time: code fetched
+    (instructions x 16 B x tiles, loads estimated for uniform rows) over the SMs the blocks
+    occupy."""
+    dtype = PRECISIONS[precision][0]
+    density = nnz / max(1, geometry.out_channels * geometry.taps)
+    scored = []
+    for threads in THROUGHPUT_THREADS:
+        for rows in THROUGHPUT_ROWS:
+            for width in (4, 2):
+                if threads == 512 and rows * width > 64:
+                    continue
+                params = fit_params(geometry, replace(
+                    base, col_threads=threads, rows_per_group=rows, vector_width=width,
+                    k_split=1, grid_order="groups"), dtype)
+                per_thread = -(-geometry.columns // params.vector_width)
+                tiles = -(-per_thread // params.col_threads)
+                groups = -(-geometry.out_channels // params.rows_per_group)
+                loads = groups * geometry.taps * (1 - (1 - density) ** params.rows_per_group)
+                code = (loads + lanes(params.vector_width, precision) * nnz) * INSTRUCTION_BYTES
+                busy = min(H100_SMS, tiles * groups)
+                scored.append((code * tiles / busy / FETCH_BYTES_PER_US, params.name(), params))
+    out: list[PlanParams] = []
+    for _, _, params in sorted(scored):
+        if params not in out:
+            out.append(params)
+    out = out[:count]
+    if out:
+        out.append(replace(out[0], grid_order="tiles"))
+    return out
 
 
 def _many_blocks(geometry: Geometry, params: PlanParams, sm_count: int) -> bool:
