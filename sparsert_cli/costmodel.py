@@ -68,8 +68,12 @@ def chain_floor_us(features: dict, launch_us: float, entry_us: float | None = No
 def _predicted(features: dict, entry: dict, family) -> float:
     """The model's time for one plan of `family` (a Family, or a name: no floor then), held to
     the fetch floor where the family's code runs once, and to the chain bound where its
-    features give the longest worker's entries."""
+    features give the longest worker's entries. A plan whose features carry "throughput_us"
+    (the immediate family's batch-32 floors, families/immediate/tuning.py) is predicted as
+    launch + that instead."""
     coefs = family_coefficients(entry, getattr(family, "name", family))
+    if "throughput_us" in features:   # batch-32 plans: the fit (batch 1) extrapolates badly
+        return float(coefs[0]) + float(features["throughput_us"])
     predicted = float(terms(features, int(entry["sms"])) @ coefs)
     if getattr(family, "code_runs_once", False):   # the linear fit can fall below this floor
         predicted = max(predicted, fetch_floor_us(

@@ -464,3 +464,26 @@ def test_the_streamed_family_is_held_to_its_longest_workers_chain(coefficients):
                                         "NVIDIA H100 80GB HBM3")[0].name
               for pattern in ("uniform", "pruned")}
     assert picked == {"uniform": "streamed", "pruned": "immediate"}
+
+
+def test_batch_32_plans_are_predicted_by_their_floors_and_batch_1_by_the_fit():
+    """A 1x1 layer at batch 32: the immediate family's features carry its throughput floors
+    (fetch, L2, DRAM) and the prediction is launch + those; at batch 1 they do not, and the
+    fitted terms predict as before."""
+    from sparsert_cli.families.immediate.tuning import throughput_time
+
+    problem = builtin_problems()["rn50_c4_reduce"]
+    csr = to_csr(generate(problem, 0.9, "uniform", 0))
+    _, entry = costmodel.coefficients_for("NVIDIA H100 80GB HBM3")
+    wide = geometry_for(problem.with_batch(32))
+    params = fit_params(wide, PlanParams(rows_per_group=32, vector_width=2, col_threads=256,
+                                         grid_order="groups"))
+    feats = estimate(wide, csr, params, "fp32")
+    floor = throughput_time(wide, params, int(csr.nnz), "fp32")
+    assert feats["throughput_us"] == pytest.approx(floor) and floor > 10
+    launch = float(costmodel.family_coefficients(entry, "immediate")[0])
+    assert costmodel._predicted(feats, entry, IMMEDIATE) == pytest.approx(launch + floor)
+    narrow = geometry_for(problem)
+    assert "throughput_us" not in estimate(narrow, csr, fit_params(narrow, PlanParams()), "fp32")
+    family, chosen = costmodel.choose(wide, csr, "fp32", "NVIDIA H100 80GB HBM3")
+    assert family.name == "immediate" and chosen.grid_order == "groups"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -11,6 +12,7 @@ from sparsert_cli.errors import UserError
 from sparsert_cli.families import get_family
 from sparsert_cli.families.immediate import PlanParams, fit_params
 from sparsert_cli.problems import Problem, builtin_problems
+from sparsert_cli.families.immediate.tuning import fits_registers, throughput_time
 from sparsert_cli.tune import TunedDB, candidates, shape_key
 
 PROBLEMS = builtin_problems()
@@ -29,17 +31,37 @@ def test_candidates_start_with_the_default_and_are_distinct_and_legal(pid):
         assert params.col_threads * params.k_split <= 1024
 
 
-@pytest.mark.parametrize("pid", ["rn50_c4_reduce", "mbv1_pw0"])
-def test_throughput_shapes_try_tall_groups_first_and_batch_1_does_not(pid):
-    """At batch 32 every row group re-reads the activations from L2: tall groups come right
-    after the default. At batch 1 the same layer's list has no such head."""
+@pytest.mark.parametrize("pid", ["rn50_c4_reduce", "mbv1_pw0", "mbv1_pw12"])
+def test_throughput_shapes_default_to_group_major_plans_that_fit_the_registers(pid):
+    """At batch 32 the default and the candidates after it put row groups on blockIdx.x, keep
+    their sums and a load batch in half the registers, and end with the best one's tiles-order
+    twin; at batch 1 the same layer keeps its latency rules."""
     problem = PROBLEMS[pid]
     nnz = problem.m * problem.k // 10
-    wide = candidates(geometry_for(problem.with_batch(32)), nnz, limit=8)
-    assert {(p.rows_per_group, p.vector_width) for p in wide[1:3]} <= {(32, 4), (32, 2), (16, 4)}
-    assert wide[1].rows_per_group == 32 and wide[1].k_split == 1
-    narrow = candidates(geometry_for(problem), nnz, limit=8)
-    assert narrow[1].rows_per_group < 32
+    geometry = geometry_for(problem.with_batch(32))
+    found = candidates(geometry, nnz, limit=12)
+    head = [p for p in found if p.grid_order == "groups"][:8]
+    assert found[:len(head)] == head and len(head) >= 5
+    assert all(p.k_split == 1 and fits_registers(p.col_threads, p.rows_per_group,
+                                                 p.vector_width, p.load_batch) for p in head)
+    if len(found) > len(head):
+        assert found[len(head)] == replace(found[0], grid_order="tiles")
+    assert found[0] == fit_params(geometry, default_params(geometry, nnz))
+    times = [throughput_time(geometry, p, nnz, "fp32") for p in head]
+    assert times == sorted(times)
+    narrow = candidates(geometry_for(problem), nnz, limit=12)
+    assert all(p.grid_order == "tiles" for p in narrow)
+
+
+def test_throughput_time_charges_tiles_order_a_dram_read_per_group_past_l2():
+    """mbv1_pw2 at batch 32 (51 MB of input): with tiles on blockIdx.x each row group streams
+    the input from DRAM again (measured 114 vs 45 us)."""
+    geometry = geometry_for(PROBLEMS["mbv1_pw2"].with_batch(32))
+    params = PlanParams(rows_per_group=16, vector_width=2, col_threads=512, grid_order="groups")
+    nnz = 1638
+    groups = throughput_time(geometry, params, nnz, "fp32")
+    tiles = throughput_time(geometry, replace(params, grid_order="tiles"), nnz, "fp32")
+    assert tiles > 3 * groups
 
 
 def test_large_layers_get_fewer_candidates():

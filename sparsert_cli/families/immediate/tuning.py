@@ -42,8 +42,20 @@ def lanes(vector_width: int, precision: str) -> int:
 
 def default_params(geometry: Geometry, nnz: int, precision: str = "fp32",
                    sm_count: int = H100_SMS) -> PlanParams:
-    """A reasonable untuned plan by rules (the cost model picks between the families' rule
-    defaults as "auto"; docs/perf-notes.md, "Untuned defaults", measures them).
+    """A reasonable untuned plan (the cost model picks between the families' defaults as
+    "auto"): for throughput shapes (batch 8 and up, or many waves of blocks) the throughput
+    plan of least predicted time, else the latency rules (rule_params)."""
+    rules = rule_params(geometry, nnz, precision, sm_count)
+    if throughput_shape(geometry, rules, sm_count):
+        fitted = fit_params(geometry, rules, PRECISIONS[precision][0])
+        return throughput_params(geometry, fitted, precision, nnz, count=1)[0]
+    return rules
+
+
+def rule_params(geometry: Geometry, nnz: int, precision: str = "fp32",
+                sm_count: int = H100_SMS) -> PlanParams:
+    """The untuned plan of latency-bound shapes, by rules (docs/perf-notes.md, "Untuned
+    defaults", measures them).
 
     Light layers are latency-bound: wide vectors and enough blocks for two waves. Code-heavy
     plans are bound by instruction fetch (the weights are the instruction stream, 16 bytes per
@@ -95,6 +107,7 @@ def candidates(geometry: Geometry, nnz: int, precision: str = "fp32", limit: int
     layer's winners at other precisions) come right after the default, ahead of the sweeps.
     """
     dtype, accumulate = PRECISIONS[precision]
+    rules = fit_params(geometry, rule_params(geometry, nnz, precision), dtype)
     base = fit_params(geometry, default_params(geometry, nnz, precision), dtype)
     found: list[PlanParams] = [base]
 
@@ -117,8 +130,8 @@ def candidates(geometry: Geometry, nnz: int, precision: str = "fp32", limit: int
     for seed in seeds:
         if isinstance(seed, PlanParams):
             add(seed)
-    if _many_blocks(geometry, base, sm_count=H100_SMS):
-        for params in throughput_params(geometry, base, precision, nnz):
+    if throughput_shape(geometry, rules):
+        for params in throughput_params(geometry, rules, precision, nnz):
             add(params)
     seeded = len(found)
     for rows in (2, 4, 8, 16):
@@ -139,57 +152,91 @@ def candidates(geometry: Geometry, nnz: int, precision: str = "fp32", limit: int
     return [base] + ordered[:limit - 1]
 
 
-# Throughput plans (many column tiles: batch 32) are bound by instruction fetch: each block
-# fetches its group's code once for its tile (~3.2 GB/s per SM, docs/perf-notes.md), and its
-# warps share each fetched instruction. The code fetched per column therefore falls with the
-# threads per block and with taller groups (one load per activation feeds more rows).
-# 512 threads leave 128 registers a thread, so there rows x width stays <= 64 sums.
+# Throughput plans (many column tiles: batch 8-32). Three floors, and the plan with the lowest
+# largest one is the default (H100, docs/perf-notes.md, session 6):
+#  * instruction fetch: each block fetches its group's code once for its tile at ~3.2 GB/s per
+#    SM, and its warps share each fetched instruction, so the code fetched per column falls with
+#    the threads per block (and with taller groups: one load feeds more rows);
+#  * L2: every group loads its activations once per column (~8.5 TB/s measured: mbv1_pw4 at
+#    batch 32, r8 and r4 groups: 469 MB in 55 us, 566 MB in 67 us);
+#  * DRAM: input and output once, with row groups on blockIdx.x (a tile's groups run together
+#    and share its activations through L2), else the input once per group when it passes a
+#    quarter of L2 (mbv1_pw2 at batch 32, 51 MB: 111 us with tiles on x, 45 us with groups;
+#    mbv1_pw1, 26 MB: 41 vs 30 us).
+# Registers: ptxas keeps more loads in flight than a batch, so a plan spills unless its sums
+# and one batch of loads take at most half of what a thread may have (mbv1_pw2 at batch 32:
+# r16v2t512 no spill, r32v2t512 208 B and 1.5x slower, r16v4t512 900 B).
 THROUGHPUT_THREADS = (512, 256, 128)
 THROUGHPUT_ROWS = (32, 16, 8, 4)
 FETCH_BYTES_PER_US = 3200          # per SM
+L2_BYTES_PER_US = 8.5e6
+DRAM_BYTES_PER_US = 3.0e6
+L2_BYTES = 50 << 20
+
+
+def fits_registers(threads: int, rows: int, width: int, load_batch: int) -> bool:
+    """Sums (rows x width) and one batch of loads within half a thread's registers."""
+    return (rows + load_batch) * width <= min(255, 65536 // threads) // 2
+
+
+def throughput_shape(geometry: Geometry, params: PlanParams, sm_count: int = H100_SMS) -> bool:
+    """1x1 and GEMM layers at batch 8 and up, or with four waves of blocks or more: then the
+    activations' reuse across row groups and the code fetched per column, not the launch, set
+    the time."""
+    if not geometry.linear:          # 3x3 and strided layers: not measured at batch 32 yet
+        return False
+    per_thread = -(-geometry.columns // params.vector_width)
+    tiles = -(-per_thread // params.col_threads)
+    return (geometry.batch >= 8
+            or tiles * -(-geometry.out_channels // params.rows_per_group) >= 4 * sm_count)
+
+
+def throughput_time(geometry: Geometry, params: PlanParams, nnz: int, precision: str) -> float:
+    """Predicted microseconds of a throughput plan: its largest floor (see above), loads
+    estimated for uniform rows."""
+    element = ELEMENT_BYTES[PRECISIONS[precision][0]]
+    density = nnz / max(1, geometry.out_channels * geometry.taps)
+    per_thread = -(-geometry.columns // params.vector_width)
+    tiles = -(-per_thread // params.col_threads)
+    groups = -(-geometry.out_channels // params.rows_per_group)
+    loads = groups * geometry.taps * (1 - (1 - density) ** params.rows_per_group)
+    code = (loads + lanes(params.vector_width, precision) * nnz) * INSTRUCTION_BYTES
+    fetch = -(-tiles * groups // H100_SMS) * code / groups / FETCH_BYTES_PER_US
+    l2 = loads * tiles * params.col_threads * params.vector_width * element / L2_BYTES_PER_US
+    x_bytes = geometry.input_elems * element
+    reads = 1 if params.grid_order == "groups" or 4 * x_bytes <= L2_BYTES else groups
+    dram = (geometry.output_elems * element + reads * x_bytes) / DRAM_BYTES_PER_US
+    return max(fetch, l2, dram)
 
 
 def throughput_params(geometry: Geometry, base: PlanParams, precision: str, nnz: int,
                       count: int = 8) -> list[PlanParams]:
-    """The `count` plans of least predicted fetch time for a shape with many column tiles, row
-    groups on blockIdx.x (one tile's groups run together and share its activations through
-    L2), then the best one with tiles on blockIdx.x. Predicted time: code fetched
-    (instructions x 16 B x tiles, loads estimated for uniform rows) over the SMs the blocks
-    occupy."""
+    """The `count` plans of least predicted time (throughput_time; ties: wider vectors, more
+    threads) with row groups on blockIdx.x, then the best one with tiles on blockIdx.x.
+    Vectors of 4 or 2 columns, unless their code would pass WIDE_CODE and `base`'s (compile
+    time): then `base`'s width."""
     dtype = PRECISIONS[precision][0]
-    density = nnz / max(1, geometry.out_channels * geometry.taps)
+    limit = max(WIDE_CODE, code_units(nnz, base.vector_width, precision))
+    widths = [w for w in (4, 2) if code_units(nnz, w, precision) <= limit] or [base.vector_width]
     scored = []
     for threads in THROUGHPUT_THREADS:
         for rows in THROUGHPUT_ROWS:
-            for width in (4, 2):
-                if threads == 512 and rows * width > 64:
+            for width in widths:
+                if not fits_registers(threads, rows, width, base.load_batch):
                     continue
                 params = fit_params(geometry, replace(
                     base, col_threads=threads, rows_per_group=rows, vector_width=width,
                     k_split=1, grid_order="groups"), dtype)
-                per_thread = -(-geometry.columns // params.vector_width)
-                tiles = -(-per_thread // params.col_threads)
-                groups = -(-geometry.out_channels // params.rows_per_group)
-                loads = groups * geometry.taps * (1 - (1 - density) ** params.rows_per_group)
-                code = (loads + lanes(params.vector_width, precision) * nnz) * INSTRUCTION_BYTES
-                busy = min(H100_SMS, tiles * groups)
-                scored.append((code * tiles / busy / FETCH_BYTES_PER_US, params.name(), params))
+                scored.append((throughput_time(geometry, params, nnz, precision),
+                               -params.vector_width, -params.col_threads, params.name(), params))
     out: list[PlanParams] = []
-    for _, _, params in sorted(scored):
+    for *_, params in sorted(scored):
         if params not in out:
             out.append(params)
     out = out[:count]
     if out:
         out.append(replace(out[0], grid_order="tiles"))
     return out
-
-
-def _many_blocks(geometry: Geometry, params: PlanParams, sm_count: int) -> bool:
-    """Four waves of blocks or more: then the activations' reuse across row groups, not the
-    launch or the parallelism, sets the time (configs/throughput.yaml, batch 32)."""
-    per_thread = -(-geometry.columns // params.vector_width)
-    tiles = -(-per_thread // params.col_threads)
-    return tiles * -(-geometry.out_channels // params.rows_per_group) >= 4 * sm_count
 
 
 def _features(geometry: Geometry, params: PlanParams, precision: str, groups: int, loads: int,
@@ -201,7 +248,9 @@ def _features(geometry: Geometry, params: PlanParams, precision: str, groups: in
     code = float(group_instr.sum()) * INSTRUCTION_BYTES
     element = ELEMENT_BYTES[dtype]
     columns = tiles * params.col_threads * params.vector_width    # every lane loads, idle or not
-    return {"launches": 1.0, "blocks": float(tiles * groups),
+    extra = ({"throughput_us": throughput_time(geometry, params, nnz, precision)}
+             if throughput_shape(geometry, params) else {})
+    return {**extra, "launches": 1.0, "blocks": float(tiles * groups),
             "threads_per_block": float(params.col_threads * params.k_split),
             "code_bytes": code, "fetched_code_bytes": code * tiles,
             "max_block_code_bytes": float(group_instr.max(initial=0)) * INSTRUCTION_BYTES,
