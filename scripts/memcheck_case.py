@@ -1,7 +1,7 @@
-"""One small padded, strided, batched 3x3 kernel (both emitters, and the fp16/bf16 precisions) and a
-1x1 fp16 kernel with 16-byte vectors, loaded with Kernel.to_device() and launched on the
-benchmark's stream, then checked: run under `compute-sanitizer --tool memcheck` by
-scripts/gpu-check."""
+"""One small padded, strided, batched 3x3 kernel (both emitters, both grid orders, and the
+fp16/bf16 precisions) and a 1x1 fp16 kernel with 16-byte vectors, loaded with
+Kernel.to_device() and launched on the benchmark's stream, then checked: run under
+`compute-sanitizer --tool memcheck` by scripts/gpu-check."""
 
 import numpy as np
 
@@ -28,10 +28,11 @@ def run(gpu, label, kernel):
 
 with sparsert.Gpu() as gpu:
     for emitter in ("ptx", "cuda"):
-        for k_split in (1, 2):
+        for k_split, order in ((1, "tiles"), (2, "tiles"), (2, "groups")):
             kernel = sparsert.compile_kernel(
                 weight, **CONV, emit=emitter, arch=gpu.arch, tuned=False, cache=None,
-                plan=sparsert.PlanParams(rows_per_group=4, k_split=k_split),
+                plan=sparsert.PlanParams(rows_per_group=4, k_split=k_split, col_threads=32,
+                                         grid_order=order),
                 epilogue={"bias": [0.5] * 10, "activation": "relu", "residual": True})
             run(gpu, emitter, kernel)
     for w, shape in ((weight, CONV), (pointwise, POINTWISE)):
