@@ -12,7 +12,7 @@ import numpy as np
 
 from ...errors import UserError
 from ...problem_shape import (ELEMENT_BYTES, MAX_STATIC_SHARED, MAX_THREADS, PRECISIONS,
-                              Geometry)
+                              Geometry, max_vector_width)
 from .plan import Plan, PlanParams, _assign_rows, fit_params, fit_vector_width
 
 # Code size is nnz x vector width FMAs; ptxas time grows with it (~0.17 s per 1k on one core).
@@ -174,9 +174,13 @@ DRAM_BYTES_PER_US = 3.0e6
 L2_BYTES = 50 << 20
 
 
-def fits_registers(threads: int, rows: int, width: int, load_batch: int) -> bool:
-    """Sums (rows x width) and one batch of loads within half a thread's registers."""
-    return (rows + load_batch) * width <= min(255, 65536 // threads) // 2
+def fits_registers(threads: int, rows: int, width: int, load_batch: int,
+                   precision: str = "fp32") -> bool:
+    """A row's sums for every group row (half2 sums: a register per column pair) and one batch
+    of loads (4-byte registers) within half a thread's registers."""
+    dtype = PRECISIONS[precision][0]
+    loads = load_batch * -(-width * ELEMENT_BYTES[dtype] // 4)
+    return rows * lanes(width, precision) + loads <= min(255, 65536 // threads) // 2
 
 
 def throughput_shape(geometry: Geometry, params: PlanParams, sm_count: int = H100_SMS) -> bool:
@@ -217,12 +221,13 @@ def throughput_params(geometry: Geometry, base: PlanParams, precision: str, nnz:
     time): then `base`'s width."""
     dtype = PRECISIONS[precision][0]
     limit = max(WIDE_CODE, code_units(nnz, base.vector_width, precision))
-    widths = [w for w in (4, 2) if code_units(nnz, w, precision) <= limit] or [base.vector_width]
+    widths = [w for w in (8, 4, 2) if w <= max_vector_width(dtype)
+              and code_units(nnz, w, precision) <= limit] or [base.vector_width]
     scored = []
     for threads in THROUGHPUT_THREADS:
         for rows in THROUGHPUT_ROWS:
             for width in widths:
-                if not fits_registers(threads, rows, width, base.load_batch):
+                if not fits_registers(threads, rows, width, base.load_batch, precision):
                     continue
                 params = fit_params(geometry, replace(
                     base, col_threads=threads, rows_per_group=rows, vector_width=width,
