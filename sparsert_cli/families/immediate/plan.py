@@ -71,8 +71,8 @@ class PlanParams(Params):
         checks = [
             (1 <= self.rows_per_group <= 64, "rows_per_group must be in 1..64"),
             (self.vector_width in (1, 2, 4, 8), "vector_width must be 1, 2, 4 or 8 (8: fp16/bf16)"),
-            (self.col_threads in (32, 64, 96, 128, 160, 192, 224, 256, 512),
-             "col_threads must be a multiple of 32 up to 256, or 512"),
+            (self.col_threads % 32 == 0 and 32 <= self.col_threads <= 512,
+             "col_threads must be a multiple of 32 up to 512"),
             (1 <= self.k_split <= 16, "k_split must be in 1..16"),
             (self.col_threads * self.k_split <= MAX_THREADS,
              f"col_threads * k_split must be <= {MAX_THREADS}"),
