@@ -23,6 +23,7 @@ from .cache import KernelCache
 from .config import Config
 from .errors import UserError
 from .families import family_of
+from .families.base import params_key
 from .patterns import case_seed, count_nonzeros, generate, pattern_hash
 from .problems import Problem
 
@@ -107,7 +108,7 @@ def layer_record(problem: Problem, sparsity: float, layer, result) -> dict:
            "batch": problem.batch, "stride": problem.stride, "padding": problem.padding,
            "nnz": plan.nnz, "pattern_hash": pattern_hash(layer.weight),
            "plan": plan.params.name(), "family": family_of(plan).name,
-           "params": dict(plan.params.__dict__),
+           "params": params_key(plan.params),
            "tuned": result.tuned, "grid": list(plan.grid), "block": list(plan.block)}
     flushed = count_nonzeros(layer.weight) - plan.nnz
     if flushed:

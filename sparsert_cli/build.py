@@ -97,9 +97,25 @@ def plan_weight(geometry: Geometry, weight, params=None, epilogue: Epilogue = Ep
         chosen = family_of_params(params)
         if chosen not in pool:
             raise UserError(f"plan {params.name()} is a {chosen.name} plan, not {family}")
-    if overrides:
-        params = chosen.params.from_dict({**params.__dict__, **overrides})
-    return chosen.build_plan(csr, geometry, params, epilogue, dtype, accumulate)
+    if not overrides:
+        return chosen.build_plan(csr, geometry, params, epilogue, dtype, accumulate)
+    try:
+        return chosen.build_plan(csr, geometry, chosen.params.from_dict(
+            {**params.__dict__, **overrides}), epilogue, dtype, accumulate)
+    except UserError:
+        if chosen.name != "immediate":
+            raise
+        # the batch-8+ throughput defaults (tall groups, 256-512 threads) leave no room for
+        # some overrides (a k-split's partial sums); the latency rules' plan may
+        from .families.immediate.tuning import rule_params
+
+        base = rule_params(geometry, int(csr.nnz), precision)
+        try:
+            return chosen.build_plan(csr, geometry, chosen.params.from_dict(
+                {**base.__dict__, **overrides}), epilogue, dtype, accumulate)
+        except UserError:
+            pass
+        raise
 
 
 def _fit_fp16(csr, epilogue: Epilogue, accumulate: str, allow_flush: bool):

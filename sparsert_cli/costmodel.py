@@ -72,7 +72,7 @@ def _predicted(features: dict, entry: dict, family) -> float:
     (the immediate family's batch-32 floors, families/immediate/tuning.py) is predicted as
     launch + that instead."""
     coefs = family_coefficients(entry, getattr(family, "name", family))
-    if "throughput_us" in features:   # batch-32 plans: the fit (batch 1) extrapolates badly
+    if "throughput_us" in features:   # throughput layers: the fit (batch 1) extrapolates badly
         return float(coefs[0]) + float(features["throughput_us"])
     predicted = float(terms(features, int(entry["sms"])) @ coefs)
     if getattr(family, "code_runs_once", False):   # the linear fit can fall below this floor

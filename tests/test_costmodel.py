@@ -487,3 +487,39 @@ def test_batch_32_plans_are_predicted_by_their_floors_and_batch_1_by_the_fit():
     assert "throughput_us" not in estimate(narrow, csr, fit_params(narrow, PlanParams()), "fp32")
     family, chosen = costmodel.choose(wide, csr, "fp32", "NVIDIA H100 80GB HBM3")
     assert family.name == "immediate" and chosen.grid_order == "groups"
+
+
+def test_no_candidate_of_a_batch_1_builtin_layer_is_predicted_by_throughput_floors():
+    """Whether a layer is predicted by its throughput floors is decided per layer, not per
+    candidate: a batch-1 candidate with many small blocks must not be ranked by a floor
+    while its rivals get the fitted model (a review found the fallback model's picks
+    changing so)."""
+    for pid, problem in builtin_problems().items():
+        geometry = geometry_for(problem)
+        csr = to_csr(generate(problem, 0.9, "uniform", 0))
+        for params in IMMEDIATE.candidates(geometry, int(csr.nnz), precision="fp32", limit=32):
+            assert "throughput_us" not in estimate(geometry, csr, params, "fp32"), pid
+
+
+def test_a_layer_with_more_tiles_than_the_grids_y_axis_still_gets_a_plan():
+    """Batch 16 at 1449x1449 (vector width 1): group-major plans would put 65613 tiles on
+    blockIdx.y; the throughput defaults fall back to tiles on x there."""
+    geometry = Geometry(batch=16, in_channels=16, height=1449, width=1449, out_channels=16)
+    weight = sp.random(16, 16, density=0.5, random_state=0, format="csr", dtype=np.float32)
+    for gpu in ("NVIDIA H100 80GB HBM3", "Other GPU"):
+        plan = plan_weight(geometry, weight, gpu_name=gpu)
+        assert max(plan.grid[1:]) <= 65535
+
+
+def test_overrides_on_a_throughput_default_fall_back_to_the_rule_plan():
+    """{"k_split": 2} over the batch-8 throughput default (32-row groups, 256 threads) would
+    need 128 KB of shared memory; it is applied to the latency rules' plan instead, and an
+    override that fits neither is the first plan's error."""
+    geometry = Geometry(batch=8, in_channels=128, height=56, width=56, out_channels=128)
+    weight = sp.random(128, 128, density=0.1, random_state=0, format="csr", dtype=np.float32)
+    plan = plan_weight(geometry, weight, overrides={"k_split": 2},
+                       gpu_name="NVIDIA H100 80GB HBM3", family="immediate")
+    assert plan.params.k_split == 2 and plan.shared_bytes <= 48 * 1024
+    with pytest.raises(UserError, match="rows_per_group=32, vector_width=2, col_threads=256"):
+        plan_weight(geometry, weight, overrides={"k_split": 16},
+                    gpu_name="NVIDIA H100 80GB HBM3", family="immediate")

@@ -13,7 +13,7 @@ import numpy as np
 from ...errors import UserError
 from ...problem_shape import (ELEMENT_BYTES, MAX_STATIC_SHARED, MAX_THREADS, PRECISIONS,
                               Geometry, max_vector_width)
-from .plan import Plan, PlanParams, _assign_rows, fit_params, fit_vector_width
+from .plan import MAX_GRID_Y, Plan, PlanParams, _assign_rows, fit_params, fit_vector_width
 
 # Code size is nnz x vector width FMAs; ptxas time grows with it (~0.17 s per 1k on one core).
 # Past this budget the planner narrows the vector so the biggest layers compile in ~20 s.
@@ -43,13 +43,21 @@ def lanes(vector_width: int, precision: str) -> int:
 def default_params(geometry: Geometry, nnz: int, precision: str = "fp32",
                    sm_count: int = H100_SMS) -> PlanParams:
     """A reasonable untuned plan (the cost model picks between the families' defaults as
-    "auto"): for throughput shapes (batch 8 and up, or many waves of blocks) the throughput
-    plan of least predicted time, else the latency rules (rule_params)."""
+    "auto"): for throughput layers (throughput_layer) the throughput plan of least predicted
+    time, else the latency rules (rule_params)."""
     rules = rule_params(geometry, nnz, precision, sm_count)
     if throughput_shape(geometry, rules, sm_count):
         fitted = fit_params(geometry, rules, PRECISIONS[precision][0])
         return throughput_params(geometry, fitted, precision, nnz, count=1)[0]
     return rules
+
+
+def throughput_layer(geometry: Geometry, nnz: int, precision: str = "fp32") -> bool:
+    """Whether the layer (not one plan of it) is planned and predicted as a throughput layer:
+    throughput_shape of its rule default. Every candidate of such a layer is predicted by its
+    floors (throughput_time), every candidate of other layers by the fitted model."""
+    rules = fit_params(geometry, rule_params(geometry, nnz, precision), PRECISIONS[precision][0])
+    return throughput_shape(geometry, rules)
 
 
 def rule_params(geometry: Geometry, nnz: int, precision: str = "fp32",
@@ -161,8 +169,8 @@ def candidates(geometry: Geometry, nnz: int, precision: str = "fp32", limit: int
 #    batch 32, r8 and r4 groups: 469 MB in 55 us, 566 MB in 67 us);
 #  * DRAM: input and output once, with row groups on blockIdx.x (a tile's groups run together
 #    and share its activations through L2), else the input once per group when it passes a
-#    quarter of L2 (mbv1_pw2 at batch 32, 51 MB: 111 us with tiles on x, 45 us with groups;
-#    mbv1_pw1, 26 MB: 41 vs 30 us).
+#    quarter of L2 (mbv1_pw2 at batch 32, 51 MB, r32v2t256: 82.4 us with tiles on x, 41.6 us
+#    with groups; mbv1_pw1, 26 MB, r16v4t512: 40.8 vs 30.3 us).
 # Registers: ptxas keeps more loads in flight than a batch, so a plan spills unless its sums
 # and one batch of loads take at most half of what a thread may have (mbv1_pw2 at batch 32:
 # r16v2t512 no spill, r32v2t512 208 B and 1.5x slower, r16v4t512 900 B).
@@ -184,9 +192,10 @@ def fits_registers(threads: int, rows: int, width: int, load_batch: int,
 
 
 def throughput_shape(geometry: Geometry, params: PlanParams, sm_count: int = H100_SMS) -> bool:
-    """1x1 and GEMM layers at batch 8 and up, or with four waves of blocks or more: then the
-    activations' reuse across row groups and the code fetched per column, not the launch, set
-    the time."""
+    """1x1 convolutions at batch 8 and up, and 1x1 or GEMM layers whose `params` take four waves
+    of blocks or more (a GEMM's batch is folded into its columns, so only the second test sees
+    it): then the activations' reuse across row groups and the code fetched per column, not the
+    launch, set the time."""
     if not geometry.linear:          # 3x3 and strided layers: not measured at batch 32 yet
         return False
     per_thread = -(-geometry.columns // params.vector_width)
@@ -216,9 +225,10 @@ def throughput_time(geometry: Geometry, params: PlanParams, nnz: int, precision:
 def throughput_params(geometry: Geometry, base: PlanParams, precision: str, nnz: int,
                       count: int = 8) -> list[PlanParams]:
     """The `count` plans of least predicted time (throughput_time; ties: wider vectors, more
-    threads) with row groups on blockIdx.x, then the best one with tiles on blockIdx.x.
-    Vectors of 4 or 2 columns, unless their code would pass WIDE_CODE and `base`'s (compile
-    time): then `base`'s width."""
+    threads) with row groups on blockIdx.x (tiles on x where the tiles would pass the grid's
+    y limit), then the best one with tiles on blockIdx.x. Vectors of 8 (2-byte types), 4 or 2
+    columns, unless their code would pass WIDE_CODE and `base`'s (compile time): then `base`'s
+    width."""
     dtype = PRECISIONS[precision][0]
     limit = max(WIDE_CODE, code_units(nnz, base.vector_width, precision))
     widths = [w for w in (8, 4, 2) if w <= max_vector_width(dtype)
@@ -232,6 +242,9 @@ def throughput_params(geometry: Geometry, base: PlanParams, precision: str, nnz:
                 params = fit_params(geometry, replace(
                     base, col_threads=threads, rows_per_group=rows, vector_width=width,
                     k_split=1, grid_order="groups"), dtype)
+                tiles = -(-geometry.columns // (params.vector_width * params.col_threads))
+                if tiles > MAX_GRID_Y:          # tiles on blockIdx.y: over its limit
+                    params = replace(params, grid_order="tiles")
                 scored.append((throughput_time(geometry, params, nnz, precision),
                                -params.vector_width, -params.col_threads, params.name(), params))
     out: list[PlanParams] = []
@@ -239,7 +252,7 @@ def throughput_params(geometry: Geometry, base: PlanParams, precision: str, nnz:
         if params not in out:
             out.append(params)
     out = out[:count]
-    if out:
+    if out and replace(out[0], grid_order="tiles") not in out:
         out.append(replace(out[0], grid_order="tiles"))
     return out
 
@@ -254,7 +267,7 @@ def _features(geometry: Geometry, params: PlanParams, precision: str, groups: in
     element = ELEMENT_BYTES[dtype]
     columns = tiles * params.col_threads * params.vector_width    # every lane loads, idle or not
     extra = ({"throughput_us": throughput_time(geometry, params, nnz, precision)}
-             if throughput_shape(geometry, params) else {})
+             if throughput_layer(geometry, nnz, precision) else {})
     return {**extra, "launches": 1.0, "blocks": float(tiles * groups),
             "threads_per_block": float(params.col_threads * params.k_split),
             "code_bytes": code, "fetched_code_bytes": code * tiles,
