@@ -116,6 +116,22 @@ def test_block_ids_read_the_wrong_way_round_are_caught(name):
         parse_cuda.check_printed(ir, flipped)
 
 
+@pytest.mark.parametrize("name", ["gemm_v4_k2", "gemm_v4_k2_groups"])
+def test_a_block_id_read_wrongly_used_and_then_reread_is_caught(name):
+    """The parser keeps one reading per thread or block id: a text that computes its columns
+    from the wrong block id and then reads the right one (as a last assignment) is refused."""
+    ir = lower(PLANS[name])
+    lines = ptx.print_ptx(ir).split("\n")
+    first = next(i for i, line in enumerate(lines) if line.strip().startswith("mov.u32 %bx"))
+    right = lines[first]
+    lines[first] = right.replace("ctaid.x", "ctaid.T").replace("ctaid.y", "ctaid.x") \
+        .replace("ctaid.T", "ctaid.y")
+    last_use = max(i for i, line in enumerate(lines) if "%bx" in line and i != first)
+    lines.insert(last_use + 1, right)
+    with pytest.raises(PrintedMismatch, match="read twice, or after it is used"):
+        check_printed(ir, "\n".join(lines))
+
+
 @pytest.mark.parametrize("mutation", sorted(MUTATIONS))
 def test_a_broken_printer_rule_is_caught(monkeypatch, mutation):
     case, rules = MUTATIONS[mutation]

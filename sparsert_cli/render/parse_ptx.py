@@ -578,6 +578,8 @@ def parse(ir: KernelIR, text: str) -> KernelIR:
             pass
         elif op == "mov.u32" and args[1].startswith("%tid") or args[1:2] and \
                 args[1].startswith("%ctaid"):
+            if args[0][1:] in specials or columns or pointers or slot is not None:
+                _fail("entry", f"{text}: a thread or block id read twice, or after it is used")
             specials[args[0][1:]] = args[1][1:]
         elif op == "mov.u32" and args == ["%sp", PARTIALS]:
             pass
