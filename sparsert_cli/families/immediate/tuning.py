@@ -46,16 +46,17 @@ def default_params(geometry: Geometry, nnz: int, precision: str = "fp32",
     "auto"): for throughput layers (throughput_layer) the throughput plan of least predicted
     time, else the latency rules (rule_params)."""
     rules = rule_params(geometry, nnz, precision, sm_count)
-    if throughput_shape(geometry, rules, sm_count):
-        fitted = fit_params(geometry, rules, PRECISIONS[precision][0])
+    fitted = fit_params(geometry, rules, PRECISIONS[precision][0])
+    if throughput_shape(geometry, fitted, sm_count):
         return throughput_params(geometry, fitted, precision, nnz, count=1)[0]
     return rules
 
 
 def throughput_layer(geometry: Geometry, nnz: int, precision: str = "fp32") -> bool:
     """Whether the layer (not one plan of it) is planned and predicted as a throughput layer:
-    throughput_shape of its rule default. Every candidate of such a layer is predicted by its
-    floors (throughput_time), every candidate of other layers by the fitted model."""
+    throughput_shape of its rule default, fitted to the shape. Every candidate of such a layer
+    is predicted by its floors (throughput_time), every candidate of other layers by the fitted
+    model."""
     rules = fit_params(geometry, rule_params(geometry, nnz, precision), PRECISIONS[precision][0])
     return throughput_shape(geometry, rules)
 
@@ -138,7 +139,7 @@ def candidates(geometry: Geometry, nnz: int, precision: str = "fp32", limit: int
     for seed in seeds:
         if isinstance(seed, PlanParams):
             add(seed)
-    if throughput_shape(geometry, rules):
+    if throughput_layer(geometry, nnz, precision):
         for params in throughput_params(geometry, rules, precision, nnz):
             add(params)
     seeded = len(found)
