@@ -23,6 +23,10 @@ from typing import NamedTuple, Union
 from .problem_shape import Geometry, Precision
 
 
+# groups_on_x -> the PTX special registers bx (the column tile) and by (the row group) read
+BLOCK_IDS = {False: {"bx": "ctaid.x", "by": "ctaid.y"}, True: {"bx": "ctaid.y", "by": "ctaid.x"}}
+
+
 class IndexOp(NamedTuple):
     """dst = a*b + c (mad), a*b (mul), a+b, a-b, a/b, a%b, min(a, b), or a < b (lt, 0/1), in
     32-bit integers; operands are variable names or integers."""
@@ -156,8 +160,7 @@ class KernelIR(Precision):
     @property
     def block_ids(self) -> dict[str, str]:
         """The PTX special registers bx and by are read from."""
-        return ({"bx": "ctaid.y", "by": "ctaid.x"} if self.groups_on_x
-                else {"bx": "ctaid.x", "by": "ctaid.y"})
+        return BLOCK_IDS[self.groups_on_x]
 
     @property
     def body_args(self) -> tuple[tuple[str, str], ...]:

@@ -97,20 +97,24 @@ def test_printed_ptx_parses_back_to_its_ir(name):
     _check(PLANS[name])
 
 
+def _swap_xy(text: str, name: str) -> str:
+    """`text` with name.x and name.y exchanged (block ids read the wrong way round)."""
+    return text.replace(f"{name}.x", f"{name}.T").replace(f"{name}.y", f"{name}.x") \
+        .replace(f"{name}.T", f"{name}.y")
+
+
 @pytest.mark.parametrize("name", ["gemm_v4_k2", "gemm_v4_k2_groups"])
 def test_block_ids_read_the_wrong_way_round_are_caught(name):
     """A printer that reads the tile from the row group's block id (or the reverse) runs other
     groups' code on other columns: both parsers refuse the text."""
     ir = lower(PLANS[name])
     text = ptx.print_ptx(ir)
-    flipped = text.replace("%ctaid.x;", "%ctaid.T;").replace("%ctaid.y;", "%ctaid.x;") \
-        .replace("%ctaid.T;", "%ctaid.y;")
+    flipped = _swap_xy(text, "%ctaid")
     assert flipped != text
     with pytest.raises(PrintedMismatch):
         check_printed(ir, flipped)
     source = cuda.print_cuda(ir)
-    flipped = source.replace("blockIdx.x", "blockIdx.T").replace("blockIdx.y", "blockIdx.x") \
-        .replace("blockIdx.T", "blockIdx.y")
+    flipped = _swap_xy(source, "blockIdx")
     assert flipped != source
     with pytest.raises(PrintedMismatch):
         parse_cuda.check_printed(ir, flipped)
@@ -124,8 +128,7 @@ def test_a_block_id_read_wrongly_used_and_then_reread_is_caught(name):
     lines = ptx.print_ptx(ir).split("\n")
     first = next(i for i, line in enumerate(lines) if line.strip().startswith("mov.u32 %bx"))
     right = lines[first]
-    lines[first] = right.replace("ctaid.x", "ctaid.T").replace("ctaid.y", "ctaid.x") \
-        .replace("ctaid.T", "ctaid.y")
+    lines[first] = _swap_xy(right, "%ctaid")
     last_use = max(i for i, line in enumerate(lines) if "%bx" in line and i != first)
     lines.insert(last_use + 1, right)
     with pytest.raises(PrintedMismatch, match="read twice, or after it is used"):

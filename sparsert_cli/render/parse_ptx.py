@@ -17,7 +17,7 @@ import struct
 
 import numpy as np
 
-from ..ir import (Batch, Compute, Finish, IndexOp, KernelIR, Load, Partial, Reduce,
+from ..ir import (BLOCK_IDS, Batch, Compute, Finish, IndexOp, KernelIR, Load, Partial, Reduce,
                   ReduceRow, Step, TapBase)
 from . import PrintedMismatch
 from .ptx import PARTIALS, Fmt
@@ -616,9 +616,8 @@ def parse(ir: KernelIR, text: str) -> KernelIR:
             phases.append(bodies)
         else:
             _fail("entry", f"`{text}`: an instruction outside the printed subset")
-    orders = {swap: {"tx": "tid.x", "ty": "tid.y",
-                     **dataclasses.replace(ir, groups_on_x=swap).block_ids} for swap in (False, True)}
-    groups_on_x = next((swap for swap, want in orders.items() if specials == want), None)
+    groups_on_x = next((swap for swap, ids in BLOCK_IDS.items()
+                        if specials == {"tx": "tid.x", "ty": "tid.y", **ids}), None)
     if groups_on_x is None:
         _fail("entry", f"thread ids read as {specials}")
     if tuple(args_loaded) != arguments:

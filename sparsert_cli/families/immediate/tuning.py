@@ -139,7 +139,7 @@ def candidates(geometry: Geometry, nnz: int, precision: str = "fp32", limit: int
     for seed in seeds:
         if isinstance(seed, PlanParams):
             add(seed)
-    if throughput_layer(geometry, nnz, precision):
+    if throughput_shape(geometry, rules):          # throughput_layer, rules already fitted
         for params in throughput_params(geometry, rules, precision, nnz):
             add(params)
     seeded = len(found)
