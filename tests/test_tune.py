@@ -53,6 +53,33 @@ def test_throughput_shapes_default_to_group_major_plans_that_fit_the_registers(p
     assert all(p.grid_order == "tiles" for p in narrow)
 
 
+@pytest.mark.parametrize("pid", ["rn50_c2_3x3", "rn50_c4_3x3", "rn50_c5_3x3"])
+def test_batched_3x3_layers_get_wider_taller_candidates_in_both_grid_orders(pid):
+    """A direct 3x3 convolution at batch 8 keeps its latency-rule default, then gets 256/512
+    threads x 4-32 rows in both grid orders, within the register rule, those with about a wave
+    of blocks first; at batch 1 none of them (its candidates keep tiles on x)."""
+    problem = PROBLEMS[pid]
+    nnz = problem.m * problem.k // 10
+    geometry = geometry_for(problem.with_batch(8))
+    found = candidates(geometry, nnz, limit=16)
+    assert found[0] == fit_params(geometry, default_params(geometry, nnz))
+    assert found[0].grid_order == "tiles"
+    batched = [p for p in found[1:] if p.k_split == 1 and p.col_threads >= 256
+               and p.rows_per_group >= 4][:4]
+    assert len(batched) == 4 and {p.grid_order for p in batched} == {"groups", "tiles"}
+    for params in batched:
+        assert fits_registers(params.col_threads, params.rows_per_group, params.vector_width,
+                              params.load_batch)
+        assert replace(params, grid_order="tiles" if params.grid_order == "groups"
+                       else "groups") in found
+    def blocks(p):
+        tiles = -(-geometry.columns // (p.vector_width * p.col_threads))
+        return tiles * -(-geometry.out_channels // p.rows_per_group)
+    waves = [min(blocks(p), 132 - 132 // 8) for p in found[1:] if p.grid_order == "groups"]
+    assert waves == sorted(waves, reverse=True)
+    assert all(p.grid_order == "tiles" for p in candidates(geometry_for(problem), nnz, limit=16))
+
+
 def test_throughput_time_charges_tiles_order_a_dram_read_per_group_past_l2():
     """mbv1_pw2 at batch 32 (51 MB of input): with tiles on blockIdx.x each row group streams
     the input from DRAM again (S6-3, r32v2t256: 82.4 vs 41.6 us)."""

@@ -142,6 +142,9 @@ def candidates(geometry: Geometry, nnz: int, precision: str = "fp32", limit: int
     if throughput_shape(geometry, rules):          # throughput_layer, rules already fitted
         for params in throughput_params(geometry, rules, precision, nnz):
             add(params)
+    elif not geometry.linear and geometry.batch >= 8:
+        for params in batched_conv_params(geometry, rules, precision):
+            add(params)
     seeded = len(found)
     for rows in (2, 4, 8, 16):
         for k_split in (1, 2, 4, 8):
@@ -181,6 +184,43 @@ FETCH_BYTES_PER_US = 3200          # per SM
 L2_BYTES_PER_US = 8.5e6
 DRAM_BYTES_PER_US = 3.0e6
 L2_BYTES = 50 << 20
+
+
+# Direct convolutions at batch 8 and up: more column threads and taller groups than the latency
+# rules give (a block's code is fetched once for more columns; a load feeds more rows), in both
+# grid orders. Their floors are not modelled: a tap's neighbours load the same pixels, so L1
+# serves much of what throughput_time charges to L2 (it predicts 47 us for rn50_c2_3x3 at batch 8,
+# measured 17.6 us); the tuner measures them.
+BATCHED_CONV_THREADS = (512, 256)
+BATCHED_CONV_ROWS = (32, 16, 8, 4)
+
+
+def batched_conv_params(geometry: Geometry, base: PlanParams, precision: str,
+                        sm_count: int = H100_SMS) -> list[PlanParams]:
+    """Candidates of a direct convolution at batch 8 and up (see above): threads x rows whose sums
+    and one load batch fit the register rule (fits_registers), each group-major then tile-major.
+    First those with about a wave of blocks (7/8 of the SMs) or more, then taller groups, then
+    more threads."""
+    dtype = PRECISIONS[precision][0]
+    fill = sm_count - sm_count // 8
+    scored = []
+    for threads in BATCHED_CONV_THREADS:
+        for rows in BATCHED_CONV_ROWS:
+            if not fits_registers(threads, rows, base.vector_width, base.load_batch, precision):
+                continue
+            params = fit_params(geometry, replace(base, col_threads=threads, rows_per_group=rows,
+                                                  k_split=1, grid_order="groups"), dtype)
+            tiles = -(-geometry.columns // (params.vector_width * params.col_threads))
+            blocks = tiles * -(-geometry.out_channels // params.rows_per_group)
+            scored.append(((-min(blocks, fill), -params.rows_per_group, -params.col_threads),
+                           params))
+    out: list[PlanParams] = []
+    for _, params in sorted(scored, key=lambda item: item[0]):
+        for order in ("groups", "tiles"):
+            twin = replace(params, grid_order=order)
+            if twin not in out:
+                out.append(twin)
+    return out
 
 
 def fits_registers(threads: int, rows: int, width: int, load_batch: int,
