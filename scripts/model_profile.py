@@ -2,7 +2,7 @@
 """Where a sparsified model's time goes, kernel by kernel (a measurement, not a test).
 
   python3 scripts/model_profile.py resnet50 --dtype fp16 --sparsity 0.9 [--batch 1]
-      [--tuned configs/tuned.json] --out OUT.json
+      [--tuned configs/tuned.json] [--compiled] [--keep-dense REGEX] --out OUT.json
 
 Builds the model as `sparsert model` does (random init, magnitude pruning), sparsifies it, captures
 one forward in a CUDA graph and records REPLAYS replays with torch.profiler (CUPTI). Writes, for
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 
 import numpy as np
@@ -41,6 +42,12 @@ def main() -> int:
     ap.add_argument("--streamed-preference", type=float, default=None,
                     help="sparsify_'s race keeps a streamed kernel unless the immediate one is "
                          "this much faster (an experiment; default: sparsify's own)")
+    ap.add_argument("--compiled", action="store_true",
+                    help="profile the sparsified model as `sparsert model` counts it when that "
+                         "is faster: under torch.compile(mode='default') with freezing")
+    ap.add_argument("--keep-dense", default=None, metavar="REGEX",
+                    help="layers whose name matches stay dense (e.g. to time a model with some "
+                         "layers left out)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     if args.streamed_preference is not None:
@@ -75,10 +82,25 @@ def main() -> int:
         rows = sparsify_(model, (x,), dtype=args.dtype, tuned=args.tuned or None, race=False,
                          include=lambda name, m: getattr(m, "kernel_size", (1,))[0] <= 3)
     else:
-        rows = sparsify_(model, (x,), dtype=args.dtype, tuned=args.tuned or None)
-    forward_us = time_graph(model, x)
+        include = None
+        if args.keep_dense:
+            pattern = re.compile(args.keep_dense)
+            include = lambda name, m: not pattern.search(name)   # noqa: E731
+        rows = sparsify_(model, (x,), dtype=args.dtype, tuned=args.tuned or None,
+                         include=include)
+    forward = model
+    if args.compiled:
+        import torch._inductor.config as inductor
 
-    graph = captured_graph(model, (x,))
+        torch._dynamo.reset()
+        with inductor.patch(freezing=True):
+            forward = torch.compile(model, mode="default", fullgraph=True)
+            with torch.no_grad():
+                for _ in range(3):
+                    forward(x)
+    forward_us = time_graph(forward, x)
+
+    graph = captured_graph(forward, (x,))
     with torch.no_grad():
         for _ in range(5):
             graph.replay()
@@ -112,6 +134,7 @@ def main() -> int:
     ours = [t for t in trace if t["sparsert"]]
     summary = {
         "variant": "legacy" if args.legacy else "current", "model": args.model,
+        "compiled": args.compiled, "keep_dense": args.keep_dense,
         "dtype": args.dtype, "sparsity": args.sparsity, "batch": args.batch,
         "max_default_slices": args.max_default_slices,
         "streamed_preference": args.streamed_preference,
