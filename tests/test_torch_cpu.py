@@ -525,3 +525,62 @@ def test_siblings_follow_the_inputs_they_are_called_on():
     assert "siblings" not in rows[0] and rows[1]["reason"] == "replaced"
     with torch.no_grad():
         assert torch.allclose(mutating(x.clone()), want, atol=1e-5)
+
+
+@pytest.mark.parametrize("kernel,stride,groups,residual,activation", [
+    (1, 1, 1, False, "relu"), (1, 1, 1, True, "relu"), (1, 2, 1, False, "none"),
+    (3, 1, 1, True, "relu6"), (3, 2, 1, False, "relu"), (3, 1, 8, False, "relu6")])
+def test_folded_dense_forms_compute_the_chain(kernel, stride, groups, residual, activation):
+    """The dense op a raced layer keeps when its kernel loses (GPU: sparsify_ swaps in the
+    fastest): BatchNorm folded, residual add and activation after it, as conv2d and, for a
+    stride-1 1x1 convolution, as one batched GEMM; every form equals conv -> BatchNorm -> add ->
+    activation in eval mode."""
+    from sparsert_cli.torch.sparsify import FoldedDense, folded_dense_forms
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(8, 8 if groups > 1 else 12, kernel, stride, kernel // 2,
+                           groups=groups, bias=False)
+    bn = torch.nn.BatchNorm2d(conv.out_channels)
+    with torch.no_grad():
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-1, 1)
+    conv.eval(), bn.eval()
+    x = torch.randn(2, 8, 9, 9)
+    with torch.no_grad():
+        ref = bn(conv(x))
+        res = torch.randn_like(ref) if residual else None
+        ref = ref + res if residual else ref
+        ref = {"relu": torch.relu, "relu6": torch.nn.functional.relu6}.get(
+            activation, lambda t: t)(ref)
+        weight, bias = folded(conv, bn)
+        layer = SparseLayer(0, "conv", weight, bias, activation, stride, kernel // 2,
+                            tuple(x.shape), residual=residual, groups=groups)
+        forms = folded_dense_forms(layer)
+        gemm = kernel == 1 and stride == 1 and groups == 1
+        assert [f.gemm for f in forms] == ([False, True] if gemm else [False])
+        assert all(isinstance(f, FoldedDense) for f in forms)
+        for form in forms:
+            out = form(x, res) if residual else form(x)
+            assert out.shape == ref.shape and out.is_contiguous()
+            assert torch.allclose(out, ref, rtol=1e-5, atol=1e-5), form
+
+
+def test_folded_dense_linear_and_under_compile():
+    """A Linear layer's folded form is F.linear; the GEMM form traces under
+    torch.compile(fullgraph=True) (a kept layer sits in a compiled sparse model)."""
+    from sparsert_cli.torch.sparsify import FoldedDense
+
+    torch.manual_seed(1)
+    lin = torch.nn.Linear(16, 24)
+    x = torch.randn(3, 5, 16)
+    form = FoldedDense(lin.weight.detach(), lin.bias.detach(), "relu", kind="linear")
+    with torch.no_grad():
+        assert torch.allclose(form(x), torch.relu(lin(x)), atol=1e-6)
+        gemm = FoldedDense(torch.randn(12, 8, 1, 1), torch.randn(12), "none", gemm=True)
+        y = torch.randn(2, 8, 4, 4)
+        compiled = torch.compile(gemm, fullgraph=True, backend="eager")
+        assert torch.allclose(compiled(y), gemm(y), atol=1e-6)
+        assert torch.allclose(gemm(y), torch.nn.functional.conv2d(
+            y, gemm.weight.view(12, 8, 1, 1), gemm.bias), atol=1e-5)

@@ -10,6 +10,6 @@ Inside this package `import torch` is the real PyTorch (absolute imports only).
 from __future__ import annotations
 
 from sparsert_cli.torch.prune import prune_
-from sparsert_cli.torch.sparsify import SparseLayer, report_table, sparsify_
+from sparsert_cli.torch.sparsify import FoldedDense, SparseLayer, report_table, sparsify_
 
-__all__ = ["prune_", "sparsify_", "report_table", "SparseLayer"]
+__all__ = ["prune_", "sparsify_", "report_table", "SparseLayer", "FoldedDense"]

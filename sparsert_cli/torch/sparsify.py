@@ -100,6 +100,59 @@ class SparseLayer(torch.nn.Module):
 
 
 # ---- per-layer checks --------------------------------------------------------------------------
+class FoldedDense(torch.nn.Module):
+    """The dense op of a layer its kernel did not beat, as a frozen compiled model runs it:
+    BatchNorm folded into weight and bias, then the residual add and ReLU/ReLU6, all in one
+    module (sparsify_ swaps it in for the chain's layer, BatchNorm and activation, as it does a
+    kernel). `gemm`: a stride-1 1x1 convolution as one batched GEMM over the NCHW images
+    (W' @ x[b] on C x HW columns), which is what inductor lowers it to; it avoids the layout
+    changes cuDNN adds around an NCHW fp16 convolution (ResNet-50 fp16 at batch 8, run S7-3:
+    a 1x1 layer took 27-39 us as conv + BatchNorm + add + ReLU in the eager model, ~6 us as
+    inductor's GEMM and one fused pointwise kernel)."""
+
+    def __init__(self, weight: torch.Tensor, bias, activation: str, stride: int = 1,
+                 padding: int = 0, groups: int = 1, kind: str = "conv", gemm: bool = False):
+        super().__init__()
+        self.kind, self.activation, self.gemm = kind, activation, gemm
+        self.stride, self.padding, self.groups = stride, padding, groups
+        self.register_buffer("weight", weight.flatten(1) if gemm else weight)
+        self.register_buffer("bias", bias)
+
+    def forward(self, x: torch.Tensor, residual=None) -> torch.Tensor:
+        if self.kind == "linear":
+            y = F.linear(x, self.weight, self.bias)
+        elif self.gemm:
+            b, _, h, w = x.shape
+            y = torch.matmul(self.weight, x.flatten(2))
+            if self.bias is not None:
+                y = y + self.bias.view(1, -1, 1)
+            y = y.view(b, -1, h, w)
+        else:
+            y = F.conv2d(x, self.weight, self.bias, self.stride, self.padding, 1, self.groups)
+        if residual is not None:
+            y = y + residual
+        if self.activation == "relu":
+            return F.relu(y)
+        return F.relu6(y) if self.activation == "relu6" else y
+
+    def extra_repr(self) -> str:
+        form = "linear" if self.kind == "linear" else "1x1 as GEMM" if self.gemm else "conv2d"
+        return f"{form}, weight={tuple(self.weight.shape)}, activation={self.activation}"
+
+
+def folded_dense_forms(layer: SparseLayer) -> list[FoldedDense]:
+    """The folded dense ops worth timing for a layer (its SparseLayer holds the folded weight
+    and bias, in the model's type): conv2d (or linear), and for a stride-1 1x1 convolution of
+    one group the batched GEMM too."""
+    forms = [FoldedDense(layer.weight, layer.bias, layer.activation, layer.stride,
+                         layer.padding, layer.groups, layer.kind)]
+    if (layer.kind == "conv" and layer.groups == 1 and layer.stride == 1
+            and layer.padding == 0 and tuple(layer.weight.shape[2:]) == (1, 1)):
+        forms.append(FoldedDense(layer.weight, layer.bias, layer.activation, kind="conv",
+                                 gemm=True))
+    return forms
+
+
 def _pair(value) -> int | None:
     values = value if isinstance(value, (tuple, list)) else (value, value)
     return values[0] if len(set(values)) == 1 and isinstance(values[0], int) else None
@@ -304,7 +357,11 @@ def sparsify_(model: torch.nn.Module, example_inputs, *, dtype: str = "fp32", tu
     kernel element-wise against float64 before using it. min_speedup: a layer is replaced only
     when its kernel is at least this much faster than the dense layer. Both are timed here, on
     the GPU, as a whole forward runs them (check.time_cold_us: their code and weights evicted
-    from L2, their input just written), not warm and alone as `bench` times a layer.
+    from L2, their input just written), not warm and alone as `bench` times a layer. The dense
+    layer is the fastest of its forms: the model's own modules, and BatchNorm folded
+    (FoldedDense: conv2d, or a stride-1 1x1 convolution as one batched GEMM, as a frozen
+    compiled model runs it); a layer whose kernel loses keeps that fastest form (row
+    "dense_form"; a folded one is swapped in for the layer, BatchNorm and activation).
     min_sparsity: denser layers keep the dense op (their straight-line code would be huge); a
     depthwise layer counts as its block-diagonal C x C weight (at least 1 - 1/C sparse).
     dry_run: plan, compile and (with verify) check on the CPU interpreter; the model is not
@@ -324,7 +381,8 @@ def sparsify_(model: torch.nn.Module, example_inputs, *, dtype: str = "fp32", tu
     "compile", "compile streamed rivals" and "check" stages. stats: receives plan_seconds,
     compile_seconds, kernels, cached (and rival_seconds, rivals).
     Returns one dict per layer: layer, op, shape, sparsity, fused, family, plan, replaced,
-    reason, max_err, max_rel_err, dense_us, sparse_us, speedup (and, where a rival was timed,
+    reason, max_err, max_rel_err, dense_us, sparse_us, speedup (dense_form where the race ran;
+    and, where a rival was timed,
     tried: {"family plan": us}; rival_failed where one failed verification; on the first of
     sibling layers, siblings: the others its stacked kernel runs, whose rows say so in
     reason). Render with report_table().
@@ -530,8 +588,15 @@ def _check_layer(model, modules, chain, layers, record, row, dtype, verify, dry_
         if on_gpu:
             # siblings: against one dense GEMM of their stacked weights (torch.compile's
             # freezing passes concatenate such layers too), not their GEMMs one by one
-            dense = layer.dense if members else _dense_module(modules, chain)
-            row["dense_us"] = time_cold_us(dense, inputs)
+            # the dense op, as the model runs it and folded as a frozen compiled model runs it
+            # (siblings: one GEMM of their stacked weights, as freezing concatenates them)
+            denses = [layer.dense] if members else [_dense_module(modules, chain),
+                                                    *folded_dense_forms(layer)]
+            dense_times = [time_cold_us(d, inputs) for d in denses]
+            fastest = min(range(len(denses)), key=dense_times.__getitem__)
+            row["dense_us"] = dense_times[fastest]
+            if not members:
+                row["dense_form"] = ("module", "folded", "folded gemm")[fastest]
             timed = sorted(((time_cold_us(lay, inputs), i) for i, (lay, _) in enumerate(passed)))
             if len(passed) > 1:
                 row["tried"] = {f"{passed[i][1]['family']} {passed[i][1]['plan']}": round(us, 2)
@@ -547,6 +612,9 @@ def _check_layer(model, modules, chain, layers, record, row, dtype, verify, dry_
                 row["reason"] = f"dense is faster ({row['speedup']:.2f}x)"
                 if members:         # each sibling's own times are filled in at the end
                     row["dense_us"] = row["sparse_us"] = None
+                elif fastest and not dry_run:     # the folded dense op beat the model's own
+                    _swap(model, chain, denses[fastest])
+                    row["reason"] += f"; kept as the {row['dense_form']} dense op"
                 return
         else:
             row.update(fields)
@@ -604,7 +672,9 @@ def _load(kernel, chain, module, x, dtype, weight, bias, on_gpu) -> tuple[Sparse
     return layer, fields
 
 
-def _swap(model, chain: Chain, layer: SparseLayer) -> None:
+def _swap(model, chain: Chain, layer: torch.nn.Module) -> None:
+    """Put `layer` (a SparseLayer, or a FoldedDense) in place of the chain's layer, BatchNorm
+    and activation (or into its ResidualChain)."""
     if chain.residual:              # conv, BatchNorm, add and activation: all in the kernel
         model.get_submodule(chain.residual).sparse = layer
         return

@@ -98,6 +98,9 @@ def test_dense_is_kept_where_faster_and_inference_only():
     assert not any(r["replaced"] for r in rows)
     assert all(r["reason"].startswith("dense is faster") for r in rows)
     assert all(r["dense_us"] > 0 and r["sparse_us"] > 0 for r in rows)
+    model = _cnn()
+    prune_(model, 0.9)
+    model = model.cuda()
     rows = sparsify_(model, (x,), tuned=False, min_speedup=0.0)
     with pytest.raises(RuntimeError, match="inference-only"):
         model(x.clone().requires_grad_())
@@ -187,3 +190,37 @@ def test_run_model_merges_and_reuses_the_dense_baseline(tmp_path, capsys):
     assert first["dense"] == second["dense"] and len(doc["dense_baselines"]) == 1
     assert first["best_dense"] in ("eager", "graph") and first["verified"], first
     assert first["gpu"]["name"] and first["kernels"]["kernels"] > 0
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+def test_layers_kept_dense_run_their_fastest_folded_form(dtype):
+    """Where no kernel wins, the layer keeps the fastest of its dense forms, timed as the race
+    times kernels: the model's own modules, or BatchNorm folded (conv2d, or a stride-1 1x1
+    convolution as one batched GEMM) swapped in with its add and activation. The model then
+    computes what it did, eager, in a CUDA graph and compiled."""
+    from sparsert_cli.models import Bottleneck
+    from sparsert_cli.torch.sparsify import FoldedDense
+
+    store = torch.float32 if dtype == "fp32" else torch.float16
+    torch.manual_seed(3)
+    block = nn.Sequential(Bottleneck(64, 16), Bottleneck(64, 16)).eval()
+    for bn in (m for m in block.modules() if isinstance(m, nn.BatchNorm2d)):
+        with torch.no_grad():
+            bn.running_mean.uniform_(-0.5, 0.5)
+            bn.running_var.uniform_(0.5, 2.0)
+    prune_(block, 0.9)
+    block = block.cuda().to(store)
+    x = torch.randn(2, 64, 14, 14, device="cuda", dtype=store)
+    with torch.no_grad():
+        want = block(x).clone()
+    rows = sparsify_(block, (x,), dtype=dtype, tuned=False, min_speedup=1e6)
+    assert not any(r["replaced"] for r in rows) and len(rows) == 6
+    forms = [r["dense_form"] for r in rows]
+    assert set(forms) <= {"module", "folded", "folded gemm"}
+    kept = [m for m in block.modules() if isinstance(m, FoldedDense)]
+    assert len(kept) == sum(f != "module" for f in forms)
+    for r in rows:
+        assert r["reason"].startswith("dense is faster")
+        assert ("kept as the" in r["reason"]) == (r["dense_form"] != "module")
+    assert all(r["op"] == "conv1x1" for r in rows if r["dense_form"] == "folded gemm")
+    _check_modes(block, x, want, dtype)
