@@ -153,6 +153,11 @@ def folded_dense_forms(layer: SparseLayer) -> list[FoldedDense]:
     return forms
 
 
+def _compiled(form: FoldedDense):
+    """form under torch.compile(mode="default"), compiled at its first call."""
+    return torch.compile(form, mode="default", fullgraph=True)
+
+
 def _pair(value) -> int | None:
     values = value if isinstance(value, (tuple, list)) else (value, value)
     return values[0] if len(set(values)) == 1 and isinstance(values[0], int) else None
@@ -345,7 +350,8 @@ def sparsify_(model: torch.nn.Module, example_inputs, *, dtype: str = "fp32", tu
               dry_run: bool = False, arch: str | None = None, cache: bool = True,
               include=None, tune: bool = False, fuse_residual: bool = True,
               race: bool = True, fuse_siblings: bool = True, jobs: int | None = None,
-              on_progress=None, stats: dict | None = None) -> list[dict]:
+              on_progress=None, stats: dict | None = None,
+              compiled_dense: bool = False) -> list[dict]:
     """Replace the sparse Conv2d (square 1x1/3x3/5x5/7x7, stride 1/2; groups=1 or depthwise)
     and Linear layers of `model` (on a CUDA device, in eval mode: this call sets it) with
     compiled kernels, in place.
@@ -362,6 +368,10 @@ def sparsify_(model: torch.nn.Module, example_inputs, *, dtype: str = "fp32", tu
     (FoldedDense: conv2d, or a stride-1 1x1 convolution as one batched GEMM, as a frozen
     compiled model runs it); a layer whose kernel loses keeps that fastest form (row
     "dense_form"; a folded one is swapped in for the layer, BatchNorm and activation).
+    compiled_dense: also time the folded conv2d/linear form under torch.compile (inductor
+    lowers a 1x1 convolution to a GEMM itself and fuses bias, add and activation into one
+    pointwise kernel; a few seconds of compiling per layer), for a model that will run
+    compiled: `sparsert model` counts the compiled sparse model when it is faster.
     min_sparsity: denser layers keep the dense op (their straight-line code would be huge); a
     depthwise layer counts as its block-diagonal C x C weight (at least 1 - 1/C sparse).
     dry_run: plan, compile and (with verify) check on the CPU interpreter; the model is not
@@ -399,6 +409,7 @@ def sparsify_(model: torch.nn.Module, example_inputs, *, dtype: str = "fp32", tu
                      arch=arch, cache=cache, include=include, device=device,
                      tune=tune and not dry_run, fuse_residual=fuse_residual, race=race,
                      fuse_siblings=fuse_siblings, jobs=jobs, on_progress=on_progress,
+                     compiled_dense=compiled_dense,
                      stats=stats)
 
 
@@ -434,7 +445,7 @@ def _why_not(module, record, dtype, min_sparsity, row) -> str | None:
 def _sparsify(model, example_inputs, *, dtype, tuned, verify, min_speedup, min_sparsity,
               dry_run, arch, cache, include, device, tune=False, fuse_residual=True,
               race=True, fuse_siblings=True, jobs=None, on_progress=None,
-              stats=None) -> list[dict]:
+              stats=None, compiled_dense=False) -> list[dict]:
     """sparsify_ without the device check: on a CPU model (tests) layers are replaced by ops
     that run the plan interpreter."""
     if isinstance(example_inputs, torch.Tensor):
@@ -515,7 +526,7 @@ def _sparsify(model, example_inputs, *, dtype, tuned, verify, min_speedup, min_s
             layers = [_load(k, chain, modules[chain.layer], record["x"], dtype, weight, bias,
                             on_gpu) for k in options]
             _check_layer(model, modules, chain, layers, record, row, dtype, verify, dry_run,
-                         on_gpu, min_speedup, members)
+                         on_gpu, min_speedup, members, compiled_dense)
         for member_row, _, _ in (members or [])[1:]:
             if not member_row["replaced"]:
                 member_row["reason"] = f"with {chain.layer}: {row['reason']}"
@@ -558,7 +569,7 @@ def _rivals(todo, kernels, dtype, tuned, arch, cache, jobs, on_progress, info) -
 
 
 def _check_layer(model, modules, chain, layers, record, row, dtype, verify, dry_run, on_gpu,
-                 min_speedup, members=None) -> None:
+                 min_speedup, members=None, compiled_dense=False) -> None:
     """Verify each candidate (SparseLayer, row fields) of one chain -- the planned kernel first,
     then its rivals --, time the verified ones and the dense op as a forward runs them
     (time_cold_us), and swap in the fastest if it beats dense by min_speedup. `members`:
@@ -590,13 +601,24 @@ def _check_layer(model, modules, chain, layers, record, row, dtype, verify, dry_
             # freezing passes concatenate such layers too), not their GEMMs one by one
             # the dense op, as the model runs it and folded as a frozen compiled model runs it
             # (siblings: one GEMM of their stacked weights, as freezing concatenates them)
-            denses = [layer.dense] if members else [_dense_module(modules, chain),
-                                                    *folded_dense_forms(layer)]
-            dense_times = [time_cold_us(d, inputs) for d in denses]
+            if members:
+                denses = [("stacked", layer.dense, layer.dense)]
+            else:
+                folded_forms = folded_dense_forms(layer)
+                denses = [("module", None, _dense_module(modules, chain))] + [
+                    (f"folded{' gemm' if f.gemm else ''}", f, f) for f in folded_forms]
+                if compiled_dense:      # inductor picks its own lowering (a 1x1: a GEMM)
+                    denses.append(("folded compiled", folded_forms[0],
+                                   _compiled(folded_forms[0])))
+            dense_times = []
+            for label, _, timed in denses:
+                if label.endswith("compiled"):
+                    torch._dynamo.reset()   # every FoldedDense shares one forward: a fresh
+                dense_times.append(time_cold_us(timed, inputs))     # cache per compile
             fastest = min(range(len(denses)), key=dense_times.__getitem__)
             row["dense_us"] = dense_times[fastest]
             if not members:
-                row["dense_form"] = ("module", "folded", "folded gemm")[fastest]
+                row["dense_form"] = denses[fastest][0]
             timed = sorted(((time_cold_us(lay, inputs), i) for i, (lay, _) in enumerate(passed)))
             if len(passed) > 1:
                 row["tried"] = {f"{passed[i][1]['family']} {passed[i][1]['plan']}": round(us, 2)
@@ -612,8 +634,8 @@ def _check_layer(model, modules, chain, layers, record, row, dtype, verify, dry_
                 row["reason"] = f"dense is faster ({row['speedup']:.2f}x)"
                 if members:         # each sibling's own times are filled in at the end
                     row["dense_us"] = row["sparse_us"] = None
-                elif fastest and not dry_run:     # the folded dense op beat the model's own
-                    _swap(model, chain, denses[fastest])
+                elif fastest and not dry_run:     # a folded dense op beat the model's own
+                    _swap(model, chain, denses[fastest][1])
                     row["reason"] += f"; kept as the {row['dense_form']} dense op"
                 return
         else:
