@@ -176,7 +176,9 @@ def _rule(pid: str, density: float = 0.1, precision: str = "fp32"):
     problem = PROBLEMS[pid]
     geometry = geometry_for(problem)
     nnz = int(problem.m * problem.k * density)
-    params = fit_params(geometry, rule(geometry, nnz, precision), "fp32")
+    from sparsert_cli.problem_shape import PRECISIONS
+
+    params = fit_params(geometry, rule(geometry, nnz, precision), PRECISIONS[precision][0])
     per_thread = -(-geometry.columns // params.vector_width)
     tiles = -(-per_thread // params.col_threads)
     return params, tiles, tiles * -(-problem.m // params.rows_per_group)
@@ -197,11 +199,16 @@ def test_code_heavy_defaults_take_one_tile_where_possible_and_about_one_wave(pid
 def test_3x3_default_is_run_s4s_winner_and_wide_code_narrows_the_vector():
     """rn50_c3_3x3 @90%: the rule now gives run S4's fastest plan (r4v1t256k2; was r4v1t64k2,
     1.75x slower). A light 1x1 layer past WIDE_CODE sum instructions narrows its vector
-    (26k nonzeros x 4 columns: 1.4-1.5x slower than x 2 in run S4); half2 sums count a
-    column pair as one, so fp16 keeps 4 columns."""
+    (26k nonzeros x 4 columns: 1.4-1.5x slower than x 2 in run S4). fp16 (half2 sums) takes 8
+    columns up to LIGHT_HALF2 nonzeros, past it the columns fp32 takes (run S6-6:
+    rn50_c3_reduce 2.64 us at 4 columns, 5.81 at 8; rn50_c4_reduce 2.93 at 2, 3.27 at 4)."""
     assert _rule("rn50_c3_3x3")[0].name() == "r4v1t256k2b8n"
     assert _rule("mbv1_pw6")[0].vector_width == 2
-    assert _rule("mbv1_pw6", precision="fp16")[0].vector_width == 4
+    for pid, width in (("mbv1_pw6", 2), ("rn50_c4_reduce", 2), ("rn50_c3_reduce", 4),
+                       ("mbv1_pw4", 4), ("mbv1_pw3", 8), ("rn50_c2_expand", 8)):
+        assert _rule(pid, precision="fp16")[0].vector_width == width, pid
+        if width < 8:
+            assert _rule(pid)[0].vector_width == width, pid      # as fp32
     assert _rule("mbv1_pw6", density=0.05)[0].vector_width == 4       # 13k x 4 < WIDE_CODE
     assert _rule("mbv1_pw3")[0].rows_per_group == 2                   # light: two waves
 

@@ -22,6 +22,9 @@ LARGE_CODE = 40_000
 # Sum instructions past which a default's vector narrows (~1 MB of SASS; run S4 of
 # docs/perf-notes.md: 26k nonzeros x 4 columns ran 1.4-1.5x slower than x 2).
 WIDE_CODE = 64_000
+# fp16 (half2) layers up to this many nonzeros take 8 columns per thread; heavier ones take the
+# columns an fp32 plan would (run S6-6: rule_params).
+LIGHT_HALF2 = 4096
 H100_SMS = 132
 INSTRUCTION_BYTES = 16      # one SASS instruction (sm_70+)
 STORE_INSTRUCTIONS = 2      # per row and lane: the store and its address/epilogue arithmetic
@@ -74,16 +77,21 @@ def rule_params(geometry: Geometry, nnz: int, precision: str = "fp32",
     further tile fetches it again), more rows per group (each load feeds more FMAs) and about
     one wave of blocks (7/8 of the SMs). Past WIDE_CODE FMA instructions the vector narrows too:
     there more blocks with half the code each beat wider sums. With half2 sums (precision fp16)
-    a column pair costs what one fp32 column does, so widths double.
+    a column pair costs what one fp32 column does, so light layers (up to LIGHT_HALF2
+    nonzeros) take 8 columns; heavier ones take the columns fp32 would (counted as columns,
+    not pairs, against WIDE_CODE): in run S6-6 8 columns ran 2.2x slower than 4 on
+    rn50_c3_reduce (6.6k nonzeros) and 4 columns 1.12x slower than 2 on rn50_c4_reduce (26k).
     """
     dtype = PRECISIONS[precision][0]
     half2 = precision == "fp16"
     big = nnz > LARGE_CODE
     heavy = big or not geometry.linear
-    wanted = (2 if half2 else 1) if big else (8 if half2 else 4)
+    wanted = (2 if half2 else 1) if big else (8 if half2 and nnz <= LIGHT_HALF2 else 4)
     width = fit_vector_width(geometry, wanted, dtype)
     while lanes(width, precision) > 1 and code_units(nnz, width, precision) > WIDE_CODE:
         width //= 2
+    while half2 and not big and width > 2 and nnz * width > WIDE_CODE:
+        width //= 2     # fp16 keeps fp32's columns per thread past LIGHT_HALF2 (see above)
     per_thread = -(-geometry.columns // width)
     if heavy:
         threads = min(256, -(-per_thread // 32) * 32)
