@@ -370,7 +370,8 @@ def sparsify_(model: torch.nn.Module, example_inputs, *, dtype: str = "fp32", tu
     "dense_form"; a folded one is swapped in for the layer, BatchNorm and activation).
     compiled_dense: also time the folded conv2d/linear form under torch.compile (inductor
     lowers a 1x1 convolution to a GEMM itself and fuses bias, add and activation into one
-    pointwise kernel; a few seconds of compiling per layer), for a model that will run
+    pointwise kernel; a few seconds of compiling per layer; torch._dynamo is reset before
+    each, so other compiled callables recompile at their next call), for a model that will run
     compiled: `sparsert model` counts the compiled sparse model when it is faster.
     min_sparsity: denser layers keep the dense op (their straight-line code would be huge); a
     depthwise layer counts as its block-diagonal C x C weight (at least 1 - 1/C sparse).
