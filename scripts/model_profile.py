@@ -44,10 +44,12 @@ def main() -> int:
                          "this much faster (an experiment; default: sparsify's own)")
     ap.add_argument("--compiled", action="store_true",
                     help="profile the sparsified model as `sparsert model` counts it when that "
-                         "is faster: under torch.compile(mode='default') with freezing")
+                         "is faster: the race against compiled dense forms (compiled_dense), "
+                         "then the model under torch.compile(mode='default') with freezing")
     ap.add_argument("--keep-dense", default=None, metavar="REGEX",
                     help="layers whose name matches stay dense (e.g. to time a model with some "
-                         "layers left out)")
+                         "layers left out); names as after the residual rewrite, e.g. "
+                         "layer3.0.conv3_residual.conv")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     if args.streamed_preference is not None:
@@ -87,7 +89,7 @@ def main() -> int:
             pattern = re.compile(args.keep_dense)
             include = lambda name, m: not pattern.search(name)   # noqa: E731
         rows = sparsify_(model, (x,), dtype=args.dtype, tuned=args.tuned or None,
-                         include=include)
+                         include=include, compiled_dense=args.compiled)
     forward = model
     if args.compiled:
         import torch._inductor.config as inductor

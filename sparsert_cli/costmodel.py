@@ -189,8 +189,9 @@ def predict_us(plan, gpu_name: str | None = None, path: str | Path | None = None
 def choose(geometry: Geometry, csr, precision: str = "fp32", gpu_name: str | None = None,
            families=None, limit: int = CHOOSE_LIMIT, path: str | Path | None = None):
     """(family, params) of the lowest predicted time (default: every registered family that can
-    choose; a later-registered family's predictions count OTHER_FAMILY_MARGIN slower; ties: the
-    family registered first, then its earlier candidate). Features come from
+    choose, in registration order; the predictions of every family after the pool's first
+    count OTHER_FAMILY_MARGIN slower; ties: the earlier family in the pool, then its earlier
+    candidate). Features come from
     each family's cheap estimate where it has one (exact: the planner's own grouping, without
     building the plan); otherwise the candidate is planned (~0.1-1 s for 236k nonzeros).
 

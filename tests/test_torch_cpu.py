@@ -584,3 +584,115 @@ def test_folded_dense_linear_and_under_compile():
         assert torch.allclose(compiled(y), gemm(y), atol=1e-6)
         assert torch.allclose(gemm(y), torch.nn.functional.conv2d(
             y, gemm.weight.view(12, 8, 1, 1), gemm.bias), atol=1e-5)
+
+
+COMPILED_FORMS: set = set()       # ids of the compiled dense forms _race_on_cpu made
+
+
+def _race_on_cpu(monkeypatch, times, compile_fails=False):
+    """_sparsify with the GPU race forced on the CPU: kernels run the plan interpreter, timings
+    come from `times(fn)`, and compiled forms are torch.compile(backend="eager")."""
+    from sparsert_cli.torch import sparsify as S
+
+    check = S._check_layer
+
+    def on_gpu(*args, **kwargs):
+        args = list(args)
+        args[9] = True                          # on_gpu: race and swap
+        return check(*args, **kwargs)
+
+    def compiled(form):
+        if compile_fails:
+            def broken(*a):
+                raise RuntimeError("inductor said no")
+            return broken
+        wrapped = torch.compile(form, backend="eager", fullgraph=True)
+        COMPILED_FORMS.add(id(wrapped))
+        return wrapped
+
+    monkeypatch.setattr(S, "_check_layer", on_gpu)
+    monkeypatch.setattr(S, "time_cold_us", lambda fn, inputs, samples=15: times(fn))
+    monkeypatch.setattr(S, "_compiled", compiled)
+    return S
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_the_race_keeps_the_fastest_uncompiled_dense_form(monkeypatch, compiled):
+    """Kernels that lose keep the dense op, as its fastest uncompiled form (the 1x1 GEMM form
+    here, conv2d for 3x3 layers), swapped in for conv, BatchNorm, add and activation: the model
+    computes what it did. With compiled_dense a faster compiled form wins the race (the row
+    says so) but the model holds the uncompiled form (a compiled model compiles it)."""
+    from sparsert_cli.models import Bottleneck
+    from sparsert_cli.torch.sparsify import FoldedDense, SparseLayer
+
+    def times(fn):
+        if id(fn) in COMPILED_FORMS:
+            return 0.2
+        if isinstance(fn, FoldedDense):
+            return 0.5 if fn.gemm else 1.0
+        return 100.0 if isinstance(fn, SparseLayer) else 10.0
+
+    S = _race_on_cpu(monkeypatch, times)
+    torch.manual_seed(0)
+    block = nn.Sequential(Bottleneck(64, 16), Bottleneck(64, 16))
+    for bn in (m for m in block.modules() if isinstance(m, nn.BatchNorm2d)):
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.running_var.uniform_(0.5, 2.0)
+    prune_(block, 0.9)
+    block.eval()
+    x = torch.randn(2, 64, 6, 6)
+    with torch.no_grad():
+        want = block(x).clone()
+    rows = S._sparsify(block, (x,), dtype="fp32", tuned=False, verify=True, min_speedup=1.0,
+                       min_sparsity=0.5, dry_run=False, arch=None, cache=False, include=None,
+                       device=torch.device("cpu"), compiled_dense=compiled)
+    assert len(rows) == 6 and not any(r["replaced"] for r in rows)
+    kept = [m for m in block.modules() if isinstance(m, FoldedDense)]
+    assert len(kept) == 6
+    from sparsert_cli.torch.residual import ResidualChain
+
+    chains = [m for m in block.modules() if isinstance(m, ResidualChain)]
+    assert len(chains) == 2 and all(isinstance(c.sparse, FoldedDense) for c in chains)
+    for r in rows:
+        one = r["op"] == "conv1x1"
+        assert r["dense_form"] == ("folded compiled" if compiled
+                                   else "folded gemm" if one else "folded")
+        assert r["reason"].endswith(f"kept as the {'folded gemm' if one else 'folded'} dense op")
+        assert r["dense_us"] == (0.2 if compiled else 0.5 if one else 1.0)
+    assert sorted(m.gemm for m in kept) == [False, False, True, True, True, True]
+    with torch.no_grad():
+        assert torch.allclose(block(x), want, atol=1e-5, rtol=1e-5)
+
+
+def test_a_dense_form_that_fails_to_compile_is_skipped_and_said(monkeypatch):
+    from sparsert_cli.torch.sparsify import FoldedDense, SparseLayer
+
+    def times(fn):
+        if isinstance(fn, FoldedDense):
+            return 1.0
+        if isinstance(fn, SparseLayer):
+            return 0.5
+        if getattr(fn, "__name__", "") == "broken":
+            fn()                                   # what time_cold_us would hit
+        return 10.0
+
+    S = _race_on_cpu(monkeypatch, times, compile_fails=True)
+    model = small_cnn()
+    prune_(model, 0.9)
+    x = torch.randn(2, 3, 10, 10)
+    rows = S._sparsify(model, (x,), dtype="fp32", tuned=False, verify=True, min_speedup=1.0,
+                       min_sparsity=0.5, dry_run=False, arch=None, cache=False, include=None,
+                       device=torch.device("cpu"), compiled_dense=True)
+    raced = [r for r in rows if "dense_form" in r]
+    assert raced and all(r["replaced"] for r in raced)
+    assert all(r["dense_compile_failed"] == "RuntimeError: inductor said no" for r in raced)
+    assert all(r["dense_us"] == 1.0 and r["dense_form"].startswith("folded") for r in raced)
+
+
+def test_folded_dense_gemm_form_refuses_other_convolutions():
+    from sparsert_cli.torch.sparsify import FoldedDense
+
+    with pytest.raises(ValueError, match="stride-1, unpadded, ungrouped 1x1"):
+        FoldedDense(torch.randn(8, 4, 1, 1), None, "none", stride=2, gemm=True)
+    with pytest.raises(ValueError, match="1x1"):
+        FoldedDense(torch.randn(8, 4, 3, 3), None, "none", padding=1, gemm=True)

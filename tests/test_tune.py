@@ -246,3 +246,21 @@ def test_every_builtin_layers_batched_defaults_and_candidates_are_legal(batch):
         assert base == base.validate(), pid
         for params in candidates(geometry, nnz, limit=16):
             assert params == fit_params(geometry, params), (pid, params.name())
+
+
+def test_batched_conv_candidates_keep_tiles_on_x_past_the_grids_y_limit():
+    """Group-major plans put column tiles on blockIdx.y (at most 65535): a 3x3 layer with more
+    tiles gets only the tile-major twins (review of session 7)."""
+    from sparsert_cli.families.immediate.plan import MAX_GRID_Y
+    from sparsert_cli.families.immediate.tuning import batched_conv_params
+    from sparsert_cli.problem_shape import Geometry
+
+    geometry = Geometry(64, 8, 1024, 1024, 8, kernel=3, padding=1)     # 64M columns
+    found = batched_conv_params(geometry, PlanParams(), "fp32")
+    assert found
+    for params in found:
+        tiles = -(-geometry.columns // (params.vector_width * params.col_threads))
+        assert params.grid_order == "tiles" or tiles <= MAX_GRID_Y, params.name()
+    small = batched_conv_params(geometry_for(PROBLEMS["rn50_c4_3x3"].with_batch(8)),
+                                PlanParams(), "fp32")
+    assert {p.grid_order for p in small} == {"groups", "tiles"}

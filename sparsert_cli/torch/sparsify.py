@@ -105,7 +105,8 @@ class FoldedDense(torch.nn.Module):
     BatchNorm folded into weight and bias, then the residual add and ReLU/ReLU6, all in one
     module (sparsify_ swaps it in for the chain's layer, BatchNorm and activation, as it does a
     kernel). `gemm`: a stride-1 1x1 convolution as one batched GEMM over the NCHW images
-    (W' @ x[b] on C x HW columns), which is what inductor lowers it to; it avoids the layout
+    (W' @ x[b] on C x HW columns), as inductor ran it in the frozen compiled model (S7-3
+    profile: cuBLAS GEMM kernels); it avoids the layout
     changes cuDNN adds around an NCHW fp16 convolution (ResNet-50 fp16 at batch 8, run S7-3:
     a 1x1 layer took 27-39 us as conv + BatchNorm + add + ReLU in the eager model, ~6 us as
     inductor's GEMM and one fused pointwise kernel)."""
@@ -113,6 +114,11 @@ class FoldedDense(torch.nn.Module):
     def __init__(self, weight: torch.Tensor, bias, activation: str, stride: int = 1,
                  padding: int = 0, groups: int = 1, kind: str = "conv", gemm: bool = False):
         super().__init__()
+        if gemm and (kind != "conv" or stride != 1 or padding != 0 or groups != 1
+                     or tuple(weight.shape[2:]) != (1, 1)):
+            raise ValueError("FoldedDense(gemm=True) is a stride-1, unpadded, ungrouped 1x1 "
+                             f"convolution; got weight {tuple(weight.shape)}, stride {stride}, "
+                             f"padding {padding}, groups {groups}, kind {kind!r}")
         self.kind, self.activation, self.gemm = kind, activation, gemm
         self.stride, self.padding, self.groups = stride, padding, groups
         self.register_buffer("weight", weight.flatten(1) if gemm else weight)
@@ -365,14 +371,20 @@ def sparsify_(model: torch.nn.Module, example_inputs, *, dtype: str = "fp32", tu
     the GPU, as a whole forward runs them (check.time_cold_us: their code and weights evicted
     from L2, their input just written), not warm and alone as `bench` times a layer. The dense
     layer is the fastest of its forms: the model's own modules, and BatchNorm folded
-    (FoldedDense: conv2d, or a stride-1 1x1 convolution as one batched GEMM, as a frozen
-    compiled model runs it); a layer whose kernel loses keeps that fastest form (row
-    "dense_form"; a folded one is swapped in for the layer, BatchNorm and activation).
-    compiled_dense: also time the folded conv2d/linear form under torch.compile (inductor
-    lowers a 1x1 convolution to a GEMM itself and fuses bias, add and activation into one
-    pointwise kernel; a few seconds of compiling per layer; torch._dynamo is reset before
-    each, so other compiled callables recompile at their next call), for a model that will run
-    compiled: `sparsert model` counts the compiled sparse model when it is faster.
+    (FoldedDense: conv2d, or a stride-1 1x1 convolution as one batched GEMM; BatchNorm folded
+    as a frozen compiled model has it); row "dense_form" names the fastest. A layer whose
+    kernel loses keeps its fastest uncompiled form: a folded one is swapped in for the layer,
+    BatchNorm and activation, and its reason says so.
+    compiled_dense: also time the folded conv2d/linear form under torch.compile (mode
+    "default", no freezing: inductor fuses bias, add and activation into one pointwise kernel
+    after the convolution; a few seconds of compiling per layer; torch._dynamo is reset before
+    each, so other compiled callables recompile at their next call; a form that fails to
+    compile is skipped, and the row says why in dense_compile_failed), for a model that will
+    run compiled: `sparsert model` counts the compiled sparse model when it is faster. A kept
+    layer holds the fastest uncompiled form either way (a compiled model compiles it).
+    Kept layers swapped for a FoldedDense hold their folded weights as buffers: the model's
+    Conv2d/BatchNorm parameters are gone there, and a later prune_/sparsify_ no longer sees
+    those layers.
     min_sparsity: denser layers keep the dense op (their straight-line code would be huge); a
     depthwise layer counts as its block-diagonal C x C weight (at least 1 - 1/C sparse).
     dry_run: plan, compile and (with verify) check on the CPU interpreter; the model is not
@@ -608,16 +620,26 @@ def _check_layer(model, modules, chain, layers, record, row, dtype, verify, dry_
                 folded_forms = folded_dense_forms(layer)
                 denses = [("module", None, _dense_module(modules, chain))] + [
                     (f"folded{' gemm' if f.gemm else ''}", f, f) for f in folded_forms]
-                if compiled_dense:      # inductor picks its own lowering (a 1x1: a GEMM)
+                if compiled_dense:      # bias, add and activation fused by inductor
                     denses.append(("folded compiled", folded_forms[0],
                                    _compiled(folded_forms[0])))
             dense_times = []
             for label, _, timed in denses:
-                if label.endswith("compiled"):
-                    torch._dynamo.reset()   # every FoldedDense shares one forward: a fresh
-                dense_times.append(time_cold_us(timed, inputs))     # cache per compile
+                if not label.endswith("compiled"):
+                    dense_times.append(time_cold_us(timed, inputs))
+                    continue
+                torch._dynamo.reset()   # every FoldedDense shares one forward: a fresh cache
+                try:                    # per compile (its recompile limit)
+                    dense_times.append(time_cold_us(timed, inputs))
+                except Exception as exc:        # noqa: BLE001 -- inductor/Triton failures
+                    dense_times.append(float("inf"))
+                    row["dense_compile_failed"] = f"{type(exc).__name__}: {exc}"[:200]
             fastest = min(range(len(denses)), key=dense_times.__getitem__)
             row["dense_us"] = dense_times[fastest]
+            # the form a kept layer runs in eager mode and CUDA graphs: the fastest uncompiled
+            # one (compiled, the model compiles whichever it holds)
+            eager = min((i for i, (label, _, _) in enumerate(denses)
+                         if not label.endswith("compiled")), key=dense_times.__getitem__)
             if not members:
                 row["dense_form"] = denses[fastest][0]
             timed = sorted(((time_cold_us(lay, inputs), i) for i, (lay, _) in enumerate(passed)))
@@ -635,9 +657,9 @@ def _check_layer(model, modules, chain, layers, record, row, dtype, verify, dry_
                 row["reason"] = f"dense is faster ({row['speedup']:.2f}x)"
                 if members:         # each sibling's own times are filled in at the end
                     row["dense_us"] = row["sparse_us"] = None
-                elif fastest and not dry_run:     # a folded dense op beat the model's own
-                    _swap(model, chain, denses[fastest][1])
-                    row["reason"] += f"; kept as the {row['dense_form']} dense op"
+                elif eager and not dry_run:     # a folded dense op beat the model's own
+                    _swap(model, chain, denses[eager][1])
+                    row["reason"] += f"; kept as the {denses[eager][0]} dense op"
                 return
         else:
             row.update(fields)

@@ -23,7 +23,7 @@ LARGE_CODE = 40_000
 # docs/perf-notes.md: 26k nonzeros x 4 columns ran 1.4-1.5x slower than x 2).
 WIDE_CODE = 64_000
 # fp16 (half2) layers up to this many nonzeros take 8 columns per thread; heavier ones take the
-# columns an fp32 plan would (run S6-6: rule_params).
+# columns an fp32 plan would, at least a pair (run S6-6: rule_params).
 LIGHT_HALF2 = 4096
 H100_SMS = 132
 INSTRUCTION_BYTES = 16      # one SASS instruction (sm_70+)
@@ -79,8 +79,9 @@ def rule_params(geometry: Geometry, nnz: int, precision: str = "fp32",
     there more blocks with half the code each beat wider sums. With half2 sums (precision fp16)
     a column pair costs what one fp32 column does, so light layers (up to LIGHT_HALF2
     nonzeros) take 8 columns; heavier ones take the columns fp32 would (counted as columns,
-    not pairs, against WIDE_CODE): in run S6-6 8 columns ran 2.2x slower than 4 on
-    rn50_c3_reduce (6.6k nonzeros) and 4 columns 1.12x slower than 2 on rn50_c4_reduce (26k).
+    not pairs, against WIDE_CODE), but at least one pair: in run S6-6 8 columns ran 2.2x
+    slower than 4 on rn50_c3_reduce (6.6k nonzeros) and 4 columns 1.12x slower than 2 on
+    rn50_c4_reduce (26k).
     """
     dtype = PRECISIONS[precision][0]
     half2 = precision == "fp16"
@@ -221,10 +222,11 @@ def batched_conv_params(geometry: Geometry, base: PlanParams, precision: str,
             tiles = -(-geometry.columns // (params.vector_width * params.col_threads))
             blocks = tiles * -(-geometry.out_channels // params.rows_per_group)
             scored.append(((-min(blocks, fill), -params.rows_per_group, -params.col_threads),
-                           params))
+                           params, tiles))
     out: list[PlanParams] = []
-    for _, params in sorted(scored, key=lambda item: item[0]):
-        for order in ("groups", "tiles"):
+    for _, params, tiles in sorted(scored, key=lambda item: item[0]):
+        # tiles on blockIdx.y ("groups") only while they fit its limit
+        for order in ("groups", "tiles") if tiles <= MAX_GRID_Y else ("tiles",):
             twin = replace(params, grid_order=order)
             if twin not in out:
                 out.append(twin)
