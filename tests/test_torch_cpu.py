@@ -586,7 +586,14 @@ def test_folded_dense_linear_and_under_compile():
             y, gemm.weight.view(12, 8, 1, 1), gemm.bias), atol=1e-5)
 
 
-COMPILED_FORMS: set = set()       # ids of the compiled dense forms _race_on_cpu made
+class _CompiledForm:
+    """A compiled dense form as _race_on_cpu makes it (torch.compile, eager backend)."""
+
+    def __init__(self, form):
+        self.fn = torch.compile(form, backend="eager", fullgraph=True)
+
+    def __call__(self, *args):
+        return self.fn(*args)
 
 
 def _race_on_cpu(monkeypatch, times, compile_fails=False):
@@ -606,9 +613,7 @@ def _race_on_cpu(monkeypatch, times, compile_fails=False):
             def broken(*a):
                 raise RuntimeError("inductor said no")
             return broken
-        wrapped = torch.compile(form, backend="eager", fullgraph=True)
-        COMPILED_FORMS.add(id(wrapped))
-        return wrapped
+        return _CompiledForm(form)
 
     monkeypatch.setattr(S, "_check_layer", on_gpu)
     monkeypatch.setattr(S, "time_cold_us", lambda fn, inputs, samples=15: times(fn))
@@ -626,7 +631,7 @@ def test_the_race_keeps_the_fastest_uncompiled_dense_form(monkeypatch, compiled)
     from sparsert_cli.torch.sparsify import FoldedDense, SparseLayer
 
     def times(fn):
-        if id(fn) in COMPILED_FORMS:
+        if isinstance(fn, _CompiledForm):
             return 0.2
         if isinstance(fn, FoldedDense):
             return 0.5 if fn.gemm else 1.0

@@ -41,6 +41,27 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 STREAMED_PREFERENCE = 1.15
 
 
+def _dense_op(layer, x: torch.Tensor, residual=None, gemm: bool = False) -> torch.Tensor:
+    """The dense op of a SparseLayer or FoldedDense (its folded weight and bias, kind, stride,
+    padding, groups, activation): linear, conv2d, or a 1x1 convolution as a batched GEMM;
+    then the residual add and the activation."""
+    if layer.kind == "linear":
+        y = F.linear(x, layer.weight, layer.bias)
+    elif gemm:
+        b, _, h, w = x.shape
+        y = torch.matmul(layer.weight, x.flatten(2))
+        if layer.bias is not None:
+            y = y + layer.bias.view(1, -1, 1)
+        y = y.view(b, -1, h, w)
+    else:
+        y = F.conv2d(x, layer.weight, layer.bias, layer.stride, layer.padding, 1, layer.groups)
+    if residual is not None:
+        y = y + residual
+    if layer.activation == "relu":
+        return F.relu(y)
+    return F.relu6(y) if layer.activation == "relu6" else y
+
+
 class SparseLayer(torch.nn.Module):
     """A Conv2d/Linear (+ folded BatchNorm, + ReLU/ReLU6) running one compiled kernel."""
 
@@ -57,15 +78,7 @@ class SparseLayer(torch.nn.Module):
         self._warned = False
 
     def dense(self, x: torch.Tensor, residual=None) -> torch.Tensor:
-        if self.kind == "linear":
-            y = F.linear(x, self.weight, self.bias)
-        else:
-            y = F.conv2d(x, self.weight, self.bias, self.stride, self.padding, 1, self.groups)
-        if residual is not None:
-            y = y + residual
-        if self.activation == "relu":
-            return F.relu(y)
-        return F.relu6(y) if self.activation == "relu6" else y
+        return _dense_op(self, x, residual)
 
     def forward(self, x: torch.Tensor, residual=None) -> torch.Tensor:
         if torch.is_grad_enabled() and (x.requires_grad or (
@@ -125,21 +138,7 @@ class FoldedDense(torch.nn.Module):
         self.register_buffer("bias", bias)
 
     def forward(self, x: torch.Tensor, residual=None) -> torch.Tensor:
-        if self.kind == "linear":
-            y = F.linear(x, self.weight, self.bias)
-        elif self.gemm:
-            b, _, h, w = x.shape
-            y = torch.matmul(self.weight, x.flatten(2))
-            if self.bias is not None:
-                y = y + self.bias.view(1, -1, 1)
-            y = y.view(b, -1, h, w)
-        else:
-            y = F.conv2d(x, self.weight, self.bias, self.stride, self.padding, 1, self.groups)
-        if residual is not None:
-            y = y + residual
-        if self.activation == "relu":
-            return F.relu(y)
-        return F.relu6(y) if self.activation == "relu6" else y
+        return _dense_op(self, x, residual, self.gemm)
 
     def extra_repr(self) -> str:
         form = "linear" if self.kind == "linear" else "1x1 as GEMM" if self.gemm else "conv2d"
