@@ -119,16 +119,23 @@ class FoldedDense(torch.nn.Module):
     module (sparsify_ swaps it in for the chain's layer, BatchNorm and activation, as it does a
     kernel). `gemm`: a stride-1 1x1 convolution as one batched GEMM over the NCHW images
     (W' @ x[b] on C x HW columns), as inductor ran it in the frozen compiled model (S7-3
-    profile: cuBLAS GEMM kernels); it avoids the layout
-    changes cuDNN adds around an NCHW fp16 convolution (ResNet-50 fp16 at batch 8, run S7-3:
-    a 1x1 layer took 27-39 us as conv + BatchNorm + add + ReLU in the eager model, ~6 us as
-    inductor's GEMM and one fused pointwise kernel)."""
+    profile: cuBLAS GEMM kernels); it avoids the layout changes cuDNN adds around an NCHW fp16
+    convolution (ResNet-50 fp16 at batch 8, run S7-3: a 1x1 layer took 27-39 us as conv +
+    BatchNorm + add + ReLU in the eager model, ~6 us as inductor's GEMM and one fused
+    pointwise kernel)."""
+
+    @staticmethod
+    def gemm_fits(kind: str, weight: torch.Tensor, stride: int, padding: int,
+                  groups: int) -> bool:
+        """Whether the layer is a stride-1, unpadded, ungrouped 1x1 convolution (the GEMM
+        form's only case)."""
+        return (kind == "conv" and stride == 1 and padding == 0 and groups == 1
+                and tuple(weight.shape[2:]) == (1, 1))
 
     def __init__(self, weight: torch.Tensor, bias, activation: str, stride: int = 1,
                  padding: int = 0, groups: int = 1, kind: str = "conv", gemm: bool = False):
         super().__init__()
-        if gemm and (kind != "conv" or stride != 1 or padding != 0 or groups != 1
-                     or tuple(weight.shape[2:]) != (1, 1)):
+        if gemm and not self.gemm_fits(kind, weight, stride, padding, groups):
             raise ValueError("FoldedDense(gemm=True) is a stride-1, unpadded, ungrouped 1x1 "
                              f"convolution; got weight {tuple(weight.shape)}, stride {stride}, "
                              f"padding {padding}, groups {groups}, kind {kind!r}")
@@ -151,8 +158,8 @@ def folded_dense_forms(layer: SparseLayer) -> list[FoldedDense]:
     one group the batched GEMM too."""
     forms = [FoldedDense(layer.weight, layer.bias, layer.activation, layer.stride,
                          layer.padding, layer.groups, layer.kind)]
-    if (layer.kind == "conv" and layer.groups == 1 and layer.stride == 1
-            and layer.padding == 0 and tuple(layer.weight.shape[2:]) == (1, 1)):
+    if FoldedDense.gemm_fits(layer.kind, layer.weight, layer.stride, layer.padding,
+                             layer.groups):
         forms.append(FoldedDense(layer.weight, layer.bias, layer.activation, kind="conv",
                                  gemm=True))
     return forms
@@ -609,10 +616,9 @@ def _check_layer(model, modules, chain, layers, record, row, dtype, verify, dry_
             return
         layer, fields = passed[0]
         if on_gpu:
-            # siblings: against one dense GEMM of their stacked weights (torch.compile's
-            # freezing passes concatenate such layers too), not their GEMMs one by one
             # the dense op, as the model runs it and folded as a frozen compiled model runs it
-            # (siblings: one GEMM of their stacked weights, as freezing concatenates them)
+            # (siblings: one GEMM of their stacked weights, as freezing concatenates them, not
+            # their GEMMs one by one)
             if members:
                 denses = [("stacked", layer.dense, layer.dense)]
             else:
