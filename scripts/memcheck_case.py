@@ -1,7 +1,8 @@
 """One small padded, strided, batched 3x3 kernel (both emitters, both grid orders, and the
 fp16/bf16 precisions) and a 1x1 fp16 kernel with 16-byte vectors, loaded with
-Kernel.to_device() and launched on the benchmark's stream, then checked: run under
-`compute-sanitizer --tool memcheck` by scripts/gpu-check."""
+Kernel.to_device() and launched on the benchmark's stream, then checked; then, on sm_90, a small
+sparsified chain whose kernels use programmatic dependent launch, replayed in a CUDA graph: run
+under `compute-sanitizer --tool memcheck` by scripts/gpu-check."""
 
 import numpy as np
 
@@ -58,3 +59,35 @@ with sparsert.Gpu() as gpu:
                     epilogue={"bias": [0.5] * w.shape[0], "activation": "relu6",
                               "residual": True})
                 run(gpu, f"streamed {stage} k{slices} {dtype}/{accumulate} {w.shape}", kernel)
+
+# a model's layers with programmatic dependent launch (sm_90): a chain of sparsified small
+# layers replayed in a CUDA graph, each kernel starting while the one before it ends
+try:
+    import torch
+except ImportError:
+    torch = None
+if torch is not None and torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9:
+    from sparsert_cli.torch import ops, prune_, sparsify_
+
+    torch.manual_seed(0)
+    chain = torch.nn.Sequential(*[m for _ in range(4) for m in (
+        torch.nn.Conv2d(16, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(16, 16, 1))])
+    prune_(chain, 0.7)
+    chain = chain.cuda().eval()
+    x = torch.randn(1, 16, 9, 9, device="cuda")
+    with torch.no_grad():
+        want = chain(x).clone()
+    rows = sparsify_(chain, (x,), tuned=False, min_speedup=0.0, race=False)
+    assert all(r["replaced"] for r in rows) and ops.set_dependent_launch(True) == len(rows)
+    graph = torch.cuda.CUDAGraph()
+    with torch.no_grad():
+        chain(x)
+        torch.cuda.synchronize()
+        with torch.cuda.graph(graph):
+            out = chain(x)
+    for _ in range(3):
+        graph.replay()
+    torch.cuda.synchronize()
+    err = float((out - want).abs().max() / want.abs().max())
+    print("dependent launch chain", len(rows), "kernels, rel err", err)
+    assert err < 1e-4

@@ -298,6 +298,9 @@ class Kernel:
     weight: np.ndarray | None = None  # M x C x R x S float32
     verified: dict | None = None     # what a CPU verification found, when one ran before saving
     _source: str | None = None
+    # compiled to wait for the kernel before it and launched with programmatic stream
+    # serialization (build.lowered(); to_device() launches it so)
+    dependent_launch: bool = False
 
     def __repr__(self) -> str:
         return (f"Kernel({self.entry}, {self.op} {self.input_shape} -> {self.output_shape}, "
@@ -337,7 +340,7 @@ class Kernel:
             return self._source
         if self.plan is None:
             raise UserError(f"{self.entry}: no source kept and no plan to emit it from")
-        return emit(self.plan, self.emitter, self.arch)
+        return emit(self.plan, self.emitter, self.arch, self.dependent_launch)
 
     # -- CPU ----------------------------------------------------------------------------------
     def _need_plan(self) -> Plan:
@@ -402,7 +405,8 @@ class Kernel:
         g = self.geometry
         zero = g.image_elems * ELEMENT_BYTES[self.dtype] if g.masked else 0
         return LoadedKernel(self.cubin, self.entry, self.grid, self.block,
-                            [a["name"] for a in self.arguments], zero, 0, device)
+                            [a["name"] for a in self.arguments], zero, 0, device,
+                            dependent_launch=self.dependent_launch)
 
     # -- files --------------------------------------------------------------------------------
     def manifest(self) -> dict:
@@ -435,7 +439,8 @@ class Kernel:
             "spill_load_bytes": res.spill_load_bytes, "stack_bytes": res.stack_bytes,
             "compile_seconds": round(self.compile_seconds, 3), "cached": self.cached,
             "cubin_bytes": len(self.cubin),
-            "cubin_sha256": hashlib.sha256(self.cubin).hexdigest()}
+            "cubin_sha256": hashlib.sha256(self.cubin).hexdigest(),
+            "dependent_launch": self.dependent_launch}
         if self.verified is not None:
             doc["verify_cpu"] = dict(self.verified)
         return doc
@@ -541,7 +546,8 @@ class Kernel:
                    tuned=bool(doc.get("tuned", False)),
                    compile_seconds=float(doc.get("compile_seconds", 0.0)),
                    cached=bool(doc.get("cached", False)), plan=plan, weight=weight,
-                   verified=doc.get("verify_cpu"), _source=source)
+                   verified=doc.get("verify_cpu"), _source=source,
+                   dependent_launch=doc.get("dependent_launch", False) is True)
 
     @classmethod
     def from_build(cls, plan: Plan, build, weight: np.ndarray, op: str, tuned: bool = False,
@@ -567,7 +573,8 @@ class Kernel:
                    arguments=_arguments(launch), plan_stats={}, tuned=tuned,
                    compile_seconds=build.compile_seconds, cached=build.cached,
                    family=family_of_params(launch.params).name,
-                   family_version=code_version(family_of_params(launch.params), build.emitter))
+                   family_version=code_version(family_of_params(launch.params), build.emitter),
+                   dependent_launch=getattr(build, "dependent_launch", False))
 
 
 @dataclass(frozen=True, eq=False)
@@ -735,15 +742,25 @@ class KernelFailure(Exception):
 
 def compile_plans(layers: list[Layer], planned: list[tuple[Plan, bool]], *, emit: str = "ptx",
                   arch: str | None = None, cache=True, jobs: int | None = None, on_done=None,
-                  stats: dict | None = None) -> list[Kernel | KernelFailure]:
+                  stats: dict | None = None,
+                  dependent_launch: bool | None = False) -> list[Kernel | KernelFailure]:
     """Compile planned layers across processes (build_all); a layer that fails to compile gets
     a KernelFailure in its place, never raised. `on_done(index, kernel_or_failure)` reports
-    each as it finishes; `stats`, if given, receives compile_seconds (wall)."""
+    each as it finishes; `stats`, if given, receives compile_seconds (wall).
+    dependent_launch: kernels that wait for the kernel before them and are launched with
+    programmatic stream serialization (sm_90+: a chain of them overlaps each launch with the
+    end of the kernel before; None: where the arch has it). Off by default: `bench` times one
+    kernel replayed back to back, which the overlap would turn into a throughput figure."""
     import time
 
     from .build import build_all
+    from .compile import arch_number
 
     arch = _target("auto", emit, arch, {layer.precision for layer in layers})
+    if dependent_launch is None:
+        dependent_launch = arch_number(arch) >= 90
+    elif dependent_launch and arch_number(arch) < 90:
+        raise UserError(f"programmatic dependent launch needs sm_90 or newer, not {arch}")
     started = time.perf_counter()
     kernels: list = [None] * len(layers)
 
@@ -755,7 +772,8 @@ def compile_plans(layers: list[Layer], planned: list[tuple[Plan, bool]], *, emit
         if on_done:
             on_done(i, kernels[i])
 
-    build_all([plan for plan, _ in planned], emit, arch, _cache(cache), jobs, done)
+    build_all([plan for plan, _ in planned], emit, arch, _cache(cache), jobs, done,
+              dependent_launch=bool(dependent_launch))
     if stats is not None:
         stats["compile_seconds"] = time.perf_counter() - started
     return kernels

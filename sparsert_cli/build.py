@@ -157,12 +157,24 @@ def check_emitter(emitter: str, precision: str, arch: str = DEFAULT_ARCH) -> Non
         raise UserError(f"{precision} kernels need sm_80 or newer, not {arch}")
 
 
-def emit(plan: Plan, emitter: str, arch: str = DEFAULT_ARCH) -> str:
+def emit(plan: Plan, emitter: str, arch: str = DEFAULT_ARCH,
+         dependent_launch: bool = False) -> str:
     """The plan lowered by its family to the kernel IR and printed by its printer."""
     family = family_of(plan).name
     if family == "immediate":
         check_emitter(emitter, plan.precision, arch)
-    return render_source(lower(plan), emitter, arch, family)
+    return render_source(lowered(plan, arch, dependent_launch), emitter, arch, family)
+
+
+def lowered(plan: Plan, arch: str = DEFAULT_ARCH, dependent_launch: bool = False):
+    """The plan's kernel IR; with dependent_launch, its entry waits for the grid before it and
+    lets the next launch start (programmatic dependent launch: sm_90 and newer)."""
+    ir = lower(plan)
+    if not dependent_launch:
+        return ir
+    if arch_number(arch) < 90:
+        raise UserError(f"programmatic dependent launch needs sm_90 or newer, not {arch}")
+    return replace(ir, dependent_launch=True)
 
 
 def render_source(ir: KernelIR, emitter: str, arch: str = DEFAULT_ARCH,
@@ -192,6 +204,7 @@ class KernelBuild:
     cached: bool
     key: str
     source_bytes: int = 0
+    dependent_launch: bool = False      # launch with programmatic stream serialization
 
 
 def code_version(family: Family, emitter: str) -> str:
@@ -208,18 +221,20 @@ def current_family(emitter: str = "ptx") -> tuple[str, str]:
     return family.name, code_version(family, emitter)
 
 
-def _key(plan: Plan, emitter: str, arch: str) -> str:
-    return cache_key(plan.digest(), emitter, code_version(family_of(plan), emitter), arch)
+def _key(plan: Plan, emitter: str, arch: str, dependent_launch: bool = False) -> str:
+    return cache_key(plan.digest(), emitter, code_version(family_of(plan), emitter), arch,
+                     *(("dependent_launch",) if dependent_launch else ()))
 
 
-def _compile(plan: Plan, emitter: str, arch: str, threads: int) -> tuple[Compiled, str]:
+def _compile(plan: Plan, emitter: str, arch: str, threads: int,
+             dependent_launch: bool = False) -> tuple[Compiled, str]:
     family = family_of(plan).name
     printer = printer_for(emitter, family)
     if family == "immediate":
         check_emitter(emitter, plan.precision, arch)
     elif plan.precision not in printer.precisions:
         raise UserError(f"the {family} family cannot print {plan.precision} kernels")
-    ir = lower(plan)
+    ir = lowered(plan, arch, dependent_launch)
     source = render_source(ir, emitter, arch, family)
     try:
         compiled = printer.to_cubin(source, arch, threads)
@@ -244,10 +259,12 @@ def _save_source(plan: Plan, emitter: str, source: str) -> str:
 
 def build_kernel(plan: Plan, emitter: str = "ptx", arch: str = DEFAULT_ARCH,
                  cache: KernelCache | None = None, threads: int = 1,
-                 keep_source: bool = False) -> tuple[KernelBuild, str | None]:
+                 keep_source: bool = False, dependent_launch: bool = False
+                 ) -> tuple[KernelBuild, str | None]:
     """Compile one plan (or fetch it from the cache). Returns the build and, with keep_source,
-    the generated source (emitted again on a cache hit: it is cheap next to compiling)."""
-    key = _key(plan, emitter, arch)
+    the generated source (emitted again on a cache hit: it is cheap next to compiling).
+    dependent_launch: see lowered()."""
+    key = _key(plan, emitter, arch, dependent_launch)
     hit = cache.get(key) if cache else None
     source = None
     if hit:
@@ -255,30 +272,33 @@ def build_kernel(plan: Plan, emitter: str = "ptx", arch: str = DEFAULT_ARCH,
         cached = True
         size = int(extra.get("source_bytes", 0))
     else:
-        compiled, source = _compile(plan, emitter, arch, threads)
+        compiled, source = _compile(plan, emitter, arch, threads, dependent_launch)
         size = len(source)
         cached = False
         if cache:
             cache.put(key, compiled, {"entry": plan.entry, "source_bytes": size,
                                       "sparsert": __version__})
     if keep_source and source is None:
-        source = emit(plan, emitter, arch)
+        source = emit(plan, emitter, arch, dependent_launch)
     build = KernelBuild(plan.entry, emitter, arch, compiled.cubin,
-                        compiled.entry_resources(plan.entry), compiled.seconds, cached, key, size)
+                        compiled.entry_resources(plan.entry), compiled.seconds, cached, key, size,
+                        dependent_launch)
     return build, source if keep_source else None
 
 
-def _worker(plan: Plan, emitter: str, arch: str, cache_root: str | None, threads: int):
+def _worker(plan: Plan, emitter: str, arch: str, cache_root: str | None, threads: int,
+            dependent_launch: bool = False):
     cache = KernelCache(cache_root) if cache_root is not None else None
     start = time.perf_counter()
-    build, _ = build_kernel(plan, emitter, arch, cache, threads)
+    build, _ = build_kernel(plan, emitter, arch, cache, threads,
+                            dependent_launch=dependent_launch)
     return build, time.perf_counter() - start
 
 
 def build_all(plans: Iterable[Plan], emitter: str = "ptx", arch: str = DEFAULT_ARCH,
               cache: KernelCache | None = None, jobs: int | None = None,
-              on_done: Callable[[int, KernelBuild | Exception, float], None] | None = None
-              ) -> list[KernelBuild | Exception]:
+              on_done: Callable[[int, KernelBuild | Exception, float], None] | None = None,
+              dependent_launch: bool = False) -> list[KernelBuild | Exception]:
     """Compile many plans across processes. Cache hits are served in this process; a failure is
     returned in place of its build (and reported through on_done), never raised. An interrupt
     (Ctrl-C) cancels the queued compiles, ends the running ones and propagates."""
@@ -286,12 +306,13 @@ def build_all(plans: Iterable[Plan], emitter: str = "ptx", arch: str = DEFAULT_A
     results: list[KernelBuild | Exception | None] = [None] * len(plans)
     todo = []
     for i, plan in enumerate(plans):
-        hit = cache.get(_key(plan, emitter, arch)) if cache else None
+        key = _key(plan, emitter, arch, dependent_launch)
+        hit = cache.get(key) if cache else None
         if hit:
             compiled, extra = hit
             results[i] = KernelBuild(plan.entry, emitter, arch, compiled.cubin,
                                      compiled.entry_resources(plan.entry), compiled.seconds, True,
-                                     _key(plan, emitter, arch), int(extra.get("source_bytes", 0)))
+                                     key, int(extra.get("source_bytes", 0)), dependent_launch)
             if on_done:
                 on_done(i, results[i], 0.0)
         else:
@@ -307,7 +328,8 @@ def build_all(plans: Iterable[Plan], emitter: str = "ptx", arch: str = DEFAULT_A
     if serial:
         for i in todo:
             try:
-                build, seconds = _worker(plans[i], emitter, arch, root, threads)
+                build, seconds = _worker(plans[i], emitter, arch, root, threads,
+                                         dependent_launch)
                 results[i] = build
             except Exception as exc:  # noqa: BLE001 - reported per kernel, not fatal to the run
                 results[i], seconds = exc, 0.0
@@ -319,7 +341,8 @@ def build_all(plans: Iterable[Plan], emitter: str = "ptx", arch: str = DEFAULT_A
     todo.sort(key=lambda i: -code_units(plans[i].nnz, plans[i].vector_width, plans[i].precision))
     pool = ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_ignore_sigint)
     try:
-        futures = {pool.submit(_worker, plans[i], emitter, arch, root, threads): i for i in todo}
+        futures = {pool.submit(_worker, plans[i], emitter, arch, root, threads,
+                               dependent_launch): i for i in todo}
         pending = set(futures)
         while pending:
             # Wake up twice a second: once NVRTC has run in this process, its signal handlers

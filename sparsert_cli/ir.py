@@ -142,6 +142,11 @@ class KernelIR(Precision):
     # bx (the column tile) is blockIdx.x and by (the row group) blockIdx.y, or, when True, the
     # other way round (grid_order "groups": the groups of one tile run together)
     groups_on_x: bool = False
+    # programmatic dependent launch (sm_90): the entry first waits for the grid before it in
+    # the stream (griddepcontrol.wait: all of its memory visible), then lets the next launch
+    # start (griddepcontrol.launch_dependents), so a launch made with programmatic stream
+    # serialization overlaps its start with the end of the kernel before it
+    dependent_launch: bool = False
 
     @property
     def block(self) -> tuple[int, int, int]:
@@ -216,6 +221,7 @@ class StreamIR(Precision):
     activation: str
     stage: str = "shfl"             # how a warp shares its chunk of 32 entries: shfl, smem, ring
     k_slices: int = 1               # K-slices on blockIdx.z (grid[2])
+    dependent_launch: bool = False  # as KernelIR's: wait for the grid before, then let the next start
 
     k_split = 1
     shared_bytes = 0                # smem staging is a static array (stage_warps)
@@ -234,7 +240,7 @@ class StreamIR(Precision):
     ARRAYS = ("work", "row_out", "seg", "offsets", "values")
     SCALARS = ("entry", "geometry", "dtype", "accumulate", "vector_width", "col_threads", "warps",
                "chains", "grid", "arguments", "columns", "pointers", "bases", "bias", "residual",
-               "activation", "stage", "k_slices")
+               "activation", "stage", "k_slices", "dependent_launch")
 
     def difference(self, other: "StreamIR") -> str | None:
         """The first field where `other` differs from this IR (None: equal)."""

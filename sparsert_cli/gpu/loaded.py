@@ -6,7 +6,9 @@ pointers and streams of either side are valid in the other. Everything that can 
 done at load: the module and function, the function attributes (dynamic shared memory opt-in,
 checks of the block size against the function's limit), and the all-zero buffer padded
 convolutions read. A launch allocates nothing and synchronises nothing: it packs the argument
-buffer once per distinct pointer set (kept in a small cache) and calls cuLaunchKernel.
+buffer once per distinct pointer set (kept in a small cache) and calls cuLaunchKernel, or, for a
+kernel compiled for programmatic dependent launch, cuLaunchKernelEx with programmatic stream
+serialization (one launch configuration kept per stream).
 """
 
 from __future__ import annotations
@@ -15,9 +17,11 @@ from typing import Sequence
 
 import numpy as np
 
-from .runtime import _DEFAULT_SMEM, _driver, as_stream, cu, pack_params, require_device
+from .runtime import (_DEFAULT_SMEM, _driver, as_stream, cu, pack_params, require_device,
+                      stream_handle)
 
 _PACKED_LIMIT = 64          # distinct pointer sets whose argument buffers stay packed
+_CONFIG_LIMIT = 16          # streams whose launch configurations stay built
 
 
 def device_pointer(value) -> int:
@@ -36,13 +40,20 @@ class LoadedKernel:
     `arguments` are the kernel's pointer parameters in order (names x, y, res, z); `zero_bytes`
     sizes the all-zero buffer for `z` (0: the kernel has no z). Use as a context manager, or
     close(); closing waits for nothing, so the caller must not close while launches run.
+    `dependent_launch`: the cubin's entry waits for the grid before it (griddepcontrol.wait,
+    build.lowered()), so it may be launched with programmatic stream serialization: its blocks
+    start while the kernel before it in the stream finishes (that one must let them, as
+    sparsert's kernels do; any other kernel lets them only when it ends). The attribute of the
+    same name turns the overlap off and on again for this kernel (the cubin stays the same).
     """
 
     def __init__(self, cubin: bytes, entry: str, grid: Sequence[int], block: Sequence[int],
                  arguments: Sequence[str], zero_bytes: int = 0, dynamic_shared_bytes: int = 0,
-                 device: int = 0):
+                 device: int = 0, dependent_launch: bool = False):
         require_device(device)
         self.entry, self.device = entry, device
+        self.waits = self._dependent = bool(dependent_launch)   # compiled to wait
+        self._configs: dict[int, object] = {}
         self.grid, self.block = tuple(map(int, grid)), tuple(map(int, block))
         self.arguments = tuple(arguments)
         self.dynamic_shared_bytes = int(dynamic_shared_bytes)
@@ -77,6 +88,37 @@ class LoadedKernel:
             cu("cuFuncSetAttribute", self._function,
                attr.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, self.dynamic_shared_bytes)
 
+    @property
+    def dependent_launch(self) -> bool:
+        """Launched with programmatic stream serialization (only a kernel compiled to wait)."""
+        return self._dependent
+
+    @dependent_launch.setter
+    def dependent_launch(self, on: bool) -> None:
+        if on and not self.waits:
+            raise ValueError(f"{self.entry} was not compiled for programmatic dependent launch "
+                             "(it does not wait for the kernel before it)")
+        self._dependent = bool(on)
+
+    def _config(self, stream):
+        """The cuLaunchKernelEx configuration for `stream` (built once per stream)."""
+        key = int(stream_handle(stream))
+        config = self._configs.get(key)
+        if config is None:
+            d = _driver()
+            config = d.CUlaunchConfig()
+            config.gridDimX, config.gridDimY, config.gridDimZ = self.grid
+            config.blockDimX, config.blockDimY, config.blockDimZ = self.block
+            config.sharedMemBytes, config.hStream = self.dynamic_shared_bytes, as_stream(stream)
+            attr = d.CUlaunchAttribute()
+            attr.id = d.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+            attr.value.programmaticStreamSerializationAllowed = 1
+            config.attrs, config.numAttrs = [attr], 1
+            if len(self._configs) >= _CONFIG_LIMIT:
+                self._configs.clear()
+            self._configs[key] = config
+        return config
+
     def _pack(self, x_ptr, y_ptr, residual_ptr) -> tuple:
         key = (device_pointer(x_ptr), device_pointer(y_ptr),
                None if residual_ptr is None else device_pointer(residual_ptr))
@@ -103,11 +145,15 @@ class LoadedKernel:
         if self._module is None:
             raise RuntimeError(f"{self.entry}: launch after close()")
         _, _, params = self._pack(x_ptr, y_ptr, residual_ptr)
-        (err,) = _driver().cuLaunchKernel(self._function, *self.grid, *self.block,
-                                          self.dynamic_shared_bytes, as_stream(stream),
-                                          params, 0)
+        if self._dependent:
+            (err,) = _driver().cuLaunchKernelEx(self._config(stream), self._function, params, 0)
+        else:
+            (err,) = _driver().cuLaunchKernel(self._function, *self.grid, *self.block,
+                                              self.dynamic_shared_bytes, as_stream(stream),
+                                              params, 0)
         if int(err) != 0:
-            raise RuntimeError(f"cuLaunchKernel({self.entry}) failed: "
+            call = "cuLaunchKernelEx" if self._dependent else "cuLaunchKernel"
+            raise RuntimeError(f"{call}({self.entry}) failed: "
                                f"{getattr(err, 'name', err)} ({int(err)})")
 
     def close(self) -> None:
@@ -121,6 +167,7 @@ class LoadedKernel:
             module, self._module = self._module, None
             cu("cuModuleUnload", module)
         self._packed.clear()
+        self._configs.clear()
         self._ctx = None
         cu("cuDevicePrimaryCtxRelease", self._dev)
 

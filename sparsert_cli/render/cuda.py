@@ -17,6 +17,10 @@ from ..ir import Batch, Compute, Finish, IndexOp, KernelIR, Reduce
 from ..problem_shape import HALF_DTYPES
 from .ptx import f16_bits
 
+# programmatic dependent launch (KernelIR.dependent_launch): the entry's first two statements
+GRID_DEPENDENCY = ('  asm volatile("griddepcontrol.wait;" ::: "memory");',
+                   '  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");')
+
 VERSION = "cuda-2"
 PRECISIONS = ("fp32", "fp16", "fp16acc32", "bf16")
 _LANE = ("x", "y", "z", "w")
@@ -304,6 +308,7 @@ def print_cuda(ir: KernelIR, arch: str = "sm_90") -> str:
     types = _types(fmt)
     out += [f'extern "C" __global__ void {bound}',
             f"{ir.entry}({', '.join(f'{types[a]} {a}' for a in ir.arguments)})", "{",
+            *(GRID_DEPENDENCY if ir.dependent_launch else ()),
             "  const unsigned tx = threadIdx.x, ty = threadIdx.y, "
             f"bx = blockIdx.{ir.block_ids['bx'][-1]}, by = blockIdx.{ir.block_ids['by'][-1]};",
             f"  unsigned {', '.join(dict.fromkeys(unsigned + [ir.slot.dst]))};",

@@ -13,7 +13,7 @@ import re
 from ..ir import (Batch, Compute, Finish, IndexOp, KernelIR, Load, Partial, Reduce, ReduceRow,
                   Step, TapBase)
 from . import PrintedMismatch
-from .cuda import CFmt
+from .cuda import GRID_DEPENDENCY, CFmt
 from .parse_ptx import _f16, require_equal
 
 _LANES = {"": 0, ".x": 0, ".y": 1, ".z": 2, ".w": 3}
@@ -341,7 +341,8 @@ def parse(ir: KernelIR, text: str) -> KernelIR:
     qualifiers, barriers, groups_on_x = set(), 0, None
     want_sig = ", ".join(f"{n}" for _, n in ir.body_args)
     body_lines = lines[start + 3:lines.index("}", start)]
-    k = 0
+    dependent = tuple(body_lines[:len(GRID_DEPENDENCY)]) == GRID_DEPENDENCY
+    k = len(GRID_DEPENDENCY) if dependent else 0
     while k < len(body_lines):
         line = body_lines[k]
         k += 1
@@ -410,7 +411,8 @@ def parse(ir: KernelIR, text: str) -> KernelIR:
         pointers=tuple(pointers), slot=slot, shared_bytes=shared,
         partial_stride=stride or ir.partial_stride, phases=tuple(phases),
         inline=qualifiers == {"__forceinline__"} if qualifiers else ir.inline,
-        groups_on_x=groups_on_x if groups_on_x is not None else _fail("entry", "no block ids"))
+        groups_on_x=groups_on_x if groups_on_x is not None else _fail("entry", "no block ids"),
+        dependent_launch=dependent)
 
 
 def check_printed(ir: KernelIR, text: str) -> None:

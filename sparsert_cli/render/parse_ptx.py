@@ -22,6 +22,7 @@ from ..ir import (BLOCK_IDS, Batch, Compute, Finish, IndexOp, KernelIR, Load, Pa
 from . import PrintedMismatch
 from .ptx import PARTIALS, Fmt
 
+GRID_DEPENDENCY = ["griddepcontrol.wait;", "griddepcontrol.launch_dependents;"]
 _MEM = re.compile(r"\[(%\w+)\+(-?\d+)\]")
 _FMA = re.compile(r"\t*(fma|mul)\.rn\.(\w+) (%a\d+), (%\w+), ([^,;]+)(?:, (%a\d+))?;")
 _LOAD = re.compile(r"\t*(ld\.global\.nc\S*) (\{[^}]*\}|%\w+), \[(%x\w*)\+(-?\d+)\];")
@@ -556,6 +557,7 @@ def parse(ir: KernelIR, text: str) -> KernelIR:
     pointers, phases, specials = [], [], {}
     slot = stride = None
     args_loaded, inline, barriers = [], None, 0
+    dependent = []      # griddepcontrol lines, each before anything else the entry does
     k = 0
     while k < len(entry):
         line = entry[k]
@@ -570,7 +572,12 @@ def parse(ir: KernelIR, text: str) -> KernelIR:
         if text in ("{", "ret;") or text.startswith(".reg") or text.startswith("DONE"):
             continue
         op, args, _ = _split(line)
-        if op == "ld.param.u64":
+        if op in ("griddepcontrol.wait;", "griddepcontrol.launch_dependents;"):
+            if args_loaded or specials or columns or len(dependent) >= len(GRID_DEPENDENCY) \
+                    or op != GRID_DEPENDENCY[len(dependent)]:
+                _fail("entry", f"`{text}` after the entry started, or out of order")
+            dependent.append(op)
+        elif op == "ld.param.u64":
             args_loaded.append(args[0][1:])
             if args[1] != f"[arg_{args[0][1:]}]":
                 _fail("entry", f"{text}: pointer loaded from another argument")
@@ -624,12 +631,14 @@ def parse(ir: KernelIR, text: str) -> KernelIR:
         _fail("entry", "pointer arguments loaded out of order")
     if maxntid is None:
         _fail("entry", "no .maxntid")
+    if dependent and dependent != GRID_DEPENDENCY:
+        _fail("entry", "griddepcontrol.wait without launch_dependents")
     return dataclasses.replace(
         ir, entry=name, arguments=arguments, col_threads=maxntid[0], k_split=maxntid[1],
         max_registers=max_registers or 0, columns=tuple(columns), pointers=tuple(pointers),
         slot=slot, shared_bytes=shared, partial_stride=stride or ir.partial_stride,
         phases=tuple(phases), inline=bool(inline) if inline is not None else ir.inline,
-        groups_on_x=groups_on_x)
+        groups_on_x=groups_on_x, dependent_launch=bool(dependent))
 
 
 def _first_difference(want, got, path: str) -> str:

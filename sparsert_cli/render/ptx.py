@@ -314,6 +314,9 @@ def _entry(ir: KernelIR, phases: list[list[list[str]]]) -> list[str]:
     e("\t.reg .s32 %ih, %iw, %inoff, %outoff;")
     e("\t.reg .u64 %x, %y, %res, %z, %w;")
     e("\t.reg .pred %pa;")
+    if ir.dependent_launch:     # nothing global is touched before the grid before is done
+        e("\tgriddepcontrol.wait;")
+        e("\tgriddepcontrol.launch_dependents;")
     for arg in ir.arguments:
         e(f"\tld.param.u64 %{arg}, [arg_{arg}];")
         e(f"\tcvta.to.global.u64 %{arg}, %{arg};")

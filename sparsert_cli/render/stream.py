@@ -22,7 +22,7 @@ from ..compile import Compiled, cpp_to_ptx, ptx_to_cubin
 from ..ir import IndexOp, StreamIR, TapBase
 from ..families.streamed.plan import PAD
 from ..problem_shape import Geometry
-from .cuda import RULES, _helpers, f32
+from .cuda import GRID_DEPENDENCY, RULES, _helpers, f32
 from .ptx import f16_bits
 
 VERSION = "stream-5"
@@ -155,6 +155,7 @@ def print_stream(ir: StreamIR, arch: str = "sm_90") -> str:
     unsigned = [op.dst for op in ir.columns if op.dst not in signed]
     out += ["", f'extern "C" __global__ void __launch_bounds__({ir.col_threads * ir.warps})',
             f"{ir.entry}({', '.join(f'{types[a]} {a}' for a in ir.arguments)})", "{",
+            *(GRID_DEPENDENCY if ir.dependent_launch else ()),
             _constants(ir),
             "  const unsigned tx = threadIdx.x, bx = blockIdx.y;   // bx: the column tile",
             f"  unsigned {', '.join(dict.fromkeys(unsigned))};",
@@ -502,7 +503,8 @@ def _parse(source: str) -> StreamIR | str:
         pointers=tuple(_PTR.findall(source)), bases=bases, work=found["sparsert_work"],
         row_out=rows[:, 0], seg=rows[:, 1:], offsets=ent[0:2 * nnz:2],
         values=_from_words(ent[1:2 * nnz:2], half_acc), bias=bias,
-        residual="res" in arguments, activation=activation, stage=stage, k_slices=slices)
+        residual="res" in arguments, activation=activation, stage=stage, k_slices=slices,
+        dependent_launch=source.startswith("\n".join(("\n{",) + GRID_DEPENDENCY), sig.end()))
 
 
 def ir_comment(source: str) -> str:

@@ -49,11 +49,13 @@ def block_diagonal(weight: np.ndarray):
 
 def compile_layers(specs: list[LayerSpec], *, dtype: str = "fp32", tuned=None,
                    arch: str | None = None, cache: bool = True, jobs: int | None = None,
-                   on_done=None, stats: dict | None = None) -> list:
+                   on_done=None, stats: dict | None = None,
+                   dependent_launch: bool | None = None) -> list:
     """Plan every layer, then compile them all across processes (api.compile_plans: cache hits
     served here, the rest in `jobs` workers). Per spec, in order: a Kernel, or a string saying
     why there is none (a planning error or a compile failure). on_done(index, result) as each
-    finishes; stats receives plan_seconds and compile_seconds."""
+    finishes; stats receives plan_seconds and compile_seconds. dependent_launch: as
+    compile_plans (None: where the arch has it; a model's kernels run one after another)."""
     import time
     from dataclasses import replace
 
@@ -95,6 +97,7 @@ def compile_layers(specs: list[LayerSpec], *, dtype: str = "fp32", tuned=None,
 
     if layers:
         compile_plans(layers, planned, arch=arch, cache=cache, jobs=jobs, on_done=done,
+                      dependent_launch=dependent_launch,
                       stats=stats)
     elif stats is not None:
         stats["compile_seconds"] = 0.0

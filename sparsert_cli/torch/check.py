@@ -80,19 +80,49 @@ def captured_graph(fn, inputs: tuple, calls: int = 1, warmup: int = 3):
     return graph
 
 
+GATE_CYCLES = 4_000_000     # ~2 ms of GPU sleep while the host queues what is timed
+_GATE_TRIES = 4             # each try sleeps 4x longer
+
+
+def gated(enqueue) -> list:
+    """Run enqueue() -- it queues GPU work between timing events and returns them -- behind a
+    GPU sleep, so that all of it is queued before the GPU reaches any of it: host time (Python,
+    a busy GIL) never falls between two events. The sleep is lengthened and the work queued again
+    until the GPU is still asleep when enqueue() returns. Returns what enqueue() returned, after
+    the device synchronised."""
+    cycles = GATE_CYCLES
+    for attempt in range(_GATE_TRIES):
+        gate = torch.cuda.Event()
+        torch.cuda._sleep(cycles)
+        gate.record()
+        out = enqueue()
+        early = gate.query()        # True: the GPU woke before the last event was queued
+        torch.cuda.synchronize()
+        if not early or attempt == _GATE_TRIES - 1:
+            return out
+        cycles *= 4
+    return out
+
+
 def time_us(fn, inputs: tuple, per_graph: int = 20, replays: int = 7) -> float:
     """Median per-call time of fn(*inputs) replayed from a CUDA graph (L2 warm)."""
     graph = captured_graph(fn, inputs, per_graph, warmup=3)
     graph.replay()
-    times = []
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / per_graph)
-    return float(np.median(times))
+
+    def enqueue():
+        pairs = []
+        for _ in range(replays):
+            start, end = (torch.cuda.Event(enable_timing=True),
+                          torch.cuda.Event(enable_timing=True))
+            start.record()
+            graph.replay()
+            end.record()
+            pairs.append((start, end))
+        return pairs
+
+    with torch.cuda.device(inputs[0].device):
+        pairs = gated(enqueue)
+    return float(np.median([s.elapsed_time(e) * 1e3 / per_graph for s, e in pairs]))
 
 
 _EVICT: dict = {}       # device index -> (4 x L2 bytes to read, a scalar to sum into)
@@ -108,8 +138,8 @@ def time_cold_us(fn, inputs: tuple, samples: int = 15) -> float:
     code, weights or tables (a kernel has just read four times the L2's size elsewhere: read,
     not written, so no dirty lines are left for fn to write back), but its inputs were just
     written (copied into fresh tensors after the eviction). fn is captured once in a CUDA
-    graph and replayed between two events; the eviction (~0.07 ms) keeps the GPU busy while
-    the replay is queued, so host time is not counted, launch gaps inside fn are."""
+    graph and replayed between two events; every sample is queued behind a GPU sleep (gated),
+    so host time is not counted, launch gaps inside fn are."""
     device = inputs[0].device
     key = device.index or 0
     if key not in _EVICT:
@@ -119,15 +149,21 @@ def time_cold_us(fn, inputs: tuple, samples: int = 15) -> float:
     evict, sink = _EVICT[key]
     fresh = tuple(t.clone() for t in inputs)
     graph = captured_graph(fn, fresh, 1, warmup=2)
-    pairs = []
-    for _ in range(samples + 2):
-        torch.sum(evict, dim=0, out=sink)
-        for dst, src in zip(fresh, inputs):
-            dst.copy_(src)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        pairs.append((start, end))
-    torch.cuda.synchronize(device)
+
+    def enqueue():
+        pairs = []
+        for _ in range(samples + 2):
+            torch.sum(evict, dim=0, out=sink)
+            for dst, src in zip(fresh, inputs):
+                dst.copy_(src)
+            start, end = (torch.cuda.Event(enable_timing=True),
+                          torch.cuda.Event(enable_timing=True))
+            start.record()
+            graph.replay()
+            end.record()
+            pairs.append((start, end))
+        return pairs
+
+    with torch.cuda.device(device):
+        pairs = gated(enqueue)
     return float(np.median([s.elapsed_time(e) * 1e3 for s, e in pairs[2:]]))

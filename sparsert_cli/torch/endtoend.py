@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from sparsert_cli.errors import UserError
+from sparsert_cli.torch import ops
 from sparsert_cli.torch.check import captured_graph
 from sparsert_cli.torch.prune import prune_
 from sparsert_cli.torch.sparsify import DTYPES, sparsify_
@@ -281,6 +282,9 @@ def run_model(name: str, model: torch.nn.Module, x: torch.Tensor, *, sparsity: f
     with torch.no_grad():
         out = model(x)
     sparse = {"graph_us": time_graph(model, x)}
+    if ops.set_dependent_launch(False):   # the same graph without programmatic dependent launch
+        row["sparsert_graph_serial_us"] = round(time_graph(model, x), 2)
+        ops.set_dependent_launch(True)
     if DENSE_COMPILE[dense_compile]:    # the sparse model compiled too, as the dense one is
         us, seconds, compiled_out = sparse_compiled(model, x)
         row["sparsert_compile_rel_err"] = _rel_err(compiled_out, ref)

@@ -46,6 +46,17 @@ def unregister(kernel_id: int) -> None:
         entry.loaded.close()
 
 
+def set_dependent_launch(on: bool) -> int:
+    """Launch every loaded kernel compiled for programmatic dependent launch with (True) or
+    without (False) programmatic stream serialization, e.g. to time a model both ways. CUDA
+    graphs keep the launches they captured: capture again. Returns how many kernels can."""
+    able = [e.loaded for e in _REGISTRY.values()
+            if e.loaded is not None and getattr(e.loaded, "waits", False)]
+    for loaded in able:
+        loaded.dependent_launch = bool(on)
+    return len(able)
+
+
 def _entry(x: torch.Tensor, kernel_id: int) -> Entry:
     entry = _REGISTRY.get(kernel_id)
     if entry is None:

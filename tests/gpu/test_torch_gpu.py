@@ -3,6 +3,8 @@ torch.compile(fullgraph=True), all equal within tolerance; layer choice by timin
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -231,3 +233,44 @@ def test_layers_kept_dense_run_their_fastest_folded_form(dtype):
         assert "dense_compile_failed" not in r
     assert all(r["op"] == "conv1x1" for r in rows if "gemm" in r["dense_form"])
     _check_modes(block, x, want, dtype)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+def test_a_chain_of_dependent_launches_reads_only_finished_outputs(dtype):
+    """sm_90: sparsify_ compiles every kernel to wait for the grid before it and launches it
+    with programmatic stream serialization, so each starts while the one before it ends. A
+    chain of small layers (the overlap is largest there) computes the pruned model's output on
+    fresh inputs at every replay of its CUDA graph, with the overlap on and off, eager and
+    graphed alike; the output buffer is poisoned before each replay."""
+    from sparsert_cli.torch import ops
+
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("programmatic dependent launch needs sm_90")
+    store = torch.float32 if dtype == "fp32" else torch.float16
+    torch.manual_seed(5)
+    layers = []
+    for i in range(8):
+        layers += [nn.Conv2d(64, 64, 3 if i % 3 == 2 else 1, padding=1 if i % 3 == 2 else 0),
+                   nn.ReLU()]
+    model = nn.Sequential(*layers).eval()
+    prune_(model, 0.9)
+    model = model.cuda().to(store)
+    dense = copy.deepcopy(model)
+    x = torch.randn(1, 64, 14, 14, device="cuda", dtype=store)
+    rows = sparsify_(model, (x,), dtype=dtype, tuned=False, min_speedup=0.0)
+    assert all(r["replaced"] for r in rows), rows
+    kernels = [m for m in model.modules() if isinstance(m, SparseLayer)]
+    assert len(kernels) == 8
+    assert ops.set_dependent_launch(True) >= 8
+    for overlap in (True, False):
+        ops.set_dependent_launch(overlap)
+        out, graph, x_static = _graph_output(model, x)
+        for _ in range(20):
+            x_static.copy_(torch.randn_like(x_static))
+            out.fill_(float("nan"))
+            graph.replay()
+            with torch.no_grad():
+                want, eager = dense(x_static), model(x_static)
+            torch.cuda.synchronize()
+            assert _rel(out, want) < TOL[dtype] and torch.equal(out, eager)
+    ops.set_dependent_launch(True)

@@ -1,0 +1,201 @@
+"""Programmatic dependent launch (sm_90): kernels that wait for the grid before them, compiled
+for a model's layers (sparsify_), printed and parsed back like every other IR field, built under
+their own cache key, kept through save/load; `bench` and `tune` kernels stay without it. The
+launches themselves run on the GPU (tests/gpu/test_torch_gpu.py)."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import numpy as np
+import pytest
+from golden.cases import plans
+
+import sparsert_cli as sparsert
+from sparsert_cli import build as B
+from sparsert_cli.api import Layer, compile_plans, plan_layers
+from sparsert_cli.cache import KernelCache
+from sparsert_cli.errors import UserError
+from sparsert_cli.families import lower
+from sparsert_cli.families.streamed import StreamParams, build_plan as stream_plan
+from sparsert_cli.problem_shape import Epilogue, Geometry
+from sparsert_cli.render import PrintedMismatch, cuda, parse_cuda, parse_ptx, ptx, stream
+
+PLANS = plans()
+WAIT, GO = "griddepcontrol.wait;", "griddepcontrol.launch_dependents;"
+
+
+def _first_statements(text: str, entry: str, count: int) -> list[str]:
+    """The first `count` statements of the kernel entry's body (declarations skipped)."""
+    body = text[text.index(entry):]
+    lines = [ln.strip() for ln in body.split("\n")[1:]]
+    lines = [ln for ln in lines if ln and ln != "{" and not ln.startswith((".reg", ".maxntid",
+                                                                          ".maxnreg"))]
+    return lines[:count]
+
+
+@pytest.mark.parametrize("name", sorted(PLANS))
+def test_immediate_printers_put_the_wait_first_and_parse_it_back(name):
+    ir = dataclasses.replace(lower(PLANS[name]), dependent_launch=True)
+    text = ptx.print_ptx(ir)
+    assert _first_statements(text, ".visible .entry", 2) == [WAIT, GO]
+    parse_ptx.check_printed(ir, text)
+    plain = dataclasses.replace(ir, dependent_launch=False)
+    with pytest.raises(PrintedMismatch, match="dependent_launch"):
+        parse_ptx.check_printed(plain, text)
+    with pytest.raises(PrintedMismatch, match="dependent_launch"):
+        parse_ptx.check_printed(ir, ptx.print_ptx(plain))
+    if ir.precision in cuda.PRECISIONS:
+        source = cuda.print_cuda(ir)
+        head = source[source.index('extern "C" __global__'):].split("\n")[3:5]
+        assert tuple(head) == cuda.GRID_DEPENDENCY
+        parse_cuda.check_printed(ir, source)
+        with pytest.raises(PrintedMismatch, match="dependent_launch"):
+            parse_cuda.check_printed(plain, source)
+
+
+@pytest.mark.parametrize("mutate, why", [
+    # the wait after the pointers are loaded: the check must refuse any other place
+    (lambda s: s.replace(f"\t{WAIT}\n", "", 1).replace("\tmov.u32 %tx, %tid.x;",
+                                                     f"\t{WAIT}\n\tmov.u32 %tx, %tid.x;", 1),
+     "after the entry started"),
+    (lambda s: s.replace(f"\t{WAIT}\n\t{GO}", f"\t{GO}\n\t{WAIT}", 1), "out of order"),
+    (lambda s: s.replace(f"\t{GO}\n", "", 1), "without launch_dependents"),
+])
+def test_a_misplaced_wait_in_ptx_is_caught(mutate, why):
+    ir = dataclasses.replace(lower(PLANS["gemm_v4_k2"]), dependent_launch=True)
+    text = ptx.print_ptx(ir)
+    changed = mutate(text)
+    assert changed != text
+    with pytest.raises(PrintedMismatch, match=why):
+        parse_ptx.check_printed(ir, changed)
+
+
+def _stream_ir(dependent: bool):
+    geometry = Geometry(1, 16, 7, 7, 12, 3, 1, 1)
+    rng = np.random.default_rng(3)
+    import scipy.sparse as sp
+
+    dense = rng.standard_normal((12, 16 * 9)).astype(np.float32)
+    dense[rng.random(dense.shape) > 0.3] = 0
+    plan = stream_plan(sp.csr_matrix(dense), geometry, StreamParams(32, 1, 2, 3, 4),
+                       Epilogue(activation="relu"), "fp32", "fp32")
+    return dataclasses.replace(lower(plan), dependent_launch=dependent)
+
+
+def test_streamed_printer_waits_first_and_its_check_sees_it():
+    ir = _stream_ir(True)
+    source = stream.print_stream(ir)
+    head = source[source.index('extern "C" __global__'):].split("\n")[3:5]
+    assert tuple(head) == cuda.GRID_DEPENDENCY
+    stream.check_printed(ir, source)
+    with pytest.raises(PrintedMismatch, match="dependent_launch"):
+        stream.check_printed(_stream_ir(False), source)
+    moved = source.replace(cuda.GRID_DEPENDENCY[0] + "\n", "", 1).replace(
+        "  const int w = ", cuda.GRID_DEPENDENCY[0] + "\n  const int w = ", 1)
+    with pytest.raises(PrintedMismatch):
+        stream.check_printed(ir, moved)
+
+
+def test_builds_with_dependent_launch_have_their_own_cache_entries(tmp_path):
+    plan = PLANS["gemm_v4_k2"]
+    cache = KernelCache(tmp_path)
+    plain, _ = B.build_kernel(plan, "ptx", "sm_90", cache)
+    waits, source = B.build_kernel(plan, "ptx", "sm_90", cache, keep_source=True,
+                                   dependent_launch=True)
+    assert not plain.dependent_launch and waits.dependent_launch
+    assert waits.key != plain.key and not waits.cached and plain.cubin != waits.cubin
+    assert WAIT in source and WAIT not in B.emit(plan, "ptx", "sm_90")
+    again, _ = B.build_kernel(plan, "ptx", "sm_90", cache, dependent_launch=True)
+    assert again.cached and again.dependent_launch and again.cubin == waits.cubin
+    (hit,) = B.build_all([plan], "ptx", "sm_90", cache, jobs=1, dependent_launch=True)
+    assert hit.cached and hit.dependent_launch and hit.key == waits.key
+    with pytest.raises(UserError, match="sm_90 or newer, not sm_80"):
+        B.lowered(plan, "sm_80", dependent_launch=True)
+
+
+def _layers(dtype="fp32"):
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((64, 32)).astype(np.float32)
+    w[rng.random(w.shape) < 0.9] = 0
+    return [Layer.of("g", w, op="gemm", n=64, dtype=dtype),
+            dataclasses.replace(Layer.of("s", w, op="gemm", n=64, dtype=dtype),
+                                family="streamed")]
+
+
+@pytest.mark.parametrize("arch, asked, want", [
+    ("sm_90", None, True), ("sm_90", False, False), ("sm_80", None, False),
+    ("sm_90", True, True)])
+def test_compile_plans_turns_it_on_where_the_arch_has_it(arch, asked, want):
+    layers = _layers()
+    planned = plan_layers(layers, False, None, labels=False)
+    kernels = compile_plans(layers, planned, arch=arch, cache=False, jobs=1,
+                            dependent_launch=asked)
+    for kernel in kernels:
+        assert kernel.dependent_launch is want
+        assert (WAIT in kernel.source) is want and kernel.verify_cpu()["ok"]
+
+
+def test_bench_kernels_do_not_wait_and_sm80_refuses_it():
+    layers = _layers()
+    planned = plan_layers(layers, False, None, labels=False)
+    assert not any(k.dependent_launch for k in compile_plans(layers, planned, arch="sm_90",
+                                                             cache=False, jobs=1))
+    with pytest.raises(UserError, match="sm_90 or newer"):
+        compile_plans(layers, planned, arch="sm_80", cache=False, jobs=1, dependent_launch=True)
+
+
+def test_saved_kernels_keep_it(tmp_path):
+    layers = _layers()
+    planned = plan_layers(layers, False, None, labels=False)
+    for i, kernel in enumerate(compile_plans(layers, planned, arch="sm_90", cache=False, jobs=1,
+                                             dependent_launch=True)):
+        kernel.save(tmp_path / f"k{i}")
+        again = sparsert.Kernel.from_dir(tmp_path / f"k{i}")
+        assert again.dependent_launch and again.manifest()["dependent_launch"] is True
+        assert WAIT in again.source and again.verify_cpu()["ok"]
+    manifest = tmp_path / "k0" / "manifest.json"
+    manifest.write_text(re.sub(r',\s*"dependent_launch": true', "", manifest.read_text()))
+    assert not sparsert.Kernel.from_dir(tmp_path / "k0").dependent_launch   # older files
+
+
+def test_set_dependent_launch_flips_only_kernels_compiled_to_wait(monkeypatch):
+    from sparsert_cli.gpu.loaded import LoadedKernel
+    from sparsert_cli.torch import ops
+
+    def fake(waits):        # a LoadedKernel without a device: only its switch is used
+        loaded = LoadedKernel.__new__(LoadedKernel)
+        loaded.entry, loaded.waits, loaded._dependent = "k", waits, waits
+        return loaded
+
+    able, unable = fake(True), fake(False)
+    monkeypatch.setattr(ops, "_REGISTRY", {1: ops.Entry(None, False, (), (), able, 0),
+                                           2: ops.Entry(None, False, (), (), unable, 0),
+                                           3: ops.Entry(None, False, (), ())})
+    assert ops.set_dependent_launch(False) == 1
+    assert not able.dependent_launch and not unable.dependent_launch
+    assert ops.set_dependent_launch(True) == 1
+    assert able.dependent_launch and not unable.dependent_launch
+    with pytest.raises(ValueError, match="not compiled for programmatic dependent launch"):
+        unable.dependent_launch = True
+
+
+def test_sparsify_compiles_model_kernels_to_wait():
+    torch = pytest.importorskip("torch")
+    from sparsert_cli.torch.backend import LayerSpec, compile_layers
+
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((32, 16)).astype(np.float32)
+    w[rng.random(w.shape) < 0.9] = 0
+    (kernel,) = compile_layers([LayerSpec("fc", w, "gemm", n=8)], tuned=False, arch="sm_90",
+                               cache=False, jobs=1)
+    assert kernel.dependent_launch and WAIT in kernel.source
+    (kernel,) = compile_layers([LayerSpec("fc", w, "gemm", n=8)], tuned=False, arch="sm_90",
+                               cache=False, jobs=1, dependent_launch=False)
+    assert not kernel.dependent_launch
+    from sparsert_cli.torch import sparsify_
+
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32))
+    with pytest.raises(UserError, match="dependent_launch must be True, False or None"):
+        sparsify_(model, (torch.randn(8, 16),), dry_run=True, dependent_launch="yes")
