@@ -306,7 +306,7 @@ def build_all(plans: Iterable[Plan], emitter: str = "ptx", arch: str = DEFAULT_A
     results: list[KernelBuild | Exception | None] = [None] * len(plans)
     todo = []
     for i, plan in enumerate(plans):
-        key = _key(plan, emitter, arch, dependent_launch)
+        key = _key(plan, emitter, arch, dependent_launch) if cache else None
         hit = cache.get(key) if cache else None
         if hit:
             compiled, extra = hit

@@ -221,7 +221,11 @@ class StreamIR(Precision):
     activation: str
     stage: str = "shfl"             # how a warp shares its chunk of 32 entries: shfl, smem, ring
     k_slices: int = 1               # K-slices on blockIdx.z (grid[2])
-    dependent_launch: bool = False  # as KernelIR's: wait for the grid before, then let the next start
+    # as KernelIR's, but the next launch is let start first and the wait comes late: after each
+    # row's tables (work, row headers, its first entries: constant data) are in flight and
+    # before its first activation load (ring: before the row loop; K-slices: also before the
+    # partials and counters), so those loads overlap the end of the kernel before
+    dependent_launch: bool = False
 
     k_split = 1
     shared_bytes = 0                # smem staging is a static array (stage_warps)

@@ -58,7 +58,7 @@ def no_compile(monkeypatch):
 # ---------------------------------------------------------------- Ctrl-C during a cold compile
 
 
-def _interrupting_worker(plan, emitter, arch, root, threads):
+def _interrupting_worker(plan, emitter, arch, root, threads, dependent_launch=False):
     """A compile that takes long; the first one to start presses Ctrl-C in the parent."""
     try:
         os.close(os.open(os.environ["SPARSERT_TEST_FLAG"], os.O_CREAT | os.O_EXCL))

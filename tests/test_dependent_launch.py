@@ -72,29 +72,45 @@ def test_a_misplaced_wait_in_ptx_is_caught(mutate, why):
         parse_ptx.check_printed(ir, changed)
 
 
-def _stream_ir(dependent: bool):
+def _stream_ir(dependent: bool, stage: str = "shfl", slices: int = 1):
     geometry = Geometry(1, 16, 7, 7, 12, 3, 1, 1)
     rng = np.random.default_rng(3)
     import scipy.sparse as sp
 
     dense = rng.standard_normal((12, 16 * 9)).astype(np.float32)
     dense[rng.random(dense.shape) > 0.3] = 0
-    plan = stream_plan(sp.csr_matrix(dense), geometry, StreamParams(32, 1, 2, 3, 4),
-                       Epilogue(activation="relu"), "fp32", "fp32")
+    plan = stream_plan(sp.csr_matrix(dense), geometry,
+                       StreamParams(32, 1, 2, 3, 4, stage, k_slices=slices),
+                       Epilogue(activation="relu", residual=True), "fp32", "fp32")
     return dataclasses.replace(lower(plan), dependent_launch=dependent)
 
 
-def test_streamed_printer_waits_first_and_its_check_sees_it():
-    ir = _stream_ir(True)
+@pytest.mark.parametrize("stage, slices", [("shfl", 1), ("smem", 1), ("ring", 1),
+                                           ("smem", 2)])
+def test_streamed_printer_waits_before_the_first_activation_and_its_check_sees_it(stage,
+                                                                                   slices):
+    """The streamed kernel lets the next launch start at once, reads its constant tables, and
+    waits before its first load of x or res and its first store (K-slices: partials too)."""
+    ir = _stream_ir(True, stage, slices)
     source = stream.print_stream(ir)
-    head = source[source.index('extern "C" __global__'):].split("\n")[3:5]
-    assert tuple(head) == cuda.GRID_DEPENDENCY
+    body = source[source.index('extern "C" __global__'):]
+    assert body.split("\n")[3] == cuda.GRID_DEPENDENCY[1]
+    wait = body.index(cuda.GRID_DEPENDENCY[0].strip())
+    assert body.index("__ldg(ent") < wait
+    assert "b0 + off" in body and "res + o" in body and "y + o" in body
+    for use in ("b0 + off", "res + o", "y + o", "P[", "sparsert_count"):
+        if use in body:
+            assert wait < body.index(use), use
+    if slices > 1:      # workers without rows wait before the partials and counters too
+        assert body.index(cuda.GRID_DEPENDENCY[0], wait + 1) < body.index("__threadfence")
     stream.check_printed(ir, source)
+    assert stream.to_cubin(source, "sm_90", 1).cubin        # NVRTC takes it
     with pytest.raises(PrintedMismatch, match="dependent_launch"):
-        stream.check_printed(_stream_ir(False), source)
+        stream.check_printed(_stream_ir(False, stage, slices), source)
     moved = source.replace(cuda.GRID_DEPENDENCY[0] + "\n", "", 1).replace(
         "  const int w = ", cuda.GRID_DEPENDENCY[0] + "\n  const int w = ", 1)
-    with pytest.raises(PrintedMismatch):
+    assert moved != source
+    with pytest.raises(PrintedMismatch, match="not what its IR prints"):
         stream.check_printed(ir, moved)
 
 

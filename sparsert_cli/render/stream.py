@@ -155,7 +155,7 @@ def print_stream(ir: StreamIR, arch: str = "sm_90") -> str:
     unsigned = [op.dst for op in ir.columns if op.dst not in signed]
     out += ["", f'extern "C" __global__ void __launch_bounds__({ir.col_threads * ir.warps})',
             f"{ir.entry}({', '.join(f'{types[a]} {a}' for a in ir.arguments)})", "{",
-            *(GRID_DEPENDENCY if ir.dependent_launch else ()),
+            *(GRID_DEPENDENCY[1:] if ir.dependent_launch else ()),
             _constants(ir),
             "  const unsigned tx = threadIdx.x, bx = blockIdx.y;   // bx: the column tile",
             f"  unsigned {', '.join(dict.fromkeys(unsigned))};",
@@ -206,6 +206,7 @@ def print_stream(ir: StreamIR, arch: str = "sm_90") -> str:
                 "  const int pos0 = h[1];",
                 "  int fill = pos0;",
                 "  int2 next = lane < ENTRIES - pos0 ? __ldg(ent + pos0 + lane) : make_int2(0, 0);",
+                *(GRID_DEPENDENCY[:1] if ir.dependent_launch else ()),
                 "  for (; r < r_end; ++r) {",
                 "#pragma unroll",
                 "    for (int i = 0; i < STRIDE; ++i)",
@@ -256,6 +257,7 @@ def _k_split(ir: StreamIR, t: _Types) -> list[str]:
             for k in range(t.units)]
     out += ["    }", "  }",
             "  __shared__ unsigned sparsert_last;",
+            *(GRID_DEPENDENCY[:1] if ir.dependent_launch else ()),  # workers without rows
             "  __threadfence();",
             "  __syncthreads();",
             "  if (threadIdx.x == 0 && threadIdx.y == 0) {",
@@ -326,7 +328,10 @@ def _segment(ir: StreamIR, t: _Types, i: int, load: str) -> list[str]:
                 + [f"          e += {PAD};", "        }", "      }", "    }"])
     out = ["    {",
            f"      const int lo = __ldg(R + {1 + i}), end = __ldg(R + {2 + i});",
-           "      int2 mine = lane < end - lo ? __ldg(ent + lo + lane) : make_int2(0, 0);",
+           "      int2 mine = lane < end - lo ? __ldg(ent + lo + lane) : make_int2(0, 0);"]
+    if i == 0 and ir.dependent_launch:      # the row's tables are in flight: now wait
+        out.append("    " + GRID_DEPENDENCY[0])
+    out += [
            "      for (int e = lo; e < end; e += 32) {",
            "        const int n = min(32, end - e);",
            "        const int2 next = lane < end - e - 32 ? __ldg(ent + e + 32 + lane)"
@@ -504,7 +509,7 @@ def _parse(source: str) -> StreamIR | str:
         row_out=rows[:, 0], seg=rows[:, 1:], offsets=ent[0:2 * nnz:2],
         values=_from_words(ent[1:2 * nnz:2], half_acc), bias=bias,
         residual="res" in arguments, activation=activation, stage=stage, k_slices=slices,
-        dependent_launch=source.startswith("\n".join(("\n{",) + GRID_DEPENDENCY), sig.end()))
+        dependent_launch=source.startswith("\n{\n" + GRID_DEPENDENCY[1], sig.end()))
 
 
 def ir_comment(source: str) -> str:
