@@ -148,13 +148,14 @@ def cpp_to_cubin(source: str, arch: str = DEFAULT_ARCH, options: tuple[str, ...]
     try:
         (err,) = nvrtc.nvrtcCompileProgram(prog, len(opts), [o.encode() for o in opts])
         size = _nvrtc_check(nvrtc.nvrtcGetProgramLogSize(prog))
-        logbuf = b" " * size
+        logbuf = bytearray(size)        # NVRTC writes into it: never into an immutable bytes
         _nvrtc_check(nvrtc.nvrtcGetProgramLog(prog, logbuf))
-        log = logbuf.rstrip(b"\x00 ").decode(errors="replace")
+        log = bytes(logbuf).rstrip(b"\x00 ").decode(errors="replace")
         if int(err) != 0:
             raise CompileError("NVRTC failed to compile the generated CUDA C++", log=log)
-        cubin = b" " * _nvrtc_check(nvrtc.nvrtcGetCUBINSize(prog))
+        cubin = bytearray(_nvrtc_check(nvrtc.nvrtcGetCUBINSize(prog)))
         _nvrtc_check(nvrtc.nvrtcGetCUBIN(prog, cubin))
+        cubin = bytes(cubin)
     finally:
         nvrtc.nvrtcDestroyProgram(prog)
     return Compiled(cubin, log, time.perf_counter() - start, parse_ptxas(log))
@@ -173,12 +174,13 @@ def cpp_to_ptx(source: str, arch: str = DEFAULT_ARCH, options: tuple[str, ...] =
         (err,) = nvrtc.nvrtcCompileProgram(prog, len(opts), [o.encode() for o in opts])
         if int(err) != 0:
             size = _nvrtc_check(nvrtc.nvrtcGetProgramLogSize(prog))
-            logbuf = b" " * size
+            logbuf = bytearray(size)
             _nvrtc_check(nvrtc.nvrtcGetProgramLog(prog, logbuf))
             raise CompileError("NVRTC failed to compile the generated CUDA C++",
-                               log=logbuf.rstrip(b"\x00 ").decode(errors="replace"))
-        ptx = b" " * _nvrtc_check(nvrtc.nvrtcGetPTXSize(prog))
+                               log=bytes(logbuf).rstrip(b"\x00 ").decode(errors="replace"))
+        ptx = bytearray(_nvrtc_check(nvrtc.nvrtcGetPTXSize(prog)))
         _nvrtc_check(nvrtc.nvrtcGetPTX(prog, ptx))
+        ptx = bytes(ptx)
     finally:
         nvrtc.nvrtcDestroyProgram(prog)
     return ptx.rstrip(b"\x00 ").decode(), time.perf_counter() - start
