@@ -701,3 +701,33 @@ def test_folded_dense_gemm_form_refuses_other_convolutions():
         FoldedDense(torch.randn(8, 4, 1, 1), None, "none", stride=2, gemm=True)
     with pytest.raises(ValueError, match="1x1"):
         FoldedDense(torch.randn(8, 4, 3, 3), None, "none", padding=1, gemm=True)
+
+
+def test_the_timer_gate_sleeps_longer_until_the_host_has_queued_everything(monkeypatch):
+    """check.gated queues a timer's samples behind a GPU sleep; if the GPU woke before the last
+    sample was queued (host time would fall between events), it sleeps 4x longer and queues
+    them again; without torch.cuda._sleep the samples are queued ungated."""
+    from sparsert_cli.torch import check
+
+    slept, queued = [], []
+    woke_early = iter([True, True, False])
+
+    class Event:
+        def record(self):
+            pass
+
+        def query(self):
+            return next(woke_early)
+
+    monkeypatch.setattr(torch.cuda, "_sleep", slept.append, raising=False)
+    monkeypatch.setattr(torch.cuda, "Event", lambda *a, **k: Event())
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    assert check.gated(lambda: queued.append(len(queued)) or "pairs") == "pairs"
+    assert slept == [check.GATE_CYCLES, 4 * check.GATE_CYCLES, 16 * check.GATE_CYCLES]
+    assert queued == [0, 1, 2]
+    woke_early = iter([True] * 10)       # never late enough: the last try's samples are kept
+    slept.clear()
+    assert check.gated(lambda: "last") == "last" and len(slept) == check._GATE_TRIES
+    monkeypatch.delattr(torch.cuda, "_sleep")
+    slept.clear()
+    assert check.gated(lambda: "ungated") == "ungated" and not slept
