@@ -490,6 +490,10 @@ class Kernel:
             source = (directory / name).read_text()
         except OSError as exc:
             raise UserError(f"{directory}: cannot read the kernel files ({exc})") from None
+        dependent = doc.get("dependent_launch", False) is True
+        if dependent and "griddepcontrol.wait" not in source:   # launched so, it would race
+            raise UserError(f"{directory / MANIFEST}: dependent_launch is true but {name} does "
+                            "not wait for the kernel before it (griddepcontrol.wait)")
         try:
             p = doc["problem"]
             op = "gemm" if p["op"] == "gemm" else "conv"
@@ -547,7 +551,7 @@ class Kernel:
                    compile_seconds=float(doc.get("compile_seconds", 0.0)),
                    cached=bool(doc.get("cached", False)), plan=plan, weight=weight,
                    verified=doc.get("verify_cpu"), _source=source,
-                   dependent_launch=doc.get("dependent_launch", False) is True)
+                   dependent_launch=dependent)
 
     @classmethod
     def from_build(cls, plan: Plan, build, weight: np.ndarray, op: str, tuned: bool = False,

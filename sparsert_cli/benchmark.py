@@ -90,6 +90,9 @@ def benchmark_layer(gpu, kernel: Kernel, *, floors: dict | None = None, seed: in
     x, res = (inputs[0], inputs[1]) if inputs else kernel.random_inputs(rng)
     buffers = {}
     with kernel.to_device(gpu.device) as loaded:
+        # one kernel replayed back to back: no overlap of one run with the next (a kernel
+        # compiled for dependent launch still waits; it is only launched without the attribute)
+        loaded.dependent_launch = False
         out["kernel"] = {"registers": loaded.registers, "local_bytes": loaded.local_bytes}
         try:
             buffers["y"] = gpu.alloc(np.dtype(store).itemsize * int(np.prod(kernel.output_shape)))

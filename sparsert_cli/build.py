@@ -221,9 +221,15 @@ def current_family(emitter: str = "ptx") -> tuple[str, str]:
     return family.name, code_version(family, emitter)
 
 
+# where the printers put griddepcontrol (KernelIR/StreamIR.dependent_launch); part of the cache
+# key of such kernels (2: the streamed family lets the next launch start first, waits per row)
+DEPENDENT_LAUNCH_VERSION = 2
+
+
 def _key(plan: Plan, emitter: str, arch: str, dependent_launch: bool = False) -> str:
     return cache_key(plan.digest(), emitter, code_version(family_of(plan), emitter), arch,
-                     *(("dependent_launch",) if dependent_launch else ()))
+                     *((f"dependent_launch-{DEPENDENT_LAUNCH_VERSION}",) if dependent_launch
+                       else ()))
 
 
 def _compile(plan: Plan, emitter: str, arch: str, threads: int,

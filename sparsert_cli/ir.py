@@ -221,10 +221,10 @@ class StreamIR(Precision):
     activation: str
     stage: str = "shfl"             # how a warp shares its chunk of 32 entries: shfl, smem, ring
     k_slices: int = 1               # K-slices on blockIdx.z (grid[2])
-    # as KernelIR's, but the next launch is let start first and the wait comes late: after each
-    # row's tables (work, row headers, its first entries: constant data) are in flight and
-    # before its first activation load (ring: before the row loop; K-slices: also before the
-    # partials and counters), so those loads overlap the end of the kernel before
+    # as KernelIR's, but the next launch is let start first, and the wait is printed before
+    # each row's first activation load, after the row's table loads (ring: before the row loop;
+    # K-slices: also before the partials and counters). ptxas hoists it: in the cubin only the
+    # worker's row range (two loads) comes before the wait, at the top of each row iteration
     dependent_launch: bool = False
 
     k_split = 1

@@ -89,8 +89,10 @@ def _stream_ir(dependent: bool, stage: str = "shfl", slices: int = 1):
                                            ("smem", 2)])
 def test_streamed_printer_waits_before_the_first_activation_and_its_check_sees_it(stage,
                                                                                    slices):
-    """The streamed kernel lets the next launch start at once, reads its constant tables, and
-    waits before its first load of x or res and its first store (K-slices: partials too)."""
+    """The printed streamed kernel lets the next launch start at once, reads its constant
+    tables, and waits before its first load of x or res and its first store (K-slices:
+    partials too). The source order is what this checks: ptxas may hoist the wait above the
+    table loads (ir.py), never below a load of x."""
     ir = _stream_ir(True, stage, slices)
     source = stream.print_stream(ir)
     body = source[source.index('extern "C" __global__'):]
@@ -174,6 +176,13 @@ def test_saved_kernels_keep_it(tmp_path):
     manifest = tmp_path / "k0" / "manifest.json"
     manifest.write_text(re.sub(r',\s*"dependent_launch": true', "", manifest.read_text()))
     assert not sparsert.Kernel.from_dir(tmp_path / "k0").dependent_launch   # older files
+    plain = compile_plans(layers, planned, arch="sm_90", cache=False, jobs=1)[0]
+    plain.save(tmp_path / "plain")
+    manifest = tmp_path / "plain" / "manifest.json"      # a flag its cubin does not honour
+    manifest.write_text(manifest.read_text().replace('"dependent_launch": false',
+                                                     '"dependent_launch": true'))
+    with pytest.raises(UserError, match="does not wait for the kernel before it"):
+        sparsert.Kernel.from_dir(tmp_path / "plain")
 
 
 def test_set_dependent_launch_flips_only_kernels_compiled_to_wait(monkeypatch):
@@ -189,9 +198,18 @@ def test_set_dependent_launch_flips_only_kernels_compiled_to_wait(monkeypatch):
     monkeypatch.setattr(ops, "_REGISTRY", {1: ops.Entry(None, False, (), (), able, 0),
                                            2: ops.Entry(None, False, (), (), unable, 0),
                                            3: ops.Entry(None, False, (), ())})
-    assert ops.set_dependent_launch(False) == 1
-    assert not able.dependent_launch and not unable.dependent_launch
-    assert ops.set_dependent_launch(True) == 1
+    other = fake(True)
+    ops._REGISTRY[4] = ops.Entry(None, False, (), (), other, 0)
+    assert ops.dependent_launch_states() == {1: True, 4: True}
+    before = ops.dependent_launch_states({1, 2, 3})
+    assert before == {1: True}
+    assert ops.set_dependent_launch(False, before) == 1          # one model's kernels only
+    assert not able.dependent_launch and other.dependent_launch
+    ops.restore_dependent_launch(before)
+    assert able.dependent_launch
+    assert ops.set_dependent_launch(False) == 2
+    assert not able.dependent_launch and not unable.dependent_launch and not other.dependent_launch
+    assert ops.set_dependent_launch(True) == 2
     assert able.dependent_launch and not unable.dependent_launch
     with pytest.raises(ValueError, match="not compiled for programmatic dependent launch"):
         unable.dependent_launch = True
@@ -215,3 +233,22 @@ def test_sparsify_compiles_model_kernels_to_wait():
     model = torch.nn.Sequential(torch.nn.Linear(16, 32))
     with pytest.raises(UserError, match="dependent_launch must be True, False or None"):
         sparsify_(model, (torch.randn(8, 16),), dry_run=True, dependent_launch="yes")
+
+
+def test_model_summary_says_what_dependent_launch_saved(capsys):
+    """`sparsert model` prints the graph time without dependent launch beside the result (the
+    committed MobileNet v1 fp16 entry of S8-3 has both)."""
+    import json
+    from pathlib import Path
+
+    from sparsert_cli.commands.model import _print_row
+
+    doc = json.loads((Path(__file__).parents[1] / "results/h100/models.json").read_text())
+    row = next(r for r in doc["models"] if r.get("sparsert_graph_serial_us"))
+    _print_row(row)
+    out = " ".join(capsys.readouterr().out.split())
+    assert (f"graph {row['sparsert']['graph_us']:.1f} us, "
+            f"{row['sparsert_graph_serial_us']:.1f} us without it") in out
+    del row["sparsert_graph_serial_us"]
+    _print_row(row)
+    assert "without it" not in capsys.readouterr().out

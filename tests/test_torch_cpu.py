@@ -712,22 +712,29 @@ def test_the_timer_gate_sleeps_longer_until_the_host_has_queued_everything(monke
     slept, queued = [], []
     woke_early = iter([True, True, False])
 
+    order = []
+
     class Event:
         def record(self):
-            pass
+            order.append("gate")
 
         def query(self):
             return next(woke_early)
 
-    monkeypatch.setattr(torch.cuda, "_sleep", slept.append, raising=False)
+    monkeypatch.setattr(torch.cuda, "_sleep", lambda c: slept.append(c) or order.append("sleep"),
+                        raising=False)
     monkeypatch.setattr(torch.cuda, "Event", lambda *a, **k: Event())
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
-    assert check.gated(lambda: queued.append(len(queued)) or "pairs") == "pairs"
+    assert check.gated(lambda: queued.append(len(queued)) or order.append("queue")
+                       or "pairs") == "pairs"
+    assert order == ["sleep", "gate", "queue"] * 3
     assert slept == [check.GATE_CYCLES, 4 * check.GATE_CYCLES, 16 * check.GATE_CYCLES]
     assert queued == [0, 1, 2]
     woke_early = iter([True] * 10)       # never late enough: the last try's samples are kept
     slept.clear()
-    assert check.gated(lambda: "last") == "last" and len(slept) == check._GATE_TRIES
+    with pytest.warns(RuntimeWarning, match="may include host delay"):
+        assert check.gated(lambda: "last") == "last"
+    assert len(slept) == check._GATE_TRIES
     monkeypatch.delattr(torch.cuda, "_sleep")
     slept.clear()
     assert check.gated(lambda: "ungated") == "ungated" and not slept

@@ -235,6 +235,9 @@ def _print_row(row: dict) -> None:
                   f"{row['replaced']}/{row['layers_total']} layers replaced; "
                   f"max rel err {row['max_rel_err']:.2e}"
                   + (f" (bound {row['rel_err_bound']:g})" if row.get("rel_err_bound") else ""))
+    if row.get("sparsert_graph_serial_us"):
+        console.print(f"programmatic dependent launch: graph {row['sparsert']['graph_us']:.1f} us,"
+                      f" {row['sparsert_graph_serial_us']:.1f} us without it")
 
 
 def _version() -> str:

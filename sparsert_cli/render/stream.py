@@ -329,7 +329,7 @@ def _segment(ir: StreamIR, t: _Types, i: int, load: str) -> list[str]:
     out = ["    {",
            f"      const int lo = __ldg(R + {1 + i}), end = __ldg(R + {2 + i});",
            "      int2 mine = lane < end - lo ? __ldg(ent + lo + lane) : make_int2(0, 0);"]
-    if i == 0 and ir.dependent_launch:      # the row's tables are in flight: now wait
+    if i == 0 and ir.dependent_launch:      # before the row's first activation load
         out.append("    " + GRID_DEPENDENCY[0])
     out += [
            "      for (int e = lo; e < end; e += 32) {",

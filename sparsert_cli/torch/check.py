@@ -4,6 +4,8 @@ graph, `time_us`) and as a whole forward sees a layer (`time_cold_us`)."""
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -87,9 +89,10 @@ _GATE_TRIES = 4             # each try sleeps 4x longer
 def gated(enqueue) -> list:
     """Run enqueue() -- it queues GPU work between timing events and returns them -- behind a
     GPU sleep, so that all of it is queued before the GPU reaches any of it: host time (Python,
-    a busy GIL) never falls between two events. The sleep is lengthened and the work queued again
-    until the GPU is still asleep when enqueue() returns. Returns what enqueue() returned, after
-    the device synchronised."""
+    a busy GIL) never falls between two events. The sleep is lengthened 4x and the work queued
+    again while the GPU woke before enqueue() returned, up to _GATE_TRIES times (then the last
+    samples are kept, with a RuntimeWarning). Returns what enqueue() returned, after the device
+    synchronised."""
     sleep = getattr(torch.cuda, "_sleep", None)     # private: absent, the samples go ungated
     if sleep is None:
         out = enqueue()
@@ -103,9 +106,12 @@ def gated(enqueue) -> list:
         out = enqueue()
         early = gate.query()        # True: the GPU woke before the last event was queued
         torch.cuda.synchronize()
-        if not early or attempt == _GATE_TRIES - 1:
+        if not early:
             return out
         cycles *= 4
+    warnings.warn(f"sparsert: the host queued a timer's samples slower than a {cycles // 4} "
+                  "cycle GPU sleep; its times may include host delay", RuntimeWarning,
+                  stacklevel=3)
     return out
 
 

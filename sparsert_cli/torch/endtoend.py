@@ -27,7 +27,7 @@ from sparsert_cli.errors import UserError
 from sparsert_cli.torch import ops
 from sparsert_cli.torch.check import captured_graph
 from sparsert_cli.torch.prune import prune_
-from sparsert_cli.torch.sparsify import DTYPES, sparsify_
+from sparsert_cli.torch.sparsify import DTYPES, SparseLayer, sparsify_
 
 REL_ERR_BOUND = {"fp32": 1e-3, "fp16": 5e-2, "bf16": 0.4}   # bf16: fp16's 50 eps (2^-7)
 # --dense-compile: the torch.compile mode of the strong dense baseline (None: not measured)
@@ -282,9 +282,15 @@ def run_model(name: str, model: torch.nn.Module, x: torch.Tensor, *, sparsity: f
     with torch.no_grad():
         out = model(x)
     sparse = {"graph_us": time_graph(model, x)}
-    if ops.set_dependent_launch(False):   # the same graph without programmatic dependent launch
-        row["sparsert_graph_serial_us"] = round(time_graph(model, x), 2)
-        ops.set_dependent_launch(True)
+    # the same graph without programmatic dependent launch (this model's kernels only)
+    before = ops.dependent_launch_states({m.kernel_id for m in model.modules()
+                                          if isinstance(m, SparseLayer)})
+    if any(before.values()):
+        try:
+            ops.set_dependent_launch(False, before)
+            row["sparsert_graph_serial_us"] = round(time_graph(model, x), 2)
+        finally:
+            ops.restore_dependent_launch(before)
     if DENSE_COMPILE[dense_compile]:    # the sparse model compiled too, as the dense one is
         us, seconds, compiled_out = sparse_compiled(model, x)
         row["sparsert_compile_rel_err"] = _rel_err(compiled_out, ref)

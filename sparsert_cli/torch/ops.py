@@ -46,15 +46,31 @@ def unregister(kernel_id: int) -> None:
         entry.loaded.close()
 
 
-def set_dependent_launch(on: bool) -> int:
-    """Launch every loaded kernel compiled for programmatic dependent launch with (True) or
-    without (False) programmatic stream serialization, e.g. to time a model both ways. CUDA
-    graphs keep the launches they captured: capture again. Returns how many kernels can."""
-    able = [e.loaded for e in _REGISTRY.values()
-            if e.loaded is not None and getattr(e.loaded, "waits", False)]
-    for loaded in able:
-        loaded.dependent_launch = bool(on)
-    return len(able)
+def dependent_launch_states(kernel_ids=None) -> dict[int, bool]:
+    """{kernel id: launched with programmatic stream serialization} of the loaded kernels
+    compiled for it (all of them, or those of `kernel_ids`)."""
+    return {i: e.loaded.dependent_launch for i, e in _REGISTRY.items()
+            if (kernel_ids is None or i in kernel_ids) and e.loaded is not None
+            and getattr(e.loaded, "waits", False)}
+
+
+def set_dependent_launch(on: bool, kernel_ids=None) -> int:
+    """Launch the loaded kernels compiled for programmatic dependent launch (all of them, or
+    those of `kernel_ids`: e.g. a model's SparseLayer.kernel_id) with (True) or without (False)
+    programmatic stream serialization, e.g. to time a model both ways. CUDA graphs keep the
+    launches they captured: capture again. Returns how many kernels can."""
+    states = dependent_launch_states(kernel_ids)
+    for i in states:
+        _REGISTRY[i].loaded.dependent_launch = bool(on)
+    return len(states)
+
+
+def restore_dependent_launch(states: dict[int, bool]) -> None:
+    """Put back what dependent_launch_states() returned (kernels since unloaded are skipped)."""
+    for i, on in states.items():
+        entry = _REGISTRY.get(i)
+        if entry is not None and entry.loaded is not None:
+            entry.loaded.dependent_launch = on
 
 
 def _entry(x: torch.Tensor, kernel_id: int) -> Entry:
