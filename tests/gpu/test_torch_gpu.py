@@ -259,11 +259,11 @@ def test_a_chain_of_dependent_launches_reads_only_finished_outputs(dtype):
     x = torch.randn(1, 64, 14, 14, device="cuda", dtype=store)
     rows = sparsify_(model, (x,), dtype=dtype, tuned=False, min_speedup=0.0)
     assert all(r["replaced"] for r in rows), rows
-    kernels = [m for m in model.modules() if isinstance(m, SparseLayer)]
-    assert len(kernels) == 8
-    assert ops.set_dependent_launch(True) >= 8
+    ids = {m.kernel_id for m in model.modules() if isinstance(m, SparseLayer)}
+    assert len(ids) == 8
+    assert ops.set_dependent_launch(True, ids) == 8      # this model's kernels only
     for overlap in (True, False):
-        ops.set_dependent_launch(overlap)
+        ops.set_dependent_launch(overlap, ids)
         _graph_output(model, x)                 # warm-up on a side stream
         graph, x_static = torch.cuda.CUDAGraph(), x.clone()
         with torch.no_grad(), torch.cuda.graph(graph):
@@ -276,4 +276,4 @@ def test_a_chain_of_dependent_launches_reads_only_finished_outputs(dtype):
                 want, eager = dense(x_static.double()), model(x_static)
             torch.cuda.synchronize()
             assert _rel(out, want) < TOL[dtype] and torch.equal(out, eager)
-    ops.set_dependent_launch(True)
+    ops.set_dependent_launch(True, ids)
