@@ -9,6 +9,7 @@ torch CUDA graph and replayed; the mean replay time per kernel is reported for:
   gdc          kernel with griddepcontrol (wait, then launch_dependents), cuLaunchKernel
   gdc+pdl      the same kernel, cuLaunchKernelEx with programmatic stream serialization
   late+pdl     launch_dependents after the kernel's work (not at its top), PDL launch
+  first+pdl    launch_dependents before the wait (the streamed family's order), PDL launch
   mixed+pdl    every third launch is a torch op (relu_) between PDL kernels
 
 Every variant's output is checked against the same chain run in torch (float64 sums of the
@@ -49,7 +50,8 @@ def compile_kernels(iters: int, arch: str = "sm_90") -> bytes:
     from sparsert_cli.compile import cpp_to_cubin
 
     src = "".join(SOURCE.format(name=name, top=top, bottom=bottom, iters=iters) for name, top, bottom in (
-        ("plain", "", ""), ("gdc", WAIT + "\n  " + TRIGGER, ""), ("late", WAIT, TRIGGER)))
+        ("plain", "", ""), ("gdc", WAIT + "\n  " + TRIGGER, ""), ("late", WAIT, TRIGGER),
+        ("first", TRIGGER + "\n  " + WAIT, "")))
     return cpp_to_cubin(src, arch).cubin
 
 
@@ -75,7 +77,7 @@ def main() -> int:
     for iters in args.iters:
         module = cu("cuModuleLoadData", compile_kernels(iters))
         fns = {name: cu("cuModuleGetFunction", module, f"step_{name}".encode())
-               for name in ("plain", "gdc", "late")}
+               for name in ("plain", "gdc", "late", "first")}
         keep = []
 
         def launch(fn, src, dst, pdl):
@@ -108,7 +110,8 @@ def main() -> int:
                     dst.copy_(src).relu_()
                 else:
                     name = {"plain": "plain", "gdc": "gdc", "gdc+pdl": "gdc",
-                            "late+pdl": "late", "mixed+pdl": "gdc"}[variant]
+                            "late+pdl": "late", "first+pdl": "first",
+                            "mixed+pdl": "gdc"}[variant]
                     launch(fns[name], src, dst, variant.endswith("pdl"))
                 src = dst
             return src
@@ -119,7 +122,8 @@ def main() -> int:
                 v = v.relu() if variant == "mixed+pdl" and i % 3 == 2 else v * 0.5 + 1.0
             return v
 
-        for variant in ("plain", "gdc", "gdc+pdl", "late+pdl", "mixed+pdl", "plain"):
+        for variant in ("plain", "gdc", "gdc+pdl", "late+pdl", "first+pdl", "mixed+pdl",
+                        "plain"):
             keep.clear()
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
