@@ -738,3 +738,29 @@ def test_the_timer_gate_sleeps_longer_until_the_host_has_queued_everything(monke
     monkeypatch.delattr(torch.cuda, "_sleep")
     slept.clear()
     assert check.gated(lambda: "ungated") == "ungated" and not slept
+
+
+def test_timed_replays_refresh_then_replay_between_events(monkeypatch):
+    """The timers' sample: before() (eviction, input copies), start event, replay, end event."""
+    from sparsert_cli.torch import check
+
+    log = []
+
+    class Event:
+        def __init__(self, *a, **k):
+            pass
+
+        def record(self):
+            log.append("event")
+
+    class Graph:
+        def replay(self):
+            log.append("replay")
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    pairs = check._replays(Graph(), 2, lambda: log.append("before"))
+    assert len(pairs) == 2 and all(len(p) == 2 for p in pairs)
+    assert log == ["before", "event", "replay", "event"] * 2
+    log.clear()
+    check._replays(Graph(), 1)
+    assert log == ["event", "replay", "event"]

@@ -119,21 +119,23 @@ def time_us(fn, inputs: tuple, per_graph: int = 20, replays: int = 7) -> float:
     """Median per-call time of fn(*inputs) replayed from a CUDA graph (L2 warm)."""
     graph = captured_graph(fn, inputs, per_graph, warmup=3)
     graph.replay()
-
-    def enqueue():
-        pairs = []
-        for _ in range(replays):
-            start, end = (torch.cuda.Event(enable_timing=True),
-                          torch.cuda.Event(enable_timing=True))
-            start.record()
-            graph.replay()
-            end.record()
-            pairs.append((start, end))
-        return pairs
-
     with torch.cuda.device(inputs[0].device):
-        pairs = gated(enqueue)
+        pairs = gated(lambda: _replays(graph, replays))
     return float(np.median([s.elapsed_time(e) * 1e3 / per_graph for s, e in pairs]))
+
+
+def _replays(graph, count: int, before=None) -> list:
+    """Queue `count` replays of `graph`, each between two timing events (after before())."""
+    pairs = []
+    for _ in range(count):
+        if before is not None:
+            before()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        pairs.append((start, end))
+    return pairs
 
 
 _EVICT: dict = {}       # device index -> (4 x L2 bytes to read, a scalar to sum into)
@@ -161,20 +163,11 @@ def time_cold_us(fn, inputs: tuple, samples: int = 15) -> float:
     fresh = tuple(t.clone() for t in inputs)
     graph = captured_graph(fn, fresh, 1, warmup=2)
 
-    def enqueue():
-        pairs = []
-        for _ in range(samples + 2):
-            torch.sum(evict, dim=0, out=sink)
-            for dst, src in zip(fresh, inputs):
-                dst.copy_(src)
-            start, end = (torch.cuda.Event(enable_timing=True),
-                          torch.cuda.Event(enable_timing=True))
-            start.record()
-            graph.replay()
-            end.record()
-            pairs.append((start, end))
-        return pairs
+    def evict_and_refresh():
+        torch.sum(evict, dim=0, out=sink)
+        for dst, src in zip(fresh, inputs):
+            dst.copy_(src)
 
     with torch.cuda.device(device):
-        pairs = gated(enqueue)
+        pairs = gated(lambda: _replays(graph, samples + 2, evict_and_refresh))
     return float(np.median([s.elapsed_time(e) * 1e3 for s, e in pairs[2:]]))
