@@ -253,6 +253,33 @@ def test_model_command_on_cpu(tmp_path, capsys):
     assert all(abs(r["sparsity"] - 0.9) < 0.02 for r in row["layers"])
 
 
+def test_model_runs_compile_for_dependent_launch_unless_told(tmp_path, capsys):
+    """Kernels are compiled for programmatic dependent launch (sm_90, the default arch without
+    a GPU) unless run_model / `sparsert model --no-dependent-launch` says otherwise; the row's
+    kernel stats count them and the results' options record the choice."""
+    from cli_helpers import run_main
+
+    from sparsert_cli.results import load_results
+    from sparsert_cli.torch.endtoend import run_model
+
+    for asked, want in ((None, True), (False, False)):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 8, 1))
+        row = run_model("tiny", model, torch.randn(1, 8, 6, 6), sparsity=0.8, dtype="fp32",
+                        tuned=False, dry_run=True, verify=False, cache=False, jobs=1,
+                        dependent_launch=asked)
+        kernels = row["kernels"]
+        assert kernels["kernels"] == 2
+        assert kernels["dependent_launch"] == (2 if want else 0)
+    _tiny_onnx(tmp_path / "tiny.onnx")
+    code, _, err = run_main(["model", str(tmp_path / "tiny.onnx"), "--compile-only", "--no-cache",
+                             "--no-tuned", "--no-dependent-launch", "--out",
+                             str(tmp_path / "r.json")], capsys)
+    assert code == 0, err
+    doc = load_results(tmp_path / "r.json", kinds=("models",))
+    assert doc["models"][0]["options"]["dependent_launch"] is False
+
+
 def test_builtin_models_build_and_trace():
     from sparsert_cli.models import build
 

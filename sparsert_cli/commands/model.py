@@ -101,6 +101,9 @@ def _check_outputs(*paths: Path) -> None:
               help="Keep the entries already in --out (same model, dtype, sparsity and batch: "
                    "replaced); the file is rewritten after every entry.")
 @click.option("--no-cache", is_flag=True, help="Ignore the kernel cache.")
+@click.option("--no-dependent-launch", is_flag=True,
+              help="Compile and launch the kernels without programmatic dependent launch "
+                   "(by default on sm_90+: each kernel starts while the one before it ends).")
 @click.option("--seed", type=click.IntRange(0), default=0, show_default=True)
 @arch_option
 @click.option("--out", "out_path", default=None, type=click.Path(dir_okay=False),
@@ -108,8 +111,8 @@ def _check_outputs(*paths: Path) -> None:
 @click.option("--csv", "csv_path", default=None, type=click.Path(dir_okay=False),
               help="Results CSV (default: next to the JSON).")
 def command(name, sparsities, dtypes, batch, resolution, tokens, tune, tuned_path, no_tuned,
-            dense_compile, compile_only, no_verify, jobs, merge, no_cache, seed, arch, out_path,
-            csv_path):
+            dense_compile, compile_only, no_verify, jobs, merge, no_cache, no_dependent_launch,
+            seed, arch, out_path, csv_path):
     """Prune and sparsify a whole network; time it against dense eager, CUDA graph and
     torch.compile (max-autotune, freezing, channels_last; NCHW too for grouped convolutions),
     verify the output."""
@@ -155,7 +158,8 @@ def command(name, sparsities, dtypes, batch, resolution, tokens, tune, tuned_pat
     from ..torch.endtoend import run_model, run_onnx
 
     options = {"resolution": resolution, "tokens": tokens, "seed": seed,
-               "dense_compile": dense_compile, "tune": tune}
+               "dense_compile": dense_compile, "tune": tune,
+               "dependent_launch": not no_dependent_launch}
     meta = {"sparsert_version": _version(), "git_commit": _commit()}
     state = {"doc": earlier, "rows": [], "bases": []}
 
@@ -185,7 +189,8 @@ def command(name, sparsities, dtypes, batch, resolution, tokens, tune, tuned_pat
             err_console.print(f"{stem} {dtype} sparsity={sparsity} batch={batch} ...")
             with progress_bar() as progress:
                 common = dict(sparsity=sparsity, dtype=dtype, tuned=tuned, tune=tune,
-                              dry_run=compile_only, cache=not no_cache, arch=arch)
+                              dry_run=compile_only, cache=not no_cache, arch=arch,
+                              dependent_launch=False if no_dependent_launch else None)
                 if onnx_file:
                     row = run_onnx(stem, layers, **common)
                     row["batch"] = batch

@@ -220,7 +220,8 @@ def run_model(name: str, model: torch.nn.Module, x: torch.Tensor, *, sparsity: f
               dtype: str, tuned=None, tune: bool = False, dense_compile: str = "max-autotune",
               dense_cached: list | None = None, on_dense=None, dry_run: bool = False,
               verify: bool = True, cache: bool = True, arch: str | None = None,
-              jobs: int | None = None, on_progress=None) -> dict:
+              jobs: int | None = None, on_progress=None,
+              dependent_launch: bool | None = None) -> dict:
     """One row of the models results (see the module docstring). `sparsity` None keeps the
     model's own zeros (an imported, already pruned network). dense_cached: dense_records
     measured before (one that matches is used instead of measuring); on_dense(record) is
@@ -235,7 +236,8 @@ def run_model(name: str, model: torch.nn.Module, x: torch.Tensor, *, sparsity: f
            "input_shape": list(x.shape), "rel_err_bound": REL_ERR_BOUND[dtype]}
     stats: dict = {}
     common = dict(dtype=dtype, tuned=tuned, cache=cache, arch=arch, jobs=jobs,
-                  on_progress=on_progress, stats=stats, verify=verify)
+                  on_progress=on_progress, stats=stats, verify=verify,
+                  dependent_launch=dependent_launch)
     if dry_run:
         store = DTYPES[dtype]
         rows = sparsify_(model.to(dtype=store), (x.to(store),), dry_run=True, **common)
@@ -346,7 +348,7 @@ def onnx_module(layer) -> tuple[torch.nn.Module, torch.Tensor]:
 
 def run_onnx(name: str, layers, *, sparsity: float | None, dtype: str, tuned=None,
              tune: bool = False, dry_run: bool = False, cache: bool = True,
-             arch: str | None = None) -> dict:
+             arch: str | None = None, dependent_launch: bool | None = None) -> dict:
     """One row for an ONNX file's layers, each sparsified alone: the graph's other ops are not
     run, so `sparsert_us` and `dense.layers_us` are sums over these layers (kernel per layer,
     CUDA-graph replayed), the dense op kept where it is faster."""
@@ -360,7 +362,8 @@ def run_onnx(name: str, layers, *, sparsity: float | None, dtype: str, tuned=Non
             module, x = module.cuda(), x.cuda()
             _precision(dtype)
         (part,) = sparsify_(module.to(dtype=store), (x.to(store),), dtype=dtype, tuned=tuned,
-                            tune=tune, dry_run=dry_run, cache=cache, arch=arch)
+                            tune=tune, dry_run=dry_run, cache=cache, arch=arch,
+                            dependent_launch=dependent_launch)
         part["layer"] = layer.name
         rows.append(part)
     row = {"model": name, "name": _label(name, dtype, sparsity, None), "dtype": dtype,

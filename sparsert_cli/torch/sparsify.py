@@ -412,7 +412,8 @@ def sparsify_(model: torch.nn.Module, example_inputs, *, dtype: str = "fp32", tu
     in `tuned` (a path or TunedDB). jobs: compile processes (None: one per core; every kernel
     is compiled before any is checked). on_progress(stage, done, total, item): progress of the
     "compile", "compile streamed rivals" and "check" stages. stats: receives plan_seconds,
-    compile_seconds, kernels, cached (and rival_seconds, rivals).
+    compile_seconds, kernels, cached, dependent_launch (kernels compiled for it) and
+    rival_seconds, rivals.
     Returns one dict per layer: layer, op, shape, sparsity, fused, family, plan, replaced,
     reason, max_err, max_rel_err, dense_us, sparse_us, speedup (dense_form where the race ran;
     and, where a rival was timed,
@@ -534,6 +535,7 @@ def _sparsify(model, example_inputs, *, dtype, tuned, verify, min_speedup, min_s
                              dependent_launch=dependent_launch)
     info["kernels"] = sum(not isinstance(k, str) for k in kernels)
     info["cached"] = sum(bool(getattr(k, "cached", False)) for k in kernels)
+    info["dependent_launch"] = sum(bool(getattr(k, "dependent_launch", False)) for k in kernels)
     rivals = _rivals(todo, kernels, dtype, tuned, arch, cache, jobs, on_progress, info,
                      dependent_launch) if race and on_gpu else {}
     # ---- check: verify, time and swap, layer by layer
