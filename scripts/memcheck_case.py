@@ -25,6 +25,18 @@ def run(gpu, label, kernel):
     result = sparsert.benchmark_layer(gpu, kernel, baselines=False, replays=1)
     print(label, kernel.plan_params.name(), result["verify_gpu"])
     assert result["verify_gpu"]["ok"]
+    canary(label)
+
+
+def canary(after: str) -> None:
+    """S8-7 saw the interpreter's one-character " " overwritten in this script's process (every
+    lone space an f-string put between two fields became a character NVRTC skips). Say after
+    which case, if it happens again."""
+    sep = " "
+    joined = f"{'a'}{sep}{'b'}"
+    if joined != "a b" or ord(sep) != 32:
+        raise SystemExit(f"memcheck_case: the string ' ' reads {sep!r} after {after}: "
+                         "something in this process wrote into an immutable object")
 
 
 with sparsert.Gpu() as gpu:
