@@ -578,7 +578,7 @@ class Kernel:
                    compile_seconds=build.compile_seconds, cached=build.cached,
                    family=family_of_params(launch.params).name,
                    family_version=code_version(family_of_params(launch.params), build.emitter),
-                   dependent_launch=getattr(build, "dependent_launch", False))
+                   dependent_launch=build.dependent_launch)
 
 
 @dataclass(frozen=True, eq=False)
@@ -757,14 +757,14 @@ def compile_plans(layers: list[Layer], planned: list[tuple[Plan, bool]], *, emit
     kernel replayed back to back, which the overlap would turn into a throughput figure."""
     import time
 
-    from .build import build_all
+    from .build import build_all, require_dependent_launch
     from .compile import arch_number
 
     arch = _target("auto", emit, arch, {layer.precision for layer in layers})
     if dependent_launch is None:
         dependent_launch = arch_number(arch) >= 90
-    elif dependent_launch and arch_number(arch) < 90:
-        raise UserError(f"programmatic dependent launch needs sm_90 or newer, not {arch}")
+    elif dependent_launch:      # once here, not once per kernel
+        require_dependent_launch(arch)
     started = time.perf_counter()
     kernels: list = [None] * len(layers)
 

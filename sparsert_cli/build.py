@@ -172,9 +172,14 @@ def lowered(plan: Plan, arch: str = DEFAULT_ARCH, dependent_launch: bool = False
     ir = lower(plan)
     if not dependent_launch:
         return ir
+    require_dependent_launch(arch)
+    return replace(ir, dependent_launch=True)
+
+
+def require_dependent_launch(arch: str) -> None:
+    """UserError unless `arch` has programmatic dependent launch (sm_90 and newer)."""
     if arch_number(arch) < 90:
         raise UserError(f"programmatic dependent launch needs sm_90 or newer, not {arch}")
-    return replace(ir, dependent_launch=True)
 
 
 def render_source(ir: KernelIR, emitter: str, arch: str = DEFAULT_ARCH,

@@ -20,9 +20,8 @@ import numpy as np
 from ..ir import (BLOCK_IDS, Batch, Compute, Finish, IndexOp, KernelIR, Load, Partial, Reduce,
                   ReduceRow, Step, TapBase)
 from . import PrintedMismatch
-from .ptx import PARTIALS, Fmt
+from .ptx import GRID_DEPENDENCY, PARTIALS, Fmt
 
-GRID_DEPENDENCY = ["griddepcontrol.wait;", "griddepcontrol.launch_dependents;"]
 _MEM = re.compile(r"\[(%\w+)\+(-?\d+)\]")
 _FMA = re.compile(r"\t*(fma|mul)\.rn\.(\w+) (%a\d+), (%\w+), ([^,;]+)(?:, (%a\d+))?;")
 _LOAD = re.compile(r"\t*(ld\.global\.nc\S*) (\{[^}]*\}|%\w+), \[(%x\w*)\+(-?\d+)\];")
@@ -572,7 +571,7 @@ def parse(ir: KernelIR, text: str) -> KernelIR:
         if text in ("{", "ret;") or text.startswith(".reg") or text.startswith("DONE"):
             continue
         op, args, _ = _split(line)
-        if op in ("griddepcontrol.wait;", "griddepcontrol.launch_dependents;"):
+        if op in GRID_DEPENDENCY:
             if args_loaded or specials or columns or len(dependent) >= len(GRID_DEPENDENCY) \
                     or op != GRID_DEPENDENCY[len(dependent)]:
                 _fail("entry", f"`{text}` after the entry started, or out of order")
@@ -631,7 +630,7 @@ def parse(ir: KernelIR, text: str) -> KernelIR:
         _fail("entry", "pointer arguments loaded out of order")
     if maxntid is None:
         _fail("entry", "no .maxntid")
-    if dependent and dependent != GRID_DEPENDENCY:
+    if dependent and tuple(dependent) != GRID_DEPENDENCY:
         _fail("entry", "griddepcontrol.wait without launch_dependents")
     return dataclasses.replace(
         ir, entry=name, arguments=arguments, col_threads=maxntid[0], k_split=maxntid[1],

@@ -22,6 +22,8 @@ from ..problem_shape import HALF_DTYPES
 VERSION = "ptx-2"
 PRECISIONS = ("fp32", "fp16", "fp16acc32", "bf16")
 PARTIALS = "sparsert_partials"
+# programmatic dependent launch (KernelIR.dependent_launch): the entry's first two instructions
+GRID_DEPENDENCY = ("griddepcontrol.wait;", "griddepcontrol.launch_dependents;")
 _VEC = {1: "", 2: ".v2", 4: ".v4"}
 
 RULES = {
@@ -315,8 +317,7 @@ def _entry(ir: KernelIR, phases: list[list[list[str]]]) -> list[str]:
     e("\t.reg .u64 %x, %y, %res, %z, %w;")
     e("\t.reg .pred %pa;")
     if ir.dependent_launch:     # nothing global is touched before the grid before is done
-        e("\tgriddepcontrol.wait;")
-        e("\tgriddepcontrol.launch_dependents;")
+        lines += ["\t" + ins for ins in GRID_DEPENDENCY]
     for arg in ir.arguments:
         e(f"\tld.param.u64 %{arg}, [arg_{arg}];")
         e(f"\tcvta.to.global.u64 %{arg}, %{arg};")
