@@ -128,11 +128,12 @@ def make_epilogue(epilogue, rows: int) -> Epilogue:
         return Epilogue()
     if isinstance(epilogue, Epilogue):
         doc = {"bias": epilogue.bias, "activation": epilogue.activation,
-               "residual": epilogue.residual}
+               "residual": epilogue.residual, "token_major": epilogue.token_major}
     elif isinstance(epilogue, dict):
-        unknown = sorted(set(epilogue) - {"bias", "activation", "residual"})
+        unknown = sorted(set(epilogue) - {"bias", "activation", "residual", "token_major"})
         if unknown:
-            raise UserError(f"unknown epilogue key {unknown[0]!r} (bias, activation, residual)")
+            raise UserError(f"unknown epilogue key {unknown[0]!r} (bias, activation, residual, "
+                            f"token_major)")
         doc = epilogue
     else:
         raise UserError(f"epilogue must be a dict or an Epilogue, got {type(epilogue).__name__}")
@@ -147,7 +148,8 @@ def make_epilogue(epilogue, rows: int) -> Epilogue:
     activation = doc.get("activation", "none") or "none"
     if activation not in ACTIVATIONS:
         raise UserError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
-    return Epilogue(bias, activation, bool(doc.get("residual", False)))
+    return Epilogue(bias, activation, bool(doc.get("residual", False)),
+                    bool(doc.get("token_major", False)))
 
 
 def _tuned_db(tuned):
@@ -211,11 +213,19 @@ def layer_inputs(geometry: Geometry, dtype: str, residual: bool, rng: np.random.
 
 
 def layer_reference(weight: np.ndarray, geometry: Geometry, epilogue: Epilogue, x, res=None):
-    """(float64 reference, magnitude) of a layer, NCHW."""
+    """(float64 reference, magnitude) of a layer, NCHW; token-major layers: N x M (and `res`
+    holds its values in that order)."""
     g = geometry
     x = np.asarray(x).reshape(g.batch, g.in_channels, g.height, g.width)
-    return reference_and_magnitude(dense(weight), x, g.stride, g.padding, epilogue.bias, res,
-                                   epilogue.activation)
+    if not epilogue.token_major:
+        return reference_and_magnitude(dense(weight), x, g.stride, g.padding, epilogue.bias,
+                                       res, epilogue.activation)
+    m, n = g.out_channels, g.out_pixels
+    if res is not None:
+        res = np.asarray(res).reshape(n, m).T.reshape(1, m, 1, n)
+    ref, mag = reference_and_magnitude(dense(weight), x, g.stride, g.padding, epilogue.bias,
+                                       res, epilogue.activation)
+    return (np.ascontiguousarray(ref.reshape(m, n).T), np.ascontiguousarray(mag.reshape(m, n).T))
 
 
 def plan_inputs(plan: Plan, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray | None]:
@@ -330,6 +340,8 @@ class Kernel:
     @property
     def output_shape(self) -> tuple[int, ...]:
         g = self.geometry
+        if self.epilogue.token_major:
+            return (g.width, g.out_channels)
         return (g.out_channels, g.width) if self.op == "gemm" else (
             g.batch, g.out_channels, g.out_height, g.out_width)
 
@@ -432,7 +444,8 @@ class Kernel:
                         "out_width": g.out_width},
             "epilogue": {"bias": self.epilogue.bias is not None,
                          "activation": self.epilogue.activation,
-                         "residual": self.epilogue.residual},
+                         "residual": self.epilogue.residual,
+                         **({"token_major": True} if self.epilogue.token_major else {})},
             "plan": plan_doc, "tuned": self.tuned, "nnz": self.nnz,
             "density": self.nnz / (g.out_channels * g.taps), "pattern_hash": self.pattern_hash,
             "registers": res.registers, "spill_store_bytes": res.spill_store_bytes,
@@ -525,7 +538,8 @@ class Kernel:
             except (OSError, ValueError, KeyError, IndexError, TypeError) as exc:
                 raise UserError(f"{weights_path}: not a readable weights file ({exc})") from None
             bias = tuple(float(v) for v in bias_values) if epi.get("bias") else None
-        epilogue = Epilogue(bias, epi.get("activation", "none"), bool(epi.get("residual")))
+        epilogue = Epilogue(bias, epi.get("activation", "none"), bool(epi.get("residual")),
+                            bool(epi.get("token_major")))
         if weight is not None:
             plan = plan_weight(geometry, weight, params, epilogue, None, precision,
                                allow_fp16_flush=True)

@@ -134,14 +134,23 @@ def execute_stream(ir: StreamIR, x: np.ndarray, residual: np.ndarray | None) -> 
         total = np.zeros((rows, threads, width))
     out = np.full(geo.output_elems, np.nan)
     writes = np.zeros(geo.output_elems, dtype=np.int64)
+    def address(pointer_name: str, row: int) -> np.ndarray:
+        """(threads, width) element offsets of a row's columns: channel-major (a vector at
+        pointer + row * pixels) or token-major ((pointer + column) * rows + row)."""
+        if ir.token_major:
+            return (pointer[pointer_name][:, None] + lanes) * geo.out_channels + row
+        return pointer[pointer_name][:, None] + row * geo.out_pixels + lanes
+
+    vectors = not ir.token_major          # token-major columns are scalar loads and stores
     for i, row in enumerate(ir.row_out.tolist()):
         value = total[i]                                     # (threads, width)
-        addr = pointer["y"][:, None] + row * geo.out_pixels + lanes
+        addr = address("y", row)
         if ir.bias is not None:
             value = rnd(value + ir.bias[row])
         if ir.residual:                                      # every thread loads it
-            at = pointer["res"][:, None] + row * geo.out_pixels + lanes
-            if np.any(at < 0) or np.any(at >= geo.output_elems) or np.any(at[:, 0] % width):
+            at = address("res", row)
+            if (np.any(at < 0) or np.any(at >= geo.output_elems)
+                    or (vectors and np.any(at[:, 0] % width))):
                 raise PlanExecutionError("residual load out of bounds or misaligned")
             value = rnd(value + residual[at])
         if ir.activation in ("relu", "relu6"):
@@ -153,7 +162,7 @@ def execute_stream(ir: StreamIR, x: np.ndarray, residual: np.ndarray | None) -> 
         store = addr[active]
         if np.any(store < 0) or np.any(store >= geo.output_elems):
             raise PlanExecutionError("store out of bounds")
-        if np.any(store[:, 0] % width):
+        if vectors and np.any(store[:, 0] % width):
             raise PlanExecutionError("misaligned vector store")
         out[store.ravel()] = value[active].ravel()
         np.add.at(writes, store.ravel(), 1)

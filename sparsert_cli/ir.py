@@ -226,6 +226,10 @@ class StreamIR(Precision):
     # K-slices: also before the partials and counters). ptxas hoists it: in the cubin only the
     # worker's row range (two loads) comes before the wait, at the top of each row iteration
     dependent_launch: bool = False
+    min_blocks: int = 1             # __launch_bounds__'s second argument when > 1
+    # GEMM views: y (and res) are N x M; column j of row m at (j * out_channels + m). The y and
+    # res pointers advance by outoff * out_channels; each column is a scalar load / store
+    token_major: bool = False
 
     k_split = 1
     shared_bytes = 0                # smem staging is a static array (stage_warps)
@@ -244,7 +248,7 @@ class StreamIR(Precision):
     ARRAYS = ("work", "row_out", "seg", "offsets", "values")
     SCALARS = ("entry", "geometry", "dtype", "accumulate", "vector_width", "col_threads", "warps",
                "chains", "grid", "arguments", "columns", "pointers", "bases", "bias", "residual",
-               "activation", "stage", "k_slices", "dependent_launch")
+               "activation", "stage", "k_slices", "dependent_launch", "min_blocks", "token_major")
 
     def difference(self, other: "StreamIR") -> str | None:
         """The first field where `other` differs from this IR (None: equal)."""

@@ -4,7 +4,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
 
 from .errors import UserError
 
@@ -153,8 +153,19 @@ class Geometry:
 
 @dataclass(frozen=True)
 class Epilogue:
-    """Fused after the sum: y = act(acc + bias[m] + residual)."""
+    """Fused after the sum: y = act(acc + bias[m] + residual). `token_major` (GEMM views, the
+    streamed family): the output, and the residual, are N x M (y[n, m], as nn.Linear returns
+    them) instead of M x N; the input stays K x N."""
 
     bias: tuple[float, ...] | None = None
     activation: str = "none"
     residual: bool = False
+    token_major: bool = False
+
+    def key(self) -> dict:
+        """The fields as digests hold them (token_major only when set: kernels made before it
+        keep their names)."""
+        doc = asdict(self)
+        if not self.token_major:
+            del doc["token_major"]
+        return doc

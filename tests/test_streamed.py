@@ -152,6 +152,84 @@ def test_a_printed_source_that_says_something_else_is_caught(mutate, why):
         stream.check_printed(ir, changed)
 
 
+def test_min_blocks_prints_launch_bounds_that_parse_back_and_keep_old_keys():
+    from sparsert_cli.families.streamed.plan import StreamParams as P
+
+    _, ir = _ir(params=StreamParams(32, 1, 2, 3, 4, "smem", min_blocks=3))
+    assert ir.min_blocks == 3
+    source = stream.print_stream(ir)
+    stream.check_printed(ir, source)
+    assert '__launch_bounds__(64, 3)' in source
+    for changed, why in ((source.replace("__launch_bounds__(64, 3)", "__launch_bounds__(64, 2)"),
+                          "min_blocks: 3 != 2"),
+                         (source.replace("__launch_bounds__(64, 3)", "__launch_bounds__(64)"),
+                          "min_blocks: 3 != 1")):
+        with pytest.raises(PrintedMismatch, match=why):
+            stream.check_printed(ir, changed)
+    # one block per SM prints the kernel as before; its key and name do not mention it
+    _, one = _ir(params=StreamParams(32, 1, 2, 3, 4, "smem"))
+    assert "__launch_bounds__(64)\n" in stream.print_stream(one)
+    assert "min_blocks" not in P().key() and P(min_blocks=2).key()["min_blocks"] == 2
+    assert P.from_dict({"min_blocks": 2, "stage": "smem"}).name() == "s32v1w4r4c4mb2"
+    with pytest.raises(sparsert.UserError, match="min_blocks must be in 1..8"):
+        P(min_blocks=9).validate()
+    with pytest.raises(sparsert.UserError, match=r"<= 2048 \(threads an SM holds\)"):
+        P(col_threads=256, warps=4, min_blocks=3).validate()
+
+
+@pytest.mark.parametrize("precision", [("fp32", None), ("fp16", "fp16"), ("fp16", "fp32"),
+                                       ("bf16", None)])
+@pytest.mark.parametrize("width, slices, stage", [(1, 1, "smem"), (2, 2, "smem"), (4, 1, "ring"),
+                                                  (4, 3, "shfl")])
+def test_token_major_output_matches_dense_math_in_n_by_m_order(precision, width, slices, stage):
+    """Linear layers write y[n, m] (and read their residual so): every precision and vector
+    width, K-slices and stages; printed, parsed back, run by the interpreter, checked against
+    float64 and against a plain N x M product computed here."""
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((24, 40)).astype(np.float32)
+    w[rng.random(w.shape) < 0.7] = 0
+    bias = np.linspace(-1, 1, 24)
+    kernel = sparsert.compile_kernel(
+        w, op="gemm", n=20, dtype=precision[0], accumulate=precision[1], tuned=False,
+        cache=None, arch="sm_90",
+        plan=StreamParams(32, width, 2, 3, 4, stage, k_slices=slices),
+        epilogue={"bias": bias, "activation": "relu", "residual": True, "token_major": True})
+    assert kernel.output_shape == (20, 24) and kernel.input_shape == (40, 20)
+    assert "layout=tokens" in kernel.source and "  y += outoff * 24;" in kernel.source
+    x, res = kernel.random_inputs(rng)
+    out = kernel.run_cpu(x, res)
+    ok, err, message = kernel.check(out, x, res)
+    assert ok, message
+    dense = np.maximum(x.T.astype(np.float64) @ w.T.astype(np.float64) + bias + res, 0)
+    tol = 1e-5 if precision[0] == "fp32" else 3e-2
+    assert np.abs(out - dense).max() <= tol * np.abs(dense).max()
+
+
+def test_token_major_is_checked_printed_and_refused_where_it_cannot_be():
+    from sparsert_cli.families.immediate.plan import build_plan as immediate_plan
+    from sparsert_cli.problem_shape import Epilogue as E
+
+    epi = E(activation="relu", residual=True, token_major=True)
+    gemm = Geometry(1, 40, 1, 16, 12)
+    csr = _weight(gemm, 0.3, 2)
+    plan = build_plan(csr, gemm, StreamParams(32, 4, 2, 3, 4, "smem"), epi)
+    ir = lower(plan)
+    source = stream.print_stream(ir)
+    stream.check_printed(ir, source)
+    assert "y[24 + row]" in source and "__ldg(res + 36 + row)" in source
+    for changed, why in ((source.replace("; layout=tokens", ""), "token_major: True != False"),
+                         (source.replace("y[24 + row]", "y[12 + row]"), "not what its IR prints")):
+        with pytest.raises(PrintedMismatch, match=why):
+            stream.check_printed(ir, changed)
+    # digests of channel-major plans do not change (kernels made before keep their names)
+    assert "token_major" not in E().key() and E(token_major=True).key()["token_major"]
+    with pytest.raises(sparsert.UserError, match="streamed family only"):
+        immediate_plan(csr, gemm, sparsert.PlanParams(rows_per_group=2), epi)
+    conv = Geometry(1, 8, 6, 6, 12, 3, 1, 1)
+    with pytest.raises(sparsert.UserError, match="token-major output is for GEMM views"):
+        build_plan(_weight(conv, 0.3, 2), conv, StreamParams(32, 1, 2, 3, 4, "smem"), epi)
+
+
 def test_the_interpreter_catches_bad_tables():
     from dataclasses import replace
 

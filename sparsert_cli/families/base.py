@@ -21,6 +21,11 @@ def check_layer(csr, geometry: Geometry, epilogue: Epilogue, dtype: str,
                         f"{geometry.out_channels}x{geometry.taps}")
     if epilogue.activation not in ACTIVATIONS:
         raise UserError(f"unknown activation {epilogue.activation!r}")
+    if epilogue.token_major and not (geometry.batch == 1 and geometry.height == 1
+                                     and geometry.kernel == 1 and geometry.stride == 1
+                                     and geometry.padding == 0):
+        raise UserError("token-major output is for GEMM views (one K x N input), not "
+                        "convolutions")
     if epilogue.bias is not None and len(epilogue.bias) != geometry.out_channels:
         raise UserError(f"bias has {len(epilogue.bias)} values for {geometry.out_channels} rows")
     return geometry, accumulate

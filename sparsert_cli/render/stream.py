@@ -126,7 +126,8 @@ def _constants(ir: StreamIR) -> str:
             f"out={g.out_channels} k={g.kernel} s={g.stride} p={g.padding}; dtype={ir.dtype} "
             f"acc={ir.accumulate}; width={ir.vector_width}; grid={ir.grid[0]}x{ir.grid[1]}; "
             f"activation={ir.activation}; stage={ir.stage}"
-            + (f"; slices={ir.k_slices}" if ir.k_slices > 1 else "") + "\n"
+            + (f"; slices={ir.k_slices}" if ir.k_slices > 1 else "")
+            + ("; layout=tokens" if ir.token_major else "") + "\n"
             f"  constexpr int WARPS = {ir.warps}, CHAINS = {ir.chains}, "
             f"STRIDE = {ir.seg.shape[1] + 1}, PIXELS = {g.out_pixels};")
 
@@ -153,7 +154,8 @@ def print_stream(ir: StreamIR, arch: str = "sm_90") -> str:
              "res": f"const {e}* __restrict__", "z": f"const {e}* __restrict__"}
     signed = {op.dst for op in ir.columns if op.signed}
     unsigned = [op.dst for op in ir.columns if op.dst not in signed]
-    out += ["", f'extern "C" __global__ void __launch_bounds__({ir.col_threads * ir.warps})',
+    bounds = f"{ir.col_threads * ir.warps}" + (f", {ir.min_blocks}" if ir.min_blocks > 1 else "")
+    out += ["", f'extern "C" __global__ void __launch_bounds__({bounds})',
             f"{ir.entry}({', '.join(f'{types[a]} {a}' for a in ir.arguments)})", "{",
             *(GRID_DEPENDENCY[1:] if ir.dependent_launch else ()),
             _constants(ir),
@@ -166,7 +168,9 @@ def print_stream(ir: StreamIR, arch: str = "sm_90") -> str:
         step = t.width // t.units
         out.append(f"  {_part_type(t)}* const P = sparsert_part + "
                    + (f"{outvar} / {step};" if step > 1 else f"{outvar};"))
-    out += [f"  {ptr} += {var};" for ptr, var in ir.pointers]
+    rows_out = ir.geometry.out_channels
+    out += [f"  {ptr} += {var}" + (f" * {rows_out};" if ir.token_major and ptr != "x" else ";")
+            for ptr, var in ir.pointers]
     g = ir.geometry
     segments = ir.seg.shape[1] // ir.k_slices - 1
     if ir.bases:
@@ -373,11 +377,7 @@ def _epilogue(ir: StreamIR, t: _Types) -> list[str]:
         out.append(f"    const {t.acc_t} bias = {bias};")
         out += [f"    {v} = {t.add(v, 'bias')};" for v in s]
     if ir.residual:
-        out.append(f"    const {t.vt} rv = __ldg(reinterpret_cast<const {t.vt}*>(res + o));")
-        if t.half_acc:
-            out += [f"    {v} = {t.add(v, t.raw('rv', k))};" for k, v in enumerate(s)]
-        else:
-            out += [f"    {v} += {t.column('rv', k)};" for k, v in enumerate(s)]
+        out += _residual_tokens(ir, t, s) if ir.token_major else _residual(t, s)
     h = "2" if t.width > 1 else ""
     for op, value in (("max", 0.0), ("min", 6.0)):
         if ir.activation == "relu6" or (op == "max" and ir.activation == "relu"):
@@ -385,6 +385,8 @@ def _epilogue(ir: StreamIR, t: _Types) -> list[str]:
                 out += [f"    {v} = sparsert_h{op}{h}({v}, {t.const(value)});" for v in s]
             else:
                 out += [f"    {v} = f{op}f({v}, {f32(value)});" for v in s]
+    if ir.token_major:
+        return out + _store_tokens(ir, t, s)
     if t.half_acc or not t.half_storage:
         packed = s[0] if len(s) == 1 else f"make_{t.vt}({', '.join(s)})"
     elif t.width == 1:
@@ -394,6 +396,48 @@ def _epilogue(ir: StreamIR, t: _Types) -> list[str]:
         packed = pairs[0] if len(pairs) == 1 else f"make_{t.vt}({', '.join(pairs)})"
     out.append(f"    if (act) *reinterpret_cast<{t.vt}*>(y + o) = {packed};")
     return out
+
+
+def _residual(t: _Types, s: list[str]) -> list[str]:
+    """res[row][column vector]: one vector load (channel-major output)."""
+    out = [f"    const {t.vt} rv = __ldg(reinterpret_cast<const {t.vt}*>(res + o));"]
+    if t.half_acc:
+        return out + [f"    {v} = {t.add(v, t.raw('rv', k))};" for k, v in enumerate(s)]
+    return out + [f"    {v} += {t.column('rv', k)};" for k, v in enumerate(s)]
+
+
+def _token(ir: StreamIR, column: int) -> str:
+    """The offset of this thread's `column`-th column of the row in a token-major array."""
+    step = column * ir.geometry.out_channels
+    return f"{step} + row" if step else "row"
+
+
+def _residual_tokens(ir: StreamIR, t: _Types, s: list[str]) -> list[str]:
+    """res[column][row]: one scalar load per column (token-major output)."""
+    load = "__ldg(res + {})"
+    if t.half_acc and t.width > 1:     # a half2 pair of columns 2u, 2u + 1
+        pairs = [f"((unsigned){load.format(_token(ir, 2 * u + 1))} << 16 | "
+                 f"(unsigned){load.format(_token(ir, 2 * u))})" for u in range(len(s))]
+        return [f"    {v} = {t.add(v, pair)};" for v, pair in zip(s, pairs)]
+    if t.half_acc:
+        return [f"    {s[0]} = {t.add(s[0], load.format('row'))};"]
+    convert = "sparsert_h2f({})" if t.half_storage else "{}"
+    return [f"    {v} += {convert.format(load.format(_token(ir, k)))};" for k, v in enumerate(s)]
+
+
+def _store_tokens(ir: StreamIR, t: _Types, s: list[str]) -> list[str]:
+    """y[column][row] = each column's value: scalar stores (token-major output)."""
+    if t.half_acc and t.width > 1:
+        values = [f"(unsigned short){s[k // 2]}" if k % 2 == 0
+                  else f"(unsigned short)({s[k // 2]} >> 16)" for k in range(t.width)]
+    elif t.half_acc:
+        values = [s[0]]
+    elif t.half_storage:
+        values = [f"sparsert_f2h({v})" for v in s]
+    else:
+        values = s
+    return (["    if (act) {"] + [f"      y[{_token(ir, k)}] = {value};"
+                                  for k, value in enumerate(values)] + ["    }"])
 
 
 # ---- compile route ------------------------------------------------------------------------------
@@ -435,12 +479,12 @@ def to_cubin(source: str, arch: str, threads: int = 1) -> Compiled:
 _CONST = re.compile(
     r"// geometry batch=(\d+) in=(\d+) h=(\d+) w=(\d+) out=(\d+) k=(\d+) s=(\d+) p=(\d+); "
     r"dtype=(\w+) acc=(\w+); width=(\d+); grid=(\d+)x(\d+); activation=(\w+); stage=(\w+)"
-    r"(?:; slices=(\d+))?\n"
+    r"(?:; slices=(\d+))?(?:; layout=(tokens))?\n"
     r"  constexpr int WARPS = (\d+), CHAINS = (\d+), STRIDE = (\d+), PIXELS = (\d+);")
-_SIG = re.compile(r'__launch_bounds__\((\d+)\)\n(\w+)\(([^)]*)\)')
+_SIG = re.compile(r'__launch_bounds__\((\d+)(?:, (\d+))?\)\n(\w+)\(([^)]*)\)')
 _BASE = re.compile(r"const [\w ]+\* b(\d+) = \(\(unsigned\)\(ih \+ (\d+)\) < (\d+)u && "
                    r"\(unsigned\)\(iw \+ (\d+)\) < (\d+)u\) \? x : z \+ \((-?\d+)\);")
-_PTR = re.compile(r"^  (x|y|res) \+= (\w+);$", re.M)
+_PTR = re.compile(r"^  (x|y|res) \+= (\w+)(?: \* \d+)?;$", re.M)
 
 
 def _parse_index(line: str) -> IndexOp | None:
@@ -480,9 +524,9 @@ def _parse(source: str) -> StreamIR | str:
     geometry = Geometry(*v[0:8])
     slices = v[15] or 1
     dtype, accumulate, width, grid, activation = v[8], v[9], v[10], (v[11], v[12], slices), v[13]
-    stage, (warps, chains, stride) = v[14], v[16:19]
+    stage, (warps, chains, stride) = v[14], v[17:20]
     half_acc = accumulate == "fp16"
-    arguments = tuple(a.split()[-1] for a in sig[3].split(","))
+    arguments = tuple(a.split()[-1] for a in sig[4].split(","))
     decl = source[sig.end():]
     signed_line = re.search(r"^  int ([\w, ]+);$", decl, re.M)
     signed = set(signed_line[1].split(", ")) if signed_line else set()
@@ -502,14 +546,15 @@ def _parse(source: str) -> StreamIR | str:
     bias = (tuple(_from_words(found["sparsert_bias"], half_acc).tolist())
             if "sparsert_bias" in found else None)
     return StreamIR(
-        entry=sig[2], comment=ir_comment(source), geometry=geometry, dtype=dtype,
+        entry=sig[3], comment=ir_comment(source), geometry=geometry, dtype=dtype,
         accumulate=accumulate, vector_width=width, col_threads=int(sig[1]) // warps,
         warps=warps, chains=chains, grid=grid, arguments=arguments, columns=tuple(columns),
         pointers=tuple(_PTR.findall(source)), bases=bases, work=found["sparsert_work"],
         row_out=rows[:, 0], seg=rows[:, 1:], offsets=ent[0:2 * nnz:2],
         values=_from_words(ent[1:2 * nnz:2], half_acc), bias=bias,
         residual="res" in arguments, activation=activation, stage=stage, k_slices=slices,
-        dependent_launch=source.startswith("\n{\n" + GRID_DEPENDENCY[1], sig.end()))
+        dependent_launch=source.startswith("\n{\n" + GRID_DEPENDENCY[1], sig.end()),
+        min_blocks=int(sig[2] or 1), token_major=v[16] == "tokens")
 
 
 def ir_comment(source: str) -> str:

@@ -13,8 +13,8 @@ import numpy as np
 class LayerSpec:
     """One layer to compile, as api.compile_kernel takes it: gemm (weight M x K, activations
     K x N) or conv (weight M x C x R x S, input_shape (B, C, H, W)); weight numpy or
-    block_diagonal(); epilogue {"bias", "activation", "residual"}; family "auto" (a tuned
-    winner of any family, else the cost model's pick) or one family's name."""
+    block_diagonal(); epilogue {"bias", "activation", "residual", "token_major"}; family "auto"
+    (a tuned winner of any family, else the cost model's pick) or one family's name."""
 
     label: str
     weight: object
@@ -136,8 +136,12 @@ def tune_layer(weight: np.ndarray, *, op: str, label: str, input_shape=None, n=N
     nnz = to_csr(layer.weight).nnz
     case = CaseSpec(0, problem, 1.0 - nnz / (g.out_channels * g.taps), layer.weight,
                     layer.epilogue, layer.precision, pattern_hash(layer.weight), shape_key(g))
-    jobs = [Job(0, i, params) for i, params in
-            enumerate(candidates(g, nnz, limit, layer.precision))]
+    found = candidates(g, nnz, limit, layer.precision)
+    if layer.epilogue.token_major:          # only the streamed family writes N x M outputs
+        from sparsert_cli.families.streamed.plan import StreamParams
+
+        found = [params for params in found if isinstance(params, StreamParams)]
+    jobs = [Job(0, i, params) for i, params in enumerate(found)]
     family = current_family("ptx")
     db = tuned if isinstance(tuned, TunedDB) else TunedDB(tuned_db_path(tuned or None, True))
     executor = LocalExecutor([device], "ptx", arch, measure=measure)

@@ -7,9 +7,11 @@ torch.library.Library (define/impl): the @custom_op decorator costs ~36 us a cal
 * CPU: the plan interpreter (float64, slow): what sparsify_'s checks and the tests run.
 
 `kernel_id` indexes a process-wide registry (a schema cannot carry Python objects). The kernels
-compute Y = W X with X as K x N columns, and so does the op for Linear layers: its caller
-(sparsify.SparseLayer.run) transposes token-major activations in and out, outside the op, where
-torch.compile fuses those copies into the neighbouring kernels.
+read X as K x N columns, and so does the op for Linear layers: its caller
+(sparsify.SparseLayer.run) transposes token-major activations in, outside the op, where
+torch.compile fuses that copy into the kernel that makes them. Linear kernels built token-major
+(the streamed family) write N x M, as nn.Linear returns it; others write M x N, transposed back
+by the caller.
 """
 
 from __future__ import annotations

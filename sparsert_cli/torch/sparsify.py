@@ -67,8 +67,9 @@ class SparseLayer(torch.nn.Module):
 
     def __init__(self, kernel_id: int, kind: str, weight: torch.Tensor, bias, activation: str,
                  stride: int, padding: int, in_shape: tuple, residual: bool = False,
-                 groups: int = 1):
+                 groups: int = 1, token_major: bool = False):
         super().__init__()
+        self.token_major = token_major              # Linear: the op returns N x M
         self.kernel_id, self.kind, self.activation = kernel_id, kind, activation
         self.residual = residual                    # the kernel adds a residual input
         self.stride, self.padding, self.in_shape = stride, padding, tuple(in_shape)
@@ -94,16 +95,23 @@ class SparseLayer(torch.nn.Module):
         return self.run(x, residual)
 
     def run(self, x: torch.Tensor, residual=None) -> torch.Tensor:
-        """The kernel on x. Linear: the op computes Y = W X on K x N columns, so token-major
-        activations are transposed in and out here, outside the op, where torch.compile fuses
-        the copies into the neighbouring kernels (in eager and plain graphs they are two
-        copies); the output is contiguous, as nn.Linear's."""
+        """The kernel on x. Linear: the kernel reads K x N columns, so token-major activations
+        are transposed here, outside the op, where torch.compile fuses the copy into the
+        kernel that makes x (in eager and plain graphs it is one copy). A token-major kernel
+        writes N x M (and reads its residual so), as nn.Linear returns it; a channel-major one
+        writes M x N, transposed back here. The output is contiguous, as nn.Linear's."""
         if self.kind != "linear":
             return ops.run(x, residual, self.kernel_id)
         k = self.in_shape[-1]
         columns = x.reshape(-1, k).t().contiguous()
+        n = columns.shape[1]
+        if self.token_major:
+            if residual is not None:
+                residual = residual.reshape(n, -1).contiguous()
+            y = ops.run(columns, residual, self.kernel_id)
+            return y.view(*self.in_shape[:-1], y.shape[1])
         if residual is not None:
-            residual = residual.reshape(columns.shape[1], -1).t().contiguous()
+            residual = residual.reshape(n, -1).t().contiguous()
         y = ops.run(columns, residual, self.kernel_id)
         return y.t().contiguous().view(*self.in_shape[:-1], y.shape[0])
 
@@ -326,7 +334,8 @@ def _fuse_siblings(todo: list, modules, seen) -> list:
         head = entries[0]
         label = "+".join(e[1].layer for e in entries)
         epilogue = dict(head[2].epilogue or {}, bias=None if bias is None else bias.numpy())
-        spec = LayerSpec(label, weight.numpy(), "gemm", n=head[2].n, epilogue=epilogue)
+        spec = LayerSpec(label, weight.numpy(), "gemm", n=head[2].n, epilogue=epilogue,
+                         family=head[2].family)
         out.append((head[0], head[1], spec, weight, bias, members))
     return sorted(out, key=lambda e: seen[e[1].layer]["order"])
 
@@ -700,8 +709,10 @@ def _spec(chain, module, modules, x) -> tuple[LayerSpec, torch.Tensor, object]:
     epilogue = {"bias": None if bias is None else bias.numpy(), "activation": chain.activation,
                 "residual": chain.residual is not None}
     if isinstance(module, torch.nn.Linear):
+        # token-major output (N x M, as nn.Linear's): no transpose after the kernel, and its
+        # consumers (attention, LayerNorm) read rows; the streamed family builds it
         spec = LayerSpec(chain.layer, weight.numpy(), "gemm", n=int(np.prod(x.shape[:-1])),
-                         epilogue=epilogue)
+                         epilogue={**epilogue, "token_major": True}, family="streamed")
     else:
         kernel_weight = block_diagonal(weight.numpy()) if is_depthwise(module) else weight.numpy()
         spec = LayerSpec(chain.layer, kernel_weight, "conv", input_shape=tuple(x.shape),
@@ -714,9 +725,9 @@ def _load(kernel, chain, module, x, dtype, weight, bias, on_gpu) -> tuple[Sparse
     linear = isinstance(module, torch.nn.Linear)
     fields = dict(family=getattr(kernel, "family", None), plan=kernel.plan_params.name(),
                   tuned=bool(getattr(kernel, "tuned", False)), nnz=int(kernel.nnz))
-    if linear:          # the op's own shapes: K x N columns in, M x N out (SparseLayer.run)
+    if linear:          # the op's own shapes: K x N columns in, its output (SparseLayer.run)
         n = int(np.prod(x.shape[:-1]))         # (M: the weight's rows, siblings' stacked)
-        entry = ops.Entry(kernel, True, (x.shape[-1], n), (int(weight.shape[0]), n))
+        entry = ops.Entry(kernel, True, (x.shape[-1], n), tuple(kernel.output_shape))
     else:
         entry = ops.Entry(kernel, False, tuple(x.shape), tuple(kernel.output_shape))
     if on_gpu:
@@ -728,7 +739,8 @@ def _load(kernel, chain, module, x, dtype, weight, bias, on_gpu) -> tuple[Sparse
                         bias.to(x.device, store), chain.activation,
                         1 if linear else module.stride[0], 0 if linear else module.padding[0],
                         tuple(x.shape), residual=chain.residual is not None,
-                        groups=1 if linear else module.groups)
+                        groups=1 if linear else module.groups,
+                        token_major=bool(kernel.epilogue.token_major))
     return layer, fields
 
 

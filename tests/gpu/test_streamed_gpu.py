@@ -71,3 +71,28 @@ def test_streamed_kernels_match_float64(gpu, name, precision, epilogue, stage):
                                      epilogue=epi, plan=StreamParams(**{**default, **plan}))
     result = sparsert.benchmark_layer(gpu, kernel, baselines=False, replays=1, checks=2)
     assert result["verify_gpu"]["ok"], (name, precision, result["verify_gpu"])
+
+
+TOKEN_CASES = {name: CASES[name] for name in ("gemm_odd", "gemm_v4_chains8", "bert_like",
+                                                "empty_rows")}
+
+
+@pytest.mark.parametrize("precision", [("fp32", "fp32"), ("fp16", "fp16"), ("fp16", "fp32"),
+                                       ("bf16", "fp32")])
+@pytest.mark.parametrize("name", sorted(TOKEN_CASES))
+@pytest.mark.parametrize("stage", ["smem", "ring", "smem-k2", "smem-b2"])
+def test_token_major_kernels_match_float64(gpu, name, precision, stage):
+    """Linear layers' N x M output (scalar stores per column, the residual read so), with the
+    full epilogue; "-k2": two K-slices, "-b2": two blocks per SM (registers capped)."""
+    weight, shape, plan = TOKEN_CASES[name]
+    stage, _, extra = stage.partition("-")
+    default = dict(col_threads=32, vector_width=4 if precision[0] == "fp32" else 8, warps=2,
+                   rows_per_worker=3, chains=4, stage=stage,
+                   k_slices=2 if extra == "k2" else 1, min_blocks=2 if extra == "b2" else 1)
+    epi = dict(EPI, bias=np.linspace(-1, 1, weight.shape[0]), token_major=True)
+    kernel = sparsert.compile_kernel(weight, **shape, dtype=precision[0],
+                                     accumulate=precision[1], tuned=False, cache=None,
+                                     epilogue=epi, plan=StreamParams(**{**default, **plan}))
+    assert kernel.output_shape == (shape["n"], weight.shape[0])
+    result = sparsert.benchmark_layer(gpu, kernel, baselines=False, replays=1, checks=2)
+    assert result["verify_gpu"]["ok"], (name, precision, result["verify_gpu"])

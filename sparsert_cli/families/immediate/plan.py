@@ -161,7 +161,7 @@ class Plan(ColumnTiles):
     def _digest(self) -> str:  # computed once: large plans take a noticeable fraction of a second
         h = hashlib.sha256()
         h.update(json.dumps({"geometry": asdict(self.geometry), "params": self.params.key(),
-                             "epilogue": asdict(self.epilogue), "dtype": self.dtype,
+                             "epilogue": self.epilogue.key(), "dtype": self.dtype,
                              "accumulate": self.accumulate},
                             sort_keys=True).encode())
         for g in self.groups:
@@ -243,6 +243,8 @@ def build_plan(csr: sp.csr_matrix, geometry: Geometry, params: PlanParams,
     """Pack the weight's rows into groups and order each group's loads. `accumulate` defaults to
     the storage type's (problem_shape.default_accumulate)."""
     geometry, accumulate = check_layer(csr, geometry, epilogue, dtype, accumulate)
+    if epilogue.token_major:
+        raise UserError("token-major output is built by the streamed family only")
     params = fit_params(geometry, params, dtype)
     csr = sp.csr_matrix(csr, dtype=np.float32)
     csr.sort_indices()

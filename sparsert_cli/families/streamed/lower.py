@@ -36,4 +36,5 @@ def lower(plan: StreamPlan) -> StreamIR:
         work=plan.work.astype(np.int64), row_out=plan.row_out.astype(np.int64),
         seg=plan.seg.astype(np.int64), offsets=plan.offsets.astype(np.int64),
         values=held(plan, plan.values), bias=bias, residual=epi.residual,
-        activation=epi.activation, stage=plan.params.stage, k_slices=plan.k_slices)
+        activation=epi.activation, stage=plan.params.stage, k_slices=plan.k_slices,
+        min_blocks=plan.params.min_blocks, token_major=epi.token_major)

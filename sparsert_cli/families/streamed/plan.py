@@ -54,6 +54,8 @@ MAX_DEFAULT_SLICES = 2          # the most K-slices the untuned default takes
 MIN_SLICE_NONZEROS = 192
 # the k-split workspace (slices x outputs partial sums) is static memory of the loaded module
 MAX_WORKSPACE_BYTES = 64 << 20
+MAX_MIN_BLOCKS = 8
+MAX_SM_THREADS = 2048           # resident threads per SM (sm_70 to sm_90)
 
 
 @dataclass(frozen=True)
@@ -73,19 +75,26 @@ class StreamParams(Params):
     # one row ahead, so no row or segment start waits on a table load
     stage: str = "shfl"
     k_slices: int = 1               # input-channel slices run on blockIdx.z (see the module doc)
+    # blocks per SM the registers must allow (`__launch_bounds__(threads, min_blocks)`): ptxas
+    # caps each thread's registers at 64K / (threads * min_blocks), trading loads in flight per
+    # warp for more warps to hide the activation loads' latency (docs/perf-notes.md, session 9)
+    min_blocks: int = 1
 
     TEXT = ("stage",)
 
     def name(self) -> str:
         return (f"s{self.col_threads}v{self.vector_width}w{self.warps}r{self.rows_per_worker}"
                 f"c{self.chains}{STAGES.get(self.stage, '?')}"
-                + (f"k{self.k_slices}" if self.k_slices > 1 else ""))
+                + (f"k{self.k_slices}" if self.k_slices > 1 else "")
+                + (f"b{self.min_blocks}" if self.min_blocks > 1 else ""))
 
     def key(self) -> dict:
-        """The fields as a dict; k_slices only when > 1 (plans made before it keep their keys)."""
+        """The fields as a dict; k_slices and min_blocks only when > 1 (plans made before them
+        keep their keys)."""
         doc = asdict(self)
-        if self.k_slices == 1:
-            del doc["k_slices"]
+        for name in ("k_slices", "min_blocks"):
+            if doc[name] == 1:
+                del doc[name]
         return doc
 
     def validate(self) -> StreamParams:
@@ -101,6 +110,10 @@ class StreamParams(Params):
             (self.chains in (1, 2, 4, 8), "chains must be 1, 2, 4 or 8"),
             (self.stage in STAGES, f"stage must be one of {', '.join(STAGES)}"),
             (1 <= self.k_slices <= MAX_K_SLICES, f"k_slices must be in 1..{MAX_K_SLICES}"),
+            (1 <= self.min_blocks <= MAX_MIN_BLOCKS
+             and self.col_threads * self.warps * self.min_blocks <= MAX_SM_THREADS,
+             f"min_blocks must be in 1..{MAX_MIN_BLOCKS} with col_threads * warps * min_blocks "
+             f"<= {MAX_SM_THREADS} (threads an SM holds)"),
             (self.k_slices == 1 or self.stage != "ring",
              "k_slices > 1 needs stage smem or shfl (the ring streams a worker's whole run)"),
         ]
@@ -188,7 +201,7 @@ class StreamPlan(ColumnTiles):
     def _digest(self) -> str:
         h = hashlib.sha256(b"streamed")
         h.update(json.dumps({"geometry": asdict(self.geometry), "params": self.params.key(),
-                             "epilogue": asdict(self.epilogue), "dtype": self.dtype,
+                             "epilogue": self.epilogue.key(), "dtype": self.dtype,
                              "accumulate": self.accumulate}, sort_keys=True).encode())
         for array in (self.work, self.row_out, self.seg, self.offsets):
             h.update(b"|" + np.ascontiguousarray(array, dtype=np.int64).tobytes())
