@@ -65,6 +65,12 @@ def _check_tables(ir: StreamIR) -> None:
     rows = ir.geometry.out_channels
     if len(ir.row_out) and (ir.row_out.min() < 0 or ir.row_out.max() >= rows):
         raise PlanExecutionError("a row entry names a row outside the output")
+    if ir.tile_rows:        # each block stages rows [b * tile_rows, (b + 1) * tile_rows)
+        if not ir.token_major or ir.k_slices > 1:
+            raise PlanExecutionError("a staged tile needs a token-major output and one K-slice")
+        block = np.repeat(np.arange(workers) // ir.warps, np.diff(work))
+        if np.any(ir.row_out // ir.tile_rows != block):
+            raise PlanExecutionError("a row entry lies outside its block's staged tile")
 
 
 def _partial(ir: StreamIR, x: np.ndarray, seg: np.ndarray, inside: np.ndarray,

@@ -230,6 +230,10 @@ class StreamIR(Precision):
     # GEMM views: y (and res) are N x M; column j of row m at (j * out_channels + m). The y and
     # res pointers advance by outoff * out_channels; each column is a scalar load / store
     token_major: bool = False
+    # token-major output staged in shared memory: worker block b computes rows [b * tile_rows,
+    # (b + 1) * tile_rows), each row's values go to the block's tile, and after a
+    # __syncthreads the block writes the tile out column by column (0: scalar stores)
+    tile_rows: int = 0
 
     k_split = 1
     shared_bytes = 0                # smem staging is a static array (stage_warps)
@@ -248,7 +252,8 @@ class StreamIR(Precision):
     ARRAYS = ("work", "row_out", "seg", "offsets", "values")
     SCALARS = ("entry", "geometry", "dtype", "accumulate", "vector_width", "col_threads", "warps",
                "chains", "grid", "arguments", "columns", "pointers", "bases", "bias", "residual",
-               "activation", "stage", "k_slices", "dependent_launch", "min_blocks", "token_major")
+               "activation", "stage", "k_slices", "dependent_launch", "min_blocks", "token_major",
+               "tile_rows")
 
     def difference(self, other: "StreamIR") -> str | None:
         """The first field where `other` differs from this IR (None: equal)."""

@@ -212,15 +212,37 @@ def test_token_major_is_checked_printed_and_refused_where_it_cannot_be():
     epi = E(activation="relu", residual=True, token_major=True)
     gemm = Geometry(1, 40, 1, 16, 12)
     csr = _weight(gemm, 0.3, 2)
-    plan = build_plan(csr, gemm, StreamParams(32, 4, 2, 3, 4, "smem"), epi)
+    # K-split: each column a scalar store
+    plan = build_plan(csr, gemm, StreamParams(32, 4, 2, 3, 4, "smem", k_slices=2), epi)
     ir = lower(plan)
     source = stream.print_stream(ir)
     stream.check_printed(ir, source)
+    assert plan.tile_rows == 0 and "sparsert_tile" not in source
     assert "y[24 + row]" in source and "__ldg(res + 36 + row)" in source
     for changed, why in ((source.replace("; layout=tokens", ""), "token_major: True != False"),
                          (source.replace("y[24 + row]", "y[12 + row]"), "not what its IR prints")):
         with pytest.raises(PrintedMismatch, match=why):
             stream.check_printed(ir, changed)
+    # unsplit: block b stages rows [6b, 6b + 6) (2 warps x 3 rows) and writes them out per column
+    plan = build_plan(csr, gemm, StreamParams(32, 4, 2, 3, 4, "smem"), epi)
+    ir = lower(plan)
+    source = stream.print_stream(ir)
+    stream.check_printed(ir, source)
+    assert plan.tile_rows == 6 and plan.grid == (2, 1, 1)
+    for b in range(2):
+        rows = plan.row_out[plan.work[2 * b]:plan.work[2 * b + 2]]
+        assert set(rows) == set(range(6 * b, 6 * b + 6))
+    assert "__shared__ float sparsert_tile[774];" in source      # 6 rows x (128 + 1)
+    assert "y0[(t0 + t) * 12 + c0 + c] = sparsert_tile[c * 129 + t];" in source
+    with pytest.raises(PrintedMismatch, match="tile_rows: 6 != 3"):
+        stream.check_printed(ir, source.replace("tile_rows=6", "tile_rows=3"))
+    from dataclasses import replace
+
+    swapped = ir.row_out.copy()
+    swapped[[0, -1]] = swapped[[-1, 0]]                 # a row in the other block's tile
+    with pytest.raises(PlanExecutionError, match="outside its block's staged tile"):
+        execute(replace(ir, row_out=swapped), np.zeros(gemm.input_elems),
+                np.zeros(gemm.output_elems))
     # digests of channel-major plans do not change (kernels made before keep their names)
     assert "token_major" not in E().key() and E(token_major=True).key()["token_major"]
     with pytest.raises(sparsert.UserError, match="streamed family only"):

@@ -127,7 +127,8 @@ def _constants(ir: StreamIR) -> str:
             f"acc={ir.accumulate}; width={ir.vector_width}; grid={ir.grid[0]}x{ir.grid[1]}; "
             f"activation={ir.activation}; stage={ir.stage}"
             + (f"; slices={ir.k_slices}" if ir.k_slices > 1 else "")
-            + ("; layout=tokens" if ir.token_major else "") + "\n"
+            + ("; layout=tokens" if ir.token_major else "")
+            + (f"; tile_rows={ir.tile_rows}" if ir.tile_rows else "") + "\n"
             f"  constexpr int WARPS = {ir.warps}, CHAINS = {ir.chains}, "
             f"STRIDE = {ir.seg.shape[1] + 1}, PIXELS = {g.out_pixels};")
 
@@ -169,6 +170,10 @@ def print_stream(ir: StreamIR, arch: str = "sm_90") -> str:
         out.append(f"  {_part_type(t)}* const P = sparsert_part + "
                    + (f"{outvar} / {step};" if step > 1 else f"{outvar};"))
     rows_out = ir.geometry.out_channels
+    if ir.tile_rows:        # this block's rows [c0, c0 + tile_rows), staged, and y's base
+        out += [f"  __shared__ {t.elem} sparsert_tile[{ir.tile_rows * _tile_stride(ir)}];",
+                f"  const int c0 = blockIdx.x * {ir.tile_rows};",
+                f"  {t.elem}* const y0 = y;"]
     out += [f"  {ptr} += {var}" + (f" * {rows_out};" if ir.token_major and ptr != "x" else ";")
             for ptr, var in ir.pointers]
     g = ir.geometry
@@ -235,7 +240,7 @@ def print_stream(ir: StreamIR, arch: str = "sm_90") -> str:
         out += _epilogue(ir, t)
         if ir.stage == "ring":
             out += ["#pragma unroll", "    for (int i = 0; i < STRIDE; ++i) h[i] = hn[i];"]
-        out += ["  }", "}"]
+        out += ["  }"] + (_write_tile(ir) if ir.tile_rows else []) + ["}"]
     return "\n".join(out) + "\n"
 
 
@@ -425,8 +430,33 @@ def _residual_tokens(ir: StreamIR, t: _Types, s: list[str]) -> list[str]:
     return [f"    {v} += {convert.format(load.format(_token(ir, k)))};" for k, v in enumerate(s)]
 
 
+def _tile_stride(ir: StreamIR) -> int:
+    """Elements per row of the staged tile: its columns and one more (the block reads the tile
+    down its rows when it writes it out: an odd stride keeps those reads on distinct banks)."""
+    return ir.col_threads * ir.vector_width + 1
+
+
+def _write_tile(ir: StreamIR) -> list[str]:
+    """The staged tile written out: for each column of the tile, the block's rows as one run
+    (consecutive threads, consecutive rows)."""
+    g, width = ir.geometry, ir.col_threads * ir.vector_width
+    threads = ir.col_threads * ir.warps
+    return ["  __syncthreads();",
+            "  {",
+            f"    const int rows = min({ir.tile_rows}, {g.out_channels} - c0);",
+            f"    const int t0 = blockIdx.y * {width}, cols = min({width}, {g.out_pixels} - t0);",
+            f"    for (int i = threadIdx.y * {ir.col_threads} + threadIdx.x; i < rows * cols; "
+            f"i += {threads}) {{",
+            "      const int t = i / rows, c = i - t * rows;",
+            f"      y0[(t0 + t) * {g.out_channels} + c0 + c] = "
+            f"sparsert_tile[c * {_tile_stride(ir)} + t];",
+            "    }",
+            "  }"]
+
+
 def _store_tokens(ir: StreamIR, t: _Types, s: list[str]) -> list[str]:
-    """y[column][row] = each column's value: scalar stores (token-major output)."""
+    """y[column][row] = each column's value: scalar stores (token-major output), or into the
+    block's staged tile (tile_rows)."""
     if t.half_acc and t.width > 1:
         values = [f"(unsigned short){s[k // 2]}" if k % 2 == 0
                   else f"(unsigned short)({s[k // 2]} >> 16)" for k in range(t.width)]
@@ -436,6 +466,10 @@ def _store_tokens(ir: StreamIR, t: _Types, s: list[str]) -> list[str]:
         values = [f"sparsert_f2h({v})" for v in s]
     else:
         values = s
+    if ir.tile_rows:
+        at = f"(row - c0) * {_tile_stride(ir)} + tx * {t.width}"
+        return (["    if (act) {"] + [f"      sparsert_tile[{at} + {k}] = {value};"
+                                      for k, value in enumerate(values)] + ["    }"])
     return (["    if (act) {"] + [f"      y[{_token(ir, k)}] = {value};"
                                   for k, value in enumerate(values)] + ["    }"])
 
@@ -479,7 +513,7 @@ def to_cubin(source: str, arch: str, threads: int = 1) -> Compiled:
 _CONST = re.compile(
     r"// geometry batch=(\d+) in=(\d+) h=(\d+) w=(\d+) out=(\d+) k=(\d+) s=(\d+) p=(\d+); "
     r"dtype=(\w+) acc=(\w+); width=(\d+); grid=(\d+)x(\d+); activation=(\w+); stage=(\w+)"
-    r"(?:; slices=(\d+))?(?:; layout=(tokens))?\n"
+    r"(?:; slices=(\d+))?(?:; layout=(tokens))?(?:; tile_rows=(\d+))?\n"
     r"  constexpr int WARPS = (\d+), CHAINS = (\d+), STRIDE = (\d+), PIXELS = (\d+);")
 _SIG = re.compile(r'__launch_bounds__\((\d+)(?:, (\d+))?\)\n(\w+)\(([^)]*)\)')
 _BASE = re.compile(r"const [\w ]+\* b(\d+) = \(\(unsigned\)\(ih \+ (\d+)\) < (\d+)u && "
@@ -524,7 +558,7 @@ def _parse(source: str) -> StreamIR | str:
     geometry = Geometry(*v[0:8])
     slices = v[15] or 1
     dtype, accumulate, width, grid, activation = v[8], v[9], v[10], (v[11], v[12], slices), v[13]
-    stage, (warps, chains, stride) = v[14], v[17:20]
+    stage, (warps, chains, stride) = v[14], v[18:21]
     half_acc = accumulate == "fp16"
     arguments = tuple(a.split()[-1] for a in sig[4].split(","))
     decl = source[sig.end():]
@@ -554,7 +588,7 @@ def _parse(source: str) -> StreamIR | str:
         values=_from_words(ent[1:2 * nnz:2], half_acc), bias=bias,
         residual="res" in arguments, activation=activation, stage=stage, k_slices=slices,
         dependent_launch=source.startswith("\n{\n" + GRID_DEPENDENCY[1], sig.end()),
-        min_blocks=int(sig[2] or 1), token_major=v[16] == "tokens")
+        min_blocks=int(sig[2] or 1), token_major=v[16] == "tokens", tile_rows=v[17] or 0)
 
 
 def ir_comment(source: str) -> str:

@@ -37,4 +37,5 @@ def lower(plan: StreamPlan) -> StreamIR:
         seg=plan.seg.astype(np.int64), offsets=plan.offsets.astype(np.int64),
         values=held(plan, plan.values), bias=bias, residual=epi.residual,
         activation=epi.activation, stage=plan.params.stage, k_slices=plan.k_slices,
-        min_blocks=plan.params.min_blocks, token_major=epi.token_major)
+        min_blocks=plan.params.min_blocks, token_major=epi.token_major,
+        tile_rows=plan.tile_rows)

@@ -55,6 +55,7 @@ MIN_SLICE_NONZEROS = 192
 # the k-split workspace (slices x outputs partial sums) is static memory of the loaded module
 MAX_WORKSPACE_BYTES = 64 << 20
 MAX_MIN_BLOCKS = 8
+MAX_STAGED_BYTES = 24 << 10     # shared memory a block may use to stage token-major output
 MAX_SM_THREADS = 2048           # resident threads per SM (sm_70 to sm_90)
 
 
@@ -139,6 +140,10 @@ class StreamPlan(ColumnTiles):
     epilogue: Epilogue = Epilogue()
     dtype: str = "fp32"
     accumulate: str = "fp32"
+    # token-major outputs staged per block (0: none): block b computes output rows
+    # [b * tile_rows, (b + 1) * tile_rows), keeps them in shared memory and writes them out as
+    # whole runs of rows per column (coalesced) instead of one scalar store per column and row
+    tile_rows: int = 0
 
     k_split = 1                 # the immediate family's threadIdx.y split; here k_slices
     family = "streamed"
@@ -200,9 +205,12 @@ class StreamPlan(ColumnTiles):
     @cached_property
     def _digest(self) -> str:
         h = hashlib.sha256(b"streamed")
-        h.update(json.dumps({"geometry": asdict(self.geometry), "params": self.params.key(),
-                             "epilogue": self.epilogue.key(), "dtype": self.dtype,
-                             "accumulate": self.accumulate}, sort_keys=True).encode())
+        doc = {"geometry": asdict(self.geometry), "params": self.params.key(),
+               "epilogue": self.epilogue.key(), "dtype": self.dtype,
+               "accumulate": self.accumulate}
+        if self.tile_rows:
+            doc["tile_rows"] = self.tile_rows
+        h.update(json.dumps(doc, sort_keys=True).encode())
         for array in (self.work, self.row_out, self.seg, self.offsets):
             h.update(b"|" + np.ascontiguousarray(array, dtype=np.int64).tobytes())
         h.update(b"|" + np.ascontiguousarray(self.values, dtype=np.float32).tobytes())
@@ -287,9 +295,17 @@ def build_plan(csr: sp.csr_matrix, geometry: Geometry, params: StreamParams,
     csr.sort_indices()
     m = geometry.out_channels
     segments = geometry.kernel ** 2 if geometry.masked else 1
-    count = -(-m // params.rows_per_worker)
-    count = -(-count // params.warps) * params.warps           # whole blocks
-    dealt = _workers(np.diff(csr.indptr), count)
+    tile_rows = staged_rows(geometry, params, epilogue, dtype)
+    if tile_rows:       # each block its own run of rows, dealt over its workers
+        row_nnz = np.diff(csr.indptr)
+        dealt = []
+        for first in range(0, m, tile_rows):
+            block = _workers(row_nnz[first:first + tile_rows], params.warps)
+            dealt += [[first + r for r in rows] for rows in block]
+    else:
+        count = -(-m // params.rows_per_worker)
+        count = -(-count // params.warps) * params.warps       # whole blocks
+        dealt = _workers(np.diff(csr.indptr), count)
     order = np.fromiter((r for rows in dealt for r in rows), dtype=np.int64, count=m)
     work = np.concatenate([[0], np.cumsum([len(rows) for rows in dealt])]).astype(np.int64)
     slices = params.k_slices
@@ -319,7 +335,19 @@ def build_plan(csr: sp.csr_matrix, geometry: Geometry, params: StreamParams,
     return StreamPlan(geometry, params, work, order, seg,
                       np.concatenate(offsets) if offsets else np.zeros(0, np.int64),
                       np.concatenate(values).astype(np.float32) if values
-                      else np.zeros(0, np.float32), epilogue, dtype, accumulate)
+                      else np.zeros(0, np.float32), epilogue, dtype, accumulate, tile_rows)
+
+
+def staged_rows(geometry: Geometry, params: StreamParams, epilogue: Epilogue,
+                dtype: str) -> int:
+    """Rows per block whose token-major output a block stages in shared memory (0: scalar
+    stores): unsplit kernels (a K-split block's epilogue runs for whichever block ends last)
+    whose tile (rows x (tile columns + 1) elements) fits MAX_STAGED_BYTES."""
+    if not epilogue.token_major or params.k_slices > 1:
+        return 0
+    rows = min(params.warps * params.rows_per_worker, geometry.out_channels)
+    tile = rows * (params.col_threads * params.vector_width + 1) * ELEMENT_BYTES[dtype]
+    return rows if tile <= MAX_STAGED_BYTES else 0
 
 
 def default_params(geometry: Geometry, nnz: int, sm_count: int = 132,
