@@ -1,8 +1,8 @@
 """One small padded, strided, batched 3x3 kernel (both emitters, both grid orders, and the
-fp16/bf16 precisions) and a 1x1 fp16 kernel with 16-byte vectors, loaded with
-Kernel.to_device() and launched on the benchmark's stream, then checked; then, on sm_90, a small
-sparsified chain whose kernels use programmatic dependent launch, replayed in a CUDA graph: run
-under `compute-sanitizer --tool memcheck` by scripts/gpu-check."""
+fp16/bf16 precisions), a 1x1 fp16 kernel with 16-byte vectors and token-major GEMM kernels,
+loaded with Kernel.to_device() and launched on the benchmark's stream, then checked; then, on
+sm_90, a small sparsified chain whose kernels use programmatic dependent launch, replayed in a
+CUDA graph: run under `compute-sanitizer --tool memcheck` by scripts/gpu-check."""
 
 import numpy as np
 
@@ -71,6 +71,19 @@ with sparsert.Gpu() as gpu:
                     epilogue={"bias": [0.5] * w.shape[0], "activation": "relu6",
                               "residual": True})
                 run(gpu, f"streamed {stage} k{slices} {dtype}/{accumulate} {w.shape}", kernel)
+    # token-major GEMM outputs (Linear layers): staged per block (one slice), scalar (two);
+    # 37 rows and 21 columns leave partial tiles in both directions
+    linear = pruned((37, 24), 3)
+    for dtype, accumulate in (("fp32", "fp32"), ("fp16", "fp16"), ("bf16", "fp32")):
+        for slices in (1, 2):
+            kernel = sparsert.compile_kernel(
+                linear, op="gemm", n=21, dtype=dtype, accumulate=accumulate, arch=gpu.arch,
+                tuned=False, cache=None,
+                plan=StreamParams(col_threads=32, vector_width=1, warps=4, rows_per_worker=3,
+                                  chains=2, stage="smem", k_slices=slices),
+                epilogue={"bias": [0.5] * 37, "activation": "relu", "residual": True,
+                          "token_major": True})
+            run(gpu, f"streamed token-major k{slices} {dtype}/{accumulate}", kernel)
 
 # a model's layers with programmatic dependent launch (sm_90): a chain of sparsified small
 # layers replayed in a CUDA graph, each kernel starting while the one before it ends
