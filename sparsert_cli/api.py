@@ -188,8 +188,10 @@ def plan_for(layer: "Layer", tuned=None, gpu_name: str | None = None,
     if not (explicit or isinstance(choice, dict) or choice == "auto"):
         raise UserError(f"plan must be 'auto', a family's parameters (PlanParams, StreamParams) "
                         f"or a dict, got {choice!r}")
+    family = ("streamed" if layer.epilogue.token_major and layer.family == "auto"
+              else layer.family)            # only the streamed family writes N x M outputs
     params = None if explicit else tuned_params(
-        layer.geometry, layer.weight, layer.precision, tuned, gpu_name, emit, layer.family)
+        layer.geometry, layer.weight, layer.precision, tuned, gpu_name, emit, family)
     was_tuned = params is not None
     if explicit:
         params = choice.validate()
@@ -268,7 +270,8 @@ def plan_stats(plan) -> dict:
 # ---- the kernel --------------------------------------------------------------------------------
 def _arguments(plan: Plan) -> tuple[dict, ...]:
     geo = plan.geometry
-    out = [geo.batch, geo.out_channels, geo.out_height, geo.out_width]
+    out = ([geo.out_pixels, geo.out_channels] if plan.epilogue.token_major     # N x M
+           else [geo.batch, geo.out_channels, geo.out_height, geo.out_width])
     shapes = {"x": [geo.batch, geo.in_channels, geo.height, geo.width], "y": out, "res": out,
               "z": [geo.in_channels, geo.height, geo.width]}
     dtype = {"fp16": "float16", "bf16": "bfloat16"}.get(plan.dtype, "float32")

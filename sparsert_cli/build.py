@@ -84,6 +84,8 @@ def plan_weight(geometry: Geometry, weight, params=None, epilogue: Epilogue = Ep
     if dtype == "bf16":
         _fit_bf16(csr, epilogue)
     pool = families() if family == "auto" else (get_family(family),)
+    if epilogue.token_major and family == "auto":      # the one family that writes N x M
+        pool = (get_family("streamed"),)
     if params is None:
         from . import costmodel
 

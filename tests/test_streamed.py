@@ -205,7 +205,7 @@ def test_token_major_output_matches_dense_math_in_n_by_m_order(precision, width,
     assert np.abs(out - dense).max() <= tol * np.abs(dense).max()
 
 
-def test_token_major_is_checked_printed_and_refused_where_it_cannot_be():
+def test_token_major_is_checked_printed_and_refused_where_it_cannot_be(tmp_path):
     from sparsert_cli.families.immediate.plan import build_plan as immediate_plan
     from sparsert_cli.problem_shape import Epilogue as E
 
@@ -247,6 +247,18 @@ def test_token_major_is_checked_printed_and_refused_where_it_cannot_be():
     assert "token_major" not in E().key() and E(token_major=True).key()["token_major"]
     with pytest.raises(sparsert.UserError, match="streamed family only"):
         immediate_plan(csr, gemm, sparsert.PlanParams(rows_per_group=2), epi)
+    # the API: "auto" plans it in the streamed family; its arguments say N x M
+    kernel = sparsert.compile_kernel(csr.toarray(), op="gemm", n=16, tuned=False, cache=None,
+                                     arch="sm_90", epilogue={"token_major": True})
+    assert kernel.family == "streamed" and kernel.output_shape == (16, 12)
+    assert [a["shape"] for a in kernel.arguments] == [[1, 40, 1, 16], [16, 12]]
+    kernel.save(tmp_path / "k")                 # the manifest keeps the layout
+    again = sparsert.Kernel.from_dir(tmp_path / "k")
+    assert again.entry == kernel.entry and again.output_shape == (16, 12)
+    with pytest.raises(sparsert.UserError, match="streamed family only"):
+        sparsert.compile_kernel(csr.toarray(), op="gemm", n=16, tuned=False, cache=None,
+                                arch="sm_90", family="immediate",
+                                epilogue={"token_major": True})
     conv = Geometry(1, 8, 6, 6, 12, 3, 1, 1)
     with pytest.raises(sparsert.UserError, match="token-major output is for GEMM views"):
         build_plan(_weight(conv, 0.3, 2), conv, StreamParams(32, 1, 2, 3, 4, "smem"), epi)

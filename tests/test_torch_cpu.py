@@ -152,8 +152,17 @@ def test_sparsify_linear_token_major_and_fp16():
     rows = _cpu(model, (x,))
     assert [r["replaced"] for r in rows] == [True, True] and rows[0]["fused"] == "relu"
     assert rows[0]["shape"] == "48x32, N=10"
+    assert {r["family"] for r in rows} == {"streamed"}
     with torch.no_grad():
         assert torch.allclose(model(x), want, atol=1e-5, rtol=1e-5)
+    # the kernel writes N x M (token-major, as nn.Linear): the op's own output needs no transpose
+    layer = model[0]
+    assert isinstance(layer, SparseLayer) and layer.token_major
+    columns = x.reshape(-1, 32).t().contiguous()
+    with torch.no_grad():
+        op_out = torch.ops.sparsert.run(columns, None, layer.kernel_id)
+        assert op_out.shape == (10, 48)
+        assert torch.allclose(op_out, layer(x).reshape(10, 48))
     half = nn.Sequential(nn.Linear(32, 48)).eval()
     prune_(half, 0.8)
     rows = _cpu(half, (x,), dtype="fp16", dry_run=True)
