@@ -47,7 +47,7 @@ CUBIN = "kernel.cubin"
 WEIGHTS = "weights.npz"    # the weight (and bias) a saved kernel was made from: run_cpu needs them
 OUTPUT_FILES = {"kernel.ptx", "kernel.cu", CUBIN, MANIFEST, WEIGHTS}
 ROLES = {"x": "input activations (NCHW; a gemm's K x N matrix)",
-         "y": "output (NCHW; a gemm's M x N matrix), fully overwritten",
+         "y": "output (NCHW; a gemm's M x N matrix, N x M when token-major), fully overwritten",
          "res": "residual added before the activation, same shape as y",
          "z": "all-zero buffer read for padding taps (allocated by to_device())"}
 

@@ -459,6 +459,20 @@ def test_tune_layer_records_the_winner_where_compile_layer_looks(tmp_path):
     layer = Layer.of("layer1", weight, op="conv", input_shape=(1, 4, 6, 6), padding=1)
     found = tuned_params(layer.geometry, layer.weight, "fp32", tuned=tuned, gpu_name="Fake GPU")
     assert found is not None and found.name() == entry["best"]
+    # a Linear layer (token-major output): the streamed family's candidates, tuned as the same
+    # loop with a channel-major output, the winner found for the token-major kernel
+    linear = rng.standard_normal((48, 32)).astype(np.float32)
+    linear[rng.random(linear.shape) < 0.8] = 0.0
+    entry = tune_layer(linear, op="gemm", label="fc", n=10,
+                       epilogue={"activation": "relu", "token_major": True}, tuned=tuned,
+                       limit=4, db_path=tmp_path / "db.sqlite", measure=FakeMeasure())
+    assert entry["status"] == "ok" and entry["candidates"] == 4
+    from sparsert_cli.api import plan_for
+
+    fc = Layer.of("fc", linear, op="gemm", n=10, epilogue={"token_major": True})
+    plan, was_tuned = plan_for(fc, tuned, "Fake GPU")
+    assert was_tuned and plan.params.name() == entry["best"] and plan.family == "streamed"
+    assert plan.epilogue.token_major
 
 
 class Attention(nn.Module):
@@ -800,3 +814,21 @@ def test_timed_replays_refresh_then_replay_between_events(monkeypatch):
     log.clear()
     check._replays(Graph(), 1)
     assert log == ["event", "replay", "event"]
+
+
+def test_a_layer_whose_tuning_finds_nothing_warns_and_keeps_its_default_plan(monkeypatch):
+    from sparsert_cli.torch import sparsify as sparsify_module
+
+    calls = []
+
+    def no_winner(weight, **options):
+        calls.append(options["epilogue"])
+        return {"status": "no candidate verified", "candidates": 0}
+
+    monkeypatch.setattr(sparsify_module, "tune_layer", no_winner)
+    model = nn.Sequential(nn.Linear(32, 48)).eval()
+    prune_(model, 0.8)
+    x = torch.randn(5, 32)
+    with pytest.warns(UserWarning, match="tuning 0: no candidate verified; its default plan"):
+        rows = _cpu(model, (x,), tune=True)
+    assert rows[0]["replaced"] and calls[0]["token_major"]

@@ -114,10 +114,12 @@ def tune_layer(weight: np.ndarray, *, op: str, label: str, input_shape=None, n=N
     `tuned` (a path, a TunedDB, or None: ./configs/tuned.json), keyed exactly as
     compile_layers() (plan "auto") looks it up. `measure` replaces the GPU timer (tests). Returns
     the summary row of the case (status, best plan, us, default_us)."""
+    from dataclasses import replace
+
     from sparsert_cli.api import Layer
     from sparsert_cli.executors import run_jobs
     from sparsert_cli.executors.local import LocalExecutor
-    from sparsert_cli.jobs import CaseSpec, Job, current_family, winners
+    from sparsert_cli.jobs import CaseSpec, Job, case_candidates, current_family, winners
     from sparsert_cli.paths import tuned_db_path
     from sparsert_cli.patterns import pattern_hash, to_csr
     from sparsert_cli.problems import Problem
@@ -133,16 +135,23 @@ def tune_layer(weight: np.ndarray, *, op: str, label: str, input_shape=None, n=N
         problem = Problem(label, f"conv{g.kernel}x{g.kernel}", g.out_channels, g.in_channels,
                           height=g.height, width=g.width, batch=g.batch, stride=g.stride,
                           padding=g.padding)
-    nnz = to_csr(layer.weight).nnz
+    csr = to_csr(layer.weight)
+    nnz = csr.nnz
+    # A token-major layer (a Linear layer, streamed family only) is tuned as the same loop with
+    # its output channel-major: the winner is keyed by pattern, shape and family, not layout,
+    # and the token-major kernel takes it (plan_for) without a second set of measurements
+    token_major = layer.epilogue.token_major
+    case_epilogue = replace(layer.epilogue, token_major=False) if token_major else layer.epilogue
     case = CaseSpec(0, problem, 1.0 - nnz / (g.out_channels * g.taps), layer.weight,
-                    layer.epilogue, layer.precision, pattern_hash(layer.weight), shape_key(g))
-    found = candidates(g, nnz, limit, layer.precision)
-    if layer.epilogue.token_major:          # only the streamed family writes N x M outputs
-        from sparsert_cli.families.streamed.plan import StreamParams
-
-        found = [params for params in found if isinstance(params, StreamParams)]
-    jobs = [Job(0, i, params) for i, params in enumerate(found)]
-    family = current_family("ptx")
+                    case_epilogue, layer.precision, pattern_hash(layer.weight), shape_key(g))
+    if token_major:
+        pairs = case_candidates(g, csr, layer.precision, limit, family="streamed")
+        family = pairs[0][0]
+        jobs = [Job(0, i, params) for i, (_, params) in enumerate(pairs)]
+    else:
+        jobs = [Job(0, i, params) for i, params in
+                enumerate(candidates(g, nnz, limit, layer.precision))]
+        family = current_family("ptx")
     db = tuned if isinstance(tuned, TunedDB) else TunedDB(tuned_db_path(tuned or None, True))
     executor = LocalExecutor([device], "ptx", arch, measure=measure)
     with TuneDB(db_path or default_db_path()) as store:

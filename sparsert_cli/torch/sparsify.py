@@ -518,12 +518,16 @@ def _sparsify(model, example_inputs, *, dtype, tuned, verify, min_speedup, min_s
     if tune:
         for row, chain, spec, _, _ in todo:
             try:
-                tune_layer(spec.weight, op=spec.op, label=spec.label,
-                           input_shape=spec.input_shape, n=spec.n, stride=spec.stride,
-                           padding=spec.padding, dtype=dtype, epilogue=spec.epilogue,
-                           tuned=tuned, arch=arch)
+                entry = tune_layer(spec.weight, op=spec.op, label=spec.label,
+                                   input_shape=spec.input_shape, n=spec.n, stride=spec.stride,
+                                   padding=spec.padding, dtype=dtype, epilogue=spec.epilogue,
+                                   tuned=tuned, arch=arch)
             except UserError as exc:
                 row["reason"] = f"no kernel: {exc.message}"
+                continue
+            if entry.get("status") != "ok":     # the layer keeps its untuned plan: say so
+                warnings.warn(f"sparsert: tuning {chain.layer}: {entry.get('status')}; its "
+                              f"default plan is used", stacklevel=2)
         todo = [t for t in todo if not t[0]["reason"]]
     # siblings (Linear layers on one input: a transformer's query, key and value) become one
     # kernel; each todo entry ends with its members, None for a layer alone
