@@ -25,7 +25,7 @@ import scipy.sparse as sp
 
 from . import __version__
 from .build import (EMITTERS, build_kernel, check_emitter, code_version, current_family, emit,
-                    plan_weight)
+                    layer_family, plan_weight)
 from .cache import KernelCache
 from .compile import Resources
 from .errors import UserError
@@ -188,10 +188,9 @@ def plan_for(layer: "Layer", tuned=None, gpu_name: str | None = None,
     if not (explicit or isinstance(choice, dict) or choice == "auto"):
         raise UserError(f"plan must be 'auto', a family's parameters (PlanParams, StreamParams) "
                         f"or a dict, got {choice!r}")
-    family = ("streamed" if layer.epilogue.token_major and layer.family == "auto"
-              else layer.family)            # only the streamed family writes N x M outputs
     params = None if explicit else tuned_params(
-        layer.geometry, layer.weight, layer.precision, tuned, gpu_name, emit, family)
+        layer.geometry, layer.weight, layer.precision, tuned, gpu_name, emit,
+        layer_family(layer.epilogue, layer.family))
     was_tuned = params is not None
     if explicit:
         params = choice.validate()

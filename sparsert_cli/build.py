@@ -65,6 +65,12 @@ def make_plan(problem: Problem, weight, params: PlanParams | None = None,
                        allow_fp16_flush, family, gpu_name)
 
 
+def layer_family(epilogue: Epilogue, family: str = "auto") -> str:
+    """The family a layer may be planned in: `family`, except that "auto" means the streamed
+    family for token-major outputs (the one family that writes N x M)."""
+    return "streamed" if epilogue.token_major and family == "auto" else family
+
+
 def plan_weight(geometry: Geometry, weight, params=None, epilogue: Epilogue = Epilogue(),
                 overrides: dict | None = None, precision: str = "fp32",
                 allow_fp16_flush: bool = False, family: str = "auto",
@@ -83,9 +89,8 @@ def plan_weight(geometry: Geometry, weight, params=None, epilogue: Epilogue = Ep
         csr, epilogue = _fit_fp16(csr, epilogue, accumulate, allow_fp16_flush)
     if dtype == "bf16":
         _fit_bf16(csr, epilogue)
+    family = layer_family(epilogue, family)
     pool = families() if family == "auto" else (get_family(family),)
-    if epilogue.token_major and family == "auto":      # the one family that writes N x M
-        pool = (get_family("streamed"),)
     if params is None:
         from . import costmodel
 
