@@ -84,6 +84,15 @@ with sparsert.Gpu() as gpu:
                 epilogue={"bias": [0.5] * 37, "activation": "relu", "residual": True,
                           "token_major": True})
             run(gpu, f"streamed token-major k{slices} {dtype}/{accumulate}", kernel)
+            # the same rows in planes: 36 of them in 3 planes of 12, tiles of 15 rows across
+            kernel = sparsert.compile_kernel(
+                linear[:36], op="gemm", n=21, dtype=dtype, accumulate=accumulate, arch=gpu.arch,
+                tuned=False, cache=None,
+                plan=StreamParams(col_threads=32, vector_width=1, warps=5, rows_per_worker=3,
+                                  chains=2, stage="smem", k_slices=slices),
+                epilogue={"bias": [0.5] * 36, "activation": "relu", "residual": True,
+                          "token_major": True, "planes": 12})
+            run(gpu, f"streamed token-major planes k{slices} {dtype}/{accumulate}", kernel)
 
 # a model's layers with programmatic dependent launch (sm_90): a chain of sparsified small
 # layers replayed in a CUDA graph, each kernel starting while the one before it ends

@@ -34,7 +34,7 @@ from .families import families, family_of_params, get_family
 from .families.immediate import Plan, PlanParams, build_plan
 from .patterns import SparseWeight, dense, pattern_hash, to_csr
 from .problem_shape import (ACTIVATIONS, ELEMENT_BYTES, PRECISIONS, Epilogue, Geometry,
-                            precision_label)
+                            precision_label, from_token_layout, to_token_layout)
 from .render import printer_for
 from .storage import device_type, rounded
 from .reference import check, reference_and_magnitude
@@ -128,12 +128,14 @@ def make_epilogue(epilogue, rows: int) -> Epilogue:
         return Epilogue()
     if isinstance(epilogue, Epilogue):
         doc = {"bias": epilogue.bias, "activation": epilogue.activation,
-               "residual": epilogue.residual, "token_major": epilogue.token_major}
+               "residual": epilogue.residual, "token_major": epilogue.token_major,
+               "planes": epilogue.planes}
     elif isinstance(epilogue, dict):
-        unknown = sorted(set(epilogue) - {"bias", "activation", "residual", "token_major"})
+        unknown = sorted(set(epilogue) - {"bias", "activation", "residual", "token_major",
+                                          "planes"})
         if unknown:
             raise UserError(f"unknown epilogue key {unknown[0]!r} (bias, activation, residual, "
-                            f"token_major)")
+                            f"token_major, planes)")
         doc = epilogue
     else:
         raise UserError(f"epilogue must be a dict or an Epilogue, got {type(epilogue).__name__}")
@@ -148,8 +150,11 @@ def make_epilogue(epilogue, rows: int) -> Epilogue:
     activation = doc.get("activation", "none") or "none"
     if activation not in ACTIVATIONS:
         raise UserError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
+    planes = doc.get("planes", 0) or 0
+    if isinstance(planes, bool) or not isinstance(planes, (int, np.integer)) or planes < 0:
+        raise UserError(f"planes must be an int >= 0 (rows per output plane), got {planes!r}")
     return Epilogue(bias, activation, bool(doc.get("residual", False)),
-                    bool(doc.get("token_major", False)))
+                    bool(doc.get("token_major", False)), int(planes))
 
 
 def _tuned_db(tuned):
@@ -214,8 +219,8 @@ def layer_inputs(geometry: Geometry, dtype: str, residual: bool, rng: np.random.
 
 
 def layer_reference(weight: np.ndarray, geometry: Geometry, epilogue: Epilogue, x, res=None):
-    """(float64 reference, magnitude) of a layer, NCHW; token-major layers: N x M (and `res`
-    holds its values in that order)."""
+    """(float64 reference, magnitude) of a layer, NCHW; token-major layers: N x M, or
+    (M / P) x N x P in planes (and `res` holds its values in that order)."""
     g = geometry
     x = np.asarray(x).reshape(g.batch, g.in_channels, g.height, g.width)
     if not epilogue.token_major:
@@ -223,10 +228,11 @@ def layer_reference(weight: np.ndarray, geometry: Geometry, epilogue: Epilogue, 
                                        res, epilogue.activation)
     m, n = g.out_channels, g.out_pixels
     if res is not None:
-        res = np.asarray(res).reshape(n, m).T.reshape(1, m, 1, n)
+        res = from_token_layout(res, m, n, epilogue.planes).reshape(1, m, 1, n)
     ref, mag = reference_and_magnitude(dense(weight), x, g.stride, g.padding, epilogue.bias,
                                        res, epilogue.activation)
-    return (np.ascontiguousarray(ref.reshape(m, n).T), np.ascontiguousarray(mag.reshape(m, n).T))
+    return (to_token_layout(ref.reshape(m, n), epilogue.planes),
+            to_token_layout(mag.reshape(m, n), epilogue.planes))
 
 
 def plan_inputs(plan: Plan, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray | None]:
@@ -269,7 +275,8 @@ def plan_stats(plan) -> dict:
 # ---- the kernel --------------------------------------------------------------------------------
 def _arguments(plan: Plan) -> tuple[dict, ...]:
     geo = plan.geometry
-    out = ([geo.out_pixels, geo.out_channels] if plan.epilogue.token_major     # N x M
+    out = (list(plan.epilogue.token_shape(geo.out_channels, geo.out_pixels))  # N x M
+           if plan.epilogue.token_major
            else [geo.batch, geo.out_channels, geo.out_height, geo.out_width])
     shapes = {"x": [geo.batch, geo.in_channels, geo.height, geo.width], "y": out, "res": out,
               "z": [geo.in_channels, geo.height, geo.width]}
@@ -343,7 +350,7 @@ class Kernel:
     def output_shape(self) -> tuple[int, ...]:
         g = self.geometry
         if self.epilogue.token_major:
-            return (g.width, g.out_channels)
+            return self.epilogue.token_shape(g.out_channels, g.width)
         return (g.out_channels, g.width) if self.op == "gemm" else (
             g.batch, g.out_channels, g.out_height, g.out_width)
 
@@ -447,7 +454,8 @@ class Kernel:
             "epilogue": {"bias": self.epilogue.bias is not None,
                          "activation": self.epilogue.activation,
                          "residual": self.epilogue.residual,
-                         **({"token_major": True} if self.epilogue.token_major else {})},
+                         **({"token_major": True} if self.epilogue.token_major else {}),
+                         **({"planes": self.epilogue.planes} if self.epilogue.planes else {})},
             "plan": plan_doc, "tuned": self.tuned, "nnz": self.nnz,
             "density": self.nnz / (g.out_channels * g.taps), "pattern_hash": self.pattern_hash,
             "registers": res.registers, "spill_store_bytes": res.spill_store_bytes,
@@ -541,7 +549,7 @@ class Kernel:
                 raise UserError(f"{weights_path}: not a readable weights file ({exc})") from None
             bias = tuple(float(v) for v in bias_values) if epi.get("bias") else None
         epilogue = Epilogue(bias, epi.get("activation", "none"), bool(epi.get("residual")),
-                            bool(epi.get("token_major")))
+                            bool(epi.get("token_major")), int(epi.get("planes", 0)))
         if weight is not None:
             plan = plan_weight(geometry, weight, params, epilogue, None, precision,
                                allow_fp16_flush=True)

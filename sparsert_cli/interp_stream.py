@@ -142,9 +142,12 @@ def execute_stream(ir: StreamIR, x: np.ndarray, residual: np.ndarray | None) -> 
     writes = np.zeros(geo.output_elems, dtype=np.int64)
     def address(pointer_name: str, row: int) -> np.ndarray:
         """(threads, width) element offsets of a row's columns: channel-major (a vector at
-        pointer + row * pixels) or token-major ((pointer + column) * rows + row)."""
+        pointer + row * pixels) or token-major ((pointer + column) * rows + row; in planes of
+        P rows: row / P * (pixels * P) + (pointer + column) * P + row % P)."""
         if ir.token_major:
-            return (pointer[pointer_name][:, None] + lanes) * geo.out_channels + row
+            p = ir.planes or geo.out_channels
+            return ((pointer[pointer_name][:, None] + lanes) * p
+                    + row // p * (p * geo.out_pixels) + row % p)
         return pointer[pointer_name][:, None] + row * geo.out_pixels + lanes
 
     vectors = not ir.token_major          # token-major columns are scalar loads and stores

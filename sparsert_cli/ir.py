@@ -234,6 +234,9 @@ class StreamIR(Precision):
     # (b + 1) * tile_rows), each row's values go to the block's tile, and after a
     # __syncthreads the block writes the tile out column by column (0: scalar stores)
     tile_rows: int = 0
+    # token-major output in planes of `planes` rows (Epilogue.planes): row m, column j at
+    # (m / P) * (N * P) + j * P + m % P; the pointers advance by outoff * P (0: one plane)
+    planes: int = 0
 
     k_split = 1
     shared_bytes = 0                # smem staging is a static array (stage_warps)
@@ -253,7 +256,7 @@ class StreamIR(Precision):
     SCALARS = ("entry", "geometry", "dtype", "accumulate", "vector_width", "col_threads", "warps",
                "chains", "grid", "arguments", "columns", "pointers", "bases", "bias", "residual",
                "activation", "stage", "k_slices", "dependent_launch", "min_blocks", "token_major",
-               "tile_rows")
+               "tile_rows", "planes")
 
     def difference(self, other: "StreamIR") -> str | None:
         """The first field where `other` differs from this IR (None: equal)."""

@@ -155,17 +155,56 @@ class Geometry:
 class Epilogue:
     """Fused after the sum: y = act(acc + bias[m] + residual). `token_major` (GEMM views, the
     streamed family): the output, and the residual, are N x M (y[n, m], as nn.Linear returns
-    them) instead of M x N; the input stays K x N."""
+    them) instead of M x N; the input stays K x N. `planes` (token-major only): the output
+    rows in planes of that many, each plane N x planes of its own, y[m // P][n][m % P] --
+    stacked sibling layers (q, k, v) then each get one contiguous N x P block; 0: one plane."""
 
     bias: tuple[float, ...] | None = None
     activation: str = "none"
     residual: bool = False
     token_major: bool = False
+    planes: int = 0
 
     def key(self) -> dict:
-        """The fields as digests hold them (token_major only when set: kernels made before it
-        keep their names)."""
+        """The fields as digests hold them (token_major and planes only when set: kernels made
+        before them keep their names)."""
         doc = asdict(self)
         if not self.token_major:
             del doc["token_major"]
+        if not self.planes:
+            del doc["planes"]
         return doc
+
+    def plane_rows(self, rows: int) -> int:
+        """Rows per plane of a token-major output of `rows` rows (P; all of them: one plane)."""
+        return self.planes or rows
+
+    def token_shape(self, rows: int, columns: int) -> tuple[int, ...]:
+        """A token-major output's shape: N x M, or (M / P) x N x P in planes."""
+        if self.planes:
+            return (rows // self.planes, columns, self.planes)
+        return (columns, rows)
+
+
+def to_token_layout(values, planes: int = 0):
+    """An M x N (channel-major) array in the token-major layout: N x M, or (M / P) x N x P in
+    planes of P rows (a copy)."""
+    import numpy as np
+
+    values = np.asarray(values)
+    m, n = values.shape
+    if not planes:
+        return np.ascontiguousarray(values.T)
+    return np.ascontiguousarray(values.reshape(m // planes, planes, n).transpose(0, 2, 1))
+
+
+def from_token_layout(values, rows: int, columns: int, planes: int = 0):
+    """The inverse of to_token_layout: M x N (channel-major) values from a token-major array in
+    any shape holding N x M or (M / P) x N x P elements."""
+    import numpy as np
+
+    values = np.asarray(values)
+    if not planes:
+        return np.ascontiguousarray(values.reshape(columns, rows).T)
+    return np.ascontiguousarray(values.reshape(rows // planes, columns, planes)
+                                .transpose(0, 2, 1).reshape(rows, columns))

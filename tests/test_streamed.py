@@ -205,6 +205,79 @@ def test_token_major_output_matches_dense_math_in_n_by_m_order(precision, width,
     assert np.abs(out - dense).max() <= tol * np.abs(dense).max()
 
 
+@pytest.mark.parametrize("precision", [("fp32", None), ("fp16", "fp16"), ("fp16", "fp32"),
+                                       ("bf16", None)])
+@pytest.mark.parametrize("width, slices, stage", [(1, 1, "smem"), (2, 2, "smem"), (4, 1, "ring"),
+                                                  (4, 3, "shfl")])
+def test_token_major_planes_give_each_stacked_layer_its_own_contiguous_block(precision, width,
+                                                                             slices, stage):
+    """planes=8 of 24 rows: y is 3 x N x 8 (row m, token n at m / 8 * 8N + 8n + m % 8), the
+    residual read the same way; the staged tile (6 rows a block) straddles planes."""
+    rng = np.random.default_rng(4)
+    w = rng.standard_normal((24, 40)).astype(np.float32)
+    w[rng.random(w.shape) < 0.7] = 0
+    bias = np.linspace(-1, 1, 24)
+    kernel = sparsert.compile_kernel(
+        w, op="gemm", n=20, dtype=precision[0], accumulate=precision[1], tuned=False,
+        cache=None, arch="sm_90",
+        plan=StreamParams(32, width, 2, 3, 4, stage, k_slices=slices),
+        epilogue={"bias": bias, "activation": "relu", "residual": True, "token_major": True,
+                  "planes": 8})
+    assert kernel.output_shape == (3, 20, 8)
+    assert "planes=8" in kernel.source and "  y += outoff * 8;" in kernel.source
+    assert "prow = row / 8 * 160 + row % 8;" in kernel.source
+    if slices == 1:
+        assert "y0[(c0 + c) / 8 * 160 + (t0 + t) * 8 + (c0 + c) % 8]" in kernel.source
+    x, res = kernel.random_inputs(rng)
+    out = kernel.run_cpu(x, res)
+    ok, err, message = kernel.check(out, x, res)
+    assert ok, message
+    planes = np.asarray(res, dtype=np.float64).reshape(3, 20, 8)
+    res_mn = planes.transpose(0, 2, 1).reshape(24, 20)
+    dense = np.maximum(w.astype(np.float64) @ x.reshape(40, 20).astype(np.float64)
+                       + bias[:, None] + res_mn, 0)
+    want = dense.reshape(3, 8, 20).transpose(0, 2, 1)
+    tol = 1e-5 if precision[0] == "fp32" else 3e-2
+    assert np.abs(out.reshape(3, 20, 8) - want).max() <= tol * np.abs(want).max()
+
+
+def test_planes_are_printed_parsed_saved_and_refused_where_they_cannot_be(tmp_path):
+    from sparsert_cli.problem_shape import Epilogue as E, from_token_layout, to_token_layout
+
+    a = np.arange(24 * 5).reshape(24, 5)
+    assert np.array_equal(from_token_layout(to_token_layout(a, 8), 24, 5, 8), a)
+    assert np.array_equal(to_token_layout(a), a.T)
+    assert to_token_layout(a, 8)[1, 2, 3] == a[8 + 3, 2]
+    gemm = Geometry(1, 40, 1, 16, 12)
+    csr = _weight(gemm, 0.3, 2)
+    plan = build_plan(csr, gemm, StreamParams(32, 4, 2, 3, 4, "smem"),
+                      E(token_major=True, planes=4))
+    ir = lower(plan)
+    source = stream.print_stream(ir)
+    stream.check_printed(ir, source)
+    with pytest.raises(PrintedMismatch, match="planes: 4 != 0"):
+        stream.check_printed(ir, source.replace("; planes=4", ""))
+    # digests: planes only when set
+    assert "planes" not in E(token_major=True).key() and E(token_major=True, planes=4).key()[
+        "planes"] == 4
+    for epi, why in ((E(planes=4), "needs a token-major output"),
+                     (E(token_major=True, planes=5), "needs a token-major output whose 12 rows"),
+                     (E(token_major=True, planes=-4), "needs a token-major")):
+        with pytest.raises(sparsert.UserError, match=why):
+            build_plan(csr, gemm, StreamParams(32, 4, 2, 3, 4, "smem"), epi)
+    for bad in (-1, 2.5, True, "4"):
+        with pytest.raises(sparsert.UserError, match="planes must be an int"):
+            sparsert.compile_kernel(csr.toarray(), op="gemm", n=16, tuned=False, cache=None,
+                                    arch="sm_90", epilogue={"token_major": True, "planes": bad})
+    kernel = sparsert.compile_kernel(csr.toarray(), op="gemm", n=16, tuned=False, cache=None,
+                                     arch="sm_90", epilogue={"token_major": True, "planes": 4})
+    assert kernel.family == "streamed" and kernel.output_shape == (3, 16, 4)
+    assert [a["shape"] for a in kernel.arguments] == [[1, 40, 1, 16], [3, 16, 4]]
+    kernel.save(tmp_path / "k")                 # the manifest keeps the planes
+    again = sparsert.Kernel.from_dir(tmp_path / "k")
+    assert again.entry == kernel.entry and again.output_shape == (3, 16, 4)
+
+
 def test_token_major_is_checked_printed_and_refused_where_it_cannot_be(tmp_path):
     from sparsert_cli.families.immediate.plan import build_plan as immediate_plan
     from sparsert_cli.problem_shape import Epilogue as E

@@ -497,6 +497,7 @@ def test_sibling_linears_on_one_input_become_one_kernel():
     x = torch.randn(1, 6, 24)
     with torch.no_grad():
         want = model(x).clone()
+        want_q, want_k = model.query(x).clone(), model.key(x).clone()
     dry = _cpu(model, (x,), dry_run=True)
     by = {r["layer"]: r for r in dry}
     assert by["query"]["shape"] == "72x24, N=6" and by["query"]["siblings"] == ["key", "value"]
@@ -509,6 +510,14 @@ def test_sibling_linears_on_one_input_become_one_kernel():
     assert isinstance(model.query, SiblingHead) and model.query.rows == (0, 24)
     assert isinstance(model.value, SiblingSlice) and model.value.rows == (48, 72)
     assert isinstance(model.out, SparseLayer)
+    # equal siblings: the kernel writes 3 planes of 6 x 24; each sibling's output is its plane
+    # as it is (contiguous, no copy: the three are adjacent in one buffer)
+    assert model.query.layer.planes == 24 and model.out.planes == 0
+    with torch.no_grad():
+        q, k = model.query(x), model.key(x)
+        assert q.shape == k.shape == (1, 6, 24) and q.is_contiguous() and k.is_contiguous()
+        assert k.data_ptr() == q.data_ptr() + 6 * 24 * q.element_size()
+        assert torch.allclose(q, want_q, atol=1e-5) and torch.allclose(k, want_k, atol=1e-5)
     with torch.no_grad():
         assert torch.allclose(model(x), want, atol=1e-5)
         # a sibling called on another input than the head's runs its own dense op
@@ -522,6 +531,74 @@ def test_sibling_linears_on_one_input_become_one_kernel():
     prune_(alone, 0.7)
     rows = _cpu(alone, (x,), dry_run=True, fuse_siblings=False)
     assert [r["shape"] for r in rows] == ["24x24, N=6"] * 4
+
+
+class GroupedAttention(nn.Module):
+    """Grouped-query attention's projections: query 24 rows, key and value 12 each."""
+
+    def __init__(self, d=24):
+        super().__init__()
+        self.query, self.key, self.value = nn.Linear(d, d), nn.Linear(d, 12), nn.Linear(d, 12)
+
+    def forward(self, x):
+        q, k, v = self.query(x), self.key(x), self.value(x)
+        return torch.softmax(q[..., :12] @ k.transpose(-1, -2), dim=-1) @ v
+
+
+def test_unequal_siblings_share_a_kernel_without_planes():
+    torch.manual_seed(5)
+    model = GroupedAttention().eval()
+    prune_(model, 0.7)
+    x = torch.randn(1, 6, 24)
+    with torch.no_grad():
+        want, want_v = model(x).clone(), model.value(x).clone()
+    rows = _cpu(model, (x,))
+    assert rows[0]["siblings"] == ["key", "value"] and rows[0]["shape"] == "48x24, N=6"
+    assert model.query.layer.planes == 0
+    with torch.no_grad():
+        assert torch.allclose(model(x), want, atol=1e-5)
+        v = model.value(x)
+        assert v.shape == (1, 6, 12) and v.is_contiguous()
+        assert torch.allclose(v, want_v, atol=1e-5)
+
+
+class LaunchNet(nn.Module):
+    """conv+BN+ReLU, conv (its functional ReLU stays in the model), max pool, conv, conv."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Sequential(nn.Conv2d(8, 16, 1), nn.BatchNorm2d(16), nn.ReLU())
+        self.b = nn.Conv2d(16, 16, 3, padding=1)
+        self.pool = nn.MaxPool2d(2)
+        self.c, self.d = nn.Conv2d(16, 8, 1), nn.Conv2d(8, 8, 1)
+
+    def forward(self, x):
+        return self.d(self.c(self.pool(torch.relu(self.b(self.a(x))))).flatten(2).view(
+            1, 8, 3, 3))
+
+
+def test_dependent_launch_is_kept_only_after_our_own_kernels():
+    """The launch order sparsify_ reads after its swaps: a kernel keeps programmatic dependent
+    launch only when the launch before it is one of our kernels (views launch nothing; a plane
+    of stacked siblings launches nothing; a Linear layer's input transpose is a copy)."""
+    from sparsert_cli.torch.sparsify import _launch_order, _plain_launches
+
+    torch.manual_seed(0)
+    net = LaunchNet().eval()
+    prune_(net, 0.8)
+    _cpu(net, (torch.randn(1, 8, 6, 6),))
+    order = _launch_order(net)
+    assert [(layer is not None, ends) for layer, ends in order] == [
+        (True, True), (True, True), (False, False), (False, False), (True, True),
+        (True, True)]
+    assert _plain_launches(order) == {net.a[0].kernel_id, net.c.kernel_id}
+    attention = Attention().eval()
+    prune_(attention, 0.7)
+    _cpu(attention, (torch.randn(1, 6, 24),))
+    order = _launch_order(attention)
+    # the head's kernel; key and value: planes (nothing); two matmuls and softmax; out
+    assert [layer is not None for layer, _ in order] == [True, False, False, False, True]
+    assert _plain_launches(order) == {attention.query.layer.kernel_id, attention.out.kernel_id}
 
 
 class CrossAttention(nn.Module):

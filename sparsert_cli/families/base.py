@@ -26,6 +26,10 @@ def check_layer(csr, geometry: Geometry, epilogue: Epilogue, dtype: str,
                                      and geometry.padding == 0):
         raise UserError("token-major output is for GEMM views (one K x N input), not "
                         "convolutions")
+    if epilogue.planes and not (epilogue.token_major and epilogue.planes > 0
+                                and geometry.out_channels % epilogue.planes == 0):
+        raise UserError(f"planes={epilogue.planes} needs a token-major output whose "
+                        f"{geometry.out_channels} rows it divides")
     if epilogue.bias is not None and len(epilogue.bias) != geometry.out_channels:
         raise UserError(f"bias has {len(epilogue.bias)} values for {geometry.out_channels} rows")
     return geometry, accumulate

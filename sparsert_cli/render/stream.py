@@ -128,7 +128,8 @@ def _constants(ir: StreamIR) -> str:
             f"activation={ir.activation}; stage={ir.stage}"
             + (f"; slices={ir.k_slices}" if ir.k_slices > 1 else "")
             + ("; layout=tokens" if ir.token_major else "")
-            + (f"; tile_rows={ir.tile_rows}" if ir.tile_rows else "") + "\n"
+            + (f"; tile_rows={ir.tile_rows}" if ir.tile_rows else "")
+            + (f"; planes={ir.planes}" if ir.planes else "") + "\n"
             f"  constexpr int WARPS = {ir.warps}, CHAINS = {ir.chains}, "
             f"STRIDE = {ir.seg.shape[1] + 1}, PIXELS = {g.out_pixels};")
 
@@ -169,12 +170,12 @@ def print_stream(ir: StreamIR, arch: str = "sm_90") -> str:
         step = t.width // t.units
         out.append(f"  {_part_type(t)}* const P = sparsert_part + "
                    + (f"{outvar} / {step};" if step > 1 else f"{outvar};"))
-    rows_out = ir.geometry.out_channels
     if ir.tile_rows:        # this block's rows [c0, c0 + tile_rows), staged, and y's base
         out += [f"  __shared__ {t.elem} sparsert_tile[{ir.tile_rows * _tile_stride(ir)}];",
                 f"  const int c0 = blockIdx.x * {ir.tile_rows};",
                 f"  {t.elem}* const y0 = y;"]
-    out += [f"  {ptr} += {var}" + (f" * {rows_out};" if ir.token_major and ptr != "x" else ";")
+    out += [f"  {ptr} += {var}" + (f" * {_plane_rows(ir)};" if ir.token_major and ptr != "x"
+                                    else ";")
             for ptr, var in ir.pointers]
     g = ir.geometry
     segments = ir.seg.shape[1] // ir.k_slices - 1
@@ -381,6 +382,8 @@ def _epilogue(ir: StreamIR, t: _Types) -> list[str]:
                 "__int_as_float(__ldg(sparsert_bias + row))")
         out.append(f"    const {t.acc_t} bias = {bias};")
         out += [f"    {v} = {t.add(v, 'bias')};" for v in s]
+    if ir.token_major and (ir.residual or not ir.tile_rows):
+        out += _plane_row(ir)
     if ir.residual:
         out += _residual_tokens(ir, t, s) if ir.token_major else _residual(t, s)
     h = "2" if t.width > 1 else ""
@@ -411,10 +414,25 @@ def _residual(t: _Types, s: list[str]) -> list[str]:
     return out + [f"    {v} += {t.column('rv', k)};" for k, v in enumerate(s)]
 
 
+def _plane_rows(ir: StreamIR) -> int:
+    """Rows per plane of a token-major output (all of them: one plane)."""
+    return ir.planes or ir.geometry.out_channels
+
+
+def _plane_row(ir: StreamIR) -> list[str]:
+    """`prow`, the row's offset in a token-major output in planes (its plane's base and its
+    place in the plane's rows); a single plane uses `row` itself."""
+    if not ir.planes:
+        return []
+    p = ir.planes
+    return [f"    const int prow = row / {p} * {p * ir.geometry.out_pixels} + row % {p};"]
+
+
 def _token(ir: StreamIR, column: int) -> str:
     """The offset of this thread's `column`-th column of the row in a token-major array."""
-    step = column * ir.geometry.out_channels
-    return f"{step} + row" if step else "row"
+    step = column * _plane_rows(ir)
+    row = "prow" if ir.planes else "row"
+    return f"{step} + {row}" if step else row
 
 
 def _residual_tokens(ir: StreamIR, t: _Types, s: list[str]) -> list[str]:
@@ -425,7 +443,7 @@ def _residual_tokens(ir: StreamIR, t: _Types, s: list[str]) -> list[str]:
                  f"(unsigned){load.format(_token(ir, 2 * u))})" for u in range(len(s))]
         return [f"    {v} = {t.add(v, pair)};" for v, pair in zip(s, pairs)]
     if t.half_acc:
-        return [f"    {s[0]} = {t.add(s[0], load.format('row'))};"]
+        return [f"    {s[0]} = {t.add(s[0], load.format(_token(ir, 0)))};"]
     convert = "sparsert_h2f({})" if t.half_storage else "{}"
     return [f"    {v} += {convert.format(load.format(_token(ir, k)))};" for k, v in enumerate(s)]
 
@@ -448,10 +466,18 @@ def _write_tile(ir: StreamIR) -> list[str]:
             f"    for (int i = threadIdx.y * {ir.col_threads} + threadIdx.x; i < rows * cols; "
             f"i += {threads}) {{",
             "      const int t = i / rows, c = i - t * rows;",
-            f"      y0[(t0 + t) * {g.out_channels} + c0 + c] = "
-            f"sparsert_tile[c * {_tile_stride(ir)} + t];",
+            f"      y0[{_tile_address(ir)}] = sparsert_tile[c * {_tile_stride(ir)} + t];",
             "    }",
             "  }"]
+
+
+def _tile_address(ir: StreamIR) -> str:
+    """Where the write-out puts tile row c's column t (token t0 + t, row c0 + c)."""
+    g = ir.geometry
+    if not ir.planes:
+        return f"(t0 + t) * {g.out_channels} + c0 + c"
+    p = ir.planes
+    return f"(c0 + c) / {p} * {p * g.out_pixels} + (t0 + t) * {p} + (c0 + c) % {p}"
 
 
 def _store_tokens(ir: StreamIR, t: _Types, s: list[str]) -> list[str]:
@@ -513,7 +539,7 @@ def to_cubin(source: str, arch: str, threads: int = 1) -> Compiled:
 _CONST = re.compile(
     r"// geometry batch=(\d+) in=(\d+) h=(\d+) w=(\d+) out=(\d+) k=(\d+) s=(\d+) p=(\d+); "
     r"dtype=(\w+) acc=(\w+); width=(\d+); grid=(\d+)x(\d+); activation=(\w+); stage=(\w+)"
-    r"(?:; slices=(\d+))?(?:; layout=(tokens))?(?:; tile_rows=(\d+))?\n"
+    r"(?:; slices=(\d+))?(?:; layout=(tokens))?(?:; tile_rows=(\d+))?(?:; planes=(\d+))?\n"
     r"  constexpr int WARPS = (\d+), CHAINS = (\d+), STRIDE = (\d+), PIXELS = (\d+);")
 _SIG = re.compile(r'__launch_bounds__\((\d+)(?:, (\d+))?\)\n(\w+)\(([^)]*)\)')
 _BASE = re.compile(r"const [\w ]+\* b(\d+) = \(\(unsigned\)\(ih \+ (\d+)\) < (\d+)u && "
@@ -558,7 +584,7 @@ def _parse(source: str) -> StreamIR | str:
     geometry = Geometry(*v[0:8])
     slices = v[15] or 1
     dtype, accumulate, width, grid, activation = v[8], v[9], v[10], (v[11], v[12], slices), v[13]
-    stage, (warps, chains, stride) = v[14], v[18:21]
+    stage, (warps, chains, stride) = v[14], v[19:22]
     half_acc = accumulate == "fp16"
     arguments = tuple(a.split()[-1] for a in sig[4].split(","))
     decl = source[sig.end():]
@@ -588,7 +614,8 @@ def _parse(source: str) -> StreamIR | str:
         values=_from_words(ent[1:2 * nnz:2], half_acc), bias=bias,
         residual="res" in arguments, activation=activation, stage=stage, k_slices=slices,
         dependent_launch=source.startswith("\n{\n" + GRID_DEPENDENCY[1], sig.end()),
-        min_blocks=int(sig[2] or 1), token_major=v[16] == "tokens", tile_rows=v[17] or 0)
+        min_blocks=int(sig[2] or 1), token_major=v[16] == "tokens", tile_rows=v[17] or 0,
+        planes=v[18] or 0)
 
 
 def ir_comment(source: str) -> str:

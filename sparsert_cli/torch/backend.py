@@ -13,8 +13,9 @@ import numpy as np
 class LayerSpec:
     """One layer to compile, as api.compile_kernel takes it: gemm (weight M x K, activations
     K x N) or conv (weight M x C x R x S, input_shape (B, C, H, W)); weight numpy or
-    block_diagonal(); epilogue {"bias", "activation", "residual", "token_major"}; family "auto"
-    (a tuned winner of any family, else the cost model's pick) or one family's name."""
+    block_diagonal(); epilogue {"bias", "activation", "residual", "token_major", "planes"};
+    family "auto" (a tuned winner of any family, else the cost model's pick) or one family's
+    name."""
 
     label: str
     weight: object
@@ -141,7 +142,8 @@ def tune_layer(weight: np.ndarray, *, op: str, label: str, input_shape=None, n=N
     # its output channel-major: the winner is keyed by pattern, shape and family, not layout,
     # and the token-major kernel takes it (plan_for) without a second set of measurements
     token_major = layer.epilogue.token_major
-    case_epilogue = replace(layer.epilogue, token_major=False) if token_major else layer.epilogue
+    case_epilogue = (replace(layer.epilogue, token_major=False, planes=0) if token_major
+                     else layer.epilogue)
     case = CaseSpec(0, problem, 1.0 - nnz / (g.out_channels * g.taps), layer.weight,
                     case_epilogue, layer.precision, pattern_hash(layer.weight), shape_key(g))
     if token_major:

@@ -50,6 +50,7 @@ def verify(layer, x: torch.Tensor, res, dtype: str) -> dict:
 
     with torch.no_grad():
         y = layer.run(x, res)
+        y = layer.tokens(y) if hasattr(layer, "tokens") else y
     if y.is_cuda:
         torch.cuda.synchronize(y.device)
     out = y.detach().float().cpu().numpy().astype(np.float64)

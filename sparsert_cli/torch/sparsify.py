@@ -67,9 +67,10 @@ class SparseLayer(torch.nn.Module):
 
     def __init__(self, kernel_id: int, kind: str, weight: torch.Tensor, bias, activation: str,
                  stride: int, padding: int, in_shape: tuple, residual: bool = False,
-                 groups: int = 1, token_major: bool = False):
+                 groups: int = 1, token_major: bool = False, planes: int = 0):
         super().__init__()
         self.token_major = token_major              # Linear: the op returns N x M
+        self.planes = planes                        # ... or (M / P) x N x P (siblings)
         self.kernel_id, self.kind, self.activation = kernel_id, kind, activation
         self.residual = residual                    # the kernel adds a residual input
         self.stride, self.padding, self.in_shape = stride, padding, tuple(in_shape)
@@ -105,6 +106,12 @@ class SparseLayer(torch.nn.Module):
         k = self.in_shape[-1]
         columns = x.reshape(-1, k).t().contiguous()
         n = columns.shape[1]
+        if self.planes:         # (M / P) x N x P: each plane one contiguous token-major block
+            p = self.planes
+            if residual is not None:
+                residual = residual.reshape(n, -1, p).transpose(0, 1).contiguous()
+            y = ops.run(columns, residual, self.kernel_id)
+            return y.view(y.shape[0], *self.in_shape[:-1], p)
         if self.token_major:
             if residual is not None:
                 residual = residual.reshape(n, -1).contiguous()
@@ -114,6 +121,25 @@ class SparseLayer(torch.nn.Module):
             residual = residual.reshape(n, -1).t().contiguous()
         y = ops.run(columns, residual, self.kernel_id)
         return y.t().contiguous().view(*self.in_shape[:-1], y.shape[0])
+
+    def _in_planes(self, y: torch.Tensor) -> bool:
+        """Whether y (what forward returned) is the kernel's output in planes (the dense op's
+        ends in M = planes x P, more than P)."""
+        return bool(self.planes) and y.shape[-1] == self.planes
+
+    def tokens(self, y: torch.Tensor) -> torch.Tensor:
+        """forward's output as nn.Linear returns it (..., M): planes joined (a copy)."""
+        if not self._in_planes(y):
+            return y
+        return y.movedim(0, -2).reshape(*y.shape[1:-1], y.shape[0] * y.shape[-1])
+
+    def part(self, y: torch.Tensor, rows: tuple[int, int]) -> torch.Tensor:
+        """Rows [first, end) of forward's output y, contiguous: a plane as it is (no copy), or
+        a slice of the N x M output (a copy)."""
+        if self._in_planes(y) and rows[1] - rows[0] == self.planes \
+                and rows[0] % self.planes == 0:
+            return y[rows[0] // self.planes]
+        return self.tokens(y)[..., rows[0]:rows[1]].contiguous()
 
     def extra_repr(self) -> str:
         return f"{self.kind}, kernel_id={self.kernel_id}, activation={self.activation}, " \
@@ -249,6 +275,7 @@ class _Shared:
 
     x = None
     y = None
+    layer = None        # the head's SparseLayer (its output's layout: SparseLayer.part)
     version = None
 
 
@@ -270,10 +297,10 @@ class SiblingHead(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.layer(x)
-        self.shared.x, self.shared.y = x, y
+        self.shared.x, self.shared.y, self.shared.layer = x, y, self.layer
         if not torch.compiler.is_compiling():
             self.shared.version = _version(x)
-        return y[..., self.rows[0]:self.rows[1]].contiguous()
+        return self.layer.part(y, self.rows)
 
     def extra_repr(self) -> str:
         return f"rows={self.rows[0]}:{self.rows[1]} of {self.layer.weight.shape[0]}"
@@ -293,7 +320,7 @@ class SiblingSlice(torch.nn.Module):
         if self.shared.x is not x or (not torch.compiler.is_compiling()
                                       and self.shared.version != _version(x)):
             return self.dense(x)
-        return self.shared.y[..., self.rows[0]:self.rows[1]].contiguous()
+        return self.shared.layer.part(self.shared.y, self.rows)
 
     def extra_repr(self) -> str:
         return f"rows={self.rows[0]}:{self.rows[1]} of the head's output"
@@ -334,6 +361,11 @@ def _fuse_siblings(todo: list, modules, seen) -> list:
         head = entries[0]
         label = "+".join(e[1].layer for e in entries)
         epilogue = dict(head[2].epilogue or {}, bias=None if bias is None else bias.numpy())
+        sizes = {w.shape[0] for w in weights}
+        if epilogue.get("token_major") and len(sizes) == 1:
+            # equal siblings (q, k, v): each its own plane, a contiguous N x P block that
+            # attention reads as it is (no copy of a slice)
+            epilogue["planes"] = sizes.pop()
         spec = LayerSpec(label, weight.numpy(), "gemm", n=head[2].n, epilogue=epilogue,
                          family=head[2].family)
         out.append((head[0], head[1], spec, weight, bias, members))
@@ -579,7 +611,93 @@ def _sparsify(model, example_inputs, *, dtype, tuned, verify, min_speedup, min_s
                                                                        record["res"])
                 row["dense_us"] = time_cold_us(_dense_module(modules, chain), inputs)
         release_evict()
+    if on_gpu and not dry_run:
+        info["dependent_launch_off"] = _launch_early_only_after_ours(model)
     return rows
+
+
+# ---- which kernels start early -----------------------------------------------------------------
+# calls that launch no kernel (views, shapes, modules that do nothing in eval mode)
+_VIEW_FUNCTIONS = {torch.flatten, torch.reshape, torch.transpose, torch.permute, torch.squeeze,
+                   torch.unsqueeze, getattr}
+_VIEW_METHODS = {"view", "view_as", "reshape", "flatten", "transpose", "permute", "size", "dim",
+                 "t", "squeeze", "unsqueeze", "expand", "__getitem__"}
+_NO_KERNEL_MODULES = (torch.nn.Identity, torch.nn.Dropout, torch.nn.Flatten)
+
+
+def _launch_order(model) -> list[tuple[object, bool]] | None:
+    """The model's forward as torch.fx reads it after the swaps: per call that launches work,
+    (its SparseLayer, whether our kernel is the last thing it launches), or (None, False) for
+    torch's kernels; None when the model does not trace."""
+    import operator
+
+    import torch.fx
+
+    from sparsert_cli.torch.residual import ResidualChain
+
+    ours = (SparseLayer, SiblingHead, SiblingSlice, ResidualChain, FoldedDense)
+
+    class Tracer(torch.fx.Tracer):
+        def is_leaf_module(self, module, qualified_name) -> bool:
+            return isinstance(module, ours) or super().is_leaf_module(module, qualified_name)
+
+    try:
+        graph = Tracer().trace(model)
+    except Exception:  # noqa: BLE001 -- untraceable: every kernel keeps its launch
+        return None
+    modules = dict(model.named_modules())
+    heads = {id(m.shared): m.layer for m in modules.values() if isinstance(m, SiblingHead)}
+    order = []
+    for node in graph.nodes:
+        if node.op in ("placeholder", "get_attr", "output"):
+            continue
+        if node.op == "call_function" and node.target in (_VIEW_FUNCTIONS | {operator.getitem}):
+            continue
+        if node.op == "call_method" and node.target in _VIEW_METHODS:
+            continue
+        module = modules.get(node.target) if node.op == "call_module" else None
+        if isinstance(module, _NO_KERNEL_MODULES):
+            continue
+        if isinstance(module, SiblingSlice):     # a plane launches nothing; a slice copies
+            head = heads.get(id(module.shared))
+            if head is not None and head.planes:
+                continue
+            order.append((None, False))
+            continue
+        layer = (module if isinstance(module, SparseLayer) else
+                 module.layer if isinstance(module, SiblingHead) else
+                 module.sparse if isinstance(module, ResidualChain) else None)
+        if not isinstance(layer, SparseLayer):
+            order.append((None, False))
+            continue
+        # a sibling head without planes copies its slice after the kernel
+        order.append((layer, not isinstance(module, SiblingHead) or bool(layer.planes)))
+    return order
+
+
+def _plain_launches(order) -> set[int]:
+    """Kernel ids (of _launch_order's layers) to launch without dependent launch: those after
+    one of torch's kernels (or first), and Linear layers."""
+    off, previous_ours = set(), False
+    for layer, ends_ours in order:
+        if layer is not None and (not previous_ours or layer.kind == "linear"):
+            off.add(layer.kernel_id)
+        previous_ours = layer is not None and ends_ours
+    return off
+
+
+def _launch_early_only_after_ours(model) -> int:
+    """Programmatic dependent launch pays only where the kernel before is one of ours (it
+    lets the next start early); after one of torch's, the early-launched kernel waits on its
+    SMs while torch's runs (BERT fp32: 12-18 us slower, S9-7/S9-8). So a kernel keeps it only
+    when the model's previous launch is one of our kernels: never for a Linear layer (its input
+    is transposed first, a copy). Returns how many kernels were set to launch plainly."""
+    order = _launch_order(model)
+    if order is None:
+        return 0
+    states = ops.dependent_launch_states(_plain_launches(order))
+    ops.set_dependent_launch(False, [i for i, on in states.items() if on])
+    return sum(states.values())
 
 
 def _rivals(todo, kernels, dtype, tuned, arch, cache, jobs, on_progress, info,
@@ -744,7 +862,8 @@ def _load(kernel, chain, module, x, dtype, weight, bias, on_gpu) -> tuple[Sparse
                         1 if linear else module.stride[0], 0 if linear else module.padding[0],
                         tuple(x.shape), residual=chain.residual is not None,
                         groups=1 if linear else module.groups,
-                        token_major=bool(kernel.epilogue.token_major))
+                        token_major=bool(kernel.epilogue.token_major),
+                        planes=int(kernel.epilogue.planes))
     return layer, fields
 
 

@@ -96,3 +96,22 @@ def test_token_major_kernels_match_float64(gpu, name, precision, stage):
     assert kernel.output_shape == (shape["n"], weight.shape[0])
     result = sparsert.benchmark_layer(gpu, kernel, baselines=False, replays=1, checks=2)
     assert result["verify_gpu"]["ok"], (name, precision, result["verify_gpu"])
+
+
+@pytest.mark.parametrize("precision", [("fp32", "fp32"), ("fp16", "fp16"), ("bf16", "fp32")])
+@pytest.mark.parametrize("name, planes", [("bert_like", 128), ("gemm_v4_chains8", 16),
+                                          ("gemm_v4_chains8", 32)])
+@pytest.mark.parametrize("slices", [1, 2])
+def test_token_major_planes_match_float64(gpu, name, planes, precision, slices):
+    """Stacked sibling layers' output in planes (P x N blocks, each contiguous): the staged
+    write-out with tiles that straddle planes (5 warps x 3 rows), and K-split scalar stores."""
+    weight, shape, plan = TOKEN_CASES[name]
+    default = dict(col_threads=32, vector_width=4 if precision[0] == "fp32" else 8, warps=5,
+                   rows_per_worker=3, chains=4, stage="smem", k_slices=slices)
+    epi = dict(EPI, bias=np.linspace(-1, 1, weight.shape[0]), token_major=True, planes=planes)
+    kernel = sparsert.compile_kernel(weight, **shape, dtype=precision[0],
+                                     accumulate=precision[1], tuned=False, cache=None,
+                                     epilogue=epi, plan=StreamParams(**{**default, **plan}))
+    assert kernel.output_shape == (weight.shape[0] // planes, shape["n"], planes)
+    result = sparsert.benchmark_layer(gpu, kernel, baselines=False, replays=1, checks=2)
+    assert result["verify_gpu"]["ok"], (name, precision, result["verify_gpu"])
