@@ -432,7 +432,9 @@ def sparsify_(model: torch.nn.Module, example_inputs, *, dtype: str = "fp32", tu
     dependent_launch: compile kernels that wait for the kernel before them and launch them with
     programmatic stream serialization (None: where the GPU has it, sm_90 and newer), so in a
     run of replaced layers each kernel starts while the one before it ends (~0.4 us a kernel
-    in a CUDA graph on an H100); ops.set_dependent_launch() turns it off and on again.
+    in a CUDA graph on an H100); ops.set_dependent_launch() turns it off and on again. Only
+    kernels whose previous launch in the forward (torch.fx, after the swaps) is one of ours
+    keep it: after one of torch's it only costs (stats: dependent_launch_off).
     Kept layers swapped for a FoldedDense hold their folded weights as buffers: the model's
     Conv2d/BatchNorm parameters are gone there, and a later prune_/sparsify_ no longer sees
     those layers.
@@ -448,12 +450,14 @@ def sparsify_(model: torch.nn.Module, example_inputs, *, dtype: str = "fp32", tu
     a model than alone), the streamed one unless the immediate one is STREAMED_PREFERENCE
     (1.15x) faster. fuse_siblings: Linear layers called on the same input (a
     transformer's query, key and value) become one kernel of their stacked weights; the first
-    one called runs it and the others take their slices (a sibling called on another input
-    runs its dense op). tune: run the tuner (GPU) on every layer first and record its winners
+    one called runs it and the others take their slices (equal siblings: each its own
+    contiguous plane of the output, no copy; a sibling called on another input runs its dense
+    op). tune: run the tuner (GPU) on every layer first and record its winners
     in `tuned` (a path or TunedDB). jobs: compile processes (None: one per core; every kernel
     is compiled before any is checked). on_progress(stage, done, total, item): progress of the
     "compile", "compile streamed rivals" and "check" stages. stats: receives plan_seconds,
-    compile_seconds, kernels, cached, dependent_launch (kernels compiled for it) and
+    compile_seconds, kernels, cached, dependent_launch (kernels compiled for it),
+    dependent_launch_off (of those, launched plainly: after one of torch's kernels) and
     rival_seconds, rivals.
     Returns one dict per layer: layer, op, shape, sparsity, fused, family, plan, replaced,
     reason, max_err, max_rel_err, dense_us, sparse_us, speedup (dense_form where the race ran;
