@@ -28,7 +28,7 @@ from sparsert_cli.errors import UserError
 from sparsert_cli.torch import ops
 from sparsert_cli.torch.backend import LayerSpec, block_diagonal, compile_layers, tune_layer
 from sparsert_cli.torch.check import release_evict, time_cold_us, verify as verify_layer
-from sparsert_cli.torch.fuse import Chain, find_chains, folded
+from sparsert_cli.torch.fuse import Chain, activate, activation_modules, find_chains, folded
 from sparsert_cli.torch.prune import is_depthwise
 from sparsert_cli.torch.residual import fuse_residuals, unshare_activations
 
@@ -57,9 +57,7 @@ def _dense_op(layer, x: torch.Tensor, residual=None, gemm: bool = False) -> torc
         y = F.conv2d(x, layer.weight, layer.bias, layer.stride, layer.padding, 1, layer.groups)
     if residual is not None:
         y = y + residual
-    if layer.activation == "relu":
-        return F.relu(y)
-    return F.relu6(y) if layer.activation == "relu6" else y
+    return activate(y, layer.activation)
 
 
 class SparseLayer(torch.nn.Module):
@@ -391,11 +389,7 @@ def _dense_module(modules, chain: Chain):
     if chain.residual:
         return modules[chain.residual]          # a ResidualChain without its kernel yet
     parts = [modules[chain.layer]] + ([modules[chain.bn]] if chain.bn else [])
-    if chain.activation == "relu":
-        parts.append(torch.nn.ReLU())
-    elif chain.activation == "relu6":
-        parts.append(torch.nn.ReLU6())
-    return torch.nn.Sequential(*parts)
+    return torch.nn.Sequential(*parts, *activation_modules(chain.activation))
 
 
 def sparsify_(model: torch.nn.Module, example_inputs, *, dtype: str = "fp32", tuned=None,
@@ -553,7 +547,7 @@ def _sparsify(model, example_inputs, *, dtype, tuned, verify, min_speedup, min_s
                 entry = tune_layer(spec.weight, op=spec.op, label=spec.label,
                                    input_shape=spec.input_shape, n=spec.n, stride=spec.stride,
                                    padding=spec.padding, dtype=dtype, epilogue=spec.epilogue,
-                                   tuned=tuned, arch=arch)
+                                   tuned=tuned, arch=arch, family=spec.family)
             except UserError as exc:
                 row["reason"] = f"no kernel: {exc.message}"
                 continue
