@@ -293,13 +293,16 @@ def test_builtin_models_build_and_trace():
     from sparsert_cli.models import build
 
     for name, layers, bns, fused in (("resnet50", 54, 53, 33), ("mobilenet_v1", 28, 27, 27),
-                                     ("bert_base", 72, 0, 0)):
+                                     ("bert_base", 72, 0, 12)):
         model, x = build(name, resolution=32, tokens=4)
         chains = find_chains(model)
         assert (len(chains), sum(c.bn is not None for c in chains),
                 sum(c.activation != "none" for c in chains)) == (layers, bns, fused)
         with torch.no_grad():
             assert torch.isfinite(model(x)).all()
+    # BERT: each ffn_up fuses its GELU module
+    assert {c.act_module for c in chains if c.activation == "gelu"} == {
+        f"layers.{i}.act" for i in range(12)}
 
 
 def test_models_rows_feed_the_model_plot():
@@ -560,6 +563,54 @@ def test_unequal_siblings_share_a_kernel_without_planes():
         v = model.value(x)
         assert v.shape == (1, 6, 12) and v.is_contiguous()
         assert torch.allclose(v, want_v, atol=1e-5)
+
+
+class FunctionalGelu(nn.Module):
+    def __init__(self, d=16):
+        super().__init__()
+        self.up, self.down = nn.Linear(d, 32), nn.Linear(32, d)
+
+    def forward(self, x):
+        return self.down(torch.nn.functional.gelu(self.up(x)))
+
+
+class SharedGelu(nn.Module):
+    """One GELU module called twice: not fused (GELU applied twice is not GELU)."""
+
+    def __init__(self, d=16):
+        super().__init__()
+        self.a, self.b, self.act = nn.Linear(d, d), nn.Linear(d, d), nn.GELU()
+
+    def forward(self, x):
+        return self.act(self.b(self.act(self.a(x))))
+
+
+def test_a_gelu_module_is_fused_and_a_functional_or_shared_one_is_not():
+    torch.manual_seed(6)
+    x = torch.randn(2, 5, 16)
+    model = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 8),
+                          nn.GELU(approximate="tanh")).eval()
+    prune_(model, 0.7)
+    with torch.no_grad():
+        want = model(x).clone()
+    rows = _cpu(model, (x,))
+    assert [r["fused"] for r in rows] == ["gelu", ""] and all(r["replaced"] for r in rows)
+    assert isinstance(model[1], nn.Identity) and model[0].activation == "gelu"
+    assert isinstance(model[3], nn.GELU)        # the tanh approximation is no kernel's
+    with torch.no_grad():
+        assert torch.allclose(model(x), want, atol=1e-5, rtol=1e-5)
+    for net, fused in ((FunctionalGelu(), ["", ""]), (SharedGelu(), ["", ""])):
+        net.eval()
+        prune_(net, 0.7)
+        with torch.no_grad():
+            want = net(x).clone()
+        rows = _cpu(net, (x,))
+        assert [r["fused"] for r in rows] == fused and all(r["replaced"] for r in rows)
+        assert all(layer.activation == "none" for layer in net.modules()
+                   if isinstance(layer, SparseLayer))
+        with torch.no_grad():
+            assert torch.allclose(net(x), want, atol=1e-5, rtol=1e-5)
+    assert isinstance(net.act, nn.GELU)
 
 
 class LaunchNet(nn.Module):

@@ -1,7 +1,8 @@
 """sparsify_: replace a model's sparse Conv2d / Linear layers by compiled kernels, in place.
 
-Three phases. Plan: per layer, fold the following BatchNorm, fuse a following ReLU/ReLU6 (and
-a residual add), record the shape seen in `example_inputs`. Compile: every kernel at once,
+Three phases. Plan: per layer, fold the following BatchNorm, fuse a following ReLU/ReLU6 or
+GELU module (and a residual add), record the shape seen in `example_inputs`. Compile: every
+kernel at once,
 across processes (cache hits served at once). Check, layer by layer: verify element-wise against
 float64 and (on a GPU) time against the dense layer; a kernel is swapped in only when verified
 and at least `min_speedup` times faster, so the model never gets slower layer by layer.
@@ -61,7 +62,7 @@ def _dense_op(layer, x: torch.Tensor, residual=None, gemm: bool = False) -> torc
 
 
 class SparseLayer(torch.nn.Module):
-    """A Conv2d/Linear (+ folded BatchNorm, + ReLU/ReLU6) running one compiled kernel."""
+    """A Conv2d/Linear (+ folded BatchNorm, + ReLU/ReLU6/GELU) running one compiled kernel."""
 
     def __init__(self, kernel_id: int, kind: str, weight: torch.Tensor, bias, activation: str,
                  stride: int, padding: int, in_shape: tuple, residual: bool = False,
@@ -443,10 +444,12 @@ def sparsify_(model: torch.nn.Module, example_inputs, *, dtype: str = "fp32", tu
     (1.15x) faster. fuse_siblings: Linear layers called on the same input (a
     transformer's query, key and value) become one kernel of their stacked weights; the first
     one called runs it and the others take their slices (a sibling called on another input
-    runs its dense op). tune: run the tuner (GPU) on every layer first and record its winners
-    in `tuned` (a path or TunedDB). jobs: compile processes (None: one per core; every kernel
-    is compiled before any is checked). on_progress(stage, done, total, item): progress of the
-    "compile", "compile streamed rivals" and "check" stages. stats: receives plan_seconds,
+    runs its dense op). Activations fused: a ReLU/ReLU6 module or call, and an exact nn.GELU
+    module called once (replaced by Identity; a functional F.gelu stays in the model, unfused).
+    tune: run the tuner (GPU) on every layer first and record its winners in `tuned` (a path
+    or TunedDB). jobs: compile processes (None: one per core; every kernel is compiled before
+    any is checked). on_progress(stage, done, total, item): progress of the "compile",
+    "compile streamed rivals" and "check" stages. stats: receives plan_seconds,
     compile_seconds, kernels, cached, dependent_launch (kernels compiled for it) and
     rival_seconds, rivals.
     Returns one dict per layer: layer, op, shape, sparsity, fused, family, plan, replaced,
