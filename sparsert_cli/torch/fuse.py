@@ -1,5 +1,5 @@
 """Which Conv2d/Linear layers sparsify_ can take, with what follows them (BatchNorm, ReLU/ReLU6,
-GELU).
+GELU), and which Linear layer a Linear layer's output feeds alone.
 
 The model is traced with torch.fx where that works (torchvision ResNets, MobileNets, plain
 transformer blocks); otherwise only consecutive children of nn.Sequential containers are read.
@@ -40,13 +40,16 @@ def activation_modules(activation: str) -> list[torch.nn.Module]:
 class Chain:
     """A layer and what it can absorb: a BatchNorm (folded into weight and bias) and a ReLU,
     ReLU6 or GELU (the kernel's epilogue). `act_module` names an activation module that only
-    this chain uses (replaced by Identity with the layer); a shared or functional ReLU stays."""
+    this chain uses (replaced by Identity with the layer); a shared or functional ReLU stays.
+    `feeds`: a Linear layer whose output (after act_module) is only ever the input of one call
+    of another Linear layer, that layer's name (traced models only)."""
 
     layer: str
     bn: str | None = None
     activation: str = "none"
     act_module: str | None = None
     residual: str | None = None      # the ResidualChain (residual.py) this layer heads
+    feeds: str | None = None
 
     @property
     def entry(self) -> str:
@@ -118,6 +121,13 @@ def _fx_chains(model: torch.nn.Module) -> list[Chain] | None:
                 chain.activation = _RELU_FUNCTIONS[nxt.target]
             elif nxt.op == "call_method" and nxt.target in ("relu", "relu_"):
                 chain.activation = "relu"
+        out = nxt if chain.act_module else end if chain.activation == "none" else None
+        user = only_user(out) if out is not None else None
+        if (isinstance(modules[node.target], torch.nn.Linear) and calls[node.target] == 1
+                and user is not None and user.op == "call_module" and user.args == (out,)
+                and not user.kwargs and isinstance(modules.get(user.target), torch.nn.Linear)
+                and calls.get(user.target) == 1):
+            chain.feeds = user.target
         chains.append(chain)
     return chains
 
