@@ -695,7 +695,8 @@ def compile_kernel(weight, *, op: str = "gemm", input_shape=None, n: int | None 
       (with input_shape=(batch, C, H, W), stride, padding).
     dtype/accumulate: storage fp32, fp16 or bf16; sums fp32, or fp16 (half2) for fp16 data
       (default: the dtype; fp32 for bf16). epilogue: None, an Epilogue or {"bias": M values,
-      "activation": "none" | "relu" | "relu6", "residual": bool}.
+      "activation": "none" | "relu" | "relu6" | "gelu" (exact, erf; streamed family only),
+      "residual": bool, "token_major": bool, "planes": int}.
     plan: "auto" (the tuned winner for this pattern, shape, GPU, precision and family version if
       the database has one, else the cost model's choice), a family's params (PlanParams), or a
       dict over the cost model's choice.

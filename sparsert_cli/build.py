@@ -67,8 +67,9 @@ def make_plan(problem: Problem, weight, params: PlanParams | None = None,
 
 def layer_family(epilogue: Epilogue, family: str = "auto") -> str:
     """The family a layer may be planned in: `family`, except that "auto" means the streamed
-    family for token-major outputs (the one family that writes N x M)."""
-    return "streamed" if epilogue.token_major and family == "auto" else family
+    family for token-major outputs and GELU (the one family that writes N x M or applies it)."""
+    streamed_only = epilogue.token_major or epilogue.activation == "gelu"
+    return "streamed" if streamed_only and family == "auto" else family
 
 
 def plan_weight(geometry: Geometry, weight, params=None, epilogue: Epilogue = Epilogue(),

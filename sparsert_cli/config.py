@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .errors import UserError
 from .paths import CONFIG_DIR, config_path  # noqa: F401 - CONFIG_DIR re-exported
-from .problem_shape import DTYPES, default_accumulate
+from .problem_shape import ACTIVATIONS, DTYPES, default_accumulate
 from .problems import (Problem, builtin_problem, builtin_problems, load_yaml,
                        problem_from_dict, valid_name)
 
@@ -20,7 +20,6 @@ from .problems import (Problem, builtin_problem, builtin_problems, load_yaml,
 ACCUMULATES = ("fp32", "fp16")        # sum registers (fp16: half2 FMAs, fp16 data only)
 PATTERNS = ("uniform", "pruned")
 EMITTERS = ("ptx", "cuda")
-ACTIVATIONS = ("none", "relu", "relu6")
 
 _TOP_KEYS = {"name", "description", "problems", "sparsity", "dtype", "accumulate", "batch",
              "pattern", "seed", "emit", "epilogue", "plan", "kind", "allow_fp16_flush",

@@ -17,6 +17,7 @@ import numpy as np
 from .families.streamed.plan import PAD
 from .interp_base import PlanExecutionError, _f16, evaluate
 from .ir import StreamIR
+from .reference import gelu
 from .storage import rounded
 
 
@@ -166,6 +167,8 @@ def execute_stream(ir: StreamIR, x: np.ndarray, residual: np.ndarray | None) -> 
             value = np.maximum(value, 0.0)
         if ir.activation == "relu6":
             value = np.minimum(value, 6.0)
+        if ir.activation == "gelu":      # fp16 sums: widened, GELU in fp32, rounded back
+            value = rnd(gelu(value))
         if ir.dtype != "fp32":
             value = rounded(value, ir.dtype)
         store = addr[active]

@@ -21,7 +21,7 @@ from typing import Callable
 
 import numpy as np
 
-from .build import KernelBuild, build_kernel, epilogue_for, geometry_for
+from .build import KernelBuild, build_kernel, epilogue_for, geometry_for, layer_family
 from .families import family_of_params, get_family
 from .families.base import params_key
 from .families.immediate import PlanParams
@@ -166,7 +166,8 @@ def make_cases(configs, limit: int, seeds: Callable[[str, Geometry, str], list] 
                ) -> tuple[list[CaseSpec], list[Job]]:
     """Every case of a config (or of several) and its candidate jobs: first the cost model's
     choice for `gpu_name` (the untuned default, so default-vs-best is measured in one run),
-    then the candidates of every family that can choose (or of `family` alone), taken in turn.
+    then the candidates of every family that can choose (or of `family` alone; a GELU case's
+    "auto" is the streamed family's, build.layer_family), taken in turn.
     `seeds(pattern_hash, geometry, precision)` gives plans to try right after the default (a
     layer's winners at other precisions); `keep(...)` gives the layer's current winners at this
     precision, measured right after the default whatever the limit, so a re-tuning run can only
@@ -189,7 +190,8 @@ def make_cases(configs, limit: int, seeds: Callable[[str, Geometry, str], list] 
                         config.precision, digest, shape_key(geometry))
         cases.append(case)
         cands = case_candidates(geometry, to_csr(weight), config.precision, limit,
-                                tuple(seeds(digest, geometry, config.precision)), family,
+                                tuple(seeds(digest, geometry, config.precision)),
+                                layer_family(case.epilogue, family),
                                 gpu_name, config.emit,
                                 tuple(keep(digest, geometry, config.precision)))
         jobs += [Job(case.index, i, params, fam) for i, (fam, params) in enumerate(cands)]

@@ -111,6 +111,7 @@ class EncoderLayer(nn.Module):
         self.norm1 = nn.LayerNorm(hidden, eps=eps)
         self.ffn_up = nn.Linear(hidden, ffn)
         self.ffn_down = nn.Linear(ffn, hidden)
+        self.act = nn.GELU()        # a module, as HF's BERT (GELUActivation): sparsify_ fuses it
         self.norm2 = nn.LayerNorm(hidden, eps=eps)
 
     def _split(self, t: torch.Tensor) -> torch.Tensor:
@@ -123,7 +124,7 @@ class EncoderLayer(nn.Module):
         ctx = F.scaled_dot_product_attention(q, k, v)
         ctx = ctx.transpose(1, 2).reshape(batch, tokens, hidden)
         x = self.norm1(x + self.attn_out(ctx))
-        return self.norm2(x + self.ffn_down(F.gelu(self.ffn_up(x))))
+        return self.norm2(x + self.ffn_down(self.act(self.ffn_up(x))))
 
 
 class BertEncoder(nn.Module):

@@ -10,7 +10,8 @@ from .errors import UserError
 
 MAX_THREADS = 1024
 MAX_STATIC_SHARED = 48 * 1024
-ACTIVATIONS = ("none", "relu", "relu6")
+# gelu: exact (erf) GELU, 0.5 x (1 + erf(x / sqrt 2)), as torch's F.gelu; streamed family only
+ACTIVATIONS = ("none", "relu", "relu6", "gelu")
 # (storage, accumulate) pairs a kernel can be built for, by their precision label.
 PRECISIONS = {"fp32": ("fp32", "fp32"), "fp16": ("fp16", "fp16"), "fp16acc32": ("fp16", "fp32"),
               "bf16": ("bf16", "fp32")}

@@ -15,6 +15,23 @@ ROUNDED_ONCE = ("bf16",)
 # same term for bf16 is 4x its subnormal spacing, 2^-133.
 ABSOLUTE = {"fp32": 0.0, "tf32": 0.0, "fp16": 4 * 2.0 ** -24, "bf16": 4 * 2.0 ** -133}
 SAFETY = 8.0
+# The largest slope |act'(v)| of each activation that has one above 1: the pre-activation sum's
+# rounding error comes out of the activation scaled by at most this much, so the magnitude that
+# scales the tolerance is scaled so too. GELU's slope peaks at v = sqrt 2: Phi(sqrt 2) +
+# sqrt 2 phi(sqrt 2) = 1.1289. Its own evaluation in fp32 (erff, 2 ulp; a few roundings) adds
+# at most ~4 fp32 ulps of |v| <= the magnitude, within SAFETY's margin at any K (the sums'
+# expected sqrt(K) eps against SAFETY * sqrt(K) eps); fp16 and bf16 outputs round it once to
+# their own type, the rounding every output already has. relu and relu6: slope <= 1.
+SLOPE = {"gelu": 1.13}
+
+
+def gelu(values) -> np.ndarray:
+    """Exact GELU in float64, 0.5 v (1 + erf(v / sqrt 2)) (torch's F.gelu), written with erfc
+    (1 + erf(z) = erfc(-z)) so that it stays accurate where erf(z) is near -1."""
+    from scipy.special import erfc
+
+    v = np.asarray(values, dtype=np.float64)
+    return 0.5 * v * erfc(-v / np.sqrt(2.0))
 
 
 def conv_out_hw(h: int, w: int, r: int, s: int, stride: int, padding: int) -> tuple[int, int]:
@@ -39,7 +56,8 @@ def conv_reference(weight: np.ndarray, x: np.ndarray, stride: int = 1, padding: 
                    bias=None, residual=None, activation: str = "none",
                    absolute: bool = False) -> np.ndarray:
     """y = act(W (*) x + bias + residual) in float64, NCHW. With `absolute`, the same sum over
-    |W| and |x| (no epilogue): the magnitude that scales the rounding error of each output."""
+    |W| and |x| plus |bias| and |residual|, scaled by the activation's largest slope (SLOPE):
+    the magnitude that scales the rounding error of each output."""
     m, c, k, k2 = weight.shape
     x64 = np.asarray(x, dtype=np.float64)
     n = x64.shape[0]
@@ -55,7 +73,7 @@ def conv_reference(weight: np.ndarray, x: np.ndarray, stride: int = 1, padding: 
             y = y + np.abs(np.asarray(residual, dtype=np.float64).reshape(y.shape))
         if bias is not None:
             y = y + np.abs(np.asarray(bias, dtype=np.float64)).reshape(1, m, 1, 1)
-        return y
+        return y * SLOPE.get(activation, 1.0)
     if bias is not None:
         y = y + np.asarray(bias, dtype=np.float64).reshape(1, m, 1, 1)
     if residual is not None:
@@ -64,15 +82,16 @@ def conv_reference(weight: np.ndarray, x: np.ndarray, stride: int = 1, padding: 
         y = np.maximum(y, 0.0)
     if activation == "relu6":
         y = np.minimum(y, 6.0)
-    return y
+    return gelu(y) if activation == "gelu" else y
 
 
 def reference_and_magnitude(weight: np.ndarray, x: np.ndarray, stride: int = 1, padding: int = 0,
                             bias=None, residual=None, activation: str = "none"):
-    """(y, sum |w||x| + |bias| + |residual|), both float64 NCHW: what check() compares against.
-    `weight` is M x C x R x S (a gemm's M x K weight is M x K x 1 x 1, its x 1 x K x 1 x N)."""
+    """(y, sum |w||x| + |bias| + |residual| (times SLOPE for gelu)), both float64 NCHW: what
+    check() compares against. `weight` is M x C x R x S (a gemm's M x K weight is M x K x 1 x 1,
+    its x 1 x K x 1 x N)."""
     ref = conv_reference(weight, x, stride, padding, bias, residual, activation)
-    mag = conv_reference(weight, x, stride, padding, bias, residual, absolute=True)
+    mag = conv_reference(weight, x, stride, padding, bias, residual, activation, absolute=True)
     return ref, mag
 
 

@@ -135,6 +135,37 @@ def test_gen_with_fused_epilogue_and_plan_override(tmp_path):
     assert [a["name"] for a in doc["arguments"]] == ["x", "y", "res"]
 
 
+def test_gen_gelu_builds_a_streamed_kernel_and_the_immediate_family_refuses_it(tmp_path,
+                                                                               capsys):
+    path, _ = _gemm_file(tmp_path)
+    out = tmp_path / "out_gelu"
+    _invoke(["gen", "--pattern", str(path), "--n", "64", "--activation", "gelu", "-o", str(out)])
+    doc = _manifest(out)
+    assert doc["epilogue"]["activation"] == "gelu" and doc["family"] == "streamed"
+    assert "sparsert_gelu" in (out / doc["source"]).read_text()
+    code, _, err = _main(["gen", "--pattern", str(path), "--n", "64", "--activation", "gelu",
+                          "--family", "immediate", "-o", str(tmp_path / "no")], capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, err
+    assert lines[0].endswith("layer.npy: activation gelu is built by the streamed family only")
+
+
+@no_gpu_only
+def test_bench_a_gelu_config_compiles_and_verifies_in_the_streamed_family(tmp_path, capsys):
+    config = tmp_path / "gelu.yaml"
+    config.write_text("name: gelu\nproblems:\n"
+                      "  - {id: g_odd, op: gemm, m: 37, k: 53, n: 129}\n"
+                      "  - {id: g_3x3, op: conv3x3, out_channels: 12, in_channels: 8, height: 9,"
+                      " width: 7, stride: 2, padding: 1, batch: 2}\n"
+                      "sparsity: [0.8]\nepilogue: {bias: true, activation: gelu, residual: true}\n")
+    out = tmp_path / "r" / "gelu.json"
+    code, _, err = _main(["bench", str(config), "--jobs", "1", "--out", str(out)], capsys)
+    assert code == 0, err
+    doc = json.loads(out.read_text())
+    assert [c["family"] for c in doc["cases"]] == ["streamed", "streamed"]
+    assert all(c["compile"]["ok"] and c["verify_cpu"]["ok"] for c in doc["cases"])
+
+
 def test_gen_sparsity_prunes_a_dense_weight(tmp_path):
     path, _ = _gemm_file(tmp_path, density=1.0)
     out = tmp_path / "pruned"

@@ -177,7 +177,7 @@ BAD_CONFIGS = {
     "epilogue_bias_not_bool": (f"problems: [{VALID_INLINE}]\nsparsity: 0.9\n"
                                "epilogue: {bias: 1}\n", ["epilogue.bias"]),
     "epilogue_bad_activation": (f"problems: [{VALID_INLINE}]\nsparsity: 0.9\n"
-                                "epilogue: {activation: gelu}\n", ["activation", "gelu"]),
+                                "epilogue: {activation: swish}\n", ["activation", "swish"]),
     "epilogue_not_mapping": (f"problems: [{VALID_INLINE}]\nsparsity: 0.9\nepilogue: relu\n",
                              ["epilogue"]),
     "plan_unknown_key": (f"problems: [{VALID_INLINE}]\nsparsity: 0.9\n"

@@ -212,6 +212,22 @@ def _run(tmp_path, measure, gpus=(0, 1), db_name="t.sqlite", on_event=None, conf
     return cases, jobs, stats, rows, best
 
 
+def test_a_gelu_case_gets_only_streamed_candidates_that_compile_and_verify(tmp_path):
+    """GELU is the streamed family's alone: under "auto" a tuning case offers no immediate
+    plan (each would fail to build), and its candidates compile and verify on the CPU."""
+    from dataclasses import replace
+
+    from sparsert_cli.config import EpilogueSpec
+
+    config = replace(small_config(), epilogue=EpilogueSpec(bias=True, activation="gelu"))
+    cases, jobs = make_cases(config, 3)
+    assert {job.family[0] for job in jobs} == {"streamed"} and len(jobs) == 6
+    assert {case.epilogue.activation for case in cases} == {"gelu"}
+    for job in jobs[::3]:
+        done = compile_job(cases[job.case], job, "ptx", "sm_90", str(tmp_path), verify_seed=0)
+        assert done.error is None and done.cpu_verify["ok"], done.error
+
+
 def test_workers_are_spawned_one_gpu_each(tmp_path):
     cases, jobs, stats, rows, best = _run(tmp_path, FakeMeasure())
     assert sorted(g["device"] for g in stats["gpus"]) == ["0", "1"]

@@ -241,6 +241,123 @@ def test_token_major_planes_give_each_stacked_layer_its_own_contiguous_block(pre
     assert np.abs(out.reshape(3, 20, 8) - want).max() <= tol * np.abs(want).max()
 
 
+def _gelu64(v):
+    """Exact GELU by math.erf, element by element (independent of reference.gelu's erfc)."""
+    import math
+
+    return np.vectorize(lambda t: 0.5 * t * (1.0 + math.erf(t / math.sqrt(2.0))))(v)
+
+
+# the statements GELU prints for each precision (fp32 sums; half2 pairs; one half)
+GELU_LINES = {"fp32": "    a[0][0] = sparsert_gelu(a[0][0]);",
+              "pair": "    a[0][0] = sparsert_f2h2(sparsert_gelu(sparsert_h2f((unsigned short)"
+                      "(a[0][0] >> 16))), sparsert_gelu(sparsert_h2f((unsigned short)a[0][0])));",
+              "half": "    a[0][0] = sparsert_f2h(sparsert_gelu(sparsert_h2f(a[0][0])));"}
+
+
+@pytest.mark.parametrize("precision", [("fp32", None), ("fp16", "fp16"), ("fp16", "fp32"),
+                                       ("bf16", None)])
+@pytest.mark.parametrize("token_major", [False, True])
+@pytest.mark.parametrize("width, slices, stage", [(1, 1, "smem"), (2, 2, "smem"), (4, 1, "ring"),
+                                                  (4, 3, "shfl")])
+def test_gelu_epilogue_matches_exact_gelu_of_the_sums(precision, token_major, width, slices,
+                                                      stage):
+    """GELU after bias and residual, in every precision, channel-major and token-major, with and
+    without K-slices: printed (fp16 sums widened to fp32 for erff and rounded back), parsed
+    back, run by the interpreter, checked against float64 and against an exact GELU of a plain
+    product computed here, over pre-activations of both signs."""
+    rng = np.random.default_rng(5)
+    w = (0.3 * rng.standard_normal((24, 40))).astype(np.float32)
+    w[rng.random(w.shape) < 0.7] = 0
+    bias = np.linspace(-2, 2, 24)
+    kernel = sparsert.compile_kernel(
+        w, op="gemm", n=20, dtype=precision[0], accumulate=precision[1], tuned=False,
+        cache=None, arch="sm_90",
+        plan=StreamParams(32, width, 2, 3, 4, stage, k_slices=slices),
+        epilogue={"bias": bias, "activation": "gelu", "residual": True,
+                  "token_major": token_major})
+    assert kernel.family == "streamed" and "activation=gelu" in kernel.source
+    assert stream.GELU in kernel.source
+    half_sums = precision[1] == "fp16"
+    line = GELU_LINES["fp32" if not half_sums else "pair" if width > 1 else "half"]
+    assert line in kernel.source
+    stream.check_printed(stream._parse(kernel.source), kernel.source)
+    x, res = kernel.random_inputs(rng)
+    out = kernel.run_cpu(x, res)
+    ok, err, message = kernel.check(out, x, res)
+    assert ok, message
+    res_mn = np.asarray(res, dtype=np.float64).reshape(kernel.output_shape)
+    res_mn = res_mn.T if token_major else res_mn
+    pre = (w.astype(np.float64) @ np.asarray(x, dtype=np.float64).reshape(40, 20)
+           + bias[:, None] + res_mn)
+    assert (pre < -1).sum() > 50 and (pre > 1).sum() > 50 and np.abs(pre).max() < 8
+    dense = _gelu64(pre)
+    dense = dense.T if token_major else dense
+    got = np.asarray(out, dtype=np.float64).reshape(dense.shape)
+    # fp32: relative to the largest output; 2-byte storage: its rounding (bf16: 2^-8 of |y|)
+    # and fp16 sums' (~0.007 here), well within GELU - ReLU (0.17 at -0.75): ReLU would fail
+    bound = (1e-5 * np.abs(dense).max() if precision[0] == "fp32"
+             else 0.01 + 2.0 ** -7 * np.abs(dense))
+    assert np.all(np.abs(got - dense) <= bound)
+    assert np.any(np.abs(np.maximum(dense, 0) - dense) > 4 * bound)
+
+
+def test_gelu_prints_checked_and_keeps_other_kernels_and_refuses_the_immediate_family():
+    from sparsert_cli.build import layer_family
+    from sparsert_cli.families.immediate.plan import build_plan as immediate_plan
+    from sparsert_cli.reference import SLOPE, reference_and_magnitude
+
+    epi = Epilogue(bias=tuple(np.linspace(-2, 2, 12)), activation="gelu", residual=True)
+    _, ir = _ir(("fp16", "fp16"), epi, Geometry(1, 40, 1, 32, 12),
+                StreamParams(32, 4, 2, 3, 4, "smem"))
+    source = stream.print_stream(ir)
+    stream.check_printed(ir, source)
+    assert GELU_LINES["pair"].replace("[0][0]", "[0][1]") in source
+    for changed, why in ((source.replace("activation=gelu", "activation=relu"),
+                          "activation: 'gelu' != 'relu'"),
+                         (source.replace("(a[0][1] >> 16)", "(a[0][1] >> 8)"),
+                          "not what its IR prints"),
+                         (source.replace(stream.GELU, stream.GELU.replace("erff", "erfcf")),
+                          "not what its IR prints")):
+        assert changed != source
+        with pytest.raises(PrintedMismatch, match=why):
+            stream.check_printed(ir, changed)
+    # kernels without GELU print no helper (their sources, names and keys are as before)
+    _, relu = _ir(("fp16", "fp16"), Epilogue(activation="relu"))
+    assert "gelu" not in stream.print_stream(relu)
+    assert Epilogue(activation="relu").key() == {"bias": None, "activation": "relu",
+                                                "residual": False}
+    # the magnitude carries GELU's largest slope; others' are as before
+    w4, x4 = np.ones((1, 2, 1, 1)), np.array([-1.0, 3.0]).reshape(1, 2, 1, 1)
+    for activation, scale in (("none", 1.0), ("relu", 1.0), ("relu6", 1.0), ("gelu", 1.13)):
+        ref, mag = reference_and_magnitude(w4, x4, activation=activation)
+        assert mag.item() == 4.0 * scale and SLOPE.get(activation, 1.0) == scale
+    assert np.isclose(ref.item(), _gelu64(2.0))
+    # "auto" plans GELU in the streamed family (conv or gemm); the immediate family refuses it
+    assert layer_family(epi) == "streamed" and layer_family(Epilogue()) == "auto"
+    assert layer_family(epi, "immediate") == "immediate"
+    gemm = Geometry(1, 40, 1, 16, 12)
+    csr = _weight(gemm, 0.3, 2)
+    kernel = sparsert.compile_kernel(csr.toarray(), op="gemm", n=16, tuned=False, cache=None,
+                                     arch="sm_90", epilogue={"activation": "gelu"})
+    assert kernel.family == "streamed" and kernel.verify_cpu()["ok"]
+    weight, shape = SHAPES["3x3_pad1"]
+    conv = sparsert.compile_kernel(weight, **shape, tuned=False, cache=None, arch="sm_90",
+                                   epilogue={"activation": "gelu", "bias": np.ones(24)})
+    assert conv.family == "streamed" and conv.verify_cpu()["ok"]
+    with pytest.raises(sparsert.UserError, match="^activation gelu is built by the streamed "
+                                                 "family only$"):
+        immediate_plan(csr, gemm, sparsert.PlanParams(rows_per_group=2), epi)
+    with pytest.raises(sparsert.UserError, match="streamed family only"):
+        sparsert.compile_kernel(csr.toarray(), op="gemm", n=16, tuned=False, cache=None,
+                                arch="sm_90", family="immediate",
+                                epilogue={"activation": "gelu"})
+    with pytest.raises(sparsert.UserError, match="activation must be one of none, relu, relu6, "
+                                                 "gelu, got 'swish'"):
+        sparsert.compile_kernel(csr.toarray(), op="gemm", n=16, tuned=False, cache=None,
+                                epilogue={"activation": "swish"})
+
+
 def test_planes_are_printed_parsed_saved_and_refused_where_they_cannot_be(tmp_path):
     from sparsert_cli.problem_shape import Epilogue as E, from_token_layout, to_token_layout
 

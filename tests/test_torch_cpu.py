@@ -155,14 +155,16 @@ def test_sparsify_linear_token_major_and_fp16():
     assert {r["family"] for r in rows} == {"streamed"}
     with torch.no_grad():
         assert torch.allclose(model(x), want, atol=1e-5, rtol=1e-5)
-    # the kernel writes N x M (token-major, as nn.Linear): the op's own output needs no transpose
-    layer = model[0]
-    assert isinstance(layer, SparseLayer) and layer.token_major
-    columns = x.reshape(-1, 32).t().contiguous()
+    # the last kernel writes N x M (token-major, as nn.Linear): the op's own output needs no
+    # transpose (the first one hands its M x N output to it: test_linear_hands_...)
+    layer = model[2]
+    assert isinstance(layer, SparseLayer) and layer.token_major and model[0].feeds == "2"
     with torch.no_grad():
+        hidden = model[1](model[0](x))
+        columns = hidden.reshape(-1, 48).t().contiguous()
         op_out = torch.ops.sparsert.run(columns, None, layer.kernel_id)
-        assert op_out.shape == (10, 48)
-        assert torch.allclose(op_out, layer(x).reshape(10, 48))
+        assert op_out.shape == (10, 16)
+        assert torch.allclose(op_out, layer(hidden).reshape(10, 16))
     half = nn.Sequential(nn.Linear(32, 48)).eval()
     prune_(half, 0.8)
     rows = _cpu(half, (x,), dtype="fp16", dry_run=True)
@@ -293,13 +295,18 @@ def test_builtin_models_build_and_trace():
     from sparsert_cli.models import build
 
     for name, layers, bns, fused in (("resnet50", 54, 53, 33), ("mobilenet_v1", 28, 27, 27),
-                                     ("bert_base", 72, 0, 0)):
+                                     ("bert_base", 72, 0, 12)):
         model, x = build(name, resolution=32, tokens=4)
         chains = find_chains(model)
         assert (len(chains), sum(c.bn is not None for c in chains),
                 sum(c.activation != "none" for c in chains)) == (layers, bns, fused)
         with torch.no_grad():
             assert torch.isfinite(model(x)).all()
+    # BERT: each ffn_up fuses its GELU module and feeds its ffn_down alone
+    feeds = {c.layer: c.feeds for c in chains if c.feeds}
+    assert feeds == {f"layers.{i}.ffn_up": f"layers.{i}.ffn_down" for i in range(12)}
+    assert {c.act_module for c in chains if c.activation == "gelu"} == {
+        f"layers.{i}.act" for i in range(12)}
 
 
 def test_models_rows_feed_the_model_plot():
@@ -562,6 +569,156 @@ def test_unequal_siblings_share_a_kernel_without_planes():
         assert torch.allclose(v, want_v, atol=1e-5)
 
 
+class FFN(nn.Module):
+    """BERT's feed-forward block: up, a GELU module, down; the residual add and LayerNorm."""
+
+    def __init__(self, d=16, hidden=48):
+        super().__init__()
+        self.up, self.act, self.down = nn.Linear(d, hidden), nn.GELU(), nn.Linear(hidden, d)
+        self.norm = nn.LayerNorm(d)
+
+    def forward(self, x):
+        return self.norm(x + self.down(self.act(self.up(x))))
+
+
+class FunctionalGelu(nn.Module):
+    def __init__(self, d=16):
+        super().__init__()
+        self.up, self.down = nn.Linear(d, 32), nn.Linear(32, d)
+
+    def forward(self, x):
+        return self.down(torch.nn.functional.gelu(self.up(x)))
+
+
+class SharedGelu(nn.Module):
+    """One GELU module called twice: not fused (GELU applied twice is not GELU)."""
+
+    def __init__(self, d=16):
+        super().__init__()
+        self.a, self.b, self.act = nn.Linear(d, d), nn.Linear(d, d), nn.GELU()
+
+    def forward(self, x):
+        return self.act(self.b(self.act(self.a(x))))
+
+
+class TwoUsers(nn.Module):
+    """up's output feeds down and the residual add: it stays token-major."""
+
+    def __init__(self, d=16):
+        super().__init__()
+        self.up, self.down = nn.Linear(d, d), nn.Linear(d, d)
+
+    def forward(self, x):
+        h = self.up(x)
+        return self.down(h) + h
+
+
+def test_a_gelu_module_is_fused_and_a_functional_or_shared_one_is_not():
+    torch.manual_seed(6)
+    x = torch.randn(2, 5, 16)
+    model = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 8),
+                          nn.GELU(approximate="tanh")).eval()
+    prune_(model, 0.7)
+    with torch.no_grad():
+        want = model(x).clone()
+    rows = _cpu(model, (x,))
+    assert [r["fused"] for r in rows] == ["gelu", ""] and all(r["replaced"] for r in rows)
+    assert isinstance(model[1], nn.Identity) and model[0].activation == "gelu"
+    assert isinstance(model[3], nn.GELU)        # the tanh approximation is no kernel's
+    with torch.no_grad():
+        assert torch.allclose(model(x), want, atol=1e-5, rtol=1e-5)
+    for net, fused in ((FunctionalGelu(), ["", ""]), (SharedGelu(), ["", ""])):
+        net.eval()
+        prune_(net, 0.7)
+        with torch.no_grad():
+            want = net(x).clone()
+        rows = _cpu(net, (x,))
+        assert [r["fused"] for r in rows] == fused and all(r["replaced"] for r in rows)
+        assert all(layer.activation == "none" for layer in net.modules()
+                   if isinstance(layer, SparseLayer))
+        assert "layout" not in rows[0]          # a kept GELU is a kernel between: no hand-off
+        with torch.no_grad():
+            assert torch.allclose(net(x), want, atol=1e-5, rtol=1e-5)
+    assert isinstance(net.act, nn.GELU)
+
+
+def _compiled_graphs(model, x):
+    """model(x) under torch.compile(fullgraph=True) through AOTAutograd, and the aten graphs it
+    ran (as aot_eager does)."""
+    from torch._dynamo.backends.common import aot_autograd
+
+    graphs = []
+
+    def keep(gm, example_inputs):
+        graphs.append(gm)
+        return gm
+
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=aot_autograd(fw_compiler=keep), fullgraph=True)
+    with torch.no_grad():
+        out = compiled(x)
+    return out, graphs
+
+
+def test_linear_hands_its_output_channel_major_to_the_linear_it_feeds_alone():
+    """BERT's FFN: up (+ GELU) writes M x N, returned as a transposed view, which down reads as
+    its K x N columns as it is: no transpose copy between the two kernels, in eager mode and
+    under torch.compile; verified against float64 like any layer."""
+    torch.manual_seed(7)
+    model = FFN().eval()
+    prune_(model, 0.7)
+    x = torch.randn(2, 5, 16)
+    with torch.no_grad():
+        want = model(x).clone()
+        want_up = torch.nn.functional.gelu(model.up(x)).clone()
+    rows = _cpu(model, (x,))
+    by = {r["layer"]: r for r in rows}
+    assert by["up"]["fused"] == "gelu" and by["up"]["layout"] == "channel-major (feeds down)"
+    assert by["up"]["replaced"] and by["down"]["replaced"] and "layout" not in by["down"]
+    assert by["up"]["max_rel_err"] < 1e-5          # check.verify read the view
+    assert model.up.feeds == "down" and not model.up.token_major and model.down.token_major
+    assert isinstance(model.act, nn.Identity)
+    with torch.no_grad():
+        h = model.up(x)
+        assert h.shape == (2, 5, 48) and not h.is_contiguous() and h.stride() == (5, 1, 10)
+        assert torch.allclose(h, want_up, atol=1e-5, rtol=1e-5)
+        columns = h.reshape(-1, 48).t()
+        assert columns.is_contiguous() and columns.contiguous().data_ptr() == h.data_ptr()
+        assert torch.allclose(model(x), want, atol=1e-5, rtol=1e-5)
+    out, graphs = _compiled_graphs(model, x)
+    assert torch.allclose(out, want, atol=1e-5, rtol=1e-5)
+    copies = [n for g in graphs for n in g.graph.nodes
+              if n.op == "call_function" and ("clone" in str(n.target) or "copy" in str(n.target))]
+    assert len(copies) == 1              # x's transpose for up; none between up and down
+    with torch.no_grad():
+        compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+        assert torch.allclose(compiled(x), want, atol=1e-5, rtol=1e-5)
+    # the dense op of `down` (a kept layer) reads the view too
+    with torch.no_grad():
+        assert torch.allclose(model.down.dense(h), torch.nn.functional.linear(
+            h.contiguous(), model.down.weight, model.down.bias), atol=1e-6)
+
+
+def test_a_linear_output_with_two_users_or_feeding_no_kernel_stays_token_major():
+    torch.manual_seed(8)
+    x = torch.randn(2, 5, 16)
+    model = TwoUsers().eval()
+    prune_(model, 0.7)
+    with torch.no_grad():
+        want = model(x).clone()
+    rows = _cpu(model, (x,))
+    assert all(r["replaced"] for r in rows) and not any("layout" in r for r in rows)
+    assert model.up.token_major and model.up.feeds is None and model.up(x).is_contiguous()
+    with torch.no_grad():
+        assert torch.allclose(model(x), want, atol=1e-5, rtol=1e-5)
+    # down left dense (include leaves it out): up is built token-major
+    ffn = FFN().eval()
+    prune_(ffn, 0.7)
+    rows = _cpu(ffn, (x,), include=lambda name, module: name == "up")
+    assert [r["layer"] for r in rows] == ["up"] and "layout" not in rows[0]
+    assert ffn.up.token_major and ffn.up.feeds is None
+
+
 class LaunchNet(nn.Module):
     """conv+BN+ReLU, conv (its functional ReLU stays in the model), max pool, conv, conv."""
 
@@ -588,17 +745,32 @@ def test_dependent_launch_is_kept_only_after_our_own_kernels():
     prune_(net, 0.8)
     _cpu(net, (torch.randn(1, 8, 6, 6),))
     order = _launch_order(net)
-    assert [(layer is not None, ends) for layer, ends in order] == [
-        (True, True), (True, True), (False, False), (False, False), (True, True),
-        (True, True)]
+    assert [(layer is not None, ends, handed) for layer, ends, handed in order] == [
+        (True, True, False), (True, True, False), (False, False, False), (False, False, False),
+        (True, True, False), (True, True, False)]
     assert _plain_launches(order) == {net.a[0].kernel_id, net.c.kernel_id}
     attention = Attention().eval()
     prune_(attention, 0.7)
     _cpu(attention, (torch.randn(1, 6, 24),))
     order = _launch_order(attention)
     # the head's kernel; key and value: planes (nothing); two matmuls and softmax; out
-    assert [layer is not None for layer, _ in order] == [True, False, False, False, True]
+    assert [layer is not None for layer, _, _ in order] == [True, False, False, False, True]
     assert _plain_launches(order) == {attention.query.layer.kernel_id, attention.out.kernel_id}
+    # a Linear layer handed its input channel-major (no transpose copy) keeps it: BERT's
+    # ffn_down after ffn_up (the Identity left by the GELU launches nothing); after the add and
+    # LayerNorm, a Linear layer whose input is a copy does not
+    ffn = nn.Sequential(FFN(), nn.Linear(16, 16)).eval()
+    prune_(ffn, 0.7)
+    _cpu(ffn, (torch.randn(2, 5, 16),))
+    order = _launch_order(ffn)
+    up, down, last = ffn[0].up, ffn[0].down, ffn[1]
+    assert [(layer, handed) for layer, _, handed in order] == [
+        (up, False), (down, True), (None, False), (None, False), (last, False)]
+    assert _plain_launches(order) == {up.kernel_id, last.kernel_id}
+    down.feeds = None          # (as if the two were not handed over: the copy is back)
+    up.feeds = None
+    assert _plain_launches(_launch_order(ffn)) == {up.kernel_id, down.kernel_id,
+                                                   last.kernel_id}
 
 
 class CrossAttention(nn.Module):

@@ -12,7 +12,7 @@ from ..errors import UserError
 from ..options import (arch_option, check_family, check_plan_width, family_option,
                        parse_plan_options, plan_option)
 from ..paths import check_output, tuned_db_path
-from ..problem_shape import DTYPES
+from ..problem_shape import ACTIVATIONS, DTYPES
 
 OPS = ("gemm", "conv1x1", "conv3x3")
 
@@ -92,8 +92,8 @@ def _bias(path: str | None, rows: int) -> tuple[float, ...] | None:
                    "for bf16).")
 @arch_option
 @click.option("--bias", "bias_path", default=None, help="Fuse a per-channel bias (.npy, M values).")
-@click.option("--activation", type=click.Choice(["none", "relu", "relu6"]), default="none",
-              show_default=True, help="Fused activation.")
+@click.option("--activation", type=click.Choice(list(ACTIVATIONS)), default="none",
+              show_default=True, help="Fused activation (gelu: exact, erf; streamed family).")
 @click.option("--residual", is_flag=True, help="Fuse a residual add (extra input `res`).")
 @plan_option
 @click.option("-o", "--out", "out_dir", default=None, type=click.Path(file_okay=False),

@@ -108,16 +108,19 @@ def compile_layers(specs: list[LayerSpec], *, dtype: str = "fp32", tuned=None,
 def tune_layer(weight: np.ndarray, *, op: str, label: str, input_shape=None, n=None,
                stride: int = 1, padding: int = 0, dtype: str = "fp32",
                epilogue: dict | None = None, tuned=None, arch: str | None = None,
-               limit: int = 16, device: int = 0, db_path=None, measure=None) -> dict:
+               limit: int = 16, device: int = 0, db_path=None, measure=None,
+               family: str = "auto") -> dict:
     """Tune one layer on GPU `device` (one spawned measure worker, as `sparsert tune`): every
     candidate compiled, verified element-wise and timed, every measurement kept in the tuning
     database (`db_path`, default as `sparsert tune`), the winner recorded in the tuned-plan JSON
     `tuned` (a path, a TunedDB, or None: ./configs/tuned.json), keyed exactly as
-    compile_layers() (plan "auto") looks it up. `measure` replaces the GPU timer (tests). Returns
-    the summary row of the case (status, best plan, us, default_us)."""
+    compile_layers() (plan "auto") looks it up. `measure` replaces the GPU timer (tests).
+    `family`: as LayerSpec's (a token-major or GELU layer's "auto" is the streamed family).
+    Returns the summary row of the case (status, best plan, us, default_us)."""
     from dataclasses import replace
 
     from sparsert_cli.api import Layer
+    from sparsert_cli.build import layer_family
     from sparsert_cli.executors import run_jobs
     from sparsert_cli.executors.local import LocalExecutor
     from sparsert_cli.jobs import CaseSpec, Job, case_candidates, current_family, winners
@@ -146,7 +149,7 @@ def tune_layer(weight: np.ndarray, *, op: str, label: str, input_shape=None, n=N
                      else layer.epilogue)
     case = CaseSpec(0, problem, 1.0 - nnz / (g.out_channels * g.taps), layer.weight,
                     case_epilogue, layer.precision, pattern_hash(layer.weight), shape_key(g))
-    if token_major:
+    if layer_family(layer.epilogue, family) == "streamed":
         pairs = case_candidates(g, csr, layer.precision, limit, family="streamed")
         family = pairs[0][0]
         jobs = [Job(0, i, params) for i, (_, params) in enumerate(pairs)]

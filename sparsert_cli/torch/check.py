@@ -10,6 +10,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from sparsert_cli.reference import SLOPE
+from sparsert_cli.torch.fuse import activate
 
 
 def _grouped_reference(weight, bias, activation, x, stride, padding, groups, res=None):
@@ -19,10 +21,9 @@ def _grouped_reference(weight, bias, activation, x, stride, padding, groups, res
     b = None if bias is None else torch.from_numpy(bias.astype(np.float64))
     r = None if res is None else torch.from_numpy(res)
     y = F.conv2d(x, w, b, stride, padding, 1, groups) + (0.0 if r is None else r)
-    y = F.relu(y) if activation in ("relu", "relu6") else y
-    y = y.clamp(max=6.0) if activation == "relu6" else y
     mag = F.conv2d(x.abs(), w.abs(), None if b is None else b.abs(), stride, padding, 1, groups)
-    return y.numpy(), (mag + (0.0 if r is None else r.abs())).numpy()
+    mag = (mag + (0.0 if r is None else r.abs())) * SLOPE.get(activation, 1.0)
+    return activate(y, activation).numpy(), mag.numpy()
 
 
 def _reference(kind: str, weight: np.ndarray, bias, activation: str, x: np.ndarray, stride,
@@ -37,10 +38,10 @@ def _reference(kind: str, weight: np.ndarray, bias, activation: str, x: np.ndarr
         x4 = x.reshape(-1, k).T.reshape(1, k, 1, -1)
         w4 = weight.reshape(weight.shape[0], k, 1, 1)
         ref = conv_reference(w4, x4, 1, 0, bias, None, activation)
-        mag = conv_reference(w4, x4, 1, 0, bias, None, absolute=True)
+        mag = conv_reference(w4, x4, 1, 0, bias, None, activation, absolute=True)
         return ref.reshape(weight.shape[0], -1).T, mag.reshape(weight.shape[0], -1).T
     return (conv_reference(weight, x, stride, padding, bias, res, activation),
-            conv_reference(weight, x, stride, padding, bias, res, absolute=True))
+            conv_reference(weight, x, stride, padding, bias, res, activation, absolute=True))
 
 
 def verify(layer, x: torch.Tensor, res, dtype: str) -> dict:

@@ -26,6 +26,7 @@ import torch
 from sparsert_cli.errors import UserError
 from sparsert_cli.torch import ops
 from sparsert_cli.torch.check import captured_graph
+from sparsert_cli.torch.fuse import activation_modules
 from sparsert_cli.torch.prune import prune_
 from sparsert_cli.torch.sparsify import DTYPES, SparseLayer, sparsify_
 
@@ -341,9 +342,7 @@ def onnx_module(layer) -> tuple[torch.nn.Module, torch.Tensor]:
         module.weight.copy_(torch.from_numpy(layer.weight))
         if layer.bias is not None:
             module.bias.copy_(torch.from_numpy(layer.bias))
-    parts = [module] + ([torch.nn.ReLU()] if layer.activation == "relu" else
-                        [torch.nn.ReLU6()] if layer.activation == "relu6" else [])
-    return torch.nn.Sequential(*parts).eval(), x
+    return torch.nn.Sequential(module, *activation_modules(layer.activation)).eval(), x
 
 
 def run_onnx(name: str, layers, *, sparsity: float | None, dtype: str, tuned=None,

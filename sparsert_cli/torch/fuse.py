@@ -1,4 +1,5 @@
-"""Which Conv2d/Linear layers sparsify_ can take, with what follows them (BatchNorm, ReLU/ReLU6).
+"""Which Conv2d/Linear layers sparsify_ can take, with what follows them (BatchNorm, ReLU/ReLU6,
+GELU), and which Linear layer a Linear layer's output feeds alone.
 
 The model is traced with torch.fx where that works (torchvision ResNets, MobileNets, plain
 transformer blocks); otherwise only consecutive children of nn.Sequential containers are read.
@@ -6,6 +7,8 @@ The graph is only *read*: layers are then replaced in place, so the caller's mod
 the model. A ReLU module used elsewhere too (ResNet's shared `self.relu`) stays in the model after
 its fusion: ReLU and ReLU6 are idempotent, so applying it again changes nothing (sparsify_ first
 gives each call of such a module in a non-root module its own copy: residual.unshare_activations).
+GELU is not idempotent: only an nn.GELU (exact) module called once is fused (it is then replaced
+by Identity); a shared one, and a functional F.gelu call, stay in the model and are not fused.
 """
 
 from __future__ import annotations
@@ -17,19 +20,36 @@ import torch.fx
 import torch.nn.functional as F
 
 _RELU_FUNCTIONS = {F.relu: "relu", torch.relu: "relu", F.relu6: "relu6"}
+# each fused activation as torch computes it: a function (dense ops, references) and a module
+# (dense chains, ONNX layers); gelu is the exact one (approximate="none")
+ACTIVATION_FUNCTIONS = {"relu": F.relu, "relu6": F.relu6, "gelu": F.gelu}
+ACTIVATION_MODULES = {"relu": torch.nn.ReLU, "relu6": torch.nn.ReLU6, "gelu": torch.nn.GELU}
+
+
+def activate(y: torch.Tensor, activation: str) -> torch.Tensor:
+    """y through a kernel's fused activation ("none": y itself)."""
+    return y if activation == "none" else ACTIVATION_FUNCTIONS[activation](y)
+
+
+def activation_modules(activation: str) -> list[torch.nn.Module]:
+    """The activation as a list of at most one module (to append to an nn.Sequential)."""
+    return [] if activation == "none" else [ACTIVATION_MODULES[activation]()]
 
 
 @dataclass
 class Chain:
-    """A layer and what it can absorb: a BatchNorm (folded into weight and bias) and a ReLU or
-    ReLU6 (the kernel's epilogue). `act_module` names a ReLU module that only this chain uses
-    (replaced by Identity with the layer); a shared or functional ReLU stays."""
+    """A layer and what it can absorb: a BatchNorm (folded into weight and bias) and a ReLU,
+    ReLU6 or GELU (the kernel's epilogue). `act_module` names an activation module that only
+    this chain uses (replaced by Identity with the layer); a shared or functional ReLU stays.
+    `feeds`: a Linear layer whose output (after act_module) is only ever the input of one call
+    of another Linear layer, that layer's name (traced models only)."""
 
     layer: str
     bn: str | None = None
     activation: str = "none"
     act_module: str | None = None
     residual: str | None = None      # the ResidualChain (residual.py) this layer heads
+    feeds: str | None = None
 
     @property
     def entry(self) -> str:
@@ -44,7 +64,15 @@ def _activation(module) -> str | None:
         return "relu6"
     if isinstance(module, torch.nn.Hardtanh) and (module.min_val, module.max_val) == (0.0, 6.0):
         return "relu6"
+    if isinstance(module, torch.nn.GELU) and module.approximate == "none":
+        return "gelu"
     return None
+
+
+def _idempotent(activation: str) -> bool:
+    """Whether applying the activation again changes nothing (ReLU, ReLU6; not GELU): only
+    then may a call the model keeps (a shared module, a function) be fused too."""
+    return activation in ("relu", "relu6")
 
 
 def _is_layer(module) -> bool:
@@ -84,20 +112,31 @@ def _fx_chains(model: torch.nn.Module) -> list[Chain] | None:
             chain.bn, end = nxt.target, nxt
         nxt = only_user(end)
         if nxt is not None and nxt.args and nxt.args[0] is end:
-            if nxt.op == "call_module" and _activation(modules.get(nxt.target)):
-                chain.activation = _activation(modules[nxt.target])
-                if calls.get(nxt.target) == 1:
-                    chain.act_module = nxt.target
+            act = _activation(modules.get(nxt.target)) if nxt.op == "call_module" else None
+            if act and calls.get(nxt.target) == 1:       # the module leaves with the layer
+                chain.activation, chain.act_module = act, nxt.target
+            elif act and _idempotent(act):          # shared: stays, and applies once more
+                chain.activation = act
             elif nxt.op == "call_function" and nxt.target in _RELU_FUNCTIONS:
                 chain.activation = _RELU_FUNCTIONS[nxt.target]
             elif nxt.op == "call_method" and nxt.target in ("relu", "relu_"):
                 chain.activation = "relu"
+        out = nxt if chain.act_module else end if chain.activation == "none" else None
+        user = only_user(out) if out is not None else None
+        if (isinstance(modules[node.target], torch.nn.Linear) and calls[node.target] == 1
+                and user is not None and user.op == "call_module" and user.args == (out,)
+                and not user.kwargs and isinstance(modules.get(user.target), torch.nn.Linear)
+                and calls.get(user.target) == 1):
+            chain.feeds = user.target
         chains.append(chain)
     return chains
 
 
 def _sequential_chains(model: torch.nn.Module) -> list[Chain]:
     chains, seen = [], set()
+    places: dict[int, int] = {}         # id(module) -> how many places hold it
+    for _, module in model.named_modules(remove_duplicate=False):
+        places[id(module)] = places.get(id(module), 0) + 1
     for prefix, container in model.named_modules():
         if not isinstance(container, torch.nn.Sequential):
             continue
@@ -111,8 +150,9 @@ def _sequential_chains(model: torch.nn.Module) -> list[Chain]:
                     and isinstance(items[j][1], torch.nn.BatchNorm2d)):
                 chain.bn = f"{prefix}.{items[j][0]}" if prefix else items[j][0]
                 j += 1
-            if j < len(items) and _activation(items[j][1]):
-                chain.activation = _activation(items[j][1])
+            act = _activation(items[j][1]) if j < len(items) else None
+            if act and (places[id(items[j][1])] == 1 or _idempotent(act)):
+                chain.activation = act
                 chain.act_module = f"{prefix}.{items[j][0]}" if prefix else items[j][0]
             chains.append(chain)
             seen.add(full)

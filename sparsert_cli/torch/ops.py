@@ -11,7 +11,8 @@ read X as K x N columns, and so does the op for Linear layers: its caller
 (sparsify.SparseLayer.run) transposes token-major activations in, outside the op, where
 torch.compile fuses that copy into the kernel that makes them. Linear kernels built token-major
 (the streamed family) write N x M, as nn.Linear returns it; others write M x N, transposed back
-by the caller.
+by the caller, or handed to the next Linear kernel as a transposed view (whose transpose back
+into K x N columns is then no copy: the contiguous() here and there does nothing).
 """
 
 from __future__ import annotations

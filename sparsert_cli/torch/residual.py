@@ -19,6 +19,8 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 
+from sparsert_cli.torch.fuse import activate
+
 _ADDS = {operator.add, torch.add}
 _RELU = {F.relu: "relu", torch.relu: "relu", F.relu6: "relu6"}
 
@@ -37,9 +39,7 @@ class ResidualChain(torch.nn.Module):
             return self.sparse(x, residual)
         y = self.conv(x)
         y = (self.bn(y) if self.bn is not None else y) + residual
-        if self.activation == "relu":
-            return F.relu(y)
-        return F.relu6(y) if self.activation == "relu6" else y
+        return activate(y, self.activation)
 
 
 class _ChildrenAreLeaves(torch.fx.Tracer):

@@ -1,7 +1,9 @@
 """sparsify_: replace a model's sparse Conv2d / Linear layers by compiled kernels, in place.
 
-Three phases. Plan: per layer, fold the following BatchNorm, fuse a following ReLU/ReLU6 (and
-a residual add), record the shape seen in `example_inputs`. Compile: every kernel at once,
+Three phases. Plan: per layer, fold the following BatchNorm, fuse a following ReLU/ReLU6 or
+GELU module (and a residual add), record the shape seen in `example_inputs`, and build a Linear
+layer whose output only feeds another replaced Linear layer channel-major (a hand-off: the next
+kernel reads it as it is, see SparseLayer.run). Compile: every kernel at once,
 across processes (cache hits served at once). Check, layer by layer: verify element-wise against
 float64 and (on a GPU) time against the dense layer; a kernel is swapped in only when verified
 and at least `min_speedup` times faster, so the model never gets slower layer by layer.
@@ -28,7 +30,7 @@ from sparsert_cli.errors import UserError
 from sparsert_cli.torch import ops
 from sparsert_cli.torch.backend import LayerSpec, block_diagonal, compile_layers, tune_layer
 from sparsert_cli.torch.check import release_evict, time_cold_us, verify as verify_layer
-from sparsert_cli.torch.fuse import Chain, find_chains, folded
+from sparsert_cli.torch.fuse import Chain, activate, activation_modules, find_chains, folded
 from sparsert_cli.torch.prune import is_depthwise
 from sparsert_cli.torch.residual import fuse_residuals, unshare_activations
 
@@ -57,20 +59,20 @@ def _dense_op(layer, x: torch.Tensor, residual=None, gemm: bool = False) -> torc
         y = F.conv2d(x, layer.weight, layer.bias, layer.stride, layer.padding, 1, layer.groups)
     if residual is not None:
         y = y + residual
-    if layer.activation == "relu":
-        return F.relu(y)
-    return F.relu6(y) if layer.activation == "relu6" else y
+    return activate(y, layer.activation)
 
 
 class SparseLayer(torch.nn.Module):
-    """A Conv2d/Linear (+ folded BatchNorm, + ReLU/ReLU6) running one compiled kernel."""
+    """A Conv2d/Linear (+ folded BatchNorm, + ReLU/ReLU6/GELU) running one compiled kernel."""
 
     def __init__(self, kernel_id: int, kind: str, weight: torch.Tensor, bias, activation: str,
                  stride: int, padding: int, in_shape: tuple, residual: bool = False,
-                 groups: int = 1, token_major: bool = False, planes: int = 0):
+                 groups: int = 1, token_major: bool = False, planes: int = 0,
+                 feeds: str | None = None):
         super().__init__()
         self.token_major = token_major              # Linear: the op returns N x M
         self.planes = planes                        # ... or (M / P) x N x P (siblings)
+        self.feeds = feeds                          # channel-major, read by this Linear alone
         self.kernel_id, self.kind, self.activation = kernel_id, kind, activation
         self.residual = residual                    # the kernel adds a residual input
         self.stride, self.padding, self.in_shape = stride, padding, tuple(in_shape)
@@ -100,7 +102,10 @@ class SparseLayer(torch.nn.Module):
         are transposed here, outside the op, where torch.compile fuses the copy into the
         kernel that makes x (in eager and plain graphs it is one copy). A token-major kernel
         writes N x M (and reads its residual so), as nn.Linear returns it; a channel-major one
-        writes M x N, transposed back here. The output is contiguous, as nn.Linear's."""
+        writes M x N, transposed back here. The output is contiguous, as nn.Linear's, except
+        where the layer `feeds` another Linear layer alone: then its M x N output is returned
+        as a transposed view (N x M strides), which that layer's transpose turns back into
+        K x N columns without a copy or a kernel."""
         if self.kind != "linear":
             return ops.run(x, residual, self.kernel_id)
         k = self.in_shape[-1]
@@ -120,6 +125,8 @@ class SparseLayer(torch.nn.Module):
         if residual is not None:
             residual = residual.reshape(n, -1).t().contiguous()
         y = ops.run(columns, residual, self.kernel_id)
+        if self.feeds:
+            return y.t().view(*self.in_shape[:-1], y.shape[0])
         return y.t().contiguous().view(*self.in_shape[:-1], y.shape[0])
 
     def _in_planes(self, y: torch.Tensor) -> bool:
@@ -143,7 +150,8 @@ class SparseLayer(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.kind}, kernel_id={self.kernel_id}, activation={self.activation}, " \
-               f"input={self.in_shape}" + (f", groups={self.groups}" if self.groups > 1 else "")
+               f"input={self.in_shape}" + (f", groups={self.groups}" if self.groups > 1 else "") \
+               + (f", feeds={self.feeds}" if self.feeds else "")
 
 
 # ---- per-layer checks --------------------------------------------------------------------------
@@ -331,7 +339,7 @@ def _sibling_groups(todo: list, modules, seen) -> list[list[int]]:
     between the calls (and nothing fused but the same activation), in call order: each group
     of two or more can be one kernel."""
     groups: dict[tuple, list[int]] = {}
-    for i, (row, chain, spec, weight, bias) in enumerate(todo):
+    for i, (_, chain, *_) in enumerate(todo):
         module = modules[chain.layer]
         if not isinstance(module, torch.nn.Linear) or chain.bn or chain.residual:
             continue
@@ -391,11 +399,7 @@ def _dense_module(modules, chain: Chain):
     if chain.residual:
         return modules[chain.residual]          # a ResidualChain without its kernel yet
     parts = [modules[chain.layer]] + ([modules[chain.bn]] if chain.bn else [])
-    if chain.activation == "relu":
-        parts.append(torch.nn.ReLU())
-    elif chain.activation == "relu6":
-        parts.append(torch.nn.ReLU6())
-    return torch.nn.Sequential(*parts)
+    return torch.nn.Sequential(*parts, *activation_modules(chain.activation))
 
 
 def sparsify_(model: torch.nn.Module, example_inputs, *, dtype: str = "fp32", tuned=None,
@@ -452,19 +456,28 @@ def sparsify_(model: torch.nn.Module, example_inputs, *, dtype: str = "fp32", tu
     transformer's query, key and value) become one kernel of their stacked weights; the first
     one called runs it and the others take their slices (equal siblings: each its own
     contiguous plane of the output, no copy; a sibling called on another input runs its dense
-    op). tune: run the tuner (GPU) on every layer first and record its winners
-    in `tuned` (a path or TunedDB). jobs: compile processes (None: one per core; every kernel
-    is compiled before any is checked). on_progress(stage, done, total, item): progress of the
-    "compile", "compile streamed rivals" and "check" stages. stats: receives plan_seconds,
-    compile_seconds, kernels, cached, dependent_launch (kernels compiled for it),
-    dependent_launch_off (of those, launched plainly: after one of torch's kernels) and
-    rival_seconds, rivals.
+    op). Activations fused: a ReLU/ReLU6 module or call, and an exact nn.GELU
+    module called once (replaced by Identity; a functional F.gelu stays in the model, unfused).
+    Channel-major hand-off: a Linear layer whose output (after its fused activation module) is
+    only the input of another Linear layer that gets a kernel too (BERT's ffn_up, GELU,
+    ffn_down; traced models, no sibling groups) is built channel-major and returns its M x N
+    output as a transposed view, which the next kernel reads as its K x N columns as it is: no
+    transpose copy and no kernel between the two, in eager mode and under torch.compile (if
+    the next layer keeps its dense op, F.linear reads the view); such a kernel keeps
+    programmatic dependent launch after its producer. tune: run the tuner (GPU) on every
+    layer first and record its winners in `tuned` (a path or TunedDB). jobs: compile
+    processes (None: one per core; every kernel is compiled before any is checked).
+    on_progress(stage, done, total, item): progress of the "compile", "compile streamed
+    rivals" and "check" stages. stats: receives plan_seconds, compile_seconds, kernels,
+    cached, dependent_launch (kernels compiled for it), dependent_launch_off (of those,
+    launched plainly: after one of torch's kernels) and rival_seconds, rivals.
     Returns one dict per layer: layer, op, shape, sparsity, fused, family, plan, replaced,
     reason, max_err, max_rel_err, dense_us, sparse_us, speedup (dense_form where the race ran;
     and, where a rival was timed,
     tried: {"family plan": us}; rival_failed where one failed verification; on the first of
     sibling layers, siblings: the others its stacked kernel runs, whose rows say so in
-    reason). Render with report_table().
+    reason; on a hand-off's first layer, layout: "channel-major (feeds <layer>)"). Render with
+    report_table().
     """
     _check_args(dtype, min_speedup, min_sparsity)
     if dependent_launch not in (None, True, False):
@@ -550,14 +563,21 @@ def _sparsify(model, example_inputs, *, dtype, tuned, verify, min_speedup, min_s
         row["op"], row["shape"] = _describe(module, tuple(record["x"].shape))
         row["reason"] = _why_not(module, record, dtype, min_sparsity, row) or ""
         if not row["reason"]:
-            todo.append((row, chain, *_spec(chain, module, modules, record["x"])))
+            todo.append((row, chain))
+    # a Linear layer read by another replaced Linear layer alone hands it its output M x N
+    handoffs = _handoffs(todo, modules, seen, fuse_siblings)
+    for row, chain in todo:
+        if chain.layer in handoffs:
+            row["layout"] = f"channel-major (feeds {chain.feeds})"
+    todo = [(row, chain, *_spec(chain, modules[chain.layer], modules, seen[chain.layer]["x"],
+                                chain.layer in handoffs)) for row, chain in todo]
     if tune:
         for row, chain, spec, _, _ in todo:
             try:
                 entry = tune_layer(spec.weight, op=spec.op, label=spec.label,
                                    input_shape=spec.input_shape, n=spec.n, stride=spec.stride,
                                    padding=spec.padding, dtype=dtype, epilogue=spec.epilogue,
-                                   tuned=tuned, arch=arch)
+                                   tuned=tuned, arch=arch, family=spec.family)
             except UserError as exc:
                 row["reason"] = f"no kernel: {exc.message}"
                 continue
@@ -600,8 +620,9 @@ def _sparsify(model, example_inputs, *, dtype, tuned, verify, min_speedup, min_s
         else:
             record = seen[chain.layer]
             options = [kernel] + ([rivals[done - 1]] if done - 1 in rivals else [])
+            feeds = chain.feeds if chain.layer in handoffs else None
             layers = [_load(k, chain, modules[chain.layer], record["x"], dtype, weight, bias,
-                            on_gpu) for k in options]
+                            on_gpu, feeds) for k in options]
             _check_layer(model, modules, chain, layers, record, row, dtype, verify, dry_run,
                          on_gpu, min_speedup, members, compiled_dense)
         for member_row, _, _ in (members or [])[1:]:
@@ -629,10 +650,11 @@ _VIEW_METHODS = {"view", "view_as", "reshape", "flatten", "transpose", "permute"
 _NO_KERNEL_MODULES = (torch.nn.Identity, torch.nn.Dropout, torch.nn.Flatten)
 
 
-def _launch_order(model) -> list[tuple[object, bool]] | None:
+def _launch_order(model) -> list[tuple[object, bool, bool]] | None:
     """The model's forward as torch.fx reads it after the swaps: per call that launches work,
-    (its SparseLayer, whether our kernel is the last thing it launches), or (None, False) for
-    torch's kernels; None when the model does not trace."""
+    (its SparseLayer, whether our kernel is the last thing it launches, whether its input
+    comes from a channel-major hand-off (SparseLayer.feeds: no transpose copy before it)), or
+    (None, False, False) for torch's kernels; None when the model does not trace."""
     import operator
 
     import torch.fx
@@ -666,25 +688,41 @@ def _launch_order(model) -> list[tuple[object, bool]] | None:
             head = heads.get(id(module.shared))
             if head is not None and head.planes:
                 continue
-            order.append((None, False))
+            order.append((None, False, False))
             continue
         layer = (module if isinstance(module, SparseLayer) else
                  module.layer if isinstance(module, SiblingHead) else
                  module.sparse if isinstance(module, ResidualChain) else None)
         if not isinstance(layer, SparseLayer):
-            order.append((None, False))
+            order.append((None, False, False))
             continue
         # a sibling head without planes copies its slice after the kernel
-        order.append((layer, not isinstance(module, SiblingHead) or bool(layer.planes)))
+        order.append((layer, not isinstance(module, SiblingHead) or bool(layer.planes),
+                      _handed_over(node, modules)))
     return order
+
+
+def _handed_over(node, modules) -> bool:
+    """Whether the call `node` takes its input straight (through the Identity left where its
+    activation module was) from a SparseLayer that feeds it: a transposed view of M x N."""
+    source = node.args[0] if node.args else None
+    while (getattr(source, "op", None) == "call_module"
+           and isinstance(modules.get(source.target), torch.nn.Identity) and source.args):
+        source = source.args[0]
+    if getattr(source, "op", None) != "call_module":
+        return False
+    producer = modules.get(source.target)
+    return isinstance(producer, SparseLayer) and producer.feeds == node.target
 
 
 def _plain_launches(order) -> set[int]:
     """Kernel ids (of _launch_order's layers) to launch without dependent launch: those after
-    one of torch's kernels (or first), and Linear layers."""
+    one of torch's kernels (or first), and Linear layers whose input is transposed by a copy
+    (all but those handed a channel-major output)."""
     off, previous_ours = set(), False
-    for layer, ends_ours in order:
-        if layer is not None and (not previous_ours or layer.kind == "linear"):
+    for layer, ends_ours, handed_over in order:
+        if layer is not None and (not previous_ours or (layer.kind == "linear"
+                                                        and not handed_over)):
             off.add(layer.kernel_id)
         previous_ours = layer is not None and ends_ours
     return off
@@ -694,8 +732,9 @@ def _launch_early_only_after_ours(model) -> int:
     """Programmatic dependent launch pays only where the kernel before is one of ours (it
     lets the next start early); after one of torch's, the early-launched kernel waits on its
     SMs while torch's runs (BERT fp32: 12-18 us slower, S9-7/S9-8). So a kernel keeps it only
-    when the model's previous launch is one of our kernels: never for a Linear layer (its input
-    is transposed first, a copy). Returns how many kernels were set to launch plainly."""
+    when the model's previous launch is one of our kernels: never for a Linear layer whose
+    input is transposed first (a copy), only for one handed a channel-major output. Returns how
+    many kernels were set to launch plainly."""
     order = _launch_order(model)
     if order is None:
         return 0
@@ -828,17 +867,33 @@ def _check_layer(model, modules, chain, layers, record, row, dtype, verify, dry_
                 ops.unregister(layer.kernel_id)
 
 
-def _spec(chain, module, modules, x) -> tuple[LayerSpec, torch.Tensor, object]:
-    """(what to compile, folded weight, folded bias) of one layer."""
+def _handoffs(todo, modules, seen, fuse_siblings: bool) -> set[str]:
+    """Layers of todo ((row, chain) pairs) whose output only feeds another layer of todo, a
+    Linear layer (Chain.feeds), neither of them in a sibling group: built channel-major, their
+    M x N output is the K x N columns the next kernel reads (SparseLayer.run hands it over as
+    a transposed view: no transpose copy, no kernel between the two)."""
+    names = {chain.layer for _, chain in todo}
+    grouped = ({todo[i][1].layer for group in _sibling_groups(todo, modules, seen)
+                for i in group} if fuse_siblings else set())
+    return {chain.layer for _, chain in todo
+            if chain.feeds in names and not {chain.layer, chain.feeds} & grouped}
+
+
+def _spec(chain, module, modules, x, channel_major: bool = False
+          ) -> tuple[LayerSpec, torch.Tensor, object]:
+    """(what to compile, folded weight, folded bias) of one layer. `channel_major`: a Linear
+    layer's output M x N (a hand-off, see _handoffs) instead of token-major."""
     bn = modules[chain.bn] if chain.bn else None
     weight, bias = folded(module, bn)
     epilogue = {"bias": None if bias is None else bias.numpy(), "activation": chain.activation,
                 "residual": chain.residual is not None}
     if isinstance(module, torch.nn.Linear):
         # token-major output (N x M, as nn.Linear's): no transpose after the kernel, and its
-        # consumers (attention, LayerNorm) read rows; the streamed family builds it
+        # consumers (attention, LayerNorm) read rows; the streamed family builds it (and the
+        # channel-major hand-off, in the same loop)
         spec = LayerSpec(chain.layer, weight.numpy(), "gemm", n=int(np.prod(x.shape[:-1])),
-                         epilogue={**epilogue, "token_major": True}, family="streamed")
+                         epilogue={**epilogue, "token_major": not channel_major},
+                         family="streamed")
     else:
         kernel_weight = block_diagonal(weight.numpy()) if is_depthwise(module) else weight.numpy()
         spec = LayerSpec(chain.layer, kernel_weight, "conv", input_shape=tuple(x.shape),
@@ -846,8 +901,10 @@ def _spec(chain, module, modules, x) -> tuple[LayerSpec, torch.Tensor, object]:
     return spec, weight, bias
 
 
-def _load(kernel, chain, module, x, dtype, weight, bias, on_gpu) -> tuple[SparseLayer, dict]:
-    """(the SparseLayer running `kernel` (loaded on x's GPU when on_gpu), its row fields)."""
+def _load(kernel, chain, module, x, dtype, weight, bias, on_gpu, feeds: str | None = None
+          ) -> tuple[SparseLayer, dict]:
+    """(the SparseLayer running `kernel` (loaded on x's GPU when on_gpu), its row fields).
+    `feeds`: the Linear layer a channel-major Linear kernel hands its output to."""
     linear = isinstance(module, torch.nn.Linear)
     fields = dict(family=getattr(kernel, "family", None), plan=kernel.plan_params.name(),
                   tuned=bool(getattr(kernel, "tuned", False)), nnz=int(kernel.nnz))
@@ -867,7 +924,8 @@ def _load(kernel, chain, module, x, dtype, weight, bias, on_gpu) -> tuple[Sparse
                         tuple(x.shape), residual=chain.residual is not None,
                         groups=1 if linear else module.groups,
                         token_major=bool(kernel.epilogue.token_major),
-                        planes=int(kernel.epilogue.planes))
+                        planes=int(kernel.epilogue.planes),
+                        feeds=None if kernel.epilogue.token_major else feeds)
     return layer, fields
 
 

@@ -55,14 +55,15 @@ CASES = {
 @pytest.mark.parametrize("precision", [("fp32", "fp32"), ("fp16", "fp16"), ("fp16", "fp32"),
                                        ("bf16", "fp32")])
 @pytest.mark.parametrize("name", sorted(CASES))
-@pytest.mark.parametrize("epilogue", [False, True])
+@pytest.mark.parametrize("epilogue", [None, "relu6", "gelu"])
 @pytest.mark.parametrize("stage", ["shfl", "smem", "ring", "smem-k2", "shfl-k3"])
 def test_streamed_kernels_match_float64(gpu, name, precision, epilogue, stage):
     """"-kN": N K-slices (partials in the module's workspace; two checks, so the second launch
-    finds the tile counters reset by the first)."""
+    finds the tile counters reset by the first). The epilogue: bias, residual and the named
+    activation (gelu: erff in fp32, fp16 sums widened and rounded back)."""
     weight, shape, plan = CASES[name]
     rows = weight.shape[0]
-    epi = dict(EPI, bias=np.linspace(-1, 1, rows)) if epilogue else None
+    epi = dict(EPI, bias=np.linspace(-1, 1, rows), activation=epilogue) if epilogue else None
     stage, _, slices = stage.partition("-k")
     default = dict(col_threads=32, vector_width=1, warps=2, rows_per_worker=3, chains=4,
                    stage=stage, k_slices=int(slices or 1))
@@ -81,7 +82,8 @@ TOKEN_CASES = {name: CASES[name] for name in ("gemm_odd", "gemm_v4_chains8", "be
                                        ("bf16", "fp32")])
 @pytest.mark.parametrize("name", sorted(TOKEN_CASES))
 @pytest.mark.parametrize("stage", ["smem", "ring", "smem-k2", "smem-b2"])
-def test_token_major_kernels_match_float64(gpu, name, precision, stage):
+@pytest.mark.parametrize("activation", ["relu6", "gelu"])
+def test_token_major_kernels_match_float64(gpu, name, precision, stage, activation):
     """Linear layers' N x M output (scalar stores per column, the residual read so), with the
     full epilogue; "-k2": two K-slices, "-b2": two blocks per SM (registers capped)."""
     weight, shape, plan = TOKEN_CASES[name]
@@ -89,7 +91,8 @@ def test_token_major_kernels_match_float64(gpu, name, precision, stage):
     default = dict(col_threads=32, vector_width=4 if precision[0] == "fp32" else 8, warps=2,
                    rows_per_worker=3, chains=4, stage=stage,
                    k_slices=2 if extra == "k2" else 1, min_blocks=2 if extra == "b2" else 1)
-    epi = dict(EPI, bias=np.linspace(-1, 1, weight.shape[0]), token_major=True)
+    epi = dict(EPI, bias=np.linspace(-1, 1, weight.shape[0]), token_major=True,
+               activation=activation)
     kernel = sparsert.compile_kernel(weight, **shape, dtype=precision[0],
                                      accumulate=precision[1], tuned=False, cache=None,
                                      epilogue=epi, plan=StreamParams(**{**default, **plan}))

@@ -89,6 +89,13 @@ def test_transformer_block_eager_graph_compile():
 
     assert isinstance(block.query, SiblingHead) and isinstance(block.value, SiblingSlice)
     assert rows[0]["shape"] == "384x128, N=32" and rows[2]["reason"] == "in query's kernel"
+    # ffn_up fuses the GELU and hands its M x N output to ffn_down as a view (no copy)
+    by = {r["layer"]: r for r in rows}
+    assert by["ffn_up"]["fused"] == "gelu" and block.ffn_up.feeds == "ffn_down"
+    assert isinstance(block.act, nn.Identity)
+    with torch.no_grad():
+        h = block.ffn_up(x)
+        assert not h.is_contiguous() and h.reshape(-1, 512).t().is_contiguous()
     _check_modes(block, x, want, "fp32")
 
 

@@ -245,6 +245,8 @@ def build_plan(csr: sp.csr_matrix, geometry: Geometry, params: PlanParams,
     geometry, accumulate = check_layer(csr, geometry, epilogue, dtype, accumulate)
     if epilogue.token_major:
         raise UserError("token-major output is built by the streamed family only")
+    if epilogue.activation == "gelu":
+        raise UserError("activation gelu is built by the streamed family only")
     params = fit_params(geometry, params, dtype)
     csr = sp.csr_matrix(csr, dtype=np.float32)
     csr.sort_indices()
