@@ -50,12 +50,20 @@ def main() -> int:
                     help="layers whose name matches stay dense (e.g. to time a model with some "
                          "layers left out); names as after the residual rewrite, e.g. "
                          "layer3.0.conv3_residual.conv")
+    ap.add_argument("--no-handoff", action="store_true",
+                    help="build every Linear layer token-major (no channel-major hand-off)")
+    ap.add_argument("--no-dependent-launch", action="store_true",
+                    help="compile and launch the kernels without dependent launch")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     if args.streamed_preference is not None:
         from sparsert_cli.torch import sparsify as sparsify_module
 
         sparsify_module.STREAMED_PREFERENCE = args.streamed_preference
+    if args.no_handoff:
+        from sparsert_cli.torch import sparsify as sparsify_module
+
+        sparsify_module._handoffs = lambda *a, **k: set()
     if args.max_default_slices is not None:
         from sparsert_cli.families.streamed import plan as streamed_plan
 
@@ -89,7 +97,8 @@ def main() -> int:
             pattern = re.compile(args.keep_dense)
             include = lambda name, m: not pattern.search(name)   # noqa: E731
         rows = sparsify_(model, (x,), dtype=args.dtype, tuned=args.tuned or None,
-                         include=include, compiled_dense=args.compiled)
+                         include=include, compiled_dense=args.compiled,
+                         dependent_launch=False if args.no_dependent_launch else None)
     forward = model
     if args.compiled:
         import torch._inductor.config as inductor
@@ -136,6 +145,7 @@ def main() -> int:
     ours = [t for t in trace if t["sparsert"]]
     summary = {
         "variant": "legacy" if args.legacy else "current", "model": args.model,
+        "handoff": not args.no_handoff, "dependent_launch": not args.no_dependent_launch,
         "compiled": args.compiled, "keep_dense": args.keep_dense,
         "dtype": args.dtype, "sparsity": args.sparsity, "batch": args.batch,
         "max_default_slices": args.max_default_slices,
