@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from sparsert_cli.reference import SLOPE
-from sparsert_cli.torch.fuse import activate
+from sparsert_cli.torch.activations import activate
 
 
 def _grouped_reference(weight, bias, activation, x, stride, padding, groups, res=None):

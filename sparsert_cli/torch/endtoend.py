@@ -26,7 +26,7 @@ import torch
 from sparsert_cli.errors import UserError
 from sparsert_cli.torch import ops
 from sparsert_cli.torch.check import captured_graph
-from sparsert_cli.torch.fuse import activation_modules
+from sparsert_cli.torch.activations import activation_modules
 from sparsert_cli.torch.prune import prune_
 from sparsert_cli.torch.sparsify import DTYPES, SparseLayer, sparsify_
 

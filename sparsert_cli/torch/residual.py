@@ -19,7 +19,7 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 
-from sparsert_cli.torch.fuse import activate
+from sparsert_cli.torch.activations import activate
 
 _ADDS = {operator.add, torch.add}
 _RELU = {F.relu: "relu", torch.relu: "relu", F.relu6: "relu6"}

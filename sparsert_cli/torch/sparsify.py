@@ -30,7 +30,8 @@ from sparsert_cli.errors import UserError
 from sparsert_cli.torch import ops
 from sparsert_cli.torch.backend import LayerSpec, block_diagonal, compile_layers, tune_layer
 from sparsert_cli.torch.check import release_evict, time_cold_us, verify as verify_layer
-from sparsert_cli.torch.fuse import Chain, activate, activation_modules, find_chains, folded
+from sparsert_cli.torch.activations import activate, activation_modules
+from sparsert_cli.torch.fuse import Chain, find_chains, folded
 from sparsert_cli.torch.prune import is_depthwise
 from sparsert_cli.torch.residual import fuse_residuals, unshare_activations
 
