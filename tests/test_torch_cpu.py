@@ -552,6 +552,36 @@ class GroupedAttention(nn.Module):
         return torch.softmax(q[..., :12] @ k.transpose(-1, -2), dim=-1) @ v
 
 
+class GeluSiblings(nn.Module):
+    """Two Linear layers on one input, each followed by its own GELU module (called once)."""
+
+    def __init__(self, d=16):
+        super().__init__()
+        self.a, self.b = nn.Linear(d, d), nn.Linear(d, d)
+        self.ga, self.gb = nn.GELU(), nn.GELU()
+
+    def forward(self, x):
+        return self.ga(self.a(x)) + 2 * self.gb(self.b(x))
+
+
+def test_siblings_with_a_fused_gelu_stay_apart_so_gelu_applies_once():
+    """GELU is not idempotent: stacked siblings would leave their GELU modules in the model
+    (applied a second time after the kernel's), so such layers are not grouped; each gets its
+    own kernel with GELU fused and its module replaced by Identity."""
+    torch.manual_seed(6)
+    model = GeluSiblings().eval()
+    prune_(model, 0.7)
+    x = torch.randn(1, 5, 16)
+    with torch.no_grad():
+        want = model(x).clone()
+    rows = _cpu(model, (x,))
+    assert [r["replaced"] for r in rows] == [True, True]
+    assert all("siblings" not in r and r["fused"] == "gelu" for r in rows)
+    assert isinstance(model.ga, nn.Identity) and isinstance(model.gb, nn.Identity)
+    with torch.no_grad():
+        assert torch.allclose(model(x), want, atol=1e-5)
+
+
 def test_unequal_siblings_share_a_kernel_without_planes():
     torch.manual_seed(5)
     model = GroupedAttention().eval()

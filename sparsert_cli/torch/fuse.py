@@ -53,7 +53,7 @@ def _activation(module) -> str | None:
     return None
 
 
-def _idempotent(activation: str) -> bool:
+def idempotent(activation: str) -> bool:
     """Whether applying the activation again changes nothing (ReLU, ReLU6; not GELU): only
     then may a call the model keeps (a shared module, a function) be fused too."""
     return activation in ("relu", "relu6")
@@ -99,7 +99,7 @@ def _fx_chains(model: torch.nn.Module) -> list[Chain] | None:
             act = _activation(modules.get(nxt.target)) if nxt.op == "call_module" else None
             if act and calls.get(nxt.target) == 1:       # the module leaves with the layer
                 chain.activation, chain.act_module = act, nxt.target
-            elif act and _idempotent(act):          # shared: stays, and applies once more
+            elif act and idempotent(act):          # shared: stays, and applies once more
                 chain.activation = act
             elif nxt.op == "call_function" and nxt.target in _RELU_FUNCTIONS:
                 chain.activation = _RELU_FUNCTIONS[nxt.target]
@@ -135,7 +135,7 @@ def _sequential_chains(model: torch.nn.Module) -> list[Chain]:
                 chain.bn = f"{prefix}.{items[j][0]}" if prefix else items[j][0]
                 j += 1
             act = _activation(items[j][1]) if j < len(items) else None
-            if act and (places[id(items[j][1])] == 1 or _idempotent(act)):
+            if act and (places[id(items[j][1])] == 1 or idempotent(act)):
                 chain.activation = act
                 chain.act_module = f"{prefix}.{items[j][0]}" if prefix else items[j][0]
             chains.append(chain)

@@ -31,7 +31,7 @@ from sparsert_cli.torch import ops
 from sparsert_cli.torch.backend import LayerSpec, block_diagonal, compile_layers, tune_layer
 from sparsert_cli.torch.check import release_evict, time_cold_us, verify as verify_layer
 from sparsert_cli.torch.activations import activate, activation_modules
-from sparsert_cli.torch.fuse import Chain, find_chains, folded
+from sparsert_cli.torch.fuse import Chain, find_chains, folded, idempotent
 from sparsert_cli.torch.prune import is_depthwise
 from sparsert_cli.torch.residual import fuse_residuals, unshare_activations
 
@@ -338,11 +338,14 @@ class SiblingSlice(torch.nn.Module):
 def _sibling_groups(todo: list, modules, seen) -> list[list[int]]:
     """Indices into todo of Linear layers called on the same input object, unchanged in place
     between the calls (and nothing fused but the same activation), in call order: each group
-    of two or more can be one kernel."""
+    of two or more can be one kernel. A layer whose fused activation is not idempotent (GELU)
+    stays alone: the siblings' swap leaves their activation modules in the model, where ReLU
+    applied again changes nothing."""
     groups: dict[tuple, list[int]] = {}
     for i, (_, chain, *_) in enumerate(todo):
         module = modules[chain.layer]
-        if not isinstance(module, torch.nn.Linear) or chain.bn or chain.residual:
+        if not isinstance(module, torch.nn.Linear) or chain.bn or chain.residual or (
+                chain.activation != "none" and not idempotent(chain.activation)):
             continue
         record = seen[chain.layer]
         key = (id(record["source"]), record["version"], chain.activation)
@@ -471,14 +474,15 @@ def sparsify_(model: torch.nn.Module, example_inputs, *, dtype: str = "fp32", tu
     on_progress(stage, done, total, item): progress of the "compile", "compile streamed
     rivals" and "check" stages. stats: receives plan_seconds, compile_seconds, kernels,
     cached, dependent_launch (kernels compiled for it), dependent_launch_off (of those,
-    launched plainly: after one of torch's kernels) and rival_seconds, rivals.
+    launched plainly: after one of torch's kernels, or a Linear layer whose input transpose
+    is a copy) and rival_seconds, rivals.
     Returns one dict per layer: layer, op, shape, sparsity, fused, family, plan, replaced,
     reason, max_err, max_rel_err, dense_us, sparse_us, speedup (dense_form where the race ran;
     and, where a rival was timed,
     tried: {"family plan": us}; rival_failed where one failed verification; on the first of
     sibling layers, siblings: the others its stacked kernel runs, whose rows say so in
-    reason; on a hand-off's first layer, layout: "channel-major (feeds <layer>)"). Render with
-    report_table().
+    reason; on a layer planned as a hand-off's first (replaced or not), layout:
+    "channel-major (feeds <layer>)"). Render with report_table().
     """
     _check_args(dtype, min_speedup, min_sparsity)
     if dependent_launch not in (None, True, False):
