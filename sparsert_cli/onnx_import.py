@@ -106,6 +106,9 @@ def _activation(node, consumers, constants) -> str:
     user = users[0]
     if user.op_type == "Relu":
         return "relu"
+    if user.op_type == "Gelu":        # opset 20; exact unless approximate="tanh"
+        approximate = {a.name: a.s for a in user.attribute}.get("approximate", b"none")
+        return "gelu" if approximate in (b"none", "none") else "none"
     if user.op_type == "Clip":
         bounds = [float(constants[n]) if n in constants else None for n in user.input[1:3]]
         attrs = {a.name: a.f for a in user.attribute}

@@ -99,3 +99,22 @@ def test_layers_from_a_torch_export(tmp_path):
     assert layers[0].activation == "relu" and layers[1].stride == 2
     assert np.allclose(layers[2].weight, model[4].weight.detach().numpy())
     assert layers[2].input_shape == (64, 1)
+
+
+@pytest.mark.parametrize("approximate, fused", [(None, "gelu"), ("none", "gelu"),
+                                                ("tanh", "none")])
+def test_a_gelu_after_a_matmul_is_fused_only_when_exact(tmp_path, approximate, fused):
+    """ONNX Gelu (opset 20): exact (erf) GELU is the kernel's activation; tanh GELU stays."""
+    w = np.random.default_rng(1).standard_normal((6, 5)).astype(np.float32)
+    extra = {} if approximate is None else {"approximate": approximate}
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="up"),
+             helper.make_node("Gelu", ["h"], ["y"], **extra)]
+    graph = helper.make_graph(
+        nodes, "ffn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(w, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+    onnx.save(model, str(tmp_path / "g.onnx"))
+    (layer,), skipped = onnx_layers(tmp_path / "g.onnx")
+    assert layer.activation == fused and not skipped
+
