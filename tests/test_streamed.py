@@ -177,15 +177,14 @@ def test_min_blocks_prints_launch_bounds_that_parse_back_and_keep_old_keys():
         P(col_threads=256, warps=4, min_blocks=3).validate()
 
 
-@pytest.mark.parametrize("precision", [("fp32", None), ("fp16", "fp16"), ("fp16", "fp32"),
-                                       ("bf16", None)])
-@pytest.mark.parametrize("width, slices, stage", [(1, 1, "smem"), (2, 2, "smem"), (4, 1, "ring"),
-                                                  (4, 3, "shfl")])
-def test_token_major_output_matches_dense_math_in_n_by_m_order(precision, width, slices, stage):
-    """Linear layers write y[n, m] (and read their residual so): every precision and vector
-    width, K-slices and stages; printed, parsed back, run by the interpreter, checked against
-    float64 and against a plain N x M product computed here."""
-    rng = np.random.default_rng(3)
+TOKEN_PRECISIONS = [("fp32", None), ("fp16", "fp16"), ("fp16", "fp32"), ("bf16", None)]
+TOKEN_PLANS = [(1, 1, "smem"), (2, 2, "smem"), (4, 1, "ring"), (4, 3, "shfl")]
+
+
+def _token_kernel(seed, precision, width, slices, stage, **epilogue):
+    """(kernel, weight, bias, rng): a 24 x 40 Linear layer at 70% sparsity, N = 20, token-major
+    with bias, ReLU and a residual (and `epilogue`'s other fields)."""
+    rng = np.random.default_rng(seed)
     w = rng.standard_normal((24, 40)).astype(np.float32)
     w[rng.random(w.shape) < 0.7] = 0
     bias = np.linspace(-1, 1, 24)
@@ -193,7 +192,18 @@ def test_token_major_output_matches_dense_math_in_n_by_m_order(precision, width,
         w, op="gemm", n=20, dtype=precision[0], accumulate=precision[1], tuned=False,
         cache=None, arch="sm_90",
         plan=StreamParams(32, width, 2, 3, 4, stage, k_slices=slices),
-        epilogue={"bias": bias, "activation": "relu", "residual": True, "token_major": True})
+        epilogue={"bias": bias, "activation": "relu", "residual": True, "token_major": True,
+                  **epilogue})
+    return kernel, w, bias, rng
+
+
+@pytest.mark.parametrize("precision", TOKEN_PRECISIONS)
+@pytest.mark.parametrize("width, slices, stage", TOKEN_PLANS)
+def test_token_major_output_matches_dense_math_in_n_by_m_order(precision, width, slices, stage):
+    """Linear layers write y[n, m] (and read their residual so): every precision and vector
+    width, K-slices and stages; printed, parsed back, run by the interpreter, checked against
+    float64 and against a plain N x M product computed here."""
+    kernel, w, bias, rng = _token_kernel(3, precision, width, slices, stage)
     assert kernel.output_shape == (20, 24) and kernel.input_shape == (40, 20)
     assert "layout=tokens" in kernel.source and "  y += outoff * 24;" in kernel.source
     x, res = kernel.random_inputs(rng)
@@ -205,24 +215,13 @@ def test_token_major_output_matches_dense_math_in_n_by_m_order(precision, width,
     assert np.abs(out - dense).max() <= tol * np.abs(dense).max()
 
 
-@pytest.mark.parametrize("precision", [("fp32", None), ("fp16", "fp16"), ("fp16", "fp32"),
-                                       ("bf16", None)])
-@pytest.mark.parametrize("width, slices, stage", [(1, 1, "smem"), (2, 2, "smem"), (4, 1, "ring"),
-                                                  (4, 3, "shfl")])
+@pytest.mark.parametrize("precision", TOKEN_PRECISIONS)
+@pytest.mark.parametrize("width, slices, stage", TOKEN_PLANS)
 def test_token_major_planes_give_each_stacked_layer_its_own_contiguous_block(precision, width,
                                                                              slices, stage):
     """planes=8 of 24 rows: y is 3 x N x 8 (row m, token n at m / 8 * 8N + 8n + m % 8), the
     residual read the same way; the staged tile (6 rows a block) straddles planes."""
-    rng = np.random.default_rng(4)
-    w = rng.standard_normal((24, 40)).astype(np.float32)
-    w[rng.random(w.shape) < 0.7] = 0
-    bias = np.linspace(-1, 1, 24)
-    kernel = sparsert.compile_kernel(
-        w, op="gemm", n=20, dtype=precision[0], accumulate=precision[1], tuned=False,
-        cache=None, arch="sm_90",
-        plan=StreamParams(32, width, 2, 3, 4, stage, k_slices=slices),
-        epilogue={"bias": bias, "activation": "relu", "residual": True, "token_major": True,
-                  "planes": 8})
+    kernel, w, bias, rng = _token_kernel(4, precision, width, slices, stage, planes=8)
     assert kernel.output_shape == (3, 20, 8)
     assert "planes=8" in kernel.source and "  y += outoff * 8;" in kernel.source
     assert "prow = row / 8 * 160 + row % 8;" in kernel.source
