@@ -181,13 +181,14 @@ TOKEN_PRECISIONS = [("fp32", None), ("fp16", "fp16"), ("fp16", "fp32"), ("bf16",
 TOKEN_PLANS = [(1, 1, "smem"), (2, 2, "smem"), (4, 1, "ring"), (4, 3, "shfl")]
 
 
-def _token_kernel(seed, precision, width, slices, stage, **epilogue):
-    """(kernel, weight, bias, rng): a 24 x 40 Linear layer at 70% sparsity, N = 20, token-major
-    with bias, ReLU and a residual (and `epilogue`'s other fields)."""
+def _token_kernel(seed, precision, width, slices, stage, scale=1.0, span=1.0, **epilogue):
+    """(kernel, weight, bias, rng): a 24 x 40 Linear layer at 70% sparsity (weights N(0,
+    scale^2)), N = 20, token-major with bias (-span to span), ReLU and a residual (`epilogue`'s
+    fields added or replaced)."""
     rng = np.random.default_rng(seed)
-    w = rng.standard_normal((24, 40)).astype(np.float32)
+    w = (scale * rng.standard_normal((24, 40))).astype(np.float32)
     w[rng.random(w.shape) < 0.7] = 0
-    bias = np.linspace(-1, 1, 24)
+    bias = np.linspace(-span, span, 24)
     kernel = sparsert.compile_kernel(
         w, op="gemm", n=20, dtype=precision[0], accumulate=precision[1], tuned=False,
         cache=None, arch="sm_90",
@@ -265,16 +266,8 @@ def test_gelu_epilogue_matches_exact_gelu_of_the_sums(precision, token_major, wi
     without K-slices: printed (fp16 sums widened to fp32 for erff and rounded back), parsed
     back, run by the interpreter, checked against float64 and against an exact GELU of a plain
     product computed here, over pre-activations of both signs."""
-    rng = np.random.default_rng(5)
-    w = (0.3 * rng.standard_normal((24, 40))).astype(np.float32)
-    w[rng.random(w.shape) < 0.7] = 0
-    bias = np.linspace(-2, 2, 24)
-    kernel = sparsert.compile_kernel(
-        w, op="gemm", n=20, dtype=precision[0], accumulate=precision[1], tuned=False,
-        cache=None, arch="sm_90",
-        plan=StreamParams(32, width, 2, 3, 4, stage, k_slices=slices),
-        epilogue={"bias": bias, "activation": "gelu", "residual": True,
-                  "token_major": token_major})
+    kernel, w, bias, rng = _token_kernel(5, precision, width, slices, stage, scale=0.3, span=2.0,
+                                         activation="gelu", token_major=token_major)
     assert kernel.family == "streamed" and "activation=gelu" in kernel.source
     assert stream.GELU in kernel.source
     half_sums = precision[1] == "fp16"
