@@ -706,3 +706,27 @@ def test_the_default_splits_k_only_for_few_long_rows():
                                    * geometry_for(problems[name]).taps // 10).k_slices
               for name in ("rn50_c5_3x3", "rn50_c4_reduce", "bert_ffn_up", "mbv1_pw0")}
     assert slices == {"rn50_c5_3x3": 2, "rn50_c4_reduce": 1, "bert_ffn_up": 1, "mbv1_pw0": 1}
+
+
+def test_the_default_block_height_spreads_the_workers_over_the_sms():
+    """768 one-row workers in blocks of 8 occupy 96 of 132 SMs; blocks of 6 occupy 128 and the
+    busiest SM holds 6 workers instead of 8. A count that blocks of 8 already spread keeps 8."""
+    from sparsert_cli.build import geometry_for
+    from sparsert_cli.families.streamed.plan import balanced_warps
+    from sparsert_cli.problems import builtin_problems
+
+    assert balanced_warps(768, 1, 8) == 6
+    assert balanced_warps(1024, 1, 8) == 8           # 128 blocks of 8: already one per SM
+    assert balanced_warps(256, 1, 4) == 2            # 64 blocks of 4 -> 128 blocks of 2
+    assert balanced_warps(37, 7, 2) == 1             # 133 blocks: one SM would run two
+    assert balanced_warps(16, 25, 2) == 2            # 200 or 400 blocks: the same busiest SM
+    assert balanced_warps(1, 1, 8) == 8              # one worker: nothing to spread
+    problems = builtin_problems()
+
+    def default(name: str) -> StreamParams:
+        geometry = geometry_for(problems[name])
+        return default_params(geometry, geometry.out_channels * geometry.taps // 10)
+
+    assert default("bert_ffn_down").warps == 6
+    assert default("bert_ffn_up").warps == 8
+    assert default("rn50_c4_reduce").warps == 2
