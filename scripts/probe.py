@@ -15,6 +15,7 @@ import json
 import numpy as np
 
 import sparsert_cli as sparsert
+from sparsert_cli.families import family_of_params
 
 parser = argparse.ArgumentParser()
 parser.add_argument("problem")
@@ -59,7 +60,7 @@ with sparsert.Gpu() as gpu:
     for kernel in kernels:
         plan = kernel.plan
         row = {"problem": args.problem, "sparsity": args.sparsity, "precision": args.precision,
-               "family": plan.family, "plan": plan.params.name(),
+               "family": family_of_params(plan.params).name, "plan": plan.params.name(),
                "groups": len(getattr(plan, "groups", ())), "loads": plan.loads,
                "nnz": plan.nnz, "grid": list(plan.grid), "block": list(plan.block)}
         if not isinstance(kernel, sparsert.Kernel):

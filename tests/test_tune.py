@@ -184,11 +184,10 @@ def _rule(pid: str, density: float = 0.1, precision: str = "fp32"):
     return params, tiles, tiles * -(-problem.m // params.rows_per_group)
 
 
-@pytest.mark.parametrize("pid", ["rn50_c2_3x3", "rn50_c3_3x3", "rn50_c4_3x3", "rn50_c5_3x3",
-                                 "bert_ffn_up", "mbv1_pw12"])
+@pytest.mark.parametrize("pid", ["bert_ffn_up", "mbv1_pw12", "rn50_c3_3x3_b8"])
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 def test_code_heavy_defaults_take_one_tile_where_possible_and_about_one_wave(pid, precision):
-    """Direct 3x3 convolutions (width 1) and large layers are bound by instruction fetch: the
+    """Large layers (and batched direct 3x3 convolutions) are bound by instruction fetch: the
     widest tile (each further tile fetches the group's code again) and rows per group halved
     only until the blocks fill 7/8 of the 132 SMs (not two waves, as for light layers)."""
     params, tiles, blocks = _rule(pid, precision=precision)
@@ -196,13 +195,28 @@ def test_code_heavy_defaults_take_one_tile_where_possible_and_about_one_wave(pid
     assert blocks >= 132 - 132 // 8 and (params.rows_per_group == 32 or blocks // 2 < 116)
 
 
+@pytest.mark.parametrize("pid", ["rn50_c2_3x3", "rn50_c3_3x3", "rn50_c4_3x3", "rn50_c5_3x3"])
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_one_image_3x3_defaults_fill_one_wave_with_the_least_output_per_block(pid, precision):
+    """One-image direct 3x3 convolutions: at most one block per SM, and no one-wave plan with
+    fewer outputs per block (rows x columns)."""
+    params, tiles, blocks = _rule(pid, precision=precision)
+    assert blocks <= 132
+    problem = PROBLEMS[pid]
+    per_thread = geometry_for(problem).columns
+    for threads in range(32, 257, 32):
+        for rows in (2, 4, 8, 16, 32):
+            if -(-per_thread // threads) * -(-problem.m // rows) <= 132:
+                assert rows * threads >= params.rows_per_group * params.col_threads
+
+
 def test_3x3_default_is_run_s4s_winner_and_wide_code_narrows_the_vector():
-    """rn50_c3_3x3 @90%: the rule now gives run S4's fastest plan (r4v1t256k2; was r4v1t64k2,
-    1.75x slower). A light 1x1 layer past WIDE_CODE sum instructions narrows its vector
+    """rn50_c3_3x3 @90%: the rule now gives r4v1t224 (S11-7: 4.45 us; run S4's fastest,
+    r4v1t256, 4.78; the rule's first default r4v1t64k2 was 1.75x slower than it). A light 1x1 layer past WIDE_CODE sum instructions narrows its vector
     (26k nonzeros x 4 columns: 1.4-1.5x slower than x 2 in run S4). fp16 (half2 sums) takes 8
     columns up to LIGHT_HALF2 nonzeros, past it the columns fp32 takes (run S6-6:
     rn50_c3_reduce 2.64 us at 4 columns, 5.81 at 8; rn50_c4_reduce 2.93 at 2, 3.27 at 4)."""
-    assert _rule("rn50_c3_3x3")[0].name() == "r4v1t256k2b8n"
+    assert _rule("rn50_c3_3x3")[0].name() == "r4v1t224k1b8n"
     assert _rule("mbv1_pw6")[0].vector_width == 2
     for pid, width in (("mbv1_pw6", 2), ("rn50_c4_reduce", 2), ("rn50_c3_reduce", 4),
                        ("mbv1_pw4", 4), ("mbv1_pw3", 8), ("rn50_c2_expand", 8)):
@@ -264,3 +278,27 @@ def test_batched_conv_candidates_keep_tiles_on_x_past_the_grids_y_limit():
     small = batched_conv_params(geometry_for(PROBLEMS["rn50_c4_3x3"].with_batch(8)),
                                 PlanParams(), "fp32")
     assert {p.grid_order for p in small} == {"groups", "tiles"}
+
+
+def test_one_image_3x3_defaults_take_one_wave_of_the_smallest_blocks():
+    """rn50_c2_3x3 (64 x 3136 outputs): 4 groups of 16 rows x 33 tiles of 96 threads = 132
+    blocks, 1536 outputs each; r4t256 ran 208 blocks (two on most SMs). Batched layers, 1x1
+    layers and shapes that cannot fit one wave keep the older rule."""
+    from sparsert_cli.families.immediate.tuning import balanced_tiles, rule_params
+    from sparsert_cli.problems import builtin_problems
+
+    assert balanced_tiles(64, 3136) == (16, 96)
+    assert balanced_tiles(128, 784) == (4, 224)
+    assert balanced_tiles(256, 196) == (2, 224)
+    assert balanced_tiles(512, 49) == (4, 64)
+    assert balanced_tiles(64, 25088) is None            # no plan fits one wave
+    problems = builtin_problems()
+
+    def rule(name: str):
+        geometry = geometry_for(problems[name])
+        return rule_params(geometry, geometry.out_channels * geometry.taps // 10)
+
+    assert (rule("rn50_c2_3x3").rows_per_group, rule("rn50_c2_3x3").col_threads) == (16, 96)
+    assert rule("rn50_c2_3x3").k_split == 1
+    assert rule("rn50_c3_3x3_b8").col_threads == 256     # batch 8: the older rule
+    assert rule("mbv1_pw6").col_threads == 64            # 1x1: the older rule
