@@ -13,11 +13,10 @@ import sys
 from pathlib import Path
 
 from sparsert_cli import costmodel
-from sparsert_cli.build import default_params, geometry_for
+from sparsert_cli.build import geometry_for
 from sparsert_cli.config import load_config
-from sparsert_cli.families.immediate import PlanParams, estimate, fit_params
+from sparsert_cli.families.immediate import PlanParams, estimate
 from sparsert_cli.patterns import generate, pattern_hash, to_csr
-from sparsert_cli.problem_shape import PRECISIONS
 from sparsert_cli.results import load_results
 from sparsert_cli.tune import TunedDB, shape_key
 
@@ -56,11 +55,14 @@ for path in sorted(glob.glob("results/h100/*.json")):
         key = layer(config, problem, sparsity)
         entry = tuned.get(f"{key[0]}|{key[1]}|{GPU}|{key[2]}|immediate@immediate-1+ptx-2")
         if entry:
-            geometry, csr = layers[key]
-            rule = fit_params(geometry, default_params(geometry, csr.nnz, precision=key[2]),
-                              PRECISIONS[key[2]][0])
-            for params, us in ((entry["params"], entry["us"]),
-                               (rule.__dict__, entry.get("default_us"))):
+            # default_us is the time of the plan recorded beside it (candidate 0 of that run,
+            # either family); entries from before default_params was recorded timed whatever
+            # rule was current then, which later rules may not reproduce: not credited
+            pairs = [(entry["params"], entry["us"])]
+            if entry.get("default_family", "immediate") == "immediate" and entry.get(
+                    "default_params"):
+                pairs.append((entry["default_params"], entry.get("default_us")))
+            for params, us in pairs:
                 if us:
                     measured.setdefault((*key, json.dumps(params, sort_keys=True)), []).append(us)
 # docs/perf-notes.md, "Run 1 probe" (fp32 @90%, v1, balance nnz): (rows, threads, k_split) -> us

@@ -35,9 +35,11 @@ for text in args.cases:
     weight = rng.standard_normal((m, k)).astype(np.float32)
     weight[rng.random(weight.shape) >= density] = 0
     layer = sparsert.Layer.of(text, weight, op="gemm", n=n, dtype=precision)
-    base = default_params(layer.geometry, int(np.count_nonzero(weight)), precision=layer.precision)
+    base = default_params(layer.geometry, int(np.count_nonzero(weight)),
+                          precision=layer.precision)
     changes = dict(item.split("=") for item in fields.split(",") if item)
-    params = replace(base, **{f: v if f in StreamParams.TEXT else int(v) for f, v in changes.items()})
+    params = replace(base, **{f: v if f in StreamParams.TEXT else int(v)
+                              for f, v in changes.items()})
     layers.append(replace(layer, plan=params, family="streamed"))
 
 kernels = sparsert.compile_kernels(layers, arch="sm_90", tuned=False)

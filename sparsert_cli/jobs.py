@@ -388,7 +388,8 @@ def winners(cases: list[CaseSpec], jobs: list[Job], db, gpu: dict, family: tuple
                         "problem": case.problem.id, "sparsity": case.sparsity,
                         "pattern_hash": case.pattern_hash, "geometry": case.geometry,
                         "precision": case.precision, "measured": measured,
-                        "default": cands[0].params.name() if cands else None})
+                        "default": cands[0].params.name() if cands else None,
+                        "default_params": cands[0].params if cands else None})
     return summary
 
 

@@ -190,8 +190,10 @@ class TuneDB:
             if not good:
                 continue
             best = min(good, key=lambda r: (r["median_us"], r["candidate"] or 0))
-            default = [r["median_us"] for r in good if r["candidate"] == 0]
-            out[key] = {"row": best, "default_us": min(default) if default else None,
+            default = [r for r in good if r["candidate"] == 0]
+            first = min(default, key=lambda r: r["median_us"]) if default else None
+            out[key] = {"row": best, "default_us": first["median_us"] if first else None,
+                        "default_row": first,
                         "candidates": len({r["plan_json"] for r in rows}),
                         "verified": len({r["plan_json"] for r in good})}
         return out
@@ -218,7 +220,11 @@ def export_entries(db: TuneDB, families: set[tuple[str, str]] | None = None) -> 
         row = best["row"]
         entries[tuned_key(pattern, shape, gpu, precision, family, version)] = {
             "params": json.loads(row["plan_json"]), "us": row["median_us"],
-            "default_us": best["default_us"], "candidates": best["candidates"],
+            "default_us": best["default_us"],
+            **({"default_params": json.loads(best["default_row"]["plan_json"]),
+                "default_family": best["default_row"]["family"]} if best.get("default_row")
+               else {}),
+            "candidates": best["candidates"],
             "verified": best["verified"], "problem": row["problem"],
             "sparsity": row["sparsity"], "tuned_at": row["timestamp"]}
     return entries

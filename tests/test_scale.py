@@ -94,6 +94,9 @@ def test_export_keeps_the_best_verified_row(tmp_path):
     assert list(entries) == [key]
     assert entries[key]["params"] == {"rows_per_group": 3}
     assert entries[key]["us"] == 3.0 and entries[key]["default_us"] == 5.0
+    # the plan default_us timed travels with it (a later rule may default to another plan)
+    assert entries[key]["default_params"] == json.loads(_row(0)["plan_json"])
+    assert entries[key]["default_family"] == FAMILY[0]
     # plan 5 was re-measured: its latest time (6.0) counts, not its fastest (0.5)
     assert entries[key]["candidates"] == 4 and entries[key]["verified"] == 3
 
@@ -464,6 +467,14 @@ def test_tune_results_file_feeds_the_tune_plot(tmp_path, isolated_cache):
         assert case["best_us"] == entry["us"] == min(c["median_us"] for c in case["candidates"])
         assert case["default_plan"] == case["candidates"][0]["plan"]
         assert case["default_us"] == case["candidates"][0]["median_us"]
+    tuned = json.loads((tmp_path / "tuned.json").read_text())["entries"]
+    for case in loaded["cases"]:    # tuned.json keeps the plan its default_us timed
+        entry = next(e for e in tuned.values() if (e["problem"], e["sparsity"])
+                     == (case["problem"], case["sparsity"]))
+        assert entry["default_us"] == case["default_us"]
+        assert entry["default_family"] == case["default_family"]
+        assert entry["default_params"]
+    for case in loaded["cases"]:
         assert all(c["median_us"] == fake_us(f"{case['problem']}@{case['sparsity']:g}",
                                              c["plan"]) for c in case["candidates"])
     rows = tune_rows([(path, loaded)])["rows"]

@@ -721,6 +721,8 @@ def test_the_default_block_height_spreads_the_workers_over_the_sms():
     assert balanced_warps(37, 7, 2) == 1             # 133 blocks: one SM would run two
     assert balanced_warps(16, 25, 2) == 2            # 200 or 400 blocks: the same busiest SM
     assert balanced_warps(1, 1, 8) == 8              # one worker: nothing to spread
+    assert balanced_warps(109, 7, 8) == 8            # 7 instead of 8 per SM: under 15% better
+    assert balanced_warps(2, 1, 8) == 8              # blocks of 1 are below half of 8
     problems = builtin_problems()
 
     def default(name: str) -> StreamParams:

@@ -210,12 +210,13 @@ def test_one_image_3x3_defaults_fill_one_wave_with_the_least_output_per_block(pi
                 assert rows * threads >= params.rows_per_group * params.col_threads
 
 
-def test_3x3_default_is_run_s4s_winner_and_wide_code_narrows_the_vector():
+def test_3x3_default_and_wide_code_narrows_the_vector():
     """rn50_c3_3x3 @90%: the rule now gives r4v1t224 (S11-7: 4.45 us; run S4's fastest,
-    r4v1t256, 4.78; the rule's first default r4v1t64k2 was 1.75x slower than it). A light 1x1 layer past WIDE_CODE sum instructions narrows its vector
-    (26k nonzeros x 4 columns: 1.4-1.5x slower than x 2 in run S4). fp16 (half2 sums) takes 8
-    columns up to LIGHT_HALF2 nonzeros, past it the columns fp32 takes (run S6-6:
-    rn50_c3_reduce 2.64 us at 4 columns, 5.81 at 8; rn50_c4_reduce 2.93 at 2, 3.27 at 4)."""
+    r4v1t256, 4.78; the rule's first default r4v1t64k2 was 1.75x slower than it). A light 1x1
+    layer past WIDE_CODE sum instructions narrows its vector (26k nonzeros x 4 columns: 1.4-1.5x
+    slower than x 2 in run S4). fp16 (half2 sums) takes 8 columns up to LIGHT_HALF2 nonzeros,
+    past it the columns fp32 takes (run S6-6: rn50_c3_reduce 2.64 us at 4 columns, 5.81 at 8;
+    rn50_c4_reduce 2.93 at 2, 3.27 at 4)."""
     assert _rule("rn50_c3_3x3")[0].name() == "r4v1t224k1b8n"
     assert _rule("mbv1_pw6")[0].vector_width == 2
     for pid, width in (("mbv1_pw6", 2), ("rn50_c4_reduce", 2), ("rn50_c3_reduce", 4),

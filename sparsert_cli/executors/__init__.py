@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 
 from ..errors import UserError
+from ..families.base import params_key
 from ..compile import DEFAULT_ARCH
 from ..jobs import row
 from .local import LocalExecutor
@@ -150,6 +151,10 @@ def tune_config(config, *, gpus: str | None = None, ray: str | None = None, arch
             tuned.record(entry["pattern_hash"], entry["geometry"], stats["gpu"]["gpu_name"],
                          entry["precision"], entry["params"],
                          {"us": entry["us"], "default_us": entry["default_us"],
+                          # the plan default_us timed (candidate 0: the cost model's pick, of
+                          # either family), so that a refit credits the time to that plan
+                          "default_params": params_key(entry["default_params"]),
+                          "default_family": entry["default_family"],
                           "candidates": entry["candidates"], "verified": entry["verified"],
                           "problem": entry["problem"], "sparsity": entry["sparsity"]},
                          *entry["family"])   # keyed by the code version measured (issue 9)

@@ -71,17 +71,18 @@ def rule_params(geometry: Geometry, nnz: int, precision: str = "fp32",
 
     Light layers are latency-bound: wide vectors and enough blocks for two waves. Code-heavy
     plans are bound by instruction fetch (the weights are the instruction stream, 16 bytes per
-    FMA, docs/perf-notes.md): large layers, and direct 3x3 convolutions, whose columns cannot
-    share an FMA (width 1) so that each column runs its group's whole filter. They get scalar
-    columns, one tile where possible (every warp of a block shares the fetched code: each
-    further tile fetches it again), more rows per group (each load feeds more FMAs) and about
-    one wave of blocks (7/8 of the SMs). Past WIDE_CODE FMA instructions the vector narrows too:
-    there more blocks with half the code each beat wider sums. With half2 sums (precision fp16)
-    a column pair costs what one fp32 column does, so light layers (up to LIGHT_HALF2
-    nonzeros) take 8 columns; heavier ones take the columns fp32 would (counted as columns,
-    not pairs, against WIDE_CODE), but at least one pair: in run S6-6 8 columns ran 2.2x
-    slower than 4 on rn50_c3_reduce (6.6k nonzeros) and 4 columns 1.12x slower than 2 on
-    rn50_c4_reduce (26k).
+    FMA, docs/perf-notes.md): large layers, and direct convolutions, whose columns cannot share
+    an FMA (width 1) so that each column runs its group's whole filter. They get scalar columns,
+    one tile where possible (every warp of a block shares the fetched code: each further tile
+    fetches it again), more rows per group (each load feeds more FMAs) and about one wave of
+    blocks (7/8 of the SMs). One-image 3x3 convolutions instead take one full wave of the
+    smallest blocks (balanced_tiles; no K-split) where one exists. Past WIDE_CODE FMA
+    instructions the vector narrows too: there more blocks with half the code each beat wider
+    sums. With half2 sums (precision fp16) a column pair costs what one fp32 column does, so
+    light layers (up to LIGHT_HALF2 nonzeros) take 8 columns; heavier ones take the columns fp32
+    would (counted as columns, not pairs, against WIDE_CODE), but at least one pair: in run S6-6
+    8 columns ran 2.2x slower than 4 on rn50_c3_reduce (6.6k nonzeros) and 4 columns 1.12x
+    slower than 2 on rn50_c4_reduce (26k).
     """
     dtype = PRECISIONS[precision][0]
     half2 = precision == "fp16"
@@ -124,8 +125,9 @@ def rule_params(geometry: Geometry, nnz: int, precision: str = "fp32",
 def balanced_tiles(out_channels: int, per_thread: int, sm_count: int = H100_SMS
                    ) -> tuple[int, int] | None:
     """(rows per group, threads per tile) of a one-image direct convolution: of the plans whose
-    blocks fit one wave (at most one block per SM), the least output per block (rows x
-    columns), then the widest tile, then the most rows; None if no plan fits one wave. Tiles of
+    blocks fit one wave (at most one block per SM), the fewest outputs per block (its rows, at
+    most out_channels, x threads), then the widest tile, then the most rows; None if no plan
+    fits one wave. Tiles of
     96-224 threads often divide the columns better than 256 (H100, S11-7, fp32: rn50_c2_3x3
     r16t96 3.53 us against the old default r4t256 5.10 and the tuned r16t128 3.57; rn50_c3_3x3
     r4t224 4.45 against r4t256 4.78)."""
@@ -135,7 +137,7 @@ def balanced_tiles(out_channels: int, per_thread: int, sm_count: int = H100_SMS
         for rows in (32, 16, 8, 4, 2):
             if tiles * -(-out_channels // rows) > sm_count:
                 continue
-            key = (rows * threads, -threads, -rows)
+            key = (min(rows, out_channels) * threads, -threads, -rows)
             if best is None or key < best[0]:
                 best = (key, rows, threads)
     return (best[1], best[2]) if best else None

@@ -417,6 +417,8 @@ def candidates(geometry: Geometry, nnz: int, precision: str = "fp32", limit: int
     tries = list(seeds or []) + [
         base, replace(base, rows_per_worker=max(1, r // 2)), replace(base, stage="ring"),
         replace(base, warps=max(1, base.warps // 2)), replace(base, chains=2),
+        # the block height before balanced_warps spread the workers (a tied or narrow call)
+        replace(base, warps=max(1, min(8, 256 // base.col_threads))),
         replace(base, rows_per_worker=r * 2), replace(base, vector_width=v * 2),
         replace(base, vector_width=max(1, v // 2)), replace(base, warps=base.warps * 2),
         replace(base, rows_per_worker=max(1, r // 4)), replace(base, rows_per_worker=r * 4),
