@@ -43,7 +43,6 @@ for text in args.cases:
     layers.append(replace(layer, plan=params, family="streamed"))
 
 kernels = sparsert.compile_kernels(layers, arch="sm_90", tuned=False)
-rows = []
 with sparsert.Gpu() as gpu:
     for layer, kernel in zip(layers, kernels):
         row = {"case": layer.label, "nnz": int(np.count_nonzero(layer.weight))}
@@ -54,9 +53,8 @@ with sparsert.Gpu() as gpu:
             result = sparsert.benchmark_layer(gpu, kernel, baselines=False)
             row.update(registers=kernel.resources.registers, ok=result["verify_gpu"]["ok"],
                        us=result.get("sparsert", {}).get("median_us"))
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-if args.out:
-    with open(args.out, "a") as fh:
-        for row in rows:
-            fh.write(json.dumps(row) + "\n")
+        line = json.dumps(row)
+        print(line, flush=True)
+        if args.out:       # appended as measured: a crash later loses no measured case
+            with open(args.out, "a") as fh:
+                fh.write(line + "\n")
