@@ -99,13 +99,12 @@ def rule_params(geometry: Geometry, nnz: int, precision: str = "fp32",
                 if geometry.kernel == 3 and geometry.batch == 1 else None)
     if balanced:
         rows, threads = balanced
-        tiles = -(-per_thread // threads)
+    elif heavy:
+        threads = min(256, -(-per_thread // 32) * 32)
     else:
-        if heavy:
-            threads = min(256, -(-per_thread // 32) * 32)
-        else:
-            threads = 32 if per_thread <= 32 else 64 if per_thread <= 2048 else 128
-        tiles = -(-per_thread // threads)
+        threads = 32 if per_thread <= 32 else 64 if per_thread <= 2048 else 128
+    tiles = -(-per_thread // threads)
+    if not balanced:
         rows = 32 if heavy else 8
         fill = sm_count - sm_count // 8 if heavy else 2 * sm_count
         while rows > 2 and tiles * -(-geometry.out_channels // rows) < fill:
@@ -127,10 +126,9 @@ def balanced_tiles(out_channels: int, per_thread: int, sm_count: int = H100_SMS
     """(rows per group, threads per tile) of a one-image direct convolution: of the plans whose
     blocks fit one wave (at most one block per SM), the fewest outputs per block (its rows, at
     most out_channels, x threads), then the widest tile, then the most rows; None if no plan
-    fits one wave. Tiles of
-    96-224 threads often divide the columns better than 256 (H100, S11-7, fp32: rn50_c2_3x3
-    r16t96 3.53 us against the old default r4t256 5.10 and the tuned r16t128 3.57; rn50_c3_3x3
-    r4t224 4.45 against r4t256 4.78)."""
+    fits one wave. Tiles of 96-224 threads often divide the columns better than 256 (H100,
+    S11-7, fp32: rn50_c2_3x3 r16t96 3.53 us against the old default r4t256 5.10 and the tuned
+    r16t128 3.57; rn50_c3_3x3 r4t224 4.45 against r4t256 4.78)."""
     best = None
     for threads in range(min(256, -(-per_thread // 32) * 32), 31, -32):
         tiles = -(-per_thread // threads)

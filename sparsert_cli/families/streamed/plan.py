@@ -373,9 +373,14 @@ def default_params(geometry: Geometry, nnz: int, sm_count: int = 132,
     rows = min(MAX_ROWS_PER_WORKER, -(-geometry.out_channels // workers))
     slices = default_slices(geometry, nnz, wanted)
     warps = balanced_warps(-(-geometry.out_channels // rows), tiles * slices,
-                           max(1, min(8, 256 // threads)), sm_count)
+                           most_warps(threads), sm_count)
     return fit_params(geometry, StreamParams(threads, width, warps, rows, 4, "smem", slices),
                       dtype)
+
+
+def most_warps(col_threads: int) -> int:
+    """The tallest default block: 8 workers, at most 256 threads."""
+    return max(1, min(8, 256 // col_threads))
 
 
 def balanced_warps(workers: int, tiles: int, most: int, sm_count: int = 132) -> int:
@@ -418,7 +423,7 @@ def candidates(geometry: Geometry, nnz: int, precision: str = "fp32", limit: int
         base, replace(base, rows_per_worker=max(1, r // 2)), replace(base, stage="ring"),
         replace(base, warps=max(1, base.warps // 2)), replace(base, chains=2),
         # the block height before balanced_warps spread the workers (a tied or narrow call)
-        replace(base, warps=max(1, min(8, 256 // base.col_threads))),
+        replace(base, warps=most_warps(base.col_threads)),
         replace(base, rows_per_worker=r * 2), replace(base, vector_width=v * 2),
         replace(base, vector_width=max(1, v // 2)), replace(base, warps=base.warps * 2),
         replace(base, rows_per_worker=max(1, r // 4)), replace(base, rows_per_worker=r * 4),
