@@ -52,6 +52,9 @@ def main() -> int:
                          "layer3.0.conv3_residual.conv")
     ap.add_argument("--no-handoff", action="store_true",
                     help="build every Linear layer token-major (no channel-major hand-off)")
+    ap.add_argument("--no-linear-residual", action="store_true",
+                    help="leave residual adds after Linear layers to torch (as before session "
+                         "12): only modules with Conv2d children are rewritten")
     ap.add_argument("--no-dependent-launch", action="store_true",
                     help="compile and launch the kernels without dependent launch")
     ap.add_argument("--out", required=True)
@@ -64,6 +67,15 @@ def main() -> int:
         from sparsert_cli.torch import sparsify as sparsify_module
 
         sparsify_module._handoffs = lambda *a, **k: set()
+    if args.no_linear_residual:
+        import torch.fx
+        import torch.nn
+
+        from sparsert_cli.torch import residual
+        from sparsert_cli.torch import sparsify as sparsify_module
+
+        sparsify_module.fuse_residuals = lambda model: residual._rewrite_children(
+            model, torch.nn.Conv2d, residual._rewrite, skip=(torch.fx.GraphModule,))
     if args.max_default_slices is not None:
         from sparsert_cli.families.streamed import plan as streamed_plan
 

@@ -787,15 +787,16 @@ def test_dependent_launch_is_kept_only_after_our_own_kernels():
     assert [layer is not None for layer, _, _ in order] == [True, False, False, False, True]
     assert _plain_launches(order) == {attention.query.layer.kernel_id, attention.out.kernel_id}
     # a Linear layer handed its input channel-major (no transpose copy) keeps it: BERT's
-    # ffn_down after ffn_up (the Identity left by the GELU launches nothing); after the add and
-    # LayerNorm, a Linear layer whose input is a copy does not
+    # ffn_down (its residual add fused) after ffn_up (the Identity left by the GELU launches
+    # nothing); after the LayerNorm, a Linear layer whose input is a copy does not
     ffn = nn.Sequential(FFN(), nn.Linear(16, 16)).eval()
     prune_(ffn, 0.7)
     _cpu(ffn, (torch.randn(2, 5, 16),))
     order = _launch_order(ffn)
-    up, down, last = ffn[0].up, ffn[0].down, ffn[1]
+    up, down, last = ffn[0].up, ffn[0].down_residual.sparse, ffn[1]
+    assert up.feeds == "0.down_residual.conv" and down.residual
     assert [(layer, handed) for layer, _, handed in order] == [
-        (up, False), (down, True), (None, False), (None, False), (last, False)]
+        (up, False), (down, True), (None, False), (last, False)]
     assert _plain_launches(order) == {up.kernel_id, last.kernel_id}
     down.feeds = None          # (as if the two were not handed over: the copy is back)
     up.feeds = None
@@ -1111,3 +1112,103 @@ def test_a_layer_whose_tuning_finds_nothing_warns_and_keeps_its_default_plan(mon
     with pytest.warns(UserWarning, match="tuning 0: no candidate verified; its default plan"):
         rows = _cpu(model, (x,), tune=True)
     assert rows[0]["replaced"] and calls[0]["token_major"]
+
+
+class Broadcast(nn.Module):
+    """A Linear layer whose output gets a broadcast (M,) add: not a residual the kernel reads."""
+
+    def __init__(self, d=16):
+        super().__init__()
+        self.fc = nn.Linear(d, d)
+
+    def forward(self, x, shift):
+        return self.fc(x) + shift
+
+
+def test_linear_residual_adds_are_fused_into_their_kernels():
+    """A BERT encoder layer (not the root: the root is never rewritten): the attention output
+    and FFN down kernels add their residual (the LayerNorm's input) in the epilogue, FFN up
+    still hands FFN down its output channel-major, and the model computes what it did, eagerly
+    and under torch.compile, with no add left in its graph."""
+    from sparsert_cli.models import EncoderLayer
+    from sparsert_cli.torch.residual import ResidualChain
+    from sparsert_cli.torch.sparsify import _launch_order, _plain_launches
+
+    torch.manual_seed(11)
+    model = nn.Sequential(EncoderLayer(hidden=16, heads=2, ffn=48)).eval()
+    prune_(model, 0.7)
+    x = torch.randn(1, 6, 16)
+    with torch.no_grad():
+        want = model(x).clone()
+    rows = {r["layer"]: r for r in _cpu(model, (x,))}
+    assert all(r["replaced"] for r in rows.values()), rows
+    for name in ("0.attn_out_residual.conv", "0.ffn_down_residual.conv"):
+        assert rows[name]["fused"] == "add" and rows[name]["max_rel_err"] < 1e-5
+    assert rows["0.ffn_up"]["layout"] == "channel-major (feeds 0.ffn_down_residual.conv)"
+    layer = model[0]
+    assert isinstance(layer.attn_out_residual, ResidualChain)
+    down = layer.ffn_down_residual.sparse
+    assert down.residual and down.token_major and not hasattr(layer, "ffn_down")
+    with torch.no_grad():
+        assert torch.allclose(model(x), want, atol=1e-5, rtol=1e-5)
+    adds = [n for n in layer.graph.nodes if n.op == "call_function" and "add" in str(n.target)]
+    assert adds == []
+    # FFN down, handed its input, keeps dependent launch; attention output (after attention)
+    # and the stacked query/key/value kernel (after a LayerNorm or the input) launch plainly
+    order = _launch_order(model)
+    assert _plain_launches(order) == {layer.query.layer.kernel_id,
+                                      layer.attn_out_residual.sparse.kernel_id,
+                                      layer.ffn_up.kernel_id}
+    out, _ = _compiled_graphs(model, x)
+    assert torch.allclose(out, want, atol=1e-5, rtol=1e-5)
+
+
+def test_a_broadcast_add_after_a_linear_layer_keeps_the_layer_dense_and_says_why():
+    torch.manual_seed(12)
+    x, shift = torch.randn(2, 5, 16), torch.randn(16)
+
+    class Root(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block = Broadcast()
+
+        def forward(self, x, shift):
+            return self.block(x, shift)
+
+    root = Root().eval()
+    prune_(root, 0.7)
+    with torch.no_grad():
+        want = root(x, shift).clone()
+    rows = _cpu(root, (x, shift))
+    assert [r["layer"] for r in rows] == ["block.fc_residual.conv"]
+    assert not rows[0]["replaced"] and "broadcast add stays dense" in rows[0]["reason"]
+    with torch.no_grad():
+        assert torch.equal(root(x, shift), want)
+
+
+def test_the_linear_reference_includes_the_residual(monkeypatch):
+    """check.verify compares a Linear kernel with a residual against float64 with that
+    residual: a kernel that dropped it fails."""
+    from sparsert_cli.torch.check import verify
+
+    torch.manual_seed(13)
+    model = nn.Sequential(EncoderBlockLite()).eval()
+    prune_(model, 0.7)
+    x = torch.randn(1, 4, 16)
+    _cpu(model, (x,))
+    layer = model[0].fc_residual.sparse
+    res = torch.randn(1, 4, 16)
+    assert verify(layer, x, res, "fp32")["ok"]
+    run = layer.run
+    monkeypatch.setattr(layer, "run", lambda x, residual: run(x, torch.zeros_like(residual)))
+    result = verify(layer, x, res, "fp32")
+    assert not result["ok"] and "off" in result["message"]
+
+
+class EncoderBlockLite(nn.Module):
+    def __init__(self, d=16):
+        super().__init__()
+        self.fc, self.norm = nn.Linear(d, d), nn.LayerNorm(d)
+
+    def forward(self, x):
+        return self.norm(x + self.fc(x))

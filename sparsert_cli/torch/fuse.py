@@ -108,10 +108,14 @@ def _fx_chains(model: torch.nn.Module) -> list[Chain] | None:
         out = nxt if chain.act_module else end if chain.activation == "none" else None
         user = only_user(out) if out is not None else None
         if (isinstance(modules[node.target], torch.nn.Linear) and calls[node.target] == 1
-                and user is not None and user.op == "call_module" and user.args == (out,)
-                and not user.kwargs and isinstance(modules.get(user.target), torch.nn.Linear)
+                and user is not None and user.op == "call_module" and not user.kwargs
                 and calls.get(user.target) == 1):
-            chain.feeds = user.target
+            reader = modules.get(user.target)
+            if isinstance(reader, torch.nn.Linear) and user.args == (out,):
+                chain.feeds = user.target
+            elif (isinstance(reader, ResidualChain) and isinstance(reader.conv, torch.nn.Linear)
+                  and len(user.args) == 2 and user.args[0] is out and user.args[1] is not out):
+                chain.feeds = f"{user.target}.conv"     # a Linear layer + its residual add
         chains.append(chain)
     return chains
 

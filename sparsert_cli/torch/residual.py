@@ -1,6 +1,7 @@
 """Residual adds sparsify_ can fuse: `act(bn(conv(x)) + identity)` inside a module's forward
-(ResNet's Bottleneck). Such a module is traced with torch.fx (its children as leaves) and
-rewritten so the four ops become one ResidualChain child taking (x, identity); the parent then
+(ResNet's Bottleneck), and `linear(x) + residual` (a transformer block's attention output and FFN
+down, before their LayerNorm). Such a module is traced with torch.fx (its children as leaves) and
+rewritten so the ops become one ResidualChain child taking (x, residual); the parent then
 holds the rewritten GraphModule in its place. The rewrite alone changes no number (the chain
 runs the same modules); sparsify_ can then give the chain one kernel whose epilogue adds the
 identity and applies the activation. The model's root module itself is never rewritten.
@@ -26,7 +27,8 @@ _RELU = {F.relu: "relu", torch.relu: "relu", F.relu6: "relu6"}
 
 
 class ResidualChain(torch.nn.Module):
-    """act(bn(conv(x)) + residual); `sparse` (a SparseLayer with a residual epilogue) replaces
+    """act(bn(conv(x)) + residual), where `conv` is a Conv2d (with or without a BatchNorm) or a
+    Linear layer (no BatchNorm); `sparse` (a SparseLayer with a residual epilogue) replaces
     conv, bn, add and act in one kernel once sparsify_ sets it."""
 
     def __init__(self, conv, bn, activation: str):
@@ -80,11 +82,11 @@ def _rewrite(owner: torch.nn.Module):
     found = 0
     for node in list(graph.nodes):
         conv = modules.get(node.target) if node.op == "call_module" else None
-        if not isinstance(conv, torch.nn.Conv2d) or calls[node.target] != 1:
+        if not isinstance(conv, (torch.nn.Conv2d, torch.nn.Linear)) or calls[node.target] != 1:
             continue
         end, bn = node, None
         users = list(end.users)
-        if (len(users) == 1 and users[0].op == "call_module" and calls.get(users[0].target) == 1
+        if (isinstance(conv, torch.nn.Conv2d) and len(users) == 1 and users[0].op == "call_module" and calls.get(users[0].target) == 1
                 and isinstance(modules.get(users[0].target), torch.nn.BatchNorm2d)):
             end, bn = users[0], modules[users[0].target]
         users = list(end.users)
@@ -166,6 +168,8 @@ def unshare_activations(model: torch.nn.Module) -> list[str]:
 
 
 def fuse_residuals(model: torch.nn.Module) -> list[str]:
-    """Rewrite every non-root module with a fusable residual site, in place in its parent;
-    returns the rewritten modules' names."""
-    return _rewrite_children(model, torch.nn.Conv2d, _rewrite, skip=(torch.fx.GraphModule,))
+    """Rewrite every non-root module with a fusable residual site (a Conv2d or Linear layer
+    whose output, after a Conv2d's BatchNorm, is only added to another tensor), in place in its
+    parent; returns the rewritten modules' names."""
+    return _rewrite_children(model, (torch.nn.Conv2d, torch.nn.Linear), _rewrite,
+                             skip=(torch.fx.GraphModule,))

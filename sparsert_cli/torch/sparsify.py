@@ -33,7 +33,7 @@ from sparsert_cli.torch.check import release_evict, time_cold_us, verify as veri
 from sparsert_cli.torch.activations import activate, activation_modules
 from sparsert_cli.torch.fuse import Chain, find_chains, folded, idempotent
 from sparsert_cli.torch.prune import is_depthwise
-from sparsert_cli.torch.residual import fuse_residuals, unshare_activations
+from sparsert_cli.torch.residual import ResidualChain, fuse_residuals, unshare_activations
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # In sparsify_'s race a streamed kernel is kept unless the immediate one times this much faster:
@@ -513,6 +513,15 @@ def _new_row(chain: Chain, module) -> dict:
             "max_rel_err": None, "dense_us": None, "sparse_us": None, "speedup": None}
 
 
+def _output_shape(module, x: torch.Tensor) -> tuple:
+    """The shape a Linear or Conv2d layer returns for input x."""
+    if isinstance(module, torch.nn.Linear):
+        return (*x.shape[:-1], module.out_features)
+    size = [(x.shape[2 + i] + 2 * module.padding[i] - module.dilation[i] * (
+        module.kernel_size[i] - 1) - 1) // module.stride[i] + 1 for i in range(2)]
+    return (x.shape[0], module.out_channels, *size)
+
+
 def _why_not(module, record, dtype, min_sparsity, row) -> str | None:
     """Why this layer keeps its dense op before any kernel is made (None: make one)."""
     why = _unsupported(module)
@@ -520,6 +529,12 @@ def _why_not(module, record, dtype, min_sparsity, row) -> str | None:
         why = f"called {record['calls']} times per forward (shared module)"
     if why is None and record["x"].dtype != DTYPES[dtype]:
         why = f"input is {record['x'].dtype}, kernels are {dtype} (convert the model first)"
+    res = record.get("res")
+    if why is None and res is not None and tuple(res.shape) != _output_shape(module, record["x"]):
+        why = (f"residual of shape {tuple(res.shape)} is not the layer's output shape "
+               f"{_output_shape(module, record['x'])} (a broadcast add stays dense)")
+    if why is None and res is not None and res.dtype != DTYPES[dtype]:
+        why = f"residual is {res.dtype}, kernels are {dtype}"
     weight = module.weight.detach()
     sparsity = row["sparsity"]
     if is_depthwise(module):         # as the kernel sees it: block-diagonal C x C x R x S
@@ -664,8 +679,6 @@ def _launch_order(model) -> list[tuple[object, bool, bool]] | None:
 
     import torch.fx
 
-    from sparsert_cli.torch.residual import ResidualChain
-
     ours = (SparseLayer, SiblingHead, SiblingSlice, ResidualChain, FoldedDense)
 
     class Tracer(torch.fx.Tracer):
@@ -717,7 +730,9 @@ def _handed_over(node, modules) -> bool:
     if getattr(source, "op", None) != "call_module":
         return False
     producer = modules.get(source.target)
-    return isinstance(producer, SparseLayer) and producer.feeds == node.target
+    reader = (f"{node.target}.conv" if isinstance(modules.get(node.target), ResidualChain)
+              else node.target)        # a Linear layer with its residual add: the chain's layer
+    return isinstance(producer, SparseLayer) and producer.feeds == reader
 
 
 def _plain_launches(order) -> set[int]:

@@ -99,6 +99,30 @@ def test_transformer_block_eager_graph_compile():
     _check_modes(block, x, want, "fp32")
 
 
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+def test_encoder_layers_in_a_stack_fuse_their_residual_adds(dtype):
+    """Inside a container (as in BERT) an encoder layer is rewritten: attention output and FFN
+    down add their residual in the kernel's epilogue; FFN down, handed FFN up's output, reads
+    it channel-major; eager, graph and compile all match."""
+    store = torch.float32 if dtype == "fp32" else torch.float16
+    torch.manual_seed(2)
+    model = nn.Sequential(EncoderLayer(hidden=128, heads=4, ffn=512),
+                          EncoderLayer(hidden=128, heads=4, ffn=512)).eval()
+    prune_(model, 0.9)
+    model = model.cuda().to(store)
+    x = torch.randn(1, 24, 128, device="cuda", dtype=store)
+    with torch.no_grad():
+        want = model(x).clone()
+    rows = sparsify_(model, (x,), dtype=dtype, tuned=False, min_speedup=0.0)
+    by = {r["layer"]: r for r in rows}
+    for i in range(2):
+        for name in (f"{i}.attn_out_residual.conv", f"{i}.ffn_down_residual.conv"):
+            assert by[name]["replaced"] and by[name]["fused"] == "add", by[name]
+        assert model[i].ffn_down_residual.sparse.residual
+        assert model[i].ffn_up.feeds == f"{i}.ffn_down_residual.conv"
+    _check_modes(model, x, want, dtype)
+
+
 def test_dense_is_kept_where_faster_and_inference_only():
     model = _cnn()
     prune_(model, 0.9)
