@@ -157,7 +157,8 @@ def main() -> int:
     ours = [t for t in trace if t["sparsert"]]
     summary = {
         "variant": "legacy" if args.legacy else "current", "model": args.model,
-        "handoff": not args.no_handoff, "dependent_launch": not args.no_dependent_launch,
+        "handoff": not args.no_handoff, "linear_residual": not args.no_linear_residual,
+        "dependent_launch": not args.no_dependent_launch,
         "compiled": args.compiled, "keep_dense": args.keep_dense,
         "dtype": args.dtype, "sparsity": args.sparsity, "batch": args.batch,
         "max_default_slices": args.max_default_slices,
