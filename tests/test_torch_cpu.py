@@ -1212,3 +1212,45 @@ class EncoderBlockLite(nn.Module):
 
     def forward(self, x):
         return self.norm(x + self.fc(x))
+
+
+class SelfOutput(nn.Module):
+    """HF BERT's BertSelfOutput: dense, dropout, then LayerNorm of the sum with the input."""
+
+    def __init__(self, d=16):
+        super().__init__()
+        self.dense, self.dropout, self.norm = nn.Linear(d, d), nn.Dropout(0.1), nn.LayerNorm(d)
+
+    def forward(self, hidden, input_tensor):
+        return self.norm(self.dropout(self.dense(hidden)) + input_tensor)
+
+
+class TwoInputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.out = SelfOutput()
+
+    def forward(self, hidden, input_tensor):
+        return self.out(hidden, input_tensor)
+
+
+def test_a_dropout_between_the_linear_layer_and_its_residual_add_is_stepped_over():
+    """In eval mode the dropout is the identity: the add is fused all the same; the rewritten
+    chain keeps the dropout for its own (unfused) forward."""
+    from sparsert_cli.torch.residual import ResidualChain
+
+    torch.manual_seed(14)
+    model = TwoInputs().eval()
+    prune_(model, 0.7)
+    hidden, skip = torch.randn(1, 5, 16), torch.randn(1, 5, 16)
+    with torch.no_grad():
+        want = model(hidden, skip).clone()
+    rows = _cpu(model, (hidden, skip))
+    assert [(r["layer"], r["fused"], r["replaced"]) for r in rows] == [
+        ("out.dense_residual.conv", "add", True)]
+    chain = model.out.dense_residual
+    assert isinstance(chain, ResidualChain) and isinstance(chain.dropout, nn.Dropout)
+    with torch.no_grad():
+        assert torch.allclose(model(hidden, skip), want, atol=1e-5, rtol=1e-5)
+        chain.sparse = None                       # the chain's own forward: the same numbers
+        assert torch.allclose(model(hidden, skip), want, atol=1e-6, rtol=1e-6)

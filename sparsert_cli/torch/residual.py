@@ -1,6 +1,7 @@
 """Residual adds sparsify_ can fuse: `act(bn(conv(x)) + identity)` inside a module's forward
 (ResNet's Bottleneck), and `linear(x) + residual` (a transformer block's attention output and FFN
-down, before their LayerNorm). Such a module is traced with torch.fx (its children as leaves) and
+down, before their LayerNorm; a Dropout module between the layer and the add, as in HF BERT, is
+stepped over: eval mode only). Such a module is traced with torch.fx (its children as leaves) and
 rewritten so the ops become one ResidualChain child taking (x, residual); the parent then
 holds the rewritten GraphModule in its place. The rewrite alone changes no number (the chain
 runs the same modules); sparsify_ can then give the chain one kernel whose epilogue adds the
@@ -27,20 +28,24 @@ _RELU = {F.relu: "relu", torch.relu: "relu", F.relu6: "relu6"}
 
 
 class ResidualChain(torch.nn.Module):
-    """act(bn(conv(x)) + residual), where `conv` is a Conv2d (with or without a BatchNorm) or a
-    Linear layer (no BatchNorm); `sparse` (a SparseLayer with a residual epilogue) replaces
-    conv, bn, add and act in one kernel once sparsify_ sets it."""
+    """act(dropout(bn(conv(x))) + residual), where `conv` is a Conv2d (with or without a
+    BatchNorm) or a Linear layer (no BatchNorm) and `dropout` an optional Dropout module (HF
+    BERT's, between its dense layer and the add: the identity in eval mode, the only mode
+    sparsify_ serves); `sparse` (a SparseLayer with a residual epilogue) replaces conv, bn,
+    dropout, add and act in one kernel once sparsify_ sets it."""
 
-    def __init__(self, conv, bn, activation: str):
+    def __init__(self, conv, bn, activation: str, dropout=None):
         super().__init__()
         self.conv, self.bn, self.activation = conv, bn, activation
+        self.dropout = dropout
         self.sparse = None
 
     def forward(self, x, residual):
         if self.sparse is not None:
             return self.sparse(x, residual)
         y = self.conv(x)
-        y = (self.bn(y) if self.bn is not None else y) + residual
+        y = self.bn(y) if self.bn is not None else y
+        y = (self.dropout(y) if self.dropout is not None else y) + residual
         return activate(y, self.activation)
 
 
@@ -82,13 +87,27 @@ def _rewrite(owner: torch.nn.Module):
     found = 0
     for node in list(graph.nodes):
         conv = modules.get(node.target) if node.op == "call_module" else None
-        if not isinstance(conv, (torch.nn.Conv2d, torch.nn.Linear)) or calls[node.target] != 1:
+        if not isinstance(conv, (torch.nn.Conv2d, torch.nn.Linear)) or calls[node.target] != 1 \
+                or len(node.args) != 1 or node.kwargs:
             continue
-        end, bn = node, None
-        users = list(end.users)
-        if (isinstance(conv, torch.nn.Conv2d) and len(users) == 1 and users[0].op == "call_module" and calls.get(users[0].target) == 1
-                and isinstance(modules.get(users[0].target), torch.nn.BatchNorm2d)):
-            end, bn = users[0], modules[users[0].target]
+        end, bn, dropout, inner = node, None, None, [node]
+
+        def only_module_user(kind):
+            users = list(end.users)
+            if (len(users) == 1 and users[0].op == "call_module" and users[0].args == (end,)
+                    and not users[0].kwargs and calls.get(users[0].target) == 1
+                    and isinstance(modules.get(users[0].target), kind)):
+                return users[0]
+            return None
+
+        if isinstance(conv, torch.nn.Conv2d) and only_module_user(torch.nn.BatchNorm2d):
+            end = only_module_user(torch.nn.BatchNorm2d)
+            bn = modules[end.target]
+            inner.append(end)
+        if only_module_user(torch.nn.Dropout):
+            end = only_module_user(torch.nn.Dropout)
+            dropout = modules[end.target]
+            inner.append(end)
         users = list(end.users)
         if len(users) != 1 or users[0].op != "call_function" or users[0].target not in _ADDS \
                 or len(users[0].args) != 2 or users[0].kwargs:
@@ -101,11 +120,11 @@ def _rewrite(owner: torch.nn.Module):
         act = _activation_of(users[0], modules) if len(users) == 1 else None
         last = users[0] if act else add
         name = f"{node.target}_residual"
-        owner.add_module(name, ResidualChain(conv, bn, act or "none"))
+        owner.add_module(name, ResidualChain(conv, bn, act or "none", dropout))
         with graph.inserting_after(last):
             fused = graph.call_module(name, (node.args[0], other))
         last.replace_all_uses_with(fused)
-        for dead in ([last, add] if act else [add]) + ([end] if bn is not None else []) + [node]:
+        for dead in ([last, add] if act else [add]) + inner[::-1]:
             graph.erase_node(dead)
         found += 1
     if not found:

@@ -450,8 +450,9 @@ def sparsify_(model: torch.nn.Module, example_inputs, *, dtype: str = "fp32", tu
     depthwise layer counts as its block-diagonal C x C weight (at least 1 - 1/C sparse).
     dry_run: plan, compile and (with verify) check on the CPU interpreter; the model is not
     changed. include: None or a callable(name, module) -> bool choosing layers. fuse_residual:
-    rewrite submodules computing act(bn(conv(x)) + identity) (torch.fx) so one kernel does all
-    four, and give each call of a shared ReLU module its own copy, so a kernel that fuses the
+    rewrite submodules computing act(bn(conv(x)) + identity) or linear(x) + residual (a Dropout
+    between the layer and the add is stepped over) with torch.fx so one kernel does it all, and
+    give each call of a shared ReLU module its own copy, so a kernel that fuses the
     ReLU also takes it out of the model. race (GPU): a layer planned in the immediate family
     also gets the streamed family's kernel, and keeps whichever is faster as the forward runs
     it (straight-line code fetched from memory is what makes large immediate kernels slower in
