@@ -1254,3 +1254,112 @@ def test_a_dropout_between_the_linear_layer_and_its_residual_add_is_stepped_over
         assert torch.allclose(model(hidden, skip), want, atol=1e-5, rtol=1e-5)
         chain.sparse = None                       # the chain's own forward: the same numbers
         assert torch.allclose(model(hidden, skip), want, atol=1e-6, rtol=1e-6)
+
+
+class Embeddings(nn.Module):
+    """MobileBERT's embeddings, reduced: a forward testing an optional argument (`is None` is
+    not traced: tracing takes the branch of a call that passes it), then Linear + add."""
+
+    def __init__(self, d=16):
+        super().__init__()
+        self.word, self.proj, self.pos = nn.Embedding(50, d), nn.Linear(d, d), nn.Embedding(8, d)
+
+    def forward(self, input_ids=None, inputs_embeds=None):
+        if inputs_embeds is None:
+            inputs_embeds = self.word(input_ids)
+        positions = torch.arange(inputs_embeds.shape[1])
+        return self.proj(inputs_embeds) + self.pos(positions)
+
+
+class Masked(nn.Module):
+    def __init__(self, d=16):
+        super().__init__()
+        self.fc, self.heads = nn.Linear(d, d), 2
+
+    def forward(self, x, mask=None):
+        h = x if mask is None else x * mask
+        return x + self.fc(h)
+
+
+def test_a_forward_that_tests_an_optional_argument_is_not_rewritten():
+    """fuse_residuals used to rewrite only modules with Conv2d children; with Linear children a
+    transformer module whose forward tests `mask is None` / `inputs_embeds is None` was traced
+    with the argument given, and the model then failed when called without it."""
+
+    class Root(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.block = Embeddings(), Masked()
+
+        def forward(self, ids):
+            return self.block(self.emb(input_ids=ids))
+
+    torch.manual_seed(15)
+    root = Root().eval()
+    prune_(root, 0.7)
+    ids = torch.randint(0, 50, (2, 6))
+    mask = torch.rand(2, 6, 16)
+    with torch.no_grad():
+        want = root(ids).clone()
+        masked = root.block(want, mask).clone()
+    rows = _cpu(root, (ids,))
+    assert all(not r["fused"].startswith("add") for r in rows), rows
+    with torch.no_grad():
+        assert torch.allclose(root(ids), want, atol=1e-5, rtol=1e-5)
+        assert torch.allclose(root.block(want, mask), masked, atol=1e-5, rtol=1e-5)
+
+
+def test_a_rewritten_module_keeps_its_plain_attributes():
+    """The GraphModule put in a rewritten module's place keeps what its parent may read."""
+
+    class Block(nn.Module):
+        def __init__(self, d=16):
+            super().__init__()
+            self.fc, self.heads = nn.Linear(d, d), 2
+
+        def forward(self, x):
+            return x + self.fc(x)
+
+    class Root(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block = Block()
+
+        def forward(self, x):
+            return self.block(x) * self.block.heads
+
+    torch.manual_seed(16)
+    root = Root().eval()
+    prune_(root, 0.7)
+    x = torch.randn(2, 3, 16)
+    with torch.no_grad():
+        want = root(x).clone()
+    rows = _cpu(root, (x,))
+    assert rows[0]["fused"] == "add" and rows[0]["replaced"]
+    with torch.no_grad():
+        assert torch.allclose(root(x), want, atol=1e-5, rtol=1e-5)
+
+
+class PositionBias(nn.Module):
+    def __init__(self, d=16):
+        super().__init__()
+        self.fc = nn.Linear(d, d)
+        self.pos = nn.Parameter(torch.randn(5, d))
+
+    def forward(self, x):
+        return self.fc(x) + self.pos
+
+
+def test_a_parameter_added_after_a_linear_layer_is_not_a_residual():
+    """`fc(x) + self.pos` keeps its add (a parameter is a constant, and a trainable one would
+    make the kernel's residual require grad): the layer is replaced alone, and the model runs
+    with grad enabled as the dense one did."""
+    torch.manual_seed(17)
+    root = nn.Sequential(PositionBias()).eval()
+    prune_(root, 0.7)
+    x = torch.randn(2, 5, 16)
+    with torch.no_grad():
+        want = root(x).clone()
+    rows = _cpu(root, (x,))
+    assert [(r["layer"], r["fused"], r["replaced"]) for r in rows] == [("0.fc", "", True)]
+    assert torch.allclose(root(x), want, atol=1e-5, rtol=1e-5)      # grad enabled: no error

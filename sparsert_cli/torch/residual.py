@@ -5,7 +5,12 @@ stepped over: eval mode only). Such a module is traced with torch.fx (its childr
 rewritten so the ops become one ResidualChain child taking (x, residual); the parent then
 holds the rewritten GraphModule in its place. The rewrite alone changes no number (the chain
 runs the same modules); sparsify_ can then give the chain one kernel whose epilogue adds the
-identity and applies the activation. The model's root module itself is never rewritten.
+identity and applies the activation. The model's root module itself is never rewritten, nor
+a module whose forward tests an argument that has a default (`if mask is None`: tracing keeps
+only the branch of a call that passes it). The rewritten module keeps its plain attributes but
+not its other methods, and side effects of its forward run once, while it is traced; an
+in-place `out += fc(x)` is traced as `out + fc(x)` (harmless for a local `out`, as in ResNet,
+not for a tensor the caller reads afterwards).
 
 `unshare_activations` gives every call of a ReLU/ReLU6 module used several times in one forward
 (ResNet's shared `self.relu`) its own copy, by the same rewrite, so a kernel that fuses one call
@@ -72,12 +77,27 @@ def _activation_of(node, modules) -> str | None:
     return None
 
 
+def _optional_arguments_tested(graph) -> bool:
+    """Whether an argument of the traced forward that has a default (or is *args / **kwargs) is
+    used other than passed on to a child module or returned. Tracing makes every argument a
+    value that is given, so a forward testing one (`if mask is not None`, `if inputs_embeds is
+    None`) keeps only the branch of a call that passes it: the rewrite would break calls that
+    leave it out (MobileBERT's embeddings)."""
+    for node in graph.nodes:
+        if node.op == "placeholder" and (node.args or node.target.startswith("*")) and any(
+                user.op not in ("call_module", "output") for user in node.users):
+            return True
+    return False
+
+
 def _rewrite(owner: torch.nn.Module):
     """owner's forward as a GraphModule with every fusable site a ResidualChain, or None."""
     try:
         tracer = _ChildrenAreLeaves(owner)
         graph = tracer.trace(owner)
     except Exception:  # noqa: BLE001 - an untraceable forward keeps its adds
+        return None
+    if _optional_arguments_tested(graph):
         return None
     modules = dict(owner.named_children())
     calls: dict[str, int] = {}
@@ -114,7 +134,9 @@ def _rewrite(owner: torch.nn.Module):
             continue
         add = users[0]
         other = add.args[1] if add.args[0] is end else add.args[0]
-        if other is end or not isinstance(other, torch.fx.Node):
+        # a parameter or buffer (`get_attr`) is a bias-like constant, not a residual: the add
+        # stays (a trained one would also make the kernel's input require grad)
+        if other is end or not isinstance(other, torch.fx.Node) or other.op == "get_attr":
             continue
         users = list(add.users)
         act = _activation_of(users[0], modules) if len(users) == 1 else None
@@ -174,6 +196,9 @@ def _rewrite_children(model: torch.nn.Module, has, rewrite, skip=()) -> list[str
             continue
         rewritten = rewrite(module)
         if rewritten is not None:
+            for key, value in vars(module).items():     # plain attributes others may read
+                if not key.startswith("_") and key not in vars(rewritten):
+                    setattr(rewritten, key, value)
             model.set_submodule(name, rewritten)
             done.append(name)
     return done
