@@ -1363,3 +1363,105 @@ def test_a_parameter_added_after_a_linear_layer_is_not_a_residual():
     rows = _cpu(root, (x,))
     assert [(r["layer"], r["fused"], r["replaced"]) for r in rows] == [("0.fc", "", True)]
     assert torch.allclose(root(x), want, atol=1e-5, rtol=1e-5)      # grad enabled: no error
+
+
+class GELUActivation(nn.Module):
+    """Hugging Face's exact GELU module, as transformers.activations defines it (F.gelu)."""
+
+    def __init__(self):
+        super().__init__()
+        self.act = torch.nn.functional.gelu
+
+    def forward(self, x):
+        return self.act(x)
+
+
+class Intermediate(nn.Module):
+    def __init__(self, d=16, hidden=48, act=None):
+        super().__init__()
+        self.dense, self.act = nn.Linear(d, hidden), act if act is not None else GELUActivation()
+
+    def forward(self, x):
+        return self.act(self.dense(x))
+
+
+class Gated(nn.Module):
+    """A part whose forward has a defaulted argument (and tests it): not read by tracing."""
+
+    def __init__(self, d=48):
+        super().__init__()
+        self.fc, self.act = nn.Linear(d, d), nn.ReLU()
+
+    def forward(self, x, gate=None):
+        y = self.fc(x)
+        return self.act(y) if gate is not None else y
+
+
+class Untraceable(nn.Module):
+    """Data-dependent control flow at the root (as Hugging Face models have): torch.fx cannot
+    trace it whole, so its parts are read one by one."""
+
+    def __init__(self, shared_act=False):
+        super().__init__()
+        act = GELUActivation()
+        self.inter = Intermediate(act=act)
+        self.gated = Gated()
+        self.other = Intermediate(d=48, hidden=48, act=act if shared_act else None)
+
+    def forward(self, x):
+        h = self.inter(x)
+        if float(h.sum()) > 1e9:        # never true; fx cannot trace a tensor's value
+            h = -h
+        return self.other(self.gated(h))
+
+
+def test_a_model_that_does_not_trace_is_read_by_its_parts():
+    """Hugging Face-style: the root does not trace, each part that does is read as a traced
+    model: GELUActivation (matched by name) is fused with its Linear layer and leaves the
+    model; a part testing a defaulted argument keeps its activation; an activation module
+    shared by two parts is fused into neither."""
+    torch.manual_seed(18)
+    x = torch.randn(2, 5, 16)
+    for shared in (False, True):
+        model = Untraceable(shared_act=shared).eval()
+        prune_(model, 0.7)
+        with torch.no_grad():
+            want = model(x).clone()
+        chains = {c.layer: c for c in find_chains(model)}
+        assert set(chains) == {"inter.dense", "gated.fc", "other.dense"}
+        assert chains["gated.fc"].activation == "none"
+        for name in ("inter", "other"):
+            chain = chains[f"{name}.dense"]
+            assert (chain.activation, chain.act_module) == (
+                ("none", None) if shared else ("gelu", f"{name}.act"))
+        rows = {r["layer"]: r for r in _cpu(model, (x,))}
+        assert all(r["replaced"] for r in rows.values())
+        assert rows["inter.dense"]["fused"] == ("" if shared else "gelu")
+        assert isinstance(model.inter.act, nn.Identity) is not shared
+        with torch.no_grad():
+            assert torch.allclose(model(x), want, atol=1e-5, rtol=1e-5)
+
+
+class SkipUnlessGated(nn.Module):
+    """`fc(x) + x` unless a gate is given: `gate is None` leaves no node in a traced graph."""
+
+    def __init__(self, d=16):
+        super().__init__()
+        self.fc = nn.Linear(d, d)
+
+    def forward(self, x, gate=None):
+        y = self.fc(x)
+        return y + x if gate is None else y
+
+
+def test_a_forward_with_a_defaulted_argument_is_never_rewritten():
+    from sparsert_cli.torch.residual import fuse_residuals
+
+    torch.manual_seed(19)
+    model = nn.Sequential(SkipUnlessGated()).eval()
+    x = torch.randn(2, 3, 16)
+    with torch.no_grad():
+        want = model[0](x, gate=torch.ones(1)).clone()
+    assert fuse_residuals(model) == []
+    with torch.no_grad():
+        assert torch.equal(model[0](x, gate=torch.ones(1)), want)

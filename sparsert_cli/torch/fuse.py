@@ -2,13 +2,16 @@
 GELU), and which Linear layer a Linear layer's output feeds alone.
 
 The model is traced with torch.fx where that works (torchvision ResNets, MobileNets, plain
-transformer blocks); otherwise only consecutive children of nn.Sequential containers are read.
+transformer blocks); otherwise consecutive children of nn.Sequential containers are read, and
+each outermost submodule that traces by itself (Hugging Face BERT's intermediate and output
+blocks) is read as a traced model is.
 The graph is only *read*: layers are then replaced in place, so the caller's model object stays
 the model. A ReLU module used elsewhere too (ResNet's shared `self.relu`) stays in the model after
 its fusion: ReLU and ReLU6 are idempotent, so applying it again changes nothing (sparsify_ first
 gives each call of such a module in a non-root module its own copy: residual.unshare_activations).
-GELU is not idempotent: only an nn.GELU (exact) module called once is fused (it is then replaced
-by Identity); a shared one, and a functional F.gelu call, stay in the model and are not fused.
+GELU is not idempotent: only an exact nn.GELU (or Hugging Face's GELUActivation) module called
+once is fused (it is then replaced by Identity); a shared one, and a functional F.gelu call, stay
+in the model and are not fused.
 """
 
 from __future__ import annotations
@@ -50,6 +53,10 @@ def _activation(module) -> str | None:
         return "relu6"
     if isinstance(module, torch.nn.GELU) and module.approximate == "none":
         return "gelu"
+    # Hugging Face's exact GELU module (transformers.activations.GELUActivation, what BERT's
+    # ACT2FN["gelu"] gives): F.gelu inside; matched by name, transformers is not a dependency
+    if type(module).__name__ == "GELUActivation" and getattr(module, "act", None) is F.gelu:
+        return "gelu"
     return None
 
 
@@ -63,16 +70,24 @@ def _is_layer(module) -> bool:
     return isinstance(module, (torch.nn.Conv2d, torch.nn.Linear))
 
 
-def _fx_chains(model: torch.nn.Module) -> list[Chain] | None:
-    from sparsert_cli.torch.residual import ResidualChain
+def _fx_chains(model: torch.nn.Module, shared=frozenset(), part: bool = False
+               ) -> list[Chain] | None:
+    """The chains of a model that torch.fx traces, or None. `shared`: ids of modules held in
+    more than one place of the whole model (tracing a submodule alone cannot see their other
+    calls): such an activation module is not taken out with a layer. `part`: a submodule,
+    read only when its forward has no argument with a default (tracing keeps one branch of
+    `if mask is None`, which a call without it would not take)."""
+    from sparsert_cli.torch.residual import ResidualChain, has_optional_arguments
 
-    class Tracer(torch.fx.Tracer):          # a fused residual chain is one call
-        def is_leaf_module(self, module, qualified_name) -> bool:
-            return isinstance(module, ResidualChain) or super().is_leaf_module(module,
-                                                                               qualified_name)
+    class Tracer(torch.fx.Tracer):          # a fused residual chain is one call, and so is
+        def is_leaf_module(self, module, qualified_name) -> bool:    # an activation module
+            return isinstance(module, ResidualChain) or _activation(module) is not None or \
+                super().is_leaf_module(module, qualified_name)
     try:
         graph = Tracer().trace(model)
     except Exception:  # noqa: BLE001 - untraceable models use the nn.Sequential reading
+        return None
+    if part and has_optional_arguments(graph):
         return None
     modules = dict(model.named_modules())
     calls: dict[str, int] = {}
@@ -97,7 +112,7 @@ def _fx_chains(model: torch.nn.Module) -> list[Chain] | None:
         nxt = only_user(end)
         if nxt is not None and nxt.args and nxt.args[0] is end:
             act = _activation(modules.get(nxt.target)) if nxt.op == "call_module" else None
-            if act and calls.get(nxt.target) == 1:       # the module leaves with the layer
+            if act and calls.get(nxt.target) == 1 and id(modules[nxt.target]) not in shared:
                 chain.activation, chain.act_module = act, nxt.target
             elif act and idempotent(act):          # shared: stays, and applies once more
                 chain.activation = act
@@ -150,13 +165,44 @@ def _sequential_chains(model: torch.nn.Module) -> list[Chain]:
     return chains
 
 
+def _chains_by_parts(model: torch.nn.Module) -> list[Chain]:
+    """The chains of a model that does not trace as a whole (Hugging Face models): the
+    nn.Sequential reading, then each outermost submodule that does trace (not a container)
+    read as _fx_chains reads a model, its chains replacing those of its layers."""
+    chains = {c.layer: c for c in _sequential_chains(model)}
+    places: dict[int, int] = {}
+    for _, module in model.named_modules(remove_duplicate=False):
+        places[id(module)] = places.get(id(module), 0) + 1
+    shared = frozenset(i for i, n in places.items() if n > 1)
+    traced: list[str] = []
+    for name, module in model.named_modules():
+        if (not name or isinstance(module, (torch.nn.Sequential, torch.nn.ModuleList,
+                                            torch.nn.ModuleDict))
+                or any(name.startswith(f"{t}.") for t in traced)
+                or not any(_is_layer(m) for m in module.modules())):
+            continue
+        if _is_layer(module) or places[id(module)] > 1:
+            continue
+        found = _fx_chains(module, shared, part=True)
+        if found is None:
+            continue
+        traced.append(name)
+        for chain in found:
+            for field in ("layer", "bn", "act_module", "residual", "feeds"):
+                value = getattr(chain, field)
+                if value is not None:
+                    setattr(chain, field, f"{name}.{value}")
+            chains[chain.layer] = chain
+    return list(chains.values())
+
+
 def find_chains(model: torch.nn.Module) -> list[Chain]:
     """Every Conv2d/Linear of the model with the BatchNorm and activation it can absorb, and
     one chain per ResidualChain (conv, BatchNorm, residual add, activation)."""
     from sparsert_cli.torch.residual import ResidualChain
 
     chains = _fx_chains(model)
-    chains = chains if chains is not None else _sequential_chains(model)
+    chains = chains if chains is not None else _chains_by_parts(model)
     inner = {n for n, m in model.named_modules() if isinstance(m, ResidualChain)}
     chains = [c for c in chains if not any(c.layer.startswith(f"{n}.") for n in inner)]
     for name in inner:

@@ -6,8 +6,8 @@ rewritten so the ops become one ResidualChain child taking (x, residual); the pa
 holds the rewritten GraphModule in its place. The rewrite alone changes no number (the chain
 runs the same modules); sparsify_ can then give the chain one kernel whose epilogue adds the
 identity and applies the activation. The model's root module itself is never rewritten, nor
-a module whose forward tests an argument that has a default (`if mask is None`: tracing keeps
-only the branch of a call that passes it). The rewritten module keeps its plain attributes but
+a module whose forward has an argument with a default (`if mask is None`: tracing keeps only
+the branch of a call that passes it). The rewritten module keeps its plain attributes but
 not its other methods, and side effects of its forward run once, while it is traced; an
 in-place `out += fc(x)` is traced as `out + fc(x)` (harmless for a local `out`, as in ResNet,
 not for a tensor the caller reads afterwards).
@@ -77,17 +77,14 @@ def _activation_of(node, modules) -> str | None:
     return None
 
 
-def _optional_arguments_tested(graph) -> bool:
-    """Whether an argument of the traced forward that has a default (or is *args / **kwargs) is
-    used other than passed on to a child module or returned. Tracing makes every argument a
-    value that is given, so a forward testing one (`if mask is not None`, `if inputs_embeds is
-    None`) keeps only the branch of a call that passes it: the rewrite would break calls that
-    leave it out (MobileBERT's embeddings)."""
-    for node in graph.nodes:
-        if node.op == "placeholder" and (node.args or node.target.startswith("*")) and any(
-                user.op not in ("call_module", "output") for user in node.users):
-            return True
-    return False
+def has_optional_arguments(graph) -> bool:
+    """Whether the traced forward has an argument with a default (or *args / **kwargs).
+    Tracing makes every argument a value that is given, so a forward testing one (`if mask is
+    not None`, `if inputs_embeds is None`: a test that leaves no node in the graph) keeps only
+    the branch of a call that passes it; a rewrite, or fusions read from that graph, would be
+    wrong for calls that leave it out (MobileBERT's embeddings). Such forwards are left alone."""
+    return any(node.op == "placeholder" and (node.args or node.target.startswith("*"))
+               for node in graph.nodes)
 
 
 def _rewrite(owner: torch.nn.Module):
@@ -97,7 +94,7 @@ def _rewrite(owner: torch.nn.Module):
         graph = tracer.trace(owner)
     except Exception:  # noqa: BLE001 - an untraceable forward keeps its adds
         return None
-    if _optional_arguments_tested(graph):
+    if has_optional_arguments(graph):
         return None
     modules = dict(owner.named_children())
     calls: dict[str, int] = {}
