@@ -1465,3 +1465,18 @@ def test_a_forward_with_a_defaulted_argument_is_never_rewritten():
     assert fuse_residuals(model) == []
     with torch.no_grad():
         assert torch.equal(model[0](x, gate=torch.ones(1)), want)
+
+
+def test_the_readme_pytorch_example_runs_as_written(isolated_cache):
+    """README, "Your own PyTorch model": the CPU dry run, exactly as printed there."""
+    import re
+
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = text.split("**Your own PyTorch model.**", 1)[1]
+    block = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    scope: dict = {}
+    exec(compile(block, "README.md", "exec"), scope)
+    rows = scope["rows"]
+    assert [(r["layer"], r["fused"], r["reason"]) for r in rows] == [
+        (f"{i}.{name}", fused, "dry run: verified") for i in (0, 1)
+        for name, fused in (("up", "gelu"), ("down_residual.conv", "add"))]
