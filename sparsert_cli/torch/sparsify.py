@@ -269,13 +269,39 @@ def _record_inputs(model, chains: list[Chain], example_inputs) -> dict:
                 slot["version"] = _version(args[0])
                 slot["order"] = len(seen)
         handles.append(modules[chain.entry].register_forward_pre_hook(hook))
+    absorbed: dict[str, int] = {}       # calls of the BatchNorm / activation modules chains take
+    for name in {n for c in chains for n in (c.bn, c.act_module) if n}:
+        def count(module, args, name=name):
+            absorbed[name] = absorbed.get(name, 0) + 1
+        handles.append(modules[name].register_forward_pre_hook(count))
     try:
         with torch.no_grad():
             model(*example_inputs)
     finally:
         for handle in handles:
             handle.remove()
+    for chain in chains:
+        if chain.layer in seen:
+            seen[chain.layer]["absorbed"] = {n: absorbed.get(n, 0) for n in (chain.bn,
+                                                                              chain.act_module) if n}
     return seen
+
+
+def _called_elsewhere(chain: Chain, record: dict | None) -> Chain:
+    """chain without the BatchNorm / activation module that the recording forward called more
+    often than its layer (a parent calling a part's `self.block.act` directly, which reading the
+    part alone cannot see): replacing it by Identity would change those calls too. A BatchNorm
+    goes with what follows it; an idempotent activation may stay fused (the module stays and
+    applies once more); no hand-off from a layer whose absorbed module stays in between."""
+    if record is None or chain.residual:       # a ResidualChain's modules are its own
+        return chain
+    calls = record.get("absorbed", {})
+    if chain.bn and calls.get(chain.bn) != record["calls"]:
+        return Chain(chain.layer, residual=chain.residual)
+    if chain.act_module and calls.get(chain.act_module) != record["calls"]:
+        return Chain(chain.layer, chain.bn, chain.activation if idempotent(chain.activation)
+                     else "none", residual=chain.residual)
+    return chain
 
 
 class _Shared:
@@ -567,6 +593,7 @@ def _sparsify(model, example_inputs, *, dtype, tuned, verify, min_speedup, min_s
     chains = [c for c in find_chains(model)
               if include is None or include(c.layer, modules[c.layer])]
     seen = _record_inputs(model, chains, example_inputs)
+    chains = [_called_elsewhere(c, seen.get(c.layer)) for c in chains]
     on_gpu = device.type == "cuda" and not dry_run
     if on_gpu and arch is None:
         major, minor = torch.cuda.get_device_capability(device)
