@@ -282,8 +282,8 @@ def _record_inputs(model, chains: list[Chain], example_inputs) -> dict:
             handle.remove()
     for chain in chains:
         if chain.layer in seen:
-            seen[chain.layer]["absorbed"] = {n: absorbed.get(n, 0) for n in (chain.bn,
-                                                                              chain.act_module) if n}
+            seen[chain.layer]["absorbed"] = {n: absorbed.get(n, 0)
+                                             for n in (chain.bn, chain.act_module) if n}
     return seen
 
 
