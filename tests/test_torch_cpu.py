@@ -25,6 +25,18 @@ def _cpu(model, inputs, **options):
     return _sparsify(model, inputs, **(args | options))
 
 
+def _sparsified(model, inputs, sparsity=0.7, **options):
+    """Prune model, sparsify it on the CPU and check it computes what the pruned dense model
+    did: (the report rows, that output)."""
+    prune_(model, sparsity)
+    with torch.no_grad():
+        want = model(*inputs).clone()
+    rows = _cpu(model, inputs, **options)
+    with torch.no_grad():
+        assert torch.allclose(model(*inputs), want, atol=1e-5, rtol=1e-5)
+    return rows, want
+
+
 class Block(nn.Module):
     """ResNet-style: one shared ReLU module, a residual add (not fusable in place)."""
 
@@ -1136,11 +1148,9 @@ def test_linear_residual_adds_are_fused_into_their_kernels():
 
     torch.manual_seed(11)
     model = nn.Sequential(EncoderLayer(hidden=16, heads=2, ffn=48)).eval()
-    prune_(model, 0.7)
     x = torch.randn(1, 6, 16)
-    with torch.no_grad():
-        want = model(x).clone()
-    rows = {r["layer"]: r for r in _cpu(model, (x,))}
+    rows, want = _sparsified(model, (x,))
+    rows = {r["layer"]: r for r in rows}
     assert all(r["replaced"] for r in rows.values()), rows
     for name in ("0.attn_out_residual.conv", "0.ffn_down_residual.conv"):
         assert rows[name]["fused"] == "add" and rows[name]["max_rel_err"] < 1e-5
@@ -1149,8 +1159,6 @@ def test_linear_residual_adds_are_fused_into_their_kernels():
     assert isinstance(layer.attn_out_residual, ResidualChain)
     down = layer.ffn_down_residual.sparse
     assert down.residual and down.token_major and not hasattr(layer, "ffn_down")
-    with torch.no_grad():
-        assert torch.allclose(model(x), want, atol=1e-5, rtol=1e-5)
     adds = [n for n in layer.graph.nodes if n.op == "call_function" and "add" in str(n.target)]
     assert adds == []
     # FFN down, handed its input, keeps dependent launch; attention output (after attention)
@@ -1241,17 +1249,13 @@ def test_a_dropout_between_the_linear_layer_and_its_residual_add_is_stepped_over
 
     torch.manual_seed(14)
     model = TwoInputs().eval()
-    prune_(model, 0.7)
     hidden, skip = torch.randn(1, 5, 16), torch.randn(1, 5, 16)
-    with torch.no_grad():
-        want = model(hidden, skip).clone()
-    rows = _cpu(model, (hidden, skip))
+    rows, want = _sparsified(model, (hidden, skip))
     assert [(r["layer"], r["fused"], r["replaced"]) for r in rows] == [
         ("out.dense_residual.conv", "add", True)]
     chain = model.out.dense_residual
     assert isinstance(chain, ResidualChain) and isinstance(chain.dropout, nn.Dropout)
     with torch.no_grad():
-        assert torch.allclose(model(hidden, skip), want, atol=1e-5, rtol=1e-5)
         chain.sparse = None                       # the chain's own forward: the same numbers
         assert torch.allclose(model(hidden, skip), want, atol=1e-6, rtol=1e-6)
 
@@ -1296,16 +1300,14 @@ def test_a_forward_that_tests_an_optional_argument_is_not_rewritten():
 
     torch.manual_seed(15)
     root = Root().eval()
-    prune_(root, 0.7)
     ids = torch.randint(0, 50, (2, 6))
     mask = torch.rand(2, 6, 16)
+    prune_(root, 0.7)
     with torch.no_grad():
-        want = root(ids).clone()
-        masked = root.block(want, mask).clone()
-    rows = _cpu(root, (ids,))
+        masked = root.block(root(ids), mask).clone()
+    rows, want = _sparsified(root, (ids,))
     assert all(not r["fused"].startswith("add") for r in rows), rows
     with torch.no_grad():
-        assert torch.allclose(root(ids), want, atol=1e-5, rtol=1e-5)
         assert torch.allclose(root.block(want, mask), masked, atol=1e-5, rtol=1e-5)
 
 
@@ -1329,15 +1331,8 @@ def test_a_rewritten_module_keeps_its_plain_attributes():
             return self.block(x) * self.block.heads
 
     torch.manual_seed(16)
-    root = Root().eval()
-    prune_(root, 0.7)
-    x = torch.randn(2, 3, 16)
-    with torch.no_grad():
-        want = root(x).clone()
-    rows = _cpu(root, (x,))
+    rows, _ = _sparsified(Root().eval(), (torch.randn(2, 3, 16),))
     assert rows[0]["fused"] == "add" and rows[0]["replaced"]
-    with torch.no_grad():
-        assert torch.allclose(root(x), want, atol=1e-5, rtol=1e-5)
 
 
 class PositionBias(nn.Module):
@@ -1424,9 +1419,6 @@ def test_a_model_that_does_not_trace_is_read_by_its_parts():
     x = torch.randn(2, 5, 16)
     for shared in (False, True):
         model = Untraceable(shared_act=shared).eval()
-        prune_(model, 0.7)
-        with torch.no_grad():
-            want = model(x).clone()
         chains = {c.layer: c for c in find_chains(model)}
         assert set(chains) == {"inter.dense", "gated.fc", "other.dense"}
         assert chains["gated.fc"].activation == "none"
@@ -1434,12 +1426,10 @@ def test_a_model_that_does_not_trace_is_read_by_its_parts():
             chain = chains[f"{name}.dense"]
             assert (chain.activation, chain.act_module) == (
                 ("none", None) if shared else ("gelu", f"{name}.act"))
-        rows = {r["layer"]: r for r in _cpu(model, (x,))}
+        rows = {r["layer"]: r for r in _sparsified(model, (x,))[0]}
         assert all(r["replaced"] for r in rows.values())
         assert rows["inter.dense"]["fused"] == ("" if shared else "gelu")
         assert isinstance(model.inter.act, nn.Identity) is not shared
-        with torch.no_grad():
-            assert torch.allclose(model(x), want, atol=1e-5, rtol=1e-5)
 
 
 class SkipUnlessGated(nn.Module):
@@ -1523,18 +1513,13 @@ class ParentCallsPartsBN(nn.Module):
 def test_a_parts_module_called_from_outside_the_part_is_not_absorbed(make, x):
     torch.manual_seed(20)
     model, x = make().eval(), torch.randn(*x)
-    prune_(model, 0.8)
     for module in model.modules():
         if isinstance(module, nn.BatchNorm2d):
             module.running_mean.uniform_(-0.5, 0.5)
             module.running_var.uniform_(0.5, 2.0)
-    with torch.no_grad():
-        want = model(x).clone()
-    rows = _cpu(model, (x,))
+    rows, _ = _sparsified(model, (x,), sparsity=0.8)
     assert all(r["replaced"] for r in rows)
     assert all(r["fused"] == "" for r in rows)      # block.act / block.bn stay in the model
-    with torch.no_grad():
-        assert torch.allclose(model(x), want, atol=1e-5, rtol=1e-5)
 
 
 class MaskWithoutDefault(nn.Module):

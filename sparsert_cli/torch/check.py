@@ -34,14 +34,13 @@ def _reference(kind: str, weight: np.ndarray, bias, activation: str, x: np.ndarr
     if groups > 1:
         return _grouped_reference(weight, bias, activation, x, stride, padding, groups, res)
     if kind == "linear":
-        k = weight.shape[1]
-        m = weight.shape[0]
+        m, k = weight.shape
         x4 = x.reshape(-1, k).T.reshape(1, k, 1, -1)
         w4 = weight.reshape(m, k, 1, 1)
         r4 = None if res is None else res.reshape(-1, m).T.reshape(1, m, 1, -1)  # (..., M) in
         ref = conv_reference(w4, x4, 1, 0, bias, r4, activation)
         mag = conv_reference(w4, x4, 1, 0, bias, r4, activation, absolute=True)
-        return ref.reshape(weight.shape[0], -1).T, mag.reshape(weight.shape[0], -1).T
+        return ref.reshape(m, -1).T, mag.reshape(m, -1).T
     return (conv_reference(weight, x, stride, padding, bias, res, activation),
             conv_reference(weight, x, stride, padding, bias, res, activation, absolute=True))
 

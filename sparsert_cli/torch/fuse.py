@@ -135,11 +135,17 @@ def _fx_chains(model: torch.nn.Module, shared=frozenset(), part: bool = False
     return chains
 
 
-def _sequential_chains(model: torch.nn.Module) -> list[Chain]:
-    chains, seen = [], set()
-    places: dict[int, int] = {}         # id(module) -> how many places hold it
+def _places(model: torch.nn.Module) -> dict[int, int]:
+    """id(module) -> how many places of the model hold it."""
+    places: dict[int, int] = {}
     for _, module in model.named_modules(remove_duplicate=False):
         places[id(module)] = places.get(id(module), 0) + 1
+    return places
+
+
+def _sequential_chains(model: torch.nn.Module) -> list[Chain]:
+    chains, seen = [], set()
+    places = _places(model)
     for prefix, container in model.named_modules():
         if not isinstance(container, torch.nn.Sequential):
             continue
@@ -170,18 +176,15 @@ def _chains_by_parts(model: torch.nn.Module) -> list[Chain]:
     nn.Sequential reading, then each outermost submodule that does trace (not a container)
     read as _fx_chains reads a model, its chains replacing those of its layers."""
     chains = {c.layer: c for c in _sequential_chains(model)}
-    places: dict[int, int] = {}
-    for _, module in model.named_modules(remove_duplicate=False):
-        places[id(module)] = places.get(id(module), 0) + 1
+    places = _places(model)
     shared = frozenset(i for i, n in places.items() if n > 1)
     traced: list[str] = []
     for name, module in model.named_modules():
-        if (not name or isinstance(module, (torch.nn.Sequential, torch.nn.ModuleList,
-                                            torch.nn.ModuleDict))
+        if (not name or _is_layer(module) or places[id(module)] > 1
+                or isinstance(module, (torch.nn.Sequential, torch.nn.ModuleList,
+                                       torch.nn.ModuleDict))
                 or any(name.startswith(f"{t}.") for t in traced)
                 or not any(_is_layer(m) for m in module.modules())):
-            continue
-        if _is_layer(module) or places[id(module)] > 1:
             continue
         found = _fx_chains(module, shared, part=True)
         if found is None:

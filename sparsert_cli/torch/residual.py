@@ -117,13 +117,13 @@ def _rewrite(owner: torch.nn.Module):
                 return users[0]
             return None
 
-        if isinstance(conv, torch.nn.Conv2d) and only_module_user(torch.nn.BatchNorm2d):
-            end = only_module_user(torch.nn.BatchNorm2d)
-            bn = modules[end.target]
+        user = only_module_user(torch.nn.BatchNorm2d)
+        if isinstance(conv, torch.nn.Conv2d) and user:
+            end, bn = user, modules[user.target]
             inner.append(end)
-        if only_module_user(torch.nn.Dropout):
-            end = only_module_user(torch.nn.Dropout)
-            dropout = modules[end.target]
+        user = only_module_user(torch.nn.Dropout)
+        if user:
+            end, dropout = user, modules[user.target]
             inner.append(end)
         users = list(end.users)
         if len(users) != 1 or users[0].op != "call_function" or users[0].target not in _ADDS \

@@ -557,9 +557,10 @@ def _why_not(module, record, dtype, min_sparsity, row) -> str | None:
     if why is None and record["x"].dtype != DTYPES[dtype]:
         why = f"input is {record['x'].dtype}, kernels are {dtype} (convert the model first)"
     res = record.get("res")
-    if why is None and res is not None and tuple(res.shape) != _output_shape(module, record["x"]):
-        why = (f"residual of shape {tuple(res.shape)} is not the layer's output shape "
-               f"{_output_shape(module, record['x'])} (a broadcast add stays dense)")
+    out = None if why is not None or res is None else _output_shape(module, record["x"])
+    if out is not None and tuple(res.shape) != out:
+        why = (f"residual of shape {tuple(res.shape)} is not the layer's output shape {out} "
+               "(a broadcast add stays dense)")
     if why is None and res is not None and res.dtype != DTYPES[dtype]:
         why = f"residual is {res.dtype}, kernels are {dtype}"
     weight = module.weight.detach()
