@@ -103,7 +103,8 @@ def _check_outputs(*paths: Path) -> None:
 @click.option("--no-cache", is_flag=True, help="Ignore the kernel cache.")
 @click.option("--no-dependent-launch", is_flag=True,
               help="Compile and launch the kernels without programmatic dependent launch "
-                   "(by default on sm_90+: each kernel starts while the one before it ends).")
+                   "(by default on sm_90+: each kernel starts while the one before it ends; "
+                   "turned off after timing when the model's graph runs faster without it).")
 @click.option("--seed", type=click.IntRange(0), default=0, show_default=True)
 @arch_option
 @click.option("--out", "out_path", default=None, type=click.Path(dir_okay=False),
@@ -241,8 +242,12 @@ def _print_row(row: dict) -> None:
                   f"max rel err {row['max_rel_err']:.2e}"
                   + (f" (bound {row['rel_err_bound']:g})" if row.get("rel_err_bound") else ""))
     if row.get("sparsert_graph_serial_us"):
-        console.print(f"programmatic dependent launch: graph {row['sparsert']['graph_us']:.1f} us,"
-                      f" {row['sparsert_graph_serial_us']:.1f} us without it")
+        with_it = row.get("sparsert_graph_pdl_us", row["sparsert"]["graph_us"])
+        kept = row.get("dependent_launch_kept")
+        console.print(f"programmatic dependent launch: graph {with_it:.1f} us,"
+                      f" {row['sparsert_graph_serial_us']:.1f} us without it"
+                      + ("" if kept is None else " (kept)" if kept
+                         else " (turned off: faster without)"))
 
 
 def _version() -> str:

@@ -123,6 +123,48 @@ def test_encoder_layers_in_a_stack_fuse_their_residual_adds(dtype):
     _check_modes(model, x, want, dtype)
 
 
+class _LastHidden(nn.Module):
+    """A Hugging Face encoder's last hidden state as a tensor (what _check_modes compares)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids):
+        return self.model(ids).last_hidden_state
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+def test_hugging_face_bert_matches_in_eager_graph_and_compile(dtype):
+    """transformers' BertModel (when the image has it): it does not trace whole, so its
+    chains come from its parts read alone; every Linear layer gets a kernel, query/key/value
+    stacked, both residual adds per layer and the GELU fused, and the model matches in eager
+    mode, in a CUDA graph and under torch.compile(fullgraph=True)."""
+    transformers = pytest.importorskip("transformers")
+    store = torch.float32 if dtype == "fp32" else torch.float16
+    torch.manual_seed(3)
+    config = transformers.BertConfig(hidden_size=128, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=512, vocab_size=1000,
+                                     max_position_embeddings=128)
+    bert = transformers.BertModel(config).eval()
+    prune_(bert, 0.9)
+    bert = bert.cuda().to(store)
+    ids = torch.randint(0, 1000, (1, 64), device="cuda")
+    with torch.no_grad():
+        want = bert(ids).last_hidden_state.clone()
+    rows = sparsify_(bert, (ids,), dtype=dtype, tuned=False, min_speedup=0.0)
+    by = {r["layer"]: r for r in rows}
+    assert len(rows) == 13 and all(r["replaced"] for r in rows), rows
+    for i in range(2):
+        layer = f"encoder.layer.{i}"
+        assert by[f"{layer}.attention.self.query"]["siblings"] == [
+            f"{layer}.attention.self.key", f"{layer}.attention.self.value"]
+        assert by[f"{layer}.intermediate.dense"]["fused"] == "gelu"
+        for name in ("attention.output", "output"):
+            assert by[f"{layer}.{name}.dense_residual.conv"]["fused"] == "add"
+    _check_modes(_LastHidden(bert), ids, want, dtype)
+
+
 def test_dense_is_kept_where_faster_and_inference_only():
     model = _cnn()
     prune_(model, 0.9)
@@ -224,6 +266,11 @@ def test_run_model_merges_and_reuses_the_dense_baseline(tmp_path, capsys):
     assert first["dense"] == second["dense"] and len(doc["dense_baselines"]) == 1
     assert first["best_dense"] in ("eager", "graph") and first["verified"], first
     assert first["gpu"]["name"] and first["kernels"]["kernels"] > 0
+    for row in (first, second):     # the faster dependent-launch state is the one counted
+        if "sparsert_graph_serial_us" in row:
+            times = (row["sparsert_graph_pdl_us"], row["sparsert_graph_serial_us"])
+            assert row["sparsert"]["graph_us"] == pytest.approx(min(times), abs=0.01)
+            assert row["dependent_launch_kept"] == (times[0] <= times[1])
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "fp16"])
