@@ -252,3 +252,19 @@ def test_model_summary_says_what_dependent_launch_saved(capsys):
     del row["sparsert_graph_serial_us"]
     _print_row(row)
     assert "without it" not in capsys.readouterr().out
+
+
+def test_a_model_that_does_not_trace_is_read_from_the_work_it_launches():
+    """An untraceable model's launch order comes from the profiler's record of one forward:
+    a kernel keeps dependent launch only where every launch of it follows one of ours."""
+    pytest.importorskip("torch")
+    from sparsert_cli.torch.sparsify import plain_after_theirs
+
+    names = {"sparsert_a": {1}, "sparsert_b": {2}, "sparsert_c": {3}, "sparsert_d": {4, 5}}
+    work = ["layer_norm", "sparsert_a", "sparsert_b", "Memcpy DtoD", "sparsert_c",
+            "sparsert_d", "gelu", "sparsert_b"]
+    # a starts after torch's kernel; b follows a once but torch's gelu once; c follows a copy;
+    # d (two ids of one entry) follows c
+    assert plain_after_theirs(work, names) == {1, 2, 3}
+    assert plain_after_theirs(["sparsert_a"], names) == {1}     # first in the forward
+    assert plain_after_theirs(["gemm", "softmax"], names) is None    # none of ours seen

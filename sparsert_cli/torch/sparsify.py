@@ -686,7 +686,7 @@ def _sparsify(model, example_inputs, *, dtype, tuned, verify, min_speedup, min_s
                 row["dense_us"] = time_cold_us(_dense_module(modules, chain), inputs)
         release_evict()
     if on_gpu and not dry_run:
-        info["dependent_launch_off"] = _launch_early_only_after_ours(model)
+        info["dependent_launch_off"] = _launch_early_only_after_ours(model, example_inputs)
     return rows
 
 
@@ -777,19 +777,70 @@ def _plain_launches(order) -> set[int]:
     return off
 
 
-def _launch_early_only_after_ours(model) -> int:
+def _launch_early_only_after_ours(model, example_inputs=None) -> int:
     """Programmatic dependent launch pays only where the kernel before is one of ours (it
     lets the next start early); after one of torch's, the early-launched kernel waits on its
     SMs while torch's runs (BERT fp32: 12-18 us slower, S9-7/S9-8). So a kernel keeps it only
     when the model's previous launch is one of our kernels: never for a Linear layer whose
     input is transposed first (a copy), only for one handed a channel-major output. Returns how
-    many kernels were set to launch plainly."""
+    many kernels were set to launch plainly. A model that does not trace (a Hugging Face
+    model: its forwards take defaulted arguments) is read from the GPU work one forward on
+    `example_inputs` launches instead (_profiled_plain_launches)."""
     order = _launch_order(model)
-    if order is None:
+    if order is not None:
+        plain = _plain_launches(order)
+    elif example_inputs is not None:
+        plain = _profiled_plain_launches(model, example_inputs)
+        if plain is None:
+            return 0
+    else:
         return 0
-    states = ops.dependent_launch_states(_plain_launches(order))
+    states = ops.dependent_launch_states(plain)
     ops.set_dependent_launch(False, [i for i, on in states.items() if on])
     return sum(states.values())
+
+
+def _profiled_plain_launches(model, example_inputs) -> set[int] | None:
+    """Kernel ids of the model's SparseLayers to launch plainly, read from what one forward
+    runs on the GPU (torch.profiler's CUDA activity: kernels, copies and sets, in the order
+    they start): those whose previous GPU work is not one of our kernels. None when the
+    profiler saw none of ours (or failed): then every kernel keeps its launch."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    ids = {m.kernel_id for m in model.modules() if isinstance(m, SparseLayer)}
+    names: dict[str, set[int]] = {}
+    for i in ids:
+        entry = ops._REGISTRY.get(i)
+        if entry is not None and entry.loaded is not None:
+            names.setdefault(entry.loaded.entry, set()).add(i)
+    try:
+        with torch.no_grad():
+            model(*example_inputs)          # warm: no lazy initialisation in the record
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                model(*example_inputs)
+                torch.cuda.synchronize()
+        work = sorted((e for e in prof.events() if e.device_type == DeviceType.CUDA),
+                      key=lambda e: e.time_range.start)
+    except Exception:  # noqa: BLE001 -- no profiler here: every kernel keeps its launch
+        return None
+    return plain_after_theirs([e.name for e in work], names)
+
+
+def plain_after_theirs(sequence: list[str], names: dict[str, set[int]]) -> set[int] | None:
+    """Of `names` (kernel entry name -> kernel ids), the ids of kernels that follow GPU work
+    other than ours (or start the sequence) at least once in `sequence` (the names of the GPU
+    work a forward runs, in order); None when none of ours is in it."""
+    plain, seen, previous_ours = set(), False, False
+    for name in sequence:
+        mine = names.get(name)
+        if mine is not None:
+            seen = True
+            if not previous_ours:
+                plain |= mine
+        previous_ours = mine is not None
+    return plain if seen else None
 
 
 def _rivals(todo, kernels, dtype, tuned, arch, cache, jobs, on_progress, info,

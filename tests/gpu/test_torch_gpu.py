@@ -47,7 +47,7 @@ def _graph_output(model, x):
     return out.clone(), graph, x_static
 
 
-def _check_modes(model, x, want, dtype):
+def _check_modes(model, x, want, dtype, exact=True):
     with torch.no_grad():
         eager = model(x)
     graphed, graph, _ = _graph_output(model, x)
@@ -57,7 +57,8 @@ def _check_modes(model, x, want, dtype):
         comp = compiled(x)
     for got in (eager, graphed, comp):
         assert _rel(got, want) < TOL[dtype]
-    assert torch.equal(eager, graphed)          # same kernels, same order: bit-identical
+    if exact:       # same kernels, same order: bit-identical (torch's may differ in a graph)
+        assert torch.equal(eager, graphed)
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "fp16"])
@@ -152,8 +153,16 @@ def test_hugging_face_bert_matches_in_eager_graph_and_compile(dtype):
     ids = torch.randint(0, 1000, (1, 64), device="cuda")
     with torch.no_grad():
         want = bert(ids).last_hidden_state.clone()
-    rows = sparsify_(bert, (ids,), dtype=dtype, tuned=False, min_speedup=0.0)
+    stats = {}
+    rows = sparsify_(bert, (ids,), dtype=dtype, tuned=False, min_speedup=0.0, stats=stats)
     by = {r["layer"]: r for r in rows}
+    # read from the GPU work of a forward (the model does not trace): every kernel follows one
+    # of torch's (LayerNorm, attention, a Linear input's transpose copy), so none starts early
+    from sparsert_cli.torch import ops
+
+    kernels = {m.kernel_id for m in bert.modules() if isinstance(m, SparseLayer)}
+    assert stats["dependent_launch_off"] > 0 and len(kernels) == 9, stats
+    assert not any(ops.dependent_launch_states(kernels).values())
     assert len(rows) == 13 and all(r["replaced"] for r in rows), rows
     for i in range(2):
         layer = f"encoder.layer.{i}"
@@ -162,7 +171,8 @@ def test_hugging_face_bert_matches_in_eager_graph_and_compile(dtype):
         assert by[f"{layer}.intermediate.dense"]["fused"] == "gelu"
         for name in ("attention.output", "output"):
             assert by[f"{layer}.{name}.dense_residual.conv"]["fused"] == "add"
-    _check_modes(_LastHidden(bert), ids, want, dtype)
+    # transformers' own ops do not run bit-identically in a graph (H100, transformers 5.17)
+    _check_modes(_LastHidden(bert), ids, want, dtype, exact=False)
 
 
 def test_dense_is_kept_where_faster_and_inference_only():
