@@ -478,3 +478,37 @@ def test_strong_baseline_compiles_grouped_models_in_nchw_too():
     assert compile_layouts(torch.nn.Linear(4, 4), torch.zeros(2, 4)) == ("native",)
     assert compile_layouts(build("mobilenet_v1", resolution=32)[0], x) == ("channels_last", "nchw")
     assert compile_layouts(build("resnet50", resolution=32)[0], x) == ("channels_last",)
+
+
+def test_dense_compile_best_measures_both_modes_and_keeps_the_faster(monkeypatch):
+    """--dense-compile best: max-autotune and default mode, each in every layout; the dense
+    compile time is the fastest of all, and the row names the mode that won (default mode
+    beat max-autotune on ResNet-50 fp16 in some runs)."""
+    from sparsert_cli.torch import endtoend as e
+
+    times = {("max-autotune-no-cudagraphs", True): 500.0, ("max-autotune-no-cudagraphs", False):
+             470.0, ("default", True): 450.0, ("default", False): 480.0}
+    calls = []
+
+    def compiled(model, x, mode, channels_last):
+        calls.append((mode, channels_last))
+        return times[(mode, channels_last)], 1.0
+
+    monkeypatch.setattr(e, "time_compiled", compiled)
+    monkeypatch.setattr(e, "time_eager", lambda m, x: 900.0)
+    monkeypatch.setattr(e, "time_graph", lambda m, x: 800.0)
+    monkeypatch.setattr(e, "gpu_meta", lambda: {"name": "fake"})
+    grouped = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 1), torch.nn.Conv2d(8, 8, 3, groups=8))
+    x = torch.zeros(1, 3, 8, 8)
+    record = e.dense_record("m", grouped, x, "fp16", "best")
+    assert sorted(calls) == sorted(times)
+    assert record["compile_modes_us"] == {"max-autotune-no-cudagraphs": 470.0, "default": 450.0}
+    assert record["compile_mode_best"] == "default" and record["compile_layout"] == "channels_last"
+    assert record["compile_layouts_us"] == {"channels_last": 450.0, "nchw": 470.0}
+    assert record["dense"]["compile_us"] == 450.0 and record["compile_seconds"] == 4.0
+    assert "mode=default +" in e.best_dense_config("compile", "best", "channels_last", "default")
+    calls.clear()
+    record = e.dense_record("m", grouped, x, "fp16", "max-autotune")     # one mode: as before
+    assert {mode for mode, _ in calls} == {"max-autotune-no-cudagraphs"}
+    assert "compile_modes_us" not in record and record["dense"]["compile_us"] == 470.0
+    assert "mode=max-autotune-no-cudagraphs +" in e.best_dense_config("compile", "max-autotune")

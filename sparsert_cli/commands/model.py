@@ -84,12 +84,13 @@ def _check_outputs(*paths: Path) -> None:
 @click.option("--tuned", "tuned_path", default=None, type=click.Path(dir_okay=False),
               help="Tuned-plan database (default: configs/tuned.json).")
 @click.option("--no-tuned", is_flag=True, help="Ignore the tuned-plan database.")
-@click.option("--dense-compile", type=click.Choice(["max-autotune", "default", "none"]),
+@click.option("--dense-compile", type=click.Choice(["max-autotune", "default", "best", "none"]),
               default="max-autotune", show_default=True,
               help="The strong dense baseline's torch.compile mode (max-autotune takes minutes "
-                   "per model, over 10 in fp32 for ResNet-50: use default there; none: eager "
-                   "and CUDA graph only). Unless none, the sparsified model is compiled too "
-                   "(mode default) and the faster of it and its CUDA graph counted.")
+                   "per model, over 10 in fp32 for ResNet-50: use default there; best: both "
+                   "modes, the faster counted (default mode can win); none: eager and CUDA graph "
+                   "only). Unless none, the sparsified model is compiled too (mode default) and "
+                   "the faster of it and its CUDA graph counted.")
 @click.option("--compile-only", is_flag=True,
               help="Compile and verify every layer on the CPU (slow for full-size models); "
                    "no timings.")
