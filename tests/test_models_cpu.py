@@ -300,6 +300,9 @@ def test_merge_and_markdown(tmp_path):
     lines = text.splitlines()
     assert len(lines) == 2 + 3 and lines[2].startswith("| m | fp16 | 0.9 | 1 | 100.0 |")
     assert "150.0 (max-autotune)" in lines[2] and "**1.50×**" in lines[2]
+    both = _row(dense={"compile_us": 412.0, "compile_mode": "best"}, compile_modes_us={
+        "max-autotune-no-cudagraphs": 427.4, "default": 412.0})
+    assert "412.0 (default; max-autotune 427.4)" in markdown({"models": [both]})
     only_dense = tmp_path / "d.json"              # measured before its first entry finished
     only_dense.write_text(__import__("json").dumps(stamp(
         {"models": [], "dense_baselines": [base]}, "models")))

@@ -288,8 +288,8 @@ def run_model(name: str, model: torch.nn.Module, x: torch.Tensor, *, sparsity: f
     else:
         row["dense_source"] = f"cached ({record.get('timestamp', 'earlier run')})"
     dense = dict(record["dense"], compile_mode=dense_compile)
-    row.update({k: record[k] for k in ("tf32", "compile_seconds", "compile_layouts_us")
-                if k in record})
+    row.update({k: record[k] for k in ("tf32", "compile_seconds", "compile_layouts_us",
+                                       "compile_modes_us", "compile_mode_best") if k in record})
     _precision(dtype)
     torch.backends.cudnn.benchmark = True       # as the strong baseline: for the layers kept dense
     started = time.perf_counter()
