@@ -234,7 +234,7 @@ def matches(record: dict, name: str, dtype: str, shape, dense_compile: str,
 
 
 def run_model(name: str, model: torch.nn.Module, x: torch.Tensor, *, sparsity: float | None,
-              dtype: str, tuned=None, tune: bool = False, dense_compile: str = "max-autotune",
+              dtype: str, tuned=None, tune: bool = False, dense_compile: str = "best",
               dense_cached: list | None = None, on_dense=None, dry_run: bool = False,
               verify: bool = True, cache: bool = True, arch: str | None = None,
               jobs: int | None = None, on_progress=None,
