@@ -252,6 +252,17 @@ def test_model_summary_says_what_dependent_launch_saved(capsys):
     del row["sparsert_graph_serial_us"]
     _print_row(row)
     assert "without it" not in capsys.readouterr().out
+    # since session 13 the faster state is kept: both times and the state are printed
+    row.update(sparsert_graph_pdl_us=97.7, sparsert_graph_serial_us=93.1,
+               dependent_launch_kept=False)
+    row["sparsert"] = dict(row["sparsert"], graph_us=93.1)
+    _print_row(row)
+    out = " ".join(capsys.readouterr().out.split())
+    assert "graph 97.7 us, 93.1 us without it (turned off: faster without)" in out
+    row.update(sparsert_graph_serial_us=99.0, dependent_launch_kept=True)
+    _print_row(row)
+    assert "graph 97.7 us, 99.0 us without it (kept)" in " ".join(
+        capsys.readouterr().out.split())
 
 
 def test_a_model_that_does_not_trace_is_read_from_the_work_it_launches():
@@ -268,3 +279,63 @@ def test_a_model_that_does_not_trace_is_read_from_the_work_it_launches():
     assert plain_after_theirs(work, names) == {1, 2, 3}
     assert plain_after_theirs(["sparsert_a"], names) == {1}     # first in the forward
     assert plain_after_theirs(["gemm", "softmax"], names) is None    # none of ours seen
+
+
+def test_the_profiled_order_reads_gpu_work_only_in_start_order(monkeypatch):
+    """_profiled_plain_launches with a stand-in profiler: CPU events (the launch calls) are not
+    GPU work, events are taken by start time, a memset counts as torch's work, and a kernel
+    right after one of ours keeps dependent launch."""
+    torch = pytest.importorskip("torch")
+    import types
+
+    import torch.profiler
+    from torch.autograd import DeviceType
+
+    from sparsert_cli.torch import ops
+    from sparsert_cli.torch import sparsify as S
+
+    def event(name, start, device):
+        return types.SimpleNamespace(name=name, device_type=device,
+                                     time_range=types.SimpleNamespace(start=start))
+
+    class Profile:
+        def __init__(self, **kw):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def events(self):
+            cpu, gpu = DeviceType.CPU, DeviceType.CUDA
+            return [event("cuLaunchKernelEx", 1, cpu), event("sparsert_b", 30, gpu),
+                    event("layer_norm", 5, gpu), event("sparsert_a", 10, gpu),
+                    event("cudaLaunchKernel", 12, cpu), event("Memset (Device)", 40, gpu),
+                    event("sparsert_c", 50, gpu)]
+
+    class Layer(torch.nn.Module):
+        def __init__(self, kernel_id):
+            super().__init__()
+            self.kernel_id = kernel_id
+
+        def forward(self, x):
+            return x
+
+    monkeypatch.setattr(torch.profiler, "profile", Profile)
+    monkeypatch.setattr(S, "SparseLayer", Layer)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    ids = []
+    for name in "abc":
+        entry = ops.Entry(None, True, (1,), (1,))
+        entry.loaded = types.SimpleNamespace(entry=f"sparsert_{name}", waits=True,
+                                             dependent_launch=True)
+        ids.append(ops.register(entry))
+    try:
+        model = torch.nn.Sequential(*[Layer(i) for i in ids])
+        a, b, c = ids      # order on the GPU: layer_norm, a, b, memset, c
+        assert S._profiled_plain_launches(model, (torch.zeros(1),)) == {a, c}
+    finally:
+        for i in ids:
+            ops._REGISTRY.pop(i, None)

@@ -387,6 +387,17 @@ def test_models_run_matrix_resumes_and_keeps_to_the_budget(tmp_path):
     assert again.calls == [] and log.count("skipped") == 0
     assert (tmp_path / "models-run.log").read_text().count("already in models.json") == 4
     assert (tmp_path / "models.json").exists() and len(load_models(out)["models"]) == 4
+    # an entry measured against another compile mode is kept, and the log says so
+    from sparsert_cli.models_results import dumps
+
+    doc = load_models(out)
+    doc["models"][0]["dense"] = {"compile_mode": "max-autotune"}
+    out.write_text(dumps(doc))
+    third = FakeRunner(out)
+    assert mr.run_matrix(tmp_path, entries[:1], budget=540, dense_compile="best",
+                         runner=third, clock=third.clock) == 0 and third.calls == []
+    assert ("(its dense baseline: --dense-compile max-autotune; remove the entry to measure it "
+            "with best)") in (tmp_path / "models-run.log").read_text()
 
 
 def test_models_run_defers_what_does_not_fit_and_stops_at_a_timeout(tmp_path):

@@ -23,10 +23,11 @@ from .bench import RESULTS_DIR, split_values
 
 CSV_FIELDS = ["model", "dtype", "sparsity", "batch", "mode", "sparsert_us", "sparsert_config",
               "eager_us",
-              "graph_us", "compile_us", "compile_mode", "tf32_graph_us", "best_dense",
-              "best_dense_us", "best_dense_config", "dense_source", "speedup", "verified",
-              "max_rel_err", "dense_rel_err", "rel_err_bound", "replaced", "layers_total",
-              "git_commit", "timestamp"]
+              "graph_us", "compile_us", "compile_mode", "compile_mode_best", "tf32_graph_us",
+              "best_dense", "best_dense_us", "best_dense_config", "dense_source", "speedup",
+              "verified", "max_rel_err", "dense_rel_err", "rel_err_bound", "replaced",
+              "layers_total", "sparsert_graph_pdl_us", "sparsert_graph_serial_us",
+              "dependent_launch_kept", "git_commit", "timestamp"]
 
 
 def csv_text(doc: dict) -> str:

@@ -467,8 +467,10 @@ def sparsify_(model: torch.nn.Module, example_inputs, *, dtype: str = "fp32", tu
     programmatic stream serialization (None: where the GPU has it, sm_90 and newer), so in a
     run of replaced layers each kernel starts while the one before it ends (~0.4 us a kernel
     in a CUDA graph on an H100); ops.set_dependent_launch() turns it off and on again. Only
-    kernels whose previous launch in the forward (torch.fx, after the swaps) is one of ours
-    keep it: after one of torch's it only costs (stats: dependent_launch_off).
+    kernels whose previous launch in the forward (torch.fx, after the swaps; for a model that
+    does not trace, the GPU work one forward on example_inputs runs, recorded by
+    torch.profiler) is one of ours keep it: after one of torch's it only costs (stats:
+    dependent_launch_off).
     Kept layers swapped for a FoldedDense hold their folded weights as buffers: the model's
     Conv2d/BatchNorm parameters are gone there, and a later prune_/sparsify_ no longer sees
     those layers.
@@ -804,7 +806,10 @@ def _profiled_plain_launches(model, example_inputs) -> set[int] | None:
     """Kernel ids of the model's SparseLayers to launch plainly, read from what one forward
     runs on the GPU (torch.profiler's CUDA activity: kernels, copies and sets, in the order
     they start): those whose previous GPU work is not one of our kernels. None when the
-    profiler saw none of ours (or failed): then every kernel keeps its launch."""
+    profiler saw none of ours (or failed): then every kernel keeps its launch. Not measured:
+    whether CUPTI, left attached after the record, slows what is timed later (transformers'
+    BertModel fp32 90% graphed 1242.0 us after it, S13-2, and 1223.4 us with the same plain
+    launches and no profiler on another machine, S13-1)."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 

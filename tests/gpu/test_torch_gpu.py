@@ -278,9 +278,11 @@ def test_run_model_merges_and_reuses_the_dense_baseline(tmp_path, capsys):
     assert first["gpu"]["name"] and first["kernels"]["kernels"] > 0
     for row in (first, second):     # the faster dependent-launch state is the one counted
         if "sparsert_graph_serial_us" in row:
-            times = (row["sparsert_graph_pdl_us"], row["sparsert_graph_serial_us"])
-            assert row["sparsert"]["graph_us"] == pytest.approx(min(times), abs=0.01)
-            assert row["dependent_launch_kept"] == (times[0] <= times[1])
+            kept = row["dependent_launch_kept"]
+            counted = row["sparsert_graph_pdl_us" if kept else "sparsert_graph_serial_us"]
+            other = row["sparsert_graph_serial_us" if kept else "sparsert_graph_pdl_us"]
+            assert row["sparsert"]["graph_us"] == pytest.approx(counted, abs=0.01)
+            assert counted <= other + 0.01
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "fp16"])
