@@ -514,8 +514,12 @@ def test_dense_compile_best_measures_both_modes_and_keeps_the_faster(monkeypatch
     monkeypatch.setattr(e, "gpu_meta", lambda: {"name": "fake"})
     grouped = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 1), torch.nn.Conv2d(8, 8, 3, groups=8))
     x = torch.zeros(1, 3, 8, 8)
-    record = e.dense_record("m", grouped, x, "fp16", "best")
+    steps = []
+    record = e.dense_record("m", grouped, x, "fp16", "best",
+                            on_progress=lambda *a: steps.append(a))
     assert sorted(calls) == sorted(times)
+    assert [s[1:3] for s in steps] == [(i, 5) for i in range(6)]      # eager/graph, 4, done
+    assert {s[0] for s in steps} == {"dense baseline"} and "mode=default (nchw)" in steps[4][3]
     assert record["compile_modes_us"] == {"max-autotune-no-cudagraphs": 470.0, "default": 450.0}
     assert record["compile_mode_best"] == "default" and record["compile_layout"] == "channels_last"
     assert record["compile_layouts_us"] == {"channels_last": 450.0, "nchw": 470.0}

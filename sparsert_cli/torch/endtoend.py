@@ -190,10 +190,21 @@ def gpu_meta() -> dict:
     return out
 
 
-def dense_record(name: str, model, x, dtype: str, dense_compile: str) -> dict:
+def dense_record(name: str, model, x, dtype: str, dense_compile: str,
+                 on_progress=None) -> dict:
     """The dense times of `model` on x (pruned or not: dense kernels do not look at zeros):
     {"model", "dtype", "input_shape", "compile_mode", "gpu", "dense": {eager_us, graph_us,
-    compile_us}, "tf32": {graph_us} (fp32), "compile_seconds"}."""
+    compile_us}, "tf32": {graph_us} (fp32), "compile_seconds"}. on_progress(stage, done,
+    total, item): stage "dense baseline", one step per compile (mode x layout: minutes each
+    in max-autotune mode)."""
+    compiles = [(mode, layout) for mode in compile_modes(dense_compile)
+                for layout in compile_layouts(model, x)]
+
+    def step(done: int, item: str) -> None:
+        if on_progress:
+            on_progress("dense baseline", done, 1 + len(compiles), item)
+
+    step(0, "eager and CUDA graph")
     _precision(dtype)
     dense = {"eager_us": time_eager(model, x), "graph_us": time_graph(model, x),
              "compile_us": None}
@@ -205,13 +216,13 @@ def dense_record(name: str, model, x, dtype: str, dense_compile: str) -> dict:
         _precision(dtype)
     if DENSE_COMPILE[dense_compile]:
         layouts, modes, seconds = {}, {}, 0.0
-        for mode in compile_modes(dense_compile):
-            for layout in compile_layouts(model, x):
-                us, spent = time_compiled(model, x, mode, layout == "channels_last")
-                if us < layouts.get(layout, float("inf")):
-                    layouts[layout] = us
-                modes[mode] = min(us, modes.get(mode, float("inf")))
-                seconds += spent
+        for done, (mode, layout) in enumerate(compiles, 1):
+            step(done, f"torch.compile mode={mode} ({layout})")
+            us, spent = time_compiled(model, x, mode, layout == "channels_last")
+            if us < layouts.get(layout, float("inf")):
+                layouts[layout] = us
+            modes[mode] = min(us, modes.get(mode, float("inf")))
+            seconds += spent
         record["compile_layouts_us"] = layouts      # per layout, the fastest mode's
         record["compile_layout"] = min(layouts, key=layouts.get)
         if len(modes) > 1:
@@ -222,6 +233,7 @@ def dense_record(name: str, model, x, dtype: str, dense_compile: str) -> dict:
         torch.backends.cudnn.benchmark = False
         _precision(dtype)
     record["dense"] = dense
+    step(1 + len(compiles), "done")
     return record
 
 
@@ -281,7 +293,7 @@ def run_model(name: str, model: torch.nn.Module, x: torch.Tensor, *, sparsity: f
                         or set(r.get("compile_layouts_us") or layouts[:1]) == set(layouts))),
                   None)
     if record is None:
-        record = dense_record(name, model, x, dtype, dense_compile)
+        record = dense_record(name, model, x, dtype, dense_compile, on_progress=on_progress)
         row["dense_source"] = "measured"
         if on_dense:
             on_dense(record)
