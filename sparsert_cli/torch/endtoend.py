@@ -1,9 +1,9 @@
 """End-to-end runs for `sparsert model`: a pruned dense model against its sparsified self.
 
 GPU (one row per model x precision x sparsity x batch): dense eager, dense CUDA graph, the strong
-baseline (torch.compile mode="max-autotune-no-cudagraphs" -- or "default", or both ("best":
-the faster kept; default mode won on ResNet-50 fp16, 440 us against 445-497), or none:
-DENSE_COMPILE -- with inductor freezing, channels_last and cudnn.benchmark, then CUDA-graph replayed; models
+baseline (torch.compile mode="max-autotune-no-cudagraphs" -- or "default", or both ("best",
+the default: the faster kept; default mode won on ResNet-50 fp16 in one run, 412.0 against
+427.4 us, S13-7), or none: DENSE_COMPILE -- with inductor freezing, channels_last and cudnn.benchmark, then CUDA-graph replayed; models
 with grouped convolutions are compiled in NCHW too, the faster kept: `compile_layouts`), TF32
 beside fp32, and the sparsified model graph-replayed, eagerly built and (where the dense model
 is compiled) under torch.compile(mode="default") too, the faster counted (`sparsert_config`);
