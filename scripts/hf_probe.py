@@ -27,11 +27,9 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from sparsert_cli.torch import prune_, sparsify_  # noqa: E402
-from sparsert_cli.torch import ops  # noqa: E402
 from sparsert_cli.torch.endtoend import (  # noqa: E402
-    REL_ERR_BOUND, _precision, _rel_err, gpu_meta, sparse_compiled, time_compiled, time_eager,
-    time_graph)
-from sparsert_cli.torch.sparsify import SparseLayer  # noqa: E402
+    REL_ERR_BOUND, _precision, _rel_err, gpu_meta, graph_launch_choice, sparse_compiled,
+    time_compiled, time_eager, time_graph)
 
 MODES = {"default": "default", "max-autotune": "max-autotune-no-cudagraphs", "none": None}
 
@@ -87,17 +85,8 @@ def main() -> int:
             seconds = time.perf_counter() - started
             with torch.no_grad():
                 out = model(ids)
-            sparse = {"graph_us": time_graph(model, ids)}
-            kernels = {m.kernel_id for m in model.modules() if isinstance(m, SparseLayer)}
-            before = ops.dependent_launch_states(kernels)
-            if any(before.values()):        # as `sparsert model`: the faster state is kept
-                try:
-                    ops.set_dependent_launch(False, before)
-                    sparse["graph_serial_us"] = time_graph(model, ids)
-                finally:
-                    ops.restore_dependent_launch(before)
-                if sparse["graph_serial_us"] < sparse["graph_us"]:
-                    ops.set_dependent_launch(False, before)
+            launch = graph_launch_choice(model, ids)      # as `sparsert model`
+            sparse = {"graph_us": launch.pop("graph_us")}
             if MODES[args.compile]:
                 us, spent, compiled_out = sparse_compiled(model, ids)
                 sparse.update(compile_us=us, compile_seconds=spent,
@@ -111,7 +100,7 @@ def main() -> int:
             record = {
                 "model": "transformers.BertModel", "transformers": transformers.__version__,
                 "dtype": dtype, "sparsity": sparsity, "tokens": args.tokens,
-                "layers": args.layers, "dense": dense, "sparse": sparse,
+                "layers": args.layers, "dense": dense, "sparse": sparse, **launch,
                 "best_dense_us": best_dense, "best_sparse_us": best_sparse,
                 "speedup": best_dense / best_sparse, "max_rel_err": _rel_err(out, ref),
                 "rel_err_bound": REL_ERR_BOUND[dtype], "sparsify_seconds": round(seconds, 1),

@@ -339,3 +339,35 @@ def test_the_profiled_order_reads_gpu_work_only_in_start_order(monkeypatch):
     finally:
         for i in ids:
             ops._REGISTRY.pop(i, None)
+
+
+@pytest.mark.parametrize("pdl_us, serial_us, keep_faster, kept", [
+    (90.0, 95.0, True, True), (97.7, 93.1, True, False), (97.7, 93.1, False, True)])
+def test_the_faster_launch_state_is_kept_for_what_is_timed_next(monkeypatch, pdl_us,
+                                                                   serial_us, keep_faster, kept):
+    """graph_launch_choice times the graph both ways and leaves the faster state set (unless
+    told to keep the one sparsify_ chose); both times are reported."""
+    torch = pytest.importorskip("torch")
+    import types
+
+    from sparsert_cli.torch import endtoend as e
+    from sparsert_cli.torch import ops
+
+    class Layer(torch.nn.Module):
+        def __init__(self, kernel_id):
+            super().__init__()
+            self.kernel_id = kernel_id
+
+    entry = ops.Entry(None, True, (1,), (1,))
+    entry.loaded = types.SimpleNamespace(entry="sparsert_a", waits=True, dependent_launch=True)
+    kernel = ops.register(entry)
+    try:
+        monkeypatch.setattr(e, "SparseLayer", Layer)
+        monkeypatch.setattr(e, "time_graph", lambda model, x: (
+            pdl_us if entry.loaded.dependent_launch else serial_us))
+        out = e.graph_launch_choice(torch.nn.Sequential(Layer(kernel)), None, keep_faster)
+        assert out == {"graph_us": pdl_us if kept else serial_us, "sparsert_graph_pdl_us": pdl_us,
+                       "sparsert_graph_serial_us": serial_us, "dependent_launch_kept": kept}
+        assert entry.loaded.dependent_launch == kept
+    finally:
+        ops._REGISTRY.pop(kernel, None)

@@ -245,6 +245,32 @@ def matches(record: dict, name: str, dtype: str, shape, dense_compile: str,
         name, dtype, list(shape), dense_compile, gpu_name)
 
 
+def graph_launch_choice(model, x, keep_faster: bool = True) -> dict:
+    """The sparsified model's CUDA graph timed with programmatic dependent launch as
+    sparsify_ left it, and without it (this model's kernels only); with keep_faster, the
+    faster state stays set for what is timed next (the compiled model too). It saves ~0.4 us
+    a kernel in a chain of ours, but has cost a model more than it saved (MobileNet v1 fp32,
+    S12-5). Returns {"graph_us": the counted time} and, where any kernel launches early,
+    sparsert_graph_pdl_us, sparsert_graph_serial_us and dependent_launch_kept."""
+    out = {"graph_us": time_graph(model, x)}
+    before = ops.dependent_launch_states({m.kernel_id for m in model.modules()
+                                          if isinstance(m, SparseLayer)})
+    if not any(before.values()):
+        return out
+    try:
+        ops.set_dependent_launch(False, before)
+        serial = time_graph(model, x)
+    finally:
+        ops.restore_dependent_launch(before)
+    kept = not (keep_faster and serial < out["graph_us"])
+    out.update(sparsert_graph_pdl_us=round(out["graph_us"], 2),
+               sparsert_graph_serial_us=round(serial, 2), dependent_launch_kept=kept)
+    if not kept:
+        ops.set_dependent_launch(False, before)
+        out["graph_us"] = serial
+    return out
+
+
 def run_model(name: str, model: torch.nn.Module, x: torch.Tensor, *, sparsity: float | None,
               dtype: str, tuned=None, tune: bool = False, dense_compile: str = "best",
               dense_cached: list | None = None, on_dense=None, dry_run: bool = False,
@@ -312,26 +338,9 @@ def run_model(name: str, model: torch.nn.Module, x: torch.Tensor, *, sparsity: f
     row["sparsify_seconds"] = round(time.perf_counter() - started, 1)
     with torch.no_grad():
         out = model(x)
-    sparse = {"graph_us": time_graph(model, x)}
-    # the same graph without programmatic dependent launch (this model's kernels only); the
-    # faster of the two states is kept for the rest of the run (the compiled model too): it
-    # saves ~0.4 us a kernel in a chain of ours, but has cost a model more than it saved
-    # (MobileNet v1 fp32, S12-5)
-    before = ops.dependent_launch_states({m.kernel_id for m in model.modules()
-                                          if isinstance(m, SparseLayer)})
-    if any(before.values()):
-        try:
-            ops.set_dependent_launch(False, before)
-            serial = time_graph(model, x)
-        finally:
-            ops.restore_dependent_launch(before)
-        row["sparsert_graph_pdl_us"] = round(sparse["graph_us"], 2)
-        row["sparsert_graph_serial_us"] = round(serial, 2)
-        row["dependent_launch_kept"] = not (dependent_launch is None
-                                            and serial < sparse["graph_us"])
-        if not row["dependent_launch_kept"]:
-            ops.set_dependent_launch(False, before)
-            sparse["graph_us"] = serial
+    launch = graph_launch_choice(model, x, keep_faster=dependent_launch is None)
+    sparse = {"graph_us": launch.pop("graph_us")}
+    row.update(launch)
     if DENSE_COMPILE[dense_compile]:    # the sparse model compiled too, as the dense one is
         us, seconds, compiled_out = sparse_compiled(model, x)
         row["sparsert_compile_rel_err"] = _rel_err(compiled_out, ref)
