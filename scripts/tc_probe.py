@@ -1,0 +1,488 @@
+"""A tensor-core probe for fp16 GEMM-view layers ("load as sparse, compute as dense"): is an
+mma.sync kernel that decompresses each block's weight tile into shared memory faster than
+cuBLAS fp16 and than sparsert's CUDA-core kernels on the paper20 GEMM views at batch 1?
+
+Kernel (one per layer and tile shape): block = WM x WN warps; warp (wm, wn) computes MT 16-row
+tiles x NT 8-column tiles of the output with mma.sync.m16n8k16 (fp16 in, fp32 sums). Per stage
+of BK = 16 * KT input channels the block scatters its weight tile's nonzeros (u32 words: tile
+position << 16 | fp16 bits, laid out per (row block, stage) at plan time) into a zeroed shared
+tile (three buffers: each is re-zeroed entry by entry two stages later, one barrier a stage),
+stages X[k0:k0 + BK, n0:n0 + BN] (two buffers), then ldmatrix + mma.
+
+  python scripts/tc_probe.py --out FILE [--config configs/paper20-fp16.yaml] [--sparsity 0.9]
+         [--problems a,b] [--compile-only]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+from concurrent.futures import ProcessPoolExecutor
+import time
+from pathlib import Path
+
+import numpy as np
+import scipy.sparse as sp
+
+APAD, BPAD = 8, 8           # halves of padding per shared row: ldmatrix rows on distinct banks
+
+
+def pack(csr: sp.csr_matrix, bm: int, bk: int) -> tuple[np.ndarray, np.ndarray]:
+    """(entries u32, start int32[(row blocks) * stages + 1]): the nonzeros of row block b and
+    stage s are entries[start[b * S + s]:start[b * S + s + 1]], each (r * (bk + APAD) + c) << 16
+    | fp16 bits, (r, c) the position inside the bm x bk tile."""
+    m, k = csr.shape
+    coo = csr.tocoo()
+    rows, cols = coo.row.astype(np.int64), coo.col.astype(np.int64)
+    bits = coo.data.astype(np.float16).view(np.uint16).astype(np.uint32)
+    stages = -(-k // bk)
+    cell = (rows // bm) * stages + cols // bk
+    pos = (rows % bm) * (bk + APAD) + cols % bk
+    order = np.lexsort((pos, cell))
+    words = (pos[order].astype(np.uint32) << 16) | bits[order]
+    blocks = -(-m // bm)
+    start = np.searchsorted(cell[order], np.arange(blocks * stages + 1)).astype(np.int32)
+    return words.astype(np.uint32), start
+
+
+def source(m: int, k: int, n: int, wm: int, wn: int, mt: int, nt: int, kt: int,
+           entry: str = "tc_probe") -> str:
+    bm, bn, bk = wm * mt * 16, wn * nt * 8, kt * 16
+    lda, ldb = bk + APAD, bn + BPAD
+    threads = wm * wn * 32
+    stages = -(-k // bk)
+    vec = 8 if n % 8 == 0 else 2 if n % 2 == 0 else 1
+    assert nt % 2 == 0 and (bk * bn) % vec == 0
+    lines = f"""
+#define M {m}
+#define K {k}
+#define N {n}
+#define BM {bm}
+#define BN {bn}
+#define BK {bk}
+#define LDA {lda}
+#define LDB {ldb}
+#define T {threads}
+#define S {stages}
+#define WM {wm}
+#define MT {mt}
+#define NT {nt}
+#define KT {kt}
+__device__ __forceinline__ unsigned smem(const void* p) {{
+  return (unsigned)__cvta_generic_to_shared(p); }}
+extern "C" __global__ void __launch_bounds__(T) {entry}(
+    const unsigned short* __restrict__ x, unsigned short* __restrict__ y,
+    const unsigned* __restrict__ ent, const int* __restrict__ start) {{
+  __shared__ __align__(16) unsigned short As[3][BM * LDA];
+  __shared__ __align__(16) unsigned short Bs[2][BK * LDB];
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int wm = warp % WM, wn = warp / WM;
+  const int m0 = blockIdx.x * BM, n0 = blockIdx.y * BN;
+  for (int i = tid; i < 3 * BM * LDA / 8; i += T)
+    reinterpret_cast<uint4*>(&As[0][0])[i] = make_uint4(0, 0, 0, 0);
+  float acc[MT][NT][4];
+#pragma unroll
+  for (int a = 0; a < MT; ++a)
+#pragma unroll
+    for (int b = 0; b < NT; ++b)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) acc[a][b][c] = 0.f;
+  const int* st = start + blockIdx.x * S;
+  __syncthreads();
+  for (int s = 0; s < S; ++s) {{
+    unsigned short* A = As[s % 3];
+    unsigned short* B = Bs[s & 1];
+    const int e0 = __ldg(st + s), e1 = __ldg(st + s + 1);
+    for (int e = e0 + tid; e < e1; e += T) {{
+      const unsigned v = __ldg(ent + e);
+      A[v >> 16] = (unsigned short)v;
+    }}
+    if (s >= 2) {{
+      unsigned short* Z = As[(s - 2) % 3];
+      const int z0 = __ldg(st + s - 2), z1 = __ldg(st + s - 1);
+      for (int e = z0 + tid; e < z1; e += T) Z[__ldg(ent + e) >> 16] = 0;
+    }}
+    const int k0 = s * BK;
+"""
+    if vec == 8:
+        lines += """
+    for (int i = tid; i < BK * BN / 8; i += T) {
+      const int r = i / (BN / 8), c = (i % (BN / 8)) * 8, kk = k0 + r, nn = n0 + c;
+      uint4 v = make_uint4(0, 0, 0, 0);
+      if (kk < K && nn < N) v = __ldg(reinterpret_cast<const uint4*>(x + kk * N + nn));
+      *reinterpret_cast<uint4*>(B + r * LDB + c) = v;
+    }
+"""
+    else:
+        lines += """
+    for (int i = tid; i < BK * BN; i += T) {
+      const int r = i / BN, c = i % BN, kk = k0 + r, nn = n0 + c;
+      B[r * LDB + c] = (kk < K && nn < N) ? __ldg(x + kk * N + nn) : (unsigned short)0;
+    }
+"""
+    lines += """
+    __syncthreads();
+#pragma unroll
+    for (int q = 0; q < KT; ++q) {
+      unsigned a[MT][4], b[NT][2];
+#pragma unroll
+      for (int t = 0; t < MT; ++t) {
+        const unsigned short* p = A + (wm * MT * 16 + t * 16 + (lane & 15)) * LDA + q * 16
+                                  + (lane >> 4) * 8;
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+                     : "=r"(a[t][0]), "=r"(a[t][1]), "=r"(a[t][2]), "=r"(a[t][3])
+                     : "r"(smem(p)));
+      }
+#pragma unroll
+      for (int t = 0; t < NT; t += 2) {
+        const unsigned short* p = B + (q * 16 + (lane & 15)) * LDB + wn * NT * 8 + t * 8
+                                  + (lane >> 4) * 8;
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+                     : "=r"(b[t][0]), "=r"(b[t][1]), "=r"(b[t + 1][0]), "=r"(b[t + 1][1])
+                     : "r"(smem(p)));
+      }
+#pragma unroll
+      for (int i = 0; i < MT; ++i)
+#pragma unroll
+        for (int j = 0; j < NT; ++j)
+          asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
+                       "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+                       : "+f"(acc[i][j][0]), "+f"(acc[i][j][1]), "+f"(acc[i][j][2]),
+                         "+f"(acc[i][j][3])
+                       : "r"(a[i][0]), "r"(a[i][1]), "r"(a[i][2]), "r"(a[i][3]),
+                         "r"(b[j][0]), "r"(b[j][1]));
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < MT; ++i)
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int row = m0 + wm * MT * 16 + i * 16 + (lane >> 2) + h * 8;
+        const int col = n0 + (warp / WM) * NT * 8 + j * 8 + (lane & 3) * 2;
+        if (row < M) {
+          unsigned short lo, hi;
+          asm("cvt.rn.f16.f32 %0, %1;" : "=h"(lo) : "f"(acc[i][j][2 * h]));
+          asm("cvt.rn.f16.f32 %0, %1;" : "=h"(hi) : "f"(acc[i][j][2 * h + 1]));
+          if (col < N) y[row * N + col] = lo;
+          if (col + 1 < N) y[row * N + col + 1] = hi;
+        }
+      }
+}
+"""
+    return lines
+
+
+def pack2(csr: sp.csr_matrix, bm: int, bk: int, threads: int) -> tuple[np.ndarray, int]:
+    """Version 2's table: (row block b, stage s) owns E * T words at ((b * S + s) * E + i) * T
+    + t (thread t's i-th entry), E = the most entries any (b, s) has over T, rounded up; the
+    padding words point at the scratch slot bm * (bk + APAD) with value 0."""
+    m, k = csr.shape
+    words, start = pack(csr, bm, bk)
+    counts = np.diff(start.astype(np.int64))
+    e = max(1, int(-(-counts.max(initial=0) // threads)))
+    cells = len(counts)
+    out = np.full((cells, e * threads), np.uint32(bm * (bk + APAD)) << np.uint32(16), np.uint32)
+    idx = np.arange(e * threads)
+    for cell in range(cells):
+        c = int(counts[cell])
+        if c:
+            out[cell, :c] = words[start[cell]:start[cell] + c]
+    # slot j of a cell is thread j % T's entry j // T: already the order the kernel reads
+    del idx
+    return out.ravel(), e
+
+
+def source2(m: int, k: int, n: int, wm: int, wn: int, mt: int, nt: int, kt: int, e: int,
+            entry: str = "tc_probe") -> str:
+    """Version 2: the next stage's entries and activation tile are loaded into registers before
+    this stage's MMAs (one stage of prefetch), entry positions kept in registers for the
+    re-zeroing, no start table (padded cells), half2 stores."""
+    bm, bn, bk = wm * mt * 16, wn * nt * 8, kt * 16
+    lda, ldb = bk + APAD, bn + BPAD
+    threads = wm * wn * 32
+    stages = -(-k // bk)
+    vec = 8 if n % 8 == 0 else 4 if n % 4 == 0 else 2 if n % 2 == 0 else 1
+    per = bk * bn // vec
+    bv = -(-per // threads)
+    assert nt % 2 == 0
+    vt = {8: "uint4", 4: "uint2", 2: "unsigned", 1: "unsigned short"}[vec]
+    zero = {8: "make_uint4(0, 0, 0, 0)", 4: "make_uint2(0, 0)", 2: "0u",
+            1: "(unsigned short)0"}[vec]
+    text = f"""
+#define M {m}
+#define K {k}
+#define N {n}
+#define BM {bm}
+#define BN {bn}
+#define BK {bk}
+#define LDA {lda}
+#define LDB {ldb}
+#define T {threads}
+#define S {stages}
+#define WM {wm}
+#define MT {mt}
+#define NT {nt}
+#define KT {kt}
+#define E {e}
+#define VEC {vec}
+#define BV {bv}
+#define PER {per}
+__device__ __forceinline__ unsigned smem(const void* p) {{
+  return (unsigned)__cvta_generic_to_shared(p); }}
+__device__ __forceinline__ void load_b(const unsigned short* __restrict__ x, int k0, int n0,
+                                       int tid, {vt} (&r)[BV]) {{
+#pragma unroll
+  for (int i = 0; i < BV; ++i) {{
+    const int j = tid + i * T;
+    const int row = j / (BN / VEC), c = (j % (BN / VEC)) * VEC, kk = k0 + row, nn = n0 + c;
+    r[i] = {zero};
+    if ((PER % T == 0 || j < PER) && kk < K && nn < N)
+      r[i] = __ldg(reinterpret_cast<const {vt}*>(x + kk * N + nn));
+  }}
+}}
+extern "C" __global__ void __launch_bounds__(T) {entry}(
+    const unsigned short* __restrict__ x, unsigned short* __restrict__ y,
+    const unsigned* __restrict__ ent) {{
+  __shared__ __align__(16) unsigned short As[3][BM * LDA + 8];
+  __shared__ __align__(16) unsigned short Bs[2][BK * LDB];
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int wm = warp % WM, wn = warp / WM;
+  const int m0 = blockIdx.x * BM, n0 = blockIdx.y * BN;
+  for (int i = tid; i < 3 * (BM * LDA + 8) / 8; i += T)
+    reinterpret_cast<uint4*>(&As[0][0])[i] = make_uint4(0, 0, 0, 0);
+  float acc[MT][NT][4];
+#pragma unroll
+  for (int a = 0; a < MT; ++a)
+#pragma unroll
+    for (int b = 0; b < NT; ++b)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) acc[a][b][c] = 0.f;
+  const unsigned* eb = ent + (size_t)blockIdx.x * S * E * T + tid;
+  unsigned cur[E];
+  unsigned short p1[E], p2[E];
+  {vt} br[BV];
+#pragma unroll
+  for (int i = 0; i < E; ++i) {{ cur[i] = __ldg(eb + i * T); p1[i] = p2[i] = BM * LDA; }}
+  load_b(x, 0, n0, tid, br);
+  __syncthreads();
+  for (int s = 0; s < S; ++s) {{
+    unsigned short* A = &As[s % 3][0];
+    unsigned short* B = &Bs[s & 1][0];
+    unsigned short* Z = &As[(s + 1) % 3][0];    // stage s - 2's buffer
+#pragma unroll
+    for (int i = 0; i < E; ++i) {{
+      A[cur[i] >> 16] = (unsigned short)cur[i];
+      Z[p2[i]] = 0;
+      p2[i] = p1[i];
+      p1[i] = (unsigned short)(cur[i] >> 16);
+    }}
+#pragma unroll
+    for (int i = 0; i < BV; ++i) {{
+      const int j = tid + i * T;
+      if (PER % T == 0 || j < PER)
+        *reinterpret_cast<{vt}*>(B + (j / (BN / VEC)) * LDB + (j % (BN / VEC)) * VEC) = br[i];
+    }}
+    if (s + 1 < S) {{
+#pragma unroll
+      for (int i = 0; i < E; ++i) cur[i] = __ldg(eb + ((s + 1) * E + i) * T);
+      load_b(x, (s + 1) * BK, n0, tid, br);
+    }}
+    __syncthreads();
+#pragma unroll
+    for (int q = 0; q < KT; ++q) {{
+      unsigned a[MT][4], b[NT][2];
+#pragma unroll
+      for (int t = 0; t < MT; ++t) {{
+        const unsigned short* p = A + (wm * MT * 16 + t * 16 + (lane & 15)) * LDA + q * 16
+                                  + (lane >> 4) * 8;
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {{%0,%1,%2,%3}}, [%4];"
+                     : "=r"(a[t][0]), "=r"(a[t][1]), "=r"(a[t][2]), "=r"(a[t][3])
+                     : "r"(smem(p)));
+      }}
+#pragma unroll
+      for (int t = 0; t < NT; t += 2) {{
+        const unsigned short* p = B + (q * 16 + (lane & 15)) * LDB + wn * NT * 8 + t * 8
+                                  + (lane >> 4) * 8;
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {{%0,%1,%2,%3}}, [%4];"
+                     : "=r"(b[t][0]), "=r"(b[t][1]), "=r"(b[t + 1][0]), "=r"(b[t + 1][1])
+                     : "r"(smem(p)));
+      }}
+#pragma unroll
+      for (int i = 0; i < MT; ++i)
+#pragma unroll
+        for (int j = 0; j < NT; ++j)
+          asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
+                       "{{%0,%1,%2,%3}}, {{%4,%5,%6,%7}}, {{%8,%9}}, {{%0,%1,%2,%3}};"
+                       : "+f"(acc[i][j][0]), "+f"(acc[i][j][1]), "+f"(acc[i][j][2]),
+                         "+f"(acc[i][j][3])
+                       : "r"(a[i][0]), "r"(a[i][1]), "r"(a[i][2]), "r"(a[i][3]),
+                         "r"(b[j][0]), "r"(b[j][1]));
+    }}
+  }}
+#pragma unroll
+  for (int i = 0; i < MT; ++i)
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {{
+        const int row = m0 + wm * MT * 16 + i * 16 + (lane >> 2) + h * 8;
+        const int col = n0 + wn * NT * 8 + j * 8 + (lane & 3) * 2;
+        unsigned short lo, hi;
+        asm("cvt.rn.f16.f32 %0, %1;" : "=h"(lo) : "f"(acc[i][j][2 * h]));
+        asm("cvt.rn.f16.f32 %0, %1;" : "=h"(hi) : "f"(acc[i][j][2 * h + 1]));
+        if (row < M) {{
+          if (N % 2 == 0 && col + 1 < N)
+            *reinterpret_cast<unsigned*>(y + row * N + col) = (unsigned)lo | ((unsigned)hi << 16);
+          else {{
+            if (col < N) y[row * N + col] = lo;
+            if (col + 1 < N) y[row * N + col + 1] = hi;
+          }}
+        }}
+      }}
+}}
+"""
+    return text
+
+
+def tiles(m: int, k: int, n: int) -> list[tuple[int, int, int, int, int]]:
+    """(wm, wn, mt, nt, kt) candidates whose shared memory fits 48 KiB."""
+    out = []
+    for wm, wn, mt, nt, kt in itertools.product((1, 2, 4), (1, 2), (1, 2), (2, 4, 8), (2, 4, 8)):
+        bm, bn, bk = wm * mt * 16, wn * nt * 8, kt * 16
+        smem = 2 * (3 * (bm * (bk + APAD) + 8) + 2 * bk * (bn + BPAD))
+        if smem > 48 * 1024 or bn > -(-n // 8) * 8 * 2 or bm > -(-m // 16) * 16:
+            continue
+        out.append((wm, wn, mt, nt, kt))
+    return out
+
+
+def reference(csr, x: np.ndarray) -> np.ndarray:
+    w = csr.toarray().astype(np.float16).astype(np.float64)
+    return w @ x.astype(np.float64)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--config", default="configs/paper20-fp16.yaml")
+    parser.add_argument("--sparsity", type=float, action="append")
+    parser.add_argument("--problems", default="")
+    parser.add_argument("--compile-only", action="store_true")
+    parser.add_argument("--limit", type=int, default=0, help="tile shapes per layer (0: all)")
+    parser.add_argument("--version", type=int, default=2, choices=(1, 2))
+    args = parser.parse_args()
+
+    import sparsert_cli as sparsert
+    from sparsert_cli.compile import cpp_to_cubin
+    from sparsert_cli.config import load_config
+    from sparsert_cli.patterns import dense
+
+    started = time.perf_counter()
+    wanted = set(filter(None, args.problems.split(",")))
+    layers = [layer for layer in sparsert.config_layers(load_config(args.config))
+              if layer.geometry.linear and layer.geometry.batch == 1
+              and (not args.sparsity or layer.info["sparsity"] in args.sparsity)
+              and (not wanted or layer.info["problem"] in wanted)]
+    doc = {"kind": "tc-probe", "cases": []}
+    out = Path(args.out)
+    gpu = None if args.compile_only else sparsert.Gpu()
+    try:
+        for index, layer in enumerate(layers):
+            g = layer.geometry
+            m, k, n = g.out_channels, g.in_channels, g.columns
+            csr = sp.csr_matrix(dense(layer.weight).reshape(m, k).astype(np.float32))
+            case = {"label": layer.label, "m": m, "k": k, "n": n, "nnz": int(csr.nnz),
+                    "runs": []}
+            shapes = tiles(m, k, n)
+            if args.limit:
+                shapes = shapes[:args.limit]
+            built = []
+            packs = [pack2(csr, sh[0] * sh[2] * 16, sh[4] * 16, sh[0] * sh[1] * 32)
+                     if args.version == 2 else pack(csr, sh[0] * sh[2] * 16, sh[4] * 16)
+                     for sh in shapes]
+            texts = [source2(m, k, n, *sh, pk[1]) if args.version == 2 else source(m, k, n, *sh)
+                     for sh, pk in zip(shapes, packs)]
+            with ProcessPoolExecutor(os.cpu_count()) as pool:
+                compiled_all = list(pool.map(cpp_to_cubin, texts))
+            for shape, compiled in zip(shapes, compiled_all):
+                res = compiled.entry_resources("tc_probe")
+                built.append((shape, compiled, res))
+                case["runs"].append({"tile": list(shape), "registers": res.registers,
+                                     "spill": res.spill_store_bytes,
+                                     "compile_s": round(compiled.seconds, 2)})
+            if gpu is not None:
+                from sparsert_cli.gpu import timing
+
+                rng = np.random.default_rng(index)
+                x = rng.standard_normal((k, n)).astype(np.float16)
+                ref = reference(csr, x)
+                mag = np.abs(csr.toarray().astype(np.float16).astype(np.float64)) @ np.abs(
+                    x.astype(np.float64))
+                # the baselines and sparsert's own kernel for this layer, same process
+                kernel = sparsert.compile_kernels([layer], arch="sm_90")[0]
+                if isinstance(kernel, sparsert.Kernel):
+                    bx, bres = kernel.random_inputs(np.random.default_rng(index))
+                    result = sparsert.benchmark_layer(gpu, kernel, inputs=(
+                        bx, bres, *kernel.reference(bx, bres)), baselines=True)
+                    case["sparsert_us"] = result.get("sparsert", {}).get("median_us")
+                    case["sparsert_ok"] = result["verify_gpu"]["ok"]
+                    case["baselines"] = {
+                        key: v.get("median_us") if isinstance(v, dict) else v
+                        for key, v in result.get("baselines", {}).items()}
+                xb = gpu.upload(x.view(np.uint16))
+                yb = gpu.alloc(m * n * 2)
+                for run, (tile, compiled, res), pk in zip(case["runs"], built, packs):
+                    wm, wn, mt, nt, kt = tile
+                    if res.spill_store_bytes:
+                        run["skipped"] = "spills"
+                        continue
+                    words, start = pk
+                    eb = gpu.upload(words if len(words) else np.zeros(1, np.uint32))
+                    sb = gpu.upload(np.asarray(start, dtype=np.int32).reshape(-1))
+                    run["entries_per_thread"] = int(start) if args.version == 2 else None
+                    fn = gpu.load(compiled.cubin, "tc_probe")
+                    grid = (-(-m // (wm * mt * 16)), -(-n // (wn * nt * 8)), 1)
+                    block = (wm * wn * 32, 1, 1)
+
+                    def enqueue():
+                        gpu.launch(fn, grid, block, 0, (xb, yb, eb, sb)[:3 if args.version == 2
+                                                                         else 4])
+                    gpu.poison(yb)
+                    enqueue()
+                    gpu.synchronize()
+                    got = gpu.download(yb, (m, n), np.uint16).view(np.float16).astype(
+                        np.float64)
+                    err = np.abs(got - ref)
+                    tol = 8 * np.sqrt(k) * 2.0 ** -10 * mag + 1e-6
+                    run["ok"] = bool(np.all(np.isfinite(got)) and np.all(err <= tol))
+                    run["max_err_over_tol"] = float(np.max(err / tol))
+                    if run["ok"]:
+                        run["us"] = float(np.median(timing.graph(gpu, enqueue).samples_us))
+                    eb.free()
+                    sb.free()
+                xb.free()
+                yb.free()
+                ok = [r for r in case["runs"] if r.get("ok")]
+                best = min(ok, key=lambda r: r["us"]) if ok else None
+                case["best"] = best
+                print(f"{layer.label:22s} sparsert {case.get('sparsert_us')} cublas_fp16 "
+                      f"{case.get('baselines', {}).get('cublas_fp16')} tc best "
+                      f"{best and best['us']:.2f} {best and best['tile']} "
+                      f"({len(ok)}/{len(case['runs'])} ok)", flush=True)
+            else:
+                print(f"{layer.label:22s} compiled {len(built)} tiles", flush=True)
+            doc["cases"].append(case)
+            out.write_text(json.dumps(doc, indent=1))
+    finally:
+        if gpu is not None:
+            gpu.close()
+    doc["seconds"] = round(time.perf_counter() - started, 1)
+    out.write_text(json.dumps(doc, indent=1))
+
+
+if __name__ == "__main__":
+    main()
