@@ -7,10 +7,15 @@ tiles x NT 8-column tiles of the output with mma.sync.m16n8k16 (fp16 in, fp32 su
 of BK = 16 * KT input channels the block scatters its weight tile's nonzeros (u32 words: tile
 position << 16 | fp16 bits, laid out per (row block, stage) at plan time) into a zeroed shared
 tile (three buffers: each is re-zeroed entry by entry two stages later, one barrier a stage),
-stages X[k0:k0 + BK, n0:n0 + BN] (two buffers), then ldmatrix + mma.
+stages X[k0:k0 + BK, n0:n0 + BN] (two buffers), then ldmatrix + mma. Version 1 reads a start
+table per stage; version 2 (the default) pads each (row block, stage) cell to E words per
+thread, keeps the positions in registers and prefetches the next stage into registers.
+Every kernel is verified on the GPU against float64 (fp16 tolerance, poisoned output) before it
+is timed; sparsert's own kernel and the baselines (cuBLAS fp16) are timed in the same process.
+Results and the floor arithmetic: docs/perf-notes.md, session 14.
 
   python scripts/tc_probe.py --out FILE [--config configs/paper20-fp16.yaml] [--sparsity 0.9]
-         [--problems a,b] [--compile-only]
+         [--problems a,b] [--version 1|2] [--limit N] [--compile-only]
 """
 
 from __future__ import annotations
@@ -186,13 +191,11 @@ def pack2(csr: sp.csr_matrix, bm: int, bk: int, threads: int) -> tuple[np.ndarra
     e = max(1, int(-(-counts.max(initial=0) // threads)))
     cells = len(counts)
     out = np.full((cells, e * threads), np.uint32(bm * (bk + APAD)) << np.uint32(16), np.uint32)
-    idx = np.arange(e * threads)
     for cell in range(cells):
         c = int(counts[cell])
         if c:
             out[cell, :c] = words[start[cell]:start[cell] + c]
-    # slot j of a cell is thread j % T's entry j // T: already the order the kernel reads
-    del idx
+    # slot j of a cell is thread j % T's entry j // T: the order the kernel reads
     return out.ravel(), e
 
 
@@ -440,17 +443,17 @@ def main() -> None:
                     if res.spill_store_bytes:
                         run["skipped"] = "spills"
                         continue
-                    words, start = pk
+                    words, extra = pk       # v1: the start table; v2: E
                     eb = gpu.upload(words if len(words) else np.zeros(1, np.uint32))
-                    sb = gpu.upload(np.asarray(start, dtype=np.int32).reshape(-1))
-                    run["entries_per_thread"] = int(start) if args.version == 2 else None
+                    sb = gpu.upload(extra) if args.version == 1 else None
+                    run["entries_per_thread"] = int(extra) if args.version == 2 else None
                     fn = gpu.load(compiled.cubin, "tc_probe")
                     grid = (-(-m // (wm * mt * 16)), -(-n // (wn * nt * 8)), 1)
                     block = (wm * wn * 32, 1, 1)
 
                     def enqueue():
-                        gpu.launch(fn, grid, block, 0, (xb, yb, eb, sb)[:3 if args.version == 2
-                                                                         else 4])
+                        gpu.launch(fn, grid, block, 0,
+                                   (xb, yb, eb) if sb is None else (xb, yb, eb, sb))
                     gpu.poison(yb)
                     enqueue()
                     gpu.synchronize()
@@ -463,7 +466,8 @@ def main() -> None:
                     if run["ok"]:
                         run["us"] = float(np.median(timing.graph(gpu, enqueue).samples_us))
                     eb.free()
-                    sb.free()
+                    if sb is not None:
+                        sb.free()
                 xb.free()
                 yb.free()
                 ok = [r for r in case["runs"] if r.get("ok")]
