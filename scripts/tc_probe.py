@@ -351,6 +351,200 @@ extern "C" __global__ void __launch_bounds__(T) {entry}(
     return text
 
 
+def source3(m: int, k: int, n: int, wm: int, wn: int, mt: int, nt: int, kt: int, e: int,
+            depth: int, ks: int, entry: str = "tc_probe") -> str:
+    """Version 3: `depth` stages in flight through cp.async (the activation tile and the entry
+    words, each thread copying its own words), two barriers a stage, and `ks` K-slices on
+    blockIdx.z: each slice writes its fp32 partial tile to `work`, and the block that finishes
+    a tile last (a counter per tile, reset by that block) adds the slices in order and stores
+    fp16. Needs N % 8 == 0 (16-byte activation copies)."""
+    bm, bn, bk = wm * mt * 16, wn * nt * 8, kt * 16
+    lda, ldb = bk + APAD, bn + BPAD
+    threads = wm * wn * 32
+    stages = -(-k // bk)
+    assert n % 8 == 0 and nt % 2 == 0 and depth >= 2 and 1 <= ks <= stages
+    chunks = bk * bn // 8
+    text = f"""
+#define M {m}
+#define K {k}
+#define N {n}
+#define BM {bm}
+#define BN {bn}
+#define BK {bk}
+#define LDA {lda}
+#define LDB {ldb}
+#define T {threads}
+#define S {stages}
+#define WM {wm}
+#define MT {mt}
+#define NT {nt}
+#define KT {kt}
+#define E {e}
+#define P {depth}
+#define KS {ks}
+#define SPS ((S + KS - 1) / KS)
+#define CH {chunks}
+__device__ __forceinline__ unsigned smem(const void* p) {{
+  return (unsigned)__cvta_generic_to_shared(p); }}
+__device__ __forceinline__ void issue(const unsigned short* __restrict__ x,
+    const unsigned* __restrict__ eb, int s, int n0, int tid, unsigned short* B, unsigned* W) {{
+#pragma unroll
+  for (int i = 0; i < E; ++i)
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;"
+                 :: "r"(smem(W + i * T + tid)), "l"(eb + ((size_t)s * E + i) * T));
+  const int k0 = s * BK;
+#pragma unroll
+  for (int i = 0; i < (CH + T - 1) / T; ++i) {{
+    const int j = tid + i * T;
+    if (CH % T == 0 || j < CH) {{
+      const int r = j / (BN / 8), c = (j % (BN / 8)) * 8, kk = k0 + r, nn = n0 + c;
+      const bool in = kk < K && nn < N;
+      const unsigned short* src = in ? x + (size_t)kk * N + nn : x;
+      asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;"
+                   :: "r"(smem(B + r * LDB + c)), "l"(src), "r"(in ? 16 : 0));
+    }}
+  }}
+}}
+extern "C" __global__ void __launch_bounds__(T) {entry}(
+    const unsigned short* __restrict__ x, unsigned short* __restrict__ y,
+    const unsigned* __restrict__ ent, float* __restrict__ work, unsigned* __restrict__ counters) {{
+  __shared__ __align__(16) unsigned short As[3][BM * LDA + 8];
+  __shared__ __align__(16) unsigned short Bs[P][BK * LDB];
+  __shared__ __align__(16) unsigned Es[P][E * T];
+  __shared__ int last;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int wm = warp % WM, wn = warp / WM;
+  const int m0 = blockIdx.x * BM, n0 = blockIdx.y * BN;
+  const int s0 = blockIdx.z * SPS, ns = min(S, s0 + SPS) - s0;
+  for (int i = tid; i < 3 * (BM * LDA + 8) / 8; i += T)
+    reinterpret_cast<uint4*>(&As[0][0])[i] = make_uint4(0, 0, 0, 0);
+  float acc[MT][NT][4];
+#pragma unroll
+  for (int a = 0; a < MT; ++a)
+#pragma unroll
+    for (int b = 0; b < NT; ++b)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) acc[a][b][c] = 0.f;
+  const unsigned* eb = ent + (size_t)blockIdx.x * S * E * T + tid;
+  unsigned short p1[E], p2[E];
+#pragma unroll
+  for (int i = 0; i < E; ++i) p1[i] = p2[i] = BM * LDA;
+#pragma unroll
+  for (int j = 0; j < P - 1; ++j) {{
+    if (j < ns) issue(x, eb, s0 + j, n0, tid, Bs[j], Es[j]);
+    asm volatile("cp.async.commit_group;");
+  }}
+  __syncthreads();      // the zeroed A buffers
+  for (int j = 0; j < ns; ++j) {{
+    asm volatile("cp.async.wait_group %0;" :: "n"(P - 2));
+    unsigned short* A = &As[j % 3][0];
+    unsigned short* Z = &As[(j + 1) % 3][0];      // stage j - 2's buffer
+    const unsigned* W = Es[j % P];
+#pragma unroll
+    for (int i = 0; i < E; ++i) {{
+      const unsigned v = W[i * T + tid];
+      A[v >> 16] = (unsigned short)v;
+      Z[p2[i]] = 0;
+      p2[i] = p1[i];
+      p1[i] = (unsigned short)(v >> 16);
+    }}
+    __syncthreads();
+    if (j + P - 1 < ns) issue(x, eb, s0 + j + P - 1, n0, tid, Bs[(j + P - 1) % P],
+                              Es[(j + P - 1) % P]);
+    asm volatile("cp.async.commit_group;");
+    const unsigned short* B = Bs[j % P];
+#pragma unroll
+    for (int q = 0; q < KT; ++q) {{
+      unsigned a[MT][4], b[NT][2];
+#pragma unroll
+      for (int t = 0; t < MT; ++t) {{
+        const unsigned short* p = A + (wm * MT * 16 + t * 16 + (lane & 15)) * LDA + q * 16
+                                  + (lane >> 4) * 8;
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {{%0,%1,%2,%3}}, [%4];"
+                     : "=r"(a[t][0]), "=r"(a[t][1]), "=r"(a[t][2]), "=r"(a[t][3])
+                     : "r"(smem(p)));
+      }}
+#pragma unroll
+      for (int t = 0; t < NT; t += 2) {{
+        const unsigned short* p = B + (q * 16 + (lane & 15)) * LDB + wn * NT * 8 + t * 8
+                                  + (lane >> 4) * 8;
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {{%0,%1,%2,%3}}, [%4];"
+                     : "=r"(b[t][0]), "=r"(b[t][1]), "=r"(b[t + 1][0]), "=r"(b[t + 1][1])
+                     : "r"(smem(p)));
+      }}
+#pragma unroll
+      for (int i = 0; i < MT; ++i)
+#pragma unroll
+        for (int jj = 0; jj < NT; ++jj)
+          asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
+                       "{{%0,%1,%2,%3}}, {{%4,%5,%6,%7}}, {{%8,%9}}, {{%0,%1,%2,%3}};"
+                       : "+f"(acc[i][jj][0]), "+f"(acc[i][jj][1]), "+f"(acc[i][jj][2]),
+                         "+f"(acc[i][jj][3])
+                       : "r"(a[i][0]), "r"(a[i][1]), "r"(a[i][2]), "r"(a[i][3]),
+                         "r"(b[jj][0]), "r"(b[jj][1]));
+    }}
+  }}
+  asm volatile("cp.async.wait_group 0;");
+  if (KS > 1) {{
+    float* part = work + (size_t)blockIdx.z * M * N;
+#pragma unroll
+    for (int i = 0; i < MT; ++i)
+#pragma unroll
+      for (int jj = 0; jj < NT; ++jj)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {{
+          const int row = m0 + wm * MT * 16 + i * 16 + (lane >> 2) + h * 8;
+          const int col = n0 + wn * NT * 8 + jj * 8 + (lane & 3) * 2;
+          if (row < M && col < N)
+            __stcg(reinterpret_cast<float2*>(part + (size_t)row * N + col),
+                   make_float2(acc[i][jj][2 * h], acc[i][jj][2 * h + 1]));
+        }}
+    __threadfence();
+    __syncthreads();
+    if (tid == 0) {{
+      const unsigned tile = blockIdx.y * gridDim.x + blockIdx.x;
+      last = atomicAdd(counters + tile, 1u) == KS - 1;
+      if (last) counters[tile] = 0;
+    }}
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+  }}
+#pragma unroll
+  for (int i = 0; i < MT; ++i)
+#pragma unroll
+    for (int jj = 0; jj < NT; ++jj)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {{
+        const int row = m0 + wm * MT * 16 + i * 16 + (lane >> 2) + h * 8;
+        const int col = n0 + wn * NT * 8 + jj * 8 + (lane & 3) * 2;
+        if (row >= M || col >= N) continue;
+        float lo = acc[i][jj][2 * h], hi = acc[i][jj][2 * h + 1];
+        if (KS > 1) {{
+          lo = hi = 0.f;
+#pragma unroll
+          for (int z = 0; z < KS; ++z) {{
+            const float2 v = __ldcg(reinterpret_cast<const float2*>(
+                work + (size_t)z * M * N + (size_t)row * N + col));
+            lo += v.x;
+            hi += v.y;
+          }}
+        }}
+        unsigned short a, b;
+        asm("cvt.rn.f16.f32 %0, %1;" : "=h"(a) : "f"(lo));
+        asm("cvt.rn.f16.f32 %0, %1;" : "=h"(b) : "f"(hi));
+        *reinterpret_cast<unsigned*>(y + (size_t)row * N + col) = (unsigned)a | ((unsigned)b << 16);
+      }}
+}}
+"""
+    return text
+
+
+def shared3(wm: int, wn: int, mt: int, nt: int, kt: int, e: int, depth: int) -> int:
+    bm, bn, bk, threads = wm * mt * 16, wn * nt * 8, kt * 16, wm * wn * 32
+    return 2 * 3 * (bm * (bk + APAD) + 8) + depth * (2 * bk * (bn + BPAD) + 4 * e * threads) + 4
+
+
 def tiles(m: int, k: int, n: int) -> list[tuple[int, int, int, int, int]]:
     """(wm, wn, mt, nt, kt) candidates whose shared memory fits 48 KiB."""
     out = []
@@ -361,6 +555,36 @@ def tiles(m: int, k: int, n: int) -> list[tuple[int, int, int, int, int]]:
             continue
         out.append((wm, wn, mt, nt, kt))
     return out
+
+
+def candidates(csr, m: int, k: int, n: int, version: int):
+    """(shapes, tables, sources) of one layer: version 1 and 2, every tile of tiles(); version
+    3 (N % 8 == 0 only), every tile x pipeline depth 3 or 4 x K-slices 1, 2 or 4 (no more
+    than the stages) whose shared memory fits 48 KiB; a shape is (wm, wn, mt, nt, kt) and for
+    version 3 also (depth, K-slices)."""
+    shapes, packs, texts = [], [], []
+    for sh in tiles(m, k, n):
+        bm, bk, threads = sh[0] * sh[2] * 16, sh[4] * 16, sh[0] * sh[1] * 32
+        if version == 1:
+            shapes.append(sh)
+            packs.append(pack(csr, bm, bk))
+            texts.append(source(m, k, n, *sh))
+            continue
+        pk = pack2(csr, bm, bk, threads)
+        if version == 2:
+            shapes.append(sh)
+            packs.append(pk)
+            texts.append(source2(m, k, n, *sh, pk[1]))
+            continue
+        if n % 8:
+            continue
+        for depth, ks in itertools.product((3, 4), (1, 2, 4)):
+            if ks > -(-k // bk) or shared3(*sh, pk[1], depth) > 48 * 1024:
+                continue
+            shapes.append((*sh, depth, ks))
+            packs.append(pk)
+            texts.append(source3(m, k, n, *sh, pk[1], depth, ks))
+    return shapes, packs, texts
 
 
 def reference(csr, x: np.ndarray) -> np.ndarray:
@@ -376,7 +600,7 @@ def main() -> None:
     parser.add_argument("--problems", default="")
     parser.add_argument("--compile-only", action="store_true")
     parser.add_argument("--limit", type=int, default=0, help="tile shapes per layer (0: all)")
-    parser.add_argument("--version", type=int, default=2, choices=(1, 2))
+    parser.add_argument("--version", type=int, default=3, choices=(1, 2, 3))
     args = parser.parse_args()
 
     import sparsert_cli as sparsert
@@ -400,15 +624,10 @@ def main() -> None:
             csr = sp.csr_matrix(dense(layer.weight).reshape(m, k).astype(np.float32))
             case = {"label": layer.label, "m": m, "k": k, "n": n, "nnz": int(csr.nnz),
                     "runs": []}
-            shapes = tiles(m, k, n)
+            shapes, packs, texts = candidates(csr, m, k, n, args.version)
             if args.limit:
-                shapes = shapes[:args.limit]
+                shapes, packs, texts = shapes[:args.limit], packs[:args.limit], texts[:args.limit]
             built = []
-            packs = [pack2(csr, sh[0] * sh[2] * 16, sh[4] * 16, sh[0] * sh[1] * 32)
-                     if args.version == 2 else pack(csr, sh[0] * sh[2] * 16, sh[4] * 16)
-                     for sh in shapes]
-            texts = [source2(m, k, n, *sh, pk[1]) if args.version == 2 else source(m, k, n, *sh)
-                     for sh, pk in zip(shapes, packs)]
             with ProcessPoolExecutor(os.cpu_count()) as pool:
                 compiled_all = list(pool.map(cpp_to_cubin, texts))
             for shape, compiled in zip(shapes, compiled_all):
@@ -438,22 +657,28 @@ def main() -> None:
                         for key, v in result.get("baselines", {}).items()}
                 xb = gpu.upload(x.view(np.uint16))
                 yb = gpu.alloc(m * n * 2)
+                slices = max([sh[6] for sh in shapes if len(sh) > 5] + [1])
+                wb = gpu.alloc(slices * m * n * 4)
+                cb = gpu.alloc(4 * -(-m // 16) * -(-n // 8))
+                gpu.memset(cb, 0)
                 for run, (tile, compiled, res), pk in zip(case["runs"], built, packs):
-                    wm, wn, mt, nt, kt = tile
+                    wm, wn, mt, nt, kt = tile[:5]
                     if res.spill_store_bytes:
                         run["skipped"] = "spills"
                         continue
-                    words, extra = pk       # v1: the start table; v2: E
+                    words, extra = pk       # v1: the start table; v2, v3: E
                     eb = gpu.upload(words if len(words) else np.zeros(1, np.uint32))
                     sb = gpu.upload(extra) if args.version == 1 else None
-                    run["entries_per_thread"] = int(extra) if args.version == 2 else None
+                    run["entries_per_thread"] = int(extra) if args.version >= 2 else None
                     fn = gpu.load(compiled.cubin, "tc_probe")
-                    grid = (-(-m // (wm * mt * 16)), -(-n // (wn * nt * 8)), 1)
+                    grid = (-(-m // (wm * mt * 16)), -(-n // (wn * nt * 8)),
+                            tile[6] if len(tile) > 5 else 1)
                     block = (wm * wn * 32, 1, 1)
+                    launch_args = ((xb, yb, eb, sb) if args.version == 1 else (xb, yb, eb)
+                                   if args.version == 2 else (xb, yb, eb, wb, cb))
 
                     def enqueue():
-                        gpu.launch(fn, grid, block, 0,
-                                   (xb, yb, eb) if sb is None else (xb, yb, eb, sb))
+                        gpu.launch(fn, grid, block, 0, launch_args)
                     gpu.poison(yb)
                     enqueue()
                     gpu.synchronize()
@@ -468,8 +693,8 @@ def main() -> None:
                     eb.free()
                     if sb is not None:
                         sb.free()
-                xb.free()
-                yb.free()
+                for buf in (xb, yb, wb, cb):
+                    buf.free()
                 ok = [r for r in case["runs"] if r.get("ok")]
                 best = min(ok, key=lambda r: r["us"]) if ok else None
                 case["best"] = best
