@@ -82,9 +82,9 @@ def test_both_versions_compile_without_spills():
     csr = _weight(m, k, 0.1, seed=2)
     _, e = t.pack2(csr, 64, 64, 128)
     _, e3 = t.pack2(csr, 32, 64, 128)
-    assert t.shared3(2, 2, 1, 4, 4, e3, 4) <= 48 * 1024
+    assert t.shared3(2, 2, 1, 2, 4, e3, 4) <= 48 * 1024
     for text in (t.source(m, k, n, 2, 2, 2, 4, 4), t.source2(m, k, n, 2, 2, 2, 4, 4, e),
-                 t.source2(m, k, 49, 4, 1, 1, 2, 4, e), t.source3(m, k, n, 2, 2, 1, 4, 4, e3, 3, 2),
-                 t.source3(m, k, n, 2, 2, 1, 4, 4, e3, 4, 1)):
+                 t.source2(m, k, 49, 4, 1, 1, 2, 4, e), t.source3(m, k, n, 2, 2, 1, 2, 4, e3, 3, 2),
+                 t.source3(m, k, n, 2, 2, 1, 2, 4, e3, 4, 1)):
         res = cpp_to_cubin(text).entry_resources("tc_probe")
         assert res.registers > 0 and res.spills == 0
