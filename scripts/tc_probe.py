@@ -601,6 +601,9 @@ def main() -> None:
     parser.add_argument("--compile-only", action="store_true")
     parser.add_argument("--limit", type=int, default=0, help="tile shapes per layer (0: all)")
     parser.add_argument("--version", type=int, default=3, choices=(1, 2, 3))
+    parser.add_argument("--only", default="", help="one shape, e.g. 1,2,2,2,4,4,1 (for ncu)")
+    parser.add_argument("--no-baselines", action="store_true",
+                        help="time only the tensor-core kernels (for ncu)")
     args = parser.parse_args()
 
     import sparsert_cli as sparsert
@@ -625,6 +628,10 @@ def main() -> None:
             case = {"label": layer.label, "m": m, "k": k, "n": n, "nnz": int(csr.nnz),
                     "runs": []}
             shapes, packs, texts = candidates(csr, m, k, n, args.version)
+            if args.only:
+                want = tuple(int(v) for v in args.only.split(","))
+                keep = [i for i, sh in enumerate(shapes) if tuple(sh) == want]
+                shapes, packs, texts = ([v[i] for i in keep] for v in (shapes, packs, texts))
             if args.limit:
                 shapes, packs, texts = shapes[:args.limit], packs[:args.limit], texts[:args.limit]
             built = []
@@ -645,7 +652,8 @@ def main() -> None:
                 mag = np.abs(csr.toarray().astype(np.float16).astype(np.float64)) @ np.abs(
                     x.astype(np.float64))
                 # the baselines and sparsert's own kernel for this layer, same process
-                kernel = sparsert.compile_kernels([layer], arch="sm_90")[0]
+                kernel = (None if args.no_baselines else
+                          sparsert.compile_kernels([layer], arch="sm_90")[0])
                 if isinstance(kernel, sparsert.Kernel):
                     bx, bres = kernel.random_inputs(np.random.default_rng(index))
                     result = sparsert.benchmark_layer(gpu, kernel, inputs=(
