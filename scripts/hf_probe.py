@@ -3,6 +3,7 @@
 
   scripts/hf_probe.py OUT.json [--dtypes fp32,fp16] [--sparsities 0.9,0.95] [--tokens 128]
                       [--layers 12] [--compile default|max-autotune|none]
+                      [--handoff on|off|both]
 
 transformers' `BertModel(BertConfig())` (BERT-base shapes, random init, no download), batch 1,
 its last hidden state as the output. Dense: eager, CUDA graph and torch.compile (freezing,
@@ -10,7 +11,10 @@ graph-replayed) of the model as written; then magnitude pruning, `sparsify_` (de
 the per-layer race) and the sparse model graphed and compiled (fullgraph), its output against
 the pruned model in float64. Unlike `sparsert model bert_base` (sparsert's own encoder), the
 model here is read by parts (it does not trace whole): this is what a user of transformers
-gets. One JSON record per dtype x sparsity, written after each.
+gets. One JSON record per dtype x sparsity (x hand-off setting), written after each.
+--handoff: whether the FFN's first Linear layer hands its output to the second channel-major
+(read from the recording forward, sparsify.RECORDED_HANDOFFS); "both" measures the sparse
+model without, then with it, in the same run.
 """
 from __future__ import annotations
 
@@ -27,6 +31,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from sparsert_cli.torch import prune_, sparsify_  # noqa: E402
+from sparsert_cli.torch import sparsify as sparsify_module  # noqa: E402
 from sparsert_cli.torch.endtoend import (  # noqa: E402
     REL_ERR_BOUND, _precision, _rel_err, gpu_meta, graph_launch_choice, sparse_compiled,
     time_compiled, time_eager, time_graph)
@@ -53,6 +58,7 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--layers", type=int, default=12)
     ap.add_argument("--compile", default="default", choices=MODES)
+    ap.add_argument("--handoff", default="on", choices=("on", "off", "both"))
     args = ap.parse_args()
     records = []
     for dtype in args.dtypes.split(","):
@@ -74,7 +80,10 @@ def main() -> int:
                 dense_model, ids, MODES[args.compile])
             _precision(dtype)
         del dense_model
-        for sparsity in (float(s) for s in args.sparsities.split(",")):
+        settings = {"on": (True,), "off": (False,), "both": (False, True)}[args.handoff]
+        for sparsity, handoff in ((float(s), h) for s in args.sparsities.split(",")
+                                  for h in settings):
+            sparsify_module.RECORDED_HANDOFFS = handoff
             model = copy.deepcopy(base)
             prune_(model, sparsity)
             model = model.cuda().to(store)
@@ -104,13 +113,16 @@ def main() -> int:
                 "best_dense_us": best_dense, "best_sparse_us": best_sparse,
                 "speedup": best_dense / best_sparse, "max_rel_err": _rel_err(out, ref),
                 "rel_err_bound": REL_ERR_BOUND[dtype], "sparsify_seconds": round(seconds, 1),
+                "recorded_handoffs": handoff,
+                "channel_major_layers": sum(bool(r.get("layout")) for r in rows),
                 "replaced": sum(r["replaced"] for r in rows), "layers_total": len(rows),
                 "rows": [{k: r.get(k) for k in ("layer", "fused", "plan", "family", "replaced",
                                                  "reason", "dense_us", "sparse_us")}
                          for r in rows],
                 "gpu": gpu_meta(), "torch": torch.__version__}
             records.append(record)
-            print(f"{dtype} S={sparsity}: dense {dense} sparse {sparse} -> "
+            print(f"{dtype} S={sparsity} handoff {'on' if handoff else 'off'}: dense {dense} "
+                  f"sparse {sparse} -> "
                   f"{record['speedup']:.2f}x, {record['replaced']}/{len(rows)} replaced, "
                   f"rel err {record['max_rel_err']:.2e}", flush=True)
             Path(args.out).write_text(json.dumps(records, indent=1))

@@ -1558,3 +1558,64 @@ def test_a_part_testing_an_argument_without_default_for_none():
     _cpu(model, (x, torch.ones(16)))            # sparsified with a mask, called without
     with torch.no_grad():
         assert torch.allclose(model(x), want, atol=1e-5, rtol=1e-5)
+
+
+class FFNOutput(nn.Module):
+    """HF BERT's BertOutput, reduced: dense, dropout, LayerNorm of the sum with the input."""
+
+    def __init__(self, hidden=48, d=16):
+        super().__init__()
+        self.dense, self.dropout, self.norm = nn.Linear(hidden, d), nn.Dropout(0.1), nn.LayerNorm(d)
+
+    def forward(self, h, input_tensor):
+        return self.norm(self.dropout(self.dense(h)) + input_tensor)
+
+
+class PartsFFN(nn.Module):
+    """HF BERT's feed-forward as its parts hold it: Intermediate (Linear + GELUActivation) and
+    FFNOutput are separate modules, called by a root torch.fx cannot trace (a tensor's value in
+    an `if`); `leak` also reads the intermediate output elsewhere (a second torch call)."""
+
+    def __init__(self, leak=False):
+        super().__init__()
+        self.intermediate, self.output, self.leak = Intermediate(), FFNOutput(), leak
+
+    def forward(self, x):
+        if float(x.sum()) > 1e9:        # never true; fx cannot trace a tensor's value
+            x = -x
+        h = self.intermediate(x)
+        y = self.output(h, x)
+        return y + h[..., :16] if self.leak else y
+
+
+def test_a_model_read_by_parts_hands_the_ffn_over_as_the_example_forward_shows():
+    """The FFN's two Linear layers sit in different parts, so no traced graph links them; the
+    recording forward does: the intermediate output (after the fused GELU) went to the output
+    part's Linear layer and to no other torch call, so it is handed over channel-major (no
+    transpose copy). Read elsewhere too (`leak`), it stays token-major."""
+    torch.manual_seed(21)
+    x = torch.randn(1, 5, 16)
+    model = PartsFFN().eval()
+    prune_(model, 0.7)
+    rows, want = _sparsified(model, (x,))
+    by = {r["layer"]: r for r in rows}
+    reader = "output.dense_residual.conv"
+    assert set(by) == {"intermediate.dense", reader}
+    assert by["intermediate.dense"]["fused"] == "gelu"
+    assert by["intermediate.dense"]["layout"] == f"channel-major (feeds {reader})"
+    assert all(r["replaced"] for r in rows) and by[reader]["fused"] == "add"
+    layer = model.intermediate.dense
+    assert layer.feeds == reader and not layer.token_major
+    with torch.no_grad():
+        h = model.intermediate(x)
+        assert not h.is_contiguous() and h.reshape(-1, 48).t().is_contiguous()
+        assert torch.allclose(model(x), want, atol=1e-5, rtol=1e-5)
+
+    leaky = PartsFFN(leak=True).eval()
+    prune_(leaky, 0.7)
+    rows, want = _sparsified(leaky, (x,))
+    by = {r["layer"]: r for r in rows}
+    assert all(r["replaced"] for r in rows) and not any("layout" in r for r in rows)
+    assert leaky.intermediate.dense.feeds is None and leaky.intermediate.dense.token_major
+    with torch.no_grad():
+        assert torch.allclose(leaky(x), want, atol=1e-5, rtol=1e-5)

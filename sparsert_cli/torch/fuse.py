@@ -199,6 +199,12 @@ def _chains_by_parts(model: torch.nn.Module) -> list[Chain]:
     return list(chains.values())
 
 
+def traces_whole(model: torch.nn.Module) -> bool:
+    """Whether torch.fx traces the model as a whole (find_chains then reads hand-offs from its
+    graph; a model read by parts gets them from the recording forward, sparsify.py)."""
+    return _fx_chains(model) is not None
+
+
 def find_chains(model: torch.nn.Module) -> list[Chain]:
     """Every Conv2d/Linear of the model with the BatchNorm and activation it can absorb, and
     one chain per ResidualChain (conv, BatchNorm, residual add, activation)."""

@@ -25,13 +25,14 @@ import warnings
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 from sparsert_cli.errors import UserError
 from sparsert_cli.torch import ops
 from sparsert_cli.torch.backend import LayerSpec, block_diagonal, compile_layers, tune_layer
 from sparsert_cli.torch.check import release_evict, time_cold_us, verify as verify_layer
 from sparsert_cli.torch.activations import activate, activation_modules
-from sparsert_cli.torch.fuse import Chain, find_chains, folded, idempotent
+from sparsert_cli.torch.fuse import Chain, find_chains, folded, idempotent, traces_whole
 from sparsert_cli.torch.prune import is_depthwise
 from sparsert_cli.torch.residual import ResidualChain, fuse_residuals, unshare_activations
 
@@ -42,6 +43,9 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # ResNet-50 fp16, same run (S5-9): forward 313.3 -> 279.4 us at 95% with 1.15 (414.1 -> 417.7
 # at 90%, noise).
 STREAMED_PREFERENCE = 1.15
+# hand-offs of models read by parts, from the recording forward (_recorded_handoffs); a switch
+# for measuring what they change (scripts/hf_probe.py --handoff both)
+RECORDED_HANDOFFS = True
 
 
 def _dense_op(layer, x: torch.Tensor, residual=None, gemm: bool = False) -> torch.Tensor:
@@ -253,38 +257,105 @@ def _describe(module, x_shape) -> tuple[str, str]:
     return f"conv{k}x{k}", text
 
 
+class _Uses(TorchFunctionMode):
+    """Counts the torch calls of a forward that take a watched tensor as an argument, from the
+    moment it is watched (it is kept alive from then on, so its id names it alone; the
+    recording's own copies, made while `paused`, are left out)."""
+
+    def __init__(self):
+        super().__init__()
+        self.watched: dict[int, torch.Tensor] = {}
+        self.counts: dict[int, int] = {}
+        self.paused = False
+
+    def watch(self, tensor: torch.Tensor) -> None:
+        self.watched[id(tensor)] = tensor
+        self.counts.setdefault(id(tensor), 0)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if not self.paused and self.watched:
+            for value in (*args, *kwargs.values()):
+                for item in (value if isinstance(value, (list, tuple)) else (value,)):
+                    if isinstance(item, torch.Tensor) and id(item) in self.watched:
+                        self.counts[id(item)] += 1
+        return func(*args, **kwargs)
+
+
 def _record_inputs(model, chains: list[Chain], example_inputs) -> dict:
-    """Run the model once; per layer: how often it ran and its (first) input (and residual)."""
+    """Run the model once; per layer: how often it ran, its (first) input (and residual), and
+    for a chain without a residual its (first) output after its activation module ("output")
+    with how many torch calls of the forward took that output ("output_uses")."""
     seen: dict[str, dict] = {}
     modules = dict(model.named_modules())
     handles = []
+    uses = _Uses()
     for chain in chains:
         def hook(module, args, name=chain.layer, residual=chain.residual is not None):
             slot = seen.setdefault(name, {"calls": 0})
             slot["calls"] += 1
             if slot["calls"] == 1:
-                slot["x"] = args[0].detach().clone()
-                slot["res"] = args[1].detach().clone() if residual else None
+                uses.paused = True
+                try:
+                    slot["x"] = args[0].detach().clone()
+                    slot["res"] = args[1].detach().clone() if residual else None
+                    slot["version"] = _version(args[0])
+                finally:
+                    uses.paused = False
                 slot["source"] = args[0]    # the object itself (kept alive: ids stay unique)
-                slot["version"] = _version(args[0])
                 slot["order"] = len(seen)
         handles.append(modules[chain.entry].register_forward_pre_hook(hook))
+        if chain.residual is None:
+            def keep(module, args, output, name=chain.layer):
+                slot = seen.get(name)
+                if slot is not None and "output" not in slot:
+                    slot["output"] = output
+                    if isinstance(output, torch.Tensor):
+                        uses.watch(output)
+            handles.append(modules[chain.act_module or chain.layer].register_forward_hook(keep))
     absorbed: dict[str, int] = {}       # calls of the BatchNorm / activation modules chains take
     for name in {n for c in chains for n in (c.bn, c.act_module) if n}:
         def count(module, args, name=name):
             absorbed[name] = absorbed.get(name, 0) + 1
         handles.append(modules[name].register_forward_pre_hook(count))
     try:
-        with torch.no_grad():
+        with torch.no_grad(), uses:
             model(*example_inputs)
     finally:
         for handle in handles:
             handle.remove()
     for chain in chains:
         if chain.layer in seen:
-            seen[chain.layer]["absorbed"] = {n: absorbed.get(n, 0)
-                                             for n in (chain.bn, chain.act_module) if n}
+            slot = seen[chain.layer]
+            slot["absorbed"] = {n: absorbed.get(n, 0) for n in (chain.bn, chain.act_module) if n}
+            if isinstance(slot.get("output"), torch.Tensor):
+                slot["output_uses"] = uses.counts.get(id(slot["output"]), 0)
     return seen
+
+
+def _recorded_handoffs(chains: list[Chain], seen: dict, modules) -> list[str]:
+    """Hand-offs of a model torch.fx cannot trace whole (read by parts, where a layer and the
+    layer it feeds sit in different parts: Hugging Face BERT's intermediate and output), read
+    from the recording forward: Linear layer A (no residual, called once) whose output (after
+    its activation module) was taken by exactly one torch call of the forward, and that object
+    is the input of Linear layer B's one call: A feeds B (Chain.feeds, as find_chains sets it
+    from a traced graph). Returns the layers given a hand-off."""
+    by_source = {id(rec["source"]): name for name, rec in seen.items()
+                 if rec.get("calls") == 1 and "source" in rec}
+    given = []
+    for chain in chains:
+        rec = seen.get(chain.layer)
+        if (chain.feeds or chain.residual or rec is None or rec.get("calls") != 1
+                or rec.get("output_uses") != 1
+                or not isinstance(modules.get(chain.layer), torch.nn.Linear)):
+            continue
+        reader = by_source.get(id(rec["output"]))
+        if reader is None or reader == chain.layer \
+                or not isinstance(modules.get(reader), torch.nn.Linear):
+            continue
+        chain.feeds = reader
+        given.append(chain.layer)
+    return given
 
 
 def _called_elsewhere(chain: Chain, record: dict | None) -> Chain:
@@ -493,7 +564,9 @@ def sparsify_(model: torch.nn.Module, example_inputs, *, dtype: str = "fp32", tu
     module called once (replaced by Identity; a functional F.gelu stays in the model, unfused).
     Channel-major hand-off: a Linear layer whose output (after its fused activation module) is
     only the input of another Linear layer that gets a kernel too (BERT's ffn_up, GELU,
-    ffn_down; traced models, no sibling groups) is built channel-major and returns its M x N
+    ffn_down; no sibling groups; in a model torch.fx cannot trace whole, such as Hugging Face
+    BERT, where the two layers sit in different parts, when the example forward passed that
+    output, used by no other torch call, to the next layer) is built channel-major and returns its M x N
     output as a transposed view, which the next kernel reads as its K x N columns as it is: no
     transpose copy and no kernel between the two, in eager mode and under torch.compile (if
     the next layer keeps its dense op, F.linear reads the view); such a kernel keeps
@@ -596,6 +669,8 @@ def _sparsify(model, example_inputs, *, dtype, tuned, verify, min_speedup, min_s
     chains = [c for c in find_chains(model)
               if include is None or include(c.layer, modules[c.layer])]
     seen = _record_inputs(model, chains, example_inputs)
+    if RECORDED_HANDOFFS and not traces_whole(model):
+        _recorded_handoffs(chains, seen, modules)
     chains = [_called_elsewhere(c, seen.get(c.layer)) for c in chains]
     on_gpu = device.type == "cuda" and not dry_run
     if on_gpu and arch is None:

@@ -139,7 +139,8 @@ class _LastHidden(nn.Module):
 def test_hugging_face_bert_matches_in_eager_graph_and_compile(dtype):
     """transformers' BertModel (when the image has it): it does not trace whole, so its
     chains come from its parts read alone; every Linear layer gets a kernel, query/key/value
-    stacked, both residual adds per layer and the GELU fused, and the model matches in eager
+    stacked, both residual adds per layer and the GELU fused, the FFN's first kernel hands its
+    output to the second channel-major (read from the recording forward), and the model matches in eager
     mode, in a CUDA graph and under torch.compile(fullgraph=True)."""
     transformers = pytest.importorskip("transformers")
     store = torch.float32 if dtype == "fp32" else torch.float16
@@ -157,18 +158,23 @@ def test_hugging_face_bert_matches_in_eager_graph_and_compile(dtype):
     rows = sparsify_(bert, (ids,), dtype=dtype, tuned=False, min_speedup=0.0, stats=stats)
     by = {r["layer"]: r for r in rows}
     # read from the GPU work of a forward (the model does not trace): every kernel follows one
-    # of torch's (LayerNorm, attention, a Linear input's transpose copy), so none starts early
+    # of torch's (LayerNorm, attention, a Linear input's transpose copy), so none starts early,
+    # except the FFN's second kernel, handed the first one's output channel-major (no copy)
     from sparsert_cli.torch import ops
 
     kernels = {m.kernel_id for m in bert.modules() if isinstance(m, SparseLayer)}
+    handed = {bert.encoder.layer[i].output.dense_residual.sparse.kernel_id for i in range(2)}
     assert stats["dependent_launch_off"] > 0 and len(kernels) == 9, stats
-    assert not any(ops.dependent_launch_states(kernels).values())
+    states = ops.dependent_launch_states(kernels)
+    assert {k for k, on in states.items() if on} == handed, states
     assert len(rows) == 13 and all(r["replaced"] for r in rows), rows
     for i in range(2):
         layer = f"encoder.layer.{i}"
         assert by[f"{layer}.attention.self.query"]["siblings"] == [
             f"{layer}.attention.self.key", f"{layer}.attention.self.value"]
         assert by[f"{layer}.intermediate.dense"]["fused"] == "gelu"
+        assert by[f"{layer}.intermediate.dense"]["layout"] == (
+            f"channel-major (feeds {layer}.output.dense_residual.conv)")
         for name in ("attention.output", "output"):
             assert by[f"{layer}.{name}.dense_residual.conv"]["fused"] == "add"
     # transformers' own ops do not run bit-identically in a graph (H100, transformers 5.17)
