@@ -1574,28 +1574,36 @@ class FFNOutput(nn.Module):
 class PartsFFN(nn.Module):
     """HF BERT's feed-forward as its parts hold it: Intermediate (Linear + GELUActivation) and
     FFNOutput are separate modules, called by a root torch.fx cannot trace (a tensor's value in
-    an `if`); `leak` also reads the intermediate output elsewhere (a second torch call)."""
+    an `if`). `leak` gives the intermediate output another reader: "call" (a torch call),
+    "return" (the forward returns it too), "attr" (a module keeps it); "meta" only reads its
+    shape and dtype (not a use of its values)."""
 
-    def __init__(self, leak=False):
+    def __init__(self, leak=None):
         super().__init__()
         self.intermediate, self.output, self.leak = Intermediate(), FFNOutput(), leak
+        self.kept = None
 
     def forward(self, x):
         if float(x.sum()) > 1e9:        # never true; fx cannot trace a tensor's value
             x = -x
         h = self.intermediate(x)
+        if self.leak == "meta":
+            assert h.shape[-1] == 48 and h.dtype == x.dtype and h.dim() == 3
         y = self.output(h, x)
-        return y + h[..., :16] if self.leak else y
+        if self.leak == "attr":
+            self.kept = h
+        return y + h[..., :16] if self.leak == "call" else (y, h) if self.leak == "return" else y
 
 
 def test_a_model_read_by_parts_hands_the_ffn_over_as_the_example_forward_shows():
     """The FFN's two Linear layers sit in different parts, so no traced graph links them; the
     recording forward does: the intermediate output (after the fused GELU) went to the output
     part's Linear layer and to no other torch call, so it is handed over channel-major (no
-    transpose copy). Read elsewhere too (`leak`), it stays token-major."""
+    transpose copy). Read elsewhere too (`leak`: by a torch call, returned, or kept by a module),
+    it stays token-major; reading its shape and dtype is no such read."""
     torch.manual_seed(21)
     x = torch.randn(1, 5, 16)
-    model = PartsFFN().eval()
+    model = PartsFFN(leak="meta").eval()
     prune_(model, 0.7)
     rows, want = _sparsified(model, (x,))
     by = {r["layer"]: r for r in rows}
@@ -1611,11 +1619,18 @@ def test_a_model_read_by_parts_hands_the_ffn_over_as_the_example_forward_shows()
         assert not h.is_contiguous() and h.reshape(-1, 48).t().is_contiguous()
         assert torch.allclose(model(x), want, atol=1e-5, rtol=1e-5)
 
-    leaky = PartsFFN(leak=True).eval()
-    prune_(leaky, 0.7)
-    rows, want = _sparsified(leaky, (x,))
-    by = {r["layer"]: r for r in rows}
-    assert all(r["replaced"] for r in rows) and not any("layout" in r for r in rows)
-    assert leaky.intermediate.dense.feeds is None and leaky.intermediate.dense.token_major
-    with torch.no_grad():
-        assert torch.allclose(leaky(x), want, atol=1e-5, rtol=1e-5)
+    for leak in ("call", "return", "attr"):
+        leaky = PartsFFN(leak=leak).eval()
+        prune_(leaky, 0.7)
+        with torch.no_grad():
+            want = leaky(x)
+        rows = _cpu(leaky, (x,))
+        assert all(r["replaced"] for r in rows) and not any("layout" in r for r in rows), leak
+        assert leaky.intermediate.dense.feeds is None and leaky.intermediate.dense.token_major
+        with torch.no_grad():
+            got = leaky(x)
+        for a, b in zip(got if leak == "return" else (got,), want if leak == "return" else (want,)):
+            assert torch.allclose(a, b, atol=1e-5, rtol=1e-5)
+        if leak != "call":
+            h = got[1] if leak == "return" else leaky.kept
+            assert h.is_contiguous() and h.view(-1).numel() == 5 * 48

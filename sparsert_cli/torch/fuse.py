@@ -29,7 +29,8 @@ class Chain:
     ReLU6 or GELU (the kernel's epilogue). `act_module` names an activation module that only
     this chain uses (replaced by Identity with the layer); a shared or functional ReLU stays.
     `feeds`: a Linear layer whose output (after act_module) is only ever the input of one call
-    of another Linear layer, that layer's name (traced models only)."""
+    of another Linear layer, that layer's name (from the traced graph here; for a model read by
+    parts sparsify.py sets it from the recording forward)."""
 
     layer: str
     bn: str | None = None

@@ -19,8 +19,10 @@ dense (folded) op instead. Linear layers: see SparseLayer.run (transposes outsid
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import warnings
+from collections.abc import Mapping
 
 import numpy as np
 import torch
@@ -257,10 +259,17 @@ def _describe(module, x_shape) -> tuple[str, str]:
     return f"conv{k}x{k}", text
 
 
+# reads of a tensor's metadata only (property getters and methods): not a use of its values
+_METADATA = frozenset({"shape", "dtype", "device", "requires_grad", "is_cuda", "ndim", "_version",
+                       "layout", "size", "dim", "numel", "nelement", "is_contiguous", "stride",
+                       "element_size", "is_floating_point"})
+
+
 class _Uses(TorchFunctionMode):
-    """Counts the torch calls of a forward that take a watched tensor as an argument, from the
-    moment it is watched (it is kept alive from then on, so its id names it alone; the
-    recording's own copies, made while `paused`, are left out)."""
+    """Counts the torch calls of a forward (function calls, methods, property reads) that take a
+    watched tensor as an argument, from the moment it is watched (it is kept alive from then on,
+    so its id names it alone); reads of its metadata (_METADATA) and the recording's own copies,
+    made while `paused`, are left out."""
 
     def __init__(self):
         super().__init__()
@@ -274,7 +283,10 @@ class _Uses(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if not self.paused and self.watched:
+        name = getattr(func, "__name__", "")
+        if name == "__get__":                   # a property: its descriptor's name
+            name = getattr(getattr(func, "__self__", None), "__name__", "")
+        if not self.paused and self.watched and name not in _METADATA:
             for value in (*args, *kwargs.values()):
                 for item in (value if isinstance(value, (list, tuple)) else (value,)):
                     if isinstance(item, torch.Tensor) and id(item) in self.watched:
@@ -282,10 +294,12 @@ class _Uses(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def _record_inputs(model, chains: list[Chain], example_inputs) -> dict:
-    """Run the model once; per layer: how often it ran, its (first) input (and residual), and
-    for a chain without a residual its (first) output after its activation module ("output")
-    with how many torch calls of the forward took that output ("output_uses")."""
+def _record_inputs(model, chains: list[Chain], example_inputs, outputs: bool = False) -> dict:
+    """Run the model once; per layer: how often it ran and its (first) input (and residual).
+    With `outputs`, also for a chain without a residual its (first) output after its activation
+    module ("output") and how many torch calls of the forward took that output afterwards
+    ("output_uses"; one more where the forward's result holds it or a module keeps it as an
+    attribute: readers the count cannot see)."""
     seen: dict[str, dict] = {}
     modules = dict(model.named_modules())
     handles = []
@@ -305,7 +319,7 @@ def _record_inputs(model, chains: list[Chain], example_inputs) -> dict:
                 slot["source"] = args[0]    # the object itself (kept alive: ids stay unique)
                 slot["order"] = len(seen)
         handles.append(modules[chain.entry].register_forward_pre_hook(hook))
-        if chain.residual is None:
+        if outputs and chain.residual is None:
             def keep(module, args, output, name=chain.layer):
                 slot = seen.get(name)
                 if slot is not None and "output" not in slot:
@@ -319,18 +333,36 @@ def _record_inputs(model, chains: list[Chain], example_inputs) -> dict:
             absorbed[name] = absorbed.get(name, 0) + 1
         handles.append(modules[name].register_forward_pre_hook(count))
     try:
-        with torch.no_grad(), uses:
-            model(*example_inputs)
+        with torch.no_grad(), (uses if outputs else contextlib.nullcontext()):
+            result = model(*example_inputs)
     finally:
         for handle in handles:
             handle.remove()
+    kept = _held(result, model) if outputs else set()
     for chain in chains:
         if chain.layer in seen:
             slot = seen[chain.layer]
             slot["absorbed"] = {n: absorbed.get(n, 0) for n in (chain.bn, chain.act_module) if n}
             if isinstance(slot.get("output"), torch.Tensor):
-                slot["output_uses"] = uses.counts.get(id(slot["output"]), 0)
+                slot["output_uses"] = (uses.counts.get(id(slot["output"]), 0)
+                                       + (id(slot["output"]) in kept))
     return seen
+
+
+def _held(result, model) -> set[int]:
+    """ids of the tensors the forward's result holds (any nesting) and of those a module keeps
+    as a plain attribute (or in a list, tuple or dict attribute) after it."""
+    from torch.utils._pytree import tree_leaves
+
+    # a mapping pytree may not know (transformers' ModelOutput): its values
+    parts = list(result.values()) if isinstance(result, Mapping) else [result]
+    held = {id(t) for part in parts for t in tree_leaves(part) if isinstance(t, torch.Tensor)}
+    for module in model.modules():
+        for value in vars(module).values():
+            items = (value.values() if isinstance(value, dict) else
+                     value if isinstance(value, (list, tuple)) else (value,))
+            held |= {id(t) for t in items if isinstance(t, torch.Tensor)}
+    return held
 
 
 def _recorded_handoffs(chains: list[Chain], seen: dict, modules) -> list[str]:
@@ -565,10 +597,12 @@ def sparsify_(model: torch.nn.Module, example_inputs, *, dtype: str = "fp32", tu
     Channel-major hand-off: a Linear layer whose output (after its fused activation module) is
     only the input of another Linear layer that gets a kernel too (BERT's ffn_up, GELU,
     ffn_down; no sibling groups; in a model torch.fx cannot trace whole, such as Hugging Face
-    BERT, where the two layers sit in different parts, when the example forward passed that
-    output, used by no other torch call, to the next layer) is built channel-major and returns its M x N
-    output as a transposed view, which the next kernel reads as its K x N columns as it is: no
-    transpose copy and no kernel between the two, in eager mode and under torch.compile (if
+    BERT, where the two layers sit in different parts: when the example forward passed that
+    output to the next layer and to no other torch call, did not return it and left it in no
+    module attribute) is built channel-major and returns its M x N output as a transposed view
+    (non-contiguous: a later forward that reads it some other way, or code reading its memory
+    outside torch, sees N x M strides), which the next kernel reads as its K x N columns as it
+    is: no transpose copy and no kernel between the two, in eager mode and under torch.compile (if
     the next layer keeps its dense op, F.linear reads the view); such a kernel keeps
     programmatic dependent launch after its producer. tune: run the tuner (GPU) on every
     layer first and record its winners in `tuned` (a path or TunedDB). jobs: compile
@@ -668,8 +702,9 @@ def _sparsify(model, example_inputs, *, dtype, tuned, verify, min_speedup, min_s
     modules = dict(model.named_modules())
     chains = [c for c in find_chains(model)
               if include is None or include(c.layer, modules[c.layer])]
-    seen = _record_inputs(model, chains, example_inputs)
-    if RECORDED_HANDOFFS and not traces_whole(model):
+    by_parts = RECORDED_HANDOFFS and not traces_whole(model)
+    seen = _record_inputs(model, chains, example_inputs, outputs=by_parts)
+    if by_parts:
         _recorded_handoffs(chains, seen, modules)
     chains = [_called_elsewhere(c, seen.get(c.layer)) for c in chains]
     on_gpu = device.type == "cuda" and not dry_run
@@ -716,6 +751,7 @@ def _sparsify(model, example_inputs, *, dtype, tuned, verify, min_speedup, min_s
     todo = _fuse_siblings(todo, modules, seen) if fuse_siblings else [t + (None,) for t in todo]
     for record in seen.values():
         record.pop("source", None)      # the recording forward's tensors: no longer needed
+        record.pop("output", None)
     # ---- compile: every kernel at once, across processes
     count = [0]
 

@@ -140,7 +140,8 @@ def test_hugging_face_bert_matches_in_eager_graph_and_compile(dtype):
     """transformers' BertModel (when the image has it): it does not trace whole, so its
     chains come from its parts read alone; every Linear layer gets a kernel, query/key/value
     stacked, both residual adds per layer and the GELU fused, the FFN's first kernel hands its
-    output to the second channel-major (read from the recording forward), and the model matches in eager
+    output to the second channel-major (read from the recording forward), and the model
+    matches in eager
     mode, in a CUDA graph and under torch.compile(fullgraph=True)."""
     transformers = pytest.importorskip("transformers")
     store = torch.float32 if dtype == "fp32" else torch.float16
