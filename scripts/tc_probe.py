@@ -33,6 +33,64 @@ import scipy.sparse as sp
 
 APAD, BPAD = 8, 8           # halves of padding per shared row: ldmatrix rows on distinct banks
 
+# the stage's MMAs, as every version prints them (see _mma_stage)
+_STAGE = """\
+#pragma unroll
+    for (int q = 0; q < KT; ++q) {
+      unsigned a[MT][4], b[NT][2];
+#pragma unroll
+      for (int t = 0; t < MT; ++t) {
+        const unsigned short* p = A + (wm * MT * 16 + t * 16 + (lane & 15)) * LDA + q * 16
+                                  + (lane >> 4) * 8;
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+                     : "=r"(a[t][0]), "=r"(a[t][1]), "=r"(a[t][2]), "=r"(a[t][3])
+                     : "r"(smem(p)));
+      }
+#pragma unroll
+      for (int t = 0; t < NT; t += 2) {
+        const unsigned short* p = B + (q * 16 + (lane & 15)) * LDB + wn * NT * 8 + t * 8
+                                  + (lane >> 4) * 8;
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+                     : "=r"(b[t][0]), "=r"(b[t][1]), "=r"(b[t + 1][0]), "=r"(b[t + 1][1])
+                     : "r"(smem(p)));
+      }
+#pragma unroll
+      for (int i = 0; i < MT; ++i)
+#pragma unroll
+        for (int j = 0; j < NT; ++j)
+          asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
+                       "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+                       : "+f"(acc[i][j][0]), "+f"(acc[i][j][1]), "+f"(acc[i][j][2]),
+                         "+f"(acc[i][j][3])
+                       : "r"(a[i][0]), "r"(a[i][1]), "r"(a[i][2]), "r"(a[i][3]),
+                         "r"(b[j][0]), "r"(b[j][1]));
+    }
+"""
+
+
+# versions 2 and 3: the three weight buffers zeroed (padding slots too), the sums zeroed, and
+# this thread's first entry word of the block's row of cells
+_ZERO = """\
+  for (int i = tid; i < 3 * (BM * LDA + 8) / 8; i += T)
+    reinterpret_cast<uint4*>(&As[0][0])[i] = make_uint4(0, 0, 0, 0);
+  float acc[MT][NT][4];
+#pragma unroll
+  for (int a = 0; a < MT; ++a)
+#pragma unroll
+    for (int b = 0; b < NT; ++b)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) acc[a][b][c] = 0.f;
+  const unsigned* eb = ent + (size_t)blockIdx.x * S * E * T + tid;
+"""
+
+
+def _mma_stage(col: str = "j") -> str:
+    """The stage's MMAs (every version): per k-step of 16, ldmatrix of the warp's MT weight
+    tiles from A and NT activation tiles (transposed) from B, then MT x NT mma.sync into acc;
+    `col`, the name of the column-tile loop variable."""
+    return _STAGE.replace("[j]", f"[{col}]").replace("int j ", f"int {col} ").replace(
+        "j < NT; ++j", f"{col} < NT; ++{col}")
+
 
 def pack(csr: sp.csr_matrix, bm: int, bk: int) -> tuple[np.ndarray, np.ndarray]:
     """(entries u32, start int32[(row blocks) * stages + 1]): the nonzeros of row block b and
@@ -129,37 +187,7 @@ extern "C" __global__ void __launch_bounds__(T) {entry}(
 """
     lines += """
     __syncthreads();
-#pragma unroll
-    for (int q = 0; q < KT; ++q) {
-      unsigned a[MT][4], b[NT][2];
-#pragma unroll
-      for (int t = 0; t < MT; ++t) {
-        const unsigned short* p = A + (wm * MT * 16 + t * 16 + (lane & 15)) * LDA + q * 16
-                                  + (lane >> 4) * 8;
-        asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
-                     : "=r"(a[t][0]), "=r"(a[t][1]), "=r"(a[t][2]), "=r"(a[t][3])
-                     : "r"(smem(p)));
-      }
-#pragma unroll
-      for (int t = 0; t < NT; t += 2) {
-        const unsigned short* p = B + (q * 16 + (lane & 15)) * LDB + wn * NT * 8 + t * 8
-                                  + (lane >> 4) * 8;
-        asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
-                     : "=r"(b[t][0]), "=r"(b[t][1]), "=r"(b[t + 1][0]), "=r"(b[t + 1][1])
-                     : "r"(smem(p)));
-      }
-#pragma unroll
-      for (int i = 0; i < MT; ++i)
-#pragma unroll
-        for (int j = 0; j < NT; ++j)
-          asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
-                       "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
-                       : "+f"(acc[i][j][0]), "+f"(acc[i][j][1]), "+f"(acc[i][j][2]),
-                         "+f"(acc[i][j][3])
-                       : "r"(a[i][0]), "r"(a[i][1]), "r"(a[i][2]), "r"(a[i][3]),
-                         "r"(b[j][0]), "r"(b[j][1]));
-    }
-  }
+""" + _mma_stage() + """  }
 #pragma unroll
   for (int i = 0; i < MT; ++i)
 #pragma unroll
@@ -255,17 +283,7 @@ extern "C" __global__ void __launch_bounds__(T) {entry}(
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int wm = warp % WM, wn = warp / WM;
   const int m0 = blockIdx.x * BM, n0 = blockIdx.y * BN;
-  for (int i = tid; i < 3 * (BM * LDA + 8) / 8; i += T)
-    reinterpret_cast<uint4*>(&As[0][0])[i] = make_uint4(0, 0, 0, 0);
-  float acc[MT][NT][4];
-#pragma unroll
-  for (int a = 0; a < MT; ++a)
-#pragma unroll
-    for (int b = 0; b < NT; ++b)
-#pragma unroll
-      for (int c = 0; c < 4; ++c) acc[a][b][c] = 0.f;
-  const unsigned* eb = ent + (size_t)blockIdx.x * S * E * T + tid;
-  unsigned cur[E];
+{_ZERO}  unsigned cur[E];
   unsigned short p1[E], p2[E];
   {vt} br[BV];
 #pragma unroll
@@ -295,37 +313,7 @@ extern "C" __global__ void __launch_bounds__(T) {entry}(
       load_b(x, (s + 1) * BK, n0, tid, br);
     }}
     __syncthreads();
-#pragma unroll
-    for (int q = 0; q < KT; ++q) {{
-      unsigned a[MT][4], b[NT][2];
-#pragma unroll
-      for (int t = 0; t < MT; ++t) {{
-        const unsigned short* p = A + (wm * MT * 16 + t * 16 + (lane & 15)) * LDA + q * 16
-                                  + (lane >> 4) * 8;
-        asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {{%0,%1,%2,%3}}, [%4];"
-                     : "=r"(a[t][0]), "=r"(a[t][1]), "=r"(a[t][2]), "=r"(a[t][3])
-                     : "r"(smem(p)));
-      }}
-#pragma unroll
-      for (int t = 0; t < NT; t += 2) {{
-        const unsigned short* p = B + (q * 16 + (lane & 15)) * LDB + wn * NT * 8 + t * 8
-                                  + (lane >> 4) * 8;
-        asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {{%0,%1,%2,%3}}, [%4];"
-                     : "=r"(b[t][0]), "=r"(b[t][1]), "=r"(b[t + 1][0]), "=r"(b[t + 1][1])
-                     : "r"(smem(p)));
-      }}
-#pragma unroll
-      for (int i = 0; i < MT; ++i)
-#pragma unroll
-        for (int j = 0; j < NT; ++j)
-          asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
-                       "{{%0,%1,%2,%3}}, {{%4,%5,%6,%7}}, {{%8,%9}}, {{%0,%1,%2,%3}};"
-                       : "+f"(acc[i][j][0]), "+f"(acc[i][j][1]), "+f"(acc[i][j][2]),
-                         "+f"(acc[i][j][3])
-                       : "r"(a[i][0]), "r"(a[i][1]), "r"(a[i][2]), "r"(a[i][3]),
-                         "r"(b[j][0]), "r"(b[j][1]));
-    }}
-  }}
+{_mma_stage()}  }}
 #pragma unroll
   for (int i = 0; i < MT; ++i)
 #pragma unroll
@@ -416,17 +404,7 @@ extern "C" __global__ void __launch_bounds__(T) {entry}(
   const int wm = warp % WM, wn = warp / WM;
   const int m0 = blockIdx.x * BM, n0 = blockIdx.y * BN;
   const int s0 = blockIdx.z * SPS, ns = min(S, s0 + SPS) - s0;
-  for (int i = tid; i < 3 * (BM * LDA + 8) / 8; i += T)
-    reinterpret_cast<uint4*>(&As[0][0])[i] = make_uint4(0, 0, 0, 0);
-  float acc[MT][NT][4];
-#pragma unroll
-  for (int a = 0; a < MT; ++a)
-#pragma unroll
-    for (int b = 0; b < NT; ++b)
-#pragma unroll
-      for (int c = 0; c < 4; ++c) acc[a][b][c] = 0.f;
-  const unsigned* eb = ent + (size_t)blockIdx.x * S * E * T + tid;
-  unsigned short p1[E], p2[E];
+{_ZERO}  unsigned short p1[E], p2[E];
 #pragma unroll
   for (int i = 0; i < E; ++i) p1[i] = p2[i] = BM * LDA;
 #pragma unroll
@@ -453,37 +431,7 @@ extern "C" __global__ void __launch_bounds__(T) {entry}(
                               Es[(j + P - 1) % P]);
     asm volatile("cp.async.commit_group;");
     const unsigned short* B = Bs[j % P];
-#pragma unroll
-    for (int q = 0; q < KT; ++q) {{
-      unsigned a[MT][4], b[NT][2];
-#pragma unroll
-      for (int t = 0; t < MT; ++t) {{
-        const unsigned short* p = A + (wm * MT * 16 + t * 16 + (lane & 15)) * LDA + q * 16
-                                  + (lane >> 4) * 8;
-        asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {{%0,%1,%2,%3}}, [%4];"
-                     : "=r"(a[t][0]), "=r"(a[t][1]), "=r"(a[t][2]), "=r"(a[t][3])
-                     : "r"(smem(p)));
-      }}
-#pragma unroll
-      for (int t = 0; t < NT; t += 2) {{
-        const unsigned short* p = B + (q * 16 + (lane & 15)) * LDB + wn * NT * 8 + t * 8
-                                  + (lane >> 4) * 8;
-        asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {{%0,%1,%2,%3}}, [%4];"
-                     : "=r"(b[t][0]), "=r"(b[t][1]), "=r"(b[t + 1][0]), "=r"(b[t + 1][1])
-                     : "r"(smem(p)));
-      }}
-#pragma unroll
-      for (int i = 0; i < MT; ++i)
-#pragma unroll
-        for (int jj = 0; jj < NT; ++jj)
-          asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
-                       "{{%0,%1,%2,%3}}, {{%4,%5,%6,%7}}, {{%8,%9}}, {{%0,%1,%2,%3}};"
-                       : "+f"(acc[i][jj][0]), "+f"(acc[i][jj][1]), "+f"(acc[i][jj][2]),
-                         "+f"(acc[i][jj][3])
-                       : "r"(a[i][0]), "r"(a[i][1]), "r"(a[i][2]), "r"(a[i][3]),
-                         "r"(b[jj][0]), "r"(b[jj][1]));
-    }}
-  }}
+{_mma_stage('jj')}  }}
   asm volatile("cp.async.wait_group 0;");
   if (KS > 1) {{
     float* part = work + (size_t)blockIdx.z * M * N;
