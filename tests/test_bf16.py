@@ -212,14 +212,18 @@ def test_bf16_tolerance_catches_a_wrong_weight(gen):
 # ------------------------------------------------------------------ printers and cubins
 
 
-@pytest.mark.parametrize("rule, replacement", [
-    ("widen", "cvt.f32.f16 {dst}, {src};"),
-    ("pack2", "cvt.rn.f16x2.f32 {dst}, {hi}, {lo};"),
-    ("pack2", "cvt.rn.{ty}x2.f32 {dst}, {lo}, {hi};"),      # columns swapped in the pair
+@pytest.mark.parametrize("rule, replacement, width", [
+    ("widen", "cvt.f32.f16 {dst}, {src};", 1),               # single columns: cvt.f32.bf16
+    ("widen_lo", "shl.b32 {dst}, {src}, 8;", 8),             # pairs: one bit operation each
+    ("widen_lo", "and.b32 {dst}, {src}, 0xFFFF0000;", 8),    # the high column for the low one
+    ("widen_hi", "shl.b32 {dst}, {src}, 16;", 8),
+    ("widen_hi", "and.b32 {dst}, {src}, 0x0000FFFF;", 8),
+    ("pack2", "cvt.rn.f16x2.f32 {dst}, {hi}, {lo};", 8),
+    ("pack2", "cvt.rn.{ty}x2.f32 {dst}, {lo}, {hi};", 8),   # columns swapped in the pair
 ])
-def test_a_wrong_ptx_conversion_is_caught(monkeypatch, rule, replacement):
+def test_a_wrong_ptx_conversion_is_caught(monkeypatch, rule, replacement, width):
     plan = _plan(uniform_weights((8, 16, 1, 1), 0.5, 1), Geometry(1, 16, 4, 8, 8),
-                 PlanParams(vector_width=8))
+                 PlanParams(vector_width=width))
     ir = lower(plan)
     check_printed(ir, ptx.print_ptx(ir))
     monkeypatch.setitem(ptx.RULES, rule, replacement)
@@ -250,9 +254,13 @@ def test_bf16_kernels_compile_without_spills(isolated_cache, arch, params, emitt
                      Epilogue(tuple([0.5] * 13), "relu6", residual=True), precision="bf16")
     build, source = build_kernel(plan, emitter, arch, keep_source=True)
     assert build.resources.spills == 0
-    assert "cvt.f32.bf16" in source and "f16 " not in source.replace("bf16 ", "")
+    assert "f16 " not in source.replace("bf16 ", "")
+    width = plan.vector_width
+    if emitter == "ptx" and width > 1:     # pairs widen by bit operations, single columns by cvt
+        assert "shl.b32" in source and "0xFFFF0000" in source and "cvt.f32.bf16" not in source
+    else:
+        assert "cvt.f32.bf16" in source
     if emitter == "ptx":
-        width = plan.vector_width
         assert ("ld.global.nc.v4.b32" if width == 8 else "ld.global.nc.b16") in source
         assert ("cvt.rn.bf16x2.f32" if width > 1 else "cvt.rn.bf16.f32") in source
         assert "fma.rn.f32" in source
@@ -346,7 +354,9 @@ def test_gen_bf16_writes_a_bfloat16_manifest(tmp_path, capsys, isolated_cache, e
     doc = json.loads((out / "manifest.json").read_text())
     assert (doc["dtype"], doc["accumulate"], doc["precision"]) == ("bf16", "fp32", "bf16")
     assert {a["dtype"] for a in doc["arguments"]} == {"bfloat16"}
-    assert "cvt.f32.bf16" in (out / f"kernel.{'ptx' if emitter == 'ptx' else 'cu'}").read_text()
+    source = (out / f"kernel.{'ptx' if emitter == 'ptx' else 'cu'}").read_text()
+    # the PTX printer widens bf16 pairs with shl/and, the CUDA printer with cvt.f32.bf16
+    assert ("and.b32" if emitter == "ptx" else "cvt.f32.bf16") in source
     from sparsert_cli.api import Kernel
 
     loaded = Kernel.from_dir(out)

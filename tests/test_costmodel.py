@@ -13,6 +13,7 @@ import scipy.sparse as sp
 
 from cli_helpers import run_main
 from sparsert_cli import costmodel, families
+from sparsert_cli.render import ptx
 from sparsert_cli.build import code_version, default_params, geometry_for, plan_weight
 from sparsert_cli.errors import UserError
 from sparsert_cli.families import Family
@@ -222,7 +223,7 @@ def test_tuner_candidates_start_with_the_cost_model_default_and_take_every_famil
     monkeypatch.setattr(costmodel, "COEFFICIENTS_PATH", coefficients)
     geometry, w = Geometry(1, 64, 1, 64, 32), _weight(32, 64, 0.3)
     found = case_candidates(geometry, w, "fp32", 6)
-    assert found[0] == (("fake_b", "fake_b-1+ptx-2"), FakeParams(0))
+    assert found[0] == (("fake_b", f"fake_b-1+{ptx.VERSION}"), FakeParams(0))
     assert [f[0] for f, _ in found] == ["fake_b", "immediate", "fake_b", "fake_a", "immediate",
                                         "fake_a"]
     assert len(set(found)) == 6

@@ -104,7 +104,7 @@ def test_streamed_printer_waits_before_the_first_activation_and_its_check_sees_i
         if use in body:
             assert wait < body.index(use), use
     if slices > 1:      # workers without rows wait before the partials and counters too
-        assert body.index(cuda.GRID_DEPENDENCY[0], wait + 1) < body.index("__threadfence")
+        assert body.index(cuda.GRID_DEPENDENCY[0], wait + 1) < body.index("atom.release")
     stream.check_printed(ir, source)
     assert stream.to_cubin(source, "sm_90", 1).cubin        # NVRTC takes it
     with pytest.raises(PrintedMismatch, match="dependent_launch"):

@@ -67,7 +67,11 @@ MUTATIONS = {
     "wrong_weight_funcs": ("gemm_funcs", {"fma": _flip_sign("fma")}),
     "wrong_weight_fp16": ("fp16_1x1_half2", {"const_f16x2": _flip_half_sign("const_f16x2")}),
     "partial_not_added": ("gemm_v4_k2", {"add_partial": ""}),
-    "bf16_read_as_fp16": ("bf16_1x1_v8_epilogue", {"widen": "cvt.f32.f16 {dst}, {src};"}),
+    # bf16 pairs widen with one bit operation per column (shl 16: low, and 0xFFFF0000: high)
+    "bf16_low_column_shifted_wrong": ("bf16_1x1_v8_epilogue",
+                                      {"widen_lo": "shl.b32 {dst}, {src}, 8;"}),
+    "bf16_high_column_read_as_low": ("bf16_1x1_v8_epilogue",
+                                     {"widen_hi": "shl.b32 {dst}, {src}, 16;"}),
     "bf16_stored_as_fp16": ("bf16_1x1_v8_epilogue",
                             {"pack2": "cvt.rn.f16x2.f32 {dst}, {hi}, {lo};"}),
     "bf16_pair_swapped": ("bf16_1x1_v8_epilogue",

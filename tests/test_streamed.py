@@ -671,7 +671,15 @@ def test_k_slices_split_each_row_by_input_channel_and_print_a_checked_reduction(
     assert plan.nnz == _weight(geometry, 0.3, 1).nnz
     source = stream.print_stream(ir)
     stream.check_printed(ir, source)
-    assert "slices=4" in source and "atomicAdd(sparsert_count" in source
+    assert "slices=4" in source and "atom.release.gpu.global.add.u32" in source
+    # one thread per block publishes the partials and only the last block acquires them: no
+    # per-thread __threadfence (each empties the SM's L1 under the blocks still running there)
+    assert "__threadfence" not in source
+    reduce = source[source.index("__shared__ unsigned sparsert_last"):]
+    assert reduce.index("__syncthreads()") < reduce.index("threadIdx.x == 0 && threadIdx.y == 0") \
+        < reduce.index("atom.release") < reduce.index("if (sparsert_last) {") \
+        < reduce.index("fence.acq_rel.gpu") < reduce.index("__syncthreads()", reduce.index("fence"))
+    assert source.count("fence.acq_rel.gpu") == 1 and source.count("atom.release") == 1
     assert "sparsert_part[2352]" in source       # 4 slices x 12 rows x 49 pixels, float sums
     for changed, why in ((source.replace("slices=4", "slices=2"), r"grid: \(2, 2, 4\) != "),
                          (source.replace("s < 4; ++s", "s < 3; ++s"), "not what its IR prints")):

@@ -125,6 +125,18 @@ class _Body:
             self.values["%h0"] = (kind, index, first)
             self.values["%h1"] = (kind, index, first + 1)
             return True
+        if op in ("shl.b32", "and.b32") and self.fmt.widen:    # bf16 pairs: one bit op a column
+            self.check_type(op, op, line) if self.ir.dtype == "bf16" else self.fail(
+                line, f"{op} widens bf16 pairs only, not {self.ir.dtype}")
+            want = "16" if op == "shl.b32" else "0xFFFF0000"
+            if len(args) != 3 or args[2] != want:
+                self.fail(line, f"{op} must take {want} to widen a bf16 column")
+            held = self.values.get(args[1])
+            if held is None or held[0] not in ("x", "res") or len(held) != 3:
+                self.fail(line, f"{args[1]} holds no loaded bf16 pair")
+            kind, index, first = held
+            self.values[args[0]] = (kind, index, first + (op == "and.b32"))
+            return True
         if op.startswith("cvt.f32.") and self.fmt.widen:
             self.check_type(op, f"cvt.f32.{_CVT_TYPE[self.ir.dtype]}", line)
             held = self.values.get(args[1])

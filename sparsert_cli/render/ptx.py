@@ -19,7 +19,7 @@ from ..arch import arch_number, ptx_version  # noqa: F401 (ptx_version: re-expor
 from ..ir import Batch, Compute, Finish, IndexOp, KernelIR, Reduce
 from ..problem_shape import HALF_DTYPES
 
-VERSION = "ptx-2"
+VERSION = "ptx-3"
 PRECISIONS = ("fp32", "fp16", "fp16acc32", "bf16")
 PARTIALS = "sparsert_partials"
 # programmatic dependent launch (KernelIR.dependent_launch): the entry's first two instructions
@@ -49,6 +49,10 @@ RULES = {
     "const_f16x2": "mov.b32 %w, 0x{bits:04X}{bits:04X};",
     # 2-byte storage <-> fp32 sums; {ty} is f16 or bf16 (cvt.f32.bf16 and the packs: sm_80+)
     "widen": "cvt.f32.{ty} {dst}, {src};",
+    # a bf16 is the top half of an fp32: a column pair widens with one bit operation per column
+    # (cvt.f32.bf16 of each half took three instructions a pair in SASS: docs/perf-notes.md)
+    "widen_lo": "shl.b32 {dst}, {src}, 16;",
+    "widen_hi": "and.b32 {dst}, {src}, 0xFFFF0000;",
     "pack": "cvt.rn.{ty}.f32 {dst}, {src};",
     "pack2": "cvt.rn.{ty}x2.f32 {dst}, {hi}, {lo};",
     "step_bias": "add.{op} {acc}, {acc}, {c};",
@@ -180,6 +184,10 @@ def _widen(fn: list[str], fmt: Fmt, raw: list[str], prefix: str, first: int = 0)
         _emit(fn, "widen", ty=fmt.half_type, dst=out[0], src=raw[0])
         return out
     for u, reg in enumerate(raw):
+        if fmt.half_type == "bf16":
+            _emit(fn, "widen_lo", dst=out[2 * u], src=reg)
+            _emit(fn, "widen_hi", dst=out[2 * u + 1], src=reg)
+            continue
         fn.append(f"\tmov.b32 {{%h0, %h1}}, {reg};")
         _emit(fn, "widen", ty=fmt.half_type, dst=out[2 * u], src="%h0")
         _emit(fn, "widen", ty=fmt.half_type, dst=out[2 * u + 1], src="%h1")

@@ -25,7 +25,7 @@ from ..problem_shape import Geometry
 from .cuda import GRID_DEPENDENCY, RULES, _helpers, f32
 from .ptx import f16_bits
 
-VERSION = "stream-5"
+VERSION = "stream-6"
 PRECISIONS = ("fp32", "fp16", "fp16acc32", "bf16")
 _FLOAT_VEC = {1: "float", 2: "float2", 4: "float4"}
 _PAIR_VEC = {1: "unsigned", 2: "uint2", 4: "uint4"}
@@ -59,6 +59,12 @@ class _Types:
         """One column of a loaded vector as float."""
         if not self.half_storage:
             return self.raw(var, lane)
+        if self.half_type == "bf16":    # a bf16 is the top half of an fp32: one bit operation
+            if self.width == 1:
+                return f"__uint_as_float((unsigned){var} << 16)"
+            reg = self.raw(var, lane // 2)
+            return (f"__uint_as_float({reg} & 0xFFFF0000u)" if lane % 2
+                    else f"__uint_as_float({reg} << 16)")
         if self.width == 1:
             return f"sparsert_h2f({var})"
         reg = self.raw(var, lane // 2)
@@ -274,16 +280,24 @@ def _k_split(ir: StreamIR, t: _Types) -> list[str]:
     out += ["    }", "  }",
             "  __shared__ unsigned sparsert_last;",
             *(GRID_DEPENDENCY[:1] if ir.dependent_launch else ()),  # workers without rows
-            "  __threadfence();",
+            # one thread publishes the block's partials (the barrier orders every thread's
+            # stores before its release) and, in the last block, acquires the others'. The
+            # acquire empties the SM's L1 (CCTL.IVALL): once per tile, where a __threadfence
+            # in every thread did it in every warp of every block (docs/perf-notes.md)
             "  __syncthreads();",
             "  if (threadIdx.x == 0 && threadIdx.y == 0) {",
             "    const unsigned tile = blockIdx.y * gridDim.x + blockIdx.x;",
-            f"    sparsert_last = atomicAdd(sparsert_count + tile, 1u) == {ir.k_slices - 1}u;",
-            "    if (sparsert_last) sparsert_count[tile] = 0u;",
+            "    unsigned seen;",
+            '    asm volatile("atom.release.gpu.global.add.u32 %0, [%1], 1;"'
+            ' : "=r"(seen) : "l"(sparsert_count + tile) : "memory");',
+            f"    sparsert_last = seen == {ir.k_slices - 1}u;",
+            "    if (sparsert_last) {",
+            '      asm volatile("fence.acq_rel.gpu;" ::: "memory");',
+            "      sparsert_count[tile] = 0u;",
+            "    }",
             "  }",
             "  __syncthreads();",
             "  if (!sparsert_last || !act) return;",
-            "  __threadfence();",
             "  for (int r = __ldg(sparsert_work + w); r < r_end; ++r) {",
             "    const int row = __ldg(sparsert_rows + r * STRIDE);",
             "    const int o = row * PIXELS;",

@@ -43,6 +43,13 @@ def lanes(vector_width: int, precision: str) -> int:
     return max(1, vector_width // 2) if precision == "fp16" else vector_width
 
 
+def load_instructions(vector_width: int, precision: str) -> int:
+    """Instructions per activation load: the load, and where 2-byte data is summed in fp32
+    (bf16, fp16acc32) one widening instruction per column (SASS of the ptx-3 printer: a bit
+    operation per bf16 column, HADD2.F32 per fp16 column)."""
+    return 1 + (vector_width if precision in ("bf16", "fp16acc32") else 0)
+
+
 def default_params(geometry: Geometry, nnz: int, precision: str = "fp32",
                    sm_count: int = H100_SMS) -> PlanParams:
     """A reasonable untuned plan (the cost model picks between the families' defaults as
@@ -363,8 +370,9 @@ def _slices(params: PlanParams) -> int:
 def features(plan: Plan) -> dict[str, float]:
     """Exact cost features of a built plan."""
     width = lanes(plan.vector_width, plan.precision)
-    instr = np.array([sum(len(sl) for sl in g.slices) + width * (g.nnz + STORE_INSTRUCTIONS
-                                                                  * len(g.rows))
+    per_load = load_instructions(plan.vector_width, plan.precision)
+    instr = np.array([per_load * sum(len(sl) for sl in g.slices)
+                      + width * (g.nnz + STORE_INSTRUCTIONS * len(g.rows))
                       for g in plan.groups], dtype=np.float64) + _slices(plan.params)
     return _features(plan.geometry, plan.params, plan.precision, len(plan.groups), plan.loads,
                      plan.nnz, plan.geometry.out_channels, instr)
@@ -376,7 +384,8 @@ def estimate(geometry: Geometry, csr, params: PlanParams, precision: str) -> dic
     Equal to features(plan) (tests/test_costmodel.py), ~100x cheaper for large layers."""
     params = fit_params(geometry, params, PRECISIONS[precision][0])
     sizes, loads, nnz = _grouping(csr, params.rows_per_group, params.balance)
-    instr = loads + lanes(params.vector_width, precision) * (nnz + STORE_INSTRUCTIONS * sizes)
+    instr = (load_instructions(params.vector_width, precision) * loads
+             + lanes(params.vector_width, precision) * (nnz + STORE_INSTRUCTIONS * sizes))
     return _features(geometry, params, precision, len(sizes), int(loads.sum()), int(csr.nnz),
                      csr.shape[0], instr.astype(np.float64) + _slices(params))
 
