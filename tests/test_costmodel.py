@@ -407,7 +407,8 @@ def test_default_gap_summarises_and_judges():
 
 
 @pytest.mark.parametrize("name", ["tune-paper20.json", "tune-paper20-fp16.json",
-                                  "tune-mobilenet.json", "tune-mobilenet-fp16.json"])
+                                  "tune-paper20-bf16.json", "tune-mobilenet.json",
+                                  "tune-mobilenet-fp16.json"])
 def test_committed_default_vs_best_files_are_consistent(repo, name):
     """Issue 10's default-vs-best files: every case's default and best were measured (verified)
     in that run, the best is no slower than the default, and the summary (geomean and worst
