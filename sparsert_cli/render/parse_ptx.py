@@ -126,8 +126,8 @@ class _Body:
             self.values["%h1"] = (kind, index, first + 1)
             return True
         if op in ("shl.b32", "and.b32") and self.fmt.widen:    # bf16 pairs: one bit op a column
-            self.check_type(op, op, line) if self.ir.dtype == "bf16" else self.fail(
-                line, f"{op} widens bf16 pairs only, not {self.ir.dtype}")
+            if self.ir.dtype != "bf16":
+                self.fail(line, f"{op} widens bf16 pairs only, not {self.ir.dtype}")
             want = "16" if op == "shl.b32" else "0xFFFF0000"
             if len(args) != 3 or args[2] != want:
                 self.fail(line, f"{op} must take {want} to widen a bf16 column")
