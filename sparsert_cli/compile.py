@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import time
+import uuid
 from dataclasses import dataclass, field
 
 # Re-exported: arch helpers live in arch.py; callers that import them from here keep working.
@@ -96,13 +97,26 @@ def parse_ptxas(log: str) -> dict[str, Resources]:
 
 
 def ptx_to_cubin(ptx: str, arch: str = DEFAULT_ARCH, options: tuple[str, ...] = ()) -> Compiled:
-    """Assemble and link PTX with nvJitLink. Raises CompileError carrying the ptxas log."""
-    from cuda.bindings import nvjitlink
+    """Assemble and link PTX with nvJitLink. Raises CompileError carrying the ptxas log.
 
+    nvJitLink may answer PTX it has linked before from its own cache (CUDA 13.0's, in
+    ~/.nv/ComputeCache: H100 run S15-9); its info log then lacks ptxas's lines, which hold the
+    spill counts. Such a link is done again with a comment that makes the PTX new to the cache."""
     _target(arch)
     opts = [f"-arch={arch}", "-verbose", "-Xptxas=-v", *options]
-    data = ptx.encode()
     start = time.perf_counter()
+    cubin, log = _link(ptx, opts)
+    if _COMPILING.search(log) is None and ".entry" in ptx:
+        cubin, log = _link(f"{ptx}\n// sparsert: linked again for ptxas's log ({uuid.uuid4()})\n",
+                           opts)
+    return Compiled(cubin, log, time.perf_counter() - start, parse_ptxas(log))
+
+
+def _link(ptx: str, opts: list[str]) -> tuple[bytes, str]:
+    """(cubin, info log) of one nvJitLink run over `ptx`."""
+    from cuda.bindings import nvjitlink
+
+    data = ptx.encode()
     try:
         handle = nvjitlink.create(len(opts), opts)
     except nvjitlink.nvJitLinkError as exc:
@@ -125,8 +139,7 @@ def ptx_to_cubin(ptx: str, arch: str = DEFAULT_ARCH, options: tuple[str, ...] = 
             nvjitlink.get_info_log(handle, info)
     finally:
         nvjitlink.destroy(handle)
-    log = info.decode(errors="replace").rstrip("\x00")
-    return Compiled(bytes(cubin), log, time.perf_counter() - start, parse_ptxas(log))
+    return bytes(cubin), info.decode(errors="replace").rstrip("\x00")
 
 
 def _nvrtc_check(result):

@@ -390,6 +390,36 @@ ptxas info    : Used 30 registers, used 1 barriers, 1024 bytes smem, 368 bytes c
 """
 
 
+def test_a_link_nvjitlink_answered_from_its_cache_is_done_again_for_ptxas_log(monkeypatch):
+    """CUDA 13.0's nvJitLink answers PTX it linked before from ~/.nv/ComputeCache with an info
+    log of its own summary only (H100 run S15-9): no ptxas lines, so no spill counts. The link
+    is done again with PTX the cache has not seen (a comment), and its log is parsed."""
+    from sparsert_cli import compile as compile_mod
+
+    start = NVJITLINK_INLINE_LOG.index("\ninfo    : 0 bytes gmem") + 1
+    cached_log = NVJITLINK_INLINE_LOG[start:]
+    assert parse_ptxas(cached_log) == {}
+    seen = []
+
+    def link(ptx, opts):
+        seen.append(ptx)
+        return b"cubin", cached_log if len(seen) == 1 else NVJITLINK_INLINE_LOG
+
+    monkeypatch.setattr(compile_mod, "_link", link)
+    ptx = (".version 8.0\n.target sm_90\n.address_size 64\n"
+           ".visible .entry sparsert_k()\n{\n\tret;\n}\n")
+    compiled = ptx_to_cubin(ptx, "sm_90")
+    assert len(seen) == 2 and seen[0] == ptx and seen[1].startswith(ptx)
+    assert "// sparsert: linked again" in seen[1] and seen[1] != ptx
+    assert compiled.resources["sparsert_k"].spills == 94836 + 95292
+    assert compiled.log == NVJITLINK_INLINE_LOG
+    seen.clear()                                     # a full log first: linked once
+    monkeypatch.setattr(compile_mod, "_link",
+                        lambda ptx, opts: (seen.append(ptx), (b"c", NVJITLINK_INLINE_LOG))[1])
+    assert ptx_to_cubin(ptx, "sm_90").resources["sparsert_k"].registers == 40
+    assert len(seen) == 1
+
+
 def test_parse_ptxas_prefers_nvjitlink_entry_summary():
     res = parse_ptxas(NVJITLINK_INLINE_LOG)
     assert res == {"sparsert_k": Resources(registers=40, stack_bytes=9040,
