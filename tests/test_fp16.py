@@ -219,7 +219,9 @@ def test_half2_defaults_use_16_byte_vectors_and_keep_code_size():
     nnz = int(0.1 * p.m * p.k)
     assert default_params(geometry, nnz, precision="fp16").vector_width == 8
     assert default_params(geometry, nnz, precision="fp16acc32").vector_width == 4
-    assert default_params(geometry, nnz).vector_width == 4
+    assert default_params(geometry, nnz, precision="bf16").vector_width == 4
+    # fp32 over 784 columns takes tall groups of one column a thread (tall_params)
+    assert default_params(geometry, nnz).vector_width == 1
     assert fit_vector_width(geometry, 8, "fp32") == 4          # 16 bytes is the widest load
     assert fit_vector_width(geometry, 8, "fp16") == 8
 

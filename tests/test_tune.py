@@ -50,7 +50,14 @@ def test_throughput_shapes_default_to_group_major_plans_that_fit_the_registers(p
     times = [throughput_time(geometry, p, nnz, "fp32") for p in head]
     assert times == sorted(times)
     narrow = candidates(geometry_for(problem), nnz, limit=12)
-    assert all(p.grid_order == "tiles" for p in narrow)
+    # at batch 1 groups order comes only from the tall-group plans (tall_params): the default
+    # itself, or its twins (one column a thread, no K-split) after a tiles-order default
+    from sparsert_cli.families.immediate.tuning import tall_params
+    if narrow[0].grid_order == "groups":
+        assert narrow[0] == tall_params(geometry_for(problem), nnz)
+    else:
+        assert all(p.grid_order == "tiles" or (p.vector_width == 1 and p.k_split == 1)
+                   for p in narrow)
 
 
 @pytest.mark.parametrize("pid", ["rn50_c2_3x3", "rn50_c4_3x3", "rn50_c5_3x3"])
@@ -220,12 +227,46 @@ def test_3x3_default_and_wide_code_narrows_the_vector():
     assert _rule("rn50_c3_3x3")[0].name() == "r4v1t224k1b8n"
     assert _rule("mbv1_pw6")[0].vector_width == 2
     for pid, width in (("mbv1_pw6", 2), ("rn50_c4_reduce", 2), ("rn50_c3_reduce", 4),
-                       ("mbv1_pw4", 4), ("mbv1_pw3", 8), ("rn50_c2_expand", 8)):
+                       ("mbv1_pw4", 4), ("mbv1_pw3", 8)):
         assert _rule(pid, precision="fp16")[0].vector_width == width, pid
         if width < 8:
-            assert _rule(pid)[0].vector_width == width, pid      # as fp32
+            assert _rule(pid, precision="bf16")[0].vector_width == width, pid  # as fp32 did
     assert _rule("mbv1_pw6", density=0.05)[0].vector_width == 4       # 13k x 4 < WIDE_CODE
-    assert _rule("mbv1_pw3")[0].rows_per_group == 2                   # light: two waves
+    assert _rule("mbv1_pw3", precision="bf16")[0].rows_per_group == 2  # light: two waves
+
+
+@pytest.mark.parametrize("pid, precision, name", [
+    ("mbv1_pw2", "fp32", "r32v1t128k1b8ng"),     # S16-1: 2.35 us (r8v4t64, tuned: 3.25)
+    ("rn50_c2_expand", "fp32", "r32v1t128k1b8ng"),
+    ("mbv1_pw0", "fp32", "r32v1t128k1b8ng"),
+    ("mbv1_pw3", "fp32", "r16v1t128k1b8n"),      # 784 columns: r32 would fill 104 blocks
+    ("mbv1_pw4", "fp32", "r16v1t128k1b8n"),      # 26 nonzeros a row: r32 passes TALL_FMAS
+    ("rn50_c3_reduce", "fp32", "r8v1t128k1b8n"),
+    ("mbv1_pw2", "fp16", "r16v2t128k1b8ng"),     # half2: a column pair, 32 sums a thread
+    ("rn50_c2_expand", "fp16", "r16v2t128k1b8ng"),
+])
+def test_light_layers_over_many_columns_default_to_tall_groups(pid, precision, name):
+    """Light batch-1 1x1 layers with enough columns (TALL_COLUMNS) take tall row groups of one
+    column (fp16: one pair) a thread, as tall as TALL_FMAS sums a thread and a full wave of
+    blocks allow, row groups on blockIdx.x past TALL_GROUPS_COLUMNS columns (S16-1/S16-2)."""
+    params, tiles, blocks = _rule(pid, precision=precision)
+    assert params.name() == name
+    assert blocks >= 96 and params.k_split == 1
+
+
+@pytest.mark.parametrize("pid, precision", [
+    ("mbv1_pw5", "fp32"), ("mbv1_pw6", "fp32"), ("rn50_c4_reduce", "fp32"),   # 196 columns
+    ("mbv1_pw3", "fp16"), ("mbv1_pw4", "fp16"),          # fp16 under 2048 columns
+    ("mbv1_pw2", "bf16"), ("mbv1_pw2", "fp16acc32"),     # not measured
+    ("rn50_c2_3x3", "fp32"), ("bert_ffn_up", "fp32"),    # direct 3x3; over LARGE_CODE
+])
+def test_tall_groups_stay_where_they_were_measured(pid, precision):
+    from sparsert_cli.families.immediate.tuning import tall_params
+
+    problem = PROBLEMS[pid]
+    assert tall_params(geometry_for(problem), problem.m * problem.k // 10, precision) is None
+    assert tall_params(geometry_for(problem.with_batch(8)), problem.m * problem.k // 10,
+                       precision) is None
 
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "bf16"])

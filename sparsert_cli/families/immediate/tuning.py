@@ -33,6 +33,25 @@ STORE_INSTRUCTIONS = 2      # per row and lane: the store and its address/epilog
 SLICE_INSTRUCTIONS = 160
 
 
+# Light batch-1 1x1 / GEMM layers over many columns: tall row groups, one column a thread (a
+# column pair with half2 sums). H100 runs S16-1/S16-2 (docs/perf-notes.md, session 16: rows x
+# width x threads x grid order on 11 paper20 layers, every plan verified) found them 8-38% faster
+# than the wide-vector plans on every such layer with 784 columns or more in fp32 (3136 or more
+# in fp16): one load feeds up to 32 rows, so a tile reads 2-3x fewer activation bytes per output
+# (mbv1_pw2 at 90%: 16 B at r32v1 against 37 B at r8v4) for the same sums a thread. A group
+# stops growing at TALL_FMAS sums a thread (mbv1_pw4, 26 nonzeros a row: r32v1 3.24 us against
+# r16v1 2.85), at TALL_ACCUMULATORS sums a thread (fp16: r16v2 1.97 us against r32v2 2.12 on
+# mbv1_pw2) and where its blocks (64 threads) would not fill the SMs (mbv1_pw3, 784 columns:
+# r32v1t64, 104 blocks, 2.29 us against r16v1t64, 208 blocks, 2.14). Past TALL_GROUPS_COLUMNS columns a
+# tile's row groups are neighbours on blockIdx.x (grid order "groups": they read the same
+# activations at the same time): 3-12% faster on all eight such cases; on 784 columns it was
+# once 1.4x slower (mbv1_pw4 r16v1t64), so the default keeps tiles there.
+TALL_FMAS = 416
+TALL_ACCUMULATORS = 32
+TALL_COLUMNS = {"fp32": 512, "fp16": 2048}
+TALL_GROUPS_COLUMNS = 2048
+
+
 def code_units(nnz: int, vector_width: int, precision: str = "fp32") -> int:
     """Sum instructions of a plan: one per nonzero and column, or per column pair with half2."""
     return nnz * lanes(vector_width, precision)
@@ -91,6 +110,9 @@ def rule_params(geometry: Geometry, nnz: int, precision: str = "fp32",
     8 columns ran 2.2x slower than 4 on rn50_c3_reduce (6.6k nonzeros) and 4 columns 1.12x
     slower than 2 on rn50_c4_reduce (26k).
     """
+    tall = tall_params(geometry, nnz, precision, sm_count)
+    if tall is not None:
+        return tall
     dtype = PRECISIONS[precision][0]
     half2 = precision == "fp16"
     big = nnz > LARGE_CODE
@@ -128,6 +150,34 @@ def rule_params(geometry: Geometry, nnz: int, precision: str = "fp32",
                       k_split=k_split)
 
 
+def tall_params(geometry: Geometry, nnz: int, precision: str = "fp32",
+                sm_count: int = H100_SMS, min_columns: int | None = None) -> PlanParams | None:
+    """The tall-group plan of a light batch-1 1x1 or GEMM layer (see TALL_FMAS), or None when
+    the layer is not one (batched, 3x3 or strided, over LARGE_CODE nonzeros, fewer columns than
+    TALL_COLUMNS of its precision, or a precision not measured: bf16). `min_columns` overrides
+    the column threshold (the tuner's candidates use 1)."""
+    floor = TALL_COLUMNS.get(precision) if min_columns is None else min_columns
+    if (floor is None or precision not in TALL_COLUMNS or geometry.batch != 1
+            or not geometry.linear or nnz > LARGE_CODE or geometry.columns < floor):
+        return None
+    width = 2 if precision == "fp16" else 1
+    per_row = nnz / max(1, geometry.out_channels)
+    per_thread = -(-geometry.columns // width)
+
+    def blocks(rows: int, threads: int) -> int:
+        return -(-per_thread // threads) * -(-geometry.out_channels // rows)
+
+    rows = TALL_ACCUMULATORS // width
+    while rows > 2 and (rows * per_row * lanes(width, precision) > TALL_FMAS
+                        or blocks(rows, 64) < sm_count):
+        rows //= 2
+    threads = 128 if blocks(rows, 128) >= sm_count * 3 // 4 else 64
+    order = "groups" if geometry.columns >= TALL_GROUPS_COLUMNS else "tiles"
+    return fit_params(geometry, PlanParams(rows_per_group=rows, vector_width=width,
+                                           col_threads=threads, k_split=1, grid_order=order),
+                      PRECISIONS[precision][0])
+
+
 def balanced_tiles(out_channels: int, per_thread: int, sm_count: int = H100_SMS
                    ) -> tuple[int, int] | None:
     """(rows per group, threads per tile) of a one-image direct convolution: of the plans whose
@@ -152,8 +202,9 @@ def candidates(geometry: Geometry, nnz: int, precision: str = "fp32", limit: int
                seeds: tuple[PlanParams, ...] = ()) -> list[PlanParams]:
     """Plan parameters worth timing for one case: the rule default, then sweeps around it.
 
-    A rows x k_split grid (the two knobs that trade parallelism for reuse), then vector width,
-    column threads and a register cap. Each is fitted to the shape and deduplicated; layers
+    Seeds and, for light 1x1 / GEMM layers, tall-group plans (tall_params, both grid orders, the
+    other thread count, half the rows) come first; then a rows x k_split grid (the two knobs
+    that trade parallelism for reuse), then vector width, column threads and a register cap. Each is fitted to the shape and deduplicated; layers
     whose code is large get fewer candidates (they dominate compile time). `seeds` (e.g. this
     layer's winners at other precisions) come right after the default, ahead of the sweeps.
     """
@@ -186,6 +237,13 @@ def candidates(geometry: Geometry, nnz: int, precision: str = "fp32", limit: int
             add(params)
     elif not geometry.linear and geometry.batch >= 8:
         for params in batched_conv_params(geometry, rules, precision):
+            add(params)
+    tall = tall_params(geometry, nnz, precision, min_columns=1)
+    if tall is not None:            # light 1x1 / GEMM layers: the tall groups, both grid orders
+        other = "tiles" if tall.grid_order == "groups" else "groups"
+        for params in (tall, replace(tall, grid_order=other),
+                       replace(tall, col_threads=192 - tall.col_threads),
+                       replace(tall, rows_per_group=max(2, tall.rows_per_group // 2))):
             add(params)
     seeded = len(found)
     for rows in (2, 4, 8, 16):

@@ -1,0 +1,110 @@
+"""A wide sweep of the immediate family's plans for small layers (a perf experiment, not the
+tuner): the tuner's candidates change one knob of the default at a time, so this times the
+joint grid rows x vector width x column threads, then, around the three fastest plans of each
+layer, load_batch, grid order and a K-split. Every plan is verified on the GPU before it is
+timed; one JSON line per plan on stdout (and --out, appended as it goes), so a run cut by a
+time limit keeps what it measured.
+
+  python scripts/plan_sweep.py [--precision fp32] [--sparsity 0.9] [--budget 240]
+                               [--out FILE] PROBLEM...
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import replace
+
+import numpy as np
+
+import sparsert_cli as sparsert
+
+parser = argparse.ArgumentParser()
+parser.add_argument("problems", nargs="+")
+parser.add_argument("--precision", default="fp32")
+parser.add_argument("--sparsity", type=float, default=0.9)
+parser.add_argument("--budget", type=float, default=240.0, help="seconds; no layer starts after")
+parser.add_argument("--out", default=None)
+args = parser.parse_args()
+
+WIDTHS = {"fp32": (1, 2, 4), "bf16": (1, 2, 4), "fp16": (2, 4, 8)}[args.precision]
+started = time.monotonic()
+
+
+def grid(layer) -> list:
+    """rows x width x threads at k1 b8, skipping plans whose sums take over 64 registers or
+    whose one tile is over twice the layer's columns."""
+    columns = layer.geometry.columns
+    out = []
+    for rows in (2, 4, 8, 16, 32):
+        for width in WIDTHS:
+            for threads in (32, 64, 128, 256):
+                if rows * width > 64 or width * threads > 2 * max(columns, 64):
+                    continue
+                out.append(sparsert.PlanParams(rows_per_group=rows, vector_width=width,
+                                               col_threads=threads, k_split=1))
+    return out
+
+
+def around(params) -> list:
+    return [replace(params, load_batch=4), replace(params, load_batch=16),
+            replace(params, load_batch=32), replace(params, grid_order="groups"),
+            replace(params, k_split=2)]
+
+
+def measure(problem: str, plans: list, gpu, inputs_cache: dict) -> list[dict]:
+    layers = [sparsert.problem_layer(problem, args.sparsity, precision=args.precision, plan=p)
+              for p in plans]
+    kernels = sparsert.compile_kernels(layers, arch="sm_90", tuned=False)
+    rows = []
+    for kernel in kernels:
+        row = {"problem": problem, "sparsity": args.sparsity, "precision": args.precision}
+        if not isinstance(kernel, sparsert.Kernel):
+            row["error"] = str(kernel).splitlines()[0]
+        else:
+            if problem not in inputs_cache:
+                x, res = kernel.random_inputs(np.random.default_rng(0))
+                inputs_cache[problem] = (x, res, *kernel.reference(x, res))
+            result = sparsert.benchmark_layer(gpu, kernel, inputs=inputs_cache[problem],
+                                              baselines=False)
+            row.update(plan=kernel.plan.params.name(), registers=kernel.resources.registers,
+                       spill=kernel.resources.spills, cubin_bytes=len(kernel.cubin),
+                       grid=list(kernel.plan.grid), ok=result["verify_gpu"]["ok"],
+                       us=result.get("sparsert", {}).get("median_us"))
+            row["params"] = kernel.plan.params
+        rows.append(row)
+    return rows
+
+
+def emit(row: dict) -> None:
+    params = row.pop("params", None)
+    text = json.dumps(row)
+    print(text, flush=True)
+    if args.out:
+        with open(args.out, "a") as fh:
+            fh.write(text + "\n")
+    if params is not None:
+        row["params"] = params
+
+
+with sparsert.Gpu() as gpu:
+    cache: dict = {}
+    for problem in args.problems:
+        if time.monotonic() - started > args.budget:
+            print(json.dumps({"problem": problem, "skipped": "budget"}), flush=True)
+            continue
+        layer = sparsert.problem_layer(problem, args.sparsity, precision=args.precision)
+        first = measure(problem, grid(layer), gpu, cache)
+        for row in first:
+            emit(row)
+        good = sorted((r for r in first if r.get("ok") and r.get("us")), key=lambda r: r["us"])
+        seen = {r["plan"] for r in first if "plan" in r}
+        extra = [p for r in good[:3] for p in around(r["params"])]
+        extra = [p for p in extra if p.name() not in seen]
+        for row in measure(problem, extra, gpu, cache) if extra else []:
+            emit(row)
+        best = min((r for r in first if r.get("ok") and r.get("us")), key=lambda r: r["us"],
+                   default=None)
+        print(json.dumps({"problem": problem, "done_s": round(time.monotonic() - started, 1),
+                          "grid_best": best and best["plan"]}), flush=True)
