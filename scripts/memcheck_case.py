@@ -56,6 +56,15 @@ with sparsert.Gpu() as gpu:
                                                      vector_width=8),
                 epilogue={"bias": [0.5] * w.shape[0], "activation": "relu", "residual": True})
             run(gpu, f"{dtype}/{accumulate} {w.shape}", kernel)
+    # the tall-group defaults of light 1x1 layers (tall_params): 2304 columns take groups
+    # order, 44 rows in groups of up to 8 (fp32, one column a thread) or 4 (fp16, a pair)
+    tall = pruned((44, 16, 1, 1), 4)
+    for dtype in ("fp32", "fp16"):
+        kernel = sparsert.compile_kernel(tall, op="conv", input_shape=(1, 16, 48, 48),
+                                         dtype=dtype, arch=gpu.arch, tuned=False, cache=None,
+                                         epilogue={"bias": [0.5] * 44, "activation": "relu"})
+        assert kernel.plan_params.grid_order == "groups", kernel.plan_params
+        run(gpu, f"tall default {dtype}", kernel)
     # the streamed family: padded strided batched 3x3 (tap bases, zero buffer), and 1x1 with
     # vectors, in every precision, with every epilogue step
     from sparsert_cli.families.streamed import StreamParams
