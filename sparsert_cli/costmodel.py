@@ -219,6 +219,8 @@ def choose(geometry: Geometry, csr, precision: str = "fp32", gpu_name: str | Non
         for index, params in enumerate(family.candidates(geometry, int(csr.nnz),
                                                          precision=precision, limit=limit)):
             try:
+                if index == 0 and family.refine_default is not None:
+                    params = family.refine_default(geometry, csr, params, precision)
                 if family.estimate is not None:
                     features = family.estimate(geometry, csr, params, precision)
                 else:

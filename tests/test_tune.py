@@ -344,3 +344,33 @@ def test_one_image_3x3_defaults_take_one_wave_of_the_smallest_blocks():
     assert rule("rn50_c2_3x3").k_split == 1
     assert rule("rn50_c3_3x3_b8").col_threads == 256     # batch 8: the older rule
     assert rule("mbv1_pw6").col_threads == 64            # 1x1: the older rule
+
+
+@pytest.mark.parametrize("pid, sparsity, pattern, precision, name", [
+    ("mbv1_pw6", 0.95, "pruned", "fp32", "r8v1t128k1b8n"),   # S16-6: 3.65 us, r2v4t64 6.47
+    ("mbv1_pw5", 0.9, "pruned", "fp32", "r8v1t128k1b8n"),    # 2.87 us, r2v4t64 3.96
+    ("mbv1_pw6", 0.9, "uniform", "fp32", "r2v2t64k1b8n"),    # S16-3: 3.60 us, r8v1t128 3.88
+    ("mbv1_pw5", 0.9, "uniform", "fp32", "r2v4t64k1b8n"),
+    ("mbv1_pw6", 0.95, "pruned", "fp16", "r2v4t64k1b8n"),    # fp16: not measured, rule kept
+    ("mbv1_pw2", 0.9, "pruned", "fp32", "r32v1t128k1b8ng"),  # tall by the rule already
+])
+def test_the_cost_model_refines_the_immediate_default_by_the_largest_groups_code(
+        pid, sparsity, pattern, precision, name):
+    """Under 512 columns an fp32 layer takes the tall-group plan only when its largest group
+    has less code than the rule's (uneven, pruned rows); the choice goes through
+    costmodel.choose, as every untuned plan does."""
+    from sparsert_cli import costmodel
+    from sparsert_cli.families.immediate.tuning import estimate
+    from sparsert_cli.patterns import generate, to_csr
+
+    problem = PROBLEMS[pid]
+    csr = to_csr(generate(problem, sparsity, pattern, 0))
+    family, params = costmodel.choose(geometry_for(problem), csr, precision,
+                                      "NVIDIA H100 80GB HBM3")
+    assert (family.name, params.name()) == ("immediate", name)
+    rule = fit_params(geometry_for(problem), default_params(geometry_for(problem), csr.nnz,
+                                                            precision=precision))
+    if params != rule:
+        code = [estimate(geometry_for(problem), csr, p, precision)["max_block_code_bytes"]
+                for p in (params, rule)]
+        assert code[0] < code[1]

@@ -89,7 +89,10 @@ class Family:
     features (costmodel.FEATURES); estimate(geometry, csr, params, precision) -> the same
     features without building the plan (None: the cost model builds plans to get them).
     code_runs_once: its code is straight-line (each block fetches its own code once), so the cost
-    model never predicts it below launch + a block's code at the measured fetch rate."""
+    model never predicts it below launch + a block's code at the measured fetch rate.
+    refine_default(geometry, csr, params, precision) -> params: the default adjusted to the
+    weight's pattern (the rule default sees only the nonzero count); the cost model applies it
+    to the default before ranking (None: the default as is)."""
 
     name: str
     version: str
@@ -103,6 +106,7 @@ class Family:
     features: Callable[[Any], dict] | None = None
     estimate: Callable[..., dict] | None = None
     code_runs_once: bool = False
+    refine_default: Callable[..., Any] | None = None
 
     @property
     def choosable(self) -> bool:

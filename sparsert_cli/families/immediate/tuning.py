@@ -178,6 +178,25 @@ def tall_params(geometry: Geometry, nnz: int, precision: str = "fp32",
                       PRECISIONS[precision][0])
 
 
+def refine_default(geometry: Geometry, csr, params: PlanParams, precision: str) -> PlanParams:
+    """The rule default, or the tall-group plan where the weight's pattern makes it the one
+    whose largest group has the less code: fp32 1x1 layers under TALL_COLUMNS' reach (fewer
+    columns), where a straight-line block's time is its code's fetch. On pruned rows (uneven
+    lengths) two-row groups are as long as their heaviest rows, while tall groups even them
+    out: H100 run S16-6 (configs/mobilenet.yaml, pruned patterns, fp32): mbv1_pw6 at 95%
+    r2v4t64 6.47 us against r8v1t128 3.65 (26.2 against 10.6 KB of code in the largest
+    group), mbv1_pw5 3.96 against 2.87 at 90%. On uniform rows the rule's groups have the less
+    code and were as fast or faster (S16-3, paper20: mbv1_pw6 r2v2t64 3.60 us against r8v1t128
+    3.88, 5.0 against 11.5 KB), so there the rule stands."""
+    if precision != "fp32" or tall_params(geometry, int(csr.nnz), precision) is not None:
+        return params           # fp32 tall layers have the tall plan already; fp16 not measured
+    tall = tall_params(geometry, int(csr.nnz), precision, min_columns=1)
+    if tall is None or tall == params:
+        return params
+    code = [estimate(geometry, csr, p, precision)["max_block_code_bytes"] for p in (params, tall)]
+    return tall if code[1] < code[0] else params
+
+
 def balanced_tiles(out_channels: int, per_thread: int, sm_count: int = H100_SMS
                    ) -> tuple[int, int] | None:
     """(rows per group, threads per tile) of a one-image direct convolution: of the plans whose
