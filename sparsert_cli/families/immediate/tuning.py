@@ -35,17 +35,19 @@ SLICE_INSTRUCTIONS = 160
 
 # Light batch-1 1x1 / GEMM layers over many columns: tall row groups, one column a thread (a
 # column pair with half2 sums). H100 runs S16-1/S16-2 (docs/perf-notes.md, session 16: rows x
-# width x threads x grid order on 11 paper20 layers, every plan verified) found them 8-38% faster
-# than the wide-vector plans on every such layer with 784 columns or more in fp32 (3136 or more
-# in fp16): one load feeds up to 32 rows, so a tile reads 2-3x fewer activation bytes per output
-# (mbv1_pw2 at 90%: 16 B at r32v1 against 37 B at r8v4) for the same sums a thread. A group
-# stops growing at TALL_FMAS sums a thread (mbv1_pw4, 26 nonzeros a row: r32v1 3.24 us against
-# r16v1 2.85), at TALL_ACCUMULATORS sums a thread (fp16: r16v2 1.97 us against r32v2 2.12 on
-# mbv1_pw2) and where its blocks (64 threads) would not fill the SMs (mbv1_pw3, 784 columns:
-# r32v1t64, 104 blocks, 2.29 us against r16v1t64, 208 blocks, 2.14). Past TALL_GROUPS_COLUMNS columns a
-# tile's row groups are neighbours on blockIdx.x (grid order "groups": they read the same
-# activations at the same time): 3-12% faster on all eight such cases; on 784 columns it was
-# once 1.4x slower (mbv1_pw4 r16v1t64), so the default keeps tiles there.
+# width x threads x grid order on 11 paper20 layers, every plan verified) found them 13-28%
+# (fp32) and 7-15% (fp16) faster than session 15's tuned plans on the four layers of 3136
+# columns or more, and up to 8% on 784 columns in fp32 (in S16-3 mbv1_pw3 was 8% slower: 2.37
+# against r2v4t64 2.19 us; the tuner keeps the faster): one load feeds up to 32 rows, so a tile
+# reads 2-3x fewer activation bytes per output (mbv1_pw2 at 90%: 16 B at r32v1 against 37 B at
+# r8v4) for the same sums a thread. A group stops growing at TALL_FMAS sums a thread (mbv1_pw4,
+# 26 nonzeros a row: r32v1 3.24 us against r16v1 2.85), at TALL_ACCUMULATORS sums a thread
+# (fp16: r16v2 1.97 us against r32v2 2.12 on mbv1_pw2) and where its blocks (64 threads) would
+# not fill the SMs (mbv1_pw3, 784 columns: r32v1t64, 104 blocks, 2.29 us against r16v1t64,
+# 208 blocks, 2.14). Past TALL_GROUPS_COLUMNS columns a tile's row groups are neighbours on
+# blockIdx.x (grid order "groups": they read the same activations at the same time): 3-12%
+# faster on all eight such cases; on 784 columns it was once 1.4x slower (mbv1_pw4 r16v1t64),
+# so the default keeps tiles there.
 TALL_FMAS = 416
 TALL_ACCUMULATORS = 32
 TALL_COLUMNS = {"fp32": 512, "fp16": 2048}
@@ -223,9 +225,10 @@ def candidates(geometry: Geometry, nnz: int, precision: str = "fp32", limit: int
 
     Seeds and, for light 1x1 / GEMM layers, tall-group plans (tall_params, both grid orders, the
     other thread count, half the rows) come first; then a rows x k_split grid (the two knobs
-    that trade parallelism for reuse), then vector width, column threads and a register cap. Each is fitted to the shape and deduplicated; layers
-    whose code is large get fewer candidates (they dominate compile time). `seeds` (e.g. this
-    layer's winners at other precisions) come right after the default, ahead of the sweeps.
+    that trade parallelism for reuse), then vector width, column threads and a register cap.
+    Each is fitted to the shape and deduplicated; layers whose code is large get fewer
+    candidates (they dominate compile time). `seeds` (e.g. this layer's winners at other
+    precisions) come right after the default, ahead of the sweeps.
     """
     dtype, accumulate = PRECISIONS[precision]
     rules = fit_params(geometry, rule_params(geometry, nnz, precision), dtype)
