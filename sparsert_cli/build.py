@@ -113,11 +113,12 @@ def plan_weight(geometry: Geometry, weight, params=None, epilogue: Epilogue = Ep
     except UserError:
         if chosen.name != "immediate":
             raise
-        # the batch-8+ throughput defaults (tall groups, 256-512 threads) leave no room for
-        # some overrides (a k-split's partial sums); the latency rules' plan may
+        # the batch-8+ throughput defaults and the batch-1 tall groups (tall groups, 128-512
+        # threads) leave no room for some overrides (a k-split's partial sums); the latency
+        # rules' plan without tall groups may
         from .families.immediate.tuning import rule_params
 
-        base = rule_params(geometry, int(csr.nnz), precision)
+        base = rule_params(geometry, int(csr.nnz), precision, tall=False)
         try:
             return chosen.build_plan(csr, geometry, chosen.params.from_dict(
                 {**base.__dict__, **overrides}), epilogue, dtype, accumulate)

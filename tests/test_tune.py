@@ -53,11 +53,14 @@ def test_throughput_shapes_default_to_group_major_plans_that_fit_the_registers(p
     # at batch 1 groups order comes only from the tall-group plans (tall_params): the default
     # itself, or its twins (one column a thread, no K-split) after a tiles-order default
     from sparsert_cli.families.immediate.tuning import tall_params
+    tall = tall_params(geometry_for(problem), nnz, min_columns=1)
     if narrow[0].grid_order == "groups":
         assert narrow[0] == tall_params(geometry_for(problem), nnz)
     else:
-        assert all(p.grid_order == "tiles" or (p.vector_width == 1 and p.k_split == 1)
-                   for p in narrow)
+        assert all(p.grid_order == "tiles" or (
+            tall is not None and p.k_split == 1 and p.vector_width == tall.vector_width
+            and p.rows_per_group in (tall.rows_per_group, tall.rows_per_group // 2))
+            for p in narrow)
 
 
 @pytest.mark.parametrize("pid", ["rn50_c2_3x3", "rn50_c4_3x3", "rn50_c5_3x3"])
@@ -231,6 +234,8 @@ def test_3x3_default_and_wide_code_narrows_the_vector():
         assert _rule(pid, precision="fp16")[0].vector_width == width, pid
         if width < 8:
             assert _rule(pid, precision="bf16")[0].vector_width == width, pid  # as fp32 did
+    for pid in ("mbv1_pw6", "rn50_c4_reduce"):     # 196 columns: fp32 keeps the rule's pairs
+        assert _rule(pid)[0].vector_width == 2, pid
     assert _rule("mbv1_pw6", density=0.05)[0].vector_width == 4       # 13k x 4 < WIDE_CODE
     assert _rule("mbv1_pw3", precision="bf16")[0].rows_per_group == 2  # light: two waves
 
@@ -360,7 +365,6 @@ def test_the_cost_model_refines_the_immediate_default_by_the_largest_groups_code
     has less code than the rule's (uneven, pruned rows); the choice goes through
     costmodel.choose, as every untuned plan does."""
     from sparsert_cli import costmodel
-    from sparsert_cli.families.immediate.tuning import estimate
     from sparsert_cli.patterns import generate, to_csr
 
     problem = PROBLEMS[pid]
@@ -368,9 +372,72 @@ def test_the_cost_model_refines_the_immediate_default_by_the_largest_groups_code
     family, params = costmodel.choose(geometry_for(problem), csr, precision,
                                       "NVIDIA H100 80GB HBM3")
     assert (family.name, params.name()) == ("immediate", name)
-    rule = fit_params(geometry_for(problem), default_params(geometry_for(problem), csr.nnz,
-                                                            precision=precision))
-    if params != rule:
-        code = [estimate(geometry_for(problem), csr, p, precision)["max_block_code_bytes"]
-                for p in (params, rule)]
-        assert code[0] < code[1]
+
+
+def test_tall_groups_keep_the_grid_limit_and_leave_throughput_shapes_alone():
+    """A GEMM view of millions of columns: groups order would put more column tiles than
+    MAX_GRID_Y on blockIdx.y, so the tall plan takes tiles order (or is none), and no candidate
+    passes the limit; a tall plan is never one of four waves of blocks (throughput_shape: those
+    layers keep the throughput rules)."""
+    from sparsert_cli.families.immediate.plan import MAX_GRID_Y
+    from sparsert_cli.families.immediate.tuning import grid_fits, tall_params, throughput_shape
+    from sparsert_cli.problem_shape import Geometry
+
+    huge = Geometry(1, 64, 1, 9_000_000, 64)
+    tall = tall_params(huge, 400)
+    assert tall is None or grid_fits(huge, tall)
+    for params in candidates(huge, 400, limit=16):
+        assert grid_fits(huge, params), params.name()
+    assert -(-9_000_000 // 128) > MAX_GRID_Y            # the case the limit is about
+    for pid in ("mbv1_pw0", "mbv1_pw2", "mbv1_pw4", "rn50_c2_expand"):
+        for density in (0.02, 0.1, 0.3, 0.5):
+            for precision in ("fp32", "fp16"):
+                problem = PROBLEMS[pid]
+                nnz = int(problem.m * problem.k * density)
+                tall = tall_params(geometry_for(problem), nnz, precision)
+                assert tall is None or not throughput_shape(geometry_for(problem), tall)
+
+
+def test_tall_groups_stop_where_two_rows_pass_the_sum_budget_and_fit_odd_columns():
+    from sparsert_cli.families.immediate.tuning import TALL_FMAS, tall_params
+    from sparsert_cli.problem_shape import Geometry
+
+    wide = Geometry(1, 1024, 56, 56, 64)               # 300 nonzeros a row: 2 x 300 > 416
+    assert tall_params(wide, 64 * 300) is None and 2 * 300 > TALL_FMAS
+    odd = Geometry(1, 64, 47, 47, 128)                 # 2209 columns: no fp16 pairs
+    tall = tall_params(odd, 128 * 6, "fp16")
+    assert tall is not None and tall.vector_width == 1
+    tiles = -(-odd.columns // tall.col_threads)
+    assert tiles * -(-odd.out_channels // tall.rows_per_group) >= 132
+
+
+def test_refine_keeps_k_split_and_throughput_defaults():
+    """refine_default compares the largest group's code only for one-slice latency defaults."""
+    from sparsert_cli.families.immediate.tuning import refine_default, throughput_layer
+    from sparsert_cli.patterns import generate, to_csr
+
+    problem = PROBLEMS["mbv1_pw5"]
+    csr = to_csr(generate(problem, 0.7, "uniform", 0))
+    split = fit_params(geometry_for(problem), default_params(geometry_for(problem), csr.nnz))
+    assert split.k_split > 1
+    assert refine_default(geometry_for(problem), csr, split, "fp32") == split
+    batched = geometry_for(problem.with_batch(32))
+    csr = to_csr(generate(problem, 0.9, "uniform", 0))
+    assert throughput_layer(batched, csr.nnz, "fp32")
+    rule = fit_params(batched, default_params(batched, csr.nnz))
+    assert refine_default(batched, csr, rule, "fp32") == rule
+
+
+@pytest.mark.parametrize("overrides", [{"k_split": 4}, {"k_split": 2}, {"vector_width": 4}])
+def test_overrides_over_a_tall_default_still_build(overrides):
+    """A k-split's partial sums do not fit beside a 32-row group of 128 threads (64 KB of
+    shared memory): the override then applies over the latency rules without tall groups."""
+    from sparsert_cli.build import plan_weight
+    from sparsert_cli.patterns import generate
+
+    for pid in ("mbv1_pw0", "mbv1_pw2", "rn50_c2_expand"):
+        problem = PROBLEMS[pid]
+        plan = plan_weight(geometry_for(problem), generate(problem, 0.9, "uniform", 0),
+                           overrides=overrides, gpu_name="NVIDIA H100 80GB HBM3")
+        for name, value in overrides.items():
+            assert getattr(plan.params, name) == value, (pid, plan.params.name())

@@ -93,7 +93,7 @@ def throughput_layer(geometry: Geometry, nnz: int, precision: str = "fp32") -> b
 
 
 def rule_params(geometry: Geometry, nnz: int, precision: str = "fp32",
-                sm_count: int = H100_SMS) -> PlanParams:
+                sm_count: int = H100_SMS, tall: bool = True) -> PlanParams:
     """The untuned plan of latency-bound shapes, by rules (docs/perf-notes.md, "Untuned
     defaults", measures them).
 
@@ -112,9 +112,9 @@ def rule_params(geometry: Geometry, nnz: int, precision: str = "fp32",
     8 columns ran 2.2x slower than 4 on rn50_c3_reduce (6.6k nonzeros) and 4 columns 1.12x
     slower than 2 on rn50_c4_reduce (26k).
     """
-    tall = tall_params(geometry, nnz, precision, sm_count)
-    if tall is not None:
-        return tall
+    tall_plan = tall_params(geometry, nnz, precision, sm_count) if tall else None
+    if tall_plan is not None:
+        return tall_plan
     dtype = PRECISIONS[precision][0]
     half2 = precision == "fp16"
     big = nnz > LARGE_CODE
@@ -162,8 +162,11 @@ def tall_params(geometry: Geometry, nnz: int, precision: str = "fp32",
     if (floor is None or precision not in TALL_COLUMNS or geometry.batch != 1
             or not geometry.linear or nnz > LARGE_CODE or geometry.columns < floor):
         return None
-    width = 2 if precision == "fp16" else 1
+    dtype = PRECISIONS[precision][0]
+    width = fit_vector_width(geometry, 2 if precision == "fp16" else 1, dtype)
     per_row = nnz / max(1, geometry.out_channels)
+    if 2 * per_row * lanes(width, precision) > TALL_FMAS:
+        return None                 # not light: two rows already pass TALL_FMAS sums a thread
     per_thread = -(-geometry.columns // width)
 
     def blocks(rows: int, threads: int) -> int:
@@ -175,9 +178,22 @@ def tall_params(geometry: Geometry, nnz: int, precision: str = "fp32",
         rows //= 2
     threads = 128 if blocks(rows, 128) >= sm_count * 3 // 4 else 64
     order = "groups" if geometry.columns >= TALL_GROUPS_COLUMNS else "tiles"
-    return fit_params(geometry, PlanParams(rows_per_group=rows, vector_width=width,
-                                           col_threads=threads, k_split=1, grid_order=order),
-                      PRECISIONS[precision][0])
+    params = fit_params(geometry, PlanParams(rows_per_group=rows, vector_width=width,
+                                             col_threads=threads, k_split=1, grid_order=order),
+                        dtype)
+    if not grid_fits(geometry, params):
+        params = replace(params, grid_order="tiles")
+    if not grid_fits(geometry, params) or throughput_shape(geometry, params, sm_count):
+        return None                 # four waves of blocks or more: the throughput rules' layer
+    return params
+
+
+def grid_fits(geometry: Geometry, params: PlanParams) -> bool:
+    """Whether the plan's blockIdx.y (column tiles in groups order, else row groups) stays
+    within MAX_GRID_Y."""
+    tiles = -(-geometry.columns // (params.vector_width * params.col_threads))
+    groups = -(-geometry.out_channels // params.rows_per_group)
+    return (tiles if params.grid_order == "groups" else groups) <= MAX_GRID_Y
 
 
 def refine_default(geometry: Geometry, csr, params: PlanParams, precision: str) -> PlanParams:
@@ -187,12 +203,19 @@ def refine_default(geometry: Geometry, csr, params: PlanParams, precision: str) 
     lengths) two-row groups are as long as their heaviest rows, while tall groups even them
     out: H100 run S16-6 (configs/mobilenet.yaml, pruned patterns, fp32): mbv1_pw6 at 95%
     r2v4t64 6.47 us against r8v1t128 3.65 (26.2 against 10.6 KB of code in the largest
-    group), mbv1_pw5 3.96 against 2.87 at 90%. On uniform rows the rule's groups have the less
-    code and were as fast or faster (S16-3, paper20: mbv1_pw6 r2v2t64 3.60 us against r8v1t128
-    3.88, 5.0 against 11.5 KB), so there the rule stands."""
-    if precision != "fp32" or tall_params(geometry, int(csr.nnz), precision) is not None:
-        return params           # fp32 tall layers have the tall plan already; fp16 not measured
-    tall = tall_params(geometry, int(csr.nnz), precision, min_columns=1)
+    group), mbv1_pw5 3.96 against 2.87 at 90%. On the uniform rows measured (S16-3, paper20 at
+    90%: mbv1_pw5, mbv1_pw6, rn50_c4_reduce) the rule's groups have the less code and were kept
+    (mbv1_pw6 r2v2t64 3.60 us against r8v1t128 3.88, 5.0 against 11.5 KB); uniform rows under
+    wider rule vectors can still switch (rn50_c4_reduce at 95%, r2v4t64 to r4v1t128: not
+    measured; that case runs its tuned plan in the paper20 bench). Only one-slice latency
+    defaults are compared (a K-split halves a thread's serial work, which the largest group's
+    code does not show; throughput plans are chosen by their own floors)."""
+    nnz = int(csr.nnz)
+    if (precision != "fp32" or params.k_split != 1 or throughput_layer(geometry, nnz, precision)
+            or tall_params(geometry, nnz, precision) is not None):
+        return params   # fp16 not measured; a K-split's or throughput plan's time is not its
+                        # largest group's code; fp32 tall layers have the tall plan already
+    tall = tall_params(geometry, nnz, precision, min_columns=1)
     if tall is None or tall == params:
         return params
     code = [estimate(geometry, csr, p, precision)["max_block_code_bytes"] for p in (params, tall)]
@@ -240,7 +263,7 @@ def candidates(geometry: Geometry, nnz: int, precision: str = "fp32", limit: int
             params = fit_params(geometry, params, dtype)
         except UserError:
             return
-        if params.col_threads * params.k_split > MAX_THREADS:
+        if params.col_threads * params.k_split > MAX_THREADS or not grid_fits(geometry, params):
             return
         if code_units(nnz, params.vector_width, precision) > CODE_BUDGET:
             return
