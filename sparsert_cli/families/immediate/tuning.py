@@ -158,9 +158,10 @@ def tall_params(geometry: Geometry, nnz: int, precision: str = "fp32",
     the layer is not one (batched, 3x3 or strided, over LARGE_CODE nonzeros, fewer columns than
     TALL_COLUMNS of its precision, or a precision not measured: bf16). `min_columns` overrides
     the column threshold (the tuner's candidates use 1)."""
-    floor = TALL_COLUMNS.get(precision) if min_columns is None else min_columns
-    if (floor is None or precision not in TALL_COLUMNS or geometry.batch != 1
-            or not geometry.linear or nnz > LARGE_CODE or geometry.columns < floor):
+    if (precision not in TALL_COLUMNS or geometry.batch != 1 or not geometry.linear
+            or nnz > LARGE_CODE
+            or geometry.columns < (TALL_COLUMNS[precision] if min_columns is None
+                                   else min_columns)):
         return None
     dtype = PRECISIONS[precision][0]
     width = fit_vector_width(geometry, 2 if precision == "fp16" else 1, dtype)
@@ -211,12 +212,11 @@ def refine_default(geometry: Geometry, csr, params: PlanParams, precision: str) 
     defaults are compared (a K-split halves a thread's serial work, which the largest group's
     code does not show; throughput plans are chosen by their own floors)."""
     nnz = int(csr.nnz)
-    if (precision != "fp32" or params.k_split != 1 or throughput_layer(geometry, nnz, precision)
-            or tall_params(geometry, nnz, precision) is not None):
+    if (precision != "fp32" or params.k_split != 1 or throughput_layer(geometry, nnz, precision)):
         return params   # fp16 not measured; a K-split's or throughput plan's time is not its
-                        # largest group's code; fp32 tall layers have the tall plan already
+                        # largest group's code
     tall = tall_params(geometry, nnz, precision, min_columns=1)
-    if tall is None or tall == params:
+    if tall is None or tall == params:      # from TALL_COLUMNS on the rule gives it already
         return params
     code = [estimate(geometry, csr, p, precision)["max_block_code_bytes"] for p in (params, tall)]
     return tall if code[1] < code[0] else params
@@ -287,7 +287,7 @@ def candidates(geometry: Geometry, nnz: int, precision: str = "fp32", limit: int
     if tall is not None:            # light 1x1 / GEMM layers: the tall groups, both grid orders
         other = "tiles" if tall.grid_order == "groups" else "groups"
         for params in (tall, replace(tall, grid_order=other),
-                       replace(tall, col_threads=192 - tall.col_threads),
+                       replace(tall, col_threads=64 if tall.col_threads > 64 else 128),
                        replace(tall, rows_per_group=max(2, tall.rows_per_group // 2))):
             add(params)
     seeded = len(found)
