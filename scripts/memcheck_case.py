@@ -1,5 +1,5 @@
 """One small padded, strided, batched 3x3 kernel (both emitters, both grid orders, and the
-fp16/bf16 precisions), a 1x1 fp16 kernel with 16-byte vectors and token-major GEMM kernels,
+fp16/bf16 precisions), stride-1 3x3 kernels with pair windows, a 1x1 fp16 kernel with 16-byte vectors and token-major GEMM kernels,
 loaded with Kernel.to_device() and launched on the benchmark's stream, then checked; then, on
 sm_90, a small sparsified chain whose kernels use programmatic dependent launch, replayed in a
 CUDA graph: run under `compute-sanitizer --tool memcheck` by scripts/gpu-check."""
@@ -56,6 +56,20 @@ with sparsert.Gpu() as gpu:
                                                      vector_width=8),
                 epilogue={"bias": [0.5] * w.shape[0], "activation": "relu", "residual": True})
             run(gpu, f"{dtype}/{accumulate} {w.shape}", kernel)
+    # pair windows (stride-1 3x3, 2-byte storage, even width): aligned pairs, padding pairs
+    # read from the zero buffer, PRMT shifts; both emitters, a K-split, every 2-byte precision
+    pairs = dict(op="conv", input_shape=(2, 6, 7, 10), stride=1, padding=1)
+    for emitter in ("ptx", "cuda"):
+        for dtype, accumulate in (("fp16", "fp16"), ("fp16", "fp32"), ("bf16", "fp32")):
+            for k_split in (1, 2):
+                kernel = sparsert.compile_kernel(
+                    weight, **pairs, emit=emitter, dtype=dtype, accumulate=accumulate,
+                    arch=gpu.arch, tuned=False, cache=None,
+                    plan=sparsert.PlanParams(rows_per_group=3, k_split=k_split, vector_width=2,
+                                             col_threads=32),
+                    epilogue={"bias": [0.5] * 10, "activation": "relu", "residual": True})
+                assert kernel.plan_params.vector_width == 2, kernel.plan_params
+                run(gpu, f"pairs {emitter} {dtype}/{accumulate}", kernel)
     # the tall-group defaults of light 1x1 layers (tall_params): 2304 columns take groups
     # order, 44 rows in groups of up to 8 (fp32, one column a thread) or 4 (fp16, a pair)
     tall = pruned((44, 16, 1, 1), 4)

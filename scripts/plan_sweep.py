@@ -6,6 +6,7 @@ timed; one JSON line per plan on stdout (and --out, appended as it goes), so a r
 time limit keeps what it measured.
 
   python scripts/plan_sweep.py [--precision fp32] [--sparsity 0.9] [--budget 240]
+                               [--rows 2,4,..] [--widths 1,2,..] [--threads 32,64,..]
                                [--out FILE] PROBLEM...
 """
 
@@ -19,6 +20,8 @@ from dataclasses import replace
 import numpy as np
 
 import sparsert_cli as sparsert
+from sparsert_cli.families.immediate import fit_params
+from sparsert_cli.problem_shape import PRECISIONS
 
 parser = argparse.ArgumentParser()
 parser.add_argument("problems", nargs="+")
@@ -26,24 +29,38 @@ parser.add_argument("--precision", default="fp32")
 parser.add_argument("--sparsity", type=float, default=0.9)
 parser.add_argument("--budget", type=float, default=240.0, help="seconds; no layer starts after")
 parser.add_argument("--out", default=None)
+parser.add_argument("--rows", default="2,4,8,16,32")
+parser.add_argument("--widths", default=None, help="default: 1,2,4 (fp16: 2,4,8)")
+parser.add_argument("--threads", default="32,64,128,256")
 args = parser.parse_args()
 
-WIDTHS = {"fp32": (1, 2, 4), "bf16": (1, 2, 4), "fp16": (2, 4, 8)}[args.precision]
+
+def ints(text: str) -> tuple[int, ...]:
+    return tuple(int(v) for v in text.split(","))
+
+
+WIDTHS = ints(args.widths) if args.widths else {"fp32": (1, 2, 4), "bf16": (1, 2, 4),
+                                               "fp16": (2, 4, 8)}[args.precision]
 started = time.monotonic()
 
 
 def grid(layer) -> list:
     """rows x width x threads at k1 b8, skipping plans whose sums take over 64 registers or
-    whose one tile is over twice the layer's columns."""
+    whose one tile is over twice the layer's columns, and widths the layer's shape narrows
+    (3x3 layers: one column, or a pair with pair windows)."""
     columns = layer.geometry.columns
-    out = []
-    for rows in (2, 4, 8, 16, 32):
+    out, seen = [], set()
+    for rows in ints(args.rows):
         for width in WIDTHS:
-            for threads in (32, 64, 128, 256):
+            for threads in ints(args.threads):
                 if rows * width > 64 or width * threads > 2 * max(columns, 64):
                     continue
-                out.append(sparsert.PlanParams(rows_per_group=rows, vector_width=width,
-                                               col_threads=threads, k_split=1))
+                params = sparsert.PlanParams(rows_per_group=rows, vector_width=width,
+                                             col_threads=threads, k_split=1)
+                fitted = fit_params(layer.geometry, params, PRECISIONS[args.precision][0])
+                if fitted.vector_width == width and fitted.name() not in seen:
+                    seen.add(fitted.name())
+                    out.append(params)
     return out
 
 

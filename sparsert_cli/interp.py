@@ -71,31 +71,51 @@ class _Machine:
         values[mask] = self.x[live]
         return values
 
+    def sources(self, body: Compute, values: np.ndarray) -> np.ndarray:
+        """Per batch its loads' values, then its shifts' (KernelIR.pair_windows): columns 1..
+        of load a followed by column 0 of load b."""
+        if not self.ir.pair_windows:
+            raise PlanExecutionError("a shifted window in a kernel without pair windows")
+        out, first = [], 0
+        for batch in body.batches:
+            mine = values[first:first + len(batch.loads)]
+            out.append(mine)
+            for shift in batch.shifts:
+                if not (0 <= shift.a < len(mine) and 0 <= shift.b < len(mine)):
+                    raise PlanExecutionError(f"a shift of loads {shift} in a batch of {len(mine)}")
+                out.append(np.concatenate([mine[shift.a][:, 1:], mine[shift.b][:, :1]],
+                                          axis=1)[None])
+            first += len(batch.loads)
+        return np.concatenate(out)
+
     def compute(self, body: Compute) -> None:
         threads, width = len(self.active), self.ir.vector_width
         acc = np.zeros((body.slots, threads, width))
         loads = [load for batch in body.batches for load in batch.loads]
         values = self.gather(body, loads) if loads else None
+        if any(batch.shifts for batch in body.batches):
+            values = self.sources(body, values)
         started: set[int] = set()
-        fmas = []                       # (slot, weight, index into `loads`, init) in order
+        fmas = []                       # (slot, weight, index into `values`, init) in order
         first = 0
         for batch in body.batches:
+            count = len(batch.loads) + len(batch.shifts)
             for fma in batch.fmas:
                 if fma.init == (fma.slot in started):
                     raise PlanExecutionError(f"slot {fma.slot}: sum {'re' if fma.init else 'not '}"
                                              "started by its first FMA")
-                if not 0 <= fma.source < len(batch.loads):
-                    raise PlanExecutionError(f"an FMA reads load {fma.source} of a batch of "
-                                             f"{len(batch.loads)}")
+                if not 0 <= fma.source < count:
+                    raise PlanExecutionError(f"an FMA reads source {fma.source} of a batch of "
+                                             f"{count}")
                 started.add(fma.slot)
                 fmas.append((fma.slot, fma.weight, first + fma.source, fma.init))
-            first += len(batch.loads)
+            first += count
         if self.half:      # one rounded FMA per (load, row), in the IR's order
             for slot, weight, source, init in fmas:
                 acc[slot] = _f16((0.0 if init else acc[slot]) + weight * values[source])
         elif fmas:
             slots, weights, sources, _ = zip(*fmas)
-            matrix = np.zeros((body.slots, len(loads)))
+            matrix = np.zeros((body.slots, len(values)))
             np.add.at(matrix, (np.array(slots), np.array(sources)), np.array(weights))
             acc += np.einsum("rl,ltw->rtw", matrix, values)
         if set(body.zero) != set(range(body.slots)) - started:

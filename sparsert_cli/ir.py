@@ -64,11 +64,23 @@ class Fma(NamedTuple):
     init: bool
 
 
+class Shift(NamedTuple):
+    """Columns 1.. of load `a` followed by column 0 of load `b` (both indices into the batch's
+    loads): the window one column right of `a`, built from two aligned column-pair loads
+    (KernelIR.pair_windows)."""
+
+    a: int
+    b: int
+
+
 class Batch(NamedTuple):
-    """Loads issued together into registers, then the FMAs that use them, in order."""
+    """Loads issued together into registers, then the shifted windows built from them, then the
+    FMAs that use them, in order. An FMA's source indexes loads, then shifts
+    (len(loads) + shift index)."""
 
     loads: tuple[Load, ...]
     fmas: tuple[Fma, ...]
+    shifts: tuple[Shift, ...] = ()
 
 
 class Step(NamedTuple):
@@ -147,10 +159,21 @@ class KernelIR(Precision):
     # start (griddepcontrol.launch_dependents), so a launch made with programmatic stream
     # serialization overlaps its start with the end of the kernel before it
     dependent_launch: bool = False
+    # column-pair windows of a stride-1 3x3 convolution (vector width 2, 2-byte storage): the
+    # window corner iw is one column left of the usual (ow - padding - 1, an even column), every
+    # load reads an aligned column pair at tap offset s in {0, 2, 4} (TapBase.s likewise), and
+    # the odd windows (ow - 1, ow), (ow + 1, ow + 2) are Shifts of two such pairs
+    pair_windows: bool = False
 
     @property
     def block(self) -> tuple[int, int, int]:
         return (self.col_threads, self.k_split, 1)
+
+    @property
+    def tap_stride(self) -> int:
+        """Tap base numbering: base (r, s) is number r * tap_stride + s (s reaches kernel + 1
+        with pair windows)."""
+        return self.geometry.kernel + (2 if self.pair_windows else 0)
 
     @property
     def tiles(self) -> int:

@@ -39,6 +39,8 @@ RULES = {
     "pointer": "{ptr} += {var};",
     "barrier": "__syncthreads();",
     "load": "const {vt} b{i} = __ldg(reinterpret_cast<const {vt}*>({base} + {offset}));",
+    # a column-pair window one column right of pair a: a's high half, then b's low half
+    "shift": "const unsigned b{i} = __byte_perm(b{a}, b{b}, 0x5432);",
     "widen": "const float {dst} = sparsert_h2f({src});",
     "mul_first": "{acc} = {src} * {w};",
     "fma": "{acc} = fmaf({src}, {w}, {acc});",
@@ -215,14 +217,17 @@ def _batch(out: list[str], fmt: CFmt, body: Compute, batch: Batch) -> None:
     for i, load in enumerate(batch.loads):
         _emit(out, "    ", fmt, "load", vt=fmt.vt, i=i, base=_base(body, load.tap),
               offset=load.offset)
+    count = len(batch.loads)
+    for k, shift in enumerate(batch.shifts):     # pair windows: b{loads + k}, as a load's value
+        _emit(out, "    ", fmt, "shift", i=count + k, a=shift.a, b=shift.b)
+    count += len(batch.shifts)
     if fmt.widen:
-        sources = [[f"c{i}_{lane}" for lane in range(fmt.width)] for i in range(len(batch.loads))]
+        sources = [[f"c{i}_{lane}" for lane in range(fmt.width)] for i in range(count)]
         for i, names in enumerate(sources):
             for lane, name in enumerate(names):
                 _emit(out, "    ", fmt, "widen", dst=name, src=fmt.column(f"b{i}", lane))
     else:
-        sources = [[fmt.raw(f"b{i}", u) for u in range(fmt.units)]
-                   for i in range(len(batch.loads))]
+        sources = [[fmt.raw(f"b{i}", u) for u in range(fmt.units)] for i in range(count)]
     for fma in batch.fmas:
         w = fmt.const(fma.weight)
         for unit in range(fmt.units):

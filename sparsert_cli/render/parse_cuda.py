@@ -11,7 +11,7 @@ import dataclasses
 import re
 
 from ..ir import (Batch, Compute, Finish, IndexOp, KernelIR, Load, Partial, Reduce, ReduceRow,
-                  Step, TapBase)
+                  Shift, Step, TapBase)
 from . import PrintedMismatch
 from .cuda import GRID_DEPENDENCY, CFmt
 from .parse_ptx import _f16, require_equal
@@ -32,6 +32,7 @@ _RE = {name: re.compile(pattern) for name, pattern in {
     "base": (r"  const (?:float|unsigned short)\* __restrict__ xb(\d+)(\d+) = \(\(unsigned\)\(ih \+ (\d+)\) < (\d+)u "
              r"&& \(unsigned\)\(iw \+ (\d+)\) < (\d+)u\) \? x : z \+ \((-?\d+)\);"),
     "load": r"    const " + _T + r" b(\d+) = __ldg\(reinterpret_cast<const \1\*>\((\w+) \+ (-?\d+)\)\);",
+    "shift": r"    const unsigned b(\d+) = __byte_perm\(b(\d+), b(\d+), 0x5432\);",
     "widen": r"    const float c(\d+)_(\d+) = sparsert_h2f\((.+)\);",
     "fma": r"    a(\d+) = fmaf\((\w+)(\.[xyzw])?, " + _NUM + r", a(\d+)\);",
     "mul": r"    a(\d+) = (\w+)(\.[xyzw])? \* " + _NUM + ";",
@@ -164,6 +165,7 @@ def _compute(ir: KernelIR, lines: list[str], where: str) -> Compute:
     fmt, units = body.fmt, body.units
     slots, bases, batches, zero, outputs = 0, [], [], {}, []
     loads, fmas, residual, widened, partial_end = None, [], [], {}, 0
+    shifts: list[Shift] = []
     for line in lines:
         line = body.normal(line)
         m = _RE["fma"].fullmatch(line) or _RE["mul"].fullmatch(line)
@@ -178,7 +180,7 @@ def _compute(ir: KernelIR, lines: list[str], where: str) -> Compute:
             else:
                 source = int(src[1:]) if re.fullmatch(r"b\d+", src) else -1
                 ok = _LANES[suffix] == acc % units and (fmt.raw_count > 1 or not suffix)
-            if not ok or not 0 <= source < len(loads):
+            if not ok or not 0 <= source < len(loads) + len(shifts):
                 body.fail(line, "an FMA reads another column than it sums")
             slot, weight, unit = acc // units, body.const(m.group(4), line), acc % units
             if unit == 0:
@@ -190,7 +192,7 @@ def _compute(ir: KernelIR, lines: list[str], where: str) -> Compute:
             continue
         m = _RE["load"].fullmatch(line)
         if m:
-            if loads is None or int(m.group(2)) != len(loads) or m.group(1) != fmt.vt:
+            if loads is None or int(m.group(2)) != len(loads) or m.group(1) != fmt.vt or shifts:
                 body.fail(line, "a load outside a block, out of order or of the wrong type")
             base = m.group(3)
             index = -1 if base == "x" else next(
@@ -199,19 +201,25 @@ def _compute(ir: KernelIR, lines: list[str], where: str) -> Compute:
                 body.fail(line, f"a load from unknown base {base}")
             loads.append(Load(index, int(m.group(4))))
             continue
-        if (m := _RE["widen"].fullmatch(line)):
+        if (m := _RE["shift"].fullmatch(line)):
+            i, a, b = (int(v) for v in m.groups())
+            if not ir.pair_windows or loads is None or fmas or i != len(loads) + len(shifts) \
+                    or max(a, b) >= len(loads):
+                body.fail(line, "a shifted window that is not two of its block's pairs in order")
+            shifts.append(Shift(a, b))
+        elif (m := _RE["widen"].fullmatch(line)):
             i, lane = int(m.group(1)), int(m.group(2))
             if not fmt.widen or loads is None or _column(m.group(3)) != (f"b{i}", lane) \
-                    or i >= len(loads):
+                    or i >= len(loads) + len(shifts):
                 body.fail(line, "a widened column that is not its load's")
             widened[f"c{i}_{lane}"] = (i, lane)
         elif line == "  {":
-            loads, fmas, widened = [], [], {}
+            loads, fmas, widened, shifts = [], [], {}, []
         elif line == "  }":
             if loads:
                 if any(f[4] != units for f in fmas):
                     _fail(where, "an FMA misses columns")
-                batches.append((tuple(loads), tuple(tuple(f[:4]) for f in fmas)))
+                batches.append((tuple(loads), tuple(tuple(f[:4]) for f in fmas), tuple(shifts)))
             loads, residual = None, []
         elif (m := _RE["decl"].fullmatch(line)):
             slots = len(m.group(1).split(", ")) // units

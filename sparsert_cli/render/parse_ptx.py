@@ -18,12 +18,13 @@ import struct
 import numpy as np
 
 from ..ir import (BLOCK_IDS, Batch, Compute, Finish, IndexOp, KernelIR, Load, Partial, Reduce,
-                  ReduceRow, Step, TapBase)
+                  ReduceRow, Shift, Step, TapBase)
 from . import PrintedMismatch
 from .ptx import GRID_DEPENDENCY, PARTIALS, Fmt
 
 _MEM = re.compile(r"\[(%\w+)\+(-?\d+)\]")
 _FMA = re.compile(r"\t*(fma|mul)\.rn\.(\w+) (%a\d+), (%\w+), ([^,;]+)(?:, (%a\d+))?;")
+_SHIFT = re.compile(r"\t*prmt\.b32 (%s\d+), (%b\d+), (%b\d+), 0x5432;")
 _LOAD = re.compile(r"\t*(ld\.global\.nc\S*) (\{[^}]*\}|%\w+), \[(%x\w*)\+(-?\d+)\];")
 # conversions of 2-byte storage, by the kernel's dtype (independent of the printer's Fmt)
 _CVT_TYPE = {"fp16": "f16", "bf16": "bf16"}
@@ -292,7 +293,7 @@ def _tap_bases(body: _Body, lines: list[str], start: int) -> tuple[tuple[TapBase
             if pm is None or shift is None:
                 body.fail(lines[i], "a tap base selected before its predicate and shift")
             r, s = pm
-            if args[0] != f"%xb{r * geo.kernel + s}" or shift % ir.element_bytes:
+            if args[0] != f"%xb{r * ir.tap_stride + s}" or shift % ir.element_bytes:
                 body.fail(lines[i], "a tap base register that is not its tap's")
             bases.append(TapBase(r, s, shift // ir.element_bytes))
         elif not op.startswith(".reg"):
@@ -310,10 +311,11 @@ def _compute(ir: KernelIR, fmt: Fmt, lines: list[str], where: str) -> Compute:
         body.pact = True
         i += 1
     bases, i = _tap_bases(body, lines, i)
-    base_regs = {f"%xb{b.r * ir.geometry.kernel + b.s}": n for n, b in enumerate(bases)}
+    base_regs = {f"%xb{b.r * ir.tap_stride + b.s}": n for n, b in enumerate(bases)}
     base_regs["%x"] = -1
     batches: list[Batch] = []
     loads: list[Load] = []
+    shifts: list[Shift] = []
     fmas: list[list] = []               # [slot, weight, source, init, units seen]
     zero: dict[int, int] = {}
     outputs: list = []
@@ -324,11 +326,13 @@ def _compute(ir: KernelIR, fmt: Fmt, lines: list[str], where: str) -> Compute:
         if loads:
             # plain tuples compare equal to the IR's named ones and are cheaper to build
             batches.append(Batch(tuple(loads), tuple((s, w, src, init)
-                                                     for s, w, src, init, _ in fmas)))
+                                                     for s, w, src, init, _ in fmas),
+                                 tuple(shifts)))
             for f in fmas:
                 if f[4] != fmt.units:
                     _fail(where, f"an FMA of slot {f[0]} misses columns")
         loads.clear()
+        shifts.clear()
         fmas.clear()
 
     values, units, lane_step = body.values, fmt.units, 2 if fmt.half_storage and fmt.width > 1 else 1
@@ -354,9 +358,19 @@ def _compute(ir: KernelIR, fmt: Fmt, lines: list[str], where: str) -> Compute:
             else:
                 fmas[-1][4] += 1
             continue
+        m = _SHIFT.fullmatch(line)
+        if m:
+            dst, a, b = m.groups()
+            held = [values.get(a), values.get(b)]
+            if not ir.pair_windows or fmas or dst != f"%s{len(shifts)}" or any(
+                    h is None or h[0] != "x" or h[1] >= len(loads) or h[2] for h in held):
+                body.fail(line, "a shifted window that is not two of its batch's pairs in order")
+            values[dst] = ("x", len(loads) + len(shifts), 0)
+            shifts.append(Shift(held[0][1], held[1][1]))
+            continue
         m = _LOAD.fullmatch(line)
         if m:
-            if fmas:
+            if fmas or shifts:
                 close_batch()
             op, dst, base, offset = m.groups()
             body.check_type(op, "ld.global.nc" + fmt.ld_type, line)

@@ -42,6 +42,8 @@ RULES = {
     "tap_base": ("and.pred %pm, %pr{r}, %pc{s};\nadd.s64 %zb, %z, {shift};\n"
                  "selp.b64 {base}, %x, %zb, %pm;"),
     "load": "ld.global.nc{ty} {dst}, [{base}+{offset}];",
+    # a column-pair window one column right of pair a: a's high half, then b's low half
+    "shift": "prmt.b32 {dst}, {a}, {b}, 0x5432;",
     "mul_first": "mul.rn.{op} {acc}, {src}, {w};",
     "fma": "fma.rn.{op} {acc}, {src}, {w}, {acc};",
     "zero": "mov.b{bits} {acc}, 0;",
@@ -155,10 +157,10 @@ def _tap_bases(fn: list[str], ir: KernelIR, body: Compute) -> None:
     were avoided on purpose: ptxas 13.5 hit an internal error on them for sm_90."""
     if not body.bases:
         return
-    geo = ir.geometry
+    geo, stride = ir.geometry, ir.tap_stride
     fn.append("\t.reg .u32 %t;")
-    fn.append(f"\t.reg .pred %pr<{geo.kernel}>, %pc<{geo.kernel}>, %pm;")
-    fn.append(f"\t.reg .u64 %zb, %xb<{geo.kernel ** 2}>;")
+    fn.append(f"\t.reg .pred %pr<{geo.kernel}>, %pc<{stride}>, %pm;")
+    fn.append(f"\t.reg .u64 %zb, %xb<{geo.kernel * stride}>;")
     for r in sorted({b.r for b in body.bases}):
         fn.append(f"\tadd.u32 %t, %ih, {r};")
         fn.append(f"\tsetp.lt.u32 %pr{r}, %t, {geo.height};")
@@ -174,7 +176,7 @@ def _base_reg(ir: KernelIR, body: Compute, tap: int) -> str:
     if tap < 0:
         return "%x"
     b = body.bases[tap]
-    return f"%xb{b.r * ir.geometry.kernel + b.s}"
+    return f"%xb{b.r * ir.tap_stride + b.s}"
 
 
 def _widen(fn: list[str], fmt: Fmt, raw: list[str], prefix: str, first: int = 0) -> list[str]:
@@ -194,14 +196,17 @@ def _widen(fn: list[str], fmt: Fmt, raw: list[str], prefix: str, first: int = 0)
     return out
 
 
-def _declare(fn: list[str], fmt: Fmt, sums: int, raws: int) -> None:
-    """Registers of a body: %a sums, %b raw loads, %r/%q residual, %h/%p/%w scratch, %c widened."""
+def _declare(fn: list[str], fmt: Fmt, sums: int, raws: int, shifts: int = 0) -> None:
+    """Registers of a body: %a sums, %b raw loads, %r/%q residual, %h/%p/%w scratch, %c widened,
+    %s shifted windows."""
     fn.append(f"\t.reg .{fmt.unit_type} %a<{sums}>;")
     fn.append(f"\t.reg .{fmt.raw_type} %b<{raws}>, %r<{fmt.raw_count}>;")
-    fn.append(f"\t.reg .f32 %q<{fmt.width}>, %c<{raws // fmt.raw_count * fmt.width}>;")
+    fn.append(f"\t.reg .f32 %q<{fmt.width}>, %c<{(raws // fmt.raw_count + shifts) * fmt.width}>;")
     fn.append("\t.reg .b16 %h<2>, %wh;")
     fn.append(f"\t.reg .b32 %p<{fmt.raw_count}>, %w;")
     fn.append("\t.reg .pred %pact;")
+    if shifts:
+        fn.append(f"\t.reg .b32 %s<{shifts}>;")
     fn.append("\tsetp.ne.u32 %pact, %act, 0;")
 
 
@@ -256,6 +261,9 @@ def _batch(fn: list[str], ir: KernelIR, fmt: Fmt, body: Compute, batch: Batch) -
         _emit(fn, "load", ty=fmt.ld_type, dst=_vec(regs), base=_base_reg(ir, body, load.tap),
               offset=load.offset * fmt.elem)
         sources.append(regs)
+    for k, shift in enumerate(batch.shifts):    # pair windows: (a.hi, b.lo), one PRMT each
+        _emit(fn, "shift", dst=f"%s{k}", a=sources[shift.a][0], b=sources[shift.b][0])
+        sources.append([f"%s{k}"])
     if fmt.widen:
         sources = [_widen(fn, fmt, regs, "%c", i * fmt.width) for i, regs in enumerate(sources)]
     units, op, const, put = fmt.units, fmt.op, fmt.const, fn.append
@@ -272,7 +280,8 @@ def _batch(fn: list[str], ir: KernelIR, fmt: Fmt, body: Compute, batch: Batch) -
 def _compute(ir: KernelIR, body: Compute) -> list[str]:
     fmt = Fmt(ir)
     fn: list[str] = []
-    _declare(fn, fmt, body.slots * fmt.units, ir.load_batch * fmt.raw_count)
+    _declare(fn, fmt, body.slots * fmt.units, ir.load_batch * fmt.raw_count,
+             max((len(b.shifts) for b in body.batches), default=0))
     _tap_bases(fn, ir, body)
     for batch in body.batches:
         _batch(fn, ir, fmt, body, batch)

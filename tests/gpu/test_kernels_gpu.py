@@ -88,6 +88,9 @@ def test_odd_patterns(gpu, emitter, name, params):
 
 CONVS = [
     Problem("c3_s1_p1", "conv3x3", 19, 7, height=13, width=11, stride=1, padding=1),
+    # even width: 2-byte storage takes column pairs (pair windows) at vector width 2 and up
+    Problem("c3_s1_p1_w12_b2", "conv3x3", 19, 7, height=9, width=12, stride=1, padding=1,
+            batch=2),
     Problem("c3_s2_p1_b3", "conv3x3", 13, 6, height=15, width=9, stride=2, padding=1, batch=3),
     Problem("c3_s2_p0", "conv3x3", 11, 5, height=10, width=12, stride=2, padding=0),
     Problem("c3_s1_p0_b2", "conv3x3", 9, 4, height=7, width=6, stride=1, padding=0, batch=2),

@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 
 from ...ir import (Batch, Compute, Finish, Fma, IndexOp, KernelIR, Load, Partial, Reduce,
-                   ReduceRow, Step, TapBase)
-from .plan import Plan, RowGroup
+                   ReduceRow, Shift, Step, TapBase)
+from .plan import Plan, RowGroup, pair_windows
 
 # Kernels of at most this many FMA lanes (nnz x vector width) get their bodies inline in the
 # entry; larger ones one function per body, which keeps ptxas near-linear in the nonzeros.
@@ -25,6 +25,8 @@ def column_ops(plan: Plan) -> tuple[IndexOp, ...]:
     last tile compute a valid column (all loads in bounds) and skip the store (act = 0)."""
     geo, width = plan.geometry, plan.vector_width
     u = IndexOp
+    # pair windows: the corner is one column further left, an even column (see KernelIR)
+    left = geo.padding + (1 if windows(plan) else 0)
     return (u("mad", "j", "bx", plan.col_threads, "tx"), u("mul", "j", "j", width),
             u("lt", "act", "j", geo.columns), u("min", "j", "j", geo.columns - width),
             u("div", "img", "j", geo.out_pixels), u("rem", "pix", "j", geo.out_pixels),
@@ -32,12 +34,27 @@ def column_ops(plan: Plan) -> tuple[IndexOp, ...]:
             u("mul", "ih", "oh", geo.stride, signed=True),
             u("sub", "ih", "ih", geo.padding, signed=True),
             u("mul", "iw", "ow", geo.stride, signed=True),
-            u("sub", "iw", "iw", geo.padding, signed=True),
+            u("sub", "iw", "iw", left, signed=True),
             u("mul", "inoff", "img", geo.image_elems, signed=True),
             u("mad", "inoff", "ih", geo.width, "inoff", signed=True),
             u("add", "inoff", "inoff", "iw", signed=True),
             u("mul", "outoff", "img", geo.out_channels * geo.out_pixels, signed=True),
             u("add", "outoff", "outoff", "pix", signed=True))
+
+
+def windows(plan: Plan) -> bool:
+    """Column-pair windows (KernelIR.pair_windows): a 3x3 plan that fit_vector_width let take
+    column pairs."""
+    return not plan.geometry.linear and plan.vector_width == 2 and pair_windows(
+        plan.geometry, plan.dtype)
+
+
+def fma_lanes(plan: Plan) -> int:
+    """What INLINE_LIMIT counts per nonzero: the vector width, except in pair-window kernels,
+    which count FMA instructions (one half2 FMA a nonzero with fp16 sums, two fp32 FMAs else)."""
+    if windows(plan):
+        return 1 if plan.accumulate == "fp16" else 2
+    return plan.vector_width
 
 
 def _steps(plan: Plan, row: int) -> tuple[Step, ...]:
@@ -65,9 +82,83 @@ def partial_offset(plan: Plan, index: int, slot: int) -> int:
     return ((index * plan.rows_max + slot) * plan.col_threads) * plan.vector_width * plan.acc_bytes
 
 
+def _pair_batches(plan: Plan, loads) -> tuple[tuple[TapBase, ...], list[Batch], set[int]]:
+    """Pair-window loads of a 3x3 slice (KernelIR.pair_windows). The taps of one (c, r) read
+    columns ow - 1 .. ow + 2: the pairs L = (ow - 2, ow - 1), C = (ow, ow + 1) and
+    R = (ow + 2, ow + 3) at window offsets s' = 0, 2, 4. Tap s = 1 reads C; s = 0 the shift
+    (L, C), s = 2 the shift (C, R). A padding pair lies wholly outside the image (even width),
+    so each pair's base is x or the zero buffer as a whole. Units of one (c, r) stay in one batch
+    (at most max(load_batch, 3) pairs)."""
+    geo = plan.geometry
+    units: dict[int, list] = {}
+    for ld in loads:
+        units.setdefault(ld.tap // 3, []).append(ld)
+    used: dict[tuple[int, int], int] = {}
+    bases: list[TapBase] = []
+
+    def base(r: int, s: int) -> int:
+        if not geo.masked:
+            return -1
+        if (r, s) not in used:
+            used[(r, s)] = len(bases)
+            bases.append(TapBase(r, s, -(r * geo.width + s)))
+        return used[(r, s)]
+
+    limit = max(plan.params.load_batch, 3)
+    kind = np.float16 if plan.accumulate == "fp16" else np.float32
+    batches, touched = [], set()
+    pending: list[tuple[int, list]] = []
+    count = 0
+
+    def flush():
+        nonlocal count
+        if not pending:
+            return
+        batch_loads, shifts, fmas = [], [], []
+        for unit, taps in pending:
+            c, r = divmod(unit, 3)
+            ss = {ld.tap % 3 for ld in taps}
+            word = {}
+            for s_word, need in ((0, 0 in ss), (2, True), (4, 2 in ss)):
+                if need:
+                    word[s_word] = len(batch_loads)
+                    batch_loads.append(Load(base(r, s_word),
+                                            c * geo.height * geo.width + r * geo.width + s_word))
+            source = {1: word[2]}
+            for s, pair in ((0, (0, 2)), (2, (2, 4))):
+                if s in ss:
+                    source[s] = -1 - len(shifts)
+                    shifts.append(Shift(word[pair[0]], word[pair[1]]))
+            for ld in taps:
+                for slot, value in ld.uses:
+                    fmas.append((slot, float(kind(value)), source[ld.tap % 3]))
+        first_shift = len(batch_loads)
+        out = []
+        for slot, value, src in fmas:
+            src = src if src >= 0 else first_shift - 1 - src
+            out.append(Fma(slot, value, src, slot not in touched))
+            touched.add(slot)
+        batches.append(Batch(tuple(batch_loads), tuple(out), tuple(shifts)))
+        pending.clear()
+        count = 0
+
+    for unit, taps in units.items():
+        ss = {ld.tap % 3 for ld in taps}
+        words = 1 + (0 in ss) + (2 in ss)
+        if count and count + words > limit:
+            flush()
+        pending.append((unit, taps))
+        count += words
+    flush()
+    return tuple(bases), batches, touched
+
+
 def _compute(plan: Plan, group: RowGroup, index: int) -> Compute:
     geo, k = plan.geometry, plan.geometry.kernel
     loads = group.slices[index]
+    if windows(plan):
+        bases, batches, touched = _pair_batches(plan, loads)
+        return _body(plan, group, index, bases, batches, touched)
     taps = np.fromiter((ld.tap for ld in loads), dtype=np.int64, count=len(loads))
     rs = taps % (k * k)                          # r * k + s of each load's kernel tap
     offsets = ((taps // (k * k)) * geo.height * geo.width + (rs // k) * geo.width
@@ -93,6 +184,11 @@ def _compute(plan: Plan, group: RowGroup, index: int) -> Compute:
                 touched.add(slot)
         batches.append(Batch(tuple(new(Load, pair) for pair in zip(
             base_ids[start:start + batch], offsets[start:start + batch])), tuple(fmas)))
+    return _body(plan, group, index, bases, batches, touched)
+
+
+def _body(plan: Plan, group: RowGroup, index: int, bases: tuple[TapBase, ...],
+          batches: list[Batch], touched: set[int]) -> Compute:
     slots = len(group.rows)
     zero = tuple(s for s in range(slots) if s not in touched)
     if plan.k_split == 1:
@@ -122,10 +218,10 @@ def lower(plan: Plan, inline_limit: int = INLINE_LIMIT) -> KernelIR:
         comment=(f"{plan.params.name()}, {plan.nnz} nonzeros, {len(plan.groups)} row groups"),
         geometry=plan.geometry, dtype=plan.dtype, accumulate=plan.accumulate,
         vector_width=plan.vector_width, col_threads=plan.col_threads, k_split=plan.k_split,
-        load_batch=plan.params.load_batch,
+        load_batch=max(plan.params.load_batch, 3) if windows(plan) else plan.params.load_batch,
         max_registers=plan.params.max_registers, grid=plan.grid, arguments=plan.arguments,
         columns=column_ops(plan), pointers=pointers,
         slot=IndexOp("mad", "idx", "by", plan.k_split, "ty"),
         shared_bytes=plan.shared_bytes, partial_stride=plan.vector_width * plan.acc_bytes,
-        phases=tuple(phases), inline=plan.nnz * plan.vector_width <= inline_limit,
-        groups_on_x=plan.params.grid_order == "groups")
+        phases=tuple(phases), inline=plan.nnz * fma_lanes(plan) <= inline_limit,
+        groups_on_x=plan.params.grid_order == "groups", pair_windows=windows(plan))

@@ -30,8 +30,8 @@ import scipy.sparse as sp
 
 from ...errors import UserError
 from ..base import Params, check_layer
-from ...problem_shape import (MAX_STATIC_SHARED, MAX_THREADS, ColumnTiles, Epilogue, Geometry,
-                              max_vector_width)
+from ...problem_shape import (HALF_DTYPES, MAX_STATIC_SHARED, MAX_THREADS, ColumnTiles, Epilogue,
+                              Geometry, max_vector_width)
 
 BALANCE_MODES = ("nnz", "contiguous")
 GRID_ORDERS = ("tiles", "groups")     # what blockIdx.x picks
@@ -180,11 +180,22 @@ class Plan(ColumnTiles):
         return f"sparsert_{self.params.name()}_{self.digest()[:12]}"
 
 
-def fit_vector_width(geometry: Geometry, requested: int, dtype: str = "fp32") -> int:
+def pair_windows(geometry: Geometry, dtype: str) -> bool:
+    """Whether a direct convolution can take column pairs (width 2) through pair windows
+    (KernelIR.pair_windows): 2-byte storage, 3x3, stride 1, padding 1 and an even width, so a
+    thread's two columns share an output row and every pair it loads is aligned and lies wholly
+    inside or wholly outside the image."""
+    return (dtype in HALF_DTYPES and geometry.kernel == 3 and geometry.stride == 1
+            and geometry.padding == 1 and geometry.width % 2 == 0)
+
+
+def fit_vector_width(geometry: Geometry, requested: int, dtype: str = "fp32",
+                     windows: bool = False) -> int:
     """Largest width <= requested whose vectors stay inside one image row-run, stay aligned and
-    fit one 16-byte load."""
+    fit one 16-byte load; direct convolutions take one column, or with `windows` (the immediate
+    family) a pair where pair_windows allows."""
     if not geometry.linear:
-        return 1
+        return 2 if windows and requested >= 2 and pair_windows(geometry, dtype) else 1
     width = min(requested, max_vector_width(dtype))
     while width > 1 and (geometry.out_pixels % width or geometry.image_elems % width):
         width //= 2
@@ -192,10 +203,10 @@ def fit_vector_width(geometry: Geometry, requested: int, dtype: str = "fp32") ->
 
 
 def fit_columns(geometry: Geometry, vector_width: int, col_threads: int,
-                dtype: str = "fp32") -> tuple[int, int]:
+                dtype: str = "fp32", windows: bool = False) -> tuple[int, int]:
     """(vector width, column threads) fitted to the shape: a legal width, and no more threads
     (whole warps) than the columns need. Both families map columns to threads this way."""
-    width = fit_vector_width(geometry, vector_width, dtype)
+    width = fit_vector_width(geometry, vector_width, dtype, windows)
     per_thread = -(-geometry.columns // width)
     return width, min(col_threads, max(32, -(-per_thread // 32) * 32))
 
@@ -203,7 +214,8 @@ def fit_columns(geometry: Geometry, vector_width: int, col_threads: int,
 def fit_params(geometry: Geometry, params: PlanParams, dtype: str = "fp32") -> PlanParams:
     """Clamp parameters to the shape: no more column threads than columns, a legal vector width."""
     params = params.validate()
-    width, threads = fit_columns(geometry, params.vector_width, params.col_threads, dtype)
+    width, threads = fit_columns(geometry, params.vector_width, params.col_threads, dtype,
+                                 windows=True)
     rows = min(params.rows_per_group, geometry.out_channels)
     return replace(params, vector_width=width, col_threads=threads, rows_per_group=rows)
 

@@ -48,6 +48,16 @@ SLICE_INSTRUCTIONS = 160
 # blockIdx.x (grid order "groups": they read the same activations at the same time): 3-12%
 # faster on all eight such cases; on 784 columns it was once 1.4x slower (mbv1_pw4 r16v1t64),
 # so the default keeps tiles there.
+# One-image stride-1 3x3 layers with half2 sums over more than PAIR_COLUMNS columns take column
+# pairs through pair windows (KernelIR.pair_windows), with balanced_tiles' rows and threads. H100
+# run S17-1 (docs/perf-notes.md, session 17: rows x width x threads, every plan verified, fp16):
+# one-column scalar fp16 sums cost ptxas a PRMT for most FMAs (it packs two rows' b16 sums into
+# one register), and a pair's HFMA2 does two columns: rn50_c3_3x3 (784 columns) 4.81 us at the
+# default r4v1t224 against 3.84 at r2v2t224 (90%), 3.55 against 2.81 (95%); rn50_c2_3x3 (3136)
+# r16v1t96 4.00 against r4v2t224 3.51 (90%), 3.13 against 2.78 (95%). Where one tile already
+# holds the columns (rn50_c4_3x3, 196) the pairs' extra loads and shifts only add code:
+# r2v1t224 5.71 against r2v2t128 8.16.
+PAIR_COLUMNS = 256
 TALL_FMAS = 416
 TALL_ACCUMULATORS = 32
 TALL_COLUMNS = {"fp32": 512, "fp16": 2048}
@@ -110,7 +120,8 @@ def rule_params(geometry: Geometry, nnz: int, precision: str = "fp32",
     light layers (up to LIGHT_HALF2 nonzeros) take 8 columns; heavier ones take the columns fp32
     would (counted as columns, not pairs, against WIDE_CODE), but at least one pair: in run S6-6
     8 columns ran 2.2x slower than 4 on rn50_c3_reduce (6.6k nonzeros) and 4 columns 1.12x
-    slower than 2 on rn50_c4_reduce (26k).
+    slower than 2 on rn50_c4_reduce (26k). One-image stride-1 3x3 layers with half2 sums over
+    PAIR_COLUMNS columns take column pairs (pair windows).
     """
     tall_plan = tall_params(geometry, nnz, precision, sm_count) if tall else None
     if tall_plan is not None:
@@ -120,7 +131,8 @@ def rule_params(geometry: Geometry, nnz: int, precision: str = "fp32",
     big = nnz > LARGE_CODE
     heavy = big or not geometry.linear
     wanted = (2 if half2 else 1) if big else (8 if half2 and nnz <= LIGHT_HALF2 else 4)
-    width = fit_vector_width(geometry, wanted, dtype)
+    pairs = half2 and geometry.batch == 1 and geometry.columns > PAIR_COLUMNS
+    width = fit_vector_width(geometry, wanted, dtype, windows=pairs)
     while lanes(width, precision) > 1 and code_units(nnz, width, precision) > WIDE_CODE:
         width //= 2
     while half2 and not big and width > 2 and nnz * width > WIDE_CODE:
