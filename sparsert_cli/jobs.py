@@ -380,9 +380,12 @@ def winners(cases: list[CaseSpec], jobs: list[Job], db, gpu: dict, family: tuple
             continue
         best_us, _, best = min(timed, key=lambda t: (t[0], t[1]))
         default_us = next((us for us, i, _ in timed if i == 0), None)
+        family_best: dict[tuple[str, str], tuple] = {}    # each family's fastest, this run
+        for us, index, job in sorted(timed, key=lambda t: (t[0], t[1])):
+            family_best.setdefault(job.family_of(family), (us, job.params))
         summary.append({"case": case.key, "status": "ok", "best": best.params.name(),
                         "params": best.params, "us": best_us, "default_us": default_us,
-                        "family": best.family_of(family),
+                        "family": best.family_of(family), "family_best": family_best,
                         "default_family": cands[0].family_of(family)[0] if cands else None,
                         "verified": len(timed), "candidates": len(cands),
                         "problem": case.problem.id, "sparsity": case.sparsity,

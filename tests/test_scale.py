@@ -584,3 +584,48 @@ def test_tune_cli_on_sigterm_writes_out_and_exits_130(tmp_path, isolated_cache, 
     assert doc["kind"] == "tune" and doc["run"]["interrupted"] is True
     assert len(doc["cases"]) == int(found[1]) < 2
     assert real is not fake_run and signal.getsignal(signal.SIGTERM) is before   # restored
+
+
+def test_tune_records_every_measured_family_so_a_stale_time_cannot_override_the_winner(
+        tmp_path, isolated_cache):
+    """Each family's entry holds its fastest plan of this run: a losing family's faster time
+    recorded by another run (on another machine) no longer wins the lookup the bench makes."""
+    from sparsert_cli.executors import tune_config
+    from sparsert_cli.families import get_family
+    from sparsert_cli.build import code_version
+
+    tuned_path = tmp_path / "tuned.json"
+
+    def run():
+        return tune_config(small_config(), limit=16, tuned_path=tuned_path,
+                           db_path=tmp_path / "t.sqlite", measure=FakeMeasure(), gpu_ids=[0],
+                           arch="sm_90", jobs=1)["summary"]
+
+    summary = run()
+    mixed = [s for s in summary if s["status"] == "ok"
+             and len({m["family"] for m in s["measured"] if m["verified"]}) > 1]
+    assert mixed, "no case measured both families"
+    tuned = TunedDB(tuned_path)
+    for s in mixed:
+        for family in {m["family"] for m in s["measured"] if m["verified"]}:
+            times = [m["median_us"] for m in s["measured"]
+                     if m["verified"] and m["family"] == family]
+            name, version = family.split("@")
+            entry = tuned.entries[tuned.key(s["pattern_hash"], s["geometry"], "Fake GPU",
+                                            s["precision"], name, version)]
+            assert entry["us"] == min(times), (family, entry)
+    # a stale, faster time of each losing family, as another run would have left it
+    for s in mixed:
+        for m in s["measured"]:
+            name, version = m["family"].split("@")
+            if (name, version) != tuple(s["family"]):
+                key = tuned.key(s["pattern_hash"], s["geometry"], "Fake GPU", s["precision"],
+                                name, version)
+                tuned.entries[key]["us"] = 0.001
+    tuned.save()
+    run()
+    tuned = TunedDB(tuned_path)
+    for s in mixed:
+        family, _ = tuned.best(s["pattern_hash"], s["geometry"], "Fake GPU", s["precision"])
+        assert (family.name, code_version(family, "ptx")) == tuple(s["family"]), s["case"]
+        assert get_family(family.name) is family

@@ -147,17 +147,26 @@ def tune_config(config, *, gpus: str | None = None, ray: str | None = None, arch
                                                for m in entry["measured"]):
                 entry["status"] = "interrupted before every candidate was measured"
     for entry in summary:
-        if entry["status"] == "ok":
+        if entry["status"] != "ok":
+            continue
+        info = {"default_us": entry["default_us"],
+                # the plan default_us timed (candidate 0: the cost model's pick, of either
+                # family), so that a refit credits the time to that plan
+                "default_params": params_key(entry["default_params"]),
+                "default_family": entry["default_family"],
+                "candidates": entry["candidates"], "verified": entry["verified"],
+                "problem": entry["problem"], "sparsity": entry["sparsity"]}
+        # every family measured in this run gets its fastest plan and time, so the families'
+        # entries a later lookup compares (TunedDB.best) come from one run: a losing family's
+        # faster time from another run no longer overrides this run's winner
+        others = {fam: best for fam, best in entry.get("family_best", {}).items()
+                  if tuple(fam) != tuple(entry["family"])}
+        for fam, (us, params) in others.items():
             tuned.record(entry["pattern_hash"], entry["geometry"], stats["gpu"]["gpu_name"],
-                         entry["precision"], entry["params"],
-                         {"us": entry["us"], "default_us": entry["default_us"],
-                          # the plan default_us timed (candidate 0: the cost model's pick, of
-                          # either family), so that a refit credits the time to that plan
-                          "default_params": params_key(entry["default_params"]),
-                          "default_family": entry["default_family"],
-                          "candidates": entry["candidates"], "verified": entry["verified"],
-                          "problem": entry["problem"], "sparsity": entry["sparsity"]},
-                         *entry["family"])   # keyed by the code version measured (issue 9)
+                         entry["precision"], params, {"us": us, **info}, *fam)
+        tuned.record(entry["pattern_hash"], entry["geometry"], stats["gpu"]["gpu_name"],
+                     entry["precision"], entry["params"], {"us": entry["us"], **info},
+                     *entry["family"])   # keyed by the code version measured (issue 9)
     tuned.save()
     if stopped is not None:
         raise TuneInterrupted({"summary": summary, "run": stats})
