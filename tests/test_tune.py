@@ -441,3 +441,19 @@ def test_overrides_over_a_tall_default_still_build(overrides):
                            overrides=overrides, gpu_name="NVIDIA H100 80GB HBM3")
         for name, value in overrides.items():
             assert getattr(plan.params, name) == value, (pid, plan.params.name())
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_light_layers_in_one_tile_fill_one_wave_not_two(precision):
+    """49 columns fit one tile: more groups than SMs only add code each block fetches alone
+    (mbv1_pw11 at 95%: r4, 256 blocks, not r2, 512); over several tiles two waves stay."""
+    from sparsert_cli.families.immediate.tuning import rule_params
+    from sparsert_cli.problem_shape import Geometry
+
+    one_tile = Geometry(1, 512, 7, 7, 1024)
+    params = rule_params(one_tile, 26214, precision, tall=False)
+    assert params.rows_per_group == 4, params.name()
+    many = Geometry(1, 512, 28, 28, 1024)      # 784 columns: several tiles
+    params = rule_params(many, 26214, precision, tall=False)
+    tiles = -(-784 // (params.vector_width * params.col_threads))
+    assert tiles > 1 and tiles * -(-1024 // params.rows_per_group) >= 2 * 132, params.name()
