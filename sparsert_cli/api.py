@@ -701,7 +701,7 @@ def compile_kernel(weight, *, op: str = "gemm", input_shape=None, n: int | None 
       the database has one, else the cost model's choice), a family's params (PlanParams), or a
       dict over the cost model's choice.
     family: "auto" (every registered family competes) or a family's name (sparsert_cli.families).
-    emit: "ptx" or "cuda" (fp32 only).
+    emit: "ptx" or "cuda" (readable CUDA C++, compiled by NVRTC; every precision).
     arch: e.g. "sm_90" (default: the local GPU's, else sm_90). cache: True (the default kernel
       cache), None, or a KernelCache. tuned: None (configs/tuned.json), False (none), a path or a
       TunedDB. gpu_name: the GPU whose tuned plans to use (default: the local one, else H100).

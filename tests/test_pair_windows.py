@@ -172,3 +172,31 @@ def test_a_pair_plan_the_shape_cannot_take_narrows_to_one_column():
     assert plan.vector_width == 1 and not lower(plan).pair_windows
     with pytest.raises(UserError):
         _plan(weight, geometry, "fp16", vector_width=3)
+
+
+@pytest.mark.parametrize("precision", HALF)
+def test_the_cost_model_counts_pairs_and_shifts(precision):
+    """features() of a built pair plan equals estimate() from the weight alone, and counts the
+    lowering's own pairs and shifts (not one load a tap)."""
+    from sparsert_cli.families.immediate.tuning import estimate, features
+
+    geometry = Geometry(1, 16, 8, 8, 12, kernel=3, stride=1, padding=1)
+    weight = pruned_weights((12, 16, 3, 3), 0.8, 6)
+    plan = _plan(weight, geometry, precision, rows_per_group=4, vector_width=2, col_threads=32)
+    ir = lower(plan)
+    pairs = sum(len(b.loads) for body in ir.phases[0] for b in body.batches)
+    got = features(plan)
+    assert got["loads"] == pairs > plan.loads
+    assert got == estimate(geometry, to_csr(weight), plan.params, precision)
+
+
+def test_pairs_stop_where_bodies_leave_the_entry_and_the_tuner_keeps_one_column():
+    """Past INLINE_LIMIT nonzeros (rn50_c3_3x3 at 80%) the fp16 default keeps one column; where
+    it takes pairs, the one-column rule plan is among the candidates."""
+    from sparsert_cli.families.immediate.tuning import candidates
+
+    plan, _ = plan_for(problem_layer("rn50_c3_3x3", 0.8, precision="fp16"), tuned=False)
+    assert plan.vector_width == 1, plan.params.name()
+    layer = problem_layer("rn50_c2_3x3", 0.9, precision="fp16")
+    names = [p.name() for p in candidates(layer.geometry, 3686, "fp16", limit=12)]
+    assert names[0].startswith("r4v2t224") and "r16v1t96k1b8n" in names[:3]

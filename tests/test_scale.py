@@ -323,9 +323,17 @@ def test_tune_records_winners_and_skips_stored_jobs(tmp_path, isolated_cache):
     out = run_tuner(small_config(), limit=2, db_path=tuned, db_sqlite=db,
                     measure=FakeMeasure(), gpu_ids=[0, 1], arch="sm_90")
     assert out["run"]["skipped"] == 0 and all(r["status"] == "ok" for r in out["summary"])
-    entries = TunedDB(tuned).entries
-    assert len(entries) == 2 and all("|Fake GPU|fp32" in k for k in entries)
-    assert all(k.endswith("|" + "@".join(FAMILY)) for k in entries)   # the code version tuned
+    db_json = TunedDB(tuned)
+    entries = db_json.entries
+    assert all("|Fake GPU|fp32" in k for k in entries)
+    # one entry per case and family measured (the winner's and each other family's fastest),
+    # each keyed by the code version tuned
+    assert len(entries) == sum(len(r["family_best"]) for r in out["summary"])
+    for r in out["summary"]:
+        key = db_json.key(r["pattern_hash"], r["geometry"], "Fake GPU", r["precision"],
+                          *r["family"])
+        assert entries[key]["us"] == r["us"], key
+    assert any(k.endswith("|" + "@".join(FAMILY)) for k in entries)
     again = run_tuner(small_config(), limit=2, db_path=tuned, db_sqlite=db,
                       measure=FakeMeasure(), gpu_ids=[0], arch="sm_90")
     assert again["run"]["skipped"] == again["run"]["jobs"] == 4
@@ -546,7 +554,8 @@ def test_an_interrupted_tune_saves_the_fully_measured_cases(tmp_path, isolated_c
     assert {s["status"] for s in summary if s["status"] != "ok"} == {
         "interrupted before every candidate was measured"}
     assert caught.value.result["run"]["interrupted"] is True
-    assert len(TunedDB(tuned).entries) == sum(complete)
+    cases = {tuple(k.split("|")[:2]) for k in TunedDB(tuned).entries}   # pattern, shape
+    assert len(cases) == sum(complete)
 
 
 def test_tune_cli_on_sigterm_writes_out_and_exits_130(tmp_path, isolated_cache, monkeypatch,

@@ -13,7 +13,9 @@ import numpy as np
 from ...errors import UserError
 from ...problem_shape import (ELEMENT_BYTES, MAX_STATIC_SHARED, MAX_THREADS, PRECISIONS,
                               Geometry, max_vector_width)
-from .plan import MAX_GRID_Y, Plan, PlanParams, _assign_rows, fit_params, fit_vector_width
+from .lower import INLINE_LIMIT
+from .plan import (MAX_GRID_Y, Plan, PlanParams, _assign_rows, fit_params, fit_vector_width,
+                   pair_windows)
 
 # Code size is nnz x vector width FMAs; ptxas time grows with it (~0.17 s per 1k on one core).
 # Past this budget the planner narrows the vector so the biggest layers compile in ~20 s.
@@ -57,6 +59,9 @@ SLICE_INSTRUCTIONS = 160
 # r16v1t96 4.00 against r4v2t224 3.51 (90%), 3.13 against 2.78 (95%). Where one tile already
 # holds the columns (rn50_c4_3x3, 196) the pairs' extra loads and shifts only add code:
 # r2v1t224 5.71 against r2v2t128 8.16.
+# Measured at 90% and 95%, where these layers' bodies are inline; past INLINE_LIMIT nonzeros
+# (e.g. rn50_c3_3x3 at 80%) a pair plan's functions spilled more than the one-column plan's (a
+# review's compile, not timed), so those keep one column.
 PAIR_COLUMNS = 256
 TALL_FMAS = 416
 TALL_ACCUMULATORS = 32
@@ -103,7 +108,7 @@ def throughput_layer(geometry: Geometry, nnz: int, precision: str = "fp32") -> b
 
 
 def rule_params(geometry: Geometry, nnz: int, precision: str = "fp32",
-                sm_count: int = H100_SMS, tall: bool = True) -> PlanParams:
+                sm_count: int = H100_SMS, tall: bool = True, pairs: bool = True) -> PlanParams:
     """The untuned plan of latency-bound shapes, by rules (docs/perf-notes.md, "Untuned
     defaults", measures them).
 
@@ -121,7 +126,8 @@ def rule_params(geometry: Geometry, nnz: int, precision: str = "fp32",
     would (counted as columns, not pairs, against WIDE_CODE), but at least one pair: in run S6-6
     8 columns ran 2.2x slower than 4 on rn50_c3_reduce (6.6k nonzeros) and 4 columns 1.12x
     slower than 2 on rn50_c4_reduce (26k). One-image stride-1 3x3 layers with half2 sums over
-    PAIR_COLUMNS columns take column pairs (pair windows).
+    PAIR_COLUMNS columns and bodies inline (INLINE_LIMIT) take column pairs (pair windows;
+    `pairs=False`: the one-column plan).
     """
     tall_plan = tall_params(geometry, nnz, precision, sm_count) if tall else None
     if tall_plan is not None:
@@ -131,7 +137,8 @@ def rule_params(geometry: Geometry, nnz: int, precision: str = "fp32",
     big = nnz > LARGE_CODE
     heavy = big or not geometry.linear
     wanted = (2 if half2 else 1) if big else (8 if half2 and nnz <= LIGHT_HALF2 else 4)
-    pairs = half2 and geometry.batch == 1 and geometry.columns > PAIR_COLUMNS
+    pairs = (pairs and half2 and geometry.batch == 1 and geometry.columns > PAIR_COLUMNS
+             and nnz <= INLINE_LIMIT)
     width = fit_vector_width(geometry, wanted, dtype, windows=pairs)
     while lanes(width, precision) > 1 and code_units(nnz, width, precision) > WIDE_CODE:
         width //= 2
@@ -294,6 +301,8 @@ def candidates(geometry: Geometry, nnz: int, precision: str = "fp32", limit: int
     for seed in seeds:
         if isinstance(seed, PlanParams):
             add(seed)
+    if not geometry.linear and rules.vector_width == 2:   # pairs: the one-column rule plan too
+        add(rule_params(geometry, nnz, precision, pairs=False))
     if throughput_shape(geometry, rules):          # throughput_layer, rules already fitted
         for params in throughput_params(geometry, rules, precision, nnz):
             add(params)
@@ -487,24 +496,49 @@ def _slices(params: PlanParams) -> int:
     return SLICE_INSTRUCTIONS * params.k_split if params.k_split > 1 else 0
 
 
+def _windowed(geometry: Geometry, params: PlanParams, precision: str) -> bool:
+    """Whether these (fitted) parameters give a pair-window kernel (KernelIR.pair_windows)."""
+    return (not geometry.linear and params.vector_width == 2
+            and pair_windows(geometry, PRECISIONS[precision][0]))
+
+
+def _pair_loads(taps: np.ndarray) -> tuple[int, int]:
+    """(pair loads, shifts) of one group's distinct 3x3 taps with pair windows: per (c, r) the
+    centre pair, plus a pair and a shift for each of s = 0 and s = 2 it uses."""
+    edges = int(np.count_nonzero(taps % 3 != 1))
+    return len(np.unique(taps // 3)) + edges, edges
+
+
 def features(plan: Plan) -> dict[str, float]:
-    """Exact cost features of a built plan."""
+    """Exact cost features of a built plan. With pair windows a group's loads are its pairs and
+    each shift costs what a load does (a PRMT, and the same widening)."""
     width = lanes(plan.vector_width, plan.precision)
     per_load = load_instructions(plan.vector_width, plan.precision)
-    instr = np.array([per_load * sum(len(sl) for sl in g.slices)
+    windowed = _windowed(plan.geometry, plan.params, plan.precision)
+    counts = []
+    for g in plan.groups:
+        taps = np.unique(np.fromiter((ld.tap for sl in g.slices for ld in sl), dtype=np.int64))
+        counts.append(_pair_loads(taps) if windowed else (len(taps), 0))
+    instr = np.array([per_load * (loads + shifts)
                       + width * (g.nnz + STORE_INSTRUCTIONS * len(g.rows))
-                      for g in plan.groups], dtype=np.float64) + _slices(plan.params)
-    return _features(plan.geometry, plan.params, plan.precision, len(plan.groups), plan.loads,
-                     plan.nnz, plan.geometry.out_channels, instr)
+                      for g, (loads, shifts) in zip(plan.groups, counts)],
+                     dtype=np.float64) + _slices(plan.params)
+    return _features(plan.geometry, plan.params, plan.precision, len(plan.groups),
+                     sum(c[0] for c in counts), plan.nnz, plan.geometry.out_channels, instr)
 
 
 def estimate(geometry: Geometry, csr, params: PlanParams, precision: str) -> dict[str, float]:
     """features() of the plan these parameters would give, without building it: the planner's
-    own row assignment and the distinct taps per group (one load each) from the CSR indices.
-    Equal to features(plan) (tests/test_costmodel.py), ~100x cheaper for large layers."""
+    own row assignment and the distinct taps per group (one load each, or pair windows' pairs
+    and shifts) from the CSR indices. Equal to features(plan) (tests/test_costmodel.py),
+    ~100x cheaper for large layers."""
     params = fit_params(geometry, params, PRECISIONS[precision][0])
-    sizes, loads, nnz = _grouping(csr, params.rows_per_group, params.balance)
-    instr = (load_instructions(params.vector_width, precision) * loads
+    sizes, loads, nnz, pairs, shifts = _grouping(csr, params.rows_per_group, params.balance)
+    if _windowed(geometry, params, precision):
+        loads, extra = pairs, shifts
+    else:
+        extra = 0
+    instr = (load_instructions(params.vector_width, precision) * (loads + extra)
              + lanes(params.vector_width, precision) * (nnz + STORE_INSTRUCTIONS * sizes))
     return _features(geometry, params, precision, len(sizes), int(loads.sum()), int(csr.nnz),
                      csr.shape[0], instr.astype(np.float64) + _slices(params))
@@ -514,7 +548,8 @@ _GROUPINGS: dict[tuple, tuple] = {}      # the last few weights' groupings: cand
 
 
 def _grouping(csr, rows_per_group: int, balance: str):
-    """(rows, distinct taps, nonzeros) per row group, as build_plan groups the rows."""
+    """(rows, distinct taps, nonzeros, pair-window pairs, pair-window shifts) per row group, as
+    build_plan groups the rows (the last two count taps as 3x3 ones: _pair_loads)."""
     digest = hashlib.sha1(csr.indptr.tobytes() + csr.indices.tobytes()).hexdigest()
     key = (digest, csr.shape, rows_per_group, balance)
     if key not in _GROUPINGS:
@@ -527,9 +562,14 @@ def _grouping(csr, rows_per_group: int, balance: str):
             sizes[g] = len(rows)
         taps = int(csr.shape[1])
         keys = np.unique(np.repeat(group_of, row_nnz) * taps + csr.indices.astype(np.int64))
-        loads = np.bincount(keys // taps, minlength=len(groups))
+        group = keys // taps
+        loads = np.bincount(group, minlength=len(groups))
         nnz = np.bincount(group_of, weights=row_nnz, minlength=len(groups))
+        edges = np.bincount(group, weights=(keys % taps) % 3 != 1, minlength=len(groups))
+        units = np.bincount(np.unique(group * taps + (keys % taps) // 3) // taps,
+                            minlength=len(groups))
         if len(_GROUPINGS) >= 16:
             _GROUPINGS.pop(next(iter(_GROUPINGS)))
-        _GROUPINGS[key] = (sizes, loads, nnz)
+        _GROUPINGS[key] = (sizes, loads, nnz, units + edges.astype(np.int64),
+                           edges.astype(np.int64))
     return _GROUPINGS[key]
