@@ -7,7 +7,7 @@ import numpy as np
 
 from ...ir import (Batch, Compute, Finish, Fma, IndexOp, KernelIR, Load, Partial, Reduce,
                    ReduceRow, Shift, Step, TapBase)
-from .plan import Plan, RowGroup, pair_windows
+from .plan import Plan, RowGroup, takes_pairs
 
 # Kernels of at most this many FMA lanes (nnz x vector width) get their bodies inline in the
 # entry; larger ones one function per body, which keeps ptxas near-linear in the nonzeros.
@@ -45,8 +45,7 @@ def column_ops(plan: Plan) -> tuple[IndexOp, ...]:
 def windows(plan: Plan) -> bool:
     """Column-pair windows (KernelIR.pair_windows): a 3x3 plan that fit_vector_width let take
     column pairs."""
-    return not plan.geometry.linear and plan.vector_width == 2 and pair_windows(
-        plan.geometry, plan.dtype)
+    return takes_pairs(plan.geometry, plan.vector_width, plan.dtype)
 
 
 def fma_lanes(plan: Plan) -> int:
@@ -104,52 +103,44 @@ def _pair_batches(plan: Plan, loads) -> tuple[tuple[TapBase, ...], list[Batch], 
             bases.append(TapBase(r, s, -(r * geo.width + s)))
         return used[(r, s)]
 
-    limit = max(plan.params.load_batch, 3)
     kind = np.float16 if plan.accumulate == "fp16" else np.float32
     batches, touched = [], set()
-    pending: list[tuple[int, list]] = []
-    count = 0
 
-    def flush():
-        nonlocal count
-        if not pending:
-            return
-        batch_loads, shifts, fmas = [], [], []
-        for unit, taps in pending:
+    def batch_of(pending: list[tuple[int, list, set]]) -> Batch:
+        pairs, shifts, fmas = [], [], []
+        for unit, taps, ss in pending:
             c, r = divmod(unit, 3)
-            ss = {ld.tap % 3 for ld in taps}
-            word = {}
-            for s_word, need in ((0, 0 in ss), (2, True), (4, 2 in ss)):
-                if need:
-                    word[s_word] = len(batch_loads)
-                    batch_loads.append(Load(base(r, s_word),
-                                            c * geo.height * geo.width + r * geo.width + s_word))
-            source = {1: word[2]}
-            for s, pair in ((0, (0, 2)), (2, (2, 4))):
+            pair = {}
+            for s_pair in (0, 2, 4):
+                if s_pair == 2 or s_pair // 2 in ss:      # C always; L for s = 0, R for s = 2
+                    pair[s_pair] = len(pairs)
+                    pairs.append(Load(base(r, s_pair),
+                                      c * geo.height * geo.width + r * geo.width + s_pair))
+            source = {1: ("pair", pair[2])}
+            for s, (a, b) in ((0, (0, 2)), (2, (2, 4))):
                 if s in ss:
-                    source[s] = -1 - len(shifts)
-                    shifts.append(Shift(word[pair[0]], word[pair[1]]))
-            for ld in taps:
-                for slot, value in ld.uses:
-                    fmas.append((slot, float(kind(value)), source[ld.tap % 3]))
-        first_shift = len(batch_loads)
+                    source[s] = ("shift", len(shifts))
+                    shifts.append(Shift(pair[a], pair[b]))
+            fmas += [(slot, float(kind(value)), source[ld.tap % 3])
+                     for ld in taps for slot, value in ld.uses]
         out = []
-        for slot, value, src in fmas:
-            src = src if src >= 0 else first_shift - 1 - src
-            out.append(Fma(slot, value, src, slot not in touched))
+        for slot, value, (what, index) in fmas:     # sources: pairs, then shifts
+            out.append(Fma(slot, value, index + (len(pairs) if what == "shift" else 0),
+                           slot not in touched))
             touched.add(slot)
-        batches.append(Batch(tuple(batch_loads), tuple(out), tuple(shifts)))
-        pending.clear()
-        count = 0
+        return Batch(tuple(pairs), tuple(out), tuple(shifts))
 
+    limit, pending, count = max(plan.params.load_batch, 3), [], 0
     for unit, taps in units.items():
         ss = {ld.tap % 3 for ld in taps}
-        words = 1 + (0 in ss) + (2 in ss)
-        if count and count + words > limit:
-            flush()
-        pending.append((unit, taps))
-        count += words
-    flush()
+        need = 1 + (0 in ss) + (2 in ss)
+        if count and count + need > limit:
+            batches.append(batch_of(pending))
+            pending, count = [], 0
+        pending.append((unit, taps, ss))
+        count += need
+    if pending:
+        batches.append(batch_of(pending))
     return tuple(bases), batches, touched
 
 

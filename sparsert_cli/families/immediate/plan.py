@@ -189,6 +189,11 @@ def pair_windows(geometry: Geometry, dtype: str) -> bool:
             and geometry.padding == 1 and geometry.width % 2 == 0)
 
 
+def takes_pairs(geometry: Geometry, vector_width: int, dtype: str) -> bool:
+    """Whether a plan of this (fitted) width is a pair-window kernel (KernelIR.pair_windows)."""
+    return not geometry.linear and vector_width == 2 and pair_windows(geometry, dtype)
+
+
 def fit_vector_width(geometry: Geometry, requested: int, dtype: str = "fp32",
                      windows: bool = False) -> int:
     """Largest width <= requested whose vectors stay inside one image row-run, stay aligned and

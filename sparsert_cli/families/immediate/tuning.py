@@ -15,7 +15,7 @@ from ...problem_shape import (ELEMENT_BYTES, MAX_STATIC_SHARED, MAX_THREADS, PRE
                               Geometry, max_vector_width)
 from .lower import INLINE_LIMIT
 from .plan import (MAX_GRID_Y, Plan, PlanParams, _assign_rows, fit_params, fit_vector_width,
-                   pair_windows)
+                   takes_pairs)
 
 # Code size is nnz x vector width FMAs; ptxas time grows with it (~0.17 s per 1k on one core).
 # Past this budget the planner narrows the vector so the biggest layers compile in ~20 s.
@@ -496,12 +496,6 @@ def _slices(params: PlanParams) -> int:
     return SLICE_INSTRUCTIONS * params.k_split if params.k_split > 1 else 0
 
 
-def _windowed(geometry: Geometry, params: PlanParams, precision: str) -> bool:
-    """Whether these (fitted) parameters give a pair-window kernel (KernelIR.pair_windows)."""
-    return (not geometry.linear and params.vector_width == 2
-            and pair_windows(geometry, PRECISIONS[precision][0]))
-
-
 def _pair_loads(taps: np.ndarray) -> tuple[int, int]:
     """(pair loads, shifts) of one group's distinct 3x3 taps with pair windows: per (c, r) the
     centre pair, plus a pair and a shift for each of s = 0 and s = 2 it uses."""
@@ -514,7 +508,7 @@ def features(plan: Plan) -> dict[str, float]:
     each shift costs what a load does (a PRMT, and the same widening)."""
     width = lanes(plan.vector_width, plan.precision)
     per_load = load_instructions(plan.vector_width, plan.precision)
-    windowed = _windowed(plan.geometry, plan.params, plan.precision)
+    windowed = takes_pairs(plan.geometry, plan.vector_width, plan.dtype)
     counts = []
     for g in plan.groups:
         taps = np.unique(np.fromiter((ld.tap for sl in g.slices for ld in sl), dtype=np.int64))
@@ -534,7 +528,7 @@ def estimate(geometry: Geometry, csr, params: PlanParams, precision: str) -> dic
     ~100x cheaper for large layers."""
     params = fit_params(geometry, params, PRECISIONS[precision][0])
     sizes, loads, nnz, pairs, shifts = _grouping(csr, params.rows_per_group, params.balance)
-    if _windowed(geometry, params, precision):
+    if takes_pairs(geometry, params.vector_width, PRECISIONS[precision][0]):
         loads, extra = pairs, shifts
     else:
         extra = 0
