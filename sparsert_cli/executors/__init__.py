@@ -156,17 +156,13 @@ def tune_config(config, *, gpus: str | None = None, ray: str | None = None, arch
                 "default_family": entry["default_family"],
                 "candidates": entry["candidates"], "verified": entry["verified"],
                 "problem": entry["problem"], "sparsity": entry["sparsity"]}
-        # every family measured in this run gets its fastest plan and time, so the families'
-        # entries a later lookup compares (TunedDB.best) come from one run: a losing family's
-        # faster time from another run no longer overrides this run's winner
-        others = {fam: best for fam, best in entry.get("family_best", {}).items()
-                  if tuple(fam) != tuple(entry["family"])}
-        for fam, (us, params) in others.items():
+        # every family measured in this run gets its fastest plan and time (the winner's family:
+        # the winner), so the families' entries a later lookup compares (TunedDB.best) come
+        # from one run: a losing family's faster time from another run cannot override the
+        # winner. Keyed by the code version measured (issue 9).
+        for fam, (us, params) in entry["family_best"].items():
             tuned.record(entry["pattern_hash"], entry["geometry"], stats["gpu"]["gpu_name"],
                          entry["precision"], params, {"us": us, **info}, *fam)
-        tuned.record(entry["pattern_hash"], entry["geometry"], stats["gpu"]["gpu_name"],
-                     entry["precision"], entry["params"], {"us": entry["us"], **info},
-                     *entry["family"])   # keyed by the code version measured (issue 9)
     tuned.save()
     if stopped is not None:
         raise TuneInterrupted({"summary": summary, "run": stats})
