@@ -241,6 +241,21 @@ def test_3x3_default_and_wide_code_narrows_the_vector():
 
 
 @pytest.mark.parametrize("pid, precision, name", [
+    ("mbv1_pw4", "bf16", "r2v4t128k1b8n"),       # S18-1: 2.44 us against r2v4t64 3.56
+    ("rn50_c3_reduce", "bf16", "r2v4t128k1b8n"),  # 2.79 against 4.01
+    ("mbv1_pw3", "bf16", "r2v4t128k1b8n"),       # 1.95 against 1.92
+    ("rn50_c3_reduce", "fp16acc32", "r2v4t128k1b8n"),
+    ("rn50_c3_reduce", "fp16", "r2v4t64k1b8n"),   # half2 sums keep 64 threads
+    ("mbv1_pw5", "bf16", "r2v4t64k1b8n"),        # one tile of 64 holds its 49 vectors
+])
+def test_widened_light_layers_take_128_threads(pid, precision, name):
+    """Light layers whose 2-byte inputs are widened to fp32 sums (bf16, fp16acc32) take tiles of
+    128 threads once a thread's vectors pass 64: half the tiles, each of which fetches its
+    group's code (S18-1)."""
+    assert _rule(pid, precision=precision)[0].name() == name
+
+
+@pytest.mark.parametrize("pid, precision, name", [
     ("mbv1_pw2", "fp32", "r32v1t128k1b8ng"),     # S16-1: 2.35 us (r8v4t64, tuned: 3.25)
     ("rn50_c2_expand", "fp32", "r32v1t128k1b8ng"),
     ("mbv1_pw0", "fp32", "r32v1t128k1b8ng"),
@@ -249,6 +264,9 @@ def test_3x3_default_and_wide_code_narrows_the_vector():
     ("rn50_c3_reduce", "fp32", "r8v1t128k1b8n"),
     ("mbv1_pw2", "fp16", "r16v2t128k1b8ng"),     # half2: a column pair, 32 sums a thread
     ("rn50_c2_expand", "fp16", "r16v2t128k1b8ng"),
+    ("mbv1_pw2", "bf16", "r32v1t128k1b8ng"),     # S18-1: r32v1 2.24-2.38 us, r2v4t64 2.60
+    ("mbv1_pw0", "bf16", "r32v1t128k1b8ng"),
+    ("mbv1_pw2", "fp16acc32", "r32v1t128k1b8ng"),  # widened sums, as bf16
 ])
 def test_light_layers_over_many_columns_default_to_tall_groups(pid, precision, name):
     """Light batch-1 1x1 layers with enough columns (TALL_COLUMNS) take tall row groups of one
@@ -262,7 +280,7 @@ def test_light_layers_over_many_columns_default_to_tall_groups(pid, precision, n
 @pytest.mark.parametrize("pid, precision", [
     ("mbv1_pw5", "fp32"), ("mbv1_pw6", "fp32"), ("rn50_c4_reduce", "fp32"),   # 196 columns
     ("mbv1_pw3", "fp16"), ("mbv1_pw4", "fp16"),          # fp16 under 2048 columns
-    ("mbv1_pw2", "bf16"), ("mbv1_pw2", "fp16acc32"),     # not measured
+    ("mbv1_pw4", "bf16"), ("rn50_c3_reduce", "fp16acc32"),  # widened sums under 2048 columns
     ("rn50_c2_3x3", "fp32"), ("bert_ffn_up", "fp32"),    # direct 3x3; over LARGE_CODE
 ])
 def test_tall_groups_stay_where_they_were_measured(pid, precision):

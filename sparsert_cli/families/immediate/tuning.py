@@ -63,9 +63,19 @@ SLICE_INSTRUCTIONS = 160
 # (e.g. rn50_c3_3x3 at 80%) a pair plan's functions spilled more than the one-column plan's (a
 # review's compile, not timed), so those keep one column.
 PAIR_COLUMNS = 256
+# Precisions whose 2-byte inputs are widened to fp32 sums, one instruction a column (bf16: SHF or
+# LOP3; fp16acc32: HADD2), so a nonzero costs each column a widening and an FFMA: their light
+# layers are the more bound by each tile's fetch of its group's code. H100 run S18-1
+# (docs/perf-notes.md, session 18: bf16 at 90%, rows x width x threads, every plan verified):
+# at 784 columns r2v4t128 (2 tiles) ran 2.44 us against the rule's r2v4t64 (4 tiles) 3.56 on
+# mbv1_pw4 and 2.79 against 4.01 on rn50_c3_reduce, and within 2% of it on mbv1_pw3 (1.95
+# against 1.92); from TALL_COLUMNS (2048, fp16's) on, tall groups of one column a thread
+# (mbv1_pw2: r32v1t64 2.24 against r2v4t64 2.60; mbv1_pw0 r32v1 1.92 against 2.10). fp16acc32
+# has the same code shape and follows bf16 (not measured on its own).
+WIDENED = ("bf16", "fp16acc32")
 TALL_FMAS = 416
 TALL_ACCUMULATORS = 32
-TALL_COLUMNS = {"fp32": 512, "fp16": 2048}
+TALL_COLUMNS = {"fp32": 512, "fp16": 2048, "bf16": 2048, "fp16acc32": 2048}
 TALL_GROUPS_COLUMNS = 2048
 
 
@@ -83,7 +93,7 @@ def load_instructions(vector_width: int, precision: str) -> int:
     """Instructions per activation load: the load, and where 2-byte data is summed in fp32
     (bf16, fp16acc32) one widening instruction per column (SASS of the ptx-3 printer: a bit
     operation per bf16 column, HADD2.F32 per fp16 column)."""
-    return 1 + (vector_width if precision in ("bf16", "fp16acc32") else 0)
+    return 1 + (vector_width if precision in WIDENED else 0)
 
 
 def default_params(geometry: Geometry, nnz: int, precision: str = "fp32",
@@ -151,6 +161,8 @@ def rule_params(geometry: Geometry, nnz: int, precision: str = "fp32",
         rows, threads = balanced
     elif heavy:
         threads = min(256, -(-per_thread // 32) * 32)
+    elif precision in WIDENED and per_thread > 64:
+        threads = 128       # widened sums: half the tiles, each fetching the group's code
     else:
         threads = 32 if per_thread <= 32 else 64 if per_thread <= 2048 else 128
     tiles = -(-per_thread // threads)
@@ -180,7 +192,7 @@ def tall_params(geometry: Geometry, nnz: int, precision: str = "fp32",
                 sm_count: int = H100_SMS, min_columns: int | None = None) -> PlanParams | None:
     """The tall-group plan of a light batch-1 1x1 or GEMM layer (see TALL_FMAS), or None when
     the layer is not one (batched, 3x3 or strided, over LARGE_CODE nonzeros, fewer columns than
-    TALL_COLUMNS of its precision, or a precision not measured: bf16). `min_columns` overrides
+    TALL_COLUMNS of its precision). `min_columns` overrides
     the column threshold (the tuner's candidates use 1)."""
     if (precision not in TALL_COLUMNS or geometry.batch != 1 or not geometry.linear
             or nnz > LARGE_CODE
