@@ -46,6 +46,14 @@ OTHER_FAMILY_MARGIN = 1.05
 # SM whatever the warps or code streams), so a straight-line kernel's block cannot finish before
 # its own code has arrived: the floor that choose() holds such families' predictions to.
 FETCH_BYTES_PER_US = 3.2e3
+# ... when one SM alone runs a block's code. Where several blocks run the same code (the
+# immediate family's column tiles of one row group: features' "code_sharers"), it arrives
+# faster: H100 tuning runs (paper20 fp32 and fp16 at 90%, S16/S17; bf16 S18-2), the largest
+# block's code over (time - launch) reached at most 5.0 GB/s per SM with one tile (163 plans),
+# but up to 9.8 with two tiles, 9.0 with 3-7 and 13.0 with 8 or more (203 plans; 111 of them
+# ran faster than the 3.2 GB/s floor allows, e.g. bf16 rn50_c3_reduce r2v4t128: 15 KB of code
+# a block, 2.79 us against a 5.56 us floor). Shared code is held to this many times the rate.
+SHARED_FETCH_FACTOR = 4.0
 # A streamed worker walks its entries as a chain: 32 at a time, each chunk a dependent table
 # load plus its 32 activation loads and FMAs. On pruned rows (max/mean row nonzeros 5-14) the
 # longest worker sets the kernel's time, which the linear fit (made on uniform patterns)
@@ -60,7 +68,11 @@ ENTRY_LATENCY_US = 0.025
 def fetch_floor_us(features: dict, launch_us: float,
                    bytes_per_us: float = FETCH_BYTES_PER_US) -> float:
     """launch + the largest block's code at the fetch rate of code that runs once (a GPU entry
-    may carry its own measured `fetch_bytes_per_us`; the default is the H100's)."""
+    may carry its own measured `fetch_bytes_per_us`; the default is the H100's), or
+    SHARED_FETCH_FACTOR times that rate where several blocks run each block's code
+    (features' "code_sharers" > 1)."""
+    if float(features.get("code_sharers", 1.0)) > 1:
+        bytes_per_us *= SHARED_FETCH_FACTOR
     return launch_us + float(features.get("max_block_code_bytes", 0.0)) / bytes_per_us
 
 

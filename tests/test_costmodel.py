@@ -477,6 +477,27 @@ def test_predictions_hold_the_fetch_floor_too(coefficients):
     assert costmodel.fetch_floor_us(features, 1.0, 6.4e3) == pytest.approx(6.0)
 
 
+def test_code_that_several_blocks_run_is_held_to_a_faster_fetch(coefficients):
+    """Column tiles of one row group run the same code (features' code_sharers): its floor is
+    SHARED_FETCH_FACTOR times faster (S18-2: up to 13 GB/s per SM measured on shared code,
+    at most 5.0 on code one SM runs alone); one tile keeps the 3.2 GB/s floor."""
+    features = {name: 0.0 for name in costmodel.FEATURES} | {
+        "launches": 1.0, "blocks": 2.0, "threads_per_block": 32.0,
+        "max_block_code_bytes": 32e3}
+    alone = costmodel.predict_features(features | {"code_sharers": 1.0}, "any", coefficients,
+                                       "immediate")
+    shared = costmodel.predict_features(features | {"code_sharers": 2.0}, "any",
+                                        coefficients, "immediate")
+    assert alone == pytest.approx(11.0)
+    assert shared == pytest.approx(1.0 + 10.0 / costmodel.SHARED_FETCH_FACTOR)
+    problem = builtin_problems()["mbv1_pw4"]
+    csr = to_csr(generate(problem, 0.9, "uniform", 0))
+    one, two = (IMMEDIATE.estimate(geometry_for(problem), csr,
+                                   PlanParams(rows_per_group=2, vector_width=4, col_threads=t),
+                                   "bf16")["code_sharers"] for t in (256, 128))
+    assert (one, two) == (1.0, 2.0)         # 196 vectors: one tile of 256 threads, two of 128
+
+
 def test_the_streamed_family_is_held_to_its_longest_workers_chain(coefficients):
     """A streamed plan is never predicted below launch + ENTRY_LATENCY_US per entry of its
     longest worker: a pruned-like layer (uneven rows) gets the immediate family, the uniform

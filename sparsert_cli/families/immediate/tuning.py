@@ -71,8 +71,13 @@ PAIR_COLUMNS = 256
 # mbv1_pw4 and 2.79 against 4.01 on rn50_c3_reduce, and within 2% of it on mbv1_pw3 (1.95
 # against 1.92); from TALL_COLUMNS (2048, fp16's) on, tall groups of one column a thread
 # (mbv1_pw2: r32v1t64 2.24 against r2v4t64 2.60; mbv1_pw0 r32v1 1.92 against 2.10). fp16acc32
-# has the same code shape and follows bf16 (not measured on its own).
+# has the same code shape and follows bf16 (not measured on its own). Their light layers also
+# keep WIDENED_THREADS threads' worth of vectors (narrower vectors where the columns are few)
+# and one wave of blocks: S18-2 (bf16 tune at 90%) on 196 columns, where the rule's r2v4t64 is
+# one tile of 49 busy threads, r8v1t64 ran 2.30 us against it 3.93 (mbv1_pw5), r4v1t128 3.46
+# against r2v2t128 5.52 (mbv1_pw6), r2v1t128 3.61 against r2v2t128 5.29 (rn50_c4_reduce).
 WIDENED = ("bf16", "fp16acc32")
+WIDENED_THREADS = 128
 TALL_FMAS = 416
 TALL_ACCUMULATORS = 32
 TALL_COLUMNS = {"fp32": 512, "fp16": 2048, "bf16": 2048, "fp16acc32": 2048}
@@ -154,6 +159,9 @@ def rule_params(geometry: Geometry, nnz: int, precision: str = "fp32",
         width //= 2
     while half2 and not big and width > 2 and nnz * width > WIDE_CODE:
         width //= 2     # fp16 keeps fp32's columns per thread past LIGHT_HALF2 (see above)
+    widened = precision in WIDENED and not heavy
+    while widened and width > 1 and geometry.columns < WIDENED_THREADS * width:
+        width //= 2     # widened sums: WIDENED_THREADS threads' worth of vectors (see WIDENED)
     per_thread = -(-geometry.columns // width)
     balanced = (balanced_tiles(geometry.out_channels, per_thread, sm_count)
                 if geometry.kernel == 3 and geometry.batch == 1 else None)
@@ -161,8 +169,8 @@ def rule_params(geometry: Geometry, nnz: int, precision: str = "fp32",
         rows, threads = balanced
     elif heavy:
         threads = min(256, -(-per_thread // 32) * 32)
-    elif precision in WIDENED and per_thread > 64:
-        threads = 128       # widened sums: half the tiles, each fetching the group's code
+    elif widened and per_thread > 64:
+        threads = WIDENED_THREADS   # widened sums: half the tiles, each fetching the group's code
     else:
         threads = 32 if per_thread <= 32 else 64 if per_thread <= 2048 else 128
     tiles = -(-per_thread // threads)
@@ -172,7 +180,7 @@ def rule_params(geometry: Geometry, nnz: int, precision: str = "fp32",
         # column: each further group is then code only its own block fetches (H100, pruned
         # mobilenet.yaml mbv1_pw11 at 95%, 49 columns: r2, 512 blocks, 4.06 us against r4,
         # 256 blocks, 3.45 in run S16-6; 5.08 against 3.70 in S17-4)
-        fill = (sm_count - sm_count // 8 if heavy else sm_count if tiles == 1
+        fill = (sm_count - sm_count // 8 if heavy else sm_count if tiles == 1 or widened
                 else 2 * sm_count)
         while rows > 2 and tiles * -(-geometry.out_channels // rows) < fill:
             rows //= 2
@@ -497,6 +505,7 @@ def _features(geometry: Geometry, params: PlanParams, precision: str, groups: in
             "threads_per_block": float(params.col_threads * params.k_split),
             "code_bytes": code, "fetched_code_bytes": code * tiles,
             "max_block_code_bytes": float(group_instr.max(initial=0)) * INSTRUCTION_BYTES,
+            "code_sharers": float(tiles),            # blocks that run each group's code
             "flops": 2.0 * nnz * geometry.columns,
             "dram_bytes": float(element * (geometry.input_elems + geometry.output_elems)),
             "l2_bytes": float(loads * columns * element),
