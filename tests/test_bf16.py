@@ -348,7 +348,8 @@ def test_gen_bf16_writes_a_bfloat16_manifest(tmp_path, capsys, isolated_cache, e
     path = tmp_path / "w.npy"
     np.save(path, uniform_weights((16, 32), 0.8, 0))
     out = tmp_path / "k"
-    code, _, err = run_main(["gen", "--pattern", str(path), "--n", "512", "--dtype", "bf16",
+    code, _, err = run_main(["gen", "--pattern", str(path), "--n", "64", "--dtype", "bf16",
+                             "--plan", "vector_width=4",        # widened pairs to print
                              "--emit", emitter, "-o", str(out), "--json"], capsys)
     assert code == 0, err
     doc = json.loads((out / "manifest.json").read_text())

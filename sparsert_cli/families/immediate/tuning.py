@@ -254,9 +254,12 @@ def refine_default(geometry: Geometry, csr, params: PlanParams, precision: str) 
     wider rule vectors can still switch (rn50_c4_reduce at 95%, r2v4t64 to r4v1t128: not
     measured; that case runs its tuned plan in the paper20 bench). Only one-slice latency
     defaults are compared (a K-split halves a thread's serial work, which the largest group's
-    code does not show; throughput plans are chosen by their own floors)."""
+    code does not show; throughput plans are chosen by their own floors). Widened sums (bf16,
+    fp16acc32) likewise: S18-3 (mobilenet.yaml, bf16) mbv1_pw4 r2v4t128 4.96 us against
+    r16v1t128 2.79 at 90%, 3.09 against 2.35 at 95%."""
     nnz = int(csr.nnz)
-    if (precision != "fp32" or params.k_split != 1 or throughput_layer(geometry, nnz, precision)):
+    if (precision not in ("fp32", *WIDENED) or params.k_split != 1
+            or throughput_layer(geometry, nnz, precision)):
         return params   # fp16 not measured; a K-split's or throughput plan's time is not its
                         # largest group's code
     tall = tall_params(geometry, nnz, precision, min_columns=1)
