@@ -20,6 +20,7 @@ from dataclasses import replace
 import numpy as np
 
 import sparsert_cli as sparsert
+from sparsert_cli.api import plan_layers
 from sparsert_cli.families.immediate import fit_params
 from sparsert_cli.problem_shape import PRECISIONS
 
@@ -40,6 +41,7 @@ def ints(text: str) -> tuple[int, ...]:
 
 
 WIDTHS = ints(args.widths) if args.widths else {"fp32": (1, 2, 4), "bf16": (1, 2, 4),
+                                               "fp16acc32": (1, 2, 4),
                                                "fp16": (2, 4, 8)}[args.precision]
 started = time.monotonic()
 
@@ -71,10 +73,17 @@ def around(params) -> list:
 
 
 def measure(problem: str, plans: list, gpu, inputs_cache: dict) -> list[dict]:
-    layers = [sparsert.problem_layer(problem, args.sparsity, precision=args.precision, plan=p)
-              for p in plans]
+    layers, rows = [], []
+    for p in plans:       # a plan this layer cannot take (e.g. too much shared memory): a row
+        layer = sparsert.problem_layer(problem, args.sparsity, precision=args.precision, plan=p)
+        try:
+            plan_layers([layer], tuned=False)
+        except sparsert.UserError as exc:
+            rows.append({"problem": problem, "sparsity": args.sparsity,
+                         "precision": args.precision, "plan": p.name(), "error": exc.message})
+            continue
+        layers.append(layer)
     kernels = sparsert.compile_kernels(layers, arch="sm_90", tuned=False)
-    rows = []
     for kernel in kernels:
         row = {"problem": problem, "sparsity": args.sparsity, "precision": args.precision}
         if not isinstance(kernel, sparsert.Kernel):
