@@ -61,7 +61,11 @@ SLICE_INSTRUCTIONS = 160
 # r2v1t224 5.71 against r2v2t128 8.16.
 # Measured at 90% and 95%, where these layers' bodies are inline; past INLINE_LIMIT nonzeros
 # (e.g. rn50_c3_3x3 at 80%) a pair plan's functions spilled more than the one-column plan's (a
-# review's compile, not timed), so those keep one column.
+# review's compile, not timed), so those keep one column. Widened sums (WIDENED, below) take
+# the same pairs: their code a column is no smaller (a pair's two widenings and FFMAs), but a
+# pair load feeds two columns: bf16 run S18-5, rn50_c3_3x3 r2v2t224 4.10 us against r4v1t224
+# 4.58, rn50_c2_3x3 r4v2t224 3.79 against r16v1t96 4.20 (90%; S18-2 and S18-3 measured the
+# first at 4.12-4.14 against 4.62-4.63).
 PAIR_COLUMNS = 256
 # Precisions whose 2-byte inputs are widened to fp32 sums, one instruction a column (bf16: SHF or
 # LOP3; fp16acc32: HADD2), so a nonzero costs each column a widening and an FFMA: their light
@@ -140,10 +144,10 @@ def rule_params(geometry: Geometry, nnz: int, precision: str = "fp32",
     light layers (up to LIGHT_HALF2 nonzeros) take 8 columns; heavier ones take the columns fp32
     would (counted as columns, not pairs, against WIDE_CODE), but at least one pair: in run S6-6
     8 columns ran 2.2x slower than 4 on rn50_c3_reduce (6.6k nonzeros) and 4 columns 1.12x
-    slower than 2 on rn50_c4_reduce (26k). One-image stride-1 3x3 layers with half2 sums over
-    PAIR_COLUMNS columns and bodies inline (INLINE_LIMIT) take column pairs (pair windows;
-    `pairs=False`: the one-column plan).
-    """
+    slower than 2 on rn50_c4_reduce (26k). One-image stride-1 3x3 layers with 2-byte inputs
+    (half2 or widened sums) over PAIR_COLUMNS columns and bodies inline (INLINE_LIMIT) take
+    column pairs (pair windows; `pairs=False`: the one-column plan). Widened sums' light layers
+    keep WIDENED_THREADS threads' worth of vectors in one wave (see WIDENED)."""
     tall_plan = tall_params(geometry, nnz, precision, sm_count) if tall else None
     if tall_plan is not None:
         return tall_plan
@@ -152,8 +156,8 @@ def rule_params(geometry: Geometry, nnz: int, precision: str = "fp32",
     big = nnz > LARGE_CODE
     heavy = big or not geometry.linear
     wanted = (2 if half2 else 1) if big else (8 if half2 and nnz <= LIGHT_HALF2 else 4)
-    pairs = (pairs and half2 and geometry.batch == 1 and geometry.columns > PAIR_COLUMNS
-             and nnz <= INLINE_LIMIT)
+    pairs = (pairs and (half2 or precision in WIDENED) and geometry.batch == 1
+             and geometry.columns > PAIR_COLUMNS and nnz <= INLINE_LIMIT)
     width = fit_vector_width(geometry, wanted, dtype, windows=pairs)
     while lanes(width, precision) > 1 and code_units(nnz, width, precision) > WIDE_CODE:
         width //= 2
