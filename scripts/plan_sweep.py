@@ -79,8 +79,10 @@ def measure(problem: str, plans: list, gpu, inputs_cache: dict) -> list[dict]:
         try:
             plan_layers([layer], tuned=False)
         except sparsert.UserError as exc:
+            fitted = fit_params(layer.geometry, p, PRECISIONS[args.precision][0])
             rows.append({"problem": problem, "sparsity": args.sparsity,
-                         "precision": args.precision, "plan": p.name(), "error": exc.message})
+                         "precision": args.precision, "plan": fitted.name(),
+                         "error": exc.message})
             continue
         layers.append(layer)
     kernels = sparsert.compile_kernels(layers, arch="sm_90", tuned=False)

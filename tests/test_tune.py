@@ -238,7 +238,7 @@ def test_3x3_default_and_wide_code_narrows_the_vector():
     for pid in ("mbv1_pw6", "rn50_c4_reduce"):     # 196 columns: fp32 keeps the rule's pairs
         assert _rule(pid)[0].vector_width == 2, pid
     assert _rule("mbv1_pw6", density=0.05)[0].vector_width == 4       # 13k x 4 < WIDE_CODE
-    assert _rule("mbv1_pw3", precision="bf16")[0].rows_per_group == 2  # light: a full wave
+    assert _rule("mbv1_pw3", precision="bf16")[0].rows_per_group == 2  # light: r4 fills 128 < 132
 
 
 @pytest.mark.parametrize("pid, precision, name", [
@@ -297,7 +297,7 @@ def test_tall_groups_stay_where_they_were_measured(pid, precision):
                        precision) is None
 
 
-@pytest.mark.parametrize("precision", ["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "bf16", "fp16acc32"])
 def test_every_builtin_layers_default_is_a_legal_block(precision):
     """The rule's k-split stays inside a block (1024 threads) and its slices' partial sums inside
     static shared memory: the batch-8 3x3 layers (many tiles: 32 rows per group) once asked for

@@ -75,11 +75,13 @@ PAIR_COLUMNS = 256
 # mbv1_pw4 and 2.79 against 4.01 on rn50_c3_reduce, and within 2% of it on mbv1_pw3 (1.95
 # against 1.92); from TALL_COLUMNS (2048, fp16's) on, tall groups of one column a thread
 # (mbv1_pw2: r32v1t64 2.24 against r2v4t64 2.60; mbv1_pw0 r32v1 1.92 against 2.10). fp16acc32
-# has the same code shape and follows bf16 (not measured on its own). Their light layers also
+# has the same code shape and follows bf16 (S18-5 measured it: mbv1_pw4 r2v4t128 2.54 us
+# against r2v4t64 3.74, rn50_c3_reduce 2.87 against 4.08). Their one-image light layers also
 # keep WIDENED_THREADS threads' worth of vectors (narrower vectors where the columns are few)
-# and one wave of blocks: S18-2 (bf16 tune at 90%) on 196 columns, where the rule's r2v4t64 is
-# one tile of 49 busy threads, r8v1t64 ran 2.30 us against it 3.93 (mbv1_pw5), r4v1t128 3.46
-# against r2v2t128 5.52 (mbv1_pw6), r2v1t128 3.61 against r2v2t128 5.29 (rn50_c4_reduce).
+# and one wave of blocks: S18-2 (bf16 tune at 90%) on 196 columns, where the old rule's r2v4t64
+# is one tile of 49 busy threads, the rule's r4v1t128 ran 2.47 us against it 3.93 (mbv1_pw5;
+# best r8v1t64 2.30), r4v1t128 3.46 against r2v2t128 5.52 (mbv1_pw6), r2v1t128 3.61 against
+# r2v2t128 5.29 (rn50_c4_reduce). Batched layers keep the older rules (not measured).
 WIDENED = ("bf16", "fp16acc32")
 WIDENED_THREADS = 128
 TALL_FMAS = 416
@@ -131,7 +133,8 @@ def rule_params(geometry: Geometry, nnz: int, precision: str = "fp32",
     """The untuned plan of latency-bound shapes, by rules (docs/perf-notes.md, "Untuned
     defaults", measures them).
 
-    Light layers are latency-bound: wide vectors and enough blocks for two waves. Code-heavy
+    Light layers are latency-bound: wide vectors and enough blocks for two waves (one for
+    widened sums, see WIDENED). Code-heavy
     plans are bound by instruction fetch (the weights are the instruction stream, 16 bytes per
     FMA, docs/perf-notes.md): large layers, and direct convolutions, whose columns cannot share
     an FMA (width 1) so that each column runs its group's whole filter. They get scalar columns,
@@ -163,7 +166,7 @@ def rule_params(geometry: Geometry, nnz: int, precision: str = "fp32",
         width //= 2
     while half2 and not big and width > 2 and nnz * width > WIDE_CODE:
         width //= 2     # fp16 keeps fp32's columns per thread past LIGHT_HALF2 (see above)
-    widened = precision in WIDENED and not heavy
+    widened = precision in WIDENED and not heavy and geometry.batch == 1    # measured at 1
     while widened and width > 1 and geometry.columns < WIDENED_THREADS * width:
         width //= 2     # widened sums: WIDENED_THREADS threads' worth of vectors (see WIDENED)
     per_thread = -(-geometry.columns // width)
@@ -180,7 +183,8 @@ def rule_params(geometry: Geometry, nnz: int, precision: str = "fp32",
     tiles = -(-per_thread // threads)
     if not balanced:
         rows = 32 if heavy else 8
-        # light layers aim for two waves of blocks, one wave where one tile holds every
+        # light layers aim for two waves of blocks (widened sums: one; rows stop at 2, so a
+        # layer of few rows may still take two), one wave where one tile holds every
         # column: each further group is then code only its own block fetches (H100, pruned
         # mobilenet.yaml mbv1_pw11 at 95%, 49 columns: r2, 512 blocks, 4.06 us against r4,
         # 256 blocks, 3.45 in run S16-6; 5.08 against 3.70 in S17-4)
