@@ -20,7 +20,7 @@ from dataclasses import replace
 import numpy as np
 
 import sparsert_cli as sparsert
-from sparsert_cli.api import plan_layers
+from sparsert_cli.api import compile_plans, plan_layers
 from sparsert_cli.families.immediate import fit_params
 from sparsert_cli.problem_shape import PRECISIONS
 
@@ -73,11 +73,11 @@ def around(params) -> list:
 
 
 def measure(problem: str, plans: list, gpu, inputs_cache: dict) -> list[dict]:
-    layers, rows = [], []
+    layers, planned, rows = [], [], []
     for p in plans:       # a plan this layer cannot take (e.g. too much shared memory): a row
         layer = sparsert.problem_layer(problem, args.sparsity, precision=args.precision, plan=p)
         try:
-            plan_layers([layer], tuned=False)
+            planned += plan_layers([layer], tuned=False)
         except sparsert.UserError as exc:
             fitted = fit_params(layer.geometry, p, PRECISIONS[args.precision][0])
             rows.append({"problem": problem, "sparsity": args.sparsity,
@@ -85,7 +85,7 @@ def measure(problem: str, plans: list, gpu, inputs_cache: dict) -> list[dict]:
                          "error": exc.message})
             continue
         layers.append(layer)
-    kernels = sparsert.compile_kernels(layers, arch="sm_90", tuned=False)
+    kernels = compile_plans(layers, planned, arch="sm_90")
     for kernel in kernels:
         row = {"problem": problem, "sparsity": args.sparsity, "precision": args.precision}
         if not isinstance(kernel, sparsert.Kernel):
