@@ -3,13 +3,20 @@
 One row per (job, GPU) measurement: what was compiled (pattern hash, layer shape, precision,
 kernel family and version, plan name and parameters, cubin hash, the plan's cost features for
 `calibrate`), where it ran (GPU name, SM
-count, driver, clocks, host), what came out (median/p20/p80 over n samples, verified, error) and
-when. WAL mode and a busy timeout let one process per GPU, on one host, write into one file at
-once; each row commits on its own, so a crash loses at most the measurement in flight. A row's
+count, driver, clocks, host), what came out (median/p20/p80 over n samples, verified, error),
+when, and which tuning run wrote it (`run_id`: one id per `sparsert tune` invocation, shared by
+all its GPU workers; NULL in the rows of databases older than the column). WAL mode and a busy
+timeout let one process per GPU, on one host, write into one file at once; each row commits on
+its own, so a crash loses at most the measurement in flight. A row's
 `uid` is made once, so copying rows between files (`merge`) never duplicates one.
 
 `configs/tuned.json` stays the committed, reviewable artefact: `export` writes the best verified
-row per (pattern, shape, GPU, precision, family@version) into it in TunedDB's format.
+row per (pattern, shape, GPU, precision, family@version) into it in TunedDB's format. Each such
+winner (and its default_us and counts) comes from the newest run that measured the group with a
+verified time (newest: the greatest latest-row timestamp; all rows without a run id form one
+legacy run), never from a mix of runs: the families compared for one case then come from one run
+(one machine), as `tune` records them, and a family the newest run did not measure keeps the
+entry of the run that did.
 """
 
 from __future__ import annotations
@@ -35,11 +42,12 @@ COLUMNS = (  # name, SQL type; the order rows are written and read in
     ("median_us", "REAL"), ("p20_us", "REAL"), ("p80_us", "REAL"), ("n", "INTEGER"),
     ("verified", "INTEGER NOT NULL"), ("error", "TEXT"), ("cpu_verified", "INTEGER"),
     ("host", "TEXT"),
-    ("timestamp", "TEXT NOT NULL"), ("features_json", "TEXT"))
+    ("timestamp", "TEXT NOT NULL"), ("features_json", "TEXT"), ("run_id", "TEXT"))
 # Columns added after the first release: an older database gets them (NULL in its old rows).
-ADDED = {"features_json": "TEXT"}
+ADDED = {"features_json": "TEXT", "run_id": "TEXT"}
 NAMES = tuple(name for name, _ in COLUMNS)
-# What makes two rows the same job on the same kind of GPU (resume skips such jobs).
+# What makes two rows the same job on the same kind of GPU (resume skips such jobs; run_id is
+# deliberately not part of it: a job measured by an earlier run is not measured again).
 JOB_COLUMNS = ("pattern_hash", "shape", "precision", "family", "family_version", "plan_json",
                "gpu_name", "driver")
 SCHEMA_VERSION = 1
@@ -59,6 +67,11 @@ def default_db_path() -> Path:
 
 def now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def new_run_id() -> str:
+    """The id every row of one tuning run (one `sparsert tune` invocation) carries."""
+    return uuid.uuid4().hex[:12]
 
 
 def plan_json(params: dict) -> str:
@@ -169,6 +182,12 @@ class TuneDB:
     def count(self) -> int:
         return self.conn.execute("SELECT COUNT(*) FROM measurements").fetchone()[0]
 
+    def runs(self) -> int:
+        """How many tuning runs wrote rows (rows without a run id, from older databases, count
+        as one)."""
+        return self.conn.execute("SELECT COUNT(DISTINCT run_id) + (COUNT(*) > COUNT(run_id)) "
+                                 "FROM measurements").fetchone()[0]
+
     def measured(self, gpu_name: str, driver: str) -> set[tuple]:
         """Job identities (JOB_COLUMNS less GPU and driver) already stored for this GPU."""
         cols = JOB_COLUMNS[:-2]
@@ -176,17 +195,35 @@ class TuneDB:
                                 f"WHERE gpu_name = ? AND driver = ?", (gpu_name, driver))
         return {tuple(values) for values in cur}
 
+    def resumed_run(self, gpu_name: str, driver: str, idents: set[tuple]) -> str | None:
+        """The run id of the newest stored row among these job identities (JOB_COLUMNS less GPU
+        and driver) on this GPU: the run a resumed tune continues; None when none is stored or
+        the newest has no id (a database older than run ids)."""
+        if not idents:
+            return None
+        cols = JOB_COLUMNS[:-2]
+        newest = None
+        cur = self.conn.execute(f"SELECT {', '.join(cols)}, run_id, timestamp FROM measurements "
+                                f"WHERE gpu_name = ? AND driver = ?", (gpu_name, driver))
+        for values in cur:
+            if tuple(values[:len(cols)]) in idents and (newest is None
+                                                        or values[-1] >= newest[1]):
+                newest = (values[-2], values[-1])
+        return newest[0] if newest else None
+
     def best(self) -> dict[tuple, dict]:
         """The fastest verified row per (pattern, shape, GPU, precision, family, version), with
-        the group's counts and the default candidate's time (candidate 0)."""
+        the group's counts and the default candidate's time (candidate 0), all from one run:
+        the newest run with a verified time in the group (see newest_run)."""
         groups: dict[tuple, list[dict]] = {}
-        for row in latest(self.rows()):
+        for row in self.rows():
             key = (row["pattern_hash"], row["shape"], row["gpu_name"], row["precision"],
                    row["family"], row["family_version"])
             groups.setdefault(key, []).append(row)
         out = {}
         for key, rows in groups.items():
-            good = [r for r in rows if r["verified"] and r["median_us"] is not None]
+            rows = latest(newest_run(rows))
+            good = [r for r in rows if _timed(r)]
             if not good:
                 continue
             best = min(good, key=lambda r: (r["median_us"], r["candidate"] or 0))
@@ -197,6 +234,28 @@ class TuneDB:
                         "candidates": len({r["plan_json"] for r in rows}),
                         "verified": len({r["plan_json"] for r in good})}
         return out
+
+
+def _timed(row: dict) -> bool:
+    return bool(row["verified"]) and row["median_us"] is not None
+
+
+def newest_run(rows: list[dict]) -> list[dict]:
+    """The rows of the newest run among `rows` that holds a verified time (all rows when none
+    does): newest is the run whose latest row timestamp is greatest (timestamps are whole
+    seconds: a tie goes to the run whose last row comes later in `rows`, i.e. was stored later
+    in this file); rows without a run id (older databases) form one legacy run."""
+    runs: dict[str | None, list[dict]] = {}
+    last: dict[str | None, int] = {}
+    for index, row in enumerate(rows):
+        runs.setdefault(row.get("run_id"), []).append(row)
+        last[row.get("run_id")] = index
+    if len(runs) <= 1:
+        return rows
+    timed = [run for run, members in runs.items() if any(_timed(r) for r in members)] \
+        or list(runs)
+    pick = max(timed, key=lambda run: (max(r["timestamp"] for r in runs[run]), last[run]))
+    return runs[pick]
 
 
 def latest(rows: list[dict]) -> list[dict]:

@@ -19,7 +19,8 @@ def command():
 @_db_arg
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def show(db_path, as_json):
-    """Measurements per GPU, precision and kernel family: jobs, verified, failed, winners."""
+    """Measurements per GPU, precision and kernel family: jobs, verified, failed, winners; and
+    how many tuning runs wrote them."""
     from ..tunedb import TuneDB
 
     with TuneDB(db_path, create=False) as db:
@@ -34,15 +35,17 @@ def show(db_path, as_json):
             g["cases"].add((r["pattern_hash"], r["shape"]))
             g["hosts"].add(r["host"])
         best = db.best()
+        runs = db.runs()
     docs = [{"gpu": k[0], "driver": k[1], "precision": k[2], "family": k[3], "rows": g["rows"],
              "verified": g["verified"], "failed": g["failed"], "cases": len(g["cases"]),
              "winners": sum(1 for b in best if (b[2], b[3], f"{b[4]}@{b[5]}") ==
                             (k[0], k[2], k[3])),
              "hosts": len(g["hosts"])} for k, g in sorted(groups.items())]
     if as_json:
-        print_json({"path": db_path, "groups": docs})
+        print_json({"path": db_path, "runs": runs, "groups": docs})
         return
-    console.print(table(f"{db_path}: {sum(d['rows'] for d in docs)} measurements",
+    console.print(table(f"{db_path}: {sum(d['rows'] for d in docs)} measurements, "
+                        f"{runs} tuning run(s)",
                         ["GPU", "Driver", "Precision", "Family", "rows", "verified", "failed",
                          "cases", "winners", "hosts"],
                         [[d["gpu"], d["driver"], d["precision"], d["family"], d["rows"],
@@ -58,7 +61,8 @@ def show(db_path, as_json):
 @click.option("--all-versions", is_flag=True,
               help="Also export winners of older kernel family versions.")
 def export(db_path, out_path, all_versions):
-    """Write the best verified plan per (pattern, shape, GPU, precision) into the JSON."""
+    """Write the best verified plan per (pattern, shape, GPU, precision, family) into the
+    JSON, each family's from the newest run that measured it."""
     from ..build import EMITTERS
     from ..families import families as registered
     from ..jobs import family_version

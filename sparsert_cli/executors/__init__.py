@@ -57,10 +57,17 @@ def same_gpu(infos: list[dict]) -> dict:
     return infos[0]
 
 
-def run_jobs(executor, prepare, db, family, remeasure: bool = False, on_event=None) -> dict:
+def run_jobs(executor, prepare, db, family, remeasure: bool = False, on_event=None,
+             run_id: str | None = None) -> dict:
     """Start the executor, make the jobs (`prepare(gpu info) -> (cases, jobs)`: seeds may
     depend on the GPU), skip those the database already holds for this GPU (resume), run the
-    rest with every result written to the database as it arrives, stop. Returns run stats."""
+    rest with every result written to the database as it arrives, stop. Every row written
+    carries one run id (results of every worker arrive here, so all share it): a resumed tune
+    (some of its jobs already stored) continues the run that stored the newest of them, so an
+    export compares the whole candidate list of one run; otherwise `run_id`, or a new one.
+    Returns run stats (with "run_id")."""
+    from ..tunedb import new_run_id
+
     started = time.perf_counter()
     infos = executor.start()
     try:
@@ -70,19 +77,23 @@ def run_jobs(executor, prepare, db, family, remeasure: bool = False, on_event=No
         cases, jobs = prepare(gpu)
         done = set() if remeasure else db.measured(gpu["gpu_name"], gpu["driver"])
         todo = [j for j in jobs if j.ident(cases[j.case], family) not in done]
+        skipped = {j.ident(cases[j.case], family) for j in jobs} & done
+        run_id = (db.resumed_run(gpu["gpu_name"], gpu["driver"], skipped)
+                  or run_id or new_run_id())
         if on_event:
             on_event("plan", None, {"jobs": len(jobs), "todo": len(todo)})
 
         def on_result(job, compiled, result, slot):
             info = infos[slot] if slot is not None and slot < len(infos) else gpu
-            db.insert(row(cases[job.case], compiled, job, result, info, family))
+            db.insert({**row(cases[job.case], compiled, job, result, info, family),
+                       "run_id": run_id})
 
         stats = executor.run(cases, todo, on_result, on_event)
     finally:
         executor.stop()
     return {"gpu": gpu, "cases": cases, "all_jobs": jobs, "jobs": len(jobs),
             "skipped": len(jobs) - len(todo), "wall_seconds": time.perf_counter() - started,
-            **stats}
+            "run_id": run_id, **stats}
 
 
 def tune_config(config, *, gpus: str | None = None, ray: str | None = None, arch=None,

@@ -1,0 +1,197 @@
+"""Tuning runs in the tuning database: every row of one `tune` invocation carries one run id, and
+`export` takes each (pattern, shape, GPU, precision, family) group's winner from the newest run
+that measured it, so the families compared for one case are never mixed from several runs (lent
+machines differ by 3-8%)."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+
+from cli_helpers import run_main
+from fake_measure import FakeMeasure
+from sparsert_cli.jobs import family_version
+from sparsert_cli.tune import TunedDB
+from sparsert_cli.tunedb import COLUMNS, TuneDB, export_entries, tuned_key
+
+IMMEDIATE = family_version("immediate")
+STREAMED = family_version("streamed")
+SHAPE = "b1c4h1w8m4k1s1p0"
+OLD, NEW = "2024-01-01T00:00:00+00:00", "2024-02-01T00:00:00+00:00"
+
+
+def _row(family, plan: str, us: float | None, candidate: int, run_id, timestamp: str,
+         **kw) -> dict:
+    return {"pattern_hash": "p0", "shape": SHAPE, "precision": "fp32", "family": family[0],
+            "family_version": family[1], "plan_name": plan,
+            "plan_json": json.dumps({"plan": plan}), "candidate": candidate, "problem": "x",
+            "sparsity": 0.9, "gpu_name": "G", "driver": "1", "median_us": us,
+            "verified": us is not None, "run_id": run_id, "timestamp": timestamp, **kw}
+
+
+def _key(family) -> str:
+    return tuned_key("p0", SHAPE, "G", "fp32", *family)
+
+
+def _two_runs(db: TuneDB) -> None:
+    """An older run whose streamed plan b-old was fastest of all (1.0), and a newer run (another
+    machine) that measured other streamed plans, all slower than its immediate plans."""
+    for row in (_row(IMMEDIATE, "a0", 5.0, 0, "run1", OLD),
+                _row(IMMEDIATE, "a1", 4.0, 1, "run1", OLD),
+                _row(STREAMED, "b-old", 1.0, 2, "run1", OLD),
+                _row(IMMEDIATE, "a0", 2.0, 0, "run2", NEW),
+                _row(IMMEDIATE, "a1", 2.5, 1, "run2", NEW),
+                _row(STREAMED, "b1", 3.0, 2, "run2", NEW),
+                _row(STREAMED, "b2", None, 3, "run2", NEW, error="verify: mismatch")):
+        db.insert(row)
+
+
+def test_export_takes_both_families_from_the_newest_run(tmp_path):
+    with TuneDB(tmp_path / "t.sqlite") as db:
+        _two_runs(db)
+        entries = export_entries(db)
+    imm, st = entries[_key(IMMEDIATE)], entries[_key(STREAMED)]
+    assert imm["params"] == {"plan": "a0"} and imm["us"] == 2.0 and imm["default_us"] == 2.0
+    assert imm["candidates"] == 2 and imm["verified"] == 2 and imm["tuned_at"] == NEW
+    # not run1's faster b-old: the streamed entry is run2's, measured next to run2's immediate
+    assert st["params"] == {"plan": "b1"} and st["us"] == 3.0 and st["tuned_at"] == NEW
+    assert st["candidates"] == 2 and st["verified"] == 1 and st["default_us"] is None
+    # the lookup the bench makes compares one run's times: immediate wins
+    tuned = TunedDB(tmp_path / "tuned.json")
+    tuned.entries.update(entries)
+    assert min(tuned.entries.values(), key=lambda e: e["us"]) is imm
+
+
+def test_export_cli_and_show_count_runs(tmp_path, capsys):
+    path, out = tmp_path / "t.sqlite", tmp_path / "tuned.json"
+    with TuneDB(path) as db:
+        _two_runs(db)
+    code, text, _ = run_main(["tunedb", "export", str(path), "-o", str(out)], capsys)
+    assert code == 0 and "2 tuned plans" in text
+    entries = TunedDB(out).entries
+    assert entries[_key(IMMEDIATE)]["us"] == 2.0 and entries[_key(STREAMED)]["us"] == 3.0
+    code, text, _ = run_main(["tunedb", "show", str(path), "--json"], capsys)
+    doc = json.loads(text)
+    assert code == 0 and doc["runs"] == 2 and sum(g["rows"] for g in doc["groups"]) == 7
+    code, text, _ = run_main(["tunedb", "show", str(path)], capsys)
+    assert code == 0 and "2 tuning run(s)" in text.replace("\n", "")
+
+
+def test_a_family_the_newest_run_did_not_measure_keeps_its_run(tmp_path):
+    with TuneDB(tmp_path / "t.sqlite") as db:
+        for row in (_row(IMMEDIATE, "a0", 5.0, 0, "run1", OLD),
+                    _row(STREAMED, "b0", 4.0, 1, "run1", OLD),
+                    _row(IMMEDIATE, "a0", 6.0, 0, "run2", NEW),
+                    _row(IMMEDIATE, "a1", 5.5, 1, "run2", NEW),
+                    # a run whose only streamed job failed did not time the family either
+                    _row(STREAMED, "b0", None, 2, "run3", "2024-03-01T00:00:00+00:00",
+                         error="timeout")):
+            db.insert(row)
+        entries = export_entries(db)
+    assert entries[_key(IMMEDIATE)]["us"] == 5.5 and entries[_key(IMMEDIATE)]["default_us"] == 6.0
+    assert entries[_key(STREAMED)]["us"] == 4.0 and entries[_key(STREAMED)]["tuned_at"] == OLD
+
+
+def _old_database(path, with_features: bool = True) -> None:
+    """A database file as sparsert wrote it before run_id (and, optionally, features_json)."""
+    drop = {"run_id"} | (set() if with_features else {"features_json"})
+    cols = [(name, kind) for name, kind in COLUMNS if name not in drop]
+    conn = sqlite3.connect(path)
+    conn.execute(f"CREATE TABLE measurements (id INTEGER PRIMARY KEY, "
+                 f"{', '.join(f'{n} {k}' for n, k in cols)})")
+    for i, (plan, us) in enumerate((("a0", 5.0), ("a1", 4.0))):
+        row = _row(IMMEDIATE, plan, us, i, None, OLD, uid=f"old{i}", host="h")
+        names = [n for n, _ in cols if n in row]
+        conn.execute(f"INSERT INTO measurements ({', '.join(names)}) VALUES "
+                     f"({', '.join('?' for _ in names)})", [row[n] for n in names])
+    conn.execute("PRAGMA user_version = 1")
+    conn.commit()
+    conn.close()
+
+
+def test_an_older_database_gains_run_id_and_exports(tmp_path, capsys):
+    for with_features in (True, False):
+        path = tmp_path / f"old-{with_features}.sqlite"
+        _old_database(path, with_features)
+        with TuneDB(path, create=False) as db:
+            have = {r[1] for r in db.conn.execute("PRAGMA table_info(measurements)")}
+            assert {"run_id", "features_json"} <= have
+            assert [r["run_id"] for r in db.rows()] == [None, None] and db.runs() == 1
+            entries = export_entries(db)
+            assert entries[_key(IMMEDIATE)]["us"] == 4.0
+            assert entries[_key(IMMEDIATE)]["default_us"] == 5.0
+            # a newer run of the same group replaces the legacy rows as a whole
+            db.insert(_row(IMMEDIATE, "a0", 4.5, 0, "run2", NEW))
+            entry = export_entries(db)[_key(IMMEDIATE)]
+            assert (entry["us"], entry["default_us"], entry["candidates"]) == (4.5, 4.5, 1)
+            assert db.runs() == 2
+        code, text, _ = run_main(["tunedb", "export", str(path), "-o",
+                                  str(tmp_path / "tuned.json")], capsys)
+        assert code == 0 and "1 tuned plans" in text
+
+
+def test_merge_keeps_run_ids(tmp_path):
+    a, b, old, out = (tmp_path / n for n in ("a.sqlite", "b.sqlite", "old.sqlite", "out.sqlite"))
+    with TuneDB(a) as db:
+        db.insert(_row(IMMEDIATE, "a0", 5.0, 0, "run1", OLD))
+    with TuneDB(b) as db:
+        db.insert(_row(IMMEDIATE, "a0", 2.0, 0, "run2", NEW))
+        db.insert(_row(STREAMED, "b0", 3.0, 1, "run2", NEW))
+    _old_database(old)
+    with TuneDB(out) as db:
+        assert db.merge(a) == 1 and db.merge(b) == 2 and db.merge(old) == 2
+        assert [(r["plan_name"], r["run_id"]) for r in db.rows()] == [
+            ("a0", "run1"), ("a0", "run2"), ("b0", "run2"), ("a0", None), ("a1", None)]
+        assert db.runs() == 3
+        entries = export_entries(db)
+    assert entries[_key(IMMEDIATE)]["us"] == 2.0 and entries[_key(STREAMED)]["us"] == 3.0
+
+
+def test_every_row_of_one_tune_invocation_carries_one_run_id(tmp_path, isolated_cache):
+    """Two GPU workers (spawned processes, fake timer) write one run's rows: one id; the next
+    invocation (re-measuring) writes another."""
+    from sparsert_cli.executors import tune_config
+
+    from test_scale import small_config
+
+    db_path = tmp_path / "t.sqlite"
+    ids, measured = [], []
+    for remeasure in (False, True):
+        run = tune_config(small_config(), limit=2, tuned_path=tmp_path / "tuned.json",
+                          db_path=db_path, measure=FakeMeasure(), gpu_ids=[0, 1],
+                          arch="sm_90", jobs=1, remeasure=remeasure)["run"]
+        ids.append(run["run_id"])
+        assert len(run["gpus"]) == 2
+        measured.append(sum(g["jobs"] for g in run["gpus"]))
+    with TuneDB(db_path) as db:
+        rows = db.rows()
+        assert db.runs() == 2
+        best = db.best()
+    assert len(ids[0]) == 12 and ids[0] != ids[1]
+    assert sorted({r["run_id"] for r in rows}) == sorted(ids)
+    first = [r for r in rows if r["run_id"] == ids[0]]
+    assert len(first) == measured[0] == len(rows) - measured[1] and len(first) >= 4
+    # what export writes for the two runs' database is the newer run's (even within one second)
+    assert best and {b["row"]["run_id"] for b in best.values()} == {ids[1]}
+
+
+def test_a_resumed_tune_continues_its_run(tmp_path, isolated_cache):
+    """A tune whose jobs are partly stored (interrupted, or --limit raised) continues the run
+    that stored them, so export compares every candidate of the case, not only the new ones;
+    --remeasure starts a new run."""
+    from sparsert_cli.executors import tune_config
+
+    from test_scale import small_config
+
+    db_path = tmp_path / "t.sqlite"
+    runs = []
+    for limit, remeasure in ((2, False), (3, False), (3, True)):
+        runs.append(tune_config(small_config(), limit=limit, tuned_path=tmp_path / "tuned.json",
+                                db_path=db_path, measure=FakeMeasure(), gpu_ids=[0],
+                                arch="sm_90", jobs=1, remeasure=remeasure)["run"])
+    assert runs[1]["skipped"] > 0 and runs[1]["run_id"] == runs[0]["run_id"]
+    assert runs[2]["run_id"] != runs[0]["run_id"]
+    with TuneDB(db_path) as db:
+        ids = [r["run_id"] for r in db.rows()]
+        assert db.runs() == 2
+    assert ids.count(runs[0]["run_id"]) == runs[0]["jobs"] + runs[1]["jobs"] - runs[1]["skipped"]
