@@ -7,7 +7,10 @@ time limit keeps what it measured.
 
   python scripts/plan_sweep.py [--precision fp32] [--sparsity 0.9] [--budget 240]
                                [--rows 2,4,..] [--widths 1,2,..] [--threads 32,64,..]
-                               [--out FILE] PROBLEM...
+                               [--pattern uniform|pruned] [--grid-only] [--out FILE] PROBLEM...
+
+--pattern pruned times the uneven-row weights of configs/mobilenet.yaml (the same generator and
+seed as `bench`); --grid-only skips the second round around the three fastest plans.
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ parser.add_argument("--out", default=None)
 parser.add_argument("--rows", default="2,4,8,16,32")
 parser.add_argument("--widths", default=None, help="default: 1,2,4 (fp16: 2,4,8)")
 parser.add_argument("--threads", default="32,64,128,256")
+parser.add_argument("--pattern", default="uniform", choices=("uniform", "pruned"))
+parser.add_argument("--grid-only", action="store_true", help="no second round around the best")
 args = parser.parse_args()
 
 
@@ -75,19 +80,22 @@ def around(params) -> list:
 def measure(problem: str, plans: list, gpu, inputs_cache: dict) -> list[dict]:
     layers, planned, rows = [], [], []
     for p in plans:       # a plan this layer cannot take (e.g. too much shared memory): a row
-        layer = sparsert.problem_layer(problem, args.sparsity, precision=args.precision, plan=p)
+        layer = sparsert.problem_layer(problem, args.sparsity, pattern=args.pattern,
+                                       precision=args.precision, plan=p)
         try:
             planned += plan_layers([layer], tuned=False)
         except sparsert.UserError as exc:
             fitted = fit_params(layer.geometry, p, PRECISIONS[args.precision][0])
             rows.append({"problem": problem, "sparsity": args.sparsity,
-                         "precision": args.precision, "plan": fitted.name(),
+                         "precision": args.precision, "pattern": args.pattern,
+                         "plan": fitted.name(),
                          "error": exc.message})
             continue
         layers.append(layer)
     kernels = compile_plans(layers, planned, arch="sm_90")
     for kernel in kernels:
-        row = {"problem": problem, "sparsity": args.sparsity, "precision": args.precision}
+        row = {"problem": problem, "sparsity": args.sparsity, "precision": args.precision,
+               "pattern": args.pattern}
         if not isinstance(kernel, sparsert.Kernel):
             row["error"] = str(kernel).splitlines()[0]
         else:
@@ -122,14 +130,15 @@ with sparsert.Gpu() as gpu:
         if time.monotonic() - started > args.budget:
             print(json.dumps({"problem": problem, "skipped": "budget"}), flush=True)
             continue
-        layer = sparsert.problem_layer(problem, args.sparsity, precision=args.precision)
+        layer = sparsert.problem_layer(problem, args.sparsity, pattern=args.pattern,
+                                       precision=args.precision)
         first = measure(problem, grid(layer), gpu, cache)
         for row in first:
             emit(row)
         good = sorted((r for r in first if r.get("ok") and r.get("us")), key=lambda r: r["us"])
         seen = {r["plan"] for r in first if "plan" in r}
         extra = [p for r in good[:3] for p in around(r["params"])]
-        extra = [p for p in extra if p.name() not in seen]
+        extra = [] if args.grid_only else [p for p in extra if p.name() not in seen]
         for row in measure(problem, extra, gpu, cache) if extra else []:
             emit(row)
         best = min((r for r in first if r.get("ok") and r.get("us")), key=lambda r: r["us"],

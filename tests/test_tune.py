@@ -375,18 +375,29 @@ def test_one_image_3x3_defaults_take_one_wave_of_the_smallest_blocks():
 
 
 @pytest.mark.parametrize("pid, sparsity, pattern, precision, name", [
-    ("mbv1_pw6", 0.95, "pruned", "fp32", "r8v1t128k1b8n"),   # S16-6: 3.65 us, r2v4t64 6.47
-    ("mbv1_pw5", 0.9, "pruned", "fp32", "r8v1t128k1b8n"),    # 2.87 us, r2v4t64 3.96
+    # uneven (pruned) rows: the tall plan with twice its rows on 64 threads (S19-1, us)
+    ("mbv1_pw6", 0.95, "pruned", "fp32", "r16v1t64k1b8n"),   # 3.24; r8v1t128 3.59, r2v4t64 6.47
+    ("mbv1_pw5", 0.9, "pruned", "fp32", "r16v1t64k1b8n"),    # 2.55; r8v1t128 2.90
+    ("mbv1_pw6", 0.95, "pruned", "fp16", "r8v2t64k1b8n"),    # 3.44; rule r2v4t64 4.04
+    ("rn50_c3_reduce", 0.95, "pruned", "fp16", "r8v2t64k1b8n"),  # 2.96; rule r2v8t64 4.45
+    ("rn50_c4_reduce", 0.95, "pruned", "bf16", "r8v1t64k1b8n"),  # 5.23; rule r2v1t128 5.81
+    # twice the rows pass TALL_FMAS sums: the tall plan (S19-1: 5.74; rule r2v1t128 8.11)
+    ("rn50_c4_reduce", 0.9, "pruned", "bf16", "r4v1t128k1b8n"),
+    ("mbv1_pw6", 0.9, "pruned", "fp32", "r8v1t128k1b8n"),    # 4.16; r2v2t64 not timed
+    # even rows: the rule unless the tall plan's largest group has less code (fp32, bf16)
     ("mbv1_pw6", 0.9, "uniform", "fp32", "r2v2t64k1b8n"),    # S16-3: 3.60 us, r8v1t128 3.88
     ("mbv1_pw5", 0.9, "uniform", "fp32", "r2v4t64k1b8n"),
-    ("mbv1_pw6", 0.95, "pruned", "fp16", "r2v4t64k1b8n"),    # fp16: not measured, rule kept
+    ("mbv1_pw6", 0.95, "uniform", "fp16", "r2v4t64k1b8n"),   # fp16: the rule (S19-1: best)
+    ("mbv1_pw3", 0.98, "uniform", "fp16", "r2v8t64k1b8n"),   # 2.6 a row: random, not uneven
     ("mbv1_pw2", 0.9, "pruned", "fp32", "r32v1t128k1b8ng"),  # tall by the rule already
+    ("mbv1_pw11", 0.95, "pruned", "fp32", "r4v1t64k1b8n"),   # one tile: its one-wave rule
 ])
 def test_the_cost_model_refines_the_immediate_default_by_the_largest_groups_code(
         pid, sparsity, pattern, precision, name):
-    """Under 512 columns an fp32 layer takes the tall-group plan only when its largest group
-    has less code than the rule's (uneven, pruned rows); the choice goes through
-    costmodel.choose, as every untuned plan does."""
+    """Under TALL_COLUMNS a light layer with uneven (pruned) rows takes taller groups of 64
+    threads (uneven_params); on even rows an fp32 or bf16 layer takes the tall-group plan only
+    when its largest group has less code than the rule's, fp16 keeps the rule; the choice goes
+    through costmodel.choose, as every untuned plan does."""
     from sparsert_cli import costmodel
     from sparsert_cli.patterns import generate, to_csr
 
@@ -480,3 +491,20 @@ def test_light_layers_in_one_tile_fill_one_wave_not_two(precision):
     params = rule_params(many, 26214, precision, tall=False)
     tiles = -(-784 // (params.vector_width * params.col_threads))
     assert tiles > 1 and tiles * -(-1024 // params.rows_per_group) >= 2 * 132, params.name()
+
+
+def test_uneven_rows_are_pruned_rows_not_the_noise_of_random_ones():
+    """Random (uniform) rows vary by about the square root of their mean: at 98% and 2.6
+    nonzeros a row their CV passes UNEVEN_ROWS_CV, but not the dispersion test; pruned rows
+    pass both; an empty weight is not uneven."""
+    import scipy.sparse
+
+    from sparsert_cli.families.immediate.tuning import uneven_rows
+    from sparsert_cli.patterns import generate, to_csr
+
+    for pid in ("mbv1_pw3", "mbv1_pw5", "rn50_c4_reduce", "bert_attn_out"):
+        for sparsity in (0.9, 0.95, 0.98):
+            problem = PROBLEMS[pid]
+            assert not uneven_rows(to_csr(generate(problem, sparsity, "uniform", 0))), pid
+            assert uneven_rows(to_csr(generate(problem, sparsity, "pruned", 0))), pid
+    assert not uneven_rows(scipy.sparse.csr_matrix((4, 8), dtype="float32"))

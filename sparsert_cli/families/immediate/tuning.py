@@ -88,6 +88,14 @@ TALL_FMAS = 416
 TALL_ACCUMULATORS = 32
 TALL_COLUMNS = {"fp32": 512, "fp16": 2048, **{p: 2048 for p in WIDENED}}  # bf16: S18-1
 TALL_GROUPS_COLUMNS = 2048
+# Uneven rows (pruned weights): the coefficient of variation of the nonzeros per row above which
+# refine_default takes taller groups of 64 threads (uniform random rows: 0.10-0.27 on paper20's
+# light layers at 90-95%; configs/mobilenet.yaml's pruned rows: 1.3-2.1), where the variance is
+# also over UNEVEN_ROWS_DISPERSION times the mean (random rows: about the mean, so at 98% and
+# 2.6 nonzeros a row their CV of ~0.6 is noise, not unevenness).
+UNEVEN_ROWS_CV = 0.5
+UNEVEN_ROWS_DISPERSION = 2.0
+UNEVEN_THREADS = 64
 
 
 def code_units(nnz: int, vector_width: int, precision: str = "fp32") -> int:
@@ -266,15 +274,52 @@ def refine_default(geometry: Geometry, csr, params: PlanParams, precision: str) 
     fp16acc32) likewise: S18-3 (mobilenet.yaml, bf16) mbv1_pw4 r2v4t128 4.96 us against
     r16v1t128 2.79 at 90%, 3.09 against 2.35 at 95%."""
     nnz = int(csr.nnz)
-    if (precision not in ("fp32", *WIDENED) or params.k_split != 1
+    if (precision not in ("fp32", "fp16", *WIDENED) or params.k_split != 1
             or throughput_layer(geometry, nnz, precision)):
-        return params   # fp16 not measured; a K-split's or throughput plan's time is not its
-                        # largest group's code
+        return params   # a K-split's or throughput plan's time is not its largest group's code
     tall = tall_params(geometry, nnz, precision, min_columns=1)
-    if tall is None or tall == params:      # from TALL_COLUMNS on the rule gives it already
-        return params
+    if tall is None or geometry.columns >= TALL_COLUMNS[precision]:
+        return params   # the rule gives the tall plan already (or the layer takes none)
+    if uneven_rows(csr):
+        return uneven_params(geometry, tall, nnz, precision)
+    if precision == "fp16" or tall == params:
+        return params   # fp16 on even rows: the rule measured best (S19-1)
     code = [estimate(geometry, csr, p, precision)["max_block_code_bytes"] for p in (params, tall)]
     return tall if code[1] < code[0] else params
+
+
+def uneven_rows(csr) -> bool:
+    """Whether the nonzeros per row vary as pruned weights' do (see UNEVEN_ROWS_CV)."""
+    per_row = np.diff(csr.indptr)
+    mean = float(per_row.mean()) if len(per_row) else 0.0
+    var = float(per_row.var()) if len(per_row) else 0.0
+    return (mean > 0 and var ** 0.5 / mean > UNEVEN_ROWS_CV
+            and var > UNEVEN_ROWS_DISPERSION * mean)
+
+
+def uneven_params(geometry: Geometry, tall: PlanParams, nnz: int, precision: str) -> PlanParams:
+    """The default of a light layer under TALL_COLUMNS with uneven rows: the tall plan with
+    twice its rows (one halving fewer: about one wave of blocks, not two) on 64-thread tiles,
+    where those rows stay within TALL_FMAS sums a thread and 64 threads still make two column
+    tiles or more (else the blocks would halve: one-tile layers keep their one-wave rule);
+    else the tall plan. H100 run S19-1
+    (plan sweep, every plan verified; 196-column layers in fp32, bf16 and fp16, 784-column ones
+    in fp16, 90% and 95%, configs/mobilenet.yaml's pruned rows): over 24 cases the old defaults
+    were 1.15x the best plan (geomean; worst 1.50x, fp16 rn50_c3_reduce at 95% r2v8t64 4.45 us
+    against r8v2t64 2.96), this rule 1.02x (worst 1.10x, fp32 rn50_c4_reduce at 90%: r4v1t128
+    5.90 against r8v1t64 5.35). Where the doubled rows pass TALL_FMAS the tall plan stayed
+    best in bf16 (rn50_c4_reduce at 90%: r4v1t128 5.74 us, r8v1t64 8.30)."""
+    rows = min(TALL_ACCUMULATORS // tall.vector_width, 2 * tall.rows_per_group)
+    per_row = nnz / max(1, geometry.out_channels)
+    per_thread = -(-geometry.columns // tall.vector_width)
+    if (rows * per_row * lanes(tall.vector_width, precision) > TALL_FMAS
+            or per_thread <= UNEVEN_THREADS):
+        return tall
+    taller = fit_params(geometry, replace(tall, rows_per_group=rows, col_threads=UNEVEN_THREADS),
+                        PRECISIONS[precision][0])
+    if not grid_fits(geometry, taller) or throughput_shape(geometry, taller):
+        return tall
+    return taller
 
 
 def balanced_tiles(out_channels: int, per_thread: int, sm_count: int = H100_SMS
