@@ -380,7 +380,8 @@ def test_one_image_3x3_defaults_take_one_wave_of_the_smallest_blocks():
     ("mbv1_pw5", 0.9, "pruned", "fp32", "r16v1t64k1b8n"),    # 2.55; r8v1t128 2.90
     ("mbv1_pw6", 0.95, "pruned", "fp16", "r8v2t64k1b8n"),    # 3.44; rule r2v4t64 4.04
     ("rn50_c3_reduce", 0.95, "pruned", "fp16", "r8v2t64k1b8n"),  # 2.96; rule r2v8t64 4.45
-    ("rn50_c4_reduce", 0.95, "pruned", "bf16", "r8v1t64k1b8n"),  # 5.23; rule r2v1t128 5.81
+    ("rn50_c4_reduce", 0.95, "pruned", "bf16", "r4v1t64k1b8n"),  # 5.50; rule r2v1t128 5.81
+    ("mbv1_pw4", 0.95, "pruned", "bf16", "r16v1t64k1b8n"),   # widened: the tall rows, 2.23
     # twice the rows pass TALL_FMAS sums: the tall plan (S19-1: 5.74; rule r2v1t128 8.11)
     ("rn50_c4_reduce", 0.9, "pruned", "bf16", "r4v1t128k1b8n"),
     ("mbv1_pw6", 0.9, "pruned", "fp32", "r8v1t128k1b8n"),    # 4.16; r2v2t64 not timed
