@@ -195,21 +195,21 @@ class TuneDB:
                                 f"WHERE gpu_name = ? AND driver = ?", (gpu_name, driver))
         return {tuple(values) for values in cur}
 
-    def resumed_run(self, gpu_name: str, driver: str, idents: set[tuple]) -> str | None:
-        """The run id of the newest stored row among these job identities (JOB_COLUMNS less GPU
-        and driver) on this GPU: the run a resumed tune continues; None when none is stored or
-        the newest has no id (a database older than run ids)."""
-        if not idents:
-            return None
-        cols = JOB_COLUMNS[:-2]
-        newest = None
+    def group_runs(self, gpu_name: str, driver: str) -> dict[tuple, str | None]:
+        """Per stored group (pattern, shape, precision, family, version) on this GPU, the run id
+        of its newest row (None: rows from before run ids): the run a resumed tune continues
+        for that case and family, so the group's export still compares its whole candidate
+        list from one run."""
+        cols = JOB_COLUMNS[:5]
+        out: dict[tuple, tuple] = {}
         cur = self.conn.execute(f"SELECT {', '.join(cols)}, run_id, timestamp FROM measurements "
-                                f"WHERE gpu_name = ? AND driver = ?", (gpu_name, driver))
+                                f"WHERE gpu_name = ? AND driver = ? ORDER BY rowid",
+                                (gpu_name, driver))
         for values in cur:
-            if tuple(values[:len(cols)]) in idents and (newest is None
-                                                        or values[-1] >= newest[1]):
-                newest = (values[-2], values[-1])
-        return newest[0] if newest else None
+            key = tuple(values[:len(cols)])
+            if key not in out or values[-1] >= out[key][1]:
+                out[key] = (values[-2], values[-1])
+        return {key: run for key, (run, _) in out.items()}
 
     def best(self) -> dict[tuple, dict]:
         """The fastest verified row per (pattern, shape, GPU, precision, family, version), with

@@ -175,23 +175,61 @@ def test_every_row_of_one_tune_invocation_carries_one_run_id(tmp_path, isolated_
     assert best and {b["row"]["run_id"] for b in best.values()} == {ids[1]}
 
 
-def test_a_resumed_tune_continues_its_run(tmp_path, isolated_cache):
-    """A tune whose jobs are partly stored (interrupted, or --limit raised) continues the run
-    that stored them, so export compares every candidate of the case, not only the new ones;
-    --remeasure starts a new run."""
+def test_a_resumed_tune_continues_each_cases_run(tmp_path, isolated_cache):
+    """A tune whose jobs are partly stored (interrupted, or --limit raised) continues, case by
+    case and family by family, the run of the newest stored row: export then compares every
+    candidate of the case from one run and agrees with what `tune` wrote. Here run A tunes two
+    cases, run B re-measures one of them, run C raises the limit over both: C's new rows of
+    the first case join A, of the second B. A database from before run ids (NULL) is continued
+    as its legacy run. --remeasure starts a new run everywhere."""
+    from sparsert_cli.commands.bench import select
+    from sparsert_cli.config import load_config
     from sparsert_cli.executors import tune_config
+    from sparsert_cli.tune import TunedDB
 
-    from test_scale import small_config
+    from test_scale import REPO
 
-    db_path = tmp_path / "t.sqlite"
-    runs = []
-    for limit, remeasure in ((2, False), (3, False), (3, True)):
-        runs.append(tune_config(small_config(), limit=limit, tuned_path=tmp_path / "tuned.json",
-                                db_path=db_path, measure=FakeMeasure(), gpu_ids=[0],
-                                arch="sm_90", jobs=1, remeasure=remeasure)["run"])
-    assert runs[1]["skipped"] > 0 and runs[1]["run_id"] == runs[0]["run_id"]
-    assert runs[2]["run_id"] != runs[0]["run_id"]
+    def config_of(*ids):
+        return select(load_config(REPO / "configs" / "ci.yaml"), list(ids), ["0.8"], None)
+
+    db_path, tuned = tmp_path / "t.sqlite", tmp_path / "tuned.json"
+    problems = ["ci_gemm_odd", "ci_gemm_vec"]
+    config = config_of(*problems)
+    kw = dict(tuned_path=tuned, db_path=db_path, measure=FakeMeasure(), gpu_ids=[0],
+              arch="sm_90", jobs=1)
+    a = tune_config(config, limit=2, **kw)["run"]
+    b = tune_config(config_of(problems[1]), limit=2, remeasure=True, **kw)["run"]
+
+    def group(r):
+        return (r["problem"], r["family"])
+
     with TuneDB(db_path) as db:
-        ids = [r["run_id"] for r in db.rows()]
+        before = {r["uid"] for r in db.rows()}
+        owner = {group(r): r["run_id"] for r in db.rows()}     # rows are in insert order
+    assert {owner[g] for g in owner if g[0] == problems[1]} == {b["run_id"]}
+    assert {owner[g] for g in owner if g[0] == problems[0]} == {a["run_id"]}
+    c = tune_config(config, limit=4, **kw)["run"]
+    assert c["skipped"] > 0 and len({a["run_id"], b["run_id"], c["run_id"]}) == 3
+    with TuneDB(db_path) as db:
+        rows = db.rows()
+        exported = export_entries(db)
+    added = [r for r in rows if r["uid"] not in before]
+    assert added and any(group(r) in owner for r in added)
+    for r in added:           # a stored (case, family) continues its run; a new one is C's
+        assert r["run_id"] == owner.get(group(r), c["run_id"]), (group(r), r["candidate"])
+    written = TunedDB(tuned).entries       # what `tune` chose from the same rows
+    assert set(written) & set(exported)
+    for key in set(written) & set(exported):
+        assert exported[key]["us"] == written[key]["us"], key
+    # a database written before run ids: its rows and the resumed ones stay one legacy run
+    with TuneDB(db_path) as db:
+        db.conn.execute("UPDATE measurements SET run_id = NULL")
+        db.conn.commit()
+    tune_config(config, limit=4, **kw)
+    with TuneDB(db_path) as db:
+        assert {r["run_id"] for r in db.rows()} == {None} and db.runs() == 1
+    fresh = tune_config(config, limit=4, remeasure=True, **kw)["run"]
+    with TuneDB(db_path) as db:
         assert db.runs() == 2
-    assert ids.count(runs[0]["run_id"]) == runs[0]["jobs"] + runs[1]["jobs"] - runs[1]["skipped"]
+        assert {b["row"]["run_id"] for b in db.best().values()} == {fresh["run_id"]}
+

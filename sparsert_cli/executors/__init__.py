@@ -62,11 +62,12 @@ def run_jobs(executor, prepare, db, family, remeasure: bool = False, on_event=No
     """Start the executor, make the jobs (`prepare(gpu info) -> (cases, jobs)`: seeds may
     depend on the GPU), skip those the database already holds for this GPU (resume), run the
     rest with every result written to the database as it arrives, stop. Every row written
-    carries one run id (results of every worker arrive here, so all share it): a resumed tune
-    (some of its jobs already stored) continues the run that stored the newest of them, so an
-    export compares the whole candidate list of one run; otherwise `run_id`, or a new one.
-    Returns run stats (with "run_id")."""
-    from ..tunedb import new_run_id
+    carries a run id (results of every worker arrive here): `run_id` (or a new one) for a
+    (case, family) the database does not hold yet; a case and family it holds (a resumed or
+    extended tune) continue the run of their newest stored row, so export compares that
+    group's whole candidate list from one run. With `remeasure` every row takes the new id.
+    Returns run stats (with "run_id", the new id)."""
+    from ..tunedb import JOB_COLUMNS, new_run_id
 
     started = time.perf_counter()
     infos = executor.start()
@@ -77,16 +78,17 @@ def run_jobs(executor, prepare, db, family, remeasure: bool = False, on_event=No
         cases, jobs = prepare(gpu)
         done = set() if remeasure else db.measured(gpu["gpu_name"], gpu["driver"])
         todo = [j for j in jobs if j.ident(cases[j.case], family) not in done]
-        skipped = {j.ident(cases[j.case], family) for j in jobs} & done
-        run_id = (db.resumed_run(gpu["gpu_name"], gpu["driver"], skipped)
-                  or run_id or new_run_id())
+        run_id = run_id or new_run_id()
+        continued = {} if remeasure else db.group_runs(gpu["gpu_name"], gpu["driver"])
         if on_event:
             on_event("plan", None, {"jobs": len(jobs), "todo": len(todo)})
 
         def on_result(job, compiled, result, slot):
             info = infos[slot] if slot is not None and slot < len(infos) else gpu
-            db.insert({**row(cases[job.case], compiled, job, result, info, family),
-                       "run_id": run_id})
+            measured = row(cases[job.case], compiled, job, result, info, family)
+            group = tuple(measured[c] for c in JOB_COLUMNS[:5])
+            db.insert({**measured,
+                       "run_id": continued[group] if group in continued else run_id})
 
         stats = executor.run(cases, todo, on_result, on_event)
     finally:

@@ -258,9 +258,11 @@ def grid_fits(geometry: Geometry, params: PlanParams) -> bool:
 
 
 def refine_default(geometry: Geometry, csr, params: PlanParams, precision: str) -> PlanParams:
-    """The rule default, or the tall-group plan where the weight's pattern makes it the one
-    whose largest group has the less code: fp32 1x1 layers under TALL_COLUMNS' reach (fewer
-    columns), where a straight-line block's time is its code's fetch. On pruned rows (uneven
+    """The default of a light batch-1 1x1 or GEMM layer under TALL_COLUMNS (fewer columns than
+    the rule's tall plans), read from the weight's pattern: on uneven rows the taller plan of
+    uneven_params where it applies (every precision); else, in fp32, bf16 and fp16acc32, the
+    rule default or the tall-group plan, whichever's largest group has the less code (a
+    straight-line block's time is its code's fetch), and in fp16 the rule. On pruned rows (uneven
     lengths) two-row groups are as long as their heaviest rows, while tall groups even them
     out: H100 run S16-6 (configs/mobilenet.yaml, pruned patterns, fp32): mbv1_pw6 at 95%
     r2v4t64 6.47 us against r8v1t128 3.65 (26.2 against 10.6 KB of code in the largest
@@ -281,7 +283,9 @@ def refine_default(geometry: Geometry, csr, params: PlanParams, precision: str) 
     if tall is None or geometry.columns >= TALL_COLUMNS[precision]:
         return params   # the rule gives the tall plan already (or the layer takes none)
     if uneven_rows(csr):
-        return uneven_params(geometry, tall, nnz, precision)
+        taller = uneven_params(geometry, tall, nnz, precision)
+        if taller is not None:
+            return taller
     if precision == "fp16" or tall == params:
         return params   # fp16 on even rows: the rule measured best (S19-1)
     code = [estimate(geometry, csr, p, precision)["max_block_code_bytes"] for p in (params, tall)]
@@ -297,19 +301,24 @@ def uneven_rows(csr) -> bool:
             and var > UNEVEN_ROWS_DISPERSION * mean)
 
 
-def uneven_params(geometry: Geometry, tall: PlanParams, nnz: int, precision: str) -> PlanParams:
+def uneven_params(geometry: Geometry, tall: PlanParams, nnz: int,
+                  precision: str) -> PlanParams | None:
     """The default of a light layer under TALL_COLUMNS with uneven rows: the tall plan with
     twice its rows (one halving fewer: about one wave of blocks, not two) on 64-thread tiles,
     where those rows stay within TALL_FMAS sums a thread and 64 threads still make two column
     tiles or more (else the blocks would halve: one-tile layers keep their one-wave rule);
-    else the tall plan. Widened sums (bf16, fp16acc32: a widening instruction per column
-    loaded, so more code a row) keep the tall plan's rows on the 64-thread tiles. H100 run S19-1
+    else None (refine_default's even-row choice applies). Widened sums (bf16, fp16acc32: a
+    widening instruction per column loaded, so more code a row) keep the tall plan's rows on
+    the 64-thread tiles. H100 run S19-1
     (plan sweep, every plan verified; 196-column layers in fp32, bf16 and fp16, 784-column ones
     in fp16, 90% and 95%, configs/mobilenet.yaml's pruned rows): over 24 cases the old defaults
     were 1.15x the best plan (geomean; worst 1.50x, fp16 rn50_c3_reduce at 95% r2v8t64 4.45 us
-    against r8v2t64 2.96), this rule 1.02x (worst 1.10x, fp32 rn50_c4_reduce at 90%: r4v1t128
-    5.90 against r8v1t64 5.35). Where the doubled rows pass TALL_FMAS the tall plan stayed
-    best in bf16 (rn50_c4_reduce at 90%: r4v1t128 5.74 us, r8v1t64 8.30). bf16 (S19-1 and the
+    against r8v2t64 2.96), this rule 1.035x (worst 1.41x: bf16 rn50_c4_reduce at 90%, below;
+    else 1.10x, fp32 rn50_c4_reduce at 90%: r4v1t128 5.90 against r8v1t64 5.35). Where the doubled rows pass TALL_FMAS neither the tall plan
+    nor the rule wins everywhere (bf16 at 90%: rn50_c4_reduce r4v1t128 5.74 us against the
+    rule's r2v1t128 8.11; mbv1_pw6 the rule's r4v1t128 3.51 against r8v1t128 3.93 in S19-4,
+    whose kernel spills 488 B; more tall plans spill there at 70-80%), so those layers keep
+    the even-row choice. bf16 (S19-1 and the
     784-column sweep of S19-2, 12 pruned cases): doubled rows 1.04x the best (worst 1.11x,
     mbv1_pw3 at 95%: r32v1t64 1.96 us against r8v2t64 1.76), the tall rows on 64 threads
     1.016x (worst 1.06x, the same case at r16v1t64 1.87)."""
@@ -318,12 +327,12 @@ def uneven_params(geometry: Geometry, tall: PlanParams, nnz: int, precision: str
     per_thread = -(-geometry.columns // tall.vector_width)
     if (doubled * per_row * lanes(tall.vector_width, precision) > TALL_FMAS
             or per_thread <= UNEVEN_THREADS):
-        return tall
+        return None
     rows = tall.rows_per_group if precision in WIDENED else doubled
     taller = fit_params(geometry, replace(tall, rows_per_group=rows, col_threads=UNEVEN_THREADS),
                         PRECISIONS[precision][0])
     if not grid_fits(geometry, taller) or throughput_shape(geometry, taller):
-        return tall
+        return None
     return taller
 
 
