@@ -168,9 +168,9 @@ class TuneDB:
 
     def merge(self, other: str | Path) -> int:
         """Copy every row of another database file that this one lacks (by uid); returns how
-        many were new."""
-        with TuneDB(other, create=False) as src:
-            rows = src.conn.execute(f"SELECT {', '.join(NAMES)} FROM measurements").fetchall()
+        many were new. The other file is only read (opened read-only: an older one keeps its
+        schema and journal mode; columns it lacks arrive as NULL)."""
+        rows = read_rows(other)
         return self._insert_many(rows) if rows else 0
 
     # ---- reading ---------------------------------------------------------------------------
@@ -234,6 +234,36 @@ class TuneDB:
                         "candidates": len({r["plan_json"] for r in rows}),
                         "verified": len({r["plan_json"] for r in good})}
         return out
+
+
+def read_rows(path: str | Path) -> list[tuple]:
+    """Every measurement of a tuning database file, as tuples in NAMES order, without writing
+    to it (read-only connection, no schema upgrade): what `merge` copies."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such tuning database")
+    try:
+        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=60)
+    except sqlite3.Error as exc:
+        raise UserError(f"{path}: not a usable tuning database ({exc})") from None
+    try:
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise UserError(f"{path}: tuning database version {version} is newer than this "
+                            f"sparsert reads ({SCHEMA_VERSION})")
+        have = {row[1] for row in conn.execute("PRAGMA table_info(measurements)")}
+        if not have:
+            raise UserError(f"{path}: not a sparsert tuning database (no measurements table)")
+        missing = set(NAMES) - set(ADDED) - have
+        if missing:
+            raise UserError(f"{path}: not a sparsert tuning database (columns "
+                            f"{', '.join(sorted(missing)[:3])} missing)")
+        select = ", ".join(name if name in have else "NULL" for name in NAMES)
+        return conn.execute(f"SELECT {select} FROM measurements ORDER BY id").fetchall()
+    except sqlite3.DatabaseError as exc:
+        raise UserError(f"{path}: not a usable tuning database ({exc})") from None
+    finally:
+        conn.close()
 
 
 def _timed(row: dict) -> bool:

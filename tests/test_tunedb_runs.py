@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import sqlite3
 
+import pytest
+
 from cli_helpers import run_main
 from fake_measure import FakeMeasure
 from sparsert_cli.jobs import family_version
@@ -145,6 +147,34 @@ def test_merge_keeps_run_ids(tmp_path):
         assert db.runs() == 3
         entries = export_entries(db)
     assert entries[_key(IMMEDIATE)]["us"] == 2.0 and entries[_key(STREAMED)]["us"] == 3.0
+    # the sources were only read: the old file keeps its schema, bytes and journal mode
+    before = old.read_bytes()
+    with TuneDB(out) as db:
+        assert db.merge(old) == 0
+    assert old.read_bytes() == before
+    conn = sqlite3.connect(old)
+    assert "run_id" not in {r[1] for r in conn.execute("PRAGMA table_info(measurements)")}
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal"
+    conn.close()
+
+
+def test_merge_names_the_file_that_is_not_a_tuning_database(tmp_path):
+    from sparsert_cli.errors import UserError
+
+    other = tmp_path / "other.sqlite"
+    conn = sqlite3.connect(other)
+    conn.execute("CREATE TABLE t (x INTEGER)")
+    conn.commit()
+    conn.close()
+    text = tmp_path / "notes.sqlite"
+    text.write_text("not sqlite at all, " * 100)
+    with TuneDB(tmp_path / "out.sqlite") as db:
+        for path, why in ((other, "no measurements table"), (text, "not a usable"),
+                          (tmp_path / "none.sqlite", "no such tuning database")):
+            with pytest.raises(UserError, match=why) as info:
+                db.merge(path)
+            assert str(path) in info.value.message
+        assert db.count() == 0
 
 
 def test_every_row_of_one_tune_invocation_carries_one_run_id(tmp_path, isolated_cache):
