@@ -244,7 +244,7 @@ def _print_row(row: dict) -> None:
                   f"{row['replaced']}/{row['layers_total']} layers replaced; "
                   f"max rel err {row['max_rel_err']:.2e}"
                   + (f" (bound {row['rel_err_bound']:g})" if row.get("rel_err_bound") else ""))
-    if row.get("speedup") is not None and row["speedup"] < 1.0:
+    if row.get("speedup") is not None and row["speedup"] < 1.0 and row.get("replaced"):
         console.print(f"[yellow]warning:[/] the sparsified model is slower than the best dense "
                       f"configuration ({row['sparsert_us']:.1f} against "
                       f"{row['best_dense_us']:.1f} us): each replaced layer beat its dense form "

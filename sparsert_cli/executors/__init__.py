@@ -57,13 +57,12 @@ def same_gpu(infos: list[dict]) -> dict:
     return infos[0]
 
 
-def run_jobs(executor, prepare, db, family, remeasure: bool = False, on_event=None,
-             run_id: str | None = None) -> dict:
+def run_jobs(executor, prepare, db, family, remeasure: bool = False, on_event=None) -> dict:
     """Start the executor, make the jobs (`prepare(gpu info) -> (cases, jobs)`: seeds may
     depend on the GPU), skip those the database already holds for this GPU (resume), run the
     rest with every result written to the database as it arrives, stop. Every row written
-    carries a run id (results of every worker arrive here): `run_id` (or a new one) for a
-    (case, family) the database does not hold yet; a case and family it holds (a resumed or
+    carries a run id (results of every worker arrive here): a new one for a (case, family)
+    the database does not hold yet; a case and family it holds (a resumed or
     extended tune) continue the run of their newest stored row, so export compares that
     group's whole candidate list from one run. With `remeasure` every row takes the new id.
     Returns run stats (with "run_id", the new id)."""
@@ -78,7 +77,7 @@ def run_jobs(executor, prepare, db, family, remeasure: bool = False, on_event=No
         cases, jobs = prepare(gpu)
         done = set() if remeasure else db.measured(gpu["gpu_name"], gpu["driver"])
         todo = [j for j in jobs if j.ident(cases[j.case], family) not in done]
-        run_id = run_id or new_run_id()
+        run_id = new_run_id()
         continued = {} if remeasure else db.group_runs(gpu["gpu_name"], gpu["driver"])
         if on_event:
             on_event("plan", None, {"jobs": len(jobs), "todo": len(todo)})

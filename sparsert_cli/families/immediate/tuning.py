@@ -309,19 +309,18 @@ def uneven_params(geometry: Geometry, tall: PlanParams, nnz: int,
     tiles or more (else the blocks would halve: one-tile layers keep their one-wave rule);
     else None (refine_default's even-row choice applies). Widened sums (bf16, fp16acc32: a
     widening instruction per column loaded, so more code a row) keep the tall plan's rows on
-    the 64-thread tiles. H100 run S19-1
-    (plan sweep, every plan verified; 196-column layers in fp32, bf16 and fp16, 784-column ones
-    in fp16, 90% and 95%, configs/mobilenet.yaml's pruned rows): over 24 cases the old defaults
-    were 1.15x the best plan (geomean; worst 1.50x, fp16 rn50_c3_reduce at 95% r2v8t64 4.45 us
-    against r8v2t64 2.96), this rule 1.035x (worst 1.41x: bf16 rn50_c4_reduce at 90%, below;
-    else 1.10x, fp32 rn50_c4_reduce at 90%: r4v1t128 5.90 against r8v1t64 5.35). Where the doubled rows pass TALL_FMAS neither the tall plan
-    nor the rule wins everywhere (bf16 at 90%: rn50_c4_reduce r4v1t128 5.74 us against the
-    rule's r2v1t128 8.11; mbv1_pw6 the rule's r4v1t128 3.51 against r8v1t128 3.93 in S19-4,
-    whose kernel spills 488 B; more tall plans spill there at 70-80%), so those layers keep
-    the even-row choice. bf16 (S19-1 and the
-    784-column sweep of S19-2, 12 pruned cases): doubled rows 1.04x the best (worst 1.11x,
-    mbv1_pw3 at 95%: r32v1t64 1.96 us against r8v2t64 1.76), the tall rows on 64 threads
-    1.016x (worst 1.06x, the same case at r16v1t64 1.87)."""
+    the 64-thread tiles. H100 run S19-1 (plan sweep, every plan verified; 196-column layers in
+    fp32, bf16 and fp16, 784-column ones in fp16, 90% and 95%, configs/mobilenet.yaml's pruned
+    rows): over 24 cases the old defaults were 1.15x the best plan (geomean; worst 1.50x, fp16
+    rn50_c3_reduce at 95% r2v8t64 4.45 us against r8v2t64 2.96), this rule 1.035x (worst
+    1.41x, bf16 rn50_c4_reduce at 90%, below; then 1.10x, fp32 rn50_c4_reduce at 90%: r4v1t128
+    5.90 against r8v1t64 5.35). Where the doubled rows pass TALL_FMAS neither the tall plan nor
+    the rule wins everywhere (bf16 at 90%: rn50_c4_reduce r4v1t128 5.74 us against the rule's
+    r2v1t128 8.11; mbv1_pw6 the rule's r4v1t128 3.51 against r8v1t128 3.93 in S19-4, whose
+    kernel spills 488 B; more tall plans spill there at 70-80%), so those layers keep the
+    even-row choice. bf16 (S19-1 and the 784-column sweep of S19-2, 12 pruned cases): doubled
+    rows 1.04x the best (worst 1.11x, mbv1_pw3 at 95%: r32v1t64 1.96 us against r8v2t64 1.76),
+    the tall rows on 64 threads 1.016x (worst 1.06x, the same case at r16v1t64 1.87)."""
     doubled = min(TALL_ACCUMULATORS // tall.vector_width, 2 * tall.rows_per_group)
     per_row = nnz / max(1, geometry.out_channels)
     per_thread = -(-geometry.columns // tall.vector_width)
