@@ -118,9 +118,7 @@ class TuneDB:
 
     def _create(self) -> None:
         version = self.conn.execute("PRAGMA user_version").fetchone()[0]
-        if version > SCHEMA_VERSION:
-            raise UserError(f"{self.path}: tuning database version {version} is newer than this "
-                            f"sparsert reads ({SCHEMA_VERSION})")
+        _check_version(self.path, version)
         cols = ", ".join(f"{name} {kind}" for name, kind in COLUMNS)
         self.conn.execute(f"CREATE TABLE IF NOT EXISTS measurements "
                           f"(id INTEGER PRIMARY KEY, {cols})")
@@ -129,9 +127,7 @@ class TuneDB:
             for name in sorted(set(ADDED) - have):
                 self.conn.execute(f"ALTER TABLE measurements ADD COLUMN {name} {ADDED[name]}")
                 have.add(name)
-        if not set(NAMES) <= have:
-            raise UserError(f"{self.path}: not a sparsert tuning database (columns "
-                            f"{', '.join(sorted(set(NAMES) - have)[:3])} missing)")
+        _check_columns(self.path, set(NAMES) - have)
         self.conn.execute(f"CREATE INDEX IF NOT EXISTS measurements_job ON measurements "
                           f"({', '.join(JOB_COLUMNS)})")
         if version == 0:
@@ -196,20 +192,14 @@ class TuneDB:
         return {tuple(values) for values in cur}
 
     def group_runs(self, gpu_name: str, driver: str) -> dict[tuple, str | None]:
-        """Per stored group (pattern, shape, precision, family, version) on this GPU, the run id
-        of its newest row (None: rows from before run ids): the run a resumed tune continues
-        for that case and family, so the group's export still compares its whole candidate
-        list from one run."""
-        cols = JOB_COLUMNS[:5]
-        out: dict[tuple, tuple] = {}
-        cur = self.conn.execute(f"SELECT {', '.join(cols)}, run_id, timestamp FROM measurements "
-                                f"WHERE gpu_name = ? AND driver = ? ORDER BY rowid",
-                                (gpu_name, driver))
-        for values in cur:
-            key = tuple(values[:len(cols)])
-            if key not in out or values[-1] >= out[key][1]:
-                out[key] = (values[-2], values[-1])
-        return {key: run for key, (run, _) in out.items()}
+        """Per stored group (pattern, shape, precision, family, version) on this GPU, the run
+        export takes it from (newest_run; None: rows from before run ids): the run a resumed
+        tune continues for that case and family, so the group's export still compares its
+        whole candidate list from one run."""
+        groups: dict[tuple, list[dict]] = {}
+        for row in self.rows("WHERE gpu_name = ? AND driver = ?", (gpu_name, driver)):
+            groups.setdefault(tuple(row[c] for c in JOB_COLUMNS[:5]), []).append(row)
+        return {key: newest_run(rows)[0]["run_id"] for key, rows in groups.items()}
 
     def best(self) -> dict[tuple, dict]:
         """The fastest verified row per (pattern, shape, GPU, precision, family, version), with
@@ -236,6 +226,18 @@ class TuneDB:
         return out
 
 
+def _check_version(path: Path, version: int) -> None:
+    if version > SCHEMA_VERSION:
+        raise UserError(f"{path}: tuning database version {version} is newer than this "
+                        f"sparsert reads ({SCHEMA_VERSION})")
+
+
+def _check_columns(path: Path, missing: set[str]) -> None:
+    if missing:
+        raise UserError(f"{path}: not a sparsert tuning database (columns "
+                        f"{', '.join(sorted(missing)[:3])} missing)")
+
+
 def read_rows(path: str | Path) -> list[tuple]:
     """Every measurement of a tuning database file, as tuples in NAMES order, without writing
     to it (read-only connection, no schema upgrade): what `merge` copies."""
@@ -247,17 +249,11 @@ def read_rows(path: str | Path) -> list[tuple]:
     except sqlite3.Error as exc:
         raise UserError(f"{path}: not a usable tuning database ({exc})") from None
     try:
-        version = conn.execute("PRAGMA user_version").fetchone()[0]
-        if version > SCHEMA_VERSION:
-            raise UserError(f"{path}: tuning database version {version} is newer than this "
-                            f"sparsert reads ({SCHEMA_VERSION})")
+        _check_version(path, conn.execute("PRAGMA user_version").fetchone()[0])
         have = {row[1] for row in conn.execute("PRAGMA table_info(measurements)")}
         if not have:
             raise UserError(f"{path}: not a sparsert tuning database (no measurements table)")
-        missing = set(NAMES) - set(ADDED) - have
-        if missing:
-            raise UserError(f"{path}: not a sparsert tuning database (columns "
-                            f"{', '.join(sorted(missing)[:3])} missing)")
+        _check_columns(path, set(NAMES) - set(ADDED) - have)
         select = ", ".join(name if name in have else "NULL" for name in NAMES)
         return conn.execute(f"SELECT {select} FROM measurements ORDER BY id").fetchall()
     except sqlite3.DatabaseError as exc:

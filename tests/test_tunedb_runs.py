@@ -263,3 +263,17 @@ def test_a_resumed_tune_continues_each_cases_run(tmp_path, isolated_cache):
         assert db.runs() == 2
         assert {b["row"]["run_id"] for b in db.best().values()} == {fresh["run_id"]}
 
+
+
+def test_a_resumed_group_continues_the_run_export_takes_it_from(tmp_path):
+    """group_runs names, per (case, family), the run export would take (newest_run): a newer
+    run whose only row of a family failed does not capture that family's resumed rows."""
+    with TuneDB(tmp_path / "t.sqlite") as db:
+        db.insert(_row(STREAMED, "b0", 3.0, 2, "run1", OLD))
+        db.insert(_row(STREAMED, "b1", None, 3, "run2", NEW, error="verify: mismatch"))
+        db.insert(_row(IMMEDIATE, "a0", 2.0, 0, "run2", NEW))
+        runs = db.group_runs("G", "1")
+        best = db.best()
+    group = ("p0", SHAPE, "fp32", *STREAMED)
+    assert runs[group] == "run1" and runs[("p0", SHAPE, "fp32", *IMMEDIATE)] == "run2"
+    assert best[("p0", SHAPE, "G", "fp32", *STREAMED)]["row"]["run_id"] == runs[group]

@@ -62,8 +62,8 @@ def run_jobs(executor, prepare, db, family, remeasure: bool = False, on_event=No
     depend on the GPU), skip those the database already holds for this GPU (resume), run the
     rest with every result written to the database as it arrives, stop. Every row written
     carries a run id (results of every worker arrive here): a new one for a (case, family)
-    the database does not hold yet; a case and family it holds (a resumed or
-    extended tune) continue the run of their newest stored row, so export compares that
+    the database does not hold yet; a case and family it holds (a resumed or extended tune)
+    continue the run export takes them from (TuneDB.group_runs), so export compares that
     group's whole candidate list from one run. With `remeasure` every row takes the new id.
     Returns run stats (with "run_id", the new id)."""
     from ..tunedb import JOB_COLUMNS, new_run_id
