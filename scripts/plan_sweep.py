@@ -137,8 +137,8 @@ with sparsert.Gpu() as gpu:
             emit(row)
         good = sorted((r for r in first if r.get("ok") and r.get("us")), key=lambda r: r["us"])
         seen = {r["plan"] for r in first if "plan" in r}
-        extra = [p for r in good[:3] for p in around(r["params"])]
-        extra = [] if args.grid_only else [p for p in extra if p.name() not in seen]
+        extra = [] if args.grid_only else [p for r in good[:3] for p in around(r["params"])
+                                           if p.name() not in seen]
         for row in measure(problem, extra, gpu, cache) if extra else []:
             emit(row)
         best = min((r for r in first if r.get("ok") and r.get("us")), key=lambda r: r["us"],
