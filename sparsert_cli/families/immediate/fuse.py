@@ -25,7 +25,7 @@ from ...ir import ChainIR, Compute, Finish, KernelIR
 from ...problem_shape import MAX_THREADS, PRECISIONS, Epilogue, Geometry
 from .lower import lower
 from .plan import Plan, PlanParams, build_plan, fit_vector_width, row_group
-from .tuning import H100_SMS, PAIR_COLUMNS, default_params, lanes
+from .tuning import H100_SMS, PAIR_COLUMNS, TALL_ACCUMULATORS, default_params, lanes
 
 # changes whenever the fused kernel's code changes (with the immediate family's and the
 # printer's versions it enters the fused kernels' cache keys)
@@ -134,9 +134,11 @@ def fuse_params(pointwise: Geometry, stride: int, nnz: int, precision: str,
     stride 1, even width, over PAIR_COLUMNS columns), else one column a thread; the block has
     the threads (whole warps) the depthwise needs, and the pointwise the narrowest legal vector
     that covers its columns with them (the widest legal one, and more threads, where none
-    does). Rows per group: `rows_per_group`, else the pointwise layer's untuned default's,
-    capped so that a thread's sums of either stage and a batch of loads fit its share of the
-    register file (OTHER_REGISTERS for the rest)."""
+    does). Rows per group: `rows_per_group`, else the pointwise layer's untuned default's
+    scaled to keep its sums a thread (rows x sum instructions a nonzero: a default of one
+    column a thread at 16 rows takes 4 rows at 4 columns), capped at TALL_ACCUMULATORS sums a
+    thread and so that a thread's sums of either stage and a batch of loads fit its share of
+    the register file (OTHER_REGISTERS for the rest)."""
     dtype = PRECISIONS[precision][0]
     dw = depthwise_geometry(pointwise, stride)
     dw_width = fit_vector_width(dw, 2, dtype, windows=dw.columns > PAIR_COLUMNS)
@@ -148,12 +150,16 @@ def fuse_params(pointwise: Geometry, stride: int, nnz: int, precision: str,
         raise UserError(f"a fused kernel's one column tile would need {threads} threads "
                         f"(limit {MAX_THREADS}): {pointwise.columns} pointwise and "
                         f"{dw.columns} depthwise columns are too many")
-    rows = rows_per_group or default_params(pointwise, nnz, precision, sm_count).rows_per_group
+    per_row = max(lanes(pw_width, precision), lanes(dw_width, precision))
+    if rows_per_group is None:
+        default = default_params(pointwise, nnz, precision, sm_count)
+        rows = default.rows_per_group * lanes(default.vector_width, precision) // per_row
+    else:
+        rows = rows_per_group
     load_batch = PlanParams().load_batch
     budget = min(255, 65536 // threads)
     loads = max(load_batch, 3) * max(pw_width, dw_width)      # fp32 registers, at most
-    per_row = max(lanes(pw_width, precision), lanes(dw_width, precision))
-    cap = max(1, (budget - OTHER_REGISTERS - loads) // per_row)
+    cap = min(TALL_ACCUMULATORS, budget - OTHER_REGISTERS - loads) // per_row
     rows = max(1, min(rows, cap, pointwise.out_channels))
     return PlanParams(rows_per_group=rows, vector_width=pw_width, col_threads=threads,
                       k_split=1, load_batch=load_batch), dw_width
