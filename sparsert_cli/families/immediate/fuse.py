@@ -37,6 +37,11 @@ STRIDES = (1, 2)
 # registers a thread keeps besides its sums and loads (pointers, indices, tap bases), used to
 # cap the rows of a group so that ptxas has no reason to spill at the block's register share
 OTHER_REGISTERS = 40
+# registers' worth of distinct loads a group's pointwise body may hold: ptxas hoists a
+# straight-line body's loads, and past about this many a body spilled (sm_90, nvJitLink 13,
+# 1024x512@7 at 90%, 8 rows of one column: ~290 loads spilled 152 B in fp16 and 8 B in bf16,
+# as the unfused default r8v1t64 does; 6 rows, ~240 loads, did not)
+GROUP_LOAD_REGISTERS = 224
 
 
 @dataclass(frozen=True)
@@ -131,36 +136,42 @@ def fuse_params(pointwise: Geometry, stride: int, nnz: int, precision: str,
     must hold every column), so they are not validate()d.
 
     The depthwise takes column pairs (pair windows) where its planner would (2-byte storage,
-    stride 1, even width, over PAIR_COLUMNS columns), else one column a thread; the block has
-    the threads (whole warps) the depthwise needs, and the pointwise the narrowest legal vector
-    that covers its columns with them (the widest legal one, and more threads, where none
-    does). Rows per group: `rows_per_group`, else the pointwise layer's untuned default's
-    scaled to keep its sums a thread (rows x sum instructions a nonzero: a default of one
-    column a thread at 16 rows takes 4 rows at 4 columns), capped at TALL_ACCUMULATORS sums a
-    thread and so that a thread's sums of either stage and a batch of loads fit its share of
-    the register file (OTHER_REGISTERS for the rest)."""
+    stride 1, even width, over PAIR_COLUMNS columns), else one column a thread. The pointwise
+    takes the vector width of its untuned default (default_params) or, where the depthwise's
+    threads cover its columns with a narrower one, that (idle threads would repeat the last
+    column's work); the block has the threads (whole warps) either stage needs. Rows per group:
+    `rows_per_group`, else the default's scaled to keep its sums a thread (rows x sum
+    instructions a nonzero: 2 rows of 4 columns become 8 rows of 1), capped at
+    TALL_ACCUMULATORS sums a thread, so that a thread's sums of either stage and a batch of
+    loads fit its share of the register file (OTHER_REGISTERS for the rest), and so that a
+    group's expected distinct loads (uniformly spread nonzeros) fit GROUP_LOAD_REGISTERS."""
     dtype = PRECISIONS[precision][0]
     dw = depthwise_geometry(pointwise, stride)
     dw_width = fit_vector_width(dw, 2, dtype, windows=dw.columns > PAIR_COLUMNS)
-    threads = _warps(-(-dw.columns // dw_width))
-    widths = [w for w in (1, 2, 4, 8) if fit_vector_width(pointwise, w, dtype) == w]
-    pw_width = next((w for w in widths if -(-pointwise.columns // w) <= threads), widths[-1])
-    threads = max(threads, _warps(-(-pointwise.columns // pw_width)))
+    dw_threads = _warps(-(-dw.columns // dw_width))
+    default = default_params(pointwise, nnz, precision, sm_count)
+    widths = [w for w in (1, 2, 4, 8)
+              if w <= default.vector_width and fit_vector_width(pointwise, w, dtype) == w]
+    pw_width = next((w for w in widths if -(-pointwise.columns // w) <= dw_threads),
+                    widths[-1])
+    threads = max(dw_threads, _warps(-(-pointwise.columns // pw_width)))
     if threads > MAX_THREADS:
         raise UserError(f"a fused kernel's one column tile would need {threads} threads "
                         f"(limit {MAX_THREADS}): {pointwise.columns} pointwise and "
                         f"{dw.columns} depthwise columns are too many")
     per_row = max(lanes(pw_width, precision), lanes(dw_width, precision))
-    if rows_per_group is None:
-        default = default_params(pointwise, nnz, precision, sm_count)
-        rows = default.rows_per_group * lanes(default.vector_width, precision) // per_row
-    else:
-        rows = rows_per_group
+    rows = rows_per_group or (default.rows_per_group * lanes(default.vector_width, precision)
+                              // per_row)
     load_batch = PlanParams().load_batch
     budget = min(255, 65536 // threads)
     loads = max(load_batch, 3) * max(pw_width, dw_width)      # fp32 registers, at most
     cap = min(TALL_ACCUMULATORS, budget - OTHER_REGISTERS - loads) // per_row
     rows = max(1, min(rows, cap, pointwise.out_channels))
+    density = nnz / max(1, pointwise.out_channels * pointwise.taps)
+    per_load = pw_width if dtype == "fp32" else max(1, pw_width // 2)
+    while rows > 1 and (pointwise.taps * (1 - (1 - density) ** rows) * per_load
+                        > GROUP_LOAD_REGISTERS):
+        rows -= 1
     return PlanParams(rows_per_group=rows, vector_width=pw_width, col_threads=threads,
                       k_split=1, load_batch=load_batch), dw_width
 
