@@ -2,7 +2,8 @@
 
 The public API (`import sparsert_cli as sparsert`) is loaded on first use, so importing the
 package stays light. Kernels: compile_kernel, compile_kernels, Kernel, Layer, problem_layer,
-config_layers, Epilogue, PlanParams, StreamParams. Checking and timing: verify_cpu,
+config_layers, Epilogue, PlanParams, StreamParams; fused pointwise -> depthwise kernels:
+fuse_pointwise_depthwise, FusedKernel. Checking and timing: verify_cpu,
 benchmark_layer, measure_floors, run_benchmark, load_config, Gpu, have_gpu. Tuning: tune_config (through an
 executor), LocalExecutor, TunedDB; the job machinery under it: make_cases, run_jobs, winners,
 current_family, candidates, TuneDB (every measurement), gpu_count, parse_gpus. Results and
@@ -14,6 +15,7 @@ __version__ = "0.1.0"
 
 _API = {"compile_kernel": "api", "compile_kernels": "api", "Kernel": "api", "Layer": "api",
         "problem_layer": "api", "config_layers": "api", "KernelFailure": "api",
+        "fuse_pointwise_depthwise": "fused", "FusedKernel": "fused",
         "load_config": "config", "run_benchmark": "bench", "Gpu": "gpu.runtime",
         "have_gpu": "gpu.runtime",
         "Epilogue": "problem_shape", "PlanParams": "families.immediate",

@@ -22,6 +22,8 @@ from .gpu.runtime import detect_arch, detect_gpu_name  # noqa: F401 (re-exported
 from .patterns import case_seed, to_csr
 from .families import Family, families, family_of, family_of_params, get_family, lower
 from .families.immediate import Plan, PlanParams, build_plan, fit_vector_width  # noqa: F401
+from .families.immediate.fuse import VERSION as FUSED_VERSION
+from .families.immediate.fuse import FusedPlan, depthwise_csr, lower_fused, plan_fused
 from .families.immediate.tuning import (CODE_BUDGET, H100_SMS, LARGE_CODE,  # noqa: F401
                                          code_units)
 from .families.immediate.tuning import default_params as immediate_default
@@ -79,17 +81,8 @@ def plan_weight(geometry: Geometry, weight, params=None, epilogue: Epilogue = Ep
     """make_plan() for a layer shape. params None: the cost model's choice for `gpu_name`
     (costmodel.choose) over every family (`family` "auto") or the one named, among the families
     whose parameters take `overrides`, which then apply over it."""
-    csr = to_csr(weight)
-    limits.check_nonzeros(csr.nnz)
-    for what, values in (("weights", csr.data), ("bias", epilogue.bias or ())):
-        bad = int(np.size(values) - np.count_nonzero(np.isfinite(values)))
-        if bad:
-            raise UserError(f"{what}: {bad} NaN/Inf value(s)")
+    csr, epilogue = fit_precision(to_csr(weight), epilogue, precision, allow_fp16_flush)
     dtype, accumulate = PRECISIONS[precision]
-    if dtype == "fp16":
-        csr, epilogue = _fit_fp16(csr, epilogue, accumulate, allow_fp16_flush)
-    if dtype == "bf16":
-        _fit_bf16(csr, epilogue)
     family = layer_family(epilogue, family)
     pool = families() if family == "auto" else (get_family(family),)
     if params is None:
@@ -125,6 +118,23 @@ def plan_weight(geometry: Geometry, weight, params=None, epilogue: Epilogue = Ep
         except UserError:
             pass
         raise
+
+
+def fit_precision(csr, epilogue: Epilogue, precision: str, allow_fp16_flush: bool = False):
+    """(csr, epilogue) a kernel of `precision` computes: nonzeros within the limit, no NaN/Inf,
+    within fp16's range (weights that round to zero dropped if `allow_fp16_flush`, see
+    _fit_fp16) or bf16's."""
+    limits.check_nonzeros(csr.nnz)
+    for what, values in (("weights", csr.data), ("bias", epilogue.bias or ())):
+        bad = int(np.size(values) - np.count_nonzero(np.isfinite(values)))
+        if bad:
+            raise UserError(f"{what}: {bad} NaN/Inf value(s)")
+    dtype, accumulate = PRECISIONS[precision]
+    if dtype == "fp16":
+        csr, epilogue = _fit_fp16(csr, epilogue, accumulate, allow_fp16_flush)
+    if dtype == "bf16":
+        _fit_bf16(csr, epilogue)
+    return csr, epilogue
 
 
 def _fit_fp16(csr, epilogue: Epilogue, accumulate: str, allow_flush: bool):
@@ -269,8 +279,9 @@ def _compile(plan: Plan, emitter: str, arch: str, threads: int,
     return compiled, source
 
 
-def _save_source(plan: Plan, emitter: str, source: str) -> str:
-    suffix = printer_for(emitter, family_of(plan).name).suffix
+def _save_source(plan, emitter: str, source: str) -> str:
+    suffix = (".ptx" if isinstance(plan, FusedPlan)
+              else printer_for(emitter, family_of(plan).name).suffix)
     fd, path = tempfile.mkstemp(prefix=f"{plan.entry}-", suffix=suffix)
     with os.fdopen(fd, "w") as fh:
         fh.write(source)
@@ -303,6 +314,81 @@ def build_kernel(plan: Plan, emitter: str = "ptx", arch: str = DEFAULT_ARCH,
     build = KernelBuild(plan.entry, emitter, arch, compiled.cubin,
                         compiled.entry_resources(plan.entry), compiled.seconds, cached, key, size,
                         dependent_launch)
+    return build, source if keep_source else None
+
+
+# ---- fused pointwise -> depthwise kernels (families/immediate/fuse.py) ----------------------
+def plan_fused_layers(pw_weight, geometry: Geometry, dw_weight, stride: int,
+                      pw_epilogue: Epilogue = Epilogue(), dw_epilogue: Epilogue = Epilogue(),
+                      precision: str = "fp32", allow_fp16_flush: bool = False,
+                      rows_per_group: int | None = None) -> FusedPlan:
+    """The fused plan of a pointwise layer (weight M x C x 1 x 1 over `geometry`) and the
+    depthwise 3x3 after it (weight M x 3 x 3, padding 1, `stride`), both fitted to the
+    precision as plan_weight fits a layer (fit_precision)."""
+    pw_csr, pw_epilogue = fit_precision(to_csr(pw_weight), pw_epilogue, precision,
+                                        allow_fp16_flush)
+    dw_csr = depthwise_csr(dw_weight, geometry.out_channels)
+    dw_csr, dw_epilogue = fit_precision(dw_csr, dw_epilogue, precision, allow_fp16_flush)
+    return plan_fused(pw_csr, geometry, dw_csr, stride, pw_epilogue, dw_epilogue, precision,
+                      rows_per_group)
+
+
+def fused_code_version() -> str:
+    """Changes whenever a fused kernel's code does: the fusion's, the immediate family's
+    lowering and the PTX printer's versions."""
+    return f"{FUSED_VERSION}+{get_family('immediate').version}+{get_printer('ptx').version}"
+
+
+def emit_fused(plan: FusedPlan, emitter: str = "ptx", arch: str = DEFAULT_ARCH,
+               dependent_launch: bool = False) -> str:
+    """The fused plan's ChainIR, printed (PTX only)."""
+    if emitter != "ptx":
+        raise UserError("fused kernels print only as PTX (emit ptx)")
+    check_emitter(emitter, plan.precision, arch)
+    if dependent_launch:
+        require_dependent_launch(arch)
+    return render_source(lower_fused(plan, dependent_launch), emitter, arch)
+
+
+def build_fused(plan: FusedPlan, arch: str = DEFAULT_ARCH, cache: KernelCache | None = None,
+                threads: int = 1, keep_source: bool = False, dependent_launch: bool = False
+                ) -> tuple[KernelBuild, str | None]:
+    """Compile a fused plan (or fetch it from the cache) as build_kernel compiles a plan: its
+    printed PTX is parsed back and must equal the ChainIR the CPU interpreter runs."""
+    check_emitter("ptx", plan.precision, arch)
+    if dependent_launch:
+        require_dependent_launch(arch)
+    key = cache_key(plan.digest(), "ptx", fused_code_version(), arch,
+                    *((f"dependent_launch-{DEPENDENT_LAUNCH_VERSION}",) if dependent_launch
+                      else ()))
+    hit = cache.get(key) if cache else None
+    source = None
+    if hit:
+        compiled, extra = hit
+        size = int(extra.get("source_bytes", 0))
+    else:
+        printer = get_printer("ptx")
+        chain = lower_fused(plan, dependent_launch)
+        source = printer.print_source(chain, arch)
+        try:
+            compiled = printer.to_cubin(source, arch, threads)
+        except CompileError as exc:
+            path = _save_source(plan, "ptx", source)
+            raise CompileError(str(exc).splitlines()[0], exc.log, path) from None
+        try:
+            printer.check_printed(chain, source)
+        except PrintedMismatch as exc:
+            raise PrintedMismatch(f"{exc} (source saved to {_save_source(plan, 'ptx', source)})"
+                                  ) from None
+        size = len(source)
+        if cache:
+            cache.put(key, compiled, {"entry": plan.entry, "source_bytes": size,
+                                      "sparsert": __version__})
+    if keep_source and source is None:
+        source = emit_fused(plan, "ptx", arch, dependent_launch)
+    build = KernelBuild(plan.entry, "ptx", arch, compiled.cubin,
+                        compiled.entry_resources(plan.entry), compiled.seconds, bool(hit), key,
+                        size, dependent_launch)
     return build, source if keep_source else None
 
 

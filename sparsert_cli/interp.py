@@ -17,7 +17,7 @@ import numpy as np
 
 from .interp_base import PlanExecutionError, _f16, evaluate, thread_env  # noqa: F401
 from .interp_stream import execute_stream
-from .ir import Compute, Finish, KernelIR, Reduce, StreamIR
+from .ir import ChainIR, Compute, Finish, KernelIR, Reduce, StreamIR
 from .storage import rounded
 
 
@@ -37,6 +37,9 @@ class _Machine:
         self.writes = np.zeros(geo.output_elems, dtype=np.int64)
         self.sp = env["tx"] * ir.partial_stride        # shared byte address of each thread
         self.shared = None
+        # a ChainIR stage: which elements of x an earlier stage of this block wrote (None: all
+        # of x is the kernel's input)
+        self.readable: np.ndarray | None = None
 
     def rnd(self, values):
         return _f16(values) if self.half else values
@@ -67,6 +70,10 @@ class _Machine:
         if live.size and (live.min() < 0 or live.max() >= self.x.size):
             raise PlanExecutionError(f"out-of-bounds load: address range {live.min()}.."
                                      f"{live.max()} outside 0..{self.x.size - 1}")
+        if self.readable is not None and not np.all(self.readable[live]):
+            bad = live[~self.readable[live]]
+            raise PlanExecutionError(f"a load reads {bad.size} element(s) (first at {bad[0]}) "
+                                     "that no earlier stage of this block wrote")
         values = np.zeros(addr.shape, dtype=np.float64)
         values[mask] = self.x[live]
         return values
@@ -173,32 +180,80 @@ class _Machine:
         self.out[addr] = y if self.ir.dtype == "fp32" else rounded(y, self.ir.dtype)
         np.add.at(self.writes, addr.ravel(), 1)
 
+    def run_group(self, by: int) -> None:
+        """Every block of row group `by` (one per column tile, all at once)."""
+        ir = self.ir
+        self.shared = np.full((ir.tiles, max(1, ir.shared_bytes // ir.acc_bytes)), np.nan)
+        for bodies in ir.phases:           # phases meet at a block barrier
+            for ty in range(ir.k_split):
+                idx = int(evaluate((ir.slot,), {"by": by, "ty": ty})["idx"])
+                if not 0 <= idx < len(bodies):
+                    raise PlanExecutionError(f"jump-table slot {idx} outside the table")
+                body = bodies[idx]
+                self.compute(body) if isinstance(body, Compute) else self.reduce(body)
+
     def run(self) -> np.ndarray:
         ir = self.ir
         for by in range(ir.groups):
-            self.shared = np.full((ir.tiles, max(1, ir.shared_bytes // ir.acc_bytes)), np.nan)
-            for bodies in ir.phases:           # phases meet at a block barrier
-                for ty in range(ir.k_split):
-                    idx = int(evaluate((ir.slot,), {"by": by, "ty": ty})["idx"])
-                    if not 0 <= idx < len(bodies):
-                        raise PlanExecutionError(f"jump-table slot {idx} outside the table")
-                    body = bodies[idx]
-                    self.compute(body) if isinstance(body, Compute) else self.reduce(body)
+            self.run_group(by)
         if not np.all(self.writes == 1):
             raise PlanExecutionError(f"{int(np.sum(self.writes == 0))} outputs never written, "
                                      f"{int(np.sum(self.writes > 1))} written more than once")
         return self.out
 
 
+def execute_chain(chain: ChainIR, x: np.ndarray) -> np.ndarray:
+    """Run a ChainIR block by block, as the GPU does: for block by, every buffer a stage writes
+    and a later stage reads (the scratch t) starts as NaN (poison), stage after stage runs its
+    group `by` only (after a barrier the next reads what this block wrote, rounded to the
+    storage type as the kernel stores it), and a load of an element no earlier stage of the
+    block wrote is an error. The last stage's output collects each block's rows; every element
+    of it, and of each scratch buffer over all blocks, must be written exactly once."""
+    for i, ir in enumerate(chain.stages):
+        if ir.tiles != 1 or ir.k_split != 1 or ir.groups != chain.stages[0].groups:
+            raise PlanExecutionError(f"stage {i} runs {ir.tiles} tiles, k_split {ir.k_split}, "
+                                     f"{ir.groups} groups: a chain's blocks run one group each")
+        if "res" in ir.arguments:
+            raise PlanExecutionError("a chain's stage adds a residual")
+    bound = [dict(b) for b in chain.bindings]
+    machines = [_Machine(ir, None, None) for ir in chain.stages]
+    last = machines[-1]
+    out = np.full(last.out.size, np.nan)
+    writes = {b["y"]: np.zeros(m.out.size, dtype=np.int64) for b, m in zip(bound, machines)}
+    for by in range(chain.stages[0].groups):
+        buffers: dict[str, np.ndarray] = {"x": x}
+        readable: dict[str, np.ndarray | None] = {"x": None}
+        for i, (ir, binding, machine) in enumerate(zip(chain.stages, bound, machines)):
+            source = binding["x"]
+            if source not in buffers:
+                raise PlanExecutionError(f"stage {i} reads {source}, which nothing wrote")
+            machine.x, machine.readable = buffers[source], readable[source]
+            machine.out = np.full(machine.out.size, np.nan)         # poison
+            machine.writes = np.zeros(machine.out.size, dtype=np.int64)
+            machine.run_group(by)
+            if np.any(machine.writes > 1):
+                raise PlanExecutionError(f"block {by}, stage {i}: an element written twice")
+            writes[binding["y"]] += machine.writes
+            buffers[binding["y"]] = rounded(machine.out, ir.dtype)
+            readable[binding["y"]] = machine.writes > 0
+        done = last.writes > 0
+        out[done] = last.out[done]
+    for name, count in writes.items():
+        if not np.all(count == 1):
+            raise PlanExecutionError(f"{name}: {int(np.sum(count == 0))} elements never written, "
+                                     f"{int(np.sum(count > 1))} written more than once")
+    return out
+
+
 def execute(kernel, x: np.ndarray, residual: np.ndarray | None = None) -> np.ndarray:
     """Run a kernel (its KernelIR, or a family plan, lowered first) on input `x` (any shape with
     the geometry's element count); returns the output as a flat float64 array of batch*M*Ho*Wo
     elements (NCHW)."""
-    if not isinstance(kernel, (KernelIR, StreamIR)):
+    if not isinstance(kernel, (KernelIR, StreamIR, ChainIR)):
         from .families import lower
 
         kernel = lower(kernel)
-    geo = kernel.geometry
+    geo = (kernel.stages[0] if isinstance(kernel, ChainIR) else kernel).geometry
     x = np.asarray(x, dtype=np.float64).ravel()
     if x.size != geo.input_elems:
         raise PlanExecutionError(f"input has {x.size} elements, plan expects {geo.input_elems}")
@@ -213,4 +268,8 @@ def execute(kernel, x: np.ndarray, residual: np.ndarray | None = None) -> np.nda
                                      f"{kernel.dtype} values")
     if isinstance(kernel, StreamIR):
         return execute_stream(kernel, x, residual)
+    if isinstance(kernel, ChainIR):
+        if residual is not None:
+            raise PlanExecutionError("a chain takes no residual")
+        return execute_chain(kernel, x)
     return _Machine(kernel, x, residual).run()

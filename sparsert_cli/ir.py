@@ -164,6 +164,10 @@ class KernelIR(Precision):
     # load reads an aligned column pair at tap offset s in {0, 2, 4} (TapBase.s likewise), and
     # the odd windows (ow - 1, ow), (ow + 1, ow + 2) are Shifts of two such pairs
     pair_windows: bool = False
+    # activation loads through the coherent path (ld.global) instead of the non-coherent one
+    # (ld.global.nc): a stage of a ChainIR reads what an earlier stage of the same kernel wrote,
+    # which the non-coherent path may serve stale
+    coherent_loads: bool = False
 
     @property
     def block(self) -> tuple[int, int, int]:
@@ -197,6 +201,62 @@ class KernelIR(Precision):
         if self.geometry.masked:
             args += [("u64", "z"), ("u32", "ih"), ("u32", "iw")]
         return tuple(args + [("u32", "act")] + ([("u32", "sp")] if self.k_split > 1 else []))
+
+
+@dataclass(frozen=True)
+class ChainIR(Precision):
+    """Kernels run one after the other by the same blocks of one entry (families/immediate/
+    fuse.py: a pointwise convolution, then the depthwise convolution that reads its output).
+
+    The entry takes the pointer `arguments`; stage i sees its own pointers (x, y, z) as the
+    kernel arguments `bindings[i]` names ((stage pointer, kernel argument) pairs, in the
+    stage's argument order), evaluates its own columns, pointers and slot, and runs its own
+    phases; a block barrier separates the stages. Every stage has one column tile (tiles == 1),
+    the same col_threads, k_split 1 and the same row groups, so block `by` runs group `by` of
+    every stage, and a later stage may read what an earlier stage of the same block wrote (its
+    loads then must be coherent: KernelIR.coherent_loads). Each stage's own `entry` and
+    `arguments` name nothing in the printed kernel but its bodies' functions and parameters.
+    """
+
+    entry: str
+    comment: str
+    stages: tuple[KernelIR, ...]
+    arguments: tuple[str, ...]
+    bindings: tuple[tuple[tuple[str, str], ...], ...]
+    # as KernelIR's: once, at the top of the entry
+    dependent_launch: bool = False
+
+    @property
+    def dtype(self) -> str:
+        return self.stages[0].dtype
+
+    @property
+    def accumulate(self) -> str:
+        return self.stages[0].accumulate
+
+    @property
+    def grid(self) -> tuple[int, int, int]:
+        return self.stages[0].grid
+
+    @property
+    def block(self) -> tuple[int, int, int]:
+        return self.stages[0].block
+
+    @property
+    def col_threads(self) -> int:
+        return self.stages[0].col_threads
+
+    @property
+    def k_split(self) -> int:
+        return 1
+
+    @property
+    def max_registers(self) -> int:
+        return self.stages[0].max_registers
+
+    @property
+    def shared_bytes(self) -> int:
+        return 0
 
 
 @dataclass(frozen=True, eq=False)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse as sp
 
+from .storage import rounded
+
 # Machine epsilon (spacing at 1) of each type: 2^-(stored mantissa bits). bf16 keeps 7 of its 8
 # significant bits: 2^-7, 8x fp16's, with fp32's exponent range.
 EPS = {"fp32": 2.0 ** -23, "tf32": 2.0 ** -10, "fp16": 2.0 ** -10, "bf16": 2.0 ** -7}
@@ -132,3 +134,56 @@ def check(out: np.ndarray, ref: np.ndarray, magnitude: np.ndarray, dtype: str,
         return False, max_err, (f"{bad} output(s) off; worst at flat index {worst}: got "
                                 f"{out.ravel()[worst]:.6g}, want {ref.ravel()[worst]:.6g}")
     return True, max_err, "ok"
+
+
+def depthwise_reference(weight: np.ndarray, x: np.ndarray, stride: int = 1, padding: int = 1,
+                        bias=None, activation: str = "none",
+                        absolute: bool = False) -> np.ndarray:
+    """A depthwise convolution (output channel c reads input channel c only) in float64, NCHW:
+    `weight` C x kh x kw (or C x 1 x kh x kw); as conv_reference, with `absolute` the sum over
+    |w| and |x| plus |bias| (scaled by SLOPE)."""
+    w = np.asarray(weight, dtype=np.float64)
+    w = w.reshape(w.shape[0], w.shape[-2], w.shape[-1])
+    c, kh, kw = w.shape
+    x64 = np.asarray(x, dtype=np.float64)
+    n = x64.shape[0]
+    cols = im2col(x64, kh, kw, stride, padding).reshape(c, kh * kw, -1)
+    if absolute:
+        w, cols = np.abs(w), np.abs(cols)
+    y = np.einsum("ct,ctn->cn", w.reshape(c, kh * kw), cols)
+    ho, wo = conv_out_hw(x64.shape[2], x64.shape[3], kh, kw, stride, padding)
+    y = y.reshape(c, n, ho, wo).transpose(1, 0, 2, 3)
+    if absolute:
+        if bias is not None:
+            y = y + np.abs(np.asarray(bias, dtype=np.float64)).reshape(1, c, 1, 1)
+        return y * SLOPE.get(activation, 1.0)
+    if bias is not None:
+        y = y + np.asarray(bias, dtype=np.float64).reshape(1, c, 1, 1)
+    if activation in ("relu", "relu6"):
+        y = np.maximum(y, 0.0)
+    if activation == "relu6":
+        y = np.minimum(y, 6.0)
+    return gelu(y) if activation == "gelu" else y
+
+
+def pointwise_depthwise_reference(pw_weight: np.ndarray, dw_weight: np.ndarray, x: np.ndarray,
+                                  stride: int, dtype: str, pw_bias=None,
+                                  pw_activation: str = "none", dw_bias=None,
+                                  dw_activation: str = "none"):
+    """(y, magnitude) of a pointwise convolution (M x C x 1 x 1) and the depthwise 3x3
+    (padding 1, `stride`) over its output, in float64 NCHW: the pointwise output t is rounded to
+    the storage type `dtype` in between, as a kernel stores it. check(out, y, magnitude, dtype,
+    9) bounds the error by the depthwise's own tolerance over the magnitude, which includes,
+    in units of that tolerance, the depthwise sum over |w| of t's worst error: the
+    pointwise's bound (tolerance over its magnitude, ABSOLUTE), plus one spacing of `dtype` at
+    |t| (the kernel's t and this one may round to neighbours)."""
+    t = conv_reference(pw_weight, x, 1, 0, pw_bias, None, pw_activation)
+    t_mag = conv_reference(pw_weight, x, 1, 0, pw_bias, None, pw_activation, absolute=True)
+    t = rounded(t, dtype)
+    k = int(np.prod(np.shape(pw_weight)[1:]))
+    t_err = tolerance(dtype, k) * t_mag + ABSOLUTE[dtype] + EPS[dtype] * np.abs(t)
+    y = depthwise_reference(dw_weight, t, stride, 1, dw_bias, dw_activation)
+    mag = depthwise_reference(dw_weight, t, stride, 1, dw_bias, dw_activation, absolute=True)
+    carried = depthwise_reference(dw_weight, t_err, stride, 1, None, dw_activation,
+                                  absolute=True)
+    return y, mag + carried / tolerance(dtype, 9)

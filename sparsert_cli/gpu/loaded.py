@@ -37,8 +37,9 @@ def device_pointer(value) -> int:
 class LoadedKernel:
     """One kernel entry loaded into device `device`'s primary context.
 
-    `arguments` are the kernel's pointer parameters in order (names x, y, res, z); `zero_bytes`
-    sizes the all-zero buffer for `z` (0: the kernel has no z). Use as a context manager, or
+    `arguments` are the kernel's pointer parameters in order (names x, y, res, t, z; t: a fused
+    kernel's scratch buffer, passed to launch()); `zero_bytes` sizes the all-zero buffer for `z`
+    (0: the kernel has no z). Use as a context manager, or
     close(); closing waits for nothing, so the caller must not close while launches run.
     `dependent_launch`: the cubin's entry waits for the grid before it (griddepcontrol.wait,
     build.lowered()), so it may be launched with programmatic stream serialization: its blocks
@@ -119,9 +120,10 @@ class LoadedKernel:
             self._configs[key] = config
         return config
 
-    def _pack(self, x_ptr, y_ptr, residual_ptr) -> tuple:
+    def _pack(self, x_ptr, y_ptr, residual_ptr, scratch_ptr=None) -> tuple:
         key = (device_pointer(x_ptr), device_pointer(y_ptr),
-               None if residual_ptr is None else device_pointer(residual_ptr))
+               None if residual_ptr is None else device_pointer(residual_ptr),
+               None if scratch_ptr is None else device_pointer(scratch_ptr))
         packed = self._packed.get(key)
         if packed is not None:
             return packed
@@ -129,22 +131,27 @@ class LoadedKernel:
             raise ValueError(f"{self.entry}: " + ("this kernel adds a residual: pass residual_ptr"
                                                   if residual_ptr is None else
                                                   "this kernel takes no residual"))
-        by_name = {"x": key[0], "y": key[1], "res": key[2], "z": self._zero}
+        if ("t" in self.arguments) != (scratch_ptr is not None):
+            raise ValueError(f"{self.entry}: " + ("this fused kernel needs its scratch buffer: "
+                                                  "pass scratch_ptr" if scratch_ptr is None else
+                                                  "this kernel takes no scratch buffer"))
+        by_name = {"x": key[0], "y": key[1], "res": key[2], "t": key[3], "z": self._zero}
         values, pointers = pack_params([by_name[name] for name in self.arguments])
         if len(self._packed) >= _PACKED_LIMIT:
             self._packed.clear()
         packed = self._packed[key] = (values, pointers, int(pointers.ctypes.data))
         return packed
 
-    def launch(self, stream, x_ptr, y_ptr, residual_ptr=None) -> None:
+    def launch(self, stream, x_ptr, y_ptr, residual_ptr=None, scratch_ptr=None) -> None:
         """Enqueue one run on `stream` (an int handle, CUstream, or an object with
         __cuda_stream__ / cuda_stream such as torch.cuda.current_stream()). Pointers are device
-        addresses (ints, DeviceBuffers or tensors with data_ptr()); y is fully overwritten.
+        addresses (ints, DeviceBuffers or tensors with data_ptr()); y is fully overwritten
+        (a fused kernel's scratch buffer too; runs that may overlap need their own).
         Call from a thread where the device's primary context is current (torch's threads are;
         the thread that loaded the kernel is)."""
         if self._module is None:
             raise RuntimeError(f"{self.entry}: launch after close()")
-        _, _, params = self._pack(x_ptr, y_ptr, residual_ptr)
+        _, _, params = self._pack(x_ptr, y_ptr, residual_ptr, scratch_ptr)
         if self._dependent:
             (err,) = _driver().cuLaunchKernelEx(self._config(stream), self._function, params, 0)
         else:

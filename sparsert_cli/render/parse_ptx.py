@@ -17,15 +17,15 @@ import struct
 
 import numpy as np
 
-from ..ir import (BLOCK_IDS, Batch, Compute, Finish, IndexOp, KernelIR, Load, Partial, Reduce,
-                  ReduceRow, Shift, Step, TapBase)
+from ..ir import (BLOCK_IDS, Batch, ChainIR, Compute, Finish, IndexOp, KernelIR, Load,
+                  Partial, Reduce, ReduceRow, Shift, Step, TapBase)
 from . import PrintedMismatch
-from .ptx import GRID_DEPENDENCY, PARTIALS, Fmt
+from .ptx import GRID_DEPENDENCY, PARTIALS, Fmt, stage_marker, stage_prefix
 
 _MEM = re.compile(r"\[(%\w+)\+(-?\d+)\]")
 _FMA = re.compile(r"\t*(fma|mul)\.rn\.(\w+) (%a\d+), (%\w+), ([^,;]+)(?:, (%a\d+))?;")
 _SHIFT = re.compile(r"\t*prmt\.b32 (%s\d+), (%b\d+), (%b\d+), 0x5432;")
-_LOAD = re.compile(r"\t*(ld\.global\.nc\S*) (\{[^}]*\}|%\w+), \[(%x\w*)\+(-?\d+)\];")
+_LOAD = re.compile(r"\t*(ld\.global\S*) (\{[^}]*\}|%\w+), \[(%x\w*)\+(-?\d+)\];")
 # conversions of 2-byte storage, by the kernel's dtype (independent of the printer's Fmt)
 _CVT_TYPE = {"fp16": "f16", "bf16": "bf16"}
 _INDEX_OPS = {"mad.lo": "mad", "mul.lo": "mul", "add": "add", "sub": "sub", "div": "div",
@@ -373,7 +373,8 @@ def _compute(ir: KernelIR, fmt: Fmt, lines: list[str], where: str) -> Compute:
             if fmas or shifts:
                 close_batch()
             op, dst, base, offset = m.groups()
-            body.check_type(op, "ld.global.nc" + fmt.ld_type, line)
+            load_op = "ld.global" if ir.coherent_loads else "ld.global.nc"
+            body.check_type(op, load_op + fmt.ld_type, line)
             if base not in base_regs or int(offset) % fmt.elem:
                 body.fail(line, "a load not at a tap base plus an aligned immediate")
             regs = _regs(dst)
@@ -385,7 +386,7 @@ def _compute(ir: KernelIR, fmt: Fmt, lines: list[str], where: str) -> Compute:
             loads.append(Load(base_regs[base], int(offset) // fmt.elem))
             continue
         op, args, predicated = _split(line)
-        if op.startswith(("ld.global.nc", "fma", "mul")) and not args[-1].startswith("[%res"):
+        if op.startswith(("ld.global", "fma", "mul")) and not args[-1].startswith("[%res"):
             body.fail(line, "a load or FMA the parser cannot read")
         elif op in ("mov.b32", "mov.b16") and args[0].startswith("%a") and args[1] == "0":
             slot, unit = body.acc(args[0], line)
@@ -523,9 +524,10 @@ def _blocks(lines: list[str]):
 
 
 def _jump_table(ir: KernelIR, fmt: Fmt, funcs: dict, entry: list[str], k: int, text: str,
-                phase: int) -> tuple[int, tuple, bool]:
+                phase: int, prefix: str = "") -> tuple[int, tuple, bool]:
     """One phase: `T: .branchtargets ...; brx.idx.uni %idx, T;` then per target its label, its
-    body (an inline block or a call) and the jump to DONE. Returns (next line, bodies, inline)."""
+    body (an inline block or a call) and the jump to DONE (labels start with `prefix`).
+    Returns (next line, bodies, inline)."""
     op = text.split(":", 1)[0]
     targets = [t.strip() for t in text.split(".branchtargets", 1)[1].rstrip(";").split(",")]
     nxt = _split(entry[k])
@@ -555,16 +557,135 @@ def _jump_table(ir: KernelIR, fmt: Fmt, funcs: dict, entry: list[str], k: int, t
                 _fail(where, f"{fname} gets ({', '.join(passed)}), declares "
                              f"({', '.join(params)}), needs ({', '.join(want)})")
             inline = False
-        if entry[k].strip() != f"bra.uni DONE{phase};":
+        if entry[k].strip() != f"bra.uni {prefix}DONE{phase};":
             _fail(where, "does not jump to the end of its phase")
         k += 1
         bodies.append((_compute if phase == 0 else _reduce)(ir, fmt, body, where))
     return k, tuple(bodies), inline
 
 
+class _Entry:
+    """What one stretch of an entry's lines states: launch bounds, the pointer loads, the
+    thread and block ids, the index arithmetic, pointer offsets, partials base and the phases'
+    jump tables (labels starting with `prefix`)."""
+
+    def __init__(self, ir: KernelIR | None, funcs: dict, lines: list[str], prefix: str = ""):
+        self.maxntid = self.max_registers = None
+        self.columns: list[IndexOp] = []
+        self.pointers, self.phases, self.specials = [], [], {}
+        self.slot = self.stride = None
+        self.loaded: list[tuple[str, str]] = []       # (register, argument)
+        self.inline, self.barriers = None, 0
+        self.dependent: list[str] = []   # griddepcontrol lines, each before anything else
+        fmt = Fmt(ir) if ir is not None else None
+        k = 0
+        while k < len(lines):
+            line = lines[k]
+            text = line.strip()
+            k += 1
+            if text.startswith(".maxntid"):
+                self.maxntid = tuple(_number(v) for v in text[len(".maxntid "):].split(", "))
+                continue
+            if text.startswith(".maxnreg"):
+                self.max_registers = _number(text.split()[1])
+                continue
+            if text in ("{", "ret;") or text.startswith(".reg") or \
+                    re.fullmatch(re.escape(prefix) + r"DONE\d+:", text):
+                continue
+            op, args, _ = _split(line)
+            if op in GRID_DEPENDENCY:
+                if self.loaded or self.specials or self.columns or \
+                        len(self.dependent) >= len(GRID_DEPENDENCY) or \
+                        op != GRID_DEPENDENCY[len(self.dependent)]:
+                    _fail("entry", f"`{text}` after the entry started, or out of order")
+                self.dependent.append(op)
+            elif op == "ld.param.u64":
+                m = re.fullmatch(r"\[arg_(\w+)\]", args[1])
+                if not m:
+                    _fail("entry", f"{text}: a pointer not loaded from an argument")
+                self.loaded.append((args[0][1:], m.group(1)))
+            elif op == "cvta.to.global.u64":
+                pass
+            elif op == "mov.u32" and args[1].startswith("%tid") or args[1:2] and \
+                    args[1].startswith("%ctaid"):
+                if args[0][1:] in self.specials or self.columns or self.pointers or \
+                        self.slot is not None:
+                    _fail("entry", f"{text}: a thread or block id read twice, or after it is "
+                                   "used")
+                self.specials[args[0][1:]] = args[1][1:]
+            elif op == "mov.u32" and args == ["%sp", PARTIALS]:
+                pass
+            elif op == "mad.lo.u32" and args[0] == "%sp":
+                if args[1] != "%tx" or args[3] != "%sp":
+                    _fail("entry", f"{text}: partials base not per thread")
+                self.stride = _number(args[2])
+            elif op == "setp.lt.u32" and args[0] == "%pa":
+                nxt = _split(lines[k])
+                k += 1
+                if nxt[0] != "selp.u32" or nxt[1][1:] != ["1", "0", "%pa"]:
+                    _fail("entry", f"{text}: a compare without its select")
+                a, b = (v[1:] if v.startswith("%") else _number(v) for v in args[1:3])
+                self.columns.append(IndexOp("lt", nxt[1][0][1:], a, b))
+            elif op == "mul.wide.s32" and ir is not None:
+                nxt = _split(lines[k])
+                k += 1
+                if _number(args[2]) != ir.element_bytes or nxt[0] != "add.s64" or \
+                        nxt[1][2] != "%w" or nxt[1][0] != nxt[1][1]:
+                    _fail("entry", f"{text}: a pointer offset not in elements")
+                self.pointers.append((nxt[1][0][1:], args[1][1:]))
+            elif _index(op, args):
+                parsed = _index(op, args)
+                if parsed.dst == "idx":
+                    self.slot = parsed
+                else:
+                    self.columns.append(parsed)
+            elif op == "bar.sync" and args == ["0"]:
+                self.barriers += 1
+            elif re.fullmatch(re.escape(prefix) + r"T\d+:", op) and ir is not None:
+                if self.barriers != len(self.phases):  # phase p > 0 reads what p - 1 wrote
+                    _fail("entry", f"phase {len(self.phases)} starts without a block barrier")
+                k, bodies, self.inline = _jump_table(ir, fmt, funcs, lines, k, text,
+                                                     len(self.phases), prefix)
+                self.phases.append(bodies)
+            else:
+                _fail("entry", f"`{text}`: an instruction outside the printed subset")
+        if self.dependent and tuple(self.dependent) != GRID_DEPENDENCY:
+            _fail("entry", "griddepcontrol.wait without launch_dependents")
+
+    def started(self) -> bool:
+        """Whether anything but launch bounds and grid waits was read."""
+        return bool(self.loaded or self.specials or self.columns or self.pointers
+                    or self.phases or self.slot or self.stride or self.barriers)
+
+    def kernel(self, ir: KernelIR, maxntid, max_registers, shared: int) -> KernelIR:
+        """`ir` with every field this stretch (and the entry's bounds) states."""
+        groups_on_x = next((swap for swap, ids in BLOCK_IDS.items()
+                            if self.specials == {"tx": "tid.x", "ty": "tid.y", **ids}), None)
+        if groups_on_x is None:
+            _fail("entry", f"thread ids read as {self.specials}")
+        if maxntid is None:
+            _fail("entry", "no .maxntid")
+        return dataclasses.replace(
+            ir, arguments=tuple(reg for reg, _ in self.loaded), col_threads=maxntid[0],
+            k_split=maxntid[1], max_registers=max_registers or 0, columns=tuple(self.columns),
+            pointers=tuple(self.pointers), slot=self.slot, shared_bytes=shared,
+            partial_stride=self.stride or ir.partial_stride, phases=tuple(self.phases),
+            inline=bool(self.inline) if self.inline is not None else ir.inline,
+            groups_on_x=groups_on_x)
+
+
+def _declaration(head: str) -> tuple[str, tuple[str, ...]]:
+    """(entry name, pointer arguments) of the `.visible .entry` line."""
+    m = re.fullmatch(r"\.visible \.entry (\w+)\((.*)\)", head)
+    if not m:
+        _fail("entry", f"unreadable declaration `{head}`")
+    return m.group(1), tuple(p.split()[-1][len("arg_"):] for p in m.group(2).split(", ") if p)
+
+
 def parse(ir: KernelIR, text: str) -> KernelIR:
     """The KernelIR the printed `text` implements (fields PTX cannot state come from `ir`)."""
-    fmt = Fmt(ir)
+    if isinstance(ir, ChainIR):
+        return parse_chain(ir, text)
     lines = text.split("\n")
     shared = 0
     for line in lines[:8]:
@@ -572,98 +693,47 @@ def parse(ir: KernelIR, text: str) -> KernelIR:
         if m:
             shared = int(m.group(1))
     funcs, (head, entry) = _blocks(lines)
-    m = re.fullmatch(r"\.visible \.entry (\w+)\((.*)\)", head)
-    if not m:
-        _fail("entry", f"unreadable declaration `{head}`")
-    name = m.group(1)
-    arguments = tuple(p.split()[-1][len("arg_"):] for p in m.group(2).split(", ") if p)
-    maxntid = max_registers = None
-    columns: list[IndexOp] = []
-    pointers, phases, specials = [], [], {}
-    slot = stride = None
-    args_loaded, inline, barriers = [], None, 0
-    dependent = []      # griddepcontrol lines, each before anything else the entry does
-    k = 0
-    while k < len(entry):
-        line = entry[k]
-        text = line.strip()
-        k += 1
-        if text.startswith(".maxntid"):
-            maxntid = tuple(_number(v) for v in text[len(".maxntid "):].split(", "))
-            continue
-        if text.startswith(".maxnreg"):
-            max_registers = _number(text.split()[1])
-            continue
-        if text in ("{", "ret;") or text.startswith(".reg") or text.startswith("DONE"):
-            continue
-        op, args, _ = _split(line)
-        if op in GRID_DEPENDENCY:
-            if args_loaded or specials or columns or len(dependent) >= len(GRID_DEPENDENCY) \
-                    or op != GRID_DEPENDENCY[len(dependent)]:
-                _fail("entry", f"`{text}` after the entry started, or out of order")
-            dependent.append(op)
-        elif op == "ld.param.u64":
-            args_loaded.append(args[0][1:])
-            if args[1] != f"[arg_{args[0][1:]}]":
-                _fail("entry", f"{text}: pointer loaded from another argument")
-        elif op == "cvta.to.global.u64":
-            pass
-        elif op == "mov.u32" and args[1].startswith("%tid") or args[1:2] and \
-                args[1].startswith("%ctaid"):
-            if args[0][1:] in specials or columns or pointers or slot is not None:
-                _fail("entry", f"{text}: a thread or block id read twice, or after it is used")
-            specials[args[0][1:]] = args[1][1:]
-        elif op == "mov.u32" and args == ["%sp", PARTIALS]:
-            pass
-        elif op == "mad.lo.u32" and args[0] == "%sp":
-            if args[1] != "%tx" or args[3] != "%sp":
-                _fail("entry", f"{text}: partials base not per thread")
-            stride = _number(args[2])
-        elif op == "setp.lt.u32" and args[0] == "%pa":
-            nxt = _split(entry[k])
-            k += 1
-            if nxt[0] != "selp.u32" or nxt[1][1:] != ["1", "0", "%pa"]:
-                _fail("entry", f"{text}: a compare without its select")
-            a, b = (v[1:] if v.startswith("%") else _number(v) for v in args[1:3])
-            columns.append(IndexOp("lt", nxt[1][0][1:], a, b))
-        elif op == "mul.wide.s32":
-            nxt = _split(entry[k])
-            k += 1
-            if _number(args[2]) != ir.element_bytes or nxt[0] != "add.s64" or \
-                    nxt[1][2] != "%w" or nxt[1][0] != nxt[1][1]:
-                _fail("entry", f"{text}: a pointer offset not in elements")
-            pointers.append((nxt[1][0][1:], args[1][1:]))
-        elif _index(op, args):
-            parsed = _index(op, args)
-            if parsed.dst == "idx":
-                slot = parsed
-            else:
-                columns.append(parsed)
-        elif op == "bar.sync" and args == ["0"]:
-            barriers += 1
-        elif re.fullmatch(r"T\d+:", op):
-            if barriers != len(phases):    # phase p > 0 reads what phase p - 1 wrote
-                _fail("entry", f"phase {len(phases)} starts without a block barrier")
-            k, bodies, inline = _jump_table(ir, fmt, funcs, entry, k, text, len(phases))
-            phases.append(bodies)
-        else:
-            _fail("entry", f"`{text}`: an instruction outside the printed subset")
-    groups_on_x = next((swap for swap, ids in BLOCK_IDS.items()
-                        if specials == {"tx": "tid.x", "ty": "tid.y", **ids}), None)
-    if groups_on_x is None:
-        _fail("entry", f"thread ids read as {specials}")
-    if tuple(args_loaded) != arguments:
+    name, arguments = _declaration(head)
+    read = _Entry(ir, funcs, entry)
+    if any(reg != arg for reg, arg in read.loaded):
+        _fail("entry", "a pointer loaded from another argument")
+    if tuple(reg for reg, _ in read.loaded) != arguments:
         _fail("entry", "pointer arguments loaded out of order")
-    if maxntid is None:
-        _fail("entry", "no .maxntid")
-    if dependent and tuple(dependent) != GRID_DEPENDENCY:
-        _fail("entry", "griddepcontrol.wait without launch_dependents")
-    return dataclasses.replace(
-        ir, entry=name, arguments=arguments, col_threads=maxntid[0], k_split=maxntid[1],
-        max_registers=max_registers or 0, columns=tuple(columns), pointers=tuple(pointers),
-        slot=slot, shared_bytes=shared, partial_stride=stride or ir.partial_stride,
-        phases=tuple(phases), inline=bool(inline) if inline is not None else ir.inline,
-        groups_on_x=groups_on_x, dependent_launch=bool(dependent))
+    got = read.kernel(ir, read.maxntid, read.max_registers, shared)
+    return dataclasses.replace(got, entry=name, dependent_launch=bool(read.dependent))
+
+
+def parse_chain(chain: ChainIR, text: str) -> ChainIR:
+    """The ChainIR the printed `text` implements: the entry's head (bounds, grid waits), then
+    per stage, after its marker comment (and, past the first, a block barrier), the stage's
+    part of the entry, read as a KernelIR's entry is (fields PTX cannot state come from
+    `chain`)."""
+    lines = text.split("\n")
+    if any(line.startswith(".shared") for line in lines):
+        _fail("text", "a chain declares shared memory")
+    funcs, (head, entry) = _blocks(lines)
+    name, arguments = _declaration(head)
+    marks = [k for k, line in enumerate(entry) if line.startswith("\t// stage ")]
+    if [entry[k] for k in marks] != [stage_marker(i) for i in range(len(chain.stages))]:
+        _fail("entry", f"stage markers {[entry[k].strip() for k in marks]} for "
+                       f"{len(chain.stages)} stages")
+    top = _Entry(None, funcs, entry[:marks[0]])
+    if top.started():
+        _fail("entry", "the entry does more than declare before its first stage")
+    stages, bindings = [], []
+    for i, ir in enumerate(chain.stages):
+        section = entry[marks[i] + 1:marks[i + 1] if i + 1 < len(marks) else len(entry)]
+        if i:
+            if not section or section[0] != "\tbar.sync 0;":
+                _fail(f"stage {i}", "starts without a block barrier")
+            section = section[1:]
+        read = _Entry(ir, funcs, section, stage_prefix(i))
+        if read.dependent or read.maxntid or read.max_registers:
+            _fail(f"stage {i}", "launch bounds or grid waits inside a stage")
+        stages.append(read.kernel(ir, top.maxntid, top.max_registers, 0))
+        bindings.append(tuple(read.loaded))
+    return dataclasses.replace(chain, entry=name, arguments=arguments, stages=tuple(stages),
+                               bindings=tuple(bindings), dependent_launch=bool(top.dependent))
 
 
 def _first_difference(want, got, path: str) -> str:
@@ -691,6 +761,12 @@ def require_equal(ir: KernelIR, got: KernelIR, fail) -> None:
             fail(field.name, _first_difference(a, b, field.name))
 
 
-def check_printed(ir: KernelIR, text: str) -> None:
-    """Raise PrintedMismatch unless the printed PTX `text` implements exactly `ir`."""
-    require_equal(ir, parse(ir, text), _fail)
+def check_printed(ir: KernelIR | ChainIR, text: str) -> None:
+    """Raise PrintedMismatch unless the printed PTX `text` implements exactly `ir` (a ChainIR:
+    every stage too)."""
+    got = parse(ir, text)
+    if isinstance(ir, ChainIR):
+        for i, (want, stage) in enumerate(zip(ir.stages, got.stages)):
+            require_equal(want, stage, lambda field, message, i=i: _fail(
+                f"stage {i}", message))
+    require_equal(ir, got, _fail)

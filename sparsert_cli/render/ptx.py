@@ -16,7 +16,7 @@ import numpy as np
 
 from .. import __version__
 from ..arch import arch_number, ptx_version  # noqa: F401 (ptx_version: re-exported)
-from ..ir import Batch, Compute, Finish, IndexOp, KernelIR, Reduce
+from ..ir import Batch, ChainIR, Compute, Finish, IndexOp, KernelIR, Reduce
 from ..problem_shape import HALF_DTYPES
 
 VERSION = "ptx-3"
@@ -42,6 +42,8 @@ RULES = {
     "tap_base": ("and.pred %pm, %pr{r}, %pc{s};\nadd.s64 %zb, %z, {shift};\n"
                  "selp.b64 {base}, %x, %zb, %pm;"),
     "load": "ld.global.nc{ty} {dst}, [{base}+{offset}];",
+    # KernelIR.coherent_loads: a stage that reads what an earlier stage of the kernel wrote
+    "load_coherent": "ld.global{ty} {dst}, [{base}+{offset}];",
     # a column-pair window one column right of pair a: a's high half, then b's low half
     "shift": "prmt.b32 {dst}, {a}, {b}, 0x5432;",
     "mul_first": "mul.rn.{op} {acc}, {src}, {w};",
@@ -256,9 +258,10 @@ def _rule(rule: str):
 def _batch(fn: list[str], ir: KernelIR, fmt: Fmt, body: Compute, batch: Batch) -> None:
     raw = fmt.raw_count
     sources = []
+    load_rule = "load_coherent" if ir.coherent_loads else "load"
     for i, load in enumerate(batch.loads):
         regs = [f"%b{i * raw + u}" for u in range(raw)]
-        _emit(fn, "load", ty=fmt.ld_type, dst=_vec(regs), base=_base_reg(ir, body, load.tap),
+        _emit(fn, load_rule, ty=fmt.ld_type, dst=_vec(regs), base=_base_reg(ir, body, load.tap),
               offset=load.offset * fmt.elem)
         sources.append(regs)
     for k, shift in enumerate(batch.shifts):    # pair windows: (a.hi, b.lo), one PRMT each
@@ -318,26 +321,36 @@ def _reduce(ir: KernelIR, body: Reduce) -> list[str]:
     return fn
 
 
-def _entry(ir: KernelIR, phases: list[list[list[str]]]) -> list[str]:
-    """The kernel entry: column bases once per thread, then per phase a jump through a table of
-    bodies (scoped blocks inline, or calls to g{i}p{phase})."""
-    params = [f".param .u64 arg_{name}" for name in ir.arguments]
-    call_args = ", ".join(f"%{n}" for _, n in ir.body_args)
-    lines = [f".visible .entry {ir.entry}({', '.join(params)})",
-             f".maxntid {ir.col_threads}, {ir.k_split}, 1"]
-    if ir.max_registers:
-        lines.append(f".maxnreg {ir.max_registers}")
+def _entry_head(entry: str, arguments: tuple[str, ...], block: tuple[int, int, int],
+                max_registers: int, dependent_launch: bool) -> list[str]:
+    """The entry's declaration, launch bounds, registers and (dependent launch) grid waits."""
+    params = [f".param .u64 arg_{name}" for name in arguments]
+    lines = [f".visible .entry {entry}({', '.join(params)})",
+             f".maxntid {block[0]}, {block[1]}, 1"]
+    if max_registers:
+        lines.append(f".maxnreg {max_registers}")
     lines.append("{")
     e = lines.append
     e("\t.reg .u32 %tx, %ty, %bx, %by, %j, %img, %pix, %oh, %ow, %act, %idx, %sp;")
     e("\t.reg .s32 %ih, %iw, %inoff, %outoff;")
     e("\t.reg .u64 %x, %y, %res, %z, %w;")
     e("\t.reg .pred %pa;")
-    if ir.dependent_launch:     # nothing global is touched before the grid before is done
+    if dependent_launch:     # nothing global is touched before the grid before is done
         lines += ["\t" + ins for ins in GRID_DEPENDENCY]
-    for arg in ir.arguments:
-        e(f"\tld.param.u64 %{arg}, [arg_{arg}];")
-        e(f"\tcvta.to.global.u64 %{arg}, %{arg};")
+    return lines
+
+
+def _entry_stage(ir: KernelIR, phases: list[list[list[str]]],
+                 bindings: tuple[tuple[str, str], ...], prefix: str = "") -> list[str]:
+    """One kernel's part of an entry: its pointers from the kernel arguments `bindings` names,
+    column bases once per thread, then per phase a jump through a table of bodies (scoped
+    blocks inline, or calls to {prefix}g{i}p{phase}); labels carry `prefix`."""
+    call_args = ", ".join(f"%{n}" for _, n in ir.body_args)
+    lines: list[str] = []
+    e = lines.append
+    for ptr, arg in bindings:
+        e(f"\tld.param.u64 %{ptr}, [arg_{arg}];")
+        e(f"\tcvta.to.global.u64 %{ptr}, %{ptr};")
     e("\tmov.u32 %tx, %tid.x;")
     e("\tmov.u32 %ty, %tid.y;")
     e(f"\tmov.u32 %bx, %{ir.block_ids['bx']};")
@@ -355,37 +368,88 @@ def _entry(ir: KernelIR, phases: list[list[list[str]]]) -> list[str]:
             continue
         if phase:
             _emit(lines, "barrier")
-        targets = [f"L{phase}_{i}" for i in range(len(bodies))]
-        e(f"\tT{phase}: .branchtargets {', '.join(targets)};")
-        e(f"\tbrx.idx.uni %idx, T{phase};")
+        targets = [f"{prefix}L{phase}_{i}" for i in range(len(bodies))]
+        e(f"\t{prefix}T{phase}: .branchtargets {', '.join(targets)};")
+        e(f"\tbrx.idx.uni %idx, {prefix}T{phase};")
         for i, (target, body) in enumerate(zip(targets, bodies)):
             e(f"{target}:")
             if ir.inline:
                 lines += ["\t{"] + ["\t" + line for line in body] + ["\t}"]
             else:
-                e(f"\tcall.uni {func_name(i, phase)}, ({call_args});")
-            e(f"\tbra.uni DONE{phase};")
-        e(f"DONE{phase}:")
-    e("\tret;")
-    e("}")
+                e(f"\tcall.uni {prefix}{func_name(i, phase)}, ({call_args});")
+            e(f"\tbra.uni {prefix}DONE{phase};")
+        e(f"{prefix}DONE{phase}:")
     return lines
+
+
+def _entry(ir: KernelIR, phases: list[list[list[str]]]) -> list[str]:
+    """The kernel entry: its head, then its one stage, each pointer from its own argument."""
+    return (_entry_head(ir.entry, ir.arguments, ir.block, ir.max_registers, ir.dependent_launch)
+            + _entry_stage(ir, phases, tuple((a, a) for a in ir.arguments))
+            + ["\tret;", "}"])
+
+
+def stage_prefix(stage: int) -> str:
+    """Labels and function names of a ChainIR's stage `stage` start with this."""
+    return f"s{stage}_"
+
+
+def stage_marker(stage: int) -> str:
+    """The comment line that opens stage `stage`'s part of a ChainIR entry."""
+    return f"\t// stage {stage}"
 
 
 def func_name(slot: int, phase: int) -> str:
     return f"g{slot}p{phase}"
 
 
-def print_ptx(ir: KernelIR, arch: str = "sm_90") -> str:
-    """PTX for `ir`, targeting `arch`."""
-    header = [f"// Generated by sparsert {__version__} ({VERSION}): {ir.comment}",
-              f".version {ptx_version(arch)}", f".target {arch}", ".address_size 64", ""]
-    body: list[str] = []
-    if ir.k_split > 1:
-        body.append(f".shared .align 16 .b8 {PARTIALS}[{ir.shared_bytes}];")
-    phases = [[_compute(ir, b) if isinstance(b, Compute) else _reduce(ir, b) for b in bodies]
-              for bodies in ir.phases]
+def _bodies(ir: KernelIR) -> list[list[list[str]]]:
+    """Each phase's bodies, printed."""
+    return [[_compute(ir, b) if isinstance(b, Compute) else _reduce(ir, b) for b in bodies]
+            for bodies in ir.phases]
+
+
+def _functions(ir: KernelIR, phases: list[list[list[str]]], prefix: str = "") -> list[str]:
+    """One `.func` per body, unless the bodies are inline."""
+    out: list[str] = []
     if not ir.inline:
         for phase, bodies in enumerate(phases):
             for slot, lines in enumerate(bodies):
-                body += _func_header(func_name(slot, phase), ir) + lines + ["\tret;", "}"]
+                out += (_func_header(prefix + func_name(slot, phase), ir) + lines
+                        + ["\tret;", "}"])
+    return out
+
+
+def print_ptx(ir: KernelIR | ChainIR, arch: str = "sm_90") -> str:
+    """PTX for `ir`, targeting `arch`."""
+    header = [f"// Generated by sparsert {__version__} ({VERSION}): {ir.comment}",
+              f".version {ptx_version(arch)}", f".target {arch}", ".address_size 64", ""]
+    if isinstance(ir, ChainIR):
+        return "\n".join(header + _chain(ir)) + "\n"
+    body: list[str] = []
+    if ir.k_split > 1:
+        body.append(f".shared .align 16 .b8 {PARTIALS}[{ir.shared_bytes}];")
+    phases = _bodies(ir)
+    body += _functions(ir, phases)
     return "\n".join(header + body + _entry(ir, phases)) + "\n"
+
+
+def _chain(chain: ChainIR) -> list[str]:
+    """A ChainIR's functions and entry: the head once (dependent-launch waits included), then
+    per stage its marker, a block barrier after the first (the stage reads what the one before
+    wrote) and its part of the entry."""
+    functions: list[str] = []
+    stages: list[str] = []
+    for i, (ir, bindings) in enumerate(zip(chain.stages, chain.bindings)):
+        if ir.k_split != 1 or ir.block != chain.block:
+            raise ValueError(f"stage {i} of {chain.entry}: k_split {ir.k_split}, block "
+                             f"{ir.block}; a chain's stages share one block without k-split")
+        phases = _bodies(ir)
+        functions += _functions(ir, phases, stage_prefix(i))
+        stages.append(stage_marker(i))
+        if i:
+            _emit(stages, "barrier")
+        stages += _entry_stage(ir, phases, bindings, stage_prefix(i))
+    head = _entry_head(chain.entry, chain.arguments, chain.block, chain.max_registers,
+                       chain.dependent_launch)
+    return functions + head + stages + ["\tret;", "}"]

@@ -254,6 +254,25 @@ def _split_taps(taps: np.ndarray, weights: np.ndarray, parts: int) -> list[slice
     return [slice(bounds[i], bounds[i + 1]) for i in range(parts)]
 
 
+def row_group(csr: sp.csr_matrix, rows, k_split: int = 1) -> RowGroup:
+    """The group computing `rows` (slot i: rows[i]) of a float32 CSR weight with sorted indices
+    and no explicit zeros: its loads in tap order, split into `k_split` slices."""
+    sub = csr[list(rows)].tocsc()
+    sub.sort_indices()
+    taps = np.flatnonzero(np.diff(sub.indptr))
+    per_tap = np.diff(sub.indptr)[taps]
+    slices = []
+    for run in _split_taps(taps, per_tap, k_split):
+        loads = []
+        for tap in taps[run]:
+            lo, hi = sub.indptr[tap], sub.indptr[tap + 1]
+            uses = tuple((int(slot), float(val))
+                         for slot, val in zip(sub.indices[lo:hi], sub.data[lo:hi]))
+            loads.append(Load(int(tap), uses))
+        slices.append(tuple(loads))
+    return RowGroup(tuple(int(r) for r in rows), tuple(slices))
+
+
 def build_plan(csr: sp.csr_matrix, geometry: Geometry, params: PlanParams,
                epilogue: Epilogue = Epilogue(), dtype: str = "fp32",
                accumulate: str | None = None) -> Plan:
@@ -269,23 +288,9 @@ def build_plan(csr: sp.csr_matrix, geometry: Geometry, params: PlanParams,
     csr.sort_indices()
     csr.eliminate_zeros()
     row_nnz = np.diff(csr.indptr)
-    groups = []
-    for rows in _assign_rows(row_nnz, params.rows_per_group, params.balance):
-        sub = csr[rows].tocsc()
-        sub.sort_indices()
-        taps = np.flatnonzero(np.diff(sub.indptr))
-        per_tap = np.diff(sub.indptr)[taps]
-        slices = []
-        for run in _split_taps(taps, per_tap, params.k_split):
-            loads = []
-            for tap in taps[run]:
-                lo, hi = sub.indptr[tap], sub.indptr[tap + 1]
-                uses = tuple((int(slot), float(val))
-                             for slot, val in zip(sub.indices[lo:hi], sub.data[lo:hi]))
-                loads.append(Load(int(tap), uses))
-            slices.append(tuple(loads))
-        groups.append(RowGroup(tuple(int(r) for r in rows), tuple(slices)))
-    plan = Plan(geometry, params, tuple(groups), epilogue, dtype, accumulate)
+    groups = tuple(row_group(csr, rows, params.k_split)
+                   for rows in _assign_rows(row_nnz, params.rows_per_group, params.balance))
+    plan = Plan(geometry, params, groups, epilogue, dtype, accumulate)
     if plan.grid[1] > MAX_GRID_Y:
         raise UserError(f"plan {params.name()} needs {plan.grid[1]} blocks on the grid's y axis "
                         f"(limit {MAX_GRID_Y}): use grid_order "
