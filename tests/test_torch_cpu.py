@@ -1634,3 +1634,91 @@ def test_a_model_read_by_parts_hands_the_ffn_over_as_the_example_forward_shows()
         if leak != "call":
             h = got[1] if leak == "return" else leaky.kept
             assert h.is_contiguous() and h.view(-1).numel() == 5 * 48
+
+
+def _separable(width=0.5, blocks=9, seed=4):
+    from sparsert_cli.models import MobileNetV1
+
+    torch.manual_seed(seed)
+    model = nn.Sequential(*list(MobileNetV1(width=width).features)[:blocks]).eval()
+    for bn in (m for m in model.modules() if isinstance(m, nn.BatchNorm2d)):
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.running_var.uniform_(0.5, 2.0)
+    return model
+
+
+def test_pointwise_depthwise_pairs_become_one_kernel_each():
+    """Each 1x1 layer whose output only feeds a depthwise layer runs with it as one fused
+    kernel (CPU: every pair that verifies); the model computes what the pruned dense model
+    did, the depthwise modules are gone, and another input shape runs both dense ops."""
+    from sparsert_cli.torch.pairs import FusedPair
+
+    model = _separable()
+    x = torch.randn(1, 3, 64, 64)
+    stats = {}
+    rows, want = _sparsified(model, (x,), 0.9, stats=stats)
+    by = {r["layer"]: r for r in rows}
+    assert stats["fused_pairs"] == 3
+    for pw, dw in (("2.0", "3.0"), ("4.0", "5.0"), ("6.0", "7.0")):
+        assert by[pw]["pair"] == f"fused with {dw}" and by[pw]["plan"].endswith("+dw")
+        assert by[pw]["max_rel_err"] < 1e-5
+        assert by[dw]["replaced"] and by[dw]["reason"] == f"in {pw}'s fused kernel"
+        assert isinstance(model.get_submodule(pw), FusedPair)
+        assert isinstance(model.get_submodule(dw), nn.Identity)
+    assert "pair" not in by["8.0"] and type(model.get_submodule("8.0")) is SparseLayer
+    with torch.no_grad(), pytest.warns(UserWarning, match="compiled for input"):
+        other = model(x.repeat(2, 1, 1, 1))
+    assert torch.allclose(other[:1], want, atol=1e-4, rtol=1e-4)
+    assert "fused with 3.0" in "".join(str(c) for c in report_table(rows).columns[-1].cells)
+
+
+def test_pairs_stay_apart_when_told_or_when_the_output_has_another_user():
+    from sparsert_cli.torch.fuse import find_chains
+    from sparsert_cli.torch.pairs import FusedPair
+
+    model = _separable(blocks=5)
+    x = torch.randn(1, 3, 32, 32)
+    rows, _ = _sparsified(model, (x,), 0.9, fuse_depthwise=False)
+    assert not any(isinstance(m, FusedPair) for m in model.modules())
+    assert not any(r.get("pair") for r in rows)
+
+    class TwoUsers(nn.Module):      # the 1x1 output also goes to the model's output
+        def __init__(self):
+            super().__init__()
+            self.pw = nn.Conv2d(8, 16, 1, bias=False)
+            self.dw = nn.Conv2d(16, 16, 3, padding=1, groups=16, bias=False)
+
+        def forward(self, x):
+            y = torch.relu(self.pw(x))
+            return self.dw(y), y
+
+    chains = {c.layer: c for c in find_chains(TwoUsers())}
+    assert chains["pw"].depthwise_next is None
+    chains = {c.layer: c for c in find_chains(_separable(blocks=5))}
+    assert chains["2.0"].depthwise_next == "3.0" and chains["4.0"].depthwise_next is None
+
+
+def test_a_fused_pair_slower_than_its_two_kernels_is_not_fused(monkeypatch):
+    """On a GPU the fused kernel must time faster than the pointwise and depthwise kernels back
+    to back (forced on the CPU here: no device load, a fake timer): the slower one is dropped,
+    said in its row, and its two kernels stay; the faster one replaces them."""
+    from sparsert_cli.fused import FusedKernel
+    from sparsert_cli.torch import pairs
+
+    times = iter([3.0, 2.0, 1.0, 2.0])      # per pair: fused, then the two kernels
+    monkeypatch.setattr(pairs, "time_cold_us", lambda fn, inputs, samples=15: next(times))
+    monkeypatch.setattr(FusedKernel, "to_device", lambda self, device=0: None)
+    fuse = pairs.fuse_pairs
+    monkeypatch.setattr(pairs, "fuse_pairs", lambda *a, **k: fuse(*a, **{**k, "on_gpu": True}))
+    model = _separable(blocks=7)
+    x = torch.randn(1, 3, 32, 32)
+    rows, _ = _sparsified(model, (x,), 0.9)
+    by = {r["layer"]: r for r in rows}
+    assert by["2.0"]["pair"] == ("not fused with 3.0: slower (3.00 against 2.00 us for the "
+                                 "two kernels)")
+    assert type(model.get_submodule("2.0")) is SparseLayer
+    assert type(model.get_submodule("3.0")) is SparseLayer
+    assert by["4.0"]["pair"] == "fused with 5.0" and isinstance(model.get_submodule("4.0"),
+                                                                pairs.FusedPair)
+    assert (by["4.0"]["sparse_us"], by["4.0"]["pair_unfused_us"]) == (1.0, 2.0)
+    assert by["5.0"]["sparse_us"] == 0.0 and by["5.0"]["reason"] == "in 4.0's fused kernel"

@@ -228,7 +228,9 @@ def _print_row(row: dict) -> None:
     if kernels:
         console.print(f"{kernels.get('kernels', 0)} kernels ({kernels.get('cached', 0)} cached):"
                       f" planned in {kernels.get('plan_seconds', 0):.1f} s, compiled in "
-                      f"{kernels.get('compile_seconds', 0):.1f} s")
+                      f"{kernels.get('compile_seconds', 0):.1f} s" + (
+                          f"; {kernels['fused_pairs']} pointwise -> depthwise pairs fused "
+                          "into one kernel each" if kernels.get("fused_pairs") else ""))
     if row["mode"] == "compile-only":
         if row.get("max_rel_err") is None and not row.get("verified_layers"):
             console.print("compiled only (--no-verify): no kernel checked")

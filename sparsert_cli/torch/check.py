@@ -174,3 +174,20 @@ def time_cold_us(fn, inputs: tuple, samples: int = 15) -> float:
     with torch.cuda.device(device):
         pairs = gated(lambda: _replays(graph, samples + 2, evict_and_refresh))
     return float(np.median([s.elapsed_time(e) * 1e3 for s, e in pairs[2:]]))
+
+
+def verify_fused(layer, kernel, x: torch.Tensor) -> dict:
+    """A FusedPair's op (pairs.py) on its recorded input vs the fused kernel's float64
+    reference (fused.FusedKernel.check: the 1x1 layer, its output rounded to the storage type,
+    then the depthwise layer): {"ok", "max_err", "max_rel_err", "message"}."""
+    with torch.no_grad():
+        y = layer.run(x)
+    if y.is_cuda:
+        torch.cuda.synchronize(y.device)
+    out = y.detach().float().cpu().numpy().astype(np.float64)
+    x64 = x.detach().float().cpu().numpy().astype(np.float64)
+    ok, err, message = kernel.check(out, x64)
+    ref, _ = kernel.reference(x64)
+    scale = float(np.max(np.abs(ref))) if ref.size else 0.0
+    return {"ok": ok, "max_err": err, "max_rel_err": err / scale if scale else err,
+            "message": message}

@@ -30,7 +30,10 @@ class Chain:
     this chain uses (replaced by Identity with the layer); a shared or functional ReLU stays.
     `feeds`: a Linear layer whose output (after act_module) is only ever the input of one call
     of another Linear layer, that layer's name (from the traced graph here; for a model read by
-    parts sparsify.py sets it from the recording forward)."""
+    parts sparsify.py sets it from the recording forward). `depthwise_next`: a 1x1 Conv2d
+    layer (one group) whose output (after act_module) is only ever the input of one call of a
+    depthwise Conv2d, that layer's name (traced graphs only): the pair sparsify_ may run as one
+    fused kernel (pairs.py)."""
 
     layer: str
     bn: str | None = None
@@ -38,6 +41,7 @@ class Chain:
     act_module: str | None = None
     residual: str | None = None      # the ResidualChain (residual.py) this layer heads
     feeds: str | None = None
+    depthwise_next: str | None = None
 
     @property
     def entry(self) -> str:
@@ -78,6 +82,7 @@ def _fx_chains(model: torch.nn.Module, shared=frozenset(), part: bool = False
     calls): such an activation module is not taken out with a layer. `part`: a submodule,
     read only when its forward has no argument with a default (tracing keeps one branch of
     `if mask is None`, which a call without it would not take)."""
+    from sparsert_cli.torch.prune import is_depthwise
     from sparsert_cli.torch.residual import ResidualChain, has_optional_arguments
 
     class Tracer(torch.fx.Tracer):          # a fused residual chain is one call, and so is
@@ -132,8 +137,19 @@ def _fx_chains(model: torch.nn.Module, shared=frozenset(), part: bool = False
             elif (isinstance(reader, ResidualChain) and isinstance(reader.conv, torch.nn.Linear)
                   and len(user.args) == 2 and user.args[0] is out and user.args[1] is not out):
                 chain.feeds = f"{user.target}.conv"     # a Linear layer + its residual add
+        if (_pointwise(modules[node.target]) and calls[node.target] == 1 and user is not None
+                and user.op == "call_module" and not user.kwargs and user.args == (out,)
+                and calls.get(user.target) == 1 and is_depthwise(modules.get(user.target))):
+            chain.depthwise_next = user.target
         chains.append(chain)
     return chains
+
+
+def _pointwise(module) -> bool:
+    """A 1x1 Conv2d of one group, stride 1, no padding."""
+    return (isinstance(module, torch.nn.Conv2d) and module.groups == 1
+            and tuple(module.kernel_size) == (1, 1) and tuple(module.stride) == (1, 1)
+            and tuple(module.padding) == (0, 0))
 
 
 def _places(model: torch.nn.Module) -> dict[int, int]:

@@ -5,6 +5,8 @@ torch.library.Library (define/impl): the @custom_op decorator costs ~36 us a cal
   (LoadedKernel.launch with the stream handle and data pointers), so the op can be captured in a
   CUDA graph and traced by torch.compile(fullgraph=True) through the fake (meta) kernel.
 * CPU: the plan interpreter (float64, slow): what sparsify_'s checks and the tests run.
+* A fused pointwise -> depthwise kernel (pairs.FusedPair) also takes a scratch buffer, which
+  the op allocates with torch for each call (Entry.scratch).
 
 `kernel_id` indexes a process-wide registry (a schema cannot carry Python objects). The kernels
 read X as K x N columns, and so does the op for Linear layers: its caller
@@ -35,6 +37,9 @@ class Entry:
     out_shape: tuple            # the op's output shape
     loaded: object = None       # LoadedKernel on the GPU, None on the CPU
     device: int | None = None
+    # a fused kernel's scratch buffer (fused.FusedKernel.scratch_shape): allocated by torch
+    # for each call, in x's type; None: the kernel takes none
+    scratch: tuple | None = None
 
 
 def register(entry: Entry) -> int:
@@ -95,6 +100,11 @@ def _run_cuda(x: torch.Tensor, residual, kernel_id: int) -> torch.Tensor:
     y = torch.empty(entry.out_shape, dtype=x.dtype, device=x.device)
     res = None if residual is None else residual.contiguous()
     stream = torch.cuda.current_stream(x.device).cuda_stream
+    if entry.scratch is not None:       # freed after the call: torch reuses it in stream order
+        scratch = torch.empty(entry.scratch, dtype=x.dtype, device=x.device)
+        entry.loaded.launch(stream, xin.data_ptr(), y.data_ptr(), None,
+                            scratch_ptr=scratch.data_ptr())
+        return y
     entry.loaded.launch(stream, xin.data_ptr(), y.data_ptr(),
                         None if res is None else res.data_ptr())
     return y
@@ -105,7 +115,8 @@ def _run_cpu(x: torch.Tensor, residual, kernel_id: int) -> torch.Tensor:
     store = np.float16 if x.dtype == torch.float16 else np.float32
     data = x.detach().to(torch.float32).numpy().astype(store)
     res = None if residual is None else residual.detach().to(torch.float32).numpy()
-    out = np.asarray(entry.kernel.run_cpu(data, res))
+    out = np.asarray(entry.kernel.run_cpu(data) if entry.scratch is not None
+                     else entry.kernel.run_cpu(data, res))
     return torch.from_numpy(np.ascontiguousarray(out)).to(x.dtype).view(entry.out_shape)
 
 

@@ -541,7 +541,8 @@ def sparsify_(model: torch.nn.Module, example_inputs, *, dtype: str = "fp32", tu
               include=None, tune: bool = False, fuse_residual: bool = True,
               race: bool = True, fuse_siblings: bool = True, jobs: int | None = None,
               on_progress=None, stats: dict | None = None,
-              compiled_dense: bool = False, dependent_launch: bool | None = None) -> list[dict]:
+              compiled_dense: bool = False, dependent_launch: bool | None = None,
+              fuse_depthwise: bool = True) -> list[dict]:
     """Replace the sparse Conv2d (square 1x1/3x3/5x5/7x7, stride 1/2; groups=1 or depthwise)
     and Linear layers of `model` (on a CUDA device, in eval mode: this call sets it) with
     compiled kernels, in place.
@@ -604,21 +605,25 @@ def sparsify_(model: torch.nn.Module, example_inputs, *, dtype: str = "fp32", tu
     outside torch, sees N x M strides), which the next kernel reads as its K x N columns as it
     is: no transpose copy and no kernel between the two, in eager mode and under torch.compile (if
     the next layer keeps its dense op, F.linear reads the view); such a kernel keeps
-    programmatic dependent launch after its producer. tune: run the tuner (GPU) on every
+    programmatic dependent launch after its producer. fuse_depthwise: a replaced 1x1 layer
+    whose output only feeds a replaced depthwise 3x3 layer (MobileNet's blocks; traced models,
+    batch 1) runs with it as one fused kernel (pairs.py) where that kernel verifies and (GPU)
+    times faster than the two; not in a dry run. tune: run the tuner (GPU) on every
     layer first and record its winners in `tuned` (a path or TunedDB). jobs: compile
     processes (None: one per core; every kernel is compiled before any is checked).
     on_progress(stage, done, total, item): progress of the "compile", "compile streamed
-    rivals" and "check" stages. stats: receives plan_seconds, compile_seconds, kernels,
+    rivals", "check" and "fuse pointwise -> depthwise" stages. stats: receives plan_seconds, compile_seconds, kernels,
     cached, dependent_launch (kernels compiled for it), dependent_launch_off (of those,
     launched plainly: after one of torch's kernels, or a Linear layer whose input transpose
-    is a copy) and rival_seconds, rivals.
+    is a copy), rival_seconds, rivals and fused_pairs.
     Returns one dict per layer: layer, op, shape, sparsity, fused, family, plan, replaced,
     reason, max_err, max_rel_err, dense_us, sparse_us, speedup (dense_form where the race ran;
     and, where a rival was timed,
     tried: {"family plan": us}; rival_failed where one failed verification; on the first of
     sibling layers, siblings: the others its stacked kernel runs, whose rows say so in
     reason; on a layer planned as a hand-off's first (replaced or not), layout:
-    "channel-major (feeds <layer>)"). Render with report_table().
+    "channel-major (feeds <layer>)"; on a 1x1 layer of a fused pair: pair (pairs.fuse_pairs
+    says what it sets)). Render with report_table().
     """
     _check_args(dtype, min_speedup, min_sparsity)
     if dependent_launch not in (None, True, False):
@@ -635,7 +640,7 @@ def sparsify_(model: torch.nn.Module, example_inputs, *, dtype: str = "fp32", tu
                      tune=tune and not dry_run, fuse_residual=fuse_residual, race=race,
                      fuse_siblings=fuse_siblings, jobs=jobs, on_progress=on_progress,
                      compiled_dense=compiled_dense, dependent_launch=dependent_launch,
-                     stats=stats)
+                     stats=stats, fuse_depthwise=fuse_depthwise)
 
 
 def _new_row(chain: Chain, module) -> dict:
@@ -686,7 +691,8 @@ def _why_not(module, record, dtype, min_sparsity, row) -> str | None:
 def _sparsify(model, example_inputs, *, dtype, tuned, verify, min_speedup, min_sparsity,
               dry_run, arch, cache, include, device, tune=False, fuse_residual=True,
               race=True, fuse_siblings=True, jobs=None, on_progress=None,
-              stats=None, compiled_dense=False, dependent_launch=None) -> list[dict]:
+              stats=None, compiled_dense=False, dependent_launch=None,
+              fuse_depthwise=True) -> list[dict]:
     """sparsify_ without the device check: on a CPU model (tests) layers are replaced by ops
     that run the plan interpreter."""
     if isinstance(example_inputs, torch.Tensor):
@@ -790,6 +796,13 @@ def _sparsify(model, example_inputs, *, dtype, tuned, verify, min_speedup, min_s
         for member_row, _, _ in (members or [])[1:]:
             if not member_row["replaced"]:
                 member_row["reason"] = f"with {chain.layer}: {row['reason']}"
+    if fuse_depthwise and not dry_run:
+        from sparsert_cli.torch.pairs import fuse_pairs
+
+        info["fused_pairs"] = fuse_pairs(
+            model, chains, rows, {t[1].layer: (t[3], t[4]) for t in todo}, seen, dtype=dtype,
+            arch=arch, cache=cache, verify=verify, on_gpu=on_gpu,
+            dependent_launch=info["dependent_launch"] > 0, on_progress=on_progress)
     if on_gpu:      # what the dense layers cost: their share of the model
         for chain, row in zip(chains, rows):
             record = seen.get(chain.layer)
@@ -1181,7 +1194,16 @@ def report_table(rows: list[dict], title: str = "sparsify"):
     body = [[r["layer"], r["op"], r["shape"], num(r["sparsity"], ".2f"), r["fused"] or "-",
              r.get("plan") or "-", num(r.get("dense_us"), ".2f"),
              num(r.get("sparse_us", r.get("sparsert_us", r.get("kernel_us"))), ".2f"),
-             num(r["speedup"], ".2f"), num(r["max_rel_err"], ".1e"),
-             "yes" if r["replaced"] else r["reason"]] for r in rows]
+             num(r["speedup"], ".2f"), num(r["max_rel_err"], ".1e"), _replaced(r)]
+            for r in rows]
     return table(title, ["layer", "op", "shape", "S", "fused", "plan", "dense us", "sparse us",
                          "x", "max rel err", "replaced"], body)
+
+
+def _replaced(row: dict) -> str:
+    """The report's last column: yes, yes with a fused pair's part, or why not."""
+    if not row["replaced"]:
+        return row["reason"]
+    if str(row.get("pair", "")).startswith("fused with"):
+        return f"yes, {row['pair']}"
+    return f"yes, {row['reason']}" if row["reason"].startswith("in ") else "yes"

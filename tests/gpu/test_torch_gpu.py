@@ -265,6 +265,39 @@ def test_depthwise_separable_eager_graph_compile(dtype):
     _check_modes(model, x, want, dtype)
 
 
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+def test_fused_pointwise_depthwise_pairs_eager_graph_compile(dtype, monkeypatch):
+    """MobileNet's pointwise -> depthwise pairs as one fused kernel each (the timing race made
+    to choose fusion): the model computes what the pruned dense model did, in eager mode, a
+    CUDA graph and under torch.compile(fullgraph=True), and the fused kernels keep
+    programmatic dependent launch after ours."""
+    from sparsert_cli.models import MobileNetV1
+    from sparsert_cli.torch import ops, pairs
+
+    real = pairs.time_cold_us
+    monkeypatch.setattr(pairs, "time_cold_us", lambda fn, inputs, samples=15: (
+        0.5 * real(fn, inputs) if isinstance(fn, pairs.FusedPair) else real(fn, inputs)))
+    store = torch.float32 if dtype == "fp32" else torch.float16
+    torch.manual_seed(4)
+    model = nn.Sequential(*list(MobileNetV1(width=0.5).features)[:9]).eval()
+    prune_(model, 0.9)
+    model = model.cuda().to(store)
+    x = torch.randn(1, 3, 64, 64, device="cuda", dtype=store)
+    with torch.no_grad():
+        want = model(x).clone()
+    stats = {}
+    rows = sparsify_(model, (x,), dtype=dtype, tuned=False, min_speedup=0.0, stats=stats)
+    assert all(r["replaced"] for r in rows), rows
+    fused = [m for m in model.modules() if isinstance(m, pairs.FusedPair)]
+    # pointwise layers 2, 4, 6 each feed a depthwise layer (3, 5, 7); 8 feeds nothing
+    assert stats["fused_pairs"] == len(fused) == 3, [r.get("pair") for r in rows]
+    assert all(isinstance(model[i], nn.Identity) for i in (3, 5, 7))
+    assert all(r["max_rel_err"] < TOL[dtype] for r in rows if r.get("pair"))
+    states = ops.dependent_launch_states([m.kernel_id for m in fused])
+    assert states and all(states.values())
+    _check_modes(model, x, want, dtype)
+
+
 def test_run_model_merges_and_reuses_the_dense_baseline(tmp_path, capsys):
     """`sparsert model --merge` twice at two sparsities: the second reuses the dense times."""
     from cli_helpers import run_main
