@@ -321,7 +321,8 @@ def build_kernel(plan: Plan, emitter: str = "ptx", arch: str = DEFAULT_ARCH,
 def plan_fused_layers(pw_weight, geometry: Geometry, dw_weight, stride: int,
                       pw_epilogue: Epilogue = Epilogue(), dw_epilogue: Epilogue = Epilogue(),
                       precision: str = "fp32", allow_fp16_flush: bool = False,
-                      rows_per_group: int | None = None) -> FusedPlan:
+                      rows_per_group: int | None = None, vector_width: int | None = None,
+                      depthwise_pairs: bool | None = None) -> FusedPlan:
     """The fused plan of a pointwise layer (weight M x C x 1 x 1 over `geometry`) and the
     depthwise 3x3 after it (weight M x 3 x 3, padding 1, `stride`), both fitted to the
     precision as plan_weight fits a layer (fit_precision)."""
@@ -330,7 +331,7 @@ def plan_fused_layers(pw_weight, geometry: Geometry, dw_weight, stride: int,
     dw_csr = depthwise_csr(dw_weight, geometry.out_channels)
     dw_csr, dw_epilogue = fit_precision(dw_csr, dw_epilogue, precision, allow_fp16_flush)
     return plan_fused(pw_csr, geometry, dw_csr, stride, pw_epilogue, dw_epilogue, precision,
-                      rows_per_group)
+                      rows_per_group, vector_width, depthwise_pairs)
 
 
 def fused_code_version() -> str:

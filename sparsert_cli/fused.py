@@ -183,6 +183,8 @@ class FusedKernel:
 def fuse_pointwise_depthwise(pw_weight, dw_weight, *, input_shape, stride: int = 1,
                              pw_epilogue=None, dw_epilogue=None, dtype: str = "fp32",
                              accumulate: str | None = None, rows_per_group: int | None = None,
+                             vector_width: int | None = None,
+                             depthwise_pairs: bool | None = None,
                              allow_fp16_flush: bool = False, arch: str | None = None,
                              cache=True, dependent_launch: bool = False, verify: bool = False,
                              seed: int = 0) -> FusedKernel:
@@ -195,7 +197,9 @@ def fuse_pointwise_depthwise(pw_weight, dw_weight, *, input_shape, stride: int =
       "none" | "relu" | "relu6"} (no residual, no token-major output). dtype / accumulate: as
       compile_kernel's (fp32, fp16 with half2 sums, fp16acc32, bf16); the pointwise output
       is stored in the storage type in between, as an unfused pair would store it.
-    rows_per_group: channels per block (default: families/immediate/fuse.fuse_params).
+    rows_per_group: channels per block; vector_width: the pointwise's columns a thread;
+      depthwise_pairs: the depthwise on column-pair windows (2-byte storage, stride 1, even
+      width) or not (defaults for all three: families/immediate/fuse.fuse_params).
     arch: e.g. "sm_90" (default: the local GPU's, else sm_90). cache: as compile_kernel's.
     dependent_launch: wait for the kernel before (programmatic dependent launch, sm_90+).
     verify: run verify_cpu(seed) and keep its result in `kernel.verified`.
@@ -215,6 +219,11 @@ def fuse_pointwise_depthwise(pw_weight, dw_weight, *, input_shape, stride: int =
     if rows_per_group is not None and (isinstance(rows_per_group, bool) or not isinstance(
             rows_per_group, (int, np.integer)) or not 1 <= rows_per_group <= 64):
         raise UserError(f"rows_per_group must be an integer in 1..64, got {rows_per_group!r}")
+    if vector_width is not None and (isinstance(vector_width, bool)
+                                     or vector_width not in (1, 2, 4, 8)):
+        raise UserError(f"vector_width must be 1, 2, 4 or 8, got {vector_width!r}")
+    if depthwise_pairs not in (None, True, False):
+        raise UserError(f"depthwise_pairs must be True, False or None, got {depthwise_pairs!r}")
     if isinstance(stride, bool) or stride not in (1, 2):
         raise UserError(f"stride must be 1 or 2, got {stride!r}")
     dw = np.asarray(dw_weight)
@@ -222,7 +231,7 @@ def fuse_pointwise_depthwise(pw_weight, dw_weight, *, input_shape, stride: int =
         raise UserError(f"dw_weight must be numeric, got {dw.dtype}")
     plan = plan_fused_layers(weight, geometry, dw, stride, make_epilogue(pw_epilogue, rows),
                              make_epilogue(dw_epilogue, rows), precision, allow_fp16_flush,
-                             rows_per_group)
+                             rows_per_group, vector_width, depthwise_pairs)
     build, source = build_fused(plan, arch, _cache(cache), threads=os.cpu_count() or 1,
                                 keep_source=True, dependent_launch=dependent_launch)
     kernel = FusedKernel(build.entry, build.cubin, arch, plan, weight,

@@ -129,17 +129,19 @@ def depthwise_csr(weight, channels: int) -> sp.csr_matrix:
 
 
 def fuse_params(pointwise: Geometry, stride: int, nnz: int, precision: str,
-                rows_per_group: int | None = None,
-                sm_count: int = H100_SMS) -> tuple[PlanParams, int]:
+                rows_per_group: int | None = None, sm_count: int = H100_SMS,
+                vector_width: int | None = None,
+                depthwise_pairs: bool | None = None) -> tuple[PlanParams, int]:
     """(pointwise parameters, depthwise vector width) of the fused kernel; both stages take the
     parameters' col_threads, which may exceed PlanParams' 512 (up to a block's 1024: one tile
     must hold every column), so they are not validate()d.
 
     The depthwise takes column pairs (pair windows) where its planner would (2-byte storage,
-    stride 1, even width, over PAIR_COLUMNS columns), else one column a thread. The pointwise
-    takes the vector width of its untuned default (default_params) or, where the depthwise's
-    threads cover its columns with a narrower one, that (idle threads would repeat the last
-    column's work); the block has the threads (whole warps) either stage needs. Rows per group:
+    stride 1, even width, over PAIR_COLUMNS columns; `depthwise_pairs` True / False: wherever
+    pair windows are legal / never), else one column a thread. The pointwise takes
+    `vector_width` (UserError where it does not fit the shape), else the vector width of its
+    untuned default (default_params) or, where the depthwise's threads cover its columns with
+    a narrower one, that (idle threads would repeat the last column's work); the block has the threads (whole warps) either stage needs. Rows per group:
     `rows_per_group`, else the default's scaled to keep its sums a thread (rows x sum
     instructions a nonzero: 2 rows of 4 columns become 8 rows of 1), capped at
     TALL_ACCUMULATORS sums a thread, so that a thread's sums of either stage and a batch of
@@ -147,13 +149,21 @@ def fuse_params(pointwise: Geometry, stride: int, nnz: int, precision: str,
     group's expected distinct loads (uniformly spread nonzeros) fit GROUP_LOAD_REGISTERS."""
     dtype = PRECISIONS[precision][0]
     dw = depthwise_geometry(pointwise, stride)
-    dw_width = fit_vector_width(dw, 2, dtype, windows=dw.columns > PAIR_COLUMNS)
+    pairs = dw.columns > PAIR_COLUMNS if depthwise_pairs is None else bool(depthwise_pairs)
+    dw_width = fit_vector_width(dw, 2, dtype, windows=pairs)
     dw_threads = _warps(-(-dw.columns // dw_width))
     default = default_params(pointwise, nnz, precision, sm_count)
-    widths = [w for w in (1, 2, 4, 8)
-              if w <= default.vector_width and fit_vector_width(pointwise, w, dtype) == w]
-    pw_width = next((w for w in widths if -(-pointwise.columns // w) <= dw_threads),
-                    widths[-1])
+    if vector_width is not None:
+        if vector_width not in (1, 2, 4, 8) or fit_vector_width(
+                pointwise, vector_width, dtype) != vector_width:
+            raise UserError(f"vector_width {vector_width} does not fit a {dtype} pointwise "
+                            f"of {pointwise.columns} columns")
+        pw_width = vector_width
+    else:
+        widths = [w for w in (1, 2, 4, 8)
+                  if w <= default.vector_width and fit_vector_width(pointwise, w, dtype) == w]
+        pw_width = next((w for w in widths if -(-pointwise.columns // w) <= dw_threads),
+                        widths[-1])
     threads = max(dw_threads, _warps(-(-pointwise.columns // pw_width)))
     if threads > MAX_THREADS:
         raise UserError(f"a fused kernel's one column tile would need {threads} threads "
@@ -183,14 +193,17 @@ def _warps(threads: int) -> int:
 
 def plan_fused(pw_csr, pw_geometry: Geometry, dw_csr, stride: int,
                pw_epilogue: Epilogue = Epilogue(), dw_epilogue: Epilogue = Epilogue(),
-               precision: str = "fp32", rows_per_group: int | None = None) -> FusedPlan:
+               precision: str = "fp32", rows_per_group: int | None = None,
+               vector_width: int | None = None,
+               depthwise_pairs: bool | None = None) -> FusedPlan:
     """Plan a fused pointwise -> depthwise kernel from the pointwise's M x C CSR weight and the
     depthwise's block-diagonal M x (M * 9) CSR (depthwise_csr), both already fitted to the
     precision (build.fit_precision). Parameters: fuse_params."""
     check_fusable_layers(pw_geometry, pw_epilogue, dw_epilogue)
     dtype, accumulate = PRECISIONS[precision]
     params, dw_width = fuse_params(pw_geometry, stride, int(pw_csr.nnz), precision,
-                                   rows_per_group)
+                                   rows_per_group, vector_width=vector_width,
+                                   depthwise_pairs=depthwise_pairs)
     # the planner takes at most 512 column threads; the fused tile may need up to 1024
     pointwise = build_plan(pw_csr, pw_geometry, replace(params, col_threads=min(
         params.col_threads, 512)), pw_epilogue, dtype, accumulate)
