@@ -100,7 +100,9 @@ def run_case(gpu, case, precision: str, args) -> dict:
         weight, geometry = layer_geometry(weight, "conv", shape, **conv)
         layers.append(Layer(label, "conv", weight, geometry, make_epilogue(epilogue, m),
                             precision_label(dtype, accumulate), family=args.family))
-    pw_kernel, dw_kernel = compile_plans(layers, plan_layers(layers), dependent_launch=True)
+    # jobs=1: compiled in this process (which holds a CUDA context: no forked workers)
+    pw_kernel, dw_kernel = compile_plans(layers, plan_layers(layers), dependent_launch=True,
+                                         jobs=1)
     for kernel in (pw_kernel, dw_kernel):
         if isinstance(kernel, KernelFailure):
             raise kernel.error

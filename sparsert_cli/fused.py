@@ -25,7 +25,7 @@ from .api import VERIFY_CHECKS, _cache, _target, _weight, layer_geometry, make_e
 from .build import build_fused, emit_fused, plan_fused_layers
 from .compile import Resources
 from .errors import UserError
-from .families.immediate.fuse import FusedPlan, lower_fused
+from .families.immediate.fuse import ARGUMENTS, FusedPlan, lower_fused
 from .interp import PlanExecutionError, execute
 from .problem_shape import ELEMENT_BYTES, precision_label
 from .reference import check, pointwise_depthwise_reference
@@ -113,7 +113,7 @@ class FusedKernel:
         shapes = {"x": self.input_shape, "y": self.output_shape, "t": self.scratch_shape,
                   "z": self.scratch_shape[1:]}
         return tuple({"name": a, "kind": "pointer", "shape": list(shapes[a]), "dtype": dtype,
-                      "role": ROLES[a]} for a in lower_fused(self.plan).arguments)
+                      "role": ROLES[a]} for a in ARGUMENTS)
 
     @cached_property
     def source(self) -> str:

@@ -3,7 +3,8 @@
 It evaluates the IR's own thread->column arithmetic, tap bases, loads, FMAs, shared-memory partials
 and epilogue steps, and checks what the GPU cannot report: every load in bounds (the zero buffer
 included), every vector load aligned, every FMA chain started once, every partial read written,
-every output element written exactly once.
+every output element written exactly once. A ChainIR (a fused kernel) runs block by block
+(execute_chain), its scratch buffer poisoned for each block.
 
 fp16 kernels run with their roundings: fp16 weights and bias (the IR holds them rounded), every
 half2 FMA rounded once to fp16 (float64 holds a product of two halves plus a half exactly, so

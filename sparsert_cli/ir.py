@@ -13,6 +13,9 @@ by `pointers`, computes the body slot `idx` with `slot` (from by, ty) and, per p
 `phases[phase][idx]`; phases meet at a block barrier. Each body sees the thread's registers
 x, y, res (offset pointers), z (the zero buffer), ih, iw (window corner), act (stores enabled) and
 sp (its shared-memory partials base).
+
+ChainIR: KernelIRs run one after the other by the same blocks of one entry (a fused pointwise ->
+depthwise kernel), each stage's pointers bound to the kernel's arguments.
 """
 
 from __future__ import annotations

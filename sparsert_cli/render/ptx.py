@@ -6,6 +6,11 @@ of fp32, fp16-with-half2-sums and fp16/bf16-with-fp32-sums kernels. Weights are 
 (fp16: a paired immediate in a register ptxas folds into HFMA2), tap offsets immediate address
 offsets. Bodies are scoped blocks inside the entry, or (large kernels) one `.func` each, behind a
 `brx.idx` jump table on (row group, threadIdx.y).
+
+A ChainIR (fused kernels) prints as one entry: its head once, then per stage a marker comment, a
+block barrier before every stage but the first, and the stage's part of an entry (pointers from
+the kernel arguments its bindings name, columns, slot, jump tables), labels and functions
+prefixed per stage. A KernelIR prints exactly as it did before chains existed.
 """
 
 from __future__ import annotations
