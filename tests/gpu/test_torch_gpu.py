@@ -283,8 +283,8 @@ def test_fused_pointwise_depthwise_pairs_eager_graph_compile(dtype, monkeypatch)
     prune_(model, 0.9)
     model = model.cuda().to(store)
     x = torch.randn(1, 3, 64, 64, device="cuda", dtype=store)
-    with torch.no_grad():
-        want = model(x).clone()
+    with torch.no_grad(), torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+        want = model(x).clone()         # nine fp32 layers in TF32 drift past TOL
     stats = {}
     rows = sparsify_(model, (x,), dtype=dtype, tuned=False, min_speedup=0.0, stats=stats)
     assert all(r["replaced"] for r in rows), rows

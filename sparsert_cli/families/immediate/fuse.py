@@ -25,7 +25,7 @@ from ...ir import ChainIR, Compute, Finish, KernelIR
 from ...problem_shape import MAX_THREADS, PRECISIONS, Epilogue, Geometry
 from .lower import lower
 from .plan import Plan, PlanParams, build_plan, fit_vector_width, row_group
-from .tuning import H100_SMS, PAIR_COLUMNS, TALL_ACCUMULATORS, default_params, lanes
+from .tuning import H100_SMS, PAIR_COLUMNS, TALL_ACCUMULATORS, lanes
 
 # changes whenever the fused kernel's code changes (with the immediate family's and the
 # printer's versions it enters the fused kernels' cache keys)
@@ -42,6 +42,9 @@ OTHER_REGISTERS = 40
 # 1024x512@7 at 90%, 8 rows of one column: ~290 loads spilled 152 B in fp16 and 8 B in bf16,
 # as the unfused default r8v1t64 does; 6 rows, ~240 loads, did not)
 GROUP_LOAD_REGISTERS = 224
+# a pointwise stage needing more threads than this takes twice its width when the depthwise
+# stage needs at most half as many (fuse_params)
+WIDE_TILE = 512
 
 
 @dataclass(frozen=True)
@@ -134,44 +137,57 @@ def fuse_params(pointwise: Geometry, stride: int, nnz: int, precision: str,
                 depthwise_pairs: bool | None = None) -> tuple[PlanParams, int]:
     """(pointwise parameters, depthwise vector width) of the fused kernel; both stages take the
     parameters' col_threads, which may exceed PlanParams' 512 (up to a block's 1024: one tile
-    must hold every column), so they are not validate()d.
+    must hold every column), so they are not validate()d. Chosen on the S20-4 sweep (H100,
+    MobileNet v1's pairs at 90%, fp16 and fp32: rows 1/2/4/8 x pointwise widths 1/2/4, with and
+    without depthwise pairs, every kernel verified): these choices were within 4% of the
+    sweep's fastest in 10 of 12 cases timed warm (fp16 pw256x256@28 before a stride-2
+    depthwise: 14% behind), and within 23% with programmatic dependent launch.
 
-    The depthwise takes column pairs (pair windows) where its planner would (2-byte storage,
-    stride 1, even width, over PAIR_COLUMNS columns; `depthwise_pairs` True / False: wherever
-    pair windows are legal / never), else one column a thread. The pointwise takes
-    `vector_width` (UserError where it does not fit the shape), else the vector width of its
-    untuned default (default_params) or, where the depthwise's threads cover its columns with
-    a narrower one, that (idle threads would repeat the last column's work); the block has the threads (whole warps) either stage needs. Rows per group:
-    `rows_per_group`, else the default's scaled to keep its sums a thread (rows x sum
-    instructions a nonzero: 2 rows of 4 columns become 8 rows of 1), capped at
-    TALL_ACCUMULATORS sums a thread, so that a thread's sums of either stage and a batch of
-    loads fit its share of the register file (OTHER_REGISTERS for the rest), and so that a
-    group's expected distinct loads (uniformly spread nonzeros) fit GROUP_LOAD_REGISTERS."""
+    Pointwise width: `vector_width` (UserError where it does not fit the shape), else the width
+    of one sum instruction a nonzero (half2 sums: a column pair; else one column), or twice
+    that where the pointwise would need more than WIDE_TILE threads and the depthwise at most
+    half as many (a stride-2 depthwise would leave most of the block idle). The depthwise takes
+    column pairs (pair windows: 2-byte storage, stride 1, even width) where its planner would
+    (over PAIR_COLUMNS columns) or where the pointwise takes pairs with half2 sums
+    (`depthwise_pairs` True / False: wherever legal / never), else one column a thread. The
+    block has the threads (whole warps) either stage needs.
+
+    Rows per group: `rows_per_group`, else as many as make about one block per SM
+    (ceil(M / sm_count): with one column tile the groups are the blocks; rows 2 for M = 256 and
+    4 for M = 512 were the fastest in the sweep, where the unfused default's rows scaled to its
+    sums a thread made 16-32 blocks of 416-800 threads, up to 2.4x slower than the unfused
+    pair), capped at TALL_ACCUMULATORS sums a thread, so that a thread's sums of either stage
+    and a batch of loads fit its share of the register file (OTHER_REGISTERS for the rest), and
+    so that a group's expected distinct loads (uniformly spread nonzeros) fit
+    GROUP_LOAD_REGISTERS."""
     dtype = PRECISIONS[precision][0]
     dw = depthwise_geometry(pointwise, stride)
-    pairs = dw.columns > PAIR_COLUMNS if depthwise_pairs is None else bool(depthwise_pairs)
-    dw_width = fit_vector_width(dw, 2, dtype, windows=pairs)
-    dw_threads = _warps(-(-dw.columns // dw_width))
-    default = default_params(pointwise, nnz, precision, sm_count)
     if vector_width is not None:
         if vector_width not in (1, 2, 4, 8) or fit_vector_width(
                 pointwise, vector_width, dtype) != vector_width:
             raise UserError(f"vector_width {vector_width} does not fit a {dtype} pointwise "
                             f"of {pointwise.columns} columns")
         pw_width = vector_width
+    else:       # one sum instruction a nonzero: half2 sums take column pairs
+        one = 2 if lanes(2, precision) == 1 else 1
+        pw_width = one if fit_vector_width(pointwise, one, dtype) == one else 1
+    if depthwise_pairs is None:
+        pairs = dw.columns > PAIR_COLUMNS or (pw_width == 2 and precision == "fp16")
     else:
-        widths = [w for w in (1, 2, 4, 8)
-                  if w <= default.vector_width and fit_vector_width(pointwise, w, dtype) == w]
-        pw_width = next((w for w in widths if -(-pointwise.columns // w) <= dw_threads),
-                        widths[-1])
+        pairs = bool(depthwise_pairs)
+    dw_width = fit_vector_width(dw, 2, dtype, windows=pairs)
+    dw_threads = _warps(-(-dw.columns // dw_width))
+    if (vector_width is None and _warps(-(-pointwise.columns // pw_width)) > WIDE_TILE
+            and 2 * dw_threads <= _warps(-(-pointwise.columns // pw_width))
+            and fit_vector_width(pointwise, 2 * pw_width, dtype) == 2 * pw_width):
+        pw_width *= 2       # a stride-2 depthwise would leave most of a wide block idle
     threads = max(dw_threads, _warps(-(-pointwise.columns // pw_width)))
     if threads > MAX_THREADS:
         raise UserError(f"a fused kernel's one column tile would need {threads} threads "
                         f"(limit {MAX_THREADS}): {pointwise.columns} pointwise and "
                         f"{dw.columns} depthwise columns are too many")
     per_row = max(lanes(pw_width, precision), lanes(dw_width, precision))
-    rows = rows_per_group or (default.rows_per_group * lanes(default.vector_width, precision)
-                              // per_row)
+    rows = rows_per_group or -(-pointwise.out_channels // sm_count)
     load_batch = PlanParams().load_batch
     budget = min(255, 65536 // threads)
     loads = max(load_batch, 3) * max(pw_width, dw_width)      # fp32 registers, at most
