@@ -108,6 +108,9 @@ def _check_outputs(*paths: Path) -> None:
               help="Compile and launch the kernels without programmatic dependent launch "
                    "(by default on sm_90+: each kernel starts while the one before it ends; "
                    "turned off after timing when the model's graph runs faster without it).")
+@click.option("--no-fuse-depthwise", is_flag=True,
+              help="Keep each 1x1 layer and the depthwise layer after it as two kernels (by "
+                   "default the pair runs as one fused kernel where that times faster).")
 @click.option("--seed", type=click.IntRange(0), default=0, show_default=True)
 @arch_option
 @click.option("--out", "out_path", default=None, type=click.Path(dir_okay=False),
@@ -116,7 +119,7 @@ def _check_outputs(*paths: Path) -> None:
               help="Results CSV (default: next to the JSON).")
 def command(name, sparsities, dtypes, batch, resolution, tokens, tune, tuned_path, no_tuned,
             dense_compile, compile_only, no_verify, jobs, merge, no_cache, no_dependent_launch,
-            seed, arch, out_path, csv_path):
+            no_fuse_depthwise, seed, arch, out_path, csv_path):
     """Prune and sparsify a whole network; time it against dense eager, CUDA graph and
     torch.compile (max-autotune and default mode, freezing, channels_last; NCHW too for grouped
     convolutions), verify the output."""
@@ -163,7 +166,8 @@ def command(name, sparsities, dtypes, batch, resolution, tokens, tune, tuned_pat
 
     options = {"resolution": resolution, "tokens": tokens, "seed": seed,
                "dense_compile": dense_compile, "tune": tune,
-               "dependent_launch": not no_dependent_launch}
+               "dependent_launch": not no_dependent_launch,
+               "fuse_depthwise": not no_fuse_depthwise}
     meta = {"sparsert_version": _version(), "git_commit": _commit()}
     state = {"doc": earlier, "rows": [], "bases": []}
 
@@ -205,6 +209,7 @@ def command(name, sparsities, dtypes, batch, resolution, tokens, tune, tuned_pat
                     row = run_model(name, model, x, dense_compile=dense_compile,
                                     dense_cached=cached, on_dense=on_dense,
                                     verify=not no_verify, jobs=jobs,
+                                    fuse_depthwise=not no_fuse_depthwise,
                                     on_progress=progress_callback(progress), **common)
             row.update(meta, timestamp=_now(), options=options)
             state["rows"].append(row)

@@ -276,11 +276,12 @@ def run_model(name: str, model: torch.nn.Module, x: torch.Tensor, *, sparsity: f
               dense_cached: list | None = None, on_dense=None, dry_run: bool = False,
               verify: bool = True, cache: bool = True, arch: str | None = None,
               jobs: int | None = None, on_progress=None,
-              dependent_launch: bool | None = None) -> dict:
+              dependent_launch: bool | None = None, fuse_depthwise: bool = True) -> dict:
     """One row of the models results (see the module docstring). `sparsity` None keeps the
     model's own zeros (an imported, already pruned network). dense_cached: dense_records
     measured before (one that matches is used instead of measuring); on_dense(record) is
-    called as soon as a new one is measured (so it can be saved before the sparse part)."""
+    called as soon as a new one is measured (so it can be saved before the sparse part).
+    fuse_depthwise: as sparsify_'s."""
     if dense_compile not in DENSE_COMPILE:
         raise UserError(f"dense_compile must be one of {', '.join(DENSE_COMPILE)}, got "
                         f"{dense_compile!r}")
@@ -292,7 +293,7 @@ def run_model(name: str, model: torch.nn.Module, x: torch.Tensor, *, sparsity: f
     stats: dict = {}
     common = dict(dtype=dtype, tuned=tuned, cache=cache, arch=arch, jobs=jobs,
                   on_progress=on_progress, stats=stats, verify=verify,
-                  dependent_launch=dependent_launch)
+                  dependent_launch=dependent_launch, fuse_depthwise=fuse_depthwise)
     if dry_run:
         store = DTYPES[dtype]
         rows = sparsify_(model.to(dtype=store), (x.to(store),), dry_run=True, **common)
