@@ -270,10 +270,12 @@ def test_model_command_on_cpu(tmp_path, capsys):
     assert (tmp_path / "r.csv").read_text().startswith("model,dtype,sparsity")
     code, out, err = run_main(["model", str(tmp_path / "tiny.onnx"), "--compile-only",
                                "--no-cache", "--no-tuned", "--sparsity", "0.9", "--out",
-                               str(tmp_path / "r9.json")], capsys)
+                               str(tmp_path / "r9.json"), "--no-fuse-depthwise"], capsys)
     assert code == 0, err
-    (row,) = load_results(tmp_path / "r9.json")["models"]
+    doc = load_results(tmp_path / "r9.json")
+    (row,) = doc["models"]
     assert all(abs(r["sparsity"] - 0.9) < 0.02 for r in row["layers"])
+    assert doc["options"]["fuse_depthwise"] is False
 
 
 def test_model_runs_compile_for_dependent_launch_unless_told(tmp_path, capsys):
