@@ -197,7 +197,8 @@ def fuse_pointwise_depthwise(pw_weight, dw_weight, *, input_shape, stride: int =
       "none" | "relu" | "relu6"} (no residual, no token-major output). dtype / accumulate: as
       compile_kernel's (fp32, fp16 with half2 sums, fp16acc32, bf16); the pointwise output
       is stored in the storage type in between, as an unfused pair would store it.
-    rows_per_group: channels per block; vector_width: the pointwise's columns a thread;
+    rows_per_group: at most this many channels per block (fewer where a thread's registers
+      would not hold them: fuse_params); vector_width: the pointwise's columns a thread;
       depthwise_pairs: the depthwise on column-pair windows (2-byte storage, stride 1, even
       width) or not (defaults for all three: families/immediate/fuse.fuse_params).
     arch: e.g. "sm_90" (default: the local GPU's, else sm_90). cache: as compile_kernel's.
@@ -224,7 +225,8 @@ def fuse_pointwise_depthwise(pw_weight, dw_weight, *, input_shape, stride: int =
         raise UserError(f"vector_width must be 1, 2, 4 or 8, got {vector_width!r}")
     if depthwise_pairs not in (None, True, False):
         raise UserError(f"depthwise_pairs must be True, False or None, got {depthwise_pairs!r}")
-    if isinstance(stride, bool) or stride not in (1, 2):
+    if isinstance(stride, bool) or not isinstance(stride, (int, np.integer)) \
+            or stride not in (1, 2):
         raise UserError(f"stride must be 1 or 2, got {stride!r}")
     dw = np.asarray(dw_weight)
     if dw.dtype.kind not in "fiub":

@@ -1665,6 +1665,8 @@ def test_pointwise_depthwise_pairs_become_one_kernel_each():
         assert by[pw]["pair"] == f"fused with {dw}" and by[pw]["plan"].endswith("+dw")
         assert by[pw]["max_rel_err"] < 1e-5
         assert by[dw]["replaced"] and by[dw]["reason"] == f"in {pw}'s fused kernel"
+        assert by[pw]["family"] == "immediate" and by[dw]["plan"] is None
+        assert by[dw]["max_rel_err"] is None
         assert isinstance(model.get_submodule(pw), FusedPair)
         assert isinstance(model.get_submodule(dw), nn.Identity)
     assert "pair" not in by["8.0"] and type(model.get_submodule("8.0")) is SparseLayer

@@ -19,9 +19,10 @@ from __future__ import annotations
 import torch
 
 from sparsert_cli.errors import UserError
+from sparsert_cli.interp import PlanExecutionError
 from sparsert_cli.torch import ops
 from sparsert_cli.torch.check import time_cold_us
-from sparsert_cli.torch.sparsify import FoldedDense, SparseLayer
+from sparsert_cli.torch.layers import FoldedDense, SparseLayer
 
 
 class FusedPair(SparseLayer):
@@ -83,10 +84,12 @@ def fuse_pairs(model, chains, rows, folded: dict, seen: dict, *, dtype: str, arc
     (folded float32 weight, bias) as its kernel was compiled from; `seen`: sparsify_'s
     recorded inputs (the 1x1 layer's is the pair's). Returns how many pairs were fused.
     Rows: the 1x1 layer's gets `pair` (fused with / why not), and when fused the fused
-    kernel's `plan` ("<1x1 plan>+dw") and (GPU) `sparse_us` (the fused kernel's time),
+    kernel's `family` (immediate), `plan` ("<1x1 plan>+dw"), `max_err` / `max_rel_err` (its
+    check; None with verify=False) and (GPU) `sparse_us` (the fused kernel's time),
     `pair_unfused_us` (the two kernels back to back) and `speedup` (the two layers' dense
-    times over the fused kernel's); the depthwise layer's `sparse_us` becomes 0 and its
-    reason names the kernel it runs in."""
+    times over the fused kernel's); the depthwise layer's `sparse_us` becomes 0, its family,
+    plan and errors None (the 1x1 row's are the kernel's), and its reason names the kernel it
+    runs in."""
     from sparsert_cli.fused import fuse_pointwise_depthwise
     from sparsert_cli.torch.check import verify_fused
 
@@ -117,7 +120,10 @@ def fuse_pairs(model, chains, rows, folded: dict, seen: dict, *, dtype: str, arc
         keep, checked = False, {}
         try:
             if verify:
-                result = verify_fused(layer, kernel, x)
+                try:
+                    result = verify_fused(layer, kernel, x)
+                except PlanExecutionError as exc:   # the CPU interpreter refused a load
+                    result = {"ok": False, "message": str(exc)}
                 if not result["ok"]:
                     row["pair"] = (f"not fused with {d_chain.layer}: verification failed: "
                                    f"{result['message']}")
@@ -142,8 +148,11 @@ def fuse_pairs(model, chains, rows, folded: dict, seen: dict, *, dtype: str, arc
         model.set_submodule(d_chain.layer, torch.nn.Identity())
         ops.unregister(pw.kernel_id)
         ops.unregister(dw.kernel_id)
-        row.update(checked, pair=f"fused with {d_chain.layer}",
+        # the fused kernel's own fields (its error: only where it was checked)
+        row.update({"max_err": None, "max_rel_err": None, **checked}, family="immediate",
+                   pair=f"fused with {d_chain.layer}",
                    plan=f"{kernel.plan.pointwise.params.name()}+dw")
-        d_row["reason"] = f"in {chain.layer}'s fused kernel"
+        d_row.update(family=None, plan=None, max_err=None, max_rel_err=None,
+                     reason=f"in {chain.layer}'s fused kernel")
         fused += 1
     return fused

@@ -103,7 +103,8 @@ class FusedPlan:
 
 def depthwise_geometry(pointwise: Geometry, stride: int) -> Geometry:
     """The depthwise 3x3 (padding 1, `stride`) over the pointwise output."""
-    if stride not in STRIDES:
+    if isinstance(stride, bool) or not isinstance(stride, (int, np.integer)) \
+            or stride not in STRIDES:
         raise UserError(f"a fused depthwise takes stride 1 or 2, not {stride}")
     return Geometry(1, pointwise.out_channels, pointwise.out_height, pointwise.out_width,
                     pointwise.out_channels, kernel=3, stride=stride, padding=1).validate()
@@ -139,9 +140,9 @@ def fuse_params(pointwise: Geometry, stride: int, nnz: int, precision: str,
     parameters' col_threads, which may exceed PlanParams' 512 (up to a block's 1024: one tile
     must hold every column), so they are not validate()d. Chosen on the S20-4 sweep (H100,
     MobileNet v1's pairs at 90%, fp16 and fp32: rows 1/2/4/8 x pointwise widths 1/2/4, with and
-    without depthwise pairs, every kernel verified): these choices were within 4% of the
-    sweep's fastest in 10 of 12 cases timed warm (fp16 pw256x256@28 before a stride-2
-    depthwise: 14% behind), and within 23% with programmatic dependent launch.
+    without depthwise pairs; the 164 kernels that built verified): these choices were within
+    4% of the sweep's fastest in 11 of 12 cases timed warm (fp16 pw256x256@28 before a
+    stride-2 depthwise: 14% behind), and within 23% with programmatic dependent launch.
 
     Pointwise width: `vector_width` (UserError where it does not fit the shape), else the width
     of one sum instruction a nonzero (half2 sums: a column pair; else one column), or twice
@@ -154,9 +155,9 @@ def fuse_params(pointwise: Geometry, stride: int, nnz: int, precision: str,
 
     Rows per group: `rows_per_group`, else as many as make about one block per SM
     (ceil(M / sm_count): with one column tile the groups are the blocks; rows 2 for M = 256 and
-    4 for M = 512 were the fastest in the sweep, where the unfused default's rows scaled to its
-    sums a thread made 16-32 blocks of 416-800 threads, up to 2.4x slower than the unfused
-    pair), capped at TALL_ACCUMULATORS sums a thread, so that a thread's sums of either stage
+    4 for M = 512 were the fastest in the sweep or within 4% of it; the first rule, the
+    unfused default's rows scaled to its sums a thread, made 16-32 blocks of 416-800 threads,
+    up to 2.4x slower than the unfused pair), capped at TALL_ACCUMULATORS sums a thread, so that a thread's sums of either stage
     and a batch of loads fit its share of the register file (OTHER_REGISTERS for the rest), and
     so that a group's expected distinct loads (uniformly spread nonzeros) fit
     GROUP_LOAD_REGISTERS."""
@@ -240,6 +241,9 @@ def check_fusable_layers(pw_geometry: Geometry, pw_epilogue: Epilogue,
     for name, epi in (("pointwise", pw_epilogue), ("depthwise", dw_epilogue)):
         if epi.residual or epi.token_major:
             raise UserError(f"a fused {name} takes no residual and no token-major output")
+        if epi.activation not in ("none", "relu", "relu6"):
+            raise UserError(f"a fused {name} takes activation none, relu or relu6, not "
+                            f"{epi.activation}")
 
 
 def depthwise_plan(pointwise: Plan, dw_csr, geometry: Geometry, epilogue: Epilogue,
