@@ -274,6 +274,7 @@ def test_keyed_ir_stays_as_it_was():
     ("incoherent", "expected ld.global"),
     ("scratch_to_y", "bindings"),
     ("wrong_stage_marker", "stage markers"),
+    ("early_ret", "before the end of the entry"),
 ])
 def test_printer_mistakes_are_caught(monkeypatch, mutation, message):
     chain = lower_fused(fused(TARGETS[0], "fp16"))
@@ -286,6 +287,9 @@ def test_printer_mistakes_are_caught(monkeypatch, mutation, message):
     elif mutation == "scratch_to_y":
         bindings = ((("x", "x"), ("y", "y")),) + chain.bindings[1:]
         text = ptx.print_ptx(replace(chain, bindings=bindings))
+    elif mutation == "early_ret":       # the kernel would end before its depthwise stage
+        text = ptx.print_ptx(chain).replace(ptx.stage_marker(1),
+                                            "\tret;\n" + ptx.stage_marker(1))
     else:
         text = ptx.print_ptx(chain).replace(ptx.stage_marker(1), "\t// stage 2")
     with pytest.raises(PrintedMismatch, match=message):

@@ -567,9 +567,11 @@ def _jump_table(ir: KernelIR, fmt: Fmt, funcs: dict, entry: list[str], k: int, t
 class _Entry:
     """What one stretch of an entry's lines states: launch bounds, the pointer loads, the
     thread and block ids, the index arithmetic, pointer offsets, partials base and the phases'
-    jump tables (labels starting with `prefix`)."""
+    jump tables (labels starting with `prefix`). `last`: the stretch ends the entry (its one
+    `ret;` may be its last line; anywhere else it would end the kernel early)."""
 
-    def __init__(self, ir: KernelIR | None, funcs: dict, lines: list[str], prefix: str = ""):
+    def __init__(self, ir: KernelIR | None, funcs: dict, lines: list[str], prefix: str = "",
+                 last: bool = True):
         self.maxntid = self.max_registers = None
         self.columns: list[IndexOp] = []
         self.pointers, self.phases, self.specials = [], [], {}
@@ -589,7 +591,11 @@ class _Entry:
             if text.startswith(".maxnreg"):
                 self.max_registers = _number(text.split()[1])
                 continue
-            if text in ("{", "ret;") or text.startswith(".reg") or \
+            if text == "ret;":      # only as the entry's last line: nothing may follow it
+                if not last or k != len(lines):
+                    _fail("entry", "`ret;` before the end of the entry")
+                continue
+            if text == "{" or text.startswith(".reg") or \
                     re.fullmatch(re.escape(prefix) + r"DONE\d+:", text):
                 continue
             op, args, _ = _split(line)
@@ -717,7 +723,7 @@ def parse_chain(chain: ChainIR, text: str) -> ChainIR:
     if [entry[k] for k in marks] != [stage_marker(i) for i in range(len(chain.stages))]:
         _fail("entry", f"stage markers {[entry[k].strip() for k in marks]} for "
                        f"{len(chain.stages)} stages")
-    top = _Entry(None, funcs, entry[:marks[0]])
+    top = _Entry(None, funcs, entry[:marks[0]], last=False)
     if top.started():
         _fail("entry", "the entry does more than declare before its first stage")
     stages, bindings = [], []
@@ -727,7 +733,7 @@ def parse_chain(chain: ChainIR, text: str) -> ChainIR:
             if not section or section[0] != "\tbar.sync 0;":
                 _fail(f"stage {i}", "starts without a block barrier")
             section = section[1:]
-        read = _Entry(ir, funcs, section, stage_prefix(i))
+        read = _Entry(ir, funcs, section, stage_prefix(i), last=i + 1 == len(chain.stages))
         if read.dependent or read.maxntid or read.max_registers:
             _fail(f"stage {i}", "launch bounds or grid waits inside a stage")
         stages.append(read.kernel(ir, top.maxntid, top.max_registers, 0))
