@@ -22,7 +22,7 @@ import scipy.sparse as sp
 
 from ...errors import UserError
 from ...ir import ChainIR, Compute, Finish, KernelIR
-from ...problem_shape import MAX_THREADS, PRECISIONS, Epilogue, Geometry
+from ...problem_shape import MAX_THREADS, PRECISIONS, Epilogue, Geometry, Precision
 from .lower import lower
 from .plan import Plan, PlanParams, build_plan, fit_vector_width, row_group
 from .tuning import H100_SMS, PAIR_COLUMNS, TALL_ACCUMULATORS, lanes
@@ -48,7 +48,7 @@ WIDE_TILE = 512
 
 
 @dataclass(frozen=True)
-class FusedPlan:
+class FusedPlan(Precision):
     """The two plans of a fused pointwise -> depthwise kernel: `pointwise` (1x1, batch 1, one
     column tile) and `depthwise` (3x3, padding 1, its block-diagonal weight planned over the
     pointwise plan's row groups, same column threads)."""
@@ -63,10 +63,6 @@ class FusedPlan:
     @property
     def accumulate(self) -> str:
         return self.pointwise.accumulate
-
-    @property
-    def precision(self) -> str:
-        return self.pointwise.precision
 
     @property
     def grid(self) -> tuple[int, int, int]:
