@@ -57,6 +57,9 @@ def main() -> int:
                          "12): only modules with Conv2d children are rewritten")
     ap.add_argument("--no-dependent-launch", action="store_true",
                     help="compile and launch the kernels without dependent launch")
+    ap.add_argument("--no-prefetch", action="store_true",
+                    help="streamed kernels do not prefetch their pattern data into L2 before "
+                         "the dependent-launch wait (as before session 21)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     if args.streamed_preference is not None:
@@ -76,6 +79,10 @@ def main() -> int:
 
         sparsify_module.fuse_residuals = lambda model: residual._rewrite_children(
             model, torch.nn.Conv2d, residual._rewrite, skip=(torch.fx.GraphModule,))
+    if args.no_prefetch:
+        from sparsert_cli.render import stream
+
+        stream.PREFETCH = False
     if args.max_default_slices is not None:
         from sparsert_cli.families.streamed import plan as streamed_plan
 
@@ -158,7 +165,7 @@ def main() -> int:
     summary = {
         "variant": "legacy" if args.legacy else "current", "model": args.model,
         "handoff": not args.no_handoff, "linear_residual": not args.no_linear_residual,
-        "dependent_launch": not args.no_dependent_launch,
+        "dependent_launch": not args.no_dependent_launch, "prefetch": not args.no_prefetch,
         "compiled": args.compiled, "keep_dense": args.keep_dense,
         "dtype": args.dtype, "sparsity": args.sparsity, "batch": args.batch,
         "max_default_slices": args.max_default_slices,

@@ -246,14 +246,21 @@ def current_family(emitter: str = "ptx") -> tuple[str, str]:
 
 
 # where the printers put griddepcontrol (KernelIR/StreamIR.dependent_launch); part of the cache
-# key of such kernels (2: the streamed family lets the next launch start first, waits per row)
-DEPENDENT_LAUNCH_VERSION = 2
+# key of such kernels (2: the streamed family lets the next launch start first, waits per row;
+# 3: and prefetches its block's pattern data into L2 before the wait)
+DEPENDENT_LAUNCH_VERSION = 3
+
+
+def dependent_launch_tag() -> str:
+    from .render import stream
+
+    return f"dependent_launch-{DEPENDENT_LAUNCH_VERSION}" + (
+        "" if stream.PREFETCH else "-noprefetch")
 
 
 def _key(plan: Plan, emitter: str, arch: str, dependent_launch: bool = False) -> str:
     return cache_key(plan.digest(), emitter, code_version(family_of(plan), emitter), arch,
-                     *((f"dependent_launch-{DEPENDENT_LAUNCH_VERSION}",) if dependent_launch
-                       else ()))
+                     *((dependent_launch_tag(),) if dependent_launch else ()))
 
 
 def _compile(plan: Plan, emitter: str, arch: str, threads: int,
@@ -360,7 +367,7 @@ def build_fused(plan: FusedPlan, arch: str = DEFAULT_ARCH, cache: KernelCache | 
     if dependent_launch:
         require_dependent_launch(arch)
     key = cache_key(plan.digest(), "ptx", fused_code_version(), arch,
-                    *((f"dependent_launch-{DEPENDENT_LAUNCH_VERSION}",) if dependent_launch
+                    *((dependent_launch_tag(),) if dependent_launch
                       else ()))
     hit = cache.get(key) if cache else None
     source = None

@@ -116,6 +116,49 @@ def test_streamed_printer_waits_before_the_first_activation_and_its_check_sees_i
         stream.check_printed(ir, moved)
 
 
+@pytest.mark.parametrize("stage, slices", [("smem", 1), ("ring", 1), ("smem", 2)])
+def test_streamed_kernel_prefetches_its_blocks_pattern_data_before_the_wait(stage, slices):
+    """With dependent launch each block asks L2 for exactly its own row headers and entries
+    before the wait: the span table bounds every block's reads of both tables, the tables
+    consecutive blocks read touch, and a span table that says otherwise is caught."""
+    ir = _stream_ir(True, stage, slices)
+    source = stream.print_stream(ir)
+    body = source[source.index('extern "C" __global__'):]
+    wait = body.index(cuda.GRID_DEPENDENCY[0].strip())
+    assert body.index("prefetch.global.L2") < wait
+    assert body.count("prefetch.global.L2") == 2
+    span = stream.spans(ir)
+    stride = ir.seg.shape[1] + 1
+    assert len(span) == 2 * (ir.grid[0] + 1)
+    assert span[0] == 0 and span[-2] == len(ir.offsets) and span[-1] == len(ir.row_out) * stride
+    for b in range(ir.grid[0]):             # block b's workers' rows and their nonzeros
+        rows = range(ir.work[b * ir.warps], ir.work[(b + 1) * ir.warps])
+        assert span[2 * b + 1] == rows.start * stride and span[2 * b + 3] == rows.stop * stride
+        for r in rows:
+            assert span[2 * b] <= ir.seg[r, 0] <= ir.seg[r, -1] <= span[2 * b + 2]
+    assert np.all(np.diff(span[0::2]) >= 0) and np.all(np.diff(span[1::2]) >= 0)
+    stream.check_printed(ir, source)
+    words = ",".join(map(str, span.tolist()))
+    wrong = ",".join(map(str, (span + np.arange(len(span)) % 2).tolist()))
+    changed = source.replace(f"sparsert_span[{len(span)}] = {{{words}}}",
+                             f"sparsert_span[{len(span)}] = {{{wrong}}}")
+    assert changed != source
+    with pytest.raises(PrintedMismatch, match="not what its IR prints"):
+        stream.check_printed(ir, changed)
+    plain = stream.print_stream(_stream_ir(False, stage, slices))
+    assert "prefetch" not in plain and "sparsert_span" not in plain
+
+
+def test_the_prefetch_switch_has_its_own_cache_key(monkeypatch):
+    plan = PLANS["gemm_v4_k2"]
+    on = B._key(plan, "ptx", "sm_90", dependent_launch=True)
+    monkeypatch.setattr(stream, "PREFETCH", False)
+    off = B._key(plan, "ptx", "sm_90", dependent_launch=True)
+    ir = _stream_ir(True)
+    assert on != off and "prefetch" not in stream.print_stream(ir)
+    stream.check_printed(ir, stream.print_stream(ir))
+
+
 def test_builds_with_dependent_launch_have_their_own_cache_entries(tmp_path):
     plan = PLANS["gemm_v4_k2"]
     cache = KernelCache(tmp_path)

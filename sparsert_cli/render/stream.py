@@ -30,7 +30,7 @@ PRECISIONS = ("fp32", "fp16", "fp16acc32", "bf16")
 _FLOAT_VEC = {1: "float", 2: "float2", 4: "float4"}
 _PAIR_VEC = {1: "unsigned", 2: "uint2", 4: "uint4"}
 _LANE = ("x", "y", "z", "w")
-TABLES = ("sparsert_work", "sparsert_rows", "sparsert_ent", "sparsert_bias")
+TABLES = ("sparsert_work", "sparsert_rows", "sparsert_ent", "sparsert_bias", "sparsert_span")
 # exact GELU, as torch's F.gelu (approximate="none") computes it: 0.5 v (1 + erf(v / sqrt 2)),
 # in fp32 (erff: 2 ulp); fp16 sums are widened to fp32 for it and rounded back
 GELU = ("__device__ __forceinline__ float sparsert_gelu(float v) "
@@ -127,7 +127,61 @@ def tables(ir: StreamIR) -> dict[str, np.ndarray]:
     out = {"sparsert_work": ir.work, "sparsert_rows": rows, "sparsert_ent": ent}
     if ir.bias is not None:
         out["sparsert_bias"] = _words(ir.bias, t.half_acc, ir.vector_width > 1)
+    if prefetches(ir):
+        out["sparsert_span"] = spans(ir)
     return out
+
+
+def spans(ir: StreamIR) -> np.ndarray:
+    """Per worker block b (and one past the last): the first entry of its rows and the first
+    word of its row headers, interleaved: span[2b], span[2b + 1]. A block's rows are one run of
+    row entries (workers are consecutive, each worker's rows consecutive) and their nonzeros one
+    run of entries, so [span[2b], span[2b + 2]) and [span[2b + 1], span[2b + 3]) are all the
+    pattern data block b reads."""
+    stride = ir.seg.shape[1] + 1
+    first = np.asarray(ir.work, dtype=np.int64)[::ir.warps]
+    if len(first) != ir.grid[0] + 1:       # work has workers + 1 words, workers = grid_x * warps
+        raise ValueError("work table does not match the grid")
+    rows = len(ir.row_out)
+    entry = np.array([ir.seg[r, 0] if r < rows else len(ir.offsets) for r in first.tolist()],
+                     dtype=np.int64)
+    out = np.empty(2 * len(first), dtype=np.int64)
+    out[0::2], out[1::2] = entry, first * stride
+    return out
+
+
+LINE = 128              # bytes of an L2 line: one prefetch each
+# Dependent-launch kernels prefetch their block's pattern data before the wait (a switch for
+# same-run comparisons, e.g. scripts/model_profile.py --no-prefetch; part of the cache key)
+PREFETCH = True
+
+
+def _prefetch(ir: StreamIR) -> list[str]:
+    """Before the wait for the previous grid: this worker block's row headers and entries
+    (constant data, not written by any kernel) go to L2 while the previous kernel still runs,
+    so the loop's chunk loads do not each wait on DRAM (docs/perf-notes.md, session 21)."""
+    threads = ir.col_threads * ir.warps
+    loop = ("#pragma unroll 1\n"
+            f"    for (int o = ({{a}} & -{LINE}) + t * {LINE}; o < {{b}}; o += {threads * LINE})\n"
+            '      asm volatile("prefetch.global.L2 [%0];" :: "l"({p} + max(o, {a})));')
+    return [
+        "  {   // this block's pattern data into L2 (it does not depend on the previous grid)",
+        "    const int* S = sparsert_span + 2 * blockIdx.x;",
+        "    const int e0 = 8 * __ldg(S), e1 = 8 * __ldg(S + 2), "
+        "h0 = 4 * __ldg(S + 1), h1 = 4 * __ldg(S + 3);",
+        "    const char* E = reinterpret_cast<const char*>(sparsert_ent);",
+        "    const char* H = reinterpret_cast<const char*>(sparsert_rows);",
+        "    const int t = threadIdx.y * blockDim.x + threadIdx.x;",
+        *loop.format(a="e0", b="e1", p="E").split("\n"),
+        *loop.format(a="h0", b="h1", p="H").split("\n"),
+        "  }"]
+
+
+def prefetches(ir: StreamIR) -> bool:
+    """Whether the kernel prefetches its pattern data (dependent launch; byte offsets of both
+    tables within int range)."""
+    return (PREFETCH and ir.dependent_launch
+            and 8 * len(ir.offsets) < 2**31 and 4 * ir.seg.size + 4 * len(ir.row_out) < 2**31)
 
 
 def _constants(ir: StreamIR) -> str:
@@ -172,6 +226,7 @@ def print_stream(ir: StreamIR, arch: str = "sm_90") -> str:
     out += ["", f'extern "C" __global__ void __launch_bounds__({bounds})',
             f"{ir.entry}({', '.join(f'{types[a]} {a}' for a in ir.arguments)})", "{",
             *(GRID_DEPENDENCY[1:] if ir.dependent_launch else ()),
+            *(_prefetch(ir) if prefetches(ir) else ()),
             _constants(ir),
             "  const unsigned tx = threadIdx.x, bx = blockIdx.y;   // bx: the column tile",
             f"  unsigned {', '.join(dict.fromkeys(unsigned))};",
