@@ -19,11 +19,29 @@ from .results import load_results, stamp
 KEY = ("model", "dtype", "sparsity", "batch")
 
 
+# Options of `sparsert model` that measure another sparse model (option, its default, the name
+# of the variant an entry measured without the default is): such an entry is kept beside the
+# default one by --merge, not over it. (The dense baseline's compile mode is not one: an entry
+# re-measured against another baseline replaces the old.)
+VARIANTS = (("fuse_depthwise", True, "no-fuse-depthwise"),
+            ("dependent_launch", True, "no-dependent-launch"),
+            ("tune", False, "tuned"))
+
+
+def variant(row: dict) -> str:
+    """The entry's variant ("" for the default options; else e.g. "no-fuse-depthwise")."""
+    options = row.get("options") or {}
+    return "+".join(name for option, default, name in VARIANTS
+                    if option in options and options[option] != default)
+
+
 def entry_key(row: dict) -> tuple:
-    """(model, dtype, sparsity, batch) of an entry (sparsity None: the model's own zeros)."""
+    """(model, dtype, sparsity, batch, variant) of an entry (sparsity None: the model's own
+    zeros; variant "": the default options)."""
     sparsity = row.get("sparsity")
     return (row.get("model"), row.get("dtype"),
-            None if sparsity is None else round(float(sparsity), 6), row.get("batch"))
+            None if sparsity is None else round(float(sparsity), 6), row.get("batch"),
+            variant(row))
 
 
 def load_models(path: Path) -> dict | None:
@@ -101,8 +119,8 @@ def markdown(doc: dict) -> str:
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def order(row):
-        model, dtype, sparsity, batch = entry_key(row)
-        return (model, dtype, batch or 0, -1.0 if sparsity is None else sparsity)
+        model, dtype, sparsity, batch, kind = entry_key(row)
+        return (model, dtype, batch or 0, -1.0 if sparsity is None else sparsity, kind)
 
     for row in sorted(doc["models"], key=order):
         dense = row.get("dense") or {}
@@ -118,8 +136,9 @@ def markdown(doc: dict) -> str:
         speedup = row.get("speedup")
         err = row.get("max_rel_err")
         sparsity = row.get("sparsity")
+        kind = variant(row)
         lines.append("| " + " | ".join([
-            str(row["model"]), str(row["dtype"]),
+            str(row["model"]) + (f" ({kind})" if kind else ""), str(row["dtype"]),
             "own" if sparsity is None else f"{sparsity:g}", str(row.get("batch")),
             _us(row.get("sparsert_us")) + (" (compile)" if row.get("sparsert_config") == "compile"
                                            else ""), _us(dense.get("eager_us")), _us(dense.get("graph_us")),

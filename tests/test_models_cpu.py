@@ -310,6 +310,31 @@ def test_merge_and_markdown(tmp_path):
     assert load_models(tmp_path / "absent.json") is None
 
 
+def test_merge_keeps_an_entry_of_other_options_beside_the_default_one():
+    """--no-fuse-depthwise (or --no-dependent-launch, --tune) measures another sparse model:
+    merged over the default entry it is kept beside it, shown as its own table row and CSV
+    variant; the same options again replace it; entries without options are the default."""
+    from sparsert_cli.commands.model import csv_text
+    from sparsert_cli.models_results import entry_key, markdown, merge, variant
+    from sparsert_cli.results import stamp
+
+    default = {"fuse_depthwise": True, "dependent_launch": True, "tune": False}
+    old = stamp({"models": [_row(tag="fused", options=default), _row(sparsity=0.95)]}, "models")
+    apart = _row(tag="apart", options={**default, "fuse_depthwise": False})
+    doc = merge(old, stamp({"models": [apart]}, "models"))
+    assert [r.get("tag") for r in doc["models"]] == ["fused", None, "apart"]
+    assert variant(apart) == "no-fuse-depthwise" and variant(_row()) == ""
+    assert entry_key(apart)[-1] == "no-fuse-depthwise" and entry_key(doc["models"][0])[-1] == ""
+    again = merge(doc, stamp({"models": [{**apart, "tag": "apart2"}]}, "models"))
+    assert [r.get("tag") for r in again["models"]] == ["fused", None, "apart2"]
+    both = _row(options={**default, "tune": True, "dependent_launch": False})
+    assert variant(both) == "no-dependent-launch+tuned"
+    lines = markdown(again).splitlines()[2:]
+    assert [ln.split(" | ")[0] for ln in lines] == ["| m", "| m (no-fuse-depthwise)", "| m"]
+    rows = csv_text(again).splitlines()
+    assert rows[0].endswith(",variant") and rows[3].endswith(",no-fuse-depthwise")
+
+
 # ---- scripts/models-run ----------------------------------------------------------------------
 def _models_run():
     import importlib.machinery

@@ -27,10 +27,12 @@ CSV_FIELDS = ["model", "dtype", "sparsity", "batch", "mode", "sparsert_us", "spa
               "best_dense", "best_dense_us", "best_dense_config", "dense_source", "speedup",
               "verified", "max_rel_err", "dense_rel_err", "rel_err_bound", "replaced",
               "layers_total", "sparsert_graph_pdl_us", "sparsert_graph_serial_us",
-              "dependent_launch_kept", "git_commit", "timestamp"]
+              "dependent_launch_kept", "git_commit", "timestamp", "variant"]
 
 
 def csv_text(doc: dict) -> str:
+    from ..models_results import variant
+
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=CSV_FIELDS, extrasaction="ignore")
     writer.writeheader()
@@ -38,7 +40,8 @@ def csv_text(doc: dict) -> str:
         dense = row.get("dense") or {}
         writer.writerow({**row, **{k: dense.get(k) for k in ("eager_us", "graph_us",
                                                               "compile_us", "compile_mode")},
-                         "tf32_graph_us": (row.get("tf32") or {}).get("graph_us")})
+                         "tf32_graph_us": (row.get("tf32") or {}).get("graph_us"),
+                         "variant": variant(row)})
     return buf.getvalue()
 
 
