@@ -6,8 +6,10 @@
 
 Builds the model as `sparsert model` does (random init, magnitude pruning), sparsifies it, captures
 one forward in a CUDA graph and records REPLAYS replays with torch.profiler (CUPTI). Writes, for
-the last replay, every kernel in launch order (name, start offset, duration, gap before it), the
-sums (sparsert kernels, other kernels, gaps), the graph-timed forward, and the sparsify rows (each
+the last replay, every kernel in launch order (name, start offset, duration, gap before it, and
+its step: from the previous kernel's end to its own, its share of the critical path when
+dependent launch overlaps them), the sums (sparsert kernels, other kernels, gaps, steps), the
+graph-timed forward, and the sparsify rows (each
 layer's own time, measured alone). The question it answers: how far the whole forward is from the
 sum of its layers timed alone, and which of that is other ops, which launch gaps, and which
 kernels slower in the model than alone (cold code or data).
@@ -154,11 +156,15 @@ def main() -> int:
         runs.append(current)
     last = runs[-1] if runs else []
     t0 = last[0][1] if last else 0.0
+    # step_us: from the previous kernel's end to this one's. With dependent launch a kernel
+    # starts before the one before it ends and waits (its `us` counts the wait, its gap is
+    # negative): its step is its share of the forward's critical path (steps sum to the span)
     trace, prev_end = [], None
     for name, start, end in last:
         trace.append({"name": name[:120], "start_us": round(start - t0, 2),
                       "us": round(end - start, 2),
                       "gap_us": round(start - prev_end, 2) if prev_end is not None else 0.0,
+                      "step_us": round(end - (prev_end if prev_end is not None else start), 2),
                       "sparsert": name.startswith("sparsert_")})
         prev_end = end
     ours = [t for t in trace if t["sparsert"]]
@@ -176,6 +182,8 @@ def main() -> int:
         "sparsert_kernels": len(ours), "sparsert_sum_us": round(sum(t["us"] for t in ours), 2),
         "other_sum_us": round(sum(t["us"] for t in trace if not t["sparsert"]), 2),
         "gaps_sum_us": round(sum(t["gap_us"] for t in trace), 2),
+        "sparsert_steps_us": round(sum(t["step_us"] for t in ours), 2),
+        "other_steps_us": round(sum(t["step_us"] for t in trace if not t["sparsert"]), 2),
         "layers_alone_sum_us": round(sum(r["sparse_us"] or 0.0 for r in rows if r["replaced"]), 2),
         "replaced": sum(r["replaced"] for r in rows), "layers": len(rows),
     }
@@ -189,9 +197,10 @@ def main() -> int:
     Path(args.out).write_text(json.dumps({"summary": summary, "trace": trace, "rows": rows},
                                          indent=1, default=str))
     print(json.dumps(summary, indent=1))
-    top = sorted(trace, key=lambda t: -t["us"])[:15]
+    top = sorted(trace, key=lambda t: -t["step_us"])[:15]
     for t in top:
-        print(f"{t['us']:8.2f} us  gap {t['gap_us']:6.2f}  {t['name'][:90]}")
+        print(f"{t['step_us']:8.2f} us step  {t['us']:8.2f} us  gap {t['gap_us']:6.2f}  "
+              f"{t['name'][:80]}")
     return 0
 
 
