@@ -366,9 +366,7 @@ def build_fused(plan: FusedPlan, arch: str = DEFAULT_ARCH, cache: KernelCache | 
     check_emitter("ptx", plan.precision, arch)
     if dependent_launch:
         require_dependent_launch(arch)
-    key = cache_key(plan.digest(), "ptx", fused_code_version(), arch,
-                    *((dependent_launch_tag(),) if dependent_launch
-                      else ()))
+    key = _fused_key(plan, arch, dependent_launch)
     hit = cache.get(key) if cache else None
     source = None
     if hit:
@@ -400,27 +398,48 @@ def build_fused(plan: FusedPlan, arch: str = DEFAULT_ARCH, cache: KernelCache | 
     return build, source if keep_source else None
 
 
-def _worker(plan: Plan, emitter: str, arch: str, cache_root: str | None, threads: int,
-            dependent_launch: bool = False):
+def _fused_key(plan: FusedPlan, arch: str, dependent_launch: bool = False) -> str:
+    return cache_key(plan.digest(), "ptx", fused_code_version(), arch,
+                     *((dependent_launch_tag(),) if dependent_launch else ()))
+
+
+def _any_key(plan: Plan | FusedPlan, emitter: str, arch: str,
+             dependent_launch: bool = False) -> str:
+    if isinstance(plan, FusedPlan):
+        return _fused_key(plan, arch, dependent_launch)
+    return _key(plan, emitter, arch, dependent_launch)
+
+
+def _worker(plan: Plan | FusedPlan, emitter: str, arch: str, cache_root: str | None,
+            threads: int, dependent_launch: bool = False):
     cache = KernelCache(cache_root) if cache_root is not None else None
     start = time.perf_counter()
-    build, _ = build_kernel(plan, emitter, arch, cache, threads,
-                            dependent_launch=dependent_launch)
+    if isinstance(plan, FusedPlan):
+        build, _ = build_fused(plan, arch, cache, threads, dependent_launch=dependent_launch)
+    else:
+        build, _ = build_kernel(plan, emitter, arch, cache, threads,
+                                dependent_launch=dependent_launch)
     return build, time.perf_counter() - start
 
 
-def build_all(plans: Iterable[Plan], emitter: str = "ptx", arch: str = DEFAULT_ARCH,
+def _code_units(plan: Plan | FusedPlan) -> int:
+    width = (plan.pointwise if isinstance(plan, FusedPlan) else plan).vector_width
+    return code_units(plan.nnz, width, plan.precision)
+
+
+def build_all(plans: Iterable[Plan | FusedPlan], emitter: str = "ptx", arch: str = DEFAULT_ARCH,
               cache: KernelCache | None = None, jobs: int | None = None,
               on_done: Callable[[int, KernelBuild | Exception, float], None] | None = None,
               dependent_launch: bool = False) -> list[KernelBuild | Exception]:
-    """Compile many plans across processes. Cache hits are served in this process; a failure is
-    returned in place of its build (and reported through on_done), never raised. An interrupt
-    (Ctrl-C) cancels the queued compiles, ends the running ones and propagates."""
+    """Compile many plans (fused plans too: build_fused, PTX) across processes. Cache hits are
+    served in this process; a failure is returned in place of its build (and reported through
+    on_done), never raised. An interrupt (Ctrl-C) cancels the queued compiles, ends the running
+    ones and propagates."""
     plans = list(plans)
     results: list[KernelBuild | Exception | None] = [None] * len(plans)
     todo = []
     for i, plan in enumerate(plans):
-        key = _key(plan, emitter, arch, dependent_launch) if cache else None
+        key = _any_key(plan, emitter, arch, dependent_launch) if cache else None
         hit = cache.get(key) if cache else None
         if hit:
             compiled, extra = hit
@@ -452,7 +471,7 @@ def build_all(plans: Iterable[Plan], emitter: str = "ptx", arch: str = DEFAULT_A
         return results
     context = multiprocessing.get_context("fork" if os.name == "posix" else "spawn")
     # Biggest kernels first so the long poles start early.
-    todo.sort(key=lambda i: -code_units(plans[i].nnz, plans[i].vector_width, plans[i].precision))
+    todo.sort(key=lambda i: -_code_units(plans[i]))
     pool = ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_ignore_sigint)
     try:
         futures = {pool.submit(_worker, plans[i], emitter, arch, root, threads,

@@ -22,9 +22,9 @@ from functools import cached_property
 import numpy as np
 
 from .api import VERIFY_CHECKS, _cache, _target, _weight, layer_geometry, make_epilogue
-from .build import build_fused, emit_fused, plan_fused_layers
+from .build import build_all, build_fused, emit_fused, plan_fused_layers
 from .compile import Resources
-from .errors import UserError
+from .errors import CompileError, UserError
 from .families.immediate.fuse import ARGUMENTS, FusedPlan, lower_fused
 from .interp import PlanExecutionError, execute
 from .problem_shape import ELEMENT_BYTES, precision_label
@@ -207,6 +207,71 @@ def fuse_pointwise_depthwise(pw_weight, dw_weight, *, input_shape, stride: int =
     Launch: x, y, a caller-allocated scratch buffer t (1 x M x H x W) and the zero buffer
     to_device() allocates. Errors in any argument raise UserError (one line).
     """
+    plan, weight, dw, arch = _plan_pair(
+        pw_weight, dw_weight, input_shape=input_shape, stride=stride, pw_epilogue=pw_epilogue,
+        dw_epilogue=dw_epilogue, dtype=dtype, accumulate=accumulate,
+        rows_per_group=rows_per_group, vector_width=vector_width,
+        depthwise_pairs=depthwise_pairs, allow_fp16_flush=allow_fp16_flush, arch=arch)
+    build, source = build_fused(plan, arch, _cache(cache), threads=os.cpu_count() or 1,
+                                keep_source=True, dependent_launch=dependent_launch)
+    kernel = _kernel(build, plan, weight, dw, dependent_launch, source)
+    return replace(kernel, verified=kernel.verify_cpu(seed)) if verify else kernel
+
+
+def compile_pairs(pairs: list[dict], *, arch: str | None = None, cache=True,
+                  dependent_launch: bool = False, jobs: int | None = None,
+                  on_done=None) -> list[FusedKernel | UserError]:
+    """fuse_pointwise_depthwise for several pairs at once, compiled across `jobs` processes
+    (default: one per core; cache hits are not compiled again). `pairs`: each pair's keyword
+    arguments of fuse_pointwise_depthwise (pw_weight, dw_weight, input_shape, stride, epilogues,
+    dtype, ...; not arch, cache, dependent_launch, verify). Returns, in order, each pair's
+    kernel or the UserError that refused it (a bad argument, or a compile that failed).
+    on_done(i): called as pair i's compile (or cache hit) ends."""
+    planned: list[tuple | UserError] = []
+    for kwargs in pairs:
+        try:
+            planned.append(_plan_pair(**kwargs, arch=arch))
+        except UserError as exc:
+            planned.append(exc)
+    built: dict[int, object] = {}
+    for target in sorted({p[3] for p in planned if not isinstance(p, UserError)}):
+        mine = [i for i, p in enumerate(planned) if not isinstance(p, UserError)
+                and p[3] == target]         # one arch in practice: the local GPU's, or arch
+        done = (lambda j, *_, mine=mine: on_done(mine[j])) if on_done else None
+        built.update(zip(mine, build_all([planned[i][0] for i in mine], "ptx", target,
+                                         _cache(cache), jobs, on_done=done,
+                                         dependent_launch=dependent_launch)))
+    out: list[FusedKernel | UserError] = []
+    for i, p in enumerate(planned):
+        if isinstance(p, UserError):
+            out.append(p)
+            continue
+        build = built[i]
+        if isinstance(build, UserError):
+            out.append(build)
+        elif isinstance(build, CompileError):
+            out.append(UserError(f"the fused kernel did not compile: "
+                                 f"{str(build).splitlines()[0]}"))
+        elif isinstance(build, Exception):
+            raise build
+        else:
+            plan, weight, dw, _ = p
+            out.append(_kernel(build, plan, weight, dw, dependent_launch, None))
+    return out
+
+
+def _kernel(build, plan, weight, dw, dependent_launch: bool, source) -> FusedKernel:
+    rows = plan.pointwise.geometry.out_channels
+    return FusedKernel(build.entry, build.cubin, build.arch, plan, weight,
+                       dw.reshape(rows, 3, 3).astype(np.float32), build.resources,
+                       build.compile_seconds, build.cached, dependent_launch, _source=source)
+
+
+def _plan_pair(pw_weight, dw_weight, *, input_shape, stride=1, pw_epilogue=None,
+               dw_epilogue=None, dtype="fp32", accumulate=None, rows_per_group=None,
+               vector_width=None, depthwise_pairs=None, allow_fp16_flush=False, arch=None):
+    """(fused plan, the 1x1 weight M x C x 1 x 1, the depthwise weight, arch), arguments
+    checked as fuse_pointwise_depthwise says."""
     weight = _weight(pw_weight)
     if weight.ndim == 2:
         weight = weight.reshape(weight.shape[0], weight.shape[1], 1, 1)
@@ -234,13 +299,7 @@ def fuse_pointwise_depthwise(pw_weight, dw_weight, *, input_shape, stride: int =
     plan = plan_fused_layers(weight, geometry, dw, stride, make_epilogue(pw_epilogue, rows),
                              make_epilogue(dw_epilogue, rows), precision, allow_fp16_flush,
                              rows_per_group, vector_width, depthwise_pairs)
-    build, source = build_fused(plan, arch, _cache(cache), threads=os.cpu_count() or 1,
-                                keep_source=True, dependent_launch=dependent_launch)
-    kernel = FusedKernel(build.entry, build.cubin, arch, plan, weight,
-                         dw.reshape(rows, 3, 3).astype(np.float32), build.resources,
-                         build.compile_seconds, build.cached, dependent_launch,
-                         _source=source)
-    return replace(kernel, verified=kernel.verify_cpu(seed)) if verify else kernel
+    return plan, weight, dw, arch
 
 
 __all__ = ["FusedKernel", "fuse_pointwise_depthwise"]

@@ -406,3 +406,33 @@ def test_api_refuses_bad_input(isolated_cache, kwargs, message):
             **kwargs}
     with pytest.raises(UserError, match=message):
         sparsert.fuse_pointwise_depthwise(args.pop("pw_weight"), args.pop("dw_weight"), **args)
+
+
+def test_compile_pairs_builds_many_at_once_like_one_by_one(tmp_path):
+    """sparsify_'s fused pairs compile together (build_all's process pool): each kernel is the
+    one fuse_pointwise_depthwise builds, a refused pair is a UserError in its place, every
+    compile reports once, and a second call is all cache hits."""
+    from sparsert_cli.fused import compile_pairs, fuse_pointwise_depthwise
+
+    specs = []
+    for m, c, stride in ((32, 16, 1), (48, 32, 2)):
+        pw, dw, b1, b2 = layers(m, c)
+        specs.append(dict(pw_weight=pw, dw_weight=dw, input_shape=(c, 8, 8), stride=stride,
+                          pw_epilogue={"bias": b1, "activation": "relu"},
+                          dw_epilogue={"bias": b2, "activation": "relu6"}, dtype="fp16"))
+    bad = {**specs[0], "stride": 3}
+    cache = KernelCache(tmp_path / "cache")
+    done = []
+    got = compile_pairs([specs[0], bad, specs[1]], arch="sm_90", cache=cache,
+                        dependent_launch=True, jobs=2, on_done=done.append)
+    assert isinstance(got[1], UserError) and "stride must be 1 or 2" in got[1].message
+    assert sorted(done) == [0, 2]
+    for kernel, spec in ((got[0], specs[0]), (got[2], specs[1])):
+        alone = fuse_pointwise_depthwise(**spec, arch="sm_90", cache=False,
+                                         dependent_launch=True)
+        assert not kernel.cached and kernel.entry == alone.entry and kernel.dependent_launch
+        assert kernel.source == alone.source and kernel.resources == alone.resources
+        assert kernel.verify_cpu()["ok"]
+    again = compile_pairs(specs, arch="sm_90", cache=cache, dependent_launch=True, jobs=2)
+    assert all(k.cached for k in again) and [k.entry for k in again] == [got[0].entry,
+                                                                          got[2].entry]

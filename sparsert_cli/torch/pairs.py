@@ -79,7 +79,8 @@ def _epilogue(bias, activation: str) -> dict:
 
 
 def fuse_pairs(model, chains, rows, folded: dict, seen: dict, *, dtype: str, arch, cache,
-               verify: bool, on_gpu: bool, dependent_launch: bool, on_progress=None) -> int:
+               verify: bool, on_gpu: bool, dependent_launch: bool, on_progress=None,
+               jobs: int | None = None) -> int:
     """Fuse what pairs() finds in `model` (after sparsify_'s swaps). `folded`: layer name ->
     (folded float32 weight, bias) as its kernel was compiled from; `seen`: sparsify_'s
     recorded inputs (the 1x1 layer's is the pair's). Returns how many pairs were fused.
@@ -89,26 +90,37 @@ def fuse_pairs(model, chains, rows, folded: dict, seen: dict, *, dtype: str, arc
     `pair_unfused_us` (the two kernels back to back) and `speedup` (the two layers' dense
     times over the fused kernel's); the depthwise layer's `sparse_us` becomes 0, its family,
     plan and errors None (the 1x1 row's are the kernel's), and its reason names the kernel it
-    runs in."""
-    from sparsert_cli.fused import fuse_pointwise_depthwise
+    runs in. Every pair's kernel is compiled first, across `jobs` processes
+    (fused.compile_pairs; default: one per core)."""
+    from sparsert_cli.fused import compile_pairs
     from sparsert_cli.torch.check import verify_fused
 
     found = pairs(model, chains, rows)
-    fused = 0
-    for done, (chain, row, d_chain, d_row) in enumerate(found, 1):
-        if on_progress:
-            on_progress("fuse pointwise -> depthwise", done, len(found), chain.layer)
+    specs = []
+    for chain, _, d_chain, _ in found:
         pw, dw = _alone(model, chain), _alone(model, d_chain)
         weight, bias = folded[chain.layer]
         d_weight, d_bias = folded[d_chain.layer]
-        try:
-            kernel = fuse_pointwise_depthwise(
-                weight.numpy()[:, :, 0, 0], d_weight.numpy(), input_shape=pw.in_shape,
-                stride=dw.stride, pw_epilogue=_epilogue(bias, pw.activation),
-                dw_epilogue=_epilogue(d_bias, dw.activation), dtype=dtype, arch=arch,
-                cache=cache, dependent_launch=dependent_launch)
-        except UserError as exc:
-            row["pair"] = f"not fused with {d_chain.layer}: {exc.message}"
+        specs.append(dict(pw_weight=weight.numpy()[:, :, 0, 0], dw_weight=d_weight.numpy(),
+                          input_shape=pw.in_shape, stride=dw.stride,
+                          pw_epilogue=_epilogue(bias, pw.activation),
+                          dw_epilogue=_epilogue(d_bias, dw.activation), dtype=dtype))
+    count = [0]
+
+    def compiled(i: int) -> None:
+        count[0] += 1
+        on_progress("compile pointwise -> depthwise", count[0], len(found), found[i][0].layer)
+
+    kernels = compile_pairs(specs, arch=arch, cache=cache, dependent_launch=dependent_launch,
+                            jobs=jobs, on_done=compiled if on_progress else None
+                            ) if found else []
+    fused = 0
+    for done, ((chain, row, d_chain, d_row), kernel) in enumerate(zip(found, kernels), 1):
+        if on_progress:
+            on_progress("fuse pointwise -> depthwise", done, len(found), chain.layer)
+        pw, dw = _alone(model, chain), _alone(model, d_chain)
+        if isinstance(kernel, UserError):
+            row["pair"] = f"not fused with {d_chain.layer}: {kernel.message}"
             continue
         entry = ops.Entry(kernel, False, tuple(pw.in_shape), tuple(kernel.output_shape),
                           scratch=tuple(kernel.scratch_shape))

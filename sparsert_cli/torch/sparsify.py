@@ -449,7 +449,9 @@ def sparsify_(model: torch.nn.Module, example_inputs, *, dtype: str = "fp32", tu
     layer first and record its winners in `tuned` (a path or TunedDB). jobs: compile
     processes (None: one per core; every kernel is compiled before any is checked).
     on_progress(stage, done, total, item): progress of the "compile", "compile streamed
-    rivals", "check" and "fuse pointwise -> depthwise" stages. stats: receives plan_seconds, compile_seconds, kernels,
+    rivals", "check", "compile pointwise -> depthwise" (the fused pairs' kernels, across
+    `jobs` processes too) and "fuse pointwise -> depthwise" stages. stats: receives
+    plan_seconds, compile_seconds, kernels,
     cached, dependent_launch (kernels compiled for it), dependent_launch_off (of those,
     launched plainly: after one of torch's kernels, or a Linear layer whose input transpose
     is a copy), rival_seconds, rivals and fused_pairs.
@@ -637,7 +639,7 @@ def _sparsify(model, example_inputs, *, dtype, tuned, verify, min_speedup, min_s
         info["fused_pairs"] = pairs.fuse_pairs(
             model, chains, rows, {t[1].layer: (t[3], t[4]) for t in todo}, seen, dtype=dtype,
             arch=arch, cache=cache, verify=verify, on_gpu=on_gpu,
-            dependent_launch=info["dependent_launch"] > 0, on_progress=on_progress)
+            dependent_launch=info["dependent_launch"] > 0, on_progress=on_progress, jobs=jobs)
     if on_gpu:      # what the dense layers cost: their share of the model
         for chain, row in zip(chains, rows):
             record = seen.get(chain.layer)
