@@ -159,14 +159,16 @@ def main() -> int:
     # step_us: from the previous kernel's end to this one's. With dependent launch a kernel
     # starts before the one before it ends and waits (its `us` counts the wait, its gap is
     # negative): its step is its share of the forward's critical path (steps sum to the span)
-    trace, prev_end = [], None
+    # (prev_end: the latest end so far, so a kernel ending before the one before it has step 0)
+    trace, steps, prev_end = [], [], None
     for name, start, end in last:
+        step = max(0.0, end - (prev_end if prev_end is not None else start))
+        steps.append(step)
         trace.append({"name": name[:120], "start_us": round(start - t0, 2),
                       "us": round(end - start, 2),
                       "gap_us": round(start - prev_end, 2) if prev_end is not None else 0.0,
-                      "step_us": round(end - (prev_end if prev_end is not None else start), 2),
-                      "sparsert": name.startswith("sparsert_")})
-        prev_end = end
+                      "step_us": round(step, 2), "sparsert": name.startswith("sparsert_")})
+        prev_end = end if prev_end is None else max(prev_end, end)
     ours = [t for t in trace if t["sparsert"]]
     summary = {
         "variant": "legacy" if args.legacy else "current", "model": args.model,
@@ -178,12 +180,12 @@ def main() -> int:
         "streamed_preference": args.streamed_preference,
         "gpu": torch.cuda.get_device_name(), "forward_graph_us": round(forward_us, 2),
         "replays_seen": len(runs), "kernels": len(trace),
-        "span_us": round(last[-1][2] - t0, 2) if last else None,
+        "span_us": round(max(k[2] for k in last) - t0, 2) if last else None,
         "sparsert_kernels": len(ours), "sparsert_sum_us": round(sum(t["us"] for t in ours), 2),
         "other_sum_us": round(sum(t["us"] for t in trace if not t["sparsert"]), 2),
         "gaps_sum_us": round(sum(t["gap_us"] for t in trace), 2),
-        "sparsert_steps_us": round(sum(t["step_us"] for t in ours), 2),
-        "other_steps_us": round(sum(t["step_us"] for t in trace if not t["sparsert"]), 2),
+        "sparsert_steps_us": round(sum(st for st, t in zip(steps, trace) if t["sparsert"]), 2),
+        "other_steps_us": round(sum(st for st, t in zip(steps, trace) if not t["sparsert"]), 2),
         "layers_alone_sum_us": round(sum(r["sparse_us"] or 0.0 for r in rows if r["replaced"]), 2),
         "replaced": sum(r["replaced"] for r in rows), "layers": len(rows),
     }

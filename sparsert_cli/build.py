@@ -247,20 +247,25 @@ def current_family(emitter: str = "ptx") -> tuple[str, str]:
 
 # where the printers put griddepcontrol (KernelIR/StreamIR.dependent_launch); part of the cache
 # key of such kernels (2: the streamed family lets the next launch start first, waits per row;
-# 3: and prefetches its block's pattern data into L2 before the wait)
-DEPENDENT_LAUNCH_VERSION = 3
+# 3: and prefetches its block's pattern data into L2 before the wait; 4: none for an empty range,
+# tables aligned to L2 lines)
+DEPENDENT_LAUNCH_VERSION = 4
 
 
-def dependent_launch_tag() -> str:
+def dependent_launch_tag(streamed: bool = False) -> str:
+    """The cache key's part for a dependent-launch kernel (streamed kernels: whether it
+    prefetches, render.stream.PREFETCH)."""
     from .render import stream
 
     return f"dependent_launch-{DEPENDENT_LAUNCH_VERSION}" + (
-        "" if stream.PREFETCH else "-noprefetch")
+        "-noprefetch" if streamed and not stream.PREFETCH else "")
 
 
 def _key(plan: Plan, emitter: str, arch: str, dependent_launch: bool = False) -> str:
-    return cache_key(plan.digest(), emitter, code_version(family_of(plan), emitter), arch,
-                     *((dependent_launch_tag(),) if dependent_launch else ()))
+    family = family_of(plan)
+    return cache_key(plan.digest(), emitter, code_version(family, emitter), arch,
+                     *((dependent_launch_tag(family.name == "streamed"),) if dependent_launch
+                       else ()))
 
 
 def _compile(plan: Plan, emitter: str, arch: str, threads: int,

@@ -226,13 +226,16 @@ def compile_pairs(pairs: list[dict], *, arch: str | None = None, cache=True,
     arguments of fuse_pointwise_depthwise (pw_weight, dw_weight, input_shape, stride, epilogues,
     dtype, ...; not arch, cache, dependent_launch, verify). Returns, in order, each pair's
     kernel or the UserError that refused it (a bad argument, or a compile that failed).
-    on_done(i): called as pair i's compile (or cache hit) ends."""
+    on_done(i): called once for each pair, as its compile (or cache hit) ends or as it is
+    refused."""
     planned: list[tuple | UserError] = []
-    for kwargs in pairs:
+    for i, kwargs in enumerate(pairs):
         try:
             planned.append(_plan_pair(**kwargs, arch=arch))
         except UserError as exc:
             planned.append(exc)
+            if on_done:
+                on_done(i)
     built: dict[int, object] = {}
     for target in sorted({p[3] for p in planned if not isinstance(p, UserError)}):
         mine = [i for i, p in enumerate(planned) if not isinstance(p, UserError)

@@ -311,8 +311,9 @@ class StreamIR(Precision):
     # each row's first activation load, after the row's table loads (ring: before the row loop;
     # K-slices: also before the partials and counters). ptxas hoists it: in the cubin only the
     # worker's row range (two loads) comes before the wait, at the top of each row iteration.
-    # First of all, the block asks L2 for its row headers and entries (render/stream.py
-    # `spans`, `prefetches`): constant data, fetched while the previous kernel still runs
+    # Right after letting the next launch start, the block asks L2 for its row headers and
+    # entries (render/stream.py `spans`, `prefetches`): constant data, fetched while the
+    # previous kernel still runs
     dependent_launch: bool = False
     min_blocks: int = 1             # __launch_bounds__'s second argument when > 1
     # GEMM views: y (and res) are N x M; column j of row m at (j * out_channels + m). The y and

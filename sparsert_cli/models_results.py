@@ -1,5 +1,5 @@
-"""Models results files (`kind: models`): entries keyed by model x precision x sparsity x batch,
-merged run by run, each entry keeping its own card and metadata; the dense baselines they were
+"""Models results files (`kind: models`): entries keyed by model x precision x sparsity x batch
+x variant (the sparse model's non-default options: `variant`), merged run by run, each entry keeping its own card and metadata; the dense baselines they were
 measured against (`dense_baselines`, reused across sparsities); and the README table.
 
 A long matrix is measured in parts (`sparsert model ... --out FILE --merge`, scripts/models-run):
@@ -55,6 +55,9 @@ def load_models(path: Path) -> dict | None:
         if missing or not isinstance(row.get("model"), str):
             raise UserError(f"{path}: entry {i} lacks {', '.join(missing) or 'a model name'} "
                             f"(not a models results entry)")
+        if not isinstance(row.get("options", {}), dict):
+            raise UserError(f"{path}: entry {i} has options that are not an object "
+                            f"({type(row['options']).__name__})")
         try:
             entry_key(row)
         except (TypeError, ValueError):

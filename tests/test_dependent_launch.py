@@ -149,13 +149,66 @@ def test_streamed_kernel_prefetches_its_blocks_pattern_data_before_the_wait(stag
     assert "prefetch" not in plain and "sparsert_span" not in plain
 
 
+@pytest.mark.parametrize("rows, params", [
+    (1, StreamParams(32, 1, 1, 1, 4, "smem")),      # one row with nonzeros, 11 empty blocks
+    (12, StreamParams(32, 1, 2, 3, 4, "smem", k_slices=2)),
+    (12, StreamParams(64, 2, 3, 1, 2, "ring"))])
+def test_every_prefetch_lies_in_its_blocks_range_and_the_tables_are_line_aligned(rows, params):
+    """The printed prefetch loop, run in Python for every thread of every block: each address
+    lies inside the block's range of its table (a block without entries prefetches nothing,
+    even where its range starts inside a line), so no prefetch leaves its table; both tables
+    are aligned to L2 lines, so the loop's lines are the L2's."""
+    import scipy.sparse as sp
+
+    rng = np.random.default_rng(rows)
+    dense = np.zeros((12, 64), np.float32)
+    dense[:rows] = rng.standard_normal((rows, 64))
+    dense[:rows][rng.random((rows, 64)) > 0.05] = 0
+    dense[0, :3] = 1.0
+    plan = stream_plan(sp.csr_matrix(dense), Geometry(1, 64, 1, 64, 12), params, Epilogue(),
+                       "fp32", "fp32")
+    ir = dataclasses.replace(lower(plan), dependent_launch=True)
+    source = stream.print_stream(ir)
+    assert "__align__(128) int sparsert_ent[" in source
+    assert "__align__(128) int sparsert_rows[" in source
+    assert "e0 < e1 && o < e1;" in source and "h0 < h1 && o < h1;" in source   # as run below
+    span, threads = stream.spans(ir), ir.col_threads * ir.warps
+    tables = {0: 8 * len(ir.offsets), 1: 4 * ir.seg.size + 4 * len(ir.row_out)}
+    empty = 0
+    for b in range(ir.grid[0]):
+        for which, unit in ((0, 8), (1, 4)):
+            a, e = unit * span[2 * b + which], unit * span[2 * b + 2 + which]
+            empty += a == e
+            hits = [max(o, a) for t in range(threads)      # for (o...; a < b && o < b; ...)
+                    for o in range((a & -stream.LINE) + t * stream.LINE, e,
+                                   threads * stream.LINE) if a < e]
+            assert all(a <= h < e <= tables[which] for h in hits), (b, which, a, e)
+            assert len(hits) == (-(-e // stream.LINE) - a // stream.LINE if a < e else 0)
+    assert rows > 1 or empty
+
+
 def test_the_prefetch_switch_has_its_own_cache_key(monkeypatch):
-    plan = PLANS["gemm_v4_k2"]
-    on = B._key(plan, "ptx", "sm_90", dependent_launch=True)
+    """A streamed dependent-launch kernel built without the prefetch has its own key; the
+    switch changes no other kernel's key (immediate, fused, or without dependent launch)."""
+    import scipy.sparse as sp
+
+    rng = np.random.default_rng(3)
+    dense = rng.standard_normal((12, 16)).astype(np.float32)
+    dense[rng.random(dense.shape) > 0.3] = 0
+    streamed = stream_plan(sp.csr_matrix(dense), Geometry(1, 16, 7, 7, 12),
+                           StreamParams(32, 1, 2, 3, 4, "smem"), Epilogue(), "fp32", "fp32")
+    immediate = PLANS["gemm_v4_k2"]
+
+    def keys():
+        return [B._key(p, "ptx", "sm_90", dependent_launch=d)
+                for p in (streamed, immediate) for d in (True, False)]
+
+    on = keys()
     monkeypatch.setattr(stream, "PREFETCH", False)
-    off = B._key(plan, "ptx", "sm_90", dependent_launch=True)
+    off = keys()
+    assert on[0] != off[0] and on[1:] == off[1:]
     ir = _stream_ir(True)
-    assert on != off and "prefetch" not in stream.print_stream(ir)
+    assert "prefetch" not in stream.print_stream(ir)
     stream.check_printed(ir, stream.print_stream(ir))
 
 

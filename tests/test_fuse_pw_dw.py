@@ -426,7 +426,7 @@ def test_compile_pairs_builds_many_at_once_like_one_by_one(tmp_path):
     got = compile_pairs([specs[0], bad, specs[1]], arch="sm_90", cache=cache,
                         dependent_launch=True, jobs=2, on_done=done.append)
     assert isinstance(got[1], UserError) and "stride must be 1 or 2" in got[1].message
-    assert sorted(done) == [0, 2]
+    assert sorted(done) == [0, 1, 2]            # the refused pair reports too
     for kernel, spec in ((got[0], specs[0]), (got[2], specs[1])):
         alone = fuse_pointwise_depthwise(**spec, arch="sm_90", cache=False,
                                          dependent_launch=True)

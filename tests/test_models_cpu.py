@@ -335,6 +335,17 @@ def test_merge_keeps_an_entry_of_other_options_beside_the_default_one():
     assert rows[0].endswith(",variant") and rows[3].endswith(",no-fuse-depthwise")
 
 
+def test_an_entry_whose_options_are_not_an_object_is_refused(tmp_path):
+    from sparsert_cli.models_results import load_models
+    from sparsert_cli.results import stamp
+
+    path = tmp_path / "models.json"
+    path.write_text(__import__("json").dumps(stamp({"models": [_row(options=["tune"])]},
+                                                   "models")))
+    with pytest.raises(UserError, match="entry 0 has options that are not an object"):
+        load_models(path)
+
+
 # ---- scripts/models-run ----------------------------------------------------------------------
 def _models_run():
     import importlib.machinery

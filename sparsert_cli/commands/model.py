@@ -104,8 +104,10 @@ def _check_outputs(*paths: Path) -> None:
 @click.option("--jobs", type=click.IntRange(1, 256), default=None,
               help="Compile processes (default: one per core).")
 @click.option("--merge", is_flag=True,
-              help="Keep the entries already in --out (same model, dtype, sparsity and batch: "
-                   "replaced); the file is rewritten after every entry.")
+              help="Keep the entries already in --out (same model, dtype, sparsity, batch and "
+                   "variant: replaced; --no-fuse-depthwise, --no-dependent-launch and --tune "
+                   "make a variant, kept beside the default entry); the file is rewritten "
+                   "after every entry.")
 @click.option("--no-cache", is_flag=True, help="Ignore the kernel cache.")
 @click.option("--no-dependent-launch", is_flag=True,
               help="Compile and launch the kernels without programmatic dependent launch "

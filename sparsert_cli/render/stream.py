@@ -137,7 +137,8 @@ def spans(ir: StreamIR) -> np.ndarray:
     word of its row headers, interleaved: span[2b], span[2b + 1]. A block's rows are one run of
     row entries (workers are consecutive, each worker's rows consecutive) and their nonzeros one
     run of entries, so [span[2b], span[2b + 2]) and [span[2b + 1], span[2b + 3]) are all the
-    pattern data block b reads."""
+    row headers and entries its rows own (the ring stage's look-ahead also reads up to a chunk
+    of 32 entries past them, and a worker without rows reads the first chunk)."""
     stride = ir.seg.shape[1] + 1
     first = np.asarray(ir.work, dtype=np.int64)[::ir.warps]
     if len(first) != ir.grid[0] + 1:       # work has workers + 1 words, workers = grid_x * warps
@@ -150,9 +151,11 @@ def spans(ir: StreamIR) -> np.ndarray:
     return out
 
 
-LINE = 128              # bytes of an L2 line: one prefetch each
-# Dependent-launch kernels prefetch their block's pattern data before the wait (a switch for
-# same-run comparisons, e.g. scripts/model_profile.py --no-prefetch; part of the cache key)
+LINE = 128              # bytes of an L2 line: one prefetch each (the two tables are aligned to it)
+# Dependent-launch kernels prefetch their block's pattern data before the wait. An experiment's
+# switch for same-run comparisons (scripts/model_profile.py --no-prefetch), part of the cache
+# key: read when a kernel is printed, so set it before any kernel is built in the process
+# (build_all's workers are forked and inherit it)
 PREFETCH = True
 
 
@@ -161,8 +164,10 @@ def _prefetch(ir: StreamIR) -> list[str]:
     (constant data, not written by any kernel) go to L2 while the previous kernel still runs,
     so the loop's chunk loads do not each wait on DRAM (docs/perf-notes.md, session 21)."""
     threads = ir.col_threads * ir.warps
+    # the lines [a, b) touches; an empty range none (its first line may lie below a)
     loop = ("#pragma unroll 1\n"
-            f"    for (int o = ({{a}} & -{LINE}) + t * {LINE}; o < {{b}}; o += {threads * LINE})\n"
+            f"    for (int o = ({{a}} & -{LINE}) + t * {LINE}; {{a}} < {{b}} && o < {{b}}; "
+            f"o += {threads * LINE})\n"
             '      asm volatile("prefetch.global.L2 [%0];" :: "l"({p} + max(o, {a})));')
     return [
         "  {   // this block's pattern data into L2 (it does not depend on the previous grid)",
@@ -178,10 +183,11 @@ def _prefetch(ir: StreamIR) -> list[str]:
 
 
 def prefetches(ir: StreamIR) -> bool:
-    """Whether the kernel prefetches its pattern data (dependent launch; byte offsets of both
-    tables within int range)."""
+    """Whether the kernel prefetches its pattern data (dependent launch; the prefetch loop's
+    byte offsets, up to a block's threads' lines past a table's end, within int range)."""
+    room = 2**31 - ir.col_threads * ir.warps * LINE
     return (PREFETCH and ir.dependent_launch
-            and 8 * len(ir.offsets) < 2**31 and 4 * ir.seg.size + 4 * len(ir.row_out) < 2**31)
+            and 8 * len(ir.offsets) < room and 4 * ir.seg.size + 4 * len(ir.row_out) < room)
 
 
 def _constants(ir: StreamIR) -> str:
@@ -212,7 +218,9 @@ def print_stream(ir: StreamIR, arch: str = "sm_90") -> str:
     if ir.activation == "gelu":
         out += [GELU, ""]
     for name, words in tables(ir).items():    # int words; the nonzeros are read as int2
-        out.append(_table("int", name, words, 8 if name == "sparsert_ent" else 4))
+        lines = prefetches(ir) and name in ("sparsert_ent", "sparsert_rows")
+        out.append(_table("int", name, words,
+                          LINE if lines else 8 if name == "sparsert_ent" else 4))
     if ir.k_slices > 1:     # zero-initialised module memory: partial sums, per-tile counters
         out += [f"__device__ __align__(16) {_part_type(t)} sparsert_part"
                 f"[{ir.k_slices * _slice_units(ir, t)}];",
