@@ -9,9 +9,10 @@ one forward in a CUDA graph and records REPLAYS replays with torch.profiler (CUP
 the last replay, every kernel in launch order (name, start offset, duration, gap before it, and
 its step: from the previous kernel's end to its own, its share of the critical path when
 dependent launch overlaps them), the sums (sparsert kernels, other kernels, gaps, steps), the
-graph-timed forward, and the sparsify rows (each
-layer's own time, measured alone). The question it answers: how far the whole forward is from the
-sum of its layers timed alone, and which of that is other ops, which launch gaps, and which
+graph-timed forward, the sparsify rows (each layer's own time, measured alone) and, per replaced
+layer, its kernel's step and time in the forward beside its time alone (`layers`; empty when the
+kernels do not pair up with the layers). The question it answers: how far the whole forward is
+from the sum of its layers timed alone, and which of that is other ops, which launch gaps, and which
 kernels slower in the model than alone (cold code or data).
 """
 from __future__ import annotations
@@ -20,6 +21,7 @@ import argparse
 import json
 import re
 import sys
+import time
 
 import numpy as np
 from pathlib import Path
@@ -141,6 +143,7 @@ def main() -> int:
             for _ in range(args.replays):
                 graph.replay()
                 torch.cuda.synchronize()      # replays apart, so each one's kernels are one run
+                time.sleep(0.002)             # (a short forward's replays were < 50 us apart)
 
     kernels = sorted(((e.name, e.time_range.start, e.time_range.end)
                       for e in prof.events() if e.device_type.name == "CUDA"
@@ -190,13 +193,22 @@ def main() -> int:
         "replaced": sum(r["replaced"] for r in rows), "layers": len(rows),
     }
     alone = [r for r in rows if r["replaced"]]
+    per_layer = []
+    # kernels run in the layers' order; the pairing holds only where every kernel's name
+    # carries its layer's plan (sparsert_<plan>_<digest>)
+    if len(alone) == len(ours) and all(f"_{r.get('plan')}_" in t["name"]
+                                       for r, t in zip(alone, ours)):
+        per_layer = [{"layer": r["layer"], "family": r.get("family"), "plan": r.get("plan"),
+                      "step_us": t["step_us"], "us": t["us"], "alone_us": r.get("sparse_us"),
+                      "kernel": t["name"]} for r, t in zip(alone, ours)]
     if len(alone) == len(ours):     # each layer: its time in the forward against its time alone
         pairs = [(t["us"], r["sparse_us"]) for t, r in zip(ours, alone) if r["sparse_us"]]
         summary["alone_over_in_model"] = {
             "geomean": round(float(np.exp(np.mean([np.log(b / a) for a, b in pairs]))), 3),
             "worst_low": round(min(b / a for a, b in pairs), 3),
             "worst_high": round(max(b / a for a, b in pairs), 3)}
-    Path(args.out).write_text(json.dumps({"summary": summary, "trace": trace, "rows": rows},
+    Path(args.out).write_text(json.dumps({"summary": summary, "trace": trace, "rows": rows,
+                                          "layers": per_layer},
                                          indent=1, default=str))
     print(json.dumps(summary, indent=1))
     top = sorted(trace, key=lambda t: -t["step_us"])[:15]
