@@ -1,7 +1,7 @@
 """Time hand-picked plans of one layer (a perf experiment, not the tuner): every plan is verified
 on the GPU before it is timed. Prints one line per plan and writes JSON lines to --out.
 
-  python scripts/probe.py PROBLEM SPARSITY [--precision fp32] [--out FILE] PLAN...
+  python scripts/probe.py PROBLEM SPARSITY [--precision fp32] [--baselines] [--out FILE] PLAN...
   PLAN: rows,width,threads,k_split[,max_registers]   e.g. 16,1,128,1   (immediate family)
         s[:FIELD=VALUE,...]   the streamed family's untuned default with those fields changed,
                               e.g. s, s:k_slices=2, s:k_slices=4,rows_per_worker=2
@@ -23,6 +23,9 @@ parser.add_argument("sparsity", type=float)
 parser.add_argument("plans", nargs="+")
 parser.add_argument("--precision", default="fp32")
 parser.add_argument("--out", default=None)
+parser.add_argument("--baselines", action="store_true",
+                    help="also time the dense baselines (cuBLAS, cuSPARSE, ...) once, with the "
+                         "first plan that compiles, so every ratio is of one run")
 args = parser.parse_args()
 
 def streamed(text: str, layer):
@@ -66,7 +69,12 @@ with sparsert.Gpu() as gpu:
         if not isinstance(kernel, sparsert.Kernel):
             row["error"] = str(kernel).splitlines()[0]
         else:
-            result = sparsert.benchmark_layer(gpu, kernel, inputs=inputs, baselines=False)
+            want = args.baselines and not any("baselines" in r for r in rows)
+            result = sparsert.benchmark_layer(gpu, kernel, inputs=inputs, baselines=want)
+            if want:
+                row["baselines"] = {
+                    name: value.get("median_us") if isinstance(value, dict) else value
+                    for name, value in result.get("baselines", {}).items()}
             row.update(cubin_bytes=len(kernel.cubin), registers=kernel.resources.registers,
                        ok=result["verify_gpu"]["ok"],
                        us=result.get("sparsert", {}).get("median_us"))

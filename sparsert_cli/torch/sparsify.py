@@ -44,7 +44,9 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # the cold timer evicts everything, while in a replayed forward the streamed family's tables (8 B
 # per nonzero) stay in L2 more often than the immediate family's code (16 B per nonzero). H100,
 # ResNet-50 fp16, same run (S5-9): forward 313.3 -> 279.4 us at 95% with 1.15 (414.1 -> 417.7
-# at 90%, noise).
+# at 90%, noise). Re-measured with the L2 prefetch (S22-2/S22-3, ResNet-50 fp16 90%): 0.8 383.6,
+# 1.0 382.5, 1.15 337.2-339.3, 1.4 335.5, 1.8 337.9, 2.5 344.7 us; MobileNet v1 72.2 at 1.15,
+# 84.2 at 1.8 (docs/perf-notes.md, session 22).
 STREAMED_PREFERENCE = 1.15
 # hand-offs of models read by parts, from the recording forward (_recorded_handoffs); a switch
 # for measuring what they change (scripts/hf_probe.py --handoff both)
