@@ -238,3 +238,15 @@ def test_batch_sparsity_map_against_the_fastest_baseline(capsys, tmp_path):
     code, _, err = run_main(["plot", str(paths[0]), str(paths[0]), "--kind", "map", "-o",
                              str(tmp_path / "m3")], capsys)
     assert code == 2 and "give one file per batch" in err and not (tmp_path / "m3").exists()
+
+
+@pytest.mark.parametrize("kind", ["layers", "roofline"])
+def test_the_readmes_figures_match_the_committed_results(capsys, tmp_path, kind):
+    """docs/img/paper20/<kind>.csv is what `scripts/figures` draws from results/h100 today: a
+    results file re-committed without `make figures` leaves the README's picture stale."""
+    from pathlib import Path
+
+    out, _ = _plot(capsys, tmp_path, kind, PAPER20, FP16)
+    committed = Path("docs/img/paper20") / f"{kind}.csv"
+    assert _csv(out / f"{kind}.csv") == _csv(committed), (
+        f"{committed} is stale: run `make figures` (scripts/figures) and commit docs/img")

@@ -332,8 +332,11 @@ def test_models_rows_feed_the_model_plot():
     rows = [{**base, "layer": "a", "replaced": True, "dense_us": 4.0, "sparse_us": 2.0},
             {**base, "layer": "b", "replaced": False, "dense_us": 3.0, "sparse_us": 5.0},
             {**base, "layer": "c", "replaced": False, "dense_us": 1.0, "sparse_us": None}]
+    # a sibling run by another layer's kernel has no time of its own (BERT's key and value)
+    sibling = {**base, "layer": "d", "replaced": True, "reason": "in a's kernel",
+               "dense_us": None, "sparse_us": None}
     doc = {"models": [{"name": "m fp32 S=0.9 b1", "sparsert_us": 8.0,
-                       "layers": layer_records(rows)}]}
+                       "layers": layer_records(rows + [sibling])}]}
     got = {r["layer"]: (r["engine"], r["us"]) for r in model_rows([("m.json", doc)])["rows"]}
     assert got == {"a": ("sparsert", 2.0), "b": ("dense", 3.0), "c": ("dense", 1.0),
                    "other": ("other", 2.0)}

@@ -8,7 +8,7 @@ Records the non-bench kinds must hold (the minimum each figure reads):
     tune:   {"kind": "tune", "schema": 2, "cases": [{"problem", "sparsity", "default_us",
              "best_us", "candidates": [{"plan", "median_us", "family"?}, ...]}, ...]}
     models: {"kind": "models", "schema": 2, "models": [{"name", "sparsert_us",
-             "layers": [{"name", "sparsert_us" | "dense_us"}, ...]}, ...]}
+             "layers": [{"name", "sparsert_us" | "dense_us" | neither}, ...]}, ...]}
 """
 
 from __future__ import annotations
@@ -268,6 +268,9 @@ def model_rows(docs) -> dict:
                 raise UserError(f"{path}: model {m['name']}: sparsert_us must be > 0")
             for layer in m["layers"]:
                 engine = "sparsert" if "sparsert_us" in layer else "dense"
+                if layer.get(f"{engine}_us") is None:
+                    continue    # timed inside another layer's kernel (a sibling of a stacked
+                    # GEMM, the depthwise half of a fused pair): no time of its own
                 us = float(layer[f"{engine}_us"])
                 rows.append({"model": str(m["name"]), "layer": str(layer["name"]),
                              "engine": engine, "us": us, "share": us / total})
