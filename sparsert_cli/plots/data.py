@@ -269,8 +269,8 @@ def model_rows(docs) -> dict:
             for layer in m["layers"]:
                 engine = "sparsert" if "sparsert_us" in layer else "dense"
                 if layer.get(f"{engine}_us") is None:
-                    continue    # timed inside another layer's kernel (a sibling of a stacked
-                    # GEMM, the depthwise half of a fused pair): no time of its own
+                    continue    # run inside another layer's kernel (BERT's key and value in
+                    # the query's stacked GEMM): no time of its own
                 us = float(layer[f"{engine}_us"])
                 rows.append({"model": str(m["name"]), "layer": str(layer["name"]),
                              "engine": engine, "us": us, "share": us / total})
