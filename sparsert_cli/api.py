@@ -289,7 +289,8 @@ def _arguments(plan: Plan) -> tuple[dict, ...]:
 class Kernel:
     """A compiled kernel, its launch contract and the plan it came from. Launch contract: the
     entry takes one 64-bit device pointer per `arguments` item, in order; grid and block are
-    fixed; `shared_bytes` is static shared memory (no dynamic shared memory is asked for)."""
+    fixed; `shared_bytes` is static shared memory; `dynamic_shared_bytes` (a property of the
+    plan's parameters: the streamed tile stage's image) is asked for at every launch."""
 
     entry: str
     cubin: bytes
@@ -426,8 +427,18 @@ class Kernel:
         g = self.geometry
         zero = g.image_elems * ELEMENT_BYTES[self.dtype] if g.masked else 0
         return LoadedKernel(self.cubin, self.entry, self.grid, self.block,
-                            [a["name"] for a in self.arguments], zero, 0, device,
+                            [a["name"] for a in self.arguments], zero,
+                            self.dynamic_shared_bytes, device,
                             dependent_launch=self.dependent_launch)
+
+    @property
+    def dynamic_shared_bytes(self) -> int:
+        """Dynamic shared memory each launch asks for (the streamed tile stage's image)."""
+        from .families.streamed.plan import StreamParams, dynamic_shared_bytes
+
+        if isinstance(self.plan_params, StreamParams):
+            return dynamic_shared_bytes(self.geometry, self.plan_params)
+        return 0
 
     # -- files --------------------------------------------------------------------------------
     def manifest(self) -> dict:
@@ -444,7 +455,8 @@ class Kernel:
             "family_version": self.family_version, "arch": self.arch, "dtype": self.dtype,
             "accumulate": self.accumulate, "precision": self.precision,
             "grid": list(self.grid), "block": list(self.block),
-            "shared_bytes": self.shared_bytes, "dynamic_shared_bytes": 0,
+            "shared_bytes": self.shared_bytes,
+            "dynamic_shared_bytes": self.dynamic_shared_bytes,
             "arguments": [dict(a) for a in self.arguments],
             "problem": {"op": op_name, "m": g.out_channels, "k": g.taps, "n": g.columns,
                         "batch": g.batch, "in_channels": g.in_channels, "height": g.height,

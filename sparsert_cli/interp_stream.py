@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .families.streamed.plan import PAD
+from .families.streamed.plan import PAD, tile_layout
 from .interp_base import PlanExecutionError, _f16, evaluate
 from .ir import StreamIR
 from .reference import gelu
@@ -49,12 +49,13 @@ def _check_tables(ir: StreamIR) -> None:
         raise PlanExecutionError("worker ranges do not cover the row entries in order")
     if np.any(np.diff(seg, axis=1) < 0) or (seg.size and (seg.min() < 0 or seg.max() > nnz)):
         raise PlanExecutionError("segment ranges out of order or outside the nonzeros")
-    segments = ir.geometry.kernel ** 2 if ir.geometry.masked else 1
+    tiled = ir.stage == "tile"          # one run of entries a row, padding in the tile
+    segments = ir.geometry.kernel ** 2 if ir.geometry.masked and not tiled else 1
     slices = ir.k_slices
     if ir.grid[2] != slices:
         raise PlanExecutionError(f"grid has {ir.grid[2]} slices for {slices} K-slices")
     if seg.shape != (len(ir.row_out), slices * (segments + 1)) or len(ir.bases) != (
-            segments if ir.geometry.masked else 0):
+            segments if ir.geometry.masked and not tiled else 0):
         raise PlanExecutionError(f"{seg.shape[0]} rows of {seg.shape[1]} segment bounds and "
                                  f"{len(ir.bases)} tap bases for {len(ir.row_out)} row entries "
                                  f"of {slices} x {segments} segments")
@@ -111,8 +112,70 @@ def _partial(ir: StreamIR, x: np.ndarray, seg: np.ndarray, inside: np.ndarray,
     return total
 
 
+def _tile_image(ir: StreamIR, x: np.ndarray, image: int) -> np.ndarray:
+    """The shared-memory tile of one image as the kernel's copy writes it (halves)."""
+    geo = ir.geometry
+    lay = tile_layout(geo, ir.vector_width)
+    tile = np.zeros(lay.halves)
+    plane = x[image * geo.image_elems:(image + 1) * geo.image_elems].reshape(
+        geo.in_channels, geo.height, geo.width)
+    grid = tile[8:].reshape(geo.in_channels, lay.rows, lay.row)
+    grid[:, 1:geo.height + 1, :geo.width] = plane
+    return tile
+
+
+def _execute_tile(ir: StreamIR, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Stage "tile": (sums (rows, images * threads, 2), output offsets (images * threads, 2) of
+    each thread's top and bottom pixel, which of them it stores): each image's tile, each
+    thread's base oh * row + ow, entry e reading halves base + offsets[e] and pair_delta
+    further, nonzero k of the row feeding accumulator k % chains (fp16 rounding every step)."""
+    geo, chains = ir.geometry, ir.chains
+    lay = tile_layout(geo, ir.vector_width)
+    lanes = 2 if lay.pairs else 1
+    if ir.vector_width != lanes or ir.col_threads < lay.pixels or ir.grid[1] != geo.batch:
+        raise PlanExecutionError("a tile kernel takes one pixel or a pair a thread, every "
+                                 "thread in one block and one image a block")
+    entry, chain, _ = schedule(ir.seg, chains)
+    p = np.arange(ir.col_threads, dtype=np.int64)
+    act = p < lay.pixels
+    oh, ow = np.where(act, p // geo.width, 0), np.where(act, p % geo.width, 0)
+    second = act & (oh + lay.half < geo.height)
+    base = oh * lay.row + ow
+    rows, threads = len(ir.row_out), len(p)
+    total = np.zeros((rows, geo.batch * threads, lanes))
+    for image in range(geo.batch):
+        tile = _tile_image(ir, x, image)
+        acc = np.zeros((rows, chains, threads, lanes))
+        for step in range(entry.shape[1]):
+            live = entry[:, step] >= 0
+            if not np.any(live):
+                continue
+            e, c, r = entry[live, step], chain[live, step], np.flatnonzero(live)
+            top = base[None, :] + ir.offsets[e][:, None]
+            bottom = top + lay.pair_delta
+            if top.min() < 0 or (bottom if lay.pairs else top).max() >= lay.halves:
+                raise PlanExecutionError(f"shared-memory load outside the tile at step {step}")
+            loaded = np.stack([tile[top], tile[bottom]] if lay.pairs else [tile[top]], axis=-1)
+            acc[r, c] = _f16(acc[r, c] + ir.values[e][:, None, None] * loaded)
+        part = acc[:, 0]
+        for k in range(1, chains):
+            part = _f16(part + acc[:, k])
+        total[:, image * threads:(image + 1) * threads] = part
+    pixel = oh * geo.width + ow
+    offsets = np.stack([pixel, pixel + lay.half * geo.width][:lanes], axis=-1)
+    stores = np.stack([act, second][:lanes], axis=-1)
+    images = np.arange(geo.batch)[:, None, None]
+    return (total,
+            (images * geo.out_channels * geo.out_pixels + offsets[None]).reshape(-1, lanes),
+            np.broadcast_to(stores, (geo.batch,) + stores.shape).reshape(-1, lanes))
+
+
 def execute_stream(ir: StreamIR, x: np.ndarray, residual: np.ndarray | None) -> np.ndarray:
     _check_tables(ir)
+    if ir.stage == "tile":
+        total, offsets, stores = _execute_tile(ir, x)
+        return _outputs(ir, total, lambda name, row: offsets + row * ir.geometry.out_pixels,
+                        stores, residual, vectors=False, loads=stores)
     geo, width = ir.geometry, ir.vector_width
     rnd = _f16 if ir.accumulate == "fp16" else (lambda v: v)
     tid = np.arange(ir.grid[1] * ir.col_threads, dtype=np.int64)    # tiles = blockIdx.y
@@ -139,8 +202,7 @@ def execute_stream(ir: StreamIR, x: np.ndarray, residual: np.ndarray | None) -> 
         total = part if total is None else rnd(total + part)
     if total is None:
         total = np.zeros((rows, threads, width))
-    out = np.full(geo.output_elems, np.nan)
-    writes = np.zeros(geo.output_elems, dtype=np.int64)
+
     def address(pointer_name: str, row: int) -> np.ndarray:
         """(threads, width) element offsets of a row's columns: channel-major (a vector at
         pointer + row * pixels) or token-major ((pointer + column) * rows + row; in planes of
@@ -151,14 +213,29 @@ def execute_stream(ir: StreamIR, x: np.ndarray, residual: np.ndarray | None) -> 
                     + row // p * (p * geo.out_pixels) + row % p)
         return pointer[pointer_name][:, None] + row * geo.out_pixels + lanes
 
-    vectors = not ir.token_major          # token-major columns are scalar loads and stores
+    stores = np.broadcast_to(active[:, None], (len(active), width))
+    return _outputs(ir, total, address, stores, residual, vectors=not ir.token_major,
+                    loads=np.ones_like(stores))
+
+
+def _outputs(ir: StreamIR, total: np.ndarray, address, stores: np.ndarray,
+             residual: np.ndarray | None, vectors: bool, loads: np.ndarray) -> np.ndarray:
+    """The epilogue of every row entry: bias, residual, activation, rounding to the storage
+    type; `address(pointer, row)` gives the (threads, lanes) element offsets, `stores` which of
+    them are stored (each output exactly once), `loads` which residual elements are loaded
+    (each must lie in the buffer)."""
+    geo = ir.geometry
+    width = total.shape[-1]
+    rnd = _f16 if ir.accumulate == "fp16" else (lambda v: v)
+    out = np.full(geo.output_elems, np.nan)
+    writes = np.zeros(geo.output_elems, dtype=np.int64)
     for i, row in enumerate(ir.row_out.tolist()):
         value = total[i]                                     # (threads, width)
         addr = address("y", row)
         if ir.bias is not None:
             value = rnd(value + ir.bias[row])
-        if ir.residual:                                      # every thread loads it
-            at = address("res", row)
+        if ir.residual:
+            at = np.where(loads, address("res", row), 0)
             if (np.any(at < 0) or np.any(at >= geo.output_elems)
                     or (vectors and np.any(at[:, 0] % width))):
                 raise PlanExecutionError("residual load out of bounds or misaligned")
@@ -171,13 +248,13 @@ def execute_stream(ir: StreamIR, x: np.ndarray, residual: np.ndarray | None) -> 
             value = rnd(gelu(value))
         if ir.dtype != "fp32":
             value = rounded(value, ir.dtype)
-        store = addr[active]
+        store = addr[stores]
         if np.any(store < 0) or np.any(store >= geo.output_elems):
             raise PlanExecutionError("store out of bounds")
-        if vectors and np.any(store[:, 0] % width):
+        if vectors and np.any(addr[stores[:, 0], 0] % width):
             raise PlanExecutionError("misaligned vector store")
-        out[store.ravel()] = value[active].ravel()
-        np.add.at(writes, store.ravel(), 1)
+        out[store] = value[stores]
+        np.add.at(writes, store, 1)
     if not np.all(writes == 1):
         raise PlanExecutionError(f"{int(np.sum(writes == 0))} outputs never written, "
                                  f"{int(np.sum(writes > 1))} written more than once")

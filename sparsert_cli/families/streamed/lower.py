@@ -18,11 +18,12 @@ def held(plan: StreamPlan, values) -> np.ndarray:
 
 def lower(plan: StreamPlan) -> StreamIR:
     geo, k = plan.geometry, plan.geometry.kernel
+    tiled = plan.params.stage == "tile"     # thread mapping, pointers and padding: the tile's
     bases = tuple(TapBase(t // k, t % k, -((t // k) * geo.width + t % k))
-                  for t in range(plan.segments)) if geo.masked else ()
+                  for t in range(plan.segments)) if geo.masked and not tiled else ()
     epi = plan.epilogue
     bias = tuple(held(plan, epi.bias).tolist()) if epi.bias is not None else None
-    pointers = (("x", "inoff"), ("y", "outoff")) + (
+    pointers = () if tiled else (("x", "inoff"), ("y", "outoff")) + (
         (("res", "outoff"),) if epi.residual else ())
     return StreamIR(
         entry=plan.entry,
@@ -32,7 +33,7 @@ def lower(plan: StreamPlan) -> StreamIR:
         geometry=geo, dtype=plan.dtype, accumulate=plan.accumulate,
         vector_width=plan.vector_width, col_threads=plan.col_threads, warps=plan.params.warps,
         chains=plan.params.chains, grid=plan.grid, arguments=plan.arguments,
-        columns=column_ops(plan), pointers=pointers, bases=bases,
+        columns=() if tiled else column_ops(plan), pointers=pointers, bases=bases,
         work=plan.work.astype(np.int64), row_out=plan.row_out.astype(np.int64),
         seg=plan.seg.astype(np.int64), offsets=plan.offsets.astype(np.int64),
         values=held(plan, plan.values), bias=bias, residual=epi.residual,

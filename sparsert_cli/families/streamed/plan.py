@@ -20,6 +20,12 @@ order the loop consumes it:
     slice has the same workers and rows; a block stores its partial sums in the module's
     workspace, and the block that finishes a (worker block, column tile) last adds the slices
     in order (deterministic) and runs the epilogue.
+  * Stage "tile" (fp16 sums, 3x3 convolutions of stride 1 and padding 1 whose image fits in
+    shared memory): each block first copies its image, zero-padded, into shared memory, so a
+    row's nonzeros are one run of (tile offset, weight) entries (no tap segments, no per-tap
+    bases); each thread computes the two pixels (oh, ow) and (oh + H2, ow), H2 = ceil(H / 2),
+    with two 16-bit shared loads, one byte permute and one HFMA2 per nonzero. blockIdx.y is
+    the image (docs/perf-notes.md, session 23).
 """
 
 from __future__ import annotations
@@ -46,7 +52,7 @@ MAX_ROWS_PER_WORKER = 4096
 PAD = 8
 MAX_GRID_Y = 65535              # column tiles run on blockIdx.y
 INT_MAX = 2**31 - 1             # the tables are `int` words, indexed with int arithmetic
-STAGES = {"shfl": "", "smem": "m", "ring": "g"}     # stage -> its suffix in plan names
+STAGES = {"shfl": "", "smem": "m", "ring": "g", "tile": "t"}  # stage -> its plan-name suffix
 MAX_K_SLICES = 16
 MAX_DEFAULT_SLICES = 2          # the most K-slices the untuned default takes
 # a default slice keeps at least this many nonzeros of each row: each slice adds a row's fixed
@@ -57,6 +63,13 @@ MAX_WORKSPACE_BYTES = 64 << 20
 MAX_MIN_BLOCKS = 8
 MAX_STAGED_BYTES = 24 << 10     # shared memory a block may use to stage token-major output
 MAX_SM_THREADS = 2048           # resident threads per SM (sm_70 to sm_90)
+# stage "tile": the zero-padded image a block keeps in shared memory (dynamic), and the most a
+# block may ask for (sm_90 gives a block up to 227 KB; the stage buffers take the rest)
+TILE_LEAD = 8                   # zero halves before the first channel (16 bytes)
+# whether defaults and candidates offer the tile stage: an experiment's switch for same-run
+# comparisons (scripts/model_profile.py --no-tile); read when a layer is planned
+TILE = True
+MAX_TILE_BYTES = 200 << 10
 
 
 @dataclass(frozen=True)
@@ -115,10 +128,98 @@ class StreamParams(Params):
              and self.col_threads * self.warps * self.min_blocks <= MAX_SM_THREADS,
              f"min_blocks must be in 1..{MAX_MIN_BLOCKS} with col_threads * warps * min_blocks "
              f"<= {MAX_SM_THREADS} (threads an SM holds)"),
-            (self.k_slices == 1 or self.stage != "ring",
-             "k_slices > 1 needs stage smem or shfl (the ring streams a worker's whole run)"),
+            (self.k_slices == 1 or self.stage not in ("ring", "tile"),
+             "k_slices > 1 needs stage smem or shfl (the ring streams a worker's whole run, "
+             "the tile stage one image)"),
         ]
         return self._checked(checks)
+
+
+@dataclass(frozen=True)
+class TileLayout:
+    """Stage "tile": the zero-padded image in shared memory, in halves. Tile row i of channel c
+    (i in [0, rows)) holds image row i - 1 in its first W halves and zeros after them; the
+    zeros at a row's end are also the left neighbours of the next row's first pixel. Thread
+    (oh, ow), oh < half, reads tap (c, r, s) of its (top) pixel at its base oh * row + ow plus
+    offset(c, r, s); with pixel pairs (width 2) the thread also computes (oh + half, ow),
+    pair_delta halves further."""
+
+    half: int           # rows of (top) pixels: H, or with pairs ceil(H / 2)
+    row: int            # halves per tile row: >= W + 1, whole 16-byte stores
+    rows: int           # tile rows per channel: H + 2, or with pairs 2 * half + 2
+    channels: int
+    pixels: int         # threads that compute: half * W
+    threads: int        # column threads: `pixels` in whole warps
+    pairs: bool
+
+    @property
+    def channel(self) -> int:
+        return self.rows * self.row
+
+    @property
+    def halves(self) -> int:
+        return TILE_LEAD + self.channels * self.channel
+
+    @property
+    def bytes(self) -> int:
+        return 2 * self.halves
+
+    @property
+    def pair_delta(self) -> int:
+        return self.half * self.row
+
+    def offset(self, channel, r, s):
+        """Halves from a thread's base to tap (r, s) of `channel` (3x3, padding 1)."""
+        return TILE_LEAD + channel * self.channel + r * self.row + s - 1
+
+
+def tile_layout(geometry: Geometry, width: int = 2) -> TileLayout:
+    """The tile of pixel pairs (width 2) or of one pixel a thread (width 1)."""
+    pairs = width >= 2
+    half = -(-geometry.height // 2) if pairs else geometry.height
+    pixels = half * geometry.width
+    return TileLayout(half=half, row=-(-(geometry.width + 1) // 8) * 8,
+                      rows=2 * half + 2 if pairs else geometry.height + 2,
+                      channels=geometry.in_channels, pixels=pixels,
+                      threads=max(32, -(-pixels // 32) * 32), pairs=pairs)
+
+
+def tile_refusal(geometry: Geometry, dtype: str, accumulate: str | None = None,
+                 width: int = 1) -> str | None:
+    """Why stage "tile" of this width cannot run this layer (None: it can)."""
+    if dtype != "fp16" or accumulate not in (None, "fp16"):
+        return "it needs fp16 data with fp16 (half2) sums"
+    if not (geometry.kernel == 3 and geometry.stride == 1 and geometry.padding == 1):
+        return "it takes 3x3 convolutions of stride 1 and padding 1"
+    layout = tile_layout(geometry, width)
+    if layout.bytes > MAX_TILE_BYTES:
+        return (f"the padded image ({layout.bytes >> 10} KB) exceeds the "
+                f"{MAX_TILE_BYTES >> 10} KB a block may keep in shared memory")
+    if layout.threads > MAX_THREADS:
+        return f"its {layout.pixels} pixel threads exceed a block's {MAX_THREADS} threads"
+    return None
+
+
+def tile_width(geometry: Geometry) -> int:
+    """The tile stage's width for this image: pixel pairs where they still fill two warps, else
+    one pixel a thread (28 pairs a worker left rn50_c5_3x3 29% slower than the smem stage:
+    fewer threads to copy the image, fewer warps to compute; H100, session 23)."""
+    return 2 if tile_layout(geometry, 2).pixels >= 64 else 1
+
+
+def tile_default_applies(geometry: Geometry, precision: str) -> bool:
+    """Whether the untuned default is the tile stage: fp16 sums, one image, and pixel pairs
+    (H100, session 23, warm and in the ResNet-50 fp16 forward: rn50_c4_3x3, 98 pairs, 10.9 ->
+    8.3 us; rn50_c5_3x3 at one pixel a thread 11.9 -> 11.3 us warm but 12.1 -> 15.7 us in the
+    forward, so not there)."""
+    return (TILE and precision == "fp16" and geometry.batch == 1 and tile_width(geometry) == 2
+            and tile_refusal(geometry, PRECISIONS[precision][0], width=2) is None)
+
+
+def dynamic_shared_bytes(geometry: Geometry, params: StreamParams) -> int:
+    """Dynamic shared memory a kernel of these (fitted) parameters asks for at launch."""
+    return (tile_layout(geometry, params.vector_width).bytes if params.stage == "tile"
+            else 0)
 
 
 @dataclass(frozen=True, eq=False)
@@ -165,6 +266,8 @@ class StreamPlan(ColumnTiles):
         """(worker blocks, column tiles, K-slices): blocks are dispatched x first, so the blocks
         an SM holds at a time mostly share one column tile and slice, whose activations then stay
         in its L1."""
+        if self.params.stage == "tile":         # one image a block (blockIdx.y)
+            return (self.workers // self.params.warps, self.geometry.batch, 1)
         tiles = -(-self.geometry.columns // self.tile_columns)
         return (self.workers // self.params.warps, tiles, self.k_slices)
 
@@ -173,6 +276,10 @@ class StreamPlan(ColumnTiles):
         return (self.col_threads, self.params.warps, 1)
 
     shared_bytes = 0
+
+    @property
+    def dynamic_shared_bytes(self) -> int:
+        return dynamic_shared_bytes(self.geometry, self.params)
 
     @property
     def nnz(self) -> int:
@@ -225,6 +332,18 @@ def fit_params(geometry: Geometry, params: StreamParams, dtype: str = "fp32") ->
     """Clamp parameters to the shape: a legal vector width, no more threads than columns, no
     more rows per worker than rows."""
     params = params.validate()
+    if params.stage == "tile":      # a pixel or a pair a thread, all in one block, one slice
+        width = 2 if params.vector_width >= 2 else 1
+        reason = tile_refusal(geometry, dtype, width=width)
+        if reason:
+            raise UserError(f"streamed plan {params.name()}: stage tile cannot run this layer: "
+                            f"{reason}")
+        threads = tile_layout(geometry, width).threads
+        if threads * params.warps > MAX_THREADS:
+            raise UserError(f"streamed plan {params.name()}: {params.warps} workers of "
+                            f"{threads} threads exceed a block's {MAX_THREADS}")
+        return replace(params, vector_width=width, col_threads=threads, k_slices=1,
+                       rows_per_worker=min(params.rows_per_worker, geometry.out_channels))
     width, threads = fit_columns(geometry, params.vector_width, params.col_threads, dtype)
     rows = min(params.rows_per_worker, geometry.out_channels)
     slices = min(params.k_slices, geometry.in_channels)
@@ -287,6 +406,13 @@ def build_plan(csr: sp.csr_matrix, geometry: Geometry, params: StreamParams,
                epilogue: Epilogue = Epilogue(), dtype: str = "fp32",
                accumulate: str | None = None) -> StreamPlan:
     geometry, accumulate = check_layer(csr, geometry, epilogue, dtype, accumulate)
+    if params.stage == "tile":
+        reason = tile_refusal(geometry, dtype, accumulate, 2 if params.vector_width >= 2 else 1)
+        if reason:
+            raise UserError(f"streamed plan {params.name()}: stage tile cannot run this layer: "
+                            f"{reason}")
+        if epilogue.token_major:
+            raise UserError("stage tile writes channel-major convolution outputs only")
     params = fit_params(geometry, params, dtype)
     check_limits(geometry, params)
     csr = sp.csr_matrix(csr, dtype=np.float32)
@@ -294,6 +420,8 @@ def build_plan(csr: sp.csr_matrix, geometry: Geometry, params: StreamParams,
     csr.eliminate_zeros()
     csr.sort_indices()
     m = geometry.out_channels
+    if params.stage == "tile":
+        return _tile_plan(csr, geometry, params, epilogue, dtype, accumulate)
     segments = geometry.kernel ** 2 if geometry.masked else 1
     tile_rows = staged_rows(geometry, params, epilogue, dtype)
     if tile_rows:       # each block its own run of rows, dealt over its workers
@@ -338,6 +466,49 @@ def build_plan(csr: sp.csr_matrix, geometry: Geometry, params: StreamParams,
                       else np.zeros(0, np.float32), epilogue, dtype, accumulate, tile_rows)
 
 
+def _tile_plan(csr: sp.csr_matrix, geometry: Geometry, params: StreamParams,
+               epilogue: Epilogue, dtype: str, accumulate: str) -> StreamPlan:
+    """Stage "tile": each row's nonzeros one run of entries ordered by tile offset (channel,
+    then tap), padded to whole groups of PAD with zero weights at a zero of the tile's lead."""
+    m, k2 = geometry.out_channels, geometry.kernel ** 2
+    layout = tile_layout(geometry, params.vector_width)
+    count = -(-m // params.rows_per_worker)
+    count = -(-count // params.warps) * params.warps       # whole blocks
+    dealt = _workers(np.diff(csr.indptr), count)
+    order = np.fromiter((r for rows in dealt for r in rows), dtype=np.int64, count=m)
+    work = np.concatenate([[0], np.cumsum([len(rows) for rows in dealt])]).astype(np.int64)
+    seg = np.zeros((m, 2), dtype=np.int64)
+    offsets, values = [], []
+    start = 0
+    for i, row in enumerate(order.tolist()):
+        lo, hi = csr.indptr[row], csr.indptr[row + 1]
+        taps = csr.indices[lo:hi].astype(np.int64)
+        offset = layout.offset(taps // k2, taps % k2 // 3, taps % 3)
+        sort = np.argsort(offset, kind="stable")
+        pad = -(hi - lo) % PAD
+        offsets += [offset[sort], np.full(pad, TILE_LEAD - 1, np.int64)]
+        values += [csr.data[lo:hi][sort], np.zeros(pad, np.float32)]
+        seg[i] = (start, start + hi - lo + pad)
+        start += hi - lo + pad
+    check_limits(geometry, params, start)
+    return StreamPlan(geometry, params, work, order, seg,
+                      np.concatenate(offsets) if offsets else np.zeros(0, np.int64),
+                      np.concatenate(values).astype(np.float32) if values
+                      else np.zeros(0, np.float32), epilogue, dtype, accumulate, 0)
+
+
+def tile_default(geometry: Geometry, sm_count: int = 132) -> StreamParams:
+    """The tile stage's untuned plan: one row a worker, as many workers a block as put every
+    row in one block a SM (each block copies the whole image once, so fewer blocks copy less;
+    H100, session 23: rn50_c4_3x3 two workers, rn50_c5_3x3 four)."""
+    width = tile_width(geometry)
+    layout = tile_layout(geometry, width)
+    most = max(1, MAX_THREADS // layout.threads)
+    warps = min(most, max(1, -(-geometry.out_channels // sm_count)))
+    rows = max(1, -(-geometry.out_channels // (sm_count * warps)))
+    return StreamParams(layout.threads, width, warps, rows, 4, "tile")
+
+
 def staged_rows(geometry: Geometry, params: StreamParams, epilogue: Epilogue,
                 dtype: str) -> int:
     """Rows per block whose token-major output a block stages in shared memory (0: scalar
@@ -357,6 +528,15 @@ def default_params(geometry: Geometry, nnz: int, sm_count: int = 132,
     docs/perf-notes.md), one warp row per worker, enough workers for ~8 warps per SM (16 at one
     column per thread), entries shared through shared memory (stage "smem": fewer instructions
     per entry)."""
+    dtype = PRECISIONS[precision][0]
+    if tile_default_applies(geometry, precision):
+        return fit_params(geometry, tile_default(geometry, sm_count), dtype)
+    return untiled_default(geometry, nnz, sm_count, precision)
+
+
+def untiled_default(geometry: Geometry, nnz: int, sm_count: int = 132,
+                    precision: str = "fp32") -> StreamParams:
+    """default_params without the tile stage."""
     dtype = PRECISIONS[precision][0]
     width = fit_vector_width(geometry, 16 // ELEMENT_BYTES[dtype], dtype)
     while width > 1 and -(-geometry.columns // width) < 32:
@@ -410,17 +590,27 @@ def default_slices(geometry: Geometry, nnz: int, wanted_workers: int) -> int:
 
 def candidates(geometry: Geometry, nnz: int, precision: str = "fp32", limit: int = 12,
                seeds=None) -> list[StreamParams]:
-    """`seeds` (winners at other precisions) and the default first, then neighbours: rows per
-    worker, the ring stage, block heights, chains, vector widths, column threads and the shfl
-    stage last (fitted to the shape, duplicates and plans past the grid's limits dropped)."""
+    """`seeds` (winners at other precisions) and the default first, then the tile stage's
+    neighbours (where it runs) and the other stages' default and neighbours: rows per worker,
+    the ring stage, block heights, chains, vector widths, column threads and the shfl stage last
+    (fitted to the shape, duplicates and plans past the grid's limits dropped)."""
     dtype = PRECISIONS[precision][0]
-    base = default_params(geometry, nnz, precision=precision)
+    tiled = []
+    if TILE and precision == "fp16" and tile_refusal(geometry, dtype) is None:
+        t = tile_default(geometry)
+        tiled = [t, replace(t, vector_width=3 - t.vector_width), replace(t, chains=8),
+                 replace(t, warps=max(1, t.warps // 2)), replace(t, warps=t.warps * 2),
+                 replace(t, rows_per_worker=t.rows_per_worker * 2)]
+    base = untiled_default(geometry, nnz, precision=precision)
     r, v = base.rows_per_worker, base.vector_width
     # most promising first (a tuner that caps candidates per case keeps the head): in runs S6-S8
     # halving rows per worker, the ring stage, 4-warp blocks and 2 chains won cases; smem beat
     # shfl on all 40, so shfl comes last
-    tries = list(seeds or []) + [
-        base, replace(base, rows_per_worker=max(1, r // 2)), replace(base, stage="ring"),
+    # the tile stage (fp16 3x3 layers whose image fits a block) leads where it is the default
+    head = (tiled[:1] + [base] + tiled[1:] if tile_default_applies(geometry, precision)
+            else [base] + tiled)
+    tries = list(seeds or []) + head + [
+        replace(base, rows_per_worker=max(1, r // 2)), replace(base, stage="ring"),
         replace(base, warps=max(1, base.warps // 2)), replace(base, chains=2),
         # the block height before balanced_warps spread the workers (a tied or narrow call)
         replace(base, warps=most_warps(base.col_threads)),

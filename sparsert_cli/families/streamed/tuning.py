@@ -15,12 +15,16 @@ import numpy as np
 
 from ...problem_shape import ELEMENT_BYTES, PRECISIONS, Geometry
 from .plan import (PAD, StreamParams, _workers, check_limits, fit_params, slice_bounds,
-                   tap_offsets)
+                   tap_offsets, tile_layout)
 
 LOOP_CODE_BYTES = 2048          # SASS of one segment's loop (both chunk paths)
 # per entry, besides the FMAs: stage "shfl" two shuffles, an address (sign-extended add + LEA
 # pair) and the load; "smem" half a 16-byte broadcast LDS, one IMAD.WIDE address and the load
-ENTRY_INSTRUCTIONS = {"shfl": 4, "smem": 2.5, "ring": 3}
+ENTRY_INSTRUCTIONS = {"shfl": 4, "smem": 2.5, "ring": 3,
+                      # tile: half a broadcast LDS, an address, two 16-bit LDS and a PRMT
+                      "tile": 4.5}
+# tile: per tile row a thread copies (its loads, the zero fill, 16-byte stores, indexing)
+TILE_ROW_INSTRUCTIONS = 16
 ROW_INSTRUCTIONS = 24           # row table, accumulator zeroing and sum, epilogue, store
 SEGMENT_INSTRUCTIONS = 10       # bounds, the first chunk's load, loop control
 SMS = 132
@@ -35,9 +39,10 @@ def _features(geometry: Geometry, params: StreamParams, precision: str, workers:
               row_entries: np.ndarray, worker_of: np.ndarray, nnz: int) -> dict[str, float]:
     dtype = PRECISIONS[precision][0]
     element = ELEMENT_BYTES[dtype]
-    segments = geometry.kernel ** 2 if geometry.masked else 1
+    tiled = params.stage == "tile"          # one segment; one block an image
+    segments = geometry.kernel ** 2 if geometry.masked and not tiled else 1
     per_thread = -(-geometry.columns // params.vector_width)
-    tiles = -(-per_thread // params.col_threads)
+    tiles = geometry.batch if tiled else -(-per_thread // params.col_threads)
     columns = tiles * params.col_threads * params.vector_width
     entries = int(row_entries.sum())
     slices = params.k_slices
@@ -49,6 +54,12 @@ def _features(geometry: Geometry, params: StreamParams, precision: str, workers:
                + (slices * 2 * _units(params.vector_width, precision) if slices > 1 else 0))
     chain = float(np.bincount(worker_of, weights=per_row, minlength=workers).max(initial=0)
                   ) / slices
+    fill_bytes = 0.0
+    if tiled:       # every block first copies its image (tile rows over the block's threads)
+        layout = tile_layout(geometry, params.vector_width)
+        copy_rows = -(-geometry.in_channels * layout.rows // (params.col_threads * params.warps))
+        chain += copy_rows * (TILE_ROW_INSTRUCTIONS + geometry.width)
+        fill_bytes = float(layout.bytes)
     longest = float(np.bincount(worker_of, weights=row_entries, minlength=workers
                                 ).max(initial=0)) / slices
     blocks = tiles * (workers // params.warps) * slices
@@ -63,7 +74,8 @@ def _features(geometry: Geometry, params: StreamParams, precision: str, workers:
             "max_block_code_bytes": code, "flops": 2.0 * nnz * geometry.columns,
             "dram_bytes": float(element * (geometry.input_elems + geometry.output_elems)
                                 + 8 * entries),
-            "l2_bytes": float(entries * tiles * (columns / tiles * element + 8) + partials),
+            "l2_bytes": float(entries * tiles * (columns / tiles * element + 8) + partials
+                              + fill_bytes * blocks),
             "serial_instructions": max(chain, warps_total / (SMS * SCHEDULERS) / waves),
             "loads": float(entries), "rows": float(geometry.out_channels),
             "max_worker_entries": longest}
@@ -83,11 +95,13 @@ def estimate(geometry: Geometry, csr, params: StreamParams, precision: str) -> d
     params = fit_params(geometry, params, PRECISIONS[precision][0])
     check_limits(geometry, params, int(csr.nnz))
     m = geometry.out_channels
-    segments = geometry.kernel ** 2 if geometry.masked else 1
+    segments = geometry.kernel ** 2 if geometry.masked and params.stage != "tile" else 1
     row_nnz = np.diff(csr.indptr)
     rows = np.repeat(np.arange(m), row_nnz)
     taps = csr.indices.astype(np.int64)
     segment, _ = tap_offsets(geometry, taps)
+    if params.stage == "tile":
+        segment = np.zeros_like(segment)
     slices = params.k_slices
     part = np.searchsorted(slice_bounds(geometry, slices), taps // geometry.kernel ** 2,
                            side="right") - 1

@@ -1,0 +1,81 @@
+"""The streamed family's tile stage on a GPU: every tile shape class, epilogue and batch, the
+ResNet-50 3x3 layers it is the default for, and the dependent-launch build, each verified
+element-wise against float64 (fresh inputs, poisoned outputs) through benchmark_layer. Skipped
+without a GPU."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from sparsert_cli.gpu.runtime import have_gpu
+
+if not have_gpu():
+    pytest.skip("no CUDA driver or GPU", allow_module_level=True)
+
+import sparsert_cli as sparsert  # noqa: E402
+import sparsert_cli.api  # noqa: E402,F401
+from sparsert_cli.families.streamed import StreamParams  # noqa: E402
+from sparsert_cli.gpu.runtime import Gpu  # noqa: E402
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture(scope="module")
+def gpu():
+    with Gpu() as g:
+        yield g
+
+
+def sparse(shape, density, seed):
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal(shape).astype(np.float32)
+    w[rng.random(shape) >= density] = 0
+    return w
+
+
+SHAPES = {   # (M, C, H, W), batch
+    "14x14": ((24, 32, 14, 14), 1), "7x7_b2": ((20, 16, 7, 7), 2), "5x6": ((12, 8, 5, 6), 1),
+    "6x9_b3": ((16, 8, 6, 9), 3), "long_rows": ((8, 96, 4, 4), 1),
+}
+
+
+@pytest.mark.parametrize("epilogue", [None, "relu", "relu6", "gelu"])
+@pytest.mark.parametrize("plan", [dict(warps=2, rows_per_worker=2), dict(warps=1, chains=8),
+                                  dict(warps=3, rows_per_worker=1, chains=2),
+                                  dict(vector_width=1, warps=2, rows_per_worker=2),
+                                  dict(vector_width=1, warps=1, chains=8)])
+@pytest.mark.parametrize("name", sorted(SHAPES))
+def test_tile_kernels_match_float64(gpu, name, plan, epilogue):
+    (m, c, h, w), batch = SHAPES[name]
+    epi = ({"bias": np.linspace(-1, 1, m), "activation": epilogue, "residual": True}
+           if epilogue else None)
+    kernel = sparsert.compile_kernel(
+        sparse((m, c, 3, 3), 0.6 if name == "long_rows" else 0.2, len(name)), op="conv",
+        input_shape=(batch, c, h, w), padding=1, dtype="fp16", tuned=False, cache=None,
+        epilogue=epi, plan=StreamParams(stage="tile", **{"vector_width": 2, **plan}))
+    result = sparsert.benchmark_layer(gpu, kernel, baselines=False, replays=1, checks=2)
+    assert result["verify_gpu"]["ok"], (name, plan, result["verify_gpu"])
+
+
+@pytest.mark.parametrize("problem", ["rn50_c4_3x3", "rn50_c5_3x3"])
+@pytest.mark.parametrize("dependent", [False, True])
+def test_resnet_layers_tile_plans_match(gpu, problem, dependent):
+    """The tile default of rn50_c4_3x3 and the width-1 candidate of rn50_c5_3x3."""
+    from dataclasses import replace
+
+    from sparsert_cli.families.streamed import default_params
+
+    layer = sparsert.problem_layer(problem, 0.9, precision="fp16")
+    params = default_params(layer.geometry, int(np.count_nonzero(layer.weight)),
+                            precision="fp16")
+    if problem == "rn50_c5_3x3":
+        params = StreamParams(stage="tile", warps=4)
+    assert params.stage == "tile"
+    layer = replace(layer, plan=params)
+    planned = [sparsert.api.plan_for(layer, tuned=False)]
+    kernel = sparsert.api.compile_plans([layer], planned, arch="sm_90", cache=None,
+                                    dependent_launch=dependent)[0]
+    assert isinstance(kernel, sparsert.Kernel), kernel
+    result = sparsert.benchmark_layer(gpu, kernel, baselines=False, replays=2, checks=2)
+    assert result["verify_gpu"]["ok"], result["verify_gpu"]

@@ -1,0 +1,159 @@
+"""The streamed family's tile stage (families/streamed/plan.py TileLayout) on the CPU: kernels
+of every tile shape class compiled with NVRTC, their printed source parsed back to the IR, and
+the IR executed by the interpreter against the float64 reference; refusals, defaults and the
+launch contract (dynamic shared memory)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import sparsert_cli as sparsert
+from sparsert_cli.errors import UserError
+from sparsert_cli.families import lower
+from sparsert_cli.families.streamed import StreamParams, candidates, default_params
+from sparsert_cli.families.streamed.plan import (TILE_LEAD, build_plan, tile_layout,
+                                                 tile_refusal)
+from sparsert_cli.interp import execute
+from sparsert_cli.interp_base import PlanExecutionError
+from sparsert_cli.problem_shape import Epilogue, Geometry
+from sparsert_cli.render import PrintedMismatch
+from sparsert_cli.render.stream import check_printed, print_stream
+
+
+def sparse(shape, density, seed):
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal(shape).astype(np.float32)
+    w[rng.random(shape) >= density] = 0
+    return w
+
+
+TILE = StreamParams(stage="tile", vector_width=2, warps=2, rows_per_worker=2)
+EPI = {"bias": np.linspace(-1, 1, 12), "activation": "relu", "residual": True}
+CASES = {   # (M, C, H, W), batch, epilogue, plan changes
+    "even": ((12, 16, 14, 14), 1, None, {}),
+    "odd_height_width": ((12, 8, 7, 7), 1, EPI, {}),
+    "odd_height_even_width": ((12, 6, 5, 6), 2, {"activation": "relu6"}, {"chains": 8}),
+    "even_height_odd_width": ((12, 6, 6, 9), 1, {"activation": "gelu", "bias": np.ones(12)},
+                              {"chains": 2, "warps": 3}),
+    "long_rows": ((12, 64, 4, 4), 2, EPI, {"rows_per_worker": 1, "warps": 4}),   # runs of 32
+    "empty_rows": ((12, 8, 6, 6), 1, None, {"warps": 1, "rows_per_worker": 5}),
+    # one pixel a thread (width 1)
+    "single_odd": ((12, 8, 7, 7), 2, EPI, {"vector_width": 1}),
+    "single_even_gelu": ((12, 6, 6, 10), 1, {"activation": "gelu", "bias": np.ones(12)},
+                         {"vector_width": 1, "chains": 8}),
+    "single_relu6": ((12, 40, 3, 5), 1, {"activation": "relu6"}, {"vector_width": 1}),
+}
+
+
+def _kernel(name):
+    (m, c, h, w), batch, epi, plan = CASES[name]
+    weight = sparse((m, c, 3, 3), 0.6 if name == "long_rows" else 0.2, len(name))
+    if name == "empty_rows":
+        weight[3:9] = 0
+    return sparsert.compile_kernel(weight, op="conv", input_shape=(batch, c, h, w), padding=1,
+                                   dtype="fp16", epilogue=epi, tuned=False, cache=None,
+                                   plan=StreamParams(**{**TILE.__dict__, **plan}))
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_tile_kernels_verify_and_print_back(name):
+    kernel = _kernel(name)
+    assert kernel.plan_params.stage == "tile"
+    assert kernel.plan_params.vector_width == (1 if name.startswith("single") else 2)
+    assert kernel.grid[1] == kernel.geometry.batch
+    ir = lower(kernel.plan)
+    check_printed(ir, print_stream(ir))                     # the printed kernel is its IR
+    verified = kernel.verify(3).verified
+    assert verified["ok"], verified
+    assert kernel.dynamic_shared_bytes == tile_layout(kernel.geometry,
+                                                      kernel.plan_params.vector_width).bytes
+    assert kernel.manifest()["dynamic_shared_bytes"] == kernel.dynamic_shared_bytes
+
+
+def test_interpreter_matches_reference_with_fp16_rounding():
+    """Element-wise: the interpreter's fp16 sums against float64 within the fp16 bound, and an
+    unwritten output (NaN) would fail."""
+    kernel = _kernel("even")
+    rng = np.random.default_rng(5)
+    x, res = kernel.random_inputs(rng)
+    out = kernel.run_cpu(x, res)
+    ok, err, message = kernel.check(out, x, res)
+    assert ok and not np.isnan(out).any(), message
+    assert err > 0                                          # fp16 sums are rounded
+
+
+def test_tampered_tables_are_caught():
+    kernel = _kernel("odd_height_width")
+    ir = lower(kernel.plan)
+    source = print_stream(ir)
+    bad = source.replace("stage=tile", "stage=smem", 1)
+    with pytest.raises(PrintedMismatch):
+        check_printed(ir, bad)
+    from dataclasses import replace
+    offsets = ir.offsets.copy()
+    offsets[0] = tile_layout(ir.geometry).halves            # past the tile
+    with pytest.raises(PlanExecutionError, match="outside the tile"):
+        execute(replace(ir, offsets=offsets), *kernel.random_inputs(np.random.default_rng(0)))
+
+
+def test_tile_layout_and_offsets():
+    g = Geometry(1, 4, 7, 7, 8, 3, 1, 1)
+    lay = tile_layout(g)
+    assert (lay.half, lay.row, lay.rows, lay.pixels, lay.threads) == (4, 8, 10, 28, 32)
+    assert lay.bytes == 2 * (TILE_LEAD + 4 * 10 * 8)
+    one = tile_layout(g, 1)
+    assert (one.half, one.rows, one.pixels, one.threads, one.pairs) == (7, 9, 49, 64, False)
+    # the top-left pixel's tap (r, s) = (0, 0) reads the zero before image row -1
+    assert lay.offset(0, 0, 0) == TILE_LEAD - 1
+    assert lay.pair_delta == 4 * 8
+
+
+@pytest.mark.parametrize("geometry,dtype,accumulate,why", [
+    (Geometry(1, 16, 8, 8, 8, 3, 1, 1), "fp32", "fp32", "fp16 data"),
+    (Geometry(1, 16, 8, 8, 8, 3, 1, 1), "fp16", "fp32", "fp16 data"),
+    (Geometry(1, 16, 8, 8, 8, 3, 2, 1), "fp16", "fp16", "stride 1"),
+    (Geometry(1, 16, 8, 8, 8, 1, 1, 0), "fp16", "fp16", "3x3"),
+    (Geometry(1, 128, 28, 28, 8, 3, 1, 1), "fp16", "fp16", "shared memory"),
+])
+def test_refusals_name_the_reason(geometry, dtype, accumulate, why):
+    assert why in tile_refusal(geometry, dtype, accumulate)
+    weight = sparse((geometry.out_channels, geometry.taps), 0.2, 1)
+    import scipy.sparse as sp
+    with pytest.raises(UserError, match="stage tile cannot run this layer"):
+        build_plan(sp.csr_matrix(weight), geometry, TILE, Epilogue(), dtype, accumulate)
+
+
+def test_token_major_output_is_refused():
+    import scipy.sparse as sp
+    g = Geometry(1, 16, 8, 8, 8, 3, 1, 1)
+    with pytest.raises(UserError):
+        build_plan(sp.csr_matrix(sparse((8, g.taps), 0.2, 1)), g, TILE,
+                   Epilogue(token_major=True), "fp16", "fp16")
+
+
+def test_defaults_and_candidates():
+    c4 = Geometry(1, 256, 14, 14, 256, 3, 1, 1)
+    assert default_params(c4, 59000, precision="fp16").name() == "s128v2w2r1c4t"
+    # 28 pixel pairs would leave a worker one warp: the tile stage is no default there, and a
+    # candidate at one pixel a thread
+    c5 = Geometry(1, 512, 7, 7, 512, 3, 1, 1)
+    assert default_params(c5, 236000, precision="fp16").stage != "tile"
+    assert "s64v1w4r1c4t" in [p.name() for p in candidates(c5, 236000, precision="fp16")]
+    assert default_params(c4, 59000, precision="fp32").stage != "tile"
+    assert default_params(c4, 59000, precision="fp16acc32").stage != "tile"
+    batch8 = Geometry(8, 256, 14, 14, 256, 3, 1, 1)
+    assert default_params(batch8, 59000, precision="fp16").stage != "tile"
+    names = [p.name() for p in candidates(c4, 59000, precision="fp16")]
+    assert names[0] == "s128v2w2r1c4t" and any(not n.endswith("t") for n in names)
+    assert any(p.stage == "tile" for p in candidates(batch8, 59000, precision="fp16"))
+    big = Geometry(1, 128, 28, 28, 128, 3, 1, 1)
+    assert all(p.stage != "tile" for p in candidates(big, 29000, precision="fp16"))
+
+
+def test_too_many_workers_for_one_block():
+    with pytest.raises(UserError, match="exceed a block"):
+        sparsert.compile_kernel(sparse((8, 4, 3, 3), 0.3, 2), op="conv",
+                                input_shape=(1, 4, 14, 14), padding=1, dtype="fp16",
+                                tuned=False, cache=None,
+                                plan=StreamParams(stage="tile", warps=16))
