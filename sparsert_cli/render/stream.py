@@ -7,6 +7,9 @@ as it stands, but NVRTC needs seconds to parse a large initialiser, so `to_cubin
 kernel with the tables declared empty and writes the tables into its PTX as initialised .global
 data before ptxas (the cubin carries them; nothing is uploaded at launch).
 
+Stage "tile" prints its own kernel (`_print_tile`): the block's copy of its zero-padded image into
+shared memory, then the same worker loop over one run of entries a row, with shared loads.
+
 `check_printed` parses the constants, statements, bases and tables back into a StreamIR, requires
 it to equal the IR, and requires the source to be exactly what printing that IR gives.
 """

@@ -23,9 +23,9 @@ order the loop consumes it:
   * Stage "tile" (fp16 sums, 3x3 convolutions of stride 1 and padding 1 whose image fits in
     shared memory): each block first copies its image, zero-padded, into shared memory, so a
     row's nonzeros are one run of (tile offset, weight) entries (no tap segments, no per-tap
-    bases); each thread computes the two pixels (oh, ow) and (oh + H2, ow), H2 = ceil(H / 2),
-    with two 16-bit shared loads, one byte permute and one HFMA2 per nonzero. blockIdx.y is
-    the image (docs/perf-notes.md, session 23).
+    bases). At width 2 each thread computes the two pixels (oh, ow) and (oh + H2, ow),
+    H2 = ceil(H / 2), with two 16-bit shared loads, one byte permute and one HFMA2 per
+    nonzero; at width 1 one pixel. blockIdx.y is the image (docs/perf-notes.md, session 23).
 """
 
 from __future__ import annotations
@@ -63,13 +63,13 @@ MAX_WORKSPACE_BYTES = 64 << 20
 MAX_MIN_BLOCKS = 8
 MAX_STAGED_BYTES = 24 << 10     # shared memory a block may use to stage token-major output
 MAX_SM_THREADS = 2048           # resident threads per SM (sm_70 to sm_90)
-# stage "tile": the zero-padded image a block keeps in shared memory (dynamic), and the most a
-# block may ask for (sm_90 gives a block up to 227 KB; the stage buffers take the rest)
+# stage "tile": the most a block may keep of its zero-padded image in (dynamic) shared memory
+# (sm_90 gives a block up to 227 KB; the entry buffers take some of the rest)
+MAX_TILE_BYTES = 200 << 10
 TILE_LEAD = 8                   # zero halves before the first channel (16 bytes)
 # whether defaults and candidates offer the tile stage: an experiment's switch for same-run
 # comparisons (scripts/model_profile.py --no-tile); read when a layer is planned
 TILE = True
-MAX_TILE_BYTES = 200 << 10
 
 
 @dataclass(frozen=True)
@@ -498,9 +498,10 @@ def _tile_plan(csr: sp.csr_matrix, geometry: Geometry, params: StreamParams,
 
 
 def tile_default(geometry: Geometry, sm_count: int = 132) -> StreamParams:
-    """The tile stage's untuned plan: one row a worker, as many workers a block as put every
-    row in one block a SM (each block copies the whole image once, so fewer blocks copy less;
-    H100, session 23: rn50_c4_3x3 two workers, rn50_c5_3x3 four)."""
+    """The tile stage's plan for this shape (the default where tile_default_applies, else the
+    first tile candidate): one row a worker, as many workers a block as put every row in one
+    block an SM (each block copies the whole image once, so fewer blocks copy less; H100,
+    session 23: rn50_c4_3x3 two workers a block)."""
     width = tile_width(geometry)
     layout = tile_layout(geometry, width)
     most = max(1, MAX_THREADS // layout.threads)
