@@ -60,10 +60,22 @@ def _name_max(directory: Path) -> int:
         return 255
 
 
+def can_create_in(directory: Path) -> bool:
+    """Whether a file can be created in `directory` (a temporary one, removed at once): the
+    permission bits do not say so for root, nor on a read-only or pseudo file system."""
+    import tempfile
+
+    try:
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".sparsert-probe-"):
+            return True
+    except OSError:
+        return False
+
+
 def check_output(path: Path, flag: str, directory: bool = False) -> None:
     """Fail now, before compiling, if `path` cannot be written: a name too long, a parent that
     is a file or not writable, a directory where a file goes (or a file where a directory goes).
-    Creates nothing."""
+    Leaves nothing behind (writability is tried with a temporary file, removed at once)."""
     path = Path(path)
     if path.exists() and path.is_dir() != directory:
         kind = "a directory" if path.is_dir() else "a file"
@@ -74,7 +86,7 @@ def check_output(path: Path, flag: str, directory: bool = False) -> None:
         ancestor = ancestor.parent
     if ancestor.exists() and not ancestor.is_dir():
         raise UserError(f"{path}: cannot be written ({ancestor} is a file, not a directory)")
-    if not os.access(ancestor, os.W_OK | os.X_OK):
+    if not os.access(ancestor, os.W_OK | os.X_OK) or not can_create_in(ancestor):
         raise UserError(f"{path}: cannot be written ({ancestor} is not a writable directory)")
     limit = _name_max(ancestor)
     long = next((part for part in path.parts if len(os.fsencode(part)) > limit), None)

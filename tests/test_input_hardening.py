@@ -4,6 +4,7 @@ traceback must now give one line, the right exit code, and touch nothing else.""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -108,6 +109,22 @@ def test_bench_unwritable_output_fails_before_any_work(tmp_path, capsys, repo):
     code, _, err = run(["bench", str(repo / "configs" / "ci.yaml"),
                         "--out", str(blocker / "sub" / "r.json")], capsys)
     assert code == 2 and one_line(err) and "cannot be written" in err
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
+def test_output_on_a_pseudo_file_system_fails_before_any_work(capsys, repo):
+    """/proc takes no new files even for root, whose permission bits say it may write."""
+    code, _, err = run(["bench", str(repo / "configs" / "ci.yaml"), "--out", "/proc/r.json"],
+                       capsys)
+    assert code == 2 and one_line(err) and "/proc is not a writable directory" in err
+
+
+def test_writability_probe_leaves_nothing(tmp_path):
+    from sparsert_cli.paths import can_create_in, check_output
+
+    assert can_create_in(tmp_path)
+    check_output(tmp_path / "sub" / "r.json", "--out")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_compare_of_files_with_wrong_fields_is_one_line(tmp_path, capsys):

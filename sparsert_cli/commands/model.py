@@ -19,6 +19,7 @@ import click
 from ..console import console, err_console
 from ..errors import NoGpuError, UserError
 from ..options import arch_option
+from ..paths import can_create_in
 from .bench import RESULTS_DIR, split_values
 
 CSV_FIELDS = ["model", "dtype", "sparsity", "batch", "mode", "sparsert_us", "sparsert_config",
@@ -68,7 +69,8 @@ def _check_outputs(*paths: Path) -> None:
         ancestor = path.parent
         while not ancestor.exists() and ancestor != ancestor.parent:
             ancestor = ancestor.parent
-        if not ancestor.is_dir() or not os.access(ancestor, os.W_OK):
+        if not ancestor.is_dir() or not os.access(ancestor, os.W_OK) or not can_create_in(
+                ancestor):
             raise UserError(f"{path}: cannot be written ({ancestor} is not a writable directory)")
 
 
