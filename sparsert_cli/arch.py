@@ -12,6 +12,17 @@ _ARCH_RE = re.compile(r"sm_(\d{2,3})a?")
 SUPPORTED_ARCHS = (75, 80, 86, 87, 88, 89, 90, 100, 103, 110, 120, 121)
 
 
+# Shared memory one block may opt in to, by compute capability (CUDA C++ Programming Guide,
+# "Technical Specifications per Compute Capability"); an arch not listed gets the smallest.
+_BLOCK_SHARED_KB = {75: 64, 80: 163, 86: 99, 87: 163, 89: 99, 90: 227, 100: 227, 103: 227,
+                    120: 99, 121: 99}
+
+
+def block_shared_bytes(arch: str) -> int:
+    """The most shared memory (static + dynamic) one block of an `arch` kernel may use."""
+    return 1024 * _BLOCK_SHARED_KB.get(arch_number(arch), min(_BLOCK_SHARED_KB.values()))
+
+
 def arch_number(arch: str) -> int:
     """sm_90a -> 90."""
     return int(arch[3:].rstrip("a"))

@@ -14,6 +14,7 @@ from typing import Callable, Iterable
 import numpy as np
 
 from . import __version__, limits
+from .arch import block_shared_bytes
 from .cache import KernelCache, cache_key
 from .compile import DEFAULT_ARCH, Compiled, Resources, arch_number
 from .config import EpilogueSpec
@@ -187,7 +188,13 @@ def emit(plan: Plan, emitter: str, arch: str = DEFAULT_ARCH,
 
 def lowered(plan: Plan, arch: str = DEFAULT_ARCH, dependent_launch: bool = False):
     """The plan's kernel IR; with dependent_launch, its entry waits for the grid before it and
-    lets the next launch start (programmatic dependent launch: sm_90 and newer)."""
+    lets the next launch start (programmatic dependent launch: sm_90 and newer). A plan whose
+    dynamic shared memory a block of `arch` cannot have is refused here (UserError)."""
+    need = getattr(plan, "dynamic_shared_bytes", 0)
+    if need and need + 4096 > block_shared_bytes(arch):    # + the entry buffers
+        raise UserError(f"plan {plan.params.name()} keeps {need >> 10} KB in shared memory; "
+                        f"a block of {arch} gets at most {block_shared_bytes(arch) >> 10} KB "
+                        f"(another plan, or a newer --arch)")
     ir = lower(plan)
     if not dependent_launch:
         return ir

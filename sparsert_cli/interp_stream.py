@@ -4,8 +4,9 @@ Every thread's column variables and tap bases come from the IR's own index arith
 walk their row entries, each row entry its segments, each segment its nonzeros in order, nonzero
 k of a segment feeding accumulator k % chains; with K-slices, each slice's sums are a partial
 and the partials are added in slice order before the epilogue. Stage "tile": each image's
-zero-padded tile is built as the kernel's copy writes it, and every entry reads the thread's
-pixel (and its pair's) from it.
+zero-padded tile is built as its layout (plan.py TileLayout) defines it, and every entry reads
+the thread's pixel (and its pair's) from it; the printed copy that fills the tile is checked
+against that layout only on the GPU (tests/gpu/test_tile_gpu.py).
 Sums are float64; with fp16 sums every half2 FMA and epilogue step is rounded to fp16 as the GPU
 does. Checked on the way: the data tables are consistent (the grid's workers, monotonic ranges),
 every load lies in its buffer (inactive threads included) and is aligned, every output is written

@@ -157,3 +157,30 @@ def test_too_many_workers_for_one_block():
                                 input_shape=(1, 4, 14, 14), padding=1, dtype="fp16",
                                 tuned=False, cache=None,
                                 plan=StreamParams(stage="tile", warps=16))
+
+
+def test_review_edge_cases(tmp_path):
+    """Tall images (more than 256 column threads), min_blocks, a target whose blocks get less
+    shared memory, and a saved tile kernel loaded back."""
+    g = Geometry(1, 4, 24, 24, 8, 3, 1, 1)
+    params = default_params(g, 100, precision="fp16")
+    assert params.stage == "tile" and params.col_threads == 288
+    weight = sparse((8, 4, 3, 3), 0.3, 4)
+    kernel = sparsert.compile_kernel(weight, op="conv", input_shape=(1, 4, 24, 24), padding=1,
+                                     dtype="fp16", tuned=False, cache=None,
+                                     plan=StreamParams(stage="tile", vector_width=2, warps=1,
+                                                       min_blocks=2))
+    assert kernel.plan_params.min_blocks == 1 and kernel.block == (288, 1, 1)
+    assert kernel.verify(0).verified["ok"]
+    kernel.save(tmp_path / "k")
+    again = sparsert.Kernel.from_dir(tmp_path / "k")
+    assert again.plan_params == kernel.plan_params
+    assert again.dynamic_shared_bytes == kernel.dynamic_shared_bytes
+    big = sparse((16, 256, 3, 3), 0.05, 5)                  # a 131-KB tile
+    tile = StreamParams(stage="tile", vector_width=2, warps=2)
+    with pytest.raises(UserError, match="sm_86 gets at most 99 KB"):
+        sparsert.compile_kernel(big, op="conv", input_shape=(1, 256, 14, 14), padding=1,
+                                dtype="fp16", tuned=False, cache=None, plan=tile, arch="sm_86")
+    ok = sparsert.compile_kernel(big, op="conv", input_shape=(1, 256, 14, 14), padding=1,
+                                 dtype="fp16", tuned=False, cache=None, plan=tile, arch="sm_90")
+    assert ok.dynamic_shared_bytes > 99 * 1024

@@ -113,8 +113,10 @@ class StreamParams(Params):
 
     def validate(self) -> StreamParams:
         checks = [
-            (self.col_threads % 32 == 0 and 32 <= self.col_threads <= 256,
-             "col_threads must be a multiple of 32 up to 256"),
+            (self.col_threads % 32 == 0 and 32 <= self.col_threads <= (
+                MAX_THREADS if self.stage == "tile" else 256),
+             "col_threads must be a multiple of 32 up to 256 (up to "
+             f"{MAX_THREADS} with stage tile: its pixels in whole warps)"),
             (self.vector_width in (1, 2, 4, 8), "vector_width must be 1, 2, 4 or 8 (8: 2-byte types)"),
             (1 <= self.warps <= 32, "warps must be in 1..32"),
             (self.col_threads * self.warps <= MAX_THREADS,
@@ -342,7 +344,12 @@ def fit_params(geometry: Geometry, params: StreamParams, dtype: str = "fp32") ->
         if threads * params.warps > MAX_THREADS:
             raise UserError(f"streamed plan {params.name()}: {params.warps} workers of "
                             f"{threads} threads exceed a block's {MAX_THREADS}")
+        if geometry.batch > MAX_GRID_Y:
+            raise UserError(f"streamed plan {params.name()}: {geometry.batch} images exceed "
+                            f"the grid's {MAX_GRID_Y} (stage tile runs one a block row)")
+        # one block an SM at most anyway (the image): no register cap for more blocks
         return replace(params, vector_width=width, col_threads=threads, k_slices=1,
+                       min_blocks=1,
                        rows_per_worker=min(params.rows_per_worker, geometry.out_channels))
     width, threads = fit_columns(geometry, params.vector_width, params.col_threads, dtype)
     rows = min(params.rows_per_worker, geometry.out_channels)
@@ -469,7 +476,9 @@ def build_plan(csr: sp.csr_matrix, geometry: Geometry, params: StreamParams,
 def _tile_plan(csr: sp.csr_matrix, geometry: Geometry, params: StreamParams,
                epilogue: Epilogue, dtype: str, accumulate: str) -> StreamPlan:
     """Stage "tile": each row's nonzeros one run of entries ordered by tile offset (channel,
-    then tap), padded to whole groups of PAD with zero weights at a zero of the tile's lead."""
+    then tap), padded to whole groups of PAD with zero weights at offset TILE_LEAD - 1 (from a
+    thread's base: a zero of the lead for the first image row, an image element for the others;
+    0 * x is exact for finite inputs, as with the other stages' padding)."""
     m, k2 = geometry.out_channels, geometry.kernel ** 2
     layout = tile_layout(geometry, params.vector_width)
     count = -(-m // params.rows_per_worker)
@@ -597,7 +606,8 @@ def candidates(geometry: Geometry, nnz: int, precision: str = "fp32", limit: int
     (fitted to the shape, duplicates and plans past the grid's limits dropped)."""
     dtype = PRECISIONS[precision][0]
     tiled = []
-    if TILE and precision == "fp16" and tile_refusal(geometry, dtype) is None:
+    if (TILE and precision == "fp16"
+            and tile_refusal(geometry, dtype, width=tile_width(geometry)) is None):
         t = tile_default(geometry)
         tiled = [t, replace(t, vector_width=3 - t.vector_width), replace(t, chains=8),
                  replace(t, warps=max(1, t.warps // 2)), replace(t, warps=t.warps * 2),
