@@ -400,6 +400,20 @@ def _workers(row_nnz: np.ndarray, count: int) -> list[list[int]]:
     return [sorted(rows) for rows in out]
 
 
+def worker_rows(row_nnz: np.ndarray, params: StreamParams) -> list[list[int]]:
+    """Rows dealt (_workers) to ceil(rows / rows_per_worker) workers, in whole blocks."""
+    count = -(-len(row_nnz) // params.rows_per_worker)
+    return _workers(row_nnz, -(-count // params.warps) * params.warps)
+
+
+def _run_order(dealt: list[list[int]], rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """(row entries' output rows worker after worker, each worker's first row entry and the
+    end)."""
+    order = np.fromiter((r for members in dealt for r in members), dtype=np.int64, count=rows)
+    work = np.concatenate([[0], np.cumsum([len(members) for members in dealt])])
+    return order, work.astype(np.int64)
+
+
 def tap_offsets(geometry: Geometry, taps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(segment, element offset from the thread's input base) of each weight column `taps`.
     Padded kernels: one segment per kernel tap r*k+s; else one segment."""
@@ -438,11 +452,8 @@ def build_plan(csr: sp.csr_matrix, geometry: Geometry, params: StreamParams,
             block = _workers(row_nnz[first:first + tile_rows], params.warps)
             dealt += [[first + r for r in rows] for rows in block]
     else:
-        count = -(-m // params.rows_per_worker)
-        count = -(-count // params.warps) * params.warps       # whole blocks
-        dealt = _workers(np.diff(csr.indptr), count)
-    order = np.fromiter((r for rows in dealt for r in rows), dtype=np.int64, count=m)
-    work = np.concatenate([[0], np.cumsum([len(rows) for rows in dealt])]).astype(np.int64)
+        dealt = worker_rows(np.diff(csr.indptr), params)
+    order, work = _run_order(dealt, m)
     slices = params.k_slices
     channel_of = slice_bounds(geometry, slices)
     offsets, values = [], []
@@ -481,11 +492,7 @@ def _tile_plan(csr: sp.csr_matrix, geometry: Geometry, params: StreamParams,
     0 * x is exact for finite inputs, as with the other stages' padding)."""
     m, k2 = geometry.out_channels, geometry.kernel ** 2
     layout = tile_layout(geometry, params.vector_width)
-    count = -(-m // params.rows_per_worker)
-    count = -(-count // params.warps) * params.warps       # whole blocks
-    dealt = _workers(np.diff(csr.indptr), count)
-    order = np.fromiter((r for rows in dealt for r in rows), dtype=np.int64, count=m)
-    work = np.concatenate([[0], np.cumsum([len(rows) for rows in dealt])]).astype(np.int64)
+    order, work = _run_order(worker_rows(np.diff(csr.indptr), params), m)
     seg = np.zeros((m, 2), dtype=np.int64)
     offsets, values = [], []
     start = 0

@@ -14,8 +14,8 @@ from __future__ import annotations
 import numpy as np
 
 from ...problem_shape import ELEMENT_BYTES, PRECISIONS, Geometry
-from .plan import (PAD, StreamParams, _workers, check_limits, fit_params, slice_bounds,
-                   tap_offsets, tile_layout)
+from .plan import (PAD, StreamParams, check_limits, fit_params, slice_bounds, tap_offsets,
+                   tile_layout, worker_rows)
 
 LOOP_CODE_BYTES = 2048          # SASS of one segment's loop (both chunk paths)
 # per entry, besides the FMAs: stage "shfl" two shuffles, an address (sign-extended add + LEA
@@ -109,9 +109,8 @@ def estimate(geometry: Geometry, csr, params: StreamParams, precision: str) -> d
     counts = np.bincount(rows * cells + part * segments + segment,
                          minlength=m * cells).reshape(m, cells)
     padded = (-(-counts // PAD) * PAD).sum(axis=1)
-    count = -(-m // params.rows_per_worker)
-    count = -(-count // params.warps) * params.warps
-    dealt = _workers(row_nnz, count)
+    dealt = worker_rows(row_nnz, params)
+    count = len(dealt)
     worker_of = np.empty(m, dtype=np.int64)
     for w, members in enumerate(dealt):
         worker_of[members] = w
