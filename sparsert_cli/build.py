@@ -191,7 +191,9 @@ def lowered(plan: Plan, arch: str = DEFAULT_ARCH, dependent_launch: bool = False
     lets the next launch start (programmatic dependent launch: sm_90 and newer). A plan whose
     dynamic shared memory a block of `arch` cannot have is refused here (UserError)."""
     need = getattr(plan, "dynamic_shared_bytes", 0)
-    if need and need + 4096 > block_shared_bytes(arch):    # + the entry buffers
+    if need:                                    # + the static entry buffers or staged entries
+        need += getattr(plan, "static_shared_bytes", 4096)
+    if need > block_shared_bytes(arch):
         raise UserError(f"plan {plan.params.name()} keeps {need >> 10} KB in shared memory; "
                         f"a block of {arch} gets at most {block_shared_bytes(arch) >> 10} KB "
                         f"(another plan, or a newer --arch)")

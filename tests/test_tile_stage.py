@@ -43,12 +43,15 @@ CASES = {   # (M, C, H, W), batch, epilogue, plan changes
     "single_even_gelu": ((12, 6, 6, 10), 1, {"activation": "gelu", "bias": np.ones(12)},
                          {"vector_width": 1, "chains": 8}),
     "single_relu6": ((12, 40, 3, 5), 1, {"activation": "relu6"}, {"vector_width": 1}),
+    # a block's entries past MAX_STAGED_ENTRY_BYTES: its warps stream them in chunks
+    "streamed_entries": ((12, 512, 3, 3), 1, EPI, {"warps": 3, "rows_per_worker": 1}),
 }
 
 
 def _kernel(name):
     (m, c, h, w), batch, epi, plan = CASES[name]
-    weight = sparse((m, c, 3, 3), 0.6 if name == "long_rows" else 0.2, len(name))
+    weight = sparse((m, c, 3, 3), 0.6 if name in ("long_rows", "streamed_entries") else 0.2,
+                    len(name))
     if name == "empty_rows":
         weight[3:9] = 0
     return sparsert.compile_kernel(weight, op="conv", input_shape=(batch, c, h, w), padding=1,
@@ -69,6 +72,49 @@ def test_tile_kernels_verify_and_print_back(name):
     assert kernel.dynamic_shared_bytes == tile_layout(kernel.geometry,
                                                       kernel.plan_params.vector_width).bytes
     assert kernel.manifest()["dynamic_shared_bytes"] == kernel.dynamic_shared_bytes
+    source = print_stream(ir)
+    staged = kernel.plan.staged_entries
+    assert (staged == 0) == (name == "streamed_entries")
+    assert ("cp.async.cg.shared.global" in source) == bool(staged)
+    assert ("sparsert_stage[" in source) != bool(staged)
+    if staged:      # the static array holds the largest block's run, and the cubin says so
+        assert f"int2 sparsert_block_ent[{staged}];" in source
+        assert kernel.resources.shared_bytes >= 8 * staged
+
+
+def test_block_entries_and_staging_rule():
+    from sparsert_cli.families.streamed import plan as sp
+
+    # three workers in blocks of two: rows 0-1 (entries 0..24), row 2 (24..40), none
+    work, seg = np.array([0, 1, 2, 3, 3]), np.array([[0, 8], [8, 24], [24, 40]])
+    assert sp.block_entries(work, seg, 2) == 24
+    g = Geometry(1, 8, 7, 7, 12, 3, 1, 1)
+    assert sp.staged_entries(g, "tile", 1, work, seg, 2) == 24
+    assert sp.staged_entries(g, "smem", 1, work, seg, 2) == 0
+    big = np.array([[0, sp.MAX_STAGED_ENTRY_BYTES // 8 + 8]])
+    assert sp.staged_entries(g, "tile", 1, np.array([0, 1]), big, 1) == 0
+    # beside a large image, what fits the block's 227 KB
+    wide = Geometry(1, 390, 14, 14, 12, 3, 1, 1)      # a 195-KB image
+    room = (sp.TILE_BLOCK_BYTES - tile_layout(wide, 2).bytes) // 8
+    assert 0 < room < sp.MAX_STAGED_ENTRY_BYTES // 8
+    assert sp.staged_entries(wide, "tile", 2, np.array([0, 1]), np.array([[0, room]]), 1) == room
+    assert sp.staged_entries(wide, "tile", 2, np.array([0, 1]),
+                             np.array([[0, room + 8]]), 1) == 0
+
+
+def test_dependent_launch_stages_entries_before_the_wait():
+    """The entries and the first row header are read before griddepcontrol.wait (constant
+    data), the image after it; no L2 prefetch loop beside the copy."""
+    from dataclasses import replace
+
+    ir = replace(lower(_kernel("odd_height_width").plan), dependent_launch=True)
+    source = print_stream(ir)
+    check_printed(ir, source)
+    wait = source.index("griddepcontrol.wait")
+    assert source.index("cp.async.cg.shared.global") < wait < source.index("the zero-padded image")
+    assert source.index("nrow = __ldg(R)") < wait
+    assert "prefetch.global.L2" not in source and "sparsert_span" in source
+    assert source.index("cp.async.wait_all") < source.index("__syncthreads()")
 
 
 def test_interpreter_matches_reference_with_fp16_rounding():

@@ -23,7 +23,7 @@ import numpy as np
 from .. import __version__
 from ..compile import Compiled, cpp_to_ptx, ptx_to_cubin
 from ..ir import IndexOp, StreamIR, TapBase
-from ..families.streamed.plan import PAD, TILE_LEAD, tile_layout
+from ..families.streamed.plan import PAD, TILE_LEAD, staged_entries, tile_layout
 from ..problem_shape import Geometry
 from .cuda import GRID_DEPENDENCY, RULES, _helpers, f32
 from .ptx import f16_bits
@@ -130,9 +130,14 @@ def tables(ir: StreamIR) -> dict[str, np.ndarray]:
     out = {"sparsert_work": ir.work, "sparsert_rows": rows, "sparsert_ent": ent}
     if ir.bias is not None:
         out["sparsert_bias"] = _words(ir.bias, t.half_acc, ir.vector_width > 1)
-    if prefetches(ir):
+    if prefetches(ir) or staged(ir):
         out["sparsert_span"] = spans(ir)
     return out
+
+
+def staged(ir: StreamIR) -> int:
+    """Entries a tile-stage block copies into shared memory before its loop (0: none)."""
+    return staged_entries(ir.geometry, ir.stage, ir.vector_width, ir.work, ir.seg, ir.warps)
 
 
 def spans(ir: StreamIR) -> np.ndarray:
@@ -187,9 +192,10 @@ def _prefetch(ir: StreamIR) -> list[str]:
 
 def prefetches(ir: StreamIR) -> bool:
     """Whether the kernel prefetches its pattern data (dependent launch; the prefetch loop's
-    byte offsets, up to a block's threads' lines past a table's end, within int range)."""
+    byte offsets, up to a block's threads' lines past a table's end, within int range; a tile
+    kernel that stages its entries copies them instead)."""
     room = 2**31 - ir.col_threads * ir.warps * LINE
-    return (PREFETCH and ir.dependent_launch
+    return (PREFETCH and ir.dependent_launch and not staged(ir)
             and 8 * len(ir.offsets) < room and 4 * ir.seg.size + 4 * len(ir.row_out) < room)
 
 
@@ -222,7 +228,8 @@ def _head(ir: StreamIR, t: _Types) -> list[str]:
     for name, words in tables(ir).items():    # int words; the nonzeros are read as int2
         lines = prefetches(ir) and name in ("sparsert_ent", "sparsert_rows")
         out.append(_table("int", name, words,
-                          LINE if lines else 8 if name == "sparsert_ent" else 4))
+                          LINE if lines else 16 if name == "sparsert_ent" and staged(ir)
+                          else 8 if name == "sparsert_ent" else 4))
     return out
 
 
@@ -335,10 +342,14 @@ def _print_tile(ir: StreamIR, t: _Types) -> str:
     """Stage "tile" (families/streamed/plan.py TileLayout): the block copies its image,
     zero-padded, into shared memory, then each worker runs its rows' entries, each entry two
     16-bit shared loads (the thread's top and bottom pixel), a byte permute and one HFMA2 (at
-    width 1: one load and one HFMA)."""
+    width 1: one load and one HFMA). Where they fit (`staged`), the block's entries are copied
+    into shared memory too, asynchronously and before the wait for the previous grid (they are
+    constant), and each worker's first row header is read then; else each warp loads its
+    entries 32 at a time, the next chunk in flight while it runs one."""
     g = ir.geometry
     lay = tile_layout(g, ir.vector_width)
     pairs = lay.pairs
+    n_staged = staged(ir)
     acc, h2 = ("unsigned", "2") if pairs else ("unsigned short", "")
     hw, width, threads = g.height * g.width, g.width, ir.col_threads * ir.warps
     out = _head(ir, t)
@@ -350,15 +361,21 @@ def _print_tile(ir: StreamIR, t: _Types) -> str:
             f"  // the image in shared memory: tile row i of a channel is image row i - 1 "
             f"({lay.rows} rows of {lay.row} halves), {TILE_LEAD} zero halves first",
             "  extern __shared__ __align__(16) unsigned short sparsert_tile[];",
-            f"  __shared__ __align__(16) int2 sparsert_stage[{ir.stage_warps}][32];",
+            (f"  __shared__ __align__(16) int2 sparsert_block_ent[{n_staged}];   "
+             "// this block's entries" if n_staged else
+             f"  __shared__ __align__(16) int2 sparsert_stage[{ir.stage_warps}][32];"),
             "  const int t = threadIdx.y * blockDim.x + threadIdx.x;",
             f"  x += blockIdx.y * {g.in_channels * hw};   // this block's image",
             f"  y += blockIdx.y * {g.out_channels * hw};"]
     if ir.residual:
         out.append(f"  res += blockIdx.y * {g.out_channels * hw};")
+    if n_staged:
+        out += _tile_stage_entries(threads)
     if ir.dependent_launch:                 # the copy reads what the kernel before wrote
         out.append(GRID_DEPENDENCY[0])
     out += _tile_fill(ir)
+    if n_staged:
+        out.append('  asm volatile("cp.async.wait_all;" ::: "memory");')
     out += ["  __syncthreads();",
             "  const int p = threadIdx.x;           // "
             + ("the pixel pair (oh, ow), (oh + H2, ow)" if pairs else "the pixel (oh, ow)"),
@@ -367,40 +384,83 @@ def _print_tile(ir: StreamIR, t: _Types) -> str:
     if pairs:
         out.append(f"  const bool second = act && oh + {lay.half} < {g.height};")
     out += ["  const unsigned tb = (unsigned)__cvta_generic_to_shared(sparsert_tile) + "
-            f"2u * (oh * {lay.row} + ow);",
-            "  const int lane = threadIdx.x & 31;",
-            f"  int2* const buf = sparsert_stage[threadIdx.y * {ir.col_threads // 32} + "
-            "(threadIdx.x >> 5)];",
-            "  const unsigned qa = (unsigned)__cvta_generic_to_shared(buf);",
-            "  const int2* ent = reinterpret_cast<const int2*>(sparsert_ent);",
-            "  const int w = blockIdx.x * WARPS + threadIdx.y;",
-            "  const int r_end = __ldg(sparsert_work + w + 1);",
-            "  for (int r = __ldg(sparsert_work + w); r < r_end; ++r) {",
-            "    const int* R = sparsert_rows + r * STRIDE;",
-            "    const int row = __ldg(R), lo = __ldg(R + 1), end = __ldg(R + 2);",
-            f"    {acc} a[CHAINS];",
-            "#pragma unroll",
-            f"    for (int c = 0; c < CHAINS; ++c) a[c] = {'0u' if pairs else '0'};",
-            "    int2 mine = lane < end - lo ? __ldg(ent + lo + lane) : make_int2(0, 0);",
-            "    for (int e = lo; e < end; e += 32) {",
-            "      const int n = min(32, end - e);",
-            "      const int2 next = lane < end - e - 32 ? __ldg(ent + e + 32 + lane) : "
-            "make_int2(0, 0);",
-            "      __syncwarp();",
-            "      buf[lane] = mine;",
-            "      __syncwarp();",
-            "      if (n == 32) {"]
+            f"2u * (oh * {lay.row} + ow);"]
+    if n_staged:
+        out += ["  // entry e of this block at qb + 8 e",
+                "  const unsigned qb = (unsigned)__cvta_generic_to_shared(sparsert_block_ent) - "
+                "8u * (unsigned)e0;",
+                "  for (; r < r_end; ++r) {",
+                "    const int row = nrow, lo = nlo, end = nend;",
+                "    if (r + 1 < r_end) {   // the next row's header",
+                "      const int* R = sparsert_rows + (r + 1) * STRIDE;",
+                "      nrow = __ldg(R); nlo = __ldg(R + 1); nend = __ldg(R + 2);",
+                "    }",
+                f"    {acc} a[CHAINS];",
+                "#pragma unroll",
+                f"    for (int c = 0; c < CHAINS; ++c) a[c] = {'0u' if pairs else '0'};",
+                "    for (int e = lo; e < end; e += 32) {",
+                "      const int n = min(32, end - e);",
+                "      const unsigned qa = qb + 8u * (unsigned)e;",
+                "      if (n == 32) {"]
+    else:
+        out += ["  const int lane = threadIdx.x & 31;",
+                f"  int2* const buf = sparsert_stage[threadIdx.y * {ir.col_threads // 32} + "
+                "(threadIdx.x >> 5)];",
+                "  const unsigned qa = (unsigned)__cvta_generic_to_shared(buf);",
+                "  const int2* ent = reinterpret_cast<const int2*>(sparsert_ent);",
+                "  const int w = blockIdx.x * WARPS + threadIdx.y;",
+                "  const int r_end = __ldg(sparsert_work + w + 1);",
+                "  for (int r = __ldg(sparsert_work + w); r < r_end; ++r) {",
+                "    const int* R = sparsert_rows + r * STRIDE;",
+                "    const int row = __ldg(R), lo = __ldg(R + 1), end = __ldg(R + 2);",
+                f"    {acc} a[CHAINS];",
+                "#pragma unroll",
+                f"    for (int c = 0; c < CHAINS; ++c) a[c] = {'0u' if pairs else '0'};",
+                "    int2 mine = lane < end - lo ? __ldg(ent + lo + lane) : make_int2(0, 0);",
+                "    for (int e = lo; e < end; e += 32) {",
+                "      const int n = min(32, end - e);",
+                "      const int2 next = lane < end - e - 32 ? __ldg(ent + e + 32 + lane) : "
+                "make_int2(0, 0);",
+                "      __syncwarp();",
+                "      buf[lane] = mine;",
+                "      __syncwarp();",
+                "      if (n == 32) {"]
     out += ["        " + x for x in _tile_group(ir, 32, "0")]
     out += ["      } else {",
             f"        for (int j = 0; j < n; j += {PAD}) {{"]
     out += ["          " + x for x in _tile_group(ir, PAD, "j")]
-    out += ["        }", "      }", "      mine = next;", "    }",
+    out += ["        }", "      }", *(() if n_staged else ("      mine = next;",)), "    }",
             "#pragma unroll",
             f"    for (int c = 1; c < CHAINS; ++c) a[0] = sparsert_hadd{h2}(a[0], a[c]);",
             f"    {acc} v = a[0];",
             f"    const int o = row * PIXELS + oh * {width} + ow;"]
     out += _tile_epilogue(ir, t, lay)
     return "\n".join(out + ["  }", "}"]) + "\n"
+
+
+def _tile_stage_entries(threads: int) -> list[str]:
+    """Before the wait (constant data): the worker's row range and first row header, and the
+    block's run of entries (whole 16-byte pairs: a row's run is a multiple of PAD, 16-byte
+    aligned) copied into shared memory with cp.async, awaited after the image copy."""
+    return [
+        "  const int w = blockIdx.x * WARPS + threadIdx.y;",
+        "  int r = __ldg(sparsert_work + w);",
+        "  const int r_end = __ldg(sparsert_work + w + 1);",
+        "  const int e0 = __ldg(sparsert_span + 2 * blockIdx.x);",
+        "  {   // this block's entries into shared memory",
+        "    const int pieces = (__ldg(sparsert_span + 2 * blockIdx.x + 2) - e0) / 2;",
+        "    const char* src = reinterpret_cast<const char*>(sparsert_ent) + 8ll * e0;",
+        "    const unsigned dst = (unsigned)__cvta_generic_to_shared(sparsert_block_ent);",
+        f"    for (int i = t; i < pieces; i += {threads})",
+        '      asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" :: "r"(dst + 16u * i), '
+        '"l"(src + 16ll * i) : "memory");',
+        '    asm volatile("cp.async.commit_group;" ::: "memory");',
+        "  }",
+        "  int nrow = 0, nlo = 0, nend = 0;   // the worker's next row header",
+        "  if (r < r_end) {",
+        "    const int* R = sparsert_rows + r * STRIDE;",
+        "    nrow = __ldg(R); nlo = __ldg(R + 1); nend = __ldg(R + 2);",
+        "  }"]
 
 
 # z (the other stages' zero buffer) stays in the signature, unused: the launch contract of every

@@ -37,6 +37,9 @@ def sparse(shape, density, seed):
 SHAPES = {   # (M, C, H, W), batch
     "14x14": ((24, 32, 14, 14), 1), "7x7_b2": ((20, 16, 7, 7), 2), "5x6": ((12, 8, 5, 6), 1),
     "6x9_b3": ((16, 8, 6, 9), 3), "long_rows": ((8, 96, 4, 4), 1),
+    # dense rows of 512 channels: a block's entries exceed what it stages in shared memory
+    # (MAX_STAGED_ENTRY_BYTES), so its warps stream them (the other shapes stage them)
+    "streamed_entries": ((12, 512, 3, 3), 1),
 }
 
 
@@ -51,9 +54,11 @@ def test_tile_kernels_match_float64(gpu, name, plan, epilogue):
     epi = ({"bias": np.linspace(-1, 1, m), "activation": epilogue, "residual": True}
            if epilogue else None)
     kernel = sparsert.compile_kernel(
-        sparse((m, c, 3, 3), 0.6 if name == "long_rows" else 0.2, len(name)), op="conv",
+        sparse((m, c, 3, 3), 0.2 if name not in ("long_rows", "streamed_entries") else 0.6,
+               len(name)), op="conv",
         input_shape=(batch, c, h, w), padding=1, dtype="fp16", tuned=False, cache=None,
         epilogue=epi, plan=StreamParams(stage="tile", **{"vector_width": 2, **plan}))
+    assert (kernel.plan.staged_entries == 0) == (name == "streamed_entries"), plan
     result = sparsert.benchmark_layer(gpu, kernel, baselines=False, replays=1, checks=2)
     assert result["verify_gpu"]["ok"], (name, plan, result["verify_gpu"])
 

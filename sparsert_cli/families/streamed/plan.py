@@ -67,6 +67,14 @@ MAX_SM_THREADS = 2048           # resident threads per SM (sm_70 to sm_90)
 # (sm_90 gives a block up to 227 KB; the entry buffers take some of the rest)
 MAX_TILE_BYTES = 200 << 10
 TILE_LEAD = 8                   # zero halves before the first channel (16 bytes)
+# stage "tile": a block's entries (8 bytes each) are copied into static shared memory (at most
+# 48 KB a kernel) before its wait for the previous grid, where they fit this and, with the image,
+# the 227 KB sm_90 gives a block; else its workers stream them in chunks of 32 (session 24)
+MAX_STAGED_ENTRY_BYTES = 40 << 10
+TILE_BLOCK_BYTES = 227 << 10
+# the tile stage's code generation (part of a tile plan's digest, so its cache key and symbol):
+# 2 = the block's entries staged in shared memory up front
+TILE_CODE = 2
 # whether defaults and candidates offer the tile stage: an experiment's switch for same-run
 # comparisons (scripts/model_profile.py --no-tile); read when a layer is planned
 TILE = True
@@ -218,6 +226,31 @@ def tile_default_applies(geometry: Geometry, precision: str) -> bool:
             and tile_refusal(geometry, PRECISIONS[precision][0], width=2) is None)
 
 
+def block_entries(work: np.ndarray, seg: np.ndarray, warps: int) -> int:
+    """The most entries one worker block's rows own (a block's rows are consecutive row entries
+    and their nonzeros one run of entries: seg[first row, 0] to seg[last row, -1])."""
+    first = np.asarray(work, dtype=np.int64)[::warps]
+    seg = np.asarray(seg, dtype=np.int64)
+    most = 0
+    for a, b in zip(first[:-1].tolist(), first[1:].tolist()):
+        if b > a:
+            most = max(most, int(seg[b - 1, -1] - seg[a, 0]))
+    return most
+
+
+def staged_entries(geometry: Geometry, stage: str, width: int, work: np.ndarray,
+                   seg: np.ndarray, warps: int) -> int:
+    """Entries a tile-stage block stages in shared memory (0: its workers stream them): the
+    block's whole run where it fits MAX_STAGED_ENTRY_BYTES and, beside the image,
+    TILE_BLOCK_BYTES."""
+    if stage != "tile":
+        return 0
+    n = block_entries(work, seg, warps)
+    fits = (8 * n <= MAX_STAGED_ENTRY_BYTES
+            and tile_layout(geometry, width).bytes + 8 * n <= TILE_BLOCK_BYTES)
+    return n if n and fits else 0
+
+
 def dynamic_shared_bytes(geometry: Geometry, params: StreamParams) -> int:
     """Dynamic shared memory a kernel of these (fitted) parameters asks for at launch."""
     return (tile_layout(geometry, params.vector_width).bytes if params.stage == "tile"
@@ -283,6 +316,20 @@ class StreamPlan(ColumnTiles):
     def dynamic_shared_bytes(self) -> int:
         return dynamic_shared_bytes(self.geometry, self.params)
 
+    @cached_property
+    def staged_entries(self) -> int:
+        """Entries each block of a tile plan keeps in static shared memory (0: none)."""
+        return staged_entries(self.geometry, self.params.stage, self.params.vector_width,
+                              self.work, self.seg, self.params.warps)
+
+    @property
+    def static_shared_bytes(self) -> int:
+        """Static shared memory a tile kernel declares: its staged entries, else a 32-entry
+        buffer a warp (8 bytes an entry)."""
+        if self.staged_entries:
+            return 8 * self.staged_entries
+        return 256 * (self.params.col_threads // 32) * self.params.warps
+
     @property
     def nnz(self) -> int:
         """Nonzero weights (the padding entries hold zeros)."""
@@ -319,6 +366,8 @@ class StreamPlan(ColumnTiles):
                "accumulate": self.accumulate}
         if self.tile_rows:
             doc["tile_rows"] = self.tile_rows
+        if self.params.stage == "tile":
+            doc["tile_code"] = TILE_CODE
         h.update(json.dumps(doc, sort_keys=True).encode())
         for array in (self.work, self.row_out, self.seg, self.offsets):
             h.update(b"|" + np.ascontiguousarray(array, dtype=np.int64).tobytes())
