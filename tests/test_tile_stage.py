@@ -90,7 +90,10 @@ def test_block_entries_and_staging_rule():
     assert sp.block_entries(work, seg, 2) == 24
     g = Geometry(1, 8, 7, 7, 12, 3, 1, 1)
     assert sp.staged_entries(g, "tile", 1, work, seg, 2) == 24
-    assert sp.staged_entries(g, "smem", 1, work, seg, 2) == 0
+    assert sp.staged_entries(g, "smem", 1, work, seg, 2) == 24
+    assert sp.staged_entries(g, "smem", 1, work, seg, 2, tile_rows=4) == 0
+    assert sp.staged_entries(g, "shfl", 1, work, seg, 2) == 0
+    assert sp.staged_entries(g, "ring", 1, work, seg, 2) == 0
     big = np.array([[0, sp.MAX_STAGED_ENTRY_BYTES // 8 + 8]])
     assert sp.staged_entries(g, "tile", 1, np.array([0, 1]), big, 1) == 0
     # beside a large image, what fits the block's 227 KB
@@ -230,3 +233,31 @@ def test_review_edge_cases(tmp_path):
     ok = sparsert.compile_kernel(big, op="conv", input_shape=(1, 256, 14, 14), padding=1,
                                  dtype="fp16", tuned=False, cache=None, plan=tile, arch="sm_90")
     assert ok.dynamic_shared_bytes > 99 * 1024
+
+
+def test_smem_stage_stages_its_block_entries():
+    """Stage smem copies its block's entries (every K-slice's) into shared memory with cp.async
+    before the loop, the segment loops then read them there; blocks whose entries exceed
+    MAX_STAGED_ENTRY_BYTES, and token-major kernels that stage their output, stream them."""
+    from dataclasses import replace
+
+    smem = StreamParams(stage="smem", warps=2, rows_per_worker=3)
+    for slices in (1, 2):
+        kernel = sparsert.compile_kernel(
+            sparse((16, 24, 3, 3), 0.3, 7), op="conv", input_shape=(1, 24, 9, 9), padding=1,
+            dtype="fp16", tuned=False, cache=None, epilogue=EPI | {"bias": np.ones(16)},
+            plan=replace(smem, k_slices=slices))
+        ir = lower(kernel.plan)
+        assert kernel.plan.staged_entries > 0
+        for dependent in (False, True):
+            source = print_stream(replace(ir, dependent_launch=dependent))
+            check_printed(replace(ir, dependent_launch=dependent), source)
+            assert "cp.async.cg.shared.global" in source and "sparsert_stage" not in source
+            if dependent:
+                assert source.index("cp.async.wait_all") < source.index("griddepcontrol.wait")
+        assert kernel.verify(3).verified["ok"]
+    wide = sparsert.compile_kernel(sparse((8, 4096), 0.6, 3), n=16, dtype="fp16", tuned=False,
+                                   cache=None, plan=smem)
+    assert wide.plan.staged_entries == 0
+    assert "cp.async" not in print_stream(lower(wide.plan))
+    assert wide.verify(3).verified["ok"]

@@ -136,8 +136,9 @@ def tables(ir: StreamIR) -> dict[str, np.ndarray]:
 
 
 def staged(ir: StreamIR) -> int:
-    """Entries a tile-stage block copies into shared memory before its loop (0: none)."""
-    return staged_entries(ir.geometry, ir.stage, ir.vector_width, ir.work, ir.seg, ir.warps)
+    """Entries a block copies into shared memory before its loop (0: none)."""
+    return staged_entries(ir.geometry, ir.stage, ir.vector_width, ir.work, ir.seg, ir.warps,
+                          ir.tile_rows)
 
 
 def spans(ir: StreamIR) -> np.ndarray:
@@ -193,9 +194,10 @@ def _prefetch(ir: StreamIR) -> list[str]:
 def prefetches(ir: StreamIR) -> bool:
     """Whether the kernel prefetches its pattern data (dependent launch; the prefetch loop's
     byte offsets, up to a block's threads' lines past a table's end, within int range; a tile
-    kernel that stages its entries copies them instead)."""
+    kernel that stages its entries copies them instead: an smem kernel still prefetches its row
+    headers, and its entries' lines just before it copies them)."""
     room = 2**31 - ir.col_threads * ir.warps * LINE
-    return (PREFETCH and ir.dependent_launch and not staged(ir)
+    return (PREFETCH and ir.dependent_launch and not (ir.stage == "tile" and staged(ir))
             and 8 * len(ir.offsets) < room and 4 * ir.seg.size + 4 * len(ir.row_out) < room)
 
 
@@ -279,10 +281,17 @@ def print_stream(ir: StreamIR, arch: str = "sm_90") -> str:
     else:
         out += [f"  const {e}* b{i} = x;" for i in range(segments)]
     acc = f"{t.acc_t} a[CHAINS][{t.units}]"
-    out += ["  const int2* ent = reinterpret_cast<const int2*>(sparsert_ent);",
-            "  const int lane = threadIdx.x & 31;"]
+    if not staged(ir):
+        out += ["  const int2* ent = reinterpret_cast<const int2*>(sparsert_ent);",
+                "  const int lane = threadIdx.x & 31;"]
     mine = f"sparsert_stage[threadIdx.y * {ir.col_threads // 32} + (threadIdx.x >> 5)]"
-    if ir.stage == "smem":   # per warp two buffers, used in turn: one __syncwarp per chunk
+    n_staged = staged(ir)
+    if n_staged:             # the block's entries, copied before the wait (constant data)
+        out += [f"  __shared__ __align__(16) int2 sparsert_block_ent[{n_staged}];",
+                *_copy_entries(ir.col_threads * ir.warps),
+                '  asm volatile("cp.async.wait_all;" ::: "memory");',
+                "  __syncthreads();"]
+    elif ir.stage == "smem":   # per warp two buffers, used in turn: one __syncwarp per chunk
         out += [f"  __shared__ __align__(16) int2 sparsert_stage[{ir.stage_warps}][2][32];",
                 f"  int2 (*const buf)[32] = {mine};",
                 "  int p = 0;"]
@@ -440,26 +449,33 @@ def _print_tile(ir: StreamIR, t: _Types) -> str:
 
 def _tile_stage_entries(threads: int) -> list[str]:
     """Before the wait (constant data): the worker's row range and first row header, and the
-    block's run of entries (whole 16-byte pairs: a row's run is a multiple of PAD, 16-byte
-    aligned) copied into shared memory with cp.async, awaited after the image copy."""
+    block's entries copied into shared memory (_copy_entries), awaited after the image copy."""
     return [
         "  const int w = blockIdx.x * WARPS + threadIdx.y;",
         "  int r = __ldg(sparsert_work + w);",
         "  const int r_end = __ldg(sparsert_work + w + 1);",
+        *_copy_entries(threads),
+        "  int nrow = 0, nlo = 0, nend = 0;   // the worker's next row header",
+        "  if (r < r_end) {",
+        "    const int* R = sparsert_rows + r * STRIDE;",
+        "    nrow = __ldg(R); nlo = __ldg(R + 1); nend = __ldg(R + 2);",
+        "  }"]
+
+
+def _copy_entries(threads: int) -> list[str]:
+    """The block's run of entries (whole 16-byte pairs: every row's or segment's run is a
+    multiple of PAD, so 16-byte aligned) into sparsert_block_ent with cp.async; e0 its first
+    entry's index (entry e at sparsert_block_ent[e - e0])."""
+    return [
         "  const int e0 = __ldg(sparsert_span + 2 * blockIdx.x);",
         "  {   // this block's entries into shared memory",
         "    const int pieces = (__ldg(sparsert_span + 2 * blockIdx.x + 2) - e0) / 2;",
         "    const char* src = reinterpret_cast<const char*>(sparsert_ent) + 8ll * e0;",
         "    const unsigned dst = (unsigned)__cvta_generic_to_shared(sparsert_block_ent);",
-        f"    for (int i = t; i < pieces; i += {threads})",
+        f"    for (int i = threadIdx.y * blockDim.x + threadIdx.x; i < pieces; i += {threads})",
         '      asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" :: "r"(dst + 16u * i), '
         '"l"(src + 16ll * i) : "memory");',
         '    asm volatile("cp.async.commit_group;" ::: "memory");',
-        "  }",
-        "  int nrow = 0, nlo = 0, nend = 0;   // the worker's next row header",
-        "  if (r < r_end) {",
-        "    const int* R = sparsert_rows + r * STRIDE;",
-        "    nrow = __ldg(R); nlo = __ldg(R + 1); nend = __ldg(R + 2);",
         "  }"]
 
 
@@ -652,17 +668,28 @@ def _segment(ir: StreamIR, t: _Types, i: int, load: str) -> list[str]:
                 + ["          e += 32;", "        } else {"]
                 + ["          " + x for x in groups(1, "")]
                 + [f"          e += {PAD};", "        }", "      }", "    }"])
+    n_staged = staged(ir)
     out = ["    {",
-           f"      const int lo = __ldg(R + {1 + i}), end = __ldg(R + {2 + i});",
-           "      int2 mine = lane < end - lo ? __ldg(ent + lo + lane) : make_int2(0, 0);"]
+           f"      const int lo = __ldg(R + {1 + i}), end = __ldg(R + {2 + i});"]
+    if not n_staged:
+        out.append("      int2 mine = lane < end - lo ? __ldg(ent + lo + lane) : make_int2(0, 0);")
     if i == 0 and ir.dependent_launch:      # before the row's first activation load
         out.append("    " + GRID_DEPENDENCY[0])
     out += [
            "      for (int e = lo; e < end; e += 32) {",
-           "        const int n = min(32, end - e);",
-           "        const int2 next = lane < end - e - 32 ? __ldg(ent + e + 32 + lane)"
-           " : make_int2(0, 0);"]
-    if ir.stage == "smem":    # offsets are >= 0: unsigned, one wide multiply-add per address
+           "        const int n = min(32, end - e);"]
+    if not n_staged:
+        out.append("        const int2 next = lane < end - e - 32 ? __ldg(ent + e + 32 + lane)"
+                   " : make_int2(0, 0);")
+    if n_staged:              # the chunk's entries where the block staged them
+        full = (["const int4 pr = q[j / 2];"]
+                + block(entry(pick.format("x", "y"), "a[j % CHAINS]"), 0)
+                + block(entry(pick.format("z", "w"), "a[(j + 1) % CHAINS]"), 0))
+        tail = ["const int4 pr = q[(j + c) / 2];"] + pair[1:]
+        out.append("        const int4* q = reinterpret_cast<const int4*>(sparsert_block_ent + "
+                   "(e - e0));")
+        step = 2
+    elif ir.stage == "smem":    # offsets are >= 0: unsigned, one wide multiply-add per address
         full = (["const int4 pr = q[j / 2];"]
                 + block(entry(pick.format("x", "y"), "a[j % CHAINS]"), 0)
                 + block(entry(pick.format("z", "w"), "a[(j + 1) % CHAINS]"), 0))
@@ -684,8 +711,9 @@ def _segment(ir: StreamIR, t: _Types, i: int, load: str) -> list[str]:
             "#pragma unroll", f"            for (int c = 0; c < {PAD}; "
             f"{'++c' if step == 1 else f'c += {step}'}) {{"]
     out += ["              " + x for x in tail]
-    out += ["            }", "          }", "        }", "        mine = next;"]
-    out += ["        p ^= 1;"] if ir.stage == "smem" else []
+    out += ["            }", "          }", "        }"]
+    if not n_staged:
+        out += ["        mine = next;"] + (["        p ^= 1;"] if ir.stage == "smem" else [])
     return out + ["      }", "    }"]
 
 

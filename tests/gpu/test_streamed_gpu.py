@@ -49,6 +49,9 @@ CASES = {
     "3x3_long": (sparse((16, 64, 3, 3), 0.6, 10), dict(op="conv", input_shape=(1, 64, 6, 6),
                                                         padding=1), dict(rows_per_worker=2)),
     "empty_rows": (np.pad(sparse((8, 32), 0.5, 9), ((0, 24), (0, 0))), dict(n=64), {}),
+    # a block's entries past MAX_STAGED_ENTRY_BYTES: stage smem streams them 32 at a time (the
+    # other cases' smem kernels copy their block's entries into shared memory first)
+    "long_block_runs": (sparse((8, 4096), 0.6, 11), dict(n=40), {}),
 }
 
 

@@ -67,14 +67,17 @@ MAX_SM_THREADS = 2048           # resident threads per SM (sm_70 to sm_90)
 # (sm_90 gives a block up to 227 KB; the entry buffers take some of the rest)
 MAX_TILE_BYTES = 200 << 10
 TILE_LEAD = 8                   # zero halves before the first channel (16 bytes)
-# stage "tile": a block's entries (8 bytes each) are copied into static shared memory (at most
-# 48 KB a kernel) before its wait for the previous grid, where they fit this and, with the image,
-# the 227 KB sm_90 gives a block; else its workers stream them in chunks of 32 (session 24)
+# stages "tile" and "smem": a block's entries (8 bytes each) are copied into static shared
+# memory (at most 48 KB a kernel) before its wait for the previous grid, where they fit this
+# (tile: and, with the image, the 227 KB sm_90 gives a block); else its warps stream them in
+# chunks of 32 (session 24)
 MAX_STAGED_ENTRY_BYTES = 40 << 10
 TILE_BLOCK_BYTES = 227 << 10
 # the tile stage's code generation (part of a tile plan's digest, so its cache key and symbol):
 # 2 = the block's entries staged in shared memory up front
 TILE_CODE = 2
+# stage "smem" with its block's entries staged in shared memory (part of such a plan's digest)
+STAGED_CODE = 1
 # whether defaults and candidates offer the tile stage: an experiment's switch for same-run
 # comparisons (scripts/model_profile.py --no-tile); read when a layer is planned
 TILE = True
@@ -239,15 +242,16 @@ def block_entries(work: np.ndarray, seg: np.ndarray, warps: int) -> int:
 
 
 def staged_entries(geometry: Geometry, stage: str, width: int, work: np.ndarray,
-                   seg: np.ndarray, warps: int) -> int:
-    """Entries a tile-stage block stages in shared memory (0: its workers stream them): the
-    block's whole run where it fits MAX_STAGED_ENTRY_BYTES and, beside the image,
-    TILE_BLOCK_BYTES."""
-    if stage != "tile":
+                   seg: np.ndarray, warps: int, tile_rows: int = 0) -> int:
+    """Entries a block stages in shared memory (0: its warps stream them 32 at a time): the
+    block's whole run (every K-slice's) where it fits MAX_STAGED_ENTRY_BYTES, for stage "tile"
+    (beside the image, in TILE_BLOCK_BYTES) and stage "smem" (not with token-major output
+    staged in shared memory too: tile_rows)."""
+    if stage not in ("tile", "smem") or (stage == "smem" and tile_rows):
         return 0
     n = block_entries(work, seg, warps)
-    fits = (8 * n <= MAX_STAGED_ENTRY_BYTES
-            and tile_layout(geometry, width).bytes + 8 * n <= TILE_BLOCK_BYTES)
+    fits = 8 * n <= MAX_STAGED_ENTRY_BYTES and (
+        stage != "tile" or tile_layout(geometry, width).bytes + 8 * n <= TILE_BLOCK_BYTES)
     return n if n and fits else 0
 
 
@@ -320,7 +324,7 @@ class StreamPlan(ColumnTiles):
     def staged_entries(self) -> int:
         """Entries each block of a tile plan keeps in static shared memory (0: none)."""
         return staged_entries(self.geometry, self.params.stage, self.params.vector_width,
-                              self.work, self.seg, self.params.warps)
+                              self.work, self.seg, self.params.warps, self.tile_rows)
 
     @property
     def static_shared_bytes(self) -> int:
@@ -368,6 +372,8 @@ class StreamPlan(ColumnTiles):
             doc["tile_rows"] = self.tile_rows
         if self.params.stage == "tile":
             doc["tile_code"] = TILE_CODE
+        elif self.staged_entries:
+            doc["entries_staged"] = STAGED_CODE
         h.update(json.dumps(doc, sort_keys=True).encode())
         for array in (self.work, self.row_out, self.seg, self.offsets):
             h.update(b"|" + np.ascontiguousarray(array, dtype=np.int64).tobytes())
