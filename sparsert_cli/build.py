@@ -190,14 +190,18 @@ def lowered(plan: Plan, arch: str = DEFAULT_ARCH, dependent_launch: bool = False
     """The plan's kernel IR; with dependent_launch, its entry waits for the grid before it and
     lets the next launch start (programmatic dependent launch: sm_90 and newer). A plan whose
     dynamic shared memory a block of `arch` cannot have is refused here (UserError)."""
+    ir = lower(plan)
     need = getattr(plan, "dynamic_shared_bytes", 0)
-    if need:                                    # + the static entry buffers or staged entries
-        need += getattr(plan, "static_shared_bytes", 4096)
+    staged = getattr(ir, "staged", 0)
+    if staged and (arch_number(arch) < 80          # cp.async: sm_80 and newer
+                   or need + 8 * staged + 1024 > block_shared_bytes(arch)):
+        ir, staged = replace(ir, staged=0), 0      # its warps load the entries as they go
+    if need:                            # + the staged entries, or the warps' entry buffers
+        need += 8 * staged if staged else getattr(plan, "warp_buffer_bytes", 4096)
     if need > block_shared_bytes(arch):
         raise UserError(f"plan {plan.params.name()} keeps {need >> 10} KB in shared memory; "
                         f"a block of {arch} gets at most {block_shared_bytes(arch) >> 10} KB "
                         f"(another plan, or a newer --arch)")
-    ir = lower(plan)
     if not dependent_launch:
         return ir
     require_dependent_launch(arch)

@@ -326,6 +326,11 @@ class StreamIR(Precision):
     # token-major output in planes of `planes` rows (Epilogue.planes): row m, column j at
     # (m / P) * (N * P) + j * P + m % P; the pointers advance by outoff * P (0: one plane)
     planes: int = 0
+    # stages tile and smem: the entries each block copies into static shared memory before its
+    # loop (the most any block owns; 0: its warps load them 32 at a time). Lowering sets it
+    # where the plan allows (StreamPlan.staged_entries); build.lowered() clears it for a target
+    # without cp.async (before sm_80) or whose block cannot hold it beside the tile's image
+    staged: int = 0
 
     k_split = 1
     shared_bytes = 0                # smem staging is a static array (stage_warps)
@@ -345,7 +350,7 @@ class StreamIR(Precision):
     SCALARS = ("entry", "geometry", "dtype", "accumulate", "vector_width", "col_threads", "warps",
                "chains", "grid", "arguments", "columns", "pointers", "bases", "bias", "residual",
                "activation", "stage", "k_slices", "dependent_launch", "min_blocks", "token_major",
-               "tile_rows", "planes")
+               "tile_rows", "planes", "staged")
 
     def difference(self, other: "StreamIR") -> str | None:
         """The first field where `other` differs from this IR (None: equal)."""

@@ -23,7 +23,7 @@ import numpy as np
 from .. import __version__
 from ..compile import Compiled, cpp_to_ptx, ptx_to_cubin
 from ..ir import IndexOp, StreamIR, TapBase
-from ..families.streamed.plan import PAD, TILE_LEAD, staged_entries, tile_layout
+from ..families.streamed.plan import PAD, TILE_LEAD, tile_layout
 from ..problem_shape import Geometry
 from .cuda import GRID_DEPENDENCY, RULES, _helpers, f32
 from .ptx import f16_bits
@@ -137,8 +137,7 @@ def tables(ir: StreamIR) -> dict[str, np.ndarray]:
 
 def staged(ir: StreamIR) -> int:
     """Entries a block copies into shared memory before its loop (0: none)."""
-    return staged_entries(ir.geometry, ir.stage, ir.vector_width, ir.work, ir.seg, ir.warps,
-                          ir.tile_rows)
+    return ir.staged
 
 
 def spans(ir: StreamIR) -> np.ndarray:
@@ -962,6 +961,7 @@ def _parse(source: str) -> StreamIR | str:
     bases = tuple(TapBase(int(b[1]), int(b[3]), int(b[5])) for b in _BASE.findall(source))
     bias = (tuple(_from_words(found["sparsert_bias"], half_acc).tolist())
             if "sparsert_bias" in found else None)
+    staged = re.search(r"int2 sparsert_block_ent\[(\d+)\];", source)
     return StreamIR(
         entry=sig[3], comment=ir_comment(source), geometry=geometry, dtype=dtype,
         accumulate=accumulate, vector_width=width, col_threads=int(sig[1]) // warps,
@@ -972,7 +972,7 @@ def _parse(source: str) -> StreamIR | str:
         residual="res" in arguments, activation=activation, stage=stage, k_slices=slices,
         dependent_launch=source.startswith("\n{\n" + GRID_DEPENDENCY[1], sig.end()),
         min_blocks=int(sig[2] or 1), token_major=v[16] == "tokens", tile_rows=v[17] or 0,
-        planes=v[18] or 0)
+        planes=v[18] or 0, staged=int(staged[1]) if staged else 0)
 
 
 def ir_comment(source: str) -> str:

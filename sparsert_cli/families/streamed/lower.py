@@ -39,4 +39,4 @@ def lower(plan: StreamPlan) -> StreamIR:
         values=held(plan, plan.values), bias=bias, residual=epi.residual,
         activation=epi.activation, stage=plan.params.stage, k_slices=plan.k_slices,
         min_blocks=plan.params.min_blocks, token_major=epi.token_major,
-        tile_rows=plan.tile_rows, planes=epi.planes)
+        tile_rows=plan.tile_rows, planes=epi.planes, staged=plan.staged_entries)

@@ -72,7 +72,7 @@ TILE_LEAD = 8                   # zero halves before the first channel (16 bytes
 # (tile: and, with the image, the 227 KB sm_90 gives a block); else its warps stream them in
 # chunks of 32 (session 24)
 MAX_STAGED_ENTRY_BYTES = 40 << 10
-TILE_BLOCK_BYTES = 227 << 10
+TILE_BLOCK_BYTES = 226 << 10     # sm_90's 227 KB a block less 1 KB (ptxas counts 1 KB reserved)
 # the tile stage's code generation (part of a tile plan's digest, so its cache key and symbol):
 # 2 = the block's entries staged in shared memory up front
 TILE_CODE = 2
@@ -327,11 +327,9 @@ class StreamPlan(ColumnTiles):
                               self.work, self.seg, self.params.warps, self.tile_rows)
 
     @property
-    def static_shared_bytes(self) -> int:
-        """Static shared memory a tile kernel declares: its staged entries, else a 32-entry
-        buffer a warp (8 bytes an entry)."""
-        if self.staged_entries:
-            return 8 * self.staged_entries
+    def warp_buffer_bytes(self) -> int:
+        """Static shared memory of an unstaged tile kernel's entry buffers: 32 entries of 8
+        bytes a warp (a staged one declares 8 bytes an entry it stages instead)."""
         return 256 * (self.params.col_threads // 32) * self.params.warps
 
     @property
