@@ -84,3 +84,21 @@ def test_resnet_layers_tile_plans_match(gpu, problem, dependent):
     assert isinstance(kernel, sparsert.Kernel), kernel
     result = sparsert.benchmark_layer(gpu, kernel, baselines=False, replays=2, checks=2)
     assert result["verify_gpu"]["ok"], result["verify_gpu"]
+
+
+def test_a_staged_tile_plan_at_the_block_limit_launches(gpu):
+    """Image (195 KB) and staged entries (31 KB) within ~1.2 KB of the 227 KB an sm_90 block
+    gets (families/streamed/plan.py TILE_BLOCK_BYTES keeps 1 KB for what ptxas reserves): the
+    launch is accepted and the result matches."""
+    rng = np.random.default_rng(24)
+    weight = np.zeros((4, 390 * 9), np.float32)
+    for r in range(4):
+        weight[r, rng.choice(390 * 9, 980, replace=False)] = rng.standard_normal(980)
+    kernel = sparsert.compile_kernel(
+        weight.reshape(4, 390, 3, 3), op="conv", input_shape=(1, 390, 14, 14), padding=1,
+        dtype="fp16", tuned=False, cache=None,
+        plan=StreamParams(stage="tile", vector_width=2, warps=4, rows_per_worker=1))
+    assert kernel.plan.staged_entries == 3936
+    assert "sparsert_block_ent[3936]" in kernel.source
+    result = sparsert.benchmark_layer(gpu, kernel, baselines=False, replays=1, checks=2)
+    assert result["verify_gpu"]["ok"], result["verify_gpu"]
