@@ -19,7 +19,7 @@ import scipy.sparse as sps
 import sparsert_cli as sparsert
 from sparsert_cli.build import lowered
 from sparsert_cli.arch import block_shared_bytes
-from sparsert_cli.errors import CompileError, UserError
+from sparsert_cli.errors import UserError
 from sparsert_cli.families import lower
 from sparsert_cli.families.streamed import StreamParams
 from sparsert_cli.families.streamed import plan as sp
@@ -132,7 +132,7 @@ def test_block_runs_are_whole_aligned_pieces_within_the_array(name, dependent, p
     monkeypatch.setattr(S, "PREFETCH", prefetch)
     p = plan(name)
     ir, source = printed(name, dependent)
-    n = S.staged(ir)
+    n = ir.staged
     assert n == p.staged_entries and bool(n) == (name in STAGED)
     shared = static_shared(source)
     assert sum(shared.values()) + 1024 <= 48 << 10, shared
@@ -213,7 +213,7 @@ def test_every_thread_reaches_the_barrier_before_the_staged_array_is_read(name, 
 @pytest.mark.parametrize("name", ["3x3_pad1_ksplit", "tile_pairs"])
 def test_tampering_with_the_staging_is_caught(name):
     ir, source = printed(name)
-    n = S.staged(ir)
+    n = ir.staged
     span = S.spans(ir)
     words = ",".join(map(str, span.tolist()))
     bumped = span.copy()
@@ -289,7 +289,7 @@ def test_lowered_accepts_what_a_block_of_each_arch_holds():
         assert p.staged_entries
         for arch in ("sm_80", "sm_86", "sm_89", "sm_90"):
             assert need <= block_shared_bytes(arch)
-            assert S.staged(lowered(p, arch)) == p.staged_entries
+            assert lowered(p, arch).staged == p.staged_entries
     # a 195-KB image and 3936 entries (31 KB): within 1,264 bytes of sm_90's 227 KB a block
     # (TILE_BLOCK_BYTES keeps 1 KB for what ptxas reserves)
     g = Geometry(1, 390, 14, 14, 4, 3, 1, 1)
@@ -303,7 +303,7 @@ def test_lowered_accepts_what_a_block_of_each_arch_holds():
     need = big.dynamic_shared_bytes + 8 * big.staged_entries
     assert block_shared_bytes("sm_90") - 2048 < need <= block_shared_bytes("sm_90") - 1024
     ir = lowered(big, "sm_90")
-    assert S.staged(ir) == 3936
+    assert ir.staged == 3936
     for arch in ("sm_80", "sm_86", "sm_89"):            # the image alone is past their limit
         with pytest.raises(UserError, match="shared memory"):
             lowered(big, arch)
@@ -319,7 +319,7 @@ def test_lowered_does_not_refuse_a_tile_plan_that_fits_unstaged(arch, channels):
     assert p.dynamic_shared_bytes + unstaged <= block_shared_bytes(arch)   # it fits streamed
     assert p.dynamic_shared_bytes + 8 * p.staged_entries > block_shared_bytes(arch)
     ir = lowered(p, arch)           # its entries streamed on this arch, staged on sm_90
-    assert S.staged(ir) == 0 and p.staged_entries and S.staged(lowered(p, "sm_90"))
+    assert ir.staged == 0 and p.staged_entries and lowered(p, "sm_90").staged
     source = S.print_stream(ir)
     S.check_printed(ir, source)
     assert "cp.async" not in source and "sparsert_stage[" in source

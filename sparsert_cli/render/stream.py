@@ -130,14 +130,9 @@ def tables(ir: StreamIR) -> dict[str, np.ndarray]:
     out = {"sparsert_work": ir.work, "sparsert_rows": rows, "sparsert_ent": ent}
     if ir.bias is not None:
         out["sparsert_bias"] = _words(ir.bias, t.half_acc, ir.vector_width > 1)
-    if prefetches(ir) or staged(ir):
+    if prefetches(ir) or ir.staged:
         out["sparsert_span"] = spans(ir)
     return out
-
-
-def staged(ir: StreamIR) -> int:
-    """Entries a block copies into shared memory before its loop (0: none)."""
-    return ir.staged
 
 
 def spans(ir: StreamIR) -> np.ndarray:
@@ -196,7 +191,7 @@ def prefetches(ir: StreamIR) -> bool:
     kernel that stages its entries copies them instead: an smem kernel still prefetches its row
     headers, and its entries' lines just before it copies them)."""
     room = 2**31 - ir.col_threads * ir.warps * LINE
-    return (PREFETCH and ir.dependent_launch and not (ir.stage == "tile" and staged(ir))
+    return (PREFETCH and ir.dependent_launch and not (ir.stage == "tile" and ir.staged)
             and 8 * len(ir.offsets) < room and 4 * ir.seg.size + 4 * len(ir.row_out) < room)
 
 
@@ -229,7 +224,7 @@ def _head(ir: StreamIR, t: _Types) -> list[str]:
     for name, words in tables(ir).items():    # int words; the nonzeros are read as int2
         lines = prefetches(ir) and name in ("sparsert_ent", "sparsert_rows")
         out.append(_table("int", name, words,
-                          LINE if lines else 16 if name == "sparsert_ent" and staged(ir)
+                          LINE if lines else 16 if name == "sparsert_ent" and ir.staged
                           else 8 if name == "sparsert_ent" else 4))
     return out
 
@@ -280,11 +275,11 @@ def print_stream(ir: StreamIR, arch: str = "sm_90") -> str:
     else:
         out += [f"  const {e}* b{i} = x;" for i in range(segments)]
     acc = f"{t.acc_t} a[CHAINS][{t.units}]"
-    if not staged(ir):
+    if not ir.staged:
         out += ["  const int2* ent = reinterpret_cast<const int2*>(sparsert_ent);",
                 "  const int lane = threadIdx.x & 31;"]
     mine = f"sparsert_stage[threadIdx.y * {ir.col_threads // 32} + (threadIdx.x >> 5)]"
-    n_staged = staged(ir)
+    n_staged = ir.staged
     if n_staged:             # the block's entries, copied before the wait (constant data)
         out += [f"  __shared__ __align__(16) int2 sparsert_block_ent[{n_staged}];",
                 *_copy_entries(ir.col_threads * ir.warps),
@@ -357,7 +352,7 @@ def _print_tile(ir: StreamIR, t: _Types) -> str:
     g = ir.geometry
     lay = tile_layout(g, ir.vector_width)
     pairs = lay.pairs
-    n_staged = staged(ir)
+    n_staged = ir.staged
     acc, h2 = ("unsigned", "2") if pairs else ("unsigned short", "")
     hw, width, threads = g.height * g.width, g.width, ir.col_threads * ir.warps
     out = _head(ir, t)
@@ -667,7 +662,7 @@ def _segment(ir: StreamIR, t: _Types, i: int, load: str) -> list[str]:
                 + ["          e += 32;", "        } else {"]
                 + ["          " + x for x in groups(1, "")]
                 + [f"          e += {PAD};", "        }", "      }", "    }"])
-    n_staged = staged(ir)
+    n_staged = ir.staged
     out = ["    {",
            f"      const int lo = __ldg(R + {1 + i}), end = __ldg(R + {2 + i});"]
     if not n_staged:

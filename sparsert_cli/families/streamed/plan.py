@@ -69,8 +69,8 @@ MAX_TILE_BYTES = 200 << 10
 TILE_LEAD = 8                   # zero halves before the first channel (16 bytes)
 # stages "tile" and "smem": a block's entries (8 bytes each) are copied into static shared
 # memory (at most 48 KB a kernel) before its wait for the previous grid, where they fit this
-# (tile: and, with the image, the 227 KB sm_90 gives a block); else its warps stream them in
-# chunks of 32 (session 24)
+# (tile: and, with the image, TILE_BLOCK_BYTES); else its warps stream them in chunks of 32
+# (session 24)
 MAX_STAGED_ENTRY_BYTES = 40 << 10
 TILE_BLOCK_BYTES = 226 << 10     # sm_90's 227 KB a block less 1 KB (ptxas counts 1 KB reserved)
 # the tile stage's code generation (part of a tile plan's digest, so its cache key and symbol):
@@ -322,7 +322,8 @@ class StreamPlan(ColumnTiles):
 
     @cached_property
     def staged_entries(self) -> int:
-        """Entries each block of a tile plan keeps in static shared memory (0: none)."""
+        """Entries each block of this plan may keep in static shared memory (staged_entries; 0:
+        none; build.lowered() may still clear it for a target, StreamIR.staged)."""
         return staged_entries(self.geometry, self.params.stage, self.params.vector_width,
                               self.work, self.seg, self.params.warps, self.tile_rows)
 
