@@ -1,4 +1,5 @@
-"""The GPU suite split over several device calls: with SPARSERT_GPU_SHARD=i/n (scripts/gpu-check
+"""The GPU suite's shared fixture, `gpu` (one sparsert Gpu a module: its primary context current
+on the test's thread), and the suite split over several device calls: with SPARSERT_GPU_SHARD=i/n (scripts/gpu-check
 SHARD=i/n) only every n-th collected GPU test is kept, from the i-th (1-based), so n calls of a
 few minutes each run the whole suite once (the suite outgrew one 10-minute call: session 24).
 Consecutive tests go to different shards, so each shard gets a share of every file and
@@ -38,3 +39,11 @@ def pytest_collection_modifyitems(config, items):
     if drop:
         config.hook.pytest_deselected(items=[item for item in items if id(item) in drop])
         items[:] = [item for item in items if id(item) not in drop]
+
+
+@pytest.fixture(scope="module")
+def gpu():
+    from sparsert_cli.gpu.runtime import Gpu
+
+    with Gpu() as g:
+        yield g

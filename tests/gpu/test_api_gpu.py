@@ -13,7 +13,7 @@ if not have_gpu():
     pytest.skip("no CUDA driver or GPU", allow_module_level=True)
 
 import sparsert_cli as sparsert  # noqa: E402
-from sparsert_cli.gpu.runtime import Gpu, cu  # noqa: E402
+from sparsert_cli.gpu.runtime import cu  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 
@@ -73,12 +73,6 @@ class RawStream:
         for ptr in self.owned:
             cu("cuMemFree", ptr)
         cu("cuStreamDestroy", self.handle)
-
-
-@pytest.fixture(scope="module")
-def gpu():
-    with Gpu() as g:          # makes the primary context current on this thread
-        yield g
 
 
 @pytest.mark.parametrize("name", list(KERNELS))

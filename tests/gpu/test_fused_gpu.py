@@ -16,7 +16,6 @@ if not have_gpu():
     pytest.skip("no CUDA driver or GPU", allow_module_level=True)
 
 import sparsert_cli as sparsert  # noqa: E402
-from sparsert_cli.gpu.runtime import Gpu  # noqa: E402
 from sparsert_cli.storage import decode, encode  # noqa: E402
 
 pytestmark = pytest.mark.gpu
@@ -39,12 +38,6 @@ def _kernel(case, dtype, accumulate=None, dependent=False, seed=0):
         pw_epilogue={"bias": 0.1 * rng.standard_normal(m), "activation": "relu"},
         dw_epilogue={"bias": 0.1 * rng.standard_normal(m), "activation": act},
         dependent_launch=dependent)
-
-
-@pytest.fixture(scope="module")
-def gpu():
-    with Gpu() as g:
-        yield g
 
 
 def _run(gpu, kernel, loaded, x, t_buf=None, y_buf=None):

@@ -17,7 +17,6 @@ from sparsert_cli.api import Kernel, config_layers  # noqa: E402
 from sparsert_cli.benchmark import benchmark_layer  # noqa: E402
 from sparsert_cli.build import build_kernel, make_plan  # noqa: E402
 from sparsert_cli.config import load_config  # noqa: E402
-from sparsert_cli.gpu.runtime import Gpu  # noqa: E402
 from sparsert_cli.patterns import pruned_weights, uniform_weights  # noqa: E402
 from sparsert_cli.families.immediate import PlanParams  # noqa: E402
 from sparsert_cli.problem_shape import Epilogue  # noqa: E402
@@ -27,12 +26,6 @@ pytestmark = pytest.mark.gpu
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 FLOORS = {"fp32_gflops": 1.0, "bandwidth_gbs": 1.0, "launch_us": 1.0}
-
-
-@pytest.fixture(scope="module")
-def gpu():
-    with Gpu() as g:
-        yield g
 
 
 def run_case(gpu, problem, weight, params=None, epilogue=Epilogue(), emitter="ptx",

@@ -19,7 +19,7 @@ from sparsert_cli.gpu import baselines as bl  # noqa: E402
 from sparsert_cli.gpu import timing as tm  # noqa: E402
 from sparsert_cli.gpu.baselines._base import mismatch  # noqa: E402
 from sparsert_cli.reference import reference_and_magnitude  # noqa: E402
-from sparsert_cli.gpu.runtime import Gpu, cu, ptx_header  # noqa: E402
+from sparsert_cli.gpu.runtime import cu, ptx_header  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 
@@ -80,12 +80,6 @@ $L_done:
 GEMM_SHAPE = (37, 53, 129)                       # M, K, N: odd on purpose
 CONV_CASES = [(1, 1), (2, 0)]                    # (stride, padding), 3x3 filters
 X_SHAPE, OUT_CHANNELS = (2, 5, 9, 11), 7
-
-
-@pytest.fixture(scope="module")
-def gpu():
-    with Gpu() as g:
-        yield g
 
 
 @pytest.fixture

@@ -16,15 +16,8 @@ if not have_gpu():
 import sparsert_cli as sparsert  # noqa: E402
 import sparsert_cli.api  # noqa: E402,F401
 from sparsert_cli.families.streamed import StreamParams  # noqa: E402
-from sparsert_cli.gpu.runtime import Gpu  # noqa: E402
 
 pytestmark = pytest.mark.gpu
-
-
-@pytest.fixture(scope="module")
-def gpu():
-    with Gpu() as g:
-        yield g
 
 
 def sparse(shape, density, seed):
