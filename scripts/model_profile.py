@@ -64,6 +64,9 @@ def main() -> int:
     ap.add_argument("--no-prefetch", action="store_true",
                     help="streamed kernels do not prefetch their pattern data into L2 before "
                          "the dependent-launch wait (as before session 21)")
+    ap.add_argument("--no-row-vectors", action="store_true",
+                    help="the 7x7 3x3 layers' defaults without row vectors (families/streamed/"
+                         "plan.py ROW_VECTOR_DEFAULT)")
     ap.add_argument("--no-tile", action="store_true",
                     help="streamed defaults without the tile stage (as before session 23)")
     ap.add_argument("--out", required=True)
@@ -72,6 +75,10 @@ def main() -> int:
         from sparsert_cli.families.streamed import plan as streamed_plan
 
         streamed_plan.TILE = False
+    if args.no_row_vectors:
+        from sparsert_cli.families.streamed import plan as streamed_plan
+
+        streamed_plan.ROW_VECTOR_DEFAULT = False
     if args.streamed_preference is not None:
         from sparsert_cli.torch import sparsify as sparsify_module
 
@@ -183,7 +190,7 @@ def main() -> int:
         "variant": "legacy" if args.legacy else "current", "model": args.model,
         "handoff": not args.no_handoff, "linear_residual": not args.no_linear_residual,
         "dependent_launch": not args.no_dependent_launch, "prefetch": not args.no_prefetch,
-        "tile": not args.no_tile,
+        "tile": not args.no_tile, "row_vectors": not args.no_row_vectors,
         "compiled": args.compiled, "keep_dense": args.keep_dense,
         "dtype": args.dtype, "sparsity": args.sparsity, "batch": args.batch,
         "max_default_slices": args.max_default_slices,

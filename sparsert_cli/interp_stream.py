@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .families.streamed.plan import PAD, tile_layout
+from .families.streamed.plan import PAD, VECTOR_SELECTORS, tile_layout
 from .interp_base import PlanExecutionError, _f16, evaluate
 from .ir import StreamIR
 from .reference import gelu
@@ -123,8 +123,64 @@ def _tile_image(ir: StreamIR, x: np.ndarray, image: int) -> np.ndarray:
     plane = x[image * geo.image_elems:(image + 1) * geo.image_elems].reshape(
         geo.in_channels, geo.height, geo.width)
     grid = tile[8:].reshape(geo.in_channels, lay.rows, lay.row)
-    grid[:, 1:geo.height + 1, :geo.width] = plane
+    if lay.vectors:      # each tile row [0, image row, zeros]
+        grid[:, 1:geo.height + 1, 1:geo.width + 1] = plane
+    else:
+        grid[:, 1:geo.height + 1, :geo.width] = plane
     return tile
+
+
+def _execute_rowvec(ir: StreamIR, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Stage "tile" with row vectors: (sums (rows, images * H, 8), output offsets, which are
+    stored): lane j of each group reads the vector at its base 8 * min(j, H - 1) halves plus
+    offset >> 2 (in the tile, whole), shifted by the tap's column offset & 3 halves (zeros shifted
+    in); entry k of a row feeds group k % 4 (fp16 rounding every step); the groups' sums add as
+    (q0 + q1) + (q2 + q3); lanes j < H store pixels ow < W of output row j."""
+    geo, chains = ir.geometry, ir.chains
+    lay = tile_layout(geo, ir.vector_width)
+    if (chains != 4 or ir.col_threads != 32 or ir.grid[1] != geo.batch
+            or geo.width > 7 or geo.height > 8):
+        raise PlanExecutionError("a row-vector tile kernel takes one warp a worker (four "
+                                 "groups), one image a block, at most 8 rows of 7 pixels")
+    entry, chain, _ = schedule(ir.seg, chains)
+    height = geo.height
+    base = 8 * np.arange(height, dtype=np.int64)             # lanes j < H (the others repeat H - 1)
+    rows = len(ir.row_out)
+    offsets = np.asarray(ir.offsets, dtype=np.int64)
+    if np.any(offsets < 0):
+        raise PlanExecutionError("a negative row-vector offset")
+    start, selector = (offsets >> 16) * 8, offsets & 0xFFFF
+    shift = np.searchsorted(VECTOR_SELECTORS, selector)
+    if np.any(shift > 2) or np.any(np.asarray(VECTOR_SELECTORS)[np.minimum(shift, 2)]
+                                    != selector):
+        raise PlanExecutionError("a row-vector entry's selector is not a shift of 0-2 halves")
+    total = np.zeros((rows, geo.batch * height, 8))
+    for image in range(geo.batch):
+        tile = np.concatenate([_tile_image(ir, x, image), np.zeros(8)])
+        acc = np.zeros((rows, chains, height, 8))
+        for step in range(entry.shape[1]):
+            live = entry[:, step] >= 0
+            if not np.any(live):
+                continue
+            e, c, r = entry[live, step], chain[live, step], np.flatnonzero(live)
+            at = base[None, :] + start[e][:, None]              # (live rows, lanes)
+            if at.min() < 0 or at.max() + 8 > lay.halves or np.any(at % 8):
+                raise PlanExecutionError(f"row-vector load outside the tile or misaligned at "
+                                         f"step {step}")
+            window = tile[at[..., None] + np.arange(10)]         # 8 halves and two past
+            window[..., 8:] = 0.0                                # the PRMT shifts zeros in
+            k = shift[e][:, None, None] + np.arange(8)
+            loaded = np.take_along_axis(window, np.broadcast_to(k, window.shape[:2] + (8,)),
+                                        axis=-1)
+            acc[r, c] = _f16(acc[r, c] + ir.values[e][:, None, None] * loaded)
+        part = _f16(_f16(acc[:, 0] + acc[:, 1]) + _f16(acc[:, 2] + acc[:, 3]))
+        total[:, image * height:(image + 1) * height] = part
+    pixel = np.arange(height)[:, None] * geo.width + np.arange(8)[None, :]
+    stores = np.broadcast_to(np.arange(8)[None, :] < geo.width, (height, 8))
+    images = np.arange(geo.batch)[:, None, None]
+    return (total,
+            (images * geo.out_channels * geo.out_pixels + pixel[None]).reshape(-1, 8),
+            np.broadcast_to(stores, (geo.batch,) + stores.shape).reshape(-1, 8))
 
 
 def _execute_tile(ir: StreamIR, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -176,7 +232,8 @@ def _execute_tile(ir: StreamIR, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, 
 def execute_stream(ir: StreamIR, x: np.ndarray, residual: np.ndarray | None) -> np.ndarray:
     _check_tables(ir)
     if ir.stage == "tile":
-        total, offsets, stores = _execute_tile(ir, x)
+        total, offsets, stores = (_execute_rowvec if tile_layout(
+            ir.geometry, ir.vector_width).vectors else _execute_tile)(ir, x)
         return _outputs(ir, total, lambda name, row: offsets + row * ir.geometry.out_pixels,
                         stores, residual, vectors=False, loads=stores)
     geo, width = ir.geometry, ir.vector_width

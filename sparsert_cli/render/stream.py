@@ -23,7 +23,7 @@ import numpy as np
 from .. import __version__
 from ..compile import Compiled, cpp_to_ptx, ptx_to_cubin
 from ..ir import IndexOp, StreamIR, TapBase
-from ..families.streamed.plan import PAD, TILE_LEAD, tile_layout
+from ..families.streamed.plan import PAD, ROW_VECTORS, TILE_LEAD, tile_layout
 from ..problem_shape import Geometry
 from .cuda import GRID_DEPENDENCY, RULES, _helpers, f32
 from .ptx import f16_bits
@@ -351,6 +351,8 @@ def _print_tile(ir: StreamIR, t: _Types) -> str:
     entries 32 at a time, the next chunk in flight while it runs one."""
     g = ir.geometry
     lay = tile_layout(g, ir.vector_width)
+    if lay.vectors:
+        return _print_rowvec(ir, t)
     pairs = lay.pairs
     n_staged = ir.staged
     acc, h2 = ("unsigned", "2") if pairs else ("unsigned short", "")
@@ -439,6 +441,183 @@ def _print_tile(ir: StreamIR, t: _Types) -> str:
             f"    const int o = row * PIXELS + oh * {width} + ow;"]
     out += _tile_epilogue(ir, t, lay)
     return "\n".join(out + ["  }", "}"]) + "\n"
+
+
+def _print_rowvec(ir: StreamIR, t: _Types) -> str:
+    """Stage "tile" with row vectors (ROW_VECTORS; images of at most 8 rows of at most 7
+    pixels): the block copies its image with cp.async as it lies in global memory, then builds
+    the tile's 16-byte vectors [0, image row, zeros] from it. A worker is one warp whose lanes
+    are four groups of eight: lane j of group q holds output row min(j, H - 1) (eight pixels,
+    four half2 sums) and takes the row's entries q, q + 4, q + 8, ...; each entry is a broadcast
+    8-byte shared load, its vector's 16-byte shared load and four PRMT (the tap's column shift,
+    the entry's low two bits) and HFMA2. Two shuffles add the groups' sums; group 0 stores."""
+    g = ir.geometry
+    lay = tile_layout(g, ROW_VECTORS)
+    n_staged = ir.staged
+    hw, threads = g.height * g.width, 32 * ir.warps
+    out = _head(ir, t)
+    out += ["", f'extern "C" __global__ void __launch_bounds__({threads})',
+            f"{ir.entry}({', '.join(f'{_TILE_TYPES[a]} {a}' for a in ir.arguments)})", "{",
+            *(GRID_DEPENDENCY[1:] if ir.dependent_launch else ()),
+            *(_prefetch(ir) if prefetches(ir) else ()),
+            _constants(ir),
+            f"  // the image as row vectors: tile row i of a channel is [0, image row i - 1, "
+            f"zeros] ({lay.rows} rows of 16 bytes), {TILE_LEAD} zero halves first; after the "
+            f"tile, the image as it lies in global memory ({lay.raw} halves)",
+            "  extern __shared__ __align__(16) unsigned short sparsert_tile[];",
+            (f"  __shared__ __align__(16) int2 sparsert_block_ent[{n_staged}];   "
+             "// this block's entries" if n_staged else
+             f"  __shared__ __align__(16) int2 sparsert_stage[{ir.warps}][32];"),
+            "  const int t = threadIdx.y * blockDim.x + threadIdx.x;",
+            f"  x += blockIdx.y * {g.in_channels * hw};   // this block's image",
+            f"  y += blockIdx.y * {g.out_channels * hw};"]
+    if ir.residual:
+        out.append(f"  res += blockIdx.y * {g.out_channels * hw};")
+    if n_staged:
+        out += _tile_stage_entries(threads)
+    if ir.dependent_launch:                 # the copy reads what the kernel before wrote
+        out.append(GRID_DEPENDENCY[0])
+    out += _rowvec_fill(ir, lay, threads)
+    lane_row = f"(j < {g.height} ? j : {g.height - 1})"
+    out += ["  const int lane = threadIdx.x, j = lane & 7;   // group lane >> 3, output row j",
+            f"  const bool act = lane < {g.height};          // group 0 stores row j",
+            "  const unsigned tb = (unsigned)__cvta_generic_to_shared(sparsert_tile) + "
+            f"16u * {lane_row};"]
+    if n_staged:
+        out += ["  // entry e of this block at qb + 8 e, the lane's group's first at + 8 (lane >> 3)",
+                "  const unsigned qb = (unsigned)__cvta_generic_to_shared(sparsert_block_ent) - "
+                "8u * (unsigned)e0 + 8u * (unsigned)(lane >> 3);",
+                "  for (; r < r_end; ++r) {",
+                "    const int row = nrow, lo = nlo, end = nend;",
+                "    if (r + 1 < r_end) {   // the next row's header",
+                "      const int* R = sparsert_rows + (r + 1) * STRIDE;",
+                "      nrow = __ldg(R); nlo = __ldg(R + 1); nend = __ldg(R + 2);",
+                "    }",
+                "    unsigned a0 = 0u, a1 = 0u, a2 = 0u, a3 = 0u;",
+                "    for (int e = lo; e < end; e += 32) {",
+                "      const int n = min(32, end - e);",
+                "      const unsigned qa = qb + 8u * (unsigned)e;",
+                "      if (n == 32) {"]
+    else:
+        out += ["  int2* const buf = sparsert_stage[threadIdx.y];",
+                "  const unsigned qa = (unsigned)__cvta_generic_to_shared(buf) + "
+                "8u * (unsigned)(lane >> 3);",
+                "  const int2* ent = reinterpret_cast<const int2*>(sparsert_ent);",
+                "  const int w = blockIdx.x * WARPS + threadIdx.y;",
+                "  const int r_end = __ldg(sparsert_work + w + 1);",
+                "  for (int r = __ldg(sparsert_work + w); r < r_end; ++r) {",
+                "    const int* R = sparsert_rows + r * STRIDE;",
+                "    const int row = __ldg(R), lo = __ldg(R + 1), end = __ldg(R + 2);",
+                "    unsigned a0 = 0u, a1 = 0u, a2 = 0u, a3 = 0u;",
+                "    int2 mine = lane < end - lo ? __ldg(ent + lo + lane) : make_int2(0, 0);",
+                "    for (int e = lo; e < end; e += 32) {",
+                "      const int n = min(32, end - e);",
+                "      const int2 next = lane < end - e - 32 ? __ldg(ent + e + 32 + lane) : "
+                "make_int2(0, 0);",
+                "      __syncwarp();",
+                "      buf[lane] = mine;",
+                "      __syncwarp();",
+                "      if (n == 32) {"]
+    out += ["        " + x for x in _rowvec_group(32, "0")]
+    out += ["      } else {",
+            f"        for (int i = 0; i < n; i += {PAD}) {{"]
+    out += ["          " + x for x in _rowvec_group(PAD, "i")]
+    out += ["        }", "      }", *(() if n_staged else ("      mine = next;",)), "    }",
+            "    // the four groups' sums: lane j of group 0 gets ((q0 + q1) + (q2 + q3))"]
+    for m in (8, 16):
+        out += [f"    a{k} = sparsert_hadd2(a{k}, __shfl_xor_sync(0xffffffffu, a{k}, {m}));"
+                for k in range(4)]
+    out += ["    if (!act) continue;",
+            f"    const int o = row * PIXELS + j * {g.width};"]
+    out += _rowvec_epilogue(ir, t)
+    return "\n".join(out + ["  }", "}"]) + "\n"
+
+
+def _rowvec_fill(ir: StreamIR, lay, threads: int) -> list[str]:
+    """The image into shared memory as it lies in global memory (16-byte cp.async pieces, after
+    the tile), then every tile row's vector [0, x0, .., x(W-1), zeros] built from it (the lead and
+    the padding rows all zeros)."""
+    g = ir.geometry
+    hw, width = g.height * g.width, g.width
+    pieces = g.in_channels * hw // 8
+    return [
+        "  {   // the image, as it lies in global memory, after the tile",
+        f"    const unsigned dst = (unsigned)__cvta_generic_to_shared(sparsert_tile + {lay.halves});",
+        "    const char* src = reinterpret_cast<const char*>(x);",
+        f"    for (int i = t; i < {pieces}; i += {threads})",
+        '      asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" :: "r"(dst + 16u * i), '
+        '"l"(src + 16ll * i) : "memory");',
+        '    asm volatile("cp.async.commit_group;" ::: "memory");',
+        '    asm volatile("cp.async.wait_all;" ::: "memory");',
+        "  }",
+        "  __syncthreads();",
+        "  {   // the tile's row vectors",
+        "    uint4* const T = reinterpret_cast<uint4*>(sparsert_tile);",
+        f"    const unsigned short* const X = sparsert_tile + {lay.halves};",
+        "    if (t == 0) T[0] = make_uint4(0u, 0u, 0u, 0u);   // the lead",
+        f"    for (int q = t; q < {g.in_channels * lay.rows}; q += {threads}) {{",
+        f"      const int c = q / {lay.rows}, i = q % {lay.rows} - 1;",
+        "      unsigned h[8] = {0u, 0u, 0u, 0u, 0u, 0u, 0u, 0u};",
+        f"      if (i >= 0 && i < {g.height}) {{",
+        f"        const unsigned short* s = X + c * {hw} + i * {width};",
+        *[f"        h[{k + 1}] = s[{k}];" for k in range(width)],
+        "      }",
+        f"      T[{TILE_LEAD // 8} + q] = make_uint4(h[0] | h[1] << 16, h[2] | h[3] << 16, "
+        "h[4] | h[5] << 16, h[6] | h[7] << 16);",
+        "    }",
+        "  }",
+        "  __syncthreads();"]
+
+
+def _rowvec_group(count: int, first: str) -> list[str]:
+    """`count` entries (a multiple of 4) from the warp's entries at qa + 8 * `first`: the
+    lane's group takes every fourth, in three phases so the loads are in flight together (its
+    entries, their vectors, then per entry four PRMT by the tap's column and four HFMA2)."""
+    steps = count // 4
+    at = f"qa + 8u * {first}" if first != "0" else "qa"
+    out = [f"unsigned ex[{steps}], ew[{steps}];"]
+    out += [f'asm volatile("ld.volatile.shared.v2.u32 {{%0, %1}}, [%2];" : "=r"(ex[{k}]), '
+            f'"=r"(ew[{k}]) : "r"({at} + {32 * k}));' for k in range(steps)]
+    out += [f"uint4 v[{steps}];"]
+    out += [f'asm volatile("ld.volatile.shared.v4.u32 {{%0, %1, %2, %3}}, [%4];" : '
+            f'"=r"(v[{k}].x), "=r"(v[{k}].y), "=r"(v[{k}].z), "=r"(v[{k}].w) : '
+            f'"r"(tb + ((ex[{k}] >> 12) & ~15u)));' for k in range(steps)]
+    words = ("x", "y", "z", "w")
+    for k in range(steps):     # the low half of ex is the PRMT selector of the tap's column
+        out.append(f"// entry {k}: the vector shifted by the tap's column (ex's low half)")
+        for i, (lo, hi) in enumerate(zip(words, words[1:] + ("",))):
+            b = f"v[{k}].{hi}" if hi else "0u"
+            out += [f'{{ unsigned p; asm("prmt.b32 %0, %1, %2, %3;" : "=r"(p) : '
+                    f'"r"(v[{k}].{lo}), "r"({b}), "r"(ex[{k}]));',
+                    f"  a{i} = sparsert_hfma2(p, ew[{k}], a{i}); }}"]
+    return out
+
+
+def _rowvec_epilogue(ir: StreamIR, t: _Types) -> list[str]:
+    """Bias, residual and activation on the row's four half2 sums (pixels 2k, 2k + 1 in sum k),
+    then the row's W stores."""
+    width = ir.geometry.width
+    sums = [f"a{k}" for k in range(4)]
+    out = []
+    if ir.bias is not None:
+        out.append("    const unsigned b = (unsigned)__ldg(sparsert_bias + row);")
+        out += [f"    {a} = sparsert_hadd2({a}, b);" for a in sums]
+    if ir.residual:
+        for k, a in enumerate(sums):
+            lo, hi = 2 * k, 2 * k + 1
+            if lo >= width:
+                continue
+            word = f"(unsigned)__ldg(res + o + {lo})" + (
+                f" | (unsigned)__ldg(res + o + {hi}) << 16" if hi < width else "")
+            out.append(f"    {a} = sparsert_hadd2({a}, {word});")
+    for op, value in (("max", 0.0), ("min", 6.0)):
+        if ir.activation == "relu6" or (op == "max" and ir.activation == "relu"):
+            out += [f"    {a} = sparsert_h{op}2({a}, {t.const(value)});" for a in sums]
+    if ir.activation == "gelu":
+        out += _gelu(t, sums)
+    out += [f"    y[o + {ow}] = (unsigned short)(a{ow // 2}" + (" >> 16);" if ow % 2 else ");")
+            for ow in range(width)]
+    return out
 
 
 def _tile_stage_entries(threads: int) -> list[str]:

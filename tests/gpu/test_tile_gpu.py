@@ -95,3 +95,49 @@ def test_a_staged_tile_plan_at_the_block_limit_launches(gpu):
     assert "sparsert_block_ent[3936]" in kernel.source
     result = sparsert.benchmark_layer(gpu, kernel, baselines=False, replays=1, checks=2)
     assert result["verify_gpu"]["ok"], result["verify_gpu"]
+
+
+# row vectors (session 25): images of at most 8 rows of at most 7 pixels
+ROW_SHAPES = {"7x7_b2": ((20, 16, 7, 7), 2), "5x6": ((12, 8, 5, 6), 1),
+              "8x7": ((9, 8, 8, 7), 1), "1x1": ((6, 8, 1, 1), 1), "3x2_b3": ((5, 4, 3, 2), 3),
+              "long_rows": ((8, 96, 4, 4), 1), "streamed_entries": ((12, 512, 3, 3), 1)}
+
+
+@pytest.mark.parametrize("epilogue", [None, "relu", "relu6", "gelu"])
+@pytest.mark.parametrize("plan", [dict(warps=2, rows_per_worker=2), dict(warps=1),
+                                  dict(warps=3, rows_per_worker=1)])
+@pytest.mark.parametrize("name", sorted(ROW_SHAPES))
+def test_row_vector_tile_kernels_match_float64(gpu, name, plan, epilogue):
+    (m, c, h, w), batch = ROW_SHAPES[name]
+    epi = ({"bias": np.linspace(-1, 1, m), "activation": epilogue, "residual": True}
+           if epilogue else None)
+    kernel = sparsert.compile_kernel(
+        sparse((m, c, 3, 3), 0.2 if name not in ("long_rows", "streamed_entries") else 0.6,
+               len(name)), op="conv",
+        input_shape=(batch, c, h, w), padding=1, dtype="fp16", tuned=False, cache=None,
+        epilogue=epi, plan=StreamParams(stage="tile", vector_width=8, **plan))
+    assert kernel.plan_params.vector_width == 8 and kernel.plan_params.col_threads == 32
+    assert (kernel.plan.staged_entries == 0) == (name == "streamed_entries"), plan
+    result = sparsert.benchmark_layer(gpu, kernel, baselines=False, replays=1, checks=2)
+    assert result["verify_gpu"]["ok"], (name, plan, result["verify_gpu"])
+
+
+@pytest.mark.parametrize("sparsity", [0.9, 0.95])
+@pytest.mark.parametrize("dependent", [False, True])
+def test_resnet_7x7_row_vector_default_matches(gpu, sparsity, dependent):
+    """rn50_c5_3x3's untuned fp16 default (row vectors), with and without dependent launch."""
+    from dataclasses import replace
+
+    from sparsert_cli.families.streamed import default_params
+
+    layer = sparsert.problem_layer("rn50_c5_3x3", sparsity, precision="fp16")
+    params = default_params(layer.geometry, int(np.count_nonzero(layer.weight)),
+                            precision="fp16")
+    assert (params.stage, params.vector_width) == ("tile", 8)
+    layer = replace(layer, plan=params)
+    planned = [sparsert.api.plan_for(layer, tuned=False)]
+    kernel = sparsert.api.compile_plans([layer], planned, arch="sm_90", cache=None,
+                                        dependent_launch=dependent)[0]
+    assert isinstance(kernel, sparsert.Kernel), kernel
+    result = sparsert.benchmark_layer(gpu, kernel, baselines=False, replays=2, checks=2)
+    assert result["verify_gpu"]["ok"], result["verify_gpu"]

@@ -67,6 +67,11 @@ MAX_SM_THREADS = 2048           # resident threads per SM (sm_70 to sm_90)
 # (sm_90 gives a block up to 227 KB; the entry buffers take some of the rest)
 MAX_TILE_BYTES = 200 << 10
 TILE_LEAD = 8                   # zero halves before the first channel (16 bytes)
+# stage "tile" at this vector width: row vectors (session 25). A lane holds eight pixels of one
+# output row (W <= 7), each tile row is one 16-byte vector [0, x0, .., x(W-1), 0..], and the
+# warp's four groups of eight lanes take four entries at a time
+ROW_VECTORS = 8
+VECTOR_SELECTORS = (0x3210, 0x5432, 0x7654)   # PRMT: a tap's column s = 0, 1, 2 (shift s halves)
 # stages "tile" and "smem": a block's entries (8 bytes each) are copied into static shared
 # memory (at most 48 KB a kernel) before its wait for the previous grid, where they fit this
 # (tile: and, with the image, TILE_BLOCK_BYTES); else its warps stream them in chunks of 32
@@ -81,6 +86,10 @@ STAGED_CODE = 1
 # whether defaults and candidates offer the tile stage: an experiment's switch for same-run
 # comparisons (scripts/model_profile.py --no-tile); read when a layer is planned
 TILE = True
+# whether the untuned default of an fp16 3x3 layer whose image row vectors hold (at most 8 rows of
+# 7 pixels: ResNet-50's 7x7 layers) is the tile stage with row vectors (session 25;
+# scripts/model_profile.py --no-row-vectors); read when a layer is planned
+ROW_VECTOR_DEFAULT = True
 
 
 @dataclass(frozen=True)
@@ -164,6 +173,15 @@ class TileLayout:
     pixels: int         # threads that compute: half * W
     threads: int        # column threads: `pixels` in whole warps
     pairs: bool
+    # row vectors (ROW_VECTORS): tile row i of channel c is the 16-byte vector
+    # [0, image row i - 1, zeros] (rows 0 and H + 1 all zeros), TILE_LEAD zeros first; lane j of
+    # each group of eight reads output row min(j, H - 1)'s vectors, and an entry's offset word is
+    # (vectors from the lane's base to the tap's vector) << 16 | the PRMT selector that shifts
+    # it by the tap's column s: 0x3210 + 0x2222 s (VECTOR_SELECTORS)
+    vectors: bool = False
+    # row vectors: halves after the tile where the block first copies its image as it lies in
+    # global memory (whole 16-byte pieces, cp.async), then builds the tile's vectors from it
+    raw: int = 0
 
     @property
     def channel(self) -> int:
@@ -171,23 +189,35 @@ class TileLayout:
 
     @property
     def halves(self) -> int:
+        """The tile's halves (the lead and every channel's rows; not the raw copy)."""
         return TILE_LEAD + self.channels * self.channel
 
     @property
     def bytes(self) -> int:
-        return 2 * self.halves
+        """Dynamic shared memory a block asks for: the tile and the raw copy."""
+        return 2 * (self.halves + self.raw)
 
     @property
     def pair_delta(self) -> int:
         return self.half * self.row
 
     def offset(self, channel, r, s):
-        """Halves from a thread's base to tap (r, s) of `channel` (3x3, padding 1)."""
+        """Halves from a thread's base to tap (r, s) of `channel` (3x3, padding 1); with row
+        vectors the entry word 4 * (halves to the tap's vector) + s."""
+        if self.vectors:
+            return ((TILE_LEAD + channel * self.channel + r * self.row) // 8) << 16 | (
+                0x3210 + 0x2222 * s)
         return TILE_LEAD + channel * self.channel + r * self.row + s - 1
 
 
 def tile_layout(geometry: Geometry, width: int = 2) -> TileLayout:
-    """The tile of pixel pairs (width 2) or of one pixel a thread (width 1)."""
+    """The tile of pixel pairs (width 2 or 4), of one pixel a thread (width 1) or of row
+    vectors (ROW_VECTORS: one warp a worker, its 32 lanes four groups of eight)."""
+    if width == ROW_VECTORS:
+        return TileLayout(half=geometry.height, row=8, rows=geometry.height + 2,
+                          channels=geometry.in_channels, pixels=geometry.out_pixels,
+                          threads=32, pairs=False, vectors=True,
+                          raw=-(-geometry.in_channels * geometry.height * geometry.width // 8) * 8)
     pairs = width >= 2
     half = -(-geometry.height // 2) if pairs else geometry.height
     pixels = half * geometry.width
@@ -197,6 +227,12 @@ def tile_layout(geometry: Geometry, width: int = 2) -> TileLayout:
                       threads=max(32, -(-pixels // 32) * 32), pairs=pairs)
 
 
+def tile_kind(vector_width: int) -> int:
+    """The tile stage's width for a plan's vector width: row vectors (ROW_VECTORS), pixel
+    pairs (2, also for 4) or one pixel a thread (1)."""
+    return vector_width if vector_width in (1, ROW_VECTORS) else 2
+
+
 def tile_refusal(geometry: Geometry, dtype: str, accumulate: str | None = None,
                  width: int = 1) -> str | None:
     """Why stage "tile" of this width cannot run this layer (None: it can)."""
@@ -204,6 +240,12 @@ def tile_refusal(geometry: Geometry, dtype: str, accumulate: str | None = None,
         return "it needs fp16 data with fp16 (half2) sums"
     if not (geometry.kernel == 3 and geometry.stride == 1 and geometry.padding == 1):
         return "it takes 3x3 convolutions of stride 1 and padding 1"
+    if width == ROW_VECTORS and (geometry.width > 7 or geometry.height > 8):
+        return (f"row vectors take images of at most 8 rows of at most 7 pixels, not "
+                f"{geometry.height}x{geometry.width}")
+    if width == ROW_VECTORS and geometry.in_channels * geometry.height * geometry.width % 8:
+        return ("row vectors copy the image in 16-byte pieces: channels x pixels must be a "
+                "multiple of 8")
     layout = tile_layout(geometry, width)
     if layout.bytes > MAX_TILE_BYTES:
         return (f"the padded image ({layout.bytes >> 10} KB) exceeds the "
@@ -227,6 +269,13 @@ def tile_default_applies(geometry: Geometry, precision: str) -> bool:
     forward, so not there)."""
     return (TILE and precision == "fp16" and geometry.batch == 1 and tile_width(geometry) == 2
             and tile_refusal(geometry, PRECISIONS[precision][0], width=2) is None)
+
+
+def row_vectors_default_applies(geometry: Geometry, precision: str) -> bool:
+    """Whether the untuned default is the tile stage with row vectors: fp16 sums, one image,
+    and an image row vectors hold (H100, session 25: docs/perf-notes.md)."""
+    return (TILE and ROW_VECTOR_DEFAULT and precision == "fp16" and geometry.batch == 1
+            and tile_refusal(geometry, PRECISIONS[precision][0], width=ROW_VECTORS) is None)
 
 
 def block_entries(work: np.ndarray, seg: np.ndarray, warps: int) -> int:
@@ -389,7 +438,7 @@ def fit_params(geometry: Geometry, params: StreamParams, dtype: str = "fp32") ->
     more rows per worker than rows."""
     params = params.validate()
     if params.stage == "tile":      # a pixel or a pair a thread, all in one block, one slice
-        width = 2 if params.vector_width >= 2 else 1
+        width = tile_kind(params.vector_width)
         reason = tile_refusal(geometry, dtype, width=width)
         if reason:
             raise UserError(f"streamed plan {params.name()}: stage tile cannot run this layer: "
@@ -403,7 +452,7 @@ def fit_params(geometry: Geometry, params: StreamParams, dtype: str = "fp32") ->
                             f"the grid's {MAX_GRID_Y} (stage tile runs one a block row)")
         # one block an SM at most anyway (the image): no register cap for more blocks
         return replace(params, vector_width=width, col_threads=threads, k_slices=1,
-                       min_blocks=1,
+                       min_blocks=1, chains=4 if width == ROW_VECTORS else params.chains,
                        rows_per_worker=min(params.rows_per_worker, geometry.out_channels))
     width, threads = fit_columns(geometry, params.vector_width, params.col_threads, dtype)
     rows = min(params.rows_per_worker, geometry.out_channels)
@@ -482,7 +531,7 @@ def build_plan(csr: sp.csr_matrix, geometry: Geometry, params: StreamParams,
                accumulate: str | None = None) -> StreamPlan:
     geometry, accumulate = check_layer(csr, geometry, epilogue, dtype, accumulate)
     if params.stage == "tile":
-        reason = tile_refusal(geometry, dtype, accumulate, 2 if params.vector_width >= 2 else 1)
+        reason = tile_refusal(geometry, dtype, accumulate, tile_kind(params.vector_width))
         if reason:
             raise UserError(f"streamed plan {params.name()}: stage tile cannot run this layer: "
                             f"{reason}")
@@ -543,7 +592,8 @@ def _tile_plan(csr: sp.csr_matrix, geometry: Geometry, params: StreamParams,
     """Stage "tile": each row's nonzeros one run of entries ordered by tile offset (channel,
     then tap), padded to whole groups of PAD with zero weights at offset TILE_LEAD - 1 (from a
     thread's base: a zero of the lead for the first image row, an image element for the others;
-    0 * x is exact for finite inputs, as with the other stages' padding)."""
+    0 * x is exact for finite inputs, as with the other stages' padding; row vectors: the lane's
+    own vector of channel 0's tile)."""
     m, k2 = geometry.out_channels, geometry.kernel ** 2
     layout = tile_layout(geometry, params.vector_width)
     order, work = _run_order(worker_rows(np.diff(csr.indptr), params), m)
@@ -556,7 +606,8 @@ def _tile_plan(csr: sp.csr_matrix, geometry: Geometry, params: StreamParams,
         offset = layout.offset(taps // k2, taps % k2 // 3, taps % 3)
         sort = np.argsort(offset, kind="stable")
         pad = -(hi - lo) % PAD
-        offsets += [offset[sort], np.full(pad, TILE_LEAD - 1, np.int64)]
+        offsets += [offset[sort], np.full(pad, (TILE_LEAD // 8) << 16 | VECTOR_SELECTORS[0]
+                                          if layout.vectors else TILE_LEAD - 1, np.int64)]
         values += [csr.data[lo:hi][sort], np.zeros(pad, np.float32)]
         seg[i] = (start, start + hi - lo + pad)
         start += hi - lo + pad
@@ -567,12 +618,13 @@ def _tile_plan(csr: sp.csr_matrix, geometry: Geometry, params: StreamParams,
                       else np.zeros(0, np.float32), epilogue, dtype, accumulate, 0)
 
 
-def tile_default(geometry: Geometry, sm_count: int = 132) -> StreamParams:
+def tile_default(geometry: Geometry, sm_count: int = 132, width: int | None = None
+                 ) -> StreamParams:
     """The tile stage's plan for this shape (the default where tile_default_applies, else the
     first tile candidate): one row a worker, as many workers a block as put every row in one
     block an SM (each block copies the whole image once, so fewer blocks copy less; H100,
     session 23: rn50_c4_3x3 two workers a block)."""
-    width = tile_width(geometry)
+    width = tile_width(geometry) if width is None else width
     layout = tile_layout(geometry, width)
     most = max(1, MAX_THREADS // layout.threads)
     warps = min(most, max(1, -(-geometry.out_channels // sm_count)))
@@ -600,6 +652,8 @@ def default_params(geometry: Geometry, nnz: int, sm_count: int = 132,
     column per thread), entries shared through shared memory (stage "smem": fewer instructions
     per entry)."""
     dtype = PRECISIONS[precision][0]
+    if row_vectors_default_applies(geometry, precision):
+        return fit_params(geometry, tile_default(geometry, sm_count, ROW_VECTORS), dtype)
     if tile_default_applies(geometry, precision):
         return fit_params(geometry, tile_default(geometry, sm_count), dtype)
     return untiled_default(geometry, nnz, sm_count, precision)
@@ -673,6 +727,11 @@ def candidates(geometry: Geometry, nnz: int, precision: str = "fp32", limit: int
         tiled = [t, replace(t, vector_width=3 - t.vector_width), replace(t, chains=8),
                  replace(t, warps=max(1, t.warps // 2)), replace(t, warps=t.warps * 2),
                  replace(t, rows_per_worker=t.rows_per_worker * 2)]
+    vectors = []        # row vectors (images of at most 8 rows of 7 pixels), second in line
+    if TILE and precision == "fp16" and tile_refusal(geometry, dtype,
+                                                     width=ROW_VECTORS) is None:
+        rv = tile_default(geometry, width=ROW_VECTORS)
+        vectors = [rv, replace(rv, warps=max(1, rv.warps // 2)), replace(rv, warps=rv.warps * 2)]
     base = untiled_default(geometry, nnz, precision=precision)
     r, v = base.rows_per_worker, base.vector_width
     # most promising first (a tuner that caps candidates per case keeps the head): in runs S6-S8
@@ -681,6 +740,10 @@ def candidates(geometry: Geometry, nnz: int, precision: str = "fp32", limit: int
     # the tile stage (fp16 3x3 layers whose image fits a block) leads where it is the default
     head = (tiled[:1] + [base] + tiled[1:] if tile_default_applies(geometry, precision)
             else [base] + tiled)
+    if row_vectors_default_applies(geometry, precision):
+        head = vectors[:1] + head + vectors[1:]
+    else:
+        head = head[:1] + vectors + head[1:]
     tries = list(seeds or []) + head + [
         replace(base, rows_per_worker=max(1, r // 2)), replace(base, stage="ring"),
         replace(base, warps=max(1, base.warps // 2)), replace(base, chains=2),

@@ -14,8 +14,8 @@ from __future__ import annotations
 import numpy as np
 
 from ...problem_shape import ELEMENT_BYTES, PRECISIONS, Geometry
-from .plan import (PAD, StreamParams, check_limits, fit_params, slice_bounds, tap_offsets,
-                   tile_layout, worker_rows)
+from .plan import (PAD, ROW_VECTORS, StreamParams, check_limits, fit_params, slice_bounds,
+                   tap_offsets, tile_layout, worker_rows)
 
 LOOP_CODE_BYTES = 2048          # SASS of one segment's loop (both chunk paths)
 # per entry, besides the FMAs: stage "shfl" two shuffles, an address (sign-extended add + LEA
@@ -23,6 +23,9 @@ LOOP_CODE_BYTES = 2048          # SASS of one segment's loop (both chunk paths)
 ENTRY_INSTRUCTIONS = {"shfl": 4, "smem": 2.5, "ring": 3,
                       # tile: half a broadcast LDS, an address, two 16-bit LDS and a PRMT
                       "tile": 4.5}
+# tile with row vectors: per entry and warp a quarter of (a broadcast 8-byte LDS, an address of
+# three instructions, a 16-byte LDS, four PRMT and four HFMA2), the FMAs included
+ROW_VECTOR_ENTRY_INSTRUCTIONS = 3.0
 # tile: per tile row a thread copies (its loads, the zero fill, 16-byte stores, indexing)
 TILE_ROW_INSTRUCTIONS = 16
 ROW_INSTRUCTIONS = 24           # row table, accumulator zeroing and sum, epilogue, store
@@ -48,7 +51,9 @@ def _features(geometry: Geometry, params: StreamParams, precision: str, workers:
     slices = params.k_slices
     # with K-slices a warp runs a row's share of one slice (its fixed costs once per slice);
     # the last slice's block adds the partials (one load per slice) before the epilogue
-    per_row = (row_entries * (ENTRY_INSTRUCTIONS[params.stage]
+    vectors = tiled and params.vector_width == ROW_VECTORS
+    per_row = (row_entries * (ROW_VECTOR_ENTRY_INSTRUCTIONS if vectors else
+                              ENTRY_INSTRUCTIONS[params.stage]
                               + _units(params.vector_width, precision))
                + slices * (ROW_INSTRUCTIONS + SEGMENT_INSTRUCTIONS * segments)
                + (slices * 2 * _units(params.vector_width, precision) if slices > 1 else 0))
