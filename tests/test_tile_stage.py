@@ -45,13 +45,24 @@ CASES = {   # (M, C, H, W), batch, epilogue, plan changes
     "single_relu6": ((12, 40, 3, 5), 1, {"activation": "relu6"}, {"vector_width": 1}),
     # a block's entries past MAX_STAGED_ENTRY_BYTES: its warps stream them in chunks
     "streamed_entries": ((12, 512, 3, 3), 1, EPI, {"warps": 3, "rows_per_worker": 1}),
+    # row vectors (ROW_VECTORS: at most 8 rows of 7 pixels), session 25
+    "rv_7x7": ((12, 16, 7, 7), 1, EPI, {"vector_width": 8, "warps": 4, "rows_per_worker": 1}),
+    "rv_8x7_b2_gelu": ((12, 8, 8, 7), 2, {"activation": "gelu", "bias": np.ones(12)},
+                       {"vector_width": 8}),
+    "rv_5x6_relu6": ((12, 8, 5, 6), 1, {"activation": "relu6"}, {"vector_width": 8,
+                                                                 "warps": 3}),
+    "rv_1x1_b3": ((12, 8, 1, 1), 3, EPI, {"vector_width": 8, "warps": 1}),
+    "rv_long_rows": ((12, 64, 4, 4), 1, EPI, {"vector_width": 8, "rows_per_worker": 1}),
+    "rv_streamed_entries": ((12, 512, 3, 3), 1, EPI, {"vector_width": 8, "warps": 3,
+                                                      "rows_per_worker": 1}),
 }
 
 
 def _kernel(name):
     (m, c, h, w), batch, epi, plan = CASES[name]
-    weight = sparse((m, c, 3, 3), 0.6 if name in ("long_rows", "streamed_entries") else 0.2,
-                    len(name))
+    weight = sparse((m, c, 3, 3), 0.6 if name.removeprefix("rv_") in ("long_rows",
+                                                                       "streamed_entries")
+                    else 0.2, len(name))
     if name == "empty_rows":
         weight[3:9] = 0
     return sparsert.compile_kernel(weight, op="conv", input_shape=(batch, c, h, w), padding=1,
@@ -63,7 +74,8 @@ def _kernel(name):
 def test_tile_kernels_verify_and_print_back(name):
     kernel = _kernel(name)
     assert kernel.plan_params.stage == "tile"
-    assert kernel.plan_params.vector_width == (1 if name.startswith("single") else 2)
+    assert kernel.plan_params.vector_width == (1 if name.startswith("single") else
+                                               8 if name.startswith("rv_") else 2)
     assert kernel.grid[1] == kernel.geometry.batch
     ir = lower(kernel.plan)
     check_printed(ir, print_stream(ir))                     # the printed kernel is its IR
@@ -74,8 +86,9 @@ def test_tile_kernels_verify_and_print_back(name):
     assert kernel.manifest()["dynamic_shared_bytes"] == kernel.dynamic_shared_bytes
     source = print_stream(ir)
     staged = kernel.plan.staged_entries
-    assert (staged == 0) == (name == "streamed_entries")
-    assert ("cp.async.cg.shared.global" in source) == bool(staged)
+    assert (staged == 0) == name.endswith("streamed_entries")
+    # a row-vector kernel copies its image with cp.async as well
+    assert ("cp.async.cg.shared.global" in source) == bool(staged) or name.startswith("rv_")
     assert ("sparsert_stage[" in source) != bool(staged)
     if staged:      # the static array holds the largest block's run, and the cubin says so
         assert f"int2 sparsert_block_ent[{staged}];" in source
@@ -187,7 +200,7 @@ def test_defaults_and_candidates():
     # 28 pixel pairs would leave a worker one warp: the tile stage is no default there, and a
     # candidate at one pixel a thread
     c5 = Geometry(1, 512, 7, 7, 512, 3, 1, 1)
-    assert default_params(c5, 236000, precision="fp16").stage != "tile"
+    assert default_params(c5, 236000, precision="fp16").name() == "s32v8w8r1c4t"   # row vectors
     assert "s64v1w4r1c4t" in [p.name() for p in candidates(c5, 236000, precision="fp16")]
     assert default_params(c4, 59000, precision="fp32").stage != "tile"
     assert default_params(c4, 59000, precision="fp16acc32").stage != "tile"
@@ -261,3 +274,94 @@ def test_smem_stage_stages_its_block_entries():
     assert wide.plan.staged_entries == 0
     assert "cp.async" not in print_stream(lower(wide.plan))
     assert wide.verify(3).verified["ok"]
+
+
+def test_row_vector_layout_offsets_and_tile():
+    """Row vectors: each tile row one 16-byte vector [0, image row, zeros], rows 0 and H + 1
+    zero; an entry's word is its vector (from the lane's base) << 16 | the PRMT selector of its
+    column; the raw copy follows the tile; a lane's window is its output row's."""
+    from dataclasses import replace
+
+    from sparsert_cli.families.streamed.plan import ROW_VECTORS, VECTOR_SELECTORS
+    from sparsert_cli.interp_stream import _tile_image
+
+    g = Geometry(1, 8, 7, 7, 8, 3, 1, 1)
+    lay = tile_layout(g, ROW_VECTORS)
+    assert (lay.row, lay.rows, lay.threads, lay.vectors, lay.pairs) == (8, 9, 32, True, False)
+    assert lay.halves == TILE_LEAD + 8 * 9 * 8 and lay.raw == 8 * 49
+    assert lay.bytes == 2 * (lay.halves + lay.raw)
+    assert lay.offset(0, 0, 0) == (TILE_LEAD // 8) << 16 | 0x3210
+    assert lay.offset(2, 1, 2) == ((TILE_LEAD + 2 * 72 + 8) // 8) << 16 | 0x7654
+    assert VECTOR_SELECTORS == (0x3210, 0x5432, 0x7654)
+    kernel = _kernel("rv_7x7")
+    ir = lower(kernel.plan)
+    x = np.arange(1, 16 * 49 + 1, dtype=np.float64)
+    tile = _tile_image(ir, x, 0)[TILE_LEAD:].reshape(16, 9, 8)
+    assert not tile[:, 0].any() and not tile[:, 8].any() and not tile[:, :, 0].any()
+    assert np.array_equal(tile[3, 1:8, 1:8], x[3 * 49:4 * 49].reshape(7, 7))
+    # a selector that is no column shift, and a vector past the tile, are caught
+    offsets = ir.offsets.copy()
+    offsets[0] = (offsets[0] & ~0xFFFF) | 0x1234
+    with pytest.raises(PlanExecutionError, match="selector"):
+        execute(replace(ir, offsets=offsets), *kernel.random_inputs(np.random.default_rng(0)))
+    offsets = ir.offsets.copy()
+    offsets[0] = (tile_layout(kernel.geometry, ROW_VECTORS).halves // 8) << 16 | 0x3210
+    with pytest.raises(PlanExecutionError, match="outside the tile"):
+        execute(replace(ir, offsets=offsets), *kernel.random_inputs(np.random.default_rng(0)))
+
+
+def test_row_vector_kernel_source():
+    """One warp a worker, the raw copy before the build and both before the compute, four
+    PRMT and four HFMA2 per entry, the groups' sums added by two xor shuffles, group 0 stores."""
+    kernel = _kernel("rv_7x7")
+    source = print_stream(lower(kernel.plan))
+    assert kernel.block == (32, 4, 1) and kernel.plan_params.chains == 4
+    copy = source.index("cp.async.cg.shared.global [%0], [%1], 16;\" :: \"r\"(dst + 16u * i)")
+    build = source.index("// the tile's row vectors")
+    loop = source.index("for (; r < r_end; ++r)")
+    assert source.index("cp.async.wait_all") < build < loop and copy < build
+    assert source.count("prmt.b32") == 4 * (8 + 2)          # a full chunk (8 steps) and a tail
+    assert source.count("__shfl_xor_sync") == 8
+    assert "if (!act) continue;" in source
+    assert kernel.dynamic_shared_bytes == tile_layout(kernel.geometry, 8).bytes
+
+
+@pytest.mark.parametrize("geometry,why", [
+    (Geometry(1, 16, 8, 8, 8, 3, 1, 1), "at most 8 rows of at most 7 pixels"),
+    (Geometry(1, 16, 9, 7, 8, 3, 1, 1), "at most 8 rows of at most 7 pixels"),
+    (Geometry(1, 3, 7, 7, 8, 3, 1, 1), "multiple of 8"),
+])
+def test_row_vector_refusals(geometry, why):
+    assert why in tile_refusal(geometry, "fp16", "fp16", width=8)
+    with pytest.raises(UserError, match="stage tile cannot run this layer"):
+        sparsert.compile_kernel(sparse((8, geometry.in_channels, 3, 3), 0.3, 1), op="conv",
+                                input_shape=(1, geometry.in_channels, geometry.height,
+                                             geometry.width), padding=1, dtype="fp16",
+                                tuned=False, cache=None,
+                                plan=StreamParams(stage="tile", vector_width=8))
+
+
+def test_row_vector_default_rule_and_switch(monkeypatch):
+    from sparsert_cli.families.streamed import plan as P
+    from sparsert_cli.families.streamed.tuning import _features
+
+    c5 = Geometry(1, 512, 7, 7, 512, 3, 1, 1)
+    assert (default_params(c5, 236000, precision="fp16").vector_width,
+            default_params(c5, 236000, precision="fp16").stage) == (8, "tile")
+    for other, precision in ((Geometry(2, 512, 7, 7, 512, 3, 1, 1), "fp16"), (c5, "fp32"),
+                             (c5, "fp16acc32"), (Geometry(1, 512, 7, 7, 512, 3, 2, 1), "fp16")):
+        assert default_params(other, 236000, precision=precision).vector_width != 8
+    names = [p.name() for p in candidates(c5, 236000, precision="fp16")]
+    assert names[0] == "s32v8w8r1c4t" and "s64v1w4r1c4mk2" in names
+    monkeypatch.setattr(P, "ROW_VECTOR_DEFAULT", False)
+    assert default_params(c5, 236000, precision="fp16").name() == "s64v1w4r1c4mk2"
+    names = [p.name() for p in candidates(c5, 236000, precision="fp16")]
+    assert names[:2] == ["s64v1w4r1c4mk2", "s32v8w8r1c4t"]
+    # the cost features count a quarter of a warp step an entry
+    rows = np.full(512, 460)
+    workers = np.arange(512)
+    vec = _features(c5, P.fit_params(c5, P.StreamParams(32, 8, 8, 1, 4, "tile"), "fp16"),
+                    "fp16", 512, rows, workers, 235930)
+    one = _features(c5, P.fit_params(c5, P.StreamParams(64, 1, 4, 1, 4, "tile"), "fp16"),
+                    "fp16", 512, rows, workers, 235930)
+    assert vec["serial_instructions"] < one["serial_instructions"]

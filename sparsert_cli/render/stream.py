@@ -555,15 +555,17 @@ def _rowvec_fill(ir: StreamIR, lay, threads: int) -> list[str]:
         "    uint4* const T = reinterpret_cast<uint4*>(sparsert_tile);",
         f"    const unsigned short* const X = sparsert_tile + {lay.halves};",
         "    if (t == 0) T[0] = make_uint4(0u, 0u, 0u, 0u);   // the lead",
+        # row-major over channels: a warp's lanes read one image row of consecutive channels
+        # (hw halves apart: few bank conflicts) and store tile rows `rows` vectors apart
         f"    for (int q = t; q < {g.in_channels * lay.rows}; q += {threads}) {{",
-        f"      const int c = q / {lay.rows}, i = q % {lay.rows} - 1;",
+        f"      const int c = q % {g.in_channels}, i = q / {g.in_channels} - 1;",
         "      unsigned h[8] = {0u, 0u, 0u, 0u, 0u, 0u, 0u, 0u};",
         f"      if (i >= 0 && i < {g.height}) {{",
         f"        const unsigned short* s = X + c * {hw} + i * {width};",
         *[f"        h[{k + 1}] = s[{k}];" for k in range(width)],
         "      }",
-        f"      T[{TILE_LEAD // 8} + q] = make_uint4(h[0] | h[1] << 16, h[2] | h[3] << 16, "
-        "h[4] | h[5] << 16, h[6] | h[7] << 16);",
+        f"      T[{TILE_LEAD // 8} + c * {lay.rows} + i + 1] = make_uint4(h[0] | h[1] << 16, "
+        "h[2] | h[3] << 16, h[4] | h[5] << 16, h[6] | h[7] << 16);",
         "    }",
         "  }",
         "  __syncthreads();"]
