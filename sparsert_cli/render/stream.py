@@ -8,7 +8,9 @@ kernel with the tables declared empty and writes the tables into its PTX as init
 data before ptxas (the cubin carries them; nothing is uploaded at launch).
 
 Stage "tile" prints its own kernel (`_print_tile`): the block's copy of its zero-padded image into
-shared memory, then the same worker loop over one run of entries a row, with shared loads.
+shared memory, then the same worker loop over one run of entries a row, with shared loads; at
+width 8 (row vectors) `_print_rowvec`: the image copied raw, built into 16-byte row vectors,
+and four lane groups of a warp taking four entries at a time.
 
 `check_printed` parses the constants, statements, bases and tables back into a StreamIR, requires
 it to equal the IR, and requires the source to be exactly what printing that IR gives.

@@ -26,6 +26,11 @@ order the loop consumes it:
     bases). At width 2 each thread computes the two pixels (oh, ow) and (oh + H2, ow),
     H2 = ceil(H / 2), with two 16-bit shared loads, one byte permute and one HFMA2 per
     nonzero; at width 1 one pixel. blockIdx.y is the image (docs/perf-notes.md, session 23).
+    At width 8 (ROW_VECTORS: images of at most 8 rows of 7 pixels) the tile is one 16-byte
+    vector [0, image row, zeros] per channel and tile row, a worker is one warp whose four
+    groups of eight lanes take every fourth entry, lane j holding output row j's eight pixels;
+    an entry's word carries the PRMT selector that shifts its vector by the tap's column
+    (docs/perf-notes.md, session 25).
 """
 
 from __future__ import annotations
