@@ -182,11 +182,12 @@ def tuned_params(geometry: Geometry, weight, precision: str, tuned=None,
 
 
 def plan_for(layer: "Layer", tuned=None, gpu_name: str | None = None,
-             emit: str = "ptx") -> tuple[Plan, bool]:
+             emit: str = "ptx", arch: str | None = None) -> tuple[Plan, bool]:
     """(plan, tuned?) of a layer. plan "auto": a tuned winner of any family (or of the layer's
     `family`), else the cost model's choice for `gpu_name`; a dict: parameters over the cost
     model's choice, unless a winner exists (a config's `plan:` applies only to untuned layers);
-    a family's params object (e.g. PlanParams): exactly those."""
+    a family's params object (e.g. PlanParams): exactly those. `arch`: the cost model ranks
+    only plans a block of that target holds (None: as for sm_90)."""
     choice = layer.plan
     explicit = not isinstance(choice, (str, dict)) and any(
         isinstance(choice, f.params) for f in families())
@@ -201,7 +202,7 @@ def plan_for(layer: "Layer", tuned=None, gpu_name: str | None = None,
         params = choice.validate()
     overrides = choice if isinstance(choice, dict) and not was_tuned else None
     plan = plan_weight(layer.geometry, layer.weight, params, layer.epilogue, overrides,
-                       layer.precision, layer.allow_fp16_flush, layer.family, gpu_name)
+                       layer.precision, layer.allow_fp16_flush, layer.family, gpu_name, arch)
     return plan, was_tuned
 
 
@@ -724,7 +725,7 @@ def compile_kernel(weight, *, op: str = "gemm", input_shape=None, n: int | None 
     layer = Layer("kernel", op, weight, geometry, make_epilogue(epilogue, geometry.out_channels),
                   precision_label(dtype, accumulate), plan=plan, family=family)
     arch = _target(family, emit, arch, {layer.precision})
-    kernel = compile_layer(layer, plan_for(layer, tuned, gpu_name, emit), emit=emit, arch=arch,
+    kernel = compile_layer(layer, plan_for(layer, tuned, gpu_name, emit, arch), emit=emit, arch=arch,
                            cache=cache)
     return kernel.verify(seed) if verify else kernel
 
@@ -759,13 +760,15 @@ def _target(family: str, emit: str, arch: str | None, precisions) -> str:
 
 
 def plan_layers(layers: list[Layer], tuned=None, gpu_name: str | None = None,
-                emit: str = "ptx", labels: bool = True) -> list[tuple[Plan, bool]]:
-    """(plan, tuned?) per layer, as compile_kernels() plans them (no compiling). An error names
-    the layer's label (unless `labels` is False: the caller names it)."""
+                emit: str = "ptx", labels: bool = True, arch: str | None = None
+                ) -> list[tuple[Plan, bool]]:
+    """(plan, tuned?) per layer, as compile_kernels() plans them (no compiling), for `arch`
+    (plan_for). An error names the layer's label (unless `labels` is False: the caller names
+    it)."""
     out, db = [], _tuned_db(tuned)          # read the database once
     for layer in layers:
         try:
-            out.append(plan_for(layer, db if db is not None else False, gpu_name, emit))
+            out.append(plan_for(layer, db if db is not None else False, gpu_name, emit, arch))
         except UserError as exc:
             if not labels:
                 raise
@@ -830,7 +833,7 @@ def compile_kernels(layers: list[Layer], *, emit: str = "ptx", arch: str | None 
 
     arch = _target("auto", emit, arch, {layer.precision for layer in layers})
     started = time.perf_counter()
-    planned = plan_layers(layers, tuned, gpu_name, emit)
+    planned = plan_layers(layers, tuned, gpu_name, emit, arch=arch)
     if stats is not None:
         stats["plan_seconds"] = time.perf_counter() - started
     return compile_plans(layers, planned, emit=emit, arch=arch, cache=cache, jobs=jobs,

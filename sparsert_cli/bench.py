@@ -130,8 +130,9 @@ def record_ok(record: dict, on_gpu: bool) -> bool:
     return not on_gpu or record.get("verify_gpu", {}).get("ok", False)
 
 
-def _layers(config: Config, tuned, gpu_name: str):
-    """Layers and their plans; a case that cannot be planned is a UserError naming it."""
+def _layers(config: Config, tuned, gpu_name: str, arch: str | None = None):
+    """Layers and their plans (for `arch`); a case that cannot be planned is a UserError naming
+    it."""
     layers, planned = [], []
     for problem, sparsity in config.cases():
         where = f"{config.path} [{problem.id} @ {sparsity:g}]"
@@ -139,7 +140,8 @@ def _layers(config: Config, tuned, gpu_name: str):
             check_budget(problem, sparsity)
             layer = config_layer(config, problem, sparsity,
                                  generate(problem, sparsity, config.pattern, config.seed))
-            planned += plan_layers([layer], tuned, gpu_name, config.emit, labels=False)
+            planned += plan_layers([layer], tuned, gpu_name, config.emit, labels=False,
+                                   arch=arch)
         except UserError as exc:   # e.g. plan overrides that do not fit this layer
             raise UserError(f"{where}: {exc.message}") from None
         except MemoryError:
@@ -229,7 +231,7 @@ def _start_pool(gpu_ids, measure, tick):
 def _compile(config: Config, tuned, gpu_name: str, arch: str, cache, jobs, tick):
     """Plan, compile and verify on the CPU every case: (cases, layers, kernels, records)."""
     cases = config.cases()
-    layers, planned = _layers(config, tuned if tuned is not None else False, gpu_name)
+    layers, planned = _layers(config, tuned if tuned is not None else False, gpu_name, arch)
     tick("plan", len(layers), len(layers))
     done = [0]
 

@@ -78,10 +78,11 @@ def layer_family(epilogue: Epilogue, family: str = "auto") -> str:
 def plan_weight(geometry: Geometry, weight, params=None, epilogue: Epilogue = Epilogue(),
                 overrides: dict | None = None, precision: str = "fp32",
                 allow_fp16_flush: bool = False, family: str = "auto",
-                gpu_name: str | None = None) -> Plan:
+                gpu_name: str | None = None, arch: str | None = None) -> Plan:
     """make_plan() for a layer shape. params None: the cost model's choice for `gpu_name`
     (costmodel.choose) over every family (`family` "auto") or the one named, among the families
-    whose parameters take `overrides`, which then apply over it."""
+    whose parameters take `overrides`, which then apply over it, and (`arch` given) among the
+    plans a block of that target holds."""
     csr, epilogue = fit_precision(to_csr(weight), epilogue, precision, allow_fp16_flush)
     dtype, accumulate = PRECISIONS[precision]
     family = layer_family(epilogue, family)
@@ -94,7 +95,7 @@ def plan_weight(geometry: Geometry, weight, params=None, epilogue: Epilogue = Ep
         if not fits:
             raise UserError(f"no {'' if family == 'auto' else family + ' '}family takes plan "
                             f"parameter(s) {', '.join(sorted(names))}")
-        chosen, params = costmodel.choose(geometry, csr, precision, gpu_name, fits)
+        chosen, params = costmodel.choose(geometry, csr, precision, gpu_name, fits, arch=arch)
     else:
         chosen = family_of_params(params)
         if chosen not in pool:

@@ -36,6 +36,7 @@ FEATURES = ("launches", "blocks", "threads_per_block", "fetched_code_bytes",
 MAX_THREADS_PER_SM = 2048
 MAX_BLOCKS_PER_SM = 32
 CHOOSE_LIMIT = 32        # candidates per family the model ranks
+FIT_SPARE = 8            # candidates asked for beyond the limit, for those a target cannot hold
 # A family registered after the first (the immediate family) is chosen only when predicted at
 # least this much faster: run S6-6's misses were near-ties the model called the other way
 # (rn50_c4_reduce fp32: streamed 4.89 us predicted against immediate 5.03, measured 5.93
@@ -199,7 +200,8 @@ def predict_us(plan, gpu_name: str | None = None, path: str | Path | None = None
 
 # ---- choosing ----------------------------------------------------------------------------------
 def choose(geometry: Geometry, csr, precision: str = "fp32", gpu_name: str | None = None,
-           families=None, limit: int = CHOOSE_LIMIT, path: str | Path | None = None):
+           families=None, limit: int = CHOOSE_LIMIT, path: str | Path | None = None,
+           arch: str | None = None):
     """(family, params) of the lowest predicted time (default: every registered family that can
     choose, in registration order; the predictions of every family after the pool's first
     count OTHER_FAMILY_MARGIN slower; ties: the earlier family in the pool, then its earlier
@@ -211,7 +213,11 @@ def choose(geometry: Geometry, csr, precision: str = "fp32", gpu_name: str | Non
     tuning run of both families) each family's *rule default* is ranked, not its whole candidate
     list (`limit` = 1): on the H100's run-4 database (docs/perf-notes.md) the linear model picks
     the family well but ranks plans inside the immediate family worse than its rules do
-    (geomean 1.23x the best against 1.13x)."""
+    (geomean 1.23x the best against 1.13x).
+
+    `arch`: rank only the candidates a block of that target holds (a family's `fits`; e.g. the
+    streamed tile stage's image on sm_86, 99 KB a block), so a default too large for the target
+    gives way to the family's next candidate."""
     from . import families as registry
 
     dtype, accumulate = PRECISIONS[precision]
@@ -228,8 +234,12 @@ def choose(geometry: Geometry, csr, precision: str = "fp32", gpu_name: str | Non
         limit = 1
     best, errors = None, []
     for order, family in enumerate(pool):
-        for index, params in enumerate(family.candidates(geometry, int(csr.nnz),
-                                                         precision=precision, limit=limit)):
+        tries = family.candidates(geometry, int(csr.nnz), precision=precision,
+                                  limit=limit if arch is None or family.fits is None
+                                  else limit + FIT_SPARE)
+        if arch is not None and family.fits is not None:
+            tries = [p for p in tries if family.fits(geometry, p, arch)][:limit]
+        for index, params in enumerate(tries):
             try:
                 if index == 0 and family.refine_default is not None:
                     params = family.refine_default(geometry, csr, params, precision)

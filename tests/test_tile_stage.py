@@ -365,3 +365,36 @@ def test_row_vector_default_rule_and_switch(monkeypatch):
     one = _features(c5, P.fit_params(c5, P.StreamParams(64, 1, 4, 1, 4, "tile"), "fp16"),
                     "fp16", 512, rows, workers, 235930)
     assert vec["serial_instructions"] < one["serial_instructions"]
+
+
+def test_auto_plans_fit_the_target_arch():
+    """A block of sm_86/sm_89 holds 99 KB: the cost model skips the tile defaults it cannot hold
+    (rn50_c5_3x3's row vectors, 121 KB; rn50_c4_3x3's pixel pairs, 130 KB) and compiles the
+    family's next candidate, in `compile_kernels` (auto plans) as in the streamed-only race of
+    `sparsify_` (family "streamed"); on sm_90 the tile defaults stay; an explicit tile plan too
+    large for the target is still refused in one line."""
+    from sparsert_cli.families.streamed.plan import fits_arch
+
+    for problem, tile_name in (("rn50_c5_3x3", "s32v8w8r1c4t"), ("rn50_c4_3x3", "s128v2w2r1c4t")):
+        layer = sparsert.problem_layer(problem, 0.9, precision="fp16")
+        params = default_params(layer.geometry, int(np.count_nonzero(layer.weight)),
+                                precision="fp16")
+        assert params.name() == tile_name
+        assert fits_arch(layer.geometry, params, "sm_90")
+        assert fits_arch(layer.geometry, params, "sm_80")
+        assert not fits_arch(layer.geometry, params, "sm_86")
+        from dataclasses import replace
+        streamed = replace(layer, family="streamed")
+        planned, _ = sparsert.api.plan_for(streamed, tuned=False, arch="sm_86")
+        assert planned.params.stage != "tile", planned.params.name()
+        assert fits_arch(layer.geometry, planned.params, "sm_86")
+        planned, _ = sparsert.api.plan_for(streamed, tuned=False, arch="sm_90")
+        assert planned.params.name() == tile_name
+    layer = sparsert.problem_layer("rn50_c5_3x3", 0.9, precision="fp16")
+    (kernel,) = sparsert.compile_kernels([layer], arch="sm_86", tuned=False)
+    assert isinstance(kernel, sparsert.Kernel), kernel
+    assert kernel.plan_params.stage != "tile" or kernel.plan_params.vector_width != 8
+    with pytest.raises(UserError, match="sm_86 gets at most 99 KB"):
+        sparsert.compile_kernel(layer.weight, op="conv", input_shape=(1, 512, 7, 7), padding=1,
+                                dtype="fp16", tuned=False, cache=None, arch="sm_86",
+                                plan=StreamParams(stage="tile", vector_width=8, warps=8))

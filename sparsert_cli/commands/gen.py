@@ -150,7 +150,7 @@ def command(pattern_path, sparsity, op, n, height, width, batch, stride, padding
     # --plan gives the parameters outright: no tuned winner replaces them
     tuned = False if no_tuned or overrides else TunedDB(tuned_db_path())
     try:
-        planned = plan_for(layer, tuned, detect_gpu_name(), emitter)
+        planned = plan_for(layer, tuned, detect_gpu_name(), emitter, arch or detect_arch())
     except UserError as exc:   # fp16 range, size budgets: name the file the values came from
         source = bias_path if bias_path and exc.message.startswith("bias:") else path
         raise UserError(f"{source}: {exc.message}") from None

@@ -92,7 +92,10 @@ class Family:
     model never predicts it below launch + a block's code at the measured fetch rate.
     refine_default(geometry, csr, params, precision) -> params: the default adjusted to the
     weight's pattern (the rule default sees only the nonzero count); the cost model applies it
-    to the default before ranking (None: the default as is)."""
+    to the default before ranking (None: the default as is).
+    fits(geometry, params, arch) -> bool: whether a block of `arch` can hold a kernel of these
+    (fitted) parameters (its shared memory); the cost model ranks only candidates that fit the
+    target (None: every plan fits every arch)."""
 
     name: str
     version: str
@@ -107,6 +110,7 @@ class Family:
     estimate: Callable[..., dict] | None = None
     code_runs_once: bool = False
     refine_default: Callable[..., Any] | None = None
+    fits: Callable[..., bool] | None = None
 
     @property
     def choosable(self) -> bool:

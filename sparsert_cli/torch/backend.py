@@ -62,10 +62,11 @@ def compile_layers(specs: list[LayerSpec], *, dtype: str = "fp32", tuned=None,
 
     from sparsert_cli.api import KernelFailure, Layer, compile_plans, plan_layers
     from sparsert_cli.errors import UserError
-    from sparsert_cli.gpu.runtime import detect_gpu_name
+    from sparsert_cli.gpu.runtime import detect_arch, detect_gpu_name
     from sparsert_cli.tune import TunedDB
 
     started = time.perf_counter()
+    target = arch or detect_arch()      # plans a block of the target holds (costmodel.choose)
     db = False if tuned is False else tuned if isinstance(tuned, TunedDB) else (
         TunedDB(tuned) if tuned else TunedDB())
     gpu_name = detect_gpu_name()
@@ -78,7 +79,7 @@ def compile_layers(specs: list[LayerSpec], *, dtype: str = "fp32", tuned=None,
                              epilogue=spec.epilogue, dtype=dtype)
             if spec.family != "auto":
                 layer = replace(layer, family=spec.family)
-            planned += plan_layers([layer], db, gpu_name, labels=False)
+            planned += plan_layers([layer], db, gpu_name, labels=False, arch=target)
         except UserError as exc:
             out[i] = f"no kernel: {exc.message}"
             if on_done:

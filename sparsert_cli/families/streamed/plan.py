@@ -309,6 +309,18 @@ def staged_entries(geometry: Geometry, stage: str, width: int, work: np.ndarray,
     return n if n and fits else 0
 
 
+def fits_arch(geometry: Geometry, params: StreamParams, arch: str) -> bool:
+    """Whether a block of `arch` holds a kernel of these (fitted) parameters: a tile plan's
+    image plus its warps' entry buffers (build.lowered() streams the entries where staging them
+    does not fit, and refuses a plan whose image does not)."""
+    if params.stage != "tile":
+        return True
+    from ...arch import block_shared_bytes
+
+    buffers = 256 * (params.col_threads // 32) * params.warps
+    return dynamic_shared_bytes(geometry, params) + buffers <= block_shared_bytes(arch)
+
+
 def dynamic_shared_bytes(geometry: Geometry, params: StreamParams) -> int:
     """Dynamic shared memory a kernel of these (fitted) parameters asks for at launch."""
     return (tile_layout(geometry, params.vector_width).bytes if params.stage == "tile"
