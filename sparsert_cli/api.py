@@ -197,6 +197,15 @@ def plan_for(layer: "Layer", tuned=None, gpu_name: str | None = None,
     params = None if explicit else tuned_params(
         layer.geometry, layer.weight, layer.precision, tuned, gpu_name, emit,
         layer_family(layer.epilogue, layer.family))
+    if params is not None and arch is not None:     # a winner of another GPU's arch may not fit
+        owner = family_of_params(params)
+        try:
+            fitted = owner.fit_params(layer.geometry, params, PRECISIONS[layer.precision][0])
+        except UserError:
+            fitted = None                            # plan_weight says why, as before
+        if owner.fits is not None and fitted is not None and not owner.fits(
+                layer.geometry, fitted, arch):
+            params = None
     was_tuned = params is not None
     if explicit:
         params = choice.validate()
@@ -725,8 +734,8 @@ def compile_kernel(weight, *, op: str = "gemm", input_shape=None, n: int | None 
     layer = Layer("kernel", op, weight, geometry, make_epilogue(epilogue, geometry.out_channels),
                   precision_label(dtype, accumulate), plan=plan, family=family)
     arch = _target(family, emit, arch, {layer.precision})
-    kernel = compile_layer(layer, plan_for(layer, tuned, gpu_name, emit, arch), emit=emit, arch=arch,
-                           cache=cache)
+    kernel = compile_layer(layer, plan_for(layer, tuned, gpu_name, emit, arch), emit=emit,
+                           arch=arch, cache=cache)
     return kernel.verify(seed) if verify else kernel
 
 

@@ -162,8 +162,8 @@ class MeasureJob:
 
 def make_cases(configs, limit: int, seeds: Callable[[str, Geometry, str], list] = lambda *a: [],
                family: str = "auto", gpu_name: str | None = None,
-               keep: Callable[[str, Geometry, str], list] = lambda *a: []
-               ) -> tuple[list[CaseSpec], list[Job]]:
+               keep: Callable[[str, Geometry, str], list] = lambda *a: [],
+               arch: str | None = None) -> tuple[list[CaseSpec], list[Job]]:
     """Every case of a config (or of several) and its candidate jobs: first the cost model's
     choice for `gpu_name` (the untuned default, so default-vs-best is measured in one run),
     then the candidates of every family that can choose (or of `family` alone; a GELU case's
@@ -171,7 +171,8 @@ def make_cases(configs, limit: int, seeds: Callable[[str, Geometry, str], list] 
     `seeds(pattern_hash, geometry, precision)` gives plans to try right after the default (a
     layer's winners at other precisions); `keep(...)` gives the layer's current winners at this
     precision, measured right after the default whatever the limit, so a re-tuning run can only
-    replace a winner by something faster in the same run."""
+    replace a winner by something faster in the same run. `arch`: only candidates a block of
+    that target holds (costmodel.choose)."""
     from .patterns import generate, pattern_hash, to_csr
     from .tune import shape_key
 
@@ -193,22 +194,24 @@ def make_cases(configs, limit: int, seeds: Callable[[str, Geometry, str], list] 
                                 tuple(seeds(digest, geometry, config.precision)),
                                 layer_family(case.epilogue, family),
                                 gpu_name, config.emit,
-                                tuple(keep(digest, geometry, config.precision)))
+                                tuple(keep(digest, geometry, config.precision)), arch)
         jobs += [Job(case.index, i, params, fam) for i, (fam, params) in enumerate(cands)]
     return cases, jobs
 
 
 def case_candidates(geometry: Geometry, csr, precision: str, limit: int, seeds: tuple = (),
                     family: str = "auto", gpu_name: str | None = None, emitter: str = "ptx",
-                    keep: tuple = ()) -> list[tuple[tuple[str, str], object]]:
+                    keep: tuple = (), arch: str | None = None
+                    ) -> list[tuple[tuple[str, str], object]]:
     """[((family, version), params)] of one case: the cost model's choice, the `keep` plans
     (current winners: always measured, beyond `limit` if need be), then each family's
-    candidates in turn (its seeds among them), deduplicated, at most `limit`."""
+    candidates in turn (its seeds among them), deduplicated, at most `limit`; with `arch`, only
+    plans a block of that target holds (a family's `fits`)."""
     from . import costmodel
     from .families import families
 
     pool = [f for f in families() if f.choosable] if family == "auto" else [get_family(family)]
-    chosen, params = costmodel.choose(geometry, csr, precision, gpu_name, pool)
+    chosen, params = costmodel.choose(geometry, csr, precision, gpu_name, pool, arch=arch)
     out = [(family_version(chosen.name, emitter), params)]
     for plan in keep:
         owner = next((f for f in pool if isinstance(plan, f.params)), None)
@@ -222,6 +225,8 @@ def case_candidates(geometry: Geometry, csr, precision: str, limit: int, seeds: 
         own = tuple(s for s in seeds if isinstance(s, f.params))
         found = f.candidates(geometry, int(csr.nnz), precision=precision, limit=limit,
                              **({"seeds": own} if own else {}))
+        if arch is not None and f.fits is not None:
+            found = [p for p in found if f.fits(geometry, p, arch)]
         lists.append([(family_version(f.name, emitter), p) for p in found])
     for entry in (e for row in zip_longest(*lists) for e in row if e is not None):
         if len(out) >= limit:

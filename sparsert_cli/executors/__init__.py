@@ -135,7 +135,8 @@ def tune_config(config, *, gpus: str | None = None, ray: str | None = None, arch
         def keep(digest, geometry, precision):
             return winners_at(digest, geometry, [precision])
 
-        cases, jobs = make_cases(config, limit, seeds, family, gpu["gpu_name"], keep)
+        cases, jobs = make_cases(config, limit, seeds, family, gpu["gpu_name"], keep,
+                                 arch or gpu.get("arch"))
         made.update(gpu=gpu, cases=cases, jobs=jobs)
         return cases, jobs
 

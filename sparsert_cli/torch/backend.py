@@ -151,7 +151,10 @@ def tune_layer(weight: np.ndarray, *, op: str, label: str, input_shape=None, n=N
     case = CaseSpec(0, problem, 1.0 - nnz / (g.out_channels * g.taps), layer.weight,
                     case_epilogue, layer.precision, pattern_hash(layer.weight), shape_key(g))
     if layer_family(layer.epilogue, family) == "streamed":
-        pairs = case_candidates(g, csr, layer.precision, limit, family="streamed")
+        from sparsert_cli.gpu.runtime import detect_arch
+
+        pairs = case_candidates(g, csr, layer.precision, limit, family="streamed",
+                                arch=arch or detect_arch())
         family = pairs[0][0]
         jobs = [Job(0, i, params) for i, (_, params) in enumerate(pairs)]
     else:

@@ -246,8 +246,9 @@ def tile_refusal(geometry: Geometry, dtype: str, accumulate: str | None = None,
     if not (geometry.kernel == 3 and geometry.stride == 1 and geometry.padding == 1):
         return "it takes 3x3 convolutions of stride 1 and padding 1"
     if width == ROW_VECTORS and (geometry.width > 7 or geometry.height > 8):
-        return (f"row vectors take images of at most 8 rows of at most 7 pixels, not "
-                f"{geometry.height}x{geometry.width}")
+        return (f"row vectors (vector_width 8) take images of at most 8 rows of at most 7 "
+                f"pixels, not {geometry.height}x{geometry.width} (vector_width 2: pixel pairs, "
+                f"1: one pixel a thread)")
     if width == ROW_VECTORS and geometry.in_channels * geometry.height * geometry.width % 8:
         return ("row vectors copy the image in 16-byte pieces: channels x pixels must be a "
                 "multiple of 8")
