@@ -392,52 +392,16 @@ def _print_tile(ir: StreamIR, t: _Types) -> str:
         out.append(f"  const bool second = act && oh + {lay.half} < {g.height};")
     out += ["  const unsigned tb = (unsigned)__cvta_generic_to_shared(sparsert_tile) + "
             f"2u * (oh * {lay.row} + ow);"]
-    if n_staged:
-        out += ["  // entry e of this block at qb + 8 e",
-                "  const unsigned qb = (unsigned)__cvta_generic_to_shared(sparsert_block_ent) - "
-                "8u * (unsigned)e0;",
-                "  for (; r < r_end; ++r) {",
-                "    const int row = nrow, lo = nlo, end = nend;",
-                "    if (r + 1 < r_end) {   // the next row's header",
-                "      const int* R = sparsert_rows + (r + 1) * STRIDE;",
-                "      nrow = __ldg(R); nlo = __ldg(R + 1); nend = __ldg(R + 2);",
-                "    }",
-                f"    {acc} a[CHAINS];",
-                "#pragma unroll",
-                f"    for (int c = 0; c < CHAINS; ++c) a[c] = {'0u' if pairs else '0'};",
-                "    for (int e = lo; e < end; e += 32) {",
-                "      const int n = min(32, end - e);",
-                "      const unsigned qa = qb + 8u * (unsigned)e;",
-                "      if (n == 32) {"]
-    else:
-        out += ["  const int lane = threadIdx.x & 31;",
-                f"  int2* const buf = sparsert_stage[threadIdx.y * {ir.col_threads // 32} + "
-                "(threadIdx.x >> 5)];",
-                "  const unsigned qa = (unsigned)__cvta_generic_to_shared(buf);",
-                "  const int2* ent = reinterpret_cast<const int2*>(sparsert_ent);",
-                "  const int w = blockIdx.x * WARPS + threadIdx.y;",
-                "  const int r_end = __ldg(sparsert_work + w + 1);",
-                "  for (int r = __ldg(sparsert_work + w); r < r_end; ++r) {",
-                "    const int* R = sparsert_rows + r * STRIDE;",
-                "    const int row = __ldg(R), lo = __ldg(R + 1), end = __ldg(R + 2);",
-                f"    {acc} a[CHAINS];",
-                "#pragma unroll",
-                f"    for (int c = 0; c < CHAINS; ++c) a[c] = {'0u' if pairs else '0'};",
-                "    int2 mine = lane < end - lo ? __ldg(ent + lo + lane) : make_int2(0, 0);",
-                "    for (int e = lo; e < end; e += 32) {",
-                "      const int n = min(32, end - e);",
-                "      const int2 next = lane < end - e - 32 ? __ldg(ent + e + 32 + lane) : "
-                "make_int2(0, 0);",
-                "      __syncwarp();",
-                "      buf[lane] = mine;",
-                "      __syncwarp();",
-                "      if (n == 32) {"]
-    out += ["        " + x for x in _tile_group(ir, 32, "0")]
-    out += ["      } else {",
-            f"        for (int j = 0; j < n; j += {PAD}) {{"]
-    out += ["          " + x for x in _tile_group(ir, PAD, "j")]
-    out += ["        }", "      }", *(() if n_staged else ("      mine = next;",)), "    }",
-            "#pragma unroll",
+    out += _tile_row_loop(
+        n_staged, "  // entry e of this block at qb + 8 e", "",
+        ["  const int lane = threadIdx.x & 31;",
+         f"  int2* const buf = sparsert_stage[threadIdx.y * {ir.col_threads // 32} + "
+         "(threadIdx.x >> 5)];",
+         "  const unsigned qa = (unsigned)__cvta_generic_to_shared(buf);"],
+        [f"    {acc} a[CHAINS];", "#pragma unroll",
+         f"    for (int c = 0; c < CHAINS; ++c) a[c] = {'0u' if pairs else '0'};"],
+        lambda count, first: _tile_group(ir, count, first), "j")
+    out += ["#pragma unroll",
             f"    for (int c = 1; c < CHAINS; ++c) a[0] = sparsert_hadd{h2}(a[0], a[c]);",
             f"    {acc} v = a[0];",
             f"    const int o = row * PIXELS + oh * {width} + ow;"]
@@ -485,47 +449,14 @@ def _print_rowvec(ir: StreamIR, t: _Types) -> str:
             f"  const bool act = lane < {g.height};          // group 0 stores row j",
             "  const unsigned tb = (unsigned)__cvta_generic_to_shared(sparsert_tile) + "
             f"16u * {lane_row};"]
-    if n_staged:
-        out += ["  // entry e of this block at qb + 8 e, the lane's group's first at + 8 (lane >> 3)",
-                "  const unsigned qb = (unsigned)__cvta_generic_to_shared(sparsert_block_ent) - "
-                "8u * (unsigned)e0 + 8u * (unsigned)(lane >> 3);",
-                "  for (; r < r_end; ++r) {",
-                "    const int row = nrow, lo = nlo, end = nend;",
-                "    if (r + 1 < r_end) {   // the next row's header",
-                "      const int* R = sparsert_rows + (r + 1) * STRIDE;",
-                "      nrow = __ldg(R); nlo = __ldg(R + 1); nend = __ldg(R + 2);",
-                "    }",
-                "    unsigned a0 = 0u, a1 = 0u, a2 = 0u, a3 = 0u;",
-                "    for (int e = lo; e < end; e += 32) {",
-                "      const int n = min(32, end - e);",
-                "      const unsigned qa = qb + 8u * (unsigned)e;",
-                "      if (n == 32) {"]
-    else:
-        out += ["  int2* const buf = sparsert_stage[threadIdx.y];",
-                "  const unsigned qa = (unsigned)__cvta_generic_to_shared(buf) + "
-                "8u * (unsigned)(lane >> 3);",
-                "  const int2* ent = reinterpret_cast<const int2*>(sparsert_ent);",
-                "  const int w = blockIdx.x * WARPS + threadIdx.y;",
-                "  const int r_end = __ldg(sparsert_work + w + 1);",
-                "  for (int r = __ldg(sparsert_work + w); r < r_end; ++r) {",
-                "    const int* R = sparsert_rows + r * STRIDE;",
-                "    const int row = __ldg(R), lo = __ldg(R + 1), end = __ldg(R + 2);",
-                "    unsigned a0 = 0u, a1 = 0u, a2 = 0u, a3 = 0u;",
-                "    int2 mine = lane < end - lo ? __ldg(ent + lo + lane) : make_int2(0, 0);",
-                "    for (int e = lo; e < end; e += 32) {",
-                "      const int n = min(32, end - e);",
-                "      const int2 next = lane < end - e - 32 ? __ldg(ent + e + 32 + lane) : "
-                "make_int2(0, 0);",
-                "      __syncwarp();",
-                "      buf[lane] = mine;",
-                "      __syncwarp();",
-                "      if (n == 32) {"]
-    out += ["        " + x for x in _rowvec_group(32, "0")]
-    out += ["      } else {",
-            f"        for (int i = 0; i < n; i += {PAD}) {{"]
-    out += ["          " + x for x in _rowvec_group(PAD, "i")]
-    out += ["        }", "      }", *(() if n_staged else ("      mine = next;",)), "    }",
-            "    // the four groups' sums: lane j of group 0 gets ((q0 + q1) + (q2 + q3))"]
+    out += _tile_row_loop(
+        n_staged, "  // entry e of this block at qb + 8 e, the lane's group's first at + 8 (lane >> 3)",
+        " + 8u * (unsigned)(lane >> 3)",
+        ["  int2* const buf = sparsert_stage[threadIdx.y];",
+         "  const unsigned qa = (unsigned)__cvta_generic_to_shared(buf) + "
+         "8u * (unsigned)(lane >> 3);"],
+        ["    unsigned a0 = 0u, a1 = 0u, a2 = 0u, a3 = 0u;"], _rowvec_group, "i")
+    out += ["    // the four groups' sums: lane j of group 0 gets ((q0 + q1) + (q2 + q3))"]
     for m in (8, 16):
         out += [f"    a{k} = sparsert_hadd2(a{k}, __shfl_xor_sync(0xffffffffu, a{k}, {m}));"
                 for k in range(4)]
@@ -533,6 +464,53 @@ def _print_rowvec(ir: StreamIR, t: _Types) -> str:
             f"    const int o = row * PIXELS + j * {g.width};"]
     out += _rowvec_epilogue(ir, t)
     return "\n".join(out + ["  }", "}"]) + "\n"
+
+
+def _tile_row_loop(n_staged: int, comment: str, group_shift: str, buffer: list[str],
+                   zero: list[str], group, var: str) -> list[str]:
+    """A tile kernel's worker loop up to the end of a row's entries: its rows (headers a row
+    ahead where the block staged its entries, else each warp's entries loaded 32 at a time into
+    its buffer, `buffer` the lines that declare it and `qa`), `zero` the row's accumulators,
+    each 32-entry chunk as one `group(32, "0")` and a tail in groups of PAD (`group(PAD, var)`);
+    `group_shift` is added to the staged entries' address (row vectors: the lane group's
+    entry)."""
+    if n_staged:
+        out = [comment,
+               "  const unsigned qb = (unsigned)__cvta_generic_to_shared(sparsert_block_ent) - "
+               f"8u * (unsigned)e0{group_shift};",
+               "  for (; r < r_end; ++r) {",
+               "    const int row = nrow, lo = nlo, end = nend;",
+               "    if (r + 1 < r_end) {   // the next row's header",
+               "      const int* R = sparsert_rows + (r + 1) * STRIDE;",
+               "      nrow = __ldg(R); nlo = __ldg(R + 1); nend = __ldg(R + 2);",
+               "    }",
+               *zero,
+               "    for (int e = lo; e < end; e += 32) {",
+               "      const int n = min(32, end - e);",
+               "      const unsigned qa = qb + 8u * (unsigned)e;",
+               "      if (n == 32) {"]
+    else:
+        out = [*buffer,
+               "  const int2* ent = reinterpret_cast<const int2*>(sparsert_ent);",
+               "  const int w = blockIdx.x * WARPS + threadIdx.y;",
+               "  const int r_end = __ldg(sparsert_work + w + 1);",
+               "  for (int r = __ldg(sparsert_work + w); r < r_end; ++r) {",
+               "    const int* R = sparsert_rows + r * STRIDE;",
+               "    const int row = __ldg(R), lo = __ldg(R + 1), end = __ldg(R + 2);",
+               *zero,
+               "    int2 mine = lane < end - lo ? __ldg(ent + lo + lane) : make_int2(0, 0);",
+               "    for (int e = lo; e < end; e += 32) {",
+               "      const int n = min(32, end - e);",
+               "      const int2 next = lane < end - e - 32 ? __ldg(ent + e + 32 + lane) : "
+               "make_int2(0, 0);",
+               "      __syncwarp();",
+               "      buf[lane] = mine;",
+               "      __syncwarp();",
+               "      if (n == 32) {"]
+    out += ["        " + x for x in group(32, "0")]
+    out += ["      } else {", f"        for (int {var} = 0; {var} < n; {var} += {PAD}) {{"]
+    out += ["          " + x for x in group(PAD, var)]
+    return out + ["        }", "      }", *(() if n_staged else ("      mine = next;",)), "    }"]
 
 
 def _rowvec_fill(ir: StreamIR, lay, threads: int) -> list[str]:

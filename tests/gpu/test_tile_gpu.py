@@ -43,17 +43,27 @@ SHAPES = {   # (M, C, H, W), batch
                                   dict(vector_width=1, warps=1, chains=8)])
 @pytest.mark.parametrize("name", sorted(SHAPES))
 def test_tile_kernels_match_float64(gpu, name, plan, epilogue):
-    (m, c, h, w), batch = SHAPES[name]
+    _check_tile(gpu, name, SHAPES[name], StreamParams(stage="tile", **{"vector_width": 2,
+                                                                        **plan}), epilogue)
+
+
+def _check_tile(gpu, name, shape, params, epilogue):
+    """Compile a tile kernel of `shape` ((M, C, H, W), batch), with every epilogue op when
+    `epilogue` names an activation, and verify it on the GPU (fresh inputs, poisoned outputs);
+    the shapes "long_rows" and "streamed_entries" are denser, and only the latter's block
+    entries exceed what a block stages."""
+    (m, c, h, w), batch = shape
     epi = ({"bias": np.linspace(-1, 1, m), "activation": epilogue, "residual": True}
            if epilogue else None)
     kernel = sparsert.compile_kernel(
         sparse((m, c, 3, 3), 0.2 if name not in ("long_rows", "streamed_entries") else 0.6,
                len(name)), op="conv",
         input_shape=(batch, c, h, w), padding=1, dtype="fp16", tuned=False, cache=None,
-        epilogue=epi, plan=StreamParams(stage="tile", **{"vector_width": 2, **plan}))
-    assert (kernel.plan.staged_entries == 0) == (name == "streamed_entries"), plan
+        epilogue=epi, plan=params)
+    assert (kernel.plan.staged_entries == 0) == (name == "streamed_entries"), params
     result = sparsert.benchmark_layer(gpu, kernel, baselines=False, replays=1, checks=2)
-    assert result["verify_gpu"]["ok"], (name, plan, result["verify_gpu"])
+    assert result["verify_gpu"]["ok"], (name, params, result["verify_gpu"])
+    return kernel
 
 
 @pytest.mark.parametrize("problem", ["rn50_c4_3x3", "rn50_c5_3x3"])
@@ -108,18 +118,9 @@ ROW_SHAPES = {"7x7_b2": ((20, 16, 7, 7), 2), "5x6": ((12, 8, 5, 6), 1),
                                   dict(warps=3, rows_per_worker=1)])
 @pytest.mark.parametrize("name", sorted(ROW_SHAPES))
 def test_row_vector_tile_kernels_match_float64(gpu, name, plan, epilogue):
-    (m, c, h, w), batch = ROW_SHAPES[name]
-    epi = ({"bias": np.linspace(-1, 1, m), "activation": epilogue, "residual": True}
-           if epilogue else None)
-    kernel = sparsert.compile_kernel(
-        sparse((m, c, 3, 3), 0.2 if name not in ("long_rows", "streamed_entries") else 0.6,
-               len(name)), op="conv",
-        input_shape=(batch, c, h, w), padding=1, dtype="fp16", tuned=False, cache=None,
-        epilogue=epi, plan=StreamParams(stage="tile", vector_width=8, **plan))
+    kernel = _check_tile(gpu, name, ROW_SHAPES[name],
+                         StreamParams(stage="tile", vector_width=8, **plan), epilogue)
     assert kernel.plan_params.vector_width == 8 and kernel.plan_params.col_threads == 32
-    assert (kernel.plan.staged_entries == 0) == (name == "streamed_entries"), plan
-    result = sparsert.benchmark_layer(gpu, kernel, baselines=False, replays=1, checks=2)
-    assert result["verify_gpu"]["ok"], (name, plan, result["verify_gpu"])
 
 
 @pytest.mark.parametrize("sparsity", [0.9, 0.95])
