@@ -358,28 +358,10 @@ def _print_tile(ir: StreamIR, t: _Types) -> str:
     pairs = lay.pairs
     n_staged = ir.staged
     acc, h2 = ("unsigned", "2") if pairs else ("unsigned short", "")
-    hw, width, threads = g.height * g.width, g.width, ir.col_threads * ir.warps
-    out = _head(ir, t)
-    out += ["", f'extern "C" __global__ void __launch_bounds__({threads})',
-            f"{ir.entry}({', '.join(f'{_TILE_TYPES[a]} {a}' for a in ir.arguments)})", "{",
-            *(GRID_DEPENDENCY[1:] if ir.dependent_launch else ()),
-            *(_prefetch(ir) if prefetches(ir) else ()),
-            _constants(ir),
-            f"  // the image in shared memory: tile row i of a channel is image row i - 1 "
-            f"({lay.rows} rows of {lay.row} halves), {TILE_LEAD} zero halves first",
-            "  extern __shared__ __align__(16) unsigned short sparsert_tile[];",
-            (f"  __shared__ __align__(16) int2 sparsert_block_ent[{n_staged}];   "
-             "// this block's entries" if n_staged else
-             f"  __shared__ __align__(16) int2 sparsert_stage[{ir.stage_warps}][32];"),
-            "  const int t = threadIdx.y * blockDim.x + threadIdx.x;",
-            f"  x += blockIdx.y * {g.in_channels * hw};   // this block's image",
-            f"  y += blockIdx.y * {g.out_channels * hw};"]
-    if ir.residual:
-        out.append(f"  res += blockIdx.y * {g.out_channels * hw};")
-    if n_staged:
-        out += _tile_stage_entries(threads)
-    if ir.dependent_launch:                 # the copy reads what the kernel before wrote
-        out.append(GRID_DEPENDENCY[0])
+    width = g.width
+    out = _tile_head(ir, t, f"  // the image in shared memory: tile row i of a channel is image "
+                            f"row i - 1 ({lay.rows} rows of {lay.row} halves), {TILE_LEAD} zero "
+                            "halves first")
     out += _tile_fill(ir)
     if n_staged:
         out.append('  asm volatile("cp.async.wait_all;" ::: "memory");')
@@ -409,40 +391,53 @@ def _print_tile(ir: StreamIR, t: _Types) -> str:
     return "\n".join(out + ["  }", "}"]) + "\n"
 
 
-def _print_rowvec(ir: StreamIR, t: _Types) -> str:
-    """Stage "tile" with row vectors (ROW_VECTORS; images of at most 8 rows of at most 7
-    pixels): the block copies its image with cp.async as it lies in global memory, then builds
-    the tile's 16-byte vectors [0, image row, zeros] from it. A worker is one warp whose lanes
-    are four groups of eight: lane j of group q holds output row min(j, H - 1) (eight pixels,
-    four half2 sums) and takes the row's entries q, q + 4, q + 8, ...; each entry is a broadcast
-    8-byte shared load, its vector's 16-byte shared load and four PRMT (the tap's column shift,
-    the entry's low two bits) and HFMA2. Two shuffles add the groups' sums; group 0 stores."""
+def _tile_head(ir: StreamIR, t: _Types, layout: str) -> list[str]:
+    """A tile kernel up to its image copy: helpers and tables, the signature, the prefetch,
+    constants, the `layout` comment, the shared arrays (the image, and the block's entries or
+    the warps' entry buffers), this block's image and output, the staged entries' copy and the
+    wait for the previous grid (the image copy reads what it wrote)."""
     g = ir.geometry
-    lay = tile_layout(g, ROW_VECTORS)
-    n_staged = ir.staged
-    hw, threads = g.height * g.width, 32 * ir.warps
+    hw, threads = g.height * g.width, ir.col_threads * ir.warps
     out = _head(ir, t)
     out += ["", f'extern "C" __global__ void __launch_bounds__({threads})',
             f"{ir.entry}({', '.join(f'{_TILE_TYPES[a]} {a}' for a in ir.arguments)})", "{",
             *(GRID_DEPENDENCY[1:] if ir.dependent_launch else ()),
             *(_prefetch(ir) if prefetches(ir) else ()),
             _constants(ir),
-            f"  // the image as row vectors: tile row i of a channel is [0, image row i - 1, "
-            f"zeros] ({lay.rows} rows of 16 bytes), {TILE_LEAD} zero halves first; after the "
-            f"tile, the image as it lies in global memory ({lay.raw} halves)",
+            layout,
             "  extern __shared__ __align__(16) unsigned short sparsert_tile[];",
-            (f"  __shared__ __align__(16) int2 sparsert_block_ent[{n_staged}];   "
-             "// this block's entries" if n_staged else
-             f"  __shared__ __align__(16) int2 sparsert_stage[{ir.warps}][32];"),
+            (f"  __shared__ __align__(16) int2 sparsert_block_ent[{ir.staged}];   "
+             "// this block's entries" if ir.staged else
+             f"  __shared__ __align__(16) int2 sparsert_stage[{ir.stage_warps}][32];"),
             "  const int t = threadIdx.y * blockDim.x + threadIdx.x;",
             f"  x += blockIdx.y * {g.in_channels * hw};   // this block's image",
             f"  y += blockIdx.y * {g.out_channels * hw};"]
     if ir.residual:
         out.append(f"  res += blockIdx.y * {g.out_channels * hw};")
-    if n_staged:
+    if ir.staged:
         out += _tile_stage_entries(threads)
-    if ir.dependent_launch:                 # the copy reads what the kernel before wrote
+    if ir.dependent_launch:
         out.append(GRID_DEPENDENCY[0])
+    return out
+
+
+def _print_rowvec(ir: StreamIR, t: _Types) -> str:
+    """Stage "tile" with row vectors (ROW_VECTORS; images of at most 8 rows of at most 7
+    pixels): the block copies its image with cp.async as it lies in global memory, then builds
+    the tile's 16-byte vectors [0, image row, zeros] from it. A worker is one warp whose lanes
+    are four groups of eight: lane j of group q holds output row min(j, H - 1) (eight pixels,
+    four half2 sums) and takes the row's entries q, q + 4, q + 8, ...; each entry is a broadcast
+    8-byte shared load, its vector's 16-byte shared load and four PRMT (the tap's column shift:
+    the entry word's low half is the selector) and HFMA2. Two shuffles add the groups' sums;
+    group 0 stores."""
+    g = ir.geometry
+    lay = tile_layout(g, ROW_VECTORS)
+    n_staged = ir.staged
+    threads = 32 * ir.warps
+    out = _tile_head(ir, t, f"  // the image as row vectors: tile row i of a channel is [0, "
+                            f"image row i - 1, zeros] ({lay.rows} rows of 16 bytes), {TILE_LEAD} "
+                            "zero halves first; after the tile, the image as it lies in global "
+                            f"memory ({lay.raw} halves)")
     out += _rowvec_fill(ir, lay, threads)
     lane_row = f"(j < {g.height} ? j : {g.height - 1})"
     out += ["  const int lane = threadIdx.x, j = lane & 7;   // group lane >> 3, output row j",

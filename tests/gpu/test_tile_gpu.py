@@ -80,10 +80,15 @@ def test_resnet_layers_tile_plans_match(gpu, problem, dependent):
     if problem == "rn50_c5_3x3":
         params = StreamParams(stage="tile", warps=4)
     assert params.stage == "tile"
-    layer = replace(layer, plan=params)
+    _check_planned(gpu, replace(layer, plan=params), dependent)
+
+
+def _check_planned(gpu, layer, dependent):
+    """Plan `layer` (its explicit plan), compile it for sm_90 with or without dependent launch
+    and verify it on the GPU."""
     planned = [sparsert.api.plan_for(layer, tuned=False)]
     kernel = sparsert.api.compile_plans([layer], planned, arch="sm_90", cache=None,
-                                    dependent_launch=dependent)[0]
+                                        dependent_launch=dependent)[0]
     assert isinstance(kernel, sparsert.Kernel), kernel
     result = sparsert.benchmark_layer(gpu, kernel, baselines=False, replays=2, checks=2)
     assert result["verify_gpu"]["ok"], result["verify_gpu"]
@@ -135,10 +140,4 @@ def test_resnet_7x7_row_vector_default_matches(gpu, sparsity, dependent):
     params = default_params(layer.geometry, int(np.count_nonzero(layer.weight)),
                             precision="fp16")
     assert (params.stage, params.vector_width) == ("tile", 8)
-    layer = replace(layer, plan=params)
-    planned = [sparsert.api.plan_for(layer, tuned=False)]
-    kernel = sparsert.api.compile_plans([layer], planned, arch="sm_90", cache=None,
-                                        dependent_launch=dependent)[0]
-    assert isinstance(kernel, sparsert.Kernel), kernel
-    result = sparsert.benchmark_layer(gpu, kernel, baselines=False, replays=2, checks=2)
-    assert result["verify_gpu"]["ok"], result["verify_gpu"]
+    _check_planned(gpu, replace(layer, plan=params), dependent)
