@@ -133,8 +133,8 @@ def _tile_image(ir: StreamIR, x: np.ndarray, image: int) -> np.ndarray:
 def _execute_rowvec(ir: StreamIR, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Stage "tile" with row vectors: (sums (rows, images * H, 8), output offsets, which are
     stored): lane j of each group reads the vector at its base 8 * min(j, H - 1) halves plus
-    offset >> 2 (in the tile, whole), shifted by the tap's column offset & 3 halves (zeros shifted
-    in); entry k of a row feeds group k % 4 (fp16 rounding every step); the groups' sums add as
+    8 * (offset >> 16) (in the tile, whole), shifted by s halves where the offset's low half is
+    VECTOR_SELECTORS[s] (zeros shifted in); entry k of a row feeds group k % 4 (fp16 rounding every step); the groups' sums add as
     (q0 + q1) + (q2 + q3); lanes j < H store pixels ow < W of output row j."""
     geo, chains = ir.geometry, ir.chains
     lay = tile_layout(geo, ir.vector_width)

@@ -208,10 +208,10 @@ class TileLayout:
 
     def offset(self, channel, r, s):
         """Halves from a thread's base to tap (r, s) of `channel` (3x3, padding 1); with row
-        vectors the entry word 4 * (halves to the tap's vector) + s."""
+        vectors the entry word (vectors to the tap's vector) << 16 | VECTOR_SELECTORS[s]."""
         if self.vectors:
             return ((TILE_LEAD + channel * self.channel + r * self.row) // 8) << 16 | (
-                0x3210 + 0x2222 * s)
+                np.asarray(VECTOR_SELECTORS)[s])
         return TILE_LEAD + channel * self.channel + r * self.row + s - 1
 
 
@@ -624,8 +624,8 @@ def _tile_plan(csr: sp.csr_matrix, geometry: Geometry, params: StreamParams,
         offset = layout.offset(taps // k2, taps % k2 // 3, taps % 3)
         sort = np.argsort(offset, kind="stable")
         pad = -(hi - lo) % PAD
-        offsets += [offset[sort], np.full(pad, (TILE_LEAD // 8) << 16 | VECTOR_SELECTORS[0]
-                                          if layout.vectors else TILE_LEAD - 1, np.int64)]
+        offsets += [offset[sort], np.full(pad, layout.offset(0, 0, 0) if layout.vectors
+                                          else TILE_LEAD - 1, np.int64)]
         values += [csr.data[lo:hi][sort], np.zeros(pad, np.float32)]
         seg[i] = (start, start + hi - lo + pad)
         start += hi - lo + pad
